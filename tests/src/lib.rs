@@ -1,0 +1,1 @@
+//! Test rig: guests, daemons and hosts for the end-to-end tests.

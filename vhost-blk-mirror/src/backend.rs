@@ -1,0 +1,194 @@
+//! vhost-user glue: the only module that knows `vhost_user_backend`.
+//!
+//! One worker thread per queue (`queues_per_thread` gives each queue its own thread), each with
+//! its own [`Executor`]; the only shared state is the read-only [`Disk`] and atomic counters.
+//!
+//! Requests of a queue are executed and completed strictly in order. That is what makes a
+//! daemon restart safe without `VHOST_USER_GET_INFLIGHT_FD`: when the connection breaks, QEMU
+//! resets each queue's `last_avail_idx` to its used index, so a new daemon re-executes exactly
+//! the requests that were never completed, and none that were.
+
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, error};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::config::{config_slice, config_space, virtio_features, CONFIG_SPACE_LEN, MAX_QUEUE_SIZE};
+use crate::execute::{Disk, Executor};
+
+/// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
+pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+pub type AtomicMemory = GuestMemoryAtomic<GuestMemory>;
+pub type Vring = VringRwLock<AtomicMemory>;
+
+/// A vhost-user-blk backend for one frontend connection.
+pub struct BlkBackend {
+    disk: Arc<Disk>,
+    num_queues: usize,
+    config: [u8; CONFIG_SPACE_LEN],
+    event_idx: std::sync::atomic::AtomicBool,
+    memory: RwLock<Option<AtomicMemory>>,
+    /// One executor per worker thread (= per queue); each lock is only ever taken by its worker.
+    executors: Vec<Mutex<Executor>>,
+}
+
+impl BlkBackend {
+    pub fn new(disk: Arc<Disk>, num_queues: usize) -> BlkBackend {
+        let queues = u16::try_from(num_queues).unwrap_or(u16::MAX);
+        let config = config_space(&disk.limits, queues);
+        let executors = (0..num_queues)
+            .map(|_| Mutex::new(Executor::new(disk.clone())))
+            .collect();
+        BlkBackend {
+            disk,
+            num_queues,
+            config,
+            event_idx: std::sync::atomic::AtomicBool::new(false),
+            memory: RwLock::new(None),
+            executors,
+        }
+    }
+
+    /// Runs every available request of `vring`; with EVENT_IDX, loops until no new request
+    /// arrived while notifications were off.
+    fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
+        let memory = match self.memory.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let Some(memory) = memory else {
+            return Ok(());
+        };
+        let Some(executor) = self.executors.get(thread_id) else {
+            return Ok(());
+        };
+        let mut executor = match executor.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(queue_error)?;
+            }
+            self.process_available(vring, &memory, &mut executor)?;
+            if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn process_available(
+        &self,
+        vring: &Vring,
+        memory: &AtomicMemory,
+        executor: &mut Executor,
+    ) -> io::Result<()> {
+        let guest = memory.memory();
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(guest.clone())
+            .map_err(queue_error)?
+            .collect();
+        for chain in chains {
+            let head = chain.head_index();
+            let used_len = executor.execute(chain);
+            vring.add_used(head, used_len).map_err(queue_error)?;
+            if vring.needs_notification().map_err(queue_error)? {
+                vring.signal_used_queue()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn queue_error(error: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {error}"))
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        virtio_features(self.disk.limits.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("frontend acked features {features:#x}");
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        self.event_idx
+            .store(event_idx, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx
+            .store(enabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config_slice(&self.config, offset, size)
+    }
+
+    fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
+        let mut slot = match self.memory.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Some(memory);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|queue| 1u64 << queue).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Ok(());
+        };
+        // An error returned from here silently ends this queue's worker, so it is logged
+        // and swallowed: the queue stays alive for the next kick.
+        if let Err(error) = self.process_vring(vring, thread_id) {
+            error!("queue {thread_id}: {error}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! The control socket: a root-only unix socket answering one-line commands with one JSON line.
+//!
+//! Protocol: the client writes a command (`status`) and a newline; the daemon answers with a
+//! single JSON object and a newline, then closes. Unknown commands get `{"error": "..."}`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, warn};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::execute::Disk;
+use crate::image::ImageKind;
+use crate::metrics::MetricsSnapshot;
+
+/// Longest command line accepted, in bytes.
+const MAX_COMMAND_BYTES: u64 = 4096;
+/// How long a client may take to send its command.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control socket {0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("cannot create control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The answer to `status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub image: String,
+    pub image_kind: ImageKind,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub serial: String,
+    pub queues: usize,
+    #[serde(flatten)]
+    pub metrics: MetricsSnapshot,
+}
+
+/// Builds the `status` answer for a disk.
+pub fn status(disk: &Disk, queues: usize) -> Status {
+    Status {
+        image: disk.image.path().display().to_string(),
+        image_kind: disk.image.kind(),
+        size_bytes: disk.image.size_bytes(),
+        read_only: disk.image.read_only(),
+        serial: disk.serial.clone(),
+        queues,
+        metrics: disk.metrics.snapshot(),
+    }
+}
+
+/// Binds a unix socket at `path` with mode 0600, replacing a stale socket file but refusing
+/// one that a live process still listens on.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_error = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Serves the control socket on a background thread until the process exits.
+pub fn spawn(listener: UnixListener, disk: Arc<Disk>, queues: usize) -> io::Result<()> {
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(error) = serve_client(stream, &disk, queues) {
+                            debug!("control client: {error}");
+                        }
+                    }
+                    Err(error) => warn!("control socket accept failed: {error}"),
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn serve_client(stream: UnixStream, disk: &Disk, queues: usize) -> io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(io::Read::take(&stream, MAX_COMMAND_BYTES)).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&status(disk, queues)).map_err(io::Error::other)?,
+        "" => r#"{"error":"empty command; try: status"}"#.to_owned(),
+        other => serde_json::json!({
+            "error": format!("unknown command {other:?}; try: status")
+        })
+        .to_string(),
+    };
+    let mut stream = stream;
+    stream.write_all(reply.as_bytes())?;
+    stream.write_all(b"\n")
+}
+
+/// Sends one command to a control socket and returns the reply line (used by tests and tools).
+pub fn request(path: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.write_all(command.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply)
+}

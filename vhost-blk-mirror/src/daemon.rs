@@ -1,0 +1,208 @@
+//! The daemon's life: open the image, listen, serve one frontend connection after another
+//! (QEMU reconnects after its own restart or ours), stop cleanly on SIGTERM/SIGINT.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use log::{info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::BlkBackend;
+use crate::config::disk_limits;
+use crate::control::{self, ControlError};
+use crate::execute::Disk;
+use crate::image::{Image, ImageError};
+use crate::metrics::{Metrics, RateLimitedLog};
+
+/// Most queues a disk may have.
+pub const MAX_QUEUES: usize = 16;
+
+/// Everything the daemon needs to run, as parsed from the command line.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub queues: usize,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("--queues must be between 1 and {MAX_QUEUES}, not {0}")]
+    Queues(usize),
+    #[error("vhost-user socket {0} is in use by a running process")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on vhost-user socket {path}: {message}")]
+    Listen { path: PathBuf, message: String },
+    #[error("cannot start the vhost-user daemon: {0}")]
+    Start(String),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Opens the image and builds the shared disk state.
+pub fn open_disk(config: &Config) -> Result<Arc<Disk>, DaemonError> {
+    if config.queues == 0 || config.queues > MAX_QUEUES {
+        return Err(DaemonError::Queues(config.queues));
+    }
+    let image = Image::open(&config.image, config.read_only)?;
+    let limits = disk_limits(image.size_bytes(), config.read_only);
+    let serial = config
+        .serial
+        .clone()
+        .unwrap_or_else(|| default_serial(&config.image));
+    Ok(Arc::new(Disk {
+        image,
+        limits,
+        serial,
+        metrics: Metrics::default(),
+        bad_request_log: RateLimitedLog::new(Duration::from_secs(1), 10),
+    }))
+}
+
+/// The image's file name, which is what an operator would look for in the guest.
+fn default_serial(image: &Path) -> String {
+    image
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: &Config) -> Result<(), DaemonError> {
+    let disk = open_disk(config)?;
+    let mut listener = listen(&config.socket)?;
+    let control_listener = match &config.control {
+        Some(path) => Some(control::bind_unix(path)?),
+        None => None,
+    };
+    if let Some(listener) = control_listener {
+        control::spawn(listener, disk.clone(), config.queues)
+            .map_err(|error| DaemonError::Start(error.to_string()))?;
+    }
+    let stopping = Arc::new(AtomicBool::new(false));
+    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    watch_signals(&config.socket, stopping.clone(), connection.clone())?;
+    info!(
+        "serving {} ({} bytes, {} queue(s){}) on {}",
+        config.image.display(),
+        disk.image.size_bytes(),
+        config.queues,
+        if config.read_only { ", read-only" } else { "" },
+        config.socket.display()
+    );
+    let result = serve(&disk, config.queues, &mut listener, &stopping, &connection);
+    if let Err(error) = disk.image.flush() {
+        warn!("final fdatasync of the image failed: {error}");
+    }
+    remove_socket(&config.socket);
+    if let Some(path) = &config.control {
+        remove_socket(path);
+    }
+    info!("stopped");
+    result
+}
+
+fn listen(path: &Path) -> Result<Listener, DaemonError> {
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::SocketInUse(path.to_owned()));
+    }
+    Listener::new(path, true).map_err(|error| DaemonError::Listen {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}
+
+/// Serves frontends one connection at a time. Each connection gets a fresh backend, so no
+/// queue state leaks from one QEMU (or one QEMU lifetime) to the next.
+fn serve(
+    disk: &Arc<Disk>,
+    queues: usize,
+    listener: &mut Listener,
+    stopping: &AtomicBool,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) -> Result<(), DaemonError> {
+    while !stopping.load(Ordering::SeqCst) {
+        let backend = Arc::new(BlkBackend::new(disk.clone(), queues));
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("vhost-blk-mirror".into(), backend, memory)
+            .map_err(|error| DaemonError::Start(error.to_string()))?;
+        daemon
+            .start(listener)
+            .map_err(|error| DaemonError::Start(error.to_string()))?;
+        if stopping.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        } else {
+            Metrics::add(&disk.metrics.connections, 1);
+            disk.metrics.connected.store(true, Ordering::Relaxed);
+            info!("frontend connected");
+        }
+        *lock(connection) = daemon.shutdown_handle();
+        let ended = daemon.wait();
+        *lock(connection) = None;
+        disk.metrics.connected.store(false, Ordering::Relaxed);
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        match ended {
+            Ok(()) => info!("frontend disconnected"),
+            Err(error) => warn!("frontend connection ended: {error}"),
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// On SIGTERM/SIGINT: mark the daemon as stopping, break the current connection, and wake a
+/// blocked `accept` by connecting to our own socket.
+fn watch_signals(
+    socket: &Path,
+    stopping: Arc<AtomicBool>,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+) -> Result<(), DaemonError> {
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let socket = socket.to_owned();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal} received, stopping");
+                stopping.store(true, Ordering::SeqCst);
+                if let Some(handle) = lock(&connection).as_ref() {
+                    handle.shutdown();
+                }
+                let _ = UnixStream::connect(&socket);
+            }
+        })
+        .map(|_| ())
+        .map_err(DaemonError::Signals)
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(error) = std::fs::remove_file(path) {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            warn!("cannot remove {}: {error}", path.display());
+        }
+    }
+}

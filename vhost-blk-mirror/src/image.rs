@@ -1,0 +1,269 @@
+//! The local disk image: a raw file or a block device, accessed with positioned I/O.
+//!
+//! `read_at`/`write_at` take `&self`, so every queue worker uses the same `Image` without a
+//! lock. This is the only module that issues syscalls on the image (`fallocate`, block ioctls).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Largest zero-filled buffer used when a range cannot be zeroed by `fallocate` or ioctl.
+const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+
+// From <linux/fs.h>: _IOR(0x12, 114, size_t), _IO(0x12, 119), _IO(0x12, 127).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("cannot open image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image {0} is neither a regular file nor a block device")]
+    NotFileOrBlock(PathBuf),
+    #[error("image {0} is smaller than one 512-byte sector")]
+    TooSmall(PathBuf),
+    #[error("cannot read the size of {path}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What kind of storage backs the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageKind {
+    File,
+    BlockDevice,
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    kind: ImageKind,
+    size_bytes: u64,
+    read_only: bool,
+}
+
+impl Image {
+    /// Opens `path` for reading, and for writing unless `read_only`.
+    pub fn open(path: &Path, read_only: bool) -> Result<Image, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let size_error = |source| ImageError::Size {
+            path: path.to_owned(),
+            source,
+        };
+        let metadata = file.metadata().map_err(size_error)?;
+        let (kind, size_bytes) = if metadata.file_type().is_block_device() {
+            (ImageKind::BlockDevice, block_device_size(&file).map_err(size_error)?)
+        } else if metadata.is_file() {
+            (ImageKind::File, metadata.len())
+        } else {
+            return Err(ImageError::NotFileOrBlock(path.to_owned()));
+        };
+        if size_bytes < 512 {
+            return Err(ImageError::TooSmall(path.to_owned()));
+        }
+        Ok(Image {
+            file,
+            path: path.to_owned(),
+            kind,
+            size_bytes,
+            read_only,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Deallocates a range; reads of it return zeroes afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.kind {
+            ImageKind::File => self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            ImageKind::BlockDevice => self.block_range_ioctl(BLKDISCARD, offset, len),
+        }
+    }
+
+    /// Makes a range read as zeroes, deallocating it when `unmap` allows.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let result = match (self.kind, unmap) {
+            (ImageKind::File, true) => self.discard(offset, len),
+            (ImageKind::File, false) => self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+            (ImageKind::BlockDevice, _) => self.block_range_ioctl(BLKZEROOUT, offset, len),
+        };
+        match result {
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_buffers(offset, len)
+            }
+            other => other,
+        }
+    }
+
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(usize::try_from(len).unwrap_or(usize::MAX))];
+        let mut done = 0u64;
+        while done < len {
+            let chunk = zeroes.len().min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            self.write_at(&zeroes[..chunk], offset + done)?;
+            done += chunk as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+        let len = libc::off_t::try_from(len).map_err(|_| invalid("length too large"))?;
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self.file`
+        // and stays open for the duration of the call.
+        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn block_range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read a `u64[2]` (start, length) from the pointer,
+        // which points at `range`, alive and correctly sized for the whole call; the fd is open.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`, a live
+    // u64; the fd is open for the duration of the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if ret == 0 {
+        Ok(size)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn invalid(message: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image_of(len: u64) -> (tempfile::NamedTempFile, Image) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        file.as_file().set_len(len).expect("set_len");
+        let image = Image::open(file.path(), false).expect("open");
+        (file, image)
+    }
+
+    #[test]
+    fn round_trip_and_size() {
+        let (_file, image) = image_of(1 << 20);
+        assert_eq!(image.size_bytes(), 1 << 20);
+        assert_eq!(image.kind(), ImageKind::File);
+        image.write_at(&[7u8; 4096], 8192).expect("write");
+        let mut back = [0u8; 4096];
+        image.read_at(&mut back, 8192).expect("read");
+        assert_eq!(back, [7u8; 4096]);
+        image.flush().expect("flush");
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_zero() {
+        let (_file, image) = image_of(1 << 20);
+        image.write_at(&[9u8; 16384], 0).expect("write");
+        image.discard(0, 4096).expect("discard");
+        image.write_zeroes(4096, 4096, false).expect("zero");
+        image.write_zeroes(8192, 4096, true).expect("zero unmap");
+        let mut back = [1u8; 16384];
+        image.read_at(&mut back, 0).expect("read");
+        assert!(back[..12288].iter().all(|&b| b == 0));
+        assert!(back[12288..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn missing_and_tiny_images_are_refused() {
+        let missing = Image::open(Path::new("/nonexistent/ftvm.img"), false);
+        assert!(matches!(missing, Err(ImageError::Open { .. })));
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        assert!(matches!(
+            Image::open(file.path(), false),
+            Err(ImageError::TooSmall(_))
+        ));
+        assert!(matches!(
+            Image::open(Path::new("/dev/null"), false),
+            Err(ImageError::NotFileOrBlock(_))
+        ));
+    }
+
+    #[test]
+    fn read_only_image_refuses_writes() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        file.as_file().set_len(4096).expect("set_len");
+        let image = Image::open(file.path(), true).expect("open");
+        assert!(image.read_only());
+        assert!(image.write_at(&[1u8; 512], 0).is_err());
+    }
+}

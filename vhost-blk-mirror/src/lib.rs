@@ -1,0 +1,17 @@
+//! `vhost-blk-mirror`: a vhost-user-blk daemon serving a guest disk from a local image.
+//!
+//! Layers, each knowing only its neighbours: [`request`] parses guest requests (pure),
+//! [`image`] does I/O on the image, [`execute`] runs one descriptor chain against the image,
+//! [`backend`] is the vhost-user glue, [`daemon`] the process life cycle, [`control`] the
+//! operator's socket.
+
+pub mod backend;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod execute;
+pub mod image;
+pub mod metrics;
+pub mod request;
+
+pub use daemon::{run, Config, DaemonError};
