@@ -185,9 +185,12 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         // An error returned from here silently ends this queue's worker, so it is logged
-        // and swallowed: the queue stays alive for the next kick.
+        // (rate-limited: the guest controls the ring) and swallowed; the queue stays alive
+        // for the next kick.
         if let Err(error) = self.process_vring(vring, thread_id) {
-            error!("queue {thread_id}: {error}");
+            if let Some(suppressed) = self.disk.bad_request_log.admit() {
+                error!("queue {thread_id}: {error} ({suppressed} similar lines suppressed)");
+            }
         }
         Ok(())
     }

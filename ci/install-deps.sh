@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Usage: ci/install-deps.sh [--help] [EXTRA_PACKAGE...]
+#
+# Installs the Debian packages the ftvm test rig needs, but only those that are
+# not installed yet. Runs `apt-get update` only when something must be
+# installed. Quiet when everything is already present. Needs root.
+#
+# Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
+# qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
+# e2fsprogs, util-linux, kmod, iputils-ping, plus any EXTRA_PACKAGE given on the command line.
+set -euo pipefail
+
+case "${1:-}" in
+-h | --help)
+	sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+	exit 0
+	;;
+esac
+
+PACKAGES=(
+	qemu-system-x86
+	qemu-system-common
+	busybox-static
+	fio
+	iproute2
+	nftables
+	procps
+	e2fsprogs
+	util-linux
+	kmod
+	iputils-ping
+	"$@"
+)
+
+die() {
+	echo "install-deps: error: $*" >&2
+	exit 1
+}
+
+installed() {
+	local status
+	status=$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) || return 1
+	[[ $status == installed ]]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+	installed "$p" || missing+=("$p")
+done
+
+if ((${#missing[@]} == 0)); then
+	exit 0
+fi
+
+if ((EUID != 0)); then
+	die "missing packages (${missing[*]}) and not root; run as root or install them with apt-get"
+fi
+
+echo "install-deps: installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq || die "apt-get update failed"
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+	die "apt-get install ${missing[*]} failed"
+
+for p in "${missing[@]}"; do
+	installed "$p" || die "package $p still not installed after apt-get install"
+done
+echo "install-deps: done"

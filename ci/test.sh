@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# ci/test.sh — install what the tests need and run the whole ftvm test suite.
+#
+# Usage: sudo ci/test.sh [extra arguments for the test runner]
+#
+# Idempotent: Debian packages are installed only when missing, the guest kernel and initramfs
+# are built once and cached under target/guest/. Needs root (network namespaces, QEMU).
+# Runs: formatting and lint checks, then unit, in-process vhost-user and QEMU guest tests
+# (cargo-nextest when installed, cargo test otherwise).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "ci/test.sh: must run as root (network namespaces and QEMU guests); try: sudo $0" >&2
+    exit 1
+fi
+
+step() { printf '\n== %s ==\n' "$*"; }
+
+step "dependencies"
+bash ci/install-deps.sh
+step "guest kernel and initramfs"
+bash ci/build-guest.sh
+
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets --locked
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast "$@"
+else
+    cargo test --workspace --locked --no-fail-fast "$@"
+fi

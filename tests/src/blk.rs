@@ -1,0 +1,106 @@
+//! A `vhost-blk-mirror` daemon started by a test.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::paths;
+use crate::process::Process;
+use crate::wait::poll_until;
+
+/// How long a daemon may take to create its sockets.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options of one `vhost-blk-mirror` run.
+#[derive(Debug, Clone)]
+pub struct BlkOptions {
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub queues: u16,
+    pub serial: Option<String>,
+    pub read_only: bool,
+    pub netns: Option<String>,
+}
+
+impl BlkOptions {
+    /// Sockets and image inside `dir`, one queue.
+    pub fn in_dir(dir: &Path, name: &str) -> BlkOptions {
+        BlkOptions {
+            image: dir.join(format!("{name}.img")),
+            socket: dir.join(format!("{name}.sock")),
+            control: dir.join(format!("{name}.ctl")),
+            queues: 1,
+            serial: None,
+            read_only: false,
+            netns: None,
+        }
+    }
+}
+
+/// A running daemon; dropped = ended by PID.
+#[derive(Debug)]
+pub struct BlkDaemon {
+    pub options: BlkOptions,
+    pub process: Process,
+}
+
+impl BlkDaemon {
+    /// Starts the daemon and waits until its vhost-user and control sockets answer.
+    pub fn start(options: &BlkOptions, log: &Path) -> BlkDaemon {
+        let binary = paths::binary("vhost-blk-mirror");
+        let mut command = match &options.netns {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command
+            .arg("--socket")
+            .arg(&options.socket)
+            .arg("--image")
+            .arg(&options.image)
+            .arg("--control")
+            .arg(&options.control)
+            .arg("--queues")
+            .arg(options.queues.to_string());
+        if let Some(serial) = &options.serial {
+            command.arg("--serial").arg(serial);
+        }
+        if options.read_only {
+            command.arg("--read-only");
+        }
+        command.env("RUST_LOG", "debug");
+        let mut process = Process::spawn("vhost-blk-mirror", command, log);
+        let control = options.control.clone();
+        poll_until(START_TIMEOUT, "vhost-blk-mirror control socket", || {
+            if let Some(status) = process.try_wait() {
+                panic!("vhost-blk-mirror exited early ({status}):\n{}", process.log());
+            }
+            status_json(&control).is_some()
+        });
+        BlkDaemon {
+            options: options.clone(),
+            process,
+        }
+    }
+
+    /// The daemon's `status` reply.
+    pub fn status(&self) -> serde_json::Value {
+        status_json(&self.options.control).expect("control socket answers status")
+    }
+}
+
+/// Asks a control socket for `status`; `None` if nobody answers.
+pub fn status_json(control: &Path) -> Option<serde_json::Value> {
+    let mut stream = UnixStream::connect(control).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"status\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}

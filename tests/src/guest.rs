@@ -1,0 +1,276 @@
+//! A QEMU guest booted from the rig's kernel and initramfs, with its serial console captured.
+//!
+//! The guest's `/init` (built by `ci/build-guest.sh`) prints `FTVM-BOOTED`, runs `/test.sh`
+//! when one was appended to the initramfs, prints `FTVM-EXIT <rc>` and powers off.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cpio::{self, Entry};
+use crate::paths;
+use crate::process;
+
+/// Guest RAM; fio in the initramfs needs more than the bare busybox image.
+pub const DEFAULT_MEMORY_MB: u32 = 512;
+
+/// A vhost-user-blk disk attached to the guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub socket: PathBuf,
+    pub queues: u16,
+}
+
+/// How to start a guest.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub name: String,
+    pub memory_mb: u32,
+    pub cpus: u32,
+    pub disks: Vec<Disk>,
+    /// Shell script run as `/test.sh` inside the guest.
+    pub script: String,
+    /// Extra files for the guest's root directory.
+    pub files: Vec<Entry>,
+    pub with_fio: bool,
+    /// Network namespace (test host) to run QEMU in.
+    pub netns: Option<String>,
+}
+
+impl GuestConfig {
+    pub fn new(name: &str, script: &str) -> GuestConfig {
+        GuestConfig {
+            name: name.to_owned(),
+            memory_mb: DEFAULT_MEMORY_MB,
+            cpus: 1,
+            disks: Vec::new(),
+            script: script.to_owned(),
+            files: Vec::new(),
+            with_fio: false,
+            netns: None,
+        }
+    }
+}
+
+type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
+
+/// A running guest. Dropping it ends QEMU by PID.
+#[derive(Debug)]
+pub struct Guest {
+    name: String,
+    child: Option<Child>,
+    console: Lines,
+    console_log: PathBuf,
+}
+
+impl Guest {
+    /// Boots a guest; its files live in `dir`.
+    pub fn boot(config: &GuestConfig, dir: &Path) -> Guest {
+        let initrd = build_initrd(config, dir);
+        let console_log = dir.join(format!("{}-console.log", config.name));
+        let mut command = match &config.netns {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace, "qemu-system-x86_64"]);
+                command
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        command.args(qemu_args(config, &initrd));
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start qemu-system-x86_64: {error}"));
+        let console: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let log = File::create(&console_log).expect("create console log");
+        if let Some(stdout) = child.stdout.take() {
+            capture(stdout, console.clone(), Some(log));
+        }
+        if let Some(stderr) = child.stderr.take() {
+            let tagged = console.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    push_line(&tagged, format!("[qemu] {line}"), None);
+                }
+            });
+        }
+        Guest {
+            name: config.name.clone(),
+            child: Some(child),
+            console,
+            console_log,
+        }
+    }
+
+    /// Every console line so far.
+    pub fn console(&self) -> Vec<String> {
+        self.console.0.lock().map(|lines| lines.clone()).unwrap_or_default()
+    }
+
+    /// Waits until a console line satisfies `matches`, and returns it.
+    pub fn wait_for_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lock, condvar) = &*self.console;
+        let mut lines = lock.lock().expect("console lock");
+        let mut seen = 0;
+        loop {
+            if let Some(line) = lines[seen..].iter().find(|line| matches(line)) {
+                return line.clone();
+            }
+            seen = lines.len();
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "guest {}: timed out after {timeout:?} waiting for a console line\n{}",
+                    self.name,
+                    self.console().join("\n")
+                );
+            }
+            lines = condvar
+                .wait_timeout(lines, deadline - now)
+                .expect("console lock")
+                .0;
+        }
+    }
+
+    /// Waits until the guest's test script ended and returns its exit code.
+    pub fn wait_test_exit(&self, timeout: Duration) -> i32 {
+        let line = self.wait_for_line(timeout, |line| line.starts_with("FTVM-EXIT "));
+        line.trim_start_matches("FTVM-EXIT ")
+            .trim()
+            .parse()
+            .unwrap_or(-1)
+    }
+
+    /// Waits for QEMU to exit by itself (the guest powered off).
+    pub fn wait_poweroff(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("guest is running");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("guest {} did not power off within {timeout:?}", self.name);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            process::signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- console of guest {} ----\n{}",
+                self.name,
+                self.console().join("\n")
+            );
+        }
+    }
+}
+
+fn push_line(console: &Lines, line: String, log: Option<&mut File>) {
+    if let Some(log) = log {
+        let _ = writeln!(log, "{line}");
+    }
+    let (lock, condvar) = &**console;
+    if let Ok(mut lines) = lock.lock() {
+        lines.push(line);
+    }
+    condvar.notify_all();
+}
+
+fn capture(stdout: impl std::io::Read + Send + 'static, console: Lines, mut log: Option<File>) {
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let line = line.trim_end_matches('\r').to_owned();
+            push_line(&console, line, log.as_mut());
+        }
+    });
+}
+
+fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
+    let guest = paths::guest_dir();
+    let memory = config.memory_mb;
+    let mut args: Vec<String> = [
+        "-accel", "tcg", "-nographic", "-nodefaults", "-no-reboot", "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect();
+    args.extend([
+        "-smp".into(),
+        config.cpus.to_string(),
+        "-m".into(),
+        format!("{memory}M"),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+        "-kernel".into(),
+        guest.join("vmlinuz").display().to_string(),
+        "-initrd".into(),
+        initrd.display().to_string(),
+        "-append".into(),
+        "console=ttyS0 panic=-1 quiet".into(),
+    ]);
+    for (index, disk) in config.disks.iter().enumerate() {
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=disk{index},path={},reconnect=1", disk.socket.display()),
+            "-device".into(),
+            format!(
+                "vhost-user-blk-pci,chardev=disk{index},num-queues={}",
+                disk.queues
+            ),
+        ]);
+    }
+    args
+}
+
+/// Concatenates the base initramfs, fio when asked, and an archive with `/test.sh`.
+fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
+    let guest = paths::guest_dir();
+    let path = dir.join(format!("{}-initrd", config.name));
+    let mut out = File::create(&path).expect("create initrd");
+    let mut parts = vec![guest.join("initramfs.gz")];
+    if config.with_fio {
+        parts.push(guest.join("fio.cpio.gz"));
+    }
+    for part in parts {
+        let bytes = std::fs::read(&part).unwrap_or_else(|error| {
+            panic!(
+                "cannot read {} ({error}); run ci/build-guest.sh first",
+                part.display()
+            )
+        });
+        out.write_all(&bytes).expect("write initrd");
+        // The kernel only looks for an uncompressed archive at a 4-byte aligned offset and
+        // skips zero padding between archives.
+        let padding = (4 - bytes.len() % 4) % 4;
+        out.write_all(&[0u8; 3][..padding]).expect("pad initrd");
+    }
+    let mut entries = config.files.clone();
+    entries.push(Entry::executable("test.sh", config.script.clone().into_bytes()));
+    cpio::write_archive(&mut out, &entries).expect("write test archive");
+    path
+}

@@ -1,0 +1,55 @@
+//! Test hosts as network namespaces, made by `ci/hosts.sh` with a prefix unique to the test
+//! and removed when the test ends, pass or fail.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::paths;
+
+static NEXT_SET: AtomicU32 = AtomicU32::new(0);
+
+/// One set of hosts: `<prefix>hostA`, `<prefix>hostB`, `<prefix>witness`, `<prefix>client`.
+#[derive(Debug)]
+pub struct Hosts {
+    prefix: String,
+}
+
+impl Hosts {
+    pub fn up() -> Hosts {
+        let prefix = format!(
+            "t{}x{}-",
+            std::process::id(),
+            NEXT_SET.fetch_add(1, Ordering::Relaxed)
+        );
+        run_hosts_script("up", &prefix);
+        Hosts { prefix }
+    }
+
+    /// The namespace of a host: `hostA`, `hostB`, `witness` or `client`.
+    pub fn namespace(&self, host: &str) -> String {
+        format!("{}{host}", self.prefix)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        run_hosts_script("down", &self.prefix);
+    }
+}
+
+fn run_hosts_script(action: &str, prefix: &str) {
+    let script = paths::repo_root().join("ci/hosts.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .arg(action)
+        .arg(prefix)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", script.display()));
+    if !output.status.success() && !std::thread::panicking() {
+        panic!(
+            "ci/hosts.sh {action} {prefix} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
