@@ -79,7 +79,10 @@ impl BlkDaemon {
         let control = options.control.clone();
         poll_until(START_TIMEOUT, "vhost-blk-mirror control socket", || {
             if let Some(status) = process.try_wait() {
-                panic!("vhost-blk-mirror exited early ({status}):\n{}", process.log());
+                panic!(
+                    "vhost-blk-mirror exited early ({status}):\n{}",
+                    process.log()
+                );
             }
             status_json(&control).is_some()
         });

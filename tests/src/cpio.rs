@@ -38,7 +38,13 @@ pub fn write_archive<W: Write>(out: &mut W, entries: &[Entry]) -> io::Result<()>
     write_entry(out, 0, "TRAILER!!!", 0, &[])
 }
 
-fn write_entry<W: Write>(out: &mut W, inode: u32, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+fn write_entry<W: Write>(
+    out: &mut W,
+    inode: u32,
+    name: &str,
+    mode: u32,
+    data: &[u8],
+) -> io::Result<()> {
     let name_len = name.len() + 1;
     let header = format!(
         "070701{inode:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{name_len:08x}{:08x}",
@@ -73,8 +79,11 @@ mod tests {
     #[test]
     fn archive_is_aligned_and_terminated() {
         let mut bytes = Vec::new();
-        write_archive(&mut bytes, &[Entry::executable("test.sh", b"echo hi\n".to_vec())])
-            .expect("write");
+        write_archive(
+            &mut bytes,
+            &[Entry::executable("test.sh", b"echo hi\n".to_vec())],
+        )
+        .expect("write");
         assert!(bytes.starts_with(b"070701"));
         assert_eq!(bytes.len() % 4, 0);
         let text = String::from_utf8_lossy(&bytes);

@@ -111,7 +111,11 @@ impl Guest {
 
     /// Every console line so far.
     pub fn console(&self) -> Vec<String> {
-        self.console.0.lock().map(|lines| lines.clone()).unwrap_or_default()
+        self.console
+            .0
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
     }
 
     /// Waits until a console line satisfies `matches`, and returns it.
@@ -211,7 +215,12 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
     let guest = paths::guest_dir();
     let memory = config.memory_mb;
     let mut args: Vec<String> = [
-        "-accel", "tcg", "-nographic", "-nodefaults", "-no-reboot", "-serial",
+        "-accel",
+        "tcg",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+        "-serial",
         "stdio",
     ]
     .iter()
@@ -236,7 +245,10 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
     for (index, disk) in config.disks.iter().enumerate() {
         args.extend([
             "-chardev".into(),
-            format!("socket,id=disk{index},path={},reconnect=1", disk.socket.display()),
+            format!(
+                "socket,id=disk{index},path={},reconnect=1",
+                disk.socket.display()
+            ),
             "-device".into(),
             format!(
                 "vhost-user-blk-pci,chardev=disk{index},num-queues={}",
@@ -270,7 +282,10 @@ fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
         out.write_all(&[0u8; 3][..padding]).expect("pad initrd");
     }
     let mut entries = config.files.clone();
-    entries.push(Entry::executable("test.sh", config.script.clone().into_bytes()));
+    entries.push(Entry::executable(
+        "test.sh",
+        config.script.clone().into_bytes(),
+    ));
     cpio::write_archive(&mut out, &entries).expect("write test archive");
     path
 }

@@ -54,7 +54,11 @@ fn guest_sees_disk_and_pattern_is_byte_identical_across_qemu_restart() {
     write.disks.push(disk_for(&daemon));
     write.files.push(Entry::file("pattern.bin", data.clone()));
     let mut guest = Guest::boot(&write, dir.path());
-    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "writer script failed");
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "writer script failed"
+    );
     let console = guest.console();
     assert!(console.contains(&format!("SIZE {}", IMAGE_BYTES / 512)));
     assert!(console.contains(&"SERIAL ftvm-disk-7".to_owned()));
@@ -65,7 +69,10 @@ fn guest_sees_disk_and_pattern_is_byte_identical_across_qemu_restart() {
         image[MIB..5 * MIB] == data[..],
         "image differs from the pattern the guest wrote"
     );
-    assert!(image[..MIB].iter().all(|&b| b == 0), "write landed at the wrong offset");
+    assert!(
+        image[..MIB].iter().all(|&b| b == 0),
+        "write landed at the wrong offset"
+    );
 
     // A second QEMU on the same daemon: the daemon serves a new connection and the guest
     // reads back what the first one wrote.
@@ -79,12 +86,19 @@ fn guest_sees_disk_and_pattern_is_byte_identical_across_qemu_restart() {
     read.disks.push(disk_for(&daemon));
     read.files.push(Entry::file("pattern.bin", data));
     let mut guest = Guest::boot(&read, dir.path());
-    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "reader script failed");
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "reader script failed"
+    );
     guest.wait_poweroff(GUEST_TIMEOUT);
 
     let status = daemon.status();
     assert_eq!(status["connections"], 2, "status: {status}");
-    assert!(status["written_bytes"].as_u64() >= Some(4 * MIB as u64), "status: {status}");
+    assert!(
+        status["written_bytes"].as_u64() >= Some(4 * MIB as u64),
+        "status: {status}"
+    );
     assert_eq!(status["rejected_requests"], 0, "status: {status}");
     assert_eq!(status["io_errors"], 0, "status: {status}");
 }
@@ -176,13 +190,19 @@ fn daemon_restart_loses_no_acknowledged_write(queues: u16) {
     let mut config = GuestConfig::new(&format!("records{queues}"), &record_script(queues));
     config.disks.push(disk_for(&daemon));
     config.cpus = u32::from(queues);
-    config.files.push(Entry::executable("writer.sh", writer_script().into_bytes()));
+    config
+        .files
+        .push(Entry::executable("writer.sh", writer_script().into_bytes()));
     config.netns = Some(host_a);
     let mut guest = Guest::boot(&config, dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == format!("ACK 0 {KILL_AFTER}"));
     daemon.process.kill();
     let daemon = BlkDaemon::start(&options, &log);
-    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "records lost or writes failed");
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "records lost or writes failed"
+    );
     guest.wait_poweroff(GUEST_TIMEOUT);
 
     let image = std::fs::read(&options.image).expect("read image");
@@ -205,7 +225,10 @@ fn daemon_restart_loses_no_acknowledged_write(queues: u16) {
         );
     }
     let status = daemon.status();
-    assert_eq!(status["connections"], 1, "the restarted daemon saw QEMU reconnect: {status}");
+    assert_eq!(
+        status["connections"], 1,
+        "the restarted daemon saw QEMU reconnect: {status}"
+    );
 }
 
 #[test]

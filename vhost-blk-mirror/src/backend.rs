@@ -15,13 +15,17 @@ use log::{debug, error};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
-use crate::config::{config_slice, config_space, virtio_features, CONFIG_SPACE_LEN, MAX_QUEUE_SIZE};
+use crate::config::{
+    config_slice, config_space, virtio_features, CONFIG_SPACE_LEN, MAX_QUEUE_SIZE,
+};
 use crate::execute::{Disk, Executor};
 
 /// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.

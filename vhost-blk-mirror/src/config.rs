@@ -81,7 +81,7 @@ pub fn config_space(limits: &DiskLimits, num_queues: u16) -> [u8; CONFIG_SPACE_L
     put(24, &[PHYSICAL_BLOCK_EXP, 0]);
     put(26, &1u16.to_le_bytes()); // min_io_size, in logical blocks
     put(28, &0u32.to_le_bytes()); // opt_io_size
-    // 32: writeback, 33: unused.
+                                  // 32: writeback, 33: unused.
     put(34, &num_queues.to_le_bytes());
     put(36, &limits.max_discard_sectors.to_le_bytes());
     put(40, &limits.max_discard_segments.to_le_bytes());
@@ -97,7 +97,9 @@ pub fn config_space(limits: &DiskLimits, num_queues: u16) -> [u8; CONFIG_SPACE_L
 pub fn config_slice(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut reply = vec![0u8; size as usize];
     let start = (offset as usize).min(config.len());
-    let end = (offset as usize).saturating_add(size as usize).min(config.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(config.len());
     if let Some(source) = config.get(start..end) {
         reply[..source.len()].copy_from_slice(source);
     }

@@ -68,14 +68,11 @@ impl Executor {
         for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
     {
         let memory = chain.memory();
-        let reader = chain.clone().reader(memory);
-        let writer = chain.clone().writer(memory);
-        let (mut reader, mut writer) = match (reader, writer) {
-            (Ok(reader), Ok(writer)) => (reader, writer),
-            _ => {
-                self.refuse(&RequestError::BadChain("buffer outside guest memory"));
-                return 0;
-            }
+        let Ok(mut writer) = chain.clone().writer(memory) else {
+            self.refuse(&RequestError::BadChain(
+                "writable buffer outside guest memory",
+            ));
+            return 0;
         };
         let Some(status_offset) = writer.available_bytes().checked_sub(1) else {
             self.refuse(&RequestError::NoStatus);
@@ -85,7 +82,13 @@ impl Executor {
             self.refuse(&RequestError::NoStatus);
             return 0;
         };
-        let (status, data_written) = match self.run(&mut reader, &mut writer) {
+        let result = match chain.clone().reader(memory) {
+            Ok(mut reader) => self.run(&mut reader, &mut writer),
+            Err(_) => Err(Failure::Refused(RequestError::BadChain(
+                "readable buffer outside guest memory",
+            ))),
+        };
+        let (status, data_written) = match result {
             Ok(written) => (Status::Ok, written),
             Err(failure) => (self.fail(failure), 0),
         };
@@ -110,7 +113,9 @@ impl Executor {
                 error.status()
             }
             Failure::Guest(error) => {
-                self.refuse(&RequestError::BadChain("guest buffer shorter than announced"));
+                self.refuse(&RequestError::BadChain(
+                    "guest buffer shorter than announced",
+                ));
                 log::debug!("guest buffer error: {error}");
                 Status::IoError
             }

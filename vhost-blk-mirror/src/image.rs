@@ -74,7 +74,10 @@ impl Image {
         };
         let metadata = file.metadata().map_err(size_error)?;
         let (kind, size_bytes) = if metadata.file_type().is_block_device() {
-            (ImageKind::BlockDevice, block_device_size(&file).map_err(size_error)?)
+            (
+                ImageKind::BlockDevice,
+                block_device_size(&file).map_err(size_error)?,
+            )
         } else if metadata.is_file() {
             (ImageKind::File, metadata.len())
         } else {
@@ -158,7 +161,9 @@ impl Image {
         let zeroes = vec![0u8; ZERO_CHUNK_BYTES.min(usize::try_from(len).unwrap_or(usize::MAX))];
         let mut done = 0u64;
         while done < len {
-            let chunk = zeroes.len().min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            let chunk = zeroes
+                .len()
+                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
             self.write_at(&zeroes[..chunk], offset + done)?;
             done += chunk as u64;
         }

@@ -156,7 +156,11 @@ pub fn check_data_range(
     if !data_len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::UnalignedLength(data_len));
     }
-    check_sectors(header.sector, data_len >> SECTOR_SHIFT, limits.capacity_sectors)?;
+    check_sectors(
+        header.sector,
+        data_len >> SECTOR_SHIFT,
+        limits.capacity_sectors,
+    )?;
     // Cannot overflow: sector < capacity, and capacity * 512 fits the image size in u64.
     Ok(header.sector << SECTOR_SHIFT)
 }
@@ -371,6 +375,9 @@ mod tests {
     #[test]
     fn id_is_padded_and_truncated() {
         assert_eq!(&id_bytes("disk0")[..6], b"disk0\0");
-        assert_eq!(id_bytes("abcdefghijklmnopqrstuvwxyz"), *b"abcdefghijklmnopqrst");
+        assert_eq!(
+            id_bytes("abcdefghijklmnopqrstuvwxyz"),
+            *b"abcdefghijklmnopqrst"
+        );
     }
 }

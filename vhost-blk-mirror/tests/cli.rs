@@ -1,0 +1,192 @@
+//! The daemon as an operator meets it: flags, errors, the control socket, SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A daemon started by a test, ended by PID when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .output()
+        .expect("run vhost-blk-mirror")
+}
+
+fn start(args: &[&str]) -> Daemon {
+    let child = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vhost-blk-mirror");
+    Daemon(child)
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn control(path: &Path, command: &str) -> Option<String> {
+    let mut stream = UnixStream::connect(path).ok()?;
+    stream.write_all(format!("{command}\n").as_bytes()).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line)
+}
+
+fn one_line_error(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "expected failure, got {:?}",
+        output.status
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr:?}"
+    );
+    stderr
+}
+
+fn image(dir: &Path, size: u64) -> String {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path)
+        .and_then(|file| file.set_len(size))
+        .expect("create image");
+    path.display().to_string()
+}
+
+#[test]
+fn missing_image_is_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("s.sock");
+    let output = run(&[
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--image",
+        "/nonexistent/disk.img",
+    ]);
+    let stderr = one_line_error(&output);
+    assert!(
+        stderr.contains("cannot open image /nonexistent/disk.img"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file"), "{stderr}");
+    assert!(!socket.exists(), "no socket is left behind");
+}
+
+#[test]
+fn bad_queue_count_is_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image(dir.path(), 1 << 20);
+    let socket = dir.path().join("s.sock");
+    let output = run(&[
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--image",
+        &image,
+        "--queues",
+        "0",
+    ]);
+    let stderr = one_line_error(&output);
+    assert!(
+        stderr.contains("--queues must be between 1 and 16"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_flag_fails_with_usage() {
+    let output = run(&["--socket", "/tmp/x", "--image", "/tmp/y", "--frobnicate"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--frobnicate"));
+}
+
+#[test]
+fn socket_in_use_is_refused_and_status_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image(dir.path(), 8 << 20);
+    let socket = dir.path().join("s.sock");
+    let control_path = dir.path().join("c.sock");
+    let socket_arg = socket.to_str().expect("utf-8");
+    let control_arg = control_path.to_str().expect("utf-8");
+    let _first = start(&[
+        "--socket",
+        socket_arg,
+        "--image",
+        &image,
+        "--control",
+        control_arg,
+        "--serial",
+        "d1",
+    ]);
+    wait_until("control socket", || {
+        control(&control_path, "status").is_some()
+    });
+    let status: serde_json::Value =
+        serde_json::from_str(&control(&control_path, "status").expect("status")).expect("json");
+    assert_eq!(status["size_bytes"], 8 << 20);
+    assert_eq!(status["serial"], "d1");
+    assert_eq!(status["queues"], 1);
+    assert_eq!(status["connected"], false);
+    assert_eq!(status["image_kind"], "file");
+    let unknown = control(&control_path, "bogus").expect("reply");
+    assert!(unknown.contains("unknown command"), "{unknown}");
+
+    let output = run(&["--socket", socket_arg, "--image", &image]);
+    let stderr = one_line_error(&output);
+    assert!(stderr.contains("is in use"), "{stderr}");
+    assert!(socket.exists(), "the first daemon's socket is untouched");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_sockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image(dir.path(), 1 << 20);
+    let socket = dir.path().join("s.sock");
+    let control_path = dir.path().join("c.sock");
+    let mut daemon = start(&[
+        "--socket",
+        socket.to_str().expect("utf-8"),
+        "--image",
+        &image,
+        "--control",
+        control_path.to_str().expect("utf-8"),
+    ]);
+    wait_until("control socket", || {
+        control(&control_path, "status").is_some()
+    });
+    let pid = libc::pid_t::try_from(daemon.0.id()).expect("pid");
+    // SAFETY: kill(2) takes integers only; `pid` is our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let mut status = None;
+    wait_until("daemon exit", || {
+        status = daemon.0.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(status.expect("exited").success());
+    assert!(
+        !socket.exists() && !control_path.exists(),
+        "sockets removed"
+    );
+}
