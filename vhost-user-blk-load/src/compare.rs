@@ -93,6 +93,8 @@ pub struct CompareConfig {
     pub startup_timeout: Duration,
     /// Longest wait for one completion.
     pub timeout_ms: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX, as QEMU guests do.
+    pub event_idx: bool,
 }
 
 /// Results of one workload on both backends.
@@ -160,6 +162,7 @@ fn measure(
     );
     bench_config.duration = config.duration;
     bench_config.timeout_ms = config.timeout_ms;
+    bench_config.event_idx = config.event_idx;
     log::info!("{} against {}", workload.name(), backend.name());
     // `daemon` drops (SIGTERM, then SIGKILL) on every path out of here.
     bench::run(&bench_config).map_err(|source| CompareError::Bench {

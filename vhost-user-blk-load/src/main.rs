@@ -90,6 +90,9 @@ struct CompareArgs {
     /// Fail when no request completes for this long.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX with both daemons, as QEMU guests do.
+    #[arg(long)]
+    event_idx: bool,
     /// Print JSON instead of the markdown table.
     #[arg(long)]
     json: bool,
@@ -132,6 +135,7 @@ fn run_compare(args: CompareArgs) -> Result<(), Box<dyn Error>> {
         duration: seconds(args.seconds)?,
         startup_timeout: Duration::from_millis(args.startup_timeout_ms),
         timeout_ms: args.timeout_ms,
+        event_idx: args.event_idx,
     };
     let rows = compare::run(&config)?;
     if args.json {

@@ -68,6 +68,7 @@ fn compare_runs_the_matrix_and_cleans_up() {
         duration: Duration::from_millis(200),
         startup_timeout: Duration::from_secs(20),
         timeout_ms: 10_000,
+        event_idx: true,
     };
     let rows = compare::run(&config).expect("compare");
     assert_eq!(rows.len(), MATRIX.len());
