@@ -25,7 +25,7 @@ fi
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "installing dependencies and building (cached after the first run)"
-bash ci/install-deps.sh socat
+bash ci/install-deps.sh
 bash ci/build-guest.sh
 cargo build --release --locked -p vhost-blk-mirror
 BIN="$ROOT/target/release/vhost-blk-mirror"

@@ -7,7 +7,7 @@
 #
 # Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
-# e2fsprogs, util-linux, kmod, iputils-ping, plus any EXTRA_PACKAGE given on the command line.
+# e2fsprogs, util-linux, kmod, iputils-ping, mount (losetup), socat (demo), plus any EXTRA_PACKAGE given on the command line.
 set -euo pipefail
 
 case "${1:-}" in
@@ -29,6 +29,8 @@ PACKAGES=(
 	util-linux
 	kmod
 	iputils-ping
+	mount
+	socat
 	"$@"
 )
 

@@ -43,11 +43,15 @@ impl Fixture {
         std::fs::File::create(&image)
             .and_then(|file| file.set_len(IMAGE_BYTES))
             .expect("image");
+        Fixture::start_on(dir, &image, extra)
+    }
+
+    fn start_on(dir: tempfile::TempDir, image: &Path, extra: &[&str]) -> Fixture {
         let child = Command::new(BINARY)
             .arg("--socket")
             .arg(dir.path().join("disk.sock"))
             .arg("--image")
-            .arg(&image)
+            .arg(image)
             .arg("--control")
             .arg(dir.path().join("disk.ctl"))
             .args(extra)
@@ -429,4 +433,51 @@ fn dirty_log_marks_pages_the_daemon_wrote_into_guest_memory() {
         !log.is_dirty(header) || header / 4096 == status / 4096,
         "read-only header logged"
     );
+}
+
+/// A loop block device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("run losetup (util-linux)");
+        assert!(output.status.success(), "losetup: {output:?}");
+        LoopDevice(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn serves_a_block_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("backing.img");
+    std::fs::File::create(&backing)
+        .and_then(|file| file.set_len(IMAGE_BYTES))
+        .expect("backing file");
+    let device_path = LoopDevice::attach(&backing);
+    let fixture = Fixture::start_on(dir, Path::new(&device_path.0), &[]);
+    assert_eq!(fixture.status()["image_kind"], "block_device");
+    let mut device = fixture.connect(&DeviceOptions::default());
+    assert_eq!(device.capacity_bytes(), IMAGE_BYTES);
+    let data = vec![0xc3u8; 8192];
+    assert_eq!(device.write(64, &data).expect("write").status, STATUS_OK);
+    assert_eq!(device.flush().expect("flush").status, STATUS_OK);
+    assert_eq!(device.read(64, 8192).expect("read").data, data);
+    assert_eq!(read_image(&backing, 64 * 512, 8192), data);
+    assert_eq!(
+        device.write_zeroes(64, 8, false).expect("zeroes").status,
+        STATUS_OK
+    );
+    assert_eq!(device.discard(72, 8).expect("discard").status, STATUS_OK);
+    assert_eq!(device.read(64, 8192).expect("read").data, vec![0u8; 8192]);
+    drop(fixture);
 }
