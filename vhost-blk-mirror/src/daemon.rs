@@ -85,6 +85,11 @@ fn default_serial(image: &Path) -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: &Config) -> Result<(), DaemonError> {
+    // Signal handlers first: a SIGTERM that arrives once the sockets answer must stop us
+    // cleanly, not kill us with the default action.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    watch_signals(&config.socket, stopping.clone(), connection.clone())?;
     let disk = open_disk(config)?;
     let mut listener = listen(&config.socket)?;
     let control_listener = match &config.control {
@@ -95,9 +100,6 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         control::spawn(listener, disk.clone(), config.queues)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
     }
-    let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    watch_signals(&config.socket, stopping.clone(), connection.clone())?;
     info!(
         "serving {} ({} bytes, {} queue(s){}) on {}",
         config.image.display(),
