@@ -1,13 +1,17 @@
 //! vhost-user glue: the only module that knows `vhost_user_backend`.
 //!
 //! One worker thread per queue (`queues_per_thread` gives each queue its own thread), each with
-//! its own [`Executor`]; the only shared state is the read-only [`Disk`] and atomic counters.
+//! its own [`Executor`] and completion list; the only shared state is the [`Disk`] and atomic
+//! counters.
 //!
-//! Requests of a queue are executed and completed strictly in order. That is what makes a
-//! daemon restart safe without `VHOST_USER_GET_INFLIGHT_FD`: when the connection breaks, QEMU
-//! resets each queue's `last_avail_idx` to its used index, so a new daemon re-executes exactly
-//! the requests that were never completed, and none that were.
+//! Requests of a queue are executed as they arrive, but completed strictly in order: a write
+//! waiting for the peer holds back the completions behind it (they are pipelined, not
+//! serialised). That is what makes a daemon restart safe without
+//! `VHOST_USER_GET_INFLIGHT_FD`: when the connection breaks, QEMU resets each queue's
+//! `last_avail_idx` to its used index, so a new daemon re-executes exactly the requests that
+//! were never completed, and none that were.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -17,7 +21,7 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -26,7 +30,8 @@ use vmm_sys_util::event::{
 use crate::config::{
     config_slice, config_space, virtio_features, CONFIG_SPACE_LEN, MAX_QUEUE_SIZE,
 };
-use crate::execute::{Disk, Executor};
+use crate::execute::{Disk, Executed, Executor};
+use crate::ticket::Waker;
 
 /// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
 pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
@@ -40,50 +45,80 @@ pub struct BlkBackend {
     config: [u8; CONFIG_SPACE_LEN],
     event_idx: std::sync::atomic::AtomicBool,
     memory: RwLock<Option<AtomicMemory>>,
-    /// One executor per worker thread (= per queue); each lock is only ever taken by its worker.
-    executors: Vec<Mutex<Executor>>,
+    /// One worker per queue; each lock is only ever taken by that queue's thread.
+    workers: Vec<Mutex<QueueWorker>>,
+    wakers: Vec<Arc<Waker>>,
+}
+
+/// A queue's executor and its requests waiting to complete, oldest first.
+struct QueueWorker {
+    executor: Executor,
+    pending: VecDeque<Executed>,
 }
 
 impl BlkBackend {
-    pub fn new(disk: Arc<Disk>, num_queues: usize) -> BlkBackend {
+    pub fn new(disk: Arc<Disk>, num_queues: usize) -> io::Result<BlkBackend> {
         let queues = u16::try_from(num_queues).unwrap_or(u16::MAX);
         let config = config_space(&disk.limits, queues);
-        let executors = (0..num_queues)
-            .map(|_| Mutex::new(Executor::new(disk.clone())))
+        let wakers = (0..num_queues)
+            .map(|_| Waker::new().map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
+        let workers = wakers
+            .iter()
+            .map(|waker| {
+                Mutex::new(QueueWorker {
+                    executor: Executor::new(disk.clone(), waker.clone()),
+                    pending: VecDeque::new(),
+                })
+            })
             .collect();
-        BlkBackend {
+        Ok(BlkBackend {
             disk,
             num_queues,
             config,
             event_idx: std::sync::atomic::AtomicBool::new(false),
             memory: RwLock::new(None),
-            executors,
+            workers,
+            wakers,
+        })
+    }
+
+    /// The epoll id of the completion wake-up, one past the ids the library reserves.
+    pub fn wake_event_id(&self) -> u64 {
+        self.num_queues as u64 + 1
+    }
+
+    /// The waker of a queue, to register in that queue's epoll loop.
+    pub fn waker(&self, queue: usize) -> Option<&Arc<Waker>> {
+        self.wakers.get(queue)
+    }
+
+    fn memory(&self) -> Option<AtomicMemory> {
+        match self.memory.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    fn worker(&self, queue: usize) -> Option<std::sync::MutexGuard<'_, QueueWorker>> {
+        self.workers.get(queue).map(|worker| match worker.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        })
     }
 
     /// Runs every available request of `vring`; with EVENT_IDX, loops until no new request
     /// arrived while notifications were off.
-    fn process_vring(&self, vring: &Vring, thread_id: usize) -> io::Result<()> {
-        let memory = match self.memory.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        let Some(memory) = memory else {
+    fn process_vring(&self, vring: &Vring, queue: usize) -> io::Result<()> {
+        let (Some(memory), Some(mut worker)) = (self.memory(), self.worker(queue)) else {
             return Ok(());
-        };
-        let Some(executor) = self.executors.get(thread_id) else {
-            return Ok(());
-        };
-        let mut executor = match executor.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
         };
         let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            self.process_available(vring, &memory, &mut executor)?;
+            self.process_available(vring, &memory, &mut worker)?;
             if !event_idx || !vring.enable_notification().map_err(queue_error)? {
                 return Ok(());
             }
@@ -94,7 +129,7 @@ impl BlkBackend {
         &self,
         vring: &Vring,
         memory: &AtomicMemory,
-        executor: &mut Executor,
+        worker: &mut QueueWorker,
     ) -> io::Result<()> {
         let guest = memory.memory();
         let chains: Vec<_> = vring
@@ -104,15 +139,45 @@ impl BlkBackend {
             .map_err(queue_error)?
             .collect();
         for chain in chains {
-            let head = chain.head_index();
-            let used_len = executor.execute(chain);
-            vring.add_used(head, used_len).map_err(queue_error)?;
-            if vring.needs_notification().map_err(queue_error)? {
-                vring.signal_used_queue()?;
-            }
+            let executed = worker.executor.execute(chain);
+            worker.pending.push_back(executed);
         }
-        Ok(())
+        complete_in_order(vring, memory, worker)
     }
+
+    /// Completes what the peer has acknowledged since the worker last looked.
+    fn complete_acknowledged(&self, vring: &Vring, queue: usize) -> io::Result<()> {
+        let (Some(memory), Some(mut worker)) = (self.memory(), self.worker(queue)) else {
+            return Ok(());
+        };
+        if let Some(waker) = self.wakers.get(queue) {
+            waker.clear();
+        }
+        complete_in_order(vring, &memory, &mut worker)
+    }
+}
+
+/// Writes the status byte and puts on the used ring every request at the front of the list
+/// whose outcome is known, stopping at the first that is still waiting.
+fn complete_in_order(vring: &Vring, memory: &AtomicMemory, worker: &mut QueueWorker) -> io::Result<()> {
+    let guest = memory.memory();
+    let mut completed = false;
+    while let Some(front) = worker.pending.front() {
+        let Some(status) = front.outcome.status() else {
+            break;
+        };
+        if let Some(address) = front.status_address {
+            // The guest may have unmapped the buffer meanwhile; the request completes anyway.
+            let _ = guest.write_obj(status as u8, address);
+        }
+        vring.add_used(front.head, front.used_len).map_err(queue_error)?;
+        worker.pending.pop_front();
+        completed = true;
+    }
+    if completed && vring.needs_notification().map_err(queue_error)? {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
 }
 
 fn queue_error(error: virtio_queue::Error) -> io::Error {
@@ -185,13 +250,19 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Ok(());
         }
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
+        // One queue per thread: the thread's only vring is its queue, `thread_id` its index.
+        let Some(vring) = vrings.first() else {
             return Ok(());
+        };
+        let result = if u64::from(device_event) == self.wake_event_id() {
+            self.complete_acknowledged(vring, thread_id)
+        } else {
+            self.process_vring(vring, thread_id)
         };
         // An error returned from here silently ends this queue's worker, so it is logged
         // (rate-limited: the guest controls the ring) and swallowed; the queue stays alive
         // for the next kick.
-        if let Err(error) = self.process_vring(vring, thread_id) {
+        if let Err(error) = result {
             if let Some(suppressed) = self.disk.bad_request_log.admit() {
                 error!("queue {thread_id}: {error} ({suppressed} similar lines suppressed)");
             }

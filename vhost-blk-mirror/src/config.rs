@@ -19,8 +19,8 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most data segments in one request (QEMU's default for a 128-entry queue).
 pub const SEG_MAX: u32 = 126;
-/// Largest single data segment in bytes.
-pub const SIZE_MAX_BYTES: u32 = 1 << 20;
+/// Largest single data segment in bytes; with SEG_MAX it keeps a request under 16 MiB.
+pub const SIZE_MAX_BYTES: u32 = 128 * 1024;
 /// Logical block size reported to the guest.
 pub const BLOCK_SIZE_BYTES: u32 = 512;
 /// Physical block exponent: 2^3 logical blocks = 4 KiB physical blocks.

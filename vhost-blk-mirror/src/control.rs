@@ -52,10 +52,10 @@ pub struct Status {
 /// Builds the `status` answer for a disk.
 pub fn status(disk: &Disk, queues: usize) -> Status {
     Status {
-        image: disk.image.path().display().to_string(),
-        image_kind: disk.image.kind(),
-        size_bytes: disk.image.size_bytes(),
-        read_only: disk.image.read_only(),
+        image: disk.mirror.image().path().display().to_string(),
+        image_kind: disk.mirror.image().kind(),
+        size_bytes: disk.mirror.image().size_bytes(),
+        read_only: disk.mirror.image().read_only(),
         serial: disk.serial.clone(),
         queues,
         metrics: disk.metrics.snapshot(),

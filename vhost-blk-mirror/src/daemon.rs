@@ -1,6 +1,7 @@
 //! The daemon's life: open the image, listen, serve one frontend connection after another
 //! (QEMU reconnects after its own restart or ours), stop cleanly on SIGTERM/SIGINT.
 
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::BlkBackend;
 use crate::config::disk_limits;
@@ -22,6 +24,7 @@ use crate::control::{self, ControlError};
 use crate::execute::Disk;
 use crate::image::{Image, ImageError};
 use crate::metrics::{Metrics, RateLimitedLog};
+use crate::mirror::Mirror;
 
 /// Most queues a disk may have.
 pub const MAX_QUEUES: usize = 16;
@@ -67,7 +70,7 @@ pub fn open_disk(config: &Config) -> Result<Arc<Disk>, DaemonError> {
         .clone()
         .unwrap_or_else(|| default_serial(&config.image));
     Ok(Arc::new(Disk {
-        image,
+        mirror: Mirror::standalone(image),
         limits,
         serial,
         metrics: Metrics::default(),
@@ -103,13 +106,13 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     info!(
         "serving {} ({} bytes, {} queue(s){}) on {}",
         config.image.display(),
-        disk.image.size_bytes(),
+        disk.mirror.image().size_bytes(),
         config.queues,
         if config.read_only { ", read-only" } else { "" },
         config.socket.display()
     );
     let result = serve(&disk, config.queues, &mut listener, &stopping, &connection);
-    if let Err(error) = disk.image.flush() {
+    if let Err(error) = disk.mirror.image().flush() {
         warn!("final fdatasync of the image failed: {error}");
     }
     remove_socket(&config.socket);
@@ -140,10 +143,14 @@ fn serve(
     connection: &Mutex<Option<ShutdownHandle>>,
 ) -> Result<(), DaemonError> {
     while !stopping.load(Ordering::SeqCst) {
-        let backend = Arc::new(BlkBackend::new(disk.clone(), queues));
+        let backend = Arc::new(
+            BlkBackend::new(disk.clone(), queues)
+                .map_err(|error| DaemonError::Start(error.to_string()))?,
+        );
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("vhost-blk-mirror".into(), backend, memory)
+        let mut daemon = VhostUserDaemon::new("vhost-blk-mirror".into(), backend.clone(), memory)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
+        register_wakers(&daemon, &backend)?;
         daemon
             .start(listener)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
@@ -165,6 +172,26 @@ fn serve(
             Ok(()) => info!("frontend disconnected"),
             Err(error) => warn!("frontend connection ended: {error}"),
         }
+    }
+    Ok(())
+}
+
+/// Registers each queue's completion waker in that queue's epoll loop.
+fn register_wakers(
+    daemon: &VhostUserDaemon<Arc<BlkBackend>>,
+    backend: &BlkBackend,
+) -> Result<(), DaemonError> {
+    for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        let Some(waker) = backend.waker(queue) else {
+            continue;
+        };
+        handler
+            .register_listener(
+                waker.eventfd().as_raw_fd(),
+                EventSet::IN,
+                backend.wake_event_id(),
+            )
+            .map_err(|error| DaemonError::Start(format!("cannot register waker: {error}")))?;
     }
     Ok(())
 }

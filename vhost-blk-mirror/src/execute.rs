@@ -1,10 +1,11 @@
-//! Executes one virtio-blk descriptor chain against the image.
+//! Executes one virtio-blk descriptor chain against the [`Mirror`].
 //!
-//! This is the only module that sees guest buffers; it copies through a bounded bounce buffer
-//! with `virtio_queue`'s `Reader`/`Writer`, so every byte written into guest memory goes through
-//! `vm-memory` and is marked in the dirty log when the frontend asked for one. Requests are
-//! completed strictly in the order the guest made them available (see the note in
-//! `backend.rs` on reconnects).
+//! This is the only module that sees guest buffers; it copies with `virtio_queue`'s
+//! `Reader`/`Writer`, so every byte written into guest memory goes through `vm-memory` and is
+//! marked in the dirty log when the frontend asked for one. Reads copy through a bounded
+//! bounce buffer; a write's data is copied once into the buffer that goes to the image and
+//! the peer. The status byte is not written here: the worker writes it when the request
+//! completes, strictly in the order the guest made requests available (see `backend.rs`).
 
 use std::io::{self, Read, Write};
 use std::ops::Deref;
@@ -13,10 +14,11 @@ use std::sync::Arc;
 use log::warn;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
-use vm_memory::GuestMemory;
+use vm_memory::{Address, GuestAddress, GuestMemory};
 
-use crate::image::Image;
 use crate::metrics::{Metrics, RateLimitedLog};
+use crate::mirror::{Mirror, MAX_REQUEST_BYTES};
+use crate::ticket::{Outcome, Waker};
 use crate::request::{
     check_data_range, id_bytes, parse_header, parse_segments, DiskLimits, Header, RequestError,
     RequestKind, Status, HEADER_LEN, ID_LEN, SEGMENT_LEN,
@@ -28,7 +30,7 @@ pub const BOUNCE_BYTES: usize = 256 * 1024;
 /// What a worker needs to execute requests: shared, read-only after start.
 #[derive(Debug)]
 pub struct Disk {
-    pub image: Image,
+    pub mirror: Mirror,
     pub limits: DiskLimits,
     pub serial: String,
     pub metrics: Metrics,
@@ -44,59 +46,94 @@ enum Failure {
     Guest(io::Error),
 }
 
-/// A queue worker's executor: the shared disk plus the worker's own bounce buffer.
+/// A request that was executed: where its status byte goes, how much it wrote into guest
+/// memory, and how it ends.
+#[derive(Debug)]
+pub struct Executed {
+    pub head: u16,
+    /// Guest address of the status byte; `None` when the chain has no room for one.
+    pub status_address: Option<GuestAddress>,
+    /// Used length: data written into guest memory plus the status byte.
+    pub used_len: u32,
+    pub outcome: Outcome,
+}
+
+/// A queue worker's executor: the shared disk, the worker's bounce buffer and its waker.
 #[derive(Debug)]
 pub struct Executor {
     disk: Arc<Disk>,
     bounce: Vec<u8>,
+    waker: Arc<Waker>,
 }
 
 impl Executor {
-    pub fn new(disk: Arc<Disk>) -> Executor {
+    pub fn new(disk: Arc<Disk>, waker: Arc<Waker>) -> Executor {
         Executor {
             disk,
             bounce: Vec::new(),
+            waker,
         }
     }
 
-    /// Executes one chain and returns the number of bytes written into guest memory (the
-    /// used length, status byte included; 0 when the chain has no room for a status).
-    pub fn execute<M>(&mut self, chain: DescriptorChain<M>) -> u32
+    /// Executes one chain. Data reads are done when this returns; writes may still wait for
+    /// the peer (see [`Executed::outcome`]).
+    pub fn execute<M>(&mut self, chain: DescriptorChain<M>) -> Executed
     where
         M: Deref + Clone,
         M::Target: GuestMemory + Sized,
         for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
     {
+        let head = chain.head_index();
+        let refused = |executor: &Self, error: RequestError| {
+            executor.refuse(&error);
+            Executed {
+                head,
+                status_address: None,
+                used_len: 0,
+                outcome: Outcome::Ready(Status::IoError),
+            }
+        };
+        // The status byte is the last byte of the last non-empty writable descriptor.
+        let status_address = chain
+            .clone()
+            .writable()
+            .filter(|descriptor| descriptor.len() > 0)
+            .last()
+            .and_then(|descriptor| {
+                descriptor
+                    .addr()
+                    .checked_add(u64::from(descriptor.len()) - 1)
+            });
+        let Some(status_address) = status_address else {
+            return refused(self, RequestError::NoStatus);
+        };
         let memory = chain.memory();
         let Ok(mut writer) = chain.clone().writer(memory) else {
-            self.refuse(&RequestError::BadChain(
-                "writable buffer outside guest memory",
-            ));
-            return 0;
+            return refused(self, RequestError::BadChain("writable buffer outside guest memory"));
         };
-        let Some(status_offset) = writer.available_bytes().checked_sub(1) else {
-            self.refuse(&RequestError::NoStatus);
-            return 0;
+        let Some(data_capacity) = writer.available_bytes().checked_sub(1) else {
+            return refused(self, RequestError::NoStatus);
         };
-        let Ok(mut status_writer) = writer.split_at(status_offset) else {
-            self.refuse(&RequestError::NoStatus);
-            return 0;
-        };
+        if writer.split_at(data_capacity).is_err() {
+            return refused(self, RequestError::NoStatus);
+        }
         let result = match chain.clone().reader(memory) {
             Ok(mut reader) => self.run(&mut reader, &mut writer),
             Err(_) => Err(Failure::Refused(RequestError::BadChain(
                 "readable buffer outside guest memory",
             ))),
         };
-        let (status, data_written) = match result {
-            Ok(written) => (Status::Ok, written),
-            Err(failure) => (self.fail(failure), 0),
+        let (outcome, data_written) = match result {
+            Ok(done) => done,
+            Err(failure) => (Outcome::Ready(self.fail(failure)), 0),
         };
-        if status_writer.write_all(&[status as u8]).is_err() {
-            return 0;
+        Executed {
+            head,
+            status_address: Some(status_address),
+            // Descriptor lengths are u32, so data_written + 1 fits unless the chain lied.
+            used_len: u32::try_from(data_written + 1).unwrap_or(u32::MAX),
+            outcome,
         }
-        // The chain's lengths are u32 descriptor lengths; `data_written` never exceeds them.
-        u32::try_from(data_written + 1).unwrap_or(u32::MAX)
     }
 
     fn refuse(&self, error: &RequestError) {
@@ -124,7 +161,7 @@ impl Executor {
                 if let Some(suppressed) = self.disk.bad_request_log.admit() {
                     warn!(
                         "I/O error on image {}: {error} ({suppressed} similar lines suppressed)",
-                        self.disk.image.path().display()
+                        self.disk.mirror.image().path().display()
                     );
                 }
                 Status::IoError
@@ -136,34 +173,36 @@ impl Executor {
         &mut self,
         reader: &mut Reader<'_, B>,
         writer: &mut Writer<'_, B>,
-    ) -> Result<usize, Failure> {
+    ) -> Result<(Outcome, usize), Failure> {
         let mut raw_header = [0u8; HEADER_LEN];
         let header_len = read_up_to(reader, &mut raw_header).map_err(Failure::Guest)?;
         let header = parse_header(&raw_header[..header_len]).map_err(Failure::Refused)?;
         let metrics = &self.disk.metrics;
+        let ok = Outcome::Ready(Status::Ok);
         match header.kind {
             RequestKind::Read => {
                 Metrics::add(&metrics.read_requests, 1);
-                self.read(&header, writer)
+                self.read(&header, writer).map(|len| (ok, len))
             }
             RequestKind::Write => {
                 Metrics::add(&metrics.write_requests, 1);
-                self.write(&header, reader).map(|()| 0)
+                self.write(&header, reader).map(|outcome| (outcome, 0))
             }
             RequestKind::Flush => {
                 Metrics::add(&metrics.flush_requests, 1);
-                self.disk.image.flush().map_err(Failure::Io).map(|()| 0)
+                let outcome = self.disk.mirror.flush(&self.waker).map_err(Failure::Io)?;
+                Ok((outcome, 0))
             }
             RequestKind::GetId => {
                 Metrics::add(&metrics.get_id_requests, 1);
                 let id = id_bytes(&self.disk.serial);
                 let len = writer.available_bytes().min(ID_LEN);
                 writer.write_all(&id[..len]).map_err(Failure::Guest)?;
-                Ok(len)
+                Ok((ok, len))
             }
-            RequestKind::Discard | RequestKind::WriteZeroes => {
-                self.discard_or_zero(header.kind, reader).map(|()| 0)
-            }
+            RequestKind::Discard | RequestKind::WriteZeroes => self
+                .discard_or_zero(header.kind, reader)
+                .map(|outcome| (outcome, 0)),
         }
     }
 
@@ -180,8 +219,8 @@ impl Executor {
             let chunk = (len - done).min(BOUNCE_BYTES);
             let buffer = bounce(&mut self.bounce, chunk);
             self.disk
-                .image
-                .read_at(buffer, offset + done as u64)
+                .mirror
+                .read(offset + done as u64, buffer)
                 .map_err(Failure::Io)?;
             writer.write_all(buffer).map_err(Failure::Guest)?;
             done += chunk;
@@ -194,30 +233,29 @@ impl Executor {
         &mut self,
         header: &Header,
         reader: &mut Reader<'_, B>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Outcome, Failure> {
         let len = reader.available_bytes();
         let offset =
             check_data_range(header, len as u64, &self.disk.limits).map_err(Failure::Refused)?;
-        let mut done = 0usize;
-        while done < len {
-            let chunk = (len - done).min(BOUNCE_BYTES);
-            let buffer = bounce(&mut self.bounce, chunk);
-            reader.read_exact(buffer).map_err(Failure::Guest)?;
-            self.disk
-                .image
-                .write_at(buffer, offset + done as u64)
-                .map_err(Failure::Io)?;
-            done += chunk;
+        if len > MAX_REQUEST_BYTES {
+            return Err(Failure::Refused(RequestError::TooLarge(len)));
         }
+        let mut data = vec![0u8; len];
+        reader.read_exact(&mut data).map_err(Failure::Guest)?;
+        let outcome = self
+            .disk
+            .mirror
+            .write(offset, data, &self.waker)
+            .map_err(Failure::Io)?;
         Metrics::add(&self.disk.metrics.written_bytes, len as u64);
-        Ok(())
+        Ok(outcome)
     }
 
     fn discard_or_zero<B: BitmapSlice>(
         &mut self,
         kind: RequestKind,
         reader: &mut Reader<'_, B>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Outcome, Failure> {
         let metrics = &self.disk.metrics;
         match kind {
             RequestKind::Discard => Metrics::add(&metrics.discard_requests, 1),
@@ -234,15 +272,16 @@ impl Executor {
         let buffer = bounce(&mut self.bounce, len);
         reader.read_exact(buffer).map_err(Failure::Guest)?;
         let segments = parse_segments(kind, buffer, &self.disk.limits).map_err(Failure::Refused)?;
+        let mirror = &self.disk.mirror;
+        let mut outcomes = Vec::with_capacity(segments.len());
         for segment in segments {
-            let image = &self.disk.image;
-            let result = match kind {
-                RequestKind::Discard => image.discard(segment.offset, segment.len),
-                _ => image.write_zeroes(segment.offset, segment.len, segment.unmap),
+            let outcome = match kind {
+                RequestKind::Discard => mirror.discard(segment.offset, segment.len, &self.waker),
+                _ => mirror.write_zeroes(segment.offset, segment.len, segment.unmap, &self.waker),
             };
-            result.map_err(Failure::Io)?;
+            outcomes.push(outcome.map_err(Failure::Io)?);
         }
-        Ok(())
+        Ok(Outcome::all(outcomes))
     }
 }
 

@@ -11,7 +11,10 @@ pub mod control;
 pub mod daemon;
 pub mod execute;
 pub mod image;
+pub mod metadata;
 pub mod metrics;
+pub mod mirror;
 pub mod request;
+pub mod ticket;
 
 pub use daemon::{run, Config, DaemonError};

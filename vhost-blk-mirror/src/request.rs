@@ -88,6 +88,8 @@ pub enum RequestError {
     SegmentTooLarge { sectors: u32, limit: u32 },
     #[error("unknown flags {0:#x} in a discard or write-zeroes segment")]
     BadSegmentFlags(u32),
+    #[error("request of {0} bytes exceeds the largest accepted request")]
+    TooLarge(usize),
     #[error("descriptor chain has no writable status byte")]
     NoStatus,
     #[error("descriptor chain layout does not fit the request: {0}")]
@@ -107,6 +109,7 @@ impl RequestError {
             | RequestError::TooManySegments { .. }
             | RequestError::SegmentTooLarge { .. }
             | RequestError::BadSegmentFlags(_)
+            | RequestError::TooLarge(_)
             | RequestError::NoStatus
             | RequestError::BadChain(_) => Status::IoError,
         }

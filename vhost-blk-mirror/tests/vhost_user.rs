@@ -160,7 +160,7 @@ fn config_space_describes_the_disk() {
     assert_eq!(config.capacity, IMAGE_BYTES / 512);
     assert_eq!(config.blk_size, 512);
     assert_eq!(config.seg_max, 126);
-    assert_eq!(config.size_max, 1 << 20);
+    assert_eq!(config.size_max, 128 * 1024);
     assert_eq!(config.num_queues, 2);
     assert_eq!(device.capacity_bytes(), IMAGE_BYTES);
 }

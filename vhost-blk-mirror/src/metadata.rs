@@ -1,0 +1,447 @@
+//! Replication metadata kept beside each image: generation, disk state, and two persistent
+//! bitmaps.
+//!
+//! - **out-of-sync** (one bit per `chunk_bytes`, default 64 KiB): regions the peer does not
+//!   have. Set (durably, before the guest's write completes) while degraded; cleared as the
+//!   resync copies them.
+//! - **activity** (one bit per `extent_bytes`, default 4 MiB): regions with writes in flight.
+//!   Set durably before the first write into an extent, cleared lazily once the extent has
+//!   been idle. After a crash every active extent is resynced, so a write that reached only
+//!   one side before the crash cannot leave the copies silently different.
+//!
+//! File layout: a 4 KiB header block (magic, postcard header, CRC32C), then the out-of-sync
+//! bitmap, then the activity bitmap, each starting on a 4 KiB boundary.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+const MAGIC: &[u8; 8] = b"FTVMMETA";
+const FORMAT_VERSION: u32 = 1;
+const HEADER_BLOCK: u64 = 4096;
+pub const DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
+pub const DEFAULT_EXTENT_BYTES: u32 = 4 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum MetadataError {
+    #[error("cannot open metadata file {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metadata file {0} is not an ftvm metadata file (bad magic or checksum)")]
+    Corrupt(PathBuf),
+    #[error("metadata file {path} is for a disk of {found} bytes, the image has {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("I/O error on metadata file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Whether this copy of the disk can be trusted as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataState {
+    /// Complete and current as of `generation`.
+    UpToDate,
+    /// Being (re)built by a resync; never to be promoted.
+    Inconsistent,
+}
+
+/// The durable header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub version: u32,
+    pub generation: u64,
+    pub data_state: DataState,
+    pub size_bytes: u64,
+    pub chunk_bytes: u32,
+    pub extent_bytes: u32,
+}
+
+/// An in-memory bitmap mirrored to a region of the metadata file.
+#[derive(Debug)]
+struct Bitmap {
+    file_offset: u64,
+    unit_bytes: u64,
+    words: Vec<u64>,
+    bits: u64,
+}
+
+impl Bitmap {
+    fn new(file_offset: u64, unit_bytes: u32, size_bytes: u64) -> Bitmap {
+        let bits = size_bytes.div_ceil(u64::from(unit_bytes));
+        Bitmap {
+            file_offset,
+            unit_bytes: u64::from(unit_bytes),
+            words: vec![0; bits.div_ceil(64) as usize],
+            bits,
+        }
+    }
+
+    fn file_len(&self) -> u64 {
+        (self.words.len() as u64 * 8).div_ceil(HEADER_BLOCK) * HEADER_BLOCK
+    }
+
+    /// Units covering `[offset, offset + len)`.
+    fn units(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let first = offset / self.unit_bytes;
+        let end = offset.saturating_add(len.max(1)).div_ceil(self.unit_bytes);
+        first.min(self.bits)..end.min(self.bits)
+    }
+
+    fn get(&self, unit: u64) -> bool {
+        self.words
+            .get((unit / 64) as usize)
+            .is_some_and(|word| word & (1 << (unit % 64)) != 0)
+    }
+
+    /// Sets or clears a unit; returns the index of the changed word, if any.
+    fn put(&mut self, unit: u64, value: bool) -> Option<usize> {
+        let index = (unit / 64) as usize;
+        let word = self.words.get_mut(index)?;
+        let mask = 1u64 << (unit % 64);
+        let old = *word;
+        if value {
+            *word |= mask;
+        } else {
+            *word &= !mask;
+        }
+        (old != *word).then_some(index)
+    }
+
+    fn count(&self) -> u64 {
+        self.words.iter().map(|word| u64::from(word.count_ones())).sum()
+    }
+
+    fn write_words(&self, file: &File, first: usize, last: usize) -> io::Result<()> {
+        let bytes: Vec<u8> = self.words[first..=last]
+            .iter()
+            .flat_map(|word| word.to_le_bytes())
+            .collect();
+        file.write_all_at(&bytes, self.file_offset + first as u64 * 8)
+    }
+
+    fn read_from(&mut self, file: &File) -> io::Result<()> {
+        let mut bytes = vec![0u8; self.words.len() * 8];
+        file.read_exact_at(&mut bytes, self.file_offset)?;
+        for (word, raw) in self.words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(raw);
+            *word = u64::from_le_bytes(le);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    header: Header,
+    out_of_sync: Bitmap,
+    activity: Bitmap,
+}
+
+/// The metadata of one disk. All methods are safe to call from several threads.
+#[derive(Debug)]
+pub struct Metadata {
+    path: PathBuf,
+    file: File,
+    state: Mutex<State>,
+}
+
+impl Metadata {
+    /// Opens `path`, creating it for a disk of `size_bytes` in `initial_state` if missing.
+    pub fn open_or_create(
+        path: &Path,
+        size_bytes: u64,
+        initial_state: DataState,
+    ) -> Result<Metadata, MetadataError> {
+        let open_error = |source| MetadataError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let exists = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(open_error)?;
+        let header = if exists && file.metadata().map_err(open_error)?.len() > 0 {
+            read_header(&file).ok_or_else(|| MetadataError::Corrupt(path.to_owned()))?
+        } else {
+            Header {
+                version: FORMAT_VERSION,
+                generation: 0,
+                data_state: initial_state,
+                size_bytes,
+                chunk_bytes: DEFAULT_CHUNK_BYTES,
+                extent_bytes: DEFAULT_EXTENT_BYTES,
+            }
+        };
+        if header.size_bytes != size_bytes {
+            return Err(MetadataError::SizeMismatch {
+                path: path.to_owned(),
+                found: header.size_bytes,
+                expected: size_bytes,
+            });
+        }
+        let out_of_sync = Bitmap::new(HEADER_BLOCK, header.chunk_bytes, size_bytes);
+        let activity = Bitmap::new(
+            HEADER_BLOCK + out_of_sync.file_len(),
+            header.extent_bytes,
+            size_bytes,
+        );
+        let mut state = State {
+            header,
+            out_of_sync,
+            activity,
+        };
+        let metadata_io = |source| MetadataError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if exists {
+            state.out_of_sync.read_from(&file).map_err(metadata_io)?;
+            state.activity.read_from(&file).map_err(metadata_io)?;
+        } else {
+            let len = state.activity.file_offset + state.activity.file_len();
+            file.set_len(len).map_err(metadata_io)?;
+            write_header(&file, &state.header).map_err(metadata_io)?;
+            file.sync_all().map_err(metadata_io)?;
+        }
+        Ok(Metadata {
+            path: path.to_owned(),
+            file,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn io_error(&self, source: io::Error) -> MetadataError {
+        MetadataError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> Header {
+        self.lock().header
+    }
+
+    /// Durably replaces generation and data state.
+    pub fn set_header(&self, generation: u64, data_state: DataState) -> Result<(), MetadataError> {
+        let mut state = self.lock();
+        state.header.generation = generation;
+        state.header.data_state = data_state;
+        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
+        self.file.sync_data().map_err(|e| self.io_error(e))
+    }
+
+    pub fn chunk_bytes(&self) -> u64 {
+        u64::from(self.lock().header.chunk_bytes)
+    }
+
+    /// Durably marks a byte range out of sync. Returns once the bits are on disk.
+    pub fn mark_out_of_sync(&self, offset: u64, len: u64) -> Result<(), MetadataError> {
+        self.update(|state| &mut state.out_of_sync, offset, len, true, true)
+    }
+
+    /// Marks the whole disk out of sync (first protection of a new peer).
+    pub fn mark_all_out_of_sync(&self) -> Result<(), MetadataError> {
+        let size = self.lock().header.size_bytes;
+        self.mark_out_of_sync(0, size)
+    }
+
+    /// Clears one chunk after the peer has it. Not synced: losing a clear costs a re-copy.
+    pub fn clear_out_of_sync_chunk(&self, chunk: u64) -> Result<(), MetadataError> {
+        let unit_bytes = self.chunk_bytes();
+        self.update(|state| &mut state.out_of_sync, chunk * unit_bytes, unit_bytes, false, false)
+    }
+
+    /// Durably marks the extents of a range active before a write into them.
+    pub fn mark_active(&self, offset: u64, len: u64) -> Result<(), MetadataError> {
+        {
+            let state = self.lock();
+            let units = state.activity.units(offset, len);
+            if units.clone().all(|unit| state.activity.get(unit)) {
+                return Ok(());
+            }
+        }
+        self.update(|state| &mut state.activity, offset, len, true, true)
+    }
+
+    /// Clears every activity bit (called when no write is in flight and the peer has all).
+    pub fn clear_activity(&self) -> Result<(), MetadataError> {
+        let size = self.lock().header.size_bytes;
+        self.update(|state| &mut state.activity, 0, size, false, true)
+    }
+
+    /// Folds the activity bitmap into out-of-sync: after a crash, every extent that had
+    /// writes in flight may differ between the copies.
+    pub fn activity_to_out_of_sync(&self) -> Result<u64, MetadataError> {
+        let (extent_bytes, active) = {
+            let state = self.lock();
+            let active: Vec<u64> = (0..state.activity.bits)
+                .filter(|&unit| state.activity.get(unit))
+                .collect();
+            (state.activity.unit_bytes, active)
+        };
+        for extent in &active {
+            self.mark_out_of_sync(extent * extent_bytes, extent_bytes)?;
+        }
+        Ok(active.len() as u64)
+    }
+
+    /// Out-of-sync chunks, in order.
+    pub fn out_of_sync_chunks(&self) -> Vec<u64> {
+        let state = self.lock();
+        (0..state.out_of_sync.bits)
+            .filter(|&unit| state.out_of_sync.get(unit))
+            .collect()
+    }
+
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        let state = self.lock();
+        state.out_of_sync.count() * state.out_of_sync.unit_bytes
+    }
+
+    pub fn is_out_of_sync(&self, offset: u64, len: u64) -> bool {
+        let state = self.lock();
+        let units = state.out_of_sync.units(offset, len);
+        units.clone().any(|unit| state.out_of_sync.get(unit))
+    }
+
+    fn update(
+        &self,
+        bitmap: impl Fn(&mut State) -> &mut Bitmap,
+        offset: u64,
+        len: u64,
+        value: bool,
+        sync: bool,
+    ) -> Result<(), MetadataError> {
+        let mut state = self.lock();
+        let map = bitmap(&mut state);
+        let mut changed: Option<(usize, usize)> = None;
+        for unit in map.units(offset, len) {
+            if let Some(word) = map.put(unit, value) {
+                changed = Some(match changed {
+                    Some((first, _)) => (first, word),
+                    None => (word, word),
+                });
+            }
+        }
+        let Some((first, last)) = changed else {
+            return Ok(());
+        };
+        map.write_words(&self.file, first, last)
+            .map_err(|e| self.io_error(e))?;
+        if sync {
+            self.file.sync_data().map_err(|e| self.io_error(e))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_header(file: &File, header: &Header) -> io::Result<()> {
+    let encoded = postcard::to_allocvec(header).map_err(io::Error::other)?;
+    let mut block = vec![0u8; HEADER_BLOCK as usize];
+    block[..8].copy_from_slice(MAGIC);
+    block[8..10].copy_from_slice(&(encoded.len() as u16).to_le_bytes());
+    block[10..10 + encoded.len()].copy_from_slice(&encoded);
+    let crc = crc32c::crc32c(&block[..10 + encoded.len()]);
+    block[HEADER_BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+    file.write_all_at(&block, 0)
+}
+
+fn read_header(file: &File) -> Option<Header> {
+    let mut block = vec![0u8; HEADER_BLOCK as usize];
+    file.read_exact_at(&mut block, 0).ok()?;
+    if block.get(..8)? != MAGIC {
+        return None;
+    }
+    let len = usize::from(u16::from_le_bytes([*block.get(8)?, *block.get(9)?]));
+    let body = block.get(..10 + len)?;
+    let stored = block.get(HEADER_BLOCK as usize - 4..)?;
+    if crc32c::crc32c(body).to_le_bytes() != stored {
+        return None;
+    }
+    let header: Header = postcard::from_bytes(body.get(10..)?).ok()?;
+    (header.version == FORMAT_VERSION && header.chunk_bytes > 0 && header.extent_bytes > 0)
+        .then_some(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let size = 64 << 20;
+        {
+            let meta = Metadata::open_or_create(&path, size, DataState::UpToDate).expect("create");
+            meta.mark_out_of_sync(100_000, 200_000).expect("mark");
+            meta.mark_active(10 << 20, 4096).expect("active");
+            meta.set_header(7, DataState::Inconsistent).expect("header");
+        }
+        let meta = Metadata::open_or_create(&path, size, DataState::UpToDate).expect("reopen");
+        assert_eq!(meta.header().generation, 7);
+        assert_eq!(meta.header().data_state, DataState::Inconsistent);
+        assert_eq!(meta.out_of_sync_chunks(), vec![1, 2, 3, 4]);
+        assert_eq!(meta.activity_to_out_of_sync().expect("fold"), 1);
+        assert_eq!(meta.out_of_sync_bytes(), (4 + 64) * 64 * 1024);
+        meta.clear_out_of_sync_chunk(1).expect("clear");
+        assert!(!meta.is_out_of_sync(65536, 1));
+        assert!(meta.is_out_of_sync(2 * 65536, 1));
+    }
+
+    #[test]
+    fn size_mismatch_and_garbage_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("create");
+        assert!(matches!(
+            Metadata::open_or_create(&path, 2 << 20, DataState::UpToDate),
+            Err(MetadataError::SizeMismatch { .. })
+        ));
+        std::fs::write(&path, b"garbage").expect("write");
+        assert!(matches!(
+            Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate),
+            Err(MetadataError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn whole_disk_marking_counts_partial_last_chunk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Metadata::open_or_create(&dir.path().join("m"), 100_000, DataState::UpToDate)
+            .expect("create");
+        meta.mark_all_out_of_sync().expect("mark");
+        assert_eq!(meta.out_of_sync_chunks(), vec![0, 1]);
+    }
+}

@@ -1,0 +1,153 @@
+//! Completion tickets: a request whose completion waits on the peer holds a [`Ticket`]; the
+//! replication side finishes it from another thread and wakes the queue's worker.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::request::Status;
+
+const PENDING: u8 = u8::MAX;
+
+/// Wakes one queue's worker when a ticket of that queue completes.
+#[derive(Debug)]
+pub struct Waker {
+    eventfd: EventFd,
+}
+
+impl Waker {
+    pub fn new() -> std::io::Result<Waker> {
+        Ok(Waker {
+            eventfd: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn wake(&self) {
+        // A full counter (never reached) or EAGAIN still leaves the fd readable.
+        let _ = self.eventfd.write(1);
+    }
+
+    /// Consumes pending wake-ups.
+    pub fn clear(&self) {
+        let _ = self.eventfd.read();
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.eventfd
+    }
+}
+
+/// A request waiting for `parts` acknowledgements. Any failed part fails the request.
+#[derive(Debug)]
+pub struct Ticket {
+    remaining: AtomicU32,
+    status: AtomicU8,
+    waker: Arc<Waker>,
+}
+
+impl Ticket {
+    pub fn new(parts: u32, waker: Arc<Waker>) -> Arc<Ticket> {
+        Arc::new(Ticket {
+            remaining: AtomicU32::new(parts.max(1)),
+            status: AtomicU8::new(PENDING),
+            waker,
+        })
+    }
+
+    /// Records one part's outcome; the last part completes the ticket and wakes the queue.
+    pub fn complete_part(&self, status: Status) {
+        if status != Status::Ok {
+            let _ = self.status.compare_exchange(
+                PENDING,
+                status as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _ = self.status.compare_exchange(
+                PENDING,
+                Status::Ok as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            self.waker.wake();
+        }
+    }
+
+    /// The final status, once every part completed.
+    pub fn status(&self) -> Option<Status> {
+        if self.remaining.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        Some(match self.status.load(Ordering::Acquire) {
+            0 => Status::Ok,
+            2 => Status::Unsupported,
+            _ => Status::IoError,
+        })
+    }
+}
+
+/// How a request ends: now, when its ticket completes, or when all of its parts have.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Ready(Status),
+    Waiting(Arc<Ticket>),
+    All(Vec<Outcome>),
+}
+
+impl Outcome {
+    /// Combines the outcomes of a request's parts.
+    pub fn all(mut parts: Vec<Outcome>) -> Outcome {
+        if parts.len() == 1 {
+            if let Some(part) = parts.pop() {
+                return part;
+            }
+        }
+        Outcome::All(parts)
+    }
+
+    /// The final status, once known; the first failure of a multi-part request wins.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Outcome::Ready(status) => Some(*status),
+            Outcome::Waiting(ticket) => ticket.status(),
+            Outcome::All(parts) => {
+                let mut worst = Status::Ok;
+                for part in parts {
+                    match part.status()? {
+                        Status::Ok => {}
+                        failed if worst == Status::Ok => worst = failed,
+                        _ => {}
+                    }
+                }
+                Some(worst)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_part_completes_and_a_failure_sticks() {
+        let waker = Arc::new(Waker::new().expect("eventfd"));
+        let ticket = Ticket::new(3, waker.clone());
+        ticket.complete_part(Status::Ok);
+        ticket.complete_part(Status::IoError);
+        assert_eq!(ticket.status(), None);
+        ticket.complete_part(Status::Ok);
+        assert_eq!(ticket.status(), Some(Status::IoError));
+        assert_eq!(waker.eventfd().read().expect("woken"), 1);
+    }
+
+    #[test]
+    fn all_ok_is_ok() {
+        let ticket = Ticket::new(1, Arc::new(Waker::new().expect("eventfd")));
+        ticket.complete_part(Status::Ok);
+        assert_eq!(Outcome::Waiting(ticket).status(), Some(Status::Ok));
+    }
+}
