@@ -23,6 +23,8 @@ pub struct BlkOptions {
     pub serial: Option<String>,
     pub read_only: bool,
     pub netns: Option<String>,
+    /// Further arguments: `--role`, `--peer`, `--listen`, `--psk-file`, …
+    pub extra_args: Vec<String>,
 }
 
 impl BlkOptions {
@@ -36,6 +38,7 @@ impl BlkOptions {
             serial: None,
             read_only: false,
             netns: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -74,6 +77,7 @@ impl BlkDaemon {
         if options.read_only {
             command.arg("--read-only");
         }
+        command.args(&options.extra_args);
         command.env("RUST_LOG", "debug");
         let mut process = Process::spawn("vhost-blk-mirror", command, log);
         let control = options.control.clone();
@@ -96,13 +100,40 @@ impl BlkDaemon {
     pub fn status(&self) -> serde_json::Value {
         status_json(&self.options.control).expect("control socket answers status")
     }
+
+    /// Sends a control command (`promote`, `continue-degraded`, …) and returns the reply.
+    pub fn command(&self, command: &str) -> serde_json::Value {
+        control_json(&self.options.control, command)
+            .unwrap_or_else(|| panic!("control socket does not answer {command:?}"))
+    }
+
+    /// Waits until `condition` holds for the replication part of `status`.
+    pub fn wait_replication(
+        &self,
+        timeout: Duration,
+        what: &str,
+        condition: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let description = format!("{what} ({})", self.options.image.display());
+        poll_until(timeout, &description, || {
+            last = self.status();
+            condition(&last["replication"])
+        });
+        last
+    }
 }
 
 /// Asks a control socket for `status`; `None` if nobody answers.
 pub fn status_json(control: &Path) -> Option<serde_json::Value> {
+    control_json(control, "status")
+}
+
+/// Sends one command to a control socket; `None` if nobody answers.
+pub fn control_json(control: &Path, command: &str) -> Option<serde_json::Value> {
     let mut stream = UnixStream::connect(control).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"status\n").ok()?;
+    stream.write_all(format!("{command}\n").as_bytes()).ok()?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).ok()?;
     serde_json::from_str(&line).ok()

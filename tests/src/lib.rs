@@ -7,8 +7,10 @@ pub mod blk;
 pub mod cpio;
 pub mod guest;
 pub mod hosts;
+pub mod mirror;
 pub mod paths;
 pub mod process;
+pub mod records;
 pub mod wait;
 
 use std::path::Path;

@@ -7,7 +7,7 @@ use ftvm_tests::blk::{BlkDaemon, BlkOptions};
 use ftvm_tests::cpio::Entry;
 use ftvm_tests::guest::{Disk, Guest, GuestConfig};
 use ftvm_tests::hosts::Hosts;
-use ftvm_tests::{create_image, scratch_dir};
+use ftvm_tests::{create_image, records, scratch_dir};
 
 /// Boot plus a short script under TCG; generous because CI machines are slow and shared.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
@@ -141,41 +141,6 @@ const RECORDS: u32 = 40;
 /// The daemon is killed once a writer has this many acknowledged records.
 const KILL_AFTER: u32 = 8;
 
-/// `/writer.sh W`: writes numbered records with `fsync`, reporting `ACK <W> <n>` only after
-/// `fsync` returned, then reads all of them back.
-fn writer_script() -> String {
-    "w=$1; base=$(( $1 * 1000 )); i=1\n\
-     while [ $i -le RECORDS ]; do\n\
-       printf 'ftvm-record %06d w%d\\n' $i $w > /tmp/rec$w\n\
-       dd if=/tmp/rec$w of=/dev/vda bs=4096 seek=$((base + i)) conv=sync,fsync 2>/dev/null \
-         || { echo \"WRITE-FAILED $w $i\"; exit 1; }\n\
-       echo \"ACK $w $i\"\n\
-       i=$((i + 1))\n\
-     done\n\
-     i=1\n\
-     while [ $i -le RECORDS ]; do\n\
-       dd if=/dev/vda bs=4096 skip=$((base + i)) count=1 2>/dev/null | head -n 1 > /tmp/got$w\n\
-       printf 'ftvm-record %06d w%d\\n' $i $w | cmp -s - /tmp/got$w \
-         || { echo \"MISSING $w $i\"; exit 1; }\n\
-       i=$((i + 1))\n\
-     done\n\
-     echo \"VERIFIED $w\"\n"
-        .replace("RECORDS", &RECORDS.to_string())
-}
-
-/// Guest script: one writer per CPU, pinned, so that every queue carries writes.
-fn record_script(writers: u16) -> String {
-    let mut script = String::from("pids=\n");
-    for writer in 0..writers {
-        script.push_str(&format!(
-            "taskset {} sh /writer.sh {writer} & pids=\"$pids $!\"\n",
-            1 << writer
-        ));
-    }
-    script.push_str("failed=0\nfor pid in $pids; do wait $pid || failed=1; done\nexit $failed\n");
-    script
-}
-
 fn daemon_restart_loses_no_acknowledged_write(queues: u16) {
     let hosts = Hosts::up();
     let host_a = hosts.namespace("hostA");
@@ -187,12 +152,9 @@ fn daemon_restart_loses_no_acknowledged_write(queues: u16) {
     let log = dir.path().join("daemon.log");
     let mut daemon = BlkDaemon::start(&options, &log);
 
-    let mut config = GuestConfig::new(&format!("records{queues}"), &record_script(queues));
+    let mut config = GuestConfig::new(&format!("records{queues}"), "");
+    records::add_writers(&mut config, queues, RECORDS);
     config.disks.push(disk_for(&daemon));
-    config.cpus = u32::from(queues);
-    config
-        .files
-        .push(Entry::executable("writer.sh", writer_script().into_bytes()));
     config.netns = Some(host_a);
     let mut guest = Guest::boot(&config, dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == format!("ACK 0 {KILL_AFTER}"));
@@ -206,24 +168,9 @@ fn daemon_restart_loses_no_acknowledged_write(queues: u16) {
     guest.wait_poweroff(GUEST_TIMEOUT);
 
     let image = std::fs::read(&options.image).expect("read image");
-    let acknowledged: Vec<(u64, u64)> = guest
-        .console()
-        .iter()
-        .filter_map(|line| {
-            let mut words = line.strip_prefix("ACK ")?.split(' ');
-            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-        })
-        .collect();
+    let acknowledged = records::acknowledged(&guest.console());
     assert_eq!(acknowledged.len(), (RECORDS * u32::from(queues)) as usize);
-    for (writer, record) in acknowledged {
-        let offset = ((writer * 1000 + record) * 4096) as usize;
-        let expected = format!("ftvm-record {record:06} w{writer}\n");
-        assert_eq!(
-            &image[offset..offset + expected.len()],
-            expected.as_bytes(),
-            "acknowledged record {record} of writer {writer} is missing from the image"
-        );
-    }
+    records::assert_in_image(&image, &acknowledged, "daemon's");
     let status = daemon.status();
     assert_eq!(
         status["connections"], 1,

@@ -159,7 +159,11 @@ impl BlkBackend {
 
 /// Writes the status byte and puts on the used ring every request at the front of the list
 /// whose outcome is known, stopping at the first that is still waiting.
-fn complete_in_order(vring: &Vring, memory: &AtomicMemory, worker: &mut QueueWorker) -> io::Result<()> {
+fn complete_in_order(
+    vring: &Vring,
+    memory: &AtomicMemory,
+    worker: &mut QueueWorker,
+) -> io::Result<()> {
     let guest = memory.memory();
     let mut completed = false;
     while let Some(front) = worker.pending.front() {
@@ -170,7 +174,9 @@ fn complete_in_order(vring: &Vring, memory: &AtomicMemory, worker: &mut QueueWor
             // The guest may have unmapped the buffer meanwhile; the request completes anyway.
             let _ = guest.write_obj(status as u8, address);
         }
-        vring.add_used(front.head, front.used_len).map_err(queue_error)?;
+        vring
+            .add_used(front.head, front.used_len)
+            .map_err(queue_error)?;
         worker.pending.pop_front();
         completed = true;
     }

@@ -1,7 +1,9 @@
 //! The control socket: a root-only unix socket answering one-line commands with one JSON line.
 //!
-//! Protocol: the client writes a command (`status`) and a newline; the daemon answers with a
-//! single JSON object and a newline, then closes. Unknown commands get `{"error": "..."}`.
+//! Protocol: the client writes a command and a newline; the daemon answers with a single JSON
+//! object and a newline, then closes. `status` returns the disk's state; `promote`, `demote`,
+//! `continue-degraded` and `fence` (the coordinator's commands) return `{"ok": true,
+//! "result": "..."}`; anything refused or unknown gets `{"error": "..."}`.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -19,6 +21,8 @@ use crate::execute::Disk;
 use crate::image::ImageKind;
 use crate::metrics::MetricsSnapshot;
 
+/// The commands the control socket understands.
+const COMMANDS: &str = "status, promote, demote, continue-degraded, fence";
 /// Longest command line accepted, in bytes.
 const MAX_COMMAND_BYTES: u64 = 4096;
 /// How long a client may take to send its command.
@@ -47,6 +51,8 @@ pub struct Status {
     pub queues: usize,
     #[serde(flatten)]
     pub metrics: MetricsSnapshot,
+    /// Role, generation, disk state, peer and links, resync progress.
+    pub replication: serde_json::Value,
 }
 
 /// Builds the `status` answer for a disk.
@@ -59,6 +65,7 @@ pub fn status(disk: &Disk, queues: usize) -> Status {
         serial: disk.serial.clone(),
         queues,
         metrics: disk.metrics.snapshot(),
+        replication: disk.mirror.status(),
     }
 }
 
@@ -106,9 +113,17 @@ fn serve_client(stream: UnixStream, disk: &Disk, queues: usize) -> io::Result<()
     BufReader::new(io::Read::take(&stream, MAX_COMMAND_BYTES)).read_line(&mut line)?;
     let reply = match line.trim() {
         "status" => serde_json::to_string(&status(disk, queues)).map_err(io::Error::other)?,
-        "" => r#"{"error":"empty command; try: status"}"#.to_owned(),
+        "" => serde_json::json!({ "error": format!("empty command; try: {COMMANDS}") }).to_string(),
+        command @ ("promote" | "demote" | "continue-degraded" | "fence") => {
+            info!("control command: {command}");
+            match disk.mirror.command(command) {
+                Ok(result) => serde_json::json!({ "ok": true, "result": result }),
+                Err(error) => serde_json::json!({ "error": error }),
+            }
+            .to_string()
+        }
         other => serde_json::json!({
-            "error": format!("unknown command {other:?}; try: status")
+            "error": format!("unknown command {other:?}; try: {COMMANDS}")
         })
         .to_string(),
     };

@@ -24,7 +24,7 @@ use crate::control::{self, ControlError};
 use crate::execute::Disk;
 use crate::image::{Image, ImageError};
 use crate::metrics::{Metrics, RateLimitedLog};
-use crate::mirror::Mirror;
+use crate::replication::{build_mirror, ReplicationConfig, ReplicationError};
 
 /// Most queues a disk may have.
 pub const MAX_QUEUES: usize = 16;
@@ -38,6 +38,7 @@ pub struct Config {
     pub read_only: bool,
     pub serial: Option<String>,
     pub control: Option<PathBuf>,
+    pub replication: ReplicationConfig,
 }
 
 #[derive(Debug, Error)]
@@ -56,6 +57,8 @@ pub enum DaemonError {
     Start(String),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
 }
 
 /// Opens the image and builds the shared disk state.
@@ -69,8 +72,9 @@ pub fn open_disk(config: &Config) -> Result<Arc<Disk>, DaemonError> {
         .serial
         .clone()
         .unwrap_or_else(|| default_serial(&config.image));
+    let mirror = build_mirror(image, &config.replication)?;
     Ok(Arc::new(Disk {
-        mirror: Mirror::standalone(image),
+        mirror,
         limits,
         serial,
         metrics: Metrics::default(),
@@ -143,6 +147,11 @@ fn serve(
     connection: &Mutex<Option<ShutdownHandle>>,
 ) -> Result<(), DaemonError> {
     while !stopping.load(Ordering::SeqCst) {
+        if !disk.mirror.serves_guest() {
+            // A secondary serves no guest until promoted.
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         let backend = Arc::new(
             BlkBackend::new(disk.clone(), queues)
                 .map_err(|error| DaemonError::Start(error.to_string()))?,

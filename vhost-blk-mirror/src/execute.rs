@@ -18,11 +18,11 @@ use vm_memory::{Address, GuestAddress, GuestMemory};
 
 use crate::metrics::{Metrics, RateLimitedLog};
 use crate::mirror::{Mirror, MAX_REQUEST_BYTES};
-use crate::ticket::{Outcome, Waker};
 use crate::request::{
     check_data_range, id_bytes, parse_header, parse_segments, DiskLimits, Header, RequestError,
     RequestKind, Status, HEADER_LEN, ID_LEN, SEGMENT_LEN,
 };
+use crate::ticket::{Outcome, Waker};
 
 /// Largest bounce buffer a worker holds; bigger requests are copied in pieces of this size.
 pub const BOUNCE_BYTES: usize = 256 * 1024;
@@ -109,7 +109,10 @@ impl Executor {
         };
         let memory = chain.memory();
         let Ok(mut writer) = chain.clone().writer(memory) else {
-            return refused(self, RequestError::BadChain("writable buffer outside guest memory"));
+            return refused(
+                self,
+                RequestError::BadChain("writable buffer outside guest memory"),
+            );
         };
         let Some(data_capacity) = writer.available_bytes().checked_sub(1) else {
             return refused(self, RequestError::NoStatus);

@@ -11,9 +11,11 @@ pub mod control;
 pub mod daemon;
 pub mod execute;
 pub mod image;
+pub mod link;
 pub mod metadata;
 pub mod metrics;
 pub mod mirror;
+pub mod replication;
 pub mod request;
 pub mod ticket;
 

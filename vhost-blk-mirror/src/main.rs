@@ -1,14 +1,23 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::net::SocketAddr;
+
 use clap::Parser;
+use vhost_blk_mirror::replication::{ReplicationConfig, RoleKind};
 use vhost_blk_mirror::{run, Config};
 
-/// Serve a guest disk to QEMU over vhost-user-blk from a raw image file or block device.
+/// Serve a guest disk to QEMU over vhost-user-blk from a raw image file or block device, and
+/// mirror it synchronously to a peer host.
 ///
 /// QEMU connects with `-chardev socket,id=c0,path=SOCKET,reconnect=1
 /// -device vhost-user-blk-pci,chardev=c0` and guest RAM shared (`share=on`). The daemon keeps
 /// serving across QEMU restarts and reconnects; SIGTERM stops it cleanly.
+///
+/// Replication: run `--role secondary --listen ADDR` on the peer host and `--role primary
+/// --peer ADDR` here, both with the same `--psk-file`. A write completes for the guest only
+/// when it is on both disks. If the peer is lost, completions are held until the control
+/// socket gets `continue-degraded` (run alone, record what changed) or `fence`.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-blk-mirror", version)]
 struct Args {
@@ -27,9 +36,54 @@ struct Args {
     /// Serial number the guest reads (up to 20 bytes; default: the image's file name).
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
-    /// Control socket answering `status` with JSON (mode 0600).
+    /// Control socket (mode 0600): `status` (JSON), and the coordinator's commands
+    /// `promote`, `demote`, `continue-degraded`, `fence`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Role in replication.
+    #[arg(long, value_enum, default_value_t = RoleKind::Standalone)]
+    role: RoleKind,
+    /// Primary: the secondary's address on an A-link (give twice for two links).
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: Vec<SocketAddr>,
+    /// Secondary: address to accept the primary on (give twice for two links).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Vec<SocketAddr>,
+    /// Pre-shared key of this host pair (at least 16 bytes; same file on both hosts).
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Replication metadata: generation, disk state, out-of-sync bitmap
+    /// (default: IMAGE.ftvm-meta).
+    #[arg(long, value_name = "FILE")]
+    meta: Option<PathBuf>,
+    /// Limit of the background resync, bytes per second (suffixes K, M, G); 0 = none.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
+    resync_rate_limit: u64,
+    /// This host's name on the replication link (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+}
+
+/// Parses `100M`, `1G`, `512K` or a plain number of bytes.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, multiplier) = match text.char_indices().last() {
+        Some((index, 'K' | 'k')) => (&text[..index], 1u64 << 10),
+        Some((index, 'M' | 'm')) => (&text[..index], 1 << 20),
+        Some((index, 'G' | 'g')) => (&text[..index], 1 << 30),
+        _ => (text, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|value| value.checked_mul(multiplier))
+        .ok_or_else(|| format!("{text:?} is not a rate like 100M"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn main() -> ExitCode {
@@ -37,6 +91,24 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    let service = format!(
+        "blk:{}",
+        args.serial.clone().unwrap_or_else(|| args
+            .image
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default())
+    );
+    let replication = ReplicationConfig {
+        role: args.role,
+        peers: args.peer,
+        listen: args.listen,
+        psk_file: args.psk_file,
+        metadata: args.meta,
+        resync_rate_limit: args.resync_rate_limit,
+        host_id: args.host_id.unwrap_or_else(host_name),
+        service,
+    };
     let config = Config {
         socket: args.socket,
         image: args.image,
@@ -44,6 +116,7 @@ fn main() -> ExitCode {
         read_only: args.read_only,
         serial: args.serial,
         control: args.control,
+        replication,
     };
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,

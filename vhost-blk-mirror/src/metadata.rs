@@ -123,7 +123,10 @@ impl Bitmap {
     }
 
     fn count(&self) -> u64 {
-        self.words.iter().map(|word| u64::from(word.count_ones())).sum()
+        self.words
+            .iter()
+            .map(|word| u64::from(word.count_ones()))
+            .sum()
     }
 
     fn write_words(&self, file: &File, first: usize, last: usize) -> io::Result<()> {
@@ -279,7 +282,13 @@ impl Metadata {
     /// Clears one chunk after the peer has it. Not synced: losing a clear costs a re-copy.
     pub fn clear_out_of_sync_chunk(&self, chunk: u64) -> Result<(), MetadataError> {
         let unit_bytes = self.chunk_bytes();
-        self.update(|state| &mut state.out_of_sync, chunk * unit_bytes, unit_bytes, false, false)
+        self.update(
+            |state| &mut state.out_of_sync,
+            chunk * unit_bytes,
+            unit_bytes,
+            false,
+            false,
+        )
     }
 
     /// Durably marks the extents of a range active before a write into them.

@@ -1,0 +1,431 @@
+//! Mutual authentication of one TCP connection with the pre-shared key.
+//!
+//! ```text
+//! client                                   server
+//!   Hello{version, client_id, service, session_id, client_nonce, send_base, limits} ->
+//!   <- Challenge{params{version, server_id, server_nonce, instance, send_base, limits},
+//!                server_proof = keyed_hash(psk, "server" || transcript)}
+//!   Proof{client_proof = keyed_hash(psk, "client" || transcript)} ->
+//! transcript = derive_key-hash of (len(hello) || postcard(hello) || postcard(params))
+//! connection key = derive_key("ftvm replication connection v1",
+//!                             psk || client_nonce || server_nonce || session_id || transcript)
+//! ```
+//! Either side answers a check that fails with `Refused{reason}` and closes. Handshake frames
+//! carry no payload and are limited to one header; their tag is a checksum under a public key.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::frame::HANDSHAKE_MAX_FRAME_BYTES;
+use crate::frame::{Direction, FrameError, FrameKey, FrameOpener, FrameSealer};
+use crate::header::PROTOCOL_VERSION;
+use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, NONCE_BYTES};
+use crate::psk::Psk;
+
+const TRANSCRIPT_CONTEXT: &str = "ftvm replication transcript v1";
+const CONNECTION_KEY_CONTEXT: &str = "ftvm replication connection v1";
+/// Reason a client sends when the server's proof did not verify.
+const AUTHENTICATION_REFUSAL: &str = "authentication failed";
+const MAX_REASON_CHARS: usize = 200;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("peer failed authentication (wrong pre-shared key?)")]
+    AuthenticationFailed,
+    #[error("peer refused the connection: {reason}")]
+    Refused { reason: String },
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("connection closed during the handshake")]
+    Closed,
+    #[error("unexpected {kind} frame during the handshake")]
+    Unexpected { kind: &'static str },
+    #[error("peer speaks protocol version {version}, this side {PROTOCOL_VERSION}")]
+    Version { version: u16 },
+    #[error("peer's max_frame_bytes is {peer}, this side's {local}: configure both alike")]
+    FrameLimit { peer: u32, local: u32 },
+    #[error("invalid {field} in the handshake")]
+    Invalid { field: &'static str },
+    #[error("handshake frame error")]
+    Frame(#[source] FrameError),
+    #[error("cannot set socket timeouts")]
+    Socket(#[source] std::io::Error),
+    #[error("cannot draw random bytes: {0}")]
+    Random(getrandom::Error),
+}
+
+impl From<FrameError> for HandshakeError {
+    fn from(error: FrameError) -> HandshakeError {
+        if error.is_timeout() {
+            HandshakeError::Timeout
+        } else if matches!(error, FrameError::Closed) {
+            HandshakeError::Closed
+        } else {
+            HandshakeError::Frame(error)
+        }
+    }
+}
+
+/// Which end of the connection this side is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub(crate) fn sending(self) -> Direction {
+        match self {
+            Side::Client => Direction::ClientToServer,
+            Side::Server => Direction::ServerToClient,
+        }
+    }
+
+    pub(crate) fn receiving(self) -> Direction {
+        match self {
+            Side::Client => Direction::ServerToClient,
+            Side::Server => Direction::ClientToServer,
+        }
+    }
+}
+
+/// Handshake frames on one connection, under one deadline. Reads are unbuffered so that no
+/// byte after the handshake is consumed here.
+pub(crate) struct HandshakeChannel<'a> {
+    stream: &'a TcpStream,
+    sealer: FrameSealer,
+    opener: FrameOpener,
+    deadline: Instant,
+}
+
+impl<'a> HandshakeChannel<'a> {
+    pub(crate) fn new(stream: &'a TcpStream, side: Side, timeout: Duration) -> Self {
+        let key = FrameKey::handshake();
+        HandshakeChannel {
+            stream,
+            sealer: FrameSealer::new(key.clone(), side.sending(), HANDSHAKE_MAX_FRAME_BYTES),
+            opener: FrameOpener::new(key, side.receiving(), HANDSHAKE_MAX_FRAME_BYTES),
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    fn remaining(&self) -> Result<Duration, HandshakeError> {
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(HandshakeError::Timeout);
+        }
+        Ok(remaining)
+    }
+
+    fn send(&mut self, header: &LinkHeader) -> Result<(), HandshakeError> {
+        let remaining = self.remaining()?;
+        self.stream
+            .set_write_timeout(Some(remaining))
+            .map_err(HandshakeError::Socket)?;
+        let mut frame = Vec::new();
+        self.sealer.write_frame(&mut frame, header, &[])?;
+        let mut stream = self.stream;
+        stream
+            .write_all(&frame)
+            .map_err(|error| HandshakeError::from(FrameError::Io(error)))
+    }
+
+    fn receive(&mut self) -> Result<LinkHeader, HandshakeError> {
+        let remaining = self.remaining()?;
+        self.stream
+            .set_read_timeout(Some(remaining))
+            .map_err(HandshakeError::Socket)?;
+        let mut stream = self.stream;
+        let frame = self.opener.read_frame(&mut stream)?;
+        if !frame.payload.is_empty() {
+            return Err(HandshakeError::Unexpected {
+                kind: "payload-carrying",
+            });
+        }
+        Ok(frame.header)
+    }
+
+    /// Tells the peer why it is refused (best effort) and returns `error`.
+    fn refuse(&mut self, reason: &str, error: HandshakeError) -> HandshakeError {
+        let _ = self.send(&LinkHeader::Refused {
+            reason: reason.to_string(),
+        });
+        error
+    }
+
+    fn opener_counter(&self) -> u64 {
+        self.opener.counter()
+    }
+}
+
+/// Fresh random bytes for a nonce.
+pub(crate) fn random_nonce() -> Result<[u8; NONCE_BYTES], HandshakeError> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    getrandom::fill(&mut nonce).map_err(HandshakeError::Random)?;
+    Ok(nonce)
+}
+
+/// Client side: sends `hello`, checks the server, proves itself. Returns the server's
+/// parameters and the connection key.
+pub(crate) fn client_handshake(
+    stream: &TcpStream,
+    psk: &Psk,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<(ServerParams, FrameKey), HandshakeError> {
+    let mut channel = HandshakeChannel::new(stream, Side::Client, timeout);
+    channel.send(&LinkHeader::Hello(hello.clone()))?;
+    let (params, server_proof) = match channel.receive()? {
+        LinkHeader::Challenge {
+            params,
+            server_proof,
+        } => (params, server_proof),
+        LinkHeader::Refused { reason } => {
+            return Err(HandshakeError::Refused {
+                reason: sanitize(&reason),
+            })
+        }
+        other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
+    };
+    if params.protocol_version != PROTOCOL_VERSION {
+        let error = HandshakeError::Version {
+            version: params.protocol_version,
+        };
+        return Err(channel.refuse("unsupported protocol version", error));
+    }
+    let transcript = transcript(hello, &params)?;
+    if !proof_matches(psk, b"server", &transcript, &server_proof) {
+        return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
+    }
+    if params.limits.max_frame_bytes != hello.limits.max_frame_bytes {
+        let error = HandshakeError::FrameLimit {
+            peer: params.limits.max_frame_bytes,
+            local: hello.limits.max_frame_bytes,
+        };
+        return Err(channel.refuse("max_frame_bytes differs", error));
+    }
+    if params.server_id.is_empty() || params.server_id.len() > MAX_ID_BYTES {
+        return Err(channel.refuse("invalid server id", invalid("server id")));
+    }
+    check_limits(&params.limits)?;
+    let client_proof = proof(psk, b"client", &transcript);
+    channel.send(&LinkHeader::Proof { client_proof })?;
+    let key = connection_key(psk, hello, &params, &transcript);
+    Ok((params, key))
+}
+
+/// Server side, first step: reads and checks the client's `Hello`.
+pub(crate) fn read_hello(
+    channel: &mut HandshakeChannel<'_>,
+    local: &LinkLimits,
+) -> Result<Hello, HandshakeError> {
+    let hello = match channel.receive()? {
+        LinkHeader::Hello(hello) => hello,
+        other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let error = HandshakeError::Version {
+            version: hello.protocol_version,
+        };
+        return Err(channel.refuse("unsupported protocol version", error));
+    }
+    if hello.limits.max_frame_bytes != local.max_frame_bytes {
+        let error = HandshakeError::FrameLimit {
+            peer: hello.limits.max_frame_bytes,
+            local: local.max_frame_bytes,
+        };
+        return Err(channel.refuse("max_frame_bytes differs", error));
+    }
+    for (field, value) in [("client id", &hello.client_id), ("service", &hello.service)] {
+        if value.is_empty() || value.len() > MAX_ID_BYTES {
+            return Err(channel.refuse("invalid hello", invalid(field)));
+        }
+    }
+    if hello.session_id == 0 {
+        return Err(channel.refuse("invalid hello", invalid("session id")));
+    }
+    check_limits(&hello.limits)?;
+    Ok(hello)
+}
+
+/// Server side, second step: proves itself, checks the client's proof. Returns the
+/// connection key.
+pub(crate) fn answer_hello(
+    channel: &mut HandshakeChannel<'_>,
+    psk: &Psk,
+    hello: &Hello,
+    params: ServerParams,
+) -> Result<FrameKey, HandshakeError> {
+    debug_assert_eq!(
+        channel.opener_counter(),
+        1,
+        "answer_hello follows read_hello"
+    );
+    let transcript = transcript(hello, &params)?;
+    let server_proof = proof(psk, b"server", &transcript);
+    channel.send(&LinkHeader::Challenge {
+        params: params.clone(),
+        server_proof,
+    })?;
+    let client_proof = match channel.receive()? {
+        LinkHeader::Proof { client_proof } => client_proof,
+        LinkHeader::Refused { reason } if reason == AUTHENTICATION_REFUSAL => {
+            return Err(HandshakeError::AuthenticationFailed)
+        }
+        LinkHeader::Refused { reason } => {
+            return Err(HandshakeError::Refused {
+                reason: sanitize(&reason),
+            })
+        }
+        other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
+    };
+    if !proof_matches(psk, b"client", &transcript, &client_proof) {
+        return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
+    }
+    Ok(connection_key(psk, hello, &params, &transcript))
+}
+
+fn check_limits(limits: &LinkLimits) -> Result<(), HandshakeError> {
+    if limits.window_messages == 0 || limits.window_bytes == 0 {
+        return Err(invalid("receive window"));
+    }
+    Ok(())
+}
+
+fn invalid(field: &'static str) -> HandshakeError {
+    HandshakeError::Invalid { field }
+}
+
+/// A peer's reason, shortened and stripped of control characters before it reaches a log.
+fn sanitize(reason: &str) -> String {
+    reason
+        .chars()
+        .take(MAX_REASON_CHARS)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+fn transcript(hello: &Hello, params: &ServerParams) -> Result<[u8; 32], HandshakeError> {
+    let encode = |result: Result<Vec<u8>, postcard::Error>| {
+        result.map_err(|error| HandshakeError::Frame(FrameError::Encode(error)))
+    };
+    let hello_bytes = encode(postcard::to_allocvec(hello))?;
+    let params_bytes = encode(postcard::to_allocvec(params))?;
+    let mut hasher = blake3::Hasher::new_derive_key(TRANSCRIPT_CONTEXT);
+    hasher.update(&(hello_bytes.len() as u64).to_le_bytes());
+    hasher.update(&hello_bytes);
+    hasher.update(&params_bytes);
+    Ok(*hasher.finalize().as_bytes())
+}
+
+fn proof(psk: &Psk, label: &[u8], transcript: &[u8; 32]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_keyed(psk.key());
+    hasher.update(label);
+    hasher.update(transcript);
+    *hasher.finalize().as_bytes()
+}
+
+/// Constant-time check (`blake3::Hash` compares in constant time).
+fn proof_matches(psk: &Psk, label: &[u8], transcript: &[u8; 32], received: &[u8; 32]) -> bool {
+    blake3::Hash::from(proof(psk, label, transcript)) == blake3::Hash::from(*received)
+}
+
+fn connection_key(
+    psk: &Psk,
+    hello: &Hello,
+    params: &ServerParams,
+    transcript: &[u8; 32],
+) -> FrameKey {
+    let mut hasher = blake3::Hasher::new_derive_key(CONNECTION_KEY_CONTEXT);
+    hasher.update(psk.key());
+    hasher.update(&hello.client_nonce);
+    hasher.update(&params.server_nonce);
+    hasher.update(&hello.session_id.to_le_bytes());
+    hasher.update(transcript);
+    FrameKey::from_bytes(*hasher.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+
+    fn limits() -> LinkLimits {
+        LinkLimits {
+            window_messages: 16,
+            window_bytes: 1 << 20,
+            max_frame_bytes: 1 << 20,
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: "host-a".into(),
+            service: "blk:test".into(),
+            session_id: 42,
+            client_nonce: random_nonce().expect("nonce"),
+            send_base: 0,
+            limits: limits(),
+        }
+    }
+
+    fn params() -> ServerParams {
+        ServerParams {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: "host-b".into(),
+            server_nonce: random_nonce().expect("nonce"),
+            instance: 7,
+            send_base: 0,
+            limits: limits(),
+        }
+    }
+
+    type ServerResult = Result<(Hello, FrameKey), HandshakeError>;
+
+    fn run(
+        client_psk: &[u8],
+        server_psk: &[u8],
+    ) -> (ServerResult, Result<FrameKey, HandshakeError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server_psk = Psk::from_bytes(server_psk).expect("psk");
+        let server = thread::spawn(move || -> ServerResult {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut channel = HandshakeChannel::new(&stream, Side::Server, Duration::from_secs(5));
+            let hello = read_hello(&mut channel, &limits())?;
+            let key = answer_hello(&mut channel, &server_psk, &hello, params())?;
+            Ok((hello, key))
+        });
+        let stream = TcpStream::connect(address).expect("connect");
+        let client_psk = Psk::from_bytes(client_psk).expect("psk");
+        let client = client_handshake(&stream, &client_psk, &hello(), Duration::from_secs(5))
+            .map(|(_, key)| key);
+        drop(stream);
+        (server.join().expect("server thread"), client)
+    }
+
+    #[test]
+    fn same_key_agrees_on_the_connection_key() {
+        let (server, client) = run(b"0123456789abcdef", b"0123456789abcdef");
+        let (hello, server_key) = server.expect("server");
+        assert_eq!(hello.service, "blk:test");
+        assert_eq!(server_key, client.expect("client"));
+    }
+
+    #[test]
+    fn wrong_key_fails_on_both_sides() {
+        let (server, client) = run(b"0123456789abcdef", b"fedcba9876543210");
+        let client_error = client.expect_err("client must fail");
+        let server_error = server.expect_err("server must fail");
+        assert!(matches!(client_error, HandshakeError::AuthenticationFailed));
+        assert!(matches!(server_error, HandshakeError::AuthenticationFailed));
+        assert_eq!(
+            server_error.to_string(),
+            "peer failed authentication (wrong pre-shared key?)"
+        );
+    }
+}

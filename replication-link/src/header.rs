@@ -1,0 +1,156 @@
+//! Link-level frame headers (postcard-encoded). The variant order is part of the wire format:
+//! add new variants at the end only, and bump [`PROTOCOL_VERSION`] on any other change.
+
+use serde::{Deserialize, Serialize};
+
+/// Version carried in `Hello` and `Challenge`; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest encoded header, in bytes.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// Bytes a `Data` header needs beyond its application header (at most 28: variant, varints,
+/// vector length), rounded up.
+pub const DATA_HEADER_OVERHEAD_BYTES: usize = 64;
+/// Largest application header carried in a `Data` frame, in bytes (the rest of the header
+/// budget holds the link fields).
+pub const MAX_APP_HEADER_BYTES: usize = MAX_HEADER_BYTES - DATA_HEADER_OVERHEAD_BYTES;
+/// Largest client id, server id or service name, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// Size of the handshake nonces.
+pub const NONCE_BYTES: usize = 32;
+
+/// Receive limits each side announces in the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkLimits {
+    /// Messages the sender may have beyond the last acknowledged one.
+    pub window_messages: u32,
+    /// Bytes (application headers + payloads) the sender may have unacknowledged.
+    pub window_bytes: u64,
+    /// Largest frame either side may send; both sides must agree.
+    pub max_frame_bytes: u32,
+}
+
+/// First frame of a connection, client to server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    /// The client host's name (its `local_id`).
+    pub client_id: String,
+    /// What the session is for, e.g. `blk:vm1-disk0`.
+    pub service: String,
+    /// Chosen at random by the client for the life of its `Session`.
+    pub session_id: u128,
+    pub client_nonce: [u8; NONCE_BYTES],
+    /// Every message the client sent up to this one was acknowledged by the server.
+    pub send_base: u64,
+    pub limits: LinkLimits,
+}
+
+/// The server's part of the handshake transcript.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerParams {
+    pub protocol_version: u16,
+    /// The server host's name (its `local_id`).
+    pub server_id: String,
+    pub server_nonce: [u8; NONCE_BYTES],
+    /// Identifies the server's session state; a new value tells the client the server lost
+    /// it (restarted) and message numbering from the server starts again at `send_base + 1`.
+    pub instance: u128,
+    /// Every message the server sent up to this one was acknowledged by the client.
+    pub send_base: u64,
+    pub limits: LinkLimits,
+}
+
+/// Optional echo of the peer's last heartbeat time, for round-trip estimates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Echo {
+    /// The peer's `time_us` as received.
+    pub time_us: u64,
+    /// How long this side held it before echoing, in microseconds.
+    pub hold_us: u64,
+}
+
+/// Header of every frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkHeader {
+    /// Client → server, unauthenticated.
+    Hello(Hello),
+    /// Server → client: `server_proof = keyed_hash(psk, "server" || transcript)`.
+    Challenge {
+        params: ServerParams,
+        server_proof: [u8; 32],
+    },
+    /// Client → server: `client_proof = keyed_hash(psk, "client" || transcript)`.
+    Proof { client_proof: [u8; 32] },
+    /// Either side, during the handshake: the connection is refused, with a reason.
+    Refused { reason: String },
+    /// An application message; its payload follows the header.
+    Data {
+        session_seq: u64,
+        payload_crc32c: u32,
+        /// Piggybacked cumulative acknowledgement (see `Ack`).
+        ack_up_to: u64,
+        /// The application's own header, opaque to the link (postcard by convention).
+        app_header: Vec<u8>,
+    },
+    /// Cumulative acknowledgement: every message up to `up_to` was delivered to the app.
+    Ack { up_to: u64 },
+    /// Liveness and round-trip time, every heartbeat interval on each link.
+    Heartbeat {
+        ack_up_to: u64,
+        /// Sender's monotonic clock, microseconds since its session started.
+        time_us: u64,
+        echo: Option<Echo>,
+    },
+}
+
+impl LinkHeader {
+    /// Short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkHeader::Hello(_) => "hello",
+            LinkHeader::Challenge { .. } => "challenge",
+            LinkHeader::Proof { .. } => "proof",
+            LinkHeader::Refused { .. } => "refused",
+            LinkHeader::Data { .. } => "data",
+            LinkHeader::Ack { .. } => "ack",
+            LinkHeader::Heartbeat { .. } => "heartbeat",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_data_header_fits_the_budget() {
+        let header = LinkHeader::Data {
+            session_seq: u64::MAX,
+            payload_crc32c: u32::MAX,
+            ack_up_to: u64::MAX,
+            app_header: vec![0xff; MAX_APP_HEADER_BYTES],
+        };
+        let bytes = postcard::to_allocvec(&header).expect("encode");
+        assert!(bytes.len() <= MAX_HEADER_BYTES, "{}", bytes.len());
+        assert!(bytes.len() <= MAX_APP_HEADER_BYTES + 28, "{}", bytes.len());
+    }
+
+    #[test]
+    fn largest_hello_fits_the_budget() {
+        let header = LinkHeader::Hello(Hello {
+            protocol_version: u16::MAX,
+            client_id: "c".repeat(MAX_ID_BYTES),
+            service: "s".repeat(MAX_ID_BYTES),
+            session_id: u128::MAX,
+            client_nonce: [0xff; NONCE_BYTES],
+            send_base: u64::MAX,
+            limits: LinkLimits {
+                window_messages: u32::MAX,
+                window_bytes: u64::MAX,
+                max_frame_bytes: u32::MAX,
+            },
+        });
+        let bytes = postcard::to_allocvec(&header).expect("encode");
+        assert!(bytes.len() <= MAX_HEADER_BYTES, "{}", bytes.len());
+    }
+}

@@ -1,0 +1,39 @@
+//! `replication-link`: the replication link layer shared by the ftvm daemons.
+//!
+//! A daemon on host A and its counterpart on host B exchange messages over up to two A-links
+//! (TCP connections to different addresses) with mutual authentication (pre-shared key),
+//! per-frame integrity (keyed BLAKE3 over a per-connection counter: tampered, replayed,
+//! reordered or dropped frames fail), and reliable, exactly-once, in-order delivery across
+//! link failures.
+//!
+//! Layers, each knowing only its neighbours:
+//! - [`frame`]: the wire format; pure decoder [`frame::decode_frame`] (fuzzed).
+//! - [`header`]: the link-level headers carried in frames.
+//! - [`handshake`]: authentication of one connection.
+//! - `reliability`: retransmit and reorder buffers (pure state, no I/O).
+//! - `shared` + `link`: a session's state and the reader/writer threads of one connection.
+//! - [`Session`] (client: [`Session::connect`]) and [`LinkListener`] (server): the API.
+//!
+//! See README.md for the wire format and the guarantees.
+
+pub mod config;
+pub mod frame;
+pub mod handshake;
+pub mod header;
+pub mod listener;
+pub mod psk;
+pub mod session;
+pub mod stats;
+
+mod client;
+mod link;
+mod log_limit;
+mod reliability;
+mod shared;
+
+pub use config::{ConfigError, LinkConfig, DEFAULT_MAX_FRAME_BYTES};
+pub use listener::{LinkListener, ListenerError, ListenerEvent};
+pub use psk::{Psk, PskError};
+pub use reliability::Message;
+pub use session::{CloseReason, Session, SessionError, SessionEvent};
+pub use stats::{LinkStats, ListenerAddressStats, ListenerStats, SessionStats};

@@ -1,0 +1,204 @@
+//! One authenticated connection (one A-link at a time): a reader on the calling thread and a
+//! writer thread. Either ending ends both; the session then sends the connection's
+//! unacknowledged messages on another link.
+
+use std::io::{self, BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread;
+
+use crate::frame::{FrameError, FrameKey, FrameOpener, FrameSealer};
+use crate::header::LinkHeader;
+use crate::log_limit::error_chain;
+use crate::reliability::ReliabilityError;
+use crate::shared::{OutFrame, SessionShared};
+use crate::stats::{add, bump};
+
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no frame from the peer for {timeout_ms} ms")]
+    Silent { timeout_ms: u64 },
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("bad frame from the peer")]
+    Frame(#[source] FrameError),
+    #[error("payload of message {seq} failed its CRC32C check")]
+    Crc { seq: u64 },
+    #[error("unexpected {kind} frame on an established link")]
+    Unexpected { kind: &'static str },
+    #[error("peer broke the protocol")]
+    Protocol(#[source] ReliabilityError),
+    #[error("cannot send")]
+    Write(#[source] FrameError),
+    #[error("session closed")]
+    SessionClosed,
+    #[error("cannot start the writer thread")]
+    Spawn(#[source] io::Error),
+    #[error("cannot configure the socket")]
+    Socket(#[source] io::Error),
+}
+
+/// Runs connection `connection` of link `slot` until it fails or the session closes; returns
+/// why it ended.
+pub(crate) fn run_connection(
+    shared: &Arc<SessionShared>,
+    slot: usize,
+    connection: u64,
+    stream: TcpStream,
+    key: FrameKey,
+) -> LinkError {
+    let error = match start_writer(shared, slot, connection, &stream, key.clone()) {
+        Ok(writer) => {
+            let error = read_loop(shared, slot, connection, &stream, key);
+            shared.connection_ended(slot, connection, &error);
+            let _ = writer.join();
+            error
+        }
+        Err(error) => {
+            shared.connection_ended(slot, connection, &error);
+            error
+        }
+    };
+    if !shared.is_closed() {
+        count_error(shared, slot, &error);
+        shared.log.warn(format_args!(
+            "session {:032x} ({}) link {}: {}",
+            shared.identity.session_id,
+            shared.identity.service,
+            slot,
+            error_chain(&error)
+        ));
+    }
+    error
+}
+
+fn start_writer(
+    shared: &Arc<SessionShared>,
+    slot: usize,
+    connection: u64,
+    stream: &TcpStream,
+    key: FrameKey,
+) -> Result<thread::JoinHandle<()>, LinkError> {
+    let timeout = Some(shared.config.link_timeout());
+    stream
+        .set_read_timeout(timeout)
+        .map_err(LinkError::Socket)?;
+    stream
+        .set_write_timeout(timeout)
+        .map_err(LinkError::Socket)?;
+    let writer_stream = stream.try_clone().map_err(LinkError::Socket)?;
+    let writer_shared = Arc::clone(shared);
+    thread::Builder::new()
+        .name(format!("rl-write-{slot}"))
+        .spawn(move || {
+            if let Err(error) = write_loop(&writer_shared, slot, connection, writer_stream, key) {
+                writer_shared.connection_ended(slot, connection, &error);
+            }
+        })
+        .map_err(LinkError::Spawn)
+}
+
+fn read_loop(
+    shared: &SessionShared,
+    slot: usize,
+    connection: u64,
+    stream: &TcpStream,
+    key: FrameKey,
+) -> LinkError {
+    let direction = shared.identity.side.receiving();
+    let mut opener = FrameOpener::new(key, direction, shared.config.max_frame_bytes);
+    let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    loop {
+        let frame = match opener.read_frame(&mut input) {
+            Ok(frame) => frame,
+            Err(error) => return classify(shared, error),
+        };
+        if let Some(counters) = shared.counters(slot) {
+            bump(&counters.frames_received);
+            add(&counters.bytes_received, frame.frame_bytes);
+        }
+        if let Err(error) = shared.on_frame(slot, connection, frame) {
+            return error;
+        }
+    }
+}
+
+fn classify(shared: &SessionShared, error: FrameError) -> LinkError {
+    if error.is_timeout() {
+        LinkError::Silent {
+            timeout_ms: shared.config.link_timeout_ms,
+        }
+    } else if matches!(error, FrameError::Closed) {
+        LinkError::Closed
+    } else {
+        LinkError::Frame(error)
+    }
+}
+
+fn count_error(shared: &SessionShared, slot: usize, error: &LinkError) {
+    let Some(counters) = shared.counters(slot) else {
+        return;
+    };
+    match error {
+        LinkError::Frame(FrameError::BadTag) => bump(&counters.auth_failures),
+        LinkError::Crc { .. } => bump(&counters.crc_errors),
+        LinkError::Frame(_) | LinkError::Unexpected { .. } | LinkError::Protocol(_) => {
+            bump(&counters.frame_errors)
+        }
+        LinkError::Silent { .. }
+        | LinkError::Closed
+        | LinkError::Write(_)
+        | LinkError::SessionClosed
+        | LinkError::Spawn(_)
+        | LinkError::Socket(_) => {}
+    }
+}
+
+fn write_loop(
+    shared: &SessionShared,
+    slot: usize,
+    connection: u64,
+    stream: TcpStream,
+    key: FrameKey,
+) -> Result<(), LinkError> {
+    let direction = shared.identity.side.sending();
+    let mut sealer = FrameSealer::new(key, direction, shared.config.max_frame_bytes);
+    let mut output = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
+    let counters = shared.counters(slot);
+    while let Some(frames) = shared.next_frames(slot, connection) {
+        for frame in frames {
+            let written = match frame {
+                OutFrame::Control(header) => sealer.write_frame(&mut output, &header, &[]),
+                OutFrame::Data {
+                    transmission,
+                    ack_up_to,
+                } => {
+                    let message = &transmission.message;
+                    let header = LinkHeader::Data {
+                        session_seq: message.seq,
+                        payload_crc32c: message.payload_crc32c,
+                        ack_up_to,
+                        app_header: message.app_header.clone(),
+                    };
+                    if let Some(counters) = counters.filter(|_| transmission.retransmit) {
+                        bump(&counters.retransmits);
+                    }
+                    sealer.write_frame(&mut output, &header, &message.payload)
+                }
+            }
+            .map_err(LinkError::Write)?;
+            if let Some(counters) = counters {
+                bump(&counters.frames_sent);
+                add(&counters.bytes_sent, written);
+            }
+        }
+        output
+            .flush()
+            .map_err(|error| LinkError::Write(FrameError::Io(error)))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,665 @@
+//! The state one session shares between the application's threads and its link threads:
+//! one lock, three condition variables (`work` for writers and reconnect waits, `space` for
+//! blocked senders, `ready` for receivers). Link threads call in here; nothing in here does
+//! I/O except shutting sockets down.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::config::LinkConfig;
+use crate::frame::ReadFrame;
+use crate::handshake::Side;
+use crate::header::{Echo, LinkHeader, LinkLimits};
+use crate::link::LinkError;
+use crate::log_limit::{error_chain, lock, LogLimiter};
+use crate::reliability::{Arrival, Message, ReceiveBuffer, SendWindow, Transmission, Window};
+use crate::session::{CloseReason, SessionEvent};
+use crate::stats::{bump, LinkCounters, LinkStats};
+
+/// Most messages a writer takes in one batch.
+const BATCH_MESSAGES: usize = 64;
+/// Most payload bytes a writer takes in one batch (a single larger message goes alone).
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Events kept for the application; older ones are dropped first.
+const MAX_EVENTS: usize = 256;
+
+/// Who this session is.
+pub(crate) struct Identity {
+    pub(crate) side: Side,
+    pub(crate) session_id: u128,
+    pub(crate) service: String,
+    /// This side's incarnation as the peer sees it (client: the session id; server: random).
+    pub(crate) instance: u128,
+}
+
+/// What the handshake told about the peer.
+pub(crate) struct PeerHandshake {
+    pub(crate) id: String,
+    pub(crate) instance: u128,
+    pub(crate) send_base: u64,
+    pub(crate) limits: LinkLimits,
+    pub(crate) address: Option<SocketAddr>,
+    pub(crate) local_address: Option<SocketAddr>,
+}
+
+/// A frame a writer is to send.
+pub(crate) enum OutFrame {
+    Control(LinkHeader),
+    Data {
+        transmission: Transmission,
+        ack_up_to: u64,
+    },
+}
+
+pub(crate) struct SessionShared {
+    pub(crate) identity: Identity,
+    pub(crate) config: LinkConfig,
+    pub(crate) state: Mutex<SessionState>,
+    pub(crate) work: Condvar,
+    pub(crate) space: Condvar,
+    pub(crate) ready: Condvar,
+    counters: Vec<LinkCounters>,
+    pub(crate) log: LogLimiter,
+    started: Instant,
+}
+
+pub(crate) struct SessionState {
+    pub(crate) send: SendWindow,
+    pub(crate) receive: ReceiveBuffer,
+    ack: AckState,
+    links: Vec<LinkSlot>,
+    next_connection_id: u64,
+    peer: PeerState,
+    events: VecDeque<SessionEvent>,
+    pub(crate) closed: Option<CloseReason>,
+    pub(crate) waiting: Waiting,
+    discarded_on_peer_restart: u64,
+}
+
+/// Threads blocked on each condition variable, so that hot paths notify only when needed.
+#[derive(Default)]
+pub(crate) struct Waiting {
+    pub(crate) writers: usize,
+    pub(crate) senders: usize,
+    pub(crate) receivers: usize,
+}
+
+struct AckState {
+    /// Highest ack value sent on any link.
+    sent_up_to: u64,
+    /// When the delivered-but-unacknowledged messages must be acknowledged.
+    due_at: Option<Instant>,
+    /// Acknowledge at once (duplicates arrived, or many messages are unacknowledged).
+    forced: bool,
+}
+
+impl AckState {
+    fn new(base: u64) -> AckState {
+        AckState {
+            sent_up_to: base,
+            due_at: None,
+            forced: false,
+        }
+    }
+
+    fn mark_sent(&mut self, up_to: u64) {
+        self.sent_up_to = self.sent_up_to.max(up_to);
+        self.due_at = None;
+        self.forced = false;
+    }
+
+    fn is_due(&self, consumed: u64, now: Instant) -> bool {
+        self.forced || (consumed > self.sent_up_to && self.due_at.is_some_and(|due| due <= now))
+    }
+}
+
+struct PeerState {
+    id: Option<String>,
+    instance: Option<u128>,
+    /// Our send window: the smaller of ours and the receive window the peer offered.
+    window: Window,
+}
+
+#[derive(Default)]
+struct LinkSlot {
+    address: Option<SocketAddr>,
+    local_address: Option<SocketAddr>,
+    connection: Option<Connection>,
+    /// A client connection in its handshake, so that `close` can abort it.
+    connecting: Option<TcpStream>,
+    last_error: Option<String>,
+}
+
+struct Connection {
+    id: u64,
+    stream: TcpStream,
+    last_heard: Instant,
+    last_heartbeat_sent: Option<Instant>,
+    /// The peer's last heartbeat time and when it arrived, to echo back.
+    echo: Option<(u64, Instant)>,
+    rtt_us: Option<u64>,
+}
+
+impl SessionState {
+    fn connection_mut(&mut self, slot: usize, id: u64) -> Option<&mut Connection> {
+        self.links
+            .get_mut(slot)
+            .and_then(|link| link.connection.as_mut())
+            .filter(|connection| connection.id == id)
+    }
+
+    fn push_event(&mut self, event: SessionEvent) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+}
+
+impl SessionShared {
+    /// `peer`: the peer's instance and send base when already known (server side).
+    pub(crate) fn new(
+        identity: Identity,
+        config: LinkConfig,
+        slots: usize,
+        peer: Option<(u128, u64)>,
+    ) -> SessionShared {
+        let own_window = Window {
+            messages: config.max_unacked_messages,
+            bytes: config.max_unacked_bytes,
+        };
+        let mut receive = ReceiveBuffer::new(own_window);
+        let base = peer.map_or(0, |(_, send_base)| send_base);
+        receive.reset(base);
+        let state = SessionState {
+            send: SendWindow::new(),
+            receive,
+            ack: AckState::new(base),
+            links: (0..slots).map(|_| LinkSlot::default()).collect(),
+            next_connection_id: 1,
+            peer: PeerState {
+                id: None,
+                instance: peer.map(|(instance, _)| instance),
+                window: own_window,
+            },
+            events: VecDeque::new(),
+            closed: None,
+            waiting: Waiting::default(),
+            discarded_on_peer_restart: 0,
+        };
+        SessionShared {
+            identity,
+            config,
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            space: Condvar::new(),
+            ready: Condvar::new(),
+            counters: (0..slots).map(|_| LinkCounters::default()).collect(),
+            log: LogLimiter::new(),
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, SessionState> {
+        lock(&self.state)
+    }
+
+    /// Waits on `condvar` for at most `timeout`.
+    pub(crate) fn wait<'a>(
+        &self,
+        condvar: &Condvar,
+        guard: MutexGuard<'a, SessionState>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, SessionState> {
+        condvar
+            .wait_timeout(guard, timeout)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    pub(crate) fn counters(&self, slot: usize) -> Option<&LinkCounters> {
+        self.counters.get(slot)
+    }
+
+    pub(crate) fn set_address(&self, slot: usize, address: SocketAddr) {
+        if let Some(link) = self.lock_state().links.get_mut(slot) {
+            link.address = Some(address);
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock_state().closed.is_some()
+    }
+
+    /// This side's send base and window for a `Hello` or `Challenge`.
+    pub(crate) fn acked_up_to(&self) -> u64 {
+        self.lock_state().send.acked_up_to()
+    }
+
+    fn clock_us(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_micros() as u64
+    }
+
+    /// Sleeps up to `timeout` unless the session closes; returns true while it is open.
+    pub(crate) fn wait_while_open(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock_state();
+        while state.closed.is_none() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return true;
+            }
+            state = self.wait(&self.work, state, remaining);
+        }
+        false
+    }
+
+    /// Registers (or clears) a client connection in its handshake; false if closed.
+    pub(crate) fn set_connecting(&self, slot: usize, stream: Option<TcpStream>) -> bool {
+        let mut state = self.lock_state();
+        if state.closed.is_some() {
+            return false;
+        }
+        if let Some(link) = state.links.get_mut(slot) {
+            link.connecting = stream;
+        }
+        true
+    }
+
+    pub(crate) fn record_error(&self, slot: usize, error: String) -> bool {
+        let mut state = self.lock_state();
+        let Some(link) = state.links.get_mut(slot) else {
+            return false;
+        };
+        let changed = link.last_error.as_deref() != Some(error.as_str());
+        link.last_error = Some(error);
+        changed
+    }
+
+    /// Makes an authenticated connection the slot's link; returns its connection id.
+    pub(crate) fn attach(
+        &self,
+        slot: usize,
+        stream: &TcpStream,
+        peer: PeerHandshake,
+    ) -> Result<u64, LinkError> {
+        let shutdown_copy = stream.try_clone().map_err(LinkError::Socket)?;
+        let mut state = self.lock_state();
+        if state.closed.is_some() {
+            return Err(LinkError::SessionClosed);
+        }
+        self.adopt_peer(&mut state, &peer);
+        let id = state.next_connection_id;
+        state.next_connection_id += 1;
+        let now = Instant::now();
+        let link = state.links.get_mut(slot).ok_or(LinkError::SessionClosed)?;
+        if let Some(old) = link.connection.take() {
+            let _ = old.stream.shutdown(Shutdown::Both);
+        }
+        link.connection = Some(Connection {
+            id,
+            stream: shutdown_copy,
+            last_heard: now,
+            last_heartbeat_sent: None,
+            echo: None,
+            rtt_us: None,
+        });
+        link.connecting = None;
+        link.last_error = None;
+        link.address = peer.address.or(link.address);
+        link.local_address = peer.local_address;
+        let address = link.address;
+        state.push_event(SessionEvent::LinkUp {
+            link: slot,
+            address,
+        });
+        if let Some(counters) = self.counters(slot) {
+            bump(&counters.connects);
+        }
+        Ok(id)
+    }
+
+    fn adopt_peer(&self, state: &mut SessionState, peer: &PeerHandshake) {
+        if state.peer.instance != Some(peer.instance) {
+            let dropped = state.receive.reset(peer.send_base);
+            state.ack = AckState::new(peer.send_base);
+            if state.peer.instance.is_some() {
+                state.send.requeue_all();
+                state.discarded_on_peer_restart += dropped as u64;
+                state.push_event(SessionEvent::PeerRestarted {
+                    peer_instance: peer.instance,
+                    discarded_messages: dropped,
+                });
+                log::info!(
+                    "session {:032x} ({}): peer {} restarted; {} undelivered messages dropped",
+                    self.identity.session_id,
+                    self.identity.service,
+                    peer.id,
+                    dropped
+                );
+            }
+            state.peer.instance = Some(peer.instance);
+        }
+        state.peer.id = Some(peer.id.clone());
+        state.peer.window = Window {
+            messages: self
+                .config
+                .max_unacked_messages
+                .min(peer.limits.window_messages as usize),
+            bytes: self
+                .config
+                .max_unacked_bytes
+                .min(usize::try_from(peer.limits.window_bytes).unwrap_or(usize::MAX)),
+        };
+    }
+
+    /// A connection ended (either of its threads saw `error`): the link goes down and its
+    /// unacknowledged messages wait for another link.
+    pub(crate) fn connection_ended(&self, slot: usize, connection: u64, error: &LinkError) {
+        let mut state = self.lock_state();
+        let closed = state.closed.is_some();
+        if let Some(link) = state.links.get_mut(slot) {
+            if link.connection.as_ref().is_some_and(|c| c.id == connection) {
+                if let Some(old) = link.connection.take() {
+                    let _ = old.stream.shutdown(Shutdown::Both);
+                }
+                let text = error_chain(error);
+                link.last_error = Some(text.clone());
+                let address = link.address;
+                if !closed {
+                    state.push_event(SessionEvent::LinkDown {
+                        link: slot,
+                        address,
+                        error: text,
+                    });
+                }
+            }
+        }
+        state.send.on_connection_lost(connection);
+        drop(state);
+        self.work.notify_all();
+    }
+
+    /// Ends the session: every link is shut down and every waiting thread woken.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let mut state = self.lock_state();
+        if state.closed.is_none() {
+            state.closed = Some(reason);
+        }
+        for link in state.links.iter_mut() {
+            if let Some(connection) = link.connection.take() {
+                let _ = connection.stream.shutdown(Shutdown::Both);
+            }
+            if let Some(stream) = link.connecting.take() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        drop(state);
+        self.work.notify_all();
+        self.space.notify_all();
+        self.ready.notify_all();
+    }
+
+    /// Handles one authenticated frame from a link.
+    pub(crate) fn on_frame(
+        &self,
+        slot: usize,
+        connection: u64,
+        frame: ReadFrame,
+    ) -> Result<(), LinkError> {
+        match frame.header {
+            LinkHeader::Data {
+                session_seq,
+                payload_crc32c,
+                ack_up_to,
+                app_header,
+            } => {
+                if crc32c::crc32c(&frame.payload) != payload_crc32c {
+                    return Err(LinkError::Crc { seq: session_seq });
+                }
+                let message = Message {
+                    seq: session_seq,
+                    app_header,
+                    payload: frame.payload,
+                };
+                self.on_data(slot, connection, message, ack_up_to)
+            }
+            LinkHeader::Ack { up_to } => self.on_control(slot, connection, up_to, None),
+            LinkHeader::Heartbeat {
+                ack_up_to,
+                time_us,
+                echo,
+            } => self.on_control(slot, connection, ack_up_to, Some((time_us, echo))),
+            other => Err(LinkError::Unexpected { kind: other.kind() }),
+        }
+    }
+
+    fn on_data(
+        &self,
+        slot: usize,
+        connection: u64,
+        message: Message,
+        ack_up_to: u64,
+    ) -> Result<(), LinkError> {
+        let mut state = self.lock_state();
+        if let Some(current) = state.connection_mut(slot, connection) {
+            current.last_heard = Instant::now();
+        }
+        self.apply_ack(&mut state, ack_up_to)?;
+        match state
+            .receive
+            .on_data(message)
+            .map_err(LinkError::Protocol)?
+        {
+            Arrival::Accepted { ready } => {
+                if ready > 0 && state.waiting.receivers > 0 {
+                    self.ready.notify_all();
+                }
+            }
+            Arrival::Duplicate => {
+                // The peer retransmitted: our ack may have been lost with a link.
+                state.ack.forced = true;
+                if state.waiting.writers > 0 {
+                    self.work.notify_all();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_control(
+        &self,
+        slot: usize,
+        connection: u64,
+        ack_up_to: u64,
+        heartbeat: Option<(u64, Option<Echo>)>,
+    ) -> Result<(), LinkError> {
+        let mut state = self.lock_state();
+        let now = Instant::now();
+        let now_us = self.clock_us(now);
+        if let Some(current) = state.connection_mut(slot, connection) {
+            current.last_heard = now;
+            if let Some((time_us, echo)) = heartbeat {
+                current.echo = Some((time_us, now));
+                if let Some(echo) = echo {
+                    let rtt_us = now_us
+                        .saturating_sub(echo.time_us)
+                        .saturating_sub(echo.hold_us);
+                    current.rtt_us = Some(rtt_us);
+                }
+            }
+        }
+        self.apply_ack(&mut state, ack_up_to)
+    }
+
+    fn apply_ack(&self, state: &mut SessionState, up_to: u64) -> Result<(), LinkError> {
+        let freed = state.send.on_ack(up_to).map_err(LinkError::Protocol)?;
+        if freed > 0 && state.waiting.senders > 0 {
+            self.space.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Records that the application took messages: schedules an ack.
+    pub(crate) fn note_consumed(&self, state: &mut SessionState) {
+        let consumed = state.receive.consumed_up_to();
+        if consumed <= state.ack.sent_up_to {
+            return;
+        }
+        let mut wake = false;
+        if state.ack.due_at.is_none() {
+            let delay = Duration::from_millis(self.config.ack_delay_ms);
+            state.ack.due_at = Some(Instant::now() + delay);
+            wake = true;
+        }
+        let threshold = (self.config.max_unacked_messages / 4).max(1) as u64;
+        if !state.ack.forced && consumed - state.ack.sent_up_to >= threshold {
+            state.ack.forced = true;
+            wake = true;
+        }
+        if wake && state.waiting.writers > 0 {
+            self.work.notify_all();
+        }
+    }
+
+    /// Writer side: blocks until there is something to send on this connection; `None` when
+    /// the connection is no longer the slot's link or the session closed.
+    pub(crate) fn next_frames(&self, slot: usize, connection: u64) -> Option<Vec<OutFrame>> {
+        let mut state = self.lock_state();
+        loop {
+            if state.closed.is_some() {
+                return None;
+            }
+            let now = Instant::now();
+            let frames = self.collect_frames(&mut state, slot, connection, now)?;
+            if !frames.is_empty() {
+                return Some(frames);
+            }
+            let wait = self.writer_wait(&mut state, slot, connection, now)?;
+            state.waiting.writers += 1;
+            state = self.wait(&self.work, state, wait);
+            state.waiting.writers -= 1;
+        }
+    }
+
+    fn collect_frames(
+        &self,
+        state: &mut SessionState,
+        slot: usize,
+        connection: u64,
+        now: Instant,
+    ) -> Option<Vec<OutFrame>> {
+        let consumed = state.receive.consumed_up_to();
+        let interval = self.config.heartbeat_interval();
+        let now_us = self.clock_us(now);
+        let current = state.connection_mut(slot, connection)?;
+        let mut frames = Vec::new();
+        if current
+            .last_heartbeat_sent
+            .is_none_or(|sent| now.saturating_duration_since(sent) >= interval)
+        {
+            let echo = current.echo.take().map(|(time_us, received)| Echo {
+                time_us,
+                hold_us: now.saturating_duration_since(received).as_micros() as u64,
+            });
+            current.last_heartbeat_sent = Some(now);
+            frames.push(OutFrame::Control(LinkHeader::Heartbeat {
+                ack_up_to: consumed,
+                time_us: now_us,
+                echo,
+            }));
+            state.ack.mark_sent(consumed);
+        }
+        let batch = Window {
+            messages: BATCH_MESSAGES,
+            bytes: BATCH_BYTES,
+        };
+        let transmissions = state.send.take_for(connection, batch, state.peer.window);
+        if !transmissions.is_empty() {
+            state.ack.mark_sent(consumed);
+        }
+        frames.extend(
+            transmissions
+                .into_iter()
+                .map(|transmission| OutFrame::Data {
+                    transmission,
+                    ack_up_to: consumed,
+                }),
+        );
+        if frames.is_empty() && state.ack.is_due(consumed, now) {
+            state.ack.mark_sent(consumed);
+            frames.push(OutFrame::Control(LinkHeader::Ack { up_to: consumed }));
+        }
+        Some(frames)
+    }
+
+    /// How long an idle writer may sleep: until its next heartbeat or a due ack.
+    fn writer_wait(
+        &self,
+        state: &mut SessionState,
+        slot: usize,
+        connection: u64,
+        now: Instant,
+    ) -> Option<Duration> {
+        let consumed = state.receive.consumed_up_to();
+        let ack_due = state.ack.due_at.filter(|_| consumed > state.ack.sent_up_to);
+        let interval = self.config.heartbeat_interval();
+        let current = state.connection_mut(slot, connection)?;
+        let heartbeat_due = current
+            .last_heartbeat_sent
+            .map_or(now, |sent| sent + interval);
+        let deadline = ack_due.map_or(heartbeat_due, |due| due.min(heartbeat_due));
+        Some(deadline.saturating_duration_since(now))
+    }
+
+    /// Some link is authenticated and heard from within the link timeout.
+    pub(crate) fn peer_reachable(&self, state: &SessionState) -> bool {
+        let timeout = self.config.link_timeout();
+        state
+            .links
+            .iter()
+            .filter_map(|link| link.connection.as_ref())
+            .any(|connection| connection.last_heard.elapsed() < timeout)
+    }
+
+    pub(crate) fn take_events(&self) -> Vec<SessionEvent> {
+        self.lock_state().events.drain(..).collect()
+    }
+
+    pub(crate) fn peer_id(&self, state: &SessionState) -> Option<String> {
+        state.peer.id.clone()
+    }
+
+    pub(crate) fn send_window(&self, state: &SessionState) -> Window {
+        state.peer.window
+    }
+
+    pub(crate) fn discarded_on_peer_restart(&self, state: &SessionState) -> u64 {
+        state.discarded_on_peer_restart
+    }
+
+    pub(crate) fn link_stats(&self, state: &SessionState) -> Vec<LinkStats> {
+        let now = Instant::now();
+        state
+            .links
+            .iter()
+            .zip(&self.counters)
+            .enumerate()
+            .map(|(index, (link, counters))| {
+                let mut stats = LinkStats::from_counters(index, counters);
+                stats.address = link.address;
+                stats.local_address = link.local_address;
+                stats.last_error = link.last_error.clone();
+                if let Some(connection) = &link.connection {
+                    let silence = now.saturating_duration_since(connection.last_heard);
+                    stats.up = silence < self.config.link_timeout();
+                    stats.rtt_us = connection.rtt_us;
+                    stats.last_heard_ms = Some(silence.as_millis() as u64);
+                }
+                stats
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,213 @@
+//! Hostile input: wrong keys, garbage on the listener port, tampered and replayed frames.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use replication_link::frame::{decode_frame, encode_frame, Direction, FrameKey};
+use replication_link::handshake::HandshakeError;
+use replication_link::header::{Hello, LinkHeader, LinkLimits};
+use replication_link::{LinkConfig, Psk, Session, SessionError};
+use support::{accept, config, listener, payload, recv_one, wait_until, Fault, Relay, LONG};
+
+#[test]
+fn wrong_key_is_refused_on_both_sides_and_nothing_is_delivered() {
+    let listener = listener(1, config("host-b"));
+    let mut wrong = config("host-a");
+    wrong.psk = Psk::from_bytes(b"another key entirely, 32 bytes..").expect("psk");
+    let intruder =
+        Session::connect(listener.local_addrs().to_vec(), "blk:x", wrong).expect("connect");
+    intruder
+        .send(b"must not arrive", vec![0; 10])
+        .expect("queued");
+    assert!(wait_until(LONG, || {
+        intruder.stats().links[0].auth_failures > 0
+            && listener.stats().addresses[0].auth_failures > 0
+    }));
+    let expected = HandshakeError::AuthenticationFailed.to_string();
+    let last_error = intruder.stats().links[0]
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(last_error.contains(&expected), "{last_error}");
+    assert!(last_error.contains("wrong pre-shared key"), "{last_error}");
+    assert!(!intruder.peer_reachable());
+    assert_eq!(intruder.stats().unacked_messages, 1);
+    assert!(
+        listener.next_event(Duration::from_millis(20)).is_none(),
+        "no session"
+    );
+    drop(intruder);
+
+    // The listener keeps serving clients with the right key.
+    let good = Session::connect(listener.local_addrs().to_vec(), "blk:x", config("host-a"))
+        .expect("connect");
+    good.send(b"hello", vec![1]).expect("send");
+    let server = accept(&listener);
+    assert_eq!(recv_one(&server).app_header, b"hello");
+}
+
+/// Waits until the listener closes `stream` (read returns end of stream or an error).
+fn assert_closed_by_listener(mut stream: TcpStream, within: Duration) {
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) if started.elapsed() < within => {
+                assert!(
+                    !matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "listener kept the connection open for {within:?}"
+                );
+                return;
+            }
+            Err(error) => panic!("listener kept the connection open: {error}"),
+        }
+    }
+}
+
+fn send_raw(address: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(address).expect("connect");
+    stream.write_all(bytes).expect("write");
+    stream
+}
+
+fn hello(version: u16) -> LinkHeader {
+    LinkHeader::Hello(Hello {
+        protocol_version: version,
+        client_id: "raw".into(),
+        service: "blk:raw".into(),
+        session_id: 99,
+        client_nonce: [1; 32],
+        send_base: 0,
+        limits: LinkLimits {
+            window_messages: 16,
+            window_bytes: 1 << 20,
+            max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
+        },
+    })
+}
+
+#[test]
+fn garbage_on_the_listener_port_is_dropped_and_good_clients_still_work() {
+    let mut server_config = config("host-b");
+    server_config.handshake_timeout_ms = 200;
+    let listener = listener(1, server_config);
+    let address = listener.local_addrs()[0];
+    let within = Duration::from_secs(2);
+
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    assert_closed_by_listener(send_raw(address, &garbage), within);
+    assert_closed_by_listener(send_raw(address, &[0xff; 8]), within); // 4 GiB length prefix
+    let truncated = [100, 0, 0, 0, 10, 0, 1, 2, 3]; // 100-byte body, 7 bytes sent
+    assert_closed_by_listener(send_raw(address, &truncated), within);
+    let half_closed = send_raw(address, &truncated);
+    let _ = half_closed.shutdown(Shutdown::Write);
+    assert_closed_by_listener(half_closed, within);
+    assert_closed_by_listener(TcpStream::connect(address).expect("connect"), within); // silence
+
+    // A well-formed hello with an unknown version gets a reason before the close.
+    let frame = encode_frame(
+        &hello(99),
+        &[],
+        &FrameKey::handshake(),
+        Direction::ClientToServer,
+        0,
+    )
+    .expect("encode");
+    let mut stream = send_raw(address, &frame);
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let decoded = decode_frame(
+        &reply,
+        &FrameKey::handshake(),
+        Direction::ServerToClient,
+        0,
+        1 << 20,
+    )
+    .expect("a refusal frame");
+    assert!(
+        matches!(decoded.header, LinkHeader::Refused { .. }),
+        "{:?}",
+        decoded.header
+    );
+
+    let stats = listener.stats();
+    assert!(stats.addresses[0].handshake_errors >= 6, "{stats:?}");
+    assert_eq!(stats.sessions, 0);
+
+    let good =
+        Session::connect(vec![address], "blk:after-garbage", config("host-a")).expect("connect");
+    good.send(b"still works", vec![1]).expect("send");
+    let server = accept(&listener);
+    assert_eq!(recv_one(&server).app_header, b"still works");
+}
+
+/// Sends 20 messages through a relay that applies `fault` once; each must arrive exactly once,
+/// in order and intact, and the server's link must have counted a MAC failure.
+fn survive_fault(fault: Fault) {
+    let listener = listener(1, config("host-b"));
+    let relay = Relay::start(listener.local_addrs()[0]);
+    relay.inject(fault);
+    let client =
+        Session::connect(vec![relay.address()], "blk:fault", config("host-a")).expect("connect");
+    let server = accept(&listener);
+    for index in 0..20u64 {
+        client.send(b"w", payload(index, 2000)).expect("send");
+    }
+    for index in 0..20u64 {
+        let message = recv_one(&server);
+        assert_eq!(message.seq, index + 1);
+        assert_eq!(message.payload, payload(index, 2000), "payload intact");
+    }
+    assert!(
+        server
+            .recv(Duration::from_millis(20))
+            .expect("open")
+            .is_none(),
+        "no duplicate"
+    );
+    assert!(relay.fault_applied());
+    let server_link = &server.stats().links[0];
+    assert!(server_link.auth_failures >= 1, "{server_link:?}");
+    assert!(
+        client.stats().links[0].connects >= 2,
+        "the client reconnected"
+    );
+    assert!(client.flush(LONG).expect("flush"));
+}
+
+#[test]
+fn tampered_frame_is_detected_and_its_message_resent() {
+    survive_fault(Fault::FlipPayloadByte);
+}
+
+#[test]
+fn replayed_frame_is_refused() {
+    survive_fault(Fault::DuplicateFrame);
+}
+
+#[test]
+fn psk_file_errors_are_clear() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), b"short\n").expect("write");
+    let error = Psk::from_file(file.path()).expect_err("too short");
+    assert_eq!(
+        error.to_string(),
+        "pre-shared key is 5 bytes, needs at least 16"
+    );
+    let mut bad = LinkConfig::new(support::psk(), "");
+    bad.local_id.clear();
+    let refused = Session::connect(vec!["127.0.0.1:1".parse().expect("address")], "s", bad);
+    assert!(matches!(refused, Err(SessionError::Config(_))));
+}

@@ -1,0 +1,261 @@
+//! Sessions over loopback: round trips, large payloads, ordering over two links, restarts.
+
+mod support;
+
+use std::net::TcpListener;
+use std::thread;
+use std::time::Duration;
+
+use replication_link::{
+    CloseReason, LinkListener, ListenerEvent, Session, SessionError, SessionEvent,
+};
+use serde::{Deserialize, Serialize};
+use support::{accept, config, listener, loopback, payload, recv_one, wait_until, LONG};
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct WriteHeader {
+    generation: u64,
+    offset: u64,
+}
+
+#[test]
+fn round_trip_in_both_directions_with_typed_headers() {
+    let listener = listener(1, config("host-b"));
+    let client = Session::connect(
+        listener.local_addrs().to_vec(),
+        "blk:vm1-disk0",
+        config("host-a"),
+    )
+    .expect("connect");
+    for index in 0..100u64 {
+        let header = WriteHeader {
+            generation: 3,
+            offset: index * 4096,
+        };
+        let seq = client
+            .send_typed(&header, payload(index, 100))
+            .expect("send");
+        assert_eq!(seq, index + 1);
+    }
+    let server = accept(&listener);
+    assert_eq!(server.service(), "blk:vm1-disk0");
+    assert_eq!(server.session_id(), client.session_id());
+    for index in 0..100u64 {
+        let message = recv_one(&server);
+        assert_eq!(message.seq, index + 1);
+        let header: WriteHeader = message.header().expect("typed header");
+        assert_eq!(header.offset, index * 4096);
+        assert_eq!(message.payload, payload(index, 100));
+        server.send(b"ack", payload(index, 8)).expect("reply");
+    }
+    for index in 0..100u64 {
+        let message = recv_one(&client);
+        assert_eq!(
+            (message.seq, message.app_header.as_slice()),
+            (index + 1, &b"ack"[..])
+        );
+        assert_eq!(message.payload, payload(index, 8));
+    }
+    assert!(client.flush(LONG).expect("flush"));
+    assert!(server.flush(LONG).expect("flush"));
+    assert_eq!(client.peer_id().as_deref(), Some("host-b"));
+    assert_eq!(server.peer_id().as_deref(), Some("host-a"));
+    let stats = client.stats();
+    assert!(stats.peer_reachable);
+    assert_eq!(
+        (stats.sent, stats.delivered, stats.unacked_messages),
+        (100, 100, 0)
+    );
+    let events = client.take_events();
+    assert!(
+        matches!(events.first(), Some(SessionEvent::LinkUp { link: 0, .. })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn large_payloads_arrive_intact() {
+    let listener = listener(1, config("host-b"));
+    let client_config = config("host-a");
+    let largest = client_config.max_message_bytes();
+    let client = Session::connect(listener.local_addrs().to_vec(), "blk:large", client_config)
+        .expect("connect");
+    let server = accept(&listener);
+    let one_mib = payload(7, 1024 * 1024);
+    client.send(b"h", one_mib.clone()).expect("send 1 MiB");
+    client
+        .send(&[], payload(8, largest))
+        .expect("send the largest");
+    let too_large = client.send(&[], vec![0; largest + 1]);
+    assert!(matches!(
+        too_large,
+        Err(SessionError::MessageTooLarge { .. })
+    ));
+    assert_eq!(recv_one(&server).payload, one_mib);
+    assert_eq!(recv_one(&server).payload, payload(8, largest));
+    server.send(&[], one_mib.clone()).expect("reply 1 MiB");
+    assert_eq!(recv_one(&client).payload, one_mib);
+}
+
+/// Receives `count` messages and checks they are 1..=count in order with their payloads.
+fn expect_in_order(session: &Session, count: u64) {
+    for index in 0..count {
+        let message = recv_one(session);
+        assert_eq!(message.seq, index + 1, "out of order");
+        assert_eq!(message.payload, payload(index, 64));
+    }
+    let extra = session.recv(Duration::from_millis(20)).expect("open");
+    assert!(extra.is_none(), "duplicate or extra message {extra:?}");
+}
+
+#[test]
+fn ten_thousand_messages_keep_their_order_over_two_links() {
+    const COUNT: u64 = 10_000;
+    let listener = listener(2, config("host-b"));
+    let client = Session::connect(
+        listener.local_addrs().to_vec(),
+        "blk:order",
+        config("host-a"),
+    )
+    .expect("connect");
+    let server = accept(&listener);
+    assert!(
+        wait_until(LONG, || support::all_links_up(&client)),
+        "both links up"
+    );
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            for index in 0..COUNT {
+                client.send(&[], payload(index, 64)).expect("client send");
+            }
+        });
+        scope.spawn(|| {
+            for index in 0..COUNT {
+                server.send(&[], payload(index, 64)).expect("server send");
+            }
+        });
+        scope.spawn(|| expect_in_order(&server, COUNT));
+        expect_in_order(&client, COUNT);
+    });
+    let links = client.stats().links;
+    let data_frames: Vec<u64> = links.iter().map(|link| link.frames_sent).collect();
+    assert!(
+        data_frames.iter().all(|frames| *frames > 10),
+        "both links carried data: {data_frames:?}"
+    );
+}
+
+#[test]
+fn messages_sent_before_the_peer_is_up_are_delivered() {
+    let reserved = TcpListener::bind(loopback()).expect("reserve a port");
+    let address = reserved.local_addr().expect("address");
+    drop(reserved);
+    let client = Session::connect(vec![address], "blk:early", config("host-a")).expect("connect");
+    client
+        .send(b"early", payload(1, 10))
+        .expect("send while the peer is down");
+    assert!(wait_until(LONG, || client.stats().links[0]
+        .last_error
+        .is_some()));
+    assert!(!client.peer_reachable());
+    let listener = LinkListener::bind(vec![address], config("host-b")).expect("bind late");
+    let server = accept(&listener);
+    let message = recv_one(&server);
+    assert_eq!((message.seq, message.app_header), (1, b"early".to_vec()));
+}
+
+#[test]
+fn client_restart_is_reported_to_the_server() {
+    let listener = listener(1, config("host-b"));
+    let addresses = listener.local_addrs().to_vec();
+    let first =
+        Session::connect(addresses.clone(), "blk:restart", config("host-a")).expect("connect");
+    first.send(b"first", vec![1]).expect("send");
+    let old_server = match listener.next_event(LONG).expect("event") {
+        ListenerEvent::NewSession(session) => session,
+        other => panic!("expected a new session, got {other:?}"),
+    };
+    assert_eq!(recv_one(&old_server).app_header, b"first");
+    let first_id = first.session_id();
+    drop(first);
+
+    let second = Session::connect(addresses, "blk:restart", config("host-a")).expect("reconnect");
+    second.send(b"second", vec![2]).expect("send");
+    let (previous, new_server) = match listener.next_event(LONG).expect("event") {
+        ListenerEvent::PeerRestarted {
+            previous_session_id,
+            session,
+        } => (previous_session_id, session),
+        other => panic!("expected a restart, got {other:?}"),
+    };
+    assert_eq!(previous, first_id);
+    assert_eq!(new_server.session_id(), second.session_id());
+    let message = recv_one(&new_server);
+    assert_eq!((message.seq, message.app_header), (1, b"second".to_vec()));
+    let closed = old_server.recv(Duration::from_millis(10));
+    assert!(matches!(
+        closed,
+        Err(SessionError::Closed {
+            reason: CloseReason::Replaced
+        })
+    ));
+}
+
+#[test]
+fn server_restart_is_reported_to_the_client_and_unacked_messages_are_resent() {
+    let first = listener(1, config("host-b"));
+    let address = first.local_addrs()[0];
+    let client =
+        Session::connect(vec![address], "blk:server-restart", config("host-a")).expect("connect");
+    let server = accept(&first);
+    server.send(b"before", vec![1]).expect("send");
+    assert_eq!(recv_one(&client).app_header, b"before");
+    drop(server);
+    drop(first);
+
+    // The client sends while the server is away: nobody acknowledges this message.
+    client.send(b"while away", vec![2]).expect("send");
+    let second = LinkListener::bind(vec![address], config("host-b")).expect("rebind");
+    let server = accept(&second);
+    let message = recv_one(&server);
+    assert_eq!(message.app_header, b"while away");
+    assert!(wait_until(LONG, || {
+        client
+            .take_events()
+            .iter()
+            .any(|event| matches!(event, SessionEvent::PeerRestarted { .. }))
+    }));
+    server.send(b"after", vec![3]).expect("send");
+    let message = recv_one(&client);
+    assert_eq!((message.seq, message.app_header), (1, b"after".to_vec()));
+}
+
+#[test]
+fn a_full_send_window_blocks_and_times_out_then_drains() {
+    let mut client_config = config("host-a");
+    client_config.max_unacked_messages = 8;
+    let mut server_config = config("host-b");
+    server_config.max_unacked_messages = 8;
+    let listener = listener(1, server_config);
+    let client = Session::connect(listener.local_addrs().to_vec(), "blk:window", client_config)
+        .expect("connect");
+    let server = accept(&listener);
+    // The server application does not read: after 8 messages the client must wait.
+    for index in 0..8u64 {
+        client
+            .send(&[], payload(index, 16))
+            .expect("send within the window");
+    }
+    let blocked = client.send_timeout(&[], payload(8, 16), Duration::from_millis(50));
+    assert!(
+        matches!(blocked, Err(SessionError::SendTimeout { .. })),
+        "{blocked:?}"
+    );
+    assert_eq!(recv_one(&server).seq, 1);
+    client
+        .send_timeout(&[], payload(8, 16), LONG)
+        .expect("room after the peer read one");
+    for seq in 2..=9 {
+        assert_eq!(recv_one(&server).seq, seq);
+    }
+}

@@ -1,0 +1,72 @@
+//! The record workload: guest writers that write numbered 4 KiB records, each flushed on its
+//! own, and report `ACK <writer> <n>` on the console only after the flush returned. After a
+//! crash or failover, every acknowledged record must be in the image.
+
+use crate::cpio::Entry;
+use crate::guest::GuestConfig;
+
+/// Records of writer `w` start at block `w * WRITER_STRIDE_BLOCKS`.
+const WRITER_STRIDE_BLOCKS: u64 = 1000;
+
+/// `/writer.sh W`: writes `records` records, then reads all of them back.
+fn writer_script(records: u32) -> String {
+    "w=$1; base=$(( $1 * 1000 )); i=1\n\
+     while [ $i -le RECORDS ]; do\n\
+       printf 'ftvm-record %06d w%d\\n' $i $w > /tmp/rec$w\n\
+       dd if=/tmp/rec$w of=/dev/vda bs=4096 seek=$((base + i)) conv=sync,fsync 2>/dev/null \
+         || { echo \"WRITE-FAILED $w $i\"; exit 1; }\n\
+       echo \"ACK $w $i\"\n\
+       i=$((i + 1))\n\
+     done\n\
+     i=1\n\
+     while [ $i -le RECORDS ]; do\n\
+       dd if=/dev/vda bs=4096 skip=$((base + i)) count=1 2>/dev/null | head -n 1 > /tmp/got$w\n\
+       printf 'ftvm-record %06d w%d\\n' $i $w | cmp -s - /tmp/got$w \
+         || { echo \"MISSING $w $i\"; exit 1; }\n\
+       i=$((i + 1))\n\
+     done\n\
+     echo \"VERIFIED $w\"\n"
+        .replace("RECORDS", &records.to_string())
+}
+
+/// Sets up `config` to run one writer per CPU (pinned, so every queue carries writes).
+pub fn add_writers(config: &mut GuestConfig, writers: u16, records: u32) {
+    let mut script = String::from("pids=\n");
+    for writer in 0..writers {
+        script.push_str(&format!(
+            "taskset {} sh /writer.sh {writer} & pids=\"$pids $!\"\n",
+            1 << writer
+        ));
+    }
+    script.push_str("failed=0\nfor pid in $pids; do wait $pid || failed=1; done\nexit $failed\n");
+    config.script = script;
+    config.cpus = u32::from(writers);
+    config.files.push(Entry::executable(
+        "writer.sh",
+        writer_script(records).into_bytes(),
+    ));
+}
+
+/// The `(writer, record)` pairs the guest acknowledged on its console.
+pub fn acknowledged(console: &[String]) -> Vec<(u64, u64)> {
+    console
+        .iter()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("ACK ")?.split(' ');
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Panics unless every acknowledged record is in `image`.
+pub fn assert_in_image(image: &[u8], acknowledged: &[(u64, u64)], which: &str) {
+    for &(writer, record) in acknowledged {
+        let offset = ((writer * WRITER_STRIDE_BLOCKS + record) * 4096) as usize;
+        let expected = format!("ftvm-record {record:06} w{writer}\n");
+        assert_eq!(
+            image.get(offset..offset + expected.len()),
+            Some(expected.as_bytes()),
+            "acknowledged record {record} of writer {writer} is missing from the {which} image"
+        );
+    }
+}

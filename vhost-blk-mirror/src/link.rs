@@ -1,0 +1,234 @@
+//! The replication link as the mirror sees it: adapts `replication_link` sessions to the
+//! mirror's [`Transport`] (client side for a primary, listening side for a secondary).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{info, warn};
+use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionEvent};
+use thiserror::Error;
+
+use crate::mirror::primary::Connector;
+use crate::mirror::protocol::{Message, Received, Transport};
+use crate::replication::ReplicationConfig;
+
+#[derive(Debug, Error)]
+pub enum LinkSetupError {
+    #[error("cannot read the pre-shared key")]
+    Psk(#[source] replication_link::PskError),
+    #[error("cannot listen for the primary on {addresses:?}")]
+    Listen {
+        addresses: Vec<SocketAddr>,
+        #[source]
+        source: replication_link::ListenerError,
+    },
+}
+
+/// Everything needed to open link sessions.
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    config: LinkConfig,
+    peers: Vec<SocketAddr>,
+    listen: Vec<SocketAddr>,
+    service: String,
+}
+
+impl LinkSettings {
+    pub fn from_config(config: &ReplicationConfig) -> Result<LinkSettings, LinkSetupError> {
+        let psk = match &config.psk_file {
+            Some(path) => Psk::from_file(path).map_err(LinkSetupError::Psk)?,
+            None => Psk::from_bytes(b"standalone: no peer, no key").map_err(LinkSetupError::Psk)?,
+        };
+        Ok(LinkSettings {
+            config: LinkConfig::new(psk, config.host_id.clone()),
+            peers: config.peers.clone(),
+            listen: config.listen.clone(),
+            service: config.service.clone(),
+        })
+    }
+}
+
+fn to_io(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(error)
+}
+
+fn decode(message: replication_link::Message) -> io::Result<Received> {
+    let header: Message = message.header().map_err(|error| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad mirror message: {error}"),
+        )
+    })?;
+    Ok(Received::Message(header, message.payload))
+}
+
+fn log_link_events(events: Vec<SessionEvent>) -> bool {
+    let mut restarted = false;
+    for event in events {
+        match event {
+            SessionEvent::LinkUp { link, address } => info!("A-link {link} up ({address:?})"),
+            SessionEvent::LinkDown {
+                link,
+                address,
+                error,
+            } => warn!("A-link {link} down ({address:?}): {error}"),
+            SessionEvent::PeerRestarted { .. } => restarted = true,
+        }
+    }
+    restarted
+}
+
+/// A primary's session to its secondary.
+struct ClientTransport {
+    session: Session,
+}
+
+impl Transport for ClientTransport {
+    fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
+        self.session
+            .send_typed(message, payload)
+            .map(|_| ())
+            .map_err(to_io)
+    }
+
+    fn recv(&self, timeout: Duration) -> io::Result<Option<Received>> {
+        if log_link_events(self.session.take_events()) {
+            return Ok(Some(Received::PeerRestarted));
+        }
+        match self.session.recv(timeout).map_err(to_io)? {
+            Some(message) => decode(message).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn peer_reachable(&self) -> bool {
+        self.session.peer_reachable()
+    }
+
+    fn links(&self) -> serde_json::Value {
+        serde_json::to_value(self.session.stats()).unwrap_or_default()
+    }
+
+    fn close(&self) {
+        self.session.close();
+    }
+}
+
+/// Opens a fresh session to the secondary each time it is called.
+pub fn connector(settings: &LinkSettings) -> Connector {
+    let settings = settings.clone();
+    Box::new(move || {
+        let session = Session::connect(
+            settings.peers.clone(),
+            &settings.service,
+            settings.config.clone(),
+        )
+        .map_err(to_io)?;
+        Ok(Arc::new(ClientTransport { session }) as Arc<dyn Transport>)
+    })
+}
+
+/// A secondary's listener: the current primary's session, replaced when a new one arrives.
+struct ListenerTransport {
+    listener: LinkListener,
+    session: Mutex<Option<Session>>,
+}
+
+impl ListenerTransport {
+    fn current(&self) -> MutexGuard<'_, Option<Session>> {
+        match self.session.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+impl Transport for ListenerTransport {
+    fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
+        let current = self.current();
+        let session = current
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no primary connected"))?;
+        session
+            .send_typed(message, payload)
+            .map(|_| ())
+            .map_err(to_io)
+    }
+
+    fn recv(&self, timeout: Duration) -> io::Result<Option<Received>> {
+        if let Some(event) = self.listener.next_event(Duration::ZERO) {
+            let session = match event {
+                ListenerEvent::NewSession(session) => session,
+                ListenerEvent::PeerRestarted { session, .. } => session,
+            };
+            info!("primary {:?} connected (new session)", session.peer_id());
+            if let Some(old) = self.current().replace(session) {
+                old.close();
+            }
+            return Ok(Some(Received::PeerRestarted));
+        }
+        let current = self.current();
+        let Some(session) = current.as_ref() else {
+            drop(current);
+            return match self.listener.next_event(timeout) {
+                Some(event) => {
+                    let session = match event {
+                        ListenerEvent::NewSession(session) => session,
+                        ListenerEvent::PeerRestarted { session, .. } => session,
+                    };
+                    info!("primary {:?} connected", session.peer_id());
+                    *self.current() = Some(session);
+                    Ok(Some(Received::PeerRestarted))
+                }
+                None => Ok(None),
+            };
+        };
+        log_link_events(session.take_events());
+        match session.recv(timeout) {
+            Ok(Some(message)) => decode(message).map(Some),
+            Ok(None) => Ok(None),
+            Err(error) => Err(to_io(error)),
+        }
+    }
+
+    fn peer_reachable(&self) -> bool {
+        self.current()
+            .as_ref()
+            .is_some_and(|session| session.peer_reachable())
+    }
+
+    fn links(&self) -> serde_json::Value {
+        let session = self
+            .current()
+            .as_ref()
+            .map(|session| serde_json::to_value(session.stats()).unwrap_or_default());
+        serde_json::json!({
+            "listener": serde_json::to_value(self.listener.stats()).unwrap_or_default(),
+            "session": session,
+        })
+    }
+
+    fn close(&self) {
+        if let Some(session) = self.current().take() {
+            session.close();
+        }
+        self.listener.close();
+    }
+}
+
+/// Listens for the primary on the configured addresses.
+pub fn listen(settings: &LinkSettings) -> io::Result<Arc<dyn Transport>> {
+    let listener =
+        LinkListener::bind(settings.listen.clone(), settings.config.clone()).map_err(|source| {
+            to_io(LinkSetupError::Listen {
+                addresses: settings.listen.clone(),
+                source,
+            })
+        })?;
+    Ok(Arc::new(ListenerTransport {
+        listener,
+        session: Mutex::new(None),
+    }))
+}

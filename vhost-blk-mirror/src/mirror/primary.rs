@@ -1,0 +1,405 @@
+//! The primary side of the mirror: every guest write goes to the local image and to the
+//! secondary, and completes only when the secondary has acknowledged its own completed write.
+//!
+//! Modes (DESIGN.md, "Disk write, Level 2"):
+//! - `Connecting`/`Holding`: no peer yet or peer unreachable; writes reach the local image and
+//!   the link's send queue, but their completions are **held** until the peer acknowledges
+//!   them or the operator/coordinator says `continue-degraded` or `fence`.
+//! - `Mirrored`: normal operation; a resync of out-of-sync regions may run alongside.
+//! - `Degraded`: running alone; every written region is first marked durably in the
+//!   out-of-sync bitmap, then written, then completed.
+//! - `Fenced`: another host may be primary; nothing completes any more.
+//!
+//! Overlapping requests keep their order on both sides: a request waits until no in-flight
+//! request overlaps its range (rare for a guest; the resync uses the same rule so that an
+//! older resync block can never overwrite a newer guest write on the secondary).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+use serde::Serialize;
+
+use super::protocol::{Message, Transport};
+use crate::image::Image;
+use crate::metadata::{DataState, Metadata};
+use crate::request::Status;
+use crate::ticket::{Outcome, Ticket, Waker};
+
+/// Largest block sent in one message; bigger writes are split.
+pub const MAX_BLOCK_BYTES: usize = 1 << 20;
+/// Resync blocks kept in flight at once.
+const RESYNC_WINDOW: usize = 16;
+/// How often the receiver looks at the link state when no message arrives.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Creates a new replication session to the peer (a fresh session id each time).
+pub type Connector = Box<dyn Fn() -> io::Result<Arc<dyn Transport>> + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    Connecting,
+    Mirrored,
+    Holding,
+    Degraded,
+    Fenced,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write,
+    Flush,
+    Resync { chunk: u64 },
+    Control,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    ticket: Option<Arc<Ticket>>,
+    offset: u64,
+    len: u64,
+    kind: Kind,
+}
+
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct ResyncProgress {
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub rate_bytes_per_second: u64,
+    pub eta_seconds: Option<u64>,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct State {
+    mode: Mode,
+    generation: u64,
+    next_id: u64,
+    in_flight: HashMap<u64, InFlight>,
+    /// The peer answered `Hello` in the current session.
+    welcomed: bool,
+    resync: ResyncProgress,
+    /// A `ResyncStart` was acknowledged and no `ResyncDone` yet.
+    resync_started: bool,
+}
+
+/// The primary's replication state; shared by the queue workers and its own threads.
+pub struct Primary {
+    image: Arc<Image>,
+    metadata: Arc<Metadata>,
+    connector: Connector,
+    transport: Mutex<Arc<dyn Transport>>,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Bytes per second the resync may use; 0 = unlimited.
+    resync_rate_limit: u64,
+}
+
+impl std::fmt::Debug for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Primary").finish_non_exhaustive()
+    }
+}
+
+impl Primary {
+    /// Starts replication: folds crash-time activity into the out-of-sync bitmap, connects,
+    /// and starts the receiver and resync threads.
+    pub fn start(
+        image: Arc<Image>,
+        metadata: Arc<Metadata>,
+        connector: Connector,
+        resync_rate_limit: u64,
+    ) -> io::Result<Arc<Primary>> {
+        Primary::start_in(
+            image,
+            metadata,
+            connector,
+            resync_rate_limit,
+            Mode::Connecting,
+        )
+    }
+
+    /// Starts as a freshly promoted primary: the peer is lost, so writes run degraded.
+    pub fn start_degraded(
+        image: Arc<Image>,
+        metadata: Arc<Metadata>,
+        connector: Connector,
+        resync_rate_limit: u64,
+    ) -> io::Result<Arc<Primary>> {
+        Primary::start_in(
+            image,
+            metadata,
+            connector,
+            resync_rate_limit,
+            Mode::Degraded,
+        )
+    }
+
+    fn start_in(
+        image: Arc<Image>,
+        metadata: Arc<Metadata>,
+        connector: Connector,
+        resync_rate_limit: u64,
+        mode: Mode,
+    ) -> io::Result<Arc<Primary>> {
+        let folded = metadata
+            .activity_to_out_of_sync()
+            .map_err(io::Error::other)?;
+        if folded > 0 {
+            warn!(
+                "{folded} extent(s) had writes in flight at the last stop; they will be resynced"
+            );
+        }
+        metadata.clear_activity().map_err(io::Error::other)?;
+        let header = metadata.header();
+        let generation = header.generation.max(1);
+        if generation != header.generation {
+            metadata
+                .set_header(generation, DataState::UpToDate)
+                .map_err(io::Error::other)?;
+        }
+        let transport = connector()?;
+        let primary = Arc::new(Primary {
+            image,
+            metadata,
+            connector,
+            transport: Mutex::new(transport),
+            state: Mutex::new(State {
+                mode,
+                generation,
+                next_id: 1,
+                in_flight: HashMap::new(),
+                welcomed: false,
+                resync: ResyncProgress::default(),
+                resync_started: false,
+            }),
+            changed: Condvar::new(),
+            resync_rate_limit,
+        });
+        let receiver = primary.clone();
+        thread::Builder::new()
+            .name("mirror-receiver".into())
+            .spawn(move || receiver.receive_loop())?;
+        let resync = primary.clone();
+        thread::Builder::new()
+            .name("mirror-resync".into())
+            .spawn(move || resync.resync_loop())?;
+        Ok(primary)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        match self.changed.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
+    fn transport(&self) -> Arc<dyn Transport> {
+        match self.transport.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Waits until no in-flight request overlaps `[offset, offset + len)`, then registers
+    /// one; returns its id and generation, or the mode that prevents mirroring.
+    fn register(
+        &self,
+        offset: u64,
+        len: u64,
+        kind: Kind,
+        ticket: Option<Arc<Ticket>>,
+    ) -> Result<(u64, u64), Mode> {
+        let mut state = self.lock();
+        loop {
+            if matches!(state.mode, Mode::Degraded | Mode::Fenced) {
+                return Err(state.mode);
+            }
+            let end = offset.saturating_add(len);
+            let overlaps = len > 0
+                && state.in_flight.values().any(|other| {
+                    other.len > 0 && other.offset < end && offset < other.offset + other.len
+                });
+            if !overlaps {
+                break;
+            }
+            state = self.wait(state, POLL_INTERVAL);
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.in_flight.insert(
+            id,
+            InFlight {
+                ticket,
+                offset,
+                len,
+                kind,
+            },
+        );
+        Ok((id, state.generation))
+    }
+
+    /// A request part that cannot be mirrored because the mode changed under it: degraded,
+    /// the range is durably marked out of sync, then `local` runs and the part completes;
+    /// fenced, nothing happens and the part never completes.
+    fn unmirrored(
+        &self,
+        mode: Mode,
+        ticket: &Ticket,
+        range: (u64, u64),
+        local: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        if mode == Mode::Degraded {
+            self.metadata
+                .mark_out_of_sync(range.0, range.1)
+                .map_err(io::Error::other)?;
+            local()?;
+            ticket.complete_part(Status::Ok);
+        }
+        Ok(())
+    }
+
+    /// A guest write: local image, then the peer; completes when the peer acknowledged.
+    pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        let len = data.len() as u64;
+        match self.lock().mode {
+            Mode::Fenced => return Ok(Outcome::Waiting(Ticket::new(1, waker.clone()))),
+            Mode::Degraded => {
+                self.metadata
+                    .mark_out_of_sync(offset, len)
+                    .map_err(io::Error::other)?;
+                self.image.write_at(&data, offset)?;
+                return Ok(Outcome::Ready(Status::Ok));
+            }
+            Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
+        }
+        self.metadata
+            .mark_active(offset, len)
+            .map_err(io::Error::other)?;
+        let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
+        let ticket = Ticket::new(parts as u32, waker.clone());
+        for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
+            let block_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
+            let block_len = block.len() as u64;
+            match self.register(block_offset, block_len, Kind::Write, Some(ticket.clone())) {
+                Err(mode) => self.unmirrored(mode, &ticket, (block_offset, block_len), || {
+                    self.image.write_at(block, block_offset)
+                })?,
+                Ok((id, generation)) => {
+                    self.image.write_at(block, block_offset)?;
+                    let message = Message::Write {
+                        id,
+                        generation,
+                        offset: block_offset,
+                        crc32c: crc32c::crc32c(block),
+                    };
+                    self.send_or_hold(&message, block.to_vec());
+                }
+            }
+        }
+        Ok(Outcome::Waiting(ticket))
+    }
+
+    /// A send that fails (session closed by a mode change) leaves the request to the mode
+    /// change, which completes or holds it.
+    fn send_or_hold(&self, message: &Message, payload: Vec<u8>) {
+        if let Err(error) = self.transport().send(message, payload) {
+            warn!("replication send failed, request held: {error}");
+        }
+    }
+
+    fn mark_out_of_sync(&self, offset: u64, len: u64) {
+        if let Err(error) = self.metadata.mark_out_of_sync(offset, len) {
+            error!("cannot record out-of-sync region: {error}");
+        }
+    }
+
+    /// FLUSH: local `fdatasync`, then the peer's.
+    pub fn flush(&self, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        let ticket = Ticket::new(1, waker.clone());
+        if self.lock().mode == Mode::Fenced {
+            return Ok(Outcome::Waiting(ticket));
+        }
+        self.image.flush()?;
+        match self.register(0, 0, Kind::Flush, Some(ticket.clone())) {
+            Err(mode) => self.unmirrored(mode, &ticket, (0, 0), || Ok(()))?,
+            Ok((id, generation)) => {
+                self.send_or_hold(&Message::Flush { id, generation }, Vec::new());
+            }
+        }
+        Ok(Outcome::Waiting(ticket))
+    }
+
+    /// DISCARD or WRITE_ZEROES of a range, on both sides.
+    pub fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        waker: &Arc<Waker>,
+    ) -> io::Result<Outcome> {
+        let ticket = Ticket::new(1, waker.clone());
+        match self.lock().mode {
+            Mode::Fenced => return Ok(Outcome::Waiting(ticket)),
+            Mode::Degraded => {
+                self.metadata
+                    .mark_out_of_sync(offset, len)
+                    .map_err(io::Error::other)?;
+                zero_local(&self.image, offset, len, deallocate)?;
+                return Ok(Outcome::Ready(Status::Ok));
+            }
+            Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
+        }
+        self.metadata
+            .mark_active(offset, len)
+            .map_err(io::Error::other)?;
+        match self.register(offset, len, Kind::Write, Some(ticket.clone())) {
+            Err(mode) => self.unmirrored(mode, &ticket, (offset, len), || {
+                zero_local(&self.image, offset, len, deallocate)
+            })?,
+            Ok((id, generation)) => {
+                zero_local(&self.image, offset, len, deallocate)?;
+                let message = Message::Zero {
+                    id,
+                    generation,
+                    offset,
+                    len,
+                    deallocate,
+                };
+                self.send_or_hold(&message, Vec::new());
+            }
+        }
+        Ok(Outcome::Waiting(ticket))
+    }
+}
+
+fn zero_local(image: &Image, offset: u64, len: u64, deallocate: bool) -> io::Result<()> {
+    if deallocate {
+        image.discard(offset, len)
+    } else {
+        image.write_zeroes(offset, len, false)
+    }
+}
+
+mod control;
+mod receive;
+mod resync;

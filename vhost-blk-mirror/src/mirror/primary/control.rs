@@ -1,0 +1,109 @@
+//! The primary's answers to the coordinator's commands, and its status.
+
+use log::{error, info, warn};
+use serde::Serialize;
+
+use super::{Kind, Mode, Primary, ResyncProgress};
+use crate::request::Status;
+
+/// The primary's part of `status`.
+#[derive(Debug, Serialize)]
+pub struct PrimaryStatus {
+    pub mode: Mode,
+    /// UpToDate, SyncSource, Holding, Degraded or Fenced.
+    pub disk_state: &'static str,
+    pub generation: u64,
+    pub peer_reachable: bool,
+    pub links: serde_json::Value,
+    pub in_flight_requests: usize,
+    pub out_of_sync_bytes: u64,
+    pub resync: ResyncProgress,
+}
+
+impl Primary {
+    /// Stops waiting for the lost peer: every held request is recorded as out of sync and
+    /// completed, and from now on writes complete on the local image alone.
+    pub fn continue_degraded(&self) -> Result<&'static str, String> {
+        let held = {
+            let mut state = self.lock();
+            match state.mode {
+                Mode::Degraded => return Ok("already degraded"),
+                Mode::Fenced => return Err("this primary is fenced; it cannot continue".into()),
+                Mode::Mirrored => {
+                    return Err(
+                        "the peer is reachable: continue-degraded is for a lost peer".into(),
+                    )
+                }
+                Mode::Connecting | Mode::Holding => {}
+            }
+            state.mode = Mode::Degraded;
+            state.welcomed = false;
+            state.resync_started = false;
+            self.changed.notify_all();
+            std::mem::take(&mut state.in_flight)
+        };
+        let count = held.len();
+        for entry in held.into_values() {
+            if matches!(entry.kind, Kind::Write) {
+                self.mark_out_of_sync(entry.offset, entry.len);
+            }
+            if let Some(ticket) = entry.ticket {
+                ticket.complete_part(Status::Ok);
+            }
+        }
+        warn!("continuing degraded: {count} held request(s) completed; writes are recorded for resync");
+        self.reconnect();
+        Ok("degraded")
+    }
+
+    /// Never completes another request: another host is (or may become) primary.
+    pub fn fence(&self) {
+        let mut state = self.lock();
+        if state.mode != Mode::Fenced {
+            error!("fenced: no request will complete any more");
+        }
+        state.mode = Mode::Fenced;
+        state.in_flight.clear();
+        self.changed.notify_all();
+        drop(state);
+        self.transport().close();
+    }
+
+    /// Replaces the session to the peer with a fresh one, so that a returning peer starts
+    /// with `Hello` and a resync rather than with the lost session's backlog.
+    fn reconnect(&self) {
+        self.transport().close();
+        match (self.connector)() {
+            Ok(fresh) => {
+                if let Ok(mut slot) = self.transport.lock() {
+                    *slot = fresh;
+                }
+                info!("waiting for the peer to return");
+            }
+            Err(error) => error!("cannot open a new replication session: {error}"),
+        }
+    }
+
+    pub fn status(&self) -> PrimaryStatus {
+        let transport = self.transport();
+        let state = self.lock();
+        let out_of_sync_bytes = self.metadata.out_of_sync_bytes();
+        let disk_state = match state.mode {
+            Mode::Mirrored if state.resync_started || out_of_sync_bytes > 0 => "SyncSource",
+            Mode::Mirrored => "UpToDate",
+            Mode::Connecting | Mode::Holding => "Holding",
+            Mode::Degraded => "Degraded",
+            Mode::Fenced => "Fenced",
+        };
+        PrimaryStatus {
+            mode: state.mode,
+            disk_state,
+            generation: state.generation,
+            peer_reachable: transport.peer_reachable(),
+            links: transport.links(),
+            in_flight_requests: state.in_flight.len(),
+            out_of_sync_bytes,
+            resync: state.resync.now(),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The primary's receiver: answers from the secondary, and the peer's reachability.
+
+use std::sync::Arc;
+
+use log::{error, info, warn};
+
+use super::{InFlight, Kind, Mode, Primary, POLL_INTERVAL};
+use crate::metadata::DataState;
+use crate::mirror::protocol::{Message, Received, Refusal};
+use crate::request::Status;
+
+impl Primary {
+    pub(super) fn receive_loop(self: Arc<Self>) {
+        let mut hello_sent_to: Option<usize> = None;
+        loop {
+            let transport = self.transport();
+            let identity = Arc::as_ptr(&transport) as *const () as usize;
+            if hello_sent_to != Some(identity) {
+                self.lock().welcomed = false;
+                self.send_hello();
+                hello_sent_to = Some(identity);
+            }
+            match transport.recv(POLL_INTERVAL) {
+                Ok(Some(Received::Message(message, _payload))) => self.handle(message),
+                Ok(Some(Received::PeerRestarted)) => {
+                    warn!("the secondary restarted; starting over with it");
+                    self.lock().welcomed = false;
+                    self.send_hello();
+                    self.resend_in_flight();
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    log::debug!("replication receive: {error}");
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            }
+            self.update_reachability(transport.peer_reachable());
+        }
+    }
+
+    fn send_hello(&self) {
+        let generation = self.generation();
+        let message = Message::Hello {
+            generation,
+            size_bytes: self.image.size_bytes(),
+        };
+        self.send_or_hold(&message, Vec::new());
+    }
+
+    /// After the secondary restarted, every request it had not answered is sent again: its
+    /// range is still locked, so the local image holds exactly the data to send.
+    fn resend_in_flight(&self) {
+        let pending: Vec<(u64, u64, u64, Kind)> = {
+            let state = self.lock();
+            let mut pending: Vec<_> = state
+                .in_flight
+                .iter()
+                .map(|(id, entry)| (*id, entry.offset, entry.len, entry.kind))
+                .collect();
+            pending.sort_unstable_by_key(|entry| entry.0);
+            pending
+        };
+        let generation = self.generation();
+        for (id, offset, len, kind) in pending {
+            let message = match kind {
+                Kind::Flush => Message::Flush { id, generation },
+                Kind::Control => continue,
+                Kind::Write | Kind::Resync { .. } => {
+                    let mut data = vec![0u8; len as usize];
+                    if let Err(error) = self.image.read_at(&mut data, offset) {
+                        error!("cannot re-read {len} bytes at {offset} to resend: {error}");
+                        continue;
+                    }
+                    let crc32c = crc32c::crc32c(&data);
+                    self.send_or_hold(
+                        &Message::ResyncBlock {
+                            id,
+                            generation,
+                            offset,
+                            crc32c,
+                        },
+                        data,
+                    );
+                    continue;
+                }
+            };
+            self.send_or_hold(&message, Vec::new());
+        }
+    }
+
+    fn handle(&self, message: Message) {
+        match message {
+            Message::Welcome {
+                generation,
+                data_state,
+            } => self.welcome(generation, data_state),
+            Message::Done { id } => self.complete(id, Status::Ok),
+            Message::Failed { id, reason } => self.failed(id, reason),
+            other => warn!("unexpected message from the secondary: {other:?}"),
+        }
+    }
+
+    fn welcome(&self, peer_generation: u64, data_state: DataState) {
+        let ours = self.generation();
+        if peer_generation > ours {
+            error!(
+                "the secondary has generation {peer_generation}, newer than ours ({ours}): \
+                 another primary exists; fencing this one"
+            );
+            self.fence();
+            return;
+        }
+        if data_state == DataState::Inconsistent || peer_generation < ours {
+            info!(
+                "secondary is {data_state:?} at generation {peer_generation} (ours {ours}): \
+                 full resync"
+            );
+            if let Err(error) = self.metadata.mark_all_out_of_sync() {
+                error!("cannot mark the disk out of sync: {error}");
+                return;
+            }
+        }
+        let out_of_sync = self.metadata.out_of_sync_bytes();
+        let mut state = self.lock();
+        state.welcomed = true;
+        if matches!(
+            state.mode,
+            Mode::Connecting | Mode::Holding | Mode::Degraded
+        ) {
+            info!("secondary connected; mirroring ({out_of_sync} bytes to resync)");
+            state.mode = Mode::Mirrored;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Finishes an in-flight request.
+    pub(super) fn complete(&self, id: u64, status: Status) {
+        let entry = {
+            let mut state = self.lock();
+            let entry = state.in_flight.remove(&id);
+            if let Some(InFlight {
+                kind: Kind::Resync { .. },
+                len,
+                ..
+            }) = &entry
+            {
+                state.resync.bytes_done += len;
+            }
+            self.changed.notify_all();
+            entry
+        };
+        let Some(entry) = entry else {
+            return;
+        };
+        if let Kind::Resync { chunk } = entry.kind {
+            if status == Status::Ok {
+                if let Err(error) = self.metadata.clear_out_of_sync_chunk(chunk) {
+                    warn!("cannot clear resynced chunk {chunk}: {error}");
+                }
+            }
+        }
+        if let Some(ticket) = entry.ticket {
+            ticket.complete_part(status);
+        }
+    }
+
+    fn failed(&self, id: u64, reason: Refusal) {
+        match reason {
+            Refusal::StaleGeneration { ours } => {
+                error!(
+                    "the secondary refused our generation (it has {ours}): another primary \
+                     exists; fencing this one"
+                );
+                self.fence();
+            }
+            other => {
+                // The secondary's copy of this range is not current: remember it for the
+                // resync. The local write succeeded, so the request itself is fine.
+                let range = self.lock().in_flight.get(&id).map(|e| (e.offset, e.len));
+                warn!("secondary failed request {id}: {other:?}; range will be resynced");
+                if let Some((offset, len)) = range {
+                    self.mark_out_of_sync(offset, len);
+                }
+                self.complete(id, Status::Ok);
+            }
+        }
+    }
+
+    fn update_reachability(&self, reachable: bool) {
+        let mut state = self.lock();
+        match (state.mode, reachable) {
+            (Mode::Mirrored, false) => {
+                warn!(
+                    "peer unreachable on every link: holding completions until it returns, \
+                     or until `continue-degraded` or `fence`"
+                );
+                state.mode = Mode::Holding;
+            }
+            (Mode::Holding, true) if state.welcomed => {
+                info!("peer reachable again: mirroring resumes");
+                state.mode = Mode::Mirrored;
+                self.changed.notify_all();
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The primary's background resync: copies out-of-sync chunks to the secondary while guest
+//! writes keep being mirrored. A chunk is read only once no guest write to it is in flight,
+//! and guest writes to it wait until its copy is acknowledged, so an older resync block can
+//! never overwrite a newer guest write on the secondary.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::{Kind, Mode, Primary, ResyncProgress, RESYNC_WINDOW};
+use crate::mirror::protocol::Message;
+
+/// How long the resync waits between looks when there is nothing to do.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
+impl Primary {
+    pub(super) fn resync_loop(self: Arc<Self>) {
+        loop {
+            if !self.resync_wanted() {
+                let state = self.lock();
+                drop(self.wait(state, IDLE_WAIT));
+                continue;
+            }
+            if !self.lock().resync_started {
+                let sent = self
+                    .control_round_trip(|id, generation| Message::ResyncStart { id, generation });
+                if !sent {
+                    continue;
+                }
+                let total = self.metadata.out_of_sync_bytes();
+                let mut state = self.lock();
+                state.resync_started = true;
+                state.resync = ResyncProgress {
+                    bytes_total: total,
+                    started: Some(Instant::now()),
+                    ..ResyncProgress::default()
+                };
+                info!("resync started: {total} bytes out of sync");
+            }
+            self.copy_out_of_sync_chunks();
+            if self.wait_resync_drained() && self.metadata.out_of_sync_bytes() == 0 {
+                self.finish_resync();
+            }
+        }
+    }
+
+    fn resync_wanted(&self) -> bool {
+        let state = self.lock();
+        state.mode == Mode::Mirrored
+            && state.welcomed
+            && (state.resync_started || self.metadata.out_of_sync_bytes() > 0)
+    }
+
+    fn copy_out_of_sync_chunks(&self) {
+        let chunk_bytes = self.metadata.chunk_bytes();
+        let size = self.image.size_bytes();
+        let started = Instant::now();
+        let mut sent_bytes = 0u64;
+        for chunk in self.metadata.out_of_sync_chunks() {
+            if !self.wait_for_window() {
+                return;
+            }
+            let offset = chunk * chunk_bytes;
+            let len = chunk_bytes.min(size.saturating_sub(offset));
+            let Ok((id, generation)) = self.register(offset, len, Kind::Resync { chunk }, None)
+            else {
+                return;
+            };
+            let mut data = vec![0u8; len as usize];
+            if let Err(error) = self.image.read_at(&mut data, offset) {
+                warn!("resync cannot read {len} bytes at {offset}: {error}");
+                self.complete(id, crate::request::Status::IoError);
+                continue;
+            }
+            let message = Message::ResyncBlock {
+                id,
+                generation,
+                offset,
+                crc32c: crc32c::crc32c(&data),
+            };
+            self.send_or_hold(&message, data);
+            sent_bytes += len;
+            self.throttle(started, sent_bytes);
+        }
+    }
+
+    /// Waits until fewer than `RESYNC_WINDOW` resync blocks are in flight; false when the
+    /// mode no longer allows resyncing.
+    fn wait_for_window(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            if state.mode != Mode::Mirrored || !state.welcomed {
+                return false;
+            }
+            let in_flight = state
+                .in_flight
+                .values()
+                .filter(|entry| matches!(entry.kind, Kind::Resync { .. }))
+                .count();
+            if in_flight < RESYNC_WINDOW {
+                return true;
+            }
+            state = self.wait(state, IDLE_WAIT);
+        }
+    }
+
+    fn wait_resync_drained(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            if state.mode != Mode::Mirrored {
+                return false;
+            }
+            let busy = state
+                .in_flight
+                .values()
+                .any(|entry| matches!(entry.kind, Kind::Resync { .. }));
+            if !busy {
+                return true;
+            }
+            state = self.wait(state, IDLE_WAIT);
+        }
+    }
+
+    fn finish_resync(&self) {
+        if !self.control_round_trip(|id, generation| Message::ResyncDone { id, generation }) {
+            return;
+        }
+        let mut state = self.lock();
+        state.resync_started = false;
+        let progress = &mut state.resync;
+        let seconds = progress
+            .started
+            .map(|started| started.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        info!(
+            "resync finished: {} bytes in {seconds:.2} s; the secondary is UpToDate",
+            progress.bytes_done
+        );
+    }
+
+    /// Sleeps as needed to keep the resync under its rate limit.
+    fn throttle(&self, started: Instant, sent_bytes: u64) {
+        if self.resync_rate_limit == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(sent_bytes as f64 / self.resync_rate_limit as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+
+    /// Sends a control message and waits for its answer; false if the mode changed first.
+    fn control_round_trip(&self, make: impl Fn(u64, u64) -> Message) -> bool {
+        let Ok((id, generation)) = self.register(0, 0, Kind::Control, None) else {
+            return false;
+        };
+        self.send_or_hold(&make(id, generation), Vec::new());
+        let mut state = self.lock();
+        loop {
+            if !state.in_flight.contains_key(&id) {
+                return true;
+            }
+            if state.mode != Mode::Mirrored && state.mode != Mode::Holding {
+                state.in_flight.remove(&id);
+                return false;
+            }
+            state = self.wait(state, IDLE_WAIT);
+        }
+    }
+}
+
+impl ResyncProgress {
+    /// Progress with rate and ETA computed now.
+    pub fn now(&self) -> ResyncProgress {
+        let mut progress = *self;
+        if let Some(started) = self.started {
+            let seconds = started.elapsed().as_secs_f64();
+            if seconds > 0.0 {
+                progress.rate_bytes_per_second = (self.bytes_done as f64 / seconds) as u64;
+            }
+            let remaining = self.bytes_total.saturating_sub(self.bytes_done);
+            progress.eta_seconds = (progress.rate_bytes_per_second > 0)
+                .then(|| remaining / progress.rate_bytes_per_second);
+        }
+        progress
+    }
+}

@@ -1,0 +1,131 @@
+//! The mirror protocol: messages between a primary's and a secondary's `vhost-blk-mirror`,
+//! carried by the replication link (which authenticates, orders and retransmits them).
+//!
+//! Every message that changes the secondary's disk carries the sender's generation; the
+//! secondary refuses a generation lower than its own (fencing token). Block data travels as
+//! the message payload, with its CRC32C in the header, checked before the block is written.
+
+use std::io;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::metadata::DataState;
+
+/// Messages of the mirror protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Primary → secondary, first message of a session.
+    Hello { generation: u64, size_bytes: u64 },
+    /// Secondary → primary: the answer to `Hello`.
+    Welcome {
+        generation: u64,
+        data_state: DataState,
+    },
+    /// A guest write; the payload is the data.
+    Write {
+        id: u64,
+        generation: u64,
+        offset: u64,
+        crc32c: u32,
+    },
+    /// A discard or write-zeroes of a range.
+    Zero {
+        id: u64,
+        generation: u64,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+    },
+    /// Make every acknowledged write durable.
+    Flush { id: u64, generation: u64 },
+    /// A resync is starting: the secondary's copy is Inconsistent until `ResyncDone`.
+    ResyncStart { id: u64, generation: u64 },
+    /// One resynced block; the payload is the data.
+    ResyncBlock {
+        id: u64,
+        generation: u64,
+        offset: u64,
+        crc32c: u32,
+    },
+    /// Every out-of-sync region has been copied: the secondary's copy is UpToDate.
+    ResyncDone { id: u64, generation: u64 },
+    /// Secondary → primary: request `id` is done on the secondary's disk.
+    Done { id: u64 },
+    /// Secondary → primary: request `id` failed or was refused.
+    Failed { id: u64, reason: Refusal },
+}
+
+/// Why a secondary did not apply a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The sender's generation is lower than the secondary's: a newer primary exists.
+    StaleGeneration { ours: u64 },
+    /// The disks have different sizes.
+    SizeMismatch { ours: u64 },
+    /// The block's CRC32C did not match its data.
+    Checksum,
+    /// The secondary's image returned an error.
+    Io(String),
+    /// The request does not fit the disk.
+    OutOfRange,
+}
+
+/// What arrives from the replication link.
+#[derive(Debug)]
+pub enum Received {
+    Message(Message, Vec<u8>),
+    /// The peer's process restarted (or the session was replaced): messages not yet
+    /// answered may never be; the sender must start over with `Hello`.
+    PeerRestarted,
+}
+
+/// What the mirror needs from the replication link.
+pub trait Transport: Send + Sync {
+    /// Queues a message for exactly-once, in-order delivery; blocks while the send window is
+    /// full.
+    fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()>;
+    /// The next message from the peer, if one arrives within `timeout`.
+    fn recv(&self, timeout: Duration) -> io::Result<Option<Received>>;
+    /// Whether the peer was heard from within the link timeout on some link.
+    fn peer_reachable(&self) -> bool;
+    /// Per-link state for `status`.
+    fn links(&self) -> serde_json::Value;
+    /// Stops the session's threads.
+    fn close(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_postcard() {
+        let messages = [
+            Message::Write {
+                id: 7,
+                generation: 3,
+                offset: 4096,
+                crc32c: 0xdead_beef,
+            },
+            Message::Failed {
+                id: 9,
+                reason: Refusal::StaleGeneration { ours: 4 },
+            },
+            Message::Welcome {
+                generation: 2,
+                data_state: DataState::Inconsistent,
+            },
+        ];
+        for message in messages {
+            let bytes = postcard::to_allocvec(&message).expect("encode");
+            let back: Message = postcard::from_bytes(&bytes).expect("decode");
+            assert_eq!(back, message);
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode_into_a_message() {
+        assert!(postcard::from_bytes::<Message>(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The secondary side of the mirror: applies the primary's writes to the local image (which
+//! may be a different kind of storage than the primary's) and acknowledges each once its own
+//! write has completed. Refuses a sender whose generation is lower than its own.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use serde::Serialize;
+
+use super::protocol::{Message, Received, Refusal, Transport};
+use crate::image::Image;
+use crate::metadata::{DataState, Metadata};
+
+const RECEIVE_TIMEOUT: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Default)]
+struct State {
+    /// The current session's primary said `Hello` and was welcomed.
+    welcomed: bool,
+    resyncing: bool,
+    promoted: bool,
+    applied_writes: u64,
+    applied_bytes: u64,
+    resync_bytes: u64,
+    refused: u64,
+}
+
+/// The secondary's part of `status`.
+#[derive(Debug, Serialize)]
+pub struct SecondaryStatus {
+    /// UpToDate, Inconsistent or SyncTarget.
+    pub disk_state: &'static str,
+    pub generation: u64,
+    pub peer_reachable: bool,
+    pub links: serde_json::Value,
+    pub applied_writes: u64,
+    pub applied_bytes: u64,
+    pub resync_bytes_received: u64,
+    pub refused_requests: u64,
+}
+
+pub struct Secondary {
+    image: Arc<Image>,
+    metadata: Arc<Metadata>,
+    transport: Arc<dyn Transport>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Secondary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secondary").finish_non_exhaustive()
+    }
+}
+
+impl Secondary {
+    /// Starts applying what arrives on `transport` (the listening side of the link).
+    pub fn start(
+        image: Arc<Image>,
+        metadata: Arc<Metadata>,
+        transport: Arc<dyn Transport>,
+    ) -> io::Result<Arc<Secondary>> {
+        let secondary = Arc::new(Secondary {
+            image,
+            metadata,
+            transport,
+            state: Mutex::new(State::default()),
+        });
+        let applier = secondary.clone();
+        thread::Builder::new()
+            .name("mirror-applier".into())
+            .spawn(move || applier.apply_loop())?;
+        Ok(secondary)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn apply_loop(self: Arc<Self>) {
+        loop {
+            if self.lock().promoted {
+                return;
+            }
+            match self.transport.recv(RECEIVE_TIMEOUT) {
+                Ok(Some(Received::Message(message, payload))) => {
+                    if let Some(reply) = self.apply(message, &payload) {
+                        if let Err(error) = self.transport.send(&reply, Vec::new()) {
+                            warn!("cannot answer the primary: {error}");
+                        }
+                    }
+                }
+                Ok(Some(Received::PeerRestarted)) => {
+                    info!("the primary started a new session");
+                    self.lock().welcomed = false;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    log::debug!("replication receive: {error}");
+                    thread::sleep(RECEIVE_TIMEOUT);
+                }
+            }
+        }
+    }
+
+    /// Applies one message; returns the answer to send.
+    fn apply(&self, message: Message, payload: &[u8]) -> Option<Message> {
+        let ours = self.metadata.header().generation;
+        let refuse = |id, reason: Refusal| {
+            self.lock().refused += 1;
+            warn!("refused request {id} from the primary: {reason:?}");
+            Some(Message::Failed { id, reason })
+        };
+        match message {
+            Message::Hello {
+                generation,
+                size_bytes,
+            } => self.hello(generation, size_bytes),
+            Message::Write {
+                id,
+                generation,
+                offset,
+                crc32c,
+            }
+            | Message::ResyncBlock {
+                id,
+                generation,
+                offset,
+                crc32c,
+            } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                if crc32c::crc32c(payload) != crc32c {
+                    return refuse(id, Refusal::Checksum);
+                }
+                let resync = matches!(message, Message::ResyncBlock { .. });
+                Some(self.write(id, offset, payload, resync))
+            }
+            Message::Zero {
+                id,
+                generation,
+                offset,
+                len,
+                deallocate,
+            } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                Some(self.zero(id, offset, len, deallocate))
+            }
+            Message::Flush { id, generation } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                Some(self.result(id, self.image.flush()))
+            }
+            Message::ResyncStart { id, generation } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                self.lock().resyncing = true;
+                let result = self.metadata.set_header(ours, DataState::Inconsistent);
+                Some(self.result(id, result.map_err(io::Error::other)))
+            }
+            Message::ResyncDone { id, generation } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                let result = self.image.flush().and_then(|()| {
+                    self.metadata
+                        .set_header(ours, DataState::UpToDate)
+                        .map_err(io::Error::other)
+                });
+                if result.is_ok() {
+                    self.lock().resyncing = false;
+                    info!("resync complete: this copy is UpToDate");
+                }
+                Some(self.result(id, result))
+            }
+            other => {
+                warn!("unexpected message from the primary: {other:?}");
+                None
+            }
+        }
+    }
+
+    fn hello(&self, generation: u64, size_bytes: u64) -> Option<Message> {
+        let header = self.metadata.header();
+        if size_bytes != self.image.size_bytes() {
+            error!(
+                "the primary's disk has {size_bytes} bytes, ours {}: refusing it",
+                self.image.size_bytes()
+            );
+            return Some(Message::Failed {
+                id: 0,
+                reason: Refusal::SizeMismatch {
+                    ours: self.image.size_bytes(),
+                },
+            });
+        }
+        if generation < header.generation {
+            error!(
+                "refusing a primary with generation {generation}: ours is {}",
+                header.generation
+            );
+            return Some(Message::Failed {
+                id: 0,
+                reason: Refusal::StaleGeneration {
+                    ours: header.generation,
+                },
+            });
+        }
+        if generation > header.generation {
+            if let Err(error) = self.metadata.set_header(generation, header.data_state) {
+                error!("cannot record generation {generation}: {error}");
+                return None;
+            }
+        }
+        self.lock().welcomed = true;
+        info!(
+            "primary connected at generation {generation}; this copy is {:?}",
+            header.data_state
+        );
+        Some(Message::Welcome {
+            generation,
+            data_state: header.data_state,
+        })
+    }
+
+    fn write(&self, id: u64, offset: u64, data: &[u8], resync: bool) -> Message {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.image.size_bytes())
+        {
+            return Message::Failed {
+                id,
+                reason: Refusal::OutOfRange,
+            };
+        }
+        let result = self.image.write_at(data, offset);
+        if result.is_ok() {
+            let mut state = self.lock();
+            if resync {
+                state.resync_bytes += data.len() as u64;
+            } else {
+                state.applied_writes += 1;
+                state.applied_bytes += data.len() as u64;
+            }
+        }
+        self.result(id, result)
+    }
+
+    fn zero(&self, id: u64, offset: u64, len: u64, deallocate: bool) -> Message {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.image.size_bytes())
+        {
+            return Message::Failed {
+                id,
+                reason: Refusal::OutOfRange,
+            };
+        }
+        let result = if deallocate {
+            self.image.discard(offset, len)
+        } else {
+            self.image.write_zeroes(offset, len, false)
+        };
+        self.result(id, result)
+    }
+
+    fn result(&self, id: u64, result: io::Result<()>) -> Message {
+        match result {
+            Ok(()) => Message::Done { id },
+            Err(error) => {
+                error!("request {id} failed on this copy: {error}");
+                Message::Failed {
+                    id,
+                    reason: Refusal::Io(error.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Takes over as primary: refused while this copy is Inconsistent. Returns the new
+    /// generation.
+    pub fn promote(&self) -> Result<u64, String> {
+        let header = self.metadata.header();
+        if header.data_state == DataState::Inconsistent {
+            return Err(
+                "this copy is Inconsistent (a resync did not finish); promoting it would \
+                 serve stale or mixed data"
+                    .into(),
+            );
+        }
+        let generation = header.generation + 1;
+        self.metadata
+            .set_header(generation, DataState::UpToDate)
+            .map_err(|error| error.to_string())?;
+        self.lock().promoted = true;
+        self.transport.close();
+        info!("promoted to primary at generation {generation}");
+        Ok(generation)
+    }
+
+    pub fn status(&self) -> SecondaryStatus {
+        let header = self.metadata.header();
+        let state = self.lock();
+        let disk_state = match (header.data_state, state.resyncing) {
+            (DataState::Inconsistent, true) => "SyncTarget",
+            (DataState::Inconsistent, false) => "Inconsistent",
+            (DataState::UpToDate, _) => "UpToDate",
+        };
+        SecondaryStatus {
+            disk_state,
+            generation: header.generation,
+            peer_reachable: self.transport.peer_reachable(),
+            links: self.transport.links(),
+            applied_writes: state.applied_writes,
+            applied_bytes: state.applied_bytes,
+            resync_bytes_received: state.resync_bytes,
+            refused_requests: state.refused,
+        }
+    }
+}
