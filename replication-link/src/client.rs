@@ -100,6 +100,7 @@ fn connect_once(
         client_id: config.local_id.clone(),
         service: shared.identity.service.clone(),
         session_id: shared.identity.session_id,
+        link: u8::try_from(slot).unwrap_or(u8::MAX),
         client_nonce: random_nonce().map_err(ConnectError::Handshake)?,
         send_base: shared.acked_up_to(),
         limits: config.receive_limits(),

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::frame::HANDSHAKE_MAX_FRAME_BYTES;
 use crate::frame::{Direction, FrameError, FrameKey, FrameOpener, FrameSealer};
+use crate::header::NONCE_BYTES;
 use crate::header::PROTOCOL_VERSION;
-use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, NONCE_BYTES};
+use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, MAX_LINKS};
 use crate::psk::Psk;
 
 const TRANSCRIPT_CONTEXT: &str = "ftvm replication transcript v1";
@@ -246,6 +247,9 @@ pub(crate) fn read_hello(
     if hello.session_id == 0 {
         return Err(channel.refuse("invalid hello", invalid("session id")));
     }
+    if usize::from(hello.link) >= MAX_LINKS {
+        return Err(channel.refuse("invalid hello", invalid("link index")));
+    }
     check_limits(&hello.limits)?;
     Ok(hello)
 }
@@ -367,6 +371,7 @@ mod tests {
             client_id: "host-a".into(),
             service: "blk:test".into(),
             session_id: 42,
+            link: 1,
             client_nonce: random_nonce().expect("nonce"),
             send_base: 0,
             limits: limits(),

@@ -15,6 +15,8 @@ pub const DATA_HEADER_OVERHEAD_BYTES: usize = 64;
 pub const MAX_APP_HEADER_BYTES: usize = MAX_HEADER_BYTES - DATA_HEADER_OVERHEAD_BYTES;
 /// Largest client id, server id or service name, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
+/// Most links (A-links) per session.
+pub const MAX_LINKS: usize = 2;
 /// Size of the handshake nonces.
 pub const NONCE_BYTES: usize = 32;
 
@@ -39,6 +41,9 @@ pub struct Hello {
     pub service: String,
     /// Chosen at random by the client for the life of its `Session`.
     pub session_id: u128,
+    /// Which of the client's links this connection is (0 or 1): a new connection replaces
+    /// the session's previous connection of the same link.
+    pub link: u8,
     pub client_nonce: [u8; NONCE_BYTES],
     /// Every message the client sent up to this one was acknowledged by the server.
     pub send_base: u64,
@@ -142,6 +147,7 @@ mod tests {
             client_id: "c".repeat(MAX_ID_BYTES),
             service: "s".repeat(MAX_ID_BYTES),
             session_id: u128::MAX,
+            link: u8::MAX,
             client_nonce: [0xff; NONCE_BYTES],
             send_base: u64::MAX,
             limits: LinkLimits {

@@ -16,7 +16,7 @@ use crate::config::{ConfigError, LinkConfig};
 use crate::frame::FrameKey;
 use crate::handshake::{answer_hello, random_nonce, read_hello};
 use crate::handshake::{HandshakeChannel, HandshakeError, Side};
-use crate::header::{Hello, ServerParams, PROTOCOL_VERSION};
+use crate::header::{Hello, ServerParams, MAX_LINKS, PROTOCOL_VERSION};
 use crate::link::{run_connection, LinkError};
 use crate::log_limit::{error_chain, lock, LogLimiter};
 use crate::session::{random_id, CloseReason, Session};
@@ -143,6 +143,13 @@ struct Prepared {
     instance: u128,
     send_base: u64,
     pending: bool,
+}
+
+/// An authenticated connection joining its session's link `slot`.
+struct Joining {
+    slot: usize,
+    connection: u64,
+    key: FrameKey,
 }
 
 /// The session a connection joins, and what the application must be told.
@@ -396,8 +403,14 @@ impl ListenerShared {
         self.handshakes_in_progress.fetch_sub(1, Ordering::SeqCst);
         let peer_address = stream.peer_addr().ok();
         match result {
-            Ok(Some((session, connection, key))) => {
-                run_connection(&session, index, connection, stream, key);
+            Ok(Some((session, joining))) => {
+                run_connection(
+                    &session,
+                    joining.slot,
+                    joining.connection,
+                    stream,
+                    joining.key,
+                );
             }
             Ok(None) => {}
             Err(error) => self.report(index, peer_address, &error),
@@ -427,7 +440,7 @@ impl ListenerShared {
         &self,
         index: usize,
         stream: &TcpStream,
-    ) -> Result<Option<(Arc<SessionShared>, u64, FrameKey)>, ServeError> {
+    ) -> Result<Option<(Arc<SessionShared>, Joining)>, ServeError> {
         stream.set_nodelay(true).map_err(ServeError::Socket)?;
         let limits = self.config.receive_limits();
         let mut channel =
@@ -472,10 +485,18 @@ impl ListenerShared {
             address: stream.peer_addr().ok(),
             local_address: stream.local_addr().ok(),
         };
+        let slot = usize::from(hello.link);
         let connection = session
-            .attach(index, stream, peer)
+            .attach(slot, stream, peer)
             .map_err(ServeError::Attach)?;
-        Ok(Some((session, connection, key)))
+        Ok(Some((
+            session,
+            Joining {
+                slot,
+                connection,
+                key,
+            },
+        )))
     }
 
     /// The session this authenticated connection joins; tells the application about new ones.
@@ -590,7 +611,7 @@ impl Registry {
         let session = Arc::new(SessionShared::new(
             identity,
             listener.config.clone(),
-            listener.local_addrs.len(),
+            MAX_LINKS,
             Some((id, hello.send_base)),
         ));
         self.sessions.insert(id, Arc::clone(&session));

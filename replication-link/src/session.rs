@@ -293,7 +293,7 @@ impl Session {
             service: self.service().to_string(),
             peer_id: self.shared.peer_id(&state),
             peer_reachable: self.shared.peer_reachable(&state),
-            links: self.shared.link_stats(&state),
+            links: self.link_stats(&state),
             sent: state.send.sent_count(),
             unacked_messages: state.send.unacked_count(),
             unacked_bytes: state.send.unacked_bytes(),
@@ -301,6 +301,15 @@ impl Session {
             buffered_messages: state.receive.buffered_messages(),
             discarded_on_peer_restart: self.shared.discarded_on_peer_restart(&state),
         }
+    }
+
+    /// Server sessions have a slot per possible client link: show those that were used.
+    fn link_stats(&self, state: &crate::shared::SessionState) -> Vec<crate::stats::LinkStats> {
+        let mut links = self.shared.link_stats(state);
+        if self.shared.identity.side == Side::Server {
+            links.retain(|link| link.address.is_some());
+        }
+        links
     }
 
     /// Why the session ended, if it did.

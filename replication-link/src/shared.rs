@@ -663,3 +663,71 @@ impl SessionShared {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::psk::Psk;
+
+    fn server_session() -> SessionShared {
+        let identity = Identity {
+            side: Side::Server,
+            session_id: 1,
+            service: "blk:test".into(),
+            instance: 2,
+        };
+        let psk = Psk::from_bytes(b"0123456789abcdef").expect("psk");
+        SessionShared::new(identity, LinkConfig::new(psk, "host-b"), 2, Some((1, 0)))
+    }
+
+    fn data(seq: u64, crc: u32, payload: &[u8]) -> ReadFrame {
+        ReadFrame {
+            header: LinkHeader::Data {
+                session_seq: seq,
+                payload_crc32c: crc,
+                ack_up_to: 0,
+                app_header: vec![],
+            },
+            payload: payload.to_vec(),
+            frame_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn payload_with_a_wrong_crc_is_an_error_and_never_delivered() {
+        let shared = server_session();
+        let good = crc32c::crc32c(b"block");
+        let result = shared.on_frame(0, 1, data(1, good ^ 1, b"block"));
+        assert!(matches!(result, Err(LinkError::Crc { seq: 1 })));
+        assert!(!shared.lock_state().receive.has_ready());
+        shared
+            .on_frame(0, 1, data(1, good, b"block"))
+            .expect("intact");
+        assert!(shared.lock_state().receive.has_ready());
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        let shared = server_session();
+        let hello_again = ReadFrame {
+            header: LinkHeader::Proof {
+                client_proof: [0; 32],
+            },
+            payload: vec![],
+            frame_bytes: 0,
+        };
+        assert!(matches!(
+            shared.on_frame(0, 1, hello_again),
+            Err(LinkError::Unexpected { kind: "proof" })
+        ));
+        let ack_of_unsent = ReadFrame {
+            header: LinkHeader::Ack { up_to: 5 },
+            payload: vec![],
+            frame_bytes: 0,
+        };
+        assert!(matches!(
+            shared.on_frame(0, 1, ack_of_unsent),
+            Err(LinkError::Protocol(_))
+        ));
+    }
+}

@@ -25,7 +25,7 @@ fn messages_survive_losing_one_link_then_both() {
     let client = Session::connect(addresses, "blk:failover", client_config).expect("connect");
     let server = accept(&listener);
     assert!(
-        wait_until(LONG, || support::all_links_up(&client)),
+        wait_until(LONG, || support::links_up(&client, 2)),
         "both links up"
     );
 
@@ -121,7 +121,7 @@ fn a_reply_stream_fails_over_too() {
     let client = Session::connect(addresses, "blk:replies", config("host-a")).expect("connect");
     let server = accept(&listener);
     assert!(
-        wait_until(LONG, || support::all_links_up(&server)),
+        wait_until(LONG, || support::links_up(&server, 2)),
         "both links up"
     );
     thread::scope(|scope| {
@@ -140,4 +140,31 @@ fn a_reply_stream_fails_over_too() {
         }
     });
     assert!(server.flush(LONG).expect("flush"));
+}
+
+#[test]
+fn two_links_to_one_listening_address_both_stay_up() {
+    let listener = listener(1, config("host-b"));
+    let relays = [
+        Relay::start(listener.local_addrs()[0]),
+        Relay::start(listener.local_addrs()[0]),
+    ];
+    let addresses = relays.iter().map(Relay::address).collect();
+    let client = Session::connect(addresses, "blk:one-address", config("host-a")).expect("connect");
+    let server = accept(&listener);
+    assert!(wait_until(LONG, || support::links_up(&client, 2)));
+    assert!(wait_until(LONG, || support::links_up(&server, 2)));
+    for index in 0..200u64 {
+        client.send(&[], payload(index, 100)).expect("send");
+    }
+    for index in 0..200u64 {
+        assert_eq!(recv_one(&server).payload, payload(index, 100));
+    }
+    let connects: Vec<u64> = client
+        .stats()
+        .links
+        .iter()
+        .map(|link| link.connects)
+        .collect();
+    assert_eq!(connects, vec![1, 1], "no link replaced the other");
 }

@@ -85,6 +85,7 @@ fn hello(version: u16) -> LinkHeader {
         client_id: "raw".into(),
         service: "blk:raw".into(),
         session_id: 99,
+        link: 0,
         client_nonce: [1; 32],
         send_base: 0,
         limits: LinkLimits {

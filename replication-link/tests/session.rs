@@ -66,6 +66,10 @@ fn round_trip_in_both_directions_with_typed_headers() {
         (stats.sent, stats.delivered, stats.unacked_messages),
         (100, 100, 0)
     );
+    assert!(
+        wait_until(LONG, || client.stats().links[0].rtt_us.is_some()),
+        "heartbeats measure RTT"
+    );
     let events = client.take_events();
     assert!(
         matches!(events.first(), Some(SessionEvent::LinkUp { link: 0, .. })),
@@ -120,7 +124,7 @@ fn ten_thousand_messages_keep_their_order_over_two_links() {
     .expect("connect");
     let server = accept(&listener);
     assert!(
-        wait_until(LONG, || support::all_links_up(&client)),
+        wait_until(LONG, || support::links_up(&client, 2)),
         "both links up"
     );
     thread::scope(|scope| {

@@ -57,6 +57,7 @@ impl GuestConfig {
 }
 
 type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
+type Arrivals = Arc<Mutex<Vec<Instant>>>;
 
 /// A running guest. Dropping it ends QEMU by PID.
 #[derive(Debug)]
@@ -64,6 +65,8 @@ pub struct Guest {
     name: String,
     child: Option<Child>,
     console: Lines,
+    /// When each console line arrived, index for index.
+    arrivals: Arrivals,
     console_log: PathBuf,
 }
 
@@ -89,12 +92,13 @@ impl Guest {
             .spawn()
             .unwrap_or_else(|error| panic!("cannot start qemu-system-x86_64: {error}"));
         let console: Lines = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let arrivals: Arrivals = Arc::new(Mutex::new(Vec::new()));
         let log = File::create(&console_log).expect("create console log");
         if let Some(stdout) = child.stdout.take() {
-            capture(stdout, console.clone(), Some(log));
+            capture(stdout, (console.clone(), arrivals.clone()), Some(log));
         }
         if let Some(stderr) = child.stderr.take() {
-            let tagged = console.clone();
+            let tagged = (console.clone(), arrivals.clone());
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     push_line(&tagged, format!("[qemu] {line}"), None);
@@ -105,6 +109,7 @@ impl Guest {
             name: config.name.clone(),
             child: Some(child),
             console,
+            arrivals,
             console_log,
         }
     }
@@ -116,6 +121,14 @@ impl Guest {
             .lock()
             .map(|lines| lines.clone())
             .unwrap_or_default()
+    }
+
+    /// Every console line so far with the time it arrived.
+    pub fn console_timed(&self) -> Vec<(Instant, String)> {
+        let (lock, _) = &*self.console;
+        let lines = lock.lock().map(|lines| lines.clone()).unwrap_or_default();
+        let arrivals = self.arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+        arrivals.into_iter().zip(lines).collect()
     }
 
     /// Waits until a console line satisfies `matches`, and returns it.
@@ -191,18 +204,25 @@ impl Drop for Guest {
     }
 }
 
-fn push_line(console: &Lines, line: String, log: Option<&mut File>) {
+fn push_line(console: &(Lines, Arrivals), line: String, log: Option<&mut File>) {
     if let Some(log) = log {
         let _ = writeln!(log, "{line}");
     }
-    let (lock, condvar) = &**console;
+    let (lock, condvar) = &*console.0;
     if let Ok(mut lines) = lock.lock() {
+        if let Ok(mut arrivals) = console.1.lock() {
+            arrivals.push(Instant::now());
+        }
         lines.push(line);
     }
     condvar.notify_all();
 }
 
-fn capture(stdout: impl std::io::Read + Send + 'static, console: Lines, mut log: Option<File>) {
+fn capture(
+    stdout: impl std::io::Read + Send + 'static,
+    console: (Lines, Arrivals),
+    mut log: Option<File>,
+) {
     thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let line = line.trim_end_matches('\r').to_owned();

@@ -163,3 +163,75 @@ fn primary_killed_in_degraded_mode_keeps_its_bitmap() {
     let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
     records::assert_in_image(&secondary_image, &acknowledged, "resynced secondary");
 }
+
+/// Longest time between two consecutive `ACK` lines of the guest's record writer.
+fn longest_ack_gap(guest: &Guest) -> Duration {
+    let times: Vec<_> = guest
+        .console_timed()
+        .into_iter()
+        .filter(|(_, line)| line.starts_with("ACK "))
+        .map(|(at, _)| at)
+        .collect();
+    times
+        .windows(2)
+        .map(|pair| pair[1].duration_since(pair[0]))
+        .max()
+        .unwrap_or_default()
+}
+
+fn set_link(pair: &MirrorPair, link: &str, state: &str) {
+    let namespace = pair.hosts.namespace("hostA");
+    let status = std::process::Command::new("ip")
+        .args(["-n", &namespace, "link", "set", link, state])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set {link} {state} failed");
+}
+
+#[test]
+fn a_link_cuts_lose_and_duplicate_nothing() {
+    let pair = started_pair("mirror-links", 1);
+    let mut config = guest_on(&pair, "links");
+    records::add_writers(&mut config, 1, 300);
+    let mut guest = Guest::boot(&config, pair.dir.path());
+    guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 20");
+
+    // One link cut: writes carry on over the other after at most a link timeout.
+    set_link(&pair, "alink1", "down");
+    guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 80");
+    let one_link_gap = longest_ack_gap(&guest);
+    eprintln!("longest pause between acknowledged records with one link cut: {one_link_gap:?}");
+    assert!(
+        one_link_gap < Duration::from_millis(2500),
+        "a write stalled {one_link_gap:?}; the link timeout is 1 s"
+    );
+
+    // Both cut: completions are held; the first link back resumes them.
+    set_link(&pair, "alink2", "down");
+    wait_mode(pair.primary(), "Holding");
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "a held write", |r| {
+            r["in_flight_requests"] != 0
+        });
+    let held_at = records::acknowledged(&guest.console()).len();
+    set_link(&pair, "alink1", "up");
+    wait_mode(pair.primary(), "Mirrored");
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "the guest saw an error"
+    );
+    guest.wait_poweroff(GUEST_TIMEOUT);
+    assert!(held_at < 300, "writes were held while both links were down");
+
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
+    let acknowledged = records::acknowledged(&guest.console());
+    assert_eq!(acknowledged.len(), 300);
+    let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
+    records::assert_in_image(&secondary_image, &acknowledged, "secondary");
+    // Exactly once: the secondary applied as many writes as the guest made.
+    let guest_writes = pair.primary().status()["write_requests"].clone();
+    let applied = pair.secondary().status()["replication"]["applied_writes"].clone();
+    assert_eq!(applied, guest_writes, "writes lost or applied twice");
+}

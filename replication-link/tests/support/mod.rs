@@ -75,8 +75,9 @@ pub fn payload(index: u64, length: usize) -> Vec<u8> {
     bytes
 }
 
-pub fn all_links_up(session: &Session) -> bool {
-    session.stats().links.iter().all(|link| link.up)
+/// `count` links are authenticated and heard from.
+pub fn links_up(session: &Session, count: usize) -> bool {
+    session.stats().links.iter().filter(|link| link.up).count() == count
 }
 
 /// What a relay does to the client-to-server stream once.
