@@ -38,18 +38,23 @@ fn measure(links: usize, size: usize, seconds: f64) {
             sent
         });
         let mut received = 0u64;
+        let mut last_arrival = started;
         loop {
             match server.recv(Duration::from_millis(200)).expect("recv") {
-                Some(_) => received += 1,
+                Some(_) => {
+                    received += 1;
+                    last_arrival = Instant::now();
+                }
                 None if sender.is_finished() => break,
                 None => {}
             }
         }
         let sent = sender.join().expect("sender");
         assert_eq!(sent, received, "every message delivered");
-        sent
+        (sent, last_arrival)
     });
-    let elapsed = started.elapsed().as_secs_f64() - 0.2; // the final idle recv timeout
+    let (sent, last_arrival) = sent;
+    let elapsed = last_arrival.duration_since(started).as_secs_f64();
     let stats = client.stats();
     let frames: Vec<u64> = stats.links.iter().map(|link| link.frames_sent).collect();
     println!(
