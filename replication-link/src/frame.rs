@@ -588,6 +588,31 @@ mod tests {
         assert_eq!(decoded.header, LinkHeader::Ack { up_to: 7 });
     }
 
+    /// A deterministic stand-in for the fuzz target, run on every `cargo test`.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let length = (next() % 300) as usize;
+            let mut bytes: Vec<u8> = (0..length).map(|_| next() as u8).collect();
+            if let Some(first) = bytes.get_mut(..4) {
+                // Small length prefixes reach further than random 32-bit ones.
+                first.copy_from_slice(&((next() % 320) as u32).to_le_bytes());
+            }
+            let _ = decode_frame(&bytes, &key(), Direction::ClientToServer, 0, 1 << 20);
+            let sealed = seal_body(&bytes, &key(), Direction::ClientToServer, 0);
+            let _ = decode_frame(&sealed, &key(), Direction::ClientToServer, 0, 1 << 20);
+            let mut opener = FrameOpener::new(key(), Direction::ClientToServer, 1 << 20);
+            let _ = opener.read_frame(&mut sealed.as_slice());
+        }
+    }
+
     #[test]
     fn sealer_refuses_frames_above_the_limit() {
         let mut sealer = FrameSealer::new(key(), Direction::ClientToServer, 100);

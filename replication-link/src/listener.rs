@@ -189,7 +189,7 @@ impl LinkListener {
             stopping: AtomicBool::new(false),
             connections: Mutex::new(ConnectionThreads::default()),
             handshakes_in_progress: AtomicUsize::new(0),
-            log: LogLimiter::new(),
+            log: LogLimiter::new("replication_link::listener"),
         });
         let listener = LinkListener {
             shared: Arc::clone(&shared),

@@ -10,6 +10,7 @@ const LINES_PER_SECOND: u32 = 10;
 
 /// Allows a burst of lines per second and counts the rest.
 pub(crate) struct LogLimiter {
+    target: &'static str,
     state: Mutex<LimiterState>,
 }
 
@@ -20,8 +21,10 @@ struct LimiterState {
 }
 
 impl LogLimiter {
-    pub(crate) fn new() -> LogLimiter {
+    /// `target`: the log target of the lines (the module that reports).
+    pub(crate) fn new(target: &'static str) -> LogLimiter {
         LogLimiter {
+            target,
             state: Mutex::new(LimiterState {
                 window_start: Instant::now(),
                 lines: 0,
@@ -34,7 +37,7 @@ impl LogLimiter {
         let mut state = lock(&self.state);
         if state.window_start.elapsed() >= Duration::from_secs(1) {
             if state.suppressed > 0 {
-                log::warn!("{} similar lines suppressed", state.suppressed);
+                log::warn!(target: self.target, "{} similar lines suppressed", state.suppressed);
             }
             state.window_start = Instant::now();
             state.lines = 0;
@@ -43,7 +46,7 @@ impl LogLimiter {
         if state.lines < LINES_PER_SECOND {
             state.lines += 1;
             drop(state);
-            log::warn!("{arguments}");
+            log::warn!(target: self.target, "{arguments}");
         } else {
             state.suppressed += 1;
         }

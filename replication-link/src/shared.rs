@@ -197,7 +197,7 @@ impl SessionShared {
             space: Condvar::new(),
             ready: Condvar::new(),
             counters: (0..slots).map(|_| LinkCounters::default()).collect(),
-            log: LogLimiter::new(),
+            log: LogLimiter::new("replication_link::session"),
             started: Instant::now(),
         }
     }

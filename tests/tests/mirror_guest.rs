@@ -235,3 +235,80 @@ fn a_link_cuts_lose_and_duplicate_nothing() {
     let applied = pair.secondary().status()["replication"]["applied_writes"].clone();
     assert_eq!(applied, guest_writes, "writes lost or applied twice");
 }
+
+/// A tmpfs mounted for a test (a real kernel source of ENOSPC), unmounted when dropped.
+struct SmallTmpfs {
+    path: std::path::PathBuf,
+}
+
+impl SmallTmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> SmallTmpfs {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ftvm-test"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount tmpfs on {}", path.display());
+        SmallTmpfs {
+            path: path.to_owned(),
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {}", self.path.display());
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[test]
+fn local_disk_fault_is_served_by_the_peer_then_repaired() {
+    let small_dir = ftvm_tests::scratch_dir("small-disk");
+    let small = SmallTmpfs::mount(small_dir.path(), "24m");
+    let mut pair = MirrorPair::new("mirror-fault", IMAGE_BYTES, 1);
+    pair.primary_options.image = small_dir.path().join("primary.img");
+    ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+
+    // 40 MiB of random writes do not fit the 24 MiB the local image can grow to: the local
+    // writes fail with ENOSPC mid-run, and the peer serves everything from then on.
+    let mut config = guest_on(&pair, "fault");
+    config.with_fio = true;
+    config.script = "fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=8 \
+         --ioengine=libaio --direct=1 --size=40M --verify=crc32c --do_verify=1 \
+         --verify_fatal=1 && sync\n"
+        .into();
+    let mut guest = Guest::boot(&config, pair.dir.path());
+    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "fio verify failed");
+    guest.wait_poweroff(GUEST_TIMEOUT);
+    let faulted = pair.primary().status();
+    assert_eq!(
+        faulted["replication"]["disk_state"], "RemoteOnly",
+        "{faulted}"
+    );
+    assert_eq!(faulted["rejected_requests"], 0, "{faulted}");
+
+    small.resize("128m");
+    let reply = pair.primary().command("repair");
+    assert_eq!(reply["ok"], true, "repair refused: {reply}");
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
+            r["local_disk"] == "Healthy"
+        });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
+}

@@ -2,7 +2,8 @@
 //!
 //! Protocol: the client writes a command and a newline; the daemon answers with a single JSON
 //! object and a newline, then closes. `status` returns the disk's state; `promote`, `demote`,
-//! `continue-degraded` and `fence` (the coordinator's commands) return `{"ok": true,
+//! `continue-degraded`, `fence` (the coordinator's commands) and `repair` (the operator's,
+//! after replacing a failed local disk) return `{"ok": true,
 //! "result": "..."}`; anything refused or unknown gets `{"error": "..."}`.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -22,7 +23,7 @@ use crate::image::ImageKind;
 use crate::metrics::MetricsSnapshot;
 
 /// The commands the control socket understands.
-const COMMANDS: &str = "status, promote, demote, continue-degraded, fence";
+const COMMANDS: &str = "status, promote, demote, continue-degraded, fence, repair";
 /// Longest command line accepted, in bytes.
 const MAX_COMMAND_BYTES: u64 = 4096;
 /// How long a client may take to send its command.
@@ -114,7 +115,7 @@ fn serve_client(stream: UnixStream, disk: &Disk, queues: usize) -> io::Result<()
     let reply = match line.trim() {
         "status" => serde_json::to_string(&status(disk, queues)).map_err(io::Error::other)?,
         "" => serde_json::json!({ "error": format!("empty command; try: {COMMANDS}") }).to_string(),
-        command @ ("promote" | "demote" | "continue-degraded" | "fence") => {
+        command @ ("promote" | "demote" | "continue-degraded" | "fence" | "repair") => {
             info!("control command: {command}");
             match disk.mirror.command(command) {
                 Ok(result) => serde_json::json!({ "ok": true, "result": result }),

@@ -103,7 +103,11 @@ impl Mirror {
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.image.read_at(buf, offset)
+        match self.role() {
+            Role::Primary(primary) => primary.read(offset, buf),
+            Role::Standalone => self.image.read_at(buf, offset),
+            Role::Secondary(_) => Err(not_serving()),
+        }
     }
 
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
@@ -172,6 +176,7 @@ impl Mirror {
                 self.become_primary()
             }
             ("promote", Role::Primary(_)) => Ok("already primary".into()),
+            ("repair", Role::Primary(primary)) => primary.repair().map(str::to_owned),
             ("demote", _) => Err(
                 "demote is not implemented yet: stop the daemon and start it \
                                   again with --role secondary"

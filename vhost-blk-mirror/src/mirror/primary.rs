@@ -52,9 +52,16 @@ pub enum Mode {
 enum Kind {
     Write,
     Flush,
-    Resync { chunk: u64 },
+    Resync {
+        chunk: u64,
+    },
     Control,
+    /// A read served by the peer; the requester removes the entry when done with the data.
+    Read,
 }
+
+/// Where a read's data goes.
+type ReadReply = std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>;
 
 #[derive(Debug)]
 struct InFlight {
@@ -62,6 +69,29 @@ struct InFlight {
     offset: u64,
     len: u64,
     kind: Kind,
+    reply: Option<ReadReply>,
+}
+
+impl InFlight {
+    fn new(kind: Kind, offset: u64, len: u64, ticket: Option<Arc<Ticket>>) -> InFlight {
+        InFlight {
+            ticket,
+            offset,
+            len,
+            kind,
+            reply: None,
+        }
+    }
+}
+
+/// The state of this host's own copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum LocalDisk {
+    Healthy,
+    /// The image returned an error: all I/O is served by the peer (RemoteOnly).
+    Failed,
+    /// After `repair`: being rebuilt from the peer; reads still come from the peer.
+    Rebuilding,
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
@@ -85,6 +115,8 @@ struct State {
     resync: ResyncProgress,
     /// A `ResyncStart` was acknowledged and no `ResyncDone` yet.
     resync_started: bool,
+    local: LocalDisk,
+    rebuild: ResyncProgress,
 }
 
 /// The primary's replication state; shared by the queue workers and its own threads.
@@ -176,6 +208,8 @@ impl Primary {
                 welcomed: false,
                 resync: ResyncProgress::default(),
                 resync_started: false,
+                local: LocalDisk::Healthy,
+                rebuild: ResyncProgress::default(),
             }),
             changed: Condvar::new(),
             resync_rate_limit,
@@ -222,13 +256,8 @@ impl Primary {
 
     /// Waits until no in-flight request overlaps `[offset, offset + len)`, then registers
     /// one; returns its id and generation, or the mode that prevents mirroring.
-    fn register(
-        &self,
-        offset: u64,
-        len: u64,
-        kind: Kind,
-        ticket: Option<Arc<Ticket>>,
-    ) -> Result<(u64, u64), Mode> {
+    fn register(&self, entry: InFlight) -> Result<(u64, u64), Mode> {
+        let (offset, len) = (entry.offset, entry.len);
         let mut state = self.lock();
         loop {
             if matches!(state.mode, Mode::Degraded | Mode::Fenced) {
@@ -246,15 +275,7 @@ impl Primary {
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.in_flight.insert(
-            id,
-            InFlight {
-                ticket,
-                offset,
-                len,
-                kind,
-            },
-        );
+        state.in_flight.insert(id, entry);
         Ok((id, state.generation))
     }
 
@@ -284,6 +305,7 @@ impl Primary {
         match self.lock().mode {
             Mode::Fenced => return Ok(Outcome::Waiting(Ticket::new(1, waker.clone()))),
             Mode::Degraded => {
+                self.require_local_copy()?;
                 self.metadata
                     .mark_out_of_sync(offset, len)
                     .map_err(io::Error::other)?;
@@ -292,20 +314,24 @@ impl Primary {
             }
             Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
         }
-        self.metadata
-            .mark_active(offset, len)
-            .map_err(io::Error::other)?;
+        self.write_local(|| {
+            self.metadata
+                .mark_active(offset, len)
+                .map_err(io::Error::other)
+        });
         let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
         let ticket = Ticket::new(parts as u32, waker.clone());
         for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
             let block_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
             let block_len = block.len() as u64;
-            match self.register(block_offset, block_len, Kind::Write, Some(ticket.clone())) {
+            let entry = InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()));
+            match self.register(entry) {
                 Err(mode) => self.unmirrored(mode, &ticket, (block_offset, block_len), || {
+                    self.require_local_copy()?;
                     self.image.write_at(block, block_offset)
                 })?,
                 Ok((id, generation)) => {
-                    self.image.write_at(block, block_offset)?;
+                    self.write_local(|| self.image.write_at(block, block_offset));
                     let message = Message::Write {
                         id,
                         generation,
@@ -339,8 +365,8 @@ impl Primary {
         if self.lock().mode == Mode::Fenced {
             return Ok(Outcome::Waiting(ticket));
         }
-        self.image.flush()?;
-        match self.register(0, 0, Kind::Flush, Some(ticket.clone())) {
+        self.write_local(|| self.image.flush());
+        match self.register(InFlight::new(Kind::Flush, 0, 0, Some(ticket.clone()))) {
             Err(mode) => self.unmirrored(mode, &ticket, (0, 0), || Ok(()))?,
             Ok((id, generation)) => {
                 self.send_or_hold(&Message::Flush { id, generation }, Vec::new());
@@ -361,6 +387,7 @@ impl Primary {
         match self.lock().mode {
             Mode::Fenced => return Ok(Outcome::Waiting(ticket)),
             Mode::Degraded => {
+                self.require_local_copy()?;
                 self.metadata
                     .mark_out_of_sync(offset, len)
                     .map_err(io::Error::other)?;
@@ -369,15 +396,23 @@ impl Primary {
             }
             Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
         }
-        self.metadata
-            .mark_active(offset, len)
-            .map_err(io::Error::other)?;
-        match self.register(offset, len, Kind::Write, Some(ticket.clone())) {
+        self.write_local(|| {
+            self.metadata
+                .mark_active(offset, len)
+                .map_err(io::Error::other)
+        });
+        match self.register(InFlight::new(
+            Kind::Write,
+            offset,
+            len,
+            Some(ticket.clone()),
+        )) {
             Err(mode) => self.unmirrored(mode, &ticket, (offset, len), || {
+                self.require_local_copy()?;
                 zero_local(&self.image, offset, len, deallocate)
             })?,
             Ok((id, generation)) => {
-                zero_local(&self.image, offset, len, deallocate)?;
+                self.write_local(|| zero_local(&self.image, offset, len, deallocate));
                 let message = Message::Zero {
                     id,
                     generation,
@@ -402,4 +437,5 @@ fn zero_local(image: &Image, offset: u64, len: u64, deallocate: bool) -> io::Res
 
 mod control;
 mod receive;
+mod remote;
 mod resync;

@@ -50,6 +50,10 @@ pub enum Message {
     },
     /// Every out-of-sync region has been copied: the secondary's copy is UpToDate.
     ResyncDone { id: u64, generation: u64 },
+    /// Primary → secondary: read a range (the primary's own disk failed).
+    Read { id: u64, offset: u64, len: u64 },
+    /// Secondary → primary: the data of `Read` `id`; the payload is the data.
+    ReadData { id: u64, crc32c: u32 },
     /// Secondary → primary: request `id` is done on the secondary's disk.
     Done { id: u64 },
     /// Secondary → primary: request `id` failed or was refused.

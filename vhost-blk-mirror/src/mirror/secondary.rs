@@ -160,6 +160,7 @@ impl Secondary {
                 }
                 Some(self.result(id, self.image.flush()))
             }
+            Message::Read { id, offset, len } => self.read(id, offset, len),
             Message::ResyncStart { id, generation } => {
                 if generation < ours {
                     return refuse(id, Refusal::StaleGeneration { ours });
@@ -254,6 +255,29 @@ impl Secondary {
             }
         }
         self.result(id, result)
+    }
+
+    /// Serves the primary's read when its own disk failed (ComputeThru): the data goes back
+    /// as the payload of `ReadData` (sent here); a failure is returned as the answer.
+    fn read(&self, id: u64, offset: u64, len: u64) -> Option<Message> {
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.image.size_bytes());
+        if !in_range || len > super::primary::MAX_BLOCK_BYTES as u64 {
+            return Some(Message::Failed {
+                id,
+                reason: Refusal::OutOfRange,
+            });
+        }
+        let mut data = vec![0u8; len as usize];
+        if let Err(error) = self.image.read_at(&mut data, offset) {
+            return Some(self.result(id, Err(error)));
+        }
+        let crc32c = crc32c::crc32c(&data);
+        if let Err(error) = self.transport.send(&Message::ReadData { id, crc32c }, data) {
+            warn!("cannot send read data to the primary: {error}");
+        }
+        None
     }
 
     fn zero(&self, id: u64, offset: u64, len: u64, deallocate: bool) -> Message {

@@ -3,15 +3,18 @@
 use log::{error, info, warn};
 use serde::Serialize;
 
-use super::{Kind, Mode, Primary, ResyncProgress};
+use super::{Kind, LocalDisk, Mode, Primary, ResyncProgress};
 use crate::request::Status;
 
 /// The primary's part of `status`.
 #[derive(Debug, Serialize)]
 pub struct PrimaryStatus {
     pub mode: Mode,
-    /// UpToDate, SyncSource, Holding, Degraded or Fenced.
+    /// UpToDate, SyncSource, Holding, Degraded, Fenced, RemoteOnly or Rebuilding.
     pub disk_state: &'static str,
+    pub local_disk: LocalDisk,
+    /// Progress of the rebuild of the local disk after `repair`.
+    pub rebuild: ResyncProgress,
     pub generation: u64,
     pub peer_reachable: bool,
     pub links: serde_json::Value,
@@ -88,16 +91,18 @@ impl Primary {
         let transport = self.transport();
         let state = self.lock();
         let out_of_sync_bytes = self.metadata.out_of_sync_bytes();
-        let disk_state = match state.mode {
-            Mode::Mirrored if state.resync_started || out_of_sync_bytes > 0 => "SyncSource",
-            Mode::Mirrored => "UpToDate",
-            Mode::Connecting | Mode::Holding => "Holding",
-            Mode::Degraded => "Degraded",
-            Mode::Fenced => "Fenced",
+        let disk_state = match (state.local, state.mode) {
+            (LocalDisk::Failed, _) => "RemoteOnly",
+            (LocalDisk::Rebuilding, _) => "Rebuilding",
+            (LocalDisk::Healthy, mode) => {
+                healthy_disk_state(mode, state.resync_started, out_of_sync_bytes)
+            }
         };
         PrimaryStatus {
             mode: state.mode,
             disk_state,
+            local_disk: state.local,
+            rebuild: state.rebuild.now(),
             generation: state.generation,
             peer_reachable: transport.peer_reachable(),
             links: transport.links(),
@@ -105,5 +110,15 @@ impl Primary {
             out_of_sync_bytes,
             resync: state.resync.now(),
         }
+    }
+}
+
+fn healthy_disk_state(mode: Mode, resync_started: bool, out_of_sync_bytes: u64) -> &'static str {
+    match mode {
+        Mode::Mirrored if resync_started || out_of_sync_bytes > 0 => "SyncSource",
+        Mode::Mirrored => "UpToDate",
+        Mode::Connecting | Mode::Holding => "Holding",
+        Mode::Degraded => "Degraded",
+        Mode::Fenced => "Fenced",
     }
 }

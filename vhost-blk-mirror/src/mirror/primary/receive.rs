@@ -21,7 +21,7 @@ impl Primary {
                 hello_sent_to = Some(identity);
             }
             match transport.recv(POLL_INTERVAL) {
-                Ok(Some(Received::Message(message, _payload))) => self.handle(message),
+                Ok(Some(Received::Message(message, payload))) => self.handle(message, payload),
                 Ok(Some(Received::PeerRestarted)) => {
                     warn!("the secondary restarted; starting over with it");
                     self.lock().welcomed = false;
@@ -64,6 +64,7 @@ impl Primary {
         for (id, offset, len, kind) in pending {
             let message = match kind {
                 Kind::Flush => Message::Flush { id, generation },
+                Kind::Read => Message::Read { id, offset, len },
                 Kind::Control => continue,
                 Kind::Write | Kind::Resync { .. } => {
                     let mut data = vec![0u8; len as usize];
@@ -88,8 +89,18 @@ impl Primary {
         }
     }
 
-    fn handle(&self, message: Message) {
+    fn handle(&self, message: Message, payload: Vec<u8>) {
         match message {
+            Message::ReadData { id, crc32c } => {
+                let data = if crc32c::crc32c(&payload) == crc32c {
+                    Ok(payload)
+                } else {
+                    Err(std::io::Error::other(
+                        "the peer's read data failed its CRC32C",
+                    ))
+                };
+                self.deliver_read(id, data);
+            }
             Message::Welcome {
                 generation,
                 data_state,
@@ -172,6 +183,10 @@ impl Primary {
                      exists; fencing this one"
                 );
                 self.fence();
+            }
+            other if self.lock().in_flight.get(&id).map(|e| e.kind) == Some(Kind::Read) => {
+                let error = std::io::Error::other(format!("the peer could not read: {other:?}"));
+                self.deliver_read(id, Err(error));
             }
             other => {
                 // The secondary's copy of this range is not current: remember it for the

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::{Kind, Mode, Primary, ResyncProgress, RESYNC_WINDOW};
+use super::{InFlight, Kind, LocalDisk, Mode, Primary, ResyncProgress, RESYNC_WINDOW};
 use crate::mirror::protocol::Message;
 
 /// How long the resync waits between looks when there is nothing to do.
@@ -49,6 +49,7 @@ impl Primary {
         let state = self.lock();
         state.mode == Mode::Mirrored
             && state.welcomed
+            && state.local == LocalDisk::Healthy
             && (state.resync_started || self.metadata.out_of_sync_bytes() > 0)
     }
 
@@ -63,8 +64,8 @@ impl Primary {
             }
             let offset = chunk * chunk_bytes;
             let len = chunk_bytes.min(size.saturating_sub(offset));
-            let Ok((id, generation)) = self.register(offset, len, Kind::Resync { chunk }, None)
-            else {
+            let entry = InFlight::new(Kind::Resync { chunk }, offset, len, None);
+            let Ok((id, generation)) = self.register(entry) else {
                 return;
             };
             let mut data = vec![0u8; len as usize];
@@ -152,7 +153,7 @@ impl Primary {
 
     /// Sends a control message and waits for its answer; false if the mode changed first.
     fn control_round_trip(&self, make: impl Fn(u64, u64) -> Message) -> bool {
-        let Ok((id, generation)) = self.register(0, 0, Kind::Control, None) else {
+        let Ok((id, generation)) = self.register(InFlight::new(Kind::Control, 0, 0, None)) else {
             return false;
         };
         self.send_or_hold(&make(id, generation), Vec::new());
