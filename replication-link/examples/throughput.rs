@@ -64,6 +64,43 @@ fn measure(links: usize, size: usize, seconds: f64) {
     );
 }
 
+/// Request/response latency: 4 KiB request, 16-byte reply (a mirrored write and its ack).
+fn ping_pong(links: usize, rounds: usize) {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = LinkListener::bind(vec![loopback; links], config("server")).expect("bind");
+    let client = Session::connect(listener.local_addrs().to_vec(), "bench", config("client"))
+        .expect("connect");
+    let server = match listener.next_event(Duration::from_secs(10)) {
+        Some(ListenerEvent::NewSession(session)) => session,
+        other => panic!("no session: {other:?}"),
+    };
+    let mut round_trips_us = thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..rounds {
+                let request = server.recv(Duration::from_secs(10)).expect("recv");
+                assert!(request.is_some(), "request");
+                server.send(&[], vec![0; 16]).expect("reply");
+            }
+        });
+        (0..rounds)
+            .map(|_| {
+                let started = Instant::now();
+                client.send(&[], vec![0; 4096]).expect("request");
+                let reply = client.recv(Duration::from_secs(10)).expect("recv");
+                assert!(reply.is_some(), "reply");
+                started.elapsed().as_micros() as u64
+            })
+            .collect::<Vec<u64>>()
+    });
+    round_trips_us.sort_unstable();
+    let at = |fraction: f64| round_trips_us[((rounds - 1) as f64 * fraction) as usize];
+    println!(
+        "links={links} request/response 4 KiB/16 B: p50 {} us, p99 {} us",
+        at(0.5),
+        at(0.99)
+    );
+}
+
 fn main() {
     let seconds: f64 = std::env::args()
         .nth(1)
@@ -73,5 +110,6 @@ fn main() {
         for size in [64 * 1024, 64] {
             measure(links, size, seconds);
         }
+        ping_pong(links, 5000);
     }
 }

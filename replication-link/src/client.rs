@@ -11,6 +11,7 @@ use crate::handshake::{client_handshake, random_nonce, HandshakeError};
 use crate::header::{Hello, PROTOCOL_VERSION};
 use crate::link::{run_connection, LinkError};
 use crate::log_limit::error_chain;
+use crate::session::CloseReason;
 use crate::shared::{PeerHandshake, SessionShared};
 use crate::stats::bump;
 
@@ -35,13 +36,19 @@ pub(crate) fn spawn_supervisors(
     let mut handles = Vec::with_capacity(addresses.len());
     for (slot, address) in addresses.iter().copied().enumerate() {
         shared.set_address(slot, address);
-        let shared = Arc::clone(shared);
+        let thread_shared = Arc::clone(shared);
         let spawned = thread::Builder::new()
             .name(format!("rl-link-{slot}"))
-            .spawn(move || supervise(&shared, slot, address));
+            .spawn(move || supervise(&thread_shared, slot, address));
         match spawned {
             Ok(handle) => handles.push(handle),
-            Err(error) => return Err(error),
+            Err(error) => {
+                shared.close(CloseReason::Closed);
+                for handle in handles {
+                    let _ = handle.join();
+                }
+                return Err(error);
+            }
         }
     }
     Ok(handles)

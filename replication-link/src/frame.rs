@@ -4,7 +4,7 @@
 //!
 //! Lengths are checked against their limits before anything is allocated; the tag is checked
 //! before the header is decoded. [`decode_frame`] is pure (fuzz target `frame_decoder`);
-//! [`FrameOpener`] and [`FrameSealer`] do the same on a byte stream.
+//! `FrameOpener` and `FrameSealer` (crate-internal) do the same on a byte stream.
 
 use std::fmt;
 use std::io::{self, Read, Write};

@@ -315,9 +315,12 @@ impl SessionShared {
             link: slot,
             address,
         });
+        drop(state);
         if let Some(counters) = self.counters(slot) {
             bump(&counters.connects);
         }
+        // The peer's window or a restart may have made messages sendable.
+        self.work.notify_all();
         Ok(id)
     }
 

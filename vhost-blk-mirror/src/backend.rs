@@ -180,9 +180,14 @@ fn complete_in_order(
         worker.pending.pop_front();
         completed = true;
     }
-    if completed && vring.needs_notification().map_err(queue_error)? {
+    let notify = completed && vring.needs_notification().map_err(queue_error)?;
+    if notify {
         vring.signal_used_queue()?;
     }
+    log::trace!(
+        "completions: {} waiting, signalled {notify}",
+        worker.pending.len()
+    );
     Ok(())
 }
 
@@ -260,6 +265,7 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
+        log::trace!("queue {thread_id}: event {device_event}");
         let result = if u64::from(device_event) == self.wake_event_id() {
             self.complete_acknowledged(vring, thread_id)
         } else {

@@ -290,9 +290,11 @@ impl Primary {
         local: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         if mode == Mode::Degraded {
-            self.metadata
-                .mark_out_of_sync(range.0, range.1)
-                .map_err(io::Error::other)?;
+            if range.1 > 0 {
+                self.metadata
+                    .mark_out_of_sync(range.0, range.1)
+                    .map_err(io::Error::other)?;
+            }
             local()?;
             ticket.complete_part(Status::Ok);
         }
@@ -302,7 +304,9 @@ impl Primary {
     /// A guest write: local image, then the peer; completes when the peer acknowledged.
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
         let len = data.len() as u64;
-        match self.lock().mode {
+        // Bind the mode first: a guard in the match scrutinee would live through the arms.
+        let mode = self.lock().mode;
+        match mode {
             Mode::Fenced => return Ok(Outcome::Waiting(Ticket::new(1, waker.clone()))),
             Mode::Degraded => {
                 self.require_local_copy()?;
@@ -384,7 +388,9 @@ impl Primary {
         waker: &Arc<Waker>,
     ) -> io::Result<Outcome> {
         let ticket = Ticket::new(1, waker.clone());
-        match self.lock().mode {
+        // Bind the mode first: a guard in the match scrutinee would live through the arms.
+        let mode = self.lock().mode;
+        match mode {
             Mode::Fenced => return Ok(Outcome::Waiting(ticket)),
             Mode::Degraded => {
                 self.require_local_copy()?;

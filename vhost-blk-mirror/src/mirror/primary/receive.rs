@@ -146,6 +146,14 @@ impl Primary {
 
     /// Finishes an in-flight request.
     pub(super) fn complete(&self, id: u64, status: Status) {
+        // A resynced chunk is cleared before its entry goes: whoever sees the resync drained
+        // must also see the chunk in sync, or it would be copied twice.
+        let kind = self.lock().in_flight.get(&id).map(|entry| entry.kind);
+        if let (Some(Kind::Resync { chunk }), Status::Ok) = (kind, status) {
+            if let Err(error) = self.metadata.clear_out_of_sync_chunk(chunk) {
+                warn!("cannot clear resynced chunk {chunk}: {error}");
+            }
+        }
         let entry = {
             let mut state = self.lock();
             let entry = state.in_flight.remove(&id);
@@ -160,17 +168,7 @@ impl Primary {
             self.changed.notify_all();
             entry
         };
-        let Some(entry) = entry else {
-            return;
-        };
-        if let Kind::Resync { chunk } = entry.kind {
-            if status == Status::Ok {
-                if let Err(error) = self.metadata.clear_out_of_sync_chunk(chunk) {
-                    warn!("cannot clear resynced chunk {chunk}: {error}");
-                }
-            }
-        }
-        if let Some(ticket) = entry.ticket {
+        if let Some(ticket) = entry.and_then(|entry| entry.ticket) {
             ticket.complete_part(status);
         }
     }

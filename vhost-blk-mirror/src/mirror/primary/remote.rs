@@ -18,7 +18,8 @@ const READ_POLL: Duration = Duration::from_millis(100);
 impl Primary {
     /// Fails unless this host's copy can be used on its own (degraded mode needs it).
     pub(super) fn require_local_copy(&self) -> io::Result<()> {
-        match self.lock().local {
+        let local = self.lock().local;
+        match local {
             LocalDisk::Healthy => Ok(()),
             LocalDisk::Failed | LocalDisk::Rebuilding => Err(io::Error::other(
                 "no usable copy: the local disk failed and the peer is lost",
