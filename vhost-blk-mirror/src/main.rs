@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::net::SocketAddr;
 
 use clap::Parser;
+use vhost_blk_mirror::mirror::primary::ResyncOptions;
 use vhost_blk_mirror::replication::{ReplicationConfig, RoleKind};
 use vhost_blk_mirror::{run, Config};
 
@@ -59,6 +60,10 @@ struct Args {
     /// Limit of the background resync, bytes per second (suffixes K, M, G); 0 = none.
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
     resync_rate_limit: u64,
+    /// Resync only the chunks whose BLAKE3 hash differs from the secondary's (reads both
+    /// disks, sends less; for a secondary that is mostly current already).
+    #[arg(long)]
+    resync_compare: bool,
     /// This host's name on the replication link (default: the host name).
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
@@ -105,7 +110,10 @@ fn main() -> ExitCode {
         listen: args.listen,
         psk_file: args.psk_file,
         metadata: args.meta,
-        resync_rate_limit: args.resync_rate_limit,
+        resync: ResyncOptions {
+            rate_limit: args.resync_rate_limit,
+            compare: args.resync_compare,
+        },
         host_id: args.host_id.unwrap_or_else(host_name),
         service,
     };

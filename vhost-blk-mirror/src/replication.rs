@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::image::Image;
 use crate::link::{self, LinkSettings};
 use crate::metadata::{DataState, Metadata, MetadataError};
-use crate::mirror::primary::Primary;
+use crate::mirror::primary::{Primary, ResyncOptions};
 use crate::mirror::secondary::Secondary;
 use crate::mirror::{Mirror, Role};
 
@@ -36,8 +36,8 @@ pub struct ReplicationConfig {
     pub listen: Vec<SocketAddr>,
     pub psk_file: Option<PathBuf>,
     pub metadata: Option<PathBuf>,
-    /// Bytes per second for the background resync; 0 = unlimited.
-    pub resync_rate_limit: u64,
+    /// Rate limit and compare mode of the background resync.
+    pub resync: ResyncOptions,
     /// This host's name on the link (default: the kernel host name).
     pub host_id: String,
     /// What the link session is for, e.g. `blk:vm1-disk0`.
@@ -143,12 +143,12 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
         initial_state,
     )?;
     let settings = LinkSettings::from_config(config)?;
-    let rate = config.resync_rate_limit;
+    let resync = config.resync;
     let role = config.role;
     let promoted_connector = (!config.peers.is_empty()).then(|| link::connector(&settings));
     let start = move |image: Arc<Image>, metadata: Arc<Metadata>| match role {
         RoleKind::Primary => {
-            let primary = Primary::start(image, metadata, link::connector(&settings), rate)?;
+            let primary = Primary::start(image, metadata, link::connector(&settings), resync)?;
             Ok(Role::Primary(primary))
         }
         _ => {
@@ -158,7 +158,7 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
             )?))
         }
     };
-    Mirror::replicated(image, metadata, rate, start, promoted_connector)
+    Mirror::replicated(image, metadata, resync, start, promoted_connector)
         .map_err(ReplicationError::Start)
 }
 
@@ -173,7 +173,7 @@ mod tests {
             listen: Vec::new(),
             psk_file: None,
             metadata: None,
-            resync_rate_limit: 0,
+            resync: ResyncOptions::default(),
             host_id: "test".into(),
             service: "blk:test".into(),
         }

@@ -17,7 +17,7 @@ use crate::image::Image;
 use crate::metadata::Metadata;
 use crate::request::Status;
 use crate::ticket::{Outcome, Waker};
-use primary::{Connector, Primary};
+use primary::{Connector, Primary, ResyncOptions};
 use secondary::Secondary;
 
 /// Largest guest request accepted, in bytes. The guest is told `SEG_MAX` × `SIZE_MAX`, which
@@ -42,7 +42,7 @@ pub struct Mirror {
     role: RwLock<Role>,
     /// Opens sessions to the peer once a promoted secondary becomes primary.
     promoted_connector: std::sync::Mutex<Option<Connector>>,
-    resync_rate_limit: u64,
+    resync_options: ResyncOptions,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -62,7 +62,7 @@ impl Mirror {
             metadata: None,
             role: RwLock::new(Role::Standalone),
             promoted_connector: std::sync::Mutex::new(None),
-            resync_rate_limit: 0,
+            resync_options: ResyncOptions::default(),
         }
     }
 
@@ -70,7 +70,7 @@ impl Mirror {
     pub fn replicated(
         image: Image,
         metadata: Metadata,
-        resync_rate_limit: u64,
+        resync_options: ResyncOptions,
         start: impl FnOnce(Arc<Image>, Arc<Metadata>) -> io::Result<Role>,
         promoted_connector: Option<Connector>,
     ) -> io::Result<Mirror> {
@@ -82,7 +82,7 @@ impl Mirror {
             metadata: Some(metadata),
             role: RwLock::new(role),
             promoted_connector: std::sync::Mutex::new(promoted_connector),
-            resync_rate_limit,
+            resync_options,
         })
     }
 
@@ -198,13 +198,9 @@ impl Mirror {
             Err(poisoned) => poisoned.into_inner().take(),
         }
         .ok_or("promoted without a way to reach the peer (--peer)")?;
-        let primary = Primary::start_degraded(
-            self.image.clone(),
-            metadata,
-            connector,
-            self.resync_rate_limit,
-        )
-        .map_err(|error| error.to_string())?;
+        let primary =
+            Primary::start_degraded(self.image.clone(), metadata, connector, self.resync_options)
+                .map_err(|error| error.to_string())?;
         let generation = primary.generation();
         match self.role.write() {
             Ok(mut role) => *role = Role::Primary(primary),

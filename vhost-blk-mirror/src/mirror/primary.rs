@@ -36,6 +36,16 @@ const RESYNC_WINDOW: usize = 16;
 /// How often the receiver looks at the link state when no message arrives.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// How the background resync runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResyncOptions {
+    /// Bytes per second the resync may use; 0 = unlimited.
+    pub rate_limit: u64,
+    /// Compare each chunk's BLAKE3 hash with the secondary's first and send only chunks
+    /// that differ (saves the link when most of the disk is already the same).
+    pub compare: bool,
+}
+
 /// Creates a new replication session to the peer (a fresh session id each time).
 pub type Connector = Box<dyn Fn() -> io::Result<Arc<dyn Transport>> + Send + Sync>;
 
@@ -98,6 +108,8 @@ pub enum LocalDisk {
 pub struct ResyncProgress {
     pub bytes_total: u64,
     pub bytes_done: u64,
+    /// Compare mode: bytes whose chunk differed and was sent (the rest was identical).
+    pub bytes_sent: u64,
     pub rate_bytes_per_second: u64,
     pub eta_seconds: Option<u64>,
     #[serde(skip)]
@@ -127,8 +139,7 @@ pub struct Primary {
     transport: Mutex<Arc<dyn Transport>>,
     state: Mutex<State>,
     changed: Condvar,
-    /// Bytes per second the resync may use; 0 = unlimited.
-    resync_rate_limit: u64,
+    resync_options: ResyncOptions,
 }
 
 impl std::fmt::Debug for Primary {
@@ -144,15 +155,9 @@ impl Primary {
         image: Arc<Image>,
         metadata: Arc<Metadata>,
         connector: Connector,
-        resync_rate_limit: u64,
+        resync_options: ResyncOptions,
     ) -> io::Result<Arc<Primary>> {
-        Primary::start_in(
-            image,
-            metadata,
-            connector,
-            resync_rate_limit,
-            Mode::Connecting,
-        )
+        Primary::start_in(image, metadata, connector, resync_options, Mode::Connecting)
     }
 
     /// Starts as a freshly promoted primary: the peer is lost, so writes run degraded.
@@ -160,22 +165,16 @@ impl Primary {
         image: Arc<Image>,
         metadata: Arc<Metadata>,
         connector: Connector,
-        resync_rate_limit: u64,
+        resync_options: ResyncOptions,
     ) -> io::Result<Arc<Primary>> {
-        Primary::start_in(
-            image,
-            metadata,
-            connector,
-            resync_rate_limit,
-            Mode::Degraded,
-        )
+        Primary::start_in(image, metadata, connector, resync_options, Mode::Degraded)
     }
 
     fn start_in(
         image: Arc<Image>,
         metadata: Arc<Metadata>,
         connector: Connector,
-        resync_rate_limit: u64,
+        resync_options: ResyncOptions,
         mode: Mode,
     ) -> io::Result<Arc<Primary>> {
         let folded = metadata
@@ -212,7 +211,7 @@ impl Primary {
                 rebuild: ResyncProgress::default(),
             }),
             changed: Condvar::new(),
-            resync_rate_limit,
+            resync_options,
         });
         let receiver = primary.clone();
         thread::Builder::new()

@@ -48,6 +48,17 @@ pub enum Message {
         offset: u64,
         crc32c: u32,
     },
+    /// Compare mode: the secondary answers `Done` if its range has this BLAKE3 hash, else
+    /// `Differs` (and the primary sends the block).
+    ResyncCompare {
+        id: u64,
+        generation: u64,
+        offset: u64,
+        len: u64,
+        hash: [u8; 32],
+    },
+    /// Secondary → primary: the range of `ResyncCompare` `id` differs.
+    Differs { id: u64 },
     /// Every out-of-sync region has been copied: the secondary's copy is UpToDate.
     ResyncDone { id: u64, generation: u64 },
     /// Primary → secondary: read a range (the primary's own disk failed).

@@ -161,6 +161,18 @@ impl Secondary {
                 Some(self.result(id, self.image.flush()))
             }
             Message::Read { id, offset, len } => self.read(id, offset, len),
+            Message::ResyncCompare {
+                id,
+                generation,
+                offset,
+                len,
+                hash,
+            } => {
+                if generation < ours {
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                Some(self.compare(id, offset, len, &hash))
+            }
             Message::ResyncStart { id, generation } => {
                 if generation < ours {
                     return refuse(id, Refusal::StaleGeneration { ours });
@@ -278,6 +290,25 @@ impl Secondary {
             warn!("cannot send read data to the primary: {error}");
         }
         None
+    }
+
+    /// Compare-mode resync: answers `Done` when the range already holds what the primary has.
+    fn compare(&self, id: u64, offset: u64, len: u64, hash: &[u8; 32]) -> Message {
+        let in_range = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.image.size_bytes());
+        if !in_range || len > super::primary::MAX_BLOCK_BYTES as u64 {
+            return Message::Failed {
+                id,
+                reason: Refusal::OutOfRange,
+            };
+        }
+        let mut data = vec![0u8; len as usize];
+        match self.image.read_at(&mut data, offset) {
+            Ok(()) if blake3::hash(&data).as_bytes() == hash => Message::Done { id },
+            // A range we cannot read is one we need rewritten.
+            Ok(()) | Err(_) => Message::Differs { id },
+        }
     }
 
     fn zero(&self, id: u64, offset: u64, len: u64, deallocate: bool) -> Message {

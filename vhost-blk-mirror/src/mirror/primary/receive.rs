@@ -106,6 +106,7 @@ impl Primary {
                 data_state,
             } => self.welcome(generation, data_state),
             Message::Done { id } => self.complete(id, Status::Ok),
+            Message::Differs { id } => self.send_differing_chunk(id),
             Message::Failed { id, reason } => self.failed(id, reason),
             other => warn!("unexpected message from the secondary: {other:?}"),
         }

@@ -74,6 +74,18 @@ impl Primary {
                 self.complete(id, crate::request::Status::IoError);
                 continue;
             }
+            if self.resync_options.compare {
+                let hash = *blake3::hash(&data).as_bytes();
+                let message = Message::ResyncCompare {
+                    id,
+                    generation,
+                    offset,
+                    len,
+                    hash,
+                };
+                self.send_or_hold(&message, Vec::new());
+                continue;
+            }
             let message = Message::ResyncBlock {
                 id,
                 generation,
@@ -81,6 +93,7 @@ impl Primary {
                 crc32c: crc32c::crc32c(&data),
             };
             self.send_or_hold(&message, data);
+            self.lock().resync.bytes_sent += len;
             sent_bytes += len;
             self.throttle(started, sent_bytes);
         }
@@ -142,10 +155,11 @@ impl Primary {
 
     /// Sleeps as needed to keep the resync under its rate limit.
     fn throttle(&self, started: Instant, sent_bytes: u64) {
-        if self.resync_rate_limit == 0 {
+        if self.resync_options.rate_limit == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(sent_bytes as f64 / self.resync_rate_limit as f64);
+        let due =
+            Duration::from_secs_f64(sent_bytes as f64 / self.resync_options.rate_limit as f64);
         if let Some(ahead) = due.checked_sub(started.elapsed()) {
             std::thread::sleep(ahead);
         }
@@ -168,6 +182,35 @@ impl Primary {
             }
             state = self.wait(state, IDLE_WAIT);
         }
+    }
+}
+
+impl Primary {
+    /// Compare mode: the secondary's chunk differs, so send it. The chunk's range is still
+    /// locked by the resync entry, so the local data is what the hash was taken of or newer.
+    pub(super) fn send_differing_chunk(&self, id: u64) {
+        let (offset, len, generation) = {
+            let mut state = self.lock();
+            let Some(entry) = state.in_flight.get(&id) else {
+                return;
+            };
+            let found = (entry.offset, entry.len, state.generation);
+            state.resync.bytes_sent += found.1;
+            found
+        };
+        let mut data = vec![0u8; len as usize];
+        if let Err(error) = self.image.read_at(&mut data, offset) {
+            warn!("resync cannot read {len} bytes at {offset}: {error}");
+            self.complete(id, crate::request::Status::IoError);
+            return;
+        }
+        let message = Message::ResyncBlock {
+            id,
+            generation,
+            offset,
+            crc32c: crc32c::crc32c(&data),
+        };
+        self.send_or_hold(&message, data);
     }
 }
 
