@@ -38,3 +38,70 @@ fn compare_mode_sends_only_differing_chunks() {
     );
     pair.assert_images_identical();
 }
+
+/// Waits until `daemon` is an in-sync primary.
+fn wait_primary_in_sync(daemon: &ftvm_tests::blk::BlkDaemon) -> serde_json::Value {
+    daemon.wait_replication(TIMEOUT, "an in-sync primary", |r| {
+        r["role"] == "primary"
+            && r["disk_state"] == "UpToDate"
+            && r["in_flight_requests"] == 0
+            && r["out_of_sync_bytes"] == 0
+    })
+}
+
+#[test]
+fn planned_role_swap_keeps_the_data_and_bumps_the_generation() {
+    use vhost_user_blk_load::{BlkDevice, DeviceOptions};
+
+    let mut pair = MirrorPair::new("role-swap", IMAGE_BYTES as u64, 1);
+    // Each side can take the other role: the primary listens once demoted, the secondary
+    // knows where to reach the old primary once promoted.
+    for address in ["10.77.1.1:7400", "10.77.2.1:7400"] {
+        pair.primary_options
+            .extra_args
+            .extend(["--listen".into(), address.into()]);
+        pair.secondary_options
+            .extra_args
+            .extend(["--peer".into(), address.into()]);
+    }
+    pair.start_secondary();
+    let refused = pair.secondary().command("promote");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Inconsistent")),
+        "an Inconsistent copy must never be promoted: {refused}"
+    );
+    pair.start_primary();
+    pair.wait_in_sync(TIMEOUT);
+
+    let first: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut device = BlkDevice::open(&pair.primary_options.socket, &DeviceOptions::default())
+        .expect("connect to the primary");
+    assert_eq!(device.write(0, &first).expect("write").status, 0);
+    assert_eq!(device.flush().expect("flush").status, 0);
+    drop(device);
+
+    let demoted = pair.primary().command("demote");
+    assert_eq!(demoted["ok"], true, "{demoted}");
+    let promoted = pair.secondary().command("promote");
+    assert_eq!(promoted["ok"], true, "{promoted}");
+
+    let new_primary = pair.secondary();
+    let synced = wait_primary_in_sync(new_primary);
+    assert_eq!(synced["replication"]["generation"], 2, "{synced}");
+    pair.primary()
+        .wait_replication(TIMEOUT, "old primary is an UpToDate secondary", |r| {
+            r["role"] == "secondary" && r["disk_state"] == "UpToDate" && r["generation"] == 2
+        });
+
+    let mut device = BlkDevice::open(&pair.secondary_options.socket, &DeviceOptions::default())
+        .expect("connect to the new primary");
+    assert_eq!(device.read(0, 1 << 20).expect("read").data, first);
+    let second = vec![0x5au8; 1 << 20];
+    assert_eq!(device.write(4096, &second).expect("write").status, 0);
+    assert_eq!(device.flush().expect("flush").status, 0);
+    drop(device);
+    wait_primary_in_sync(new_primary);
+    pair.assert_images_identical();
+}

@@ -12,7 +12,7 @@ use crate::link::{self, LinkSettings};
 use crate::metadata::{DataState, Metadata, MetadataError};
 use crate::mirror::primary::{Primary, ResyncOptions};
 use crate::mirror::secondary::Secondary;
-use crate::mirror::{Mirror, Role};
+use crate::mirror::{ListenerFactory, Mirror, Role, RoleChanges};
 
 /// Most A-links between two hosts.
 pub const MAX_LINKS: usize = 2;
@@ -91,12 +91,6 @@ impl ReplicationConfig {
                 if self.peers.is_empty() {
                     return missing("primary", "--peer ADDR (the secondary's --listen address)");
                 }
-                if !self.listen.is_empty() {
-                    return Err(ReplicationError::NotFor {
-                        what: "--listen",
-                        role: "secondary",
-                    });
-                }
             }
             RoleKind::Secondary => {
                 if self.listen.is_empty() {
@@ -143,9 +137,14 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
         initial_state,
     )?;
     let settings = LinkSettings::from_config(config)?;
-    let resync = config.resync;
     let role = config.role;
-    let promoted_connector = (!config.peers.is_empty()).then(|| link::connector(&settings));
+    let resync = config.resync;
+    let listener_settings = settings.clone();
+    let role_changes = RoleChanges {
+        promote_connector: (!config.peers.is_empty()).then(|| link::connector(&settings)),
+        demote_listener: (role == RoleKind::Primary && !config.listen.is_empty())
+            .then(|| Box::new(move || link::listen(&listener_settings)) as ListenerFactory),
+    };
     let start = move |image: Arc<Image>, metadata: Arc<Metadata>| match role {
         RoleKind::Primary => {
             let primary = Primary::start(image, metadata, link::connector(&settings), resync)?;
@@ -158,7 +157,7 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
             )?))
         }
     };
-    Mirror::replicated(image, metadata, resync, start, promoted_connector)
+    Mirror::replicated(image, metadata, resync, start, role_changes)
         .map_err(ReplicationError::Start)
 }
 

@@ -35,13 +35,24 @@ pub enum Role {
     Secondary(Arc<Secondary>),
 }
 
+/// Opens the listening side of the link for a primary that is demoted in place.
+pub type ListenerFactory = Box<dyn FnOnce() -> io::Result<Arc<dyn protocol::Transport>> + Send>;
+
+/// What a role change needs: the way to the peer after `promote`, the listener after
+/// `demote`.
+#[derive(Default)]
+pub struct RoleChanges {
+    pub promote_connector: Option<Connector>,
+    pub demote_listener: Option<ListenerFactory>,
+}
+
 /// The local image plus, on a primary, the replication to the peer.
 pub struct Mirror {
     image: Arc<Image>,
     metadata: Option<Arc<Metadata>>,
     role: RwLock<Role>,
-    /// Opens sessions to the peer once a promoted secondary becomes primary.
-    promoted_connector: std::sync::Mutex<Option<Connector>>,
+    /// How to become primary after `promote`, or secondary after `demote`.
+    role_changes: std::sync::Mutex<RoleChanges>,
     resync_options: ResyncOptions,
 }
 
@@ -61,7 +72,7 @@ impl Mirror {
             image: Arc::new(image),
             metadata: None,
             role: RwLock::new(Role::Standalone),
-            promoted_connector: std::sync::Mutex::new(None),
+            role_changes: std::sync::Mutex::new(RoleChanges::default()),
             resync_options: ResyncOptions::default(),
         }
     }
@@ -72,7 +83,7 @@ impl Mirror {
         metadata: Metadata,
         resync_options: ResyncOptions,
         start: impl FnOnce(Arc<Image>, Arc<Metadata>) -> io::Result<Role>,
-        promoted_connector: Option<Connector>,
+        role_changes: RoleChanges,
     ) -> io::Result<Mirror> {
         let image = Arc::new(image);
         let metadata = Arc::new(metadata);
@@ -81,7 +92,7 @@ impl Mirror {
             image,
             metadata: Some(metadata),
             role: RwLock::new(role),
-            promoted_connector: std::sync::Mutex::new(promoted_connector),
+            role_changes: std::sync::Mutex::new(role_changes),
             resync_options,
         })
     }
@@ -177,11 +188,8 @@ impl Mirror {
             }
             ("promote", Role::Primary(_)) => Ok("already primary".into()),
             ("repair", Role::Primary(primary)) => primary.repair().map(str::to_owned),
-            ("demote", _) => Err(
-                "demote is not implemented yet: stop the daemon and start it \
-                                  again with --role secondary"
-                    .into(),
-            ),
+            ("demote", Role::Primary(primary)) => self.become_secondary(&primary),
+            ("demote", Role::Secondary(_)) => Ok("already secondary".into()),
             (other, role) => Err(format!(
                 "{other:?} does not apply to a {} disk",
                 role_name(&role)
@@ -193,11 +201,11 @@ impl Mirror {
     /// primary comes back as secondary.
     fn become_primary(&self) -> Result<String, String> {
         let metadata = self.metadata.clone().ok_or("no metadata")?;
-        let connector = match self.promoted_connector.lock() {
-            Ok(mut slot) => slot.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        }
-        .ok_or("promoted without a way to reach the peer (--peer)")?;
+        let connector = self
+            .role_changes()
+            .promote_connector
+            .take()
+            .ok_or("promoted without a way to reach the peer (--peer)")?;
         let primary =
             Primary::start_degraded(self.image.clone(), metadata, connector, self.resync_options)
                 .map_err(|error| error.to_string())?;
@@ -209,6 +217,33 @@ impl Mirror {
         Ok(format!(
             "promoted: primary at generation {generation}, degraded"
         ))
+    }
+
+    fn role_changes(&self) -> std::sync::MutexGuard<'_, RoleChanges> {
+        match self.role_changes.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Demotion: this host stops acknowledging anything (fence), then accepts the new
+    /// primary on `--listen`. Our generation is older than the new primary's, so it will
+    /// resync this copy in full: it may hold writes the new primary never saw.
+    fn become_secondary(&self, primary: &Arc<Primary>) -> Result<String, String> {
+        let listener = self.role_changes().demote_listener.take().ok_or(
+            "demote needs --listen (where to accept the new primary); without it, stop \
+                    the daemon and start it again with --role secondary",
+        )?;
+        primary.fence();
+        let metadata = self.metadata.clone().ok_or("no metadata")?;
+        let transport = listener().map_err(|error| error.to_string())?;
+        let secondary = Secondary::start(self.image.clone(), metadata, transport)
+            .map_err(|error| error.to_string())?;
+        match self.role.write() {
+            Ok(mut role) => *role = Role::Secondary(secondary),
+            Err(poisoned) => *poisoned.into_inner() = Role::Secondary(secondary),
+        }
+        Ok("demoted: fenced, now secondary".into())
     }
 
     /// The role-specific part of `status`.

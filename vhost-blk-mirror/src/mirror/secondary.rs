@@ -240,8 +240,10 @@ impl Secondary {
             "primary connected at generation {generation}; this copy is {:?}",
             header.data_state
         );
+        // Our generation from before this primary: an older one means this copy may hold
+        // writes the primary never saw (it was a primary itself), so it needs a full resync.
         Some(Message::Welcome {
-            generation,
+            generation: header.generation,
             data_state: header.data_state,
         })
     }
