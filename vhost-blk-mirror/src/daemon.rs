@@ -119,6 +119,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     if let Err(error) = disk.mirror.image().flush() {
         warn!("final fdatasync of the image failed: {error}");
     }
+    disk.mirror.shutdown();
     remove_socket(&config.socket);
     if let Some(path) = &config.control {
         remove_socket(path);

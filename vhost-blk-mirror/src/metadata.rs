@@ -69,6 +69,10 @@ pub struct Header {
     pub size_bytes: u64,
     pub chunk_bytes: u32,
     pub extent_bytes: u32,
+    /// Boot id of the host while a secondary runs on this copy; cleared on a clean stop.
+    /// Found set with another boot id, it means the host went down under the secondary,
+    /// and writes it had acknowledged but not yet flushed may be gone.
+    pub open_boot_id: Option<u128>,
 }
 
 /// An in-memory bitmap mirrored to a region of the metadata file.
@@ -193,6 +197,7 @@ impl Metadata {
                 size_bytes,
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
                 extent_bytes: DEFAULT_EXTENT_BYTES,
+                open_boot_id: None,
             }
         };
         if header.size_bytes != size_bytes {
@@ -262,6 +267,17 @@ impl Metadata {
         state.header.data_state = data_state;
         write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
         self.file.sync_data().map_err(|e| self.io_error(e))
+    }
+
+    /// Durably records that this copy is in use on the host with `boot_id`; returns the
+    /// boot id recorded before (set when the last user did not stop cleanly).
+    pub fn mark_open(&self, boot_id: Option<u128>) -> Result<Option<u128>, MetadataError> {
+        let mut state = self.lock();
+        let previous = state.header.open_boot_id;
+        state.header.open_boot_id = boot_id;
+        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
+        self.file.sync_data().map_err(|e| self.io_error(e))?;
+        Ok(previous)
     }
 
     pub fn chunk_bytes(&self) -> u64 {

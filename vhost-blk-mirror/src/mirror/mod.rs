@@ -246,6 +246,13 @@ impl Mirror {
         Ok("demoted: fenced, now secondary".into())
     }
 
+    /// A clean stop of the daemon.
+    pub fn shutdown(&self) {
+        if let Role::Secondary(secondary) = self.role() {
+            secondary.shutdown();
+        }
+    }
+
     /// The role-specific part of `status`.
     pub fn status(&self) -> serde_json::Value {
         match self.role() {

@@ -21,6 +21,10 @@ pub enum Message {
     Welcome {
         generation: u64,
         data_state: DataState,
+        /// The secondary's host went down under it since the last resync: writes it had
+        /// acknowledged but not flushed may be lost, so recently written regions must be
+        /// resynced.
+        lost_unflushed: bool,
     },
     /// A guest write; the payload is the data.
     Write {
@@ -130,6 +134,7 @@ mod tests {
             Message::Welcome {
                 generation: 2,
                 data_state: DataState::Inconsistent,
+                lost_unflushed: true,
             },
         ];
         for message in messages {

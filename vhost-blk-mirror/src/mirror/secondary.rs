@@ -18,6 +18,8 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 struct State {
+    /// See `Message::Welcome::lost_unflushed`; reported until a resync completes.
+    lost_unflushed: bool,
     /// The current session's primary said `Hello` and was welcomed.
     welcomed: bool,
     resyncing: bool,
@@ -62,11 +64,24 @@ impl Secondary {
         metadata: Arc<Metadata>,
         transport: Arc<dyn Transport>,
     ) -> io::Result<Arc<Secondary>> {
+        let current = current_boot_id();
+        let previous = metadata.mark_open(current).map_err(io::Error::other)?;
+        let lost_unflushed =
+            matches!((previous, current), (Some(before), Some(now)) if before != now);
+        if lost_unflushed {
+            warn!(
+                "this host restarted while the secondary was running: writes not yet flushed \
+                 may be lost; the primary will resync recently written regions"
+            );
+        }
         let secondary = Arc::new(Secondary {
             image,
             metadata,
             transport,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                lost_unflushed,
+                ..State::default()
+            }),
         });
         let applier = secondary.clone();
         thread::Builder::new()
@@ -191,7 +206,9 @@ impl Secondary {
                         .map_err(io::Error::other)
                 });
                 if result.is_ok() {
-                    self.lock().resyncing = false;
+                    let mut state = self.lock();
+                    state.resyncing = false;
+                    state.lost_unflushed = false;
                     info!("resync complete: this copy is UpToDate");
                 }
                 Some(self.result(id, result))
@@ -245,6 +262,7 @@ impl Secondary {
         Some(Message::Welcome {
             generation: header.generation,
             data_state: header.data_state,
+            lost_unflushed: self.lock().lost_unflushed,
         })
     }
 
@@ -344,6 +362,20 @@ impl Secondary {
         }
     }
 
+    /// A clean stop: everything applied is flushed, so nothing acknowledged can be lost.
+    pub fn shutdown(&self) {
+        let flushed = self.image.flush();
+        match flushed.map_err(|error| error.to_string()).and_then(|()| {
+            self.metadata
+                .mark_open(None)
+                .map(|_| ())
+                .map_err(|error| error.to_string())
+        }) {
+            Ok(()) => info!("secondary stopped cleanly"),
+            Err(error) => warn!("unclean stop of the secondary: {error}"),
+        }
+    }
+
     /// Takes over as primary: refused while this copy is Inconsistent. Returns the new
     /// generation.
     pub fn promote(&self) -> Result<u64, String> {
@@ -383,5 +415,47 @@ impl Secondary {
             resync_bytes_received: state.resync_bytes,
             refused_requests: state.refused,
         }
+    }
+}
+
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`), if the kernel tells.
+fn current_boot_id() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    parse_boot_id(&text)
+}
+
+fn parse_boot_id(text: &str) -> Option<u128> {
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    (hex.len() == 32).then(|| u128::from_str_radix(&hex, 16).ok())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_ids_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_boot_id("0f4e3c7a-1b2c-4d5e-8f90-a1b2c3d4e5f6\n"),
+            Some(0x0f4e3c7a_1b2c_4d5e_8f90_a1b2c3d4e5f6)
+        );
+        assert_eq!(parse_boot_id("not a boot id"), None);
+        assert!(
+            current_boot_id().is_some(),
+            "this kernel exposes its boot id"
+        );
+    }
+
+    #[test]
+    fn a_recorded_boot_id_survives_until_a_clean_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta");
+        let metadata = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("m");
+        assert_eq!(metadata.mark_open(Some(7)).expect("open"), None);
+        drop(metadata);
+        // An unclean stop leaves it set; the next start finds it.
+        let metadata = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("m");
+        assert_eq!(metadata.mark_open(Some(8)).expect("open"), Some(7));
+        assert_eq!(metadata.mark_open(None).expect("close"), Some(8));
     }
 }

@@ -104,7 +104,19 @@ impl Primary {
             Message::Welcome {
                 generation,
                 data_state,
-            } => self.welcome(generation, data_state),
+                lost_unflushed,
+            } => {
+                if lost_unflushed {
+                    match self.metadata.activity_to_out_of_sync() {
+                        Ok(extents) => warn!(
+                            "the secondary's host restarted under it: {extents} recently \
+                             written extent(s) will be resynced"
+                        ),
+                        Err(error) => error!("cannot mark recent writes for resync: {error}"),
+                    }
+                }
+                self.welcome(generation, data_state)
+            }
             Message::Done { id } => self.complete(id, Status::Ok),
             Message::Differs { id } => self.send_differing_chunk(id),
             Message::Failed { id, reason } => self.failed(id, reason),
