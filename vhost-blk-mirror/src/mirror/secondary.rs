@@ -446,6 +446,116 @@ mod tests {
         );
     }
 
+    /// A transport that delivers nothing; `apply` is driven directly.
+    struct Silent;
+
+    impl Transport for Silent {
+        fn send(&self, _message: &Message, _payload: Vec<u8>) -> io::Result<()> {
+            Ok(())
+        }
+        fn recv(&self, _timeout: Duration) -> io::Result<Option<Received>> {
+            Ok(None)
+        }
+        fn peer_reachable(&self) -> bool {
+            false
+        }
+        fn links(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn close(&self) {}
+    }
+
+    fn secondary_at_generation(dir: &std::path::Path, generation: u64) -> Secondary {
+        let image_path = dir.join("image");
+        std::fs::File::create(&image_path)
+            .and_then(|file| file.set_len(1 << 20))
+            .expect("image");
+        let image = Image::open(&image_path, false).expect("open image");
+        let metadata = Metadata::open_or_create(&dir.join("meta"), 1 << 20, DataState::UpToDate)
+            .expect("metadata");
+        metadata
+            .set_header(generation, DataState::UpToDate)
+            .expect("generation");
+        Secondary {
+            image: Arc::new(image),
+            metadata: Arc::new(metadata),
+            transport: Arc::new(Silent),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn write(id: u64, generation: u64, crc32c: u32) -> Message {
+        Message::Write {
+            id,
+            generation,
+            offset: 4096,
+            crc32c,
+        }
+    }
+
+    #[test]
+    fn lower_generations_and_bad_checksums_are_refused_and_write_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secondary = secondary_at_generation(dir.path(), 5);
+        let data = vec![0xabu8; 4096];
+        let crc = crc32c::crc32c(&data);
+        let stale = secondary.apply(write(1, 4, crc), &data);
+        assert_eq!(
+            stale,
+            Some(Message::Failed {
+                id: 1,
+                reason: Refusal::StaleGeneration { ours: 5 }
+            })
+        );
+        let corrupt = secondary.apply(write(2, 5, crc ^ 1), &data);
+        assert_eq!(
+            corrupt,
+            Some(Message::Failed {
+                id: 2,
+                reason: Refusal::Checksum
+            })
+        );
+        let mut back = vec![0u8; 4096];
+        secondary.image.read_at(&mut back, 4096).expect("read");
+        assert!(
+            back.iter().all(|&b| b == 0),
+            "a refused write reached the image"
+        );
+        let hello = secondary.apply(
+            Message::Hello {
+                generation: 3,
+                size_bytes: 1 << 20,
+            },
+            &[],
+        );
+        assert!(matches!(
+            hello,
+            Some(Message::Failed {
+                reason: Refusal::StaleGeneration { ours: 5 },
+                ..
+            })
+        ));
+        assert_eq!(
+            secondary.apply(write(3, 5, crc), &data),
+            Some(Message::Done { id: 3 })
+        );
+        secondary.image.read_at(&mut back, 4096).expect("read");
+        assert_eq!(back, data);
+        let past_end = Message::Write {
+            id: 4,
+            generation: 5,
+            offset: (1 << 20) - 512,
+            crc32c: crc,
+        };
+        assert!(matches!(
+            secondary.apply(past_end, &data),
+            Some(Message::Failed {
+                reason: Refusal::OutOfRange,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn a_recorded_boot_id_survives_until_a_clean_stop() {
         let dir = tempfile::tempdir().expect("tempdir");
