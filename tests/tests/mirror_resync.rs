@@ -105,3 +105,28 @@ fn planned_role_swap_keeps_the_data_and_bumps_the_generation() {
     wait_primary_in_sync(new_primary);
     pair.assert_images_identical();
 }
+
+#[test]
+fn resync_rate_limit_holds_the_copy_back() {
+    let mut pair = MirrorPair::new("resync-limit", IMAGE_BYTES as u64, 1);
+    pair.primary_options
+        .extra_args
+        .extend(["--resync-rate-limit".into(), "8M".into()]);
+    pair.start_secondary();
+    let started = std::time::Instant::now();
+    pair.start_primary();
+    let synced = pair.wait_in_sync(TIMEOUT);
+    let elapsed = started.elapsed();
+    // 16 MiB at 8 MiB/s cannot take less than 2 s (a lower bound: slow machines only add).
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "a 16 MiB resync limited to 8 MiB/s took {elapsed:?}: {synced}"
+    );
+    let rate = synced["replication"]["resync"]["rate_bytes_per_second"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        rate <= 9 << 20,
+        "resync rate {rate} B/s exceeds the 8 MiB/s limit"
+    );
+}

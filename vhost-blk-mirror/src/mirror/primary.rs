@@ -300,28 +300,47 @@ impl Primary {
         Ok(())
     }
 
-    /// A guest write: local image, then the peer; completes when the peer acknowledged.
-    pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
-        let len = data.len() as u64;
+    /// Handles a change of `[offset, offset + len)` that cannot be mirrored: fenced, it never
+    /// completes; degraded, the range is durably marked out of sync, `local` runs, and it
+    /// completes. Otherwise marks the range's extents active and returns `None`: mirror it.
+    fn unless_mirroring(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Arc<Waker>,
+        local: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<Option<Outcome>> {
         // Bind the mode first: a guard in the match scrutinee would live through the arms.
         let mode = self.lock().mode;
         match mode {
-            Mode::Fenced => return Ok(Outcome::Waiting(Ticket::new(1, waker.clone()))),
+            Mode::Fenced => Ok(Some(Outcome::Waiting(Ticket::new(1, waker.clone())))),
             Mode::Degraded => {
                 self.require_local_copy()?;
                 self.metadata
                     .mark_out_of_sync(offset, len)
                     .map_err(io::Error::other)?;
-                self.image.write_at(&data, offset)?;
-                return Ok(Outcome::Ready(Status::Ok));
+                local()?;
+                Ok(Some(Outcome::Ready(Status::Ok)))
             }
-            Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
+            Mode::Connecting | Mode::Mirrored | Mode::Holding => {
+                self.write_local(|| {
+                    self.metadata
+                        .mark_active(offset, len)
+                        .map_err(io::Error::other)
+                });
+                Ok(None)
+            }
         }
-        self.write_local(|| {
-            self.metadata
-                .mark_active(offset, len)
-                .map_err(io::Error::other)
-        });
+    }
+
+    /// A guest write: local image, then the peer; completes when the peer acknowledged.
+    pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        let len = data.len() as u64;
+        if let Some(outcome) =
+            self.unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))?
+        {
+            return Ok(outcome);
+        }
         let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
         let ticket = Ticket::new(parts as u32, waker.clone());
         for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
@@ -386,26 +405,11 @@ impl Primary {
         deallocate: bool,
         waker: &Arc<Waker>,
     ) -> io::Result<Outcome> {
-        let ticket = Ticket::new(1, waker.clone());
-        // Bind the mode first: a guard in the match scrutinee would live through the arms.
-        let mode = self.lock().mode;
-        match mode {
-            Mode::Fenced => return Ok(Outcome::Waiting(ticket)),
-            Mode::Degraded => {
-                self.require_local_copy()?;
-                self.metadata
-                    .mark_out_of_sync(offset, len)
-                    .map_err(io::Error::other)?;
-                zero_local(&self.image, offset, len, deallocate)?;
-                return Ok(Outcome::Ready(Status::Ok));
-            }
-            Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
+        let local = || zero_local(&self.image, offset, len, deallocate);
+        if let Some(outcome) = self.unless_mirroring(offset, len, waker, local)? {
+            return Ok(outcome);
         }
-        self.write_local(|| {
-            self.metadata
-                .mark_active(offset, len)
-                .map_err(io::Error::other)
-        });
+        let ticket = Ticket::new(1, waker.clone());
         match self.register(InFlight::new(
             Kind::Write,
             offset,

@@ -68,34 +68,55 @@ impl Primary {
             let Ok((id, generation)) = self.register(entry) else {
                 return;
             };
-            let mut data = vec![0u8; len as usize];
-            if let Err(error) = self.image.read_at(&mut data, offset) {
-                warn!("resync cannot read {len} bytes at {offset}: {error}");
-                self.complete(id, crate::request::Status::IoError);
-                continue;
-            }
             if self.resync_options.compare {
-                let hash = *blake3::hash(&data).as_bytes();
-                let message = Message::ResyncCompare {
-                    id,
-                    generation,
-                    offset,
-                    len,
-                    hash,
-                };
-                self.send_or_hold(&message, Vec::new());
+                self.send_resync_compare(id, generation, offset, len);
                 continue;
             }
-            let message = Message::ResyncBlock {
-                id,
-                generation,
-                offset,
-                crc32c: crc32c::crc32c(&data),
-            };
-            self.send_or_hold(&message, data);
-            self.lock().resync.bytes_sent += len;
+            self.send_resync_block(id, generation, offset, len);
             sent_bytes += len;
             self.throttle(started, sent_bytes);
+        }
+    }
+
+    /// Reads a locked chunk and sends it; a local read error fails that chunk.
+    fn send_resync_block(&self, id: u64, generation: u64, offset: u64, len: u64) {
+        let Some(data) = self.read_resync_chunk(id, offset, len) else {
+            return;
+        };
+        self.lock().resync.bytes_sent += len;
+        let message = Message::ResyncBlock {
+            id,
+            generation,
+            offset,
+            crc32c: crc32c::crc32c(&data),
+        };
+        self.send_or_hold(&message, data);
+    }
+
+    /// Compare mode: sends the chunk's hash; the secondary answers `Done` or `Differs`.
+    fn send_resync_compare(&self, id: u64, generation: u64, offset: u64, len: u64) {
+        let Some(data) = self.read_resync_chunk(id, offset, len) else {
+            return;
+        };
+        let message = Message::ResyncCompare {
+            id,
+            generation,
+            offset,
+            len,
+            hash: *blake3::hash(&data).as_bytes(),
+        };
+        self.send_or_hold(&message, Vec::new());
+    }
+
+    fn read_resync_chunk(&self, id: u64, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let mut data = vec![0u8; len as usize];
+        match self.image.read_at(&mut data, offset) {
+            Ok(()) => Some(data),
+            Err(error) => {
+                warn!("resync cannot read {len} bytes at {offset}: {error}");
+                self.complete(id, crate::request::Status::IoError);
+                None
+            }
         }
     }
 
@@ -183,34 +204,20 @@ impl Primary {
             state = self.wait(state, IDLE_WAIT);
         }
     }
-}
 
-impl Primary {
     /// Compare mode: the secondary's chunk differs, so send it. The chunk's range is still
-    /// locked by the resync entry, so the local data is what the hash was taken of or newer.
+    /// locked by the resync entry, so the local data is what the hash was taken of.
     pub(super) fn send_differing_chunk(&self, id: u64) {
-        let (offset, len, generation) = {
-            let mut state = self.lock();
-            let Some(entry) = state.in_flight.get(&id) else {
-                return;
-            };
-            let found = (entry.offset, entry.len, state.generation);
-            state.resync.bytes_sent += found.1;
-            found
+        let found = {
+            let state = self.lock();
+            state
+                .in_flight
+                .get(&id)
+                .map(|entry| (entry.offset, entry.len, state.generation))
         };
-        let mut data = vec![0u8; len as usize];
-        if let Err(error) = self.image.read_at(&mut data, offset) {
-            warn!("resync cannot read {len} bytes at {offset}: {error}");
-            self.complete(id, crate::request::Status::IoError);
-            return;
+        if let Some((offset, len, generation)) = found {
+            self.send_resync_block(id, generation, offset, len);
         }
-        let message = Message::ResyncBlock {
-            id,
-            generation,
-            offset,
-            crc32c: crc32c::crc32c(&data),
-        };
-        self.send_or_hold(&message, data);
     }
 }
 
