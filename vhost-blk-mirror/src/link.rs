@@ -85,10 +85,17 @@ struct ClientTransport {
     session: Session,
 }
 
+/// A primary waits as long as it takes for room in the send window: a full window means the
+/// peer is not acknowledging, and then completions are held anyway. Giving up would drop a
+/// write from the session and leave its request held forever; closing the session (on
+/// `continue-degraded` or `fence`) ends the wait.
+const SEND_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl Transport for ClientTransport {
     fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
+        let header = postcard::to_allocvec(message).map_err(to_io)?;
         self.session
-            .send_typed(message, payload)
+            .send_timeout(&header, payload, SEND_WAIT)
             .map(|_| ())
             .map_err(to_io)
     }
@@ -133,11 +140,11 @@ pub fn connector(settings: &LinkSettings) -> Connector {
 /// A secondary's listener: the current primary's session, replaced when a new one arrives.
 struct ListenerTransport {
     listener: LinkListener,
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Arc<Session>>>,
 }
 
 impl ListenerTransport {
-    fn current(&self) -> MutexGuard<'_, Option<Session>> {
+    fn current(&self) -> MutexGuard<'_, Option<Arc<Session>>> {
         match self.session.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -147,43 +154,37 @@ impl ListenerTransport {
 
 impl Transport for ListenerTransport {
     fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
-        let current = self.current();
-        let session = current
-            .as_ref()
+        // Not under the lock: the send may wait for window space.
+        let session = self
+            .current()
+            .clone()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no primary connected"))?;
+        // Same reasoning as the primary's: a lost answer would hold the primary's request.
+        let header = postcard::to_allocvec(message).map_err(to_io)?;
         session
-            .send_typed(message, payload)
+            .send_timeout(&header, payload, SEND_WAIT)
             .map(|_| ())
             .map_err(to_io)
     }
 
     fn recv(&self, timeout: Duration) -> io::Result<Option<Received>> {
-        if let Some(event) = self.listener.next_event(Duration::ZERO) {
-            let session = match event {
-                ListenerEvent::NewSession(session) => session,
-                ListenerEvent::PeerRestarted { session, .. } => session,
-            };
+        // With no primary yet, wait for one; with one, only look for a newer session.
+        let wait = if self.current().is_some() {
+            Duration::ZERO
+        } else {
+            timeout
+        };
+        if let Some(event) = self.listener.next_event(wait) {
+            let (ListenerEvent::NewSession(session) | ListenerEvent::PeerRestarted { session, .. }) =
+                event;
             info!("primary {:?} connected (new session)", session.peer_id());
-            if let Some(old) = self.current().replace(session) {
+            if let Some(old) = self.current().replace(Arc::new(session)) {
                 old.close();
             }
             return Ok(Some(Received::PeerRestarted));
         }
-        let current = self.current();
-        let Some(session) = current.as_ref() else {
-            drop(current);
-            return match self.listener.next_event(timeout) {
-                Some(event) => {
-                    let session = match event {
-                        ListenerEvent::NewSession(session) => session,
-                        ListenerEvent::PeerRestarted { session, .. } => session,
-                    };
-                    info!("primary {:?} connected", session.peer_id());
-                    *self.current() = Some(session);
-                    Ok(Some(Received::PeerRestarted))
-                }
-                None => Ok(None),
-            };
+        let Some(session) = self.current().clone() else {
+            return Ok(None);
         };
         log_link_events(session.take_events());
         match session.recv(timeout) {
