@@ -1,0 +1,279 @@
+//! A host's coordinator for one VM: watches the peer (heartbeats over the A-links), asks the
+//! witness for the next generation when the peer is lost, and tells the disk daemons what
+//! to do (`continue-degraded`, `fence`, `promote`, `demote`).
+//!
+//! Rules (DESIGN.md "Failover and quorum", with the witness's data-generation check):
+//! - The primary asks the witness at once when the peer is lost; the secondary waits
+//!   `secondary_claim_delay` first, so the running side wins ties.
+//! - Granted: the primary continues degraded at the new generation, the secondary promotes.
+//!   Refused: the primary fences; the secondary stays.
+//! - Until granted, a primary that lost its peer acknowledges nothing (its disk holds).
+//! - A host that hears a primary with a higher generation than its own becomes its
+//!   secondary (a resync follows).
+//! - A secondary whose copy is not consistent never claims.
+
+use serde::{Deserialize, Serialize};
+
+use crate::witness::{Claim, Verdict};
+use crate::{Generation, HostId, Millis};
+
+/// Timings, in milliseconds of the host's own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    pub heartbeat_interval: Millis,
+    /// The peer is lost when nothing was heard from it for this long.
+    pub peer_timeout: Millis,
+    /// Extra wait of a secondary before it claims (the running primary wins ties).
+    pub secondary_claim_delay: Millis,
+    /// Interval between repeated claims while no verdict arrived.
+    pub claim_retry: Millis,
+}
+
+impl Default for HostConfig {
+    fn default() -> HostConfig {
+        HostConfig {
+            heartbeat_interval: 100,
+            peer_timeout: 1000,
+            secondary_claim_delay: 500,
+            claim_retry: 200,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// What the primary's disk does with writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Writes complete when both copies have them.
+    Mirrored,
+    /// Peer lost: completions held until the witness decides.
+    Holding,
+    /// Running alone at a generation the witness granted.
+    Degraded,
+    /// Refused by the witness: nothing completes.
+    Fenced,
+}
+
+/// What the disk reports about its copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskView {
+    /// UpToDate (not Inconsistent).
+    pub consistent: bool,
+    /// The latest generation whose writes this copy holds completely.
+    pub data_generation: Generation,
+}
+
+/// Heartbeat between the hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub from: HostId,
+    pub role: Role,
+    pub generation: Generation,
+}
+
+/// Commands for this host's disk daemons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCommand {
+    /// Hold completions (the peer is lost).
+    Hold,
+    /// The peer is back before any verdict: mirror again (at `generation`).
+    Resume {
+        generation: Generation,
+    },
+    ContinueDegraded {
+        generation: Generation,
+    },
+    Fence,
+    Promote {
+        generation: Generation,
+    },
+    /// Become the secondary of a primary at `generation`.
+    Demote {
+        generation: Generation,
+    },
+}
+
+/// What the coordinator wants done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    SendHeartbeat(Heartbeat),
+    AskWitness(Claim),
+    Disk(DiskCommand),
+}
+
+/// The coordinator of one VM on one host.
+#[derive(Clone, Debug)]
+pub struct Host {
+    id: HostId,
+    config: HostConfig,
+    role: Role,
+    generation: Generation,
+    mode: Mode,
+    last_heard: Millis,
+    last_heartbeat_sent: Option<Millis>,
+    last_claim: Option<Millis>,
+}
+
+impl Host {
+    /// A host (re)starting at `now` with its durable role and generation. It knows nothing
+    /// of its peer yet: a primary holds until it hears the peer or wins a claim.
+    pub fn start(
+        id: HostId,
+        config: HostConfig,
+        role: Role,
+        generation: Generation,
+        now: Millis,
+    ) -> Host {
+        Host {
+            id,
+            config,
+            role,
+            generation,
+            mode: match role {
+                Role::Primary => Mode::Holding,
+                Role::Secondary => Mode::Mirrored,
+            },
+            last_heard: now,
+            last_heartbeat_sent: None,
+            last_claim: None,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Time passes: heartbeats, peer-loss detection, claims.
+    pub fn tick(&mut self, now: Millis, disk: DiskView) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let due = self
+            .last_heartbeat_sent
+            .is_none_or(|sent| now.saturating_sub(sent) >= self.config.heartbeat_interval);
+        if due {
+            self.last_heartbeat_sent = Some(now);
+            actions.push(Action::SendHeartbeat(Heartbeat {
+                from: self.id,
+                role: self.role,
+                generation: self.generation,
+            }));
+        }
+        let silent = now.saturating_sub(self.last_heard);
+        if self.role == Role::Primary
+            && self.mode == Mode::Mirrored
+            && silent > self.config.peer_timeout
+        {
+            self.mode = Mode::Holding;
+            actions.push(Action::Disk(DiskCommand::Hold));
+        }
+        if self.wants_to_claim(silent, disk) && self.claim_due(now) {
+            self.last_claim = Some(now);
+            actions.push(Action::AskWitness(Claim {
+                host: self.id,
+                generation: self.generation + 1,
+                data_generation: disk.data_generation,
+            }));
+        }
+        actions
+    }
+
+    fn wants_to_claim(&self, silent: Millis, disk: DiskView) -> bool {
+        match self.role {
+            Role::Primary => self.mode == Mode::Holding,
+            Role::Secondary => {
+                disk.consistent
+                    && silent > self.config.peer_timeout + self.config.secondary_claim_delay
+            }
+        }
+    }
+
+    fn claim_due(&self, now: Millis) -> bool {
+        self.last_claim
+            .is_none_or(|sent| now.saturating_sub(sent) >= self.config.claim_retry)
+    }
+
+    /// The peer's heartbeat.
+    pub fn on_heartbeat(&mut self, now: Millis, heartbeat: Heartbeat) -> Vec<Action> {
+        if heartbeat.from == self.id {
+            return Vec::new();
+        }
+        self.last_heard = now;
+        let newer_primary =
+            heartbeat.role == Role::Primary && heartbeat.generation > self.generation;
+        if newer_primary {
+            // Another host holds a later generation: follow it. A secondary only learns the
+            // number (its disk learns the data from the primary's session); a primary steps
+            // down, and its disk, which may hold writes the new primary never saw, becomes
+            // its secondary.
+            self.generation = heartbeat.generation;
+            self.last_claim = None;
+            if self.role == Role::Secondary {
+                return Vec::new();
+            }
+            self.role = Role::Secondary;
+            self.mode = Mode::Mirrored;
+            return vec![Action::Disk(DiskCommand::Demote {
+                generation: heartbeat.generation,
+            })];
+        }
+        if self.role == Role::Primary
+            && self.mode == Mode::Holding
+            && heartbeat.role == Role::Secondary
+        {
+            self.mode = Mode::Mirrored;
+            self.last_claim = None;
+            return vec![Action::Disk(DiskCommand::Resume {
+                generation: self.generation,
+            })];
+        }
+        Vec::new()
+    }
+
+    /// The witness's answer to a claim.
+    pub fn on_verdict(&mut self, verdict: Verdict) -> Vec<Action> {
+        match verdict {
+            Verdict::Granted { generation } if generation == self.generation + 1 => {
+                self.generation = generation;
+                self.last_claim = None;
+                match (self.role, self.mode) {
+                    (Role::Primary, Mode::Holding) => {
+                        self.mode = Mode::Degraded;
+                        vec![Action::Disk(DiskCommand::ContinueDegraded { generation })]
+                    }
+                    // The peer came back before the verdict: keep mirroring, at the new
+                    // generation (the peer accepts a higher one).
+                    (Role::Primary, _) => vec![Action::Disk(DiskCommand::Resume { generation })],
+                    (Role::Secondary, _) => {
+                        self.role = Role::Primary;
+                        self.mode = Mode::Degraded;
+                        vec![Action::Disk(DiskCommand::Promote { generation })]
+                    }
+                }
+            }
+            // A late answer to an older claim: nothing to do.
+            Verdict::Granted { .. } => Vec::new(),
+            Verdict::Refused { current, .. } => {
+                if self.role == Role::Primary
+                    && self.mode == Mode::Holding
+                    && current > self.generation
+                {
+                    self.mode = Mode::Fenced;
+                    return vec![Action::Disk(DiskCommand::Fence)];
+                }
+                Vec::new()
+            }
+        }
+    }
+}
