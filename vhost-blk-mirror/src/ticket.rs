@@ -76,16 +76,19 @@ impl Ticket {
         }
     }
 
-    /// The final status, once every part completed.
+    /// The final status, once every part completed. The last part decrements `remaining`
+    /// before it records success, so a status still pending means "not yet" (its waker
+    /// fires right after), never a failure.
     pub fn status(&self) -> Option<Status> {
         if self.remaining.load(Ordering::Acquire) != 0 {
             return None;
         }
-        Some(match self.status.load(Ordering::Acquire) {
-            0 => Status::Ok,
-            2 => Status::Unsupported,
-            _ => Status::IoError,
-        })
+        match self.status.load(Ordering::Acquire) {
+            PENDING => None,
+            0 => Some(Status::Ok),
+            2 => Some(Status::Unsupported),
+            _ => Some(Status::IoError),
+        }
     }
 }
 
@@ -142,6 +145,14 @@ mod tests {
         ticket.complete_part(Status::Ok);
         assert_eq!(ticket.status(), Some(Status::IoError));
         assert_eq!(waker.eventfd().read().expect("woken"), 1);
+    }
+
+    #[test]
+    fn the_last_part_is_not_reported_before_its_status_is_set() {
+        let ticket = Ticket::new(1, Arc::new(Waker::new().expect("eventfd")));
+        // What a reader sees between the last part's decrement and its status store.
+        ticket.remaining.store(0, Ordering::Release);
+        assert_eq!(ticket.status(), None, "a pending status is not a failure");
     }
 
     #[test]
