@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Generation, HostId};
 
-/// A host's request for the next generation.
+/// A host's request for the next generation. `H` names hosts: [`HostId`] in the
+/// simulation, host names in the daemons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claim {
-    pub host: HostId,
+pub struct Claim<H = HostId> {
+    pub host: H,
     /// The generation asked for: the current one plus one.
     pub generation: Generation,
     /// The latest generation whose writes the claimant's disk holds completely.
@@ -24,45 +25,45 @@ pub struct Claim {
 
 /// The witness's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Verdict {
+pub enum Verdict<H = HostId> {
     Granted { generation: Generation },
-    Refused { current: Generation, holder: HostId },
+    Refused { current: Generation, holder: H },
 }
 
 /// What the witness keeps on disk for one VM (written and synced before any answer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
+pub struct Grant<H = HostId> {
     pub generation: Generation,
-    pub holder: HostId,
+    pub holder: H,
 }
 
 /// The witness's decision for one VM; the caller persists `grant()` before replying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Witness {
-    grant: Grant,
+pub struct Witness<H = HostId> {
+    grant: Grant<H>,
 }
 
-impl Witness {
+impl<H: Clone + PartialEq> Witness<H> {
     /// A VM first protected with `holder` as primary at `generation`.
-    pub fn new(grant: Grant) -> Witness {
+    pub fn new(grant: Grant<H>) -> Witness<H> {
         Witness { grant }
     }
 
-    pub fn grant(&self) -> Grant {
-        self.grant
+    pub fn grant(&self) -> &Grant<H> {
+        &self.grant
     }
 
     /// Decides a claim. A repeated claim by the holder of the current grant is granted
     /// again (its first answer may have been lost).
-    pub fn decide(&mut self, claim: Claim) -> Verdict {
-        let current = self.grant;
+    pub fn decide(&mut self, claim: Claim<H>) -> Verdict<H> {
+        let current = self.grant.clone();
         let repeat = claim.generation == current.generation && claim.host == current.holder;
         let next = claim.generation == current.generation + 1
             && claim.data_generation == current.generation;
         if next {
             self.grant = Grant {
                 generation: claim.generation,
-                holder: claim.host,
+                holder: claim.host.clone(),
             };
         }
         if next || repeat {
