@@ -11,6 +11,7 @@
 pub mod host;
 pub mod sim;
 pub mod witness;
+pub mod witness_daemon;
 pub mod witness_store;
 
 /// Milliseconds on some clock (each host's clock may drift from the others').

@@ -1,0 +1,56 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use coordinator::witness_daemon::{run, WitnessConfig};
+
+/// The ftvm quorum witness: runs on a third host and grants each generation of a protected
+/// VM to at most one of its two hosts, so that a partition never gives two primaries.
+///
+/// Every grant is written to STATE_DIR (one readable JSON file per VM) and synced before
+/// the answer leaves. Hosts connect over the replication link, authenticated with the
+/// pre-shared key in PSK_FILE.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm-witness", version)]
+struct Args {
+    /// Address to accept hosts on (give twice for two networks).
+    #[arg(long, value_name = "ADDR:PORT", required = true)]
+    listen: Vec<SocketAddr>,
+    /// Where grants are kept (created, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Pre-shared key the hosts use to reach this witness (at least 16 bytes).
+    #[arg(long, value_name = "FILE")]
+    psk_file: PathBuf,
+    /// This witness's name on the link.
+    #[arg(long, value_name = "NAME", default_value = "witness")]
+    host_id: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let config = WitnessConfig {
+        listen: args.listen,
+        state_dir: args.state_dir,
+        psk_file: args.psk_file,
+        host_id: args.host_id,
+    };
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut line = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                line.push_str(": ");
+                line.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("ftvm-witness: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
