@@ -112,8 +112,12 @@ pub struct ResyncProgress {
     pub bytes_sent: u64,
     pub rate_bytes_per_second: u64,
     pub eta_seconds: Option<u64>,
+    /// Wall time of the copy, in seconds (so far, or in total once finished).
+    pub seconds: f64,
     #[serde(skip)]
     started: Option<Instant>,
+    #[serde(skip)]
+    finished: Option<Instant>,
 }
 
 #[derive(Debug)]

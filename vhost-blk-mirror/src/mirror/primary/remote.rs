@@ -173,6 +173,7 @@ impl Primary {
         let mut state = self.lock();
         if state.local == LocalDisk::Rebuilding {
             state.local = LocalDisk::Healthy;
+            state.rebuild.finish();
             info!("repair: the local disk is rebuilt ({size} bytes) and serves I/O again");
         }
     }

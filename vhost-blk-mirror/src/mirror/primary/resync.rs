@@ -163,14 +163,11 @@ impl Primary {
         }
         let mut state = self.lock();
         state.resync_started = false;
-        let progress = &mut state.resync;
-        let seconds = progress
-            .started
-            .map(|started| started.elapsed().as_secs_f64())
-            .unwrap_or(0.0);
+        state.resync.finish();
+        let progress = state.resync.now();
         info!(
-            "resync finished: {} bytes in {seconds:.2} s; the secondary is UpToDate",
-            progress.bytes_done
+            "resync finished: {} bytes in {:.2} s; the secondary is UpToDate",
+            progress.bytes_done, progress.seconds
         );
     }
 
@@ -222,11 +219,18 @@ impl Primary {
 }
 
 impl ResyncProgress {
-    /// Progress with rate and ETA computed now.
+    /// Marks the copy finished: its rate stops changing.
+    pub(super) fn finish(&mut self) {
+        self.finished = Some(Instant::now());
+    }
+
+    /// Progress with rate and ETA computed now (or at the end, once finished).
     pub fn now(&self) -> ResyncProgress {
         let mut progress = *self;
         if let Some(started) = self.started {
-            let seconds = started.elapsed().as_secs_f64();
+            let end = self.finished.unwrap_or_else(Instant::now);
+            let seconds = end.duration_since(started).as_secs_f64();
+            progress.seconds = seconds;
             if seconds > 0.0 {
                 progress.rate_bytes_per_second = (self.bytes_done as f64 / seconds) as u64;
             }
