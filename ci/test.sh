@@ -31,6 +31,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --all-targets --locked
 
+step "fuzz seed replay (virtio-blk request parser)"
+# The fuzz target builds on stable Rust; replaying its seeds checks the parser against the
+# target's model. Long runs need nightly: see vhost-blk-mirror/fuzz/README.md.
+cargo build --locked --manifest-path vhost-blk-mirror/fuzz/Cargo.toml
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path vhost-blk-mirror/fuzz/Cargo.toml |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+"$target_dir/debug/request_parser" -runs=0 vhost-blk-mirror/fuzz/seeds/request_parser
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"
