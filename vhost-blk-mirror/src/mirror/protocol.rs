@@ -75,6 +75,28 @@ pub enum Message {
     Failed { id: u64, reason: Refusal },
 }
 
+impl Message {
+    /// The id and generation of a request that changes the secondary's copy.
+    pub fn id_and_generation(&self) -> Option<(u64, u64)> {
+        match *self {
+            Message::Write { id, generation, .. }
+            | Message::Zero { id, generation, .. }
+            | Message::Flush { id, generation }
+            | Message::ResyncStart { id, generation }
+            | Message::ResyncBlock { id, generation, .. }
+            | Message::ResyncCompare { id, generation, .. }
+            | Message::ResyncDone { id, generation } => Some((id, generation)),
+            Message::Hello { .. }
+            | Message::Welcome { .. }
+            | Message::Read { .. }
+            | Message::ReadData { .. }
+            | Message::Differs { .. }
+            | Message::Done { .. }
+            | Message::Failed { .. } => None,
+        }
+    }
+}
+
 /// Why a secondary did not apply a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refusal {

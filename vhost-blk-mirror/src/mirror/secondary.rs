@@ -131,26 +131,24 @@ impl Secondary {
             warn!("refused request {id} from the primary: {reason:?}");
             Some(Message::Failed { id, reason })
         };
+        // Every request that changes this copy carries the sender's generation: a lower one
+        // than ours means a newer primary exists (fencing token).
+        if let Some((id, generation)) = message.id_and_generation() {
+            if generation < ours {
+                return refuse(id, Refusal::StaleGeneration { ours });
+            }
+        }
         match message {
             Message::Hello {
                 generation,
                 size_bytes,
             } => self.hello(generation, size_bytes),
             Message::Write {
-                id,
-                generation,
-                offset,
-                crc32c,
+                id, offset, crc32c, ..
             }
             | Message::ResyncBlock {
-                id,
-                generation,
-                offset,
-                crc32c,
+                id, offset, crc32c, ..
             } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
                 if crc32c::crc32c(payload) != crc32c {
                     return refuse(id, Refusal::Checksum);
                 }
@@ -159,47 +157,26 @@ impl Secondary {
             }
             Message::Zero {
                 id,
-                generation,
                 offset,
                 len,
                 deallocate,
-            } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
-                Some(self.zero(id, offset, len, deallocate))
-            }
-            Message::Flush { id, generation } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
-                Some(self.result(id, self.image.flush()))
-            }
+                ..
+            } => Some(self.zero(id, offset, len, deallocate)),
+            Message::Flush { id, .. } => Some(self.result(id, self.image.flush())),
             Message::Read { id, offset, len } => self.read(id, offset, len),
             Message::ResyncCompare {
                 id,
-                generation,
                 offset,
                 len,
                 hash,
-            } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
-                Some(self.compare(id, offset, len, &hash))
-            }
-            Message::ResyncStart { id, generation } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
+                ..
+            } => Some(self.compare(id, offset, len, &hash)),
+            Message::ResyncStart { id, .. } => {
                 self.lock().resyncing = true;
                 let result = self.metadata.set_header(ours, DataState::Inconsistent);
                 Some(self.result(id, result.map_err(io::Error::other)))
             }
-            Message::ResyncDone { id, generation } => {
-                if generation < ours {
-                    return refuse(id, Refusal::StaleGeneration { ours });
-                }
+            Message::ResyncDone { id, .. } => {
                 let result = self.image.flush().and_then(|()| {
                     self.metadata
                         .set_header(ours, DataState::UpToDate)
