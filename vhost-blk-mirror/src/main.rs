@@ -37,8 +37,8 @@ struct Args {
     /// Serial number the guest reads (up to 20 bytes; default: the image's file name).
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
-    /// Control socket (mode 0600): `status` (JSON), and the coordinator's commands
-    /// `promote`, `demote`, `continue-degraded`, `fence`.
+    /// Control socket (mode 0600): `status` (JSON), the coordinator's commands `promote`,
+    /// `demote`, `continue-degraded`, `fence`, and `repair` after a local disk failure.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Role in replication.
@@ -47,7 +47,8 @@ struct Args {
     /// Primary: the secondary's address on an A-link (give twice for two links).
     #[arg(long, value_name = "ADDR:PORT")]
     peer: Vec<SocketAddr>,
-    /// Secondary: address to accept the primary on (give twice for two links).
+    /// Secondary: address to accept the primary on (give twice for two links). A primary
+    /// given `--listen` can be demoted in place.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
     /// Pre-shared key of this host pair (at least 16 bytes; same file on both hosts).
