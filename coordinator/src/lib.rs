@@ -8,6 +8,7 @@
 //! The daemons (`ftvmd`, `ftvm-witness`) wrap these machines with real sockets, clocks and
 //! files.
 
+pub mod config;
 pub mod host;
 pub mod sim;
 pub mod witness;
