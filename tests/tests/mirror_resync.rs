@@ -130,3 +130,24 @@ fn resync_rate_limit_holds_the_copy_back() {
         "resync rate {rate} B/s exceeds the 8 MiB/s limit"
     );
 }
+
+#[test]
+fn a_refused_promotion_changes_nothing() {
+    let mut pair = MirrorPair::new("promote-refused", IMAGE_BYTES as u64, 1);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(TIMEOUT);
+    // This secondary was not told where the old primary would be (--peer).
+    let refused = pair.secondary().command("promote");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--peer")),
+        "{refused}"
+    );
+    let status = pair.secondary().status();
+    assert_eq!(status["replication"]["role"], "secondary", "{status}");
+    assert_eq!(status["replication"]["generation"], 1, "{status}");
+    // And it still mirrors.
+    pair.wait_in_sync(TIMEOUT);
+}

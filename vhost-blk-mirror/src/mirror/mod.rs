@@ -183,6 +183,14 @@ impl Mirror {
                 Ok("fenced".into())
             }
             ("promote", Role::Secondary(secondary)) => {
+                // Check before anything changes: a refused promotion leaves all as it was.
+                if self.role_changes().promote_connector.is_none() {
+                    return Err(
+                        "promote needs --peer: where to reach the old primary once it \
+                                returns as secondary"
+                            .into(),
+                    );
+                }
                 secondary.promote()?;
                 self.become_primary()
             }
