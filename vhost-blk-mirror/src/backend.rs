@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use log::{debug, error};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -101,10 +101,9 @@ impl BlkBackend {
     }
 
     fn worker(&self, queue: usize) -> Option<std::sync::MutexGuard<'_, QueueWorker>> {
-        self.workers.get(queue).map(|worker| match worker.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        })
+        self.workers
+            .get(queue)
+            .map(|worker| worker.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Runs every available request of `vring`; with EVENT_IDX, loops until no new request
@@ -235,10 +234,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
-        let mut slot = match self.memory.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut slot = self.memory.write().unwrap_or_else(PoisonError::into_inner);
         *slot = Some(memory);
         Ok(())
     }

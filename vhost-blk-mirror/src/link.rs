@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -145,10 +145,7 @@ struct ListenerTransport {
 
 impl ListenerTransport {
     fn current(&self) -> MutexGuard<'_, Option<Arc<Session>>> {
-        match self.session.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

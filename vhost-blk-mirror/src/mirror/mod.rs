@@ -9,7 +9,7 @@ pub mod protocol;
 pub mod secondary;
 
 use std::io;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde_json::json;
 
@@ -228,10 +228,9 @@ impl Mirror {
     }
 
     fn role_changes(&self) -> std::sync::MutexGuard<'_, RoleChanges> {
-        match self.role_changes.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.role_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Demotion: this host stops acknowledging anything (fence), then accepts the new
