@@ -32,6 +32,9 @@ impl MirrorPair {
         let psk = dir.path().join("pair.psk");
         std::fs::write(&psk, format!("ftvm test key for {name} 0123456789abcdef\n"))
             .expect("write psk");
+        // As an operator would: a key readable by others makes the daemons warn.
+        std::fs::set_permissions(&psk, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod psk");
         let mut primary_options = BlkOptions::in_dir(dir.path(), "primary");
         primary_options.queues = queues;
         primary_options.serial = Some(format!("{name}-disk"));
