@@ -75,6 +75,25 @@ impl MirrorPair {
         self.secondary.as_ref().expect("secondary is running")
     }
 
+    /// Kills the secondary with SIGKILL (a crash, as far as it can tell).
+    pub fn kill_secondary(&mut self) {
+        if let Some(mut secondary) = self.secondary.take() {
+            secondary.process.kill();
+        }
+    }
+
+    /// Kills the primary with SIGKILL.
+    pub fn kill_primary(&mut self) {
+        if let Some(mut primary) = self.primary.take() {
+            primary.process.kill();
+        }
+    }
+
+    /// The secondary's image as it is on disk now.
+    pub fn secondary_image(&self) -> Vec<u8> {
+        std::fs::read(&self.secondary_options.image).expect("read the secondary's image")
+    }
+
     /// Waits until both copies are UpToDate with nothing in flight or out of sync.
     pub fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
         self.secondary()

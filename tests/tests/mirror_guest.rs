@@ -72,9 +72,7 @@ fn secondary_loss_holds_then_degraded_then_delta_resync() {
     let mut guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 20");
 
-    if let Some(mut secondary) = pair.secondary.take() {
-        secondary.process.kill();
-    }
+    pair.kill_secondary();
     wait_mode(pair.primary(), "Holding");
     pair.primary()
         .wait_replication(SYNC_TIMEOUT, "a held write", |r| {
@@ -82,7 +80,7 @@ fn secondary_loss_holds_then_degraded_then_delta_resync() {
         });
     // Every record acknowledged so far was acknowledged by the secondary: it is on its disk.
     let acknowledged_mirrored = records::acknowledged(&guest.console());
-    let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
+    let secondary_image = pair.secondary_image();
     records::assert_in_image(&secondary_image, &acknowledged_mirrored, "secondary");
 
     continue_degraded(pair.primary());
@@ -111,7 +109,7 @@ fn secondary_loss_holds_then_degraded_then_delta_resync() {
     pair.assert_images_identical();
     let acknowledged = records::acknowledged(&guest.console());
     assert_eq!(acknowledged.len(), 150);
-    let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
+    let secondary_image = pair.secondary_image();
     records::assert_in_image(&secondary_image, &acknowledged, "resynced secondary");
 }
 
@@ -122,17 +120,13 @@ fn primary_killed_in_degraded_mode_keeps_its_bitmap() {
     records::add_writers(&mut config, 1, 100);
     let mut guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 10");
-    if let Some(mut secondary) = pair.secondary.take() {
-        secondary.process.kill();
-    }
+    pair.kill_secondary();
     wait_mode(pair.primary(), "Holding");
     continue_degraded(pair.primary());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 40");
 
     // The primary dies in degraded mode; its successor finds the bitmap on disk.
-    if let Some(mut primary) = pair.primary.take() {
-        primary.process.kill();
-    }
+    pair.kill_primary();
     pair.start_primary();
     let restarted = pair.primary().status()["replication"].clone();
     assert!(
@@ -160,7 +154,7 @@ fn primary_killed_in_degraded_mode_keeps_its_bitmap() {
     );
     pair.assert_images_identical();
     let acknowledged = records::acknowledged(&guest.console());
-    let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
+    let secondary_image = pair.secondary_image();
     records::assert_in_image(&secondary_image, &acknowledged, "resynced secondary");
 }
 
@@ -228,7 +222,7 @@ fn a_link_cuts_lose_and_duplicate_nothing() {
     pair.assert_images_identical();
     let acknowledged = records::acknowledged(&guest.console());
     assert_eq!(acknowledged.len(), 300);
-    let secondary_image = std::fs::read(&pair.secondary_options.image).expect("read");
+    let secondary_image = pair.secondary_image();
     records::assert_in_image(&secondary_image, &acknowledged, "secondary");
     // Exactly once: the secondary applied as many writes as the guest made.
     let guest_writes = pair.primary().status()["write_requests"].clone();

@@ -94,7 +94,7 @@ fn wrong_key_and_garbage_are_refused_and_nothing_is_written() {
         "nothing was accepted: {status}"
     );
     assert_eq!(status["replication"]["applied_writes"], 0, "{status}");
-    let image = std::fs::read(&pair.secondary_options.image).expect("read image");
+    let image = pair.secondary_image();
     assert!(
         image.iter().all(|&b| b == 0),
         "the secondary's image was written"
