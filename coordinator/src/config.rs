@@ -60,6 +60,52 @@ pub struct HostSection {
     pub name: String,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// Where `vhost-blk-mirror` is; default: the directory of the `ftvmd` executable.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+/// Failure detection, in milliseconds.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TimingSection {
+    /// The peer is lost when nothing was heard from it on any A-link for this long.
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout_ms: u64,
+    /// Extra wait of a secondary before it claims, so that a live primary wins ties.
+    #[serde(default = "default_claim_delay")]
+    pub secondary_claim_delay_ms: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for TimingSection {
+    fn default() -> TimingSection {
+        TimingSection {
+            peer_timeout_ms: default_peer_timeout(),
+            secondary_claim_delay_ms: default_claim_delay(),
+            heartbeat_interval_ms: default_heartbeat(),
+        }
+    }
+}
+
+fn default_peer_timeout() -> u64 {
+    1000
+}
+
+fn default_claim_delay() -> u64 {
+    500
+}
+
+fn default_heartbeat() -> u64 {
+    100
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -107,9 +153,16 @@ pub struct VmSection {
     pub vcpus: u32,
     #[serde(default)]
     pub disk: Vec<DiskSection>,
+    /// QEMU accelerator: "kvm" (default) or "tcg" (no hardware virtualisation).
+    #[serde(default = "default_accel")]
+    pub accel: String,
     /// Extra QEMU arguments (kernel, initrd, …), passed as given.
     #[serde(default)]
     pub qemu_args: Vec<String>,
+}
+
+fn default_accel() -> String {
+    "kvm".into()
 }
 
 fn default_vcpus() -> u32 {
@@ -123,6 +176,8 @@ pub struct Config {
     pub host: HostSection,
     pub peer: PeerSection,
     pub witness: WitnessSection,
+    #[serde(default)]
+    pub timing: TimingSection,
     #[serde(default)]
     pub vm: Vec<VmSection>,
 }
@@ -167,6 +222,16 @@ impl Config {
                     "{what} needs 1 or {MAX_LINKS} addresses, has {count}"
                 ));
             }
+        }
+        let timing = &self.timing;
+        if timing.heartbeat_interval_ms == 0
+            || timing.peer_timeout_ms < 2 * timing.heartbeat_interval_ms
+        {
+            return Err(format!(
+                "timing: peer_timeout_ms ({}) must be at least twice heartbeat_interval_ms ({}), \
+                 which must be above 0",
+                timing.peer_timeout_ms, timing.heartbeat_interval_ms
+            ));
         }
         let mut names = BTreeSet::new();
         let mut ports = BTreeSet::new();
@@ -228,6 +293,19 @@ impl Config {
         {
             return Err(format!(
                 "VM {:?}: vcpus and disk queues must be 1 or more (queues at most 16)",
+                vm.name
+            ));
+        }
+        if !matches!(vm.accel.as_str(), "kvm" | "tcg") {
+            return Err(format!(
+                "VM {:?}: accel {:?} is not kvm or tcg",
+                vm.name, vm.accel
+            ));
+        }
+        if vm.disk.is_empty() {
+            return Err(format!(
+                "VM {:?}: needs at least one [[vm.disk]]: without a mirrored disk there is \
+                 nothing to restart from",
                 vm.name
             ));
         }

@@ -117,6 +117,8 @@ pub struct Host {
     last_heard: Millis,
     last_heartbeat_sent: Option<Millis>,
     last_claim: Option<Millis>,
+    /// A planned handover runs until then: the fenced primary does not resume before.
+    handover_until: Option<Millis>,
 }
 
 impl Host {
@@ -141,6 +143,7 @@ impl Host {
             last_heard: now,
             last_heartbeat_sent: None,
             last_claim: None,
+            handover_until: None,
         }
     }
 
@@ -191,7 +194,9 @@ impl Host {
 
     fn wants_to_claim(&self, silent: Millis, disk: DiskView) -> bool {
         match self.role {
-            Role::Primary => self.mode == Mode::Holding,
+            // A primary that lost its peer asks at once; one that just (re)started first
+            // gives the peer a timeout's chance to be heard.
+            Role::Primary => self.mode == Mode::Holding && silent > self.config.peer_timeout,
             Role::Secondary => {
                 disk.consistent
                     && silent > self.config.peer_timeout + self.config.secondary_claim_delay
@@ -202,6 +207,42 @@ impl Host {
     fn claim_due(&self, now: Millis) -> bool {
         self.last_claim
             .is_none_or(|sent| now.saturating_sub(sent) >= self.config.claim_retry)
+    }
+
+    /// Planned failover, on the primary: it stops acknowledging writes (the caller has
+    /// stopped the VM and fenced its disks) and waits for the peer to take over; the peer's
+    /// heartbeat at a newer generation then makes this host its secondary.
+    pub fn hand_over(&mut self, now: Millis) -> Vec<Action> {
+        if self.role != Role::Primary {
+            return Vec::new();
+        }
+        self.handover_until = Some(now + 2 * self.config.peer_timeout + self.config.secondary_claim_delay);
+        self.mode = Mode::Fenced;
+        vec![Action::Disk(DiskCommand::Fence)]
+    }
+
+    /// A primary holding with neither peer nor witness reachable: it stops for good (its
+    /// VM is stopped) rather than hold for ever, since the peer may be taking over.
+    pub fn fence_isolated(&mut self) -> Vec<Action> {
+        if self.role != Role::Primary || self.mode != Mode::Holding {
+            return Vec::new();
+        }
+        self.mode = Mode::Fenced;
+        vec![Action::Disk(DiskCommand::Fence)]
+    }
+
+    /// Planned failover, on the secondary: claims the next generation now, without waiting
+    /// for the peer to fall silent (the primary has handed over). The witness still decides.
+    pub fn take_over(&mut self, now: Millis, disk: DiskView) -> Vec<Action> {
+        if self.role != Role::Secondary || !disk.consistent {
+            return Vec::new();
+        }
+        self.last_claim = Some(now);
+        vec![Action::AskWitness(Claim {
+            host: self.id,
+            generation: self.generation + 1,
+            data_generation: disk.data_generation,
+        })]
     }
 
     /// The peer's heartbeat.
@@ -228,10 +269,16 @@ impl Host {
                 generation: heartbeat.generation,
             })];
         }
+        let handing_over = self.handover_until.is_some_and(|until| now < until);
+        let resumable = self.mode == Mode::Holding || (self.mode == Mode::Fenced && !handing_over);
         if self.role == Role::Primary
-            && self.mode == Mode::Holding
+            && resumable
             && heartbeat.role == Role::Secondary
+            && heartbeat.generation <= self.generation
         {
+            // Our own secondary, at our generation or behind: nobody took over, so the
+            // peer's disk still refuses nothing of ours. (A host that won a newer
+            // generation says so in its heartbeat, handled above.)
             self.mode = Mode::Mirrored;
             self.last_claim = None;
             return vec![Action::Disk(DiskCommand::Resume {

@@ -9,6 +9,7 @@
 //! files.
 
 pub mod config;
+pub mod daemon;
 pub mod host;
 pub mod sim;
 pub mod witness;

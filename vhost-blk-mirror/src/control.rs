@@ -23,7 +23,8 @@ use crate::image::ImageKind;
 use crate::metrics::MetricsSnapshot;
 
 /// The commands the control socket understands.
-const COMMANDS: &str = "status, promote, demote, continue-degraded, fence, repair";
+const COMMANDS: &str =
+    "status, promote [GENERATION], demote, continue-degraded [GENERATION], fence, repair";
 /// Longest command line accepted, in bytes.
 const MAX_COMMAND_BYTES: u64 = 4096;
 /// How long a client may take to send its command.
@@ -115,7 +116,12 @@ fn serve_client(stream: UnixStream, disk: &Disk, queues: usize) -> io::Result<()
     let reply = match line.trim() {
         "status" => serde_json::to_string(&status(disk, queues)).map_err(io::Error::other)?,
         "" => serde_json::json!({ "error": format!("empty command; try: {COMMANDS}") }).to_string(),
-        command @ ("promote" | "demote" | "continue-degraded" | "fence" | "repair") => {
+        command
+            if matches!(
+                command.split_whitespace().next(),
+                Some("promote" | "demote" | "continue-degraded" | "fence" | "repair")
+            ) =>
+        {
             info!("control command: {command}");
             match disk.mirror.command(command) {
                 Ok(result) => serde_json::json!({ "ok": true, "result": result }),

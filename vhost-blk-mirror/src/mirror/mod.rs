@@ -173,10 +173,25 @@ impl Mirror {
     }
 
     /// Runs a coordinator command from the control socket; returns a one-line result.
-    pub fn command(&self, command: &str) -> Result<String, String> {
+    /// `promote` and `continue-degraded` take an optional generation: the one the witness
+    /// granted (without it, `promote` takes the next one and `continue-degraded` keeps its).
+    pub fn command(&self, line: &str) -> Result<String, String> {
+        let mut words = line.split_whitespace();
+        let command = words.next().unwrap_or_default();
+        let generation = match words.next() {
+            None => None,
+            Some(word) => Some(word.parse::<u64>().map_err(|_| {
+                format!("{command}: generation {word:?} is not a number")
+            })?),
+        };
+        if words.next().is_some()
+            || (generation.is_some() && !matches!(command, "promote" | "continue-degraded"))
+        {
+            return Err(format!("{command}: too many arguments"));
+        }
         match (command, self.role()) {
             ("continue-degraded", Role::Primary(primary)) => {
-                primary.continue_degraded().map(str::to_owned)
+                primary.continue_degraded(generation).map(str::to_owned)
             }
             ("fence", Role::Primary(primary)) => {
                 primary.fence();
@@ -191,7 +206,7 @@ impl Mirror {
                             .into(),
                     );
                 }
-                secondary.promote()?;
+                secondary.promote(generation)?;
                 self.become_primary()
             }
             ("promote", Role::Primary(_)) => Ok("already primary".into()),

@@ -221,7 +221,13 @@ impl Secondary {
             });
         }
         if generation > header.generation {
-            if let Err(error) = self.metadata.set_header(generation, header.data_state) {
+            // A newer primary: this copy lacks what it wrote since our generation, so it is
+            // Inconsistent until that primary's resync finishes (`ResyncDone`). Claiming
+            // the new generation's data before then would let a failover lose writes.
+            if let Err(error) = self
+                .metadata
+                .set_header(generation, DataState::Inconsistent)
+            {
                 error!("cannot record generation {generation}: {error}");
                 return None;
             }
@@ -350,9 +356,9 @@ impl Secondary {
         }
     }
 
-    /// Takes over as primary: refused while this copy is Inconsistent. Returns the new
-    /// generation.
-    pub fn promote(&self) -> Result<u64, String> {
+    /// Takes over as primary at `generation` (default: the next one): refused while this
+    /// copy is Inconsistent. Returns the new generation.
+    pub fn promote(&self, generation: Option<u64>) -> Result<u64, String> {
         let header = self.metadata.header();
         if header.data_state == DataState::Inconsistent {
             return Err(
@@ -361,7 +367,13 @@ impl Secondary {
                     .into(),
             );
         }
-        let generation = header.generation + 1;
+        let generation = generation.unwrap_or(header.generation + 1);
+        if generation <= header.generation {
+            return Err(format!(
+                "generation {generation} is not above this copy's {}",
+                header.generation
+            ));
+        }
         self.metadata
             .set_header(generation, DataState::UpToDate)
             .map_err(|error| error.to_string())?;

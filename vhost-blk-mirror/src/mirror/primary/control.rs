@@ -3,7 +3,8 @@
 use log::{error, info, warn};
 use serde::Serialize;
 
-use super::{Kind, LocalDisk, Mode, Primary, ResyncProgress};
+use super::{Kind, LocalDisk, Mode, Primary, ResyncProgress, State};
+use crate::metadata::DataState;
 use crate::request::Status;
 
 /// The primary's part of `status`.
@@ -25,12 +26,24 @@ pub struct PrimaryStatus {
 
 impl Primary {
     /// Stops waiting for the lost peer: every held request is recorded as out of sync and
-    /// completed, and from now on writes complete on the local image alone.
-    pub fn continue_degraded(&self) -> Result<&'static str, String> {
+    /// completed, and from now on writes complete on the local image alone, at
+    /// `generation` if given (the one the witness granted; never lower than ours).
+    pub fn continue_degraded(&self, generation: Option<u64>) -> Result<&'static str, String> {
         let held = {
             let mut state = self.lock();
+            if let Some(generation) = generation {
+                if generation < state.generation {
+                    return Err(format!(
+                        "generation {generation} is below ours ({})",
+                        state.generation
+                    ));
+                }
+            }
             match state.mode {
-                Mode::Degraded => return Ok("already degraded"),
+                Mode::Degraded => {
+                    self.raise_generation(&mut state, generation)?;
+                    return Ok("already degraded");
+                }
                 Mode::Fenced => return Err("this primary is fenced; it cannot continue".into()),
                 Mode::Mirrored => {
                     return Err(
@@ -39,6 +52,7 @@ impl Primary {
                 }
                 Mode::Connecting | Mode::Holding => {}
             }
+            self.raise_generation(&mut state, generation)?;
             state.mode = Mode::Degraded;
             state.welcomed = false;
             state.resync_started = false;
@@ -57,6 +71,20 @@ impl Primary {
         warn!("continuing degraded: {count} held request(s) completed; writes are recorded for resync");
         self.reconnect();
         Ok("degraded")
+    }
+
+    /// Records a generation the witness granted, durably, before any write carries it.
+    fn raise_generation(&self, state: &mut State, generation: Option<u64>) -> Result<(), String> {
+        let Some(generation) = generation.filter(|&generation| generation > state.generation)
+        else {
+            return Ok(());
+        };
+        self.metadata
+            .set_header(generation, DataState::UpToDate)
+            .map_err(|error| format!("cannot record generation {generation}: {error}"))?;
+        info!("generation {generation} granted: writes now carry it");
+        state.generation = generation;
+        Ok(())
     }
 
     /// Never completes another request: another host is (or may become) primary.

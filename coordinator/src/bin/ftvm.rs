@@ -1,0 +1,233 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use coordinator::daemon::control::{request, HostStatus, Reply, Request};
+use coordinator::host::Role;
+
+/// Operate ftvm, the fault tolerance for QEMU/KVM VMs, through this host's ftvmd.
+///
+/// Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
+/// usage.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm", version)]
+struct Args {
+    /// ftvmd's control socket (control_socket in its configuration).
+    #[arg(long, value_name = "PATH", default_value = "/run/ftvm/ftvmd.sock", global = true)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One line per VM: level, state, primary, secondary, disk sync, links, witness.
+    Status {
+        /// The whole status as JSON (for scripts and monitoring).
+        #[arg(long)]
+        json: bool,
+    },
+    /// What happened, with what to do about it (newest last).
+    Events {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a VM defined in the configuration at a level, with the peer host.
+    Protect {
+        vm: String,
+        /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        level: u8,
+        /// The peer host (must be the one in ftvmd's configuration).
+        #[arg(long)]
+        peer: String,
+    },
+    /// Stop protecting a VM.
+    Unprotect { vm: String },
+    /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy.
+    Failover { vm: String },
+    /// Planned maintenance of this host.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostAction {
+    /// Move every primary VM to the peer, then stop this host's VM daemons.
+    Disable {
+        /// How long to wait for the VMs to move, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Rejoin: this host's copies resync and become secondaries again.
+    Enable,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ftvm: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let ask = |request_: Request| -> Result<Reply, String> {
+        match request(&args.socket, &request_)? {
+            Reply::Error(error) => Err(error),
+            reply => Ok(reply),
+        }
+    };
+    match &args.command {
+        Command::Status { json } => {
+            let Reply::Status(status) = ask(Request::Status)? else {
+                return Err("unexpected answer from ftvmd".into());
+            };
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).map_err(|error| error.to_string())?
+                );
+            } else {
+                print!("{}", table(&status));
+            }
+        }
+        Command::Events { json } => {
+            let Reply::Events(events) = ask(Request::Events)? else {
+                return Err("unexpected answer from ftvmd".into());
+            };
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&events).map_err(|error| error.to_string())?
+                );
+            } else {
+                for event in events {
+                    let time = UNIX_EPOCH + Duration::from_millis(event.unix_ms);
+                    let time = humantime(time);
+                    let vm = if event.vm.is_empty() { "-" } else { &event.vm };
+                    let advice = if event.advice.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" -> {}", event.advice)
+                    };
+                    println!("{time}  {:<8} {vm:<12} {}{advice}", format!("{:?}", event.severity), event.what);
+                }
+            }
+        }
+        Command::Protect { vm, level, peer } => done(ask(Request::Protect {
+            vm: vm.clone(),
+            level: *level,
+            peer: peer.clone(),
+        })?),
+        Command::Unprotect { vm } => done(ask(Request::Unprotect { vm: vm.clone() })?),
+        Command::Failover { vm } => done(ask(Request::Failover { vm: vm.clone() })?),
+        Command::Host {
+            action: HostAction::Enable,
+        } => done(ask(Request::HostEnable)?),
+        Command::Host {
+            action: HostAction::Disable { timeout },
+        } => {
+            let deadline = Instant::now() + Duration::from_secs(*timeout);
+            loop {
+                let reply = ask(Request::HostDisable)?;
+                let Reply::Status(status) = ask(Request::Status)? else {
+                    return Err("unexpected answer from ftvmd".into());
+                };
+                if status.disabled {
+                    done(reply);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "VMs still primary here after {timeout} s: {}; see `ftvm events`",
+                        primaries(&status).join(", ")
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn done(reply: Reply) {
+    if let Reply::Done(message) = reply {
+        println!("{message}");
+    }
+}
+
+fn primaries(status: &HostStatus) -> Vec<String> {
+    status
+        .vms
+        .iter()
+        .filter(|vm| vm.role == Role::Primary)
+        .map(|vm| vm.name.clone())
+        .collect()
+}
+
+fn table(status: &HostStatus) -> String {
+    let mut out = format!(
+        "host {} (peer {}): A-links {}/{} up, witness {}{}\n",
+        status.host,
+        status.peer,
+        status.links_up,
+        status.links,
+        if status.witness_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        if status.disabled { ", DISABLED" } else { "" }
+    );
+    out.push_str(&format!(
+        "{:<12} {:>5} {:<12} {:<10} {:<10} {:>6} {:>5} {:>6} {:<9}\n",
+        "VM", "LEVEL", "STATE", "PRIMARY", "SECONDARY", "SYNC", "GEN", "LINKS", "WITNESS"
+    ));
+    for vm in &status.vms {
+        let sync = vm
+            .sync_percent
+            .map_or("-".into(), |percent| format!("{percent:.0}%"));
+        out.push_str(&format!(
+            "{:<12} {:>5} {:<12} {:<10} {:<10} {:>6} {:>5} {:>6} {:<9}\n",
+            vm.name,
+            vm.level,
+            vm.state,
+            vm.primary.as_deref().unwrap_or("-"),
+            vm.secondary.as_deref().unwrap_or("-"),
+            sync,
+            vm.generation,
+            format!("{}/{}", status.links_up, status.links),
+            if status.witness_reachable { "ok" } else { "DOWN" },
+        ));
+    }
+    out
+}
+
+/// UTC time as `YYYY-MM-DD HH:MM:SS.mmm`.
+fn humantime(time: std::time::SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since.as_secs();
+    let days = seconds / 86_400;
+    let (hour, minute, second) = (seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}.{:03}",
+        since.subsec_millis()
+    )
+}

@@ -1,0 +1,183 @@
+//! `ftvmd`'s control socket, shared with the `ftvm` CLI: one JSON request per line, one
+//! JSON reply per line. The socket is mode 0600 and only root (or `ftvmd`'s own user) may
+//! use it; the peer's credentials are checked on every connection.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, warn};
+use serde::{Deserialize, Serialize};
+
+use super::events::Event;
+use super::vm::VmStatus;
+
+/// Longest request accepted, in bytes.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Events,
+    Failover { vm: String },
+    Protect { vm: String, level: u8, peer: String },
+    Unprotect { vm: String },
+    HostDisable,
+    HostEnable,
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub host: String,
+    pub peer: String,
+    pub peer_reachable: bool,
+    pub links_up: usize,
+    pub links: usize,
+    pub witness_reachable: bool,
+    pub disabled: bool,
+    pub vms: Vec<VmStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Status(HostStatus),
+    Events(Vec<Event>),
+    Done(String),
+    Error(String),
+}
+
+/// A request waiting for the main loop's answer.
+pub type Pending = (Request, Sender<Reply>);
+
+/// Binds the socket (0600; a stale file is replaced, a live one refused) and serves it on
+/// a thread; requests come out of the returned channel.
+pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is in use: another ftvmd is running on this host",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|error| format!("cannot restrict {}: {error}", path.display()))?;
+    let (sender, receiver) = mpsc::channel();
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        let sender = sender.clone();
+                        let _ = thread::Builder::new()
+                            .name("control-client".into())
+                            .spawn(move || {
+                                if let Err(error) = client(stream, &sender) {
+                                    debug!("control client: {error}");
+                                }
+                            });
+                    }
+                    Err(error) => warn!("control socket accept failed: {error}"),
+                }
+            }
+        })
+        .map_err(|error| format!("cannot start a thread: {error}"))?;
+    Ok(receiver)
+}
+
+fn client(stream: UnixStream, sender: &Sender<Pending>) -> io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let reply = if allowed(&stream) {
+        let mut line = String::new();
+        BufReader::new(io::Read::take(&stream, MAX_REQUEST_BYTES)).read_line(&mut line)?;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let (answer, answered) = mpsc::channel();
+                if sender.send((request, answer)).is_err() {
+                    Reply::Error("ftvmd is stopping".into())
+                } else {
+                    answered
+                        .recv_timeout(CLIENT_TIMEOUT)
+                        .unwrap_or_else(|_| Reply::Error("ftvmd did not answer in time".into()))
+                }
+            }
+            Err(error) => Reply::Error(format!("malformed request: {error}")),
+        }
+    } else {
+        Reply::Error("permission denied: only root may control ftvmd".into())
+    };
+    let mut stream = stream;
+    let mut text = serde_json::to_string(&reply).map_err(io::Error::other)?;
+    text.push('\n');
+    stream.write_all(text.as_bytes())
+}
+
+/// Root or the daemon's own user.
+fn allowed(stream: &UnixStream) -> bool {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) writes at most `length` bytes into `credentials`,
+    // a properly sized and aligned ucred owned by this frame.
+    let result = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut credentials).cast(),
+            &raw mut length,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    result == 0 && (credentials.uid == 0 || credentials.uid == own)
+}
+
+/// Client side (the `ftvm` CLI): sends one request and returns the reply.
+pub fn request(path: &Path, request: &Request) -> Result<Reply, String> {
+    let mut stream = UnixStream::connect(path).map_err(|error| match error.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
+            "cannot reach ftvmd at {}: {error}; is ftvmd running on this host (systemctl \
+             status ftvmd), and is this its control_socket?",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "cannot reach ftvmd at {}: permission denied; run ftvm as root",
+            path.display()
+        ),
+        _ => format!("cannot reach ftvmd at {}: {error}", path.display()),
+    })?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT + Duration::from_secs(5)))
+        .map_err(|error| error.to_string())?;
+    let mut text = serde_json::to_string(request).map_err(|error| error.to_string())?;
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|error| format!("cannot send to ftvmd: {error}"))?;
+    let mut line = String::new();
+    BufReader::new(io::Read::take(&stream, 64 << 20))
+        .read_line(&mut line)
+        .map_err(|error| format!("no answer from ftvmd: {error}"))?;
+    serde_json::from_str(&line).map_err(|error| format!("bad answer from ftvmd: {error}"))
+}

@@ -1,0 +1,201 @@
+//! `ftvmd`'s sessions: with the peer's `ftvmd` over both A-links (heartbeats and planned
+//! handovers) and with the witness (registrations and claims). Both ride on the
+//! replication link, so every message is authenticated with the pair's or the witness's
+//! pre-shared key; received messages come out of a channel for the daemon's main loop.
+
+use std::net::SocketAddr;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{info, warn};
+use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session};
+use serde::{Deserialize, Serialize};
+
+use crate::host::Role;
+use crate::witness_daemon::{WitnessReply, WitnessRequest};
+use crate::Generation;
+
+/// The service name of `ftvmd`'s sessions with its peer.
+pub const PEER_SERVICE: &str = "ftvmd";
+/// The service name of sessions with the witness.
+pub const WITNESS_SERVICE: &str = "ftvm-witness";
+/// Messages kept waiting for a peer that is not reachable: heartbeats are only sent while
+/// it is, so this bounds the backlog of a link that just went down.
+const MAX_QUEUED: usize = 64;
+
+/// One VM's line in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmBeat {
+    pub vm: String,
+    pub role: Role,
+    pub generation: Generation,
+    /// The sender's summary (Protected, Syncing, Degraded, …), for `ftvm status`.
+    pub state: String,
+    pub sync_percent: Option<f64>,
+}
+
+/// Between the two `ftvmd`s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    Beat { host: String, vms: Vec<VmBeat> },
+    /// Planned failover: the sender (the primary) has stopped the VM and fenced its disks;
+    /// the receiver should claim the next generation and start the VM.
+    TakeOver { vm: String },
+}
+
+/// Both directions with the peer: our client session sends, our listener receives.
+pub struct PeerLink {
+    client: Session,
+    _listener: Arc<LinkListener>,
+    received: Receiver<PeerMessage>,
+}
+
+impl PeerLink {
+    pub fn start(
+        peer: Vec<SocketAddr>,
+        listen: Vec<SocketAddr>,
+        config: LinkConfig,
+    ) -> Result<PeerLink, String> {
+        let listener = Arc::new(
+            LinkListener::bind(listen.clone(), config.clone())
+                .map_err(|error| format!("cannot listen for the peer on {listen:?}: {error}"))?,
+        );
+        let client = Session::connect(peer.clone(), PEER_SERVICE, config)
+            .map_err(|error| format!("cannot start a session to the peer {peer:?}: {error}"))?;
+        let (sender, received) = mpsc::channel();
+        let accepting = Arc::clone(&listener);
+        thread::Builder::new()
+            .name("peer-accept".into())
+            .spawn(move || accept(&accepting, &sender))
+            .map_err(|error| format!("cannot start a thread: {error}"))?;
+        Ok(PeerLink {
+            client,
+            _listener: listener,
+            received,
+        })
+    }
+
+    /// Sends when the peer is reachable; otherwise drops (heartbeats are not worth
+    /// delivering late) unless `keep` and the backlog is small.
+    pub fn send(&self, message: &PeerMessage, keep: bool) {
+        if !self.client.peer_reachable()
+            && (!keep || self.client.stats().unacked_messages >= MAX_QUEUED)
+        {
+            return;
+        }
+        if let Err(error) =
+            self.client
+                .send_timeout(&encode(message), Vec::new(), Duration::from_millis(10))
+        {
+            warn!("cannot send to the peer: {error}");
+        }
+    }
+
+    pub fn try_recv(&self) -> Option<PeerMessage> {
+        self.received.try_recv().ok()
+    }
+
+    /// A-links up, of those configured.
+    pub fn links_up(&self) -> (usize, usize) {
+        let stats = self.client.stats();
+        let up = stats.links.iter().filter(|link| link.up).count();
+        (up, stats.links.len())
+    }
+}
+
+fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    postcard::to_allocvec(message).unwrap_or_default()
+}
+
+fn accept(listener: &LinkListener, sender: &Sender<PeerMessage>) {
+    loop {
+        let Some(event) = listener.next_event(Duration::from_secs(1)) else {
+            continue;
+        };
+        let (ListenerEvent::NewSession(session) | ListenerEvent::PeerRestarted { session, .. }) =
+            event;
+        info!("peer {:?} connected", session.peer_id());
+        let sender = sender.clone();
+        let spawned = thread::Builder::new()
+            .name("peer-recv".into())
+            .spawn(move || receive(&session, &sender));
+        if let Err(error) = spawned {
+            warn!("cannot serve the peer's session: {error}");
+        }
+    }
+}
+
+fn receive<T: for<'de> Deserialize<'de>>(session: &Session, sender: &Sender<T>) {
+    loop {
+        match session.recv(Duration::from_secs(1)) {
+            Ok(Some(message)) => match message.header::<T>() {
+                Ok(decoded) => {
+                    if sender.send(decoded).is_err() {
+                        return;
+                    }
+                }
+                Err(error) => warn!(
+                    "malformed message from {:?} dropped: {error}",
+                    session.peer_id()
+                ),
+            },
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The session with the witness.
+pub struct WitnessLink {
+    session: Arc<Session>,
+    received: Receiver<WitnessReply>,
+}
+
+impl WitnessLink {
+    pub fn start(addresses: Vec<SocketAddr>, config: LinkConfig) -> Result<WitnessLink, String> {
+        let session = Arc::new(Session::connect(addresses.clone(), WITNESS_SERVICE, config).map_err(
+            |error| format!("cannot start a session to the witness {addresses:?}: {error}"),
+        )?);
+        let (sender, received) = mpsc::channel();
+        let reader = Arc::clone(&session);
+        thread::Builder::new()
+            .name("witness-recv".into())
+            .spawn(move || receive(&reader, &sender))
+            .map_err(|error| format!("cannot start a thread: {error}"))?;
+        Ok(WitnessLink { session, received })
+    }
+
+    pub fn reachable(&self) -> bool {
+        self.session.peer_reachable()
+    }
+
+    /// Sends a request if the witness is reachable; `false` if not sent.
+    pub fn send(&self, request: &WitnessRequest) -> bool {
+        if !self.session.peer_reachable() {
+            return false;
+        }
+        match self
+            .session
+            .send_timeout(&encode(request), Vec::new(), Duration::from_millis(10))
+        {
+            Ok(_) => true,
+            Err(error) => {
+                warn!("cannot send to the witness: {error}");
+                false
+            }
+        }
+    }
+
+    pub fn try_recv(&self) -> Option<WitnessReply> {
+        self.received.try_recv().ok()
+    }
+}
+
+/// The link settings of a session: the pre-shared key from `psk_file`, this host's name.
+pub fn link_config(psk_file: &std::path::Path, host: &str) -> Result<LinkConfig, String> {
+    let psk = Psk::from_file(psk_file)
+        .map_err(|error| format!("cannot read the key {}: {error}", psk_file.display()))?;
+    Ok(LinkConfig::new(psk, host))
+}

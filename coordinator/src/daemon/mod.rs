@@ -1,0 +1,498 @@
+//! `ftvmd`, the per-host daemon: runs each protected VM's disk daemons and, on its primary,
+//! the VM itself; heartbeats the peer's `ftvmd` over both A-links; asks the witness when the
+//! peer is lost; answers the `ftvm` CLI on a root-only unix socket.
+//!
+//! One thread runs everything that decides (the VMs' state machines, process control);
+//! other threads only move bytes between sockets and channels.
+
+pub mod control;
+pub mod events;
+pub mod links;
+pub mod processes;
+pub mod state;
+pub mod vm;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::info;
+
+use self::control::{HostStatus, Reply, Request};
+use self::events::Events;
+use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
+use self::processes::{DiskSpec, QemuLauncher, VmLauncher, VmSpec};
+use self::vm::{Context, Pair, VmRunner};
+use crate::config::Config;
+use crate::host::{HostConfig, Role};
+use crate::witness_daemon::WitnessReply;
+use crate::Millis;
+
+/// Period of the main loop.
+const STEP: Duration = Duration::from_millis(10);
+
+/// Runs until SIGTERM or SIGINT; returns a one-line error if it cannot start.
+pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> {
+    let state_dir = &config.host.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|error| format!("cannot create state_dir {}: {error}", state_dir.display()))?;
+    let _lock = lock(&state_dir.join("ftvmd.lock"))?;
+    let requests = control::serve(&config.host.control_socket)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .map_err(|error| format!("cannot handle signals: {error}"))?;
+    }
+    let peer = PeerLink::start(
+        config.peer.addresses.clone(),
+        config.peer.listen.clone(),
+        link_config(&config.peer.psk_file, &config.host.name)?,
+    )?;
+    let witness = WitnessLink::start(
+        config.witness.addresses.clone(),
+        link_config(&config.witness.psk_file, &config.host.name)?,
+    )?;
+    let mut daemon = Daemon {
+        started: Instant::now(),
+        events: Events::default(),
+        peer,
+        witness,
+        launcher,
+        vms: Vec::new(),
+        disabled: false,
+        last_beat: None,
+        last_links: (usize::MAX, 0),
+        last_witness: None,
+        heartbeat: Duration::from_millis(config.timing.heartbeat_interval_ms),
+        config,
+    };
+    daemon.start_vms()?;
+    info!(
+        "ftvmd {} running: peer {}, {} VM(s), control socket {}",
+        daemon.config.host.name,
+        daemon.config.peer.name,
+        daemon.vms.len(),
+        daemon.config.host.control_socket.display()
+    );
+    while !stop.load(Ordering::Relaxed) {
+        daemon.step();
+        while let Ok((request, answer)) = requests.try_recv() {
+            let reply = daemon.handle(request);
+            let _ = answer.send(reply);
+        }
+        std::thread::sleep(STEP);
+    }
+    info!("stopping: the VMs and disk daemons of this host stop too");
+    let mut events = Events::default();
+    for vm in &mut daemon.vms {
+        vm.shutdown(&mut events);
+    }
+    let _ = std::fs::remove_file(&daemon.config.host.control_socket);
+    Ok(())
+}
+
+/// Takes `path`'s exclusive lock for the daemon's lifetime, or names who holds it.
+fn lock(path: &Path) -> Result<File, String> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(format!(
+            "another ftvmd (pid {}) is running with this state_dir ({}); stop it first",
+            holder.trim(),
+            path.display()
+        ));
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
+}
+
+struct Daemon {
+    config: Config,
+    started: Instant,
+    events: Events,
+    peer: PeerLink,
+    witness: WitnessLink,
+    launcher: Box<dyn VmLauncher>,
+    vms: Vec<VmRunner>,
+    disabled: bool,
+    last_beat: Option<Instant>,
+    last_links: (usize, usize),
+    last_witness: Option<bool>,
+    heartbeat: Duration,
+}
+
+impl Daemon {
+    fn now(&self) -> Millis {
+        self.started.elapsed().as_millis() as Millis
+    }
+
+    fn start_vms(&mut self) -> Result<(), String> {
+        let timing = self.config.timing;
+        let host_config = HostConfig {
+            heartbeat_interval: timing.heartbeat_interval_ms,
+            peer_timeout: timing.peer_timeout_ms,
+            secondary_claim_delay: timing.secondary_claim_delay_ms,
+            claim_retry: 200,
+        };
+        let bin_dir = match &self.config.host.bin_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("/usr/bin")),
+        };
+        let pair = Pair {
+            me: self.config.host.name.clone(),
+            peer: self.config.peer.name.clone(),
+        };
+        let now = self.now();
+        for section in self.config.vm.clone() {
+            let dir = self.config.host.state_dir.join(&section.name);
+            let with_port = |addresses: &[SocketAddr], port: u16| {
+                addresses
+                    .iter()
+                    .map(|address| SocketAddr::new(address.ip(), port))
+                    .collect::<Vec<_>>()
+            };
+            let disks: Vec<DiskSpec> = section
+                .disk
+                .iter()
+                .enumerate()
+                .map(|(index, disk)| DiskSpec {
+                    binary: bin_dir.join("vhost-blk-mirror"),
+                    image: disk.image.clone(),
+                    queues: disk.queues,
+                    serial: format!("{}-disk{index}", section.name),
+                    socket: dir.join(format!("disk{index}.sock")),
+                    control: dir.join(format!("disk{index}.ctl")),
+                    log: dir.join(format!("disk{index}.log")),
+                    peer: with_port(&self.config.peer.addresses, disk.replication_port),
+                    listen: with_port(&self.config.peer.listen, disk.replication_port),
+                    psk_file: self.config.peer.psk_file.clone(),
+                    host_name: self.config.host.name.clone(),
+                })
+                .collect();
+            let vm_spec = VmSpec {
+                name: section.name.clone(),
+                memory_mib: section.memory_mib,
+                vcpus: section.vcpus,
+                accel: section.accel.clone(),
+                disks: disks
+                    .iter()
+                    .map(|disk| (disk.socket.clone(), disk.queues))
+                    .collect(),
+                console: dir.join("console.log"),
+                log: dir.join("qemu.log"),
+                extra_args: section.qemu_args.clone(),
+            };
+            let runner = VmRunner::new(
+                section.name.clone(),
+                section.level,
+                section.primary.clone(),
+                pair.clone(),
+                dir,
+                host_config,
+                disks,
+                vm_spec,
+                now,
+                &mut self.events,
+            )?;
+            self.vms.push(runner);
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) {
+        let now = self.now();
+        let mut context = Context {
+            now,
+            events: &mut self.events,
+            peer: &self.peer,
+            witness: &self.witness,
+            launcher: self.launcher.as_ref(),
+        };
+        while let Some(message) = self.peer.try_recv() {
+            match message {
+                PeerMessage::Beat { host, vms } => {
+                    if host != self.config.peer.name {
+                        context.events.error(
+                            "",
+                            format!(
+                                "heartbeat from {host:?}, but the configured peer is {:?}",
+                                self.config.peer.name
+                            ),
+                            "both hosts' configurations must name each other",
+                        );
+                        continue;
+                    }
+                    for beat in vms {
+                        if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == beat.vm) {
+                            vm.on_beat(beat, &mut context);
+                        }
+                    }
+                }
+                PeerMessage::TakeOver { vm: name } => {
+                    if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
+                        vm.take_over(&mut context);
+                    }
+                }
+            }
+        }
+        while let Some(reply) = self.witness.try_recv() {
+            match reply {
+                WitnessReply::Verdict { vm: name, verdict } => {
+                    if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
+                        vm.on_verdict(verdict, &mut context);
+                    }
+                }
+                WitnessReply::Grant { vm: name, grant } => {
+                    if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
+                        vm.on_registered(grant, &mut context);
+                    }
+                }
+                WitnessReply::Error { vm, message } => context.events.error(
+                    &vm,
+                    format!("the witness answered: {message}"),
+                    "check the witness's log",
+                ),
+            }
+        }
+        if !self.disabled {
+            for vm in &mut self.vms {
+                vm.tick(&mut context);
+            }
+        }
+        self.watch_links(now);
+        let due = self
+            .last_beat
+            .is_none_or(|last| last.elapsed() >= self.heartbeat);
+        if due {
+            self.last_beat = Some(Instant::now());
+            let vms = if self.disabled {
+                Vec::new()
+            } else {
+                self.vms.iter().map(VmRunner::beat).collect()
+            };
+            self.peer.send(
+                &PeerMessage::Beat {
+                    host: self.config.host.name.clone(),
+                    vms,
+                },
+                false,
+            );
+        }
+    }
+
+    fn watch_links(&mut self, _now: Millis) {
+        let links = self.peer.links_up();
+        if links != self.last_links {
+            if self.last_links.0 != usize::MAX {
+                let (up, total) = links;
+                if up == 0 {
+                    self.events.warn(
+                        "",
+                        format!("all {total} A-link(s) to {} are down", self.config.peer.name),
+                        "check the links and the peer host; VMs fail over if the peer is lost",
+                    );
+                } else if up < total {
+                    self.events.warn(
+                        "",
+                        format!("{up} of {total} A-links to {} up", self.config.peer.name),
+                        "repair the down link: one more failure cuts the hosts apart",
+                    );
+                } else {
+                    self.events
+                        .info("", format!("all {total} A-links to {} up", self.config.peer.name));
+                }
+            }
+            self.last_links = links;
+        }
+        let witness = self.witness.reachable();
+        if self.last_witness != Some(witness) {
+            if witness {
+                if self.last_witness.is_some() {
+                    self.events.info("", "the witness is reachable again".into());
+                }
+            } else {
+                self.events.warn(
+                    "",
+                    "the witness is unreachable: VMs keep running, but no failover can happen \
+                     until it returns"
+                        .into(),
+                    "check the witness host and the network to it",
+                );
+            }
+            self.last_witness = Some(witness);
+        }
+        // A primary cut from both its peer and the witness stops rather than hold for ever.
+        if !witness {
+            for vm in &mut self.vms {
+                vm.isolated(&mut Context {
+                    now: self.started.elapsed().as_millis() as Millis,
+                    events: &mut self.events,
+                    peer: &self.peer,
+                    witness: &self.witness,
+                    launcher: self.launcher.as_ref(),
+                });
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request) -> Reply {
+        let now = self.now();
+        match request {
+            Request::Status => {
+                let (links_up, links) = self.peer.links_up();
+                Reply::Status(HostStatus {
+                    host: self.config.host.name.clone(),
+                    peer: self.config.peer.name.clone(),
+                    peer_reachable: links_up > 0,
+                    links_up,
+                    links,
+                    witness_reachable: self.witness.reachable(),
+                    disabled: self.disabled,
+                    vms: self.vms.iter().map(|vm| vm.status(now)).collect(),
+                })
+            }
+            Request::Events => Reply::Events(self.events.all()),
+            Request::Failover { vm: name } => {
+                let mut context = Context {
+                    now,
+                    events: &mut self.events,
+                    peer: &self.peer,
+                    witness: &self.witness,
+                    launcher: self.launcher.as_ref(),
+                };
+                match self.vms.iter_mut().find(|vm| vm.name == name) {
+                    None => Reply::Error(unknown_vm(&name, &self.config)),
+                    Some(vm) => match vm.hand_over(&mut context) {
+                        Ok(done) => Reply::Done(done),
+                        Err(error) => Reply::Error(error),
+                    },
+                }
+            }
+            Request::Protect { vm: name, level, peer } => {
+                if peer != self.config.peer.name {
+                    return Reply::Error(format!(
+                        "{peer:?} is not this host's peer: ftvmd on {} pairs with {} (see \
+                         [peer] in its configuration)",
+                        self.config.host.name, self.config.peer.name
+                    ));
+                }
+                if !matches!(level, 1 | 2) {
+                    return Reply::Error(format!(
+                        "level {level} is not supported: 1 (restart on the peer) or 2 (also \
+                         component fault tolerance)"
+                    ));
+                }
+                match self.vms.iter_mut().find(|vm| vm.name == name) {
+                    None => Reply::Error(format!(
+                        "{} not defined: add a [[vm]] section (disks, memory, primary) to \
+                         the configuration of both hosts and restart ftvmd",
+                        unknown_vm(&name, &self.config)
+                    )),
+                    Some(vm) if vm.level == level => Reply::Done(format!(
+                        "{name} is already protected at level {level} with {peer}"
+                    )),
+                    Some(vm) => {
+                        vm.level = level;
+                        self.events
+                            .info(&name, format!("protection level set to {level}"));
+                        Reply::Done(format!("{name} now protected at level {level} with {peer}"))
+                    }
+                }
+            }
+            Request::Unprotect { vm } => Reply::Error(format!(
+                "unprotect of {vm} is not available yet: remove its [[vm]] section from both \
+                 hosts' configurations and restart ftvmd"
+            )),
+            Request::HostDisable => self.disable(now),
+            Request::HostEnable => {
+                if !self.disabled {
+                    return Reply::Done(format!("{} is already enabled", self.config.host.name));
+                }
+                self.disabled = false;
+                self.events.info(
+                    "",
+                    "host enabled: its VMs rejoin as secondaries and resync".into(),
+                );
+                Reply::Done(format!("{} enabled", self.config.host.name))
+            }
+        }
+    }
+
+    /// Planned maintenance: every VM this host runs is handed to the peer, then this host's
+    /// daemons for the VMs stop and it leaves the heartbeat, so the peer runs them alone.
+    fn disable(&mut self, now: Millis) -> Reply {
+        let mut context = Context {
+            now,
+            events: &mut self.events,
+            peer: &self.peer,
+            witness: &self.witness,
+            launcher: self.launcher.as_ref(),
+        };
+        if !self.vms.iter().any(|vm| vm.beat().role == Role::Primary) {
+            self.disabled = true;
+            for vm in &mut self.vms {
+                vm.shutdown(context.events);
+            }
+            context.events.warn(
+                "",
+                "host disabled: no VM runs here and its disk daemons are stopped".into(),
+                "`ftvm host enable` when the maintenance is over",
+            );
+            return Reply::Done(format!(
+                "{} disabled: its VMs run on {} alone until `ftvm host enable`",
+                self.config.host.name, self.config.peer.name
+            ));
+        }
+        let mut refused = Vec::new();
+        for vm in &mut self.vms {
+            if vm.beat().role == Role::Primary {
+                if let Err(error) = vm.hand_over(&mut context) {
+                    refused.push(error);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            return Reply::Error(format!(
+                "host not disabled: {}; retry when every VM is Protected",
+                refused.join("; ")
+            ));
+        }
+        Reply::Done(format!("moving primaries to {}", self.config.peer.name))
+    }
+}
+
+fn unknown_vm(name: &str, config: &Config) -> String {
+    let known: Vec<&str> = config.vm.iter().map(|vm| vm.name.as_str()).collect();
+    format!("no VM named {name:?} (known: {})", known.join(", "))
+}
+
+/// The default launcher: QEMU from the configuration.
+pub fn qemu_launcher(config: &Config) -> Box<dyn VmLauncher> {
+    Box::new(QemuLauncher {
+        binary: config.host.qemu.clone(),
+    })
+}

@@ -1,0 +1,304 @@
+//! The processes `ftvmd` runs for a VM: one `vhost-blk-mirror` per disk, and on the primary
+//! the VM itself, started through [`VmLauncher`] (QEMU here; libvirt later).
+//!
+//! Children get `PR_SET_PDEATHSIG = SIGKILL`: if `ftvmd` dies, its VMs and daemons die
+//! with it, and the peer takes over. A host whose supervisor is gone is a failed host, not
+//! a host whose VM runs on unsupervised.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::host::Role;
+
+/// How long a control-socket command to a disk daemon may take.
+const DISK_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping child gets after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Everything needed to run one disk's daemon on this host.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub binary: PathBuf,
+    pub image: PathBuf,
+    pub queues: u16,
+    pub serial: String,
+    /// The vhost-user socket QEMU connects to.
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    /// The peer's replication addresses (one per A-link).
+    pub peer: Vec<std::net::SocketAddr>,
+    /// This host's replication addresses (one per A-link).
+    pub listen: Vec<std::net::SocketAddr>,
+    pub psk_file: PathBuf,
+    pub host_name: String,
+}
+
+/// A running `vhost-blk-mirror`.
+#[derive(Debug)]
+pub struct DiskProcess {
+    child: Child,
+    pub role: Role,
+    pub started: Instant,
+}
+
+impl DiskProcess {
+    /// Starts the daemon in `role`. Both roles get both `--peer` and `--listen`, so that
+    /// `promote` and `demote` work in place.
+    pub fn start(spec: &DiskSpec, role: Role) -> io::Result<DiskProcess> {
+        let mut command = Command::new(&spec.binary);
+        command
+            .arg("--socket")
+            .arg(&spec.socket)
+            .arg("--image")
+            .arg(&spec.image)
+            .arg("--queues")
+            .arg(spec.queues.to_string())
+            .arg("--serial")
+            .arg(&spec.serial)
+            .arg("--control")
+            .arg(&spec.control)
+            .arg("--role")
+            .arg(match role {
+                Role::Primary => "primary",
+                Role::Secondary => "secondary",
+            })
+            .arg("--psk-file")
+            .arg(&spec.psk_file)
+            .arg("--host-id")
+            .arg(&spec.host_name);
+        for address in &spec.peer {
+            command.arg("--peer").arg(address.to_string());
+        }
+        for address in &spec.listen {
+            command.arg("--listen").arg(address.to_string());
+        }
+        let child = spawn_logged(&mut command, &spec.log)?;
+        Ok(DiskProcess {
+            child,
+            role,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(description)` once the process has ended.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(error) => Some(format!("cannot be waited for: {error}")),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+/// Sends one command to a disk daemon's control socket and returns its JSON answer.
+pub fn disk_command(control: &Path, command: &str) -> io::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(control)?;
+    stream.set_read_timeout(Some(DISK_COMMAND_TIMEOUT))?;
+    stream.set_write_timeout(Some(DISK_COMMAND_TIMEOUT))?;
+    stream.write_all(command.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut reply = String::new();
+    BufReader::new(io::Read::take(&stream, 1 << 20)).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|error| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad answer from {}: {error}", control.display()),
+        )
+    })
+}
+
+/// Runs `command` on a disk daemon and turns `{"error": …}` into an error.
+pub fn disk_order(control: &Path, command: &str) -> Result<String, String> {
+    let reply = disk_command(control, command)
+        .map_err(|error| format!("{command}: {}: {error}", control.display()))?;
+    if let Some(error) = reply.get("error").and_then(|error| error.as_str()) {
+        return Err(format!("{command}: {error}"));
+    }
+    Ok(reply
+        .get("result")
+        .and_then(|result| result.as_str())
+        .unwrap_or("ok")
+        .to_owned())
+}
+
+/// What the launcher needs to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub name: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: String,
+    /// The vhost-user-blk socket and queue count of each disk.
+    pub disks: Vec<(PathBuf, u16)>,
+    /// The guest's serial console is appended to this file.
+    pub console: PathBuf,
+    pub log: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+/// A started VM.
+pub trait RunningVm: Send + std::fmt::Debug {
+    fn pid(&self) -> u32;
+    /// `Some(description)` once the VM has ended.
+    fn exited(&mut self) -> Option<String>;
+    /// Stops the VM now (its disks keep every acknowledged write).
+    fn stop(&mut self);
+}
+
+/// Starts VMs: the one place that knows how (QEMU today, libvirt later).
+pub trait VmLauncher: Send + std::fmt::Debug {
+    fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>>;
+}
+
+/// Runs QEMU directly.
+#[derive(Debug)]
+pub struct QemuLauncher {
+    pub binary: PathBuf,
+}
+
+impl QemuLauncher {
+    /// QEMU's arguments for `spec`: memory shared with the vhost-user daemons, one
+    /// vhost-user-blk device per disk, the serial console to a file.
+    pub fn args(spec: &VmSpec) -> Vec<String> {
+        let memory = spec.memory_mib;
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            spec.name.clone(),
+            "-accel".into(),
+            spec.accel.clone(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{memory}M"),
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-chardev".into(),
+            format!(
+                "file,id=console,path={},append=on",
+                spec.console.display()
+            ),
+            "-serial".into(),
+            "chardev:console".into(),
+        ];
+        for (index, (socket, queues)) in spec.disks.iter().enumerate() {
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=disk{index},path={},reconnect=1", socket.display()),
+                "-device".into(),
+                format!("vhost-user-blk-pci,chardev=disk{index},num-queues={queues}"),
+            ]);
+        }
+        args.extend(spec.extra_args.iter().cloned());
+        args
+    }
+}
+
+impl VmLauncher for QemuLauncher {
+    fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>> {
+        let mut command = Command::new(&self.binary);
+        command.args(QemuLauncher::args(spec));
+        let child = spawn_logged(&mut command, &spec.log)?;
+        Ok(Box::new(QemuVm { child }))
+    }
+}
+
+#[derive(Debug)]
+struct QemuVm {
+    child: Child,
+}
+
+impl RunningVm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(error) => Some(format!("cannot be waited for: {error}")),
+        }
+    }
+
+    fn stop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+/// Spawns with stdout and stderr appended to `log`, stdin closed, and SIGKILL on the
+/// death of the spawning thread's process.
+fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Child> {
+    let file = OpenOptions::new().create(true).append(true).open(log)?;
+    let errors = file.try_clone()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(errors));
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!("cannot start {:?}: {error}", command.get_program()),
+        )
+    })
+}
+
+/// SIGTERM, then SIGKILL after a grace period; always reaps.
+fn stop_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Creates `path` empty if missing (the console file, so that readers find it at once).
+pub fn touch(path: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(|_: File| ())
+}
