@@ -280,7 +280,7 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
 }
 
 /// Concatenates the base initramfs, fio when asked, and an archive with `/test.sh`.
-fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
+pub fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
     let guest = paths::guest_dir();
     let path = dir.join(format!("{}-initrd", config.name));
     let mut out = File::create(&path).expect("create initrd");

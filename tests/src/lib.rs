@@ -4,6 +4,7 @@
 //! by PID and everything it creates is removed, pass or fail.
 
 pub mod blk;
+pub mod cluster;
 pub mod cpio;
 pub mod guest;
 pub mod hosts;

@@ -1,0 +1,342 @@
+//! A protected VM on a whole test cluster: `ftvm-witness` in the witness namespace and
+//! `ftvmd` in hostA and hostB, with real configuration files, keys and images. The VM is
+//! the rig's guest (kernel, initramfs, a `/test.sh`), started by `ftvmd` itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::guest::{build_initrd, GuestConfig};
+use crate::hosts::Hosts;
+use crate::process::{signal, Process};
+use crate::wait::poll_until;
+use crate::{create_image, paths, scratch_dir};
+
+/// The VM's name in every configuration.
+pub const VM: &str = "vm1";
+pub const HOSTS: [&str; 2] = ["hostA", "hostB"];
+const LAN: [&str; 2] = ["10.77.0.1", "10.77.0.2"];
+const LINK1: [&str; 2] = ["10.77.1.1", "10.77.1.2"];
+const LINK2: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
+const WITNESS: &str = "10.77.0.3:7600";
+const FTVMD_PORT: u16 = 7500;
+const REPLICATION_PORT: u16 = 7400;
+
+/// Settings of a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub disk_bytes: u64,
+    pub level: u8,
+    pub peer_timeout_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> ClusterOptions {
+        ClusterOptions {
+            disk_bytes: 64 << 20,
+            level: 2,
+            peer_timeout_ms: 1000,
+        }
+    }
+}
+
+/// Fields drop in order: daemons, then hosts, then files.
+#[derive(Debug)]
+pub struct Cluster {
+    ftvmd: [Option<Process>; 2],
+    witness: Option<Process>,
+    pub hosts: Hosts,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Hosts, keys, images and configuration files for a VM running `guest`'s script;
+    /// starts nothing.
+    pub fn new(name: &str, guest: &GuestConfig, options: &ClusterOptions) -> Cluster {
+        let hosts = Hosts::up();
+        let dir = scratch_dir(name);
+        let root = dir.path();
+        for (file, key) in [("pair.psk", "pair"), ("witness.psk", "witness")] {
+            let path = root.join(file);
+            std::fs::write(&path, format!("ftvm {key} key for {name} 0123456789abcdef\n"))
+                .expect("write psk");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod psk");
+        }
+        let initrd = build_initrd(guest, root);
+        let kernel = paths::guest_dir().join("vmlinuz");
+        for (index, host) in HOSTS.iter().enumerate() {
+            let peer = 1 - index;
+            std::fs::create_dir_all(root.join(host)).expect("host dir");
+            create_image(&root.join(format!("{host}.img")), options.disk_bytes);
+            let config = format!(
+                r#"[host]
+name = "{host}"
+state_dir = "{state}"
+control_socket = "{state}/ftvmd.sock"
+bin_dir = "{bin}"
+
+[peer]
+name = "{peer_name}"
+addresses = ["{peer1}:{FTVMD_PORT}", "{peer2}:{FTVMD_PORT}"]
+listen = ["{own1}:{FTVMD_PORT}", "{own2}:{FTVMD_PORT}"]
+psk_file = "{root}/pair.psk"
+
+[witness]
+addresses = ["{WITNESS}"]
+psk_file = "{root}/witness.psk"
+
+[timing]
+peer_timeout_ms = {timeout}
+
+[[vm]]
+name = "{VM}"
+level = {level}
+primary = "hostA"
+memory_mib = {memory}
+vcpus = {cpus}
+accel = "tcg"
+qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet"]
+[[vm.disk]]
+image = "{root}/{host}.img"
+replication_port = {REPLICATION_PORT}
+"#,
+                state = root.join(host).display(),
+                bin = paths::binary("vhost-blk-mirror")
+                    .parent()
+                    .expect("bin dir")
+                    .display(),
+                peer_name = HOSTS[peer],
+                peer1 = LINK1[peer],
+                peer2 = LINK2[peer],
+                own1 = LINK1[index],
+                own2 = LINK2[index],
+                root = root.display(),
+                timeout = options.peer_timeout_ms,
+                level = options.level,
+                memory = guest.memory_mb,
+                cpus = guest.cpus,
+                kernel = kernel.display(),
+                initrd = initrd.display(),
+            );
+            std::fs::write(root.join(format!("{host}.toml")), config).expect("write config");
+        }
+        let _ = LAN;
+        Cluster {
+            ftvmd: [None, None],
+            witness: None,
+            hosts,
+            dir,
+        }
+    }
+
+    pub fn config_path(&self, host: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.toml", HOSTS[host]))
+    }
+
+    pub fn image(&self, host: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.img", HOSTS[host]))
+    }
+
+    pub fn socket(&self, host: usize) -> PathBuf {
+        self.dir.path().join(HOSTS[host]).join("ftvmd.sock")
+    }
+
+    fn in_namespace(&self, host: &str, binary: &Path) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.hosts.namespace(host)])
+            .arg(binary);
+        command
+    }
+
+    pub fn start_witness(&mut self) {
+        let mut command = self.in_namespace("witness", &paths::binary("ftvm-witness"));
+        command
+            .args(["--listen", WITNESS, "--state-dir"])
+            .arg(self.dir.path().join("witness"))
+            .arg("--psk-file")
+            .arg(self.dir.path().join("witness.psk"));
+        let log = self.dir.path().join("witness.log");
+        self.witness = Some(Process::spawn("ftvm-witness", command, &log));
+    }
+
+    pub fn stop_witness(&mut self) {
+        if let Some(mut witness) = self.witness.take() {
+            witness.kill();
+        }
+    }
+
+    pub fn start_ftvmd(&mut self, host: usize) {
+        let mut command = self.in_namespace(HOSTS[host], &paths::binary("ftvmd"));
+        command.arg("--config").arg(self.config_path(host));
+        command.env("RUST_LOG", "info");
+        let log = self.log_path(host);
+        self.ftvmd[host] = Some(Process::spawn(HOSTS[host], command, &log));
+        let socket = self.socket(host);
+        poll_until(Duration::from_secs(20), "ftvmd's control socket", || {
+            socket.exists()
+        });
+    }
+
+    pub fn log_path(&self, host: usize) -> PathBuf {
+        self.dir.path().join(format!("{}-ftvmd.log", HOSTS[host]))
+    }
+
+    pub fn log(&self, host: usize) -> String {
+        std::fs::read_to_string(self.log_path(host)).unwrap_or_default()
+    }
+
+    /// A host is lost: its A-links and LAN port go down, then every process in its
+    /// namespace (ftvmd, disk daemons, QEMU: all started by this test) is killed.
+    pub fn kill_host(&mut self, host: usize) -> Instant {
+        self.set_links(host, &["alink1", "alink2", "lan0"], false);
+        let namespace = self.hosts.namespace(HOSTS[host]);
+        let killed_at = Instant::now();
+        for pid in namespace_pids(&namespace) {
+            signal(pid, libc::SIGKILL);
+        }
+        if let Some(mut ftvmd) = self.ftvmd[host].take() {
+            ftvmd.kill();
+        }
+        poll_until(Duration::from_secs(10), "hostA's processes to die", || {
+            namespace_pids(&namespace).is_empty()
+        });
+        killed_at
+    }
+
+    /// Stops a host's ftvmd cleanly (it stops its VM and disk daemons).
+    pub fn stop_ftvmd(&mut self, host: usize) {
+        if let Some(mut ftvmd) = self.ftvmd[host].take() {
+            ftvmd.terminate();
+        }
+    }
+
+    /// Sets network devices of a host up or down.
+    pub fn set_links(&self, host: usize, devices: &[&str], up: bool) {
+        let namespace = self.hosts.namespace(HOSTS[host]);
+        for device in devices {
+            let status = Command::new("ip")
+                .args(["-n", &namespace, "link", "set", device])
+                .arg(if up { "up" } else { "down" })
+                .status()
+                .expect("run ip");
+            assert!(status.success(), "ip link set {device} failed in {namespace}");
+        }
+    }
+
+    /// Runs `ftvm ARGS` against a host's ftvmd; returns (success, stdout + stderr).
+    pub fn ftvm(&self, host: usize, args: &[&str]) -> (bool, String) {
+        let output = Command::new(paths::binary("ftvm"))
+            .arg("--socket")
+            .arg(self.socket(host))
+            .args(args)
+            .output()
+            .expect("run ftvm");
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), text)
+    }
+
+    /// `ftvm status --json` of a host, or `None` if its ftvmd does not answer.
+    pub fn status(&self, host: usize) -> Option<serde_json::Value> {
+        let (ok, text) = self.ftvm(host, &["status", "--json"]);
+        if !ok {
+            return None;
+        }
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The VM's line of a host's status.
+    pub fn vm_status(&self, host: usize) -> Option<serde_json::Value> {
+        self.status(host).map(|status| status["vms"][0].clone())
+    }
+
+    /// Waits until `check` holds for a host's VM status; returns that status.
+    pub fn wait_vm(
+        &self,
+        host: usize,
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = None;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.vm_status(host) {
+                if check(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not reach \"{what}\" in {timeout:?}; last status: {last:#?}\n---- ftvmd log ----\n{}",
+            HOSTS[host],
+            self.log(host)
+        );
+    }
+
+    /// The guest console as written by a host's QEMU (appended across restarts).
+    pub fn console(&self, host: usize) -> Vec<String> {
+        let path = self.dir.path().join(HOSTS[host]).join(VM).join("console.log");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.trim_end_matches('\r').to_owned())
+            .collect()
+    }
+
+    /// The witness's record of the VM (its JSON file).
+    pub fn witness_record(&self) -> serde_json::Value {
+        let path = self.dir.path().join("witness").join(format!("{VM}.grant.json"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+        serde_json::from_str(&text).expect("witness record is JSON")
+    }
+
+    /// Hosts whose status says they are the VM's primary and acknowledge writes (not
+    /// fenced, not waiting).
+    pub fn acting_primaries(&self) -> Vec<&'static str> {
+        (0..2)
+            .filter(|&host| {
+                self.vm_status(host).is_some_and(|vm| {
+                    vm["role"] == "Primary"
+                        && !matches!(vm["state"].as_str(), Some("Fenced" | "Waiting" | "Holding"))
+                })
+            })
+            .map(|host| HOSTS[host])
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for host in 0..2 {
+            self.stop_ftvmd(host);
+            // Whatever a killed ftvmd left (its children die with it, but be sure).
+            for pid in namespace_pids(&self.hosts.namespace(HOSTS[host])) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        self.stop_witness();
+        if std::thread::panicking() {
+            for host in 0..2 {
+                eprintln!("---- ftvmd log of {} ----\n{}", HOSTS[host], self.log(host));
+            }
+        }
+    }
+}
+
+/// The processes in a network namespace.
+pub fn namespace_pids(namespace: &str) -> Vec<u32> {
+    let output = Command::new("ip")
+        .args(["netns", "pids", namespace])
+        .output()
+        .expect("run ip netns pids");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
