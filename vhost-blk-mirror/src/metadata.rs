@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"FTVMMETA";
-const FORMAT_VERSION: u32 = 1;
+/// 2: the header gained `base_generation`.
+const FORMAT_VERSION: u32 = 2;
 const HEADER_BLOCK: u64 = 4096;
 pub const DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
 pub const DEFAULT_EXTENT_BYTES: u32 = 4 * 1024 * 1024;
@@ -73,6 +74,10 @@ pub struct Header {
     /// Found set with another boot id, it means the host went down under the secondary,
     /// and writes it had acknowledged but not yet flushed may be gone.
     pub open_boot_id: Option<u128>,
+    /// The latest generation at which this copy and its peer's were known identical
+    /// (outside the regions both bitmaps record). A peer that returns at this generation
+    /// or later needs only a delta resync; an older one needs a full one.
+    pub base_generation: u64,
 }
 
 /// An in-memory bitmap mirrored to a region of the metadata file.
@@ -198,6 +203,7 @@ impl Metadata {
                 chunk_bytes: DEFAULT_CHUNK_BYTES,
                 extent_bytes: DEFAULT_EXTENT_BYTES,
                 open_boot_id: None,
+                base_generation: 0,
             }
         };
         if header.size_bytes != size_bytes {
@@ -264,6 +270,50 @@ impl Metadata {
         state.header.data_state = data_state;
         write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
         self.file.sync_data().map_err(|e| self.io_error(e))
+    }
+
+    /// Durably records the generation at which both copies were last identical.
+    pub fn set_base_generation(&self, base_generation: u64) -> Result<(), MetadataError> {
+        let mut state = self.lock();
+        if state.header.base_generation == base_generation {
+            return Ok(());
+        }
+        state.header.base_generation = base_generation;
+        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
+        self.file.sync_data().map_err(|e| self.io_error(e))
+    }
+
+    /// Regions where this copy may differ from what its peer last agreed with: its
+    /// out-of-sync chunks and its active extents, as sorted, merged `(offset, len)` ranges.
+    pub fn suspect_ranges(&self) -> Vec<(u64, u64)> {
+        let state = self.lock();
+        let size = state.header.size_bytes;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for bitmap in [&state.out_of_sync, &state.activity] {
+            let unit = bitmap.unit_bytes;
+            for bit in (0..bitmap.bits).filter(|&bit| bitmap.get(bit)) {
+                let offset = bit * unit;
+                ranges.push((offset, unit.min(size.saturating_sub(offset))));
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (offset, len) in ranges {
+            match merged.last_mut() {
+                Some((start, length)) if offset <= *start + *length => {
+                    *length = (*length).max(offset + len - *start);
+                }
+                _ => merged.push((offset, len)),
+            }
+        }
+        merged
+    }
+
+    /// Forgets both bitmaps (this copy was just made identical to its primary's).
+    pub fn clear_suspect(&self) -> Result<(), MetadataError> {
+        let size = self.lock().header.size_bytes;
+        self.update(|state| &mut state.out_of_sync, 0, size, false, true)?;
+        self.clear_activity()
     }
 
     /// Durably records that this copy is in use on the host with `boot_id`; returns the

@@ -131,6 +131,9 @@ struct State {
     resync: ResyncProgress,
     /// A `ResyncStart` was acknowledged and no `ResyncDone` yet.
     resync_started: bool,
+    /// A resync must run (and end with `ResyncDone`) even with nothing out of sync: the
+    /// secondary is behind our generation and stays Inconsistent until then.
+    resync_forced: bool,
     local: LocalDisk,
     rebuild: ResyncProgress,
 }
@@ -211,6 +214,7 @@ impl Primary {
                 welcomed: false,
                 resync: ResyncProgress::default(),
                 resync_started: false,
+                resync_forced: false,
                 local: LocalDisk::Healthy,
                 rebuild: ResyncProgress::default(),
             }),

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::metadata::DataState;
 
+/// Most suspect ranges a secondary lists in its `Welcome` (beyond, a full resync).
+pub const MAX_SUSPECT_RANGES: usize = 65_536;
+
 /// Messages of the mirror protocol.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -25,6 +28,10 @@ pub enum Message {
         /// acknowledged but not flushed may be lost, so recently written regions must be
         /// resynced.
         lost_unflushed: bool,
+        /// The payload lists, as postcard `Vec<(offset, len)>`, the regions where this
+        /// copy may differ from what the primaries before agreed (its out-of-sync chunks
+        /// and active extents); `false` when they were too many to list.
+        suspect_listed: bool,
     },
     /// A guest write; the payload is the data.
     Write {
@@ -157,6 +164,7 @@ mod tests {
                 generation: 2,
                 data_state: DataState::Inconsistent,
                 lost_unflushed: true,
+                suspect_listed: true,
             },
         ];
         for message in messages {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use log::{error, info, warn};
 use serde::Serialize;
 
-use super::protocol::{Message, Received, Refusal, Transport};
+use super::protocol::{Message, Received, Refusal, Transport, MAX_SUSPECT_RANGES};
 use crate::image::Image;
 use crate::metadata::{DataState, Metadata};
 
@@ -174,9 +174,13 @@ impl Secondary {
                 Some(self.result(id, result.map_err(io::Error::other)))
             }
             Message::ResyncDone { id, .. } => {
+                // Our suspect regions were part of the resync: this copy now equals the
+                // primary's, and the primary's generation is where both last agreed.
                 let result = self.image.flush().and_then(|()| {
                     self.metadata
-                        .set_header(ours, DataState::UpToDate)
+                        .clear_suspect()
+                        .and_then(|()| self.metadata.set_base_generation(ours))
+                        .and_then(|()| self.metadata.set_header(ours, DataState::UpToDate))
                         .map_err(io::Error::other)
                 });
                 if result.is_ok() {
@@ -237,13 +241,32 @@ impl Secondary {
             "primary connected at generation {generation}; this copy is {:?}",
             header.data_state
         );
-        // Our generation from before this primary: an older one means this copy may hold
-        // writes the primary never saw (it was a primary itself), so it needs a full resync.
-        Some(Message::Welcome {
+        // Our generation from before this primary, and where this copy may hold writes the
+        // primary never saw (it was a primary itself): the primary resyncs those regions
+        // and its own out-of-sync ones, or everything if our generation is too old.
+        let ranges = self.metadata.suspect_ranges();
+        let suspect_listed = ranges.len() <= MAX_SUSPECT_RANGES;
+        let payload = if suspect_listed {
+            postcard::to_allocvec(&ranges).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if !ranges.is_empty() {
+            info!(
+                "this copy may differ from the primary's in {} region(s); asking for their resync",
+                ranges.len()
+            );
+        }
+        let welcome = Message::Welcome {
             generation: header.generation,
             data_state: header.data_state,
             lost_unflushed: self.lock().lost_unflushed,
-        })
+            suspect_listed,
+        };
+        if let Err(error) = self.transport.send(&welcome, payload) {
+            warn!("cannot answer the primary: {error}");
+        }
+        None
     }
 
     fn write(&self, id: u64, offset: u64, data: &[u8], resync: bool) -> Message {
@@ -374,8 +397,11 @@ impl Secondary {
                 header.generation
             ));
         }
+        // This copy held everything of its generation: that is where the old primary's
+        // copy and ours last agreed (outside the regions the old primary will list).
         self.metadata
-            .set_header(generation, DataState::UpToDate)
+            .set_base_generation(header.generation)
+            .and_then(|()| self.metadata.set_header(generation, DataState::UpToDate))
             .map_err(|error| error.to_string())?;
         self.lock().promoted = true;
         self.transport.close();

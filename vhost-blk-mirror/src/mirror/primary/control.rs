@@ -56,6 +56,7 @@ impl Primary {
             state.mode = Mode::Degraded;
             state.welcomed = false;
             state.resync_started = false;
+            state.resync_forced = false;
             self.changed.notify_all();
             std::mem::take(&mut state.in_flight)
         };

@@ -6,6 +6,7 @@ use log::{error, info, warn};
 
 use super::{InFlight, Kind, Mode, Primary, POLL_INTERVAL};
 use crate::metadata::DataState;
+use crate::mirror::protocol::MAX_SUSPECT_RANGES;
 use crate::mirror::protocol::{Message, Received, Refusal};
 use crate::request::Status;
 
@@ -105,6 +106,7 @@ impl Primary {
                 generation,
                 data_state,
                 lost_unflushed,
+                suspect_listed,
             } => {
                 if lost_unflushed {
                     match self.metadata.activity_to_out_of_sync() {
@@ -115,7 +117,14 @@ impl Primary {
                         Err(error) => error!("cannot mark recent writes for resync: {error}"),
                     }
                 }
-                self.welcome(generation, data_state)
+                let suspect = if suspect_listed {
+                    postcard::from_bytes::<Vec<(u64, u64)>>(&payload)
+                        .ok()
+                        .filter(|ranges| ranges.len() <= MAX_SUSPECT_RANGES)
+                } else {
+                    None
+                };
+                self.welcome(generation, data_state, suspect)
             }
             Message::Done { id } => self.complete(id, Status::Ok),
             Message::Differs { id } => self.send_differing_chunk(id),
@@ -124,7 +133,18 @@ impl Primary {
         }
     }
 
-    fn welcome(&self, peer_generation: u64, data_state: DataState) {
+    /// The secondary's answer to our `Hello`: decides between a delta and a full resync.
+    ///
+    /// A delta suffices when the secondary's copy is UpToDate at a generation no older
+    /// than our base generation (where both copies last agreed): then the copies differ
+    /// only in our out-of-sync chunks (our writes since) and in the secondary's suspect
+    /// regions (writes it made as a primary that we never saw, or had in flight).
+    fn welcome(
+        &self,
+        peer_generation: u64,
+        data_state: DataState,
+        suspect: Option<Vec<(u64, u64)>>,
+    ) {
         let ours = self.generation();
         if peer_generation > ours {
             error!(
@@ -134,19 +154,44 @@ impl Primary {
             self.fence();
             return;
         }
-        if data_state == DataState::Inconsistent || peer_generation < ours {
-            info!(
-                "secondary is {data_state:?} at generation {peer_generation} (ours {ours}): \
-                 full resync"
-            );
-            if let Err(error) = self.metadata.mark_all_out_of_sync() {
-                error!("cannot mark the disk out of sync: {error}");
-                return;
+        let base = self.metadata.header().base_generation;
+        let delta = data_state == DataState::UpToDate && peer_generation >= base;
+        let marked = match (delta, suspect) {
+            (true, Some(ranges)) => {
+                let size = self.image.size_bytes();
+                let regions = ranges.len();
+                let mut result = Ok(());
+                for (offset, len) in ranges {
+                    let end = offset.saturating_add(len).min(size);
+                    if offset < end {
+                        result = result.and(self.metadata.mark_out_of_sync(offset, end - offset));
+                    }
+                }
+                info!(
+                    "secondary is UpToDate at generation {peer_generation} (ours {ours}, \
+                     copies last agreed at {base}): delta resync, including {regions} \
+                     region(s) it reports"
+                );
+                result
             }
+            _ => {
+                info!(
+                    "secondary is {data_state:?} at generation {peer_generation} (ours {ours}, \
+                     copies last agreed at {base}): full resync"
+                );
+                self.metadata.mark_all_out_of_sync()
+            }
+        };
+        if let Err(error) = marked {
+            error!("cannot mark the disk out of sync: {error}");
+            return;
         }
         let out_of_sync = self.metadata.out_of_sync_bytes();
         let mut state = self.lock();
         state.welcomed = true;
+        // A secondary behind our generation stays Inconsistent until a resync ends, even
+        // one with nothing to copy.
+        state.resync_forced = peer_generation < ours;
         if matches!(
             state.mode,
             Mode::Connecting | Mode::Holding | Mode::Degraded

@@ -50,7 +50,9 @@ impl Primary {
         state.mode == Mode::Mirrored
             && state.welcomed
             && state.local == LocalDisk::Healthy
-            && (state.resync_started || self.metadata.out_of_sync_bytes() > 0)
+            && (state.resync_started
+                || state.resync_forced
+                || self.metadata.out_of_sync_bytes() > 0)
     }
 
     fn copy_out_of_sync_chunks(&self) {
@@ -163,7 +165,12 @@ impl Primary {
         }
         let mut state = self.lock();
         state.resync_started = false;
+        state.resync_forced = false;
         state.resync.finish();
+        // Both copies are identical at our generation now.
+        if let Err(error) = self.metadata.set_base_generation(state.generation) {
+            warn!("cannot record the generation both copies agree at: {error}");
+        }
         let progress = state.resync.now();
         info!(
             "resync finished: {} bytes in {:.2} s; the secondary is UpToDate",
