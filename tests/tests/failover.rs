@@ -116,4 +116,35 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[B], "witness record: {record}");
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+
+    // hostA comes back: with no command typed, it becomes hostB's secondary and a delta
+    // resync (not a full one) makes the VM Protected again.
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
+    cluster.start_ftvmd(A);
+    let secondary = cluster.wait_vm(A, Duration::from_secs(60), "secondary of hostB", |vm| {
+        vm["role"] == "Secondary" && vm["primary"] == HOSTS[B]
+    });
+    assert!(secondary["vm_pid"].is_null(), "no VM may run on the secondary");
+    let protected = cluster.wait_vm(B, Duration::from_secs(60), "Protected again", |vm| {
+        vm["state"] == "Protected" && vm["disks"][0]["replication"]["resync"]["bytes_total"].as_u64() > Some(0)
+    });
+    let resynced = protected["disks"][0]["replication"]["resync"]["bytes_total"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    let disk = ClusterOptions::default().disk_bytes;
+    println!("re-protection: delta resync of {resynced} bytes of a {disk}-byte disk");
+    assert!(
+        resynced < disk / 4,
+        "re-protection resynced {resynced} of {disk} bytes: not a delta resync"
+    );
+    cluster.wait_vm(A, Duration::from_secs(30), "UpToDate secondary", |vm| {
+        vm["disks"][0]["replication"]["disk_state"] == "UpToDate"
+    });
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+    // The restarted guest has finished (it only read), so the copies must be identical.
+    let (image_a, image_b) = (
+        std::fs::read(cluster.image(A)).expect("read hostA image"),
+        std::fs::read(cluster.image(B)).expect("read hostB image"),
+    );
+    assert!(image_a == image_b, "after re-protection the two copies differ");
 }
