@@ -119,6 +119,9 @@ pub struct Host {
     last_claim: Option<Millis>,
     /// A planned handover runs until then: the fenced primary does not resume before.
     handover_until: Option<Millis>,
+    /// The disks lost the peer although its heartbeats still arrive (its disk daemon or
+    /// the replication path failed): claim without waiting for silence.
+    disk_lost_peer: bool,
 }
 
 impl Host {
@@ -144,6 +147,7 @@ impl Host {
             last_heartbeat_sent: None,
             last_claim: None,
             handover_until: None,
+            disk_lost_peer: false,
         }
     }
 
@@ -196,7 +200,10 @@ impl Host {
         match self.role {
             // A primary that lost its peer asks at once; one that just (re)started first
             // gives the peer a timeout's chance to be heard.
-            Role::Primary => self.mode == Mode::Holding && silent > self.config.peer_timeout,
+            Role::Primary => {
+                self.mode == Mode::Holding
+                    && (silent > self.config.peer_timeout || self.disk_lost_peer)
+            }
             Role::Secondary => {
                 disk.consistent
                     && silent > self.config.peer_timeout + self.config.secondary_claim_delay
@@ -219,6 +226,17 @@ impl Host {
         self.handover_until = Some(now + 2 * self.config.peer_timeout + self.config.secondary_claim_delay);
         self.mode = Mode::Fenced;
         vec![Action::Disk(DiskCommand::Fence)]
+    }
+
+    /// The disks have held writes for a whole peer timeout while the peer's heartbeats
+    /// still arrive: the peer's disk side is gone. Ask the witness, as for a lost peer.
+    pub fn on_disk_lost_peer(&mut self) -> Vec<Action> {
+        if self.role != Role::Primary || self.mode != Mode::Mirrored {
+            return Vec::new();
+        }
+        self.mode = Mode::Holding;
+        self.disk_lost_peer = true;
+        vec![Action::Disk(DiskCommand::Hold)]
     }
 
     /// A primary holding with neither peer nor witness reachable: it stops for good (its
@@ -265,12 +283,21 @@ impl Host {
             }
             self.role = Role::Secondary;
             self.mode = Mode::Mirrored;
+            self.disk_lost_peer = false;
+            self.handover_until = None;
             return vec![Action::Disk(DiskCommand::Demote {
                 generation: heartbeat.generation,
             })];
         }
         let handing_over = self.handover_until.is_some_and(|until| now < until);
-        let resumable = self.mode == Mode::Holding || (self.mode == Mode::Fenced && !handing_over);
+        let resumable = match self.mode {
+            Mode::Holding => !self.disk_lost_peer,
+            // Running alone, and the peer is back as our secondary: mirrored again (its
+            // disk reconnects and resyncs), so a later loss asks the witness again.
+            Mode::Degraded => true,
+            Mode::Fenced => !handing_over,
+            Mode::Mirrored => false,
+        };
         if self.role == Role::Primary
             && resumable
             && heartbeat.role == Role::Secondary
@@ -294,6 +321,7 @@ impl Host {
             Verdict::Granted { generation } if generation == self.generation + 1 => {
                 self.generation = generation;
                 self.last_claim = None;
+                self.disk_lost_peer = false;
                 match (self.role, self.mode) {
                     (Role::Primary, Mode::Holding) => {
                         self.mode = Mode::Degraded;
@@ -312,11 +340,20 @@ impl Host {
             // A late answer to an older claim: nothing to do.
             Verdict::Granted { .. } => Vec::new(),
             Verdict::Refused { current, .. } => {
+                // A secondary that missed a generation (the heartbeat announcing it was
+                // lost) learns it here; its next claim is for the one after, which the
+                // witness grants only if its disk holds everything of `current`.
+                if self.role == Role::Secondary && current > self.generation {
+                    self.generation = current;
+                    self.last_claim = None;
+                    return Vec::new();
+                }
                 if self.role == Role::Primary
                     && self.mode == Mode::Holding
                     && current > self.generation
                 {
                     self.mode = Mode::Fenced;
+                    self.disk_lost_peer = false;
                     return vec![Action::Disk(DiskCommand::Fence)];
                 }
                 Vec::new()

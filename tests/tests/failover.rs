@@ -148,3 +148,138 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     );
     assert!(image_a == image_b, "after re-protection the two copies differ");
 }
+
+/// Watches both hosts for `window`, asserting at every sample that at most one host acts
+/// as primary; returns the hosts seen acting.
+fn watch_single_primary(cluster: &Cluster, window: Duration, what: &str) -> Vec<&'static str> {
+    let deadline = Instant::now() + window;
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let acting = cluster.acting_primaries();
+        assert!(acting.len() <= 1, "{what}: two primaries at once: {acting:?}");
+        for host in acting {
+            if !seen.contains(&host) {
+                seen.push(host);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    seen
+}
+
+fn generation(cluster: &Cluster, host: usize) -> Option<u64> {
+    cluster
+        .vm_status(host)
+        .map(|vm| vm["generation"].as_u64().unwrap_or(0))
+}
+
+fn events(cluster: &Cluster, host: usize) -> String {
+    cluster.ftvm(host, &["events"]).1
+}
+
+fn wait_protected(cluster: &Cluster, primary: usize, what: &str) -> serde_json::Value {
+    let status = cluster.wait_vm(primary, Duration::from_secs(60), what, |vm| {
+        vm["role"] == "Primary" && vm["state"] == "Protected"
+    });
+    cluster.wait_vm(1 - primary, Duration::from_secs(30), what, |vm| {
+        vm["role"] == "Secondary" && vm["disks"][0]["replication"]["disk_state"] == "UpToDate"
+    });
+    status
+}
+
+#[test]
+fn partitions_never_give_two_primaries() {
+    let mut cluster = protected_cluster("failover-partitions");
+    let window = Duration::from_millis(2500);
+    wait_acks(&cluster, A, 5);
+
+    // One A-link down: no failover, writes go on.
+    let before = last_ack(&cluster.console(A));
+    cluster.set_links(A, &["alink1"], false);
+    let seen = watch_single_primary(&cluster, window, "one A-link down");
+    assert_eq!(seen, vec![HOSTS[A]], "one A-link down must not move the VM");
+    assert_eq!(generation(&cluster, A), Some(1));
+    assert!(last_ack(&cluster.console(A)) > before, "writes stopped with one A-link down");
+    assert!(events(&cluster, A).contains("1 of 2 A-links"), "{}", events(&cluster, A));
+    cluster.set_links(A, &["alink1"], true);
+
+    // Witness down while the peer is fine: nothing changes, both hosts warn.
+    cluster.stop_witness();
+    let before = last_ack(&cluster.console(A));
+    let seen = watch_single_primary(&cluster, window, "witness down");
+    assert_eq!(seen, vec![HOSTS[A]]);
+    assert_eq!(generation(&cluster, A), Some(1));
+    assert!(last_ack(&cluster.console(A)) > before, "writes stopped with the witness down");
+    for host in [A, B] {
+        assert!(
+            events(&cluster, host).contains("witness is unreachable"),
+            "{}: {}",
+            HOSTS[host],
+            events(&cluster, host)
+        );
+    }
+    cluster.start_witness();
+    cluster.wait_vm(A, Duration::from_secs(10), "witness back", |_| {
+        cluster.status(A).is_some_and(|status| status["witness_reachable"] == true)
+    });
+
+    // Both A-links cut, witness reachable from both: the primary wins, the secondary is
+    // refused; exactly one primary, and the writes go on (degraded).
+    cluster.set_links(A, &["alink1", "alink2"], false);
+    let seen = watch_single_primary(&cluster, Duration::from_secs(4), "A-links cut");
+    assert_eq!(seen, vec![HOSTS[A]]);
+    let degraded = cluster.wait_vm(A, Duration::from_secs(10), "degraded", |vm| {
+        vm["state"] == "Degraded"
+    });
+    assert_eq!(degraded["generation"], 2);
+    assert_eq!(cluster.witness_record()["holder"], HOSTS[A]);
+    assert_eq!(cluster.vm_status(B).expect("hostB status")["role"], "Secondary");
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 3);
+    cluster.set_links(A, &["alink1", "alink2"], true);
+    wait_protected(&cluster, A, "re-protected after the A-link cut");
+
+    // Flapping A-links: never two primaries, and protection returns.
+    for (down, up) in [(600, 400), (1500, 300), (400, 900), (1800, 200)] {
+        cluster.set_links(A, &["alink1", "alink2"], false);
+        watch_single_primary(&cluster, Duration::from_millis(down), "flapping (down)");
+        cluster.set_links(A, &["alink1", "alink2"], true);
+        watch_single_primary(&cluster, Duration::from_millis(up), "flapping (up)");
+    }
+    let after_flapping = wait_protected(&cluster, A, "re-protected after flapping");
+    let generation_before_isolation = after_flapping["generation"].as_u64().unwrap_or(0);
+    let acknowledged_before_isolation = last_ack(&cluster.console(A));
+
+    // hostA isolated from everything: hostA fences, hostB promotes and runs the VM.
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], false);
+    let acknowledged = last_ack(&cluster.console(A));
+    cluster.wait_vm(B, Duration::from_secs(20), "hostB promoted", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64()
+    });
+    let fenced = cluster.wait_vm(A, Duration::from_secs(20), "hostA fenced", |vm| {
+        vm["state"] == "Fenced" && vm["vm_pid"].is_null()
+    });
+    assert_eq!(fenced["generation"].as_u64(), Some(generation_before_isolation));
+    let record = cluster.witness_record();
+    assert_eq!(record["holder"], HOSTS[B], "{record}");
+    assert_eq!(record["generation"].as_u64(), Some(generation_before_isolation + 1));
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+    // Nothing was acknowledged on hostA after the cut that hostB's copy lacks.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let found = loop {
+        if let Some(found) = found_upto(&cluster.console(B)) {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "hostB's guest did not report");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let acknowledged = last_ack(&cluster.console(A)).max(acknowledged);
+    assert!(
+        found >= acknowledged && acknowledged >= acknowledged_before_isolation,
+        "hostB's guest found records up to {found}, {acknowledged} were acknowledged"
+    );
+    // hostA comes back and follows hostB.
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
+    wait_protected(&cluster, B, "re-protected with hostB primary");
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+}

@@ -39,15 +39,26 @@ pub struct VmBeat {
 /// Between the two `ftvmd`s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerMessage {
-    Beat { host: String, vms: Vec<VmBeat> },
+    /// Sent on every link each heartbeat interval. `instance` (random per daemon start) and
+    /// `sequence` (growing) let the receiver drop a copy that arrives late on a slower
+    /// link, after a newer one.
+    Beat {
+        host: String,
+        instance: u64,
+        sequence: u64,
+        vms: Vec<VmBeat>,
+    },
     /// Planned failover: the sender (the primary) has stopped the VM and fenced its disks;
     /// the receiver should claim the next generation and start the VM.
     TakeOver { vm: String },
 }
 
-/// Both directions with the peer: our client session sends, our listener receives.
+/// Both directions with the peer, on each A-link separately: one client session per
+/// link sends, our listener receives. Separate sessions keep the links independent: a
+/// link that dies holds back only its own messages (an ordered session over both links
+/// would stall every heartbeat until the dead link timed out).
 pub struct PeerLink {
-    client: Session,
+    clients: Vec<Session>,
     _listener: Arc<LinkListener>,
     received: Receiver<PeerMessage>,
 }
@@ -62,8 +73,13 @@ impl PeerLink {
             LinkListener::bind(listen.clone(), config.clone())
                 .map_err(|error| format!("cannot listen for the peer on {listen:?}: {error}"))?,
         );
-        let client = Session::connect(peer.clone(), PEER_SERVICE, config)
-            .map_err(|error| format!("cannot start a session to the peer {peer:?}: {error}"))?;
+        let mut clients = Vec::new();
+        for (index, address) in peer.iter().enumerate() {
+            let service = format!("{PEER_SERVICE}-link{index}");
+            let session = Session::connect(vec![*address], &service, config.clone())
+                .map_err(|error| format!("cannot start a session to the peer {address}: {error}"))?;
+            clients.push(session);
+        }
         let (sender, received) = mpsc::channel();
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
@@ -71,25 +87,28 @@ impl PeerLink {
             .spawn(move || accept(&accepting, &sender))
             .map_err(|error| format!("cannot start a thread: {error}"))?;
         Ok(PeerLink {
-            client,
+            clients,
             _listener: listener,
             received,
         })
     }
 
-    /// Sends when the peer is reachable; otherwise drops (heartbeats are not worth
-    /// delivering late) unless `keep` and the backlog is small.
+    /// Sends on every link where the peer is reachable. Heartbeats (`keep` false) are
+    /// dropped on a link that is down: they are not worth delivering late. Others wait
+    /// on a down link if its backlog is small.
     pub fn send(&self, message: &PeerMessage, keep: bool) {
-        if !self.client.peer_reachable()
-            && (!keep || self.client.stats().unacked_messages >= MAX_QUEUED)
-        {
-            return;
-        }
-        if let Err(error) =
-            self.client
-                .send_timeout(&encode(message), Vec::new(), Duration::from_millis(10))
-        {
-            warn!("cannot send to the peer: {error}");
+        let bytes = encode(message);
+        for client in &self.clients {
+            if !client.peer_reachable()
+                && (!keep || client.stats().unacked_messages >= MAX_QUEUED)
+            {
+                continue;
+            }
+            if let Err(error) =
+                client.send_timeout(&bytes, Vec::new(), Duration::from_millis(10))
+            {
+                log::debug!("cannot send to the peer: {error}");
+            }
         }
     }
 
@@ -97,11 +116,14 @@ impl PeerLink {
         self.received.try_recv().ok()
     }
 
-    /// A-links up, of those configured.
+    /// A-links on which the peer is reachable, of those configured.
     pub fn links_up(&self) -> (usize, usize) {
-        let stats = self.client.stats();
-        let up = stats.links.iter().filter(|link| link.up).count();
-        (up, stats.links.len())
+        let up = self
+            .clients
+            .iter()
+            .filter(|client| client.peer_reachable())
+            .count();
+        (up, self.clients.len())
     }
 }
 

@@ -73,6 +73,9 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         last_links: (usize::MAX, 0),
         last_witness: None,
         heartbeat: Duration::from_millis(config.timing.heartbeat_interval_ms),
+        instance: random_instance()?,
+        beat_sequence: 0,
+        peer_seen: None,
         config,
     };
     daemon.start_vms()?;
@@ -98,6 +101,12 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
     }
     let _ = std::fs::remove_file(&daemon.config.host.control_socket);
     Ok(())
+}
+
+fn random_instance() -> Result<u64, String> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(|error| format!("cannot draw random bytes: {error}"))?;
+    Ok(u64::from_le_bytes(bytes))
 }
 
 /// Takes `path`'s exclusive lock for the daemon's lifetime, or names who holds it.
@@ -140,6 +149,11 @@ struct Daemon {
     last_links: (usize, usize),
     last_witness: Option<bool>,
     heartbeat: Duration,
+    /// This start of the daemon, for the peer to tell our heartbeats from a past run's.
+    instance: u64,
+    beat_sequence: u64,
+    /// The newest heartbeat taken from the peer: its instance and sequence.
+    peer_seen: Option<(u64, u64)>,
 }
 
 impl Daemon {
@@ -234,7 +248,19 @@ impl Daemon {
         };
         while let Some(message) = self.peer.try_recv() {
             match message {
-                PeerMessage::Beat { host, vms } => {
+                PeerMessage::Beat {
+                    host,
+                    instance,
+                    sequence,
+                    vms,
+                } => {
+                    let stale = self
+                        .peer_seen
+                        .is_some_and(|(seen, last)| seen == instance && sequence <= last);
+                    if stale {
+                        continue;
+                    }
+                    self.peer_seen = Some((instance, sequence));
                     if host != self.config.peer.name {
                         context.events.error(
                             "",
@@ -294,9 +320,12 @@ impl Daemon {
             } else {
                 self.vms.iter().map(VmRunner::beat).collect()
             };
+            self.beat_sequence += 1;
             self.peer.send(
                 &PeerMessage::Beat {
                     host: self.config.host.name.clone(),
+                    instance: self.instance,
+                    sequence: self.beat_sequence,
                     vms,
                 },
                 false,

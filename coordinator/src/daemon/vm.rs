@@ -95,6 +95,9 @@ pub struct VmRunner {
     peer_timeout: Millis,
     /// Since when this primary holds writes for a lost peer.
     holding_since: Option<Millis>,
+    /// Since when the disks hold writes while the coordinator still hears the peer.
+    disk_holding_since: Option<Millis>,
+    last_reconcile: Option<Instant>,
 }
 
 impl VmRunner {
@@ -154,6 +157,8 @@ impl VmRunner {
             peer_beat: None,
             peer_timeout: host_config.peer_timeout,
             holding_since: None,
+            disk_holding_since: None,
+            last_reconcile: None,
         };
         match state.role {
             Role::Secondary => {
@@ -194,6 +199,64 @@ impl VmRunner {
         let view = self.disk_view();
         let actions = self.host.tick(context.now, view);
         self.execute(actions, context);
+        self.reconcile(context);
+    }
+
+    /// Brings the disks in line with the state machine: the generation the witness
+    /// granted, and running alone when degraded (a `continue-degraded` can be refused when
+    /// it races the disk's own detection of the lost peer, so it is repeated here). Also
+    /// notices disks that lost the peer while its heartbeats still arrive.
+    fn reconcile(&mut self, context: &mut Context<'_>) {
+        if self.host.role() != Role::Primary || !self.serving {
+            self.disk_holding_since = None;
+            return;
+        }
+        if self
+            .last_reconcile
+            .is_some_and(|last| last.elapsed() < DISK_POLL)
+        {
+            return;
+        }
+        self.last_reconcile = Some(Instant::now());
+        let generation = self.host.generation();
+        let mode = self.host.mode();
+        let mut disk_holding = false;
+        for index in 0..self.disk_specs.len() {
+            let Some(replication) = self.replication(index) else {
+                continue;
+            };
+            let disk_mode = replication["mode"].as_str().unwrap_or_default();
+            let disk_generation = replication["generation"].as_u64().unwrap_or(0);
+            let waiting = matches!(disk_mode, "Holding" | "Connecting");
+            disk_holding |= waiting;
+            let behind = disk_generation < generation && disk_mode != "Fenced";
+            if behind || (mode == Mode::Degraded && waiting) {
+                let order = format!("continue-degraded {generation}");
+                match disk_order(&self.disk_specs[index].control, &order) {
+                    Ok(result) => log::info!("{}: {order}: {result}", self.name),
+                    Err(error) => log::debug!("{}: {error}", self.name),
+                }
+            }
+        }
+        if mode == Mode::Mirrored && disk_holding {
+            let since = *self.disk_holding_since.get_or_insert(context.now);
+            if context.now.saturating_sub(since) > self.peer_timeout {
+                self.disk_holding_since = None;
+                context.events.warn(
+                    &self.name,
+                    format!(
+                        "the disks lost {}'s copy although its host answers: asking the \
+                         witness to continue without it",
+                        self.pair.peer
+                    ),
+                    &format!("check vhost-blk-mirror on {} and the replication ports", self.pair.peer),
+                );
+                let actions = self.host.on_disk_lost_peer();
+                self.execute(actions, context);
+            }
+        } else {
+            self.disk_holding_since = None;
+        }
     }
 
     pub fn on_beat(&mut self, beat: VmBeat, context: &mut Context<'_>) {

@@ -130,9 +130,23 @@ impl Secondary {
         };
         // Every request that changes this copy carries the sender's generation: a lower one
         // than ours means a newer primary exists (fencing token).
+        let mut ours = ours;
         if let Some((id, generation)) = message.id_and_generation() {
             if generation < ours {
                 return refuse(id, Refusal::StaleGeneration { ours });
+            }
+            // The primary adopted a newer generation within this session (the witness
+            // granted it while we stayed connected). Every earlier message of the session
+            // reached us in order, so this copy is as complete at the new generation as
+            // it was at the old one: record it, keeping the data state, before applying.
+            if generation > ours {
+                let state = self.metadata.header().data_state;
+                if let Err(error) = self.metadata.set_header(generation, state) {
+                    error!("cannot record generation {generation}: {error}");
+                    return refuse(id, Refusal::StaleGeneration { ours });
+                }
+                info!("the primary moved to generation {generation}");
+                ours = generation;
             }
         }
         match message {

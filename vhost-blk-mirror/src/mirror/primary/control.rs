@@ -45,6 +45,15 @@ impl Primary {
                     return Ok("already degraded");
                 }
                 Mode::Fenced => return Err("this primary is fenced; it cannot continue".into()),
+                // The witness granted a generation while the peer is (again) reachable:
+                // adopt it, and have the secondary confirm it holds everything at it
+                // (an empty resync round, after which it is UpToDate at the new one).
+                Mode::Mirrored if generation.is_some_and(|g| g > state.generation) => {
+                    self.raise_generation(&mut state, generation)?;
+                    state.resync_forced = true;
+                    self.changed.notify_all();
+                    return Ok("the peer is reachable: generation raised, still mirrored");
+                }
                 Mode::Mirrored => {
                     return Err(
                         "the peer is reachable: continue-degraded is for a lost peer".into(),
