@@ -283,3 +283,52 @@ fn partitions_never_give_two_primaries() {
     wait_protected(&cluster, B, "re-protected with hostB primary");
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
 }
+
+#[test]
+fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
+    let cluster = protected_cluster("failover-planned");
+    wait_acks(&cluster, A, 10);
+
+    // A planned failover is asked on the primary; elsewhere the error says where.
+    let (ok, text) = cluster.ftvm(B, &["failover", "vm1"]);
+    assert!(!ok && text.contains("run `ftvm failover vm1` on hostA"), "{text}");
+    let (ok, text) = cluster.ftvm(A, &["failover", "vm9"]);
+    assert!(!ok && text.contains("no VM named \"vm9\""), "{text}");
+    let (ok, text) = cluster.ftvm(A, &["failover", "vm1"]);
+    assert!(ok, "{text}");
+    let acknowledged = last_ack(&cluster.console(A));
+    cluster.wait_vm(B, Duration::from_secs(30), "primary on hostB", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64()
+    });
+    cluster.wait_vm(A, Duration::from_secs(30), "hostA secondary", |vm| {
+        vm["role"] == "Secondary" && vm["vm_pid"].is_null()
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let found = loop {
+        if let Some(found) = found_upto(&cluster.console(B)) {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "hostB's guest did not report");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(found >= acknowledged, "found {found}, acknowledged {acknowledged}");
+    wait_protected(&cluster, B, "Protected on hostB after the planned failover");
+
+    // Maintenance of hostB: its VM moves back to hostA, then hostB's daemons stop; hostA
+    // runs alone until hostB is enabled again, then protection returns.
+    let (ok, text) = cluster.ftvm(B, &["host", "disable", "--timeout", "60"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("disabled"), "{text}");
+    let status = cluster.status(B).expect("hostB status");
+    assert_eq!(status["disabled"], true);
+    assert!(status["vms"][0]["vm_pid"].is_null());
+    cluster.wait_vm(A, Duration::from_secs(30), "hostA runs the VM alone", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64() && vm["state"] == "Degraded"
+    });
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[A]]);
+    let (ok, text) = cluster.ftvm(B, &["host", "enable"]);
+    assert!(ok, "{text}");
+    wait_protected(&cluster, A, "Protected again after maintenance");
+    let table = cluster.ftvm(A, &["status"]).1;
+    assert!(table.contains("vm1") && table.contains("Protected"), "{table}");
+}

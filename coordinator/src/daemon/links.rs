@@ -116,6 +116,28 @@ impl PeerLink {
         self.received.try_recv().ok()
     }
 
+    /// Failed authentications so far, on all links (a key mismatch).
+    pub fn auth_failures(&self) -> u64 {
+        self.clients
+            .iter()
+            .flat_map(|client| client.stats().links)
+            .map(|link| link.auth_failures)
+            .sum()
+    }
+
+    /// The last connection error of each link that is down.
+    pub fn link_errors(&self) -> Vec<String> {
+        self.clients
+            .iter()
+            .flat_map(|client| client.stats().links)
+            .filter(|link| !link.up)
+            .filter_map(|link| {
+                let address = link.address.map_or("?".into(), |address| address.to_string());
+                link.last_error.map(|error| format!("{address}: {error}"))
+            })
+            .collect()
+    }
+
     /// A-links on which the peer is reachable, of those configured.
     pub fn links_up(&self) -> (usize, usize) {
         let up = self
@@ -191,6 +213,16 @@ impl WitnessLink {
 
     pub fn reachable(&self) -> bool {
         self.session.peer_reachable()
+    }
+
+    /// Failed authentications so far (a key mismatch).
+    pub fn auth_failures(&self) -> u64 {
+        self.session
+            .stats()
+            .links
+            .iter()
+            .map(|link| link.auth_failures)
+            .sum()
     }
 
     /// Sends a request if the witness is reachable; `false` if not sent.

@@ -71,6 +71,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         disabled: false,
         last_beat: None,
         last_links: (usize::MAX, 0),
+        last_auth: (0, 0),
         last_witness: None,
         heartbeat: Duration::from_millis(config.timing.heartbeat_interval_ms),
         instance: random_instance()?,
@@ -147,6 +148,8 @@ struct Daemon {
     disabled: bool,
     last_beat: Option<Instant>,
     last_links: (usize, usize),
+    /// Authentication failures seen so far: with the peer, with the witness.
+    last_auth: (u64, u64),
     last_witness: Option<bool>,
     heartbeat: Duration,
     /// This start of the daemon, for the peer to tell our heartbeats from a past run's.
@@ -261,6 +264,9 @@ impl Daemon {
                         continue;
                     }
                     self.peer_seen = Some((instance, sequence));
+                    if self.disabled {
+                        continue;
+                    }
                     if host != self.config.peer.name {
                         context.events.error(
                             "",
@@ -279,6 +285,9 @@ impl Daemon {
                     }
                 }
                 PeerMessage::TakeOver { vm: name } => {
+                    if self.disabled {
+                        continue;
+                    }
                     if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
                         vm.take_over(&mut context);
                     }
@@ -333,27 +342,64 @@ impl Daemon {
         }
     }
 
-    fn watch_links(&mut self, _now: Millis) {
+    fn watch_links(&mut self, now: Millis) {
+        // Keys first: a mismatch looks like a dead link otherwise.
+        let auth = (self.peer.auth_failures(), self.witness.auth_failures());
+        if auth.0 > self.last_auth.0 && self.last_auth.0 == 0 {
+            self.events.error(
+                "",
+                format!(
+                    "authentication with {} failed: the two hosts hold different keys",
+                    self.config.peer.name
+                ),
+                &format!(
+                    "put the same key in [peer] psk_file ({}) on both hosts",
+                    self.config.peer.psk_file.display()
+                ),
+            );
+        }
+        if auth.1 > self.last_auth.1 && self.last_auth.1 == 0 {
+            self.events.error(
+                "",
+                "authentication with the witness failed: wrong key".into(),
+                &format!(
+                    "[witness] psk_file ({}) must hold the key of ftvm-witness --psk-file",
+                    self.config.witness.psk_file.display()
+                ),
+            );
+        }
+        self.last_auth = auth;
+        // Give the links one peer timeout to come up before judging them.
+        if now < self.config.timing.peer_timeout_ms {
+            return;
+        }
         let links = self.peer.links_up();
         if links != self.last_links {
-            if self.last_links.0 != usize::MAX {
-                let (up, total) = links;
-                if up == 0 {
-                    self.events.warn(
-                        "",
-                        format!("all {total} A-link(s) to {} are down", self.config.peer.name),
-                        "check the links and the peer host; VMs fail over if the peer is lost",
-                    );
-                } else if up < total {
-                    self.events.warn(
-                        "",
-                        format!("{up} of {total} A-links to {} up", self.config.peer.name),
-                        "repair the down link: one more failure cuts the hosts apart",
-                    );
-                } else {
-                    self.events
-                        .info("", format!("all {total} A-links to {} up", self.config.peer.name));
-                }
+            let (up, total) = links;
+            if up == 0 {
+                self.events.warn(
+                    "",
+                    format!(
+                        "all {total} A-link(s) to {} are down ({})",
+                        self.config.peer.name,
+                        self.peer.link_errors().join("; ")
+                    ),
+                    "check the links and that ftvmd runs on the peer; VMs fail over if the \
+                     peer host is lost",
+                );
+            } else if up < total {
+                self.events.warn(
+                    "",
+                    format!(
+                        "{up} of {total} A-links to {} up ({})",
+                        self.config.peer.name,
+                        self.peer.link_errors().join("; ")
+                    ),
+                    "repair the down link: one more failure cuts the hosts apart",
+                );
+            } else if self.last_links.0 != usize::MAX {
+                self.events
+                    .info("", format!("all {total} A-links to {} up", self.config.peer.name));
             }
             self.last_links = links;
         }
@@ -498,7 +544,7 @@ impl Daemon {
         }
         let mut refused = Vec::new();
         for vm in &mut self.vms {
-            if vm.beat().role == Role::Primary {
+            if vm.beat().role == Role::Primary && !vm.handing_over() {
                 if let Err(error) = vm.hand_over(&mut context) {
                     refused.push(error);
                 }

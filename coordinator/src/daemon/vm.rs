@@ -350,6 +350,11 @@ impl VmRunner {
         Ok(format!("{} hands over to {}", self.name, self.pair.peer))
     }
 
+    /// A planned failover of this VM is under way (this primary stopped and fenced it).
+    pub fn handing_over(&self) -> bool {
+        self.host.role() == Role::Primary && self.host.mode() == Mode::Fenced
+    }
+
     pub fn take_over(&mut self, context: &mut Context<'_>) {
         context.events.info(
             &self.name,
