@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# ci/demo.sh — the ftvm local demo: a Level 2 mirrored disk across two hosts.
+# ci/demo.sh — the ftvm local demo: a protected VM survives the loss of its host.
 #
 # Usage: sudo ci/demo.sh
 #
-# Installs what is missing, builds the guest image and the daemons, then on this one machine:
-#   1. brings up test hosts (network namespaces demo-hostA, demo-hostB, …) joined by two
-#      A-links;
-#   2. starts vhost-blk-mirror as secondary in hostB and as primary in hostA, and shows the
-#      initial full sync;
-#   3. boots a QEMU guest (TCG) in hostA: it makes an ext2 file system, writes a file and
-#      its checksum, then runs fio with crc32c verification — meanwhile the demo cuts one
-#      A-link (writes carry on over the other), then kills the secondary (writes are held),
-#      and tells the primary to continue degraded (the guest never sees an error);
-#   4. restarts the secondary: a delta resync copies only what changed; both images end
-#      byte-identical;
-#   5. fails over by hand (the coordinator will do it by itself): stops the primary,
-#      promotes the secondary, boots the guest in hostB and checks the file there;
-#   6. removes everything it made.
-# Everything runs under TCG; the same daemons work with KVM.
+# Installs what is missing, builds the guest image and ftvm, then on this one machine:
+#   1. brings up three hosts as network namespaces: hostA and hostB joined by two A-links,
+#      and a witness on the LAN;
+#   2. starts ftvm-witness, and ftvmd on hostA and hostB with a VM protected at Level 2
+#      (a 256 MiB disk mirrored synchronously to hostB); shows `ftvm status` while the
+#      initial sync runs;
+#   3. the guest (QEMU, TCG) starts on hostA, makes an ext2 file system with a 16 MiB file
+#      and its checksum, then appends numbered records to a log, each synced, printing
+#      "ACK n" after each;
+#   4. kills hostA: its links go down and every process in it is killed;
+#   5. hostB's ftvmd detects the loss, the witness grants it the VM, it promotes its copy
+#      and restarts the guest, which checks the file and finds every acknowledged record;
+#   6. hostA comes back: it becomes hostB's secondary by itself, with a delta resync;
+#   7. removes everything it made.
+# Everything runs under TCG; the same daemons work with KVM (accel = "kvm").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,28 +26,29 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "ci/demo.sh: must run as root (network namespaces and QEMU); try: sudo $0" >&2
     exit 1
 fi
+STARTED=$SECONDS
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() { printf '\n\033[1m== [%3ds] %s\033[0m\n' "$((SECONDS - STARTED))" "$*"; }
 
 say "installing dependencies and building (cached after the first run)"
 bash ci/install-deps.sh jq
 bash ci/build-guest.sh
-cargo build --release --locked -p vhost-blk-mirror
-BIN="$ROOT/target/release/vhost-blk-mirror"
+cargo build --release --locked -p vhost-blk-mirror -p coordinator
+BIN="$ROOT/target/release"
 GUEST="$ROOT/target/guest"
 
 PREFIX=demo-
-HOST_A=${PREFIX}hostA
-HOST_B=${PREFIX}hostB
 mkdir -p "$ROOT/target/tmp"
 WORK=$(mktemp -d "$ROOT/target/tmp/demo-XXXXXX")
 declare -A PIDS=()
-QEMU_PID=
 cleanup() {
     set +e
-    [ -n "$QEMU_PID" ] && kill -KILL "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
+    # ftvmd stops the VM and disk daemons it started; then anything left in our namespaces.
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
+    for host in hostA hostB witness; do
+        for pid in $(ip netns pids "$PREFIX$host" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
     done
     bash "$ROOT/ci/hosts.sh" down "$PREFIX" >/dev/null
     rm -rf "$WORK"
@@ -68,141 +69,150 @@ wait_for() {
     done
 }
 
-# status A|B — the daemon's status JSON.
-status() { echo status | socat -t 5 - "UNIX-CONNECT:$WORK/$1.ctl"; }
-command_to() { echo "$2" | socat -t 5 - "UNIX-CONNECT:$WORK/$1.ctl"; }
-# field A|B JQ — one field of the status.
-field() { status "$1" | jq -r "$2"; }
-# is A|B JQ VALUE — whether a status field has a value.
-is() { [ "$(field "$1" "$2")" = "$3" ]; }
-show() {
-    status "$1" | jq -r '.replication | "    \(.role) on host \($h): disk \(.disk_state), generation \(.generation)"
-        + (if .role == "primary" then ", peer reachable \(.peer_reachable), \(.out_of_sync_bytes) bytes out of sync, resync \(.resync.bytes_done)/\(.resync.bytes_total) bytes at \(.resync.rate_bytes_per_second / 1048576 | floor) MiB/s" else "" end)' --arg h "$1"
+ftvm() { local host=$1; shift; "$BIN/ftvm" --socket "$WORK/$host/ftvmd.sock" "$@"; }
+vm_field() { ftvm "$1" status --json | jq -r ".vms[0].$2"; }
+vm_is() { [ "$(vm_field "$1" "$2")" = "$3" ]; }
+indent() { sed 's/^/    /'; }
+
+# --- hosts, keys, configuration -------------------------------------------------------
+say "bringing up hostA, hostB and the witness as network namespaces (${PREFIX}*)"
+bash ci/hosts.sh up "$PREFIX" >/dev/null
+ip netns list | grep "^$PREFIX" | grep -v client | indent
+
+for key in pair witness; do
+    printf 'demo %s key %s\n' "$key" "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$WORK/$key.psk"
+    chmod 600 "$WORK/$key.psk"
+done
+
+GUEST_SCRIPT='if ! mount -o ro /dev/vda /mnt 2>/dev/null; then
+  echo "guest: first boot: making an ext2 file system"
+  mke2fs -q /dev/vda && mount /dev/vda /mnt
+  dd if=/dev/urandom of=/mnt/data bs=1M count=16 2>/dev/null
+  md5sum /mnt/data > /mnt/data.md5 && sync
+  echo "guest: wrote a 16 MiB file, md5 $(cut -d" " -f1 /mnt/data.md5)"
+  i=1
+  while [ $i -le 100000 ]; do
+    echo "record $i" >> /mnt/log && sync && echo "ACK $i"
+    i=$((i + 1))
+  done
+fi
+cd /mnt
+md5sum -c data.md5 >/dev/null && echo "guest: restarted; /mnt/data matches its md5"
+echo "guest: last record in the log: $(tail -n 1 log)"'
+mkdir -p "$WORK/initrd.files" /mnt
+printf '#!/bin/sh\nmkdir -p /mnt\n%s\n' "$GUEST_SCRIPT" >"$WORK/initrd.files/test.sh"
+chmod +x "$WORK/initrd.files/test.sh"
+cat "$GUEST/initramfs.gz" >"$WORK/initrd"
+truncate -s $((($(stat -c %s "$WORK/initrd") + 3) / 4 * 4)) "$WORK/initrd"
+(cd "$WORK/initrd.files" && echo test.sh | busybox cpio -o -H newc 2>/dev/null) >>"$WORK/initrd"
+
+declare -A OWN1=([hostA]=10.77.1.1 [hostB]=10.77.1.2) OWN2=([hostA]=10.77.2.1 [hostB]=10.77.2.2)
+declare -A PEER=([hostA]=hostB [hostB]=hostA)
+for host in hostA hostB; do
+    peer=${PEER[$host]}
+    mkdir -p "$WORK/$host"
+    truncate -s 256M "$WORK/$host.img"
+    cat >"$WORK/$host.toml" <<TOML
+[host]
+name = "$host"
+state_dir = "$WORK/$host"
+control_socket = "$WORK/$host/ftvmd.sock"
+bin_dir = "$BIN"
+
+[peer]
+name = "$peer"
+addresses = ["${OWN1[$peer]}:7500", "${OWN2[$peer]}:7500"]
+listen = ["${OWN1[$host]}:7500", "${OWN2[$host]}:7500"]
+psk_file = "$WORK/pair.psk"
+
+[witness]
+addresses = ["10.77.0.3:7600"]
+psk_file = "$WORK/witness.psk"
+
+[[vm]]
+name = "vm1"
+level = 2
+primary = "hostA"
+memory_mib = 256
+accel = "tcg"
+qemu_args = ["-kernel", "$GUEST/vmlinuz", "-initrd", "$WORK/initrd", "-append", "console=ttyS0 panic=-1 quiet"]
+[[vm.disk]]
+image = "$WORK/$host.img"
+replication_port = 7400
+resync_rate_limit = "96M"
+TOML
+done
+echo "    hostA's configuration, $WORK/hostA.toml (hostB's mirrors it):"
+sed -n '/^\[\[vm\]\]/,$p' "$WORK/hostA.toml" | sed 's|"-kernel".*|…kernel, initrd, command line…]|' | indent
+
+start_ftvmd() {
+    ip netns exec "$PREFIX$1" "$BIN/ftvmd" --config "$WORK/$1.toml" 2>>"$WORK/$1.log" &
+    PIDS[$1]=$!
+    wait_for 10 "ftvmd on $1" test -S "$WORK/$1/ftvmd.sock"
 }
 
-printf 'demo pair key %s\n' "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$WORK/pair.psk"
-chmod 600 "$WORK/pair.psk"
-LINKS_A=(10.77.1.1:7400 10.77.2.1:7400)
-LINKS_B=(10.77.1.2:7400 10.77.2.2:7400)
+# --- protection -----------------------------------------------------------------------
+say "starting ftvm-witness, and ftvmd on hostA and hostB"
+ip netns exec "${PREFIX}witness" "$BIN/ftvm-witness" --listen 10.77.0.3:7600 \
+    --state-dir "$WORK/witness" --psk-file "$WORK/witness.psk" 2>>"$WORK/witness.log" &
+PIDS[witness]=$!
+start_ftvmd hostB
+start_ftvmd hostA
+echo "    \$ ftvm protect vm1 --level 2 --peer hostB"
+ftvm hostA protect vm1 --level 2 --peer hostB | indent
 
-# start_disk A|B — vhost-blk-mirror as primary in hostA or secondary in hostB.
-start_disk() {
-    local side=$1 namespace role flag
-    local extra=()
-    if [ "$side" = A ]; then
-        namespace=$HOST_A role=primary flag=--peer
-    else
-        # Once promoted, hostB reaches the old primary on hostA's A-link addresses.
-        namespace=$HOST_B role=secondary flag=--listen extra=(--peer "${LINKS_A[0]}" --peer "${LINKS_A[1]}")
-    fi
-    ip netns exec "$namespace" "$BIN" --role "$role" "$flag" "${LINKS_B[0]}" "$flag" "${LINKS_B[1]}" "${extra[@]}" \
-        --psk-file "$WORK/pair.psk" --host-id "host$side" --image "$WORK/$side.img" \
-        --serial demo-disk0 --socket "$WORK/$side.sock" --control "$WORK/$side.ctl" \
-        2>>"$WORK/$side.log" &
-    PIDS[$side]=$!
-    wait_for 10 "vhost-blk-mirror $side to start" status "$side"
-}
+say "initial sync of hostB's copy (rate-limited to 96 MiB/s so that it can be watched)"
+wait_for 20 "the sync to start" vm_is hostA state Syncing
+while vm_is hostA state Syncing; do
+    ftvm hostA status | tail -n 1 | indent
+    sleep 0.7
+done
+ftvm hostA status | indent
 
-kill_disk() {
-    kill -"$2" "${PIDS[$1]}" 2>/dev/null || true
-    wait "${PIDS[$1]}" 2>/dev/null || true
-    unset "PIDS[$1]"
-}
+# --- workload and host loss -----------------------------------------------------------
+say "the guest runs on hostA: a file system, a file, then synced records"
+CONSOLE_A="$WORK/hostA/vm1/console.log"
+CONSOLE_B="$WORK/hostB/vm1/console.log"
+last_ack() { grep -a -o '^ACK [0-9]*' "$1" | tail -n 1 | cut -d' ' -f2; }
+acks_at_least() { [ "$(last_ack "$CONSOLE_A")" -ge "$1" ] 2>/dev/null; }
+wait_for 120 "the guest's first records" acks_at_least 500
+grep -a '^guest:' "$CONSOLE_A" | indent
+echo "    … ACK $(last_ack "$CONSOLE_A") so far"
 
-# make_initrd NAME SCRIPT [with-fio] — the base initramfs (+ fio) + an archive with /test.sh.
-make_initrd() {
-    local name=$1 script=$2 out="$WORK/$1.initrd" dir="$WORK/$1.files"
-    mkdir -p "$dir"
-    printf '%s\n' "$script" >"$dir/test.sh"
-    chmod +x "$dir/test.sh"
-    cat "$GUEST/initramfs.gz" >"$out"
-    [ "${3:-}" = with-fio ] && cat "$GUEST/fio.cpio.gz" >>"$out"
-    # The kernel finds an uncompressed archive only at a 4-byte aligned offset.
-    truncate -s $((($(stat -c %s "$out") + 3) / 4 * 4)) "$out"
-    (cd "$dir" && echo test.sh | busybox cpio -o -H newc 2>/dev/null) >>"$out"
-    echo "$out"
-}
+say "killing hostA: A-links and LAN port down, every process in ${PREFIX}hostA killed"
+for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostA" link set "$device" down; done
+KILLED=$(date +%s.%N)
+for pid in $(ip netns pids "${PREFIX}hostA"); do kill -KILL "$pid" 2>/dev/null || true; done
+{ wait "${PIDS[hostA]}"; } 2>/dev/null || true
+unset "PIDS[hostA]"
+ACKED=$(last_ack "$CONSOLE_A")
+echo "    the guest had acknowledged record $ACKED"
+vm_running_on_b() { [ "$(vm_field hostB vm_pid)" != null ] && vm_is hostB role Primary; }
+wait_for 30 "hostB to take over" vm_running_on_b
+echo "    hostB started the VM $(echo "$(date +%s.%N) - $KILLED" | bc | cut -c1-4) s after the kill (peer timeout 1 s, then the witness's grant)"
+ftvm hostB status | indent
+echo "    \$ ftvm events   (on hostB)"
+ftvm hostB events | tail -n 6 | cut -c 25- | indent
 
-boot_guest() {
-    local initrd=$1 console=$2 side=$3 namespace
-    if [ "$side" = A ]; then namespace=$HOST_A; else namespace=$HOST_B; fi
-    ip netns exec "$namespace" qemu-system-x86_64 -accel tcg -m 512M -smp 1 -nographic \
-        -nodefaults -no-reboot -serial stdio \
-        -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem \
-        -kernel "$GUEST/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet" \
-        -chardev "socket,id=disk0,path=$WORK/$side.sock,reconnect=1" \
-        -device vhost-user-blk-pci,chardev=disk0 </dev/null >"$console" 2>&1 &
-    QEMU_PID=$!
-}
+say "the guest on hostB checks its data"
+wait_for 120 "the guest on hostB" grep -q "last record in the log" "$CONSOLE_B"
+grep -a '^guest:' "$CONSOLE_B" | indent
+FOUND=$(grep -a -o 'last record in the log: record [0-9]*' "$CONSOLE_B" | grep -o '[0-9]*$')
+if [ "$FOUND" -lt "$ACKED" ]; then
+    echo "demo: record $ACKED was acknowledged but hostB's copy ends at $FOUND" >&2
+    exit 1
+fi
+echo "    every acknowledged record is there (acknowledged $ACKED, found $FOUND)"
 
-show_console() { grep -a -E '^(guest|fio|  )|FTVM-EXIT|err' "$1" | sed 's/^/    | /'; }
+# --- re-protection --------------------------------------------------------------------
+say "hostA comes back: it becomes hostB's secondary by itself (delta resync)"
+for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostA" link set "$device" up; done
+start_ftvmd hostA
+a_is_secondary() { vm_is hostA role Secondary; }
+wait_for 30 "hostA to rejoin" a_is_secondary
+wait_for 60 "protection to return" vm_is hostB state Protected
+ftvm hostB status | indent
+resynced=$(ftvm hostB status --json | jq '.vms[0].disks[0].replication.resync.bytes_total')
+echo "    delta resync: $((resynced / 1048576)) MiB of the 256 MiB disk"
 
-say "bringing up test hosts (network namespaces ${PREFIX}*, two A-links between hostA and hostB)"
-bash ci/hosts.sh up "$PREFIX"
-ip netns list | grep "^$PREFIX" | sed 's/^/    /'
-
-say "mirrored disk: secondary in hostB, primary in hostA, 256 MiB; the initial full sync"
-truncate -s 256M "$WORK/A.img" "$WORK/B.img"
-start_disk B
-start_disk A
-wait_for 60 "the initial sync" is A .replication.disk_state UpToDate
-show A
-show B
-
-WRITER='set -e
-echo "guest: /dev/vda is $(( $(cat /sys/block/vda/size) / 2048 )) MiB, serial $(cat /sys/block/vda/serial)"
-mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt
-dd if=/dev/urandom of=/mnt/data bs=1M count=16 2>/dev/null
-md5sum /mnt/data > /mnt/data.md5 && md5=$(cut -d" " -f1 /mnt/data.md5) && sync && umount /mnt
-echo "guest: wrote a 16 MiB file on ext2, md5 $md5"
-echo "guest: fio 4k random writes, queue depth 8, crc32c verify"
-fio --name=demo --filename=/dev/vda --offset=128M --size=64M --rw=randwrite --bs=4k \
-    --iodepth=8 --ioengine=libaio --direct=1 --verify=crc32c --verify_fatal=1 \
-    --output-format=terse --terse-version=3 > /tmp/fio.out
-awk -F";" "{printf \"fio: write %d IOPS, verify read %d IOPS, errors %d\\n\", \$49, \$8, \$5}" /tmp/fio.out
-echo "guest: fio verify passed"'
-say "guest in hostA: file system, file, fio with verification — while the demo breaks things"
-boot_guest "$(make_initrd writer "$WRITER" with-fio)" "$WORK/writer.console" A
-wait_for 120 "fio to start in the guest" grep -q "guest: fio" "$WORK/writer.console"
-writes_now() { field A .write_requests; }
-more_writes() { [ "$(writes_now)" -gt $((before + $1)) ]; }
-before=$(writes_now)
-wait_for 120 "fio to get going" more_writes 1000
-echo "    cutting A-link 1 (ip link set alink1 down in hostA): writes carry on over A-link 2"
-ip -n "$HOST_A" link set alink1 down
-before=$(writes_now)
-wait_for 120 "writes over the other link" more_writes 1000
-echo "    killing the secondary (SIGKILL): the primary holds completions; the guest just waits"
-kill_disk B KILL
-wait_for 30 "the primary to hold" is A .replication.mode Holding
-show A
-echo "    continue-degraded (the coordinator's call; here by hand): $(command_to A continue-degraded | jq -r '.result // .error')"
-wait_for 120 "guest 1 to finish" grep -q "FTVM-EXIT" "$WORK/writer.console"
-wait "$QEMU_PID" || true
-QEMU_PID=
-show_console "$WORK/writer.console"
-grep -q "FTVM-EXIT 0" "$WORK/writer.console" || { echo "demo: the guest failed" >&2; exit 1; }
-show A
-
-say "the secondary comes back: a delta resync copies only what changed"
-ip -n "$HOST_A" link set alink1 up
-start_disk B
-wait_for 60 "the delta resync" is A .replication.disk_state UpToDate
-show A
-cmp "$WORK/A.img" "$WORK/B.img" && echo "    hostA's and hostB's images are byte-identical"
-
-READER='set -e
-mkdir -p /mnt && mount -o ro /dev/vda /mnt
-cd /mnt && md5sum -c data.md5 >/dev/null && echo "guest: /mnt/data matches its md5, read from hostB'"'"'s copy"'
-say "failover to hostB (by hand until the coordinator does it): stop hostA's daemon, promote hostB"
-kill_disk A TERM
-echo "    promote: $(command_to B promote | jq -r '.result // .error')"
-show B
-boot_guest "$(make_initrd reader "$READER")" "$WORK/reader.console" B
-wait_for 120 "the guest in hostB to finish" grep -q "FTVM-EXIT" "$WORK/reader.console"
-wait "$QEMU_PID" || true
-QEMU_PID=
-show_console "$WORK/reader.console"
-grep -q "FTVM-EXIT 0" "$WORK/reader.console" || { echo "demo: the guest in hostB failed" >&2; exit 1; }
-
-say "demo finished: cleaning up namespaces, processes and files"
+say "demo finished in $((SECONDS - STARTED)) s: cleaning up namespaces, processes and files"

@@ -134,6 +134,10 @@ pub struct DiskSection {
     pub replication_port: u16,
     #[serde(default = "default_queues")]
     pub queues: u16,
+    /// Most bytes per second a resync may send, like "100M" (default: no limit), so
+    /// that an initial or catch-up sync leaves the link to the guest's writes.
+    #[serde(default)]
+    pub resync_rate_limit: Option<String>,
 }
 
 fn default_queues() -> u16 {
@@ -308,6 +312,18 @@ impl Config {
                  nothing to restart from",
                 vm.name
             ));
+        }
+        for disk in &vm.disk {
+            if let Some(rate) = &disk.resync_rate_limit {
+                let digits = rate.trim_end_matches(['K', 'k', 'M', 'm', 'G', 'g']);
+                if digits.is_empty() || digits.parse::<u64>().is_err() {
+                    return Err(format!(
+                        "VM {:?}: resync_rate_limit {rate:?} is not a rate like \"100M\" \
+                         (bytes per second, with K, M or G)",
+                        vm.name
+                    ));
+                }
+            }
         }
         if vm.disk.iter().any(|disk| disk.replication_port == 0) {
             return Err(format!("VM {:?}: a disk has replication_port 0", vm.name));

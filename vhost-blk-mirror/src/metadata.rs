@@ -163,6 +163,11 @@ struct State {
     header: Header,
     out_of_sync: Bitmap,
     activity: Bitmap,
+    /// Counts `mark_active` calls.
+    activity_epoch: u64,
+    /// For each active extent, the epoch of its latest mark: a clear spares extents
+    /// marked after its snapshot.
+    extent_marked: std::collections::HashMap<u64, u64>,
 }
 
 /// The metadata of one disk. All methods are safe to call from several threads.
@@ -223,6 +228,8 @@ impl Metadata {
             header,
             out_of_sync,
             activity,
+            activity_epoch: 0,
+            extent_marked: std::collections::HashMap::new(),
         };
         let metadata_io = |source| MetadataError::Io {
             path: path.to_owned(),
@@ -357,7 +364,12 @@ impl Metadata {
     /// Durably marks the extents of a range active before a write into them.
     pub fn mark_active(&self, offset: u64, len: u64) -> Result<(), MetadataError> {
         {
-            let state = self.lock();
+            let mut state = self.lock();
+            state.activity_epoch += 1;
+            let epoch = state.activity_epoch;
+            for unit in state.activity.units(offset, len) {
+                state.extent_marked.insert(unit, epoch);
+            }
             let units = state.activity.units(offset, len);
             if units.clone().all(|unit| state.activity.get(unit)) {
                 return Ok(());
@@ -370,6 +382,58 @@ impl Metadata {
     pub fn clear_activity(&self) -> Result<(), MetadataError> {
         let size = self.lock().header.size_bytes;
         self.update(|state| &mut state.activity, 0, size, false, true)
+    }
+
+    /// The current mark epoch, if `idle` holds: checked under the lock that marking
+    /// takes, so a write counted by `idle` after this marks at a later epoch.
+    pub fn activity_snapshot(&self, idle: impl Fn() -> bool) -> Option<u64> {
+        let state = self.lock();
+        idle().then_some(state.activity_epoch)
+    }
+
+    pub fn has_activity(&self) -> bool {
+        self.active_extents() > 0
+    }
+
+    pub fn active_extents(&self) -> u64 {
+        let state = self.lock();
+        (0..state.activity.bits)
+            .filter(|&unit| state.activity.get(unit))
+            .count() as u64
+    }
+
+    /// Clears, durably, every active extent last marked at or before `epoch`. The caller
+    /// took `epoch` with no write under way and then flushed the image, so every write
+    /// to those extents is durable on both copies.
+    pub fn clear_activity_marked_before(&self, epoch: u64) -> Result<u64, MetadataError> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut changed: Option<(usize, usize)> = None;
+        let mut cleared = 0;
+        for unit in 0..state.activity.bits {
+            if !state.activity.get(unit) {
+                continue;
+            }
+            if state.extent_marked.get(&unit).is_some_and(|&marked| marked > epoch) {
+                continue;
+            }
+            state.extent_marked.remove(&unit);
+            if let Some(word) = state.activity.put(unit, false) {
+                cleared += 1;
+                changed = Some(match changed {
+                    Some((first, _)) => (first, word),
+                    None => (word, word),
+                });
+            }
+        }
+        if let Some((first, last)) = changed {
+            state
+                .activity
+                .write_words(&self.file, first, last)
+                .map_err(|e| self.io_error(e))?;
+            self.file.sync_data().map_err(|e| self.io_error(e))?;
+        }
+        Ok(cleared)
     }
 
     /// Folds the activity bitmap into out-of-sync: after a crash, every extent that had
@@ -469,6 +533,46 @@ fn read_header(file: &File) -> Option<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activity_is_cleared_only_where_nothing_was_marked_since() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("create");
+        meta.mark_active(0, 4096).expect("active");
+        // A write under way: no snapshot.
+        assert_eq!(meta.activity_snapshot(|| false), None);
+        let epoch = meta.activity_snapshot(|| true).expect("idle");
+        // A write marked after the snapshot keeps its extent.
+        meta.mark_active(8 << 20, 4096).expect("active");
+        assert_eq!(meta.clear_activity_marked_before(epoch).expect("clear"), 1);
+        assert_eq!(meta.active_extents(), 1);
+        assert_eq!(meta.suspect_ranges(), vec![(8 << 20, 4 << 20)]);
+        let epoch = meta.activity_snapshot(|| true).expect("idle");
+        assert_eq!(meta.clear_activity_marked_before(epoch).expect("clear"), 1);
+        assert!(!meta.has_activity());
+        drop(meta);
+        let meta = Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("reopen");
+        assert!(!meta.has_activity());
+        assert!(meta.suspect_ranges().is_empty());
+    }
+
+    #[test]
+    fn suspect_ranges_merge_chunks_and_extents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = Metadata::open_or_create(&dir.path().join("m"), 64 << 20, DataState::UpToDate)
+            .expect("create");
+        meta.mark_active(5 << 20, 4096).expect("active");
+        meta.mark_out_of_sync(6 << 20, 4096).expect("mark");
+        meta.mark_out_of_sync(20 << 20, 4096).expect("mark");
+        let chunk = meta.chunk_bytes();
+        assert_eq!(
+            meta.suspect_ranges(),
+            vec![(4 << 20, 4 << 20), (20 << 20, chunk)]
+        );
+        meta.clear_suspect().expect("clear");
+        assert!(meta.suspect_ranges().is_empty());
+    }
 
     #[test]
     fn bits_survive_reopen() {

@@ -208,6 +208,7 @@ impl Daemon {
                     listen: with_port(&self.config.peer.listen, disk.replication_port),
                     psk_file: self.config.peer.psk_file.clone(),
                     host_name: self.config.host.name.clone(),
+                    resync_rate_limit: disk.resync_rate_limit.clone(),
                 })
                 .collect();
             let vm_spec = VmSpec {
@@ -376,13 +377,18 @@ impl Daemon {
         let links = self.peer.links_up();
         if links != self.last_links {
             let (up, total) = links;
+            let errors = self.peer.link_errors().join("; ");
+            let errors = if errors.is_empty() {
+                String::new()
+            } else {
+                format!(" ({errors})")
+            };
             if up == 0 {
                 self.events.warn(
                     "",
-                    format!(
-                        "all {total} A-link(s) to {} are down ({})",
-                        self.config.peer.name,
-                        self.peer.link_errors().join("; ")
+                        format!(
+                        "all {total} A-link(s) to {} are down{errors}",
+                        self.config.peer.name
                     ),
                     "check the links and that ftvmd runs on the peer; VMs fail over if the \
                      peer host is lost",
@@ -391,9 +397,8 @@ impl Daemon {
                 self.events.warn(
                     "",
                     format!(
-                        "{up} of {total} A-links to {} up ({})",
-                        self.config.peer.name,
-                        self.peer.link_errors().join("; ")
+                        "{up} of {total} A-links to {} up{errors}",
+                        self.config.peer.name
                     ),
                     "repair the down link: one more failure cuts the hosts apart",
                 );

@@ -37,6 +37,7 @@ pub struct DiskSpec {
     pub listen: Vec<std::net::SocketAddr>,
     pub psk_file: PathBuf,
     pub host_name: String,
+    pub resync_rate_limit: Option<String>,
 }
 
 /// A running `vhost-blk-mirror`.
@@ -72,6 +73,9 @@ impl DiskProcess {
             .arg(&spec.psk_file)
             .arg("--host-id")
             .arg(&spec.host_name);
+        if let Some(rate) = &spec.resync_rate_limit {
+            command.arg("--resync-rate-limit").arg(rate);
+        }
         for address in &spec.peer {
             command.arg("--peer").arg(address.to_string());
         }

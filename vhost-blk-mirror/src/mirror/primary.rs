@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -80,6 +81,8 @@ struct InFlight {
     len: u64,
     kind: Kind,
     reply: Option<ReadReply>,
+    /// A guest write keeps its extents' activity bits from being cleared until it ends.
+    activity: Option<ActivityGuard>,
 }
 
 impl InFlight {
@@ -90,7 +93,37 @@ impl InFlight {
             len,
             kind,
             reply: None,
+            activity: None,
         }
+    }
+
+    fn with_activity(mut self, guard: &ActivityGuard) -> InFlight {
+        self.activity = Some(guard.clone());
+        self
+    }
+}
+
+/// Counts a guest write from before it marks its extents active until it has ended; the
+/// activity bitmap is only cleared while none is counted.
+#[derive(Debug)]
+pub(super) struct ActivityGuard(Arc<AtomicU64>);
+
+impl ActivityGuard {
+    fn new(counter: &Arc<AtomicU64>) -> ActivityGuard {
+        counter.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(Arc::clone(counter))
+    }
+}
+
+impl Clone for ActivityGuard {
+    fn clone(&self) -> ActivityGuard {
+        ActivityGuard::new(&self.0)
+    }
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -147,6 +180,8 @@ pub struct Primary {
     state: Mutex<State>,
     changed: Condvar,
     resync_options: ResyncOptions,
+    /// Guest writes between marking their extents active and their end.
+    writes_active: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Primary {
@@ -220,6 +255,7 @@ impl Primary {
             }),
             changed: Condvar::new(),
             resync_options,
+            writes_active: Arc::new(AtomicU64::new(0)),
         });
         let receiver = primary.clone();
         thread::Builder::new()
@@ -314,44 +350,69 @@ impl Primary {
         len: u64,
         waker: &Arc<Waker>,
         local: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<Option<Outcome>> {
+    ) -> io::Result<Result<ActivityGuard, Outcome>> {
         // Bind the mode first: a guard in the match scrutinee would live through the arms.
         let mode = self.lock().mode;
         match mode {
-            Mode::Fenced => Ok(Some(Outcome::Waiting(Ticket::new(1, waker.clone())))),
+            Mode::Fenced => Ok(Err(Outcome::Waiting(Ticket::new(1, waker.clone())))),
             Mode::Degraded => {
                 self.require_local_copy()?;
                 self.metadata
                     .mark_out_of_sync(offset, len)
                     .map_err(io::Error::other)?;
                 local()?;
-                Ok(Some(Outcome::Ready(Status::Ok)))
+                Ok(Err(Outcome::Ready(Status::Ok)))
             }
             Mode::Connecting | Mode::Mirrored | Mode::Holding => {
+                let guard = ActivityGuard::new(&self.writes_active);
                 self.write_local(|| {
                     self.metadata
                         .mark_active(offset, len)
                         .map_err(io::Error::other)
                 });
-                Ok(None)
+                Ok(Ok(guard))
             }
         }
+    }
+
+    /// Clears the active extents that no write touched since a moment when no write was
+    /// under way, after a flush made every earlier write durable on the local image: the
+    /// copies can then only differ where a later write marks. Runs from the resync thread
+    /// while mirrored; cheap when nothing was written.
+    /// Returns whether it tried (no write was under way and some extent was marked).
+    pub(super) fn clear_idle_activity(&self) -> bool {
+        if !self.metadata.has_activity() {
+            return false;
+        }
+        let idle = || self.writes_active.load(Ordering::SeqCst) == 0;
+        let Some(epoch) = self.metadata.activity_snapshot(idle) else {
+            return false;
+        };
+        if let Err(error) = self.image.flush() {
+            warn!("cannot flush the local image before clearing activity: {error}");
+            return true;
+        }
+        if let Err(error) = self.metadata.clear_activity_marked_before(epoch) {
+            warn!("cannot clear the activity bitmap: {error}");
+        }
+        true
     }
 
     /// A guest write: local image, then the peer; completes when the peer acknowledged.
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
         let len = data.len() as u64;
-        if let Some(outcome) =
-            self.unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))?
-        {
-            return Ok(outcome);
-        }
+        let activity =
+            match self.unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))? {
+                Ok(guard) => guard,
+                Err(outcome) => return Ok(outcome),
+            };
         let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
         let ticket = Ticket::new(parts as u32, waker.clone());
         for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
             let block_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
             let block_len = block.len() as u64;
-            let entry = InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()));
+            let entry = InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()))
+                .with_activity(&activity);
             match self.register(entry) {
                 Err(mode) => self.unmirrored(mode, &ticket, (block_offset, block_len), || {
                     self.require_local_copy()?;
@@ -411,16 +472,14 @@ impl Primary {
         waker: &Arc<Waker>,
     ) -> io::Result<Outcome> {
         let local = || zero_local(&self.image, offset, len, deallocate);
-        if let Some(outcome) = self.unless_mirroring(offset, len, waker, local)? {
-            return Ok(outcome);
-        }
+        let activity = match self.unless_mirroring(offset, len, waker, local)? {
+            Ok(guard) => guard,
+            Err(outcome) => return Ok(outcome),
+        };
         let ticket = Ticket::new(1, waker.clone());
-        match self.register(InFlight::new(
-            Kind::Write,
-            offset,
-            len,
-            Some(ticket.clone()),
-        )) {
+        match self.register(
+            InFlight::new(Kind::Write, offset, len, Some(ticket.clone())).with_activity(&activity),
+        ) {
             Err(mode) => self.unmirrored(mode, &ticket, (offset, len), || {
                 self.require_local_copy()?;
                 zero_local(&self.image, offset, len, deallocate)

@@ -21,6 +21,10 @@ pub struct PrimaryStatus {
     pub links: serde_json::Value,
     pub in_flight_requests: usize,
     pub out_of_sync_bytes: u64,
+    /// Extents marked active: where the copies may differ after a crash of this host.
+    pub active_extents: u64,
+    /// Guest writes under way (between marking their extents and their end).
+    pub writes_active: u64,
     pub resync: ResyncProgress,
 }
 
@@ -146,6 +150,8 @@ impl Primary {
             links: transport.links(),
             in_flight_requests: state.in_flight.len(),
             out_of_sync_bytes,
+            active_extents: self.metadata.active_extents(),
+            writes_active: self.writes_active.load(std::sync::atomic::Ordering::SeqCst),
             resync: state.resync.now(),
         }
     }

@@ -13,13 +13,24 @@ use crate::mirror::protocol::Message;
 
 /// How long the resync waits between looks when there is nothing to do.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// Least time between two clears of a mirrored primary's activity bitmap (each costs one
+/// flush of the local image); in between it is tried at every idle look.
+const ACTIVITY_CLEAR_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Primary {
     pub(super) fn resync_loop(self: Arc<Self>) {
+        let mut last_clear = Instant::now();
         loop {
             if !self.resync_wanted() {
                 let state = self.lock();
+                let mirrored = state.mode == Mode::Mirrored && !state.resync_started;
                 drop(self.wait(state, IDLE_WAIT));
+                if mirrored
+                    && last_clear.elapsed() >= ACTIVITY_CLEAR_INTERVAL
+                    && self.clear_idle_activity()
+                {
+                    last_clear = Instant::now();
+                }
                 continue;
             }
             if !self.lock().resync_started {
