@@ -223,7 +223,8 @@ impl Host {
         if self.role != Role::Primary {
             return Vec::new();
         }
-        self.handover_until = Some(now + 2 * self.config.peer_timeout + self.config.secondary_claim_delay);
+        self.handover_until =
+            Some(now + 2 * self.config.peer_timeout + self.config.secondary_claim_delay);
         self.mode = Mode::Fenced;
         vec![Action::Disk(DiskCommand::Fence)]
     }

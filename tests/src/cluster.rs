@@ -58,8 +58,11 @@ impl Cluster {
         let root = dir.path();
         for (file, key) in [("pair.psk", "pair"), ("witness.psk", "witness")] {
             let path = root.join(file);
-            std::fs::write(&path, format!("ftvm {key} key for {name} 0123456789abcdef\n"))
-                .expect("write psk");
+            std::fs::write(
+                &path,
+                format!("ftvm {key} key for {name} 0123456789abcdef\n"),
+            )
+            .expect("write psk");
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
                 .expect("chmod psk");
         }
@@ -221,7 +224,10 @@ replication_port = {REPLICATION_PORT}
                 .arg(if up { "up" } else { "down" })
                 .status()
                 .expect("run ip");
-            assert!(status.success(), "ip link set {device} failed in {namespace}");
+            assert!(
+                status.success(),
+                "ip link set {device} failed in {namespace}"
+            );
         }
     }
 
@@ -280,7 +286,12 @@ replication_port = {REPLICATION_PORT}
 
     /// The guest console as written by a host's QEMU (appended across restarts).
     pub fn console(&self, host: usize) -> Vec<String> {
-        let path = self.dir.path().join(HOSTS[host]).join(VM).join("console.log");
+        let path = self
+            .dir
+            .path()
+            .join(HOSTS[host])
+            .join(VM)
+            .join("console.log");
         std::fs::read_to_string(path)
             .unwrap_or_default()
             .lines()
@@ -290,7 +301,11 @@ replication_port = {REPLICATION_PORT}
 
     /// The witness's record of the VM (its JSON file).
     pub fn witness_record(&self) -> serde_json::Value {
-        let path = self.dir.path().join("witness").join(format!("{VM}.grant.json"));
+        let path = self
+            .dir
+            .path()
+            .join("witness")
+            .join(format!("{VM}.grant.json"));
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
         serde_json::from_str(&text).expect("witness record is JSON")
@@ -313,17 +328,17 @@ replication_port = {REPLICATION_PORT}
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for host in 0..2 {
+        for (host, name) in HOSTS.iter().enumerate() {
             self.stop_ftvmd(host);
             // Whatever a killed ftvmd left (its children die with it, but be sure).
-            for pid in namespace_pids(&self.hosts.namespace(HOSTS[host])) {
+            for pid in namespace_pids(&self.hosts.namespace(name)) {
                 signal(pid, libc::SIGKILL);
             }
         }
         self.stop_witness();
         if std::thread::panicking() {
-            for host in 0..2 {
-                eprintln!("---- ftvmd log of {} ----\n{}", HOSTS[host], self.log(host));
+            for (host, name) in HOSTS.iter().enumerate() {
+                eprintln!("---- ftvmd log of {name} ----\n{}", self.log(host));
             }
         }
     }

@@ -124,9 +124,13 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     let secondary = cluster.wait_vm(A, Duration::from_secs(60), "secondary of hostB", |vm| {
         vm["role"] == "Secondary" && vm["primary"] == HOSTS[B]
     });
-    assert!(secondary["vm_pid"].is_null(), "no VM may run on the secondary");
+    assert!(
+        secondary["vm_pid"].is_null(),
+        "no VM may run on the secondary"
+    );
     let protected = cluster.wait_vm(B, Duration::from_secs(60), "Protected again", |vm| {
-        vm["state"] == "Protected" && vm["disks"][0]["replication"]["resync"]["bytes_total"].as_u64() > Some(0)
+        vm["state"] == "Protected"
+            && vm["disks"][0]["replication"]["resync"]["bytes_total"].as_u64() > Some(0)
     });
     let resynced = protected["disks"][0]["replication"]["resync"]["bytes_total"]
         .as_u64()
@@ -146,7 +150,10 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
         std::fs::read(cluster.image(A)).expect("read hostA image"),
         std::fs::read(cluster.image(B)).expect("read hostB image"),
     );
-    assert!(image_a == image_b, "after re-protection the two copies differ");
+    assert!(
+        image_a == image_b,
+        "after re-protection the two copies differ"
+    );
 }
 
 /// Watches both hosts for `window`, asserting at every sample that at most one host acts
@@ -156,7 +163,10 @@ fn watch_single_primary(cluster: &Cluster, window: Duration, what: &str) -> Vec<
     let mut seen = Vec::new();
     while Instant::now() < deadline {
         let acting = cluster.acting_primaries();
-        assert!(acting.len() <= 1, "{what}: two primaries at once: {acting:?}");
+        assert!(
+            acting.len() <= 1,
+            "{what}: two primaries at once: {acting:?}"
+        );
         for host in acting {
             if !seen.contains(&host) {
                 seen.push(host);
@@ -199,8 +209,15 @@ fn partitions_never_give_two_primaries() {
     let seen = watch_single_primary(&cluster, window, "one A-link down");
     assert_eq!(seen, vec![HOSTS[A]], "one A-link down must not move the VM");
     assert_eq!(generation(&cluster, A), Some(1));
-    assert!(last_ack(&cluster.console(A)) > before, "writes stopped with one A-link down");
-    assert!(events(&cluster, A).contains("1 of 2 A-links"), "{}", events(&cluster, A));
+    assert!(
+        last_ack(&cluster.console(A)) > before,
+        "writes stopped with one A-link down"
+    );
+    assert!(
+        events(&cluster, A).contains("1 of 2 A-links"),
+        "{}",
+        events(&cluster, A)
+    );
     cluster.set_links(A, &["alink1"], true);
 
     // Witness down while the peer is fine: nothing changes, both hosts warn.
@@ -209,7 +226,10 @@ fn partitions_never_give_two_primaries() {
     let seen = watch_single_primary(&cluster, window, "witness down");
     assert_eq!(seen, vec![HOSTS[A]]);
     assert_eq!(generation(&cluster, A), Some(1));
-    assert!(last_ack(&cluster.console(A)) > before, "writes stopped with the witness down");
+    assert!(
+        last_ack(&cluster.console(A)) > before,
+        "writes stopped with the witness down"
+    );
     for host in [A, B] {
         assert!(
             events(&cluster, host).contains("witness is unreachable"),
@@ -220,7 +240,9 @@ fn partitions_never_give_two_primaries() {
     }
     cluster.start_witness();
     cluster.wait_vm(A, Duration::from_secs(10), "witness back", |_| {
-        cluster.status(A).is_some_and(|status| status["witness_reachable"] == true)
+        cluster
+            .status(A)
+            .is_some_and(|status| status["witness_reachable"] == true)
     });
 
     // Both A-links cut, witness reachable from both: the primary wins, the secondary is
@@ -233,7 +255,10 @@ fn partitions_never_give_two_primaries() {
     });
     assert_eq!(degraded["generation"], 2);
     assert_eq!(cluster.witness_record()["holder"], HOSTS[A]);
-    assert_eq!(cluster.vm_status(B).expect("hostB status")["role"], "Secondary");
+    assert_eq!(
+        cluster.vm_status(B).expect("hostB status")["role"],
+        "Secondary"
+    );
     let before = last_ack(&cluster.console(A));
     wait_acks(&cluster, A, before + 3);
     cluster.set_links(A, &["alink1", "alink2"], true);
@@ -259,10 +284,16 @@ fn partitions_never_give_two_primaries() {
     let fenced = cluster.wait_vm(A, Duration::from_secs(20), "hostA fenced", |vm| {
         vm["state"] == "Fenced" && vm["vm_pid"].is_null()
     });
-    assert_eq!(fenced["generation"].as_u64(), Some(generation_before_isolation));
+    assert_eq!(
+        fenced["generation"].as_u64(),
+        Some(generation_before_isolation)
+    );
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[B], "{record}");
-    assert_eq!(record["generation"].as_u64(), Some(generation_before_isolation + 1));
+    assert_eq!(
+        record["generation"].as_u64(),
+        Some(generation_before_isolation + 1)
+    );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
     // Nothing was acknowledged on hostA after the cut that hostB's copy lacks.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -291,7 +322,10 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
 
     // A planned failover is asked on the primary; elsewhere the error says where.
     let (ok, text) = cluster.ftvm(B, &["failover", "vm1"]);
-    assert!(!ok && text.contains("run `ftvm failover vm1` on hostA"), "{text}");
+    assert!(
+        !ok && text.contains("run `ftvm failover vm1` on hostA"),
+        "{text}"
+    );
     let (ok, text) = cluster.ftvm(A, &["failover", "vm9"]);
     assert!(!ok && text.contains("no VM named \"vm9\""), "{text}");
     let (ok, text) = cluster.ftvm(A, &["failover", "vm1"]);
@@ -311,7 +345,10 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
         assert!(Instant::now() < deadline, "hostB's guest did not report");
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(found >= acknowledged, "found {found}, acknowledged {acknowledged}");
+    assert!(
+        found >= acknowledged,
+        "found {found}, acknowledged {acknowledged}"
+    );
     wait_protected(&cluster, B, "Protected on hostB after the planned failover");
 
     // Maintenance of hostB: its VM moves back to hostA, then hostB's daemons stop; hostA
@@ -322,13 +359,19 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
     let status = cluster.status(B).expect("hostB status");
     assert_eq!(status["disabled"], true);
     assert!(status["vms"][0]["vm_pid"].is_null());
-    cluster.wait_vm(A, Duration::from_secs(30), "hostA runs the VM alone", |vm| {
-        vm["role"] == "Primary" && vm["vm_pid"].is_u64() && vm["state"] == "Degraded"
-    });
+    cluster.wait_vm(
+        A,
+        Duration::from_secs(30),
+        "hostA runs the VM alone",
+        |vm| vm["role"] == "Primary" && vm["vm_pid"].is_u64() && vm["state"] == "Degraded",
+    );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[A]]);
     let (ok, text) = cluster.ftvm(B, &["host", "enable"]);
     assert!(ok, "{text}");
     wait_protected(&cluster, A, "Protected again after maintenance");
     let table = cluster.ftvm(A, &["status"]).1;
-    assert!(table.contains("vm1") && table.contains("Protected"), "{table}");
+    assert!(
+        table.contains("vm1") && table.contains("Protected"),
+        "{table}"
+    );
 }

@@ -50,10 +50,16 @@ fn bad_configuration_files_are_one_line_errors() {
     let dir = ftvm_tests::scratch_dir("ftvmd-config");
     let (code, text) = ftvmd(&["--config", "/nonexistent/ftvmd.toml"]);
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("cannot read /nonexistent/ftvmd.toml"), "{text}");
+    assert!(
+        text.contains("cannot read /nonexistent/ftvmd.toml"),
+        "{text}"
+    );
     assert_eq!(text.trim().lines().count(), 1, "{text}");
     let cases = [
-        ("[host]\nname = \"a\"\nstate_dir = \"/x\"\ncontrol_sock = \"/y\"\n", "control_sock"),
+        (
+            "[host]\nname = \"a\"\nstate_dir = \"/x\"\ncontrol_sock = \"/y\"\n",
+            "control_sock",
+        ),
         ("[host\n", "line 1"),
         ("", "missing field"),
     ];
@@ -62,7 +68,10 @@ fn bad_configuration_files_are_one_line_errors() {
         std::fs::write(&path, text).expect("write config");
         let (code, output) = ftvmd(&["--config", path.to_str().expect("utf-8")]);
         assert_eq!(code, 1, "{output}");
-        assert!(output.contains(expected), "expected {expected:?} in: {output}");
+        assert!(
+            output.contains(expected),
+            "expected {expected:?} in: {output}"
+        );
         assert!(!output.contains("panicked"), "{output}");
     }
     let (code, text) = ftvmd(&["--bogus"]);
@@ -98,16 +107,25 @@ fn unreachable_peer_and_witness_are_reported_and_the_primary_waits() {
     assert_eq!(status["witness_reachable"], false);
     let vm = &status["vms"][0];
     assert_eq!(vm["state"], "Waiting", "{vm}");
-    assert!(vm["vm_pid"].is_null(), "no VM may start without peer or witness: {vm}");
+    assert!(
+        vm["vm_pid"].is_null(),
+        "no VM may start without peer or witness: {vm}"
+    );
     let table = cluster.ftvm(A, &["status"]).1;
-    assert!(table.contains("UNREACHABLE") && table.contains("0/2"), "{table}");
+    assert!(
+        table.contains("UNREACHABLE") && table.contains("0/2"),
+        "{table}"
+    );
 }
 
 #[test]
 fn wrong_keys_are_named_and_nothing_starts() {
     let mut cluster = cluster("ftvmd-keys");
     // hostB gets another pair key and another witness key.
-    for (file, key) in [("pair-b.psk", "another pair key 0123456789"), ("witness-b.psk", "another witness key 0123456789")] {
+    for (file, key) in [
+        ("pair-b.psk", "another pair key 0123456789"),
+        ("witness-b.psk", "another witness key 0123456789"),
+    ] {
         let path = cluster.dir.path().join(file);
         std::fs::write(&path, key).expect("write key");
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -136,11 +154,17 @@ fn the_cli_explains_its_errors() {
     assert!(!ok && text.contains("is ftvmd running"), "{text}");
     cluster.start_ftvmd(A);
     let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "2", "--peer", "hostC"]);
-    assert!(!ok && text.contains("\"hostC\" is not this host's peer"), "{text}");
+    assert!(
+        !ok && text.contains("\"hostC\" is not this host's peer"),
+        "{text}"
+    );
     let (ok, text) = cluster.ftvm(A, &["protect", "vm7", "--level", "1", "--peer", "hostB"]);
     assert!(!ok && text.contains("no VM named \"vm7\""), "{text}");
     let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "2", "--peer", "hostB"]);
-    assert!(ok && text.contains("already protected at level 2"), "{text}");
+    assert!(
+        ok && text.contains("already protected at level 2"),
+        "{text}"
+    );
     let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "3", "--peer", "hostB"]);
     assert!(!ok && text.contains("3"), "{text}");
     let (ok, text) = cluster.ftvm(A, &["failover", "vm1"]);
@@ -156,5 +180,8 @@ fn the_cli_explains_its_errors() {
         .expect("run ftvm as nobody");
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(text.contains("permission denied") || text.contains("Permission denied"), "{text}");
+    assert!(
+        text.contains("permission denied") || text.contains("Permission denied"),
+        "{text}"
+    );
 }

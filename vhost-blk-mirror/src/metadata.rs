@@ -414,7 +414,11 @@ impl Metadata {
             if !state.activity.get(unit) {
                 continue;
             }
-            if state.extent_marked.get(&unit).is_some_and(|&marked| marked > epoch) {
+            if state
+                .extent_marked
+                .get(&unit)
+                .is_some_and(|&marked| marked > epoch)
+            {
                 continue;
             }
             state.extent_marked.remove(&unit);

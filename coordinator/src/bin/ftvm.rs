@@ -14,7 +14,12 @@ use coordinator::host::Role;
 #[command(name = "ftvm", version)]
 struct Args {
     /// ftvmd's control socket (control_socket in its configuration).
-    #[arg(long, value_name = "PATH", default_value = "/run/ftvm/ftvmd.sock", global = true)]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/ftvm/ftvmd.sock",
+        global = true
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -117,7 +122,11 @@ fn run(args: &Args) -> Result<(), String> {
                     } else {
                         format!(" -> {}", event.advice)
                     };
-                    println!("{time}  {:<8} {vm:<12} {}{advice}", format!("{:?}", event.severity), event.what);
+                    println!(
+                        "{time}  {:<8} {vm:<12} {}{advice}",
+                        format!("{:?}", event.severity),
+                        event.what
+                    );
                 }
             }
         }
@@ -204,7 +213,11 @@ fn table(status: &HostStatus) -> String {
             sync,
             vm.generation,
             format!("{}/{}", status.links_up, status.links),
-            if status.witness_reachable { "ok" } else { "DOWN" },
+            if status.witness_reachable {
+                "ok"
+            } else {
+                "DOWN"
+            },
         ));
     }
     out

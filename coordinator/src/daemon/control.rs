@@ -85,13 +85,14 @@ pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
                 match stream {
                     Ok(stream) => {
                         let sender = sender.clone();
-                        let _ = thread::Builder::new()
-                            .name("control-client".into())
-                            .spawn(move || {
-                                if let Err(error) = client(stream, &sender) {
-                                    debug!("control client: {error}");
-                                }
-                            });
+                        let _ =
+                            thread::Builder::new()
+                                .name("control-client".into())
+                                .spawn(move || {
+                                    if let Err(error) = client(stream, &sender) {
+                                        debug!("control client: {error}");
+                                    }
+                                });
                     }
                     Err(error) => warn!("control socket accept failed: {error}"),
                 }

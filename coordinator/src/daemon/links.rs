@@ -76,8 +76,10 @@ impl PeerLink {
         let mut clients = Vec::new();
         for (index, address) in peer.iter().enumerate() {
             let service = format!("{PEER_SERVICE}-link{index}");
-            let session = Session::connect(vec![*address], &service, config.clone())
-                .map_err(|error| format!("cannot start a session to the peer {address}: {error}"))?;
+            let session =
+                Session::connect(vec![*address], &service, config.clone()).map_err(|error| {
+                    format!("cannot start a session to the peer {address}: {error}")
+                })?;
             clients.push(session);
         }
         let (sender, received) = mpsc::channel();
@@ -99,14 +101,11 @@ impl PeerLink {
     pub fn send(&self, message: &PeerMessage, keep: bool) {
         let bytes = encode(message);
         for client in &self.clients {
-            if !client.peer_reachable()
-                && (!keep || client.stats().unacked_messages >= MAX_QUEUED)
+            if !client.peer_reachable() && (!keep || client.stats().unacked_messages >= MAX_QUEUED)
             {
                 continue;
             }
-            if let Err(error) =
-                client.send_timeout(&bytes, Vec::new(), Duration::from_millis(10))
-            {
+            if let Err(error) = client.send_timeout(&bytes, Vec::new(), Duration::from_millis(10)) {
                 log::debug!("cannot send to the peer: {error}");
             }
         }
@@ -132,7 +131,9 @@ impl PeerLink {
             .flat_map(|client| client.stats().links)
             .filter(|link| !link.up)
             .filter_map(|link| {
-                let address = link.address.map_or("?".into(), |address| address.to_string());
+                let address = link
+                    .address
+                    .map_or("?".into(), |address| address.to_string());
                 link.last_error.map(|error| format!("{address}: {error}"))
             })
             .collect()
@@ -199,9 +200,11 @@ pub struct WitnessLink {
 
 impl WitnessLink {
     pub fn start(addresses: Vec<SocketAddr>, config: LinkConfig) -> Result<WitnessLink, String> {
-        let session = Arc::new(Session::connect(addresses.clone(), WITNESS_SERVICE, config).map_err(
-            |error| format!("cannot start a session to the witness {addresses:?}: {error}"),
-        )?);
+        let session = Arc::new(
+            Session::connect(addresses.clone(), WITNESS_SERVICE, config).map_err(|error| {
+                format!("cannot start a session to the witness {addresses:?}: {error}")
+            })?,
+        );
         let (sender, received) = mpsc::channel();
         let reader = Arc::clone(&session);
         thread::Builder::new()

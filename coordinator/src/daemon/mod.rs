@@ -386,7 +386,7 @@ impl Daemon {
             if up == 0 {
                 self.events.warn(
                     "",
-                        format!(
+                    format!(
                         "all {total} A-link(s) to {} are down{errors}",
                         self.config.peer.name
                     ),
@@ -403,8 +403,10 @@ impl Daemon {
                     "repair the down link: one more failure cuts the hosts apart",
                 );
             } else if self.last_links.0 != usize::MAX {
-                self.events
-                    .info("", format!("all {total} A-links to {} up", self.config.peer.name));
+                self.events.info(
+                    "",
+                    format!("all {total} A-links to {} up", self.config.peer.name),
+                );
             }
             self.last_links = links;
         }
@@ -412,7 +414,8 @@ impl Daemon {
         if self.last_witness != Some(witness) {
             if witness {
                 if self.last_witness.is_some() {
-                    self.events.info("", "the witness is reachable again".into());
+                    self.events
+                        .info("", "the witness is reachable again".into());
                 }
             } else {
                 self.events.warn(
@@ -472,7 +475,11 @@ impl Daemon {
                     },
                 }
             }
-            Request::Protect { vm: name, level, peer } => {
+            Request::Protect {
+                vm: name,
+                level,
+                peer,
+            } => {
                 if peer != self.config.peer.name {
                     return Reply::Error(format!(
                         "{peer:?} is not this host's peer: ftvmd on {} pairs with {} (see \

@@ -197,17 +197,17 @@ impl QemuLauncher {
             "none".into(),
             "-no-reboot".into(),
             "-chardev".into(),
-            format!(
-                "file,id=console,path={},append=on",
-                spec.console.display()
-            ),
+            format!("file,id=console,path={},append=on", spec.console.display()),
             "-serial".into(),
             "chardev:console".into(),
         ];
         for (index, (socket, queues)) in spec.disks.iter().enumerate() {
             args.extend([
                 "-chardev".into(),
-                format!("socket,id=disk{index},path={},reconnect=1", socket.display()),
+                format!(
+                    "socket,id=disk{index},path={},reconnect=1",
+                    socket.display()
+                ),
                 "-device".into(),
                 format!("vhost-user-blk-pci,chardev=disk{index},num-queues={queues}"),
             ]);

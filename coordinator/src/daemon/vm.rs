@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
-use super::processes::{disk_command, disk_order, touch, DiskProcess, DiskSpec, RunningVm, VmLauncher, VmSpec};
+use super::processes::{
+    disk_command, disk_order, touch, DiskProcess, DiskSpec, RunningVm, VmLauncher, VmSpec,
+};
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskCommand, DiskView, Host, HostConfig, Mode, Role};
 use crate::witness::{Claim, Grant, Verdict};
@@ -249,7 +251,10 @@ impl VmRunner {
                          witness to continue without it",
                         self.pair.peer
                     ),
-                    &format!("check vhost-blk-mirror on {} and the replication ports", self.pair.peer),
+                    &format!(
+                        "check vhost-blk-mirror on {} and the replication ports",
+                        self.pair.peer
+                    ),
                 );
                 let actions = self.host.on_disk_lost_peer();
                 self.execute(actions, context);
@@ -325,9 +330,9 @@ impl VmRunner {
                 self.state_word()
             ));
         }
-        let peer_ready = self.fresh_peer_beat(context.now).is_some_and(|beat| {
-            beat.role == Role::Secondary && beat.state == "Protected"
-        });
+        let peer_ready = self
+            .fresh_peer_beat(context.now)
+            .is_some_and(|beat| beat.role == Role::Secondary && beat.state == "Protected");
         if !peer_ready {
             return Err(format!(
                 "{} has not reported its copy of {} as in sync; try again in a moment",
@@ -345,7 +350,10 @@ impl VmRunner {
         );
         context.events.info(
             &self.name,
-            format!("planned failover: VM stopped and disks fenced here; {} takes over", self.pair.peer),
+            format!(
+                "planned failover: VM stopped and disks fenced here; {} takes over",
+                self.pair.peer
+            ),
         );
         Ok(format!("{} hands over to {}", self.name, self.pair.peer))
     }
@@ -358,7 +366,10 @@ impl VmRunner {
     pub fn take_over(&mut self, context: &mut Context<'_>) {
         context.events.info(
             &self.name,
-            format!("{} handed the VM over: claiming it from the witness", self.pair.peer),
+            format!(
+                "{} handed the VM over: claiming it from the witness",
+                self.pair.peer
+            ),
         );
         let view = self.disk_view();
         let actions = self.host.take_over(context.now, view);
@@ -422,7 +433,9 @@ impl VmRunner {
                 disk.stop();
             }
         }
-        self.disk_status.iter_mut().for_each(|status| *status = None);
+        self.disk_status
+            .iter_mut()
+            .for_each(|status| *status = None);
     }
 
     /// Called while the witness is unreachable: a primary that has held writes for a lost
@@ -438,7 +451,10 @@ impl VmRunner {
         self.holding_since = None;
         context.events.error(
             &self.name,
-            format!("cut from {} and from the witness: fencing this host's copy", self.pair.peer),
+            format!(
+                "cut from {} and from the witness: fencing this host's copy",
+                self.pair.peer
+            ),
             "restore the links; this host follows the peer, or resumes if nobody took over",
         );
         let actions = self.host.fence_isolated();
@@ -475,8 +491,12 @@ impl VmRunner {
             let word = match self.replication(index) {
                 None => "Unknown",
                 Some(replication) => match replication["disk_state"].as_str() {
-                    Some("UpToDate") if replication["role"] == "secondary"
-                        && replication["peer_reachable"] != true => "Standby",
+                    Some("UpToDate")
+                        if replication["role"] == "secondary"
+                            && replication["peer_reachable"] != true =>
+                    {
+                        "Standby"
+                    }
                     Some("UpToDate") => "Protected",
                     Some("SyncSource" | "SyncTarget") => "Syncing",
                     Some(other) => other,
@@ -551,7 +571,10 @@ impl VmRunner {
     }
 
     fn poll_disks(&mut self) {
-        if self.last_poll.is_some_and(|last| last.elapsed() < DISK_POLL) {
+        if self
+            .last_poll
+            .is_some_and(|last| last.elapsed() < DISK_POLL)
+        {
             return;
         }
         self.last_poll = Some(Instant::now());
@@ -590,7 +613,10 @@ impl VmRunner {
             Role::Primary => None,
         };
         if let Some(role) = wanted.filter(|_| missing) {
-            if self.last_restart.is_none_or(|last| last.elapsed() >= RESTART_BACKOFF) {
+            if self
+                .last_restart
+                .is_none_or(|last| last.elapsed() >= RESTART_BACKOFF)
+            {
                 self.start_disks(role, events);
             }
         }
@@ -646,7 +672,11 @@ impl VmRunner {
                 return true;
             }
             if Instant::now() >= deadline
-                || self.disks.iter_mut().flatten().any(|disk| disk.exited().is_some())
+                || self
+                    .disks
+                    .iter_mut()
+                    .flatten()
+                    .any(|disk| disk.exited().is_some())
             {
                 return false;
             }
@@ -721,7 +751,10 @@ impl VmRunner {
                 } else {
                     events.info(
                         &self.name,
-                        format!("{} heard as secondary: starting the VM here", self.pair.peer),
+                        format!(
+                            "{} heard as secondary: starting the VM here",
+                            self.pair.peer
+                        ),
                     );
                     self.serve(None, context);
                 }
@@ -892,7 +925,10 @@ impl VmRunner {
     fn stop_vm(&mut self, events: &mut Events, why: &str) {
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
-            events.info(&self.name, format!("VM stopped on {} ({why})", self.pair.me));
+            events.info(
+                &self.name,
+                format!("VM stopped on {} ({why})", self.pair.me),
+            );
         }
     }
 }

@@ -180,9 +180,10 @@ impl Mirror {
         let command = words.next().unwrap_or_default();
         let generation = match words.next() {
             None => None,
-            Some(word) => Some(word.parse::<u64>().map_err(|_| {
-                format!("{command}: generation {word:?} is not a number")
-            })?),
+            Some(word) => Some(
+                word.parse::<u64>()
+                    .map_err(|_| format!("{command}: generation {word:?} is not a number"))?,
+            ),
         };
         if words.next().is_some()
             || (generation.is_some() && !matches!(command, "promote" | "continue-degraded"))

@@ -401,11 +401,12 @@ impl Primary {
     /// A guest write: local image, then the peer; completes when the peer acknowledged.
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
         let len = data.len() as u64;
-        let activity =
-            match self.unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))? {
-                Ok(guard) => guard,
-                Err(outcome) => return Ok(outcome),
-            };
+        let activity = match self
+            .unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))?
+        {
+            Ok(guard) => guard,
+            Err(outcome) => return Ok(outcome),
+        };
         let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
         let ticket = Ticket::new(parts as u32, waker.clone());
         for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
