@@ -88,9 +88,19 @@ impl Disk {
 
 #[derive(Debug)]
 enum Event {
-    Heartbeat { to: HostId, heartbeat: Heartbeat },
+    Heartbeat {
+        to: HostId,
+        heartbeat: Heartbeat,
+    },
     ClaimArrives(Claim),
-    Verdict { to: HostId, verdict: Verdict },
+    Verdict {
+        to: HostId,
+        verdict: Verdict,
+    },
+    /// Planned failover: the primary handed over; the peer should take over.
+    TakeOver {
+        to: HostId,
+    },
 }
 
 /// What the simulated world may do, per mille per 10 ms step.
@@ -101,6 +111,10 @@ pub struct Faults {
     pub restart: u64,
     pub message_loss: u64,
     pub max_delay_ms: u64,
+    /// An operator's planned failover (`ftvm failover`) on the primary.
+    pub handover: u64,
+    /// `ftvmd` fencing a primary that holds with neither peer nor witness reachable.
+    pub isolation_fence: u64,
 }
 
 impl Default for Faults {
@@ -111,6 +125,8 @@ impl Default for Faults {
             restart: 30,
             message_loss: 50,
             max_delay_ms: 60,
+            handover: 1,
+            isolation_fence: 20,
         }
     }
 }
@@ -123,6 +139,7 @@ pub struct Outcome {
     pub promotions: usize,
     pub degraded_continuations: usize,
     pub fences: usize,
+    pub handovers: usize,
 }
 
 const STEP_MS: Millis = 10;
@@ -237,7 +254,7 @@ impl World {
     pub fn run(&mut self, duration_ms: Millis) -> Result<Outcome, String> {
         while self.now < duration_ms {
             self.now += STEP_MS;
-            self.inject_faults();
+            self.inject_faults()?;
             self.deliver_due()?;
             for id in HOSTS {
                 self.tick_host(id)?;
@@ -250,7 +267,7 @@ impl World {
         Ok(self.outcome)
     }
 
-    fn inject_faults(&mut self) {
+    fn inject_faults(&mut self) -> Result<(), String> {
         if self.rng.chance(self.faults.partition_change) {
             match self.rng.between(0, 2) {
                 0 => self.cut_peer = !self.cut_peer,
@@ -277,6 +294,42 @@ impl World {
         } else if !self.witness_up && self.rng.chance(self.faults.restart) {
             self.witness_up = true;
         }
+        for id in HOSTS {
+            self.operator_and_isolation(id)?;
+        }
+        Ok(())
+    }
+
+    /// Planned handovers, and the daemon's fencing of an isolated primary.
+    fn operator_and_isolation(&mut self, id: HostId) -> Result<(), String> {
+        let time = self.local_time(id);
+        let handover = self.rng.chance(self.faults.handover);
+        let isolated = (self.cut_peer || self.hosts[&id.peer()].is_none())
+            && (self.cut_witness[&id] || !self.witness_up)
+            && self.rng.chance(self.faults.isolation_fence);
+        let Some(Some(host)) = self.hosts.get_mut(&id) else {
+            return Ok(());
+        };
+        let mut actions = Vec::new();
+        let mut take_over = false;
+        if handover && host.role() == Role::Primary && host.mode() == Mode::Mirrored {
+            actions = host.hand_over(time);
+            take_over = true;
+        } else if isolated {
+            actions = host.fence_isolated();
+        }
+        if take_over {
+            self.outcome.handovers += 1;
+            if self.trace {
+                eprintln!("t={} {id:?}: planned handover", self.now);
+            }
+        }
+        self.act(id, actions)?;
+        if take_over {
+            let reachable = !self.cut_peer;
+            self.send(Event::TakeOver { to: id.peer() }, reachable);
+        }
+        Ok(())
     }
 
     fn crash(&mut self, id: HostId) {
@@ -346,6 +399,15 @@ impl World {
                         },
                         reachable,
                     );
+                }
+                Event::TakeOver { to } => {
+                    let time = self.local_time(to);
+                    let view = self.disks[&to].view();
+                    let actions = match self.hosts.get_mut(&to) {
+                        Some(Some(host)) => host.take_over(time, view),
+                        _ => continue,
+                    };
+                    self.act(to, actions)?;
                 }
                 Event::Verdict { to, verdict } => {
                     let actions = match self.hosts.get_mut(&to) {

@@ -16,6 +16,7 @@ fn at_most_one_acknowledger_per_generation_and_no_acknowledged_write_lost() {
     let mut promotions = 0;
     let mut continuations = 0;
     let mut fences = 0;
+    let mut handovers = 0;
     let mut writes = 0;
     for seed in seeds {
         let outcome = World::new(seed, Faults::default())
@@ -26,11 +27,12 @@ fn at_most_one_acknowledger_per_generation_and_no_acknowledged_write_lost() {
         promotions += outcome.promotions;
         continuations += outcome.degraded_continuations;
         fences += outcome.fences;
+        handovers += outcome.handovers;
         writes += outcome.acknowledged_writes;
     }
     eprintln!(
         "acknowledged writes {writes}, promotions {promotions}, degraded continuations \
-         {continuations}, fences {fences}"
+         {continuations}, fences {fences}, planned handovers {handovers}"
     );
     if std::env::var("FTVM_SIM_SEED").is_err() {
         assert!(
@@ -42,6 +44,7 @@ fn at_most_one_acknowledger_per_generation_and_no_acknowledged_write_lost() {
             "and degraded continuations ({continuations})"
         );
         assert!(fences > 10, "and fencing ({fences})");
+        assert!(handovers > 100, "and planned handovers ({handovers})");
         assert!(writes > 100_000, "and acknowledged writes ({writes})");
     }
 }
