@@ -28,6 +28,8 @@ pub struct ClusterOptions {
     pub disk_bytes: u64,
     pub level: u8,
     pub peer_timeout_ms: u64,
+    /// The disks' `resync_rate_limit` (e.g. "4M"), to make a sync last.
+    pub resync_rate_limit: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -36,6 +38,7 @@ impl Default for ClusterOptions {
             disk_bytes: 64 << 20,
             level: 2,
             peer_timeout_ms: 1000,
+            resync_rate_limit: None,
         }
     }
 }
@@ -103,6 +106,7 @@ qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=t
 [[vm.disk]]
 image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}
+{rate}
 "#,
                 state = root.join(host).display(),
                 bin = paths::binary("vhost-blk-mirror")
@@ -121,6 +125,12 @@ replication_port = {REPLICATION_PORT}
                 cpus = guest.cpus,
                 kernel = kernel.display(),
                 initrd = initrd.display(),
+                rate = options
+                    .resync_rate_limit
+                    .as_ref()
+                    .map_or(String::new(), |rate| format!(
+                        "resync_rate_limit = \"{rate}\""
+                    )),
             );
             std::fs::write(root.join(format!("{host}.toml")), config).expect("write config");
         }

@@ -375,3 +375,35 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
         "{table}"
     );
 }
+
+#[test]
+fn a_secondary_whose_sync_is_unfinished_never_takes_over() {
+    // 64 MiB at 4 MiB/s: the initial sync lasts about 16 s.
+    let options = ClusterOptions {
+        resync_rate_limit: Some("4M".into()),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::new("failover-inconsistent", &record_guest(), &options);
+    cluster.start_witness();
+    cluster.start_ftvmd(A);
+    cluster.start_ftvmd(B);
+    cluster.wait_vm(A, Duration::from_secs(30), "syncing", |vm| {
+        vm["state"] == "Syncing" && vm["sync_percent"].as_f64() > Some(0.0)
+    });
+    cluster.kill_host(A);
+    let seen = watch_single_primary(&cluster, Duration::from_secs(4), "secondary inconsistent");
+    assert!(seen.is_empty(), "an Inconsistent copy took over: {seen:?}");
+    let vm = cluster.vm_status(B).expect("hostB status");
+    assert_eq!(vm["role"], "Secondary", "{vm}");
+    assert!(vm["vm_pid"].is_null());
+    let record = cluster.witness_record();
+    assert_eq!(
+        (record["holder"].as_str(), record["generation"].as_u64()),
+        (Some(HOSTS[A]), Some(1))
+    );
+    let events = events(&cluster, B);
+    assert!(
+        events.contains("cannot be restarted here without losing data"),
+        "{events}"
+    );
+}

@@ -100,6 +100,9 @@ pub struct VmRunner {
     /// Since when the disks hold writes while the coordinator still hears the peer.
     disk_holding_since: Option<Millis>,
     last_reconcile: Option<Instant>,
+    /// Warned that the primary is lost while this copy cannot take over.
+    warned_cannot_take_over: bool,
+    started_at: Millis,
 }
 
 impl VmRunner {
@@ -161,6 +164,8 @@ impl VmRunner {
             holding_since: None,
             disk_holding_since: None,
             last_reconcile: None,
+            warned_cannot_take_over: false,
+            started_at: now,
         };
         match state.role {
             Role::Secondary => {
@@ -199,9 +204,37 @@ impl VmRunner {
             });
         }
         let view = self.disk_view();
+        self.warn_if_stranded(view, context);
         let actions = self.host.tick(context.now, view);
         self.execute(actions, context);
         self.reconcile(context);
+    }
+
+    /// A secondary whose primary is lost but whose copy is not UpToDate (its sync had not
+    /// finished) never takes over; the operator must know the VM is down and why.
+    fn warn_if_stranded(&mut self, view: DiskView, context: &mut Context<'_>) {
+        let heard = self
+            .peer_beat
+            .as_ref()
+            .map_or(self.started_at, |(_, heard)| *heard);
+        let silent = context.now.saturating_sub(heard) > 2 * self.peer_timeout;
+        if self.host.role() != Role::Secondary || !silent || view.consistent {
+            self.warned_cannot_take_over = false;
+            return;
+        }
+        if self.warned_cannot_take_over {
+            return;
+        }
+        self.warned_cannot_take_over = true;
+        context.events.error(
+            &self.name,
+            format!(
+                "{} is lost, but this host's copy is not UpToDate (its sync had not \
+                 finished): the VM cannot be restarted here without losing data",
+                self.pair.peer
+            ),
+            &format!("bring {} back; the VM restarts there", self.pair.peer),
+        );
     }
 
     /// Brings the disks in line with the state machine: the generation the witness
