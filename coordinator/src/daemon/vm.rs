@@ -229,7 +229,7 @@ impl VmRunner {
         context.events.error(
             &self.name,
             format!(
-                "{} is lost, but this host's copy is not UpToDate (its sync had not \
+                "{} is not heard, and this host's copy is not UpToDate (its sync has not \
                  finished): the VM cannot be restarted here without losing data",
                 self.pair.peer
             ),
