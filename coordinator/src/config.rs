@@ -210,6 +210,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        for name in [&self.host.name, &self.peer.name] {
+            if !crate::witness_store::valid_name(name) {
+                return Err(format!(
+                    "host name {name:?} must be 1 to {MAX_VM_NAME} letters, digits, '.', '_' \
+                     or '-'"
+                ));
+            }
+        }
         if self.host.name == self.peer.name {
             return Err(format!(
                 "host and peer are both named {:?}: each host needs its own name",

@@ -16,19 +16,42 @@ use thiserror::Error;
 use crate::witness::{Claim, Grant, Verdict, Witness};
 use crate::witness_store::{StoreError, WitnessStore};
 
+/// The two hosts of a pair, in name order: the witness keeps each pair's VMs apart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPair([String; 2]);
+
+impl HostPair {
+    pub fn new(one: &str, other: &str) -> HostPair {
+        let (first, second) = if one <= other {
+            (one, other)
+        } else {
+            (other, one)
+        };
+        HostPair([first.to_owned(), second.to_owned()])
+    }
+
+    pub fn contains(&self, host: &str) -> bool {
+        self.0.iter().any(|member| member == host)
+    }
+}
+
 /// A host's request to the witness.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WitnessRequest {
     /// First protection of a VM: its primary holds `grant`. An existing grant is kept.
     Register {
+        pair: HostPair,
         vm: String,
         grant: Grant<String>,
     },
+    /// The claimant must be the authenticated sender.
     Claim {
+        pair: HostPair,
         vm: String,
         claim: Claim<String>,
     },
     Query {
+        pair: HostPair,
         vm: String,
     },
 }
@@ -86,32 +109,58 @@ impl Arbiter {
         }
     }
 
-    pub fn handle(&self, request: WitnessRequest) -> WitnessReply {
-        let store = match self.store.lock() {
+    /// Answers `request` from the host authenticated as `sender` (`None`: not checked,
+    /// for tests of the rules alone). A host may only speak for pairs it belongs to, and
+    /// only claim for itself.
+    pub fn handle(&self, request: WitnessRequest, sender: Option<&str>) -> WitnessReply {
+        let root = match self.store.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let (vm, result) = match request {
-            WitnessRequest::Register { vm, grant } => {
-                let result = register(&store, &vm, grant);
-                (vm, result)
-            }
-            WitnessRequest::Claim { vm, claim } => {
-                let result = decide(&store, &vm, claim);
-                (vm, result)
-            }
-            WitnessRequest::Query { vm } => {
-                let result = store.load(&vm).map(|grant| WitnessReply::Grant {
-                    vm: vm.clone(),
-                    grant,
-                });
-                (vm, result)
-            }
+        let (pair, vm) = match &request {
+            WitnessRequest::Register { pair, vm, .. }
+            | WitnessRequest::Claim { pair, vm, .. }
+            | WitnessRequest::Query { pair, vm } => (pair.clone(), vm.clone()),
         };
-        result.unwrap_or_else(|error| WitnessReply::Error {
-            vm,
-            message: error.to_string(),
-        })
+        let refuse = |message: String| WitnessReply::Error {
+            vm: vm.clone(),
+            message,
+        };
+        if let Some(sender) = sender {
+            if !pair.contains(sender) {
+                return refuse(format!("host {sender:?} is not in the pair {:?}", pair.0));
+            }
+        }
+        let store = match root.for_pair(&pair.0[0], &pair.0[1]) {
+            Ok(store) => store,
+            Err(error) => return refuse(error.to_string()),
+        };
+        let result = match request {
+            WitnessRequest::Register { grant, .. } => {
+                if !pair.contains(&grant.holder) {
+                    return refuse(format!(
+                        "holder {:?} is not in the pair {:?}",
+                        grant.holder, pair.0
+                    ));
+                }
+                register(&store, &vm, grant)
+            }
+            WitnessRequest::Claim { claim, .. } => {
+                if sender.is_some_and(|sender| sender != claim.host) || !pair.contains(&claim.host)
+                {
+                    return refuse(format!(
+                        "a host may only claim for itself (claim for {:?})",
+                        claim.host
+                    ));
+                }
+                decide(&store, &vm, claim)
+            }
+            WitnessRequest::Query { .. } => store.load(&vm).map(|grant| WitnessReply::Grant {
+                vm: vm.clone(),
+                grant,
+            }),
+        };
+        result.unwrap_or_else(|error| refuse(error.to_string()))
     }
 }
 
@@ -211,7 +260,7 @@ fn serve(session: Session, arbiter: &Arbiter) {
             Err(_) => return,
         };
         let reply = match message.header::<WitnessRequest>() {
-            Ok(request) => arbiter.handle(request),
+            Ok(request) => arbiter.handle(request, session.peer_id().as_deref()),
             Err(error) => WitnessReply::Error {
                 vm: String::new(),
                 message: format!("malformed request: {error}"),
@@ -228,6 +277,10 @@ fn serve(session: Session, arbiter: &Arbiter) {
 mod tests {
     use super::*;
 
+    fn pair() -> HostPair {
+        HostPair::new("hostA", "hostB")
+    }
+
     fn grant(generation: u64, holder: &str) -> Grant<String> {
         Grant {
             generation,
@@ -239,10 +292,14 @@ mod tests {
     fn decisions_are_persisted_and_survive_a_new_arbiter() {
         let dir = tempfile::tempdir().expect("tempdir");
         let arbiter = Arbiter::new(WitnessStore::open(dir.path()).expect("store"));
-        let registered = arbiter.handle(WitnessRequest::Register {
-            vm: "vm1".into(),
-            grant: grant(1, "hostA"),
-        });
+        let registered = arbiter.handle(
+            WitnessRequest::Register {
+                pair: pair(),
+                vm: "vm1".into(),
+                grant: grant(1, "hostA"),
+            },
+            Some("hostA"),
+        );
         assert_eq!(
             registered,
             WitnessReply::Grant {
@@ -251,6 +308,7 @@ mod tests {
             }
         );
         let claim = |host: &str| WitnessRequest::Claim {
+            pair: pair(),
             vm: "vm1".into(),
             claim: Claim {
                 host: host.into(),
@@ -259,7 +317,7 @@ mod tests {
             },
         };
         assert!(matches!(
-            arbiter.handle(claim("hostB")),
+            arbiter.handle(claim("hostB"), Some("hostB")),
             WitnessReply::Verdict {
                 verdict: Verdict::Granted { generation: 2 },
                 ..
@@ -268,17 +326,21 @@ mod tests {
         // A witness restarted from its files still refuses the other host.
         let restarted = Arbiter::new(WitnessStore::open(dir.path()).expect("store"));
         assert!(matches!(
-            restarted.handle(claim("hostA")),
+            restarted.handle(claim("hostA"), Some("hostA")),
             WitnessReply::Verdict {
                 verdict: Verdict::Refused { current: 2, .. },
                 ..
             }
         ));
         // Registering again does not overwrite the grant.
-        let again = restarted.handle(WitnessRequest::Register {
-            vm: "vm1".into(),
-            grant: grant(1, "hostA"),
-        });
+        let again = restarted.handle(
+            WitnessRequest::Register {
+                pair: pair(),
+                vm: "vm1".into(),
+                grant: grant(1, "hostA"),
+            },
+            Some("hostB"),
+        );
         assert_eq!(
             again,
             WitnessReply::Grant {
@@ -292,16 +354,93 @@ mod tests {
     fn bad_requests_get_an_error_reply() {
         let dir = tempfile::tempdir().expect("tempdir");
         let arbiter = Arbiter::new(WitnessStore::open(dir.path()).expect("store"));
-        let unknown = arbiter.handle(WitnessRequest::Query { vm: "../x".into() });
+        let unknown = arbiter.handle(
+            WitnessRequest::Query {
+                pair: pair(),
+                vm: "../x".into(),
+            },
+            None,
+        );
         assert!(matches!(unknown, WitnessReply::Error { .. }), "{unknown:?}");
-        let unregistered = arbiter.handle(WitnessRequest::Claim {
+        let claim = |host: &str| WitnessRequest::Claim {
+            pair: pair(),
             vm: "vm9".into(),
             claim: Claim {
-                host: "hostA".into(),
+                host: host.into(),
                 generation: 2,
                 data_generation: 1,
             },
-        });
+        };
+        let unregistered = arbiter.handle(claim("hostA"), Some("hostA"));
         assert!(matches!(unregistered, WitnessReply::Error { .. }));
+        // A host may not claim for its peer, nor speak for a pair it is not in.
+        let impersonated = arbiter.handle(claim("hostB"), Some("hostA"));
+        assert!(
+            matches!(&impersonated, WitnessReply::Error { message, .. } if message.contains("only claim for itself")),
+            "{impersonated:?}"
+        );
+        let outsider = arbiter.handle(claim("hostA"), Some("hostC"));
+        assert!(
+            matches!(&outsider, WitnessReply::Error { message, .. } if message.contains("not in the pair")),
+            "{outsider:?}"
+        );
+    }
+
+    #[test]
+    fn two_pairs_may_protect_vms_of_the_same_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let arbiter = Arbiter::new(WitnessStore::open(dir.path()).expect("store"));
+        for (a, b) in [("hostA", "hostB"), ("hostC", "hostD")] {
+            let registered = arbiter.handle(
+                WitnessRequest::Register {
+                    pair: HostPair::new(b, a),
+                    vm: "vm1".into(),
+                    grant: grant(1, a),
+                },
+                Some(a),
+            );
+            assert_eq!(
+                registered,
+                WitnessReply::Grant {
+                    vm: "vm1".into(),
+                    grant: Some(grant(1, a))
+                }
+            );
+        }
+        let won = arbiter.handle(
+            WitnessRequest::Claim {
+                pair: HostPair::new("hostC", "hostD"),
+                vm: "vm1".into(),
+                claim: Claim {
+                    host: "hostD".into(),
+                    generation: 2,
+                    data_generation: 1,
+                },
+            },
+            Some("hostD"),
+        );
+        assert!(matches!(
+            won,
+            WitnessReply::Verdict {
+                verdict: Verdict::Granted { generation: 2 },
+                ..
+            }
+        ));
+        // The other pair's vm1 is untouched.
+        let other = arbiter.handle(
+            WitnessRequest::Query {
+                pair: HostPair::new("hostA", "hostB"),
+                vm: "vm1".into(),
+            },
+            Some("hostB"),
+        );
+        assert_eq!(
+            other,
+            WitnessReply::Grant {
+                vm: "vm1".into(),
+                grant: Some(grant(1, "hostA"))
+            }
+        );
+        assert!(dir.path().join("hostC+hostD/vm1.grant.json").exists());
     }
 }

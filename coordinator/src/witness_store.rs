@@ -17,7 +17,7 @@ pub const MAX_VM_NAME: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("VM name {0:?} is not 1 to {MAX_VM_NAME} letters, digits, '.', '_' or '-'")]
+    #[error("name {0:?} is not 1 to {MAX_VM_NAME} letters, digits, '.', '_' or '-'")]
     BadName(String),
     #[error("cannot use the witness state directory {path}")]
     Directory {
@@ -37,6 +37,17 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// A VM or host name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'
+/// (safe as a file name).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_VM_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// A grant as stored: the VM's name with it, so a file explains itself.
@@ -69,14 +80,19 @@ impl WitnessStore {
         })
     }
 
+    /// The store of one host pair: the subdirectory `FIRST+SECOND` (host names in order),
+    /// so that two pairs may each protect a VM of the same name.
+    pub fn for_pair(&self, first: &str, second: &str) -> Result<WitnessStore, StoreError> {
+        for name in [first, second] {
+            if !valid_name(name) {
+                return Err(StoreError::BadName(name.to_owned()));
+            }
+        }
+        WitnessStore::open(&self.dir.join(format!("{first}+{second}")))
+    }
+
     fn path(&self, vm: &str) -> Result<PathBuf, StoreError> {
-        let valid = !vm.is_empty()
-            && vm.len() <= MAX_VM_NAME
-            && !vm.starts_with('.')
-            && vm
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-        if !valid {
+        if !valid_name(vm) {
             return Err(StoreError::BadName(vm.to_owned()));
         }
         Ok(self.dir.join(format!("{vm}.grant.json")))

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coordinator::witness::{Claim, Grant, Verdict};
-use coordinator::witness_daemon::{WitnessReply, WitnessRequest};
+use coordinator::witness_daemon::{HostPair, WitnessReply, WitnessRequest};
 use replication_link::{LinkConfig, Psk, Session};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ftvm-witness");
@@ -62,6 +62,7 @@ fn connect(address: SocketAddr, host: &str) -> Session {
 
 fn claim(host: &str) -> WitnessRequest {
     WitnessRequest::Claim {
+        pair: HostPair::new("hostA", "hostB"),
         vm: "vm1".into(),
         claim: Claim {
             host: host.into(),
@@ -80,6 +81,7 @@ fn grants_survive_a_witness_crash() {
     let registered = ask(
         &host_b,
         &WitnessRequest::Register {
+            pair: HostPair::new("hostA", "hostB"),
             vm: "vm1".into(),
             grant: Grant {
                 generation: 1,
@@ -119,7 +121,8 @@ fn grants_survive_a_witness_crash() {
         ),
         "the grant survived the crash: {refused:?}"
     );
-    let state = std::fs::read_to_string(dir.path().join("state/vm1.grant.json")).expect("state");
+    let state = std::fs::read_to_string(dir.path().join("state/hostA+hostB/vm1.grant.json"))
+        .expect("state");
     assert!(
         state.contains("\"holder\": \"hostB\""),
         "readable state: {state}"

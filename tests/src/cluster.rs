@@ -315,6 +315,7 @@ replication_port = {REPLICATION_PORT}
             .dir
             .path()
             .join("witness")
+            .join("hostA+hostB")
             .join(format!("{VM}.grant.json"));
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));

@@ -14,7 +14,7 @@ use super::processes::{
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskCommand, DiskView, Host, HostConfig, Mode, Role};
 use crate::witness::{Claim, Grant, Verdict};
-use crate::witness_daemon::WitnessRequest;
+use crate::witness_daemon::{HostPair, WitnessRequest};
 use crate::{Generation, HostId, Millis};
 
 /// How often the disk daemons are asked for their status.
@@ -196,6 +196,7 @@ impl VmRunner {
         self.poll_disks();
         if !self.registered && context.witness.reachable() {
             self.registered = context.witness.send(&WitnessRequest::Register {
+                pair: self.host_pair(),
                 vm: self.name.clone(),
                 grant: Grant {
                     generation: 1,
@@ -494,6 +495,10 @@ impl VmRunner {
         self.execute(actions, context);
     }
 
+    fn host_pair(&self) -> HostPair {
+        HostPair::new(&self.pair.me, &self.pair.peer)
+    }
+
     fn peer_id(&self) -> HostId {
         self.pair.my_id().peer()
     }
@@ -748,6 +753,7 @@ impl VmRunner {
 
     fn ask_witness(&mut self, claim: Claim, context: &mut Context<'_>) {
         let sent = context.witness.send(&WitnessRequest::Claim {
+            pair: self.host_pair(),
             vm: self.name.clone(),
             claim: Claim {
                 host: self.pair.name(claim.host),
