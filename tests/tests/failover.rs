@@ -52,6 +52,22 @@ fn found_upto(console: &[String]) -> Option<u64> {
         .find_map(|line| line.strip_prefix("FOUND-UPTO ")?.trim().parse().ok())
 }
 
+/// Waits for the restarted guest on `host` to report the last record it found.
+fn wait_found(cluster: &Cluster, host: usize) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(found) = found_upto(&cluster.console(host)) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted guest did not report; console:\n{}",
+            cluster.console(host).join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Starts witness and both hosts; waits until the VM runs on hostA, mirrored and in sync.
 fn protected_cluster(name: &str) -> Cluster {
     let mut cluster = Cluster::new(name, &record_guest(), &ClusterOptions::default());
@@ -96,18 +112,7 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
         to_qemu.as_secs_f64(),
         promoted["generation"]
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let found = loop {
-        if let Some(found) = found_upto(&cluster.console(B)) {
-            break found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted guest did not report; console:\n{}",
-            cluster.console(B).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let found = wait_found(&cluster, B);
     assert!(
         found >= acknowledged,
         "the restarted guest found records up to {found}, but {acknowledged} were acknowledged"
@@ -296,14 +301,7 @@ fn partitions_never_give_two_primaries() {
     );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
     // Nothing was acknowledged on hostA after the cut that hostB's copy lacks.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let found = loop {
-        if let Some(found) = found_upto(&cluster.console(B)) {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "hostB's guest did not report");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let found = wait_found(&cluster, B);
     let acknowledged = last_ack(&cluster.console(A)).max(acknowledged);
     assert!(
         found >= acknowledged && acknowledged >= acknowledged_before_isolation,
@@ -337,14 +335,7 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
     cluster.wait_vm(A, Duration::from_secs(30), "hostA secondary", |vm| {
         vm["role"] == "Secondary" && vm["vm_pid"].is_null()
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let found = loop {
-        if let Some(found) = found_upto(&cluster.console(B)) {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "hostB's guest did not report");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let found = wait_found(&cluster, B);
     assert!(
         found >= acknowledged,
         "found {found}, acknowledged {acknowledged}"

@@ -63,10 +63,12 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
     )?;
     let mut daemon = Daemon {
         started: Instant::now(),
-        events: Events::default(),
-        peer,
-        witness,
-        launcher,
+        io: Io {
+            events: Events::default(),
+            peer,
+            witness,
+            launcher,
+        },
         vms: Vec::new(),
         disabled: false,
         last_beat: None,
@@ -137,13 +139,30 @@ fn lock(path: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-struct Daemon {
-    config: Config,
-    started: Instant,
+/// What the VMs act through: the event list, the sessions, the launcher.
+struct Io {
     events: Events,
     peer: PeerLink,
     witness: WitnessLink,
     launcher: Box<dyn VmLauncher>,
+}
+
+impl Io {
+    fn context(&mut self, now: Millis) -> Context<'_> {
+        Context {
+            now,
+            events: &mut self.events,
+            peer: &self.peer,
+            witness: &self.witness,
+            launcher: self.launcher.as_ref(),
+        }
+    }
+}
+
+struct Daemon {
+    config: Config,
+    started: Instant,
+    io: Io,
     vms: Vec<VmRunner>,
     disabled: bool,
     last_beat: Option<Instant>,
@@ -234,7 +253,7 @@ impl Daemon {
                 disks,
                 vm_spec,
                 now,
-                &mut self.events,
+                &mut self.io.events,
             )?;
             self.vms.push(runner);
         }
@@ -243,14 +262,8 @@ impl Daemon {
 
     fn step(&mut self) {
         let now = self.now();
-        let mut context = Context {
-            now,
-            events: &mut self.events,
-            peer: &self.peer,
-            witness: &self.witness,
-            launcher: self.launcher.as_ref(),
-        };
-        while let Some(message) = self.peer.try_recv() {
+        let mut context = self.io.context(now);
+        while let Some(message) = context.peer.try_recv() {
             match message {
                 PeerMessage::Beat {
                     host,
@@ -295,7 +308,7 @@ impl Daemon {
                 }
             }
         }
-        while let Some(reply) = self.witness.try_recv() {
+        while let Some(reply) = context.witness.try_recv() {
             match reply {
                 WitnessReply::Verdict { vm: name, verdict } => {
                     if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
@@ -331,7 +344,7 @@ impl Daemon {
                 self.vms.iter().map(VmRunner::beat).collect()
             };
             self.beat_sequence += 1;
-            self.peer.send(
+            self.io.peer.send(
                 &PeerMessage::Beat {
                     host: self.config.host.name.clone(),
                     instance: self.instance,
@@ -345,9 +358,12 @@ impl Daemon {
 
     fn watch_links(&mut self, now: Millis) {
         // Keys first: a mismatch looks like a dead link otherwise.
-        let auth = (self.peer.auth_failures(), self.witness.auth_failures());
+        let auth = (
+            self.io.peer.auth_failures(),
+            self.io.witness.auth_failures(),
+        );
         if auth.0 > self.last_auth.0 && self.last_auth.0 == 0 {
-            self.events.error(
+            self.io.events.error(
                 "",
                 format!(
                     "authentication with {} failed: the two hosts hold different keys",
@@ -360,7 +376,7 @@ impl Daemon {
             );
         }
         if auth.1 > self.last_auth.1 && self.last_auth.1 == 0 {
-            self.events.error(
+            self.io.events.error(
                 "",
                 "authentication with the witness failed: wrong key".into(),
                 &format!(
@@ -374,17 +390,17 @@ impl Daemon {
         if now < self.config.timing.peer_timeout_ms {
             return;
         }
-        let links = self.peer.links_up();
+        let links = self.io.peer.links_up();
         if links != self.last_links {
             let (up, total) = links;
-            let errors = self.peer.link_errors().join("; ");
+            let errors = self.io.peer.link_errors().join("; ");
             let errors = if errors.is_empty() {
                 String::new()
             } else {
                 format!(" ({errors})")
             };
             if up == 0 {
-                self.events.warn(
+                self.io.events.warn(
                     "",
                     format!(
                         "all {total} A-link(s) to {} are down{errors}",
@@ -394,7 +410,7 @@ impl Daemon {
                      peer host is lost",
                 );
             } else if up < total {
-                self.events.warn(
+                self.io.events.warn(
                     "",
                     format!(
                         "{up} of {total} A-links to {} up{errors}",
@@ -403,22 +419,23 @@ impl Daemon {
                     "repair the down link: one more failure cuts the hosts apart",
                 );
             } else if self.last_links.0 != usize::MAX {
-                self.events.info(
+                self.io.events.info(
                     "",
                     format!("all {total} A-links to {} up", self.config.peer.name),
                 );
             }
             self.last_links = links;
         }
-        let witness = self.witness.reachable();
+        let witness = self.io.witness.reachable();
         if self.last_witness != Some(witness) {
             if witness {
                 if self.last_witness.is_some() {
-                    self.events
+                    self.io
+                        .events
                         .info("", "the witness is reachable again".into());
                 }
             } else {
-                self.events.warn(
+                self.io.events.warn(
                     "",
                     "the witness is unreachable: VMs keep running, but no failover can happen \
                      until it returns"
@@ -431,13 +448,7 @@ impl Daemon {
         // A primary cut from both its peer and the witness stops rather than hold for ever.
         if !witness {
             for vm in &mut self.vms {
-                vm.isolated(&mut Context {
-                    now: self.started.elapsed().as_millis() as Millis,
-                    events: &mut self.events,
-                    peer: &self.peer,
-                    witness: &self.witness,
-                    launcher: self.launcher.as_ref(),
-                });
+                vm.isolated(&mut self.io.context(now));
             }
         }
     }
@@ -446,27 +457,21 @@ impl Daemon {
         let now = self.now();
         match request {
             Request::Status => {
-                let (links_up, links) = self.peer.links_up();
+                let (links_up, links) = self.io.peer.links_up();
                 Reply::Status(HostStatus {
                     host: self.config.host.name.clone(),
                     peer: self.config.peer.name.clone(),
                     peer_reachable: links_up > 0,
                     links_up,
                     links,
-                    witness_reachable: self.witness.reachable(),
+                    witness_reachable: self.io.witness.reachable(),
                     disabled: self.disabled,
                     vms: self.vms.iter().map(|vm| vm.status(now)).collect(),
                 })
             }
-            Request::Events => Reply::Events(self.events.all()),
+            Request::Events => Reply::Events(self.io.events.all()),
             Request::Failover { vm: name } => {
-                let mut context = Context {
-                    now,
-                    events: &mut self.events,
-                    peer: &self.peer,
-                    witness: &self.witness,
-                    launcher: self.launcher.as_ref(),
-                };
+                let mut context = self.io.context(now);
                 match self.vms.iter_mut().find(|vm| vm.name == name) {
                     None => Reply::Error(unknown_vm(&name, &self.config)),
                     Some(vm) => match vm.hand_over(&mut context) {
@@ -504,7 +509,8 @@ impl Daemon {
                     )),
                     Some(vm) => {
                         vm.level = level;
-                        self.events
+                        self.io
+                            .events
                             .info(&name, format!("protection level set to {level}"));
                         Reply::Done(format!("{name} now protected at level {level} with {peer}"))
                     }
@@ -520,7 +526,7 @@ impl Daemon {
                     return Reply::Done(format!("{} is already enabled", self.config.host.name));
                 }
                 self.disabled = false;
-                self.events.info(
+                self.io.events.info(
                     "",
                     "host enabled: its VMs rejoin as secondaries and resync".into(),
                 );
@@ -532,13 +538,7 @@ impl Daemon {
     /// Planned maintenance: every VM this host runs is handed to the peer, then this host's
     /// daemons for the VMs stop and it leaves the heartbeat, so the peer runs them alone.
     fn disable(&mut self, now: Millis) -> Reply {
-        let mut context = Context {
-            now,
-            events: &mut self.events,
-            peer: &self.peer,
-            witness: &self.witness,
-            launcher: self.launcher.as_ref(),
-        };
+        let mut context = self.io.context(now);
         if !self.vms.iter().any(|vm| vm.beat().role == Role::Primary) {
             self.disabled = true;
             for vm in &mut self.vms {
