@@ -8,10 +8,10 @@ use ftvm_tests::guest::GuestConfig;
 const A: usize = 0;
 const B: usize = 1;
 /// Records a writer may write (block `i` holds record `i`; block 0 is the boot marker).
-const RECORDS: u32 = 4000;
+const RECORDS: u32 = 16_000;
 
 /// First boot: marks the disk, then writes numbered records, each flushed, and reports
-/// `ACK n` after the flush. A later boot (the failover) reports the last record present.
+/// `ACK n` after the flush (about 50 a second, so that a later check reads few). A later boot (the failover) reports the last record present.
 fn record_guest() -> GuestConfig {
     let script = "\
 if dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -q ftvm-first-boot; then
@@ -29,6 +29,7 @@ while [ $i -le RECORDS ]; do
   echo \"ftvm-record $i\" | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync 2>/dev/null || { echo \"WRITE-FAILED $i\"; exit 1; }
   echo \"ACK $i\"
   i=$((i + 1))
+  usleep 10000
 done
 echo WRITER-DONE
 "
@@ -397,4 +398,37 @@ fn a_secondary_whose_sync_is_unfinished_never_takes_over() {
         events.contains("cannot be restarted here without losing data"),
         "{events}"
     );
+}
+
+#[test]
+fn a_lost_secondary_disk_does_not_stall_the_guest() {
+    let cluster = protected_cluster("failover-disk-lost");
+    wait_acks(&cluster, A, 10);
+    // hostB's disk daemon dies and cannot come back (its image is gone), while hostB's
+    // ftvmd still answers heartbeats.
+    let image = cluster.image(B);
+    let moved = image.with_extension("away");
+    std::fs::rename(&image, &moved).expect("move hostB's image away");
+    let pid = cluster.vm_status(B).expect("hostB status")["disk_pids"][0]
+        .as_u64()
+        .expect("hostB's disk daemon runs") as u32;
+    ftvm_tests::process::signal(pid, libc::SIGKILL);
+    let degraded = cluster.wait_vm(A, Duration::from_secs(20), "degraded", |vm| {
+        vm["disks"][0]["replication"]["mode"] == "Degraded"
+    });
+    assert_eq!(degraded["generation"], 2, "{degraded}");
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 5);
+    assert!(
+        events(&cluster, A).contains("lost hostB's copy although its host answers"),
+        "{}",
+        events(&cluster, A)
+    );
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[A]]);
+    // The image returns: hostB's ftvmd restarts its disk daemon, and a resync makes the
+    // VM Protected again, with no command typed.
+    std::fs::rename(&moved, &image).expect("restore hostB's image");
+    wait_protected(&cluster, A, "Protected after the secondary disk returned");
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 5);
 }

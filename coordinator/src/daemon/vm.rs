@@ -46,6 +46,8 @@ pub struct VmStatus {
     pub sync_percent: Option<f64>,
     /// QEMU's process id while the VM runs here.
     pub vm_pid: Option<u32>,
+    /// Each disk daemon's process id while it runs.
+    pub disk_pids: Vec<Option<u32>>,
     /// The disk daemons' own `status`, for detail.
     pub disks: Vec<serde_json::Value>,
 }
@@ -450,6 +452,11 @@ impl VmRunner {
             generation: self.host.generation(),
             sync_percent,
             vm_pid: self.vm.as_ref().map(|vm| vm.pid()),
+            disk_pids: self
+                .disks
+                .iter()
+                .map(|disk| disk.as_ref().map(DiskProcess::pid))
+                .collect(),
             disks: self
                 .disk_status
                 .iter()
