@@ -191,6 +191,8 @@ vm_running_on_b() { [ "$(vm_field hostB vm_pid)" != null ] && vm_is hostB role P
 wait_for 30 "hostB to take over" vm_running_on_b
 echo "    hostB started the VM $(echo "$(date +%s.%N) - $KILLED" | bc | cut -c1-4) s after the kill (peer timeout 1 s, then the witness's grant)"
 ftvm hostB status | indent
+echo "    the witness's record ($WORK/witness/hostA+hostB/vm1.grant.json):"
+jq -c . "$WORK/witness/hostA+hostB/vm1.grant.json" | indent
 echo "    \$ ftvm events   (on hostB)"
 ftvm hostB events | tail -n 6 | cut -c 25- | indent
 
