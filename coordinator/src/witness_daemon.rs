@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use crate::witness::{Claim, Grant, Verdict, Witness};
 use crate::witness_store::{StoreError, WitnessStore};
+use crate::Generation;
 
 /// The two hosts of a pair, in name order: the witness keeps each pair's VMs apart.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,14 @@ pub enum WitnessRequest {
         pair: HostPair,
         vm: String,
     },
+    /// The holder of `generation` runs the VM unprotected (`standalone`): until it says
+    /// otherwise, no other host may claim it. Only the holder may ask.
+    Standalone {
+        pair: HostPair,
+        vm: String,
+        generation: Generation,
+        standalone: bool,
+    },
 }
 
 /// The witness's answer.
@@ -67,6 +76,14 @@ pub enum WitnessReply {
     Verdict {
         vm: String,
         verdict: Verdict<String>,
+    },
+    /// The answer to `Standalone`: the VM's mode and generation now. Protecting again
+    /// grants the holder the next generation, so that the returning copy counts as
+    /// outdated until it has resynced what the holder wrote alone.
+    Standalone {
+        vm: String,
+        standalone: bool,
+        generation: Generation,
     },
     Error {
         vm: String,
@@ -120,7 +137,8 @@ impl Arbiter {
         let (pair, vm) = match &request {
             WitnessRequest::Register { pair, vm, .. }
             | WitnessRequest::Claim { pair, vm, .. }
-            | WitnessRequest::Query { pair, vm } => (pair.clone(), vm.clone()),
+            | WitnessRequest::Query { pair, vm }
+            | WitnessRequest::Standalone { pair, vm, .. } => (pair.clone(), vm.clone()),
         };
         let refuse = |message: String| WitnessReply::Error {
             vm: vm.clone(),
@@ -159,6 +177,11 @@ impl Arbiter {
                 vm: vm.clone(),
                 grant,
             }),
+            WitnessRequest::Standalone {
+                generation,
+                standalone,
+                ..
+            } => set_standalone(&store, &vm, sender, generation, standalone),
         };
         result.unwrap_or_else(|error| refuse(error.to_string()))
     }
@@ -186,22 +209,81 @@ fn register(
     })
 }
 
+fn set_standalone(
+    store: &WitnessStore,
+    vm: &str,
+    sender: Option<&str>,
+    generation: Generation,
+    standalone: bool,
+) -> Result<WitnessReply, StoreError> {
+    let error = |message: String| WitnessReply::Error {
+        vm: vm.to_owned(),
+        message,
+    };
+    let Some((grant, current)) = store.load_entry(vm)? else {
+        return Ok(error("unknown VM: its hosts must register it first".into()));
+    };
+    let holder_asks = sender.is_none_or(|sender| sender == grant.holder);
+    if !holder_asks || grant.generation != generation {
+        return Ok(error(format!(
+            "only the holder of the current generation ({}, held by {}) may change the \
+             VM's protection",
+            grant.generation, grant.holder
+        )));
+    }
+    let mut grant = grant;
+    if current != standalone {
+        if !standalone {
+            grant.generation += 1;
+        }
+        store.save_entry(vm, &grant, standalone)?;
+        info!(
+            "{vm}: {} runs it {} at generation {}",
+            grant.holder,
+            if standalone {
+                "unprotected (no other host may claim it)"
+            } else {
+                "protected again"
+            },
+            grant.generation
+        );
+    }
+    Ok(WitnessReply::Standalone {
+        vm: vm.to_owned(),
+        standalone,
+        generation: grant.generation,
+    })
+}
+
 fn decide(
     store: &WitnessStore,
     vm: &str,
     claim: Claim<String>,
 ) -> Result<WitnessReply, StoreError> {
-    let Some(grant) = store.load(vm)? else {
+    let Some((grant, standalone)) = store.load_entry(vm)? else {
         return Ok(WitnessReply::Error {
             vm: vm.to_owned(),
             message: "unknown VM: its hosts must register it first".into(),
         });
     };
+    if standalone && claim.host != grant.holder {
+        info!(
+            "{vm}: {} refused generation {}: {} runs the VM unprotected",
+            claim.host, claim.generation, grant.holder
+        );
+        return Ok(WitnessReply::Verdict {
+            vm: vm.to_owned(),
+            verdict: Verdict::Refused {
+                current: grant.generation,
+                holder: grant.holder,
+            },
+        });
+    }
     let mut witness = Witness::new(grant.clone());
     let verdict = witness.decide(claim.clone());
     if witness.grant() != &grant {
         // Durable before anyone hears of it.
-        store.save(vm, witness.grant())?;
+        store.save_entry(vm, witness.grant(), standalone)?;
         info!(
             "{vm}: generation {} granted to {}",
             claim.generation, claim.host
@@ -384,6 +466,75 @@ mod tests {
             matches!(&outsider, WitnessReply::Error { message, .. } if message.contains("not in the pair")),
             "{outsider:?}"
         );
+    }
+
+    #[test]
+    fn an_unprotected_vm_cannot_be_claimed_by_the_other_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let arbiter = Arbiter::new(WitnessStore::open(dir.path()).expect("store"));
+        let register = WitnessRequest::Register {
+            pair: pair(),
+            vm: "vm1".into(),
+            grant: grant(1, "hostA"),
+        };
+        arbiter.handle(register, Some("hostA"));
+        let standalone = |on: bool, generation: u64| WitnessRequest::Standalone {
+            pair: pair(),
+            vm: "vm1".into(),
+            generation,
+            standalone: on,
+        };
+        // Only the holder may change the protection.
+        let by_peer = arbiter.handle(standalone(true, 1), Some("hostB"));
+        assert!(matches!(by_peer, WitnessReply::Error { .. }), "{by_peer:?}");
+        assert_eq!(
+            arbiter.handle(standalone(true, 1), Some("hostA")),
+            WitnessReply::Standalone {
+                vm: "vm1".into(),
+                standalone: true,
+                generation: 1
+            }
+        );
+        let claim = |host: &str, generation: u64, data_generation: u64| WitnessRequest::Claim {
+            pair: pair(),
+            vm: "vm1".into(),
+            claim: Claim {
+                host: host.into(),
+                generation,
+                data_generation,
+            },
+        };
+        assert!(matches!(
+            arbiter.handle(claim("hostB", 2, 1), Some("hostB")),
+            WitnessReply::Verdict {
+                verdict: Verdict::Refused { current: 1, .. },
+                ..
+            }
+        ));
+        // Protecting again grants the holder the next generation: the other copy, still
+        // at 1, is outdated until it resyncs.
+        assert_eq!(
+            arbiter.handle(standalone(false, 1), Some("hostA")),
+            WitnessReply::Standalone {
+                vm: "vm1".into(),
+                standalone: false,
+                generation: 2
+            }
+        );
+        assert!(matches!(
+            arbiter.handle(claim("hostB", 3, 1), Some("hostB")),
+            WitnessReply::Verdict {
+                verdict: Verdict::Refused { current: 2, .. },
+                ..
+            }
+        ));
+        assert!(matches!(
+            arbiter.handle(claim("hostB", 3, 2), Some("hostB")),
+            WitnessReply::Verdict {
+                verdict: Verdict::Granted { generation: 3 },
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -56,6 +56,9 @@ struct Record {
     vm: String,
     generation: Generation,
     holder: String,
+    /// The holder runs the VM unprotected (`ftvm unprotect`): no other host may claim it.
+    #[serde(default)]
+    standalone: bool,
 }
 
 /// The directory of grant files.
@@ -100,6 +103,11 @@ impl WitnessStore {
 
     /// The VM's grant, if it was ever registered.
     pub fn load(&self, vm: &str) -> Result<Option<Grant<String>>, StoreError> {
+        Ok(self.load_entry(vm)?.map(|(grant, _)| grant))
+    }
+
+    /// The VM's grant and whether its holder runs it unprotected.
+    pub fn load_entry(&self, vm: &str) -> Result<Option<(Grant<String>, bool)>, StoreError> {
         let path = self.path(vm)?;
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -110,20 +118,35 @@ impl WitnessStore {
             path: path.clone(),
             source,
         })?;
-        Ok(Some(Grant {
-            generation: record.generation,
-            holder: record.holder,
-        }))
+        Ok(Some((
+            Grant {
+                generation: record.generation,
+                holder: record.holder,
+            },
+            record.standalone,
+        )))
     }
 
-    /// Durably records the VM's grant: written to a temporary file, synced, renamed over
-    /// the old one, and the directory synced, so a crash leaves the old or the new grant.
+    /// Durably records the VM's grant (protected).
     pub fn save(&self, vm: &str, grant: &Grant<String>) -> Result<(), StoreError> {
+        self.save_entry(vm, grant, false)
+    }
+
+    /// Durably records the VM's grant and mode: written to a temporary file, synced,
+    /// renamed over the old one, and the directory synced, so a crash leaves the old or the
+    /// new grant.
+    pub fn save_entry(
+        &self,
+        vm: &str,
+        grant: &Grant<String>,
+        standalone: bool,
+    ) -> Result<(), StoreError> {
         let path = self.path(vm)?;
         let record = Record {
             vm: vm.to_owned(),
             generation: grant.generation,
             holder: grant.holder.clone(),
+            standalone,
         };
         let io_error = |source| StoreError::Io {
             path: path.clone(),

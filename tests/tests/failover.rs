@@ -432,3 +432,59 @@ fn a_lost_secondary_disk_does_not_stall_the_guest() {
     let before = last_ack(&cluster.console(A));
     wait_acks(&cluster, A, before + 5);
 }
+
+#[test]
+fn unprotect_runs_the_vm_alone_and_protect_brings_the_copy_back() {
+    let cluster = protected_cluster("failover-unprotect");
+    wait_acks(&cluster, A, 10);
+    let (ok, text) = cluster.ftvm(B, &["unprotect", "vm1"]);
+    assert!(
+        !ok && text.contains("run `ftvm unprotect vm1` on hostA"),
+        "{text}"
+    );
+    let (ok, text) = cluster.ftvm(A, &["unprotect", "vm1"]);
+    assert!(ok, "{text}");
+    cluster.wait_vm(A, Duration::from_secs(20), "Unprotected", |vm| {
+        vm["state"] == "Unprotected" && vm["vm_pid"].is_u64()
+    });
+    cluster.wait_vm(B, Duration::from_secs(20), "copy stopped", |vm| {
+        vm["disk_pids"][0].is_null()
+    });
+    assert_eq!(cluster.witness_record()["standalone"], true);
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 20);
+
+    // Unprotected, hostA's loss moves nothing: the witness refuses hostB.
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], false);
+    let seen = watch_single_primary(&cluster, Duration::from_secs(3), "unprotected, hostA cut");
+    assert!(
+        !seen.contains(&HOSTS[B]),
+        "hostB took over an unprotected VM"
+    );
+    assert_eq!(cluster.vm_status(B).expect("hostB")["role"], "Secondary");
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
+    let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "2", "--peer", "hostB"]);
+    assert!(ok || text.contains("the witness is unreachable"), "{text}");
+    cluster.wait_vm(A, Duration::from_secs(20), "the witness reachable", |_| {
+        cluster
+            .status(A)
+            .is_some_and(|status| status["witness_reachable"] == true)
+    });
+
+    // Protect again: the next generation, a delta resync of what was written alone.
+    let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "2", "--peer", "hostB"]);
+    assert!(ok, "{text}");
+    let protected = wait_protected(&cluster, A, "protected again");
+    assert_eq!(protected["generation"], 2, "{protected}");
+    let record = cluster.witness_record();
+    assert_eq!(record["standalone"], false, "{record}");
+    let resynced = protected["disks"][0]["replication"]["resync"]["bytes_total"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        resynced > 0 && resynced < ClusterOptions::default().disk_bytes / 4,
+        "protecting again resynced {resynced} bytes: not a delta"
+    );
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 5);
+}

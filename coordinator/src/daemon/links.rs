@@ -34,6 +34,8 @@ pub struct VmBeat {
     /// The sender's summary (Protected, Syncing, Degraded, …), for `ftvm status`.
     pub state: String,
     pub sync_percent: Option<f64>,
+    /// The sender's view; the secondary follows its primary's.
+    pub protected: bool,
 }
 
 /// Between the two `ftvmd`s.

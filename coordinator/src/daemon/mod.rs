@@ -320,6 +320,15 @@ impl Daemon {
                         vm.on_registered(grant, &mut context);
                     }
                 }
+                WitnessReply::Standalone {
+                    vm: name,
+                    standalone,
+                    generation,
+                } => {
+                    if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
+                        vm.on_standalone(standalone, generation, &mut context);
+                    }
+                }
                 WitnessReply::Error { vm, message } => context.events.error(
                     &vm,
                     format!("the witness answered: {message}"),
@@ -498,28 +507,29 @@ impl Daemon {
                          component fault tolerance)"
                     ));
                 }
+                let mut context = self.io.context(now);
                 match self.vms.iter_mut().find(|vm| vm.name == name) {
                     None => Reply::Error(format!(
                         "{} not defined: add a [[vm]] section (disks, memory, primary) to \
                          the configuration of both hosts and restart ftvmd",
                         unknown_vm(&name, &self.config)
                     )),
-                    Some(vm) if vm.level == level => Reply::Done(format!(
-                        "{name} is already protected at level {level} with {peer}"
-                    )),
-                    Some(vm) => {
-                        vm.level = level;
-                        self.io
-                            .events
-                            .info(&name, format!("protection level set to {level}"));
-                        Reply::Done(format!("{name} now protected at level {level} with {peer}"))
-                    }
+                    Some(vm) => match vm.protect(level, &mut context) {
+                        Ok(done) => Reply::Done(done),
+                        Err(error) => Reply::Error(error),
+                    },
                 }
             }
-            Request::Unprotect { vm } => Reply::Error(format!(
-                "unprotect of {vm} is not available yet: remove its [[vm]] section from both \
-                 hosts' configurations and restart ftvmd"
-            )),
+            Request::Unprotect { vm: name } => {
+                let mut context = self.io.context(now);
+                match self.vms.iter_mut().find(|vm| vm.name == name) {
+                    None => Reply::Error(unknown_vm(&name, &self.config)),
+                    Some(vm) => match vm.unprotect(&mut context) {
+                        Ok(done) => Reply::Done(done),
+                        Err(error) => Reply::Error(error),
+                    },
+                }
+            }
             Request::HostDisable => self.disable(now),
             Request::HostEnable => {
                 if !self.disabled {

@@ -15,6 +15,14 @@ use crate::Generation;
 pub struct VmState {
     pub role: Role,
     pub generation: Generation,
+    /// `ftvm unprotect` turns it off: the primary runs the VM alone, the secondary
+    /// nothing, and the witness refuses every other host's claim.
+    #[serde(default = "protected_by_default")]
+    pub protected: bool,
+}
+
+fn protected_by_default() -> bool {
+    true
 }
 
 /// The state file of one VM (`STATE_DIR/VM/state.json`).
@@ -73,6 +81,7 @@ mod tests {
         let state = VmState {
             role: Role::Secondary,
             generation: 7,
+            protected: false,
         };
         file.save(&state).expect("save");
         assert_eq!(file.load().expect("load"), Some(state));

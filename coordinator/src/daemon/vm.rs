@@ -97,6 +97,7 @@ pub struct VmRunner {
     registered: bool,
     peer_beat: Option<(VmBeat, Millis)>,
     peer_timeout: Millis,
+    host_config: HostConfig,
     /// Since when this primary holds writes for a lost peer.
     holding_since: Option<Millis>,
     /// Since when the disks hold writes while the coordinator still hears the peer.
@@ -134,6 +135,7 @@ impl VmRunner {
                         Role::Secondary
                     },
                     generation: 1,
+                    protected: true,
                 };
                 state_file
                     .save(&state)
@@ -163,6 +165,7 @@ impl VmRunner {
             registered: false,
             peer_beat: None,
             peer_timeout: host_config.peer_timeout,
+            host_config,
             holding_since: None,
             disk_holding_since: None,
             last_reconcile: None,
@@ -170,6 +173,18 @@ impl VmRunner {
             started_at: now,
         };
         match state.role {
+            _ if !state.protected => events.warn(
+                &runner.name,
+                format!(
+                    "not protected (ftvm unprotect): {}",
+                    if state.role == Role::Primary {
+                        "the VM runs here alone"
+                    } else {
+                        "nothing runs here"
+                    }
+                ),
+                "`ftvm protect` on the primary to protect it again",
+            ),
             Role::Secondary => {
                 events.info(
                     &runner.name,
@@ -194,6 +209,10 @@ impl VmRunner {
 
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
+        if !self.state.protected {
+            self.tick_unprotected(context);
+            return;
+        }
         self.supervise(context.events);
         self.poll_disks();
         if !self.registered && context.witness.reachable() {
@@ -211,6 +230,218 @@ impl VmRunner {
         let actions = self.host.tick(context.now, view);
         self.execute(actions, context);
         self.reconcile(context);
+    }
+
+    /// Unprotected: the primary runs its disks alone (degraded, every write recorded for
+    /// the resync that protecting again will need) and the VM; the secondary runs nothing.
+    /// No claims: the witness refuses the other host's anyway.
+    fn tick_unprotected(&mut self, context: &mut Context<'_>) {
+        if self.state.role == Role::Secondary {
+            if self.disks.iter().any(Option::is_some) {
+                self.shutdown(context.events);
+            }
+            return;
+        }
+        self.supervise(context.events);
+        self.poll_disks();
+        if !self.serving {
+            self.serve(None, context);
+            return;
+        }
+        if self
+            .last_reconcile
+            .is_some_and(|last| last.elapsed() < DISK_POLL)
+        {
+            return;
+        }
+        self.last_reconcile = Some(Instant::now());
+        for index in 0..self.disk_specs.len() {
+            let waiting = self.replication(index).is_some_and(|replication| {
+                matches!(replication["mode"].as_str(), Some("Holding" | "Connecting"))
+            });
+            if waiting {
+                if let Err(error) = disk_order(&self.disk_specs[index].control, "continue-degraded")
+                {
+                    log::debug!("{}: {error}", self.name);
+                }
+            }
+        }
+    }
+
+    /// `ftvm unprotect`, on the primary: the witness first records that this host runs the
+    /// VM alone (then no other host can claim it), then the peer stops its copy.
+    pub fn unprotect(&mut self, context: &mut Context<'_>) -> Result<String, String> {
+        if !self.state.protected {
+            return Ok(format!("{} is already unprotected", self.name));
+        }
+        self.check_primary_for("unprotect", context)?;
+        self.ask_standalone(true, context)?;
+        Ok(format!(
+            "unprotecting {}: the witness is asked; `ftvm status` shows Unprotected once done",
+            self.name
+        ))
+    }
+
+    /// `ftvm protect` of an unprotected VM, on its primary: the witness grants this host
+    /// the next generation and lets the peer claim again; the peer's copy then resyncs
+    /// what was written alone.
+    pub fn protect(&mut self, level: u8, context: &mut Context<'_>) -> Result<String, String> {
+        if self.state.protected {
+            if self.level == level {
+                return Ok(format!(
+                    "{} is already protected at level {level} with {}",
+                    self.name, self.pair.peer
+                ));
+            }
+            self.level = level;
+            context
+                .events
+                .info(&self.name, format!("protection level set to {level}"));
+            return Ok(format!(
+                "{} now protected at level {level} with {}",
+                self.name, self.pair.peer
+            ));
+        }
+        self.check_primary_for("protect", context)?;
+        self.level = level;
+        self.ask_standalone(false, context)?;
+        Ok(format!(
+            "protecting {} at level {level} with {}: the witness is asked; the peer's copy \
+             resyncs next",
+            self.name, self.pair.peer
+        ))
+    }
+
+    fn check_primary_for(&self, what: &str, context: &Context<'_>) -> Result<(), String> {
+        if self.state.role != Role::Primary {
+            return Err(format!(
+                "{} is not primary here; run `ftvm {what} {}` on {}",
+                self.name, self.name, self.pair.peer
+            ));
+        }
+        if !self.serving {
+            return Err(format!(
+                "{} is not running here ({}); try again once it runs",
+                self.name,
+                self.state_word()
+            ));
+        }
+        if !context.witness.reachable() {
+            return Err(format!(
+                "the witness is unreachable: {what} needs it, so that the two hosts never \
+                 both run {}",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    fn ask_standalone(
+        &mut self,
+        standalone: bool,
+        context: &mut Context<'_>,
+    ) -> Result<(), String> {
+        let sent = context.witness.send(&WitnessRequest::Standalone {
+            pair: self.host_pair(),
+            vm: self.name.clone(),
+            generation: self.state.generation,
+            standalone,
+        });
+        if sent {
+            Ok(())
+        } else {
+            Err("cannot send to the witness; try again".into())
+        }
+    }
+
+    /// The witness's answer to `Standalone`.
+    pub fn on_standalone(
+        &mut self,
+        standalone: bool,
+        generation: Generation,
+        context: &mut Context<'_>,
+    ) {
+        if self.state.role != Role::Primary || self.state.protected != standalone {
+            return; // nothing to change (a repeated answer)
+        }
+        if standalone {
+            if self.save_state(Role::Primary, self.state.generation, false, context.events) {
+                context.events.warn(
+                    &self.name,
+                    format!(
+                        "unprotected: runs on {} alone; the witness refuses {}'s claims",
+                        self.pair.me, self.pair.peer
+                    ),
+                    "`ftvm protect` to protect it again (a delta resync follows)",
+                );
+            }
+            return;
+        }
+        if !self.save_state(Role::Primary, generation, true, context.events) {
+            return;
+        }
+        for spec in &self.disk_specs {
+            let order = format!("continue-degraded {generation}");
+            if let Err(error) = disk_order(&spec.control, &order) {
+                log::warn!("{}: {error}", self.name);
+            }
+        }
+        // A fresh state machine: primary at the new generation, waiting to hear its
+        // secondary (or claiming the next generation if it does not come).
+        self.host = Host::start(
+            self.pair.my_id(),
+            self.host_config,
+            Role::Primary,
+            generation,
+            context.now,
+        );
+        context.events.info(
+            &self.name,
+            format!(
+                "protected again at generation {generation}: {} resyncs its copy",
+                self.pair.peer
+            ),
+        );
+    }
+
+    /// A secondary follows its primary's protection (announced in its heartbeat).
+    fn follow_protection(&mut self, beat: &VmBeat, context: &mut Context<'_>) {
+        if self.state.role != Role::Secondary
+            || beat.role != Role::Primary
+            || beat.protected == self.state.protected
+        {
+            return;
+        }
+        let generation = self.state.generation.max(beat.generation);
+        if !self.save_state(Role::Secondary, generation, beat.protected, context.events) {
+            return;
+        }
+        if beat.protected {
+            self.host = Host::start(
+                self.pair.my_id(),
+                self.host_config,
+                Role::Secondary,
+                self.host.generation().max(beat.generation),
+                context.now,
+            );
+            context.events.info(
+                &self.name,
+                format!(
+                    "{} protects the VM again: this copy resyncs",
+                    self.pair.peer
+                ),
+            );
+        } else {
+            self.shutdown(context.events);
+            context.events.warn(
+                &self.name,
+                format!(
+                    "{} runs the VM unprotected: this copy is stopped",
+                    self.pair.peer
+                ),
+                "`ftvm protect` on the primary to protect it again",
+            );
+        }
     }
 
     /// A secondary whose primary is lost but whose copy is not UpToDate (its sync had not
@@ -301,6 +532,11 @@ impl VmRunner {
     }
 
     pub fn on_beat(&mut self, beat: VmBeat, context: &mut Context<'_>) {
+        self.follow_protection(&beat, context);
+        if !self.state.protected {
+            self.peer_beat = Some((beat, context.now));
+            return;
+        }
         let actions = self.host.on_heartbeat(
             context.now,
             crate::host::Heartbeat {
@@ -314,6 +550,9 @@ impl VmRunner {
     }
 
     pub fn on_verdict(&mut self, verdict: Verdict<String>, context: &mut Context<'_>) {
+        if !self.state.protected {
+            return;
+        }
         let verdict = match verdict {
             Verdict::Granted { generation } => Verdict::Granted { generation },
             Verdict::Refused { current, holder } => {
@@ -400,6 +639,9 @@ impl VmRunner {
     }
 
     pub fn take_over(&mut self, context: &mut Context<'_>) {
+        if !self.state.protected {
+            return;
+        }
         context.events.info(
             &self.name,
             format!(
@@ -420,6 +662,7 @@ impl VmRunner {
             generation: self.host.generation(),
             state: self.state_word(),
             sync_percent: self.own_sync_percent(),
+            protected: self.state.protected,
         }
     }
 
@@ -526,6 +769,9 @@ impl VmRunner {
 
     /// The worst disk state, as one word.
     fn state_word(&self) -> String {
+        if !self.state.protected {
+            return "Unprotected".into();
+        }
         match (self.host.role(), self.host.mode()) {
             (Role::Primary, Mode::Fenced) => return "Fenced".into(),
             (Role::Primary, _) if !self.serving => return "Waiting".into(),
@@ -729,8 +975,18 @@ impl VmRunner {
         }
     }
 
-    fn save_state(&mut self, role: Role, generation: Generation, events: &mut Events) -> bool {
-        let state = VmState { role, generation };
+    fn save_state(
+        &mut self,
+        role: Role,
+        generation: Generation,
+        protected: bool,
+        events: &mut Events,
+    ) -> bool {
+        let state = VmState {
+            role,
+            generation,
+            protected,
+        };
         match self.state_file.save(&state) {
             Ok(()) => {
                 self.state = state;
@@ -790,7 +1046,7 @@ impl VmRunner {
             DiskCommand::Resume { generation } => {
                 self.holding_since = None;
                 if generation > self.state.generation {
-                    self.save_state(Role::Primary, generation, events);
+                    self.save_state(Role::Primary, generation, true, events);
                 }
                 if self.serving {
                     events.info(&self.name, format!("{} is back: mirroring", self.pair.peer));
@@ -807,7 +1063,7 @@ impl VmRunner {
             }
             DiskCommand::ContinueDegraded { generation } => {
                 self.holding_since = None;
-                if !self.save_state(Role::Primary, generation, events) {
+                if !self.save_state(Role::Primary, generation, true, events) {
                     return;
                 }
                 events.warn(
@@ -837,7 +1093,7 @@ impl VmRunner {
                 );
             }
             DiskCommand::Promote { generation } => {
-                if !self.save_state(Role::Primary, generation, events) {
+                if !self.save_state(Role::Primary, generation, true, events) {
                     return;
                 }
                 events.warn(
@@ -868,7 +1124,7 @@ impl VmRunner {
             DiskCommand::Demote { generation } => {
                 self.stop_vm(events, "another host is primary");
                 self.serving = false;
-                self.save_state(Role::Secondary, generation, events);
+                self.save_state(Role::Secondary, generation, true, events);
                 events.warn(
                     &self.name,
                     format!(
