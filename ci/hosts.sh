@@ -9,6 +9,9 @@
 #   ${PREFIX}lan      bridge br0 (the LAN); the lan0 veths end here as
 #                     hostA, hostB, witness, client (ports of br0)
 # alink1 and alink2 are two separate direct veth pairs between hostA and hostB.
+# hostA and hostB also have a bridge vmbr0 for their VMs' NICs (TAP devices);
+# its port uplink is a veth whose other end is port hostA-up / hostB-up of br0:
+# the host's uplink to the LAN for its VMs.
 # Every veth is created directly inside its namespaces; nothing lives in the
 # root namespace. `lo` is up everywhere.
 #
@@ -19,7 +22,7 @@
 #   status  show the set; exit 0 when complete, 3 when absent or partial
 #
 # Cut a link: ip -n ${PREFIX}hostA link set alink1 down (or the lan0 / the
-# bridge port in ${PREFIX}lan).
+# bridge port in ${PREFIX}lan); cut a VM uplink: ... link set uplink down.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -84,6 +87,18 @@ check() {
 				ok=1
 			}
 	done
+	for h in hostA hostB; do
+		ip -n "$P$h" -o link show dev uplink 2>/dev/null | grep 'master vmbr0' >/dev/null ||
+			{
+				echo "  $P$h: uplink not a port of vmbr0"
+				ok=1
+			}
+		ip -n "$LAN" -o link show dev "$h-up" 2>/dev/null | grep 'master br0' >/dev/null ||
+			{
+				echo "  $LAN: $h-up not a port of br0"
+				ok=1
+			}
+	done
 	has_addr "${P}hostA" alink1 10.77.1.1 || ok=1
 	has_addr "${P}hostB" alink1 10.77.1.2 || ok=1
 	has_addr "${P}hostA" alink2 10.77.2.1 || ok=1
@@ -125,6 +140,13 @@ up() {
 	for h in "${HOSTS[@]}"; do
 		veth "$P$h" lan0 "${LAN_ADDR[$h]}" "$LAN" "$h" ""
 		ip -n "$LAN" link set "$h" master br0
+	done
+	for h in hostA hostB; do
+		ip -n "$P$h" link add vmbr0 type bridge stp_state 0 forward_delay 0
+		ip -n "$P$h" link set vmbr0 up
+		veth "$P$h" uplink "" "$LAN" "$h-up" ""
+		ip -n "$P$h" link set uplink master vmbr0
+		ip -n "$LAN" link set "$h-up" master br0
 	done
 	veth "${P}hostA" alink1 10.77.1.1 "${P}hostB" alink1 10.77.1.2
 	veth "${P}hostA" alink2 10.77.2.1 "${P}hostB" alink2 10.77.2.2
