@@ -39,6 +39,12 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path vhost-b
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 "$target_dir/debug/request_parser" -runs=0 vhost-blk-mirror/fuzz/seeds/request_parser
 
+step "fuzz seed replay (virtio-net frame parser)"
+cargo build --locked --manifest-path vhost-net-ft/fuzz/Cargo.toml
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path vhost-net-ft/fuzz/Cargo.toml |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+"$target_dir/debug/frame_parser" -runs=0 vhost-net-ft/fuzz/seeds/frame_parser
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -25,6 +25,14 @@ pub struct Disk {
     pub queues: u16,
 }
 
+/// A vhost-user-net NIC attached to the guest.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub socket: PathBuf,
+    pub mac: String,
+    pub queues: u16,
+}
+
 /// How to start a guest.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -32,6 +40,7 @@ pub struct GuestConfig {
     pub memory_mb: u32,
     pub cpus: u32,
     pub disks: Vec<Disk>,
+    pub nics: Vec<Nic>,
     /// Shell script run as `/test.sh` inside the guest.
     pub script: String,
     /// Extra files for the guest's root directory.
@@ -48,6 +57,7 @@ impl GuestConfig {
             memory_mb: DEFAULT_MEMORY_MB,
             cpus: 1,
             disks: Vec::new(),
+            nics: Vec::new(),
             script: script.to_owned(),
             files: Vec::new(),
             with_fio: false,
@@ -273,6 +283,27 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
             format!(
                 "vhost-user-blk-pci,chardev=disk{index},num-queues={}",
                 disk.queues
+            ),
+        ]);
+    }
+    for (index, nic) in config.nics.iter().enumerate() {
+        // QEMU 7.2 under TCG needs vectors=0 for virtio-net-pci (DESIGN.md).
+        let mq = if nic.queues > 1 { "on" } else { "off" };
+        args.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=nic{index},path={},reconnect=1",
+                nic.socket.display()
+            ),
+            "-netdev".into(),
+            format!(
+                "vhost-user,id=net{index},chardev=nic{index},queues={}",
+                nic.queues
+            ),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=net{index},mac={},vectors=0,mq={mq}",
+                nic.mac
             ),
         ]);
     }

@@ -1,0 +1,578 @@
+//! vhost-user glue: the only module that knows `vhost_user_backend`.
+//!
+//! Virtqueues as virtio-net numbers them: RX of queue pair `i` is vring `2i`, its TX `2i + 1`,
+//! the control queue the last, `2N`. Each pair has a worker thread of its own
+//! (`queues_per_thread`) that owns the pair's TAP queue, its RX staging buffer and its
+//! [`TxSink`]; the only shared state is the [`Device`] (atomics) and the TAP's file
+//! descriptors. The control queue has a thread too (QEMU never uses it, see [`crate::ctrl`]).
+//!
+//! Event ids on a pair's thread: `0` RX kick, `1` TX kick (the thread-local vring index),
+//! `num_queues` the library's exit and vring-enable events, [`NetBackend::tap_event_id`] the
+//! TAP queue became readable (edge-triggered), [`NetBackend::resume_event_id`] our own "more
+//! to receive" wake-up.
+//!
+//! RX is driven by the TAP: a readable TAP queue wakes the worker, which moves frames into the
+//! guest's buffers until the TAP is empty. When the guest has no buffer left for a frame, the
+//! frame stays in the worker's staging buffer, the worker asks the guest to kick and stops
+//! reading the TAP; the guest's kick (it posted buffers) resumes it. Nothing is dropped and
+//! nothing spins: the TAP is registered edge-triggered, so an unread TAP raises no events.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use log::{debug, error, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{config_slice, tap_offloads, virtio_features, MAX_QUEUE_SIZE};
+use crate::ctrl::{self, Effect};
+use crate::datapath::{deliver, read_ctrl_chain, read_tx_chain, write_ctrl_ack, Delivery};
+use crate::device::Device;
+use crate::frame::{header_len, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
+use crate::metrics::Metrics;
+use crate::sink::{TapSink, TxFrame, TxSink};
+
+/// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
+pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+pub type AtomicMemory = GuestMemoryAtomic<GuestMemory>;
+pub type Vring = VringRwLock<AtomicMemory>;
+
+/// Frames a worker moves to the guest before it lets its other events run.
+const RX_BUDGET_FRAMES: usize = 64;
+/// The RX staging buffer: the largest frame with its header, and room to see truncation.
+const RX_BUFFER_BYTES: usize = VNET_HDR_LEN + MAX_FRAME_BYTES + 256;
+
+/// A vhost-user-net backend for one frontend connection.
+pub struct NetBackend {
+    device: Arc<Device>,
+    num_queues: usize,
+    event_idx: AtomicBool,
+    features: AtomicU64,
+    memory: RwLock<Option<AtomicMemory>>,
+    /// One worker per queue pair; each lock is only ever taken by that pair's thread.
+    pairs: Vec<Mutex<PairWorker>>,
+    /// Per pair: "the RX budget ran out, come back".
+    resume: Vec<EventFd>,
+}
+
+/// A queue pair's state.
+struct PairWorker {
+    index: usize,
+    sink: Box<dyn TxSink>,
+    rx_buffer: Vec<u8>,
+    /// Length of a frame read from the TAP but not yet delivered (0: none).
+    rx_pending: usize,
+    /// RX stopped for lack of guest buffers (counted once per pause).
+    rx_waiting: bool,
+}
+
+impl NetBackend {
+    pub fn new(device: Arc<Device>) -> io::Result<NetBackend> {
+        let pairs = device.queue_pairs;
+        let resume = (0..pairs)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let workers = (0..pairs)
+            .map(|index| {
+                let sink: Box<dyn TxSink> = Box::new(TapSink::new(device.tap.clone(), index));
+                Mutex::new(PairWorker {
+                    index,
+                    sink,
+                    rx_buffer: vec![0u8; RX_BUFFER_BYTES],
+                    rx_pending: 0,
+                    rx_waiting: false,
+                })
+            })
+            .collect();
+        // Until this frontend acks offloads, the TAP must hand us plain frames only.
+        device.set_acked_features(0);
+        if let Err(error) = device.tap.set_offloads(0) {
+            warn!("{}", error_chain(&error));
+        }
+        Ok(NetBackend {
+            num_queues: 2 * pairs + 1,
+            device,
+            event_idx: AtomicBool::new(false),
+            features: AtomicU64::new(0),
+            memory: RwLock::new(None),
+            pairs: workers,
+            resume,
+        })
+    }
+
+    /// The epoll id of "TAP queue readable", one past the ids the library reserves.
+    pub fn tap_event_id(&self) -> u64 {
+        self.num_queues as u64 + 1
+    }
+
+    /// The epoll id of the RX resume wake-up.
+    pub fn resume_event_id(&self) -> u64 {
+        self.num_queues as u64 + 2
+    }
+
+    /// The resume eventfd of pair `index`, to register in that pair's event loop.
+    pub fn resume_eventfd(&self, index: usize) -> Option<&EventFd> {
+        self.resume.get(index)
+    }
+
+    pub fn queue_pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn memory(&self) -> Option<AtomicMemory> {
+        match self.memory.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn features(&self) -> u64 {
+        self.features.load(Ordering::Relaxed)
+    }
+
+    fn handle_pair_event(&self, event: u16, vrings: &[Vring], pair: usize) -> io::Result<()> {
+        let (Some(rx), Some(tx), Some(worker)) =
+            (vrings.first(), vrings.get(1), self.pairs.get(pair))
+        else {
+            return Ok(());
+        };
+        let mut worker = lock(worker);
+        self.sync_attachment(pair, rx);
+        match u64::from(event) {
+            0 => self.receive(rx, &mut worker),
+            1 => self.transmit(tx, &mut worker),
+            id if id == self.tap_event_id() => self.receive(rx, &mut worker),
+            id if id == self.resume_event_id() => {
+                if let Some(resume) = self.resume.get(pair) {
+                    let _ = resume.read();
+                }
+                self.receive(rx, &mut worker)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Keeps the TAP queue of a pair attached exactly while the guest uses the pair, so the
+    /// kernel does not steer frames to a queue nobody reads.
+    fn sync_attachment(&self, pair: usize, rx: &Vring) {
+        let usable = queue_usable(rx);
+        if pair == 0 || self.device.tap.is_attached(pair) == usable {
+            return;
+        }
+        if let Err(error) = self.device.tap.set_attached(pair, usable) {
+            warn!("{error}");
+        }
+    }
+
+    /// Moves frames from the pair's TAP queue into the guest until the TAP is empty, the
+    /// guest's buffers run out, or the budget is spent.
+    fn receive(&self, rx: &Vring, worker: &mut PairWorker) -> io::Result<()> {
+        let Some(memory) = self.memory() else {
+            return Ok(());
+        };
+        if !queue_usable(rx) {
+            // Frames wait in the TAP (or the staging buffer) until the queue is enabled.
+            return Ok(());
+        }
+        let header_len = self.device.tap.header_len();
+        let mergeable = self.features() & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let guest = memory.memory();
+        let metrics = &self.device.metrics;
+        let mut delivered = false;
+        let mut budget = RX_BUDGET_FRAMES;
+        loop {
+            if worker.rx_pending == 0 {
+                if budget == 0 {
+                    if let Some(resume) = self.resume.get(worker.index) {
+                        let _ = resume.write(1);
+                    }
+                    break;
+                }
+                budget -= 1;
+                match self.read_tap(worker, header_len) {
+                    TapRead::Frame(len) => worker.rx_pending = len,
+                    TapRead::Skipped => continue,
+                    TapRead::Empty => break,
+                }
+            }
+            let len = worker.rx_pending;
+            let outcome = {
+                let mut state = rx.get_mut();
+                let frame = worker.rx_buffer.get_mut(..len).unwrap_or_default();
+                deliver(state.get_queue_mut(), &*guest, frame, header_len, mergeable)
+            };
+            match outcome.map_err(queue_error)? {
+                Delivery::Delivered { bad_buffers, .. } => {
+                    Metrics::add(&metrics.rx_packets, 1);
+                    Metrics::add(&metrics.rx_bytes, (len - header_len) as u64);
+                    Metrics::add(&metrics.rx_bad_buffers, u64::from(bad_buffers));
+                    worker.rx_pending = 0;
+                    worker.rx_waiting = false;
+                    delivered = true;
+                }
+                Delivery::TooLarge => {
+                    Metrics::add(&metrics.rx_dropped_no_buffers, 1);
+                    self.log_fault(format_args!(
+                        "queue pair {}: dropped a {}-byte frame the guest's receive buffers cannot hold",
+                        worker.index,
+                        len - header_len
+                    ));
+                    worker.rx_pending = 0;
+                }
+                Delivery::NoBuffers { retry: true } => continue,
+                Delivery::NoBuffers { retry: false } => {
+                    if !worker.rx_waiting {
+                        Metrics::add(&metrics.rx_waits_for_buffers, 1);
+                        worker.rx_waiting = true;
+                    }
+                    break;
+                }
+            }
+        }
+        if delivered && rx.needs_notification().map_err(queue_error)? {
+            rx.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Reads one frame from the pair's TAP queue into the staging buffer.
+    fn read_tap(&self, worker: &mut PairWorker, header_len: usize) -> TapRead {
+        let metrics = &self.device.metrics;
+        match self
+            .device
+            .tap
+            .read_frame(worker.index, &mut worker.rx_buffer)
+        {
+            // The kernel reports a frame's full length even when it did not fit.
+            Ok(len) if len >= worker.rx_buffer.len() => {
+                Metrics::add(&metrics.rx_dropped_no_buffers, 1);
+                self.log_fault(format_args!(
+                    "queue pair {}: dropped a {len}-byte frame from the TAP (larger than {} bytes)",
+                    worker.index,
+                    worker.rx_buffer.len()
+                ));
+                TapRead::Skipped
+            }
+            Ok(len) if len < header_len => {
+                Metrics::add(&metrics.tap_read_errors, 1);
+                TapRead::Skipped
+            }
+            Ok(len) => TapRead::Frame(len),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => TapRead::Empty,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => TapRead::Skipped,
+            Err(error) => {
+                Metrics::add(&metrics.tap_read_errors, 1);
+                self.log_fault(format_args!(
+                    "queue pair {}: reading the TAP failed: {error}",
+                    worker.index
+                ));
+                TapRead::Empty
+            }
+        }
+    }
+
+    /// Sends every available TX chain; with EVENT_IDX, loops until no chain arrived while
+    /// notifications were off.
+    fn transmit(&self, tx: &Vring, worker: &mut PairWorker) -> io::Result<()> {
+        let Some(memory) = self.memory() else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let features = self.features();
+        let header_len = header_len(features);
+        let offloads = TxOffloads::from_features(features);
+        loop {
+            if event_idx {
+                tx.disable_notification().map_err(queue_error)?;
+            }
+            let guest = memory.memory();
+            let chains: Vec<_> = tx
+                .get_mut()
+                .get_queue_mut()
+                .iter(guest.clone())
+                .map_err(queue_error)?
+                .collect();
+            let sent_any = !chains.is_empty();
+            for chain in chains {
+                let head = chain.head_index();
+                match read_tx_chain(chain, header_len, offloads) {
+                    Ok(frame) => self.send(worker, frame),
+                    Err(error) => {
+                        Metrics::add(&self.device.metrics.tx_dropped_malformed, 1);
+                        self.log_fault(format_args!(
+                            "queue pair {}: dropped a malformed TX chain: {error}",
+                            worker.index
+                        ));
+                    }
+                }
+                tx.add_used(head, 0).map_err(queue_error)?;
+            }
+            if sent_any && tx.needs_notification().map_err(queue_error)? {
+                tx.signal_used_queue()?;
+            }
+            if !event_idx || !tx.enable_notification().map_err(queue_error)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn send(&self, worker: &mut PairWorker, frame: TxFrame) {
+        let metrics = &self.device.metrics;
+        let frame_len = frame.frame().len() as u64;
+        match worker.sink.send(frame) {
+            Ok(()) => {
+                Metrics::add(&metrics.tx_packets, 1);
+                Metrics::add(&metrics.tx_bytes, frame_len);
+            }
+            Err(error) => {
+                Metrics::add(&metrics.tap_write_errors, 1);
+                self.log_fault(format_args!(
+                    "queue pair {}: {}",
+                    worker.index,
+                    error_chain(&error)
+                ));
+            }
+        }
+    }
+
+    /// Answers control commands (for frontends that pass the control queue to us).
+    fn process_ctrl(&self, vring: &Vring) -> io::Result<()> {
+        let Some(memory) = self.memory() else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let pairs = u16::try_from(self.pairs.len()).unwrap_or(u16::MAX);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(queue_error)?;
+            }
+            let guest = memory.memory();
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(guest.clone())
+                .map_err(queue_error)?
+                .collect();
+            let answered_any = !chains.is_empty();
+            for chain in chains {
+                let head = chain.head_index();
+                let used_len = match read_ctrl_chain(&chain) {
+                    Ok(command) => {
+                        let answer = ctrl::answer(&command, pairs);
+                        self.apply(answer.effect);
+                        Metrics::add(&self.device.metrics.ctrl_commands, 1);
+                        debug!("control command {:?}: ack {}", command.get(..2), answer.ack);
+                        write_ctrl_ack(chain, answer.ack).unwrap_or_else(|error| {
+                            self.log_fault(format_args!("control queue: {error}"));
+                            0
+                        })
+                    }
+                    Err(error) => {
+                        self.log_fault(format_args!("control queue: {error}"));
+                        0
+                    }
+                };
+                vring.add_used(head, used_len).map_err(queue_error)?;
+            }
+            if answered_any && vring.needs_notification().map_err(queue_error)? {
+                vring.signal_used_queue()?;
+            }
+            if !event_idx || !vring.enable_notification().map_err(queue_error)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn apply(&self, effect: Effect) {
+        match effect {
+            Effect::None => {}
+            Effect::AnnounceAcked => self.device.clear_announce(),
+            Effect::QueuePairs(pairs) => debug!("guest uses {pairs} queue pair(s)"),
+        }
+    }
+
+    /// A warning caused by the guest or the network: rate-limited.
+    fn log_fault(&self, message: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.device.fault_log.admit() {
+            if suppressed > 0 {
+                warn!("{message} ({suppressed} similar lines suppressed)");
+            } else {
+                warn!("{message}");
+            }
+        }
+    }
+}
+
+/// What a read from the TAP gave.
+enum TapRead {
+    Frame(usize),
+    /// A frame was dropped or the read interrupted; read again.
+    Skipped,
+    /// Nothing more to read now.
+    Empty,
+}
+
+/// One thread per queue pair (its RX and TX vrings), then one for the control queue.
+fn thread_masks(pairs: usize) -> Vec<u64> {
+    (0..pairs)
+        .map(|pair| 0b11u64 << (2 * pair))
+        .chain(std::iter::once(1u64 << (2 * pairs)))
+        .collect()
+}
+
+fn queue_usable(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn queue_error(error: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {error}"))
+}
+
+/// The error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        virtio_features(self.pairs.len())
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(
+            "frontend acked features {features:#x}: {}",
+            crate::config::feature_names(features).join(" ")
+        );
+        self.features.store(features, Ordering::Relaxed);
+        self.event_idx.store(
+            features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            Ordering::Relaxed,
+        );
+        self.device.set_acked_features(features);
+        let tap = &self.device.tap;
+        if let Err(error) = tap.set_header_len(header_len(features)) {
+            error!("{}", error_chain(&error));
+        }
+        if let Err(error) = tap.set_offloads(tap_offloads(features)) {
+            error!("{}", error_chain(&error));
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // Not RARP: vhost 0.18 cannot decode VHOST_USER_SEND_RARP and would drop the
+        // connection; `announce` on the control socket sends the RARP instead.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config_slice(&self.device.config(), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // The virtio-net config space is read-only for a VERSION_1 driver.
+        debug!("ignored a {}-byte config write at {offset}", buf.len());
+        Ok(())
+    }
+
+    fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
+        let mut slot = self.memory.write().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(memory);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        thread_masks(self.pairs.len())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Ok(());
+        }
+        let result = if thread_id < self.pairs.len() {
+            self.handle_pair_event(device_event, vrings, thread_id)
+        } else {
+            vrings
+                .first()
+                .map_or(Ok(()), |vring| self.process_ctrl(vring))
+        };
+        // An error returned from here silently ends this thread's worker, so it is logged
+        // (rate-limited: the guest controls the ring) and swallowed.
+        if let Err(error) = result {
+            if let Some(suppressed) = self.device.fault_log.admit() {
+                error!("thread {thread_id}: {error} ({suppressed} similar lines suppressed)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The raw fd of pair `index`'s TAP queue, to register in its event loop.
+pub fn tap_fd(device: &Device, index: usize) -> Option<std::os::fd::RawFd> {
+    device.tap.queue(index).map(AsRawFd::as_raw_fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_layout_follows_virtio_net() {
+        assert_eq!(thread_masks(1), vec![0b11, 0b100]);
+        assert_eq!(thread_masks(3), vec![0b11, 0b1100, 0b11_0000, 0b100_0000]);
+        // The largest --queues still fits the 64-bit masks.
+        let masks = thread_masks(crate::config::MAX_QUEUE_PAIRS);
+        assert_eq!(masks.last(), Some(&(1u64 << 32)));
+    }
+}

@@ -1,0 +1,192 @@
+//! The control socket: a root-only unix socket answering one-line commands with one JSON line.
+//!
+//! Protocol: the client writes a command and a newline; the daemon answers with a single JSON
+//! object and a newline, then closes. `status` returns the NIC's state and counters;
+//! `announce` moves the LAN's view of the guest's MAC here (see [`Device::announce`]) and
+//! returns `{"ok": true, ...}`; anything refused or unknown gets `{"error": "..."}`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::{feature_names, format_mac, virtio_features, STATUS_ANNOUNCE, STATUS_LINK_UP};
+use crate::device::Device;
+use crate::metrics::MetricsSnapshot;
+
+/// The commands the control socket understands.
+const COMMANDS: &str = "status, announce";
+/// Longest command line accepted, in bytes.
+const MAX_COMMAND_BYTES: u64 = 4096;
+/// How long a client may take to send its command.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control socket {0} is in use by a running process")]
+    InUse(PathBuf),
+    #[error("cannot create control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The link as the guest and the host see it.
+#[derive(Debug, Serialize)]
+pub struct Link {
+    /// A frontend (QEMU) is connected.
+    pub frontend_connected: bool,
+    /// `VIRTIO_NET_S_LINK_UP` in the config status.
+    pub guest_link_up: bool,
+    /// `VIRTIO_NET_S_ANNOUNCE` is set and not yet acknowledged.
+    pub announce_pending: bool,
+    /// The TAP is administratively up.
+    pub tap_up: bool,
+    /// The TAP has carrier (we hold it open).
+    pub tap_carrier: bool,
+    /// The bridge the TAP is a port of now (`null`: none).
+    pub tap_master: Option<String>,
+}
+
+/// Feature bits, as numbers and names.
+#[derive(Debug, Serialize)]
+pub struct Features {
+    pub offered: String,
+    pub acked: String,
+    pub acked_names: Vec<String>,
+    /// The `TUN_F_*` offloads set on the TAP.
+    pub tap_offloads: String,
+    /// Length of the virtio-net header on the TAP.
+    pub header_len_bytes: usize,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub mac: String,
+    pub tap: String,
+    pub bridge: Option<String>,
+    pub queues: usize,
+    pub link: Link,
+    pub features: Features,
+    #[serde(flatten)]
+    pub metrics: MetricsSnapshot,
+}
+
+/// Builds the `status` answer.
+pub fn status(device: &Device) -> Status {
+    let metrics = device.metrics.snapshot();
+    let status_bits = device.status_bits();
+    let acked = device.acked_features();
+    Status {
+        mac: format_mac(device.mac),
+        tap: device.tap.name().to_owned(),
+        bridge: device.tap.bridge().map(str::to_owned),
+        queues: device.queue_pairs,
+        link: Link {
+            frontend_connected: metrics.connected,
+            guest_link_up: status_bits & STATUS_LINK_UP != 0,
+            announce_pending: status_bits & STATUS_ANNOUNCE != 0,
+            tap_up: device.tap.is_up(),
+            tap_carrier: device.tap.has_carrier(),
+            tap_master: device.tap.master(),
+        },
+        features: Features {
+            offered: format!("{:#x}", virtio_features(device.queue_pairs)),
+            acked: format!("{acked:#x}"),
+            acked_names: feature_names(acked),
+            tap_offloads: format!("{:#x}", device.tap.offloads()),
+            header_len_bytes: device.tap.header_len(),
+        },
+        metrics,
+    }
+}
+
+/// Binds a unix socket at `path` with mode 0600, replacing a stale socket file but refusing
+/// one that a live process still listens on.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_owned()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_error = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Serves the control socket on a background thread until the process exits.
+pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(error) = serve_client(stream, &device) {
+                            debug!("control client: {error}");
+                        }
+                    }
+                    Err(error) => warn!("control socket accept failed: {error}"),
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn serve_client(stream: UnixStream, device: &Device) -> io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(io::Read::take(&stream, MAX_COMMAND_BYTES)).read_line(&mut line)?;
+    let reply = match line.trim() {
+        "status" => serde_json::to_string(&status(device)).map_err(io::Error::other)?,
+        "announce" => {
+            info!("control command: announce");
+            match device.announce() {
+                Ok(done) => serde_json::json!({
+                    "ok": true,
+                    "rarp_sent": done.rarp_sent,
+                    "guest_asked": done.guest_asked,
+                }),
+                Err(error) => serde_json::json!({
+                    "error": format!("cannot send the RARP on {}: {error}", device.tap.name())
+                }),
+            }
+            .to_string()
+        }
+        "" => serde_json::json!({ "error": format!("empty command; try: {COMMANDS}") }).to_string(),
+        other => serde_json::json!({
+            "error": format!("unknown command {other:?}; try: {COMMANDS}")
+        })
+        .to_string(),
+    };
+    let mut stream = stream;
+    stream.write_all(reply.as_bytes())?;
+    stream.write_all(b"\n")
+}
+
+/// Sends one command to a control socket and returns the reply line (used by tests and tools).
+pub fn request(path: &Path, command: &str) -> io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.write_all(command.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply)
+}

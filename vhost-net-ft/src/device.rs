@@ -1,0 +1,104 @@
+//! The NIC as it outlives frontend connections: its TAP, MAC, config status, negotiated
+//! features and counters. Shared by the queue workers, the control socket and the daemon.
+
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::info;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
+
+use crate::config::{config_space, format_mac, CONFIG_SPACE_LEN, STATUS_ANNOUNCE, STATUS_LINK_UP};
+use crate::frame::{rarp_frame, RARP_FRAME_LEN};
+use crate::metrics::{Metrics, RateLimitedLog};
+use crate::tap::Tap;
+
+/// What `announce` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announcement {
+    /// A RARP from the guest's MAC went out on the TAP.
+    pub rarp_sent: bool,
+    /// `VIRTIO_NET_S_ANNOUNCE` was set in the config status (the guest negotiated
+    /// GUEST_ANNOUNCE); the guest sees it when its frontend reads our config space.
+    pub guest_asked: bool,
+}
+
+#[derive(Debug)]
+pub struct Device {
+    pub tap: Arc<Tap>,
+    pub mac: [u8; 6],
+    pub queue_pairs: usize,
+    pub metrics: Metrics,
+    /// Log of guest (and network) faults: at most 10 lines a second.
+    pub fault_log: RateLimitedLog,
+    /// `virtio_net_config.status`.
+    status: AtomicU16,
+    /// The features the current frontend acked (0 before and between connections).
+    acked_features: AtomicU64,
+}
+
+impl Device {
+    pub fn new(tap: Tap, mac: [u8; 6], queue_pairs: usize) -> Device {
+        Device {
+            tap: Arc::new(tap),
+            mac,
+            queue_pairs,
+            metrics: Metrics::default(),
+            fault_log: RateLimitedLog::new(Duration::from_secs(1), 10),
+            status: AtomicU16::new(STATUS_LINK_UP),
+            acked_features: AtomicU64::new(0),
+        }
+    }
+
+    /// The config space as the guest reads it now.
+    pub fn config(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let pairs = u16::try_from(self.queue_pairs).unwrap_or(u16::MAX);
+        config_space(self.mac, self.status_bits(), pairs)
+    }
+
+    pub fn status_bits(&self) -> u16 {
+        self.status.load(Ordering::Relaxed)
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    pub fn set_acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    /// The driver acknowledged an announcement (control queue ANNOUNCE_ACK).
+    pub fn clear_announce(&self) {
+        self.status.fetch_and(!STATUS_ANNOUNCE, Ordering::Relaxed);
+    }
+
+    /// Moves the LAN's view of the guest's MAC to this host: sends a RARP from the MAC on the
+    /// TAP (what QEMU's VHOST_USER_SEND_RARP asks a backend to do) and, when the guest
+    /// negotiated GUEST_ANNOUNCE, sets `VIRTIO_NET_S_ANNOUNCE` so that it announces itself.
+    pub fn announce(&self) -> std::io::Result<Announcement> {
+        let guest_asked = self.acked_features() & (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE) != 0;
+        if guest_asked {
+            self.status.fetch_or(STATUS_ANNOUNCE, Ordering::Relaxed);
+        }
+        let header_len = self.tap.header_len();
+        let mut bytes = vec![0u8; header_len + RARP_FRAME_LEN];
+        bytes[header_len..].copy_from_slice(&rarp_frame(self.mac));
+        self.tap.write_frame(0, &bytes)?;
+        Metrics::add(&self.metrics.announcements, 1);
+        info!(
+            "announced {} on {} (RARP sent{})",
+            format_mac(self.mac),
+            self.tap.name(),
+            if guest_asked {
+                ", guest asked to announce"
+            } else {
+                ""
+            }
+        );
+        Ok(Announcement {
+            rarp_sent: true,
+            guest_asked,
+        })
+    }
+}

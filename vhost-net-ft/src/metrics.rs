@@ -1,0 +1,153 @@
+//! Per-NIC counters, updated lock-free by the queue workers and read by the control socket.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Counters of one NIC. "rx" is towards the guest, "tx" from the guest. Units are last.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Frames put into the guest's receive buffers.
+    pub rx_packets: AtomicU64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub rx_bytes: AtomicU64,
+    /// Frames from the TAP dropped because the guest's buffers cannot hold them (a frame
+    /// larger than one buffer without MRG_RXBUF, or than the whole ring with it). Frames that
+    /// merely wait for the guest to post buffers are not dropped.
+    pub rx_dropped_no_buffers: AtomicU64,
+    /// Times reception paused because the guest had no free receive buffers.
+    pub rx_waits_for_buffers: AtomicU64,
+    /// Receive buffers returned unused because they were malformed (outside guest memory,
+    /// smaller than the header).
+    pub rx_bad_buffers: AtomicU64,
+    /// Reads from the TAP that failed with something else than "nothing to read".
+    pub tap_read_errors: AtomicU64,
+    /// Frames sent to the TAP.
+    pub tx_packets: AtomicU64,
+    /// Bytes of those frames (without the virtio-net header).
+    pub tx_bytes: AtomicU64,
+    /// Guest TX chains dropped as malformed (see `frame::FrameError`).
+    pub tx_dropped_malformed: AtomicU64,
+    /// Frames the TAP refused (device down, out of memory, …); dropped.
+    pub tap_write_errors: AtomicU64,
+    /// Control virtqueue commands answered.
+    pub ctrl_commands: AtomicU64,
+    /// Announcements made (`announce` on the control socket).
+    pub announcements: AtomicU64,
+    /// Frontend connections accepted since start.
+    pub connections: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// A point-in-time copy of [`Metrics`], as served by `status`.
+#[derive(Debug, Serialize, Clone, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped_no_buffers: u64,
+    pub rx_waits_for_buffers: u64,
+    pub rx_bad_buffers: u64,
+    pub tap_read_errors: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped_malformed: u64,
+    pub tap_write_errors: u64,
+    pub ctrl_commands: u64,
+    pub announcements: u64,
+    pub connections: u64,
+    pub connected: bool,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            rx_packets: get(&self.rx_packets),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped_no_buffers: get(&self.rx_dropped_no_buffers),
+            rx_waits_for_buffers: get(&self.rx_waits_for_buffers),
+            rx_bad_buffers: get(&self.rx_bad_buffers),
+            tap_read_errors: get(&self.tap_read_errors),
+            tx_packets: get(&self.tx_packets),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped_malformed: get(&self.tx_dropped_malformed),
+            tap_write_errors: get(&self.tap_write_errors),
+            ctrl_commands: get(&self.ctrl_commands),
+            announcements: get(&self.announcements),
+            connections: get(&self.connections),
+            connected: self.connected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Lets through at most `burst` log lines per interval and counts the rest, so a guest that
+/// floods bad frames cannot flood the log. (The same as vhost-blk-mirror's; a shared crate
+/// is not worth 40 lines yet.)
+#[derive(Debug)]
+pub struct RateLimitedLog {
+    interval: Duration,
+    burst: u64,
+    start: Instant,
+    window: AtomicU64,
+    in_window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedLog {
+    pub fn new(interval: Duration, burst: u64) -> RateLimitedLog {
+        RateLimitedLog {
+            interval,
+            burst,
+            start: Instant::now(),
+            window: AtomicU64::new(0),
+            in_window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Returns `Some(suppressed_since_last)` when a line may be logged now, `None` otherwise.
+    pub fn admit(&self) -> Option<u64> {
+        let interval_ms = self.interval.as_millis().max(1) as u64;
+        let window = self.start.elapsed().as_millis() as u64 / interval_ms;
+        if self.window.swap(window, Ordering::Relaxed) != window {
+            self.in_window.store(0, Ordering::Relaxed);
+        }
+        if self.in_window.fetch_add(1, Ordering::Relaxed) < self.burst {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_admits_a_burst_then_counts() {
+        let log = RateLimitedLog::new(Duration::from_secs(3600), 2);
+        assert_eq!(log.admit(), Some(0));
+        assert_eq!(log.admit(), Some(0));
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.admit(), None);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn snapshot_reads_counters() {
+        let metrics = Metrics::default();
+        Metrics::add(&metrics.tx_dropped_malformed, 3);
+        Metrics::add(&metrics.rx_bytes, 1500);
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.tx_dropped_malformed, 3);
+        assert_eq!(snapshot.rx_bytes, 1500);
+        assert!(!snapshot.connected);
+    }
+}
