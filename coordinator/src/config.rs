@@ -140,6 +140,19 @@ pub struct DiskSection {
     pub resync_rate_limit: Option<String>,
 }
 
+/// A NIC of the VM, served by `vhost-net-ft` on the host that runs the VM.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NicSection {
+    /// The VM's MAC: the same on both hosts, so that after a failover the VM answers on
+    /// the same MAC (and IP).
+    pub mac: String,
+    /// The Linux bridge on each host that the NIC's TAP joins (the VMs' LAN).
+    pub bridge: String,
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+}
+
 fn default_queues() -> u16 {
     1
 }
@@ -157,6 +170,8 @@ pub struct VmSection {
     pub vcpus: u32,
     #[serde(default)]
     pub disk: Vec<DiskSection>,
+    #[serde(default)]
+    pub nic: Vec<NicSection>,
     /// QEMU accelerator: "kvm" (default) or "tcg" (no hardware virtualisation).
     #[serde(default = "default_accel")]
     pub accel: String,
@@ -333,6 +348,28 @@ impl Config {
                 }
             }
         }
+        for nic in &vm.nic {
+            let octets: Vec<&str> = nic.mac.split(':').collect();
+            let valid_mac = octets.len() == 6
+                && octets
+                    .iter()
+                    .all(|octet| octet.len() == 2 && u8::from_str_radix(octet, 16).is_ok())
+                && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0);
+            if !valid_mac {
+                return Err(format!(
+                    "VM {:?}: NIC mac {:?} is not a unicast MAC like \"52:54:00:12:34:56\"",
+                    vm.name, nic.mac
+                ));
+            }
+            if nic.bridge.is_empty() || nic.bridge.len() > 15 || nic.queues == 0 || nic.queues > 16
+            {
+                return Err(format!(
+                    "VM {:?}: NIC {}: bridge must be a device name (1 to 15 bytes) and queues \
+                     1 to 16",
+                    vm.name, nic.mac
+                ));
+            }
+        }
         if vm.disk.iter().any(|disk| disk.replication_port == 0) {
             return Err(format!("VM {:?}: a disk has replication_port 0", vm.name));
         }
@@ -419,6 +456,24 @@ replication_port = 7400
             "addresses = [\"10.77.0.3:7600\", \"10.77.0.4:7600\", \"10.77.0.5:7600\"]",
         ));
         assert!(links.contains("witness.addresses needs 1 or 2"), "{links}");
+    }
+
+    #[test]
+    fn nics_need_a_unicast_mac_and_a_bridge() {
+        let with_nic = |mac: &str, bridge: &str| {
+            format!("{GOOD}[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"{bridge}\"\n")
+        };
+        let config = parse(&with_nic("52:54:00:12:34:56", "vmbr0")).expect("valid");
+        assert_eq!(config.vm[0].nic[0].queues, 1);
+        for (mac, bridge) in [
+            ("52:54:00:12:34", "vmbr0"),
+            ("53:54:00:12:34:56", "vmbr0"),
+            ("52:54:00:12:34:zz", "vmbr0"),
+            ("52:54:00:12:34:56", "a-bridge-name-too-long"),
+        ] {
+            let error = error_of(&with_nic(mac, bridge));
+            assert!(error.contains("NIC"), "{mac} {bridge}: {error}");
+        }
     }
 
     #[test]

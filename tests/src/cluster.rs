@@ -30,6 +30,8 @@ pub struct ClusterOptions {
     pub peer_timeout_ms: u64,
     /// The disks' `resync_rate_limit` (e.g. "4M"), to make a sync last.
     pub resync_rate_limit: Option<String>,
+    /// A NIC with this MAC on each host's VM bridge `vmbr0`.
+    pub nic_mac: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -39,6 +41,7 @@ impl Default for ClusterOptions {
             level: 2,
             peer_timeout_ms: 1000,
             resync_rate_limit: None,
+            nic_mac: None,
         }
     }
 }
@@ -107,6 +110,7 @@ qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=t
 image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}
 {rate}
+{nic}
 "#,
                 state = root.join(host).display(),
                 bin = paths::binary("vhost-blk-mirror")
@@ -125,6 +129,9 @@ replication_port = {REPLICATION_PORT}
                 cpus = guest.cpus,
                 kernel = kernel.display(),
                 initrd = initrd.display(),
+                nic = options.nic_mac.as_ref().map_or(String::new(), |mac| {
+                    format!("[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"vmbr0\"")
+                }),
                 rate = options
                     .resync_rate_limit
                     .as_ref()

@@ -9,6 +9,7 @@ pub mod cpio;
 pub mod guest;
 pub mod hosts;
 pub mod mirror;
+pub mod net;
 pub mod paths;
 pub mod process;
 pub mod records;

@@ -2,13 +2,12 @@
 //! pings the guest and runs TCP request/response against it, over one and two queue pairs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ftvm_tests::guest::{Guest, GuestConfig, Nic};
 use ftvm_tests::hosts::Hosts;
+use ftvm_tests::net::{connect_in, echo_rounds};
 use ftvm_tests::paths;
 use ftvm_tests::process::Process;
 use ftvm_tests::scratch_dir;
@@ -29,33 +28,6 @@ fn echo_guest(queues: u16) -> GuestConfig {
     guest.memory_mb = 256;
     guest.cpus = u32::from(queues);
     guest
-}
-
-/// Opens a TCP connection from inside network namespace `namespace`: a thread joins the
-/// namespace and connects; the socket stays in that namespace for its whole life.
-fn connect_in(namespace: &str, address: &str) -> TcpStream {
-    let path = format!("/run/netns/{namespace}");
-    let address = address.to_owned();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace");
-        // SAFETY: setns on a namespace file we hold open; it affects only this thread,
-        // which ends right after connecting.
-        let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match TcpStream::connect(&address) {
-                Ok(stream) => return stream,
-                Err(error) if Instant::now() < deadline => {
-                    let _ = error;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(error) => panic!("cannot connect to {address}: {error}"),
-            }
-        }
-    })
-    .join()
-    .expect("connect thread")
 }
 
 fn net_daemon(hosts: &Hosts, dir: &std::path::Path, queues: u16) -> (Process, std::path::PathBuf) {
@@ -121,22 +93,7 @@ fn ping_and_echo(queues: u16) {
 
     // One TCP connection, many request/response round trips, some larger than a segment.
     let stream = connect_in(&client, &format!("{GUEST_IP}:{PORT}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
-    let mut reader = BufReader::new(stream);
-    let mut latencies = Vec::new();
-    for round in 0..200u32 {
-        let filler = "x".repeat(if round % 10 == 0 { 6000 } else { 40 });
-        let request = format!("request {round} {filler}\n");
-        let started = Instant::now();
-        writer.write_all(request.as_bytes()).expect("send request");
-        let mut reply = String::new();
-        reader.read_line(&mut reply).expect("read reply");
-        latencies.push(started.elapsed());
-        assert_eq!(reply, request, "round {round}: the echo differs");
-    }
+    let mut latencies = echo_rounds(stream, 200);
     latencies.sort();
     println!(
         "{queues} queue pair(s): 200 TCP round trips, median {:?}, max {:?}",

@@ -27,7 +27,7 @@ use log::info;
 use self::control::{HostStatus, Reply, Request};
 use self::events::Events;
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
-use self::processes::{DiskSpec, QemuLauncher, VmLauncher, VmSpec};
+use self::processes::{DiskSpec, NicSpec, QemuLauncher, VmLauncher, VmSpec};
 use self::vm::{Context, Pair, VmRunner};
 use crate::config::Config;
 use crate::host::{HostConfig, Role};
@@ -230,6 +230,20 @@ impl Daemon {
                     resync_rate_limit: disk.resync_rate_limit.clone(),
                 })
                 .collect();
+            let nics: Vec<NicSpec> = section
+                .nic
+                .iter()
+                .enumerate()
+                .map(|(index, nic)| NicSpec {
+                    binary: bin_dir.join("vhost-net-ft"),
+                    socket: dir.join(format!("nic{index}.sock")),
+                    control: dir.join(format!("nic{index}.ctl")),
+                    log: dir.join(format!("nic{index}.log")),
+                    mac: nic.mac.clone(),
+                    bridge: nic.bridge.clone(),
+                    queues: nic.queues,
+                })
+                .collect();
             let vm_spec = VmSpec {
                 name: section.name.clone(),
                 memory_mib: section.memory_mib,
@@ -238,6 +252,10 @@ impl Daemon {
                 disks: disks
                     .iter()
                     .map(|disk| (disk.socket.clone(), disk.queues))
+                    .collect(),
+                nics: nics
+                    .iter()
+                    .map(|nic| (nic.socket.clone(), nic.mac.clone(), nic.queues))
                     .collect(),
                 console: dir.join("console.log"),
                 log: dir.join("qemu.log"),
@@ -251,6 +269,7 @@ impl Daemon {
                 dir,
                 host_config,
                 disks,
+                nics,
                 vm_spec,
                 now,
                 &mut self.io.events,

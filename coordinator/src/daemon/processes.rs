@@ -139,6 +139,60 @@ pub fn disk_order(control: &Path, command: &str) -> Result<String, String> {
         .to_owned())
 }
 
+/// Everything needed to run one NIC's `vhost-net-ft` on this host.
+#[derive(Clone, Debug)]
+pub struct NicSpec {
+    pub binary: PathBuf,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    pub mac: String,
+    pub bridge: String,
+    pub queues: u16,
+}
+
+/// A running `vhost-net-ft`.
+#[derive(Debug)]
+pub struct NicProcess {
+    child: Child,
+}
+
+impl NicProcess {
+    pub fn start(spec: &NicSpec) -> io::Result<NicProcess> {
+        let mut command = Command::new(&spec.binary);
+        command
+            .arg("--socket")
+            .arg(&spec.socket)
+            .arg("--bridge")
+            .arg(&spec.bridge)
+            .arg("--mac")
+            .arg(&spec.mac)
+            .arg("--queues")
+            .arg(spec.queues.to_string())
+            .arg("--control")
+            .arg(&spec.control);
+        Ok(NicProcess {
+            child: spawn_logged(&mut command, &spec.log)?,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(error) => Some(format!("cannot be waited for: {error}")),
+        }
+    }
+
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
 /// What the launcher needs to start a VM.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
@@ -148,6 +202,8 @@ pub struct VmSpec {
     pub accel: String,
     /// The vhost-user-blk socket and queue count of each disk.
     pub disks: Vec<(PathBuf, u16)>,
+    /// The vhost-user-net socket, MAC and queue pairs of each NIC.
+    pub nics: Vec<(PathBuf, String, u16)>,
     /// The guest's serial console is appended to this file.
     pub console: PathBuf,
     pub log: PathBuf,
@@ -210,6 +266,23 @@ impl QemuLauncher {
                 ),
                 "-device".into(),
                 format!("vhost-user-blk-pci,chardev=disk{index},num-queues={queues}"),
+            ]);
+        }
+        for (index, (socket, mac, queues)) in spec.nics.iter().enumerate() {
+            // QEMU 7.2 under TCG needs vectors=0 on virtio-net-pci; with KVM MSI-X stays.
+            let vectors = if spec.accel == "tcg" {
+                ",vectors=0"
+            } else {
+                ""
+            };
+            let mq = if *queues > 1 { "on" } else { "off" };
+            args.extend([
+                "-chardev".into(),
+                format!("socket,id=nic{index},path={},reconnect=1", socket.display()),
+                "-netdev".into(),
+                format!("vhost-user,id=net{index},chardev=nic{index},queues={queues}"),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net{index},mac={mac},mq={mq}{vectors}"),
             ]);
         }
         args.extend(spec.extra_args.iter().cloned());

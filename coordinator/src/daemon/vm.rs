@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
 use super::processes::{
-    disk_command, disk_order, touch, DiskProcess, DiskSpec, RunningVm, VmLauncher, VmSpec,
+    disk_command, disk_order, touch, DiskProcess, DiskSpec, NicProcess, NicSpec, RunningVm,
+    VmLauncher, VmSpec,
 };
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskCommand, DiskView, Host, HostConfig, Mode, Role};
@@ -88,6 +89,11 @@ pub struct VmRunner {
     disk_specs: Vec<DiskSpec>,
     disks: Vec<Option<DiskProcess>>,
     last_restart: Option<Instant>,
+    nic_specs: Vec<NicSpec>,
+    /// The NIC daemons run where the VM runs, from just before it starts until it stops.
+    nics: Vec<NicProcess>,
+    /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
+    announce_at: Vec<Instant>,
     vm_spec: VmSpec,
     vm: Option<Box<dyn RunningVm>>,
     /// The disks run as primary and the VM should run here.
@@ -118,6 +124,7 @@ impl VmRunner {
         dir: PathBuf,
         host_config: HostConfig,
         disk_specs: Vec<DiskSpec>,
+        nic_specs: Vec<NicSpec>,
         vm_spec: VmSpec,
         now: Millis,
         events: &mut Events,
@@ -158,6 +165,9 @@ impl VmRunner {
             state,
             disk_specs,
             last_restart: None,
+            nic_specs,
+            nics: Vec::new(),
+            announce_at: Vec::new(),
             vm_spec,
             vm: None,
             serving: false,
@@ -209,6 +219,7 @@ impl VmRunner {
 
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
+        self.announce_due();
         if !self.state.protected {
             self.tick_unprotected(context);
             return;
@@ -919,6 +930,8 @@ impl VmRunner {
                     &format!("see {}", self.vm_spec.log.display()),
                 );
                 self.vm = None;
+                self.announce_at.clear();
+                self.stop_nics();
             }
         }
     }
@@ -1208,6 +1221,9 @@ impl VmRunner {
         if self.vm.is_some() {
             return;
         }
+        if !self.start_nics(context.events) {
+            return;
+        }
         match context.launcher.launch(&self.vm_spec) {
             Ok(vm) => {
                 context.events.info(
@@ -1215,12 +1231,95 @@ impl VmRunner {
                     format!("VM started on {} (pid {})", self.pair.me, vm.pid()),
                 );
                 self.vm = Some(vm);
+                // The LAN must learn at once that the VM's MACs are here now; repeated,
+                // as QEMU's announce-self does, in case the first frames are lost.
+                let now = Instant::now();
+                self.announce_at = [0, 1000, 3000]
+                    .iter()
+                    .map(|&ms| now + Duration::from_millis(ms))
+                    .collect();
+                self.announce_due();
             }
             Err(error) => context.events.error(
                 &self.name,
                 format!("cannot start the VM: {error}"),
                 "check the qemu setting and the VM's qemu_args",
             ),
+        }
+    }
+
+    /// Starts the NIC daemons and waits until each answers on its control socket.
+    fn start_nics(&mut self, events: &mut Events) -> bool {
+        if !self.nics.is_empty() || self.nic_specs.is_empty() {
+            return true;
+        }
+        for spec in &self.nic_specs {
+            match NicProcess::start(spec) {
+                Ok(process) => {
+                    events.info(
+                        &self.name,
+                        format!(
+                            "NIC daemon for {} started on bridge {} (pid {})",
+                            spec.mac,
+                            spec.bridge,
+                            process.pid()
+                        ),
+                    );
+                    self.nics.push(process);
+                }
+                Err(error) => {
+                    events.error(
+                        &self.name,
+                        format!("cannot start the NIC daemon for {}: {error}", spec.mac),
+                        "check bin_dir in the configuration",
+                    );
+                    self.stop_nics();
+                    return false;
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = self
+                .nic_specs
+                .iter()
+                .all(|spec| disk_command(&spec.control, "status").is_ok());
+            if ready {
+                return true;
+            }
+            let died = self.nics.iter_mut().find_map(NicProcess::exited);
+            if let Some(status) =
+                died.or_else(|| (Instant::now() >= deadline).then(|| "no answer in 10 s".into()))
+            {
+                events.error(
+                    &self.name,
+                    format!("a NIC daemon did not come up ({status}); the VM is not started"),
+                    "see nic*.log in the VM's state directory (is the bridge there?)",
+                );
+                self.stop_nics();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop_nics(&mut self) {
+        for mut nic in self.nics.drain(..) {
+            nic.stop();
+        }
+    }
+
+    /// Sends the announcements that are due.
+    fn announce_due(&mut self) {
+        let now = Instant::now();
+        if !self.announce_at.iter().any(|&at| at <= now) {
+            return;
+        }
+        self.announce_at.retain(|&at| at > now);
+        for spec in &self.nic_specs {
+            if let Err(error) = disk_order(&spec.control, "announce") {
+                log::warn!("{}: announce of {}: {error}", self.name, spec.mac);
+            }
         }
     }
 
@@ -1232,6 +1331,8 @@ impl VmRunner {
                 format!("VM stopped on {} ({why})", self.pair.me),
             );
         }
+        self.announce_at.clear();
+        self.stop_nics();
     }
 }
 
