@@ -231,8 +231,12 @@ impl Host {
 
     /// The disks have held writes for a whole peer timeout while the peer's heartbeats
     /// still arrive: the peer's disk side is gone. Ask the witness, as for a lost peer.
+    ///
+    /// Also for a primary running degraded: its disks may have re-mirrored the peer (which
+    /// is then UpToDate at our generation and may claim the next one), so running alone
+    /// again needs a new grant.
     pub fn on_disk_lost_peer(&mut self) -> Vec<Action> {
-        if self.role != Role::Primary || self.mode != Mode::Mirrored {
+        if self.role != Role::Primary || !matches!(self.mode, Mode::Mirrored | Mode::Degraded) {
             return Vec::new();
         }
         self.mode = Mode::Holding;

@@ -259,8 +259,15 @@ fn partitions_never_give_two_primaries() {
     let degraded = cluster.wait_vm(A, Duration::from_secs(10), "degraded", |vm| {
         vm["state"] == "Degraded"
     });
-    assert_eq!(degraded["generation"], 2);
-    assert_eq!(cluster.witness_record()["holder"], HOSTS[A]);
+    // Generation 2, or 3 when hostA's disks had already re-mirrored hostB at 2 before
+    // they noticed the cut (hostB could then have claimed 3 itself).
+    let record = cluster.witness_record();
+    assert!(
+        matches!(degraded["generation"].as_u64(), Some(2 | 3)),
+        "{degraded}"
+    );
+    assert_eq!(record["generation"], degraded["generation"], "{record}");
+    assert_eq!(record["holder"], HOSTS[A]);
     assert_eq!(
         cluster.vm_status(B).expect("hostB status")["role"],
         "Secondary"
@@ -277,17 +284,34 @@ fn partitions_never_give_two_primaries() {
         cluster.set_links(A, &["alink1", "alink2"], true);
         watch_single_primary(&cluster, Duration::from_millis(up), "flapping (up)");
     }
-    let after_flapping = wait_protected(&cluster, A, "re-protected after flapping");
+    // Either host may hold the VM now: a flap that hides one host's heartbeats from the
+    // other for a whole timeout is a lost peer for that side, and the witness decides.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (p, s) = loop {
+        let protected = |host: usize| {
+            cluster
+                .vm_status(host)
+                .is_some_and(|vm| vm["role"] == "Primary" && vm["state"] == "Protected")
+        };
+        if protected(A) {
+            break (A, B);
+        }
+        if protected(B) {
+            break (B, A);
+        }
+        assert!(Instant::now() < deadline, "not re-protected after flapping");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let after_flapping = wait_protected(&cluster, p, "re-protected after flapping");
     let generation_before_isolation = after_flapping["generation"].as_u64().unwrap_or(0);
     let acknowledged_before_isolation = last_ack(&cluster.console(A));
 
-    // hostA isolated from everything: hostA fences, hostB promotes and runs the VM.
-    cluster.set_links(A, &["alink1", "alink2", "lan0"], false);
-    let acknowledged = last_ack(&cluster.console(A));
-    cluster.wait_vm(B, Duration::from_secs(20), "hostB promoted", |vm| {
+    // The primary isolated from everything: it fences, the other promotes and runs the VM.
+    cluster.set_links(p, &["alink1", "alink2", "lan0"], false);
+    cluster.wait_vm(s, Duration::from_secs(20), "promoted", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
-    let fenced = cluster.wait_vm(A, Duration::from_secs(20), "hostA fenced", |vm| {
+    let fenced = cluster.wait_vm(p, Duration::from_secs(20), "fenced", |vm| {
         vm["state"] == "Fenced" && vm["vm_pid"].is_null()
     });
     assert_eq!(
@@ -295,23 +319,25 @@ fn partitions_never_give_two_primaries() {
         Some(generation_before_isolation)
     );
     let record = cluster.witness_record();
-    assert_eq!(record["holder"], HOSTS[B], "{record}");
+    assert_eq!(record["holder"], HOSTS[s], "{record}");
     assert_eq!(
         record["generation"].as_u64(),
         Some(generation_before_isolation + 1)
     );
-    assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
-    // Nothing was acknowledged on hostA after the cut that hostB's copy lacks.
-    let found = wait_found(&cluster, B);
-    let acknowledged = last_ack(&cluster.console(A)).max(acknowledged);
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[s]]);
+    // Nothing acknowledged before the isolation is missing from the new primary's copy.
+    // (Records are written by the first boot only, on hostA.)
+    let found = wait_found(&cluster, s);
+    let acknowledged = last_ack(&cluster.console(A));
     assert!(
         found >= acknowledged && acknowledged >= acknowledged_before_isolation,
-        "hostB's guest found records up to {found}, {acknowledged} were acknowledged"
+        "{}'s guest found records up to {found}, {acknowledged} were acknowledged",
+        HOSTS[s]
     );
-    // hostA comes back and follows hostB.
-    cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
-    wait_protected(&cluster, B, "re-protected with hostB primary");
-    assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+    // The isolated host comes back and follows.
+    cluster.set_links(p, &["alink1", "alink2", "lan0"], true);
+    wait_protected(&cluster, s, "re-protected after the isolation");
+    assert_eq!(cluster.acting_primaries(), vec![HOSTS[s]]);
 }
 
 #[test]

@@ -52,10 +52,14 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .map_err(|error| format!("cannot handle signals: {error}"))?;
     }
+    // Heartbeat sessions come back fast after a link flap (the default backoff grows to
+    // 1 s, long enough for the peer to hear nothing while we hear it).
+    let mut peer_link = link_config(&config.peer.psk_file, &config.host.name)?;
+    peer_link.reconnect_max_ms = (config.timing.heartbeat_interval_ms * 2).max(50);
     let peer = PeerLink::start(
         config.peer.addresses.clone(),
         config.peer.listen.clone(),
-        link_config(&config.peer.psk_file, &config.host.name)?,
+        peer_link,
     )?;
     let witness = WitnessLink::start(
         config.witness.addresses.clone(),

@@ -498,6 +498,9 @@ impl VmRunner {
             return;
         }
         self.last_reconcile = Some(Instant::now());
+        // Decide on fresh answers: a command just sent may have changed the disks.
+        self.last_poll = None;
+        self.poll_disks();
         let generation = self.host.generation();
         let mode = self.host.mode();
         let mut disk_holding = false;
@@ -509,8 +512,12 @@ impl VmRunner {
             let disk_generation = replication["generation"].as_u64().unwrap_or(0);
             let waiting = matches!(disk_mode, "Holding" | "Connecting");
             disk_holding |= waiting;
+            // Only a generation the witness granted is adopted here. A degraded primary
+            // whose disks hold again (they had re-mirrored the peer) must not simply go on
+            // alone at the same generation: the peer, UpToDate at it, could win the next
+            // one. It claims the next generation instead (below).
             let behind = disk_generation < generation && disk_mode != "Fenced";
-            if behind || (mode == Mode::Degraded && waiting) {
+            if behind {
                 let order = format!("continue-degraded {generation}");
                 match disk_order(&self.disk_specs[index].control, &order) {
                     Ok(result) => log::info!("{}: {order}: {result}", self.name),
@@ -518,9 +525,9 @@ impl VmRunner {
                 }
             }
         }
-        if mode == Mode::Mirrored && disk_holding {
+        if matches!(mode, Mode::Mirrored | Mode::Degraded) && disk_holding {
             let since = *self.disk_holding_since.get_or_insert(context.now);
-            if context.now.saturating_sub(since) > self.peer_timeout {
+            if mode == Mode::Degraded || context.now.saturating_sub(since) > self.peer_timeout {
                 self.disk_holding_since = None;
                 context.events.warn(
                     &self.name,
