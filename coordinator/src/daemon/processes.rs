@@ -96,11 +96,7 @@ impl DiskProcess {
 
     /// `Some(description)` once the process has ended.
     pub fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(error) => Some(format!("cannot be waited for: {error}")),
-        }
+        exit_status(&mut self.child)
     }
 
     pub fn stop(&mut self) {
@@ -181,11 +177,7 @@ impl NicProcess {
     }
 
     pub fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(error) => Some(format!("cannot be waited for: {error}")),
-        }
+        exit_status(&mut self.child)
     }
 
     pub fn stop(&mut self) {
@@ -310,11 +302,7 @@ impl RunningVm for QemuVm {
     }
 
     fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(error) => Some(format!("cannot be waited for: {error}")),
-        }
+        exit_status(&mut self.child)
     }
 
     fn stop(&mut self) {
@@ -347,6 +335,15 @@ fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Child> {
             format!("cannot start {:?}: {error}", command.get_program()),
         )
     })
+}
+
+/// `Some(description)` once `child` has ended.
+fn exit_status(child: &mut Child) -> Option<String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Some(status.to_string()),
+        Ok(None) => None,
+        Err(error) => Some(format!("cannot be waited for: {error}")),
+    }
 }
 
 /// SIGTERM, then SIGKILL after a grace period; always reaps.
