@@ -42,14 +42,7 @@ fn main() -> ExitCode {
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut line = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            eprintln!("ftvm-witness: {line}");
+            eprintln!("ftvm-witness: {}", coordinator::error_chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -56,13 +56,6 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &dyn std::error::Error) -> ExitCode {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    eprintln!("ftvmd: {line}");
+    eprintln!("ftvmd: {}", coordinator::error_chain(error));
     ExitCode::FAILURE
 }

@@ -40,10 +40,53 @@ pub struct DiskSpec {
     pub resync_rate_limit: Option<String>,
 }
 
+/// A child process `ftvmd` started and supervises: a disk daemon, a NIC daemon or QEMU.
+#[derive(Debug)]
+pub struct Supervised {
+    child: Child,
+}
+
+impl Supervised {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(description)` once the process has ended.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(error) => Some(format!("cannot be waited for: {error}")),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period; always reaps.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `vhost-blk-mirror`.
 #[derive(Debug)]
 pub struct DiskProcess {
-    child: Child,
+    pub process: Supervised,
     pub role: Role,
     pub started: Instant,
 }
@@ -82,25 +125,11 @@ impl DiskProcess {
         for address in &spec.listen {
             command.arg("--listen").arg(address.to_string());
         }
-        let child = spawn_logged(&mut command, &spec.log)?;
         Ok(DiskProcess {
-            child,
+            process: spawn_logged(&mut command, &spec.log)?,
             role,
             started: Instant::now(),
         })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// `Some(description)` once the process has ended.
-    pub fn exited(&mut self) -> Option<String> {
-        exit_status(&mut self.child)
-    }
-
-    pub fn stop(&mut self) {
-        stop_child(&mut self.child);
     }
 }
 
@@ -147,42 +176,21 @@ pub struct NicSpec {
     pub queues: u16,
 }
 
-/// A running `vhost-net-ft`.
-#[derive(Debug)]
-pub struct NicProcess {
-    child: Child,
-}
-
-impl NicProcess {
-    pub fn start(spec: &NicSpec) -> io::Result<NicProcess> {
-        let mut command = Command::new(&spec.binary);
-        command
-            .arg("--socket")
-            .arg(&spec.socket)
-            .arg("--bridge")
-            .arg(&spec.bridge)
-            .arg("--mac")
-            .arg(&spec.mac)
-            .arg("--queues")
-            .arg(spec.queues.to_string())
-            .arg("--control")
-            .arg(&spec.control);
-        Ok(NicProcess {
-            child: spawn_logged(&mut command, &spec.log)?,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn exited(&mut self) -> Option<String> {
-        exit_status(&mut self.child)
-    }
-
-    pub fn stop(&mut self) {
-        stop_child(&mut self.child);
-    }
+/// Starts a NIC's `vhost-net-ft`.
+pub fn start_nic(spec: &NicSpec) -> io::Result<Supervised> {
+    let mut command = Command::new(&spec.binary);
+    command
+        .arg("--socket")
+        .arg(&spec.socket)
+        .arg("--bridge")
+        .arg(&spec.bridge)
+        .arg("--mac")
+        .arg(&spec.mac)
+        .arg("--queues")
+        .arg(spec.queues.to_string())
+        .arg("--control")
+        .arg(&spec.control);
+    spawn_logged(&mut command, &spec.log)
 }
 
 /// What the launcher needs to start a VM.
@@ -286,33 +294,30 @@ impl VmLauncher for QemuLauncher {
     fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>> {
         let mut command = Command::new(&self.binary);
         command.args(QemuLauncher::args(spec));
-        let child = spawn_logged(&mut command, &spec.log)?;
-        Ok(Box::new(QemuVm { child }))
+        Ok(Box::new(QemuVm(spawn_logged(&mut command, &spec.log)?)))
     }
 }
 
 #[derive(Debug)]
-struct QemuVm {
-    child: Child,
-}
+struct QemuVm(Supervised);
 
 impl RunningVm for QemuVm {
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     fn exited(&mut self) -> Option<String> {
-        exit_status(&mut self.child)
+        self.0.exited()
     }
 
     fn stop(&mut self) {
-        stop_child(&mut self.child);
+        self.0.stop();
     }
 }
 
 /// Spawns with stdout and stderr appended to `log`, stdin closed, and SIGKILL on the
 /// death of the spawning thread's process.
-fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Child> {
+fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Supervised> {
     let file = OpenOptions::new().create(true).append(true).open(log)?;
     let errors = file.try_clone()?;
     command
@@ -329,43 +334,15 @@ fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Child> {
             Ok(())
         });
     }
-    command.spawn().map_err(|error| {
-        io::Error::new(
-            error.kind(),
-            format!("cannot start {:?}: {error}", command.get_program()),
-        )
-    })
-}
-
-/// `Some(description)` once `child` has ended.
-fn exit_status(child: &mut Child) -> Option<String> {
-    match child.try_wait() {
-        Ok(Some(status)) => Some(status.to_string()),
-        Ok(None) => None,
-        Err(error) => Some(format!("cannot be waited for: {error}")),
-    }
-}
-
-/// SIGTERM, then SIGKILL after a grace period; always reaps.
-fn stop_child(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-    }
-    let deadline = Instant::now() + STOP_GRACE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    command
+        .spawn()
+        .map(|child| Supervised { child })
+        .map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("cannot start {:?}: {error}", command.get_program()),
+            )
+        })
 }
 
 /// Creates `path` empty if missing (the console file, so that readers find it at once).

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
 use super::processes::{
-    disk_command, disk_order, touch, DiskProcess, DiskSpec, NicProcess, NicSpec, RunningVm,
-    VmLauncher, VmSpec,
+    disk_command, disk_order, start_nic, touch, DiskProcess, DiskSpec, NicSpec, RunningVm,
+    Supervised, VmLauncher, VmSpec,
 };
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskCommand, DiskView, Host, HostConfig, Mode, Role};
@@ -91,7 +91,7 @@ pub struct VmRunner {
     last_restart: Option<Instant>,
     nic_specs: Vec<NicSpec>,
     /// The NIC daemons run where the VM runs, from just before it starts until it stops.
-    nics: Vec<NicProcess>,
+    nics: Vec<Supervised>,
     /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
     announce_at: Vec<Instant>,
     vm_spec: VmSpec,
@@ -259,13 +259,9 @@ impl VmRunner {
             self.serve(None, context);
             return;
         }
-        if self
-            .last_reconcile
-            .is_some_and(|last| last.elapsed() < DISK_POLL)
-        {
+        if !self.reconcile_due() {
             return;
         }
-        self.last_reconcile = Some(Instant::now());
         for index in 0..self.disk_specs.len() {
             let waiting = self.replication(index).is_some_and(|replication| {
                 matches!(replication["mode"].as_str(), Some("Holding" | "Connecting"))
@@ -491,15 +487,10 @@ impl VmRunner {
             self.disk_holding_since = None;
             return;
         }
-        if self
-            .last_reconcile
-            .is_some_and(|last| last.elapsed() < DISK_POLL)
-        {
+        if !self.reconcile_due() {
             return;
         }
-        self.last_reconcile = Some(Instant::now());
-        // Decide on fresh answers: a command just sent may have changed the disks.
-        self.last_poll = None;
+        // Fresh answers if a command was sent in this step (`execute` invalidates them).
         self.poll_disks();
         let generation = self.host.generation();
         let mode = self.host.mode();
@@ -716,7 +707,7 @@ impl VmRunner {
             disk_pids: self
                 .disks
                 .iter()
-                .map(|disk| disk.as_ref().map(DiskProcess::pid))
+                .map(|disk| disk.as_ref().map(|disk| disk.process.pid()))
                 .collect(),
             disks: self
                 .disk_status
@@ -732,7 +723,7 @@ impl VmRunner {
         self.serving = false;
         for slot in &mut self.disks {
             if let Some(mut disk) = slot.take() {
-                disk.stop();
+                disk.process.stop();
             }
         }
         self.disk_status
@@ -900,7 +891,7 @@ impl VmRunner {
             let Some(disk) = self.disks[index].as_mut() else {
                 continue;
             };
-            let Some(status) = disk.exited() else {
+            let Some(status) = disk.process.exited() else {
                 continue;
             };
             let role = disk.role;
@@ -956,7 +947,7 @@ impl VmRunner {
                         format!(
                             "disk daemon {} started as {role:?} (pid {})",
                             spec.serial,
-                            process.pid()
+                            process.process.pid()
                         ),
                     );
                     self.disks[index] = Some(process);
@@ -987,7 +978,7 @@ impl VmRunner {
                     .disks
                     .iter_mut()
                     .flatten()
-                    .any(|disk| disk.exited().is_some())
+                    .any(|disk| disk.process.exited().is_some())
             {
                 return false;
             }
@@ -1029,9 +1020,25 @@ impl VmRunner {
                 // The daemon sends one heartbeat for all its VMs.
                 Action::SendHeartbeat(_) => {}
                 Action::AskWitness(claim) => self.ask_witness(claim, context),
-                Action::Disk(command) => self.apply(command, context),
+                Action::Disk(command) => {
+                    self.apply(command, context);
+                    // The disks changed: the next look at them must ask again.
+                    self.last_poll = None;
+                }
             }
         }
+    }
+
+    /// Whether a reconciliation of the disks is due (at most one per poll period).
+    fn reconcile_due(&mut self) -> bool {
+        if self
+            .last_reconcile
+            .is_some_and(|last| last.elapsed() < DISK_POLL)
+        {
+            return false;
+        }
+        self.last_reconcile = Some(Instant::now());
+        true
     }
 
     fn ask_witness(&mut self, claim: Claim, context: &mut Context<'_>) {
@@ -1175,7 +1182,7 @@ impl VmRunner {
                                 "",
                             );
                             if let Some(mut disk) = self.disks[index].take() {
-                                disk.stop();
+                                disk.process.stop();
                             }
                         }
                     }
@@ -1194,7 +1201,7 @@ impl VmRunner {
                 .is_some_and(|replication| replication["mode"] == "Fenced");
             if fenced {
                 if let Some(mut disk) = self.disks[index].take() {
-                    disk.stop();
+                    disk.process.stop();
                 }
                 self.disk_status[index] = None;
             }
@@ -1261,7 +1268,7 @@ impl VmRunner {
             return true;
         }
         for spec in &self.nic_specs {
-            match NicProcess::start(spec) {
+            match start_nic(spec) {
                 Ok(process) => {
                     events.info(
                         &self.name,
@@ -1294,7 +1301,7 @@ impl VmRunner {
             if ready {
                 return true;
             }
-            let died = self.nics.iter_mut().find_map(NicProcess::exited);
+            let died = self.nics.iter_mut().find_map(Supervised::exited);
             if let Some(status) =
                 died.or_else(|| (Instant::now() >= deadline).then(|| "no answer in 10 s".into()))
             {
