@@ -16,17 +16,7 @@ pub mod witness;
 pub mod witness_daemon;
 pub mod witness_store;
 
-/// An error and its causes on one line (`what: why: why`), for the daemons' last words.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
+pub use replication_link::error_chain;
 
 /// Milliseconds on some clock (each host's clock may drift from the others').
 pub type Millis = u64;

@@ -33,6 +33,7 @@ mod shared;
 
 pub use config::{ConfigError, LinkConfig, DEFAULT_MAX_FRAME_BYTES};
 pub use listener::{LinkListener, ListenerError, ListenerEvent};
+pub use log_limit::error_chain;
 pub use psk::{Psk, PskError};
 pub use reliability::Message;
 pub use session::{CloseReason, Session, SessionError, SessionEvent};

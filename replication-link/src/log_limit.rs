@@ -59,8 +59,9 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `error: source: source ...` on one line, for logs and `last_error`.
-pub(crate) fn error_chain(error: &dyn Error) -> String {
+/// `error: source: source ...` on one line, for logs, `last_error` and the daemons' last
+/// words.
+pub fn error_chain(error: &dyn Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

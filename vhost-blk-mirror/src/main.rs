@@ -130,20 +130,11 @@ fn main() -> ExitCode {
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("vhost-blk-mirror: {}", error_chain(&error));
+            eprintln!(
+                "vhost-blk-mirror: {}",
+                replication_link::error_chain(&error)
+            );
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its sources on one line: "cannot open image x: No such file or directory".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
