@@ -6,16 +6,14 @@
 //! returns `{"ok": true, ...}`; anything refused or unknown gets `{"error": "..."}`.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use log::{debug, info, warn};
 use serde::Serialize;
-use thiserror::Error;
 
 use crate::config::{feature_names, format_mac, virtio_features, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::device::Device;
@@ -28,17 +26,7 @@ const MAX_COMMAND_BYTES: u64 = 4096;
 /// How long a client may take to send its command.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Error)]
-pub enum ControlError {
-    #[error("control socket {0} is in use by a running process")]
-    InUse(PathBuf),
-    #[error("cannot create control socket {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
+pub use daemon_util::{bind_unix, ControlError};
 
 /// The link as the guest and the host see it.
 #[derive(Debug, Serialize)]
@@ -109,24 +97,6 @@ pub fn status(device: &Device) -> Status {
         },
         metrics,
     }
-}
-
-/// Binds a unix socket at `path` with mode 0600, replacing a stale socket file but refusing
-/// one that a live process still listens on.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, ControlError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.to_owned()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    let bind_error = |source| ControlError::Bind {
-        path: path.to_owned(),
-        source,
-    };
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-    Ok(listener)
 }
 
 /// Serves the control socket on a background thread until the process exits.
