@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use log::{debug, error, warn};
+pub use replication_link::error_chain;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -36,13 +37,14 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{config_slice, tap_offloads, virtio_features, MAX_QUEUE_SIZE};
+use crate::config::{config_slice, virtio_features, MAX_QUEUE_SIZE};
 use crate::ctrl::{self, Effect};
 use crate::datapath::{deliver, read_ctrl_chain, read_tx_chain, write_ctrl_ack, Delivery};
 use crate::device::Device;
+use crate::frame::convert_header;
 use crate::frame::{header_len, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
-use crate::sink::{TapSink, TxFrame, TxSink};
+use crate::sink::{SinkError, TxFrame, TxSink, UplinkSink};
 
 /// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
 pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
@@ -86,7 +88,7 @@ impl NetBackend {
             .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..pairs)
             .map(|index| {
-                let sink: Box<dyn TxSink> = Box::new(TapSink::new(device.tap.clone(), index));
+                let sink: Box<dyn TxSink> = Box::new(UplinkSink::new(device.clone(), index));
                 Mutex::new(PairWorker {
                     index,
                     sink,
@@ -122,6 +124,11 @@ impl NetBackend {
         self.num_queues as u64 + 2
     }
 
+    /// The epoll id of "frames from the peer host wait for the guest" (pair 0 only).
+    pub fn peer_event_id(&self) -> u64 {
+        self.num_queues as u64 + 3
+    }
+
     /// The resume eventfd of pair `index`, to register in that pair's event loop.
     pub fn resume_eventfd(&self, index: usize) -> Option<&EventFd> {
         self.resume.get(index)
@@ -154,6 +161,10 @@ impl NetBackend {
             0 => self.receive(rx, &mut worker),
             1 => self.transmit(tx, &mut worker),
             id if id == self.tap_event_id() => self.receive(rx, &mut worker),
+            id if id == self.peer_event_id() => {
+                self.device.redundancy.guest_queue().acknowledge();
+                self.receive(rx, &mut worker)
+            }
             id if id == self.resume_event_id() => {
                 if let Some(resume) = self.resume.get(pair) {
                     let _ = resume.read();
@@ -201,6 +212,12 @@ impl NetBackend {
                     break;
                 }
                 budget -= 1;
+                if worker.index == 0 {
+                    if let Some(len) = self.take_from_peer(worker, header_len) {
+                        worker.rx_pending = len;
+                        continue;
+                    }
+                }
                 match self.read_tap(worker, header_len) {
                     TapRead::Frame(len) => worker.rx_pending = len,
                     TapRead::Skipped => continue,
@@ -245,6 +262,23 @@ impl NetBackend {
             rx.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// Moves the next frame the peer host relayed for the guest into the staging buffer,
+    /// with the guest's header length; its length, `None` when none waits.
+    fn take_from_peer(&self, worker: &mut PairWorker, header_len: usize) -> Option<usize> {
+        let queue = self.device.redundancy.guest_queue();
+        loop {
+            let bytes = convert_header(queue.pop()?, VNET_HDR_LEN, header_len);
+            // Checked on arrival to be at most a header and MAX_FRAME_BYTES.
+            match worker.rx_buffer.get_mut(..bytes.len()) {
+                Some(staging) => {
+                    staging.copy_from_slice(&bytes);
+                    return Some(bytes.len());
+                }
+                None => Metrics::add(&self.device.metrics.peer_rx_dropped, 1),
+            }
+        }
     }
 
     /// Reads one frame from the pair's TAP queue into the staging buffer.
@@ -331,11 +365,17 @@ impl NetBackend {
     fn send(&self, worker: &mut PairWorker, frame: TxFrame) {
         let metrics = &self.device.metrics;
         let frame_len = frame.frame().len() as u64;
+        let via_peer = self.device.redundancy.via_peer();
         match worker.sink.send(frame) {
             Ok(()) => {
                 Metrics::add(&metrics.tx_packets, 1);
                 Metrics::add(&metrics.tx_bytes, frame_len);
+                if via_peer {
+                    Metrics::add(&metrics.peer_tx_packets, 1);
+                }
             }
+            // The link's window is full (or it is down): dropped, like a full TAP queue.
+            Err(SinkError::Peer(_)) => Metrics::add(&metrics.peer_tx_dropped, 1),
             Err(error) => {
                 Metrics::add(&metrics.tap_write_errors, 1);
                 self.log_fault(format_args!(
@@ -445,18 +485,6 @@ fn queue_error(error: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {error}"))
 }
 
-/// The error and its sources on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
 impl VhostUserBackend for NetBackend {
     type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
@@ -483,12 +511,7 @@ impl VhostUserBackend for NetBackend {
             features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0,
             Ordering::Relaxed,
         );
-        self.device.set_acked_features(features);
-        let tap = &self.device.tap;
-        if let Err(error) = tap.set_header_len(header_len(features)) {
-            error!("{}", error_chain(&error));
-        }
-        if let Err(error) = tap.set_offloads(tap_offloads(features)) {
+        if let Err(error) = self.device.apply_acked_features(features) {
             error!("{}", error_chain(&error));
         }
     }

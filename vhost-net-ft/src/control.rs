@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::config::{feature_names, format_mac, virtio_features, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::device::Device;
 use crate::metrics::MetricsSnapshot;
+use crate::peer::RedundancyStatus;
 
 /// The commands the control socket understands.
 const COMMANDS: &str = "status, announce";
@@ -66,6 +67,8 @@ pub struct Status {
     pub queues: usize,
     pub link: Link,
     pub features: Features,
+    /// The uplink watch and the path through the peer host.
+    pub redundancy: RedundancyStatus,
     #[serde(flatten)]
     pub metrics: MetricsSnapshot,
 }
@@ -95,6 +98,7 @@ pub fn status(device: &Device) -> Status {
             tap_offloads: format!("{:#x}", device.tap.offloads()),
             header_len_bytes: device.tap.header_len(),
         },
+        redundancy: device.redundancy.status(),
         metrics,
     }
 }

@@ -23,8 +23,9 @@ use crate::config::{default_mac, format_mac, MAX_QUEUE_PAIRS};
 use crate::control::{self, ControlError};
 use crate::device::Device;
 use crate::metrics::Metrics;
+use crate::peer::{self, PeerError, PeerSettings};
 use crate::relay::Relay;
-use crate::tap::{Tap, TapError};
+use crate::tap::{check_name, Tap, TapError};
 
 /// Where the guest's frames go on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +46,10 @@ pub struct Config {
     /// Queue pairs.
     pub queues: usize,
     pub control: Option<PathBuf>,
+    /// The VM bridge's port to the LAN, watched (`--uplink`).
+    pub watch_uplink: Option<String>,
+    /// The same NIC's daemon on the peer host, for the redundant uplink.
+    pub peer: Option<PeerSettings>,
 }
 
 #[derive(Debug, Error)]
@@ -73,6 +78,12 @@ pub enum DaemonError {
     Start(String),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot set up the NIC")]
+    Device(#[source] std::io::Error),
+    #[error("cannot set up the redundant uplink")]
+    Peer(#[source] PeerError),
+    #[error("--uplink {0}: {1}")]
+    Uplink(String, TapError),
 }
 
 /// Opens (or creates) the TAP and builds the NIC's shared state.
@@ -84,8 +95,13 @@ pub fn open_device(config: &Config) -> Result<Arc<Device>, DaemonError> {
         Uplink::Tap(name) => Tap::open(name, config.queues)?,
         Uplink::Bridge(bridge) => Tap::create_on_bridge(bridge, config.queues)?,
     };
+    if let Some(uplink) = &config.watch_uplink {
+        check_name(uplink).map_err(|error| DaemonError::Uplink(uplink.clone(), error))?;
+    }
     let mac = config.mac.unwrap_or_else(|| default_mac(&config.socket));
-    Ok(Arc::new(Device::new(tap, mac, config.queues)))
+    let device = Device::new(tap, mac, config.queues, config.watch_uplink.clone())
+        .map_err(DaemonError::Device)?;
+    Ok(Arc::new(device))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -123,6 +139,7 @@ fn start(config: &Config) -> Result<Arc<Device>, DaemonError> {
         None => None,
     };
     let started = open_device(config).and_then(|device| {
+        peer::start(&device, config.peer.as_ref()).map_err(DaemonError::Peer)?;
         if let Some(listener) = control_listener {
             control::spawn(listener, device.clone())
                 .map_err(|error| DaemonError::Start(error.to_string()))?;
@@ -318,6 +335,12 @@ fn register_listeners(
                     backend.tap_event_id(),
                 )
                 .map_err(|error| register_error("the TAP queue", error))?;
+        }
+        if pair == 0 {
+            let wake = device.redundancy.guest_queue().wake_fd();
+            handler
+                .register_listener(wake.as_raw_fd(), EventSet::IN, backend.peer_event_id())
+                .map_err(|error| register_error("the peer wake-up", error))?;
         }
         if let Some(resume) = backend.resume_eventfd(pair) {
             handler

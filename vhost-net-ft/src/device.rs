@@ -2,16 +2,18 @@
 //! features and counters. Shared by the queue workers, the control socket and the daemon.
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use log::info;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
 
+use crate::config::tap_offloads;
 use crate::config::{config_space, format_mac, CONFIG_SPACE_LEN, STATUS_ANNOUNCE, STATUS_LINK_UP};
-use crate::frame::{rarp_frame, RARP_FRAME_LEN};
+use crate::frame::{header_len, rarp_frame, RARP_FRAME_LEN, VNET_HDR_LEN};
 use crate::metrics::{Metrics, RateLimitedLog};
-use crate::tap::Tap;
+use crate::peer::Redundancy;
+use crate::tap::{Tap, TapError};
 
 /// What `announce` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +37,22 @@ pub struct Device {
     status: AtomicU16,
     /// The features the current frontend acked (0 before and between connections).
     acked_features: AtomicU64,
+    /// Held while the TAP's header length and offloads change: the frontend's features and
+    /// the standby relay (see [`Device::configure_idle_tap`]) both set them.
+    tap_settings: Mutex<()>,
+    /// The uplink watch and the path through the peer host.
+    pub redundancy: Redundancy,
 }
 
 impl Device {
-    pub fn new(tap: Tap, mac: [u8; 6], queue_pairs: usize) -> Device {
-        Device {
+    /// `uplink`: the interface to watch (`--uplink`).
+    pub fn new(
+        tap: Tap,
+        mac: [u8; 6],
+        queue_pairs: usize,
+        uplink: Option<String>,
+    ) -> std::io::Result<Device> {
+        Ok(Device {
             tap: Arc::new(tap),
             mac,
             queue_pairs,
@@ -47,7 +60,37 @@ impl Device {
             fault_log: RateLimitedLog::new(Duration::from_secs(1), 10),
             status: AtomicU16::new(STATUS_LINK_UP),
             acked_features: AtomicU64::new(0),
+            tap_settings: Mutex::new(()),
+            redundancy: Redundancy::new(uplink)?,
+        })
+    }
+
+    /// The frontend acked `features`: stores them and sets the TAP's header length and
+    /// offloads to match.
+    pub fn apply_acked_features(&self, features: u64) -> Result<(), TapError> {
+        let _settings = self
+            .tap_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.set_acked_features(features);
+        let header = self.tap.set_header_len(header_len(features));
+        let offloads = self.tap.set_offloads(tap_offloads(features));
+        header.and(offloads)
+    }
+
+    /// Without a guest (no frontend acked features): 12-byte headers and `offloads` on the
+    /// TAP, for relaying the peer's frames. Leaves the TAP alone once a frontend acked its
+    /// features, so a guest arriving meanwhile keeps its own settings.
+    pub fn configure_idle_tap(&self, offloads: u32) -> Result<(), TapError> {
+        let _settings = self
+            .tap_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.acked_features() != 0 || self.metrics.connected.load(Ordering::Relaxed) {
+            return Ok(());
         }
+        self.tap.set_header_len(VNET_HDR_LEN)?;
+        self.tap.set_offloads(offloads)
     }
 
     /// The config space as the guest reads it now.

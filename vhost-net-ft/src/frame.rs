@@ -9,7 +9,8 @@
 use thiserror::Error;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 };
 
@@ -141,6 +142,27 @@ pub struct TxOffloads {
 }
 
 impl TxOffloads {
+    /// Everything: what a TAP accepts in a written frame's header.
+    pub const ALL: TxOffloads = TxOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+    };
+
+    /// The driver-side offloads the guest negotiated (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN):
+    /// what a header of a frame *for* the guest may carry. Frames from the peer host are
+    /// checked against these with [`validate_tx`] before they reach the guest.
+    pub fn guest_receive(features: u64) -> TxOffloads {
+        let has = |bit: u32| features & (1u64 << bit) != 0;
+        TxOffloads {
+            csum: has(VIRTIO_NET_F_GUEST_CSUM),
+            tso4: has(VIRTIO_NET_F_GUEST_TSO4),
+            tso6: has(VIRTIO_NET_F_GUEST_TSO6),
+            ecn: has(VIRTIO_NET_F_GUEST_ECN),
+        }
+    }
+
     pub fn from_features(features: u64) -> TxOffloads {
         let has = |bit: u32| features & (1u64 << bit) != 0;
         TxOffloads {
@@ -297,16 +319,83 @@ pub fn rarp_frame(mac: [u8; 6]) -> [u8; RARP_FRAME_LEN] {
     frame
 }
 
+/// Whether a frame for `mac` passes a NIC's receive filter: addressed to it, or to a group
+/// (broadcast or multicast). `frame` starts with the Ethernet header.
+pub fn addressed_to(frame: &[u8], mac: [u8; 6]) -> bool {
+    match frame.get(..6) {
+        Some(destination) => destination[0] & 1 != 0 || destination == mac,
+        None => false,
+    }
+}
+
+/// Rewrites `bytes` (a `from`-byte header, then the frame) to carry a `to`-byte header
+/// (10 or 12 bytes); `num_buffers` is zero in a header made longer.
+pub fn convert_header(mut bytes: Vec<u8>, from: usize, to: usize) -> Vec<u8> {
+    match from.cmp(&to) {
+        std::cmp::Ordering::Equal => bytes,
+        std::cmp::Ordering::Less => {
+            let extra = to - from;
+            let at = from.min(bytes.len());
+            bytes.splice(at..at, std::iter::repeat_n(0u8, extra));
+            bytes
+        }
+        std::cmp::Ordering::Greater => {
+            let end = from.min(bytes.len());
+            let start = to.min(end);
+            bytes.drain(start..end);
+            bytes
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: TxOffloads = TxOffloads {
-        csum: true,
-        tso4: true,
-        tso6: true,
-        ecn: true,
-    };
+    const ALL: TxOffloads = TxOffloads::ALL;
+
+    #[test]
+    fn receive_filter_takes_own_and_group_frames_only() {
+        let mac = [0x52, 0x54, 0, 0x77, 0, 0x10];
+        let mut frame = [0u8; 60];
+        frame[..6].copy_from_slice(&mac);
+        assert!(addressed_to(&frame, mac));
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        assert!(addressed_to(&frame, mac));
+        frame[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+        assert!(addressed_to(&frame, mac));
+        frame[..6].copy_from_slice(&[0x52, 0x54, 0, 0x77, 0, 0x11]);
+        assert!(!addressed_to(&frame, mac));
+        assert!(!addressed_to(&frame[..5], mac));
+    }
+
+    #[test]
+    fn header_conversion_keeps_the_frame() {
+        let legacy: Vec<u8> = (0..10).chain(100..160).collect();
+        let modern = convert_header(legacy.clone(), 10, 12);
+        assert_eq!(modern.len(), 72);
+        assert_eq!(modern[..10], legacy[..10]);
+        assert_eq!(modern[10..12], [0, 0]);
+        assert_eq!(modern[12..], legacy[10..]);
+        assert_eq!(convert_header(modern.clone(), 12, 10), legacy);
+        assert_eq!(convert_header(modern.clone(), 12, 12), modern);
+        // Shorter than a header: nothing to panic about.
+        assert_eq!(convert_header(vec![1, 2, 3], 12, 10), vec![1, 2, 3]);
+        assert_eq!(convert_header(vec![1, 2, 3], 10, 12), vec![1, 2, 3, 0, 0]);
+    }
+
+    #[test]
+    fn guest_receive_offloads_follow_guest_features() {
+        assert_eq!(TxOffloads::guest_receive(0), TxOffloads::default());
+        let features = (1u64 << VIRTIO_NET_F_GUEST_CSUM) | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
+        let offloads = TxOffloads::guest_receive(features);
+        assert!(offloads.csum && offloads.tso4 && !offloads.tso6 && !offloads.ecn);
+        // Host (TX) features do not count.
+        assert_eq!(
+            TxOffloads::guest_receive(1u64 << VIRTIO_NET_F_HOST_TSO4),
+            TxOffloads::default()
+        );
+    }
 
     fn chain(header: VnetHeader, frame_len: usize) -> Vec<u8> {
         let mut bytes = header.encode().to_vec();

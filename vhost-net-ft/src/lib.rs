@@ -7,7 +7,8 @@
 //! owns the TAP device (and the crate's only `unsafe`), [`backend`] is the vhost-user glue,
 //! [`device`] the state that outlives connections, [`daemon`] the process life cycle,
 //! [`control`] the operator's socket, [`relay`] passes vhost-user messages between QEMU and
-//! the library (working around a start-up incompatibility).
+//! the library (working around a start-up incompatibility), [`peer`] the redundant uplink
+//! through the peer host.
 
 pub mod backend;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod datapath;
 pub mod device;
 pub mod frame;
 pub mod metrics;
+pub mod peer;
 pub mod relay;
 pub mod sink;
 pub mod tap;

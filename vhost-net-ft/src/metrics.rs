@@ -37,6 +37,19 @@ pub struct Metrics {
     /// Frontend connections accepted since start.
     pub connections: AtomicU64,
     pub connected: AtomicBool,
+    /// Guest frames sent to the peer host (our uplink is down).
+    pub peer_tx_packets: AtomicU64,
+    /// Guest frames for the peer host dropped: the link's send window was full or closed.
+    pub peer_tx_dropped: AtomicU64,
+    /// Frames from the peer host put on the guest's receive queue.
+    pub peer_rx_packets: AtomicU64,
+    /// Messages from the peer host dropped: malformed, not for this daemon's state (a frame
+    /// for a guest we do not have), or the guest's receive queue full.
+    pub peer_rx_dropped: AtomicU64,
+    /// Relaying for the peer: its guest's frames written to our TAP.
+    pub relay_to_lan_packets: AtomicU64,
+    /// Relaying for the peer: frames for its guest read from our TAP and sent to it.
+    pub relay_to_peer_packets: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`], as served by `status`.
@@ -56,6 +69,12 @@ pub struct MetricsSnapshot {
     pub announcements: u64,
     pub connections: u64,
     pub connected: bool,
+    pub peer_tx_packets: u64,
+    pub peer_tx_dropped: u64,
+    pub peer_rx_packets: u64,
+    pub peer_rx_dropped: u64,
+    pub relay_to_lan_packets: u64,
+    pub relay_to_peer_packets: u64,
 }
 
 impl Metrics {
@@ -80,6 +99,12 @@ impl Metrics {
             announcements: get(&self.announcements),
             connections: get(&self.connections),
             connected: self.connected.load(Ordering::Relaxed),
+            peer_tx_packets: get(&self.peer_tx_packets),
+            peer_tx_dropped: get(&self.peer_tx_dropped),
+            peer_rx_packets: get(&self.peer_rx_packets),
+            peer_rx_dropped: get(&self.peer_rx_dropped),
+            relay_to_lan_packets: get(&self.relay_to_lan_packets),
+            relay_to_peer_packets: get(&self.relay_to_peer_packets),
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Where validated guest frames go: the seam for Level 3 output commit.
 //!
 //! Each queue pair's worker owns one [`TxSink`] and hands it every frame it accepted from the
-//! guest, in the order the guest queued them. Today the sink is the TAP ([`TapSink`]). Level 3
-//! puts an epoch buffer here instead: it keeps the frames of epoch N (they are owned, see
-//! [`TxFrame`]) and writes them to the TAP, in order, once checkpoint N has committed on the
-//! secondary. The guest's TX buffers are returned as soon as `send` returns, so holding
+//! guest, in the order the guest queued them. Today the sink sends at once ([`UplinkSink`]:
+//! to the TAP, or to the peer host while the uplink is down). Level 3 puts an epoch buffer in
+//! front of it: it keeps the frames of epoch N (they are owned, see [`TxFrame`]) and passes
+//! them on, in order, once checkpoint N has committed on the secondary. The guest's TX buffers are returned as soon as `send` returns, so holding
 //! frames never stalls the guest's ring.
 
 use std::io;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::tap::Tap;
+use crate::device::Device;
 
 /// One frame as the TAP takes it: a virtio-net header (already checked and normalised) and
 /// the Ethernet frame, in one owned buffer.
@@ -37,6 +37,11 @@ impl TxFrame {
     pub fn frame(&self) -> &[u8] {
         self.bytes.get(self.header_len..).unwrap_or_default()
     }
+
+    /// The bytes (header and frame) and the header's length.
+    pub fn into_parts(self) -> (Vec<u8>, usize) {
+        (self.bytes, self.header_len)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -47,6 +52,8 @@ pub enum SinkError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot send a frame to the peer host")]
+    Peer(#[source] replication_link::SessionError),
 }
 
 /// Takes the frames one queue pair's guest sends, in order.
@@ -55,25 +62,33 @@ pub trait TxSink: Send {
     fn send(&mut self, frame: TxFrame) -> Result<(), SinkError>;
 }
 
-/// Writes each frame to one queue of the TAP at once.
+/// Sends each frame at once on the NIC's current path: one queue of our TAP, or the peer
+/// host's uplink while ours is down (see [`crate::peer`]).
 #[derive(Debug)]
-pub struct TapSink {
-    tap: Arc<Tap>,
+pub struct UplinkSink {
+    device: Arc<Device>,
     queue: usize,
 }
 
-impl TapSink {
-    pub fn new(tap: Arc<Tap>, queue: usize) -> TapSink {
-        TapSink { tap, queue }
+impl UplinkSink {
+    pub fn new(device: Arc<Device>, queue: usize) -> UplinkSink {
+        UplinkSink { device, queue }
     }
 }
 
-impl TxSink for TapSink {
+impl TxSink for UplinkSink {
     fn send(&mut self, frame: TxFrame) -> Result<(), SinkError> {
-        self.tap
-            .write_frame(self.queue, frame.bytes())
+        if self.device.redundancy.via_peer() {
+            return self
+                .device
+                .redundancy
+                .send_to_lan(frame)
+                .map_err(SinkError::Peer);
+        }
+        let tap = &self.device.tap;
+        tap.write_frame(self.queue, frame.bytes())
             .map_err(|source| SinkError::Tap {
-                tap: self.tap.name().to_owned(),
+                tap: tap.name().to_owned(),
                 source,
             })
     }

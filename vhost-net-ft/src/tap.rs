@@ -343,6 +343,30 @@ impl Tap {
     }
 }
 
+/// Whether the interface `name` (of this network namespace) is up and operational:
+/// `IFF_UP` and `IFF_RUNNING`, which the kernel sets only with carrier and an operational
+/// state of up. A cable pulled, a peer veth down or `ip link set NAME down` all clear it.
+pub fn interface_running(name: &str) -> io::Result<bool> {
+    check_name(name).map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    let socket = control_socket()?;
+    let mut request = InterfaceRequest::new(name);
+    // SAFETY: SIOCGIFFLAGS fills the flags of the `struct ifreq` `request` points to (same
+    // size and layout, alive for the call); `socket` is an open socket.
+    unsafe { ioctl_pointer(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) }?;
+    let flags = request.flags();
+    let wanted = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    Ok(flags & wanted == wanted)
+}
+
+/// poll(2) on `fds` for up to `timeout_ms`: the number of ready descriptors, 0 on timeout,
+/// negative on error (EINTR included; callers poll again).
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> libc::c_int {
+    let count = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `count` pollfd structs, which
+    // poll(2) reads and whose `revents` it writes, during the call only.
+    unsafe { libc::poll(fds.as_mut_ptr(), count, timeout_ms) }
+}
+
 fn no_queue() -> io::Error {
     io::Error::other("no such TAP queue")
 }
