@@ -14,6 +14,8 @@
 # 52:54:00:77:00:10) with its NIC a port of hostA's vmbr0, whose uplink reaches the LAN and
 # the client namespace (10.77.0.4):
 #   vhost-net-ft    vhost-net-ft --bridge vmbr0; QEMU -netdev vhost-user
+#   vhost-net-ft-peer  the same with the redundant uplink, hostA's uplink down: the traffic
+#                   goes over the A-links to a standby vhost-net-ft in hostB and its uplink
 #   tap             QEMU -netdev tap (vhost=off) on a TAP enslaved to vmbr0
 #   tap+vhost       the same with vhost=on (kernel vhost-net), skipped without /dev/vhost-net
 #   ovs-dpdk        ovs-vswitchd-dpdk (DESIGN.md's recipe, private run/db dirs, --no-huge) with
@@ -40,6 +42,7 @@ cd "$ROOT"
 SECS=5
 PREFIX=bench-net-
 HOST_A=${PREFIX}hostA
+HOST_B=${PREFIX}hostB
 CLIENT=${PREFIX}client
 GUEST_IP=10.77.0.10
 GUEST_MAC=52:54:00:77:00:10
@@ -115,7 +118,7 @@ cleanup() {
 	local rc=$? name
 	trap - EXIT INT TERM
 	# QEMU first (it holds the backends' sockets), then the backends, then the OVS database.
-	for name in qemu vhost-net-ft ovs-vswitchd ovsdb-server; do stop "$name"; done
+	for name in qemu vhost-net-ft vhost-net-ft-standby ovs-vswitchd ovsdb-server; do stop "$name"; done
 	for name in "${!PIDS[@]}"; do stop "$name"; done
 	if ((HOSTS_UP)); then
 		ip -n "$HOST_A" link del "$TAP" 2>/dev/null || true
@@ -379,6 +382,39 @@ run_ft() {
 	stop vhost-net-ft
 }
 
+# a'. vhost-net-ft on the redundant path: hostA's uplink is down, so the guest's traffic goes
+# over the A-links to the NIC's standby daemon in hostB and out of hostB's uplink.
+run_ft_peer() {
+	local sock=$TMP/ft-peer.sock name=vhost-net-ft-peer
+	head -c 32 /dev/urandom | base64 >"$TMP/pair.psk"
+	ip netns exec "$HOST_A" "$BIN/vhost-net-ft" --socket "$sock" --bridge vmbr0 --mac "$GUEST_MAC" \
+		--control "$TMP/ft-peer.ctl" --uplink uplink --host-id hostA --psk-file "$TMP/pair.psk" \
+		--listen 10.77.1.1:7450 --listen 10.77.2.1:7450 --peer 10.77.1.2:7450 --peer 10.77.2.2:7450 \
+		>>"$TMP/vhost-net-ft-peer.log" 2>&1 &
+	PIDS[vhost-net-ft]=$!
+	ip netns exec "$HOST_B" "$BIN/vhost-net-ft" --socket "$TMP/ft-standby.sock" --bridge vmbr0 \
+		--mac "$GUEST_MAC" --control "$TMP/ft-standby.ctl" --uplink uplink --host-id hostB \
+		--psk-file "$TMP/pair.psk" --listen 10.77.1.2:7450 --listen 10.77.2.2:7450 \
+		--peer 10.77.1.1:7450 --peer 10.77.2.1:7450 >>"$TMP/vhost-net-ft-standby.log" 2>&1 &
+	PIDS[vhost-net-ft-standby]=$!
+	poll 10 vhost-net-ft test -S "$sock" || die "vhost-net-ft did not create its socket"
+	poll 10 vhost-net-ft-standby test -S "$TMP/ft-standby.sock" || die "the standby vhost-net-ft did not create its socket"
+	ip -n "$HOST_A" link set uplink down
+	local ok=0
+	boot_and_measure "$name" -chardev "socket,id=n0,path=$sock" \
+		-netdev vhost-user,id=hn0,chardev=n0 || ok=1
+	ip -n "$HOST_A" link set uplink up
+	if ((ok == 0)) && ! grep -q '"path":"peer"' <<<"$(ft_status "$TMP/ft-peer.ctl")"; then
+		log "$name: warning: the daemon was not on the peer path at the end"
+	fi
+	stop vhost-net-ft
+	stop vhost-net-ft-standby
+	((ok == 0)) || die "$name: $SKIP_REASON"
+}
+ft_status() { # CONTROL-SOCKET: the daemon's status line
+	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"status\n"); print(s.makefile().readline())' "$1" 2>/dev/null || true
+}
+
 # b. QEMU's TAP backend, vhost=off|on
 run_tap() { # NAME VHOST
 	ip -n "$HOST_A" link del "$TAP" 2>/dev/null || true
@@ -452,6 +488,7 @@ stop_ovs() {
 }
 
 run_ft
+run_ft_peer
 run_tap tap off || die "tap: $SKIP_REASON"
 if [[ ! -c /dev/vhost-net ]]; then modprobe vhost_net >/dev/null 2>&1 || true; fi
 if [[ ! -c /dev/vhost-net ]]; then
@@ -470,13 +507,13 @@ stop_ovs
 
 echo
 echo "bench-net: $(nproc) cores, QEMU TCG 1 vCPU 256 MiB, virtio-net-pci vectors=0; guest $GUEST_IP -> client $CLIENT_IP via vmbr0/br0; ${SECS} s per workload; client ${CLIENT_KIND}"
-printf '| %-13s | %20s | %16s | %13s | %11s |\n' backend "TCP guest->client" "RR median (us)" "RR p99 (us)" "round trips"
-printf '|%s|%s|%s|%s|%s|\n' "---------------" "----------------------" "------------------" "---------------" "-------------"
+printf '| %-17s | %20s | %16s | %13s | %11s |\n' backend "TCP guest->client" "RR median (us)" "RR p99 (us)" "round trips"
+printf '|%s|%s|%s|%s|%s|\n' "-------------------" "----------------------" "------------------" "---------------" "-------------"
 for name in "${ORDER[@]}"; do
 	if [[ -n ${SKIPPED[$name]:-} ]]; then
-		printf '| %-13s | skipped: %s\n' "$name" "${SKIPPED[$name]}"
+		printf '| %-17s | skipped: %s\n' "$name" "${SKIPPED[$name]}"
 	else
-		printf '| %-13s | %13.1f Mbit/s | %16.1f | %13.1f | %11d |\n' "$name" "${TPUT[$name]}" \
+		printf '| %-17s | %13.1f Mbit/s | %16.1f | %13.1f | %11d |\n' "$name" "${TPUT[$name]}" \
 			"${RR_MED[$name]}" "${RR_P99[$name]}" "${RR_N[$name]}"
 	fi
 done
@@ -491,6 +528,10 @@ ratio() { # OTHER LABEL
 		"$(calc "${RR_MED[$1]} / ${RR_MED[vhost-net-ft]}")" \
 		"$(calc "${RR_P99[$1]} / ${RR_P99[vhost-net-ft]}")"
 }
+printf 'redundant path (hostA uplink down, via hostB): throughput %.2fx of the local path, latency +%.1f us (median), +%.1f us (p99)\n' \
+	"$(calc "${TPUT[vhost-net-ft-peer]} / ${TPUT[vhost-net-ft]}")" \
+	"$(calc "${RR_MED[vhost-net-ft-peer]} - ${RR_MED[vhost-net-ft]}")" \
+	"$(calc "${RR_P99[vhost-net-ft-peer]} - ${RR_P99[vhost-net-ft]}")"
 ratio tap "tap (vhost=off)"
 ratio tap+vhost "tap (vhost=on)"
 ratio ovs-dpdk "OVS-DPDK"

@@ -1,5 +1,6 @@
-//! Fuzz target: the virtio-net TX frame checks (`vhost_net_ft::frame`) and the control-queue
-//! parser (`vhost_net_ft::ctrl`) on untrusted guest bytes.
+//! Fuzz target: the virtio-net TX frame checks (`vhost_net_ft::frame`), the control-queue
+//! parser (`vhost_net_ft::ctrl`) on untrusted guest bytes, and the peer host's messages and
+//! frames (`vhost_net_ft::peer`) on untrusted network bytes.
 //!
 //! `cd vhost-net-ft/fuzz && cargo +nightly fuzz run frame_parser` (see README.md).
 //!
@@ -15,8 +16,10 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vhost_net_ft::ctrl::{self, Effect, ACK_ERR, ACK_OK};
+use vhost_net_ft::peer::{check_frame_from_peer, Direction, PeerFrameError, PeerMessage};
 use vhost_net_ft::frame::{
-    check_chain, set_num_buffers, validate_tx, FrameError, TxOffloads, VnetHeader, ETH_HLEN,
+    check_chain, convert_header, set_num_buffers, validate_tx, FrameError, TxOffloads,
+    VnetHeader, ETH_HLEN,
     FLAG_DATA_VALID, FLAG_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, LEGACY_VNET_HDR_LEN,
     MAX_FRAME_BYTES, VNET_HDR_LEN,
 };
@@ -96,6 +99,11 @@ struct Input {
     /// A control command and the number of queue pairs.
     ctrl_command: Vec<u8>,
     queue_pairs: u16,
+    /// A message header from the peer host's daemon; its frame is `chain`'s bytes.
+    peer_header: Vec<u8>,
+    /// Whether a guest is attached here, and the features it acked.
+    attached: bool,
+    acked_features: u64,
 }
 
 impl Chain {
@@ -286,8 +294,39 @@ fn check_ctrl(input: &Input) {
     }
 }
 
+fn check_peer(input: &Input) {
+    let Ok(message) = postcard::from_bytes::<PeerMessage>(&input.peer_header) else {
+        return;
+    };
+    let PeerMessage::Frame(direction) = message else {
+        return;
+    };
+    let bytes = input.chain.bytes(VNET_HDR_LEN);
+    let verdict = check_frame_from_peer(direction, &bytes, input.attached, input.acked_features);
+    match (direction, input.attached) {
+        (Direction::ToGuest, false) => assert_eq!(verdict, Err(PeerFrameError::NoGuest)),
+        (Direction::ToLan, true) => assert_eq!(verdict, Err(PeerFrameError::NotRelaying)),
+        (Direction::ToGuest, true) => {
+            let offloads = TxOffloads::guest_receive(input.acked_features);
+            let expected = validate_tx(&bytes, VNET_HDR_LEN, offloads);
+            assert_eq!(verdict, expected.map_err(PeerFrameError::Frame));
+        }
+        (Direction::ToLan, false) => {
+            let expected = validate_tx(&bytes, VNET_HDR_LEN, TxOffloads::ALL);
+            assert_eq!(verdict, expected.map_err(PeerFrameError::Frame));
+        }
+    }
+    // Headers converted for a legacy guest and back keep the frame.
+    if bytes.len() >= VNET_HDR_LEN {
+        let legacy = convert_header(bytes.clone(), VNET_HDR_LEN, LEGACY_VNET_HDR_LEN);
+        assert_eq!(legacy.len(), bytes.len() - 2);
+        assert_eq!(legacy[LEGACY_VNET_HDR_LEN..], bytes[VNET_HDR_LEN..]);
+    }
+}
+
 fuzz_target!(|input: Input| {
     check_frame(&input);
+    check_peer(&input);
     check_descriptors(&input);
     check_rx_header(&input);
     check_ctrl(&input);
