@@ -655,6 +655,8 @@ impl Watch {
                     .is_some_and(|state| state.uplink_up != Some(false) && !state.guest_attached);
             self.chooser.decide(uplink_up, peer_usable, now)
         } else {
+            // Frames that came for a guest that left are not for the next one.
+            redundancy.to_guest.clear();
             self.chooser.reset()
         };
         let want_relay = self.chooser.path() == Path::Peer;
@@ -682,14 +684,16 @@ impl Watch {
         self.announce_due(now);
     }
 
-    /// Reads the uplink's state, logs a change, stores it for `status`.
+    /// Reads the uplink's state, logs a change, stores it for `status`. The local path also
+    /// needs our TAP up (an operator may have set it down or it may have lost its queue).
     fn check_uplink(&mut self) -> Option<bool> {
         let name = self.device.redundancy.uplink.as_deref()?;
-        let up = match interface_running(name) {
+        let tap = self.device.tap.name();
+        let up = match interface_running(name).and_then(|up| Ok(up && interface_running(tap)?)) {
             Ok(up) => up,
             Err(error) => {
                 if self.last_uplink != Some(false) {
-                    warn!("cannot read the state of uplink {name}: {error}; taken as down");
+                    warn!("cannot read the state of uplink {name} or TAP {tap}: {error}; taken as down");
                 }
                 false
             }
@@ -780,7 +784,6 @@ impl Watch {
                 info!("relaying for the peer host's guest (its uplink is down)");
             } else {
                 info!("no longer relaying for the peer host");
-                device.redundancy.to_guest.clear();
             }
         }
         let wanted = if relaying { offloads } else { 0 };
