@@ -26,9 +26,14 @@
 //! [[vm.disk]]
 //! image = "/var/lib/ftvm/vm1-disk0.img"
 //! replication_port = 7400
+//! [[vm.nic]]
+//! mac = "52:54:00:12:34:56"
+//! bridge = "vmbr0"
+//! uplink = "uplink"      # Level 2: redundant uplink through the peer (with link_port)
+//! link_port = 7450       # the pair's NIC daemons meet on each A-link address at this port
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -140,7 +145,8 @@ pub struct DiskSection {
     pub resync_rate_limit: Option<String>,
 }
 
-/// A NIC of the VM, served by `vhost-net-ft` on the host that runs the VM.
+/// A NIC of the VM, served by `vhost-net-ft` on the host that runs the VM (and, with a
+/// redundant uplink, in standby on the other host).
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NicSection {
@@ -151,6 +157,24 @@ pub struct NicSection {
     pub bridge: String,
     #[serde(default = "default_queues")]
     pub queues: u16,
+    /// Level 2 only, with `link_port`: the bridge's port to the LAN on each host (like
+    /// "uplink"). The NIC then has a redundant uplink through the peer: its daemon runs on
+    /// both hosts, and when this port loses its link the guest's frames leave through the
+    /// peer's bridge.
+    #[serde(default)]
+    pub uplink: Option<String>,
+    /// With `uplink`: the port the pair's NIC daemons use on each A-link address (each
+    /// listens on this host's `[peer] listen` addresses at this port and connects to the
+    /// peer's `[peer] addresses` at it).
+    #[serde(default)]
+    pub link_port: Option<u16>,
+}
+
+impl NicSection {
+    /// The uplink port and link port of a redundant uplink, if the NIC has one.
+    pub fn redundant_uplink(&self) -> Option<(&str, u16)> {
+        self.uplink.as_deref().zip(self.link_port)
+    }
 }
 
 fn default_queues() -> u16 {
@@ -261,19 +285,44 @@ impl Config {
             ));
         }
         let mut names = BTreeSet::new();
-        let mut ports = BTreeSet::new();
+        // Every port bound on the A-link addresses, and by what.
+        let mut ports = BTreeMap::new();
+        for address in &self.peer.listen {
+            ports
+                .entry(address.port())
+                .or_insert_with(|| "[peer] listen".to_owned());
+        }
+        for address in &self.peer.addresses {
+            ports
+                .entry(address.port())
+                .or_insert_with(|| "[peer] addresses".to_owned());
+        }
         for vm in &self.vm {
             self.validate_vm(vm)?;
             if !names.insert(vm.name.as_str()) {
                 return Err(format!("VM {:?} is defined twice", vm.name));
             }
-            for disk in &vm.disk {
-                if !ports.insert(disk.replication_port) {
+            let disks = vm.disk.iter().enumerate().map(|(index, disk)| {
+                (
+                    disk.replication_port,
+                    format!("disk {index} of VM {:?} (replication_port)", vm.name),
+                )
+            });
+            let nics = vm.nic.iter().filter_map(|nic| {
+                let (_, port) = nic.redundant_uplink()?;
+                Some((
+                    port,
+                    format!("NIC {} of VM {:?} (link_port)", nic.mac, vm.name),
+                ))
+            });
+            for (port, user) in disks.chain(nics) {
+                if let Some(first) = ports.get(&port) {
                     return Err(format!(
-                        "replication port {} is used by two disks",
-                        disk.replication_port
+                        "port {port} is used twice, by {first} and by {user}: each needs its \
+                         own port on the A-links"
                     ));
                 }
+                ports.insert(port, user);
             }
         }
         Ok(())
@@ -361,20 +410,72 @@ impl Config {
                     vm.name, nic.mac
                 ));
             }
-            if nic.bridge.is_empty() || nic.bridge.len() > 15 || nic.queues == 0 || nic.queues > 16
-            {
+            if !valid_interface_name(&nic.bridge) || nic.queues == 0 || nic.queues > 16 {
                 return Err(format!(
                     "VM {:?}: NIC {}: bridge must be a device name (1 to 15 bytes) and queues \
                      1 to 16",
                     vm.name, nic.mac
                 ));
             }
+            validate_redundant_uplink(vm, nic)?;
         }
         if vm.disk.iter().any(|disk| disk.replication_port == 0) {
             return Err(format!("VM {:?}: a disk has replication_port 0", vm.name));
         }
         Ok(())
     }
+}
+
+/// The redundant uplink of a NIC: both settings or neither, Level 2 only, a real port.
+fn validate_redundant_uplink(vm: &VmSection, nic: &NicSection) -> Result<(), String> {
+    let (uplink, link_port) = match (&nic.uplink, nic.link_port) {
+        (None, None) => return Ok(()),
+        (Some(uplink), Some(link_port)) => (uplink, link_port),
+        _ => {
+            return Err(format!(
+                "VM {:?}: NIC {}: uplink and link_port go together: both for a redundant \
+                 uplink through the peer, neither for none",
+                vm.name, nic.mac
+            ))
+        }
+    };
+    if vm.level < 2 {
+        return Err(format!(
+            "VM {:?}: NIC {}: a redundant uplink (uplink, link_port) needs level 2; Level {} \
+             gets no redundant uplink: set level = 2 or remove uplink and link_port",
+            vm.name, nic.mac, vm.level
+        ));
+    }
+    if !valid_interface_name(uplink) {
+        return Err(format!(
+            "VM {:?}: NIC {}: uplink {uplink:?} is not a device name (1 to 15 bytes, no '/', \
+             ':' or white space)",
+            vm.name, nic.mac
+        ));
+    }
+    if *uplink == nic.bridge {
+        return Err(format!(
+            "VM {:?}: NIC {}: uplink {uplink:?} is the bridge itself: name the bridge's port \
+             to the LAN",
+            vm.name, nic.mac
+        ));
+    }
+    if link_port == 0 {
+        return Err(format!("VM {:?}: NIC {}: link_port is 0", vm.name, nic.mac));
+    }
+    Ok(())
+}
+
+/// A name Linux accepts for a network device: 1 to 15 bytes, not "." or "..", without
+/// '/', ':' or white space.
+fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
 }
 
 /// " at line L, column C" for a byte span of `text`.
@@ -481,7 +582,96 @@ replication_port = 7400
         let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[vm]]").expect("vm")..]);
         assert!(error_of(&twice).contains("defined twice"));
         let other_vm = GOOD[GOOD.find("[[vm]]").expect("vm")..].replace("vm1", "vm2");
-        assert!(error_of(&format!("{GOOD}\n{other_vm}")).contains("port 7400 is used by two"));
+        let ports = error_of(&format!("{GOOD}\n{other_vm}"));
+        assert!(ports.contains("port 7400 is used twice"), "{ports}");
+        let peer_port =
+            error_of(&GOOD.replace("replication_port = 7400", "replication_port = 7500"));
+        assert!(peer_port.contains("[peer] listen"), "{peer_port}");
+    }
+
+    fn with_redundant_nic(settings: &str) -> String {
+        format!("{GOOD}[[vm.nic]]\nmac = \"52:54:00:12:34:56\"\nbridge = \"vmbr0\"\n{settings}\n")
+    }
+
+    #[test]
+    fn a_redundant_uplink_parses() {
+        let config =
+            parse(&with_redundant_nic("uplink = \"uplink\"\nlink_port = 7450")).expect("valid");
+        assert_eq!(
+            config.vm[0].nic[0].redundant_uplink(),
+            Some(("uplink", 7450))
+        );
+        let plain = parse(&with_redundant_nic("")).expect("valid");
+        assert_eq!(plain.vm[0].nic[0].redundant_uplink(), None);
+    }
+
+    #[test]
+    fn a_redundant_uplink_needs_both_settings() {
+        for settings in ["uplink = \"uplink\"", "link_port = 7450"] {
+            let error = error_of(&with_redundant_nic(settings));
+            assert!(error.contains("go together"), "{settings}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_redundant_uplink_is_level_2_only() {
+        let text = with_redundant_nic("uplink = \"uplink\"\nlink_port = 7450")
+            .replace("level = 2", "level = 1");
+        let error = error_of(&text);
+        assert!(
+            error.contains("needs level 2") && error.contains("Level 1 gets no redundant uplink"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_redundant_uplink_needs_a_device_name() {
+        for uplink in [
+            "",
+            "eth0:1",
+            "a/b",
+            "up link",
+            "..",
+            "sixteen-bytes-xx",
+            "vmbr0",
+        ] {
+            let settings = format!("uplink = \"{uplink}\"\nlink_port = 7450");
+            let error = error_of(&with_redundant_nic(&settings));
+            assert!(
+                error.contains("is not a device name") || error.contains("is the bridge itself"),
+                "{uplink:?}: {error}"
+            );
+        }
+        let longest = "uplink = \"fifteen-bytes-x\"\nlink_port = 7450";
+        parse(&with_redundant_nic(longest)).expect("15 bytes are a device name");
+    }
+
+    #[test]
+    fn a_link_port_needs_a_port_of_its_own() {
+        let zero = error_of(&with_redundant_nic("uplink = \"uplink\"\nlink_port = 0"));
+        assert!(zero.contains("link_port is 0"), "{zero}");
+        for (port, user) in [(7400, "disk 0"), (7500, "[peer] listen")] {
+            let settings = format!("uplink = \"uplink\"\nlink_port = {port}");
+            let error = error_of(&with_redundant_nic(&settings));
+            assert!(
+                error.contains(&format!("port {port} is used twice")) && error.contains(user),
+                "{port}: {error}"
+            );
+        }
+        let peer_only = with_redundant_nic("uplink = \"uplink\"\nlink_port = 7501")
+            .replace("10.77.1.2:7500", "10.77.1.2:7501");
+        let error = error_of(&peer_only);
+        assert!(error.contains("[peer] addresses"), "{error}");
+        let two_nics = format!(
+            "{}[[vm.nic]]\nmac = \"52:54:00:12:34:57\"\nbridge = \"vmbr0\"\nuplink = \"uplink\"\n\
+             link_port = 7450\n",
+            with_redundant_nic("uplink = \"uplink\"\nlink_port = 7450")
+        );
+        let error = error_of(&two_nics);
+        assert!(
+            error.contains("port 7450 is used twice") && error.contains("52:54:00:12:34:57"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `ftvmd` in hostA and hostB, with real configuration files, keys and images. The VM is
 //! the rig's guest (kernel, initramfs, a `/test.sh`), started by `ftvmd` itself.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,6 +23,8 @@ const LINK2: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
 const WITNESS: &str = "10.77.0.3:7600";
 const FTVMD_PORT: u16 = 7500;
 const REPLICATION_PORT: u16 = 7400;
+/// The NIC's `link_port` when it has a redundant uplink.
+const NIC_LINK_PORT: u16 = 7450;
 
 /// Settings of a cluster.
 #[derive(Debug, Clone)]
@@ -32,6 +36,9 @@ pub struct ClusterOptions {
     pub resync_rate_limit: Option<String>,
     /// A NIC with this MAC on each host's VM bridge `vmbr0`.
     pub nic_mac: Option<String>,
+    /// The NIC (`nic_mac`) has a redundant uplink through the peer: `uplink = "uplink"`
+    /// (the port of `vmbr0` to the LAN) and a `link_port`.
+    pub nic_redundant_uplink: bool,
 }
 
 impl Default for ClusterOptions {
@@ -42,6 +49,7 @@ impl Default for ClusterOptions {
             peer_timeout_ms: 1000,
             resync_rate_limit: None,
             nic_mac: None,
+            nic_redundant_uplink: false,
         }
     }
 }
@@ -130,7 +138,12 @@ replication_port = {REPLICATION_PORT}
                 kernel = kernel.display(),
                 initrd = initrd.display(),
                 nic = options.nic_mac.as_ref().map_or(String::new(), |mac| {
-                    format!("[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"vmbr0\"")
+                    let redundancy = if options.nic_redundant_uplink {
+                        format!("\nuplink = \"uplink\"\nlink_port = {NIC_LINK_PORT}")
+                    } else {
+                        String::new()
+                    };
+                    format!("[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"vmbr0\"{redundancy}")
                 }),
                 rate = options
                     .resync_rate_limit
@@ -301,6 +314,36 @@ replication_port = {REPLICATION_PORT}
         );
     }
 
+    /// The control socket of the VM's first NIC daemon on a host.
+    pub fn nic_control(&self, host: usize) -> PathBuf {
+        self.dir.path().join(HOSTS[host]).join(VM).join("nic0.ctl")
+    }
+
+    /// The log of the VM's first NIC daemon on a host.
+    pub fn nic_log(&self, host: usize) -> String {
+        let path = self.dir.path().join(HOSTS[host]).join(VM).join("nic0.log");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// The `status` JSON of the VM's first NIC daemon on a host, asked on its control
+    /// socket (fresh, unlike `ftvm status`, which ftvmd refreshes every 0.5 s); `None` if
+    /// the daemon does not run or answer.
+    pub fn nic_status(&self, host: usize) -> Option<serde_json::Value> {
+        let mut socket = UnixStream::connect(self.nic_control(host)).ok()?;
+        socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        socket.write_all(b"status\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(socket).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
+    /// The first NIC's entry in a host's `ftvm status --json` (what ftvmd reports of it).
+    pub fn nic_summary(&self, host: usize) -> Option<serde_json::Value> {
+        self.vm_status(host)
+            .map(|vm| vm["nics"][0].clone())
+            .filter(|nic| nic.is_object())
+    }
+
     /// The guest console as written by a host's QEMU (appended across restarts).
     pub fn console(&self, host: usize) -> Vec<String> {
         let path = self
@@ -357,6 +400,18 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for (host, name) in HOSTS.iter().enumerate() {
                 eprintln!("---- ftvmd log of {name} ----\n{}", self.log(host));
+                let nic = self.nic_log(host);
+                if !nic.is_empty() {
+                    eprintln!("---- NIC daemon log of {name} ----\n{nic}");
+                }
+                let console = self.console(host);
+                if !console.is_empty() {
+                    let tail = &console[console.len().saturating_sub(50)..];
+                    eprintln!(
+                        "---- guest console on {name} (last lines) ----\n{}",
+                        tail.join("\n")
+                    );
+                }
             }
         }
     }

@@ -1,9 +1,15 @@
 //! Network helpers for guest NIC tests: talking to a guest from a test host's namespace.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Pause between two rounds of [`Rounds`], so that the TCG guest is not flooded.
+const ROUND_PAUSE: Duration = Duration::from_millis(10);
 
 /// Opens a TCP connection from inside network namespace `namespace`, retrying for up to
 /// `patience`: a thread joins the namespace and connects; the socket stays in that
@@ -62,4 +68,125 @@ pub fn echo_rounds(stream: TcpStream, rounds: u32) -> Vec<Duration> {
         assert_eq!(reply, request, "round {round}: the echo differs");
     }
     latencies
+}
+
+/// Request/response rounds on one TCP connection to the guest's echo server, run by a
+/// thread until dropped; the completion time of each round is recorded.
+pub struct Rounds {
+    completed: Arc<Mutex<Vec<Instant>>>,
+    failure: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    stream: TcpStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Rounds {
+    pub fn start(stream: TcpStream) -> Rounds {
+        // Long enough to ride out a path change; a longer pause fails the test anyway.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        let completed = Arc::new(Mutex::new(Vec::new()));
+        let failure = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stream = stream.try_clone().expect("clone stream");
+            let (completed, failure, stop) = (completed.clone(), failure.clone(), stop.clone());
+            std::thread::spawn(move || {
+                if let Err(error) = run_rounds(stream, &completed, &stop) {
+                    if !stop.load(Ordering::Relaxed) {
+                        *failure.lock().expect("failure lock") = Some(error);
+                    }
+                }
+            })
+        };
+        Rounds {
+            completed,
+            failure,
+            stop,
+            stream,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.completed.lock().expect("rounds lock").len()
+    }
+
+    /// Panics if the connection failed.
+    pub fn check(&self) {
+        if let Some(error) = self.failure.lock().expect("failure lock").as_ref() {
+            panic!("the TCP connection to the guest failed: {error}");
+        }
+    }
+
+    /// Waits until `more` further rounds have completed.
+    pub fn wait_for(&self, more: usize, timeout: Duration, what: &str) {
+        let target = self.count() + more;
+        let deadline = Instant::now() + timeout;
+        while self.count() < target {
+            self.check();
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {more} rounds completed in {timeout:?} ({what})",
+                more + self.count() - target
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.check();
+    }
+
+    /// The longest time without a completed round, from the last round before `since` to
+    /// the newest one.
+    pub fn longest_gap_since(&self, since: Instant) -> Duration {
+        let completed = self.completed.lock().expect("rounds lock");
+        let first = completed
+            .iter()
+            .rposition(|&at| at < since)
+            .unwrap_or_default();
+        completed[first..]
+            .windows(2)
+            .map(|pair| pair[1].duration_since(pair[0]))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Rounds {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_rounds(
+    stream: TcpStream,
+    completed: &Mutex<Vec<Instant>>,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut writer = stream.try_clone().map_err(|error| error.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // Every tenth request spans several segments.
+        let filler = "x".repeat(if round.is_multiple_of(10) { 6000 } else { 40 });
+        let request = format!("request {round} {filler}\n");
+        writer
+            .write_all(request.as_bytes())
+            .map_err(|error| format!("round {round}: send: {error}"))?;
+        let mut reply = String::new();
+        match reader.read_line(&mut reply) {
+            Ok(0) => return Err(format!("round {round}: the guest closed the connection")),
+            Ok(_) if reply == request => {}
+            Ok(_) => return Err(format!("round {round}: the echo differs")),
+            Err(error) => return Err(format!("round {round}: read: {error}")),
+        }
+        completed.lock().expect("rounds lock").push(Instant::now());
+        round += 1;
+        std::thread::sleep(ROUND_PAUSE);
+    }
+    Ok(())
 }

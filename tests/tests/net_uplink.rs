@@ -4,17 +4,13 @@
 //! hostA's VM bridge loses its uplink port and gets it back.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ftvm_tests::guest::{Guest, GuestConfig, Nic};
 use ftvm_tests::hosts::Hosts;
-use ftvm_tests::net::connect_in;
+use ftvm_tests::net::{connect_in, Rounds};
 use ftvm_tests::paths;
 use ftvm_tests::process::Process;
 use ftvm_tests::scratch_dir;
@@ -44,14 +40,18 @@ fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon
         .arg(paths::binary("vhost-net-ft"))
         .arg("--socket")
         .arg(&socket)
-        .args(["--bridge", "vmbr0", "--mac", GUEST_MAC, "--uplink", "uplink"])
+        .args([
+            "--bridge", "vmbr0", "--mac", GUEST_MAC, "--uplink", "uplink",
+        ])
         .arg("--control")
         .arg(&control)
         .arg("--psk-file")
         .arg(psk)
         .args(["--host-id", HOSTS[host]]);
     for address in ALINKS[host] {
-        command.arg("--listen").arg(format!("{address}:{LINK_PORT}"));
+        command
+            .arg("--listen")
+            .arg(format!("{address}:{LINK_PORT}"));
     }
     for address in ALINKS[1 - host] {
         command.arg("--peer").arg(format!("{address}:{LINK_PORT}"));
@@ -78,7 +78,9 @@ fn status(daemon: &NetDaemon) -> serde_json::Value {
 }
 
 fn counter(status: &serde_json::Value, name: &str) -> u64 {
-    status[name].as_u64().unwrap_or_else(|| panic!("no {name} in {status}"))
+    status[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {status}"))
 }
 
 fn set_uplink(hosts: &Hosts, up: bool) {
@@ -88,90 +90,6 @@ fn set_uplink(hosts: &Hosts, up: bool) {
         .status()
         .expect("ip link set");
     assert!(done.success());
-}
-
-/// Request/response rounds on one connection, in a thread, until told to stop; records when
-/// each round completed. A round that fails ends the loop (and the test sees it).
-struct Rounds {
-    stop: Arc<AtomicBool>,
-    completed: Arc<Mutex<Vec<Instant>>>,
-    thread: Option<JoinHandle<Result<(), String>>>,
-}
-
-impl Rounds {
-    fn start(stream: TcpStream) -> Rounds {
-        let stop = Arc::new(AtomicBool::new(false));
-        let completed = Arc::new(Mutex::new(Vec::new()));
-        let (thread_stop, thread_completed) = (stop.clone(), completed.clone());
-        let thread = std::thread::spawn(move || {
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .map_err(|error| error.to_string())?;
-            let mut writer = stream.try_clone().map_err(|error| error.to_string())?;
-            let mut reader = BufReader::new(stream);
-            let mut round = 0u64;
-            while !thread_stop.load(Ordering::Relaxed) {
-                let filler = "y".repeat(if round % 10 == 0 { 3000 } else { 30 });
-                let request = format!("round {round} {filler}\n");
-                writer
-                    .write_all(request.as_bytes())
-                    .map_err(|error| format!("round {round}: send: {error}"))?;
-                let mut reply = String::new();
-                reader
-                    .read_line(&mut reply)
-                    .map_err(|error| format!("round {round}: receive: {error}"))?;
-                if reply != request {
-                    return Err(format!("round {round}: the echo differs"));
-                }
-                thread_completed
-                    .lock()
-                    .expect("rounds")
-                    .push(Instant::now());
-                round += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(())
-        });
-        Rounds {
-            stop,
-            completed,
-            thread: Some(thread),
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.completed.lock().expect("rounds").len()
-    }
-
-    /// Waits until `more` rounds completed after now.
-    fn wait_for(&self, more: usize, what: &str) {
-        let target = self.count() + more;
-        poll_until(Duration::from_secs(60), what, || {
-            let finished = self.thread.as_ref().is_none_or(|thread| thread.is_finished());
-            assert!(!finished, "the round trip loop ended while waiting for {what}");
-            self.count() >= target
-        });
-    }
-
-    /// The longest time between two completed rounds after `since`, counting from `since`.
-    fn longest_gap_since(&self, since: Instant) -> Duration {
-        let completed = self.completed.lock().expect("rounds");
-        let mut previous = since;
-        let mut longest = Duration::ZERO;
-        for &at in completed.iter().filter(|&&at| at > since) {
-            longest = longest.max(at - previous);
-            previous = at;
-        }
-        longest
-    }
-
-    fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let result = thread.join().expect("round trip thread");
-            assert_eq!(result, Ok(()), "the TCP connection broke");
-        }
-    }
 }
 
 #[test]
@@ -199,10 +117,14 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
     });
     let guest = Guest::boot(&config, dir.path());
     guest.wait_for_line(Duration::from_secs(120), |line| line.starts_with("NET-UP"));
-    poll_until(Duration::from_secs(10), "the daemons to see each other", || {
-        status(&daemon_a)["redundancy"]["peer_reachable"] == true
-            && status(&daemon_b)["redundancy"]["peer_reachable"] == true
-    });
+    poll_until(
+        Duration::from_secs(10),
+        "the daemons to see each other",
+        || {
+            status(&daemon_a)["redundancy"]["peer_reachable"] == true
+                && status(&daemon_b)["redundancy"]["peer_reachable"] == true
+        },
+    );
     let before = status(&daemon_a);
     assert_eq!(before["redundancy"]["path"], "local", "{before}");
     assert_eq!(before["redundancy"]["uplink_up"], true, "{before}");
@@ -210,17 +132,19 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
 
     let client = hosts.namespace("client");
     let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{PORT}")));
-    rounds.wait_for(20, "rounds on the local path");
+    rounds.wait_for(20, Duration::from_secs(60), "rounds on the local path");
 
     // Cut: the traffic moves through hostB.
     let relayed_before = counter(&status(&daemon_b), "relay_to_lan_packets");
     let cut = Instant::now();
     set_uplink(&hosts, false);
-    poll_until(Duration::from_secs(5), "hostA to take the peer path", || {
-        status(&daemon_a)["redundancy"]["path"] == "peer"
-    });
+    poll_until(
+        Duration::from_secs(5),
+        "hostA to take the peer path",
+        || status(&daemon_a)["redundancy"]["path"] == "peer",
+    );
     let switched_after = cut.elapsed();
-    rounds.wait_for(50, "rounds through the peer host");
+    rounds.wait_for(50, Duration::from_secs(60), "rounds through the peer host");
     let gap = rounds.longest_gap_since(cut);
     let on_peer = status(&daemon_b);
     println!(
@@ -231,22 +155,34 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
         "{on_peer}"
     );
     assert!(counter(&on_peer, "relay_to_peer_packets") > 50, "{on_peer}");
-    assert_eq!(on_peer["redundancy"]["relaying_for_peer"], true, "{on_peer}");
-    assert!(gap < Duration::from_secs(5), "the connection stalled for {gap:?}");
+    assert_eq!(
+        on_peer["redundancy"]["relaying_for_peer"], true,
+        "{on_peer}"
+    );
+    assert!(
+        gap < Duration::from_secs(5),
+        "the connection stalled for {gap:?}"
+    );
 
     // Restore: the traffic comes back to hostA.
     let restored = Instant::now();
     set_uplink(&hosts, true);
-    poll_until(Duration::from_secs(5), "hostA to take the local path", || {
-        status(&daemon_a)["redundancy"]["path"] == "local"
-    });
+    poll_until(
+        Duration::from_secs(5),
+        "hostA to take the local path",
+        || status(&daemon_a)["redundancy"]["path"] == "local",
+    );
     println!("uplink restored: local path after {:?}", restored.elapsed());
     poll_until(Duration::from_secs(5), "hostB to stop relaying", || {
         status(&daemon_b)["redundancy"]["relaying_for_peer"] == false
     });
-    rounds.wait_for(10, "rounds after the way back");
+    rounds.wait_for(10, Duration::from_secs(60), "rounds after the way back");
     let settled = status(&daemon_b);
-    rounds.wait_for(50, "rounds on the local path again");
+    rounds.wait_for(
+        50,
+        Duration::from_secs(60),
+        "rounds on the local path again",
+    );
     let later = status(&daemon_b);
     for name in ["relay_to_lan_packets", "relay_to_peer_packets"] {
         assert_eq!(
@@ -257,8 +193,12 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
     }
     let gap = rounds.longest_gap_since(restored);
     println!("uplink restored: longest pause between round trips {gap:?}");
-    assert!(gap < Duration::from_secs(5), "the connection stalled for {gap:?}");
-    rounds.finish();
+    assert!(
+        gap < Duration::from_secs(5),
+        "the connection stalled for {gap:?}"
+    );
+    rounds.check();
+    drop(rounds);
 
     let end = status(&daemon_a);
     assert_eq!(end["redundancy"]["path_switches"], 2, "{end}");

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use coordinator::daemon::control::{request, HostStatus, Reply, Request};
+use coordinator::daemon::nics::NicStatus;
 use coordinator::host::Role;
 
 /// Operate ftvm, the fault tolerance for QEMU/KVM VMs, through this host's ftvmd.
@@ -27,7 +28,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// One line per VM: level, state, primary, secondary, disk sync, links, witness.
+    /// One line per VM: level, state, primary, secondary, disk sync, links, witness; under
+    /// it one line per NIC: the path of its frames (local or through the peer).
     Status {
         /// The whole status as JSON (for scripts and monitoring).
         #[arg(long)]
@@ -219,8 +221,41 @@ fn table(status: &HostStatus) -> String {
                 "DOWN"
             },
         ));
+        for nic in &vm.nics {
+            out.push_str(&format!("  nic {}: {}\n", nic.mac, nic_line(nic)));
+        }
     }
     out
+}
+
+/// A NIC's state on this host, in words: where its frames go, and what is wrong.
+fn nic_line(nic: &NicStatus) -> String {
+    if nic.pid.is_none() {
+        return "no daemon on this host".into();
+    }
+    let Some(path) = nic.path.as_deref().filter(|_| nic.answering) else {
+        return "unknown (its daemon does not answer)".into();
+    };
+    let Some(uplink) = &nic.uplink else {
+        return format!("path {path} (no redundant uplink)");
+    };
+    let word = |flag: Option<bool>, yes: &str, no: &str| match flag {
+        Some(true) => yes.to_owned(),
+        Some(false) => no.to_owned(),
+        None => "unknown".to_owned(),
+    };
+    let mut line = format!(
+        "path {path}, uplink {uplink} {}, peer {}",
+        word(nic.uplink_up, "up", "DOWN"),
+        word(nic.peer_reachable, "reachable", "UNREACHABLE"),
+    );
+    if nic.guest_attached != Some(true) {
+        line.push_str(", standby");
+    }
+    if nic.relaying_for_peer == Some(true) {
+        line.push_str(", relaying for the peer");
+    }
+    line
 }
 
 /// UTC time as `YYYY-MM-DD HH:MM:SS.mmm`.
@@ -243,4 +278,49 @@ fn humantime(time: std::time::SystemTime) -> String {
         "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}.{:03}",
         since.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic(path: Option<&str>, uplink_up: Option<bool>) -> NicStatus {
+        NicStatus {
+            mac: "52:54:00:12:34:56".into(),
+            uplink: Some("uplink".into()),
+            pid: Some(42),
+            answering: path.is_some(),
+            path: path.map(str::to_owned),
+            uplink_up,
+            peer_reachable: Some(true),
+            relaying_for_peer: Some(false),
+            guest_attached: Some(true),
+        }
+    }
+
+    #[test]
+    fn a_nic_line_names_the_path_and_what_is_down() {
+        let line = nic_line(&nic(Some("peer"), Some(false)));
+        assert_eq!(line, "path peer, uplink uplink DOWN, peer reachable");
+        assert!(nic_line(&nic(None, None)).contains("does not answer"));
+        let standby = NicStatus {
+            guest_attached: Some(false),
+            relaying_for_peer: Some(true),
+            ..nic(Some("local"), Some(true))
+        };
+        assert_eq!(
+            nic_line(&standby),
+            "path local, uplink uplink up, peer reachable, standby, relaying for the peer"
+        );
+        let stopped = NicStatus {
+            pid: None,
+            ..nic(None, None)
+        };
+        assert_eq!(nic_line(&stopped), "no daemon on this host");
+        let plain = NicStatus {
+            uplink: None,
+            ..nic(Some("local"), None)
+        };
+        assert_eq!(nic_line(&plain), "path local (no redundant uplink)");
+    }
 }

@@ -1,6 +1,7 @@
-//! `ftvmd`, the per-host daemon: runs each protected VM's disk daemons and, on its primary,
-//! the VM itself; heartbeats the peer's `ftvmd` over both A-links; asks the witness when the
-//! peer is lost; answers the `ftvm` CLI on a root-only unix socket.
+//! `ftvmd`, the per-host daemon: runs each protected VM's disk daemons (and the standby
+//! daemons of its NICs with a redundant uplink) and, on its primary, the VM itself;
+//! heartbeats the peer's `ftvmd` over both A-links; asks the witness when the peer is lost;
+//! answers the `ftvm` CLI on a root-only unix socket.
 //!
 //! One thread runs everything that decides (the VMs' state machines, process control);
 //! other threads only move bytes between sockets and channels.
@@ -8,6 +9,7 @@
 pub mod control;
 pub mod events;
 pub mod links;
+pub mod nics;
 pub mod processes;
 pub mod state;
 pub mod vm;
@@ -27,7 +29,7 @@ use log::info;
 use self::control::{HostStatus, Reply, Request};
 use self::events::Events;
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
-use self::processes::{DiskSpec, NicSpec, QemuLauncher, VmLauncher, VmSpec};
+use self::processes::{DiskSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec};
 use self::vm::{Context, Pair, VmRunner};
 use crate::config::Config;
 use crate::host::{HostConfig, Role};
@@ -246,6 +248,15 @@ impl Daemon {
                     mac: nic.mac.clone(),
                     bridge: nic.bridge.clone(),
                     queues: nic.queues,
+                    redundancy: nic
+                        .redundant_uplink()
+                        .map(|(uplink, link_port)| NicRedundancy {
+                            uplink: uplink.to_owned(),
+                            peer: with_port(&self.config.peer.addresses, link_port),
+                            listen: with_port(&self.config.peer.listen, link_port),
+                            psk_file: self.config.peer.psk_file.clone(),
+                            host_name: self.config.host.name.clone(),
+                        }),
                 })
                 .collect();
             let vm_spec = VmSpec {

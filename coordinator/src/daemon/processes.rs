@@ -1,5 +1,6 @@
-//! The processes `ftvmd` runs for a VM: one `vhost-blk-mirror` per disk, and on the primary
-//! the VM itself, started through [`VmLauncher`] (QEMU here; libvirt later).
+//! The processes `ftvmd` runs for a VM: one `vhost-blk-mirror` per disk, one `vhost-net-ft`
+//! per NIC, and on the primary the VM itself, started through [`VmLauncher`] (QEMU here;
+//! libvirt later).
 //!
 //! Children get `PR_SET_PDEATHSIG = SIGKILL`: if `ftvmd` dies, its VMs and daemons die
 //! with it, and the peer takes over. A host whose supervisor is gone is a failed host, not
@@ -7,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -32,9 +34,9 @@ pub struct DiskSpec {
     pub control: PathBuf,
     pub log: PathBuf,
     /// The peer's replication addresses (one per A-link).
-    pub peer: Vec<std::net::SocketAddr>,
+    pub peer: Vec<SocketAddr>,
     /// This host's replication addresses (one per A-link).
-    pub listen: Vec<std::net::SocketAddr>,
+    pub listen: Vec<SocketAddr>,
     pub psk_file: PathBuf,
     pub host_name: String,
     pub resync_rate_limit: Option<String>,
@@ -135,9 +137,19 @@ impl DiskProcess {
 
 /// Sends one command to a disk daemon's control socket and returns its JSON answer.
 pub fn disk_command(control: &Path, command: &str) -> io::Result<serde_json::Value> {
+    control_command(control, command, DISK_COMMAND_TIMEOUT)
+}
+
+/// Sends one command to a daemon's control socket (disk or NIC) and returns its JSON
+/// answer; sending and reading each give up after `timeout`.
+pub fn control_command(
+    control: &Path,
+    command: &str,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(control)?;
-    stream.set_read_timeout(Some(DISK_COMMAND_TIMEOUT))?;
-    stream.set_write_timeout(Some(DISK_COMMAND_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.write_all(command.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut reply = String::new();
@@ -174,9 +186,26 @@ pub struct NicSpec {
     pub mac: String,
     pub bridge: String,
     pub queues: u16,
+    /// The redundant uplink through the peer (Level 2), if the NIC has one.
+    pub redundancy: Option<NicRedundancy>,
 }
 
-/// Starts a NIC's `vhost-net-ft`.
+/// What a NIC daemon needs to pair with the same NIC's daemon on the peer host, so that
+/// the guest's frames can leave through the peer's bridge when this host's uplink fails.
+#[derive(Clone, Debug)]
+pub struct NicRedundancy {
+    /// This host's port of the bridge to the LAN, watched for link loss.
+    pub uplink: String,
+    /// The peer's NIC daemon, one address per A-link.
+    pub peer: Vec<SocketAddr>,
+    /// Where this host's NIC daemon accepts the peer's, one address per A-link.
+    pub listen: Vec<SocketAddr>,
+    /// The pair's key (the same file as the `ftvmd` peer link's).
+    pub psk_file: PathBuf,
+    pub host_name: String,
+}
+
+/// Starts a NIC's `vhost-net-ft` (with its redundant uplink's options if it has one).
 pub fn start_nic(spec: &NicSpec) -> io::Result<Supervised> {
     let mut command = Command::new(&spec.binary);
     command
@@ -190,6 +219,21 @@ pub fn start_nic(spec: &NicSpec) -> io::Result<Supervised> {
         .arg(spec.queues.to_string())
         .arg("--control")
         .arg(&spec.control);
+    if let Some(redundancy) = &spec.redundancy {
+        command
+            .arg("--uplink")
+            .arg(&redundancy.uplink)
+            .arg("--psk-file")
+            .arg(&redundancy.psk_file)
+            .arg("--host-id")
+            .arg(&redundancy.host_name);
+        for address in &redundancy.peer {
+            command.arg("--peer").arg(address.to_string());
+        }
+        for address in &redundancy.listen {
+            command.arg("--listen").arg(address.to_string());
+        }
+    }
     spawn_logged(&mut command, &spec.log)
 }
 

@@ -1,5 +1,5 @@
 //! One protected VM on this host: the coordinator's [`Host`] state machine, wired to the
-//! VM's disk daemons, its QEMU and the witness.
+//! VM's disk daemons, its NIC daemons, its QEMU and the witness.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
+use super::nics::{Need, NicStatus, Nics};
 use super::processes::{
-    disk_command, disk_order, start_nic, touch, DiskProcess, DiskSpec, NicSpec, RunningVm,
-    Supervised, VmLauncher, VmSpec,
+    disk_command, disk_order, touch, DiskProcess, DiskSpec, NicSpec, RunningVm, VmLauncher, VmSpec,
 };
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskCommand, DiskView, Host, HostConfig, Mode, Role};
@@ -51,6 +51,9 @@ pub struct VmStatus {
     pub disk_pids: Vec<Option<u32>>,
     /// The disk daemons' own `status`, for detail.
     pub disks: Vec<serde_json::Value>,
+    /// Each NIC: its daemon here and the path the guest's frames take.
+    #[serde(default)]
+    pub nics: Vec<NicStatus>,
 }
 
 /// Names of the two hosts and which [`HostId`] each is (by name order).
@@ -89,9 +92,9 @@ pub struct VmRunner {
     disk_specs: Vec<DiskSpec>,
     disks: Vec<Option<DiskProcess>>,
     last_restart: Option<Instant>,
-    nic_specs: Vec<NicSpec>,
-    /// The NIC daemons run where the VM runs, from just before it starts until it stops.
-    nics: Vec<Supervised>,
+    /// The NIC daemons run where the VM runs, from just before it starts until it stops;
+    /// those of NICs with a redundant uplink also in standby while the VM is protected.
+    nics: Nics,
     /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
     announce_at: Vec<Instant>,
     vm_spec: VmSpec,
@@ -153,6 +156,7 @@ impl VmRunner {
         touch(&vm_spec.console)
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
+        let nics = Nics::new(&name, nic_specs);
         let mut runner = VmRunner {
             disks: disk_specs.iter().map(|_| None).collect(),
             disk_status: disk_specs.iter().map(|_| None).collect(),
@@ -165,8 +169,7 @@ impl VmRunner {
             state,
             disk_specs,
             last_restart: None,
-            nic_specs,
-            nics: Vec::new(),
+            nics,
             announce_at: Vec::new(),
             vm_spec,
             vm: None,
@@ -220,6 +223,7 @@ impl VmRunner {
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
         self.announce_due();
+        self.nics.poll();
         if !self.state.protected {
             self.tick_unprotected(context);
             return;
@@ -248,7 +252,7 @@ impl VmRunner {
     /// No claims: the witness refuses the other host's anyway.
     fn tick_unprotected(&mut self, context: &mut Context<'_>) {
         if self.state.role == Role::Secondary {
-            if self.disks.iter().any(Option::is_some) {
+            if self.disks.iter().any(Option::is_some) || self.nics.any_running() {
                 self.shutdown(context.events);
             }
             return;
@@ -293,6 +297,13 @@ impl VmRunner {
     /// the next generation and lets the peer claim again; the peer's copy then resyncs
     /// what was written alone.
     pub fn protect(&mut self, level: u8, context: &mut Context<'_>) -> Result<String, String> {
+        if let Some(mac) = self.nics.redundant_uplink().filter(|_| level < 2) {
+            return Err(format!(
+                "{}'s NIC {mac} has a redundant uplink, which is Level 2 only: remove uplink \
+                 and link_port from its [[vm.nic]] on both hosts (and restart ftvmd) first",
+                self.name
+            ));
+        }
         if self.state.protected {
             if self.level == level {
                 return Ok(format!(
@@ -714,12 +725,15 @@ impl VmRunner {
                 .iter()
                 .map(|status| status.clone().unwrap_or(serde_json::Value::Null))
                 .collect(),
+            nics: self.nics.status(),
         }
     }
 
-    /// Stops the VM and the disk daemons (daemon shutdown, host disabled).
+    /// Stops the VM, its NIC daemons and its disk daemons (daemon shutdown, host disabled,
+    /// the peer unprotected the VM).
     pub fn shutdown(&mut self, events: &mut Events) {
         self.stop_vm(events, "ftvmd stopping");
+        self.nics.stop_unwanted(Need::Nothing);
         self.serving = false;
         for slot in &mut self.disks {
             if let Some(mut disk) = slot.take() {
@@ -929,9 +943,9 @@ impl VmRunner {
                 );
                 self.vm = None;
                 self.announce_at.clear();
-                self.stop_nics();
             }
         }
+        self.nics.supervise(self.nic_need(), events);
     }
 
     fn start_disks(&mut self, role: Role, events: &mut Events) {
@@ -1235,7 +1249,7 @@ impl VmRunner {
         if self.vm.is_some() {
             return;
         }
-        if !self.start_nics(context.events) {
+        if !self.nics.start_for_vm(context.events) {
             return;
         }
         match context.launcher.launch(&self.vm_spec) {
@@ -1262,67 +1276,6 @@ impl VmRunner {
         }
     }
 
-    /// Starts the NIC daemons and waits until each answers on its control socket.
-    fn start_nics(&mut self, events: &mut Events) -> bool {
-        if !self.nics.is_empty() || self.nic_specs.is_empty() {
-            return true;
-        }
-        for spec in &self.nic_specs {
-            match start_nic(spec) {
-                Ok(process) => {
-                    events.info(
-                        &self.name,
-                        format!(
-                            "NIC daemon for {} started on bridge {} (pid {})",
-                            spec.mac,
-                            spec.bridge,
-                            process.pid()
-                        ),
-                    );
-                    self.nics.push(process);
-                }
-                Err(error) => {
-                    events.error(
-                        &self.name,
-                        format!("cannot start the NIC daemon for {}: {error}", spec.mac),
-                        "check bin_dir in the configuration",
-                    );
-                    self.stop_nics();
-                    return false;
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ready = self
-                .nic_specs
-                .iter()
-                .all(|spec| disk_command(&spec.control, "status").is_ok());
-            if ready {
-                return true;
-            }
-            let died = self.nics.iter_mut().find_map(Supervised::exited);
-            if let Some(status) =
-                died.or_else(|| (Instant::now() >= deadline).then(|| "no answer in 10 s".into()))
-            {
-                events.error(
-                    &self.name,
-                    format!("a NIC daemon did not come up ({status}); the VM is not started"),
-                    "see nic*.log in the VM's state directory (is the bridge there?)",
-                );
-                self.stop_nics();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop_nics(&mut self) {
-        for mut nic in self.nics.drain(..) {
-            nic.stop();
-        }
-    }
-
     /// Sends the announcements that are due.
     fn announce_due(&mut self) {
         let now = Instant::now();
@@ -1330,10 +1283,17 @@ impl VmRunner {
             return;
         }
         self.announce_at.retain(|&at| at > now);
-        for spec in &self.nic_specs {
-            if let Err(error) = disk_order(&spec.control, "announce") {
-                log::warn!("{}: announce of {}: {error}", self.name, spec.mac);
-            }
+        self.nics.announce();
+    }
+
+    /// Which NIC daemons the VM needs here now.
+    fn nic_need(&self) -> Need {
+        if self.vm.is_some() {
+            Need::Vm
+        } else if self.state.protected {
+            Need::Standby
+        } else {
+            Need::Nothing
         }
     }
 
@@ -1346,7 +1306,9 @@ impl VmRunner {
             );
         }
         self.announce_at.clear();
-        self.stop_nics();
+        // The standby daemons stay: they relay for the peer, and serve QEMU if the VM
+        // comes back here.
+        self.nics.stop_unwanted(self.nic_need());
     }
 }
 
