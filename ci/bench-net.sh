@@ -453,6 +453,7 @@ run_ovs() {
 	ovs_vsctl --no-wait init || ovs_fail "ovs-vsctl init failed" || return 1
 	ovs_vsctl --no-wait set Open_vSwitch . other_config:dpdk-init=true \
 		other_config:per-port-memory=true other_config:pmd-cpu-mask=0x2 \
+		other_config:userspace-tso-enable=true \
 		other_config:dpdk-extra="--no-huge --legacy-mem -m 1024 --no-pci" ||
 		ovs_fail "ovs-vsctl set other_config failed" || return 1
 	ip netns exec "$HOST_A" /usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk \
