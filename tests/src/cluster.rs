@@ -359,6 +359,20 @@ replication_port = {REPLICATION_PORT}
             .collect()
     }
 
+    /// Waits up to 120 s for a line containing `needle` on a host's guest console.
+    pub fn wait_console(&self, host: usize, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.console(host).iter().any(|line| line.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on {}'s console:\n{}",
+                HOSTS[host],
+                self.console(host).join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The witness's record of the VM (its JSON file).
     pub fn witness_record(&self) -> serde_json::Value {
         let path = self

@@ -3,9 +3,9 @@
 //! the client's ARP cache.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
+use ftvm_tests::cluster::{Cluster, ClusterOptions};
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::net::{echo_rounds, try_connect_in};
 
@@ -13,23 +13,6 @@ const A: usize = 0;
 const B: usize = 1;
 const GUEST_IP: &str = "10.77.0.10";
 const GUEST_MAC: &str = "52:54:00:77:00:10";
-
-fn wait_console(cluster: &Cluster, host: usize, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cluster
-        .console(host)
-        .iter()
-        .any(|line| line.contains(needle))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} on {}'s console:\n{}",
-            HOSTS[host],
-            cluster.console(host).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn client_neighbour(cluster: &Cluster) -> String {
     let output = Command::new("ip")
@@ -66,7 +49,7 @@ fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
     cluster.wait_vm(A, Duration::from_secs(60), "running on hostA", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
-    wait_console(&cluster, A, &format!("NET-UP {GUEST_MAC}"));
+    cluster.wait_console(A, &format!("NET-UP {GUEST_MAC}"));
     let client = cluster.hosts.namespace("client");
     let address = format!("{GUEST_IP}:7000");
     let stream = try_connect_in(&client, &address, Duration::from_secs(30))
@@ -82,7 +65,7 @@ fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
     cluster.wait_vm(B, Duration::from_secs(30), "running on hostB", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
-    wait_console(&cluster, B, &format!("NET-UP {GUEST_MAC}"));
+    cluster.wait_console(B, &format!("NET-UP {GUEST_MAC}"));
     let stream = try_connect_in(&client, &address, Duration::from_secs(60))
         .expect("the client reaches the VM restarted on hostB");
     let reached = killed_at.elapsed();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::net::{try_connect_in, Rounds};
+use ftvm_tests::wait::poll_for;
 use serde_json::Value;
 
 const A: usize = 0;
@@ -31,22 +32,8 @@ fn wait_nic(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(status) = cluster.nic_status(host) {
-            if check(&status) {
-                return status;
-            }
-            last = Some(status);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}'s NIC daemon: no \"{what}\" in {timeout:?}; last status: {last:#?}",
-            HOSTS[host]
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("{}'s NIC daemon: {what}", HOSTS[host]);
+    poll_for(timeout, &what, || cluster.nic_status(host), check)
 }
 
 /// Polls the NIC's entry in a host's `ftvm status --json` until `check` holds.
@@ -57,22 +44,8 @@ fn wait_summary(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        if let Some(nic) = cluster.nic_summary(host) {
-            if check(&nic) {
-                return nic;
-            }
-            last = Some(nic);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}'s ftvm status: no \"{what}\" for the NIC in {timeout:?}; last: {last:#?}",
-            HOSTS[host]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("{}'s ftvm status of the NIC: {what}", HOSTS[host]);
+    poll_for(timeout, &what, || cluster.nic_summary(host), check)
 }
 
 /// hostB's relay counters: (frames of hostA's guest written to hostB's TAP, frames from
@@ -90,22 +63,6 @@ fn relay_counters(cluster: &Cluster, host: usize) -> (u64, u64) {
         counter("relay_to_lan_packets"),
         counter("relay_to_peer_packets"),
     )
-}
-
-fn wait_console(cluster: &Cluster, host: usize, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !cluster
-        .console(host)
-        .iter()
-        .any(|line| line.contains(needle))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} on {}'s console",
-            HOSTS[host]
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn path_is(status: &Value, path: &str) -> bool {
@@ -135,7 +92,7 @@ fn boot(name: &str) -> Cluster {
     cluster.wait_vm(A, Duration::from_secs(60), "running on hostA", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
-    wait_console(&cluster, A, &format!("NET-UP {GUEST_MAC}"));
+    cluster.wait_console(A, &format!("NET-UP {GUEST_MAC}"));
     wait_paired(&cluster, A);
     cluster
 }
@@ -290,7 +247,7 @@ fn after_a_planned_failover_the_standby_daemon_serves_the_vm_and_the_old_host_re
     cluster.wait_vm(A, Duration::from_secs(30), "hostA secondary", |vm| {
         vm["role"] == "Secondary" && vm["vm_pid"].is_null()
     });
-    wait_console(&cluster, B, &format!("NET-UP {GUEST_MAC}"));
+    cluster.wait_console(B, &format!("NET-UP {GUEST_MAC}"));
     wait_paired(&cluster, B);
     assert_eq!(
         (pid(A), pid(B)),
