@@ -8,6 +8,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::guest::GuestConfig;
+
+/// The TCP port of [`echo_guest`]'s echo server.
+pub const ECHO_PORT: u16 = 7000;
+
+/// A guest that brings `eth0` up at `ip`/24, prints `NET-UP <its MAC>` on its console, then
+/// serves TCP echo (`nc -ll -e cat`) on [`ECHO_PORT`] until it is stopped.
+pub fn echo_guest(name: &str, ip: &str) -> GuestConfig {
+    let script = format!(
+        "ip link set eth0 up\n\
+         ip addr add {ip}/24 dev eth0\n\
+         echo \"NET-UP $(cat /sys/class/net/eth0/address)\"\n\
+         nc -ll -p {ECHO_PORT} -e cat\n"
+    );
+    let mut guest = GuestConfig::new(name, &script);
+    guest.memory_mb = 256;
+    guest
+}
+
 /// Pause between two rounds of [`Rounds`], so that the TCG guest is not flooded.
 const ROUND_PAUSE: Duration = Duration::from_millis(10);
 

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions};
-use ftvm_tests::guest::GuestConfig;
-use ftvm_tests::net::{echo_rounds, try_connect_in};
+
+use ftvm_tests::net::{echo_guest, echo_rounds, try_connect_in, ECHO_PORT};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -30,14 +30,7 @@ fn client_neighbour(cluster: &Cluster) -> String {
 
 #[test]
 fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
-    let script = format!(
-        "ip link set eth0 up\n\
-         ip addr add {GUEST_IP}/24 dev eth0\n\
-         echo \"NET-UP $(cat /sys/class/net/eth0/address)\"\n\
-         nc -ll -p 7000 -e cat\n"
-    );
-    let mut guest = GuestConfig::new("ftvm-net-vm", &script);
-    guest.memory_mb = 256;
+    let guest = echo_guest("ftvm-net-vm", GUEST_IP);
     let options = ClusterOptions {
         nic_mac: Some(GUEST_MAC.into()),
         ..ClusterOptions::default()
@@ -51,7 +44,7 @@ fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
     });
     cluster.wait_console(A, &format!("NET-UP {GUEST_MAC}"));
     let client = cluster.hosts.namespace("client");
-    let address = format!("{GUEST_IP}:7000");
+    let address = format!("{GUEST_IP}:{ECHO_PORT}");
     let stream = try_connect_in(&client, &address, Duration::from_secs(30))
         .expect("the client reaches the VM on hostA");
     echo_rounds(stream, 20);

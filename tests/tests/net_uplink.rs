@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ftvm_tests::guest::{Guest, GuestConfig, Nic};
+use ftvm_tests::guest::{Guest, Nic};
 use ftvm_tests::hosts::Hosts;
-use ftvm_tests::net::{connect_in, Rounds};
+use ftvm_tests::net::{connect_in, echo_guest, Rounds, ECHO_PORT};
 use ftvm_tests::paths;
 use ftvm_tests::process::Process;
 use ftvm_tests::scratch_dir;
@@ -18,7 +18,6 @@ use ftvm_tests::wait::poll_until;
 
 const GUEST_IP: &str = "10.77.0.10";
 const GUEST_MAC: &str = "52:54:00:77:00:10";
-const PORT: u16 = 7000;
 const LINK_PORT: u16 = 7450;
 
 /// The A-link addresses of hostA (index 0) and hostB (index 1).
@@ -101,14 +100,7 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
     let daemon_a = start_daemon(&hosts, dir.path(), 0, &psk);
     let daemon_b = start_daemon(&hosts, dir.path(), 1, &psk);
 
-    let script = format!(
-        "ip link set eth0 up\n\
-         ip addr add {GUEST_IP}/24 dev eth0\n\
-         echo NET-UP\n\
-         nc -ll -p {PORT} -e cat\n"
-    );
-    let mut config = GuestConfig::new("net-uplink", &script);
-    config.memory_mb = 256;
+    let mut config = echo_guest("net-uplink", GUEST_IP);
     config.netns = Some(hosts.namespace("hostA"));
     config.nics.push(Nic {
         socket: daemon_a.socket.clone(),
@@ -131,7 +123,7 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
     assert_eq!(before["redundancy"]["peer_uplink_up"], true, "{before}");
 
     let client = hosts.namespace("client");
-    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{PORT}")));
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
     rounds.wait_for(20, Duration::from_secs(60), "rounds on the local path");
 
     // Cut: the traffic moves through hostB.

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
-use ftvm_tests::guest::GuestConfig;
-use ftvm_tests::net::{try_connect_in, Rounds};
+
+use ftvm_tests::net::{echo_guest, try_connect_in, Rounds, ECHO_PORT};
 use ftvm_tests::wait::poll_for;
 use serde_json::Value;
 
@@ -71,14 +71,7 @@ fn path_is(status: &Value, path: &str) -> bool {
 
 /// The cluster with the VM running on hostA, its NIC daemons on both hosts paired.
 fn boot(name: &str) -> Cluster {
-    let script = format!(
-        "ip link set eth0 up\n\
-         ip addr add {GUEST_IP}/24 dev eth0\n\
-         echo \"NET-UP $(cat /sys/class/net/eth0/address)\"\n\
-         nc -ll -p 7000 -e cat\n"
-    );
-    let mut guest = GuestConfig::new("ftvm-uplink-vm", &script);
-    guest.memory_mb = 256;
+    let guest = echo_guest("ftvm-uplink-vm", GUEST_IP);
     let options = ClusterOptions {
         level: 2,
         nic_mac: Some(GUEST_MAC.into()),
@@ -127,7 +120,7 @@ fn when_the_uplink_fails_the_connection_goes_on_through_the_peer() {
     let client = cluster.hosts.namespace("client");
     let stream = try_connect_in(
         &client,
-        &format!("{GUEST_IP}:7000"),
+        &format!("{GUEST_IP}:{ECHO_PORT}"),
         Duration::from_secs(30),
     )
     .expect("the client reaches the VM on hostA");
@@ -259,7 +252,7 @@ fn after_a_planned_failover_the_standby_daemon_serves_the_vm_and_the_old_host_re
     let client = cluster.hosts.namespace("client");
     let stream = try_connect_in(
         &client,
-        &format!("{GUEST_IP}:7000"),
+        &format!("{GUEST_IP}:{ECHO_PORT}"),
         Duration::from_secs(30),
     )
     .expect("the client reaches the VM on hostB");
