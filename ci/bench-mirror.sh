@@ -27,6 +27,9 @@ export LC_ALL=C
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+TOOL=bench-mirror
+# shellcheck source=ci/lib/common.sh
+source "$ROOT/ci/lib/common.sh"
 
 SECONDS_PER_RUN=5
 IMAGE_MIB=1024
@@ -37,14 +40,6 @@ HOST_B=${PREFIX}hostB
 PORT=7400
 LINK_SECONDS=3
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-die() {
-	echo "bench-mirror: error: $*" >&2
-	exit 1
-}
-log() { echo "bench-mirror: $*" >&2; }
-calc() { awk "BEGIN { printf \"%.6f\", ($1) }"; } # calc 'EXPRESSION': awk's arithmetic
-check() { awk "BEGIN { exit !($1) }"; }             # check 'CONDITION': its truth as status
 
 is_number() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
 is_integer() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
@@ -93,27 +88,6 @@ declare -A PIDS=()
 
 # --- cleanup --------------------------------------------------------------------------------
 
-stop() { # NAME [SIGNAL]: stop a process we started, by PID, and reap it
-	local name=$1 signal=${2:-TERM} pid i forced=0
-	pid=${PIDS[$name]:-}
-	[[ -n $pid ]] || return 0
-	unset "PIDS[$name]"
-	# stderr off while the child dies: bash would print "Killed" when it reaps it.
-	{
-		kill "-$signal" "$pid" || true
-		for ((i = 0; i < 50; i++)); do
-			kill -0 "$pid" || break
-			sleep 0.1
-		done
-		if kill -0 "$pid"; then
-			forced=1
-			kill -KILL "$pid" || true
-		fi
-		wait "$pid" || true
-	} 2>/dev/null
-	if ((forced)); then log "$name (pid $pid) did not stop on SIG$signal; killed it (SIGKILL)"; fi
-}
-
 cleanup() {
 	local rc=$? name file
 	trap - EXIT INT TERM
@@ -146,8 +120,6 @@ start() { # NAME NAMESPACE PROGRAM ARGS...: start in the background, log to $RUN
 	PIDS[$name]=$!
 }
 
-alive() { [[ -n ${PIDS[$1]:-} ]] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
-
 ctl() { # SOCKET COMMAND: one line to a control socket, prints the reply
 	echo "$2" | socat -t 5 - "UNIX-CONNECT:$1"
 }
@@ -156,7 +128,6 @@ field() { # SOCKET JQ-FILTER: a field of the daemon's status ("" when it does no
 	ctl "$1" status 2>/dev/null | jq -r "$2" 2>/dev/null || true
 }
 
-now() { date +%s.%N; }
 
 
 wait_until() { # DESCRIPTION TIMEOUT_S PROCESS_NAME COMMAND...: poll COMMAND every 50 ms

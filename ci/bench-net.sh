@@ -38,6 +38,9 @@ export LC_ALL=C
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+TOOL=bench-net
+# shellcheck source=ci/lib/common.sh
+source "$ROOT/ci/lib/common.sh"
 
 SECS=5
 PREFIX=bench-net-
@@ -52,15 +55,6 @@ TPUT_PORT=7001
 TAP=${PREFIX}tap0 # 14 bytes: fits IFNAMSIZ
 OVS_BR=ovsbr0
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-die() {
-	echo "bench-net: error: $*" >&2
-	exit 1
-}
-log() { echo "bench-net: $*" >&2; }
-calc() { awk "BEGIN { printf \"%.6f\", ($1) }"; }
-check() { awk "BEGIN { exit !($1) }"; }
-now() { date +%s.%N; }
 
 while (($#)); do
 	case "$1" in
@@ -91,29 +85,6 @@ declare -A PIDS=()
 
 # --- cleanup --------------------------------------------------------------------------------
 
-stop() { # NAME [SIGNAL]: stop a process we started, by PID, and reap it (if it is our child)
-	local name=$1 signal=${2:-TERM} pid i
-	pid=${PIDS[$name]:-}
-	[[ -n $pid ]] || return 0
-	unset "PIDS[$name]"
-	{
-		kill "-$signal" "$pid" || true
-		for ((i = 0; i < 100; i++)); do
-			kill -0 "$pid" || break
-			sleep 0.05
-		done
-		if kill -0 "$pid"; then
-			log "$name (pid $pid) did not stop on SIG$signal; killing it (SIGKILL)"
-			kill -KILL "$pid" || true
-			for ((i = 0; i < 40; i++)); do
-				kill -0 "$pid" || break
-				sleep 0.05
-			done
-		fi
-		wait "$pid" || true
-	} 2>/dev/null
-}
-
 cleanup() {
 	local rc=$? name
 	trap - EXIT INT TERM
@@ -142,8 +113,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- helpers --------------------------------------------------------------------------------
-
-alive() { [[ -n ${PIDS[$1]:-} ]] && kill -0 "${PIDS[$1]}" 2>/dev/null; }
 
 # poll TIMEOUT_S PROCESS_NAME COMMAND...: run COMMAND every 50 ms until it succeeds (0), the
 # process exits (2) or the time is up (1).
