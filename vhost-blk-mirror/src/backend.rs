@@ -13,8 +13,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex};
 
+use daemon_util::{lock, Slot};
 use log::{debug, error};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -44,7 +45,7 @@ pub struct BlkBackend {
     num_queues: usize,
     config: [u8; CONFIG_SPACE_LEN],
     event_idx: std::sync::atomic::AtomicBool,
-    memory: RwLock<Option<AtomicMemory>>,
+    memory: Slot<AtomicMemory>,
     /// One worker per queue; each lock is only ever taken by that queue's thread.
     workers: Vec<Mutex<QueueWorker>>,
     wakers: Vec<Arc<Waker>>,
@@ -77,7 +78,7 @@ impl BlkBackend {
             num_queues,
             config,
             event_idx: std::sync::atomic::AtomicBool::new(false),
-            memory: RwLock::new(None),
+            memory: Slot::new(),
             workers,
             wakers,
         })
@@ -93,23 +94,14 @@ impl BlkBackend {
         self.wakers.get(queue)
     }
 
-    fn memory(&self) -> Option<AtomicMemory> {
-        match self.memory.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
     fn worker(&self, queue: usize) -> Option<std::sync::MutexGuard<'_, QueueWorker>> {
-        self.workers
-            .get(queue)
-            .map(|worker| worker.lock().unwrap_or_else(PoisonError::into_inner))
+        self.workers.get(queue).map(lock)
     }
 
     /// Runs every available request of `vring`; with EVENT_IDX, loops until no new request
     /// arrived while notifications were off.
     fn process_vring(&self, vring: &Vring, queue: usize) -> io::Result<()> {
-        let (Some(memory), Some(mut worker)) = (self.memory(), self.worker(queue)) else {
+        let (Some(memory), Some(mut worker)) = (self.memory.get(), self.worker(queue)) else {
             return Ok(());
         };
         let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
@@ -146,7 +138,7 @@ impl BlkBackend {
 
     /// Completes what the peer has acknowledged since the worker last looked.
     fn complete_acknowledged(&self, vring: &Vring, queue: usize) -> io::Result<()> {
-        let (Some(memory), Some(mut worker)) = (self.memory(), self.worker(queue)) else {
+        let (Some(memory), Some(mut worker)) = (self.memory.get(), self.worker(queue)) else {
             return Ok(());
         };
         if let Some(waker) = self.wakers.get(queue) {
@@ -234,8 +226,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
-        let mut slot = self.memory.write().unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(memory);
+        self.memory.set(memory);
         Ok(())
     }
 

@@ -2,16 +2,14 @@
 //! (QEMU reconnects after its own restart or ours), stop cleanly on SIGTERM/SIGINT.
 
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use daemon_util::{listen_unix, remove_socket, ListenError, Stop};
 use log::{info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -49,10 +47,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error("--queues must be between 1 and {MAX_QUEUES}, not {0}")]
     Queues(usize),
-    #[error("vhost-user socket {0} is in use by a running process")]
-    SocketInUse(PathBuf),
-    #[error("cannot listen on vhost-user socket {path}: {message}")]
-    Listen { path: PathBuf, message: String },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot start the vhost-user daemon: {0}")]
     Start(String),
     #[error("cannot install signal handlers")]
@@ -94,18 +90,14 @@ fn default_serial(image: &Path) -> String {
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     // Signal handlers first: a SIGTERM that arrives once the sockets answer must stop us
     // cleanly, not kill us with the default action.
-    let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    watch_signals(&config.socket, stopping.clone(), connection.clone())?;
+    let stop =
+        Stop::on_signals(&config.socket, ShutdownHandle::shutdown).map_err(DaemonError::Signals)?;
     let disk = open_disk(config)?;
-    let mut listener = listen(&config.socket)?;
-    let control_listener = match &config.control {
-        Some(path) => Some(control::bind_unix(path)?),
-        None => None,
-    };
-    if let Some(listener) = control_listener {
-        control::spawn(listener, disk.clone(), config.queues)
-            .map_err(|error| DaemonError::Start(error.to_string()))?;
+    // The socket file is ours to remove: a library listener made from a bound socket does not.
+    let mut listener = Listener::from(listen_unix(&config.socket, "vhost-user")?);
+    if let Err(error) = start_control(config, &disk) {
+        remove_socket(&config.socket);
+        return Err(error);
     }
     info!(
         "serving {} ({} bytes, {} queue(s){}) on {}",
@@ -115,7 +107,7 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
         if config.read_only { ", read-only" } else { "" },
         config.socket.display()
     );
-    let result = serve(&disk, config.queues, &mut listener, &stopping, &connection);
+    let result = serve(&disk, config.queues, &mut listener, &stop);
     if let Err(error) = disk.mirror.image().flush() {
         warn!("final fdatasync of the image failed: {error}");
     }
@@ -128,14 +120,14 @@ pub fn run(config: &Config) -> Result<(), DaemonError> {
     result
 }
 
-fn listen(path: &Path) -> Result<Listener, DaemonError> {
-    if path.exists() && UnixStream::connect(path).is_ok() {
-        return Err(DaemonError::SocketInUse(path.to_owned()));
-    }
-    Listener::new(path, true).map_err(|error| DaemonError::Listen {
-        path: path.to_owned(),
-        message: error.to_string(),
-    })
+/// Binds the control socket (if any) and serves it on a thread.
+fn start_control(config: &Config, disk: &Arc<Disk>) -> Result<(), DaemonError> {
+    let Some(path) = &config.control else {
+        return Ok(());
+    };
+    let listener = control::bind_unix(path)?;
+    control::spawn(listener, disk.clone(), config.queues)
+        .map_err(|error| DaemonError::Start(error.to_string()))
 }
 
 /// Serves frontends one connection at a time. Each connection gets a fresh backend, so no
@@ -144,10 +136,9 @@ fn serve(
     disk: &Arc<Disk>,
     queues: usize,
     listener: &mut Listener,
-    stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    stop: &Stop<ShutdownHandle>,
 ) -> Result<(), DaemonError> {
-    while !stopping.load(Ordering::SeqCst) {
+    while !stop.requested() {
         if !disk.mirror.serves_guest() {
             // A secondary serves no guest until promoted.
             thread::sleep(Duration::from_millis(50));
@@ -164,16 +155,16 @@ fn serve(
         daemon
             .start(listener)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
-        if stopping.load(Ordering::SeqCst) {
+        if stop.requested() {
             daemon.request_shutdown();
         } else {
             Metrics::add(&disk.metrics.connections, 1);
             disk.metrics.connected.store(true, Ordering::Relaxed);
             info!("frontend connected");
         }
-        *lock(connection) = daemon.shutdown_handle();
+        stop.set_connection(daemon.shutdown_handle());
         let ended = daemon.wait();
-        *lock(connection) = None;
+        stop.set_connection(None);
         disk.metrics.connected.store(false, Ordering::Relaxed);
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
@@ -204,41 +195,4 @@ fn register_wakers(
             .map_err(|error| DaemonError::Start(format!("cannot register waker: {error}")))?;
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// On SIGTERM/SIGINT: mark the daemon as stopping, break the current connection, and wake a
-/// blocked `accept` by connecting to our own socket.
-fn watch_signals(
-    socket: &Path,
-    stopping: Arc<AtomicBool>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
-) -> Result<(), DaemonError> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
-    let socket = socket.to_owned();
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                info!("signal {signal} received, stopping");
-                stopping.store(true, Ordering::SeqCst);
-                if let Some(handle) = lock(&connection).as_ref() {
-                    handle.shutdown();
-                }
-                let _ = UnixStream::connect(&socket);
-            }
-        })
-        .map(|_| ())
-        .map_err(DaemonError::Signals)
-}
-
-fn remove_socket(path: &Path) {
-    if let Err(error) = std::fs::remove_file(path) {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            warn!("cannot remove {}: {error}", path.display());
-        }
-    }
 }

@@ -1,23 +1,11 @@
 //! The daemon as an operator meets it: flags, errors, the control socket, SIGTERM.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+
+use daemon_util::test_support::{control, one_line_error, wait_until, Daemon};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A daemon started by a test, ended by PID when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn run(args: &[&str]) -> Output {
     Command::new(BINARY)
@@ -35,37 +23,6 @@ fn start(args: &[&str]) -> Daemon {
         .spawn()
         .expect("start vhost-blk-mirror");
     Daemon(child)
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn control(path: &Path, command: &str) -> Option<String> {
-    let mut stream = UnixStream::connect(path).ok()?;
-    stream.write_all(format!("{command}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    Some(line)
-}
-
-fn one_line_error(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "expected failure, got {:?}",
-        output.status
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr:?}"
-    );
-    stderr
 }
 
 fn image(dir: &Path, size: u64) -> String {
@@ -176,15 +133,7 @@ fn sigterm_stops_cleanly_and_removes_sockets() {
     wait_until("control socket", || {
         control(&control_path, "status").is_some()
     });
-    let pid = libc::pid_t::try_from(daemon.0.id()).expect("pid");
-    // SAFETY: kill(2) takes integers only; `pid` is our own child, not yet reaped.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let mut status = None;
-    wait_until("daemon exit", || {
-        status = daemon.0.try_wait().expect("try_wait");
-        status.is_some()
-    });
-    assert!(status.expect("exited").success());
+    assert!(daemon.terminate().success());
     assert!(
         !socket.exists() && !control_path.exists(),
         "sockets removed"

@@ -1,19 +1,16 @@
 //! In-process tests with a real vhost-user frontend (`vhost-user-blk-load`), no VM: the
 //! daemon runs as a process on a real socket, the test plays QEMU.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use daemon_util::test_support::{control, wait_until, TIMEOUT};
 use vhost_user_blk_load::blk::{
     encode_header, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, STATUS_UNWRITTEN, TYPE_IN, TYPE_OUT,
 };
 use vhost_user_blk_load::{BlkDevice, Descriptor, DeviceOptions, Next};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
-const TIMEOUT: Duration = Duration::from_secs(10);
 const IMAGE_BYTES: u64 = 16 << 20;
 
 // virtio feature bits the daemon must offer.
@@ -61,11 +58,7 @@ impl Fixture {
             .spawn()
             .expect("start daemon");
         let fixture = Fixture { dir, child };
-        let deadline = Instant::now() + TIMEOUT;
-        while fixture.status_line().is_none() {
-            assert!(Instant::now() < deadline, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until("the daemon to start", || fixture.status_line().is_some());
         fixture
     }
 
@@ -78,11 +71,7 @@ impl Fixture {
     }
 
     fn status_line(&self) -> Option<String> {
-        let mut stream = UnixStream::connect(self.dir.path().join("disk.ctl")).ok()?;
-        stream.write_all(b"status\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).ok()?;
-        Some(line)
+        control(&self.dir.path().join("disk.ctl"), "status")
     }
 
     fn status(&self) -> serde_json::Value {

@@ -20,8 +20,9 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex};
 
+use daemon_util::{lock, Slot};
 use log::{debug, error, warn};
 pub use replication_link::error_chain;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -62,7 +63,7 @@ pub struct NetBackend {
     num_queues: usize,
     event_idx: AtomicBool,
     features: AtomicU64,
-    memory: RwLock<Option<AtomicMemory>>,
+    memory: Slot<AtomicMemory>,
     /// One worker per queue pair; each lock is only ever taken by that pair's thread.
     pairs: Vec<Mutex<PairWorker>>,
     /// Per pair: "the RX budget ran out, come back".
@@ -108,7 +109,7 @@ impl NetBackend {
             device,
             event_idx: AtomicBool::new(false),
             features: AtomicU64::new(0),
-            memory: RwLock::new(None),
+            memory: Slot::new(),
             pairs: workers,
             resume,
         })
@@ -136,13 +137,6 @@ impl NetBackend {
 
     pub fn queue_pairs(&self) -> usize {
         self.pairs.len()
-    }
-
-    fn memory(&self) -> Option<AtomicMemory> {
-        match self.memory.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
     }
 
     fn features(&self) -> u64 {
@@ -190,7 +184,7 @@ impl NetBackend {
     /// Moves frames from the pair's TAP queue into the guest until the TAP is empty, the
     /// guest's buffers run out, or the budget is spent.
     fn receive(&self, rx: &Vring, worker: &mut PairWorker) -> io::Result<()> {
-        let Some(memory) = self.memory() else {
+        let Some(memory) = self.memory.get() else {
             return Ok(());
         };
         if !queue_usable(rx) {
@@ -320,7 +314,7 @@ impl NetBackend {
     /// Sends every available TX chain; with EVENT_IDX, loops until no chain arrived while
     /// notifications were off.
     fn transmit(&self, tx: &Vring, worker: &mut PairWorker) -> io::Result<()> {
-        let Some(memory) = self.memory() else {
+        let Some(memory) = self.memory.get() else {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -389,7 +383,7 @@ impl NetBackend {
 
     /// Answers control commands (for frontends that pass the control queue to us).
     fn process_ctrl(&self, vring: &Vring) -> io::Result<()> {
-        let Some(memory) = self.memory() else {
+        let Some(memory) = self.memory.get() else {
             return Ok(());
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -477,10 +471,6 @@ fn queue_usable(vring: &Vring) -> bool {
     state.get_queue().ready() && state.is_enabled()
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn queue_error(error: virtio_queue::Error) -> io::Error {
     io::Error::other(format!("virtqueue: {error}"))
 }
@@ -540,8 +530,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
-        let mut slot = self.memory.write().unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(memory);
+        self.memory.set(memory);
         Ok(())
     }
 

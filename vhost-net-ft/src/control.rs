@@ -5,14 +5,11 @@
 //! `announce` moves the LAN's view of the guest's MAC here (see [`Device::announce`]) and
 //! returns `{"ok": true, ...}`; anything refused or unknown gets `{"error": "..."}`.
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::io;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::info;
 use serde::Serialize;
 
 use crate::config::{feature_names, format_mac, virtio_features, STATUS_ANNOUNCE, STATUS_LINK_UP};
@@ -22,12 +19,8 @@ use crate::peer::RedundancyStatus;
 
 /// The commands the control socket understands.
 const COMMANDS: &str = "status, announce";
-/// Longest command line accepted, in bytes.
-const MAX_COMMAND_BYTES: u64 = 4096;
-/// How long a client may take to send its command.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use daemon_util::{bind_unix, ControlError};
+pub use daemon_util::{bind_unix, request, ControlError};
 
 /// The link as the guest and the host see it.
 #[derive(Debug, Serialize)]
@@ -105,29 +98,11 @@ pub fn status(device: &Device) -> Status {
 
 /// Serves the control socket on a background thread until the process exits.
 pub fn spawn(listener: UnixListener, device: Arc<Device>) -> io::Result<()> {
-    thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(error) = serve_client(stream, &device) {
-                            debug!("control client: {error}");
-                        }
-                    }
-                    Err(error) => warn!("control socket accept failed: {error}"),
-                }
-            }
-        })
-        .map(|_| ())
+    daemon_util::serve_commands(listener, move |command| answer(command, &device))
 }
 
-fn serve_client(stream: UnixStream, device: &Device) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new(io::Read::take(&stream, MAX_COMMAND_BYTES)).read_line(&mut line)?;
-    let reply = match line.trim() {
+fn answer(command: &str, device: &Device) -> io::Result<String> {
+    let reply = match command {
         "status" => serde_json::to_string(&status(device)).map_err(io::Error::other)?,
         "announce" => {
             info!("control command: announce");
@@ -149,18 +124,5 @@ fn serve_client(stream: UnixStream, device: &Device) -> io::Result<()> {
         })
         .to_string(),
     };
-    let mut stream = stream;
-    stream.write_all(reply.as_bytes())?;
-    stream.write_all(b"\n")
-}
-
-/// Sends one command to a control socket and returns the reply line (used by tests and tools).
-pub fn request(path: &Path, command: &str) -> io::Result<String> {
-    let mut stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.write_all(command.as_bytes())?;
-    stream.write_all(b"\n")?;
-    let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
     Ok(reply)
 }

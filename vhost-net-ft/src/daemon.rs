@@ -5,13 +5,12 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 
+use daemon_util::{listen_unix, remove_socket, ListenError, Stop};
 use log::{info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 use thiserror::Error;
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -60,14 +59,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error("--queues must be between 1 and {MAX_QUEUE_PAIRS}, not {0}")]
     Queues(usize),
-    #[error("vhost-user socket {0} is in use by a running process")]
-    SocketInUse(PathBuf),
-    #[error("cannot listen on vhost-user socket {path}")]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("cannot create the internal socket {path}")]
     Internal {
         path: PathBuf,
@@ -108,15 +101,14 @@ pub fn open_device(config: &Config) -> Result<Arc<Device>, DaemonError> {
 pub fn run(config: &Config) -> Result<(), DaemonError> {
     // Signal handlers first: a SIGTERM that arrives once the sockets answer must stop us
     // cleanly (and delete our TAP), not kill us with the default action.
-    let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    watch_signals(&config.socket, stopping.clone(), connection.clone())?;
+    let stop =
+        Stop::on_signals(&config.socket, ShutdownHandle::shutdown).map_err(DaemonError::Signals)?;
     // Sockets before the TAP: a daemon that would be refused must not touch the network.
-    let listener = listen(&config.socket)?;
+    let listener = listen_unix(&config.socket, "vhost-user")?;
     remove_stale_internal_directories();
     let result = start(config).and_then(|device| {
         log_serving(config, &device);
-        let served = serve(&device, &listener, &stopping, &connection);
+        let served = serve(&device, &listener, &stop);
         if let Some(path) = &config.control {
             remove_socket(path);
         }
@@ -168,19 +160,6 @@ fn log_serving(config: &Config, device: &Device) {
             .unwrap_or_default(),
         config.socket.display()
     );
-}
-
-fn listen(path: &Path) -> Result<UnixListener, DaemonError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::SocketInUse(path.to_owned()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|source| DaemonError::Listen {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Lets the library connect for one frontend connection (see [`crate::relay`]) and returns
@@ -255,10 +234,9 @@ impl Drop for RemoveDirectory {
 fn serve(
     device: &Arc<Device>,
     listener: &UnixListener,
-    stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    stop: &Stop<ShutdownHandle>,
 ) -> Result<(), DaemonError> {
-    while !stopping.load(Ordering::SeqCst) {
+    while !stop.requested() {
         let frontend = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(error) => {
@@ -267,7 +245,7 @@ fn serve(
                 continue;
             }
         };
-        if stopping.load(Ordering::SeqCst) {
+        if stop.requested() {
             break;
         }
         let backend = Arc::new(
@@ -284,12 +262,12 @@ fn serve(
         Metrics::add(&device.metrics.connections, 1);
         device.metrics.connected.store(true, Ordering::Relaxed);
         info!("frontend connected");
-        *lock(connection) = daemon.shutdown_handle();
-        if stopping.load(Ordering::SeqCst) {
+        stop.set_connection(daemon.shutdown_handle());
+        if stop.requested() {
             daemon.request_shutdown();
         }
         let ended = daemon.wait();
-        *lock(connection) = None;
+        stop.set_connection(None);
         relay.join();
         device.metrics.connected.store(false, Ordering::Relaxed);
         device.set_acked_features(0);
@@ -349,41 +327,4 @@ fn register_listeners(
         }
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// On SIGTERM/SIGINT: mark the daemon as stopping, break the current connection, and wake a
-/// blocked `accept` by connecting to our own socket.
-fn watch_signals(
-    socket: &Path,
-    stopping: Arc<AtomicBool>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
-) -> Result<(), DaemonError> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
-    let socket = socket.to_owned();
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                info!("signal {signal} received, stopping");
-                stopping.store(true, Ordering::SeqCst);
-                if let Some(handle) = lock(&connection).as_ref() {
-                    handle.shutdown();
-                }
-                let _ = UnixStream::connect(&socket);
-            }
-        })
-        .map(|_| ())
-        .map_err(DaemonError::Signals)
-}
-
-fn remove_socket(path: &Path) {
-    if let Err(error) = std::fs::remove_file(path) {
-        if error.kind() != std::io::ErrorKind::NotFound {
-            warn!("cannot remove {}: {error}", path.display());
-        }
-    }
 }

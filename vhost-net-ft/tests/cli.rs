@@ -5,7 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{control, one_line_error, run, status, wait_until, Netns};
+use common::{run, status, Netns};
+use daemon_util::test_support::{control, one_line_error, wait_until};
 
 fn path_arg(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")

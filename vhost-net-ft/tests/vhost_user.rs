@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{control, status, wait_until, Daemon, Netns};
+use common::{status, Netns};
+use daemon_util::test_support::{control, wait_until, Daemon};
 use vhost::VringConfigData;
 use vhost_user_blk_load::device::{negotiate, DeviceOptions};
 use vhost_user_blk_load::queue::QueueSetup;

@@ -3,14 +3,14 @@
 //! use it; the peer's credentials are checked on every connection.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::Duration;
 
-use log::{debug, warn};
+use daemon_util::{bind_unix, serve_clients, ControlError};
+use log::debug;
 use serde::{Deserialize, Serialize};
 
 use super::events::Event;
@@ -60,45 +60,32 @@ pub type Pending = (Request, Sender<Reply>);
 /// Binds the socket (0600; a stale file is replaced, a live one refused) and serves it on
 /// a thread; requests come out of the returned channel.
 pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "{} is in use: another ftvmd is running on this host",
-                path.display()
-            ));
-        }
-        let _ = std::fs::remove_file(path);
-    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|error| format!("cannot restrict {}: {error}", path.display()))?;
+    let listener = bind_unix(path).map_err(|error| match error {
+        ControlError::InUse(_) => format!(
+            "{} is in use: another ftvmd is running on this host",
+            path.display()
+        ),
+        ControlError::Bind { source, .. } => format!("cannot create {}: {source}", path.display()),
+    })?;
     let (sender, receiver) = mpsc::channel();
-    thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        let sender = sender.clone();
-                        let _ =
-                            thread::Builder::new()
-                                .name("control-client".into())
-                                .spawn(move || {
-                                    if let Err(error) = client(stream, &sender) {
-                                        debug!("control client: {error}");
-                                    }
-                                });
-                    }
-                    Err(error) => warn!("control socket accept failed: {error}"),
+    // A client waits for the main loop's answer: each gets a thread, so one slow client
+    // holds up no other.
+    serve_clients(listener, move |stream| {
+        let sender = sender.clone();
+        thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                if let Err(error) = client(stream, &sender) {
+                    debug!("control client: {error}");
                 }
-            }
-        })
-        .map_err(|error| format!("cannot start a thread: {error}"))?;
+            })
+            .map(|_| ())
+    })
+    .map_err(|error| format!("cannot start a thread: {error}"))?;
     Ok(receiver)
 }
 

@@ -1,41 +1,14 @@
-//! Shared helpers of the integration tests: the daemon as a child process, a throwaway
-//! network namespace for the TAP, the control socket.
+//! Shared helpers of the integration tests, beyond `daemon_util::test_support`: the daemon
+//! in a throwaway network namespace for the TAP, `status` parsed.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+
+use daemon_util::test_support::{control, Daemon};
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_vhost-net-ft");
-pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A daemon started by a test, ended by PID when dropped.
-pub struct Daemon(pub Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Daemon {
-    /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = libc::pid_t::try_from(self.0.id()).expect("pid");
-        // SAFETY: kill(2) takes integers only; `pid` is our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let mut status = None;
-        wait_until("daemon exit", || {
-            status = self.0.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        status.expect("exited")
-    }
-}
 
 /// Runs the daemon to completion (for argument errors).
 pub fn run(args: &[&str]) -> Output {
@@ -45,41 +18,9 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run vhost-net-ft")
 }
 
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Sends one control command; `None` if the socket does not answer (yet).
-pub fn control(path: &Path, command: &str) -> Option<String> {
-    let mut stream = UnixStream::connect(path).ok()?;
-    stream.write_all(format!("{command}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    Some(line)
-}
-
 /// `status`, parsed.
 pub fn status(path: &Path) -> serde_json::Value {
     serde_json::from_str(&control(path, "status").expect("status")).expect("status is JSON")
-}
-
-pub fn one_line_error(output: &Output) -> String {
-    assert!(
-        !output.status.success(),
-        "expected failure, got {:?}",
-        output.status
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "not one line: {stderr:?}"
-    );
-    stderr
 }
 
 pub fn is_root() -> bool {
