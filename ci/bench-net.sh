@@ -381,7 +381,7 @@ run_ft_peer() {
 	((ok == 0)) || die "$name: $SKIP_REASON"
 }
 ft_status() { # CONTROL-SOCKET: the daemon's status line
-	python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"status\n"); print(s.makefile().readline())' "$1" 2>/dev/null || true
+	echo status | socat -t 2 - "UNIX-CONNECT:$1" 2>/dev/null || true
 }
 
 # b. QEMU's TAP backend, vhost=off|on

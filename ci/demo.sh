@@ -11,12 +11,17 @@
 #      initial sync runs;
 #   3. the guest (QEMU, TCG) starts on hostA, makes an ext2 file system with a 16 MiB file
 #      and its checksum, then appends numbered records to a log, each synced, printing
-#      "ACK n" after each;
-#   4. kills hostA: its links go down and every process in it is killed;
-#   5. hostB's ftvmd detects the loss, the witness grants it the VM, it promotes its copy
+#      "ACK n" after each; it also serves TCP echo at 10.77.0.10:7000 on its NIC
+#      (vhost-net-ft on hostA's VM bridge, with a redundant uplink through hostB);
+#   4. a LAN client keeps one TCP connection to the guest busy; hostA's uplink is cut: the
+#      guest's traffic goes through hostB and the connection carries on; the uplink comes
+#      back and so does the traffic;
+#   5. kills hostA: its links go down and every process in it is killed;
+#   6. hostB's ftvmd detects the loss, the witness grants it the VM, it promotes its copy
 #      and restarts the guest, which checks the file and finds every acknowledged record;
-#   6. hostA comes back: it becomes hostB's secondary by itself, with a delta resync;
-#   7. removes everything it made.
+#      the client reaches it at the same IP and MAC;
+#   7. hostA comes back: it becomes hostB's secondary by itself, with a delta resync;
+#   8. removes everything it made.
 # Everything runs under TCG; the same daemons work with KVM (accel = "kvm").
 set -euo pipefail
 
@@ -33,7 +38,7 @@ say() { printf '\n\033[1m== [%3ds] %s\033[0m\n' "$((SECONDS - STARTED))" "$*"; }
 say "installing dependencies and building (cached after the first run)"
 bash ci/install-deps.sh jq
 bash ci/build-guest.sh
-cargo build --release --locked -p vhost-blk-mirror -p coordinator
+cargo build --release --locked -p vhost-blk-mirror -p vhost-net-ft -p coordinator
 BIN="$ROOT/target/release"
 GUEST="$ROOT/target/guest"
 
@@ -47,7 +52,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     done
-    for host in hostA hostB witness; do
+    for host in hostA hostB witness client; do
         for pid in $(ip netns pids "$PREFIX$host" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
     done
     bash "$ROOT/ci/hosts.sh" down "$PREFIX" >/dev/null
@@ -84,7 +89,11 @@ for key in pair witness; do
     chmod 600 "$WORK/$key.psk"
 done
 
-GUEST_SCRIPT='if ! mount -o ro /dev/vda /mnt 2>/dev/null; then
+GUEST_IP=10.77.0.10
+GUEST_MAC=52:54:00:77:00:10
+GUEST_SCRIPT='ip link set eth0 up && ip addr add '$GUEST_IP'/24 dev eth0
+nc -ll -p 7000 -e cat &
+if ! mount -o ro /dev/vda /mnt 2>/dev/null; then
   echo "guest: first boot: making an ext2 file system"
   mke2fs -q /dev/vda && mount /dev/vda /mnt
   dd if=/dev/urandom of=/mnt/data bs=1M count=16 2>/dev/null
@@ -98,7 +107,8 @@ GUEST_SCRIPT='if ! mount -o ro /dev/vda /mnt 2>/dev/null; then
 fi
 cd /mnt
 md5sum -c data.md5 >/dev/null && echo "guest: restarted; /mnt/data matches its md5"
-echo "guest: last record in the log: $(tail -n 1 log)"'
+echo "guest: last record in the log: $(tail -n 1 log)"
+wait # for the echo server: the guest stays up'
 mkdir -p "$WORK/initrd.files" /mnt
 printf '#!/bin/sh\nmkdir -p /mnt\n%s\n' "$GUEST_SCRIPT" >"$WORK/initrd.files/test.sh"
 chmod +x "$WORK/initrd.files/test.sh"
@@ -140,6 +150,11 @@ qemu_args = ["-kernel", "$GUEST/vmlinuz", "-initrd", "$WORK/initrd", "-append", 
 image = "$WORK/$host.img"
 replication_port = 7400
 resync_rate_limit = "96M"
+[[vm.nic]]
+mac = "$GUEST_MAC"
+bridge = "vmbr0"
+uplink = "uplink"
+link_port = 7450
 TOML
 done
 echo "    hostA's configuration, $WORK/hostA.toml (hostB's mirrors it):"
@@ -164,7 +179,7 @@ ftvm hostA protect vm1 --level 2 --peer hostB | indent
 say "initial sync of hostB's copy (rate-limited to 96 MiB/s so that it can be watched)"
 wait_for 20 "the sync to start" vm_is hostA state Syncing
 while vm_is hostA state Syncing; do
-    ftvm hostA status | tail -n 1 | indent
+    ftvm hostA status | grep -a '^vm1 ' | indent
     sleep 0.7
 done
 ftvm hostA status | indent
@@ -179,11 +194,65 @@ wait_for 120 "the guest's first records" acks_at_least 500
 grep -a '^guest:' "$CONSOLE_A" | indent
 echo "    … ACK $(last_ack "$CONSOLE_A") so far"
 
+# --- the uplink ------------------------------------------------------------------------
+# The client: one TCP connection, a line every 20 ms, each echo logged as "N TIME".
+CLIENT_LOG="$WORK/client.log"
+CLIENT_LOOP='exec 3<>/dev/tcp/'$GUEST_IP'/7000 || exit 1
+i=0
+while :; do
+    i=$((i + 1))
+    echo "round $i" >&3
+    IFS= read -r -t 20 reply <&3 || { echo "no echo for round $i"; exit 1; }
+    [ "$reply" = "round $i" ] || { echo "round $i: the echo differs"; exit 1; }
+    echo "$i $(date +%s.%N)"
+    sleep 0.02
+done'
+echo_once() { ip netns exec "${PREFIX}client" bash -c 'exec 3<>/dev/tcp/'$GUEST_IP'/7000 && echo hello >&3 && IFS= read -r -t 3 r <&3 && [ "$r" = hello ]'; }
+rounds() { grep -c '^[0-9]' "$CLIENT_LOG" 2>/dev/null || echo 0; }
+rounds_at_least() { [ "$(rounds)" -ge "$1" ]; }
+longest_gap_since() { # EPOCH-SECONDS: the longest pause between two echoes since then, in ms
+    awk -v since="$1" '/^[0-9]/ { if ($2 > since && prev) { gap = $2 - prev; if (gap > max) max = gap } prev = $2 }
+        END { printf "%d", max * 1000 }' "$CLIENT_LOG"
+}
+path_is() { [ "$(vm_field hostA 'nics[0].path')" = "$1" ]; } # local | peer
+
+say "a LAN client (10.77.0.4) talks TCP to the guest at $GUEST_IP through vhost-net-ft"
+wait_for 60 "the guest's echo server" echo_once
+ip netns exec "${PREFIX}client" bash -c "$CLIENT_LOOP" >"$CLIENT_LOG" 2>&1 &
+PIDS[client]=$!
+wait_for 20 "the client's first echoes" rounds_at_least 20
+ftvm hostA status | grep -a 'nic ' | indent
+
+say "cutting hostA's uplink (the VM bridge's port to the LAN)"
+CUT=$(date +%s.%N)
+ip -n "${PREFIX}hostA" link set uplink down
+wait_for 10 "hostA's NIC to take the path through hostB" path_is peer
+BEFORE=$(rounds)
+wait_for 30 "echoes through hostB" rounds_at_least $((BEFORE + 50))
+ftvm hostA status | grep -a 'nic ' | indent
+ftvm hostB status | grep -a 'nic ' | indent
+echo "    the same TCP connection goes on through hostB: $(rounds) echoes so far, longest pause $(longest_gap_since "$CUT") ms"
+
+say "hostA's uplink is back"
+BACK=$(date +%s.%N)
+ip -n "${PREFIX}hostA" link set uplink up
+wait_for 10 "hostA's NIC to take its own uplink again" path_is local
+BEFORE=$(rounds)
+wait_for 30 "echoes on hostA's uplink" rounds_at_least $((BEFORE + 50))
+ftvm hostA status | grep -a 'nic ' | indent
+echo "    traffic is local again: $(rounds) echoes, longest pause $(longest_gap_since "$BACK") ms"
+kill -TERM "${PIDS[client]}" 2>/dev/null || true
+{ wait "${PIDS[client]}"; } 2>/dev/null || true
+unset "PIDS[client]"
+
 say "killing hostA: A-links and LAN port down, every process in ${PREFIX}hostA killed"
 for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostA" link set "$device" down; done
 KILLED=$(date +%s.%N)
-for pid in $(ip netns pids "${PREFIX}hostA"); do kill -KILL "$pid" 2>/dev/null || true; done
-{ wait "${PIDS[hostA]}"; } 2>/dev/null || true
+# (stderr off around the kill and the reaping: bash would report ftvmd's "Killed")
+{
+    for pid in $(ip netns pids "${PREFIX}hostA"); do kill -KILL "$pid" || true; done
+    wait "${PIDS[hostA]}" || true
+} 2>/dev/null
 unset "PIDS[hostA]"
 ACKED=$(last_ack "$CONSOLE_A")
 echo "    the guest had acknowledged record $ACKED"
@@ -205,6 +274,9 @@ if [ "$FOUND" -lt "$ACKED" ]; then
     exit 1
 fi
 echo "    every acknowledged record is there (acknowledged $ACKED, found $FOUND)"
+wait_for 60 "the client to reach the guest on hostB" echo_once
+echo "    the client reaches the guest on hostB at $GUEST_IP $(echo "$(date +%s.%N) - $KILLED" | bc | cut -c1-4) s after the kill;"
+echo "    its ARP entry was never flushed: $(ip -n "${PREFIX}client" neigh show "$GUEST_IP")"
 
 # --- re-protection --------------------------------------------------------------------
 say "hostA comes back: it becomes hostB's secondary by itself (delta resync)"
