@@ -342,7 +342,7 @@ fn partitions_never_give_two_primaries() {
 
 #[test]
 fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
-    let cluster = protected_cluster("failover-planned");
+    let mut cluster = protected_cluster("failover-planned");
     wait_acks(&cluster, A, 10);
 
     // A planned failover is asked on the primary; elsewhere the error says where.
@@ -384,6 +384,19 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
         |vm| vm["role"] == "Primary" && vm["vm_pid"].is_u64() && vm["state"] == "Degraded",
     );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[A]]);
+    // A restart of hostB's ftvmd (a reboot during the maintenance) does not end it.
+    cluster.stop_ftvmd(B);
+    cluster.start_ftvmd(B);
+    let status = cluster.status(B).expect("hostB status after its restart");
+    assert_eq!(status["disabled"], true, "{status}");
+    assert!(status["vms"][0]["vm_pid"].is_null(), "{status}");
+    let (_, events) = cluster.ftvm(B, &["events"]);
+    assert!(
+        events.contains("host disabled before this restart"),
+        "{events}"
+    );
+    let vm = cluster.vm_status(A).expect("hostA status");
+    assert_eq!(vm["state"], "Degraded", "hostB must not rejoin: {vm}");
     let (ok, text) = cluster.ftvm(B, &["host", "enable"]);
     assert!(ok, "{text}");
     wait_protected(&cluster, A, "Protected again after maintenance");

@@ -63,7 +63,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum HostAction {
-    /// Move every primary VM to the peer, then stop this host's VM daemons.
+    /// Move every primary VM to the peer, then stop this host's VM daemons. The host stays
+    /// disabled, also across ftvmd restarts and reboots, until `ftvm host enable`.
     Disable {
         /// How long to wait for the VMs to move, in seconds.
         #[arg(long, default_value_t = 120)]

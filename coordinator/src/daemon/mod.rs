@@ -88,6 +88,14 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         config,
     };
     daemon.start_vms()?;
+    if daemon.disabled_marker().exists() {
+        daemon.disabled = true;
+        daemon.io.events.warn(
+            "",
+            "host disabled before this restart: no VM runs here".into(),
+            "`ftvm host enable` when the maintenance is over",
+        );
+    }
     info!(
         "ftvmd {} running: peer {}, {} VM(s), control socket {}",
         daemon.config.host.name,
@@ -569,6 +577,13 @@ impl Daemon {
                 if !self.disabled {
                     return Reply::Done(format!("{} is already enabled", self.config.host.name));
                 }
+                if let Err(error) = remove_durably(&self.disabled_marker()) {
+                    return Reply::Error(format!(
+                        "{} stays disabled: cannot remove {}: {error}",
+                        self.config.host.name,
+                        self.disabled_marker().display()
+                    ));
+                }
                 self.disabled = false;
                 self.io.events.info(
                     "",
@@ -582,8 +597,17 @@ impl Daemon {
     /// Planned maintenance: every VM this host runs is handed to the peer, then this host's
     /// daemons for the VMs stop and it leaves the heartbeat, so the peer runs them alone.
     fn disable(&mut self, now: Millis) -> Reply {
+        let marker = self.disabled_marker();
         let mut context = self.io.context(now);
         if !self.vms.iter().any(|vm| vm.beat().role == Role::Primary) {
+            // Remembered first: a restarted ftvmd must not rejoin in the middle of the
+            // maintenance.
+            if let Err(error) = write_durably(&marker, "ftvm host disable\n") {
+                return Reply::Error(format!(
+                    "host not disabled: cannot write {}: {error}",
+                    marker.display()
+                ));
+            }
             self.disabled = true;
             for vm in &mut self.vms {
                 vm.shutdown(context.events);
@@ -613,6 +637,37 @@ impl Daemon {
             ));
         }
         Reply::Done(format!("moving primaries to {}", self.config.peer.name))
+    }
+}
+
+impl Daemon {
+    /// Present while the host is disabled (`ftvm host disable`), across restarts.
+    fn disabled_marker(&self) -> PathBuf {
+        self.config.host.state_dir.join("host-disabled")
+    }
+}
+
+/// Writes `path` and syncs it and its directory.
+fn write_durably(path: &Path, contents: &str) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    sync_parent(path)
+}
+
+/// Removes `path` (gone already is fine) and syncs its directory.
+fn remove_durably(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
