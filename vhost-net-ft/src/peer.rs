@@ -52,7 +52,7 @@ use crate::frame::{
 };
 use crate::metrics::Metrics;
 use crate::sink::TxFrame;
-use crate::tap::interface_running;
+use crate::tap::{interface_running, LinkEvents};
 
 /// How often the uplink is checked and the path decided.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -616,6 +616,8 @@ struct Watch {
     /// The uplink's last state, to log changes once.
     last_uplink: Option<bool>,
     buffer: Vec<u8>,
+    /// Link changes wake the watch at once (without: it checks every [`TICK`]).
+    link_events: Option<LinkEvents>,
 }
 
 impl Watch {
@@ -627,6 +629,15 @@ impl Watch {
             announce_at: Vec::new(),
             last_uplink: None,
             buffer: vec![0u8; VNET_HDR_LEN + MAX_FRAME_BYTES + 256],
+            link_events: match LinkEvents::open() {
+                Ok(events) => Some(events),
+                Err(error) => {
+                    warn!(
+                        "cannot watch link changes ({error}): the uplink is checked every {TICK:?}"
+                    );
+                    None
+                }
+            },
         }
     }
 
@@ -634,10 +645,56 @@ impl Watch {
         loop {
             let next = Instant::now() + TICK;
             self.tick();
-            if attached(&self.device) {
-                thread::sleep(next.saturating_duration_since(Instant::now()));
+            self.wait_until(next);
+        }
+    }
+
+    /// Waits until `deadline` or a link change; without a guest, serves the TAP meanwhile.
+    fn wait_until(&mut self, deadline: Instant) {
+        let tap = &self.device.tap;
+        let mut fds: Vec<libc::pollfd> = self
+            .link_events
+            .iter()
+            .map(LinkEvents::fd)
+            .chain(
+                (0..tap.queue_count()).filter_map(|index| tap.queue(index).map(AsRawFd::as_raw_fd)),
+            )
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let queues_from = usize::from(self.link_events.is_some());
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return;
+            }
+            // With a guest the TAP is the queue workers'; only link changes are watched.
+            let watched = if attached(&self.device) {
+                queues_from
             } else {
-                self.standby_until(next);
+                fds.len()
+            };
+            let timeout = libc::c_int::try_from(remaining.as_millis().max(1)).unwrap_or(1);
+            if crate::tap::poll(&mut fds[..watched], timeout) <= 0 {
+                continue;
+            }
+            if queues_from == 1 && fds[0].revents & libc::POLLIN != 0 {
+                if let Some(events) = &self.link_events {
+                    events.drain();
+                }
+                return;
+            }
+            let ready: Vec<usize> = fds[queues_from..watched]
+                .iter()
+                .enumerate()
+                .filter(|(_, fd)| fd.revents & libc::POLLIN != 0)
+                .map(|(index, _)| index)
+                .collect();
+            for index in ready {
+                self.drain_queue(index);
             }
         }
     }
@@ -793,40 +850,9 @@ impl Watch {
         }
     }
 
-    /// Without a guest: reads the TAP until `deadline`, sending what is for the peer's guest
-    /// while relaying and dropping the rest (an unread TAP would hand a new guest stale
+    /// Reads queue `index` of the TAP (without a guest), sending what is for the peer's
+    /// guest while relaying and dropping the rest (an unread TAP would hand a new guest stale
     /// frames).
-    fn standby_until(&mut self, deadline: Instant) {
-        let tap = &self.device.tap;
-        let mut fds: Vec<libc::pollfd> = (0..tap.queue_count())
-            .filter_map(|index| tap.queue(index))
-            .map(|file| libc::pollfd {
-                fd: file.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() || attached(&self.device) {
-                return;
-            }
-            let timeout = libc::c_int::try_from(remaining.as_millis().max(1)).unwrap_or(1);
-            if crate::tap::poll(&mut fds, timeout) <= 0 {
-                continue;
-            }
-            let ready: Vec<usize> = fds
-                .iter()
-                .enumerate()
-                .filter(|(_, fd)| fd.revents & libc::POLLIN != 0)
-                .map(|(index, _)| index)
-                .collect();
-            for index in ready {
-                self.drain_queue(index);
-            }
-        }
-    }
-
     fn drain_queue(&mut self, index: usize) {
         let device = &self.device;
         let link = device.redundancy.link.get();

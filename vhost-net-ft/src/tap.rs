@@ -358,6 +358,75 @@ pub fn interface_running(name: &str) -> io::Result<bool> {
     Ok(flags & wanted == wanted)
 }
 
+/// A netlink socket subscribed to the link changes of this network namespace
+/// (`RTMGRP_LINK`): it becomes readable whenever an interface changes state, so a watcher
+/// can check at once instead of at its next tick. The messages are not parsed; the state is
+/// read with [`interface_running`].
+#[derive(Debug)]
+pub struct LinkEvents {
+    socket: OwnedFd,
+}
+
+impl LinkEvents {
+    pub fn open() -> io::Result<LinkEvents> {
+        // SAFETY: socket(2) takes no pointers; the result is checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2), is open and owned by nobody else.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero `sockaddr_nl` is valid (family set below, pid 0: the kernel
+        // picks it).
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        address.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: bind(2) reads `size_of::<sockaddr_nl>()` bytes from `address`, alive for
+        // the call; `socket` is an open netlink socket.
+        let bound = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                std::ptr::addr_of!(address).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkEvents { socket })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Reads and drops what is waiting (the watcher only needs the wake-up).
+    pub fn drain(&self) {
+        let mut buffer = [0u8; 8192];
+        for _ in 0..64 {
+            // SAFETY: recv(2) writes at most `buffer.len()` bytes into `buffer`, alive and
+            // exclusively borrowed for the call; `socket` is open.
+            let read = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if read <= 0 {
+                return;
+            }
+        }
+    }
+}
+
 /// poll(2) on `fds` for up to `timeout_ms`: the number of ready descriptors, 0 on timeout,
 /// negative on error (EINTR included; callers poll again).
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> libc::c_int {
