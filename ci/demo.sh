@@ -84,7 +84,9 @@ say "bringing up hostA, hostB and the witness as network namespaces (${PREFIX}*)
 bash ci/hosts.sh up "$PREFIX" >/dev/null
 ip netns list | grep "^$PREFIX" | grep -v client | indent
 
-for key in pair witness; do
+# The pair's key, and each host's own key for the witness.
+mkdir -p "$WORK/witness-keys"
+for key in pair witness-keys/hostA witness-keys/hostB; do
     printf 'demo %s key %s\n' "$key" "$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$WORK/$key.psk"
     chmod 600 "$WORK/$key.psk"
 done
@@ -137,7 +139,7 @@ psk_file = "$WORK/pair.psk"
 
 [witness]
 addresses = ["10.77.0.3:7600"]
-psk_file = "$WORK/witness.psk"
+psk_file = "$WORK/witness-keys/$host.psk"
 
 [[vm]]
 name = "vm1"
@@ -169,7 +171,7 @@ start_ftvmd() {
 # --- protection -----------------------------------------------------------------------
 say "starting ftvm-witness, and ftvmd on hostA and hostB"
 ip netns exec "${PREFIX}witness" "$BIN/ftvm-witness" --listen 10.77.0.3:7600 \
-    --state-dir "$WORK/witness" --psk-file "$WORK/witness.psk" 2>>"$WORK/witness.log" &
+    --state-dir "$WORK/witness" --psk-dir "$WORK/witness-keys" 2>>"$WORK/witness.log" &
 PIDS[witness]=$!
 start_ftvmd hostB
 start_ftvmd hostA

@@ -97,6 +97,20 @@ pub enum WitnessError {
     Store(#[from] StoreError),
     #[error("cannot read the pre-shared key")]
     Psk(#[source] replication_link::PskError),
+    #[error("cannot read the host key {path}")]
+    HostKey {
+        path: PathBuf,
+        #[source]
+        source: replication_link::PskError,
+    },
+    #[error("cannot read the key directory {path}")]
+    KeyDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the key directory {0} has no HOST.psk file")]
+    NoHostKeys(PathBuf),
     #[error("cannot listen on {addresses:?}")]
     Listen {
         addresses: Vec<SocketAddr>,
@@ -110,8 +124,62 @@ pub enum WitnessError {
 pub struct WitnessConfig {
     pub listen: Vec<SocketAddr>,
     pub state_dir: PathBuf,
-    pub psk_file: PathBuf,
+    pub keys: WitnessKeys,
     pub host_id: String,
+}
+
+/// How hosts authenticate to the witness.
+#[derive(Clone, Debug)]
+pub enum WitnessKeys {
+    /// One key for every host (`--psk-file`): any host that has it can connect under any
+    /// host's name.
+    Shared(PathBuf),
+    /// A key per host (`--psk-dir DIR`: `DIR/HOST.psk`, the same file as that host's
+    /// `[witness] psk_file`): a host can only connect under its own name, so it can claim
+    /// nothing for another host, not even one of another pair.
+    PerHost(PathBuf),
+}
+
+impl WitnessKeys {
+    /// The listener's link configuration.
+    fn link_config(&self, host_id: &str) -> Result<LinkConfig, WitnessError> {
+        let dir = match self {
+            WitnessKeys::Shared(path) => {
+                let psk = Psk::from_file(path).map_err(WitnessError::Psk)?;
+                return Ok(LinkConfig::new(psk, host_id));
+            }
+            WitnessKeys::PerHost(dir) => dir,
+        };
+        let key_dir_error = |source| WitnessError::KeyDir {
+            path: dir.clone(),
+            source,
+        };
+        let mut keys = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(key_dir_error)? {
+            let path = entry.map_err(key_dir_error)?.path();
+            if path.extension().is_none_or(|extension| extension != "psk") {
+                continue;
+            }
+            let Some(host) = path.file_stem().and_then(|stem| stem.to_str()) else {
+                continue;
+            };
+            let psk = Psk::from_file(&path).map_err(|source| WitnessError::HostKey {
+                path: path.clone(),
+                source,
+            })?;
+            keys.insert(host.to_owned(), psk);
+        }
+        let Some(any) = keys.values().next().cloned() else {
+            return Err(WitnessError::NoHostKeys(dir.clone()));
+        };
+        info!(
+            "a key per host: {}",
+            keys.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        let mut config = LinkConfig::new(any, host_id);
+        config.client_keys = Some(Arc::new(keys));
+        Ok(config)
+    }
 }
 
 /// Decides requests; one lock makes each decide-and-persist atomic.
@@ -302,9 +370,8 @@ fn decide(
 
 /// Serves hosts until the process is stopped.
 pub fn run(config: &WitnessConfig) -> Result<(), WitnessError> {
-    let psk = Psk::from_file(&config.psk_file).map_err(WitnessError::Psk)?;
+    let link = config.keys.link_config(&config.host_id)?;
     let store = WitnessStore::open(&config.state_dir)?;
-    let link = LinkConfig::new(psk, config.host_id.clone());
     let listener =
         LinkListener::bind(config.listen.clone(), link).map_err(|source| WitnessError::Listen {
             addresses: config.listen.clone(),

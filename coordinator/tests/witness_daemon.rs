@@ -29,13 +29,16 @@ fn free_port() -> SocketAddr {
 fn start(address: SocketAddr, dir: &std::path::Path) -> Witness {
     let psk = dir.join("witness.psk");
     std::fs::write(&psk, KEY).expect("psk");
+    start_with(address, dir, &["--psk-file".as_ref(), psk.as_os_str()])
+}
+
+fn start_with(address: SocketAddr, dir: &std::path::Path, keys: &[&std::ffi::OsStr]) -> Witness {
     let child = Command::new(BINARY)
         .arg("--listen")
         .arg(address.to_string())
         .arg("--state-dir")
         .arg(dir.join("state"))
-        .arg("--psk-file")
-        .arg(&psk)
+        .args(keys)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -56,7 +59,11 @@ fn ask(session: &Session, request: &WitnessRequest) -> WitnessReply {
 }
 
 fn connect(address: SocketAddr, host: &str) -> Session {
-    let config = LinkConfig::new(Psk::from_bytes(KEY).expect("key"), host);
+    connect_with(address, host, KEY)
+}
+
+fn connect_with(address: SocketAddr, host: &str, key: &[u8]) -> Session {
+    let config = LinkConfig::new(Psk::from_bytes(key).expect("key"), host);
     Session::connect(vec![address], "witness", config).expect("connect")
 }
 
@@ -127,6 +134,81 @@ fn grants_survive_a_witness_crash() {
         state.contains("\"holder\": \"hostB\""),
         "readable state: {state}"
     );
+}
+
+#[test]
+fn with_a_key_per_host_no_host_can_claim_under_another_ones_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("key dir");
+    let key_a = b"hostA's witness key, 0123456789abcdef";
+    let key_c = b"hostC's witness key, 0123456789abcdef";
+    std::fs::write(keys.join("hostA.psk"), key_a).expect("key");
+    std::fs::write(keys.join("hostC.psk"), key_c).expect("key");
+    let address = free_port();
+    let _witness = start_with(
+        address,
+        dir.path(),
+        &["--psk-dir".as_ref(), keys.as_os_str()],
+    );
+
+    // hostC (of another pair) holds a valid key, but not hostA's.
+    let impostor = connect_with(address, "hostA", key_c);
+    impostor
+        .send_typed(&claim("hostA"), Vec::new())
+        .expect("queued");
+    let deadline = Instant::now() + TIMEOUT;
+    while impostor.stats().links[0].auth_failures == 0 {
+        assert!(Instant::now() < deadline, "the impostor was not refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!impostor.peer_reachable());
+    drop(impostor);
+
+    let host_a = connect_with(address, "hostA", key_a);
+    let registered = ask(
+        &host_a,
+        &WitnessRequest::Register {
+            pair: HostPair::new("hostA", "hostB"),
+            vm: "vm1".into(),
+            grant: Grant {
+                generation: 1,
+                holder: "hostA".into(),
+            },
+        },
+    );
+    assert!(
+        matches!(registered, WitnessReply::Grant { grant: Some(_), .. }),
+        "{registered:?}"
+    );
+    // Nothing was granted to the impostor: generation 2 is still free for hostA.
+    let won = ask(&host_a, &claim("hostA"));
+    assert!(
+        matches!(
+            won,
+            WitnessReply::Verdict {
+                verdict: Verdict::Granted { generation: 2 },
+                ..
+            }
+        ),
+        "{won:?}"
+    );
+}
+
+#[test]
+fn an_empty_key_directory_is_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(BINARY)
+        .args(["--listen", "127.0.0.1:1", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--psk-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("has no HOST.psk file"), "{stderr}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Configuration shared by both ends of a link.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::frame::HEADER_LENGTH_BYTES;
@@ -34,6 +36,10 @@ pub enum ConfigError {
 pub struct LinkConfig {
     /// Pre-shared key of the host pair.
     pub psk: Psk,
+    /// Server side, instead of `psk`: a key per client id (the client's `local_id`), so that
+    /// no client can authenticate under another's id. A client whose id has no key here
+    /// fails authentication like one with a wrong key.
+    pub client_keys: Option<Arc<BTreeMap<String, Psk>>>,
     /// This host's name as the peer sees it (e.g. its hostname), 1 to 256 bytes.
     pub local_id: String,
     /// Largest frame accepted or sent (length prefix value: header length + header + payload).
@@ -67,6 +73,7 @@ impl LinkConfig {
     pub fn new(psk: Psk, local_id: impl Into<String>) -> LinkConfig {
         LinkConfig {
             psk,
+            client_keys: None,
             local_id: local_id.into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             heartbeat_interval_ms: 100,

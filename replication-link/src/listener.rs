@@ -19,6 +19,7 @@ use crate::handshake::{HandshakeChannel, HandshakeError, Side};
 use crate::header::{Hello, ServerParams, MAX_LINKS, PROTOCOL_VERSION};
 use crate::link::{run_connection, LinkError};
 use crate::log_limit::{error_chain, lock, LogLimiter};
+use crate::psk::Psk;
 use crate::session::{random_id, CloseReason, Session};
 use crate::shared::{Identity, PeerHandshake, SessionShared};
 use crate::stats::{bump, ListenerAddressStats, ListenerCounters, ListenerStats};
@@ -435,6 +436,21 @@ impl ListenerShared {
         }
     }
 
+    /// The key a client must prove: the pair's, or its own with per-client keys. An unknown
+    /// client gets a random one, so it fails exactly like a client with a wrong key and
+    /// learns nothing about which ids exist.
+    fn key_for(&self, client_id: &str) -> Result<Psk, HandshakeError> {
+        let Some(keys) = &self.config.client_keys else {
+            return Ok(self.config.psk.clone());
+        };
+        if let Some(key) = keys.get(client_id) {
+            return Ok(key.clone());
+        }
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(HandshakeError::Random)?;
+        Psk::from_bytes(&secret).map_err(|_| HandshakeError::AuthenticationFailed)
+    }
+
     /// Runs the handshake and joins the connection to its session.
     fn authenticate(
         &self,
@@ -458,7 +474,8 @@ impl ListenerShared {
                 send_base: prepared.send_base,
                 limits,
             };
-            answer_hello(&mut channel, &self.config.psk, &hello, params)
+            let psk = self.key_for(&hello.client_id)?;
+            answer_hello(&mut channel, &psk, &hello, params)
         });
         let key = match answered {
             Ok(key) => key,

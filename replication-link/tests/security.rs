@@ -49,6 +49,52 @@ fn wrong_key_is_refused_on_both_sides_and_nothing_is_delivered() {
     assert_eq!(recv_one(&server).app_header, b"hello");
 }
 
+#[test]
+fn with_per_client_keys_no_client_can_use_another_ones_id() {
+    let key = |text: &str| Psk::from_bytes(text.as_bytes()).expect("psk");
+    let keys = [
+        (
+            "host-a".to_owned(),
+            key("host-a's own key, 32 bytes long.."),
+        ),
+        (
+            "host-c".to_owned(),
+            key("host-c's own key, 32 bytes long.."),
+        ),
+    ];
+    let mut server = config("witness");
+    server.client_keys = Some(std::sync::Arc::new(keys.iter().cloned().collect()));
+    let listener = listener(1, server);
+    let as_client = |id: &str, psk: &Psk| {
+        let mut client = config(id);
+        client.psk = psk.clone();
+        let session =
+            Session::connect(listener.local_addrs().to_vec(), "witness", client).expect("connect");
+        session.send(b"claim", vec![]).expect("queued");
+        session
+    };
+    // host-c with its own key, but under host-a's id; an id without a key; the shared key.
+    let impostor = as_client("host-a", &keys[1].1);
+    let unknown = as_client("host-b", &keys[1].1);
+    let shared = as_client("host-a", &support::psk());
+    for session in [&impostor, &unknown, &shared] {
+        assert!(wait_until(LONG, || session.stats().links[0].auth_failures > 0));
+        assert!(!session.peer_reachable());
+    }
+    assert!(
+        listener.next_event(Duration::from_millis(20)).is_none(),
+        "no session"
+    );
+    // Each with its own key and id gets through.
+    for (id, psk) in &keys {
+        let session = as_client(id, psk);
+        let server = accept(&listener);
+        assert_eq!(server.peer_id().as_deref(), Some(id.as_str()));
+        assert_eq!(recv_one(&server).app_header, b"claim");
+        drop(session);
+    }
+}
+
 /// Waits until the listener closes `stream` (read returns end of stream or an error).
 fn assert_closed_by_listener(mut stream: TcpStream, within: Duration) {
     stream.set_read_timeout(Some(within)).expect("timeout");

@@ -70,7 +70,14 @@ impl Cluster {
         let hosts = Hosts::up();
         let dir = scratch_dir(name);
         let root = dir.path();
-        for (file, key) in [("pair.psk", "pair"), ("witness.psk", "witness")] {
+        // The pair's key, and a witness key per host (the witness takes a key directory, so
+        // no host can reach it under the other's name).
+        std::fs::create_dir_all(root.join("witness-keys")).expect("witness key dir");
+        for (file, key) in [
+            ("pair.psk", "pair"),
+            ("witness-keys/hostA.psk", "hostA's witness"),
+            ("witness-keys/hostB.psk", "hostB's witness"),
+        ] {
             let path = root.join(file);
             std::fs::write(
                 &path,
@@ -101,7 +108,7 @@ psk_file = "{root}/pair.psk"
 
 [witness]
 addresses = ["{WITNESS}"]
-psk_file = "{root}/witness.psk"
+psk_file = "{root}/witness-keys/{host}.psk"
 
 [timing]
 peer_timeout_ms = {timeout}
@@ -188,8 +195,8 @@ replication_port = {REPLICATION_PORT}
         command
             .args(["--listen", WITNESS, "--state-dir"])
             .arg(self.dir.path().join("witness"))
-            .arg("--psk-file")
-            .arg(self.dir.path().join("witness.psk"));
+            .arg("--psk-dir")
+            .arg(self.dir.path().join("witness-keys"));
         let log = self.dir.path().join("witness.log");
         self.witness = Some(Process::spawn("ftvm-witness", command, &log));
     }

@@ -121,11 +121,8 @@ fn unreachable_peer_and_witness_are_reported_and_the_primary_waits() {
 #[test]
 fn wrong_keys_are_named_and_nothing_starts() {
     let mut cluster = cluster("ftvmd-keys");
-    // hostB gets another pair key and another witness key.
-    for (file, key) in [
-        ("pair-b.psk", "another pair key 0123456789"),
-        ("witness-b.psk", "another witness key 0123456789"),
-    ] {
+    // hostB gets another pair key, and hostA's witness key: a valid key, but not its own.
+    for (file, key) in [("pair-b.psk", "another pair key 0123456789")] {
         let path = cluster.dir.path().join(file);
         std::fs::write(&path, key).expect("write key");
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -135,7 +132,7 @@ fn wrong_keys_are_named_and_nothing_starts() {
     let text = std::fs::read_to_string(&config_b)
         .expect("read config")
         .replace("/pair.psk", "/pair-b.psk")
-        .replace("/witness.psk", "/witness-b.psk");
+        .replace("/witness-keys/hostB.psk", "/witness-keys/hostA.psk");
     std::fs::write(&config_b, text).expect("write config");
     cluster.start_witness();
     cluster.start_ftvmd(A);
