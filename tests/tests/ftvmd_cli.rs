@@ -122,12 +122,10 @@ fn unreachable_peer_and_witness_are_reported_and_the_primary_waits() {
 fn wrong_keys_are_named_and_nothing_starts() {
     let mut cluster = cluster("ftvmd-keys");
     // hostB gets another pair key, and hostA's witness key: a valid key, but not its own.
-    for (file, key) in [("pair-b.psk", "another pair key 0123456789")] {
-        let path = cluster.dir.path().join(file);
-        std::fs::write(&path, key).expect("write key");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod");
-    }
+    let path = cluster.dir.path().join("pair-b.psk");
+    std::fs::write(&path, "another pair key 0123456789").expect("write key");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     let config_b = cluster.config_path(B);
     let text = std::fs::read_to_string(&config_b)
         .expect("read config")
