@@ -82,6 +82,18 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {status}"))
 }
 
+/// Sets both A-links of hostA up or down.
+fn set_alinks(hosts: &Hosts, up: bool) {
+    for link in ["alink1", "alink2"] {
+        let done = Command::new("ip")
+            .args(["-n", &hosts.namespace("hostA"), "link", "set", link])
+            .arg(if up { "up" } else { "down" })
+            .status()
+            .expect("ip link set");
+        assert!(done.success());
+    }
+}
+
 fn set_uplink(hosts: &Hosts, up: bool) {
     let done = Command::new("ip")
         .args(["-n", &hosts.namespace("hostA"), "link", "set", "uplink"])
@@ -156,6 +168,39 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
         "the connection stalled for {gap:?}"
     );
 
+    // Both A-links lost while on the peer path: no path is left (hostA falls back to its
+    // dead uplink); when they return, the sessions reconnect, the peer path resumes and the
+    // same TCP connection carries on (TCP retransmits across the outage).
+    set_alinks(&hosts, false);
+    poll_until(
+        Duration::from_secs(10),
+        "hostA to give up the unreachable peer",
+        || {
+            let now = status(&daemon_a);
+            now["redundancy"]["path"] == "local" && now["redundancy"]["peer_reachable"] == false
+        },
+    );
+    let links_back = Instant::now();
+    set_alinks(&hosts, true);
+    poll_until(
+        Duration::from_secs(10),
+        "hostA to take the peer path again",
+        || status(&daemon_a)["redundancy"]["path"] == "peer",
+    );
+    println!(
+        "A-links back: peer path again after {:?}",
+        links_back.elapsed()
+    );
+    rounds.wait_for(
+        20,
+        Duration::from_secs(60),
+        "rounds after the A-links returned",
+    );
+    println!(
+        "A-links back: longest pause between round trips {:?}",
+        rounds.longest_gap_since(links_back)
+    );
+
     // Restore: the traffic comes back to hostA.
     let restored = Instant::now();
     set_uplink(&hosts, true);
@@ -193,7 +238,8 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
     drop(rounds);
 
     let end = status(&daemon_a);
-    assert_eq!(end["redundancy"]["path_switches"], 2, "{end}");
+    // To the peer, back (A-links lost), to the peer again, back (uplink restored).
+    assert_eq!(end["redundancy"]["path_switches"], 4, "{end}");
     assert_eq!(end["tx_dropped_malformed"], 0, "{end}");
     assert_eq!(end["peer_rx_dropped"], 0, "{end}");
     drop(guest);
