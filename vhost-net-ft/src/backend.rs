@@ -100,8 +100,7 @@ impl NetBackend {
             })
             .collect();
         // Until this frontend acks offloads, the TAP must hand us plain frames only.
-        device.set_acked_features(0);
-        if let Err(error) = device.tap.set_offloads(0) {
+        if let Err(error) = device.clear_acked_features() {
             warn!("{}", error_chain(&error));
         }
         Ok(NetBackend {

@@ -248,6 +248,8 @@ fn serve(
         if stop.requested() {
             break;
         }
+        // Attaching from now on: the standby thread leaves the TAP and its settings alone.
+        device.metrics.connected.store(true, Ordering::Relaxed);
         let backend = Arc::new(
             NetBackend::new(device.clone())
                 .map_err(|error| DaemonError::Start(error.to_string()))?,
@@ -260,7 +262,6 @@ fn serve(
         let relay = Relay::spawn(frontend, library)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
         Metrics::add(&device.metrics.connections, 1);
-        device.metrics.connected.store(true, Ordering::Relaxed);
         info!("frontend connected");
         stop.set_connection(daemon.shutdown_handle());
         if stop.requested() {
@@ -269,14 +270,13 @@ fn serve(
         let ended = daemon.wait();
         stop.set_connection(None);
         relay.join();
-        device.metrics.connected.store(false, Ordering::Relaxed);
-        device.set_acked_features(0);
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
-        if let Err(error) = device.tap.set_offloads(0) {
+        if let Err(error) = device.clear_acked_features() {
             warn!("{}", crate::backend::error_chain(&error));
         }
+        device.metrics.connected.store(false, Ordering::Relaxed);
         match ended {
             // QEMU closing its end is how a connection normally ends.
             Ok(())

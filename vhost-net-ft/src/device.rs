@@ -12,8 +12,10 @@ use crate::config::tap_offloads;
 use crate::config::{config_space, format_mac, CONFIG_SPACE_LEN, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::frame::{header_len, rarp_frame, RARP_FRAME_LEN, VNET_HDR_LEN};
 use crate::metrics::{Metrics, RateLimitedLog};
-use crate::peer::Redundancy;
+use crate::peer::{Path, Redundancy};
+use crate::sink::TxFrame;
 use crate::tap::{Tap, TapError};
+use replication_link::error_chain;
 
 /// What `announce` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,23 +118,47 @@ impl Device {
         self.status.fetch_and(!STATUS_ANNOUNCE, Ordering::Relaxed);
     }
 
-    /// Moves the LAN's view of the guest's MAC to this host: sends a RARP from the MAC on the
-    /// TAP (what QEMU's VHOST_USER_SEND_RARP asks a backend to do) and, when the guest
-    /// negotiated GUEST_ANNOUNCE, sets `VIRTIO_NET_S_ANNOUNCE` so that it announces itself.
+    /// Moves the LAN's view of the guest's MAC to where its frames leave now: sends a RARP
+    /// from the MAC on the TAP (what QEMU's VHOST_USER_SEND_RARP asks a backend to do), or
+    /// through the peer host while the guest's traffic goes there; when the guest negotiated
+    /// GUEST_ANNOUNCE, also sets `VIRTIO_NET_S_ANNOUNCE` so that it announces itself.
     pub fn announce(&self) -> std::io::Result<Announcement> {
+        let path = if self.redundancy.via_peer() {
+            Path::Peer
+        } else {
+            Path::Local
+        };
+        self.announce_on(path)
+    }
+
+    /// [`Device::announce`] on a given path.
+    pub fn announce_on(&self, path: Path) -> std::io::Result<Announcement> {
         let guest_asked = self.acked_features() & (1u64 << VIRTIO_NET_F_GUEST_ANNOUNCE) != 0;
         if guest_asked {
             self.status.fetch_or(STATUS_ANNOUNCE, Ordering::Relaxed);
         }
-        let header_len = self.tap.header_len();
+        let header_len = match path {
+            Path::Local => self.tap.header_len(),
+            Path::Peer => VNET_HDR_LEN,
+        };
         let mut bytes = vec![0u8; header_len + RARP_FRAME_LEN];
         bytes[header_len..].copy_from_slice(&rarp_frame(self.mac));
-        self.tap.write_frame(0, &bytes)?;
+        let through = match path {
+            Path::Local => {
+                self.tap.write_frame(0, &bytes)?;
+                self.tap.name().to_owned()
+            }
+            Path::Peer => {
+                self.redundancy
+                    .send_to_lan(TxFrame::new(bytes, header_len))
+                    .map_err(|error| std::io::Error::other(error_chain(&error)))?;
+                "the peer host".to_owned()
+            }
+        };
         Metrics::add(&self.metrics.announcements, 1);
         info!(
-            "announced {} on {} (RARP sent{})",
+            "announced {} through {through} (RARP sent{})",
             format_mac(self.mac),
-            self.tap.name(),
             if guest_asked {
                 ", guest asked to announce"
             } else {
@@ -143,5 +169,17 @@ impl Device {
             rarp_sent: true,
             guest_asked,
         })
+    }
+
+    /// The frontend left (or a new one starts): no features, so the TAP hands over plain
+    /// frames only, and frames the peer relayed for the old guest are dropped.
+    pub fn clear_acked_features(&self) -> Result<(), TapError> {
+        let _settings = self
+            .tap_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.set_acked_features(0);
+        self.redundancy.guest_queue().clear();
+        self.tap.set_offloads(0)
     }
 }

@@ -31,7 +31,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -47,8 +47,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{format_mac, tap_offloads};
 use crate::device::Device;
 use crate::frame::{
-    addressed_to, convert_header, rarp_frame, validate_tx, FrameError, TxOffloads, VnetHeader,
-    MAX_FRAME_BYTES, VNET_HDR_LEN,
+    addressed_to, convert_header, validate_tx, FrameError, TxOffloads, VnetHeader, MAX_FRAME_BYTES,
+    VNET_HDR_LEN,
 };
 use crate::metrics::Metrics;
 use crate::sink::TxFrame;
@@ -66,6 +66,11 @@ pub const FAILBACK: Duration = Duration::from_millis(500);
 /// Announcements after a switch, relative to it (the first may be lost while the path
 /// settles).
 const ANNOUNCE_AFTER: [Duration; 2] = [Duration::ZERO, Duration::from_millis(1000)];
+/// How long a state message may wait for room in the send window behind frames.
+const STATE_SEND_WAIT: Duration = Duration::from_millis(10);
+/// The `TUN_F_*` offloads a peer may ask our relaying TAP for.
+const RELAY_OFFLOADS: u32 =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
 /// Frames from the peer waiting for the guest; more are dropped (the guest is not reading).
 pub const MAX_QUEUED_FOR_GUEST: usize = 512;
 /// The link's send window: small, because a frame late by seconds is worth nothing.
@@ -110,7 +115,7 @@ pub struct PeerState {
 pub enum PeerFrameError {
     #[error("a frame for our guest, but no guest is attached here")]
     NoGuest,
-    #[error("a frame for our LAN, but our guest is attached here (the peer is not relaying)")]
+    #[error("a frame for our LAN, but we are not relaying for the peer (our guest is attached here, or the peer did not ask)")]
     NotRelaying,
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -118,19 +123,21 @@ pub enum PeerFrameError {
 
 /// Checks a frame from the peer (12-byte header and Ethernet frame) against this daemon's
 /// state: a `ToGuest` frame needs an attached guest and may only use the offloads the guest
-/// negotiated (`acked_features`); a `ToLan` frame needs no guest here and may use any offload
-/// the TAP takes. Pure; fuzzed with the frame parser.
+/// negotiated (`acked_features`); a `ToLan` frame needs no guest here and a relay the peer
+/// asked for (`relaying`: a late frame from before is not put on the LAN), and may use any
+/// offload the TAP takes. Pure; fuzzed with the frame parser.
 pub fn check_frame_from_peer(
     direction: Direction,
     payload: &[u8],
     guest_attached: bool,
+    relaying: bool,
     acked_features: u64,
 ) -> Result<VnetHeader, PeerFrameError> {
-    let offloads = match (direction, guest_attached) {
-        (Direction::ToGuest, true) => TxOffloads::guest_receive(acked_features),
-        (Direction::ToGuest, false) => return Err(PeerFrameError::NoGuest),
-        (Direction::ToLan, false) => TxOffloads::ALL,
-        (Direction::ToLan, true) => return Err(PeerFrameError::NotRelaying),
+    let offloads = match direction {
+        Direction::ToGuest if guest_attached => TxOffloads::guest_receive(acked_features),
+        Direction::ToGuest => return Err(PeerFrameError::NoGuest),
+        Direction::ToLan if relaying && !guest_attached => TxOffloads::ALL,
+        Direction::ToLan => return Err(PeerFrameError::NotRelaying),
     };
     Ok(validate_tx(payload, VNET_HDR_LEN, offloads)?)
 }
@@ -246,7 +253,7 @@ impl GuestQueue {
         let _ = self.wake.read();
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         lock(&self.frames).clear();
     }
 }
@@ -273,8 +280,14 @@ pub struct Redundancy {
 /// The sessions with the peer's daemon.
 #[derive(Debug)]
 struct PeerLink {
-    /// Ours to the peer's listener: everything we send.
-    outgoing: Session,
+    /// Ours to the peer's listener: everything we send. Replaced by a new session when the
+    /// peer was unreachable for [`PEER_STATE_TIMEOUT`] with messages still queued, so that
+    /// frames and states of the past are dropped instead of delivered late.
+    outgoing: RwLock<Arc<Session>>,
+    /// What a new outgoing session needs.
+    peers: Vec<SocketAddr>,
+    service: String,
+    config: LinkConfig,
     /// The peer's last state and when it came.
     peer: Mutex<Option<(PeerState, Instant)>>,
     /// The session the peer connected to us is up.
@@ -339,7 +352,7 @@ impl Redundancy {
         };
         let (bytes, header_len) = frame.into_parts();
         let payload = convert_header(bytes, header_len, VNET_HDR_LEN);
-        link.outgoing
+        link.session()
             .send_timeout(&link.to_lan_header, payload, Duration::ZERO)
             .map(|_| ())
     }
@@ -364,14 +377,46 @@ impl Redundancy {
             peer_session: self
                 .link
                 .get()
-                .and_then(|link| serde_json::to_value(link.outgoing.stats()).ok()),
+                .and_then(|link| serde_json::to_value(link.session().stats()).ok()),
         }
     }
 }
 
 impl PeerLink {
+    fn session(&self) -> Arc<Session> {
+        self.outgoing
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn reachable(&self) -> bool {
-        self.outgoing.peer_reachable() && self.incoming_reachable.load(Ordering::Relaxed)
+        self.session().peer_reachable() && self.incoming_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new outgoing session in place of the current one, whose queue is dropped.
+    fn replace_session(&self) {
+        match Session::connect(self.peers.clone(), &self.service, self.config.clone()) {
+            Ok(session) => {
+                let old = std::mem::replace(
+                    &mut *self
+                        .outgoing
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner),
+                    Arc::new(session),
+                );
+                let dropped = old.stats().unacked_messages;
+                old.close();
+                info!(
+                    "peer link: the peer was unreachable for {PEER_STATE_TIMEOUT:?}; {dropped} \
+                     queued message(s) dropped, a new session started"
+                );
+            }
+            Err(error) => warn!(
+                "peer link: cannot start a new session: {}",
+                error_chain(&error)
+            ),
+        }
     }
 
     /// The peer's state if it is recent.
@@ -381,14 +426,14 @@ impl PeerLink {
             .map(|(state, _)| state)
     }
 
-    fn send_state(&self, state: PeerState) {
+    /// Sends our state, waiting a little for room behind the frames; false if it could not.
+    fn send_state(&self, state: PeerState) -> bool {
         let Ok(header) = postcard::to_allocvec(&PeerMessage::State(state)) else {
-            return;
+            return false;
         };
-        // A full window means the peer is not reading; the next state goes out anyway.
-        let _ = self
-            .outgoing
-            .send_timeout(&header, Vec::new(), Duration::ZERO);
+        self.session()
+            .send_timeout(&header, Vec::new(), STATE_SEND_WAIT)
+            .is_ok()
     }
 }
 
@@ -446,12 +491,16 @@ pub fn start(device: &Arc<Device>, peer: Option<&PeerSettings>) -> Result<(), Pe
                     source,
                 }
             })?;
-        let outgoing = Session::connect(settings.peers.clone(), &service(device.mac), config)
-            .map_err(PeerError::Connect)?;
+        let outgoing =
+            Session::connect(settings.peers.clone(), &service(device.mac), config.clone())
+                .map_err(PeerError::Connect)?;
         let header =
             |direction| postcard::to_allocvec(&PeerMessage::Frame(direction)).unwrap_or_default();
         let link = PeerLink {
-            outgoing,
+            outgoing: RwLock::new(Arc::new(outgoing)),
+            peers: settings.peers.clone(),
+            service: service(device.mac),
+            config,
             peer: Mutex::new(None),
             incoming_reachable: AtomicBool::new(false),
             to_lan_header: header(Direction::ToLan),
@@ -547,19 +596,30 @@ fn handle_message(device: &Device, link: &PeerLink, message: replication_link::M
         }
         Ok(PeerMessage::Frame(direction)) => {
             let attached = attached(device);
+            let relaying = device.redundancy.relaying.load(Ordering::Relaxed);
             let checked = check_frame_from_peer(
                 direction,
                 &message.payload,
                 attached,
+                relaying,
                 device.acked_features(),
             );
-            if let Err(error) = checked {
-                Metrics::add(&metrics.peer_rx_dropped, 1);
-                fault(
-                    device,
-                    format_args!("dropped a frame from the peer: {error}"),
-                );
-                return;
+            match checked {
+                Ok(_) => {}
+                // Frames still in flight when a path changed: expected, not the peer's fault.
+                Err(error @ (PeerFrameError::NoGuest | PeerFrameError::NotRelaying)) => {
+                    Metrics::add(&metrics.peer_rx_dropped, 1);
+                    log::debug!("dropped a frame from the peer: {error}");
+                    return;
+                }
+                Err(error) => {
+                    Metrics::add(&metrics.peer_rx_dropped, 1);
+                    fault(
+                        device,
+                        format_args!("dropped a frame from the peer: {error}"),
+                    );
+                    return;
+                }
             }
             match direction {
                 Direction::ToGuest => {
@@ -615,6 +675,8 @@ struct Watch {
     announce_at: Vec<(Instant, Path)>,
     /// The uplink's last state, to log changes once.
     last_uplink: Option<bool>,
+    /// Since when the outgoing session has not reached the peer.
+    unreachable_since: Option<Instant>,
     buffer: Vec<u8>,
     /// Link changes wake the watch at once (without: it checks every [`TICK`]).
     link_events: Option<LinkEvents>,
@@ -628,6 +690,7 @@ impl Watch {
             last_sent: None,
             announce_at: Vec::new(),
             last_uplink: None,
+            unreachable_since: None,
             buffer: vec![0u8; VNET_HDR_LEN + MAX_FRAME_BYTES + 256],
             link_events: match LinkEvents::open() {
                 Ok(events) => Some(events),
@@ -678,8 +741,32 @@ impl Watch {
                 fds.len()
             };
             let timeout = libc::c_int::try_from(remaining.as_millis().max(1)).unwrap_or(1);
-            if crate::tap::poll(&mut fds[..watched], timeout) <= 0 {
+            let ready = crate::tap::poll(&mut fds[..watched], timeout);
+            if ready == 0 {
                 continue;
+            }
+            let broken = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+            if ready < 0 || fds[..watched].iter().any(|fd| fd.revents & broken != 0) {
+                if ready < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // A descriptor in error (say, the TAP deleted under us) would wake poll at
+                // once, forever: give up the netlink wake-up if it is the one, and otherwise
+                // wait out the tick instead of spinning.
+                if queues_from == 1 && fds[0].revents & broken != 0 {
+                    warn!("link change notices failed: the uplink is checked every {TICK:?}");
+                    self.link_events = None;
+                } else {
+                    fault(
+                        &self.device,
+                        format_args!(
+                            "the TAP {} is in error; standby reads paused",
+                            self.device.tap.name()
+                        ),
+                    );
+                    thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                }
+                return;
             }
             if queues_from == 1 && fds[0].revents & libc::POLLIN != 0 {
                 if let Some(events) = &self.link_events {
@@ -700,8 +787,11 @@ impl Watch {
     }
 
     fn tick(&mut self) {
+        let before = self.last_uplink;
         let uplink_up = self.check_uplink();
-        let device = &self.device;
+        let came_back = before == Some(false) && uplink_up == Some(true);
+        let device = Arc::clone(&self.device);
+        let device = &*device;
         let redundancy = &device.redundancy;
         let link = redundancy.link.get();
         let peer = link.and_then(PeerLink::fresh_state);
@@ -722,6 +812,7 @@ impl Watch {
         let relaying = !attached && peer.is_some_and(|state| state.want_relay);
         self.set_relaying(relaying, peer.map_or(0, |state| state.offloads));
         if let Some(link) = link {
+            self.drop_stale_queue(link, now);
             let state = PeerState {
                 uplink_up,
                 guest_attached: attached,
@@ -731,15 +822,35 @@ impl Watch {
             let due = self
                 .last_sent
                 .is_none_or(|(sent, at)| sent != state || now.duration_since(at) >= STATE_INTERVAL);
-            if due {
-                link.send_state(state);
+            // Not sent (the window stayed full): tried again at the next tick.
+            if due && link.send_state(state) {
                 self.last_sent = Some((state, now));
             }
         }
         if let Some(path) = switched {
             self.switch(path, uplink_up, now);
+        } else if came_back && attached && self.chooser.path() == Path::Local {
+            // Back on a path we never left (no peer to go to meanwhile): the LAN may have
+            // learned the MAC elsewhere, or forgotten it.
+            self.schedule_announcements(Path::Local, now);
         }
         self.announce_due(now);
+    }
+
+    /// A peer unreachable for [`PEER_STATE_TIMEOUT`] with messages still queued: they are
+    /// dropped with the session (a new one starts), instead of reaching the peer late.
+    fn drop_stale_queue(&mut self, link: &PeerLink, now: Instant) {
+        if link.session().peer_reachable() {
+            self.unreachable_since = None;
+            return;
+        }
+        let since = *self.unreachable_since.get_or_insert(now);
+        if now.duration_since(since) >= PEER_STATE_TIMEOUT
+            && link.session().stats().unacked_messages > 0
+        {
+            link.replace_session();
+            self.unreachable_since = Some(now);
+        }
     }
 
     /// Reads the uplink's state, logs a change, stores it for `status`. The local path also
@@ -788,6 +899,15 @@ impl Watch {
             }
             Path::Local => info!("uplink is back: the guest's traffic is local again"),
         }
+        // Only a daemon with a guest speaks for the MAC (one that just lost its guest not).
+        if attached(&self.device) {
+            self.schedule_announcements(path, now);
+        } else {
+            self.announce_at.clear();
+        }
+    }
+
+    fn schedule_announcements(&mut self, path: Path, now: Instant) {
         self.announce_at = ANNOUNCE_AFTER
             .iter()
             .map(|after| (now + *after, path))
@@ -796,6 +916,10 @@ impl Watch {
 
     /// Sends the RARPs that are due on the path they were planned for, if it still holds.
     fn announce_due(&mut self, now: Instant) {
+        if !attached(&self.device) {
+            self.announce_at.clear();
+            return;
+        }
         let current = self.chooser.path();
         let due: Vec<Path> = self
             .announce_at
@@ -805,31 +929,10 @@ impl Watch {
             .collect();
         self.announce_at.retain(|(at, _)| *at > now);
         for path in due.into_iter().filter(|path| *path == current) {
-            let result = match path {
-                Path::Local => self.device.announce().map(|_| ()),
-                Path::Peer => self.announce_via_peer(),
-            };
-            if let Err(error) = result {
+            if let Err(error) = self.device.announce_on(path) {
                 warn!("cannot announce {}: {error}", format_mac(self.device.mac));
             }
         }
-    }
-
-    /// A RARP from the guest's MAC, written to the peer's TAP.
-    fn announce_via_peer(&self) -> io::Result<()> {
-        let mut bytes = vec![0u8; VNET_HDR_LEN];
-        bytes.extend_from_slice(&rarp_frame(self.device.mac));
-        let frame = TxFrame::new(bytes, VNET_HDR_LEN);
-        self.device
-            .redundancy
-            .send_to_lan(frame)
-            .map_err(|error| io::Error::other(error_chain(&error)))?;
-        Metrics::add(&self.device.metrics.announcements, 1);
-        info!(
-            "announced {} through the peer host (RARP)",
-            format_mac(self.device.mac)
-        );
-        Ok(())
     }
 
     /// Sets our TAP up for relaying (the peer's guest's offloads) or idling (none), unless a
@@ -844,9 +947,14 @@ impl Watch {
                 info!("no longer relaying for the peer host");
             }
         }
-        let wanted = if relaying { offloads } else { 0 };
+        // Only offloads a TAP knows; the peer's word is not trusted further.
+        let wanted = if relaying {
+            offloads & RELAY_OFFLOADS
+        } else {
+            0
+        };
         if let Err(error) = device.configure_idle_tap(wanted) {
-            warn!("{}", error_chain(&error));
+            fault(device, format_args!("{}", error_chain(&error)));
         }
     }
 
@@ -857,6 +965,10 @@ impl Watch {
         let device = &self.device;
         let link = device.redundancy.link.get();
         for _ in 0..256 {
+            // A frontend attaching takes the TAP: leave its frames to the guest.
+            if attached(device) {
+                return;
+            }
             let len = match device.tap.read_frame(index, &mut self.buffer) {
                 Ok(len) => len,
                 Err(_) => return,
@@ -874,7 +986,7 @@ impl Watch {
             }
             let bytes = convert_header(self.buffer[..len].to_vec(), header_len, VNET_HDR_LEN);
             match link
-                .outgoing
+                .session()
                 .send_timeout(&link.to_guest_header, bytes, Duration::ZERO)
             {
                 Ok(_) => Metrics::add(&device.metrics.relay_to_peer_packets, 1),
@@ -954,22 +1066,27 @@ mod tests {
     #[test]
     fn frames_from_the_peer_must_fit_our_state() {
         let plain = frame(VnetHeader::default(), 60);
-        assert!(check_frame_from_peer(Direction::ToGuest, &plain, true, 0).is_ok());
-        assert!(check_frame_from_peer(Direction::ToLan, &plain, false, 0).is_ok());
+        assert!(check_frame_from_peer(Direction::ToGuest, &plain, true, false, 0).is_ok());
+        assert!(check_frame_from_peer(Direction::ToLan, &plain, false, true, 0).is_ok());
         assert_eq!(
-            check_frame_from_peer(Direction::ToGuest, &plain, false, 0),
+            check_frame_from_peer(Direction::ToGuest, &plain, false, true, 0),
             Err(PeerFrameError::NoGuest)
         );
         assert_eq!(
-            check_frame_from_peer(Direction::ToLan, &plain, true, 0),
+            check_frame_from_peer(Direction::ToLan, &plain, true, true, 0),
+            Err(PeerFrameError::NotRelaying)
+        );
+        // A late frame for the LAN, from a relay the peer no longer asks for.
+        assert_eq!(
+            check_frame_from_peer(Direction::ToLan, &plain, false, false, 0),
             Err(PeerFrameError::NotRelaying)
         );
         let short = frame(VnetHeader::default(), 4);
         assert!(matches!(
-            check_frame_from_peer(Direction::ToLan, &short, false, 0),
+            check_frame_from_peer(Direction::ToLan, &short, false, true, 0),
             Err(PeerFrameError::Frame(FrameError::ShortFrame { .. }))
         ));
-        assert!(check_frame_from_peer(Direction::ToLan, &[1, 2], false, 0).is_err());
+        assert!(check_frame_from_peer(Direction::ToLan, &[1, 2], false, true, 0).is_err());
     }
 
     #[test]
@@ -986,11 +1103,11 @@ mod tests {
             },
             3000,
         );
-        assert!(check_frame_from_peer(Direction::ToGuest, &tso, true, 0).is_err());
+        assert!(check_frame_from_peer(Direction::ToGuest, &tso, true, false, 0).is_err());
         let features = (1u64 << VIRTIO_NET_F_GUEST_CSUM) | (1u64 << VIRTIO_NET_F_GUEST_TSO4);
-        assert!(check_frame_from_peer(Direction::ToGuest, &tso, true, features).is_ok());
+        assert!(check_frame_from_peer(Direction::ToGuest, &tso, true, false, features).is_ok());
         // The relaying TAP takes any offload.
-        assert!(check_frame_from_peer(Direction::ToLan, &tso, false, 0).is_ok());
+        assert!(check_frame_from_peer(Direction::ToLan, &tso, false, true, 0).is_ok());
     }
 
     #[test]

@@ -101,8 +101,9 @@ struct Input {
     queue_pairs: u16,
     /// A message header from the peer host's daemon; its frame is `chain`'s bytes.
     peer_header: Vec<u8>,
-    /// Whether a guest is attached here, and the features it acked.
+    /// Whether a guest is attached here, whether we relay, and the features it acked.
     attached: bool,
+    relaying: bool,
     acked_features: u64,
 }
 
@@ -302,10 +303,19 @@ fn check_peer(input: &Input) {
         return;
     };
     let bytes = input.chain.bytes(VNET_HDR_LEN);
-    let verdict = check_frame_from_peer(direction, &bytes, input.attached, input.acked_features);
+    let verdict = check_frame_from_peer(
+        direction,
+        &bytes,
+        input.attached,
+        input.relaying,
+        input.acked_features,
+    );
     match (direction, input.attached) {
         (Direction::ToGuest, false) => assert_eq!(verdict, Err(PeerFrameError::NoGuest)),
         (Direction::ToLan, true) => assert_eq!(verdict, Err(PeerFrameError::NotRelaying)),
+        (Direction::ToLan, false) if !input.relaying => {
+            assert_eq!(verdict, Err(PeerFrameError::NotRelaying))
+        }
         (Direction::ToGuest, true) => {
             let offloads = TxOffloads::guest_receive(input.acked_features);
             let expected = validate_tx(&bytes, VNET_HDR_LEN, offloads);
