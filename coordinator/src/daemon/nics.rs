@@ -63,9 +63,21 @@ pub struct NicStatus {
     pub guest_attached: Option<bool>,
 }
 
+/// Whether the NIC daemons are ready for QEMU ([`Nics::start_for_vm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Started, not answering yet: ask again at the next step.
+    Waiting,
+    /// One could not start or did not come up (reported).
+    Failed,
+}
+
 /// The NIC daemons of one VM, one slot per NIC.
 #[derive(Debug)]
 pub struct Nics {
+    /// Since when [`Nics::start_for_vm`] waits for daemons to answer.
+    waiting_since: Option<Instant>,
     vm: String,
     specs: Vec<NicSpec>,
     processes: Vec<Option<Supervised>>,
@@ -80,6 +92,7 @@ pub struct Nics {
 impl Nics {
     pub fn new(vm: &str, specs: Vec<NicSpec>) -> Nics {
         Nics {
+            waiting_since: None,
             vm: vm.to_owned(),
             processes: specs.iter().map(|_| None).collect(),
             status: specs.iter().map(|_| None).collect(),
@@ -184,47 +197,50 @@ impl Nics {
     }
 
     /// Before QEMU starts here: every NIC's daemon runs (standby ones already do) and
-    /// answers on its control socket. False, with the error reported, if one does not come
-    /// up; those that did not answer are stopped (supervision restarts the standby ones).
-    pub fn start_for_vm(&mut self, events: &mut Events) -> bool {
+    /// answers on its control socket. Never waits: a daemon that was just started is
+    /// asked again at the next step ([`Readiness::Waiting`]); one that ends or gives no
+    /// answer for 10 s fails the start, with the error reported, and those that did not
+    /// answer are stopped (supervision restarts the standby ones).
+    pub fn start_for_vm(&mut self, events: &mut Events) -> Readiness {
         if !self.start_missing(Need::Vm, events) {
-            return false;
+            self.waiting_since = None;
+            return Readiness::Failed;
         }
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let silent: Vec<usize> = (0..self.specs.len())
-                .filter(|&index| {
-                    control_command(&self.specs[index].control, "status", POLL_TIMEOUT).is_err()
-                })
-                .collect();
-            if silent.is_empty() {
-                return true;
-            }
-            let died = self
-                .processes
-                .iter_mut()
-                .flatten()
-                .find_map(Supervised::exited);
-            let timed_out = || {
-                (Instant::now() >= deadline)
-                    .then(|| format!("no answer in {} s", READY_TIMEOUT.as_secs()))
-            };
-            if let Some(failure) = died.or_else(timed_out) {
-                events.error(
-                    &self.vm,
-                    format!("a NIC daemon did not come up ({failure}); the VM is not started"),
-                    "see nic*.log in the VM's state directory (is the bridge there?)",
-                );
-                for index in silent {
-                    if let Some(mut process) = self.processes[index].take() {
-                        process.stop();
-                    }
-                    self.status[index] = None;
-                }
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        let silent: Vec<usize> = (0..self.specs.len())
+            .filter(|&index| {
+                control_command(&self.specs[index].control, "status", POLL_TIMEOUT).is_err()
+            })
+            .collect();
+        if silent.is_empty() {
+            self.waiting_since = None;
+            return Readiness::Ready;
         }
+        let died = self
+            .processes
+            .iter_mut()
+            .flatten()
+            .find_map(Supervised::exited);
+        let timed_out = || {
+            (since.elapsed() >= READY_TIMEOUT)
+                .then(|| format!("no answer in {} s", READY_TIMEOUT.as_secs()))
+        };
+        let Some(failure) = died.or_else(timed_out) else {
+            return Readiness::Waiting;
+        };
+        self.waiting_since = None;
+        events.error(
+            &self.vm,
+            format!("a NIC daemon did not come up ({failure}); the VM is not started"),
+            "see nic*.log in the VM's state directory (is the bridge there?)",
+        );
+        for index in silent {
+            if let Some(mut process) = self.processes[index].take() {
+                process.stop();
+            }
+            self.status[index] = None;
+        }
+        Readiness::Failed
     }
 
     /// Stops the daemons `need` does not want.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
-use super::nics::{Need, NicStatus, Nics};
+use super::nics::{Need, NicStatus, Nics, Readiness};
 use super::processes::{
     disk_command, disk_order, touch, DiskProcess, DiskSpec, NicSpec, RunningVm, VmLauncher, VmSpec,
 };
@@ -95,6 +95,8 @@ pub struct VmRunner {
     /// The NIC daemons run where the VM runs, from just before it starts until it stops;
     /// those of NICs with a redundant uplink also in standby while the VM is protected.
     nics: Nics,
+    /// QEMU is to start here as soon as the NIC daemons answer.
+    start_pending: bool,
     /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
     announce_at: Vec<Instant>,
     vm_spec: VmSpec,
@@ -170,6 +172,7 @@ impl VmRunner {
             disk_specs,
             last_restart: None,
             nics,
+            start_pending: false,
             announce_at: Vec::new(),
             vm_spec,
             vm: None,
@@ -245,6 +248,9 @@ impl VmRunner {
         let actions = self.host.tick(context.now, view);
         self.execute(actions, context);
         self.reconcile(context);
+        if self.start_pending && self.serving {
+            self.try_start_vm(context);
+        }
     }
 
     /// Unprotected: the primary runs its disks alone (degraded, every write recorded for
@@ -262,6 +268,9 @@ impl VmRunner {
         if !self.serving {
             self.serve(None, context);
             return;
+        }
+        if self.start_pending {
+            self.try_start_vm(context);
         }
         if !self.reconcile_due() {
             return;
@@ -1245,12 +1254,25 @@ impl VmRunner {
         }
     }
 
+    /// Starts QEMU here once the NIC daemons answer: at once, or in a later step
+    /// ([`VmRunner::tick`] retries while `start_pending`), so that the main loop never waits.
     fn start_vm(&mut self, context: &mut Context<'_>) {
+        self.start_pending = true;
+        self.try_start_vm(context);
+    }
+
+    fn try_start_vm(&mut self, context: &mut Context<'_>) {
         if self.vm.is_some() {
+            self.start_pending = false;
             return;
         }
-        if !self.nics.start_for_vm(context.events) {
-            return;
+        match self.nics.start_for_vm(context.events) {
+            Readiness::Ready => self.start_pending = false,
+            Readiness::Waiting => return,
+            Readiness::Failed => {
+                self.start_pending = false;
+                return;
+            }
         }
         match context.launcher.launch(&self.vm_spec) {
             Ok(vm) => {
@@ -1288,7 +1310,7 @@ impl VmRunner {
 
     /// Which NIC daemons the VM needs here now.
     fn nic_need(&self) -> Need {
-        if self.vm.is_some() {
+        if self.vm.is_some() || self.start_pending {
             Need::Vm
         } else if self.state.protected {
             Need::Standby
@@ -1298,6 +1320,7 @@ impl VmRunner {
     }
 
     fn stop_vm(&mut self, events: &mut Events, why: &str) {
+        self.start_pending = false;
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
             events.info(
