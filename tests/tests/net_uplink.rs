@@ -28,6 +28,13 @@ struct NetDaemon {
     _process: Process,
     control: PathBuf,
     socket: PathBuf,
+    log: PathBuf,
+}
+
+impl NetDaemon {
+    fn log_has(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(text))
+    }
 }
 
 fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon {
@@ -64,6 +71,7 @@ fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon
         _process: process,
         control,
         socket,
+        log,
     }
 }
 
@@ -180,6 +188,15 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
             now["redundancy"]["path"] == "local" && now["redundancy"]["peer_reachable"] == false
         },
     );
+    // What each daemon queued for the other meanwhile is dropped with its session, never
+    // delivered late (a stale "relay for me" could move the MAC back to hostB's uplink).
+    for daemon in [&daemon_a, &daemon_b] {
+        poll_until(
+            Duration::from_secs(10),
+            "the daemons to drop their stale queues with their sessions",
+            || daemon.log_has("a new session started"),
+        );
+    }
     let links_back = Instant::now();
     set_alinks(&hosts, true);
     poll_until(
