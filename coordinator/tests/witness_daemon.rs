@@ -67,6 +67,32 @@ fn connect_with(address: SocketAddr, host: &str, key: &[u8]) -> Session {
     Session::connect(vec![address], "witness", config).expect("connect")
 }
 
+/// Registers vm1 of the pair hostA+hostB, hostA holding generation 1.
+fn register(session: &Session) {
+    let registered = ask(
+        session,
+        &WitnessRequest::Register {
+            pair: HostPair::new("hostA", "hostB"),
+            vm: "vm1".into(),
+            grant: Grant {
+                generation: 1,
+                holder: "hostA".into(),
+            },
+        },
+    );
+    assert!(
+        matches!(registered, WitnessReply::Grant { grant: Some(_), .. }),
+        "{registered:?}"
+    );
+}
+
+fn assert_granted(reply: &WitnessReply, generation: u64) {
+    assert!(
+        matches!(reply, WitnessReply::Verdict { verdict: Verdict::Granted { generation: granted }, .. } if *granted == generation),
+        "{reply:?}"
+    );
+}
+
 fn claim(host: &str) -> WitnessRequest {
     WitnessRequest::Claim {
         pair: HostPair::new("hostA", "hostB"),
@@ -85,32 +111,8 @@ fn grants_survive_a_witness_crash() {
     let address = free_port();
     let mut witness = start(address, dir.path());
     let host_b = connect(address, "hostB");
-    let registered = ask(
-        &host_b,
-        &WitnessRequest::Register {
-            pair: HostPair::new("hostA", "hostB"),
-            vm: "vm1".into(),
-            grant: Grant {
-                generation: 1,
-                holder: "hostA".into(),
-            },
-        },
-    );
-    assert!(
-        matches!(registered, WitnessReply::Grant { grant: Some(_), .. }),
-        "{registered:?}"
-    );
-    let won = ask(&host_b, &claim("hostB"));
-    assert!(
-        matches!(
-            won,
-            WitnessReply::Verdict {
-                verdict: Verdict::Granted { generation: 2 },
-                ..
-            }
-        ),
-        "{won:?}"
-    );
+    register(&host_b);
+    assert_granted(&ask(&host_b, &claim("hostB")), 2);
     drop(host_b);
 
     let _ = witness.0.kill();
@@ -166,33 +168,9 @@ fn with_a_key_per_host_no_host_can_claim_under_another_ones_name() {
     drop(impostor);
 
     let host_a = connect_with(address, "hostA", key_a);
-    let registered = ask(
-        &host_a,
-        &WitnessRequest::Register {
-            pair: HostPair::new("hostA", "hostB"),
-            vm: "vm1".into(),
-            grant: Grant {
-                generation: 1,
-                holder: "hostA".into(),
-            },
-        },
-    );
-    assert!(
-        matches!(registered, WitnessReply::Grant { grant: Some(_), .. }),
-        "{registered:?}"
-    );
+    register(&host_a);
     // Nothing was granted to the impostor: generation 2 is still free for hostA.
-    let won = ask(&host_a, &claim("hostA"));
-    assert!(
-        matches!(
-            won,
-            WitnessReply::Verdict {
-                verdict: Verdict::Granted { generation: 2 },
-                ..
-            }
-        ),
-        "{won:?}"
-    );
+    assert_granted(&ask(&host_a, &claim("hostA")), 2);
 }
 
 #[test]

@@ -114,18 +114,25 @@ fn wait_paired(cluster: &Cluster, vm_host: usize) {
     });
 }
 
-#[test]
-fn when_the_uplink_fails_the_connection_goes_on_through_the_peer() {
-    let cluster = boot("uplink-redundancy");
+/// The client's request/response loop on one TCP connection to the VM (running on
+/// `where_`), once 20 rounds went through.
+fn start_rounds(cluster: &Cluster, where_: &str) -> Rounds {
     let client = cluster.hosts.namespace("client");
     let stream = try_connect_in(
         &client,
         &format!("{GUEST_IP}:{ECHO_PORT}"),
         Duration::from_secs(30),
     )
-    .expect("the client reaches the VM on hostA");
+    .unwrap_or_else(|| panic!("the client does not reach the VM on {where_}"));
     let rounds = Rounds::start(stream);
-    rounds.wait_for(20, Duration::from_secs(30), "before the uplink fails");
+    rounds.wait_for(20, Duration::from_secs(30), "the first rounds");
+    rounds
+}
+
+#[test]
+fn when_the_uplink_fails_the_connection_goes_on_through_the_peer() {
+    let cluster = boot("uplink-redundancy");
+    let rounds = start_rounds(&cluster, "hostA");
     let relayed_before = relay_counters(&cluster, B);
 
     // hostA's uplink fails: the path goes through hostB.
@@ -249,15 +256,7 @@ fn after_a_planned_failover_the_standby_daemon_serves_the_vm_and_the_old_host_re
     );
 
     // hostB's uplink fails: hostA, which ran the VM before, relays for it.
-    let client = cluster.hosts.namespace("client");
-    let stream = try_connect_in(
-        &client,
-        &format!("{GUEST_IP}:{ECHO_PORT}"),
-        Duration::from_secs(30),
-    )
-    .expect("the client reaches the VM on hostB");
-    let rounds = Rounds::start(stream);
-    rounds.wait_for(20, Duration::from_secs(30), "before hostB's uplink fails");
+    let rounds = start_rounds(&cluster, "hostB");
     let relayed_before = relay_counters(&cluster, A);
     let cut = Instant::now();
     cluster.set_links(B, &["uplink"], false);
