@@ -2,9 +2,11 @@
 # ci/bench-net.sh — NIC benchmark: vhost-net-ft against QEMU's TAP backend and OVS-DPDK,
 # the same guest and the same path to the client, all in one run.
 #
-# Usage: sudo ci/bench-net.sh [--seconds S]
+# Usage: sudo ci/bench-net.sh [--seconds S] [--repeat N]
 #
 #   --seconds S   measuring time of each workload (default 5; plus 1 s warm-up)
+#   --repeat N    measure each workload N times on the same boot and report the median
+#                 of the runs (default 3; all runs are printed too)
 #
 # Steps: installs missing Debian packages (ci/install-deps.sh; OVS-DPDK's
 # openvswitch-switch-dpdk and librte-mempool-ring23 too), builds the test guest
@@ -43,6 +45,7 @@ TOOL=bench-net
 source "$ROOT/ci/lib/common.sh"
 
 SECS=5
+REPEAT=3
 PREFIX=bench-net-
 HOST_A=${PREFIX}hostA
 HOST_B=${PREFIX}hostB
@@ -61,6 +64,11 @@ while (($#)); do
 	--seconds)
 		[[ $# -ge 2 && ${2:-} =~ ^[0-9]+([.][0-9]+)?$ ]] && check "$2 > 0" || die "--seconds needs a positive number"
 		SECS=$2
+		shift 2
+		;;
+	--repeat)
+		[[ $# -ge 2 && ${2:-} =~ ^[1-9][0-9]?$ ]] || die "--repeat needs a whole number from 1 to 99"
+		REPEAT=$2
 		shift 2
 		;;
 	-h | --help)
@@ -281,7 +289,8 @@ HOSTS_UP=1
 
 # --- one guest, one backend -----------------------------------------------------------------
 
-declare -A TPUT=() RR_MED=() RR_P99=() RR_N=() SKIPPED=()
+declare -A TPUT=() RR_MED=() RR_P99=() RR_N=() SKIPPED=() RUNS=()
+median_of() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ORDER=()
 SKIP_REASON=""
 
@@ -310,25 +319,33 @@ boot_and_measure() {
 		stop qemu
 		return 1
 	fi
-	log "$name: guest up, measuring throughput (${SECS} s)"
-	out=$(client tput) || {
-		SKIP_REASON="throughput client failed"
-		stop qemu
-		return 1
-	}
-	read -r bytes seconds <<<"$out"
-	TPUT[$name]=$(calc "$bytes * 8 / $seconds / 1e6")
-	log "$name: $bytes bytes in $seconds s; measuring request/response (${SECS} s)"
-	out=$(client rr) || {
-		SKIP_REASON="request/response client failed"
-		stop qemu
-		return 1
-	}
-	local rounds median p99
-	read -r rounds median p99 <<<"$out"
-	RR_N[$name]=$rounds
-	RR_MED[$name]=$median
-	RR_P99[$name]=$p99
+	# Each workload REPEAT times on the same boot; the median of the runs is reported.
+	local run tputs=() medians=() p99s=() rounds median p99 total=0
+	for ((run = 1; run <= REPEAT; run++)); do
+		log "$name: guest up, measuring throughput (${SECS} s, run $run of $REPEAT)"
+		out=$(client tput) || {
+			SKIP_REASON="throughput client failed"
+			stop qemu
+			return 1
+		}
+		read -r bytes seconds <<<"$out"
+		tputs+=("$(calc "$bytes * 8 / $seconds / 1e6")")
+		log "$name: $bytes bytes in $seconds s; measuring request/response (${SECS} s)"
+		out=$(client rr) || {
+			SKIP_REASON="request/response client failed"
+			stop qemu
+			return 1
+		}
+		read -r rounds median p99 <<<"$out"
+		medians+=("$median")
+		p99s+=("$p99")
+		total=$((total + rounds))
+	done
+	TPUT[$name]=$(median_of "${tputs[@]}")
+	RR_N[$name]=$total
+	RR_MED[$name]=$(median_of "${medians[@]}")
+	RR_P99[$name]=$(median_of "${p99s[@]}")
+	RUNS[$name]="tput ${tputs[*]}; median ${medians[*]}; p99 ${p99s[*]}"
 	stop qemu
 	ORDER+=("$name")
 }
@@ -476,7 +493,7 @@ stop_ovs
 # --- report ---------------------------------------------------------------------------------
 
 echo
-echo "bench-net: $(nproc) cores, QEMU TCG 1 vCPU 256 MiB, virtio-net-pci vectors=0; guest $GUEST_IP -> client $CLIENT_IP via vmbr0/br0; ${SECS} s per workload; client ${CLIENT_KIND}"
+echo "bench-net: $(nproc) cores, QEMU TCG 1 vCPU 256 MiB, virtio-net-pci vectors=0; guest $GUEST_IP -> client $CLIENT_IP via vmbr0/br0; ${SECS} s per workload, median of ${REPEAT} run(s); client ${CLIENT_KIND}"
 printf '| %-17s | %20s | %16s | %13s | %11s |\n' backend "TCP guest->client" "RR median (us)" "RR p99 (us)" "round trips"
 printf '|%s|%s|%s|%s|%s|\n' "-------------------" "----------------------" "------------------" "---------------" "-------------"
 for name in "${ORDER[@]}"; do
@@ -486,6 +503,10 @@ for name in "${ORDER[@]}"; do
 		printf '| %-17s | %13.1f Mbit/s | %16.1f | %13.1f | %11d |\n' "$name" "${TPUT[$name]}" \
 			"${RR_MED[$name]}" "${RR_P99[$name]}" "${RR_N[$name]}"
 	fi
+done
+echo
+for name in "${ORDER[@]}"; do
+	[[ -z ${RUNS[$name]:-} ]] || printf 'runs of %s: %s\n' "$name" "${RUNS[$name]}"
 done
 echo
 ratio() { # OTHER LABEL
