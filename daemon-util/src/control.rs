@@ -97,7 +97,7 @@ fn answer_client(
 /// Sends one command to a daemon's control socket and returns the reply line (for tests and
 /// tools).
 pub fn request(path: &Path, command: &str) -> io::Result<String> {
-    let mut stream = UnixStream::connect(path)?;
+    let mut stream = crate::socket::connect_unix(path)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.write_all(command.as_bytes())?;
     stream.write_all(b"\n")?;

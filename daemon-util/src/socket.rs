@@ -1,6 +1,8 @@
 //! Unix sockets a daemon listens on: one per path, removed again on exit.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -50,6 +52,64 @@ pub fn remove_socket(path: &Path) {
     }
 }
 
+/// Connects to the unix socket at `path` without ever waiting for the listener: a daemon
+/// whose accept queue is full (it hangs) gives `WouldBlock` at once instead of blocking the
+/// caller, as `UnixStream::connect` would. The stream returned is blocking.
+pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero `sockaddr_un` is valid; the family and path are set below.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= address.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a usable socket path", path.display()),
+        ));
+    }
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (slot, byte) in address.sun_path.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2), is open and owned by nobody else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let length = std::mem::size_of::<libc::sa_family_t>() + bytes.len();
+    // SAFETY: connect(2) reads `length` bytes of `address` (within its size: the path was
+    // checked to fit), alive for the call; `socket` is open.
+    let connected = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(address).cast(),
+            length as libc::socklen_t,
+        )
+    };
+    if connected < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() == io::ErrorKind::WouldBlock {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} does not accept connections (its queue is full)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(error);
+    }
+    let stream = UnixStream::from(socket);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +134,30 @@ mod tests {
         assert!(!path.exists());
         remove_socket(&path);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn connecting_to_a_daemon_that_no_longer_accepts_fails_at_once() {
+        let dir = std::env::temp_dir().join(format!("daemon-util-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("hung.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        // Nobody accepts: the queue fills, and then each connect fails instead of blocking.
+        let mut held = Vec::new();
+        let refused = (0..10_000).find_map(|_| match connect_unix(&path) {
+            Ok(stream) => {
+                held.push(stream);
+                None
+            }
+            Err(error) => Some(error),
+        });
+        let error = refused.expect("the queue never filled");
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock, "{error}");
+        assert!(error.to_string().contains("queue is full"), "{error}");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+        let missing = connect_unix(&dir.join("missing.sock")).expect_err("no socket");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
     }
 }

@@ -611,6 +611,20 @@ impl Registry {
         let id = hello.session_id;
         if let Some(existing) = self.sessions.get(&id) {
             if !existing.is_closed() {
+                let owner = existing.identity.owner.as_deref();
+                if owner != Some(hello.client_id.as_str())
+                    || existing.identity.service != hello.service
+                {
+                    // Authenticated, but as someone else: it may not take over the session.
+                    log::warn!(
+                        "refused {} ({}) joining session {id:032x} of {} ({})",
+                        hello.client_id,
+                        hello.service,
+                        owner.unwrap_or("?"),
+                        existing.identity.service
+                    );
+                    return None;
+                }
                 let same = existing.identity.instance == prepared.instance;
                 return same.then(|| Joined::Existing(Arc::clone(existing)));
             }
@@ -624,6 +638,7 @@ impl Registry {
             session_id: id,
             service: hello.service.clone(),
             instance: prepared.instance,
+            owner: Some(hello.client_id.clone()),
         };
         let session = Arc::new(SessionShared::new(
             identity,
@@ -636,5 +651,82 @@ impl Registry {
         let previous = self.by_peer.insert(peer_key, id).filter(|old| *old != id);
         let replaced = previous.and_then(|old| self.sessions.remove(&old).map(|s| (old, s)));
         Some(Joined::New { session, replaced })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::client_handshake;
+    use std::collections::BTreeMap;
+    use std::io::Read;
+
+    fn key(text: &str) -> Psk {
+        Psk::from_bytes(text.as_bytes()).expect("psk")
+    }
+
+    fn hello(config: &LinkConfig, client_id: &str, session_id: u128, link: u8) -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: client_id.into(),
+            service: "witness".into(),
+            session_id,
+            link,
+            client_nonce: random_nonce().expect("nonce"),
+            send_base: 0,
+            limits: config.receive_limits(),
+        }
+    }
+
+    #[test]
+    fn a_client_cannot_join_another_clients_session_by_its_id() {
+        let key_a = key("host-a's own key, 32 bytes long..");
+        let key_c = key("host-c's own key, 32 bytes long..");
+        let mut config = LinkConfig::new(key_a.clone(), "witness");
+        let keys: BTreeMap<String, Psk> = [
+            ("host-a".to_owned(), key_a.clone()),
+            ("host-c".to_owned(), key_c.clone()),
+        ]
+        .into_iter()
+        .collect();
+        config.client_keys = Some(Arc::new(keys));
+        let listener =
+            LinkListener::bind(vec!["127.0.0.1:0".parse().expect("addr")], config.clone())
+                .expect("bind");
+        let address = listener.local_addrs()[0];
+        let timeout = Duration::from_secs(5);
+        let session_id = 0x1234_5678;
+
+        let a = TcpStream::connect(address).expect("connect");
+        client_handshake(
+            &a,
+            &key_a,
+            &hello(&config, "host-a", session_id, 0),
+            timeout,
+        )
+        .expect("host-a authenticates");
+        let Some(ListenerEvent::NewSession(session)) = listener.next_event(timeout) else {
+            panic!("no session for host-a");
+        };
+        assert_eq!(session.peer_id().as_deref(), Some("host-a"));
+
+        // host-c, with its own valid key, names host-a's session id (sent in clear).
+        let mut c = TcpStream::connect(address).expect("connect");
+        let _ = client_handshake(
+            &c,
+            &key_c,
+            &hello(&config, "host-c", session_id, 1),
+            timeout,
+        );
+        c.set_read_timeout(Some(timeout)).expect("timeout");
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(c.read(&mut byte), Ok(0) | Err(_)),
+            "the listener keeps host-c's connection"
+        );
+        assert_eq!(session.peer_id().as_deref(), Some("host-a"));
+        assert!(listener.next_event(Duration::from_millis(50)).is_none());
+        drop(a);
+        listener.close();
     }
 }

@@ -131,6 +131,7 @@ impl Session {
             session_id,
             service: service.to_string(),
             instance: session_id,
+            owner: None,
         };
         let shared = Arc::new(SessionShared::new(identity, config, peer_addrs.len(), None));
         let session = Session::from_shared(Arc::clone(&shared));

@@ -32,6 +32,9 @@ pub(crate) struct Identity {
     pub(crate) service: String,
     /// This side's incarnation as the peer sees it (client: the session id; server: random).
     pub(crate) instance: u128,
+    /// Server side: the client id that opened the session. Only that client may attach
+    /// more links to it (the session id travels in clear in the Hello).
+    pub(crate) owner: Option<String>,
 }
 
 /// What the handshake told about the peer.
@@ -678,6 +681,7 @@ mod tests {
             session_id: 1,
             service: "blk:test".into(),
             instance: 2,
+            owner: Some("host-a".into()),
         };
         let psk = Psk::from_bytes(b"0123456789abcdef").expect("psk");
         SessionShared::new(identity, LinkConfig::new(psk, "host-b"), 2, Some((1, 0)))

@@ -390,6 +390,9 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
     let status = cluster.status(B).expect("hostB status after its restart");
     assert_eq!(status["disabled"], true, "{status}");
     assert!(status["vms"][0]["vm_pid"].is_null(), "{status}");
+    // Not even the secondary's disk daemons: hostA must not resync into hostB meanwhile.
+    let disk_pids = status["vms"][0]["disk_pids"].as_array().expect("disk_pids");
+    assert!(disk_pids.iter().all(|pid| pid.is_null()), "{status}");
     let (_, events) = cluster.ftvm(B, &["events"]);
     assert!(
         events.contains("host disabled before this restart"),

@@ -87,8 +87,15 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         peer_seen: None,
         config,
     };
+    let marker = daemon.disabled_marker();
+    let disabled = marker.try_exists().map_err(|error| {
+        format!(
+            "cannot tell whether this host is disabled ({}: {error}); fix the state directory",
+            marker.display()
+        )
+    })?;
     daemon.start_vms()?;
-    if daemon.disabled_marker().exists() {
+    if disabled {
         daemon.disabled = true;
         daemon.io.events.warn(
             "",
@@ -655,10 +662,19 @@ fn write_durably(path: &Path, contents: &str) -> std::io::Result<()> {
     sync_parent(path)
 }
 
-/// Removes `path` (gone already is fine) and syncs its directory.
+/// Removes `path` (gone already is fine) and syncs its directory. Once the file is gone
+/// the removal stands: a failed sync is only warned about.
 fn remove_durably(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
-        Ok(()) => sync_parent(path),
+        Ok(()) => {
+            if let Err(error) = sync_parent(path) {
+                log::warn!(
+                    "removed {} but cannot sync its directory: {error}",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(error),
     }

@@ -78,6 +78,8 @@ pub enum Readiness {
 pub struct Nics {
     /// Since when [`Nics::start_for_vm`] waits for daemons to answer.
     waiting_since: Option<Instant>,
+    /// A daemon ended meanwhile (its exit status): the start fails.
+    ended_while_waiting: Option<String>,
     vm: String,
     specs: Vec<NicSpec>,
     processes: Vec<Option<Supervised>>,
@@ -93,6 +95,7 @@ impl Nics {
     pub fn new(vm: &str, specs: Vec<NicSpec>) -> Nics {
         Nics {
             waiting_since: None,
+            ended_while_waiting: None,
             vm: vm.to_owned(),
             processes: specs.iter().map(|_| None).collect(),
             status: specs.iter().map(|_| None).collect(),
@@ -141,6 +144,10 @@ impl Nics {
                 format!("NIC daemon for {} ended: {status}", spec.mac),
                 &format!("see {}", spec.log.display()),
             );
+            // Ended while QEMU waits for it: that start fails (not respawned every step).
+            if self.waiting_since.is_some() {
+                self.ended_while_waiting.get_or_insert(status);
+            }
         }
         self.stop_unwanted(need);
         let missing = (0..self.specs.len())
@@ -202,8 +209,17 @@ impl Nics {
     /// answer for 10 s fails the start, with the error reported, and those that did not
     /// answer are stopped (supervision restarts the standby ones).
     pub fn start_for_vm(&mut self, events: &mut Events) -> Readiness {
-        if !self.start_missing(Need::Vm, events) {
-            self.waiting_since = None;
+        if let Some(status) = self.ended_while_waiting.take() {
+            self.cancel_start();
+            events.error(
+                &self.vm,
+                format!("a NIC daemon did not come up ({status}); the VM is not started"),
+                "see nic*.log in the VM's state directory (is the bridge there?)",
+            );
+            return Readiness::Failed;
+        }
+        // Started once per attempt: a daemon that ends is reported above, not respawned.
+        if self.waiting_since.is_none() && !self.start_missing(Need::Vm, events) {
             return Readiness::Failed;
         }
         let since = *self.waiting_since.get_or_insert_with(Instant::now);
@@ -228,7 +244,7 @@ impl Nics {
         let Some(failure) = died.or_else(timed_out) else {
             return Readiness::Waiting;
         };
-        self.waiting_since = None;
+        self.cancel_start();
         events.error(
             &self.vm,
             format!("a NIC daemon did not come up ({failure}); the VM is not started"),
@@ -241,6 +257,13 @@ impl Nics {
             self.status[index] = None;
         }
         Readiness::Failed
+    }
+
+    /// Forgets a start that waited for the daemons (the VM is not to start any more, or
+    /// the start failed): the next one waits its own full time.
+    pub fn cancel_start(&mut self) {
+        self.waiting_since = None;
+        self.ended_while_waiting = None;
     }
 
     /// Stops the daemons `need` does not want.

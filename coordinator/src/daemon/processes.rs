@@ -9,7 +9,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,7 +146,8 @@ pub fn control_command(
     command: &str,
     timeout: Duration,
 ) -> io::Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(control)?;
+    // Never blocks on a daemon that does not accept any more (hung, queue full).
+    let mut stream = daemon_util::connect_unix(control)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(command.as_bytes())?;

@@ -159,7 +159,7 @@ impl VmRunner {
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
         let nics = Nics::new(&name, nic_specs);
-        let mut runner = VmRunner {
+        let runner = VmRunner {
             disks: disk_specs.iter().map(|_| None).collect(),
             disk_status: disk_specs.iter().map(|_| None).collect(),
             name,
@@ -202,6 +202,8 @@ impl VmRunner {
                 "`ftvm protect` on the primary to protect it again",
             ),
             Role::Secondary => {
+                // The first step starts the disk daemons (`supervise`): none start while
+                // the host is disabled.
                 events.info(
                     &runner.name,
                     format!(
@@ -209,7 +211,6 @@ impl VmRunner {
                         state.generation
                     ),
                 );
-                runner.start_disks(Role::Secondary, events);
             }
             Role::Primary => events.info(
                 &runner.name,
@@ -1321,6 +1322,7 @@ impl VmRunner {
 
     fn stop_vm(&mut self, events: &mut Events, why: &str) {
         self.start_pending = false;
+        self.nics.cancel_start();
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
             events.info(
