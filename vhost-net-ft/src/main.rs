@@ -19,7 +19,7 @@ use vhost_net_ft::{run, Config, Uplink};
 /// `--mac`, each with `--uplink` (its bridge's port to the LAN), `--listen` (its own A-link
 /// addresses), `--peer` (the other's) and the pair's `--psk-file`. Where the guest runs, a
 /// failed uplink moves the guest's traffic through the peer host's uplink within a few
-/// tens of milliseconds, with a RARP so the LAN follows the MAC; it moves back once the
+/// milliseconds, with a RARP so the LAN follows the MAC; it moves back once the
 /// uplink has been up for 0.5 s. Where no guest runs, the daemon waits and relays. `status`
 /// on the control socket shows the path (`redundancy.path`: local or peer).
 #[derive(Debug, Parser)]
@@ -45,8 +45,9 @@ struct Args {
     /// exceed it; more than one needs `mq=on` on the device.
     #[arg(long, value_name = "N", default_value_t = 1)]
     queues: usize,
-    /// Control socket (mode 0600): `status` (JSON), `announce` (send a RARP from the MAC on
-    /// the TAP; ask the guest to announce itself where the frontend lets us).
+    /// Control socket (mode 0600): `status` (JSON), `announce` (send a RARP from the MAC
+    /// where the guest's frames leave now: the TAP, or the peer host on the redundant path;
+    /// ask the guest to announce itself where the frontend lets us).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The bridge's port to the LAN (e.g. a physical NIC or bond), watched for a lost link or
