@@ -12,6 +12,18 @@ fn path_arg(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// A socket path of its own for each daemon run: tests run in parallel, and a daemon that
+/// binds a shared path would make another one fail with "in use".
+fn unused_socket() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "/tmp/vnft-cli-{}-{}.sock",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 #[test]
 fn missing_bridge_is_a_one_line_error() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -27,7 +39,7 @@ fn missing_bridge_is_a_one_line_error() {
 
 #[test]
 fn a_device_that_is_not_a_bridge_is_refused() {
-    let output = run(&["--socket", "/tmp/unused.sock", "--bridge", "lo"]);
+    let output = run(&["--socket", unused_socket().as_str(), "--bridge", "lo"]);
     let stderr = one_line_error(&output);
     assert!(stderr.contains("lo is not a bridge"), "{stderr}");
 }
@@ -37,7 +49,7 @@ fn bad_queue_count_is_a_one_line_error() {
     for queues in ["0", "17"] {
         let output = run(&[
             "--socket",
-            "/tmp/unused.sock",
+            unused_socket().as_str(),
             "--tap",
             "tap0",
             "--queues",
@@ -53,7 +65,12 @@ fn bad_queue_count_is_a_one_line_error() {
 
 #[test]
 fn bad_tap_name_is_a_one_line_error() {
-    let output = run(&["--socket", "/tmp/unused.sock", "--tap", "sixteen-chars-xx"]);
+    let output = run(&[
+        "--socket",
+        unused_socket().as_str(),
+        "--tap",
+        "sixteen-chars-xx",
+    ]);
     let stderr = one_line_error(&output);
     assert!(
         stderr.contains("\"sixteen-chars-xx\" is not a valid interface name"),
@@ -63,7 +80,7 @@ fn bad_tap_name_is_a_one_line_error() {
 
 #[test]
 fn an_uplink_is_required_and_only_one() {
-    let neither = run(&["--socket", "/tmp/unused.sock"]);
+    let neither = run(&["--socket", unused_socket().as_str()]);
     assert_eq!(neither.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&neither.stderr);
     assert!(
@@ -73,7 +90,7 @@ fn an_uplink_is_required_and_only_one() {
 
     let both = run(&[
         "--socket",
-        "/tmp/unused.sock",
+        unused_socket().as_str(),
         "--tap",
         "tap0",
         "--bridge",
@@ -91,7 +108,7 @@ fn bad_mac_is_refused_with_the_reason() {
     ] {
         let output = run(&[
             "--socket",
-            "/tmp/unused.sock",
+            unused_socket().as_str(),
             "--tap",
             "tap0",
             "--mac",
