@@ -1,0 +1,261 @@
+//! The operator's commands on one VM (`ftvm protect`, `unprotect`, `failover`) and the
+//! answers that complete them: the witness's `Standalone`, the peer's protection and
+//! `TakeOver`.
+
+use super::{Context, VmRunner};
+use crate::daemon::links::{PeerMessage, VmBeat};
+use crate::daemon::processes::disk_order;
+use crate::host::{Host, Mode, Role};
+use crate::witness_daemon::WitnessRequest;
+use crate::Generation;
+
+impl VmRunner {
+    /// `ftvm unprotect`, on the primary: the witness first records that this host runs the
+    /// VM alone (then no other host can claim it), then the peer stops its copy.
+    pub fn unprotect(&mut self, context: &mut Context<'_>) -> Result<String, String> {
+        if !self.state.protected {
+            return Ok(format!("{} is already unprotected", self.name));
+        }
+        self.check_primary_for("unprotect", context)?;
+        self.ask_standalone(true, context)?;
+        Ok(format!(
+            "unprotecting {}: the witness is asked; `ftvm status` shows Unprotected once done",
+            self.name
+        ))
+    }
+
+    /// `ftvm protect` of an unprotected VM, on its primary: the witness grants this host
+    /// the next generation and lets the peer claim again; the peer's copy then resyncs
+    /// what was written alone.
+    pub fn protect(&mut self, level: u8, context: &mut Context<'_>) -> Result<String, String> {
+        if let Some(mac) = self.nics.redundant_uplink().filter(|_| level < 2) {
+            return Err(format!(
+                "{}'s NIC {mac} has a redundant uplink, which is Level 2 only: remove uplink \
+                 and link_port from its [[vm.nic]] on both hosts (and restart ftvmd) first",
+                self.name
+            ));
+        }
+        if self.state.protected {
+            if self.level == level {
+                return Ok(format!(
+                    "{} is already protected at level {level} with {}",
+                    self.name, self.pair.peer
+                ));
+            }
+            self.level = level;
+            context
+                .events
+                .info(&self.name, format!("protection level set to {level}"));
+            return Ok(format!(
+                "{} now protected at level {level} with {}",
+                self.name, self.pair.peer
+            ));
+        }
+        self.check_primary_for("protect", context)?;
+        self.level = level;
+        self.ask_standalone(false, context)?;
+        Ok(format!(
+            "protecting {} at level {level} with {}: the witness is asked; the peer's copy \
+             resyncs next",
+            self.name, self.pair.peer
+        ))
+    }
+
+    fn check_primary_for(&self, what: &str, context: &Context<'_>) -> Result<(), String> {
+        if self.state.role != Role::Primary {
+            return Err(format!(
+                "{} is not primary here; run `ftvm {what} {}` on {}",
+                self.name, self.name, self.pair.peer
+            ));
+        }
+        if !self.serving {
+            return Err(format!(
+                "{} is not running here ({}); try again once it runs",
+                self.name,
+                self.state_word()
+            ));
+        }
+        if !context.witness.reachable() {
+            return Err(format!(
+                "the witness is unreachable: {what} needs it, so that the two hosts never \
+                 both run {}",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
+    fn ask_standalone(
+        &mut self,
+        standalone: bool,
+        context: &mut Context<'_>,
+    ) -> Result<(), String> {
+        let sent = context.witness.send(&WitnessRequest::Standalone {
+            pair: self.host_pair(),
+            vm: self.name.clone(),
+            generation: self.state.generation,
+            standalone,
+        });
+        if sent {
+            Ok(())
+        } else {
+            Err("cannot send to the witness; try again".into())
+        }
+    }
+
+    /// The witness's answer to `Standalone`.
+    pub fn on_standalone(
+        &mut self,
+        standalone: bool,
+        generation: Generation,
+        context: &mut Context<'_>,
+    ) {
+        if self.state.role != Role::Primary || self.state.protected != standalone {
+            return; // nothing to change (a repeated answer)
+        }
+        if standalone {
+            if self.save_state(Role::Primary, self.state.generation, false, context.events) {
+                context.events.warn(
+                    &self.name,
+                    format!(
+                        "unprotected: runs on {} alone; the witness refuses {}'s claims",
+                        self.pair.me, self.pair.peer
+                    ),
+                    "`ftvm protect` to protect it again (a delta resync follows)",
+                );
+            }
+            return;
+        }
+        if !self.save_state(Role::Primary, generation, true, context.events) {
+            return;
+        }
+        for spec in &self.disk_specs {
+            let order = format!("continue-degraded {generation}");
+            if let Err(error) = disk_order(&spec.control, &order) {
+                log::warn!("{}: {error}", self.name);
+            }
+        }
+        // A fresh state machine: primary at the new generation, waiting to hear its
+        // secondary (or claiming the next generation if it does not come).
+        self.host = Host::start(
+            self.pair.my_id(),
+            self.host_config,
+            Role::Primary,
+            generation,
+            context.now,
+        );
+        context.events.info(
+            &self.name,
+            format!(
+                "protected again at generation {generation}: {} resyncs its copy",
+                self.pair.peer
+            ),
+        );
+    }
+
+    /// A secondary follows its primary's protection (announced in its heartbeat).
+    pub(super) fn follow_protection(&mut self, beat: &VmBeat, context: &mut Context<'_>) {
+        if self.state.role != Role::Secondary
+            || beat.role != Role::Primary
+            || beat.protected == self.state.protected
+        {
+            return;
+        }
+        let generation = self.state.generation.max(beat.generation);
+        if !self.save_state(Role::Secondary, generation, beat.protected, context.events) {
+            return;
+        }
+        if beat.protected {
+            self.host = Host::start(
+                self.pair.my_id(),
+                self.host_config,
+                Role::Secondary,
+                self.host.generation().max(beat.generation),
+                context.now,
+            );
+            context.events.info(
+                &self.name,
+                format!(
+                    "{} protects the VM again: this copy resyncs",
+                    self.pair.peer
+                ),
+            );
+        } else {
+            self.shutdown(context.events);
+            context.events.warn(
+                &self.name,
+                format!(
+                    "{} runs the VM unprotected: this copy is stopped",
+                    self.pair.peer
+                ),
+                "`ftvm protect` on the primary to protect it again",
+            );
+        }
+    }
+
+    /// Planned failover, asked on the primary: stops the VM, fences the disks, and lets
+    /// the peer take over. Refused unless both copies are in sync.
+    pub fn hand_over(&mut self, context: &mut Context<'_>) -> Result<String, String> {
+        if self.host.role() != Role::Primary {
+            return Err(format!(
+                "{} is not primary here; run `ftvm failover {}` on {}",
+                self.name, self.name, self.pair.peer
+            ));
+        }
+        if self.host.mode() != Mode::Mirrored || self.state_word() != "Protected" {
+            return Err(format!(
+                "{} is {}: a planned failover needs both copies in sync (Protected); wait \
+                 for the resync or the peer",
+                self.name,
+                self.state_word()
+            ));
+        }
+        let peer_ready = self
+            .fresh_peer_beat(context.now)
+            .is_some_and(|beat| beat.role == Role::Secondary && beat.state == "Protected");
+        if !peer_ready {
+            return Err(format!(
+                "{} has not reported its copy of {} as in sync; try again in a moment",
+                self.pair.peer, self.name
+            ));
+        }
+        self.stop_vm(context.events, "planned failover");
+        let actions = self.host.hand_over(context.now);
+        self.execute(actions, context);
+        context.peer.send(
+            &PeerMessage::TakeOver {
+                vm: self.name.clone(),
+            },
+            true,
+        );
+        context.events.info(
+            &self.name,
+            format!(
+                "planned failover: VM stopped and disks fenced here; {} takes over",
+                self.pair.peer
+            ),
+        );
+        Ok(format!("{} hands over to {}", self.name, self.pair.peer))
+    }
+
+    /// A planned failover of this VM is under way (this primary stopped and fenced it).
+    pub fn handing_over(&self) -> bool {
+        self.host.role() == Role::Primary && self.host.mode() == Mode::Fenced
+    }
+
+    pub fn take_over(&mut self, context: &mut Context<'_>) {
+        if !self.state.protected {
+            return;
+        }
+        context.events.info(
+            &self.name,
+            format!(
+                "{} handed the VM over: claiming it from the witness",
+                self.pair.peer
+            ),
+        );
+        let view = self.disk_view();
+        let actions = self.host.take_over(context.now, view);
+        self.execute(actions, context);
+    }
+}

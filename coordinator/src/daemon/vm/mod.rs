@@ -1,0 +1,530 @@
+//! One protected VM on this host: the coordinator's [`Host`] state machine, wired to the
+//! VM's disk daemons, its NIC daemons, its QEMU and the witness.
+
+mod commands;
+mod disks;
+mod qemu;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::events::Events;
+use super::links::{PeerLink, VmBeat, WitnessLink};
+use super::nics::{NicStatus, Nics};
+use super::processes::{
+    disk_order, touch, DiskProcess, DiskSpec, NicSpec, RunningVm, VmLauncher, VmSpec,
+};
+use super::state::{StateFile, VmState};
+use crate::host::{Action, DiskView, Host, HostConfig, Mode, Role};
+use crate::witness::{Claim, Grant, Verdict};
+use crate::witness_daemon::{HostPair, WitnessRequest};
+use crate::{Generation, HostId, Millis};
+
+/// How often the disk daemons are asked for their status.
+const DISK_POLL: Duration = Duration::from_millis(100);
+/// Least time between two restarts of a crashed disk daemon.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What the daemon passes to a VM for one step.
+pub struct Context<'a> {
+    pub now: Millis,
+    pub events: &'a mut Events,
+    pub peer: &'a PeerLink,
+    pub witness: &'a WitnessLink,
+    pub launcher: &'a dyn VmLauncher,
+}
+
+/// One VM in `ftvm status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub level: u8,
+    /// This host's role.
+    pub role: Role,
+    /// Protected, Syncing, Holding, Degraded, Fenced, RemoteOnly, Waiting, Standby, …
+    pub state: String,
+    pub primary: Option<String>,
+    pub secondary: Option<String>,
+    pub generation: Generation,
+    pub sync_percent: Option<f64>,
+    /// QEMU's process id while the VM runs here.
+    pub vm_pid: Option<u32>,
+    /// Each disk daemon's process id while it runs.
+    pub disk_pids: Vec<Option<u32>>,
+    /// The disk daemons' own `status`, for detail.
+    pub disks: Vec<serde_json::Value>,
+    /// Each NIC: its daemon here and the path the guest's frames take.
+    #[serde(default)]
+    pub nics: Vec<NicStatus>,
+}
+
+/// Names of the two hosts and which [`HostId`] each is (by name order).
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub me: String,
+    pub peer: String,
+}
+
+impl Pair {
+    fn my_id(&self) -> HostId {
+        if self.me < self.peer {
+            HostId::A
+        } else {
+            HostId::B
+        }
+    }
+
+    fn name(&self, id: HostId) -> String {
+        if id == self.my_id() {
+            self.me.clone()
+        } else {
+            self.peer.clone()
+        }
+    }
+}
+
+pub struct VmRunner {
+    pub name: String,
+    pub level: u8,
+    first_primary: String,
+    pair: Pair,
+    host: Host,
+    state_file: StateFile,
+    state: VmState,
+    disk_specs: Vec<DiskSpec>,
+    disks: Vec<Option<DiskProcess>>,
+    last_restart: Option<Instant>,
+    /// The NIC daemons run where the VM runs, from just before it starts until it stops;
+    /// those of NICs with a redundant uplink also in standby while the VM is protected.
+    nics: Nics,
+    /// QEMU is to start here as soon as the NIC daemons answer.
+    start_pending: bool,
+    /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
+    announce_at: Vec<Instant>,
+    vm_spec: VmSpec,
+    vm: Option<Box<dyn RunningVm>>,
+    /// The disks run as primary and the VM should run here.
+    serving: bool,
+    disk_status: Vec<Option<serde_json::Value>>,
+    last_poll: Option<Instant>,
+    registered: bool,
+    peer_beat: Option<(VmBeat, Millis)>,
+    peer_timeout: Millis,
+    host_config: HostConfig,
+    /// Since when this primary holds writes for a lost peer.
+    holding_since: Option<Millis>,
+    /// Since when the disks hold writes while the coordinator still hears the peer.
+    disk_holding_since: Option<Millis>,
+    last_reconcile: Option<Instant>,
+    /// Warned that the primary is lost while this copy cannot take over.
+    warned_cannot_take_over: bool,
+    started_at: Millis,
+}
+
+impl VmRunner {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        level: u8,
+        first_primary: String,
+        pair: Pair,
+        dir: PathBuf,
+        host_config: HostConfig,
+        disk_specs: Vec<DiskSpec>,
+        nic_specs: Vec<NicSpec>,
+        vm_spec: VmSpec,
+        now: Millis,
+        events: &mut Events,
+    ) -> Result<VmRunner, String> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+        let state_file = StateFile::new(&dir);
+        let state = match state_file.load().map_err(|error| error.to_string())? {
+            Some(state) => state,
+            None => {
+                let state = VmState {
+                    role: if first_primary == pair.me {
+                        Role::Primary
+                    } else {
+                        Role::Secondary
+                    },
+                    generation: 1,
+                    protected: true,
+                };
+                state_file
+                    .save(&state)
+                    .map_err(|error| format!("cannot save the state of {name}: {error}"))?;
+                state
+            }
+        };
+        touch(&vm_spec.console)
+            .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
+        let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
+        let nics = Nics::new(&name, nic_specs);
+        let runner = VmRunner {
+            disks: disk_specs.iter().map(|_| None).collect(),
+            disk_status: disk_specs.iter().map(|_| None).collect(),
+            name,
+            level,
+            first_primary,
+            pair,
+            host,
+            state_file,
+            state,
+            disk_specs,
+            last_restart: None,
+            nics,
+            start_pending: false,
+            announce_at: Vec::new(),
+            vm_spec,
+            vm: None,
+            serving: false,
+            last_poll: None,
+            registered: false,
+            peer_beat: None,
+            peer_timeout: host_config.peer_timeout,
+            host_config,
+            holding_since: None,
+            disk_holding_since: None,
+            last_reconcile: None,
+            warned_cannot_take_over: false,
+            started_at: now,
+        };
+        match state.role {
+            _ if !state.protected => events.warn(
+                &runner.name,
+                format!(
+                    "not protected (ftvm unprotect): {}",
+                    if state.role == Role::Primary {
+                        "the VM runs here alone"
+                    } else {
+                        "nothing runs here"
+                    }
+                ),
+                "`ftvm protect` on the primary to protect it again",
+            ),
+            Role::Secondary => {
+                // The first step starts the disk daemons (`supervise`): none start while
+                // the host is disabled.
+                events.info(
+                    &runner.name,
+                    format!(
+                        "starting as secondary at generation {}: disks wait for the primary",
+                        state.generation
+                    ),
+                );
+            }
+            Role::Primary => events.info(
+                &runner.name,
+                format!(
+                    "starting as primary at generation {}: the VM starts once the peer is \
+                     heard or the witness confirms",
+                    state.generation
+                ),
+            ),
+        }
+        Ok(runner)
+    }
+
+    /// One step: supervise the processes, read the disks, run the state machine.
+    pub fn tick(&mut self, context: &mut Context<'_>) {
+        self.announce_due();
+        self.nics.poll();
+        if !self.state.protected {
+            self.tick_unprotected(context);
+            return;
+        }
+        self.supervise(context.events);
+        self.poll_disks();
+        if !self.registered && context.witness.reachable() {
+            self.registered = context.witness.send(&WitnessRequest::Register {
+                pair: self.host_pair(),
+                vm: self.name.clone(),
+                grant: Grant {
+                    generation: 1,
+                    holder: self.first_primary.clone(),
+                },
+            });
+        }
+        let view = self.disk_view();
+        self.warn_if_stranded(view, context);
+        let actions = self.host.tick(context.now, view);
+        self.execute(actions, context);
+        self.reconcile(context);
+        if self.start_pending && self.serving {
+            self.try_start_vm(context);
+        }
+    }
+
+    /// Unprotected: the primary runs its disks alone (degraded, every write recorded for
+    /// the resync that protecting again will need) and the VM; the secondary runs nothing.
+    /// No claims: the witness refuses the other host's anyway.
+    fn tick_unprotected(&mut self, context: &mut Context<'_>) {
+        if self.state.role == Role::Secondary {
+            if self.disks.iter().any(Option::is_some) || self.nics.any_running() {
+                self.shutdown(context.events);
+            }
+            return;
+        }
+        self.supervise(context.events);
+        self.poll_disks();
+        if !self.serving {
+            self.serve(None, context);
+            return;
+        }
+        if self.start_pending {
+            self.try_start_vm(context);
+        }
+        if !self.reconcile_due() {
+            return;
+        }
+        for index in 0..self.disk_specs.len() {
+            let waiting = self.replication(index).is_some_and(|replication| {
+                matches!(replication["mode"].as_str(), Some("Holding" | "Connecting"))
+            });
+            if waiting {
+                if let Err(error) = disk_order(&self.disk_specs[index].control, "continue-degraded")
+                {
+                    log::debug!("{}: {error}", self.name);
+                }
+            }
+        }
+    }
+
+    /// A secondary whose primary is lost but whose copy is not UpToDate (its sync had not
+    /// finished) never takes over; the operator must know the VM is down and why.
+    fn warn_if_stranded(&mut self, view: DiskView, context: &mut Context<'_>) {
+        let heard = self
+            .peer_beat
+            .as_ref()
+            .map_or(self.started_at, |(_, heard)| *heard);
+        let silent = context.now.saturating_sub(heard) > 2 * self.peer_timeout;
+        if self.host.role() != Role::Secondary || !silent || view.consistent {
+            self.warned_cannot_take_over = false;
+            return;
+        }
+        if self.warned_cannot_take_over {
+            return;
+        }
+        self.warned_cannot_take_over = true;
+        context.events.error(
+            &self.name,
+            format!(
+                "{} is not heard, and this host's copy is not UpToDate (its sync has not \
+                 finished): the VM cannot be restarted here without losing data",
+                self.pair.peer
+            ),
+            &format!("bring {} back; the VM restarts there", self.pair.peer),
+        );
+    }
+
+    pub fn on_beat(&mut self, beat: VmBeat, context: &mut Context<'_>) {
+        self.follow_protection(&beat, context);
+        if !self.state.protected {
+            self.peer_beat = Some((beat, context.now));
+            return;
+        }
+        let actions = self.host.on_heartbeat(
+            context.now,
+            crate::host::Heartbeat {
+                from: self.peer_id(),
+                role: beat.role,
+                generation: beat.generation,
+            },
+        );
+        self.peer_beat = Some((beat, context.now));
+        self.execute(actions, context);
+    }
+
+    pub fn on_verdict(&mut self, verdict: Verdict<String>, context: &mut Context<'_>) {
+        if !self.state.protected {
+            return;
+        }
+        let verdict = match verdict {
+            Verdict::Granted { generation } => Verdict::Granted { generation },
+            Verdict::Refused { current, holder } => {
+                if self.host.mode() == Mode::Holding || self.host.role() == Role::Secondary {
+                    context.events.info(
+                        &self.name,
+                        format!("the witness refused: generation {current} is held by {holder}"),
+                    );
+                }
+                Verdict::Refused {
+                    current,
+                    holder: if holder == self.pair.me {
+                        self.pair.my_id()
+                    } else {
+                        self.peer_id()
+                    },
+                }
+            }
+        };
+        let actions = self.host.on_verdict(verdict);
+        self.execute(actions, context);
+    }
+
+    pub fn on_registered(&mut self, grant: Option<Grant<String>>, context: &mut Context<'_>) {
+        if let Some(grant) = grant {
+            context.events.info(
+                &self.name,
+                format!(
+                    "registered with the witness: generation {} held by {}",
+                    grant.generation, grant.holder
+                ),
+            );
+        }
+    }
+
+    /// This VM's line in the heartbeat.
+    pub fn beat(&self) -> VmBeat {
+        VmBeat {
+            vm: self.name.clone(),
+            role: self.host.role(),
+            generation: self.host.generation(),
+            state: self.state_word(),
+            sync_percent: self.own_sync_percent(),
+            protected: self.state.protected,
+        }
+    }
+
+    pub fn status(&self, now: Millis) -> VmStatus {
+        let role = self.host.role();
+        let peer_beat = self.fresh_peer_beat(now);
+        let (primary, secondary) = match role {
+            Role::Primary => (Some(self.pair.me.clone()), Some(self.pair.peer.clone())),
+            Role::Secondary => {
+                let peer_is_primary = peer_beat.is_some_and(|beat| beat.role == Role::Primary);
+                (
+                    peer_is_primary.then(|| self.pair.peer.clone()),
+                    Some(self.pair.me.clone()),
+                )
+            }
+        };
+        let (state, sync_percent) = match (role, peer_beat) {
+            (Role::Secondary, Some(beat)) if beat.role == Role::Primary => {
+                (beat.state.clone(), beat.sync_percent)
+            }
+            _ => (self.state_word(), self.own_sync_percent()),
+        };
+        VmStatus {
+            name: self.name.clone(),
+            level: self.level,
+            role,
+            state,
+            primary,
+            secondary,
+            generation: self.host.generation(),
+            sync_percent,
+            vm_pid: self.vm.as_ref().map(|vm| vm.pid()),
+            disk_pids: self
+                .disks
+                .iter()
+                .map(|disk| disk.as_ref().map(|disk| disk.process.pid()))
+                .collect(),
+            disks: self
+                .disk_status
+                .iter()
+                .map(|status| status.clone().unwrap_or(serde_json::Value::Null))
+                .collect(),
+            nics: self.nics.status(),
+        }
+    }
+
+    /// Called while the witness is unreachable: a primary that has held writes for a lost
+    /// peer for a whole timeout is cut from everything, and stops (fenced) rather than
+    /// hold its VM for ever while the peer may be taking over.
+    pub fn isolated(&mut self, context: &mut Context<'_>) {
+        let Some(since) = self.holding_since else {
+            return;
+        };
+        if context.now.saturating_sub(since) < self.peer_timeout {
+            return;
+        }
+        self.holding_since = None;
+        context.events.error(
+            &self.name,
+            format!(
+                "cut from {} and from the witness: fencing this host's copy",
+                self.pair.peer
+            ),
+            "restore the links; this host follows the peer, or resumes if nobody took over",
+        );
+        let actions = self.host.fence_isolated();
+        self.execute(actions, context);
+    }
+
+    fn host_pair(&self) -> HostPair {
+        HostPair::new(&self.pair.me, &self.pair.peer)
+    }
+
+    fn peer_id(&self) -> HostId {
+        self.pair.my_id().peer()
+    }
+
+    fn fresh_peer_beat(&self, now: Millis) -> Option<&VmBeat> {
+        self.peer_beat
+            .as_ref()
+            .filter(|(_, heard)| now.saturating_sub(*heard) <= self.peer_timeout)
+            .map(|(beat, _)| beat)
+    }
+
+    fn save_state(
+        &mut self,
+        role: Role,
+        generation: Generation,
+        protected: bool,
+        events: &mut Events,
+    ) -> bool {
+        let state = VmState {
+            role,
+            generation,
+            protected,
+        };
+        match self.state_file.save(&state) {
+            Ok(()) => {
+                self.state = state;
+                true
+            }
+            Err(error) => {
+                events.error(
+                    &self.name,
+                    format!("cannot save the VM's state: {error}"),
+                    "check the state directory's disk",
+                );
+                false
+            }
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action>, context: &mut Context<'_>) {
+        for action in actions {
+            match action {
+                // The daemon sends one heartbeat for all its VMs.
+                Action::SendHeartbeat(_) => {}
+                Action::AskWitness(claim) => self.ask_witness(claim, context),
+                Action::Disk(command) => {
+                    self.apply(command, context);
+                    // The disks changed: the next look at them must ask again.
+                    self.last_poll = None;
+                }
+            }
+        }
+    }
+
+    fn ask_witness(&mut self, claim: Claim, context: &mut Context<'_>) {
+        let sent = context.witness.send(&WitnessRequest::Claim {
+            pair: self.host_pair(),
+            vm: self.name.clone(),
+            claim: Claim {
+                host: self.pair.name(claim.host),
+                generation: claim.generation,
+                data_generation: claim.data_generation,
+            },
+        });
+        if !sent {
+            log::debug!("{}: witness unreachable, claim not sent", self.name);
+        }
+    }
+}
