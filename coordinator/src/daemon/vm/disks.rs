@@ -301,138 +301,171 @@ impl VmRunner {
         true
     }
 
+    /// Carries out one of the state machine's disk commands.
     pub(super) fn apply(&mut self, command: DiskCommand, context: &mut Context<'_>) {
-        let events = &mut *context.events;
         match command {
-            DiskCommand::Hold => {
-                self.holding_since = Some(context.now);
-                events.warn(
-                    &self.name,
-                    format!(
-                        "{} lost on every A-link: writes held, asking the witness",
-                        self.pair.peer
-                    ),
-                    "",
-                );
+            DiskCommand::Hold => self.apply_hold(context),
+            DiskCommand::Resume { generation } => self.apply_resume(generation, context),
+            DiskCommand::ContinueDegraded { generation } => {
+                self.apply_continue_degraded(generation, context)
             }
-            DiskCommand::Resume { generation } => {
-                self.holding_since = None;
-                if generation > self.state.generation {
-                    self.save_state(Role::Primary, generation, true, events);
+            DiskCommand::Fence => self.apply_fence(context.events),
+            DiskCommand::Promote { generation } => self.apply_promote(generation, context),
+            DiskCommand::Demote { generation } => self.apply_demote(generation, context),
+        }
+    }
+
+    /// The peer is lost on every A-link: the disks hold writes while the witness is asked.
+    fn apply_hold(&mut self, context: &mut Context<'_>) {
+        self.holding_since = Some(context.now);
+        context.events.warn(
+            &self.name,
+            format!(
+                "{} lost on every A-link: writes held, asking the witness",
+                self.pair.peer
+            ),
+            "",
+        );
+    }
+
+    /// The peer is heard again: mirror to it, or start the VM here if it is not running yet.
+    fn apply_resume(&mut self, generation: Generation, context: &mut Context<'_>) {
+        let events = &mut *context.events;
+        self.holding_since = None;
+        if generation > self.state.generation {
+            self.save_state(Role::Primary, generation, true, events);
+        }
+        if self.serving {
+            events.info(&self.name, format!("{} is back: mirroring", self.pair.peer));
+        } else {
+            events.info(
+                &self.name,
+                format!(
+                    "{} heard as secondary: starting the VM here",
+                    self.pair.peer
+                ),
+            );
+            self.serve(None, context);
+        }
+    }
+
+    /// The witness granted `generation` without the peer: run alone, recording writes.
+    fn apply_continue_degraded(&mut self, generation: Generation, context: &mut Context<'_>) {
+        let events = &mut *context.events;
+        self.holding_since = None;
+        if !self.save_state(Role::Primary, generation, true, events) {
+            return;
+        }
+        events.warn(
+            &self.name,
+            format!(
+                "the witness granted generation {generation}: running without {} \
+                 (degraded); writes are recorded for resync",
+                self.pair.peer
+            ),
+            "bring the peer back; protection returns by itself",
+        );
+        self.serve(Some(generation), context);
+    }
+
+    /// Another host may run the VM: fence the disks and stop the VM here.
+    fn apply_fence(&mut self, events: &mut Events) {
+        self.holding_since = None;
+        for spec in &self.disk_specs {
+            if let Err(error) = disk_order(&spec.control, "fence") {
+                log::debug!("{}: {error}", self.name);
+            }
+        }
+        self.stop_vm(events, "fenced");
+        self.serving = false;
+        events.error(
+            &self.name,
+            "fenced: another host may run this VM; nothing is acknowledged here".into(),
+            "nothing to do: this host follows the primary when it hears it",
+        );
+    }
+
+    /// The witness granted `generation` to this host: promote the disks and start the VM.
+    fn apply_promote(&mut self, generation: Generation, context: &mut Context<'_>) {
+        let events = &mut *context.events;
+        if !self.save_state(Role::Primary, generation, true, events) {
+            return;
+        }
+        events.warn(
+            &self.name,
+            format!(
+                "the witness granted generation {generation}: taking over from {}",
+                self.pair.peer
+            ),
+            "",
+        );
+        for spec in &self.disk_specs {
+            let order = format!("promote {generation}");
+            if let Err(error) = disk_order(&spec.control, &order) {
+                context.events.error(
+                    &self.name,
+                    format!("cannot promote disk {}: {error}", spec.serial),
+                    "the VM cannot start here; see the disk daemon's log",
+                );
+                return;
+            }
+        }
+        for disk in self.disks.iter_mut().flatten() {
+            disk.role = Role::Primary;
+        }
+        self.serving = true;
+        self.start_vm(context);
+    }
+
+    /// The peer is primary at `generation`: stop the VM and follow it as secondary.
+    fn apply_demote(&mut self, generation: Generation, context: &mut Context<'_>) {
+        let events = &mut *context.events;
+        self.stop_vm(events, "another host is primary");
+        self.serving = false;
+        self.save_state(Role::Secondary, generation, true, events);
+        events.warn(
+            &self.name,
+            format!(
+                "{} is primary at generation {generation}: this host becomes its \
+                 secondary (resync follows)",
+                self.pair.peer
+            ),
+            "",
+        );
+        self.demote_disks(events);
+        self.start_disks(Role::Secondary, events);
+    }
+
+    /// Demotes the disk daemons running as primary; one that refuses is stopped, to be
+    /// restarted as secondary.
+    fn demote_disks(&mut self, events: &mut Events) {
+        for index in 0..self.disk_specs.len() {
+            let running_primary = self.disks[index]
+                .as_ref()
+                .is_some_and(|disk| disk.role == Role::Primary);
+            if !running_primary {
+                continue;
+            }
+            let spec = &self.disk_specs[index];
+            match disk_order(&spec.control, "demote") {
+                Ok(_) => {
+                    if let Some(disk) = self.disks[index].as_mut() {
+                        disk.role = Role::Secondary;
+                    }
                 }
-                if self.serving {
-                    events.info(&self.name, format!("{} is back: mirroring", self.pair.peer));
-                } else {
-                    events.info(
+                Err(error) => {
+                    events.warn(
                         &self.name,
                         format!(
-                            "{} heard as secondary: starting the VM here",
-                            self.pair.peer
+                            "demote of disk {} failed ({error}): restarting it as secondary",
+                            spec.serial
                         ),
+                        "",
                     );
-                    self.serve(None, context);
-                }
-            }
-            DiskCommand::ContinueDegraded { generation } => {
-                self.holding_since = None;
-                if !self.save_state(Role::Primary, generation, true, events) {
-                    return;
-                }
-                events.warn(
-                    &self.name,
-                    format!(
-                        "the witness granted generation {generation}: running without {} \
-                         (degraded); writes are recorded for resync",
-                        self.pair.peer
-                    ),
-                    "bring the peer back; protection returns by itself",
-                );
-                self.serve(Some(generation), context);
-            }
-            DiskCommand::Fence => {
-                self.holding_since = None;
-                for spec in &self.disk_specs {
-                    if let Err(error) = disk_order(&spec.control, "fence") {
-                        log::debug!("{}: {error}", self.name);
+                    if let Some(mut disk) = self.disks[index].take() {
+                        disk.process.stop();
                     }
                 }
-                self.stop_vm(events, "fenced");
-                self.serving = false;
-                events.error(
-                    &self.name,
-                    "fenced: another host may run this VM; nothing is acknowledged here".into(),
-                    "nothing to do: this host follows the primary when it hears it",
-                );
-            }
-            DiskCommand::Promote { generation } => {
-                if !self.save_state(Role::Primary, generation, true, events) {
-                    return;
-                }
-                events.warn(
-                    &self.name,
-                    format!(
-                        "the witness granted generation {generation}: taking over from {}",
-                        self.pair.peer
-                    ),
-                    "",
-                );
-                for spec in &self.disk_specs {
-                    let order = format!("promote {generation}");
-                    if let Err(error) = disk_order(&spec.control, &order) {
-                        context.events.error(
-                            &self.name,
-                            format!("cannot promote disk {}: {error}", spec.serial),
-                            "the VM cannot start here; see the disk daemon's log",
-                        );
-                        return;
-                    }
-                }
-                for disk in self.disks.iter_mut().flatten() {
-                    disk.role = Role::Primary;
-                }
-                self.serving = true;
-                self.start_vm(context);
-            }
-            DiskCommand::Demote { generation } => {
-                self.stop_vm(events, "another host is primary");
-                self.serving = false;
-                self.save_state(Role::Secondary, generation, true, events);
-                events.warn(
-                    &self.name,
-                    format!(
-                        "{} is primary at generation {generation}: this host becomes its \
-                         secondary (resync follows)",
-                        self.pair.peer
-                    ),
-                    "",
-                );
-                for index in 0..self.disk_specs.len() {
-                    let running_primary = self.disks[index]
-                        .as_ref()
-                        .is_some_and(|disk| disk.role == Role::Primary);
-                    if !running_primary {
-                        continue;
-                    }
-                    let spec = &self.disk_specs[index];
-                    match disk_order(&spec.control, "demote") {
-                        Ok(_) => {
-                            if let Some(disk) = self.disks[index].as_mut() {
-                                disk.role = Role::Secondary;
-                            }
-                        }
-                        Err(error) => {
-                            context.events.warn(
-                                &self.name,
-                                format!("demote of disk {} failed ({error}): restarting it as secondary", spec.serial),
-                                "",
-                            );
-                            if let Some(mut disk) = self.disks[index].take() {
-                                disk.process.stop();
-                            }
-                        }
-                    }
-                }
-                self.start_disks(Role::Secondary, context.events);
             }
         }
     }

@@ -5,7 +5,7 @@ mod commands;
 mod disks;
 mod qemu;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -85,6 +85,29 @@ impl Pair {
     }
 }
 
+/// Creates the VM's state directory and loads its state, or saves the first one (`role` at
+/// generation 1, protected) when there is none yet.
+fn open_state(dir: &Path, name: &str, role: Role) -> Result<(StateFile, VmState), String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    let state_file = StateFile::new(dir);
+    let state = match state_file.load().map_err(|error| error.to_string())? {
+        Some(state) => state,
+        None => {
+            let state = VmState {
+                role,
+                generation: 1,
+                protected: true,
+            };
+            state_file
+                .save(&state)
+                .map_err(|error| format!("cannot save the state of {name}: {error}"))?;
+            state
+        }
+    };
+    Ok((state_file, state))
+}
+
 pub struct VmRunner {
     pub name: String,
     pub level: u8,
@@ -138,27 +161,12 @@ impl VmRunner {
         now: Millis,
         events: &mut Events,
     ) -> Result<VmRunner, String> {
-        std::fs::create_dir_all(&dir)
-            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-        let state_file = StateFile::new(&dir);
-        let state = match state_file.load().map_err(|error| error.to_string())? {
-            Some(state) => state,
-            None => {
-                let state = VmState {
-                    role: if first_primary == pair.me {
-                        Role::Primary
-                    } else {
-                        Role::Secondary
-                    },
-                    generation: 1,
-                    protected: true,
-                };
-                state_file
-                    .save(&state)
-                    .map_err(|error| format!("cannot save the state of {name}: {error}"))?;
-                state
-            }
+        let first_role = if first_primary == pair.me {
+            Role::Primary
+        } else {
+            Role::Secondary
         };
+        let (state_file, state) = open_state(&dir, &name, first_role)?;
         touch(&vm_spec.console)
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
@@ -192,12 +200,18 @@ impl VmRunner {
             warned_cannot_take_over: false,
             started_at: now,
         };
-        match state.role {
-            _ if !state.protected => events.warn(
-                &runner.name,
+        runner.report_start(events);
+        Ok(runner)
+    }
+
+    /// The start-up event: the role this host starts in, or that the VM is unprotected.
+    fn report_start(&self, events: &mut Events) {
+        match self.state.role {
+            _ if !self.state.protected => events.warn(
+                &self.name,
                 format!(
                     "not protected (ftvm unprotect): {}",
-                    if state.role == Role::Primary {
+                    if self.state.role == Role::Primary {
                         "the VM runs here alone"
                     } else {
                         "nothing runs here"
@@ -209,23 +223,22 @@ impl VmRunner {
                 // The first step starts the disk daemons (`supervise`): none start while
                 // the host is disabled.
                 events.info(
-                    &runner.name,
+                    &self.name,
                     format!(
                         "starting as secondary at generation {}: disks wait for the primary",
-                        state.generation
+                        self.state.generation
                     ),
                 );
             }
             Role::Primary => events.info(
-                &runner.name,
+                &self.name,
                 format!(
                     "starting as primary at generation {}: the VM starts once the peer is \
                      heard or the witness confirms",
-                    state.generation
+                    self.state.generation
                 ),
             ),
         }
-        Ok(runner)
     }
 
     /// One step: supervise the processes, read the disks, run the state machine.
