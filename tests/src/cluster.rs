@@ -201,6 +201,13 @@ replication_port = {REPLICATION_PORT}
         self.witness = Some(Process::spawn("ftvm-witness", command, &log));
     }
 
+    /// Starts the witness and both hosts' ftvmd.
+    pub fn start_all(&mut self) {
+        self.start_witness();
+        self.start_ftvmd(0);
+        self.start_ftvmd(1);
+    }
+
     pub fn stop_witness(&mut self) {
         if let Some(mut witness) = self.witness.take() {
             witness.kill();

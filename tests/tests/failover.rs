@@ -72,9 +72,7 @@ fn wait_found(cluster: &Cluster, host: usize) -> u64 {
 /// Starts witness and both hosts; waits until the VM runs on hostA, mirrored and in sync.
 fn protected_cluster(name: &str) -> Cluster {
     let mut cluster = Cluster::new(name, &record_guest(), &ClusterOptions::default());
-    cluster.start_witness();
-    cluster.start_ftvmd(A);
-    cluster.start_ftvmd(B);
+    cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(60), "Protected on hostA", |vm| {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
     });
@@ -418,9 +416,7 @@ fn a_secondary_whose_sync_is_unfinished_never_takes_over() {
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::new("failover-inconsistent", &record_guest(), &options);
-    cluster.start_witness();
-    cluster.start_ftvmd(A);
-    cluster.start_ftvmd(B);
+    cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(30), "syncing", |vm| {
         vm["state"] == "Syncing" && vm["sync_percent"].as_f64() > Some(0.0)
     });

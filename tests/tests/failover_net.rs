@@ -36,9 +36,7 @@ fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::new("failover-net", &guest, &options);
-    cluster.start_witness();
-    cluster.start_ftvmd(A);
-    cluster.start_ftvmd(B);
+    cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(60), "running on hostA", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });

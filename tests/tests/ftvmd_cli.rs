@@ -132,9 +132,7 @@ fn wrong_keys_are_named_and_nothing_starts() {
         .replace("/pair.psk", "/pair-b.psk")
         .replace("/witness-keys/hostB.psk", "/witness-keys/hostA.psk");
     std::fs::write(&config_b, text).expect("write config");
-    cluster.start_witness();
-    cluster.start_ftvmd(A);
-    cluster.start_ftvmd(B);
+    cluster.start_all();
     wait_event(&cluster, A, "authentication with hostB failed");
     wait_event(&cluster, B, "authentication with the witness failed");
     let vm = cluster.vm_status(A).expect("status");

@@ -79,9 +79,7 @@ fn boot(name: &str) -> Cluster {
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::new(name, &guest, &options);
-    cluster.start_witness();
-    cluster.start_ftvmd(A);
-    cluster.start_ftvmd(B);
+    cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(60), "running on hostA", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
