@@ -234,7 +234,7 @@ impl NetBackend {
                 }
                 Delivery::TooLarge => {
                     Metrics::add(&metrics.rx_dropped_no_buffers, 1);
-                    self.log_fault(format_args!(
+                    self.device.log_fault(format_args!(
                         "queue pair {}: dropped a {}-byte frame the guest's receive buffers cannot hold",
                         worker.index,
                         len - header_len
@@ -285,7 +285,7 @@ impl NetBackend {
             // The kernel reports a frame's full length even when it did not fit.
             Ok(len) if len >= worker.rx_buffer.len() => {
                 Metrics::add(&metrics.rx_dropped_no_buffers, 1);
-                self.log_fault(format_args!(
+                self.device.log_fault(format_args!(
                     "queue pair {}: dropped a {len}-byte frame from the TAP (larger than {} bytes)",
                     worker.index,
                     worker.rx_buffer.len()
@@ -301,7 +301,7 @@ impl NetBackend {
             Err(error) if error.kind() == io::ErrorKind::Interrupted => TapRead::Skipped,
             Err(error) => {
                 Metrics::add(&metrics.tap_read_errors, 1);
-                self.log_fault(format_args!(
+                self.device.log_fault(format_args!(
                     "queue pair {}: reading the TAP failed: {error}",
                     worker.index
                 ));
@@ -338,7 +338,7 @@ impl NetBackend {
                     Ok(frame) => self.send(worker, frame),
                     Err(error) => {
                         Metrics::add(&self.device.metrics.tx_dropped_malformed, 1);
-                        self.log_fault(format_args!(
+                        self.device.log_fault(format_args!(
                             "queue pair {}: dropped a malformed TX chain: {error}",
                             worker.index
                         ));
@@ -371,7 +371,7 @@ impl NetBackend {
             Err(SinkError::Peer(_)) => Metrics::add(&metrics.peer_tx_dropped, 1),
             Err(error) => {
                 Metrics::add(&metrics.tap_write_errors, 1);
-                self.log_fault(format_args!(
+                self.device.log_fault(format_args!(
                     "queue pair {}: {}",
                     worker.index,
                     error_chain(&error)
@@ -408,12 +408,14 @@ impl NetBackend {
                         Metrics::add(&self.device.metrics.ctrl_commands, 1);
                         debug!("control command {:?}: ack {}", command.get(..2), answer.ack);
                         write_ctrl_ack(chain, answer.ack).unwrap_or_else(|error| {
-                            self.log_fault(format_args!("control queue: {error}"));
+                            self.device
+                                .log_fault(format_args!("control queue: {error}"));
                             0
                         })
                     }
                     Err(error) => {
-                        self.log_fault(format_args!("control queue: {error}"));
+                        self.device
+                            .log_fault(format_args!("control queue: {error}"));
                         0
                     }
                 };
@@ -433,17 +435,6 @@ impl NetBackend {
             Effect::None => {}
             Effect::AnnounceAcked => self.device.clear_announce(),
             Effect::QueuePairs(pairs) => debug!("guest uses {pairs} queue pair(s)"),
-        }
-    }
-
-    /// A warning caused by the guest or the network: rate-limited.
-    fn log_fault(&self, message: std::fmt::Arguments<'_>) {
-        if let Some(suppressed) = self.device.fault_log.admit() {
-            if suppressed > 0 {
-                warn!("{message} ({suppressed} similar lines suppressed)");
-            } else {
-                warn!("{message}");
-            }
         }
     }
 }

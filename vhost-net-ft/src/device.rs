@@ -95,6 +95,18 @@ impl Device {
         self.tap.set_offloads(offloads)
     }
 
+    /// A warning caused by the guest, the peer or the network: at most 10 lines a second,
+    /// with the count of the lines left out.
+    pub fn log_fault(&self, message: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.fault_log.admit() {
+            if suppressed > 0 {
+                log::warn!("{message} ({suppressed} similar lines suppressed)");
+            } else {
+                log::warn!("{message}");
+            }
+        }
+    }
+
     /// The config space as the guest reads it now.
     pub fn config(&self) -> [u8; CONFIG_SPACE_LEN] {
         let pairs = u16::try_from(self.queue_pairs).unwrap_or(u16::MAX);

@@ -484,10 +484,7 @@ fn handle_message(device: &Device, link: &PeerLink, message: replication_link::M
                 }
                 Err(error) => {
                     Metrics::add(&metrics.peer_rx_dropped, 1);
-                    fault(
-                        device,
-                        format_args!("dropped a frame from the peer: {error}"),
-                    );
+                    device.log_fault(format_args!("dropped a frame from the peer: {error}"));
                     return;
                 }
             }
@@ -503,20 +500,17 @@ fn handle_message(device: &Device, link: &PeerLink, message: replication_link::M
                     Ok(()) => Metrics::add(&metrics.relay_to_lan_packets, 1),
                     Err(error) => {
                         Metrics::add(&metrics.tap_write_errors, 1);
-                        fault(
-                            device,
-                            format_args!("relaying a frame to {}: {error}", device.tap.name()),
-                        );
+                        device.log_fault(format_args!(
+                            "relaying a frame to {}: {error}",
+                            device.tap.name()
+                        ));
                     }
                 },
             }
         }
         Err(error) => {
             Metrics::add(&metrics.peer_rx_dropped, 1);
-            fault(
-                device,
-                format_args!("dropped a malformed peer message: {error}"),
-            );
+            device.log_fault(format_args!("dropped a malformed peer message: {error}"));
         }
     }
 }
@@ -524,16 +518,6 @@ fn handle_message(device: &Device, link: &PeerLink, message: replication_link::M
 /// A guest is attached to this daemon (a frontend is connected).
 fn attached(device: &Device) -> bool {
     device.metrics.connected.load(Ordering::Relaxed)
-}
-
-fn fault(device: &Device, message: std::fmt::Arguments<'_>) {
-    if let Some(suppressed) = device.fault_log.admit() {
-        if suppressed > 0 {
-            warn!("{message} ({suppressed} similar lines suppressed)");
-        } else {
-            warn!("{message}");
-        }
-    }
 }
 
 #[cfg(test)]

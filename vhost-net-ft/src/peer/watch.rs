@@ -12,7 +12,7 @@ use log::{info, warn};
 use replication_link::error_chain;
 
 use super::{
-    attached, fault, Path, PathChooser, PeerLink, PeerState, ANNOUNCE_AFTER, PEER_STATE_TIMEOUT,
+    attached, Path, PathChooser, PeerLink, PeerState, ANNOUNCE_AFTER, PEER_STATE_TIMEOUT,
     RELAY_OFFLOADS, STATE_INTERVAL, TICK, UPLINK_DOWN, UPLINK_UP,
 };
 use crate::config::{format_mac, tap_offloads};
@@ -112,13 +112,10 @@ impl Watch {
                     warn!("link change notices failed: the uplink is checked every {TICK:?}");
                     self.link_events = None;
                 } else {
-                    fault(
-                        &self.device,
-                        format_args!(
-                            "the TAP {} is in error; standby reads paused",
-                            self.device.tap.name()
-                        ),
-                    );
+                    self.device.log_fault(format_args!(
+                        "the TAP {} is in error; standby reads paused",
+                        self.device.tap.name()
+                    ));
                     thread::sleep(deadline.saturating_duration_since(Instant::now()));
                 }
                 return;
@@ -158,8 +155,6 @@ impl Watch {
                     .is_some_and(|state| state.uplink_up != Some(false) && !state.guest_attached);
             self.chooser.decide(uplink_up, peer_usable, now)
         } else {
-            // Frames that came for a guest that left are not for the next one.
-            redundancy.to_guest.clear();
             self.chooser.reset()
         };
         let want_relay = self.chooser.path() == Path::Peer;
@@ -309,7 +304,7 @@ impl Watch {
             0
         };
         if let Err(error) = device.configure_idle_tap(wanted) {
-            fault(device, format_args!("{}", error_chain(&error)));
+            device.log_fault(format_args!("{}", error_chain(&error)));
         }
     }
 
