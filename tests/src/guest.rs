@@ -48,6 +48,8 @@ pub struct GuestConfig {
     pub with_fio: bool,
     /// Network namespace (test host) to run QEMU in.
     pub netns: Option<String>,
+    /// A QMP socket to create (`-qmp unix:PATH,server=on,wait=off`), see `crate::qmp`.
+    pub qmp: Option<PathBuf>,
 }
 
 impl GuestConfig {
@@ -62,6 +64,7 @@ impl GuestConfig {
             files: Vec::new(),
             with_fio: false,
             netns: None,
+            qmp: None,
         }
     }
 }
@@ -272,6 +275,12 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
         "-append".into(),
         "console=ttyS0 panic=-1 quiet".into(),
     ]);
+    if let Some(qmp) = &config.qmp {
+        args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+    }
     for (index, disk) in config.disks.iter().enumerate() {
         args.extend([
             "-chardev".into(),

@@ -12,6 +12,7 @@ pub mod mirror;
 pub mod net;
 pub mod paths;
 pub mod process;
+pub mod qmp;
 pub mod records;
 pub mod wait;
 

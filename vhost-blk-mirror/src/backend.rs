@@ -10,20 +10,30 @@
 //! `VHOST_USER_GET_INFLIGHT_FD`: when the connection breaks, QEMU resets each queue's
 //! `last_avail_idx` to its used index, so a new daemon re-executes exactly the requests that
 //! were never completed, and none that were.
+//!
+//! The same rule serves QEMU's `stop` (and snapshots, migration, Level 3 epochs): for
+//! `GET_VRING_BASE` the library marks the ring not ready and calls [`BlkBackend::stop_vring`],
+//! which waits for the worker to finish what it is executing, completes every request whose
+//! outcome is known while the guest can still be signalled, waits a little for the peer's
+//! acknowledgements, and **rewinds** the ring over the requests still waiting: the base QEMU
+//! reads back is the avail index of the first uncompleted request, so after `cont` exactly
+//! those are popped and executed again. A stopped ring is never touched by the worker.
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use daemon_util::{lock, Slot};
-use log::{debug, error};
+use log::{debug, error, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -33,6 +43,11 @@ use crate::config::{
 };
 use crate::execute::{Disk, Executed, Executor};
 use crate::ticket::Waker;
+
+/// How long `stop_vring` waits for requests still waiting on the peer before it rewinds
+/// them. QEMU's `stop` blocks meanwhile; a peer that answers at all answers in a few
+/// milliseconds, and a rewound request is simply executed again after `cont`.
+pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
 pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
@@ -46,7 +61,9 @@ pub struct BlkBackend {
     config: [u8; CONFIG_SPACE_LEN],
     event_idx: std::sync::atomic::AtomicBool,
     memory: Slot<AtomicMemory>,
-    /// One worker per queue; each lock is only ever taken by that queue's thread.
+    /// One worker per queue, locked by that queue's thread while it handles an event and by
+    /// the vhost-user handler thread in `stop_vring` (which never holds a vring lock while
+    /// it waits for this one, so the two cannot deadlock).
     workers: Vec<Mutex<QueueWorker>>,
     wakers: Vec<Arc<Waker>>,
 }
@@ -55,6 +72,9 @@ pub struct BlkBackend {
 struct QueueWorker {
     executor: Executor,
     pending: VecDeque<Executed>,
+    /// The queue's vring, kept when the worker first handles an event (before it can pop
+    /// anything), for `stop_vring`: `None` means nothing was ever popped.
+    vring: Option<Vring>,
 }
 
 impl BlkBackend {
@@ -70,6 +90,7 @@ impl BlkBackend {
                 Mutex::new(QueueWorker {
                     executor: Executor::new(disk.clone(), waker.clone()),
                     pending: VecDeque::new(),
+                    vring: None,
                 })
             })
             .collect();
@@ -104,8 +125,13 @@ impl BlkBackend {
         let (Some(memory), Some(mut worker)) = (self.memory.get(), self.worker(queue)) else {
             return Ok(());
         };
+        worker.vring.get_or_insert_with(|| vring.clone());
         let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
         loop {
+            // Stopped (GET_VRING_BASE) before or while we ran: a kick that raced the stop.
+            if !queue_ready(vring) {
+                return Ok(());
+            }
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
@@ -141,10 +167,87 @@ impl BlkBackend {
         let (Some(memory), Some(mut worker)) = (self.memory.get(), self.worker(queue)) else {
             return Ok(());
         };
+        // Cleared even on a stopped ring: the waker is level-triggered in our epoll loop.
         if let Some(waker) = self.wakers.get(queue) {
             waker.clear();
         }
+        // A stopped ring left nothing pending (see `stop_vring`): this is a late wake-up of
+        // a rewound request, whose call fd may be gone.
+        if !queue_ready(vring) {
+            return Ok(());
+        }
         complete_in_order(vring, &memory, &mut worker)
+    }
+
+    /// Brings a queue to rest for GET_VRING_BASE (the library already marked the ring not
+    /// ready, so nothing new is popped): completes what can complete, waits up to
+    /// [`STOP_DRAIN_TIMEOUT`] for the rest, and rewinds the ring over what still waits.
+    fn drain_queue(&self, queue: usize) {
+        let (Some(mut worker), Some(waker)) = (self.worker(queue), self.wakers.get(queue)) else {
+            return;
+        };
+        // Holding the worker's lock: the worker is not executing anything for this queue.
+        let (Some(vring), Some(memory)) = (worker.vring.clone(), self.memory.get()) else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_DRAIN_TIMEOUT;
+        loop {
+            waker.clear();
+            if let Err(error) = complete_in_order(&vring, &memory, &mut worker) {
+                warn!("queue {queue}: completing before the stop failed: {error}");
+                break;
+            }
+            let now = Instant::now();
+            if worker.pending.is_empty() || now >= deadline {
+                break;
+            }
+            if let Err(error) = wait_for_wake(waker, deadline - now) {
+                warn!("queue {queue}: cannot wait for completions: {error}");
+                break;
+            }
+        }
+        rewind(&vring, &mut worker, queue);
+    }
+}
+
+fn queue_ready(vring: &Vring) -> bool {
+    vring.get_ref().get_queue().ready()
+}
+
+/// Puts the requests that are still pending back on the ring: they are dropped from the
+/// list, and the ring's next avail index goes back to the first of them. Requests complete
+/// strictly in order, so the pending ones are exactly the last popped.
+fn rewind(vring: &Vring, worker: &mut QueueWorker, queue: usize) {
+    if worker.pending.is_empty() {
+        return;
+    }
+    // Indices are modulo 2^16, so the count is too.
+    let count = worker.pending.len() as u16;
+    let next_avail = vring.queue_next_avail();
+    let first_pending = next_avail.wrapping_sub(count);
+    vring.set_queue_next_avail(first_pending);
+    worker.pending.clear();
+    warn!(
+        "queue {queue}: stopped with {count} request(s) still waiting after {} ms; \
+         the ring is rewound from {next_avail} to {first_pending} and they run again",
+        STOP_DRAIN_TIMEOUT.as_millis()
+    );
+}
+
+/// Sleeps until `waker` fires or `timeout` passes.
+fn wait_for_wake(waker: &Waker, timeout: Duration) -> io::Result<()> {
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        waker.eventfd().as_raw_fd(),
+        EpollEvent::new(EventSet::IN, 0),
+    )?;
+    let mut events = [EpollEvent::default(); 1];
+    let timeout_ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+    match epoll.wait(timeout_ms, &mut events) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(()),
+        Err(error) => Err(error),
     }
 }
 
@@ -232,6 +335,16 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues).map(|queue| 1u64 << queue).collect()
+    }
+
+    /// GET_VRING_BASE (QEMU's `stop`, a snapshot, migration): when this returns, the queue's
+    /// worker executes nothing, every request with a known outcome is completed and the guest
+    /// signalled while its call fd is still set, and the ring is rewound over the rest.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let queue = queue_index as usize;
+        debug!("queue {queue}: stopping");
+        self.drain_queue(queue);
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
