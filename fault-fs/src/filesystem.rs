@@ -184,6 +184,11 @@ impl Filesystem for FaultFileSystem {
         }
     }
 
+    fn getxattr(&self, _: &Request, _: INodeNo, _: &OsStr, _: u32, reply: fuser::ReplyXattr) {
+        // No extended attributes: the kernel stops asking after the first ENOSYS.
+        reply.error(Errno::ENOSYS);
+    }
+
     fn lookup(&self, _request: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 != ROOT_INODE {
             return reply.error(Errno::ENOENT);

@@ -6,6 +6,7 @@
 pub mod blk;
 pub mod cluster;
 pub mod cpio;
+pub mod fault_fs;
 pub mod guest;
 pub mod hosts;
 pub mod mirror;
