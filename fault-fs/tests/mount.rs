@@ -344,3 +344,32 @@ fn sigterm_unmounts_and_syncs_every_file() {
         b"written before the stop"
     );
 }
+
+#[test]
+fn sigterm_with_a_file_still_open_detaches_the_mount_and_syncs() {
+    let mut fs = start();
+    let file = open(&fs.path("busy.img"));
+    file.write_all_at(b"still open", 0).expect("write");
+    let status = fs.terminate().expect("the daemon was running");
+    assert!(status.success(), "{status}: {}", fs.log());
+    assert!(!fs.is_mounted());
+    assert_eq!(content(&fs.backing().join("busy.img")), b"still open");
+    let mut byte = [0; 1];
+    assert!(
+        file.read_exact_at(&mut byte, 0).is_err(),
+        "the mount is gone"
+    );
+}
+
+#[test]
+fn a_killed_daemon_leaves_nothing_behind_once_the_rig_drops_it() {
+    let fs = start();
+    let dir = fs.dir().to_owned();
+    let mountpoint = fs.mountpoint().to_owned();
+    let pid = libc::pid_t::try_from(fs.pid()).expect("pid");
+    // SAFETY: kill(2) takes integers only; `pid` is the rig's child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    drop(fs);
+    assert!(!ftvm_tests::fault_fs::is_mounted(&mountpoint));
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
