@@ -16,6 +16,12 @@
 //! frame stays in the worker's staging buffer, the worker asks the guest to kick and stops
 //! reading the TAP; the guest's kick (it posted buffers) resumes it. Nothing is dropped and
 //! nothing spins: the TAP is registered edge-triggered, so an unread TAP raises no events.
+//!
+//! Every chain a worker pops is completed within the same event, so nothing stays accepted
+//! across events. `GET_VRING_BASE` (QEMU's `stop`) may still arrive while a worker is in the
+//! middle of a batch: [`NetBackend::stop_vring`] waits for that batch to end, so its used
+//! entries and interrupt reach the guest before the library reads the base and drops the
+//! call fd, and the worker never pops from a stopped ring.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -64,8 +70,12 @@ pub struct NetBackend {
     event_idx: AtomicBool,
     features: AtomicU64,
     memory: Slot<AtomicMemory>,
-    /// One worker per queue pair; each lock is only ever taken by that pair's thread.
+    /// One worker per queue pair, locked by that pair's thread while it handles an event
+    /// and by `stop_vring` on the vhost-user handler thread (which holds no vring lock while
+    /// it waits, so the two cannot deadlock).
     pairs: Vec<Mutex<PairWorker>>,
+    /// Held while the control queue's thread handles an event, for `stop_vring`.
+    ctrl: Mutex<()>,
     /// Per pair: "the RX budget ran out, come back".
     resume: Vec<EventFd>,
 }
@@ -110,6 +120,7 @@ impl NetBackend {
             features: AtomicU64::new(0),
             memory: Slot::new(),
             pairs: workers,
+            ctrl: Mutex::new(()),
             resume,
         })
     }
@@ -197,6 +208,12 @@ impl NetBackend {
         let mut delivered = false;
         let mut budget = RX_BUDGET_FRAMES;
         loop {
+            // Disabled or stopped (GET_VRING_BASE) while we ran: the frame waits in the
+            // staging buffer. Without this, a stopped ring with buffers posted would make
+            // `deliver` answer "retry" for ever.
+            if !queue_usable(rx) {
+                break;
+            }
             if worker.rx_pending == 0 {
                 if budget == 0 {
                     if let Some(resume) = self.resume.get(worker.index) {
@@ -321,6 +338,10 @@ impl NetBackend {
         let header_len = header_len(features);
         let offloads = TxOffloads::from_features(features);
         loop {
+            // Stopped (GET_VRING_BASE) before or while we ran: a kick that raced the stop.
+            if !tx.get_ref().get_queue().ready() {
+                return Ok(());
+            }
             if event_idx {
                 tx.disable_notification().map_err(queue_error)?;
             }
@@ -387,7 +408,11 @@ impl NetBackend {
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let pairs = u16::try_from(self.pairs.len()).unwrap_or(u16::MAX);
+        let _serialised = lock(&self.ctrl);
         loop {
+            if !vring.get_ref().get_queue().ready() {
+                return Ok(());
+            }
             if event_idx {
                 vring.disable_notification().map_err(queue_error)?;
             }
@@ -526,6 +551,19 @@ impl VhostUserBackend for NetBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         thread_masks(self.pairs.len())
+    }
+
+    /// GET_VRING_BASE (QEMU's `stop`, a snapshot, migration): the library has marked the ring
+    /// not ready; waiting for the worker of the queue's thread ends the batch it may be in,
+    /// so everything it popped is on the used ring and signalled while the call fd is set.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let queue = queue_index as usize;
+        match self.pairs.get(queue / 2) {
+            Some(worker) => drop(lock(worker)),
+            None => drop(lock(&self.ctrl)),
+        }
+        debug!("queue {queue}: stopped");
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
