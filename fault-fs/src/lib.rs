@@ -87,7 +87,7 @@ pub fn run(config: &Config) -> Result<(), Error> {
     let store = Store::open(&config.backing, config.max_dirty_bytes).map_err(backing_error)?;
     let shared = Arc::new(Shared::new(store));
     // Before the mount: a signal from now on stops the daemon cleanly instead of killing it.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(Error::Signals)?;
+    let signals = Signals::new([SIGTERM, SIGINT]).map_err(Error::Signals)?;
     let signals_handle = signals.handle();
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = vec![
@@ -119,6 +119,16 @@ pub fn run(config: &Config) -> Result<(), Error> {
     daemon_util::serve_commands(listener, move |line| Ok(answering.answer(line)))
         .map_err(Error::ControlThread)?;
 
+    wait_for_stop(signals, &session)?;
+    signals_handle.close();
+    let result = unmount(session, &config.mountpoint, &shared);
+    daemon_util::remove_socket(&config.control);
+    result
+}
+
+/// Returns on the first SIGTERM or SIGINT, or when the session ended by itself (an unmount
+/// from outside).
+fn wait_for_stop(mut signals: Signals, session: &fuser::BackgroundSession) -> Result<(), Error> {
     let (stop_sender, stop) = mpsc::channel();
     thread::Builder::new()
         .name("signals".into())
@@ -131,15 +141,11 @@ pub fn run(config: &Config) -> Result<(), Error> {
         .map_err(Error::Signals)?;
     while !session.guard.is_finished() {
         match stop.recv_timeout(SESSION_CHECK_INTERVAL) {
-            Ok(()) => break,
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    signals_handle.close();
-    let result = unmount(session, &config.mountpoint, &shared);
-    daemon_util::remove_socket(&config.control);
-    result
+    Ok(())
 }
 
 /// Unmounts and waits for the session to end (it syncs every file as it ends). A mount still
