@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{MountOption, Session};
 use log::{info, warn};
@@ -40,6 +40,9 @@ pub const DEFAULT_MAX_DIRTY_BYTES: u64 = 256 << 20;
 const FUSE_THREADS: usize = 4;
 /// How often the main thread looks whether the session ended without a signal.
 const SESSION_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the session may take to end after the unmount, and how often to look.
+const SESSION_END_TIMEOUT: Duration = Duration::from_secs(2);
+const SESSION_END_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -148,28 +151,55 @@ fn wait_for_stop(mut signals: Signals, session: &fuser::BackgroundSession) -> Re
     Ok(())
 }
 
-/// Unmounts and waits for the session to end (it syncs every file as it ends). A mount still
-/// in use is detached instead: its files are synced here and its users get ENOTCONN once
-/// the process exits.
+/// Unmounts (or, if the mount is busy, detaches) the file system, waits a while for the
+/// session to end (it syncs every file as it ends) and syncs every file.
+///
+/// The session may not end: files still open behind a detached mount, or a copy of the mount
+/// in another mount namespace (`ip netns exec` makes them) keep the connection alive. Then
+/// the process exits anyway once the files are synced; closing `/dev/fuse` at exit ends the
+/// connection and its users get ENOTCONN.
 fn unmount(
     session: fuser::BackgroundSession,
     mountpoint: &Path,
     shared: &Shared,
 ) -> Result<(), Error> {
-    match session.umount_and_join() {
+    // A detached mount lives on while its files are open: no use waiting for it.
+    let wait = match sys::unmount(mountpoint, false) {
         Ok(()) => {
             info!("unmounted {}", mountpoint.display());
-            Ok(())
+            SESSION_END_TIMEOUT
         }
-        Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
-            warn!("{} is busy, detaching it", mountpoint.display());
-            if let Err(error) = sys::detach_mount(mountpoint) {
+        // Unmounted from outside already.
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => SESSION_END_TIMEOUT,
+        Err(error) => {
+            warn!(
+                "cannot unmount {} ({error}), detaching it",
+                mountpoint.display()
+            );
+            if let Err(error) = sys::unmount(mountpoint, true) {
                 warn!("cannot detach {}: {error}", mountpoint.display());
             }
-            daemon_util::lock(&shared.store)
-                .sync_all()
-                .map_err(Error::Session)
+            Duration::ZERO
         }
-        Err(error) => Err(Error::Session(error)),
+    };
+    let deadline = Instant::now() + wait;
+    while !session.guard.is_finished() && Instant::now() < deadline {
+        thread::sleep(SESSION_END_POLL);
     }
+    if session.guard.is_finished() {
+        // The mount is gone: fuser's own unmount finds nothing (EINVAL) and the join is
+        // immediate.
+        match session.umount_and_join() {
+            Ok(()) => {}
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(error) => warn!("the file system session ended with an error: {error}"),
+        }
+    } else {
+        warn!("the file system is still in use; exiting without waiting for it");
+        // Neither join the session nor let it unmount again: the process exits next.
+        std::mem::forget(session);
+    }
+    daemon_util::lock(&shared.store)
+        .sync_all()
+        .map_err(Error::Session)
 }

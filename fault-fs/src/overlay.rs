@@ -131,6 +131,11 @@ impl Overlay {
         (self.pages.len() as u64).saturating_mul(PAGE_BYTES)
     }
 
+    /// Whether the backing file holds everything (nothing for a sync to write).
+    pub fn is_clean(&self) -> bool {
+        self.pages.is_empty() && self.zeroed.is_empty() && self.size == self.durable_size
+    }
+
     /// Reads up to `len` bytes at `offset`, short at the end of the file.
     pub fn read(&self, backing: &dyn Backing, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         if offset >= self.size {

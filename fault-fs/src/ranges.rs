@@ -10,7 +10,6 @@ pub struct RangeSet {
 }
 
 impl RangeSet {
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }

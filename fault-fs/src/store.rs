@@ -344,10 +344,14 @@ impl Store {
         node.overlay.sync(&node.file, &mut self.ledger, data_only)
     }
 
-    /// Syncs every file (a clean shutdown); returns the first error after trying them all.
+    /// Syncs every file that has unsynced data (a clean shutdown, `sync`); returns the first
+    /// error after trying them all.
     pub fn sync_all(&mut self) -> io::Result<()> {
         let mut first_error = None;
         for (inode, node) in &mut self.nodes {
+            if node.overlay.is_clean() {
+                continue;
+            }
             if let Err(error) = node.overlay.sync(&node.file, &mut self.ledger, false) {
                 warn!("cannot sync {:?} (inode {inode}): {error}", node.name);
                 first_error.get_or_insert(error);

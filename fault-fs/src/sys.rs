@@ -72,11 +72,13 @@ pub fn file_system_stats(path: &Path) -> io::Result<FileSystemStats> {
     })
 }
 
-/// Detaches the mount at `path` now; the kernel ends it when its last user goes.
-pub fn detach_mount(path: &Path) -> io::Result<()> {
+/// Unmounts the file system at `path`; `detach`: at once, the kernel ending it when its last
+/// user goes (a lazy unmount).
+pub fn unmount(path: &Path, detach: bool) -> io::Result<()> {
     let path = c_path(path)?;
+    let flags = if detach { libc::MNT_DETACH } else { 0 };
     // SAFETY: `path` is a NUL-terminated string alive for the call; umount2(2) only reads it.
-    let result = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    let result = unsafe { libc::umount2(path.as_ptr(), flags) };
     if result < 0 {
         return Err(io::Error::last_os_error());
     }

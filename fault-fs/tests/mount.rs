@@ -373,3 +373,24 @@ fn a_killed_daemon_leaves_nothing_behind_once_the_rig_drops_it() {
     assert!(!ftvm_tests::fault_fs::is_mounted(&mountpoint));
     assert!(!dir.exists(), "{} was not removed", dir.display());
 }
+
+#[test]
+fn a_sparse_image_of_several_gib_keeps_its_size_and_synced_data() {
+    let fs = start();
+    let path = fs.path("big.img");
+    let file = open(&path);
+    let size: u64 = 6 << 30;
+    file.set_len(size).expect("grow to 6 GiB");
+    file.write_all_at(b"far out", size - 4096)
+        .expect("write near the end");
+    file.sync_data().expect("fdatasync");
+    file.write_all_at(b"lost", 5 << 30).expect("write");
+    file.set_len(size + 4096).expect("grow again, unsynced");
+    fs.power_loss();
+    assert_eq!(file.metadata().expect("stat").len(), size);
+    let mut buffer = [0; 7];
+    file.read_exact_at(&mut buffer, size - 4096).expect("read");
+    assert_eq!(&buffer, b"far out");
+    file.read_exact_at(&mut buffer[..4], 5 << 30).expect("read");
+    assert_eq!(&buffer[..4], &[0; 4]);
+}
