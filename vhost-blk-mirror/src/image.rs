@@ -127,19 +127,32 @@ impl Image {
     }
 
     /// Deallocates a range; reads of it return zeroes afterwards.
+    ///
+    /// Storage that cannot deallocate (EOPNOTSUPP, EINVAL, ENOTTY) gets zeroes written
+    /// instead: never a disk failure, and both copies of a mirror read the same afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.kind {
+        if len == 0 {
+            return Ok(());
+        }
+        let result = match self.kind {
             ImageKind::File => self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 offset,
                 len,
             ),
             ImageKind::BlockDevice => self.block_range_ioctl(BLKDISCARD, offset, len),
+        };
+        match result {
+            Err(error) if unsupported(&error) => self.write_zero_buffers(offset, len),
+            other => other,
         }
     }
 
     /// Makes a range read as zeroes, deallocating it when `unmap` allows.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
         let result = match (self.kind, unmap) {
             (ImageKind::File, true) => self.discard(offset, len),
             (ImageKind::File, false) => self.fallocate(
@@ -150,9 +163,7 @@ impl Image {
             (ImageKind::BlockDevice, _) => self.block_range_ioctl(BLKZEROOUT, offset, len),
         };
         match result {
-            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zero_buffers(offset, len)
-            }
+            Err(error) if unsupported(&error) => self.write_zero_buffers(offset, len),
             other => other,
         }
     }
@@ -206,6 +217,14 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Whether an error says the storage cannot do the operation (rather than that it failed).
+fn unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY)
+    )
 }
 
 fn invalid(message: &'static str) -> io::Error {

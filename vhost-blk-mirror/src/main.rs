@@ -68,6 +68,12 @@ struct Args {
     /// This host's name on the replication link (default: the host name).
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
+    /// File holding this boot's id, recorded in the metadata while the copy is in use: a
+    /// different id at the next start means the host went down under the daemon, and
+    /// writes it had not flushed may be gone (the copy is then resynced before it counts
+    /// as UpToDate). Test rigs whose "hosts" share one kernel give each host a file.
+    #[arg(long, value_name = "FILE", default_value = vhost_blk_mirror::mirror::secondary::KERNEL_BOOT_ID)]
+    boot_id_file: PathBuf,
 }
 
 /// Parses `100M`, `1G`, `512K` or a plain number of bytes.
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
         },
         host_id: args.host_id.unwrap_or_else(host_name),
         service,
+        boot_id_file: args.boot_id_file,
     };
     let config = Config {
         socket: args.socket,

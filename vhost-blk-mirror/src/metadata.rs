@@ -9,8 +9,16 @@
 //!   been idle. After a crash every active extent is resynced, so a write that reached only
 //!   one side before the crash cannot leave the copies silently different.
 //!
-//! File layout: a 4 KiB header block (magic, postcard header, CRC32C), then the out-of-sync
-//! bitmap, then the activity bitmap, each starting on a 4 KiB boundary.
+//! File layout: two 4 KiB header slots (magic, sequence number, postcard header, CRC32C),
+//! then the out-of-sync bitmap, then the activity bitmap, each starting on a 4 KiB
+//! boundary. A header update writes the older slot with the next sequence number and syncs
+//! it; opening takes the valid slot with the higher number, so a write torn by a crash
+//! leaves the previous header in force. The file is fully written when created, so setting
+//! a bit never needs new space (a full file system cannot keep a failure from being
+//! recorded).
+//!
+//! Every change is made in memory only after its durable write succeeded: what the
+//! daemon believes is never better than what a restart would find.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,9 +30,11 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"FTVMMETA";
-/// 2: the header gained `base_generation`.
-const FORMAT_VERSION: u32 = 2;
+/// 2: the header gained `base_generation`. 3: two header slots with sequence numbers.
+const FORMAT_VERSION: u32 = 3;
 const HEADER_BLOCK: u64 = 4096;
+/// The header slots, then the bitmaps.
+const HEADER_SLOTS: u64 = 2;
 pub const DEFAULT_CHUNK_BYTES: u32 = 64 * 1024;
 pub const DEFAULT_EXTENT_BYTES: u32 = 4 * 1024 * 1024;
 
@@ -36,7 +46,10 @@ pub enum MetadataError {
         #[source]
         source: io::Error,
     },
-    #[error("metadata file {0} is not an ftvm metadata file (bad magic or checksum)")]
+    #[error(
+        "metadata file {0} is not an ftvm metadata file of format {FORMAT_VERSION} (bad magic, \
+         checksum or version; a file of an older ftvm must be removed, which costs a full resync)"
+    )]
     Corrupt(PathBuf),
     #[error("metadata file {path} is for a disk of {found} bytes, the image has {expected}")]
     SizeMismatch {
@@ -161,6 +174,8 @@ impl Bitmap {
 #[derive(Debug)]
 struct State {
     header: Header,
+    /// Sequence number of the header slot written last.
+    sequence: u64,
     out_of_sync: Bitmap,
     activity: Bitmap,
     /// Counts `mark_active` calls.
@@ -197,10 +212,11 @@ impl Metadata {
             .truncate(false)
             .open(path)
             .map_err(open_error)?;
-        let header = if exists && file.metadata().map_err(open_error)?.len() > 0 {
+        let existing = exists && file.metadata().map_err(open_error)?.len() > 0;
+        let (header, sequence) = if existing {
             read_header(&file).ok_or_else(|| MetadataError::Corrupt(path.to_owned()))?
         } else {
-            Header {
+            let header = Header {
                 version: FORMAT_VERSION,
                 generation: 0,
                 data_state: initial_state,
@@ -209,7 +225,8 @@ impl Metadata {
                 extent_bytes: DEFAULT_EXTENT_BYTES,
                 open_boot_id: None,
                 base_generation: 0,
-            }
+            };
+            (header, 0)
         };
         if header.size_bytes != size_bytes {
             return Err(MetadataError::SizeMismatch {
@@ -218,14 +235,16 @@ impl Metadata {
                 expected: size_bytes,
             });
         }
-        let out_of_sync = Bitmap::new(HEADER_BLOCK, header.chunk_bytes, size_bytes);
+        let bitmaps_offset = HEADER_SLOTS * HEADER_BLOCK;
+        let out_of_sync = Bitmap::new(bitmaps_offset, header.chunk_bytes, size_bytes);
         let activity = Bitmap::new(
-            HEADER_BLOCK + out_of_sync.file_len(),
+            bitmaps_offset + out_of_sync.file_len(),
             header.extent_bytes,
             size_bytes,
         );
         let mut state = State {
             header,
+            sequence,
             out_of_sync,
             activity,
             activity_epoch: 0,
@@ -235,14 +254,17 @@ impl Metadata {
             path: path.to_owned(),
             source,
         };
-        if exists {
+        if existing {
             state.out_of_sync.read_from(&file).map_err(metadata_io)?;
             state.activity.read_from(&file).map_err(metadata_io)?;
         } else {
+            // Written out in full (not sparse), so that later bit updates need no space.
             let len = state.activity.file_offset + state.activity.file_len();
-            file.set_len(len).map_err(metadata_io)?;
-            write_header(&file, &state.header).map_err(metadata_io)?;
+            write_zeroes(&file, len).map_err(metadata_io)?;
+            write_header(&file, &state.header, 1).map_err(metadata_io)?;
+            state.sequence = 1;
             file.sync_all().map_err(metadata_io)?;
+            sync_directory(path).map_err(metadata_io)?;
         }
         Ok(Metadata {
             path: path.to_owned(),
@@ -270,24 +292,34 @@ impl Metadata {
         self.lock().header
     }
 
+    /// Writes `change` of the header durably (into the older slot), and only then makes it
+    /// the header in memory.
+    fn change_header(&self, change: impl FnOnce(&mut Header)) -> Result<(), MetadataError> {
+        let mut state = self.lock();
+        let mut header = state.header;
+        change(&mut header);
+        if header == state.header {
+            return Ok(());
+        }
+        let sequence = state.sequence + 1;
+        write_header(&self.file, &header, sequence).map_err(|e| self.io_error(e))?;
+        self.file.sync_data().map_err(|e| self.io_error(e))?;
+        state.header = header;
+        state.sequence = sequence;
+        Ok(())
+    }
+
     /// Durably replaces generation and data state.
     pub fn set_header(&self, generation: u64, data_state: DataState) -> Result<(), MetadataError> {
-        let mut state = self.lock();
-        state.header.generation = generation;
-        state.header.data_state = data_state;
-        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
-        self.file.sync_data().map_err(|e| self.io_error(e))
+        self.change_header(|header| {
+            header.generation = generation;
+            header.data_state = data_state;
+        })
     }
 
     /// Durably records the generation at which both copies were last identical.
     pub fn set_base_generation(&self, base_generation: u64) -> Result<(), MetadataError> {
-        let mut state = self.lock();
-        if state.header.base_generation == base_generation {
-            return Ok(());
-        }
-        state.header.base_generation = base_generation;
-        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
-        self.file.sync_data().map_err(|e| self.io_error(e))
+        self.change_header(|header| header.base_generation = base_generation)
     }
 
     /// Regions where this copy may differ from what its peer last agreed with: its
@@ -326,11 +358,8 @@ impl Metadata {
     /// Durably records that this copy is in use on the host with `boot_id`; returns the
     /// boot id recorded before (set when the last user did not stop cleanly).
     pub fn mark_open(&self, boot_id: Option<u128>) -> Result<Option<u128>, MetadataError> {
-        let mut state = self.lock();
-        let previous = state.header.open_boot_id;
-        state.header.open_boot_id = boot_id;
-        write_header(&self.file, &state.header).map_err(|e| self.io_error(e))?;
-        self.file.sync_data().map_err(|e| self.io_error(e))?;
+        let previous = self.lock().header.open_boot_id;
+        self.change_header(|header| header.open_boot_id = boot_id)?;
         Ok(previous)
     }
 
@@ -408,6 +437,7 @@ impl Metadata {
     pub fn clear_activity_marked_before(&self, epoch: u64) -> Result<u64, MetadataError> {
         let mut state = self.lock();
         let state = &mut *state;
+        let before = state.activity.words.clone();
         let mut changed: Option<(usize, usize)> = None;
         let mut cleared = 0;
         for unit in 0..state.activity.bits {
@@ -421,7 +451,6 @@ impl Metadata {
             {
                 continue;
             }
-            state.extent_marked.remove(&unit);
             if let Some(word) = state.activity.put(unit, false) {
                 cleared += 1;
                 changed = Some(match changed {
@@ -430,12 +459,22 @@ impl Metadata {
                 });
             }
         }
-        if let Some((first, last)) = changed {
-            state
-                .activity
-                .write_words(&self.file, first, last)
-                .map_err(|e| self.io_error(e))?;
-            self.file.sync_data().map_err(|e| self.io_error(e))?;
+        let Some((first, last)) = changed else {
+            return Ok(0);
+        };
+        let written = state
+            .activity
+            .write_words(&self.file, first, last)
+            .and_then(|()| self.file.sync_data());
+        if let Err(error) = written {
+            // Still set in memory as it may still be on disk: cleared only once durable.
+            state.activity.words[first..=last].copy_from_slice(&before[first..=last]);
+            return Err(self.io_error(error));
+        }
+        for unit in 0..state.activity.bits {
+            if !state.activity.get(unit) {
+                state.extent_marked.remove(&unit);
+            }
         }
         Ok(cleared)
     }
@@ -485,53 +524,103 @@ impl Metadata {
     ) -> Result<(), MetadataError> {
         let mut state = self.lock();
         let map = bitmap(&mut state);
-        let mut changed: Option<(usize, usize)> = None;
-        for unit in map.units(offset, len) {
-            if let Some(word) = map.put(unit, value) {
-                changed = Some(match changed {
-                    Some((first, _)) => (first, word),
-                    None => (word, word),
-                });
-            }
-        }
-        let Some((first, last)) = changed else {
+        let units = map.units(offset, len);
+        if units.is_empty() {
             return Ok(());
-        };
-        map.write_words(&self.file, first, last)
-            .map_err(|e| self.io_error(e))?;
-        if sync {
-            self.file.sync_data().map_err(|e| self.io_error(e))?;
+        }
+        // `units` ends at most at `bits`, which the words cover.
+        let first = (units.start / 64) as usize;
+        let last = ((units.end - 1) / 64) as usize;
+        let before: Vec<u64> = map.words[first..=last].to_vec();
+        let mut changed = false;
+        for unit in units {
+            changed |= map.put(unit, value).is_some();
+        }
+        if !changed {
+            return Ok(());
+        }
+        let written = map.write_words(&self.file, first, last).and_then(|()| {
+            if sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(error) = written {
+            // Set bits are not believed until durable; cleared ones stay set.
+            map.words[first..=last].copy_from_slice(&before);
+            return Err(self.io_error(error));
         }
         Ok(())
     }
 }
 
-fn write_header(file: &File, header: &Header) -> io::Result<()> {
+/// Bytes before the postcard header in a slot: magic, sequence number, body length.
+const SLOT_PREFIX: usize = 8 + 8 + 2;
+
+/// Writes `header` with `sequence` into slot `sequence % 2` (the older one).
+fn write_header(file: &File, header: &Header, sequence: u64) -> io::Result<()> {
     let encoded = postcard::to_allocvec(header).map_err(io::Error::other)?;
-    let mut block = vec![0u8; HEADER_BLOCK as usize];
+    let block_len = HEADER_BLOCK as usize;
+    if SLOT_PREFIX + encoded.len() + 4 > block_len {
+        return Err(io::Error::other("metadata header does not fit its slot"));
+    }
+    let mut block = vec![0u8; block_len];
     block[..8].copy_from_slice(MAGIC);
-    block[8..10].copy_from_slice(&(encoded.len() as u16).to_le_bytes());
-    block[10..10 + encoded.len()].copy_from_slice(&encoded);
-    let crc = crc32c::crc32c(&block[..10 + encoded.len()]);
-    block[HEADER_BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
-    file.write_all_at(&block, 0)
+    block[8..16].copy_from_slice(&sequence.to_le_bytes());
+    block[16..SLOT_PREFIX].copy_from_slice(&(encoded.len() as u16).to_le_bytes());
+    block[SLOT_PREFIX..SLOT_PREFIX + encoded.len()].copy_from_slice(&encoded);
+    let crc = crc32c::crc32c(&block[..SLOT_PREFIX + encoded.len()]);
+    block[block_len - 4..].copy_from_slice(&crc.to_le_bytes());
+    file.write_all_at(&block, (sequence % HEADER_SLOTS) * HEADER_BLOCK)
 }
 
-fn read_header(file: &File) -> Option<Header> {
+/// The valid header slot with the higher sequence number, and that number.
+fn read_header(file: &File) -> Option<(Header, u64)> {
+    (0..HEADER_SLOTS)
+        .filter_map(|slot| read_slot(file, slot))
+        .max_by_key(|(_, sequence)| *sequence)
+}
+
+fn read_slot(file: &File, slot: u64) -> Option<(Header, u64)> {
     let mut block = vec![0u8; HEADER_BLOCK as usize];
-    file.read_exact_at(&mut block, 0).ok()?;
+    file.read_exact_at(&mut block, slot * HEADER_BLOCK).ok()?;
     if block.get(..8)? != MAGIC {
         return None;
     }
-    let len = usize::from(u16::from_le_bytes([*block.get(8)?, *block.get(9)?]));
-    let body = block.get(..10 + len)?;
+    let sequence = u64::from_le_bytes(block.get(8..16)?.try_into().ok()?);
+    let len = usize::from(u16::from_le_bytes(
+        block.get(16..SLOT_PREFIX)?.try_into().ok()?,
+    ));
+    let body = block.get(..SLOT_PREFIX.checked_add(len)?)?;
     let stored = block.get(HEADER_BLOCK as usize - 4..)?;
     if crc32c::crc32c(body).to_le_bytes() != stored {
         return None;
     }
-    let header: Header = postcard::from_bytes(body.get(10..)?).ok()?;
+    let header: Header = postcard::from_bytes(body.get(SLOT_PREFIX..)?).ok()?;
     (header.version == FORMAT_VERSION && header.chunk_bytes > 0 && header.extent_bytes > 0)
-        .then_some(header)
+        .then_some((header, sequence))
+}
+
+/// Writes `len` zero bytes from the start of `file`.
+fn write_zeroes(file: &File, len: u64) -> io::Result<()> {
+    let zeroes = vec![0u8; 64 * 1024];
+    let mut offset = 0;
+    while offset < len {
+        let chunk = (len - offset).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..chunk], offset)?;
+        offset += chunk as u64;
+    }
+    Ok(())
+}
+
+/// Makes a newly created file's directory entry durable.
+fn sync_directory(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ pub struct ReplicationConfig {
     pub host_id: String,
     /// What the link session is for, e.g. `blk:vm1-disk0`.
     pub service: String,
+    /// The file that identifies this boot of the host (`--boot-id-file`).
+    pub boot_id_file: PathBuf,
 }
 
 #[derive(Debug, Error)]
@@ -145,19 +147,28 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
         demote_listener: (role == RoleKind::Primary && !config.listen.is_empty())
             .then(|| Box::new(move || link::listen(&listener_settings)) as ListenerFactory),
     };
+    let boot_id_file = config.boot_id_file.clone();
     let start = move |image: Arc<Image>, metadata: Arc<Metadata>| match role {
         RoleKind::Primary => {
-            let primary = Primary::start(image, metadata, link::connector(&settings), resync)?;
+            let connector = link::connector(&settings);
+            let primary = Primary::start(image, metadata, connector, resync, &boot_id_file)?;
             Ok(Role::Primary(primary))
         }
         _ => {
             let transport = link::listen(&settings)?;
             Ok(Role::Secondary(Secondary::start(
-                image, metadata, transport,
+                image,
+                metadata,
+                transport,
+                &boot_id_file,
             )?))
         }
     };
-    Mirror::replicated(image, metadata, resync, start, role_changes)
+    let options = crate::mirror::MirrorOptions {
+        resync,
+        boot_id_file: config.boot_id_file.clone(),
+    };
+    Mirror::replicated(image, metadata, options, start, role_changes)
         .map_err(ReplicationError::Start)
 }
 
@@ -175,6 +186,7 @@ mod tests {
             resync: ResyncOptions::default(),
             host_id: "test".into(),
             service: "blk:test".into(),
+            boot_id_file: crate::mirror::secondary::KERNEL_BOOT_ID.into(),
         }
     }
 

@@ -7,6 +7,8 @@
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -46,6 +48,14 @@ pub struct RoleChanges {
     pub demote_listener: Option<ListenerFactory>,
 }
 
+/// How a replicated disk runs, whatever its role.
+#[derive(Clone, Debug, Default)]
+pub struct MirrorOptions {
+    pub resync: ResyncOptions,
+    /// The file that identifies this boot of the host (`--boot-id-file`).
+    pub boot_id_file: std::path::PathBuf,
+}
+
 /// The local image plus, on a primary, the replication to the peer.
 pub struct Mirror {
     image: Arc<Image>,
@@ -53,7 +63,7 @@ pub struct Mirror {
     role: RwLock<Role>,
     /// How to become primary after `promote`, or secondary after `demote`.
     role_changes: std::sync::Mutex<RoleChanges>,
-    resync_options: ResyncOptions,
+    options: MirrorOptions,
 }
 
 impl std::fmt::Debug for Mirror {
@@ -73,7 +83,7 @@ impl Mirror {
             metadata: None,
             role: RwLock::new(Role::Standalone),
             role_changes: std::sync::Mutex::new(RoleChanges::default()),
-            resync_options: ResyncOptions::default(),
+            options: MirrorOptions::default(),
         }
     }
 
@@ -81,7 +91,7 @@ impl Mirror {
     pub fn replicated(
         image: Image,
         metadata: Metadata,
-        resync_options: ResyncOptions,
+        options: MirrorOptions,
         start: impl FnOnce(Arc<Image>, Arc<Metadata>) -> io::Result<Role>,
         role_changes: RoleChanges,
     ) -> io::Result<Mirror> {
@@ -93,7 +103,7 @@ impl Mirror {
             metadata: Some(metadata),
             role: RwLock::new(role),
             role_changes: std::sync::Mutex::new(role_changes),
-            resync_options,
+            options,
         })
     }
 
@@ -122,6 +132,10 @@ impl Mirror {
     }
 
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        if data.is_empty() {
+            // Nothing to write anywhere: it completes at once, never waits on the peer.
+            return Ok(Outcome::Ready(Status::Ok));
+        }
         match self.role() {
             Role::Primary(primary) => primary.write(offset, data, waker),
             Role::Standalone => {
@@ -144,6 +158,9 @@ impl Mirror {
     }
 
     pub fn discard(&self, offset: u64, len: u64, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        if len == 0 {
+            return Ok(Outcome::Ready(Status::Ok));
+        }
         match self.role() {
             Role::Primary(primary) => primary.zero(offset, len, true, waker),
             Role::Standalone => {
@@ -161,6 +178,9 @@ impl Mirror {
         unmap: bool,
         waker: &Arc<Waker>,
     ) -> io::Result<Outcome> {
+        if len == 0 {
+            return Ok(Outcome::Ready(Status::Ok));
+        }
         match self.role() {
             // Zeroing by deallocation is only allowed when the guest allows unmapping.
             Role::Primary(primary) => primary.zero(offset, len, unmap, waker),
@@ -212,6 +232,7 @@ impl Mirror {
             }
             ("promote", Role::Primary(_)) => Ok("already primary".into()),
             ("repair", Role::Primary(primary)) => primary.repair().map(str::to_owned),
+            ("repair", Role::Secondary(secondary)) => secondary.repair().map(str::to_owned),
             ("demote", Role::Primary(primary)) => self.become_secondary(&primary),
             ("demote", Role::Secondary(_)) => Ok("already secondary".into()),
             (other, role) => Err(format!(
@@ -231,7 +252,7 @@ impl Mirror {
             .take()
             .ok_or("promoted without a way to reach the peer (--peer)")?;
         let primary =
-            Primary::start_degraded(self.image.clone(), metadata, connector, self.resync_options)
+            Primary::start_degraded(self.image.clone(), metadata, connector, self.options.resync)
                 .map_err(|error| error.to_string())?;
         let generation = primary.generation();
         match self.role.write() {
@@ -260,8 +281,13 @@ impl Mirror {
         primary.fence();
         let metadata = self.metadata.clone().ok_or("no metadata")?;
         let transport = listener().map_err(|error| error.to_string())?;
-        let secondary = Secondary::start(self.image.clone(), metadata, transport)
-            .map_err(|error| error.to_string())?;
+        let secondary = Secondary::start(
+            self.image.clone(),
+            metadata,
+            transport,
+            &self.options.boot_id_file,
+        )
+        .map_err(|error| error.to_string())?;
         match self.role.write() {
             Ok(mut role) => *role = Role::Secondary(secondary),
             Err(poisoned) => *poisoned.into_inner() = Role::Secondary(secondary),
@@ -271,8 +297,10 @@ impl Mirror {
 
     /// A clean stop of the daemon.
     pub fn shutdown(&self) {
-        if let Role::Secondary(secondary) = self.role() {
-            secondary.shutdown();
+        match self.role() {
+            Role::Secondary(secondary) => secondary.shutdown(),
+            Role::Primary(primary) => primary.shutdown(),
+            Role::Standalone => {}
         }
     }
 

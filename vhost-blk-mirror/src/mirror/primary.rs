@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -169,6 +170,11 @@ struct State {
     resync_forced: bool,
     local: LocalDisk,
     rebuild: ResyncProgress,
+    /// Why the secondary's copy failed (its disk refused a request, or it says so in its
+    /// `Welcome`): it counts as lost until it welcomes us with a working disk.
+    peer_disk_failed: Option<String>,
+    /// Answers to control round trips, by id, until their waiter takes them.
+    control_results: HashMap<u64, Status>,
 }
 
 /// The primary's replication state; shared by the queue workers and its own threads.
@@ -193,12 +199,26 @@ impl std::fmt::Debug for Primary {
 impl Primary {
     /// Starts replication: folds crash-time activity into the out-of-sync bitmap, connects,
     /// and starts the receiver and resync threads.
+    /// `boot_id_file` identifies this boot of the host: a copy last used in another boot
+    /// that was never stopped cleanly lost its unflushed writes, so it is not used alone
+    /// (it is served from the peer, RemoteOnly, until `repair`).
     pub fn start(
         image: Arc<Image>,
         metadata: Arc<Metadata>,
         connector: Connector,
         resync_options: ResyncOptions,
+        boot_id_file: &Path,
     ) -> io::Result<Arc<Primary>> {
+        if super::secondary::host_restarted_under(&metadata, boot_id_file)? {
+            let generation = metadata.header().generation;
+            metadata
+                .set_header(generation, DataState::Inconsistent)
+                .map_err(io::Error::other)?;
+            error!(
+                "this host went down while this copy was in use: writes it had not flushed \
+                 may be gone, so it is Inconsistent; serving from the peer until `repair`"
+            );
+        }
         Primary::start_in(image, metadata, connector, resync_options, Mode::Connecting)
     }
 
@@ -232,9 +252,21 @@ impl Primary {
         let generation = header.generation.max(1);
         if generation != header.generation {
             metadata
-                .set_header(generation, DataState::UpToDate)
+                .set_header(generation, header.data_state)
                 .map_err(io::Error::other)?;
         }
+        // A copy that failed (or lost writes in a crash) is never served from, nor resynced
+        // from, until `repair` rebuilds it from the peer.
+        let local = match header.data_state {
+            DataState::UpToDate => LocalDisk::Healthy,
+            DataState::Inconsistent => {
+                warn!(
+                    "this host's copy is Inconsistent (its disk failed, or it lost writes in a \
+                     crash): serving all I/O from the peer (RemoteOnly) until `repair`"
+                );
+                LocalDisk::Failed
+            }
+        };
         let transport = connector()?;
         let primary = Arc::new(Primary {
             image,
@@ -250,8 +282,10 @@ impl Primary {
                 resync: ResyncProgress::default(),
                 resync_started: false,
                 resync_forced: false,
-                local: LocalDisk::Healthy,
+                local,
                 rebuild: ResyncProgress::default(),
+                peer_disk_failed: None,
+                control_results: HashMap::new(),
             }),
             changed: Condvar::new(),
             resync_options,
@@ -376,8 +410,9 @@ impl Primary {
     }
 
     /// Clears the active extents that no write touched since a moment when no write was
-    /// under way, after a flush made every earlier write durable on the local image: the
-    /// copies can then only differ where a later write marks. Runs from the resync thread
+    /// under way, after a flush made every earlier write durable on the local image and a
+    /// flush round trip made it durable on the secondary: the copies can then only differ
+    /// where a later write marks. Runs from the resync thread
     /// while mirrored; cheap when nothing was written.
     /// Returns whether it tried (no write was under way and some extent was marked).
     pub(super) fn clear_idle_activity(&self) -> bool {
@@ -390,6 +425,12 @@ impl Primary {
         };
         if let Err(error) = self.image.flush() {
             warn!("cannot flush the local image before clearing activity: {error}");
+            self.local_failed(&error);
+            return true;
+        }
+        // The secondary acknowledged those writes from its page cache: they count as on
+        // both copies only once it has flushed too (a power loss there loses the rest).
+        if !self.control_round_trip(|id, generation| Message::Flush { id, generation }) {
             return true;
         }
         if let Err(error) = self.metadata.clear_activity_marked_before(epoch) {
@@ -400,6 +441,9 @@ impl Primary {
 
     /// A guest write: local image, then the peer; completes when the peer acknowledged.
     pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
+        if data.is_empty() {
+            return Ok(Outcome::Ready(Status::Ok));
+        }
         let len = data.len() as u64;
         let activity = match self
             .unless_mirroring(offset, len, waker, || self.image.write_at(&data, offset))?
@@ -472,6 +516,9 @@ impl Primary {
         deallocate: bool,
         waker: &Arc<Waker>,
     ) -> io::Result<Outcome> {
+        if len == 0 {
+            return Ok(Outcome::Ready(Status::Ok));
+        }
         let local = || zero_local(&self.image, offset, len, deallocate);
         let activity = match self.unless_mirroring(offset, len, waker, local)? {
             Ok(guard) => guard,

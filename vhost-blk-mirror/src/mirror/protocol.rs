@@ -32,6 +32,9 @@ pub enum Message {
         /// copy may differ from what the primaries before agreed (its out-of-sync chunks
         /// and active extents); `false` when they were too many to list.
         suspect_listed: bool,
+        /// The secondary's disk failed a write (or cannot record its state) and it applies
+        /// nothing until the operator repairs it: the primary keeps running without it.
+        disk_failed: bool,
     },
     /// A guest write; the payload is the data.
     Write {
@@ -113,7 +116,8 @@ pub enum Refusal {
     SizeMismatch { ours: u64 },
     /// The block's CRC32C did not match its data.
     Checksum,
-    /// The secondary's image returned an error.
+    /// The secondary's image returned an error, or an earlier one left its disk failed:
+    /// its copy is durably Inconsistent (it applies nothing until repaired).
     Io(String),
     /// The request does not fit the disk.
     OutOfRange,
@@ -165,6 +169,7 @@ mod tests {
                 data_state: DataState::Inconsistent,
                 lost_unflushed: true,
                 suspect_listed: true,
+                disk_failed: false,
             },
         ];
         for message in messages {

@@ -3,6 +3,7 @@
 //! write has completed. Refuses a sender whose generation is lower than its own.
 
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -20,6 +21,14 @@ const RECEIVE_TIMEOUT: Duration = Duration::from_millis(100);
 struct State {
     /// See `Message::Welcome::lost_unflushed`; reported until a resync completes.
     lost_unflushed: bool,
+    /// The data state this copy had before its host went down under it (it is durably
+    /// Inconsistent since): tells the primary whether a delta of its recently written
+    /// regions is enough.
+    state_before_crash: Option<DataState>,
+    /// Why this copy's disk failed: from then on nothing is applied until `repair`.
+    disk_failed: Option<String>,
+    /// Requests that failed on this copy's disk.
+    disk_failures: u64,
     /// The current session's primary said `Hello` and was welcomed.
     welcomed: bool,
     resyncing: bool,
@@ -33,7 +42,8 @@ struct State {
 /// The secondary's part of `status`.
 #[derive(Debug, Serialize)]
 pub struct SecondaryStatus {
-    /// UpToDate, Inconsistent or SyncTarget.
+    /// UpToDate, Inconsistent, SyncTarget, or Failed (its disk failed: Inconsistent, and
+    /// nothing is applied until `repair`).
     pub disk_state: &'static str,
     pub generation: u64,
     pub peer_reachable: bool,
@@ -42,6 +52,10 @@ pub struct SecondaryStatus {
     pub applied_bytes: u64,
     pub resync_bytes_received: u64,
     pub refused_requests: u64,
+    /// Why this copy's disk failed (it is Inconsistent and applies nothing until
+    /// `repair`); `None` while it works.
+    pub disk_failed: Option<String>,
+    pub disk_failures: u64,
 }
 
 pub struct Secondary {
@@ -59,19 +73,28 @@ impl std::fmt::Debug for Secondary {
 
 impl Secondary {
     /// Starts applying what arrives on `transport` (the listening side of the link).
+    /// `boot_id_path` names the file that identifies this boot of the host (see
+    /// [`host_restarted_under`]).
     pub fn start(
         image: Arc<Image>,
         metadata: Arc<Metadata>,
         transport: Arc<dyn Transport>,
+        boot_id_path: &Path,
     ) -> io::Result<Arc<Secondary>> {
-        let current = current_boot_id();
-        let previous = metadata.mark_open(current).map_err(io::Error::other)?;
-        let lost_unflushed =
-            matches!((previous, current), (Some(before), Some(now)) if before != now);
+        let lost_unflushed = host_restarted_under(&metadata, boot_id_path)?;
+        let mut state_before_crash = None;
         if lost_unflushed {
+            // Writes this copy acknowledged but had not flushed may be gone: it is not
+            // UpToDate any more, durably, before anyone can ask it.
+            let header = metadata.header();
+            state_before_crash = Some(header.data_state);
+            metadata
+                .set_header(header.generation, DataState::Inconsistent)
+                .map_err(io::Error::other)?;
             warn!(
                 "this host restarted while the secondary was running: writes not yet flushed \
-                 may be lost; the primary will resync recently written regions"
+                 may be lost; this copy is Inconsistent until the primary resyncs its \
+                 recently written regions"
             );
         }
         let secondary = Arc::new(Secondary {
@@ -80,6 +103,7 @@ impl Secondary {
             transport,
             state: Mutex::new(State {
                 lost_unflushed,
+                state_before_crash,
                 ..State::default()
             }),
         });
@@ -149,6 +173,14 @@ impl Secondary {
                 ours = generation;
             }
         }
+        if let (Some((id, _)), Some(reason)) =
+            (message.id_and_generation(), self.lock().disk_failed.clone())
+        {
+            return Some(Message::Failed {
+                id,
+                reason: Refusal::Io(format!("this copy's disk failed earlier: {reason}")),
+            });
+        }
         match message {
             Message::Hello {
                 generation,
@@ -161,6 +193,8 @@ impl Secondary {
                 id, offset, crc32c, ..
             } => {
                 if crc32c::crc32c(payload) != crc32c {
+                    // Nothing was written: the primary sends the block again and the
+                    // guest's write completes only once a copy of it is applied.
                     return refuse(id, Refusal::Checksum);
                 }
                 let resync = matches!(message, Message::ResyncBlock { .. });
@@ -201,6 +235,7 @@ impl Secondary {
                     let mut state = self.lock();
                     state.resyncing = false;
                     state.lost_unflushed = false;
+                    state.state_before_crash = None;
                     info!("resync complete: this copy is UpToDate");
                 }
                 Some(self.result(id, result))
@@ -271,11 +306,25 @@ impl Secondary {
                 ranges.len()
             );
         }
+        let (lost_unflushed, state_before_crash, disk_failed) = {
+            let state = self.lock();
+            (
+                state.lost_unflushed,
+                state.state_before_crash,
+                state.disk_failed.is_some(),
+            )
+        };
+        let data_state = match (disk_failed, state_before_crash) {
+            (true, _) => DataState::Inconsistent,
+            (false, Some(before)) => before,
+            (false, None) => header.data_state,
+        };
         let welcome = Message::Welcome {
             generation: header.generation,
-            data_state: header.data_state,
-            lost_unflushed: self.lock().lost_unflushed,
+            data_state,
+            lost_unflushed,
             suspect_listed,
+            disk_failed,
         };
         if let Err(error) = self.transport.send(&welcome, payload) {
             warn!("cannot answer the primary: {error}");
@@ -288,6 +337,7 @@ impl Secondary {
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > self.image.size_bytes())
         {
+            self.disk_failed("a write past the end of this copy");
             return Message::Failed {
                 id,
                 reason: Refusal::OutOfRange,
@@ -366,17 +416,64 @@ impl Secondary {
         self.result(id, result)
     }
 
+    /// The answer to a request that changed (or tried to change) this copy. A failure
+    /// leaves the copy durably Inconsistent before the primary hears of it.
     fn result(&self, id: u64, result: io::Result<()>) -> Message {
         match result {
             Ok(()) => Message::Done { id },
             Err(error) => {
                 error!("request {id} failed on this copy: {error}");
+                self.disk_failed(&error.to_string());
                 Message::Failed {
                     id,
                     reason: Refusal::Io(error.to_string()),
                 }
             }
         }
+    }
+
+    /// This copy missed a write: it is Inconsistent (durably, if the metadata can still be
+    /// written) and applies nothing until `repair`. The primary goes on without it, at a
+    /// generation this copy does not hold, so the witness can never choose it.
+    fn disk_failed(&self, cause: &str) {
+        let first = {
+            let mut state = self.lock();
+            state.disk_failures += 1;
+            let first = state.disk_failed.is_none();
+            if first {
+                state.disk_failed = Some(cause.to_owned());
+            }
+            first
+        };
+        let generation = self.metadata.header().generation;
+        if let Err(error) = self
+            .metadata
+            .set_header(generation, DataState::Inconsistent)
+        {
+            error!(
+                "cannot record that this copy is Inconsistent: {error}; the primary's next \
+                 generation still excludes it"
+            );
+        }
+        if first {
+            error!(
+                "this copy's disk failed ({cause}): it is Inconsistent and applies nothing \
+                 until it is repaired; remedy: fix the disk holding {}, then send `repair` \
+                 to this daemon (a full resync follows)",
+                self.image.path().display()
+            );
+        }
+    }
+
+    /// The operator repaired the disk: apply the primary's requests again. The copy stays
+    /// Inconsistent until the primary's resync ends.
+    pub fn repair(&self) -> Result<&'static str, String> {
+        let mut state = self.lock();
+        if state.disk_failed.take().is_none() {
+            return Ok("the disk has not failed; nothing to repair");
+        }
+        info!("repair: this copy applies requests again; it is Inconsistent until resynced");
+        Ok("repaired: Inconsistent until the primary's resync ends")
     }
 
     /// A clean stop: everything applied is flushed, so nothing acknowledged can be lost.
@@ -396,6 +493,11 @@ impl Secondary {
     /// Takes over as primary at `generation` (default: the next one): refused while this
     /// copy is Inconsistent. Returns the new generation.
     pub fn promote(&self, generation: Option<u64>) -> Result<u64, String> {
+        if let Some(reason) = self.lock().disk_failed.clone() {
+            return Err(format!(
+                "this copy's disk failed ({reason}); it misses writes and cannot be promoted"
+            ));
+        }
         let header = self.metadata.header();
         if header.data_state == DataState::Inconsistent {
             return Err(
@@ -427,6 +529,7 @@ impl Secondary {
         let header = self.metadata.header();
         let state = self.lock();
         let disk_state = match (header.data_state, state.resyncing) {
+            _ if state.disk_failed.is_some() => "Failed",
             (DataState::Inconsistent, true) => "SyncTarget",
             (DataState::Inconsistent, false) => "Inconsistent",
             (DataState::UpToDate, _) => "UpToDate",
@@ -440,14 +543,35 @@ impl Secondary {
             applied_bytes: state.applied_bytes,
             resync_bytes_received: state.resync_bytes,
             refused_requests: state.refused,
+            disk_failed: state.disk_failed.clone(),
+            disk_failures: state.disk_failures,
         }
     }
 }
 
-/// This boot of the host (`/proc/sys/kernel/random/boot_id`), if the kernel tells.
-fn current_boot_id() -> Option<u128> {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+/// The kernel's identity of this boot of the host.
+pub const KERNEL_BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// This boot of the host, from `path` (normally [`KERNEL_BOOT_ID`]; test hosts that share
+/// one kernel emulate a power loss with a file of their own), if it can be read.
+fn current_boot_id(path: &Path) -> Option<u128> {
+    let text = std::fs::read_to_string(path).ok()?;
     parse_boot_id(&text)
+}
+
+/// Durably records that this copy is in use in this boot of the host; returns whether the
+/// host went down under its last user (recorded in another boot and never stopped
+/// cleanly): writes that were acknowledged but not flushed may be gone from the image.
+pub fn host_restarted_under(metadata: &Metadata, boot_id_path: &Path) -> io::Result<bool> {
+    let current = current_boot_id(boot_id_path);
+    if current.is_none() {
+        warn!(
+            "cannot read the boot id from {}: a crash of this host will not be detected",
+            boot_id_path.display()
+        );
+    }
+    let previous = metadata.mark_open(current).map_err(io::Error::other)?;
+    Ok(matches!((previous, current), (Some(before), Some(now)) if before != now))
 }
 
 fn parse_boot_id(text: &str) -> Option<u128> {
@@ -467,7 +591,7 @@ mod tests {
         );
         assert_eq!(parse_boot_id("not a boot id"), None);
         assert!(
-            current_boot_id().is_some(),
+            current_boot_id(Path::new(KERNEL_BOOT_ID)).is_some(),
             "this kernel exposes its boot id"
         );
     }

@@ -161,11 +161,18 @@ impl VmRunner {
                     data_generation: 0,
                 };
             };
-            let generation = replication["generation"].as_u64().unwrap_or(0);
             let consistent = match replication["role"].as_str() {
-                Some("primary") => true,
+                // A primary whose own copy failed serves from the peer (RemoteOnly): its
+                // copy holds nothing complete.
+                Some("primary") => replication["local_disk"] == "Healthy",
                 Some("secondary") => replication["disk_state"] == "UpToDate",
                 _ => false,
+            };
+            // An Inconsistent copy holds no generation completely: it claims none, so the
+            // witness can never grant it even if a claim were made.
+            let generation = match consistent {
+                true => replication["generation"].as_u64().unwrap_or(0),
+                false => 0,
             };
             view.consistent &= consistent;
             view.data_generation = view.data_generation.min(generation);
@@ -189,7 +196,47 @@ impl VmRunner {
         }
     }
 
+    /// Reports, once each, a copy that failed: this host's own (a secondary's disk, or a
+    /// primary's local disk) or the peer's as the primary sees it.
+    fn report_copy_failures(&mut self, events: &mut Events) {
+        for index in 0..self.disk_specs.len() {
+            let failure = self.replication(index).and_then(|replication| {
+                let own = replication["disk_failed"].as_str().map(|reason| {
+                    format!("this host's copy failed ({reason}): it is Inconsistent")
+                });
+                let remote_only = (replication["disk_state"] == "RemoteOnly").then(|| {
+                    "this host's local disk failed: the VM's I/O is served by the peer's copy"
+                        .to_owned()
+                });
+                let peer = replication["peer_disk_failed"].as_str().map(|reason| {
+                    format!(
+                        "{}'s copy failed ({reason}): running without it",
+                        self.pair.peer
+                    )
+                });
+                own.or(remote_only).or(peer)
+            });
+            if failure.is_some() && failure != self.reported_failures[index] {
+                if let Some(description) = &failure {
+                    let spec = &self.disk_specs[index];
+                    events.error(
+                        &self.name,
+                        format!("disk {}: {description}", spec.serial),
+                        &format!(
+                            "repair the failed disk, then `repair` on its disk daemon ({}); \
+                             see {}",
+                            spec.control.display(),
+                            spec.log.display()
+                        ),
+                    );
+                }
+            }
+            self.reported_failures[index] = failure;
+        }
+    }
+
     pub(super) fn supervise(&mut self, events: &mut Events) {
+        self.report_copy_failures(events);
         for index in 0..self.disks.len() {
             let Some(disk) = self.disks[index].as_mut() else {
                 continue;
@@ -518,7 +565,7 @@ fn rank(word: &str) -> u8 {
         "Syncing" => 2,
         "Holding" => 3,
         "Degraded" | "RemoteOnly" | "Rebuilding" => 4,
-        "Inconsistent" => 5,
+        "Inconsistent" | "Failed" => 5,
         "Unknown" => 6,
         _ => 7,
     }

@@ -144,6 +144,8 @@ pub struct VmRunner {
     /// Warned that the primary is lost while this copy cannot take over.
     warned_cannot_take_over: bool,
     started_at: Millis,
+    /// Per disk, the copy failure last reported as an event (so each is reported once).
+    reported_failures: Vec<Option<String>>,
 }
 
 impl VmRunner {
@@ -174,6 +176,7 @@ impl VmRunner {
         let runner = VmRunner {
             disks: disk_specs.iter().map(|_| None).collect(),
             disk_status: disk_specs.iter().map(|_| None).collect(),
+            reported_failures: disk_specs.iter().map(|_| None).collect(),
             name,
             level,
             first_primary,

@@ -26,6 +26,9 @@ pub struct PrimaryStatus {
     /// Guest writes under way (between marking their extents and their end).
     pub writes_active: u64,
     pub resync: ResyncProgress,
+    /// Why the secondary's copy failed (it counts as lost until repaired); `None` while
+    /// it works.
+    pub peer_disk_failed: Option<String>,
 }
 
 impl Primary {
@@ -153,6 +156,23 @@ impl Primary {
             active_extents: self.metadata.active_extents(),
             writes_active: self.writes_active.load(std::sync::atomic::Ordering::SeqCst),
             resync: state.resync.now(),
+            peer_disk_failed: state.peer_disk_failed.clone(),
+        }
+    }
+
+    /// A clean stop: the local image is flushed and the copy marked closed, so the next
+    /// start knows no write was lost with this host's page cache.
+    pub fn shutdown(&self) {
+        if self.lock().local != LocalDisk::Healthy {
+            return;
+        }
+        match self.image.flush() {
+            Ok(()) => {
+                if let Err(error) = self.metadata.mark_open(None) {
+                    warn!("unclean stop of the primary: {error}");
+                }
+            }
+            Err(error) => warn!("unclean stop of the primary: cannot flush: {error}"),
         }
     }
 }

@@ -1,25 +1,39 @@
 //! The primary's receiver: answers from the secondary, and the peer's reachability.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use super::{InFlight, Kind, Mode, Primary, POLL_INTERVAL};
+use super::{InFlight, Kind, LocalDisk, Mode, Primary, POLL_INTERVAL};
 use crate::metadata::DataState;
 use crate::mirror::protocol::MAX_SUSPECT_RANGES;
 use crate::mirror::protocol::{Message, Received, Refusal};
 use crate::request::Status;
 
+/// How often a degraded primary asks a secondary whose disk failed whether it is back.
+const HELLO_RETRY: Duration = Duration::from_secs(2);
+
 impl Primary {
     pub(super) fn receive_loop(self: Arc<Self>) {
         let mut hello_sent_to: Option<usize> = None;
+        let mut hello_sent_at = Instant::now();
         loop {
             let transport = self.transport();
             let identity = Arc::as_ptr(&transport) as *const () as usize;
-            if hello_sent_to != Some(identity) {
+            // A secondary whose disk failed is asked again now and then: once the operator
+            // repaired it, it welcomes us and protection resumes with a resync.
+            let ask_again = {
+                let state = self.lock();
+                state.peer_disk_failed.is_some()
+                    && state.mode == Mode::Degraded
+                    && hello_sent_at.elapsed() >= HELLO_RETRY
+            };
+            if hello_sent_to != Some(identity) || ask_again {
                 self.lock().welcomed = false;
                 self.send_hello();
                 hello_sent_to = Some(identity);
+                hello_sent_at = Instant::now();
             }
             match transport.recv(POLL_INTERVAL) {
                 Ok(Some(Received::Message(message, payload))) => self.handle(message, payload),
@@ -103,10 +117,14 @@ impl Primary {
                 self.deliver_read(id, data);
             }
             Message::Welcome {
+                disk_failed: true, ..
+            } => self.peer_copy_failed(None, "its disk failed and awaits `repair`".into()),
+            Message::Welcome {
                 generation,
                 data_state,
                 lost_unflushed,
                 suspect_listed,
+                disk_failed: false,
             } => {
                 if lost_unflushed {
                     match self.metadata.activity_to_out_of_sync() {
@@ -124,7 +142,7 @@ impl Primary {
                 } else {
                     None
                 };
-                self.welcome(generation, data_state, suspect)
+                self.welcome(generation, data_state, suspect, lost_unflushed)
             }
             Message::Done { id } => self.complete(id, Status::Ok),
             Message::Differs { id } => self.send_differing_chunk(id),
@@ -144,6 +162,7 @@ impl Primary {
         peer_generation: u64,
         data_state: DataState,
         suspect: Option<Vec<(u64, u64)>>,
+        lost_unflushed: bool,
     ) {
         let ours = self.generation();
         if peer_generation > ours {
@@ -188,10 +207,14 @@ impl Primary {
         }
         let out_of_sync = self.metadata.out_of_sync_bytes();
         let mut state = self.lock();
+        if state.peer_disk_failed.take().is_some() {
+            info!("the secondary's disk works again: protection resumes with a resync");
+        }
         state.welcomed = true;
-        // A secondary behind our generation stays Inconsistent until a resync ends, even
-        // one with nothing to copy.
-        state.resync_forced = peer_generation < ours;
+        // A secondary behind our generation, or one that lost unflushed writes in a crash
+        // (durably Inconsistent since), stays Inconsistent until a resync ends, even one
+        // with nothing to copy.
+        state.resync_forced = peer_generation < ours || lost_unflushed;
         if matches!(
             state.mode,
             Mode::Connecting | Mode::Holding | Mode::Degraded
@@ -204,8 +227,9 @@ impl Primary {
 
     /// Finishes an in-flight request.
     pub(super) fn complete(&self, id: u64, status: Status) {
-        // A resynced chunk is cleared before its entry goes: whoever sees the resync drained
-        // must also see the chunk in sync, or it would be copied twice.
+        // A resynced chunk is cleared before its entry goes, and only on the secondary's
+        // success: whoever sees the resync drained must also see the chunk in sync, or it
+        // would be copied twice.
         let kind = self.lock().in_flight.get(&id).map(|entry| entry.kind);
         if let (Some(Kind::Resync { chunk }), Status::Ok) = (kind, status) {
             if let Err(error) = self.metadata.clear_out_of_sync_chunk(chunk) {
@@ -215,6 +239,12 @@ impl Primary {
         let entry = {
             let mut state = self.lock();
             let entry = state.in_flight.remove(&id);
+            if entry
+                .as_ref()
+                .is_some_and(|entry| entry.kind == Kind::Control)
+            {
+                state.control_results.insert(id, status);
+            }
             if let Some(InFlight {
                 kind: Kind::Resync { .. },
                 len,
@@ -244,17 +274,73 @@ impl Primary {
                 let error = std::io::Error::other(format!("the peer could not read: {other:?}"));
                 self.deliver_read(id, Err(error));
             }
-            other => {
-                // The secondary's copy of this range is not current: remember it for the
-                // resync. The local write succeeded, so the request itself is fine.
-                let range = self.lock().in_flight.get(&id).map(|e| (e.offset, e.len));
-                warn!("secondary failed request {id}: {other:?}; range will be resynced");
-                if let Some((offset, len)) = range {
-                    self.mark_out_of_sync(offset, len);
-                }
-                self.complete(id, Status::Ok);
-            }
+            Refusal::Checksum => self.retransmit(id),
+            other => self.peer_copy_failed(Some(id), format!("{other:?}")),
         }
+    }
+
+    /// The block of request `id` arrived damaged: send it again from the local image (its
+    /// range is still locked, so the image holds exactly the data to send). Without a
+    /// local copy to read it from, the secondary's copy is missing it for good.
+    fn retransmit(&self, id: u64) {
+        let found = {
+            let state = self.lock();
+            state
+                .in_flight
+                .get(&id)
+                .map(|entry| (entry.kind, entry.offset, entry.len, state.generation))
+        };
+        let Some((Kind::Write | Kind::Resync { .. }, offset, len, generation)) = found else {
+            return;
+        };
+        warn!("the secondary got request {id} damaged (CRC32C); sending it again");
+        let mut data = vec![0u8; len as usize];
+        if self.lock().local != LocalDisk::Healthy || self.image.read_at(&mut data, offset).is_err()
+        {
+            self.peer_copy_failed(
+                Some(id),
+                "a damaged block with no local copy to resend".into(),
+            );
+            return;
+        }
+        let message = Message::ResyncBlock {
+            id,
+            generation,
+            offset,
+            crc32c: crc32c::crc32c(&data),
+        };
+        self.send_or_hold(&message, data);
+    }
+
+    /// The secondary's copy missed a change (its disk failed it, or it says its disk
+    /// failed): it is Inconsistent, and we treat it like a lost secondary. The change's
+    /// range is recorded as out of sync (durably), request `id` is held rather than
+    /// completed, and the mode goes to Holding: the coordinator claims the next generation
+    /// from the witness (which that copy does not hold) and says `continue-degraded`.
+    pub(super) fn peer_copy_failed(&self, id: Option<u64>, reason: String) {
+        let range = id.and_then(|id| {
+            let state = self.lock();
+            let entry = state.in_flight.get(&id)?;
+            matches!(entry.kind, Kind::Write | Kind::Resync { .. })
+                .then_some((entry.offset, entry.len))
+        });
+        if let Some((offset, len)) = range {
+            self.mark_out_of_sync(offset, len);
+        }
+        let mut state = self.lock();
+        if state.peer_disk_failed.is_none() {
+            error!(
+                "the secondary's copy failed ({reason}): it is Inconsistent; holding \
+                 completions until `continue-degraded` at a new generation; remedy: repair \
+                 the secondary host's disk and send `repair` to its disk daemon"
+            );
+            state.peer_disk_failed = Some(reason);
+        }
+        state.welcomed = false;
+        if matches!(state.mode, Mode::Mirrored | Mode::Connecting) {
+            state.mode = Mode::Holding;
+        }
+        self.changed.notify_all();
     }
 
     fn update_reachability(&self, reachable: bool) {
@@ -267,7 +353,7 @@ impl Primary {
                 );
                 state.mode = Mode::Holding;
             }
-            (Mode::Holding, true) if state.welcomed => {
+            (Mode::Holding, true) if state.welcomed && state.peer_disk_failed.is_none() => {
                 info!("peer reachable again: mirroring resumes");
                 state.mode = Mode::Mirrored;
                 self.changed.notify_all();

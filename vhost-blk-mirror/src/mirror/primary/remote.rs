@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use super::{InFlight, Kind, LocalDisk, Mode, Primary, ResyncProgress, MAX_BLOCK_BYTES};
+use crate::metadata::DataState;
 use crate::mirror::protocol::Message;
 
 /// How long a read from the peer may take before it is retried or failed.
@@ -38,15 +39,36 @@ impl Primary {
         }
     }
 
+    /// The local image failed: it is recorded durably as Inconsistent (so that no restart
+    /// serves or resyncs from it) before any further request completes, then all I/O is
+    /// served by the peer. If even that cannot be recorded, this primary fences itself:
+    /// a restart must never find the stale copy marked UpToDate.
     pub(super) fn local_failed(&self, cause: &io::Error) {
-        let mut state = self.lock();
-        if state.local != LocalDisk::Failed {
-            error!(
-                "local disk failed ({cause}): serving all I/O from the peer (RemoteOnly) until \
-                 `repair`"
-            );
+        let generation = {
+            let mut state = self.lock();
+            if state.local == LocalDisk::Failed {
+                return;
+            }
+            // Set first so that no other request uses the local copy meanwhile.
             state.local = LocalDisk::Failed;
+            state.generation
+        };
+        if let Err(error) = self
+            .metadata
+            .set_header(generation, DataState::Inconsistent)
+        {
+            error!(
+                "local disk failed ({cause}) and that cannot be recorded ({error}): fencing, \
+                 so that no restart serves the stale copy"
+            );
+            self.fence();
+            return;
         }
+        error!(
+            "local disk failed ({cause}): this copy is Inconsistent; serving all I/O from the \
+             peer (RemoteOnly); remedy: repair the disk holding {}, then send `repair`",
+            self.image.path().display()
+        );
     }
 
     /// A guest read: the local image, or the peer's copy when the local one is unusable.
@@ -168,6 +190,12 @@ impl Primary {
         }
         if let Err(error) = self.image.flush() {
             self.local_failed(&error);
+            return;
+        }
+        let generation = self.generation();
+        if let Err(error) = self.metadata.set_header(generation, DataState::UpToDate) {
+            error!("repair: cannot record the rebuilt copy as UpToDate: {error}");
+            self.local_failed(&io::Error::other(error));
             return;
         }
         let mut state = self.lock();

@@ -10,6 +10,7 @@ use log::{info, warn};
 
 use super::{InFlight, Kind, LocalDisk, Mode, Primary, ResyncProgress, RESYNC_WINDOW};
 use crate::mirror::protocol::Message;
+use crate::request::Status;
 
 /// How long the resync waits between looks when there is nothing to do.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -127,7 +128,9 @@ impl Primary {
             Ok(()) => Some(data),
             Err(error) => {
                 warn!("resync cannot read {len} bytes at {offset}: {error}");
-                self.complete(id, crate::request::Status::IoError);
+                // The chunk stays out of sync; the local disk is not a source any more.
+                self.local_failed(&error);
+                self.complete(id, Status::IoError);
                 None
             }
         }
@@ -201,16 +204,21 @@ impl Primary {
         }
     }
 
-    /// Sends a control message and waits for its answer; false if the mode changed first.
-    fn control_round_trip(&self, make: impl Fn(u64, u64) -> Message) -> bool {
+    /// Sends a control message and waits for its answer; true only if the secondary
+    /// answered `Done` (false if it failed, or the mode changed first).
+    pub(super) fn control_round_trip(&self, make: impl Fn(u64, u64) -> Message) -> bool {
         let Ok((id, generation)) = self.register(InFlight::new(Kind::Control, 0, 0, None)) else {
             return false;
         };
         self.send_or_hold(&make(id, generation), Vec::new());
         let mut state = self.lock();
         loop {
+            if let Some(status) = state.control_results.remove(&id) {
+                return status == Status::Ok;
+            }
             if !state.in_flight.contains_key(&id) {
-                return true;
+                // Dropped unanswered (a mode change took it): not a success.
+                return false;
             }
             if state.mode != Mode::Mirrored && state.mode != Mode::Holding {
                 state.in_flight.remove(&id);

@@ -1,0 +1,332 @@
+//! The mirror protocol between a real [`Primary`] and a real [`Secondary`] in one process,
+//! joined by an in-memory transport that can drop or count messages: the honest-state rules
+//! of issue 10 (a copy that failed is never UpToDate, nothing is cleared before both copies
+//! made it durable) checked without a network or a VM.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::primary::{Connector, Mode, Primary, ResyncOptions};
+use super::protocol::{Message, Received, Transport};
+use super::secondary::Secondary;
+use crate::image::Image;
+use crate::metadata::{DataState, Metadata};
+use crate::request::Status;
+use crate::ticket::{Outcome, Waker};
+
+const DISK_BYTES: u64 = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+type Filter = Box<dyn Fn(&Message) -> bool + Send>;
+
+/// Both directions of the in-memory link.
+#[derive(Default)]
+struct Board {
+    inner: Mutex<Queues>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Queues {
+    to_secondary: VecDeque<(Message, Vec<u8>)>,
+    to_primary: VecDeque<(Message, Vec<u8>)>,
+    /// Messages to the secondary this returns true for are held back (in order) until
+    /// the filter is removed, like a link that delays but never loses them.
+    hold_to_secondary: Option<Filter>,
+    held: VecDeque<(Message, Vec<u8>)>,
+    /// Every message the secondary received, in order.
+    delivered: Vec<Message>,
+}
+
+impl Board {
+    fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_filter(&self, filter: Option<Filter>) {
+        let mut queues = self.queues();
+        if filter.is_none() {
+            let held = std::mem::take(&mut queues.held);
+            for (message, payload) in held {
+                queues.delivered.push(message.clone());
+                queues.to_secondary.push_back((message, payload));
+            }
+            self.arrived.notify_all();
+        }
+        queues.hold_to_secondary = filter;
+    }
+
+    fn delivered(&self) -> Vec<Message> {
+        self.queues().delivered.clone()
+    }
+}
+
+/// One end of the link.
+struct End {
+    board: Arc<Board>,
+    primary_side: bool,
+}
+
+impl Transport for End {
+    fn send(&self, message: &Message, payload: Vec<u8>) -> std::io::Result<()> {
+        let mut queues = self.board.queues();
+        if self.primary_side {
+            let held = queues
+                .hold_to_secondary
+                .as_ref()
+                .is_some_and(|filter| filter(message));
+            if held {
+                queues.held.push_back((message.clone(), payload));
+            } else {
+                queues.delivered.push(message.clone());
+                queues.to_secondary.push_back((message.clone(), payload));
+            }
+        } else {
+            queues.to_primary.push_back((message.clone(), payload));
+        }
+        self.board.arrived.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, timeout: Duration) -> std::io::Result<Option<Received>> {
+        let deadline = Instant::now() + timeout;
+        let mut queues = self.board.queues();
+        loop {
+            let next = if self.primary_side {
+                queues.to_primary.pop_front()
+            } else {
+                queues.to_secondary.pop_front()
+            };
+            if let Some((message, payload)) = next {
+                return Ok(Some(Received::Message(message, payload)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            queues = match self.board.arrived.wait_timeout(queues, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    fn peer_reachable(&self) -> bool {
+        true
+    }
+
+    fn links(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn close(&self) {}
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    board: Arc<Board>,
+    primary: Arc<Primary>,
+    secondary: Arc<Secondary>,
+    secondary_meta: PathBuf,
+    waker: Arc<Waker>,
+}
+
+fn image(path: &Path, read_only: bool) -> Arc<Image> {
+    if !path.exists() {
+        std::fs::File::create(path)
+            .and_then(|file| file.set_len(DISK_BYTES))
+            .expect("create image");
+    }
+    Arc::new(Image::open(path, read_only).expect("open image"))
+}
+
+fn boot_id_file(dir: &Path) -> PathBuf {
+    let path = dir.join("boot_id");
+    std::fs::write(&path, "0f4e3c7a-1b2c-4d5e-8f90-a1b2c3d4e5f6\n").expect("boot id");
+    path
+}
+
+/// A primary and a secondary on fresh images; the secondary's image is opened read-only
+/// (every write to it fails) when `secondary_fails`.
+fn pair(secondary_fails: bool, filter: Option<Filter>) -> Pair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let boot = boot_id_file(dir.path());
+    let board = Arc::new(Board::default());
+    board.set_filter(filter);
+    let secondary_meta = dir.path().join("secondary.meta");
+    let metadata = Metadata::open_or_create(&secondary_meta, DISK_BYTES, DataState::Inconsistent)
+        .expect("secondary metadata");
+    let end = Arc::new(End {
+        board: board.clone(),
+        primary_side: false,
+    });
+    let secondary = Secondary::start(
+        image(&dir.path().join("secondary.img"), secondary_fails),
+        Arc::new(metadata),
+        end,
+        &boot,
+    )
+    .expect("start secondary");
+    let metadata = Metadata::open_or_create(
+        &dir.path().join("primary.meta"),
+        DISK_BYTES,
+        DataState::UpToDate,
+    )
+    .expect("primary metadata");
+    let connector_board = board.clone();
+    let connector: Connector = Box::new(move || {
+        Ok(Arc::new(End {
+            board: connector_board.clone(),
+            primary_side: true,
+        }) as Arc<dyn Transport>)
+    });
+    let primary = Primary::start(
+        image(&dir.path().join("primary.img"), false),
+        Arc::new(metadata),
+        connector,
+        ResyncOptions::default(),
+        &boot,
+    )
+    .expect("start primary");
+    Pair {
+        _dir: dir,
+        board,
+        primary,
+        secondary,
+        secondary_meta,
+        waker: Arc::new(Waker::new().expect("eventfd")),
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Pair {
+    fn wait_in_sync(&self) {
+        wait_until("the pair in sync", || {
+            let status = self.primary.status();
+            status.disk_state == "UpToDate" && status.in_flight_requests == 0
+        });
+        assert_eq!(self.secondary.status().disk_state, "UpToDate");
+    }
+
+    fn write(&self, offset: u64, byte: u8) -> Outcome {
+        self.primary
+            .write(offset, vec![byte; 4096], &self.waker)
+            .expect("write")
+    }
+}
+
+#[test]
+fn a_secondary_whose_disk_fails_is_never_up_to_date_and_the_primary_holds() {
+    // The secondary's disk refuses every write: the first protection's resync fails.
+    let pair = pair(true, None);
+    wait_until("the primary to hold for the failed copy", || {
+        let status = pair.primary.status();
+        status.mode == Mode::Holding && status.peer_disk_failed.is_some()
+    });
+    let secondary = pair.secondary.status();
+    assert_eq!(secondary.disk_state, "Failed");
+    assert!(secondary.disk_failed.is_some(), "{secondary:?}");
+    assert!(
+        !pair
+            .board
+            .delivered()
+            .iter()
+            .any(|message| matches!(message, Message::ResyncDone { .. })),
+        "a resync whose blocks failed must never be declared done"
+    );
+    // Durably: a restarted daemon would read Inconsistent from the metadata.
+    let metadata = Metadata::open_or_create(&pair.secondary_meta, DISK_BYTES, DataState::UpToDate)
+        .expect("reopen");
+    assert_eq!(metadata.header().data_state, DataState::Inconsistent);
+    assert!(
+        pair.secondary.promote(None).is_err(),
+        "a failed copy promoted"
+    );
+
+    // A guest write is held, not completed, until the coordinator moves on without it (it
+    // may wait behind the held resync blocks of its range, as a queue worker would).
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let primary = pair.primary.clone();
+    let waker = pair.waker.clone();
+    std::thread::spawn(move || {
+        let _ = sender.send(primary.write(8192, vec![0x5a; 4096], &waker));
+    });
+    let early = receiver.recv_timeout(Duration::from_millis(100));
+    if let Ok(outcome) = &early {
+        let status = outcome.as_ref().map(Outcome::status).expect("write");
+        assert_eq!(status, None, "completed while the copy is failed");
+    }
+    let generation = pair.primary.generation() + 1;
+    pair.primary
+        .continue_degraded(Some(generation))
+        .expect("continue degraded");
+    let outcome = match early {
+        Ok(outcome) => outcome,
+        Err(_) => receiver.recv_timeout(TIMEOUT).expect("the write returns"),
+    }
+    .expect("write");
+    wait_until("the held write", || outcome.status().is_some());
+    assert_eq!(outcome.status(), Some(Status::Ok));
+    // The secondary still says its disk failed when the primary asks again: degraded.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pair.primary.mode(), Mode::Degraded);
+    assert!(pair.primary.status().out_of_sync_bytes > 0);
+}
+
+#[test]
+fn activity_is_cleared_only_after_the_secondary_flushed() {
+    // Flushes to the secondary are held back: the primary's active extents must stay, since
+    // the secondary's copy of those writes may be only in its page cache.
+    let no_flush: Filter = Box::new(|message| matches!(message, Message::Flush { .. }));
+    let pair = pair(false, Some(no_flush));
+    pair.wait_in_sync();
+    let write = pair.write(4096, 7);
+    wait_until("the write", || write.status().is_some());
+    assert_eq!(pair.primary.status().active_extents, 1);
+    // Longer than the clearing interval (1 s): still active.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pair.primary.status().active_extents,
+        1,
+        "cleared without a flush on the secondary"
+    );
+    // The flush arrives: the extent is cleared after that round trip.
+    pair.board.set_filter(None);
+    wait_until("the activity cleared", || {
+        pair.primary.status().active_extents == 0
+    });
+    assert!(pair
+        .board
+        .delivered()
+        .iter()
+        .any(|message| matches!(message, Message::Flush { .. })));
+}
+
+#[test]
+fn zero_length_requests_complete_at_once() {
+    let pair = pair(false, None);
+    pair.wait_in_sync();
+    let outcome = pair
+        .primary
+        .write(0, Vec::new(), &pair.waker)
+        .expect("empty write");
+    assert_eq!(
+        outcome.status(),
+        Some(Status::Ok),
+        "an empty write must not wait"
+    );
+    let outcome = pair
+        .primary
+        .zero(0, 0, true, &pair.waker)
+        .expect("empty discard");
+    assert_eq!(outcome.status(), Some(Status::Ok));
+}
