@@ -15,6 +15,7 @@ pub mod paths;
 pub mod process;
 pub mod qmp;
 pub mod records;
+pub mod tmpfs;
 pub mod wait;
 
 use std::path::Path;

@@ -70,3 +70,29 @@ pub fn assert_in_image(image: &[u8], acknowledged: &[(u64, u64)], which: &str) {
         );
     }
 }
+
+/// `/direct.sh W`: writes `records` records with O_DIRECT and no flush (each acknowledged
+/// by the disk, so on both copies of a mirror, but durable nowhere yet), then says `IDLE`
+/// and waits for the test to end the guest.
+fn direct_writer_script(records: u32) -> String {
+    "w=$1; base=$(( $1 * 1000 )); i=1\n\
+     while [ $i -le RECORDS ]; do\n\
+       printf 'ftvm-record %06d w%d\\n' $i $w > /tmp/rec$w\n\
+       dd if=/tmp/rec$w of=/dev/vda bs=4096 seek=$((base + i)) conv=sync oflag=direct \
+         2>/dev/null || { echo \"WRITE-FAILED $w $i\"; exit 1; }\n\
+       echo \"ACK $w $i\"\n\
+       i=$((i + 1))\n\
+     done\n\
+     echo \"IDLE $w\"\n\
+     sleep 3600\n"
+        .replace("RECORDS", &records.to_string())
+}
+
+/// Sets up `config` to run one O_DIRECT writer without flushes (see `direct_writer_script`).
+pub fn add_direct_writer(config: &mut GuestConfig, records: u32) {
+    config.script = "sh /direct.sh 0\n".into();
+    config.files.push(Entry::executable(
+        "direct.sh",
+        direct_writer_script(records).into_bytes(),
+    ));
+}

@@ -7,6 +7,7 @@ use ftvm_tests::blk::BlkDaemon;
 use ftvm_tests::guest::{Disk, Guest, GuestConfig};
 use ftvm_tests::mirror::MirrorPair;
 use ftvm_tests::records;
+use ftvm_tests::tmpfs::SmallTmpfs;
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 /// Initial full sync of the test disk, link detection, resyncs: all well under this.
@@ -228,43 +229,6 @@ fn a_link_cuts_lose_and_duplicate_nothing() {
     let guest_writes = pair.primary().status()["write_requests"].clone();
     let applied = pair.secondary().status()["replication"]["applied_writes"].clone();
     assert_eq!(applied, guest_writes, "writes lost or applied twice");
-}
-
-/// A tmpfs mounted for a test (a real kernel source of ENOSPC), unmounted when dropped.
-struct SmallTmpfs {
-    path: std::path::PathBuf,
-}
-
-impl SmallTmpfs {
-    fn mount(path: &std::path::Path, size: &str) -> SmallTmpfs {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ftvm-test"])
-            .arg(path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount tmpfs on {}", path.display());
-        SmallTmpfs {
-            path: path.to_owned(),
-        }
-    }
-
-    fn resize(&self, size: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "remount {}", self.path.display());
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
 }
 
 #[test]

@@ -1,0 +1,238 @@
+//! Level 2 disk under real storage faults (issue 10): a copy that failed a write, lost its
+//! unflushed writes in a power loss, or went stale is never treated as current. The faults
+//! are real: a full tmpfs returns ENOSPC from the kernel; `ftvm-fault-fs` (FUSE) drops every
+//! write not covered by a later fsync when it "loses power", as a crashed host's page cache.
+
+use std::time::Duration;
+
+use ftvm_tests::blk::BlkDaemon;
+use ftvm_tests::fault_fs::FaultFs;
+use ftvm_tests::guest::{Disk, Guest, GuestConfig};
+use ftvm_tests::mirror::MirrorPair;
+use ftvm_tests::records;
+use ftvm_tests::tmpfs::SmallTmpfs;
+use ftvm_tests::wait::poll_until;
+
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+const IMAGE_BYTES: u64 = 64 << 20;
+
+fn guest_on(pair: &MirrorPair, name: &str) -> GuestConfig {
+    let mut config = GuestConfig::new(name, "");
+    config.disks.push(Disk {
+        socket: pair.primary_options.socket.clone(),
+        queues: pair.primary_options.queues,
+    });
+    config.netns = Some(pair.hosts.namespace("hostA"));
+    config
+}
+
+fn wait_mode(daemon: &BlkDaemon, mode: &'static str) -> serde_json::Value {
+    daemon.wait_replication(SYNC_TIMEOUT, mode, |r| r["mode"] == mode)
+}
+
+fn write_boot_id(path: &std::path::Path, boot: u32) {
+    std::fs::write(path, format!("{boot:08x}-1b2c-4d5e-8f90-a1b2c3d4e5f6\n")).expect("boot id");
+}
+
+/// The secondary's image fills up (a real ENOSPC): its copy must become durably
+/// Inconsistent before the primary hears of it, the primary must hold rather than complete
+/// on the failure, go on only at a new generation (as the witness would grant), never call
+/// that copy UpToDate, and never let it be promoted; after the disk is repaired, a resync
+/// makes it current again with every acknowledged record.
+#[test]
+fn a_full_secondary_disk_is_never_up_to_date_nor_promotable() {
+    let small_dir = ftvm_tests::scratch_dir("small-secondary");
+    let small = SmallTmpfs::mount(small_dir.path(), "512k");
+    let mut pair = MirrorPair::new("fault-secondary", IMAGE_BYTES, 1);
+    pair.secondary_options.image = small.path().join("secondary.img");
+    ftvm_tests::create_image(&pair.secondary_options.image, IMAGE_BYTES);
+    // Compare mode sends only differing chunks: the sparse secondary stays sparse until the
+    // guest writes, so it fills up under the guest's writes, not under the first sync.
+    pair.primary_options
+        .extra_args
+        .push("--resync-compare".into());
+    // Where a promoted secondary would reach the old primary: makes `promote` possible, so
+    // that its refusal is the copy's state.
+    pair.secondary_options
+        .extra_args
+        .extend(["--peer".to_owned(), "10.77.1.1:7400".to_owned()]);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    let generation = pair.primary().status()["replication"]["generation"]
+        .as_u64()
+        .expect("generation");
+
+    let mut config = guest_on(&pair, "fault-secondary");
+    records::add_writers(&mut config, 1, 300);
+    let mut guest = Guest::boot(&config, pair.dir.path());
+    // The secondary's disk fills up: the primary holds (no completion on a failed reply).
+    pair.primary()
+        .wait_replication(GUEST_TIMEOUT, "the copy's failure", |r| {
+            r["mode"] == "Holding" && r["peer_disk_failed"].is_string()
+        });
+    let secondary = pair.secondary().status();
+    assert_eq!(
+        secondary["replication"]["disk_state"], "Failed",
+        "{secondary}"
+    );
+    let refused = pair.secondary().command("promote");
+    assert!(
+        refused["ok"] != true
+            && refused["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("failed")),
+        "a failed copy was promoted, or refused for another reason: {refused}"
+    );
+
+    // The coordinator's part: the witness grants the next generation, which that copy
+    // does not hold; the primary goes on alone at it, and the guest never sees an error.
+    let next = generation + 1;
+    let reply = pair.primary().command(&format!("continue-degraded {next}"));
+    assert_eq!(reply["ok"], true, "continue-degraded refused: {reply}");
+    wait_mode(pair.primary(), "Degraded");
+    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "the guest saw an error");
+    guest.wait_poweroff(GUEST_TIMEOUT);
+    let acknowledged = records::acknowledged(&guest.console());
+    assert_eq!(acknowledged.len(), 300, "every record was acknowledged");
+    let primary = pair.primary().status();
+    assert_eq!(primary["rejected_requests"], 0, "{primary}");
+    // Asked again while degraded, the failed copy still says so: never UpToDate.
+    let secondary = pair.secondary().status();
+    assert_eq!(
+        secondary["replication"]["disk_state"], "Failed",
+        "{secondary}"
+    );
+    assert_eq!(
+        pair.primary().status()["replication"]["mode"], "Degraded",
+        "the primary mirrored to a failed copy again"
+    );
+
+    // Repair: room on the disk, `repair` on the secondary; the degraded primary asks again
+    // and resyncs it; only then is it UpToDate, at the new generation.
+    small.resize("128m");
+    let reply = pair.secondary().command("repair");
+    assert_eq!(reply["ok"], true, "repair refused: {reply}");
+    let synced = pair.wait_in_sync(SYNC_TIMEOUT);
+    assert_eq!(synced["replication"]["generation"], next, "{synced}");
+    pair.assert_images_identical();
+    records::assert_in_image(&pair.secondary_image(), &acknowledged, "secondary");
+}
+
+/// The primary's own disk fills up: it serves every request from the peer (RemoteOnly).
+/// Its disk daemon is then killed and started again, as a supervisor would: the restarted
+/// daemon must still know its copy is stale and serve from the peer, so that the guest
+/// reads back every record it wrote.
+#[test]
+fn remote_only_survives_a_restart_of_the_primary() {
+    let small_dir = ftvm_tests::scratch_dir("small-primary");
+    let small = SmallTmpfs::mount(small_dir.path(), "512k");
+    let mut pair = MirrorPair::new("fault-primary", IMAGE_BYTES, 1);
+    pair.primary_options.image = small.path().join("primary.img");
+    ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+
+    let mut config = guest_on(&pair, "fault-primary");
+    records::add_writers(&mut config, 1, 200);
+    let mut guest = Guest::boot(&config, pair.dir.path());
+    pair.primary()
+        .wait_replication(GUEST_TIMEOUT, "RemoteOnly", |r| {
+            r["disk_state"] == "RemoteOnly"
+        });
+    guest.wait_for_line(GUEST_TIMEOUT, |line| {
+        records::acknowledged(&[line.to_owned()])
+            .first()
+            .is_some_and(|&(_, record)| record >= 150)
+    });
+    // A crash of the daemon (its host keeps running): QEMU reconnects to the new one.
+    pair.kill_primary();
+    pair.start_primary();
+    let restarted = pair.primary().status();
+    assert_eq!(
+        restarted["replication"]["disk_state"], "RemoteOnly",
+        "the restarted primary trusted its stale copy: {restarted}"
+    );
+    // The guest's own read-back of all 200 records goes through the restarted daemon.
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "the guest lost records"
+    );
+    guest.wait_poweroff(GUEST_TIMEOUT);
+    let status = pair.primary().status();
+    assert_eq!(status["rejected_requests"], 0, "{status}");
+
+    small.resize("128m");
+    let reply = pair.primary().command("repair");
+    assert_eq!(reply["ok"], true, "repair refused: {reply}");
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
+            r["local_disk"] == "Healthy"
+        });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
+}
+
+/// The secondary's host loses power, twice: once while the guest writes (O_DIRECT, no
+/// flush: acknowledged, so on both hosts, but durable on neither), and once after the
+/// guest went idle and the primary had had time to clear its activity record. Each time
+/// the secondary comes back Inconsistent and is resynced where it may have lost writes;
+/// only then is it UpToDate, and its image then equals the primary's.
+#[test]
+fn a_secondary_power_loss_loses_no_acknowledged_write() {
+    let fault_fs = FaultFs::start();
+    let mut pair = MirrorPair::new("fault-power", IMAGE_BYTES, 1);
+    pair.secondary_options.image = fault_fs.path("secondary.img");
+    ftvm_tests::create_image(&pair.secondary_options.image, IMAGE_BYTES);
+    let boot_id = pair.dir.path().join("hostB.boot_id");
+    write_boot_id(&boot_id, 1);
+    pair.secondary_options.extra_args.extend([
+        "--boot-id-file".to_owned(),
+        boot_id.display().to_string(),
+    ]);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+
+    let mut config = guest_on(&pair, "fault-power");
+    records::add_direct_writer(&mut config, 300);
+    let guest = Guest::boot(&config, pair.dir.path());
+    let mut boot = 1;
+    let mut power_loss = |pair: &mut MirrorPair, why: &str| {
+        // The daemon dies with its host, then the host's unsynced writes are gone.
+        pair.kill_secondary();
+        let dropped = fault_fs.power_loss();
+        boot += 1;
+        write_boot_id(&boot_id, boot);
+        eprintln!("power loss ({why}): {dropped} unsynced bytes dropped");
+        pair.start_secondary();
+        let back = pair.secondary().status();
+        assert_ne!(
+            back["replication"]["disk_state"], "UpToDate",
+            "a copy that lost writes came back UpToDate: {back}"
+        );
+    };
+
+    guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 100");
+    power_loss(&mut pair, "while the guest writes");
+    guest.wait_for_line(GUEST_TIMEOUT, |line| line == "IDLE 0");
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
+    // Idle: the primary clears its record of recent writes only once both copies flushed.
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "activity cleared", |r| {
+            r["active_extents"] == 0
+        });
+    power_loss(&mut pair, "while the guest is idle");
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
+    let acknowledged = records::acknowledged(&guest.console());
+    assert_eq!(acknowledged.len(), 300);
+    records::assert_in_image(&pair.secondary_image(), &acknowledged, "secondary");
+    poll_until(SYNC_TIMEOUT, "the fault file system's status", || {
+        fault_fs.status()["power_losses"].as_u64() == Some(2)
+    });
+}
