@@ -96,3 +96,17 @@ pub fn add_direct_writer(config: &mut GuestConfig, records: u32) {
         direct_writer_script(records).into_bytes(),
     ));
 }
+
+/// Sets up `config` to read back records `1..=records` of writer 0 and exit non-zero on the
+/// first one missing (`MISSING 0 <n>`), or print `VERIFIED 0`.
+pub fn add_verifier(config: &mut GuestConfig, records: u64) {
+    config.script = format!(
+        "i=1\n\
+         while [ $i -le {records} ]; do\n\
+           dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | head -n 1 > /tmp/got\n\
+           printf 'ftvm-record %06d w0\\n' $i | cmp -s - /tmp/got || {{ echo \"MISSING 0 $i\"; exit 1; }}\n\
+           i=$((i + 1))\n\
+         done\n\
+         echo \"VERIFIED 0\"\n"
+    );
+}

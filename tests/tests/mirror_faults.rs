@@ -92,7 +92,11 @@ fn a_full_secondary_disk_is_never_up_to_date_nor_promotable() {
     let reply = pair.primary().command(&format!("continue-degraded {next}"));
     assert_eq!(reply["ok"], true, "continue-degraded refused: {reply}");
     wait_mode(pair.primary(), "Degraded");
-    assert_eq!(guest.wait_test_exit(GUEST_TIMEOUT), 0, "the guest saw an error");
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "the guest saw an error"
+    );
     guest.wait_poweroff(GUEST_TIMEOUT);
     let acknowledged = records::acknowledged(&guest.console());
     assert_eq!(acknowledged.len(), 300, "every record was acknowledged");
@@ -105,7 +109,8 @@ fn a_full_secondary_disk_is_never_up_to_date_nor_promotable() {
         "{secondary}"
     );
     assert_eq!(
-        pair.primary().status()["replication"]["mode"], "Degraded",
+        pair.primary().status()["replication"]["mode"],
+        "Degraded",
         "the primary mirrored to a failed copy again"
     );
 
@@ -189,10 +194,9 @@ fn a_secondary_power_loss_loses_no_acknowledged_write() {
     ftvm_tests::create_image(&pair.secondary_options.image, IMAGE_BYTES);
     let boot_id = pair.dir.path().join("hostB.boot_id");
     write_boot_id(&boot_id, 1);
-    pair.secondary_options.extra_args.extend([
-        "--boot-id-file".to_owned(),
-        boot_id.display().to_string(),
-    ]);
+    pair.secondary_options
+        .extra_args
+        .extend(["--boot-id-file".to_owned(), boot_id.display().to_string()]);
     pair.start_secondary();
     pair.start_primary();
     pair.wait_in_sync(SYNC_TIMEOUT);
@@ -235,4 +239,65 @@ fn a_secondary_power_loss_loses_no_acknowledged_write() {
     poll_until(SYNC_TIMEOUT, "the fault file system's status", || {
         fault_fs.status()["power_losses"].as_u64() == Some(2)
     });
+}
+
+/// The primary's host loses power while the guest writes (O_DIRECT, no flush): QEMU and the
+/// daemon die with it, and the primary's image loses its unflushed writes, which the
+/// secondary holds. Restarted on the same host, the primary must not trust (nor resync
+/// from) its own copy: it serves from the peer (RemoteOnly), a new guest finds every
+/// acknowledged record, and `repair` rebuilds the local copy.
+#[test]
+fn a_primary_power_loss_keeps_its_stale_copy_out_of_service() {
+    let fault_fs = FaultFs::start();
+    let mut pair = MirrorPair::new("fault-primary-power", IMAGE_BYTES, 1);
+    pair.primary_options.image = fault_fs.path("primary.img");
+    ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
+    let boot_id = pair.dir.path().join("hostA.boot_id");
+    write_boot_id(&boot_id, 1);
+    pair.primary_options
+        .extra_args
+        .extend(["--boot-id-file".to_owned(), boot_id.display().to_string()]);
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+
+    let mut config = guest_on(&pair, "fault-primary-power");
+    records::add_direct_writer(&mut config, 300);
+    let guest = Guest::boot(&config, pair.dir.path());
+    guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 150");
+    // The host goes down: QEMU and the daemon with it, then its page cache.
+    drop(guest);
+    pair.kill_primary();
+    let dropped = fault_fs.power_loss();
+    eprintln!("power loss of the primary's host: {dropped} unsynced bytes dropped");
+    write_boot_id(&boot_id, 2);
+    pair.start_primary();
+    let restarted = pair.primary().status();
+    assert_eq!(
+        restarted["replication"]["disk_state"], "RemoteOnly",
+        "the restarted primary trusted a copy that lost writes: {restarted}"
+    );
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "the peer reached", |r| {
+            r["mode"] == "Mirrored"
+        });
+
+    let mut config = guest_on(&pair, "fault-primary-verify");
+    records::add_verifier(&mut config, 150);
+    let mut guest = Guest::boot(&config, pair.dir.path());
+    assert_eq!(
+        guest.wait_test_exit(GUEST_TIMEOUT),
+        0,
+        "acknowledged records lost"
+    );
+    guest.wait_poweroff(GUEST_TIMEOUT);
+
+    let reply = pair.primary().command("repair");
+    assert_eq!(reply["ok"], true, "repair refused: {reply}");
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
+            r["local_disk"] == "Healthy"
+        });
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.assert_images_identical();
 }

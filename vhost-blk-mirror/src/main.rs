@@ -71,8 +71,14 @@ struct Args {
     /// File holding this boot's id, recorded in the metadata while the copy is in use: a
     /// different id at the next start means the host went down under the daemon, and
     /// writes it had not flushed may be gone (the copy is then resynced before it counts
-    /// as UpToDate). Test rigs whose "hosts" share one kernel give each host a file.
-    #[arg(long, value_name = "FILE", default_value = vhost_blk_mirror::mirror::secondary::KERNEL_BOOT_ID)]
+    /// as UpToDate). Test rigs whose "hosts" share one kernel give each host a file (also
+    /// through the environment, so that it reaches daemons that ftvmd starts).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FTVM_BOOT_ID_FILE",
+        default_value = vhost_blk_mirror::mirror::secondary::KERNEL_BOOT_ID
+    )]
     boot_id_file: PathBuf,
 }
 

@@ -706,6 +706,71 @@ mod tests {
     }
 
     #[test]
+    fn a_torn_header_write_leaves_the_previous_header_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("create");
+        meta.set_header(4, DataState::UpToDate).expect("header");
+        meta.set_header(5, DataState::Inconsistent).expect("header");
+        let newest_slot = meta.lock().sequence % HEADER_SLOTS;
+        drop(meta);
+        // A crash in the middle of the next header write: its slot is half old, half new.
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(&[0xa5; 100], newest_slot * HEADER_BLOCK + 20)
+            .expect("tear");
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("reopen");
+        assert_eq!(meta.header().generation, 4, "the older, intact slot wins");
+        assert_eq!(meta.header().data_state, DataState::UpToDate);
+        // And the next update goes to the torn slot, never over the intact one.
+        meta.set_header(6, DataState::Inconsistent).expect("header");
+        drop(meta);
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("reopen");
+        assert_eq!(meta.header().generation, 6);
+        assert_eq!(meta.header().data_state, DataState::Inconsistent);
+    }
+
+    #[test]
+    fn the_file_is_fully_allocated_when_created() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        Metadata::open_or_create(&path, 64 << 30, DataState::UpToDate).expect("create");
+        let info = std::fs::metadata(&path).expect("stat");
+        assert!(
+            info.blocks() * 512 >= info.len(),
+            "sparse metadata: a full disk could keep a failure from being recorded"
+        );
+    }
+
+    #[test]
+    fn a_failed_bitmap_write_changes_nothing_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("create");
+        // The same metadata, reopened on a read-only descriptor: every write fails.
+        let read_only = Metadata {
+            path: path.clone(),
+            file: File::open(&path).expect("open read-only"),
+            state: Mutex::new(State {
+                header: meta.header(),
+                sequence: meta.lock().sequence,
+                out_of_sync: Bitmap::new(2 * HEADER_BLOCK, DEFAULT_CHUNK_BYTES, 1 << 20),
+                activity: Bitmap::new(3 * HEADER_BLOCK, DEFAULT_EXTENT_BYTES, 1 << 20),
+                activity_epoch: 0,
+                extent_marked: std::collections::HashMap::new(),
+            }),
+        };
+        assert!(read_only.mark_out_of_sync(0, 4096).is_err());
+        assert!(
+            read_only.out_of_sync_chunks().is_empty(),
+            "a bit believed set that is not on disk"
+        );
+        assert!(read_only.set_header(9, DataState::Inconsistent).is_err());
+        assert_eq!(read_only.header().generation, 0);
+        assert_eq!(read_only.header().data_state, DataState::UpToDate);
+    }
+
+    #[test]
     fn whole_disk_marking_counts_partial_last_chunk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let meta = Metadata::open_or_create(&dir.path().join("m"), 100_000, DataState::UpToDate)

@@ -707,6 +707,76 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_makes_the_copy_durably_inconsistent_until_repaired_and_resynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut secondary = secondary_at_generation(dir.path(), 5);
+        // Every write to this image fails, as a failed disk's would.
+        secondary.image =
+            Arc::new(Image::open(&dir.path().join("image"), true).expect("read-only image"));
+        let data = vec![0xabu8; 4096];
+        let crc = crc32c::crc32c(&data);
+        let answer = secondary.apply(write(1, 5, crc), &data);
+        assert!(
+            matches!(
+                answer,
+                Some(Message::Failed {
+                    reason: Refusal::Io(_),
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+        let reopened =
+            Metadata::open_or_create(&dir.path().join("meta"), 1 << 20, DataState::UpToDate)
+                .expect("reopen");
+        assert_eq!(
+            reopened.header().data_state,
+            DataState::Inconsistent,
+            "recorded durably before the answer"
+        );
+        assert_eq!(secondary.status().disk_state, "Failed");
+        // Nothing is applied any more, not even the end of a resync.
+        let done = secondary.apply(
+            Message::ResyncDone {
+                id: 2,
+                generation: 5,
+            },
+            &[],
+        );
+        assert!(matches!(done, Some(Message::Failed { .. })), "{done:?}");
+        assert_eq!(
+            secondary.metadata.header().data_state,
+            DataState::Inconsistent
+        );
+        assert!(secondary.promote(None).is_err());
+        // Repaired, it applies again, and only a resync makes it UpToDate.
+        secondary.image = Arc::new(Image::open(&dir.path().join("image"), false).expect("image"));
+        secondary.repair().expect("repair");
+        assert_eq!(secondary.status().disk_state, "Inconsistent");
+        assert!(secondary.promote(None).is_err());
+        for (id, message) in [
+            (
+                3,
+                Message::ResyncStart {
+                    id: 3,
+                    generation: 5,
+                },
+            ),
+            (4, write(4, 5, crc)),
+            (
+                5,
+                Message::ResyncDone {
+                    id: 5,
+                    generation: 5,
+                },
+            ),
+        ] {
+            assert_eq!(secondary.apply(message, &data), Some(Message::Done { id }));
+        }
+        assert_eq!(secondary.status().disk_state, "UpToDate");
+    }
+
+    #[test]
     fn a_recorded_boot_id_survives_until_a_clean_stop() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("meta");
