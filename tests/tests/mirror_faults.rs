@@ -301,3 +301,47 @@ fn a_primary_power_loss_keeps_its_stale_copy_out_of_service() {
     pair.wait_in_sync(SYNC_TIMEOUT);
     pair.assert_images_identical();
 }
+
+/// Storage that cannot punch holes or zero ranges (`fallocate` fails with EOPNOTSUPP on
+/// both hosts' `ftvm-fault-fs`): discards and write-zeroes still succeed (zeroes written),
+/// neither copy is counted as failed, and both read the same; an empty discard completes.
+#[test]
+fn unsupported_discards_write_zeroes_on_both_copies() {
+    use vhost_user_blk_load::{BlkDevice, DeviceOptions};
+
+    let fault_fs = FaultFs::start();
+    fault_fs.set_fallocate_supported(false);
+    let mut pair = MirrorPair::new("fault-discard", 16 << 20, 1);
+    pair.primary_options.image = fault_fs.path("primary.img");
+    pair.secondary_options.image = fault_fs.path("secondary.img");
+    for image in [&pair.primary_options.image, &pair.secondary_options.image] {
+        ftvm_tests::create_image(image, 16 << 20);
+    }
+    pair.start_secondary();
+    pair.start_primary();
+    pair.wait_in_sync(SYNC_TIMEOUT);
+    let mut device = BlkDevice::open(&pair.primary_options.socket, &DeviceOptions::default())
+        .expect("connect to the primary");
+    let data = vec![0x5au8; 64 << 10];
+    assert_eq!(device.write(0, &data).expect("write").status, 0);
+    assert_eq!(device.discard(0, 32).expect("discard").status, 0);
+    assert_eq!(
+        device.write_zeroes(32, 32, false).expect("zeroes").status,
+        0
+    );
+    assert_eq!(device.write_zeroes(64, 16, true).expect("unmap").status, 0);
+    assert_eq!(device.discard(100, 0).expect("empty discard").status, 0);
+    assert_eq!(device.flush().expect("flush").status, 0);
+    let back = device.read(0, 64 << 10).expect("read");
+    assert_eq!(back.status, 0);
+    assert!(back.data[..40 << 10].iter().all(|&b| b == 0));
+    assert!(back.data[40 << 10..].iter().all(|&b| b == 0x5a));
+    drop(device);
+    let synced = pair.wait_in_sync(SYNC_TIMEOUT);
+    assert!(
+        synced["replication"]["peer_disk_failed"].is_null(),
+        "{synced}"
+    );
+    assert_eq!(synced["replication"]["local_disk"], "Healthy", "{synced}");
+    pair.assert_images_identical();
+}
