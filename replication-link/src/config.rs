@@ -64,8 +64,19 @@ pub struct LinkConfig {
     pub max_unacked_bytes: usize,
     /// How long [`crate::Session::send`] blocks while the send window is full.
     pub send_timeout_ms: u64,
-    /// Listener: connections allowed in the handshake at once; more are dropped.
+    /// Listener: connections in their handshake at once. A newer connection closes the oldest
+    /// handshake of the source holding the most (see `max_pending_handshakes_per_source`).
     pub max_pending_handshakes: usize,
+    /// Listener: connections in their handshake at once from one source (IPv4 address or
+    /// IPv6 /64). A newer connection from a source at its limit closes that source's oldest.
+    pub max_pending_handshakes_per_source: usize,
+    /// Listener: the services it serves (e.g. `blk:vm1-disk0`). A client naming another is
+    /// refused before the challenge (`Refused{"service not served here"}`). `None`: any.
+    pub allowed_services: Option<Vec<String>>,
+    /// Listener: the client ids (the clients' `local_id`) it serves; another is refused
+    /// before the challenge (`Refused{"client not allowed here"}`). `None`: any client that
+    /// authenticates.
+    pub allowed_clients: Option<Vec<String>>,
 }
 
 impl LinkConfig {
@@ -87,6 +98,9 @@ impl LinkConfig {
             max_unacked_bytes: 64 * 1024 * 1024,
             send_timeout_ms: 10_000,
             max_pending_handshakes: 32,
+            max_pending_handshakes_per_source: 8,
+            allowed_services: None,
+            allowed_clients: None,
         }
     }
 
@@ -117,6 +131,10 @@ impl LinkConfig {
             ("max_unacked_messages", self.max_unacked_messages as u64),
             ("max_unacked_bytes", self.max_unacked_bytes as u64),
             ("max_pending_handshakes", self.max_pending_handshakes as u64),
+            (
+                "max_pending_handshakes_per_source",
+                self.max_pending_handshakes_per_source as u64,
+            ),
         ];
         if let Some((name, _)) = must_be_positive.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::Zero { name });
@@ -137,6 +155,20 @@ impl LinkConfig {
 
     pub(crate) fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// Listener: whether it serves `service` (all do when `allowed_services` is `None`).
+    pub(crate) fn serves(&self, service: &str) -> bool {
+        self.allowed_services
+            .as_ref()
+            .is_none_or(|services| services.iter().any(|allowed| allowed == service))
+    }
+
+    /// Listener: whether `client_id` may connect (all may when `allowed_clients` is `None`).
+    pub(crate) fn allows_client(&self, client_id: &str) -> bool {
+        self.allowed_clients
+            .as_ref()
+            .is_none_or(|clients| clients.iter().any(|allowed| allowed == client_id))
     }
 
     /// Receive window offered to the peer, clamped to the wire types.

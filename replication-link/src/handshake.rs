@@ -13,7 +13,7 @@
 //! Either side answers a check that fails with `Refused{reason}` and closes. Handshake frames
 //! carry no payload and are limited to one header; their tag is a checksum under a public key.
 
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -51,8 +51,6 @@ pub enum HandshakeError {
     Invalid { field: &'static str },
     #[error("handshake frame error")]
     Frame(#[source] FrameError),
-    #[error("cannot set socket timeouts")]
-    Socket(#[source] std::io::Error),
     #[error("cannot draw random bytes: {0}")]
     Random(getrandom::Error),
 }
@@ -92,54 +90,36 @@ impl Side {
     }
 }
 
-/// Handshake frames on one connection, under one deadline. Reads are unbuffered so that no
-/// byte after the handshake is consumed here.
+/// Handshake frames on one connection, under one deadline for the whole handshake: every
+/// read and write gets only the time left, so a peer that trickles bytes cannot stretch it.
+/// Reads are unbuffered so that no byte after the handshake is consumed here.
 pub(crate) struct HandshakeChannel<'a> {
-    stream: &'a TcpStream,
+    stream: DeadlineStream<'a>,
     sealer: FrameSealer,
     opener: FrameOpener,
-    deadline: Instant,
 }
 
 impl<'a> HandshakeChannel<'a> {
-    pub(crate) fn new(stream: &'a TcpStream, side: Side, timeout: Duration) -> Self {
+    /// `deadline`: when the whole handshake must be done (for a server, counted from accept).
+    pub(crate) fn new(stream: &'a TcpStream, side: Side, deadline: Instant) -> Self {
         let key = FrameKey::handshake();
         HandshakeChannel {
-            stream,
+            stream: DeadlineStream { stream, deadline },
             sealer: FrameSealer::new(key.clone(), side.sending(), HANDSHAKE_MAX_FRAME_BYTES),
             opener: FrameOpener::new(key, side.receiving(), HANDSHAKE_MAX_FRAME_BYTES),
-            deadline: Instant::now() + timeout,
         }
-    }
-
-    fn remaining(&self) -> Result<Duration, HandshakeError> {
-        let remaining = self.deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(HandshakeError::Timeout);
-        }
-        Ok(remaining)
     }
 
     fn send(&mut self, header: &LinkHeader) -> Result<(), HandshakeError> {
-        let remaining = self.remaining()?;
-        self.stream
-            .set_write_timeout(Some(remaining))
-            .map_err(HandshakeError::Socket)?;
         let mut frame = Vec::new();
         self.sealer.write_frame(&mut frame, header, &[])?;
-        let mut stream = self.stream;
-        stream
+        self.stream
             .write_all(&frame)
             .map_err(|error| HandshakeError::from(FrameError::Io(error)))
     }
 
     fn receive(&mut self) -> Result<LinkHeader, HandshakeError> {
-        let remaining = self.remaining()?;
-        self.stream
-            .set_read_timeout(Some(remaining))
-            .map_err(HandshakeError::Socket)?;
-        let mut stream = self.stream;
-        let frame = self.opener.read_frame(&mut stream)?;
+        let frame = self.opener.read_frame(&mut self.stream)?;
         if !frame.payload.is_empty() {
             return Err(HandshakeError::Unexpected {
                 kind: "payload-carrying",
@@ -148,16 +128,61 @@ impl<'a> HandshakeChannel<'a> {
         Ok(frame.header)
     }
 
-    /// Tells the peer why it is refused (best effort) and returns `error`.
-    fn refuse(&mut self, reason: &str, error: HandshakeError) -> HandshakeError {
+    /// Tells the peer why it is refused, best effort (the connection is closed next).
+    pub(crate) fn send_refusal(&mut self, reason: &str) {
         let _ = self.send(&LinkHeader::Refused {
             reason: reason.to_string(),
         });
+    }
+
+    /// Tells the peer why it is refused (best effort) and returns `error`.
+    fn refuse(&mut self, reason: &str, error: HandshakeError) -> HandshakeError {
+        self.send_refusal(reason);
         error
     }
 
     fn opener_counter(&self) -> u64 {
         self.opener.counter()
+    }
+}
+
+/// A socket whose every read and write times out at one fixed instant.
+struct DeadlineStream<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl DeadlineStream<'_> {
+    /// Sets the socket timeouts to the time left; `TimedOut` once it is gone.
+    fn time_left(&self, set: fn(&TcpStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        let remaining = self.deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        set(self.stream, Some(remaining))
+    }
+}
+
+impl Read for DeadlineStream<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.time_left(TcpStream::set_read_timeout)?;
+        let mut stream = self.stream;
+        stream.read(buffer)
+    }
+}
+
+impl Write for DeadlineStream<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.time_left(TcpStream::set_write_timeout)?;
+        let mut stream = self.stream;
+        stream.write(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -176,7 +201,7 @@ pub(crate) fn client_handshake(
     hello: &Hello,
     timeout: Duration,
 ) -> Result<(ServerParams, FrameKey), HandshakeError> {
-    let mut channel = HandshakeChannel::new(stream, Side::Client, timeout);
+    let mut channel = HandshakeChannel::new(stream, Side::Client, Instant::now() + timeout);
     channel.send(&LinkHeader::Hello(hello.clone()))?;
     let (params, server_proof) = match channel.receive()? {
         LinkHeader::Challenge {
@@ -391,6 +416,10 @@ mod tests {
 
     type ServerResult = Result<(Hello, FrameKey), HandshakeError>;
 
+    fn deadline(seconds: u64) -> Instant {
+        Instant::now() + Duration::from_secs(seconds)
+    }
+
     fn run(
         client_psk: &[u8],
         server_psk: &[u8],
@@ -400,7 +429,7 @@ mod tests {
         let server_psk = Psk::from_bytes(server_psk).expect("psk");
         let server = thread::spawn(move || -> ServerResult {
             let (stream, _) = listener.accept().expect("accept");
-            let mut channel = HandshakeChannel::new(&stream, Side::Server, Duration::from_secs(5));
+            let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
             let hello = read_hello(&mut channel, &limits())?;
             let key = answer_hello(&mut channel, &server_psk, &hello, params())?;
             Ok((hello, key))
@@ -432,5 +461,39 @@ mod tests {
             server_error.to_string(),
             "peer failed authentication (wrong pre-shared key?)"
         );
+    }
+
+    #[test]
+    fn the_deadline_covers_the_whole_handshake_not_each_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let frame = crate::frame::encode_frame(
+            &LinkHeader::Hello(hello()),
+            &[],
+            &FrameKey::handshake(),
+            Direction::ClientToServer,
+            0,
+        )
+        .expect("encode");
+        // One byte every 50 ms: each read succeeds well within any per-read timeout.
+        let trickle = thread::spawn(move || {
+            let mut stream = TcpStream::connect(address).expect("connect");
+            for byte in frame {
+                if stream.write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let (stream, _) = listener.accept().expect("accept");
+        let started = Instant::now();
+        let mut channel =
+            HandshakeChannel::new(&stream, Side::Server, started + Duration::from_millis(300));
+        let result = read_hello(&mut channel, &limits());
+        let elapsed = started.elapsed();
+        assert!(matches!(result, Err(HandshakeError::Timeout)), "{result:?}");
+        assert!(elapsed < Duration::from_millis(600), "took {elapsed:?}");
+        drop(stream);
+        trickle.join().expect("trickle thread");
     }
 }

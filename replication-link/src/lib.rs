@@ -25,6 +25,7 @@ pub mod psk;
 pub mod session;
 pub mod stats;
 
+mod admission;
 mod client;
 mod link;
 mod log_limit;

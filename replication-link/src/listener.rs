@@ -1,17 +1,22 @@
 //! Server side: accepts connections on one or two addresses (one per A-link), authenticates
 //! them, and joins each to its session by session id. A new session id from the same client
 //! and service replaces the old session (the client restarted).
+//!
+//! Before authentication a connection is bounded in time (`handshake_timeout_ms` from accept,
+//! for the whole handshake) and in number (`admission`: per source and in all, the oldest
+//! giving way to a newer one), and it must name a service and client id the listener serves.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::admission::{Admission, Source};
 use crate::config::{ConfigError, LinkConfig};
 use crate::frame::FrameKey;
 use crate::handshake::{answer_hello, random_nonce, read_hello};
@@ -55,6 +60,24 @@ enum ServeError {
     Socket(#[source] io::Error),
     #[error("cannot attach the connection")]
     Attach(#[source] LinkError),
+    #[error(
+        "{client_id:?} (not yet authenticated) asked for service {service:?}; \
+         this listener serves {served:?}"
+    )]
+    ServiceNotServed {
+        client_id: String,
+        service: String,
+        served: Vec<String>,
+    },
+    #[error(
+        "client id {client_id:?} (not yet authenticated, service {service:?}) is not allowed; \
+         this listener serves {allowed:?}"
+    )]
+    ClientNotAllowed {
+        client_id: String,
+        service: String,
+        allowed: Vec<String>,
+    },
 }
 
 /// What a listener tells the application.
@@ -113,16 +136,19 @@ struct ListenerShared {
     event_ready: Condvar,
     stopping: AtomicBool,
     connections: Mutex<ConnectionThreads>,
-    handshakes_in_progress: AtomicUsize,
     counters: Vec<ListenerCounters>,
     log: LogLimiter,
 }
 
-#[derive(Default)]
 struct ConnectionThreads {
     handles: Vec<JoinHandle<()>>,
-    /// Connections in their handshake, so that `close` can abort them.
+    /// Connections in their handshake, so that `close` and `admission` can abort them.
     handshaking: HashMap<u64, TcpStream>,
+    /// Which of them count against the limits.
+    admission: Admission,
+    /// Threads still in their handshake, including those whose connection was closed to make
+    /// room and that have not noticed yet.
+    handshake_threads: usize,
     next_id: u64,
 }
 
@@ -144,6 +170,13 @@ struct Prepared {
     instance: u128,
     send_base: u64,
     pending: bool,
+}
+
+/// A connection that completed its handshake.
+struct Handshaken {
+    hello: Hello,
+    prepared: Prepared,
+    key: FrameKey,
 }
 
 /// An authenticated connection joining its session's link `slot`.
@@ -177,6 +210,10 @@ impl LinkListener {
             local_addrs.push(listener.local_addr().map_err(bind_error)?);
             listeners.push(listener);
         }
+        let admission = Admission::new(
+            config.max_pending_handshakes,
+            config.max_pending_handshakes_per_source,
+        );
         let shared = Arc::new(ListenerShared {
             counters: local_addrs
                 .iter()
@@ -188,8 +225,13 @@ impl LinkListener {
             events: Mutex::new(VecDeque::new()),
             event_ready: Condvar::new(),
             stopping: AtomicBool::new(false),
-            connections: Mutex::new(ConnectionThreads::default()),
-            handshakes_in_progress: AtomicUsize::new(0),
+            connections: Mutex::new(ConnectionThreads {
+                handles: Vec::new(),
+                handshaking: HashMap::new(),
+                admission,
+                handshake_threads: 0,
+                next_id: 0,
+            }),
             log: LogLimiter::new("replication_link::listener"),
         });
         let listener = LinkListener {
@@ -331,21 +373,13 @@ fn accept_loop(shared: &Arc<ListenerShared>, index: usize, socket: TcpListener) 
                 continue;
             }
         };
+        let accepted_at = Instant::now();
         let Some(counters) = shared.counters.get(index) else {
             break;
         };
         bump(&counters.connections_accepted);
         shared.reap();
-        let in_progress = shared.handshakes_in_progress.load(Ordering::SeqCst);
-        if in_progress >= shared.config.max_pending_handshakes {
-            bump(&counters.refused_overload);
-            shared.log.warn(format_args!(
-                "dropping connection from {:?}: {in_progress} handshakes in progress",
-                stream.peer_addr().ok()
-            ));
-            continue;
-        }
-        if let Err(error) = shared.spawn_connection(index, stream) {
+        if let Err(error) = shared.admit(index, stream, accepted_at) {
             shared
                 .log
                 .warn(format_args!("cannot start a connection thread: {error}"));
@@ -354,27 +388,77 @@ fn accept_loop(shared: &Arc<ListenerShared>, index: usize, socket: TcpListener) 
 }
 
 impl ListenerShared {
-    fn spawn_connection(self: &Arc<Self>, index: usize, stream: TcpStream) -> io::Result<()> {
+    /// Starts the handshake of a new connection, closing an older one if a limit is reached.
+    fn admit(
+        self: &Arc<Self>,
+        index: usize,
+        stream: TcpStream,
+        accepted_at: Instant,
+    ) -> io::Result<()> {
+        let Ok(peer) = stream.peer_addr() else {
+            return Ok(()); // gone already
+        };
+        let source = Source::of(peer.ip());
         let abort_copy = stream.try_clone()?;
+        let counters = self.counters.get(index);
         let mut connections = lock(&self.connections);
+        // Closed connections whose threads have not ended yet still hold a thread each.
+        let thread_limit = self.config.max_pending_handshakes.saturating_mul(2);
+        if connections.handshake_threads >= thread_limit {
+            if let Some(counters) = counters {
+                bump(&counters.refused_overload);
+            }
+            self.log.warn(format_args!(
+                "dropping connection from {peer}: {} handshake threads still running",
+                connections.handshake_threads
+            ));
+            return Ok(());
+        }
         let id = connections.next_id;
         connections.next_id += 1;
-        self.handshakes_in_progress.fetch_add(1, Ordering::SeqCst);
+        if let Some(victim) = connections.admission.admit(id, source) {
+            let victim_peer = connections.handshaking.get(&victim).map(|stream| {
+                let _ = stream.shutdown(Shutdown::Both);
+                stream.peer_addr().ok()
+            });
+            if let Some(counters) = counters {
+                bump(&counters.evicted_handshakes);
+            }
+            self.log.warn(format_args!(
+                "closed the oldest unauthenticated connection (from {}) to make room for one \
+                 from {peer}: {} handshakes in progress, {} from {}",
+                victim_peer
+                    .flatten()
+                    .map_or("?".into(), |address| address.to_string()),
+                connections.admission.len(),
+                connections.admission.count(source),
+                peer.ip(),
+            ));
+        }
         let shared = Arc::clone(self);
         let spawned = thread::Builder::new()
             .name(format!("rl-serve-{index}"))
-            .spawn(move || shared.serve(index, id, stream));
+            .spawn(move || shared.serve(index, id, stream, accepted_at));
         match spawned {
             Ok(handle) => {
                 connections.handshaking.insert(id, abort_copy);
+                connections.handshake_threads += 1;
                 connections.handles.push(handle);
                 Ok(())
             }
             Err(error) => {
-                self.handshakes_in_progress.fetch_sub(1, Ordering::SeqCst);
+                connections.admission.finish(id);
                 Err(error)
             }
         }
+    }
+
+    /// Connection `id` left its handshake; false if it had been closed to make room.
+    fn end_handshake(&self, id: u64) -> bool {
+        let mut connections = lock(&self.connections);
+        connections.handshaking.remove(&id);
+        connections.handshake_threads = connections.handshake_threads.saturating_sub(1);
+        connections.admission.finish(id)
     }
 
     /// Joins finished connection threads and forgets closed sessions.
@@ -398,11 +482,22 @@ impl ListenerShared {
         by_peer.retain(|_, id| sessions.contains_key(id));
     }
 
-    fn serve(self: Arc<Self>, index: usize, id: u64, stream: TcpStream) {
-        let result = self.authenticate(index, &stream);
-        lock(&self.connections).handshaking.remove(&id);
-        self.handshakes_in_progress.fetch_sub(1, Ordering::SeqCst);
+    fn serve(self: Arc<Self>, index: usize, id: u64, stream: TcpStream, accepted_at: Instant) {
         let peer_address = stream.peer_addr().ok();
+        let deadline = accepted_at + self.config.handshake_timeout();
+        let handshake = self.handshake(&stream, deadline);
+        let counted = self.end_handshake(id);
+        let result = match handshake {
+            Ok(done) if counted => self.join(index, &stream, done),
+            Ok(done) => {
+                // Closed to make room just as it finished: the client connects again.
+                lock(&self.registry).release(done.hello.session_id, &done.prepared);
+                return;
+            }
+            // Closed to make room: counted and logged then.
+            Err(_) if !counted => return,
+            Err(error) => Err(error),
+        };
         match result {
             Ok(Some((session, joining))) => {
                 run_connection(
@@ -424,7 +519,12 @@ impl ListenerShared {
                 ServeError::Handshake(HandshakeError::AuthenticationFailed) => {
                     bump(&counters.auth_failures)
                 }
-                _ => bump(&counters.handshake_errors),
+                ServeError::ServiceNotServed { .. } | ServeError::ClientNotAllowed { .. } => {
+                    bump(&counters.refused_not_served)
+                }
+                ServeError::Handshake(_) | ServeError::Socket(_) | ServeError::Attach(_) => {
+                    bump(&counters.handshake_errors)
+                }
             }
         }
         if !self.stopping.load(Ordering::SeqCst) {
@@ -451,17 +551,13 @@ impl ListenerShared {
         Psk::from_bytes(&secret).map_err(|_| HandshakeError::AuthenticationFailed)
     }
 
-    /// Runs the handshake and joins the connection to its session.
-    fn authenticate(
-        &self,
-        index: usize,
-        stream: &TcpStream,
-    ) -> Result<Option<(Arc<SessionShared>, Joining)>, ServeError> {
+    /// Runs the handshake, under `deadline` as a whole.
+    fn handshake(&self, stream: &TcpStream, deadline: Instant) -> Result<Handshaken, ServeError> {
         stream.set_nodelay(true).map_err(ServeError::Socket)?;
         let limits = self.config.receive_limits();
-        let mut channel =
-            HandshakeChannel::new(stream, Side::Server, self.config.handshake_timeout());
+        let mut channel = HandshakeChannel::new(stream, Side::Server, deadline);
         let hello = read_hello(&mut channel, &limits).map_err(ServeError::Handshake)?;
+        self.check_served(&mut channel, &hello)?;
         let prepared = lock(&self.registry)
             .prepare(&hello)
             .map_err(|error| ServeError::Handshake(HandshakeError::Random(error)))?;
@@ -477,22 +573,80 @@ impl ListenerShared {
             let psk = self.key_for(&hello.client_id)?;
             answer_hello(&mut channel, &psk, &hello, params)
         });
-        let key = match answered {
-            Ok(key) => key,
+        match answered {
+            Ok(key) => Ok(Handshaken {
+                hello,
+                prepared,
+                key,
+            }),
             Err(error) => {
                 lock(&self.registry).release(hello.session_id, &prepared);
-                return Err(ServeError::Handshake(error));
+                Err(ServeError::Handshake(error))
             }
-        };
+        }
+    }
+
+    /// Refuses a client that names a service or client id this listener does not serve.
+    /// Checked before the challenge: the client learns only that the name it sent in clear
+    /// is not served here; one that holds the key still cannot reach another service.
+    fn check_served(
+        &self,
+        channel: &mut HandshakeChannel<'_>,
+        hello: &Hello,
+    ) -> Result<(), ServeError> {
+        if !self.config.serves(&hello.service) {
+            channel.send_refusal("service not served here");
+            return Err(ServeError::ServiceNotServed {
+                client_id: hello.client_id.clone(),
+                service: hello.service.clone(),
+                served: self.config.allowed_services.clone().unwrap_or_default(),
+            });
+        }
+        if !self.config.allows_client(&hello.client_id) {
+            channel.send_refusal("client not allowed here");
+            return Err(ServeError::ClientNotAllowed {
+                client_id: hello.client_id.clone(),
+                service: hello.service.clone(),
+                allowed: self.config.allowed_clients.clone().unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Joins an authenticated connection to its session. A new session reaches the
+    /// application only once this first connection is attached, so that its peer id and
+    /// link are known from the start.
+    fn join(
+        &self,
+        index: usize,
+        stream: &TcpStream,
+        done: Handshaken,
+    ) -> Result<Option<(Arc<SessionShared>, Joining)>, ServeError> {
+        let Handshaken {
+            hello,
+            prepared,
+            key,
+        } = done;
         if let Some(counters) = self.counters.get(index) {
             bump(&counters.handshakes_completed);
         }
-        let Some(session) = self.join_session(&hello, &prepared) else {
+        let joined = {
+            let mut registry = lock(&self.registry);
+            registry.release(hello.session_id, &prepared);
+            if self.stopping.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            registry.join(self, &hello, &prepared)
+        };
+        let Some(joined) = joined else {
             log::debug!(
                 "session {:032x} changed during its handshake",
                 hello.session_id
             );
             return Ok(None);
+        };
+        let session = match &joined {
+            Joined::Existing(session) | Joined::New { session, .. } => Arc::clone(session),
         };
         let peer = PeerHandshake {
             id: hello.client_id.clone(),
@@ -503,9 +657,22 @@ impl ListenerShared {
             local_address: stream.local_addr().ok(),
         };
         let slot = usize::from(hello.link);
-        let connection = session
-            .attach(slot, stream, peer)
-            .map_err(ServeError::Attach)?;
+        let connection = match session.attach(slot, stream, peer) {
+            Ok(connection) => connection,
+            Err(error) => {
+                if let Joined::New { session, replaced } = joined {
+                    // Never announced: nobody else would close them.
+                    session.close(CloseReason::ListenerClosed);
+                    if let Some((_, old)) = replaced {
+                        old.close(CloseReason::Replaced);
+                    }
+                }
+                return Err(ServeError::Attach(error));
+            }
+        };
+        if let Joined::New { session, replaced } = joined {
+            self.announce(&hello, session, replaced);
+        }
         Ok(Some((
             session,
             Joining {
@@ -516,45 +683,36 @@ impl ListenerShared {
         )))
     }
 
-    /// The session this authenticated connection joins; tells the application about new ones.
-    fn join_session(&self, hello: &Hello, prepared: &Prepared) -> Option<Arc<SessionShared>> {
-        let joined = {
-            let mut registry = lock(&self.registry);
-            registry.release(hello.session_id, prepared);
-            if self.stopping.load(Ordering::SeqCst) {
-                return None;
-            }
-            registry.join(self, hello, prepared)?
-        };
-        match joined {
-            Joined::Existing(session) => Some(session),
-            Joined::New { session, replaced } => {
+    /// Tells the application about a new session (closing the one it replaces).
+    fn announce(
+        &self,
+        hello: &Hello,
+        session: Arc<SessionShared>,
+        replaced: Option<(u128, Arc<SessionShared>)>,
+    ) {
+        log::info!(
+            "new session {:032x} from {} for {}",
+            hello.session_id,
+            hello.client_id,
+            hello.service
+        );
+        let handle = Session::from_shared(session);
+        let event = match replaced {
+            Some((previous_session_id, old)) => {
+                old.close(CloseReason::Replaced);
                 log::info!(
-                    "new session {:032x} from {} for {}",
-                    hello.session_id,
-                    hello.client_id,
-                    hello.service
+                    "{} restarted: session {previous_session_id:032x} replaced",
+                    hello.client_id
                 );
-                let handle = Session::from_shared(Arc::clone(&session));
-                let event = match replaced {
-                    Some((previous_session_id, old)) => {
-                        old.close(CloseReason::Replaced);
-                        log::info!(
-                            "{} restarted: session {previous_session_id:032x} replaced",
-                            hello.client_id
-                        );
-                        ListenerEvent::PeerRestarted {
-                            previous_session_id,
-                            session: handle,
-                        }
-                    }
-                    None => ListenerEvent::NewSession(handle),
-                };
-                lock(&self.events).push_back(event);
-                self.event_ready.notify_all();
-                Some(session)
+                ListenerEvent::PeerRestarted {
+                    previous_session_id,
+                    session: handle,
+                }
             }
-        }
+            None => ListenerEvent::NewSession(handle),
+        };
+        lock(&self.events).push_back(event);
+        self.event_ready.notify_all();
     }
 }
 
@@ -616,13 +774,13 @@ impl Registry {
                     || existing.identity.service != hello.service
                 {
                     // Authenticated, but as someone else: it may not take over the session.
-                    log::warn!(
+                    listener.log.warn(format_args!(
                         "refused {} ({}) joining session {id:032x} of {} ({})",
                         hello.client_id,
                         hello.service,
                         owner.unwrap_or("?"),
                         existing.identity.service
-                    );
+                    ));
                     return None;
                 }
                 let same = existing.identity.instance == prepared.instance;

@@ -183,7 +183,8 @@ impl SessionShared {
             links: (0..slots).map(|_| LinkSlot::default()).collect(),
             next_connection_id: 1,
             peer: PeerState {
-                id: None,
+                // Server side the peer is the client that opened the session.
+                id: identity.owner.clone(),
                 instance: peer.map(|(instance, _)| instance),
                 window: own_window,
             },

@@ -116,6 +116,8 @@ pub(crate) struct ListenerCounters {
     pub(crate) auth_failures: AtomicU64,
     pub(crate) handshake_errors: AtomicU64,
     pub(crate) refused_overload: AtomicU64,
+    pub(crate) evicted_handshakes: AtomicU64,
+    pub(crate) refused_not_served: AtomicU64,
 }
 
 /// One listening address.
@@ -128,8 +130,14 @@ pub struct ListenerAddressStats {
     pub auth_failures: u64,
     /// Garbage, timeouts, refused versions and other failed handshakes.
     pub handshake_errors: u64,
-    /// Connections dropped because too many handshakes were in progress.
+    /// Connections dropped at once because twice `max_pending_handshakes` handshake threads
+    /// were still running.
     pub refused_overload: u64,
+    /// Unauthenticated connections closed to make room for a newer one (per-source or global
+    /// limit of handshakes in progress).
+    pub evicted_handshakes: u64,
+    /// Clients refused because they named a service or client id this listener does not serve.
+    pub refused_not_served: u64,
 }
 
 impl ListenerAddressStats {
@@ -141,6 +149,8 @@ impl ListenerAddressStats {
             auth_failures: read(&counters.auth_failures),
             handshake_errors: read(&counters.handshake_errors),
             refused_overload: read(&counters.refused_overload),
+            evicted_handshakes: read(&counters.evicted_handshakes),
+            refused_not_served: read(&counters.refused_not_served),
         }
     }
 }
