@@ -20,6 +20,7 @@ const DISK_BYTES: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 type Filter = Box<dyn Fn(&Message) -> bool + Send>;
+type Mutation = Box<dyn Fn(&mut Message) + Send>;
 
 /// Both directions of the in-memory link.
 #[derive(Default)]
@@ -36,6 +37,8 @@ struct Queues {
     /// the filter is removed, like a link that delays but never loses them.
     hold_to_secondary: Option<Filter>,
     held: VecDeque<(Message, Vec<u8>)>,
+    /// Changes messages to the secondary on their way (a fault the secondary must catch).
+    mutate_to_secondary: Option<Mutation>,
     /// Every message the secondary received, in order.
     delivered: Vec<Message>,
 }
@@ -43,6 +46,10 @@ struct Queues {
 impl Board {
     fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_mutation(&self, mutation: Option<Mutation>) {
+        self.queues().mutate_to_secondary = mutation;
     }
 
     fn set_filter(&self, filter: Option<Filter>) {
@@ -73,6 +80,11 @@ impl Transport for End {
     fn send(&self, message: &Message, payload: Vec<u8>) -> std::io::Result<()> {
         let mut queues = self.board.queues();
         if self.primary_side {
+            let mut message = message.clone();
+            if let Some(mutate) = &queues.mutate_to_secondary {
+                mutate(&mut message);
+            }
+            let message = &message;
             let held = queues
                 .hold_to_secondary
                 .as_ref()
@@ -151,6 +163,11 @@ fn boot_id_file(dir: &Path) -> PathBuf {
 /// A primary and a secondary on fresh images; the secondary's image is opened read-only
 /// (every write to it fails) when `secondary_fails`.
 fn pair(secondary_fails: bool, filter: Option<Filter>) -> Pair {
+    pair_with(false, secondary_fails, filter)
+}
+
+/// As [`pair`], with the primary's image read-only too when `primary_fails`.
+fn pair_with(primary_fails: bool, secondary_fails: bool, filter: Option<Filter>) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let boot = boot_id_file(dir.path());
     let board = Arc::new(Board::default());
@@ -183,7 +200,7 @@ fn pair(secondary_fails: bool, filter: Option<Filter>) -> Pair {
         }) as Arc<dyn Transport>)
     });
     let primary = Primary::start(
-        image(&dir.path().join("primary.img"), false),
+        image(&dir.path().join("primary.img"), primary_fails),
         Arc::new(metadata),
         connector,
         ResyncOptions::default(),
@@ -329,4 +346,38 @@ fn zero_length_requests_complete_at_once() {
         .zero(0, 0, true, &pair.waker)
         .expect("empty discard");
     assert_eq!(outcome.status(), Some(Status::Ok));
+}
+
+#[test]
+fn with_both_copies_failed_no_write_is_acknowledged() {
+    // The primary's image refuses writes: its first write fails locally (RemoteOnly), so
+    // the write lives on the peer's copy alone.
+    let pair = pair_with(true, false, None);
+    pair.wait_in_sync();
+    let first = pair.write(0, 1);
+    wait_until("the write on the peer alone", || first.status().is_some());
+    assert_eq!(first.status(), Some(Status::Ok));
+    assert_eq!(pair.primary.status().disk_state, "RemoteOnly");
+    // Then the peer's copy fails a write too (one it cannot place, as a failing disk
+    // cannot). Going on alone would acknowledge data that no usable copy holds.
+    pair.board
+        .set_mutation(Some(Box::new(|message: &mut Message| {
+            if let Message::Write { offset, .. } = message {
+                *offset = DISK_BYTES;
+            }
+        })));
+    let second = pair.write(8192, 2);
+    wait_until("the peer's failure", || {
+        pair.primary.status().peer_disk_failed.is_some()
+    });
+    let refused = pair
+        .primary
+        .continue_degraded(Some(pair.primary.generation() + 1));
+    assert!(refused.is_err(), "{refused:?}");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        second.status(),
+        None,
+        "a write on no usable copy was acknowledged"
+    );
 }

@@ -68,6 +68,15 @@ impl Primary {
                 }
                 Mode::Connecting | Mode::Holding => {}
             }
+            if state.local != LocalDisk::Healthy {
+                // The held writes may be on the peer's copy alone: completing them without
+                // it would acknowledge data that no usable copy holds.
+                return Err(format!(
+                    "this host's copy is not usable alone ({:?}): it cannot continue without \
+                     the peer; the held requests stay held",
+                    state.local
+                ));
+            }
             self.raise_generation(&mut state, generation)?;
             state.mode = Mode::Degraded;
             state.welcomed = false;
