@@ -96,6 +96,11 @@ impl BlkDaemon {
         }
     }
 
+    /// Waits until the replication `mode` is `mode`; returns the status.
+    pub fn wait_mode(&self, timeout: Duration, mode: &'static str) -> serde_json::Value {
+        self.wait_replication(timeout, mode, |r| r["mode"] == mode)
+    }
+
     /// The daemon's `status` reply.
     pub fn status(&self) -> serde_json::Value {
         status_json(&self.options.control).expect("control socket answers status")

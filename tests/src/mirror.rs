@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::blk::{BlkDaemon, BlkOptions};
+use crate::guest::{Disk, GuestConfig};
 use crate::hosts::Hosts;
 use crate::{create_image, scratch_dir};
 
@@ -119,6 +120,37 @@ impl MirrorPair {
                 offset / 4096
             );
         }
+    }
+
+    /// Starts the secondary, then the primary, and waits until both are in sync.
+    pub fn start_in_sync(&mut self, timeout: Duration) {
+        self.start_secondary();
+        self.start_primary();
+        self.wait_in_sync(timeout);
+    }
+
+    /// `repair` on a primary whose local disk failed: waits until its copy is rebuilt and
+    /// both copies are in sync, then checks they are byte-identical.
+    pub fn repair_primary(&self, timeout: Duration) {
+        let reply = self.primary().command("repair");
+        assert_eq!(reply["ok"], true, "repair refused: {reply}");
+        self.primary()
+            .wait_replication(timeout, "local disk rebuilt", |r| {
+                r["local_disk"] == "Healthy"
+            });
+        self.wait_in_sync(timeout);
+        self.assert_images_identical();
+    }
+
+    /// A guest in hostA whose disk is the primary's.
+    pub fn guest_config(&self, name: &str) -> GuestConfig {
+        let mut config = GuestConfig::new(name, "");
+        config.disks.push(Disk {
+            socket: self.primary_options.socket.clone(),
+            queues: self.primary_options.queues,
+        });
+        config.netns = Some(self.hosts.namespace("hostA"));
+        config
     }
 
     pub fn log(&self, name: &str) -> PathBuf {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ftvm_tests::blk::BlkDaemon;
 use ftvm_tests::fault_fs::FaultFs;
-use ftvm_tests::guest::{Disk, Guest, GuestConfig};
+use ftvm_tests::guest::Guest;
 use ftvm_tests::mirror::MirrorPair;
 use ftvm_tests::records;
 use ftvm_tests::tmpfs::SmallTmpfs;
@@ -17,18 +17,34 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const IMAGE_BYTES: u64 = 64 << 20;
 
-fn guest_on(pair: &MirrorPair, name: &str) -> GuestConfig {
-    let mut config = GuestConfig::new(name, "");
-    config.disks.push(Disk {
-        socket: pair.primary_options.socket.clone(),
-        queues: pair.primary_options.queues,
-    });
-    config.netns = Some(pair.hosts.namespace("hostA"));
-    config
+fn wait_mode(daemon: &BlkDaemon, mode: &'static str) -> serde_json::Value {
+    daemon.wait_mode(SYNC_TIMEOUT, mode)
 }
 
-fn wait_mode(daemon: &BlkDaemon, mode: &'static str) -> serde_json::Value {
-    daemon.wait_replication(SYNC_TIMEOUT, mode, |r| r["mode"] == mode)
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+/// A pair in sync whose `side` keeps its image on `ftvm-fault-fs` and reads its boot id
+/// from a file of its own (boot 1): a power loss of that host can be emulated.
+fn pair_on_fault_fs(name: &str, side: Side) -> (FaultFs, MirrorPair, std::path::PathBuf) {
+    let fault_fs = FaultFs::start();
+    let mut pair = MirrorPair::new(name, IMAGE_BYTES, 1);
+    let boot_id = pair.dir.path().join("boot_id");
+    write_boot_id(&boot_id, 1);
+    let options = match side {
+        Side::Primary => &mut pair.primary_options,
+        Side::Secondary => &mut pair.secondary_options,
+    };
+    options.image = fault_fs.path("image.img");
+    ftvm_tests::create_image(&options.image, IMAGE_BYTES);
+    options
+        .extra_args
+        .extend(["--boot-id-file".to_owned(), boot_id.display().to_string()]);
+    pair.start_in_sync(SYNC_TIMEOUT);
+    (fault_fs, pair, boot_id)
 }
 
 fn write_boot_id(path: &std::path::Path, boot: u32) {
@@ -57,14 +73,12 @@ fn a_full_secondary_disk_is_never_up_to_date_nor_promotable() {
     pair.secondary_options
         .extra_args
         .extend(["--peer".to_owned(), "10.77.1.1:7400".to_owned()]);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.start_in_sync(SYNC_TIMEOUT);
     let generation = pair.primary().status()["replication"]["generation"]
         .as_u64()
         .expect("generation");
 
-    let mut config = guest_on(&pair, "fault-secondary");
+    let mut config = pair.guest_config("fault-secondary");
     records::add_writers(&mut config, 1, 300);
     let mut guest = Guest::boot(&config, pair.dir.path());
     // The secondary's disk fills up: the primary holds (no completion on a failed reply).
@@ -136,11 +150,9 @@ fn remote_only_survives_a_restart_of_the_primary() {
     let mut pair = MirrorPair::new("fault-primary", IMAGE_BYTES, 1);
     pair.primary_options.image = small.path().join("primary.img");
     ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.start_in_sync(SYNC_TIMEOUT);
 
-    let mut config = guest_on(&pair, "fault-primary");
+    let mut config = pair.guest_config("fault-primary");
     records::add_writers(&mut config, 1, 200);
     let mut guest = Guest::boot(&config, pair.dir.path());
     pair.primary()
@@ -171,14 +183,7 @@ fn remote_only_survives_a_restart_of_the_primary() {
     assert_eq!(status["rejected_requests"], 0, "{status}");
 
     small.resize("128m");
-    let reply = pair.primary().command("repair");
-    assert_eq!(reply["ok"], true, "repair refused: {reply}");
-    pair.primary()
-        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
-            r["local_disk"] == "Healthy"
-        });
-    pair.wait_in_sync(SYNC_TIMEOUT);
-    pair.assert_images_identical();
+    pair.repair_primary(SYNC_TIMEOUT);
 }
 
 /// The secondary's host loses power, twice: once while the guest writes (O_DIRECT, no
@@ -188,20 +193,9 @@ fn remote_only_survives_a_restart_of_the_primary() {
 /// only then is it UpToDate, and its image then equals the primary's.
 #[test]
 fn a_secondary_power_loss_loses_no_acknowledged_write() {
-    let fault_fs = FaultFs::start();
-    let mut pair = MirrorPair::new("fault-power", IMAGE_BYTES, 1);
-    pair.secondary_options.image = fault_fs.path("secondary.img");
-    ftvm_tests::create_image(&pair.secondary_options.image, IMAGE_BYTES);
-    let boot_id = pair.dir.path().join("hostB.boot_id");
-    write_boot_id(&boot_id, 1);
-    pair.secondary_options
-        .extra_args
-        .extend(["--boot-id-file".to_owned(), boot_id.display().to_string()]);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    let (fault_fs, mut pair, boot_id) = pair_on_fault_fs("fault-power", Side::Secondary);
 
-    let mut config = guest_on(&pair, "fault-power");
+    let mut config = pair.guest_config("fault-power");
     records::add_direct_writer(&mut config, 300);
     let guest = Guest::boot(&config, pair.dir.path());
     let mut boot = 1;
@@ -248,20 +242,9 @@ fn a_secondary_power_loss_loses_no_acknowledged_write() {
 /// acknowledged record, and `repair` rebuilds the local copy.
 #[test]
 fn a_primary_power_loss_keeps_its_stale_copy_out_of_service() {
-    let fault_fs = FaultFs::start();
-    let mut pair = MirrorPair::new("fault-primary-power", IMAGE_BYTES, 1);
-    pair.primary_options.image = fault_fs.path("primary.img");
-    ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
-    let boot_id = pair.dir.path().join("hostA.boot_id");
-    write_boot_id(&boot_id, 1);
-    pair.primary_options
-        .extra_args
-        .extend(["--boot-id-file".to_owned(), boot_id.display().to_string()]);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    let (fault_fs, mut pair, boot_id) = pair_on_fault_fs("fault-primary-power", Side::Primary);
 
-    let mut config = guest_on(&pair, "fault-primary-power");
+    let mut config = pair.guest_config("fault-primary-power");
     records::add_direct_writer(&mut config, 300);
     let guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 150");
@@ -282,7 +265,7 @@ fn a_primary_power_loss_keeps_its_stale_copy_out_of_service() {
             r["mode"] == "Mirrored"
         });
 
-    let mut config = guest_on(&pair, "fault-primary-verify");
+    let mut config = pair.guest_config("fault-primary-verify");
     records::add_verifier(&mut config, 150);
     let mut guest = Guest::boot(&config, pair.dir.path());
     assert_eq!(
@@ -292,14 +275,7 @@ fn a_primary_power_loss_keeps_its_stale_copy_out_of_service() {
     );
     guest.wait_poweroff(GUEST_TIMEOUT);
 
-    let reply = pair.primary().command("repair");
-    assert_eq!(reply["ok"], true, "repair refused: {reply}");
-    pair.primary()
-        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
-            r["local_disk"] == "Healthy"
-        });
-    pair.wait_in_sync(SYNC_TIMEOUT);
-    pair.assert_images_identical();
+    pair.repair_primary(SYNC_TIMEOUT);
 }
 
 /// Storage that cannot punch holes or zero ranges (`fallocate` fails with EOPNOTSUPP on
@@ -317,9 +293,7 @@ fn unsupported_discards_write_zeroes_on_both_copies() {
     for image in [&pair.primary_options.image, &pair.secondary_options.image] {
         ftvm_tests::create_image(image, 16 << 20);
     }
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.start_in_sync(SYNC_TIMEOUT);
     let mut device = BlkDevice::open(&pair.primary_options.socket, &DeviceOptions::default())
         .expect("connect to the primary");
     let data = vec![0x5au8; 64 << 10];

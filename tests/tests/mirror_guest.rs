@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ftvm_tests::blk::BlkDaemon;
-use ftvm_tests::guest::{Disk, Guest, GuestConfig};
+use ftvm_tests::guest::Guest;
 use ftvm_tests::mirror::MirrorPair;
 use ftvm_tests::records;
 use ftvm_tests::tmpfs::SmallTmpfs;
@@ -15,26 +15,14 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const IMAGE_BYTES: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
 
-fn guest_on(pair: &MirrorPair, name: &str) -> GuestConfig {
-    let mut config = GuestConfig::new(name, "");
-    config.disks.push(Disk {
-        socket: pair.primary_options.socket.clone(),
-        queues: pair.primary_options.queues,
-    });
-    config.netns = Some(pair.hosts.namespace("hostA"));
-    config
-}
-
 fn started_pair(name: &str, queues: u16) -> MirrorPair {
     let mut pair = MirrorPair::new(name, IMAGE_BYTES, queues);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.start_in_sync(SYNC_TIMEOUT);
     pair
 }
 
 fn wait_mode(daemon: &BlkDaemon, mode: &'static str) -> serde_json::Value {
-    daemon.wait_replication(SYNC_TIMEOUT, mode, |r| r["mode"] == mode)
+    daemon.wait_mode(SYNC_TIMEOUT, mode)
 }
 
 fn continue_degraded(daemon: &BlkDaemon) {
@@ -46,7 +34,7 @@ fn continue_degraded(daemon: &BlkDaemon) {
 #[test]
 fn mirrored_fio_verify_passes_and_images_are_identical() {
     let pair = started_pair("mirror-fio", 2);
-    let mut config = guest_on(&pair, "mirror-fio");
+    let mut config = pair.guest_config("mirror-fio");
     config.cpus = 2;
     config.with_fio = true;
     config.script = "fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=8 \
@@ -68,7 +56,7 @@ fn mirrored_fio_verify_passes_and_images_are_identical() {
 #[test]
 fn secondary_loss_holds_then_degraded_then_delta_resync() {
     let mut pair = started_pair("mirror-degraded", 1);
-    let mut config = guest_on(&pair, "degraded");
+    let mut config = pair.guest_config("degraded");
     records::add_writers(&mut config, 1, 150);
     let mut guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 20");
@@ -117,7 +105,7 @@ fn secondary_loss_holds_then_degraded_then_delta_resync() {
 #[test]
 fn primary_killed_in_degraded_mode_keeps_its_bitmap() {
     let mut pair = started_pair("mirror-crash", 1);
-    let mut config = guest_on(&pair, "crash");
+    let mut config = pair.guest_config("crash");
     records::add_writers(&mut config, 1, 100);
     let mut guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 10");
@@ -186,7 +174,7 @@ fn set_link(pair: &MirrorPair, link: &str, state: &str) {
 #[test]
 fn a_link_cuts_lose_and_duplicate_nothing() {
     let pair = started_pair("mirror-links", 1);
-    let mut config = guest_on(&pair, "links");
+    let mut config = pair.guest_config("links");
     records::add_writers(&mut config, 1, 300);
     let mut guest = Guest::boot(&config, pair.dir.path());
     guest.wait_for_line(GUEST_TIMEOUT, |line| line == "ACK 0 20");
@@ -238,13 +226,11 @@ fn local_disk_fault_is_served_by_the_peer_then_repaired() {
     let mut pair = MirrorPair::new("mirror-fault", IMAGE_BYTES, 1);
     pair.primary_options.image = small_dir.path().join("primary.img");
     ftvm_tests::create_image(&pair.primary_options.image, IMAGE_BYTES);
-    pair.start_secondary();
-    pair.start_primary();
-    pair.wait_in_sync(SYNC_TIMEOUT);
+    pair.start_in_sync(SYNC_TIMEOUT);
 
     // 40 MiB of random writes do not fit the 24 MiB the local image can grow to: the local
     // writes fail with ENOSPC mid-run, and the peer serves everything from then on.
-    let mut config = guest_on(&pair, "fault");
+    let mut config = pair.guest_config("fault");
     config.with_fio = true;
     config.script = "fio --name=verify --filename=/dev/vda --rw=randwrite --bs=4k --iodepth=8 \
          --ioengine=libaio --direct=1 --size=40M --verify=crc32c --do_verify=1 \
@@ -261,12 +247,5 @@ fn local_disk_fault_is_served_by_the_peer_then_repaired() {
     assert_eq!(faulted["rejected_requests"], 0, "{faulted}");
 
     small.resize("128m");
-    let reply = pair.primary().command("repair");
-    assert_eq!(reply["ok"], true, "repair refused: {reply}");
-    pair.primary()
-        .wait_replication(SYNC_TIMEOUT, "local disk rebuilt", |r| {
-            r["local_disk"] == "Healthy"
-        });
-    pair.wait_in_sync(SYNC_TIMEOUT);
-    pair.assert_images_identical();
+    pair.repair_primary(SYNC_TIMEOUT);
 }

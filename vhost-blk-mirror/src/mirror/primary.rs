@@ -486,6 +486,18 @@ impl Primary {
         }
     }
 
+    /// Sends `data`, read from the local image at `offset` while its range is locked, as
+    /// the block of request `id` (a resync chunk, or a write sent again).
+    fn send_block(&self, id: u64, generation: u64, offset: u64, data: Vec<u8>) {
+        let message = Message::ResyncBlock {
+            id,
+            generation,
+            offset,
+            crc32c: crc32c::crc32c(&data),
+        };
+        self.send_or_hold(&message, data);
+    }
+
     fn mark_out_of_sync(&self, offset: u64, len: u64) {
         if let Err(error) = self.metadata.mark_out_of_sync(offset, len) {
             error!("cannot record out-of-sync region: {error}");

@@ -87,16 +87,7 @@ impl Primary {
                         error!("cannot re-read {len} bytes at {offset} to resend: {error}");
                         continue;
                     }
-                    let crc32c = crc32c::crc32c(&data);
-                    self.send_or_hold(
-                        &Message::ResyncBlock {
-                            id,
-                            generation,
-                            offset,
-                            crc32c,
-                        },
-                        data,
-                    );
+                    self.send_block(id, generation, offset, data);
                     continue;
                 }
             };
@@ -303,13 +294,7 @@ impl Primary {
             );
             return;
         }
-        let message = Message::ResyncBlock {
-            id,
-            generation,
-            offset,
-            crc32c: crc32c::crc32c(&data),
-        };
-        self.send_or_hold(&message, data);
+        self.send_block(id, generation, offset, data);
     }
 
     /// The secondary's copy missed a change (its disk failed it, or it says its disk

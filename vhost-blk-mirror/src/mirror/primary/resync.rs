@@ -98,13 +98,7 @@ impl Primary {
             return;
         };
         self.lock().resync.bytes_sent += len;
-        let message = Message::ResyncBlock {
-            id,
-            generation,
-            offset,
-            crc32c: crc32c::crc32c(&data),
-        };
-        self.send_or_hold(&message, data);
+        self.send_block(id, generation, offset, data);
     }
 
     /// Compare mode: sends the chunk's hash; the secondary answers `Done` or `Differs`.
