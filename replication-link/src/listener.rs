@@ -71,7 +71,7 @@ enum ServeError {
     },
     #[error(
         "client id {client_id:?} (not yet authenticated, service {service:?}) is not allowed; \
-         this listener serves {allowed:?}"
+         this listener allows {allowed:?}"
     )]
     ClientNotAllowed {
         client_id: String,
@@ -293,6 +293,7 @@ impl LinkListener {
                 .map(|(address, counters)| ListenerAddressStats::from_counters(*address, counters))
                 .collect(),
             sessions,
+            handshakes_in_progress: lock(&self.shared.connections).admission.len(),
         }
     }
 
@@ -834,6 +835,29 @@ mod tests {
             send_base: 0,
             limits: config.receive_limits(),
         }
+    }
+
+    #[test]
+    fn refusals_name_what_was_asked_and_what_is_served_escaped() {
+        let error = ServeError::ServiceNotServed {
+            client_id: "host-a".into(),
+            service: "blk:vm2\n-disk0".into(),
+            served: vec!["blk:vm1-disk0".into()],
+        };
+        assert_eq!(
+            error.to_string(),
+            "\"host-a\" (not yet authenticated) asked for service \"blk:vm2\\n-disk0\"; \
+             this listener serves [\"blk:vm1-disk0\"]"
+        );
+        let error = ServeError::ClientNotAllowed {
+            client_id: "host-c".into(),
+            service: "blk:vm1-disk0".into(),
+            allowed: vec!["host-a".into()],
+        };
+        assert!(
+            error.to_string().contains("client id \"host-c\""),
+            "{error}"
+        );
     }
 
     #[test]

@@ -160,4 +160,6 @@ impl ListenerAddressStats {
 pub struct ListenerStats {
     pub addresses: Vec<ListenerAddressStats>,
     pub sessions: usize,
+    /// Unauthenticated connections counted against `max_pending_handshakes` now.
+    pub handshakes_in_progress: usize,
 }

@@ -263,3 +263,24 @@ fn a_full_send_window_blocks_and_times_out_then_drains() {
         assert_eq!(recv_one(&server).seq, seq);
     }
 }
+
+#[test]
+fn a_new_session_is_announced_with_its_peer_id_and_first_link_known() {
+    // The listener used to announce a session before attaching its first connection, so
+    // `peer_id()` could still be `None` just after `next_event` on a busy machine.
+    let listener = listener(1, config("host-b"));
+    for round in 0..50 {
+        let client = Session::connect(
+            listener.local_addrs().to_vec(),
+            "blk:announce",
+            config("host-a"),
+        )
+        .expect("connect");
+        let server = accept(&listener);
+        assert_eq!(server.peer_id().as_deref(), Some("host-a"), "round {round}");
+        let stats = server.stats();
+        assert_eq!(stats.peer_id.as_deref(), Some("host-a"), "round {round}");
+        assert_eq!(stats.links[0].connects, 1, "round {round}: {stats:?}");
+        drop(client);
+    }
+}
