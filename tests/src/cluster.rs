@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::guest::{build_initrd, GuestConfig};
 use crate::hosts::Hosts;
 use crate::process::{signal, Process};
+use crate::qmp::Qmp;
 use crate::wait::poll_until;
 use crate::{create_image, paths, scratch_dir};
 
@@ -120,7 +121,7 @@ primary = "hostA"
 memory_mib = {memory}
 vcpus = {cpus}
 accel = "tcg"
-qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet"]
+qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
 [[vm.disk]]
 image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}
@@ -385,6 +386,18 @@ replication_port = {REPLICATION_PORT}
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The QMP socket the rig gives each host's QEMU (besides ftvmd's own), for tests.
+    pub fn test_qmp(&self, host: usize) -> PathBuf {
+        self.dir.path().join(HOSTS[host]).join("test-qmp.sock")
+    }
+
+    /// The run state of a host's guest (`running`, `paused`, …) by QMP `query-status`;
+    /// `None` if no QEMU answers there.
+    pub fn guest_run_state(&self, host: usize) -> Option<String> {
+        let mut qmp = Qmp::connect(&self.test_qmp(host), Duration::ZERO).ok()?;
+        qmp.status().ok()
     }
 
     /// The witness's record of the VM (its JSON file).

@@ -222,6 +222,9 @@ fn table(status: &HostStatus) -> String {
                 "DOWN"
             },
         ));
+        if vm.vm_paused {
+            out.push_str("  guest paused here: writes held until the witness decides\n");
+        }
         for nic in &vm.nics {
             out.push_str(&format!("  nic {}: {}\n", nic.mac, nic_line(nic)));
         }

@@ -6,11 +6,13 @@
 //! One thread runs everything that decides (the VMs' state machines, process control);
 //! other threads only move bytes between sockets and channels.
 
+pub mod agent;
 pub mod control;
 pub mod events;
 pub mod links;
 pub mod nics;
 pub mod processes;
+pub mod qmp;
 pub mod state;
 pub mod vm;
 
@@ -73,7 +75,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
             events: Events::default(),
             peer,
             witness,
-            launcher,
+            launcher: Arc::from(launcher),
         },
         vms: Vec::new(),
         disabled: false,
@@ -123,6 +125,10 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
     for vm in &mut daemon.vms {
         vm.shutdown(&mut events);
     }
+    // The agents stop the processes; wait for them, all VMs at once.
+    for vm in daemon.vms {
+        vm.finish();
+    }
     let _ = std::fs::remove_file(&daemon.config.host.control_socket);
     Ok(())
 }
@@ -165,7 +171,7 @@ struct Io {
     events: Events,
     peer: PeerLink,
     witness: WitnessLink,
-    launcher: Box<dyn VmLauncher>,
+    launcher: Arc<dyn VmLauncher>,
 }
 
 impl Io {
@@ -175,7 +181,7 @@ impl Io {
             events: &mut self.events,
             peer: &self.peer,
             witness: &self.witness,
-            launcher: self.launcher.as_ref(),
+            launcher: &self.launcher,
         }
     }
 }
@@ -288,6 +294,7 @@ impl Daemon {
                     .map(|nic| (nic.socket.clone(), nic.mac.clone(), nic.queues))
                     .collect(),
                 console: dir.join("console.log"),
+                qmp: dir.join("qmp.sock"),
                 log: dir.join("qemu.log"),
                 extra_args: section.qemu_args.clone(),
             };

@@ -14,10 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::qmp;
 use crate::host::Role;
 
 /// How long a control-socket command to a disk daemon may take.
 const DISK_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a QMP command to QEMU may take (a `stop` waits for the disk daemons to hand
+/// back their rings, which they do within 300 ms).
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping child gets after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -90,6 +94,8 @@ pub struct DiskProcess {
     pub process: Supervised,
     pub role: Role,
     pub started: Instant,
+    /// It was told to `fence`: it never acknowledges again, and serving needs a new one.
+    pub fenced: bool,
 }
 
 impl DiskProcess {
@@ -130,6 +136,7 @@ impl DiskProcess {
             process: spawn_logged(&mut command, &spec.log)?,
             role,
             started: Instant::now(),
+            fenced: false,
         })
     }
 }
@@ -137,6 +144,15 @@ impl DiskProcess {
 /// Sends one command to a disk daemon's control socket and returns its JSON answer.
 pub fn disk_command(control: &Path, command: &str) -> io::Result<serde_json::Value> {
     control_command(control, command, DISK_COMMAND_TIMEOUT)
+}
+
+/// Whether a control-socket error means the daemon took the command and did not answer
+/// in time (hung or overloaded), rather than being gone.
+pub fn timed_out(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Sends one command to a daemon's control socket (disk or NIC) and returns its JSON
@@ -250,6 +266,8 @@ pub struct VmSpec {
     pub nics: Vec<(PathBuf, String, u16)>,
     /// The guest's serial console is appended to this file.
     pub console: PathBuf,
+    /// QEMU's QMP socket, for pausing and resuming the guest.
+    pub qmp: PathBuf,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
 }
@@ -261,10 +279,15 @@ pub trait RunningVm: Send + std::fmt::Debug {
     fn exited(&mut self) -> Option<String>;
     /// Stops the VM now (its disks keep every acknowledged write).
     fn stop(&mut self);
+    /// Pauses the guest's CPUs and devices: no more guest output, no new I/O.
+    fn pause(&mut self) -> Result<(), String>;
+    /// Resumes a paused guest.
+    fn resume(&mut self) -> Result<(), String>;
 }
 
-/// Starts VMs: the one place that knows how (QEMU today, libvirt later).
-pub trait VmLauncher: Send + std::fmt::Debug {
+/// Starts VMs: the one place that knows how (QEMU today, libvirt later). Called from a
+/// VM's agent thread, never from the deciding one.
+pub trait VmLauncher: Send + Sync + std::fmt::Debug {
     fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>>;
 }
 
@@ -300,6 +323,8 @@ impl QemuLauncher {
             format!("file,id=console,path={},append=on", spec.console.display()),
             "-serial".into(),
             "chardev:console".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", spec.qmp.display()),
         ];
         for (index, (socket, queues)) in spec.disks.iter().enumerate() {
             args.extend([
@@ -338,29 +363,52 @@ impl VmLauncher for QemuLauncher {
     fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>> {
         let mut command = Command::new(&self.binary);
         command.args(QemuLauncher::args(spec));
-        Ok(Box::new(QemuVm(spawn_logged(&mut command, &spec.log)?)))
+        Ok(Box::new(QemuVm {
+            process: spawn_logged(&mut command, &spec.log)?,
+            qmp: spec.qmp.clone(),
+        }))
     }
 }
 
 #[derive(Debug)]
-struct QemuVm(Supervised);
+struct QemuVm {
+    process: Supervised,
+    qmp: PathBuf,
+}
 
-impl RunningVm for QemuVm {
-    fn pid(&self) -> u32 {
-        self.0.pid()
-    }
-
-    fn exited(&mut self) -> Option<String> {
-        self.0.exited()
-    }
-
-    fn stop(&mut self) {
-        self.0.stop();
+impl QemuVm {
+    fn qmp(&self, command: &str) -> Result<(), String> {
+        qmp::execute(&self.qmp, command, QMP_TIMEOUT)
+            .map(drop)
+            .map_err(|error| crate::error_chain(&error))
     }
 }
 
-/// Spawns with stdout and stderr appended to `log`, stdin closed, and SIGKILL on the
-/// death of the spawning thread's process.
+impl RunningVm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        self.process.exited()
+    }
+
+    fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    fn pause(&mut self) -> Result<(), String> {
+        self.qmp("stop")
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.qmp("cont")
+    }
+}
+
+/// Spawns with stdout and stderr appended to `log`, stdin closed, and SIGKILL when the
+/// spawning thread ends (an agent thread ends only after stopping its child; the process
+/// ending ends them all).
 fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Supervised> {
     let file = OpenOptions::new().create(true).append(true).open(log)?;
     let errors = file.try_clone()?;
@@ -387,6 +435,12 @@ fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Supervised> {
                 format!("cannot start {:?}: {error}", command.get_program()),
             )
         })
+}
+
+/// A supervised child with its output discarded, for unit tests.
+#[cfg(test)]
+pub fn spawn_for_test(mut command: Command) -> Supervised {
+    spawn_logged(&mut command, Path::new("/dev/null")).expect("spawn")
 }
 
 /// Creates `path` empty if missing (the console file, so that readers find it at once).

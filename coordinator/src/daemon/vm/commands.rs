@@ -4,7 +4,6 @@
 
 use super::{Context, VmRunner};
 use crate::daemon::links::{PeerMessage, VmBeat};
-use crate::daemon::processes::disk_order;
 use crate::host::{Host, Mode, Role};
 use crate::witness_daemon::WitnessRequest;
 use crate::Generation;
@@ -129,11 +128,8 @@ impl VmRunner {
         if !self.save_state(Role::Primary, generation, true, context.events) {
             return;
         }
-        for spec in &self.disk_specs {
-            let order = format!("continue-degraded {generation}");
-            if let Err(error) = disk_order(&spec.control, &order) {
-                log::warn!("{}: {error}", self.name);
-            }
+        for disk in &mut self.disks {
+            disk.order(format!("continue-degraded {generation}"));
         }
         // A fresh state machine: primary at the new generation, waiting to hear its
         // secondary (or claiming the next generation if it does not come).

@@ -1,11 +1,12 @@
-//! The VM's disk daemons: start, poll and supervise them, read their state, and carry out
-//! the state machine's disk commands.
+//! The VM's disk daemons: poll and supervise them, read their state, and carry out the
+//! state machine's disk commands. Every call to a daemon is a job for its agent thread
+//! ([`super::disk_daemons`]); the answers come back as reports at a later step.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{Context, VmRunner, DISK_POLL, RESTART_BACKOFF};
+use super::disk_daemons::{DiskReport, Done};
+use super::{Context, Pending, PendingKind, VmRunner, DISK_POLL, RESTART_BACKOFF, SILENT_AFTER};
 use crate::daemon::events::Events;
-use crate::daemon::processes::{disk_command, disk_order, DiskProcess};
 use crate::host::{DiskCommand, DiskView, Mode, Role};
 use crate::Generation;
 
@@ -22,12 +23,10 @@ impl VmRunner {
         if !self.reconcile_due() {
             return;
         }
-        // Fresh answers if a command was sent in this step (`execute` invalidates them).
-        self.poll_disks();
         let generation = self.host.generation();
         let mode = self.host.mode();
         let mut disk_holding = false;
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let Some(replication) = self.replication(index) else {
                 continue;
             };
@@ -40,12 +39,9 @@ impl VmRunner {
             // alone at the same generation: the peer, UpToDate at it, could win the next
             // one. It claims the next generation instead (below).
             let behind = disk_generation < generation && disk_mode != "Fenced";
-            if behind {
-                let order = format!("continue-degraded {generation}");
-                match disk_order(&self.disk_specs[index].control, &order) {
-                    Ok(result) => log::info!("{}: {order}: {result}", self.name),
-                    Err(error) => log::debug!("{}: {error}", self.name),
-                }
+            // Only a daemon with no job queued: its status then reflects every order sent.
+            if behind && self.disks[index].idle() {
+                self.disks[index].order(format!("continue-degraded {generation}"));
             }
         }
         if matches!(mode, Mode::Mirrored | Mode::Degraded) && disk_holding {
@@ -73,9 +69,9 @@ impl VmRunner {
     }
 
     pub(super) fn replication(&self, index: usize) -> Option<&serde_json::Value> {
-        self.disk_status
+        self.disks
             .get(index)
-            .and_then(Option::as_ref)
+            .and_then(|disk| disk.status.as_ref())
             .map(|status| &status["replication"])
     }
 
@@ -90,7 +86,7 @@ impl VmRunner {
             _ => {}
         }
         let mut worst = "Protected";
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let word = match self.replication(index) {
                 None => "Unknown",
                 Some(replication) => match replication["disk_state"].as_str() {
@@ -120,7 +116,7 @@ impl VmRunner {
         let mut total = 0u64;
         let mut done = 0u64;
         let mut syncing = false;
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let Some(replication) = self.replication(index) else {
                 continue;
             };
@@ -154,7 +150,7 @@ impl VmRunner {
             consistent: true,
             data_generation: Generation::MAX,
         };
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let Some(replication) = self.replication(index) else {
                 return DiskView {
                     consistent: false,
@@ -180,26 +176,171 @@ impl VmRunner {
         view
     }
 
+    /// Asks each idle disk daemon for its status, once per poll period.
     pub(super) fn poll_disks(&mut self) {
-        if self
-            .last_poll
-            .is_some_and(|last| last.elapsed() < DISK_POLL)
-        {
+        for disk in &mut self.disks {
+            disk.poll(DISK_POLL);
+        }
+    }
+
+    /// Takes the disk agents' reports: the daemons' processes and status, the results of
+    /// orders, promotions and serves; and reports daemons that stopped answering.
+    pub(super) fn take_disk_reports(&mut self, context: &mut Context<'_>) {
+        while let Ok(report) = self.disk_reports.try_recv() {
+            let Some(disk) = self.disks.get_mut(report.index) else {
+                continue;
+            };
+            let before = disk.pid();
+            disk.update(&report);
+            self.on_disk_report(report, before, context);
+        }
+        for disk in &mut self.disks {
+            let Some((what, running)) = disk.busy() else {
+                continue;
+            };
+            if running < SILENT_AFTER || disk.silent {
+                continue;
+            }
+            disk.silent = true;
+            let pid = disk
+                .pid()
+                .map_or(String::new(), |pid| format!(" (pid {pid})"));
+            context.events.error(
+                &self.name,
+                format!(
+                    "disk daemon {}{pid} does not answer on {}: `{what}` unanswered for {} ms; \
+                     it may be hung (heartbeats and the other daemons go on)",
+                    disk.spec.serial,
+                    disk.spec.control.display(),
+                    running.as_millis()
+                ),
+                &format!(
+                    "see {}; a daemon stopped with SIGSTOP resumes with SIGCONT, a dead one \
+                     is restarted",
+                    disk.spec.log.display()
+                ),
+            );
+        }
+    }
+
+    fn on_disk_report(
+        &mut self,
+        report: DiskReport,
+        before: Option<u32>,
+        context: &mut Context<'_>,
+    ) {
+        let index = report.index;
+        let spec = &self.disks[index].spec;
+        let (serial, log) = (spec.serial.clone(), spec.log.display().to_string());
+        let answered = report.status.is_some();
+        if answered && std::mem::take(&mut self.disks[index].silent) {
+            context
+                .events
+                .info(&self.name, format!("disk daemon {serial} answers again"));
+        }
+        let started = report.process.filter(|(pid, _)| before != Some(*pid));
+        if let Some((pid, role)) = started {
+            context.events.info(
+                &self.name,
+                format!("disk daemon {serial} started as {role:?} (pid {pid})"),
+            );
+        }
+        match report.done {
+            Done::Polled(Err(error)) => {
+                log::debug!("{}: disk {serial}: status: {error}", self.name);
+            }
+            Done::Polled(Ok(())) | Done::Stopped => {}
+            Done::Started(Err(error)) => context.events.error(
+                &self.name,
+                format!("cannot start disk daemon {serial}: {error}"),
+                "check bin_dir in the configuration",
+            ),
+            Done::Started(Ok(())) => {}
+            Done::Ordered { order, result } => match result {
+                Ok(result) => log::info!("{}: disk {serial}: {order}: {result}", self.name),
+                Err(error) => log::debug!("{}: disk {serial}: {error}", self.name),
+            },
+            Done::Demoted(Some(warning)) => context.events.warn(
+                &self.name,
+                format!("demote of disk {serial} failed ({warning}): restarted as secondary"),
+                "",
+            ),
+            Done::Demoted(None) => {}
+            Done::Ended(status) => context.events.error(
+                &self.name,
+                format!("disk daemon {serial} ended: {status}"),
+                &format!("see {log}"),
+            ),
+            Done::Ticket { ticket, result } => self.on_ticket(ticket, result, &serial, context),
+        }
+    }
+
+    /// One disk daemon's answer to a promotion or a serve: once all have answered, the
+    /// disks serve and the VM starts (or resumes), or the failure is reported.
+    fn on_ticket(
+        &mut self,
+        ticket: u64,
+        result: Result<(), String>,
+        serial: &str,
+        context: &mut Context<'_>,
+    ) {
+        let Some(pending) = self
+            .pending
+            .as_mut()
+            .filter(|pending| pending.ticket == ticket)
+        else {
+            return; // overtaken by a later decision (a fence, a demotion)
+        };
+        pending.waiting = pending.waiting.saturating_sub(1);
+        if let Err(error) = result {
+            pending
+                .failure
+                .get_or_insert(format!("disk {serial}: {error}"));
+        }
+        if pending.waiting > 0 {
             return;
         }
-        self.last_poll = Some(Instant::now());
-        for (index, spec) in self.disk_specs.iter().enumerate() {
-            self.disk_status[index] = match &self.disks[index] {
-                Some(_) => disk_command(&spec.control, "status").ok(),
-                None => None,
-            };
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        match (pending.what, pending.failure) {
+            (PendingKind::Promote, Some(error)) => context.events.error(
+                &self.name,
+                format!("cannot promote {error}"),
+                "the VM cannot start here; see the disk daemon's log",
+            ),
+            (PendingKind::Serve, Some(error)) => context.events.error(
+                &self.name,
+                format!("the disk daemons did not come up ({error})"),
+                "see the disk daemons' logs",
+            ),
+            (_, None) => {
+                self.serving = true;
+                if self.guest.present() {
+                    self.resume_guest(context.events, "its disks serve again");
+                } else {
+                    self.start_vm(context);
+                }
+            }
         }
+    }
+
+    /// Starts a request to every disk daemon that the VM waits for.
+    fn begin(&mut self, what: PendingKind) -> u64 {
+        self.next_ticket += 1;
+        self.pending = Some(Pending {
+            ticket: self.next_ticket,
+            waiting: self.disks.len(),
+            failure: None,
+            what,
+        });
+        self.next_ticket
     }
 
     /// Reports, once each, a copy that failed: this host's own (a secondary's disk, or a
     /// primary's local disk) or the peer's as the primary sees it.
     fn report_copy_failures(&mut self, events: &mut Events) {
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let failure = self.replication(index).and_then(|replication| {
                 let own = replication["disk_failed"].as_str().map(|reason| {
                     format!("this host's copy failed ({reason}): it is Inconsistent")
@@ -218,7 +359,7 @@ impl VmRunner {
             });
             if failure.is_some() && failure != self.reported_failures[index] {
                 if let Some(description) = &failure {
-                    let spec = &self.disk_specs[index];
+                    let spec = &self.disks[index].spec;
                     events.error(
                         &self.name,
                         format!("disk {}: {description}", spec.serial),
@@ -237,102 +378,32 @@ impl VmRunner {
 
     pub(super) fn supervise(&mut self, events: &mut Events) {
         self.report_copy_failures(events);
-        for index in 0..self.disks.len() {
-            let Some(disk) = self.disks[index].as_mut() else {
-                continue;
-            };
-            let Some(status) = disk.process.exited() else {
-                continue;
-            };
-            let role = disk.role;
-            self.disks[index] = None;
-            self.disk_status[index] = None;
-            events.error(
-                &self.name,
-                format!(
-                    "disk daemon {} ({role:?}) ended: {status}",
-                    self.disk_specs[index].serial
-                ),
-                &format!("see {}", self.disk_specs[index].log.display()),
-            );
-        }
-        let missing = self.disks.iter().any(Option::is_none);
+        let missing = self
+            .disks
+            .iter()
+            .any(|disk| disk.process.is_none() && disk.idle());
         let wanted = match self.host.role() {
             Role::Secondary => Some(Role::Secondary),
             Role::Primary if self.serving => Some(Role::Primary),
             Role::Primary => None,
         };
-        if let Some(role) = wanted.filter(|_| missing) {
+        if let Some(role) = wanted.filter(|_| missing && self.pending.is_none()) {
             if self
                 .last_restart
                 .is_none_or(|last| last.elapsed() >= RESTART_BACKOFF)
             {
-                self.start_disks(role, events);
-            }
-        }
-        if let Some(vm) = self.vm.as_mut() {
-            if let Some(status) = vm.exited() {
-                events.warn(
-                    &self.name,
-                    format!("the VM's QEMU ended: {status}"),
-                    &format!("see {}", self.vm_spec.log.display()),
-                );
-                self.vm = None;
-                self.announce_at.clear();
+                self.start_disks(role);
             }
         }
         self.nics.supervise(self.nic_need(), events);
     }
 
-    fn start_disks(&mut self, role: Role, events: &mut Events) {
+    fn start_disks(&mut self, role: Role) {
         self.last_restart = Some(Instant::now());
-        for (index, spec) in self.disk_specs.iter().enumerate() {
-            if self.disks[index].is_some() {
-                continue;
+        for disk in &mut self.disks {
+            if disk.process.is_none() && disk.idle() {
+                disk.start(role);
             }
-            match DiskProcess::start(spec, role) {
-                Ok(process) => {
-                    events.info(
-                        &self.name,
-                        format!(
-                            "disk daemon {} started as {role:?} (pid {})",
-                            spec.serial,
-                            process.process.pid()
-                        ),
-                    );
-                    self.disks[index] = Some(process);
-                }
-                Err(error) => events.error(
-                    &self.name,
-                    format!("cannot start disk daemon {}: {error}", spec.serial),
-                    "check bin_dir in the configuration",
-                ),
-            }
-        }
-        self.last_poll = None;
-    }
-
-    /// Waits (briefly) until every disk daemon answers on its control socket.
-    fn wait_disks_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let ready = self
-                .disk_specs
-                .iter()
-                .all(|spec| disk_command(&spec.control, "status").is_ok());
-            if ready {
-                return true;
-            }
-            if Instant::now() >= deadline
-                || self
-                    .disks
-                    .iter_mut()
-                    .flatten()
-                    .any(|disk| disk.process.exited().is_some())
-            {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -362,7 +433,9 @@ impl VmRunner {
         }
     }
 
-    /// The peer is lost on every A-link: the disks hold writes while the witness is asked.
+    /// The peer is lost on every A-link: the disks hold writes while the witness is asked,
+    /// and the guest pauses at once, so that it sends nothing while the peer may be taking
+    /// over with the same MAC and IP.
     fn apply_hold(&mut self, context: &mut Context<'_>) {
         self.holding_since = Some(context.now);
         context.events.warn(
@@ -373,6 +446,7 @@ impl VmRunner {
             ),
             "",
         );
+        self.pause_guest(context.events, "writes held until the witness decides");
     }
 
     /// The peer is heard again: mirror to it, or start the VM here if it is not running yet.
@@ -384,6 +458,7 @@ impl VmRunner {
         }
         if self.serving {
             events.info(&self.name, format!("{} is back: mirroring", self.pair.peer));
+            self.resume_guest(context.events, "mirrored again");
         } else {
             events.info(
                 &self.name,
@@ -392,7 +467,7 @@ impl VmRunner {
                     self.pair.peer
                 ),
             );
-            self.serve(None, context);
+            self.serve(None);
         }
     }
 
@@ -412,16 +487,17 @@ impl VmRunner {
             ),
             "bring the peer back; protection returns by itself",
         );
-        self.serve(Some(generation), context);
+        self.serve(Some(generation));
     }
 
-    /// Another host may run the VM: fence the disks and stop the VM here.
+    /// Another host may run the VM: fence the disks and stop the VM here. The `fence`
+    /// is queued behind every order sent before it, and a serve or promotion still
+    /// waiting is forgotten, so nothing sent earlier can undo it.
     fn apply_fence(&mut self, events: &mut Events) {
         self.holding_since = None;
-        for spec in &self.disk_specs {
-            if let Err(error) = disk_order(&spec.control, "fence") {
-                log::debug!("{}: {error}", self.name);
-            }
+        self.pending = None;
+        for disk in &mut self.disks {
+            disk.order("fence".into());
         }
         self.stop_vm(events, "fenced");
         self.serving = false;
@@ -432,7 +508,8 @@ impl VmRunner {
         );
     }
 
-    /// The witness granted `generation` to this host: promote the disks and start the VM.
+    /// The witness granted `generation` to this host: promote the disks, then (once every
+    /// daemon has answered) start the VM.
     fn apply_promote(&mut self, generation: Generation, context: &mut Context<'_>) {
         let events = &mut *context.events;
         if !self.save_state(Role::Primary, generation, true, events) {
@@ -446,22 +523,10 @@ impl VmRunner {
             ),
             "",
         );
-        for spec in &self.disk_specs {
-            let order = format!("promote {generation}");
-            if let Err(error) = disk_order(&spec.control, &order) {
-                context.events.error(
-                    &self.name,
-                    format!("cannot promote disk {}: {error}", spec.serial),
-                    "the VM cannot start here; see the disk daemon's log",
-                );
-                return;
-            }
+        let ticket = self.begin(PendingKind::Promote);
+        for disk in &mut self.disks {
+            disk.promote(ticket, generation);
         }
-        for disk in self.disks.iter_mut().flatten() {
-            disk.role = Role::Primary;
-        }
-        self.serving = true;
-        self.start_vm(context);
     }
 
     /// The peer is primary at `generation`: stop the VM and follow it as secondary.
@@ -469,6 +534,7 @@ impl VmRunner {
         let events = &mut *context.events;
         self.stop_vm(events, "another host is primary");
         self.serving = false;
+        self.pending = None;
         self.save_state(Role::Secondary, generation, true, events);
         events.warn(
             &self.name,
@@ -479,80 +545,21 @@ impl VmRunner {
             ),
             "",
         );
-        self.demote_disks(events);
-        self.start_disks(Role::Secondary, events);
-    }
-
-    /// Demotes the disk daemons running as primary; one that refuses is stopped, to be
-    /// restarted as secondary.
-    fn demote_disks(&mut self, events: &mut Events) {
-        for index in 0..self.disk_specs.len() {
-            let running_primary = self.disks[index]
-                .as_ref()
-                .is_some_and(|disk| disk.role == Role::Primary);
-            if !running_primary {
-                continue;
-            }
-            let spec = &self.disk_specs[index];
-            match disk_order(&spec.control, "demote") {
-                Ok(_) => {
-                    if let Some(disk) = self.disks[index].as_mut() {
-                        disk.role = Role::Secondary;
-                    }
-                }
-                Err(error) => {
-                    events.warn(
-                        &self.name,
-                        format!(
-                            "demote of disk {} failed ({error}): restarting it as secondary",
-                            spec.serial
-                        ),
-                        "",
-                    );
-                    if let Some(mut disk) = self.disks[index].take() {
-                        disk.process.stop();
-                    }
-                }
-            }
+        // Each daemon running as primary is demoted (restarted as secondary if it
+        // refuses); a missing one is started as secondary.
+        self.last_restart = Some(Instant::now());
+        for disk in &mut self.disks {
+            disk.demote();
         }
     }
 
-    /// Runs the disks as primary (at `generation` after a grant) and the VM.
-    pub(super) fn serve(&mut self, generation: Option<Generation>, context: &mut Context<'_>) {
-        // A fenced disk daemon never acknowledges again: resuming needs a fresh one.
-        for index in 0..self.disks.len() {
-            let fenced = self
-                .replication(index)
-                .is_some_and(|replication| replication["mode"] == "Fenced");
-            if fenced {
-                if let Some(mut disk) = self.disks[index].take() {
-                    disk.process.stop();
-                }
-                self.disk_status[index] = None;
-            }
-        }
-        if self.disks.iter().any(Option::is_none) {
-            self.start_disks(Role::Primary, context.events);
-            if !self.wait_disks_ready() {
-                context.events.error(
-                    &self.name,
-                    "the disk daemons did not come up".into(),
-                    "see the disk daemons' logs",
-                );
-                return;
-            }
-        }
-        if let Some(generation) = generation {
-            for spec in &self.disk_specs {
-                let order = format!("continue-degraded {generation}");
-                if let Err(error) = disk_order(&spec.control, &order) {
-                    log::warn!("{}: {error}", self.name);
-                }
-            }
-        }
-        self.serving = true;
-        if self.vm.is_none() {
-            self.start_vm(context);
+    /// Runs the disks as primary (at `generation` after a grant) and then the VM: a fenced
+    /// daemon is replaced (it never acknowledges again), a missing one started. The VM
+    /// starts, or resumes, once every daemon has answered.
+    pub(super) fn serve(&mut self, generation: Option<Generation>) {
+        let ticket = self.begin(PendingKind::Serve);
+        for disk in &mut self.disks {
+            disk.serve(ticket, generation);
         }
     }
 }

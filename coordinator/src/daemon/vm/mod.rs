@@ -2,10 +2,13 @@
 //! VM's disk daemons, its NIC daemons, its QEMU and the witness.
 
 mod commands;
+mod disk_daemons;
 mod disks;
 mod qemu;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -13,19 +16,21 @@ use serde::{Deserialize, Serialize};
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
 use super::nics::{NicStatus, Nics};
-use super::processes::{
-    disk_order, touch, DiskProcess, DiskSpec, NicSpec, RunningVm, VmLauncher, VmSpec,
-};
+use super::processes::{touch, DiskSpec, NicSpec, VmLauncher, VmSpec};
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskView, Host, HostConfig, Mode, Role};
 use crate::witness::{Claim, Grant, Verdict};
 use crate::witness_daemon::{HostPair, WitnessRequest};
 use crate::{Generation, HostId, Millis};
+use disk_daemons::{DiskDaemon, DiskReport};
+use qemu::Guest;
 
 /// How often the disk daemons are asked for their status.
 const DISK_POLL: Duration = Duration::from_millis(100);
 /// Least time between two restarts of a crashed disk daemon.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// A disk daemon busy this long with one job is reported as not answering.
+const SILENT_AFTER: Duration = Duration::from_millis(1500);
 
 /// What the daemon passes to a VM for one step.
 pub struct Context<'a> {
@@ -33,7 +38,7 @@ pub struct Context<'a> {
     pub events: &'a mut Events,
     pub peer: &'a PeerLink,
     pub witness: &'a WitnessLink,
-    pub launcher: &'a dyn VmLauncher,
+    pub launcher: &'a Arc<dyn VmLauncher>,
 }
 
 /// One VM in `ftvm status`.
@@ -51,6 +56,9 @@ pub struct VmStatus {
     pub sync_percent: Option<f64>,
     /// QEMU's process id while the VM runs here.
     pub vm_pid: Option<u32>,
+    /// ftvmd paused the guest here (this host holds its writes for the witness).
+    #[serde(default)]
+    pub vm_paused: bool,
     /// Each disk daemon's process id while it runs.
     pub disk_pids: Vec<Option<u32>>,
     /// The disk daemons' own `status`, for detail.
@@ -87,6 +95,24 @@ impl Pair {
 
 /// Creates the VM's state directory and loads its state, or saves the first one (`role` at
 /// generation 1, protected) when there is none yet.
+/// A request to all disk daemons that something waits for: the VM starts only once every
+/// daemon has answered (a promotion, or a serve as primary).
+#[derive(Debug)]
+struct Pending {
+    ticket: u64,
+    /// Daemons that have not answered yet.
+    waiting: usize,
+    /// The first failure, if any.
+    failure: Option<String>,
+    what: PendingKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PendingKind {
+    Promote,
+    Serve,
+}
+
 fn open_state(dir: &Path, name: &str, role: Role) -> Result<(StateFile, VmState), String> {
     std::fs::create_dir_all(dir)
         .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
@@ -116,8 +142,12 @@ pub struct VmRunner {
     host: Host,
     state_file: StateFile,
     state: VmState,
-    disk_specs: Vec<DiskSpec>,
-    disks: Vec<Option<DiskProcess>>,
+    /// The disk daemons, each with its agent thread.
+    disks: Vec<DiskDaemon>,
+    disk_reports: Receiver<DiskReport>,
+    /// A serve or promotion waiting for the disk daemons' answers.
+    pending: Option<Pending>,
+    next_ticket: u64,
     last_restart: Option<Instant>,
     /// The NIC daemons run where the VM runs, from just before it starts until it stops;
     /// those of NICs with a redundant uplink also in standby while the VM is protected.
@@ -127,11 +157,10 @@ pub struct VmRunner {
     /// When to announce the VM's MACs again (a RARP from each NIC's TAP) after it started.
     announce_at: Vec<Instant>,
     vm_spec: VmSpec,
-    vm: Option<Box<dyn RunningVm>>,
+    /// QEMU, with its agent thread.
+    guest: Guest,
     /// The disks run as primary and the VM should run here.
     serving: bool,
-    disk_status: Vec<Option<serde_json::Value>>,
-    last_poll: Option<Instant>,
     registered: bool,
     peer_beat: Option<(VmBeat, Millis)>,
     peer_timeout: Millis,
@@ -172,11 +201,20 @@ impl VmRunner {
         touch(&vm_spec.console)
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
-        let nics = Nics::new(&name, nic_specs);
+        let nics = Nics::new(&name, nic_specs)?;
+        let (sender, disk_reports) = mpsc::channel();
+        let disks = disk_specs
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| DiskDaemon::new(&name, index, spec, sender.clone()))
+            .collect::<Result<Vec<_>, String>>()?;
         let runner = VmRunner {
-            disks: disk_specs.iter().map(|_| None).collect(),
-            disk_status: disk_specs.iter().map(|_| None).collect(),
-            reported_failures: disk_specs.iter().map(|_| None).collect(),
+            reported_failures: disks.iter().map(|_| None).collect(),
+            disks,
+            disk_reports,
+            pending: None,
+            next_ticket: 0,
+            guest: Guest::new(&name)?,
             name,
             level,
             first_primary,
@@ -184,15 +222,12 @@ impl VmRunner {
             host,
             state_file,
             state,
-            disk_specs,
             last_restart: None,
             nics,
             start_pending: false,
             announce_at: Vec::new(),
             vm_spec,
-            vm: None,
             serving: false,
-            last_poll: None,
             registered: false,
             peer_beat: None,
             peer_timeout: host_config.peer_timeout,
@@ -246,8 +281,10 @@ impl VmRunner {
 
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
+        self.take_guest_reports(context.events);
+        self.take_disk_reports(context);
         self.announce_due();
-        self.nics.poll();
+        self.nics.poll(context.events);
         if !self.state.protected {
             self.tick_unprotected(context);
             return;
@@ -279,7 +316,8 @@ impl VmRunner {
     /// No claims: the witness refuses the other host's anyway.
     fn tick_unprotected(&mut self, context: &mut Context<'_>) {
         if self.state.role == Role::Secondary {
-            if self.disks.iter().any(Option::is_some) || self.nics.any_running() {
+            let running = self.disks.iter().any(|disk| disk.process.is_some());
+            if running || self.nics.any_running() {
                 self.shutdown(context.events);
             }
             return;
@@ -287,7 +325,9 @@ impl VmRunner {
         self.supervise(context.events);
         self.poll_disks();
         if !self.serving {
-            self.serve(None, context);
+            if self.pending.is_none() {
+                self.serve(None);
+            }
             return;
         }
         if self.start_pending {
@@ -296,15 +336,12 @@ impl VmRunner {
         if !self.reconcile_due() {
             return;
         }
-        for index in 0..self.disk_specs.len() {
+        for index in 0..self.disks.len() {
             let waiting = self.replication(index).is_some_and(|replication| {
                 matches!(replication["mode"].as_str(), Some("Holding" | "Connecting"))
             });
-            if waiting {
-                if let Err(error) = disk_order(&self.disk_specs[index].control, "continue-degraded")
-                {
-                    log::debug!("{}: {error}", self.name);
-                }
+            if waiting && self.disks[index].idle() {
+                self.disks[index].order("continue-degraded".into());
             }
         }
     }
@@ -433,16 +470,13 @@ impl VmRunner {
             secondary,
             generation: self.host.generation(),
             sync_percent,
-            vm_pid: self.vm.as_ref().map(|vm| vm.pid()),
-            disk_pids: self
+            vm_pid: self.guest.pid,
+            vm_paused: self.guest.pid.is_some() && self.guest.paused,
+            disk_pids: self.disks.iter().map(DiskDaemon::pid).collect(),
+            disks: self
                 .disks
                 .iter()
-                .map(|disk| disk.as_ref().map(|disk| disk.process.pid()))
-                .collect(),
-            disks: self
-                .disk_status
-                .iter()
-                .map(|status| status.clone().unwrap_or(serde_json::Value::Null))
+                .map(|disk| disk.status.clone().unwrap_or(serde_json::Value::Null))
                 .collect(),
             nics: self.nics.status(),
         }
@@ -520,11 +554,7 @@ impl VmRunner {
                 // The daemon sends one heartbeat for all its VMs.
                 Action::SendHeartbeat(_) => {}
                 Action::AskWitness(claim) => self.ask_witness(claim, context),
-                Action::Disk(command) => {
-                    self.apply(command, context);
-                    // The disks changed: the next look at them must ask again.
-                    self.last_poll = None;
-                }
+                Action::Disk(command) => self.apply(command, context),
             }
         }
     }

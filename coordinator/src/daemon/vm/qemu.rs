@@ -1,26 +1,149 @@
-//! The VM's QEMU here: start it once its NIC daemons answer, announce its MACs, stop it.
+//! The VM's QEMU here: start it once its NIC daemons answer, announce its MACs, pause it
+//! while this host may not acknowledge writes, resume it, stop it.
+//!
+//! QEMU has its own agent thread ([`Agent`]): the launch, the stop (up to 5 s of grace) and
+//! the QMP `stop`/`cont` run there, in the order asked, while the deciding thread goes on.
 
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Context, VmRunner};
+use crate::daemon::agent::Agent;
 use crate::daemon::events::Events;
 use crate::daemon::nics::{Need, Readiness};
+use crate::daemon::processes::{RunningVm, VmLauncher, VmSpec};
+use crate::host::Mode;
+
+/// What one job of QEMU's agent did.
+#[derive(Debug)]
+pub(super) enum GuestReport {
+    Launched(Result<u32, String>),
+    Paused(Result<(), String>),
+    Resumed(Result<(), String>),
+    Stopped,
+    /// QEMU ended by itself: its pid and exit status.
+    Ended(u32, String),
+}
+
+/// The VM's QEMU as the deciding thread sees it.
+#[derive(Debug)]
+pub(super) struct Guest {
+    agent: Agent<Box<dyn RunningVm>, GuestReport>,
+    results: Receiver<GuestReport>,
+    /// QEMU's pid once its launch is reported.
+    pub pid: Option<u32>,
+    /// A launch is queued and not reported yet.
+    launching: bool,
+    /// The guest is paused here, or a pause is queued.
+    pub paused: bool,
+}
+
+impl Guest {
+    pub fn new(vm: &str) -> Result<Guest, String> {
+        let (sender, results) = mpsc::channel();
+        let agent = Agent::start(&format!("{vm}-qemu"), sender, GuestReport::Ended)
+            .map_err(|error| format!("cannot start a thread: {error}"))?;
+        Ok(Guest {
+            agent,
+            results,
+            pid: None,
+            launching: false,
+            paused: false,
+        })
+    }
+
+    /// QEMU runs here or is being started.
+    pub fn present(&self) -> bool {
+        self.pid.is_some() || self.launching
+    }
+
+    fn launch(&mut self, launcher: Arc<dyn VmLauncher>, spec: VmSpec) {
+        self.launching = true;
+        self.paused = false;
+        self.agent.run("launch", move |child| {
+            if let Some(vm) = child {
+                return GuestReport::Launched(Ok(vm.pid()));
+            }
+            match launcher.launch(&spec) {
+                Ok(vm) => {
+                    let pid = vm.pid();
+                    *child = Some(vm);
+                    GuestReport::Launched(Ok(pid))
+                }
+                Err(error) => GuestReport::Launched(Err(error.to_string())),
+            }
+        });
+    }
+
+    fn stop(&mut self) {
+        self.pid = None;
+        self.launching = false;
+        self.paused = false;
+        self.agent.run("stop", |child| {
+            if let Some(mut vm) = child.take() {
+                vm.stop();
+            }
+            GuestReport::Stopped
+        });
+    }
+
+    /// Queues a pause unless one is; false if there is nothing to pause.
+    fn pause(&mut self) -> bool {
+        if !self.present() || self.paused {
+            return false;
+        }
+        self.paused = true;
+        self.agent.run("pause", |child| match child {
+            Some(vm) => GuestReport::Paused(vm.pause()),
+            None => GuestReport::Paused(Ok(())),
+        });
+        true
+    }
+
+    /// Queues a resume if the guest is paused; false if it is not.
+    fn resume(&mut self) -> bool {
+        if !self.present() || !self.paused {
+            return false;
+        }
+        self.paused = false;
+        self.agent.run("resume", |child| match child {
+            Some(vm) => GuestReport::Resumed(vm.resume()),
+            None => GuestReport::Resumed(Ok(())),
+        });
+        true
+    }
+
+    /// Waits for the queued jobs, stops QEMU and ends the agent (ftvmd stops).
+    pub fn finish(self) {
+        self.agent.finish();
+    }
+}
 
 impl VmRunner {
     /// Stops the VM, its NIC daemons and its disk daemons (daemon shutdown, host disabled,
-    /// the peer unprotected the VM).
+    /// the peer unprotected the VM). Never waits: the agents do the stopping.
     pub fn shutdown(&mut self, events: &mut Events) {
         self.stop_vm(events, "ftvmd stopping");
         self.nics.stop_unwanted(Need::Nothing);
         self.serving = false;
-        for slot in &mut self.disks {
-            if let Some(mut disk) = slot.take() {
-                disk.process.stop();
+        self.pending = None;
+        for disk in &mut self.disks {
+            if disk.process.is_some() || !disk.idle() {
+                disk.stop();
             }
+            disk.process = None;
+            disk.status = None;
         }
-        self.disk_status
-            .iter_mut()
-            .for_each(|status| *status = None);
+    }
+
+    /// Waits until every agent has stopped its process (ftvmd stops).
+    pub fn finish(self) {
+        self.guest.finish();
+        self.nics.finish();
+        for disk in self.disks {
+            disk.finish();
+        }
     }
 
     /// Starts QEMU here once the NIC daemons answer: at once, or in a later step
@@ -31,7 +154,7 @@ impl VmRunner {
     }
 
     pub(super) fn try_start_vm(&mut self, context: &mut Context<'_>) {
-        if self.vm.is_some() {
+        if self.guest.present() {
             self.start_pending = false;
             return;
         }
@@ -43,13 +166,56 @@ impl VmRunner {
                 return;
             }
         }
-        match context.launcher.launch(&self.vm_spec) {
-            Ok(vm) => {
-                context.events.info(
+        self.guest
+            .launch(Arc::clone(context.launcher), self.vm_spec.clone());
+    }
+
+    /// Takes the reports of QEMU's agent.
+    pub(super) fn take_guest_reports(&mut self, events: &mut Events) {
+        while let Ok(report) = self.guest.results.try_recv() {
+            match report {
+                GuestReport::Launched(result) => self.on_launched(result, events),
+                GuestReport::Paused(Err(error)) => events.error(
                     &self.name,
-                    format!("VM started on {} (pid {})", self.pair.me, vm.pid()),
+                    format!("cannot pause the guest: {error}"),
+                    &format!("see {}", self.vm_spec.log.display()),
+                ),
+                GuestReport::Resumed(Err(error)) => events.error(
+                    &self.name,
+                    format!("cannot resume the guest: {error}"),
+                    &format!("see {}", self.vm_spec.log.display()),
+                ),
+                GuestReport::Paused(Ok(())) | GuestReport::Resumed(Ok(())) => {}
+                GuestReport::Stopped => {}
+                GuestReport::Ended(pid, status) => {
+                    if self.guest.pid != Some(pid) {
+                        continue;
+                    }
+                    events.warn(
+                        &self.name,
+                        format!("the VM's QEMU ended: {status}"),
+                        &format!("see {}", self.vm_spec.log.display()),
+                    );
+                    self.guest.pid = None;
+                    self.guest.paused = false;
+                    self.announce_at.clear();
+                }
+            }
+        }
+    }
+
+    fn on_launched(&mut self, result: Result<u32, String>, events: &mut Events) {
+        if !self.guest.launching {
+            return; // stopped meanwhile
+        }
+        self.guest.launching = false;
+        match result {
+            Ok(pid) => {
+                self.guest.pid = Some(pid);
+                events.info(
+                    &self.name,
+                    format!("VM started on {} (pid {pid})", self.pair.me),
                 );
-                self.vm = Some(vm);
                 // The LAN must learn at once that the VM's MACs are here now; repeated,
                 // as QEMU's announce-self does, in case the first frames are lost.
                 let now = Instant::now();
@@ -58,12 +224,43 @@ impl VmRunner {
                     .map(|&ms| now + Duration::from_millis(ms))
                     .collect();
                 self.announce_due();
+                if !self.guest_may_run() {
+                    self.pause_guest(events, "this host holds its writes");
+                }
             }
-            Err(error) => context.events.error(
+            Err(error) => events.error(
                 &self.name,
                 format!("cannot start the VM: {error}"),
                 "check the qemu setting and the VM's qemu_args",
             ),
+        }
+    }
+
+    /// Whether this host may let its guest run: unprotected, or a primary that mirrors or
+    /// runs degraded with a grant (not one that holds for the witness or is fenced).
+    pub(super) fn guest_may_run(&self) -> bool {
+        !self.state.protected || matches!(self.host.mode(), Mode::Mirrored | Mode::Degraded)
+    }
+
+    /// Pauses the guest at once (QMP `stop`, queued on QEMU's agent): no guest output
+    /// leaves this host while another may be taking the VM over.
+    pub(super) fn pause_guest(&mut self, events: &mut Events, why: &str) {
+        if self.guest.pause() {
+            events.warn(
+                &self.name,
+                format!("guest paused on {} ({why})", self.pair.me),
+                "",
+            );
+        }
+    }
+
+    /// Resumes a paused guest (QMP `cont`) when this host may run it again.
+    pub(super) fn resume_guest(&mut self, events: &mut Events, why: &str) {
+        if self.guest_may_run() && self.guest.resume() {
+            events.info(
+                &self.name,
+                format!("guest resumed on {} ({why})", self.pair.me),
+            );
         }
     }
 
@@ -79,7 +276,7 @@ impl VmRunner {
 
     /// Which NIC daemons the VM needs here now.
     pub(super) fn nic_need(&self) -> Need {
-        if self.vm.is_some() || self.start_pending {
+        if self.guest.present() || self.start_pending {
             Need::Vm
         } else if self.state.protected {
             Need::Standby
@@ -91,8 +288,8 @@ impl VmRunner {
     pub(super) fn stop_vm(&mut self, events: &mut Events, why: &str) {
         self.start_pending = false;
         self.nics.cancel_start();
-        if let Some(mut vm) = self.vm.take() {
-            vm.stop();
+        if self.guest.present() {
+            self.guest.stop();
             events.info(
                 &self.name,
                 format!("VM stopped on {} ({why})", self.pair.me),
