@@ -201,6 +201,73 @@ fn wait_protected(cluster: &Cluster, primary: usize, what: &str) -> serde_json::
     status
 }
 
+/// What [`watch_guests`] saw, as times since the cut.
+struct GuestWatch {
+    /// The isolated host's guest first seen paused.
+    paused: Duration,
+    /// Its QEMU gone (fenced).
+    gone: Duration,
+    /// The other host's guest first seen running.
+    running: Duration,
+    /// The longest run of samples in which both guests were running.
+    both_running: Duration,
+}
+
+/// Samples both guests' run states (QMP `query-status`) after `isolated` was cut off at
+/// `cut_at`, until its QEMU is gone and the other's guest runs.
+fn watch_guests(cluster: &Cluster, isolated: usize, other: usize, cut_at: Instant) -> GuestWatch {
+    let deadline = cut_at + Duration::from_secs(30);
+    let (mut paused, mut gone, mut running) = (None, None, None);
+    let mut both_since: Option<Instant> = None;
+    let mut both_running = Duration::ZERO;
+    loop {
+        let isolated_state = cluster.guest_run_state(isolated);
+        let other_state = cluster.guest_run_state(other);
+        let now = Instant::now();
+        let at = now - cut_at;
+        match isolated_state.as_deref() {
+            Some("running") => {}
+            Some(_) => {
+                paused.get_or_insert(at);
+            }
+            None => {
+                gone.get_or_insert(at);
+            }
+        }
+        if other_state.as_deref() == Some("running") {
+            running.get_or_insert(at);
+        }
+        if isolated_state.as_deref() == Some("running") && other_state.as_deref() == Some("running")
+        {
+            let since = *both_since.get_or_insert(now);
+            both_running = both_running.max(now - since);
+        } else {
+            both_since = None;
+        }
+        if let (Some(gone), Some(running)) = (gone, running) {
+            let paused = paused.unwrap_or_else(|| {
+                panic!(
+                    "{}'s guest was never seen paused before it stopped",
+                    HOSTS[isolated]
+                )
+            });
+            return GuestWatch {
+                paused,
+                gone,
+                running,
+                both_running,
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the cut: {} {isolated_state:?} (paused at {paused:?}), {} {other_state:?}",
+            HOSTS[isolated],
+            HOSTS[other]
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn partitions_never_give_two_primaries() {
     let mut cluster = protected_cluster("failover-partitions");
@@ -304,8 +371,34 @@ fn partitions_never_give_two_primaries() {
     let generation_before_isolation = after_flapping["generation"].as_u64().unwrap_or(0);
     let acknowledged_before_isolation = last_ack(&cluster.console(A));
 
-    // The primary isolated from everything: it fences, the other promotes and runs the VM.
+    // The primary isolated from everything: it pauses its guest at once (it holds for the
+    // witness), then fences; the other promotes and runs the VM. The two guests, which
+    // share a MAC and an IP, must not both run.
+    let cut_at = Instant::now();
     cluster.set_links(p, &["alink1", "alink2", "lan0"], false);
+    let guests = watch_guests(&cluster, p, s, cut_at);
+    println!(
+        "isolation of {}: its guest paused {:.2} s after the cut (peer timeout 1.0 s), \
+         stopped at {:.2} s; {}'s guest running at {:.2} s; longest window with both \
+         guests running: {} ms",
+        HOSTS[p],
+        guests.paused.as_secs_f64(),
+        guests.gone.as_secs_f64(),
+        HOSTS[s],
+        guests.running.as_secs_f64(),
+        guests.both_running.as_millis()
+    );
+    assert!(
+        guests.paused < Duration::from_millis(2500),
+        "{}'s guest paused only {:?} after the cut",
+        HOSTS[p],
+        guests.paused
+    );
+    assert!(
+        guests.both_running < Duration::from_millis(200),
+        "both guests ran for {:?}",
+        guests.both_running
+    );
     cluster.wait_vm(s, Duration::from_secs(20), "promoted", |vm| {
         vm["role"] == "Primary" && vm["vm_pid"].is_u64()
     });
