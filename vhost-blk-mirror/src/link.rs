@@ -218,15 +218,57 @@ impl Transport for ListenerTransport {
 
 /// Listens for the primary on the configured addresses.
 pub fn listen(settings: &LinkSettings) -> io::Result<Arc<dyn Transport>> {
-    let listener =
-        LinkListener::bind(settings.listen.clone(), settings.config.clone()).map_err(|source| {
-            to_io(LinkSetupError::Listen {
-                addresses: settings.listen.clone(),
-                source,
-            })
-        })?;
+    // Only this disk's primary: the pair key alone must not let another disk's write here.
+    let mut config = settings.config.clone();
+    config.allowed_services = Some(vec![settings.service.clone()]);
+    let listener = LinkListener::bind(settings.listen.clone(), config).map_err(|source| {
+        to_io(LinkSetupError::Listen {
+            addresses: settings.listen.clone(),
+            source,
+        })
+    })?;
     Ok(Arc::new(ListenerTransport {
         listener,
         session: Mutex::new(None),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(service: &str, listen: Vec<SocketAddr>, peers: Vec<SocketAddr>) -> LinkSettings {
+        let psk = Psk::from_bytes(b"one pair key for every disk....").expect("psk");
+        LinkSettings {
+            config: LinkConfig::new(psk, "host-a"),
+            peers,
+            listen,
+            service: service.into(),
+        }
+    }
+
+    #[test]
+    fn a_secondary_refuses_another_disks_primary_with_the_same_key() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = free.local_addr().expect("address");
+        drop(free);
+        let secondary = listen(&settings("blk:vm1-disk0", vec![address], vec![])).expect("listen");
+        let other =
+            connector(&settings("blk:vm2-disk0", vec![], vec![address]))().expect("connect");
+        let stranger = Duration::from_millis(500);
+        assert!(
+            secondary.recv(stranger).expect("recv").is_none(),
+            "no session"
+        );
+        assert!(!other.peer_reachable());
+        let own = connector(&settings("blk:vm1-disk0", vec![], vec![address]))().expect("connect");
+        let arrived = secondary.recv(Duration::from_secs(10)).expect("recv");
+        assert!(
+            matches!(arrived, Some(Received::PeerRestarted)),
+            "own primary"
+        );
+        for transport in [other, own, secondary] {
+            transport.close();
+        }
+    }
 }
