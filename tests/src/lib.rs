@@ -16,6 +16,7 @@ pub mod process;
 pub mod qmp;
 pub mod records;
 pub mod tmpfs;
+pub mod torture;
 pub mod wait;
 
 use std::path::Path;
