@@ -4,10 +4,12 @@
 //! `max_pending_handshakes_per_source` from one source (an IPv4 address, or an IPv6 /64: one
 //! host usually owns a whole /64). A new connection over a limit is not refused: it closes
 //! the **oldest** handshake of its own source (per-source limit) or of the source that holds
-//! the most (global limit). A connection that sends slowly or not at all therefore holds its
-//! slot only until newer connections need it, and never beyond `handshake_timeout_ms`; to
-//! keep a real client out an attacker must open more new connections during that client's
-//! handshake (a few milliseconds) than the limit, not merely keep many slow ones open.
+//! the most (global limit), preferring one that has not yet sent a whole valid `Hello` (a
+//! real client sends it at once, in one write). A connection that sends slowly or not at all
+//! therefore holds its slot only until newer connections need it, and never beyond
+//! `handshake_timeout_ms`; to keep a real client out an attacker must open more new
+//! connections than the limit during that client's handshake (a few milliseconds), each
+//! sending a valid `Hello`, not merely keep many slow ones open.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -38,7 +40,15 @@ impl Source {
 pub(crate) struct Admission {
     max_total: usize,
     max_per_source: usize,
-    pending: BTreeMap<u64, Source>,
+    pending: BTreeMap<u64, Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    source: Source,
+    /// A whole valid `Hello` arrived: closed only after every handshake of the same source
+    /// that is still waiting for its `Hello`.
+    hello_received: bool,
 }
 
 impl Admission {
@@ -58,24 +68,30 @@ impl Admission {
             self.pending.keys().all(|old| *old < id),
             "connection ids grow"
         );
-        let own_oldest = self
-            .pending
-            .iter()
-            .find(|(_, from)| **from == source)
-            .map(|(old, _)| *old);
-        let own_count = self.count(source);
-        let victim = if own_count >= self.max_per_source {
-            own_oldest
+        let victim = if self.count(source) >= self.max_per_source {
+            self.victim_of(source)
         } else if self.pending.len() >= self.max_total {
-            self.oldest_of_largest_source()
+            self.largest_source()
+                .and_then(|largest| self.victim_of(largest))
         } else {
             None
         };
         if let Some(victim) = victim {
             self.pending.remove(&victim);
         }
-        self.pending.insert(id, source);
+        let pending = Pending {
+            source,
+            hello_received: false,
+        };
+        self.pending.insert(id, pending);
         victim
+    }
+
+    /// Connection `id` sent a whole valid `Hello`.
+    pub(crate) fn hello_received(&mut self, id: u64) {
+        if let Some(pending) = self.pending.get_mut(&id) {
+            pending.hello_received = true;
+        }
     }
 
     /// Connection `id` left its handshake (done or failed); false if it was not counted
@@ -91,24 +107,36 @@ impl Admission {
     pub(crate) fn count(&self, source: Source) -> usize {
         self.pending
             .values()
-            .filter(|from| **from == source)
+            .filter(|pending| pending.source == source)
             .count()
     }
 
-    /// The oldest handshake of the source with the most; between equals, the source whose
-    /// oldest handshake is older.
-    fn oldest_of_largest_source(&self) -> Option<u64> {
+    /// The handshake of `source` to close: its oldest still waiting for a `Hello`, else its
+    /// oldest.
+    fn victim_of(&self, source: Source) -> Option<u64> {
+        let mut own = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.source == source);
+        let oldest = own.clone().next().map(|(id, _)| *id);
+        own.find(|(_, pending)| !pending.hello_received)
+            .map(|(id, _)| *id)
+            .or(oldest)
+    }
+
+    /// The source with the most handshakes; between equals, the one whose oldest is older.
+    fn largest_source(&self) -> Option<Source> {
         let mut sources: HashMap<Source, (usize, u64)> = HashMap::new();
-        for (id, source) in &self.pending {
-            let entry = sources.entry(*source).or_insert((0, *id));
+        for (id, pending) in &self.pending {
+            let entry = sources.entry(pending.source).or_insert((0, *id));
             entry.0 += 1;
         }
         sources
-            .values()
-            .max_by(|(count_a, oldest_a), (count_b, oldest_b)| {
+            .into_iter()
+            .max_by(|(_, (count_a, oldest_a)), (_, (count_b, oldest_b))| {
                 count_a.cmp(count_b).then(oldest_b.cmp(oldest_a))
             })
-            .map(|(_, oldest)| *oldest)
+            .map(|(source, _)| source)
     }
 }
 
@@ -186,6 +214,28 @@ mod tests {
             assert!(admission.finish(peer), "the peer's handshake is counted");
             assert!(!admission.finish(peer), "finishing twice counts once");
         }
+    }
+
+    #[test]
+    fn a_handshake_past_its_hello_gives_way_last() {
+        let mut admission = Admission::new(32, 3);
+        let source = v4(1);
+        assert_eq!(admission.admit(1, source), None);
+        admission.hello_received(1); // the real peer: the oldest, but past its hello
+        assert_eq!(admission.admit(2, source), None);
+        assert_eq!(admission.admit(3, source), None);
+        assert_eq!(admission.admit(4, source), Some(2));
+        assert_eq!(admission.admit(5, source), Some(3));
+        for id in [4, 5] {
+            admission.hello_received(id);
+        }
+        assert_eq!(admission.admit(6, source), Some(1), "then the oldest");
+        // At the global limit too.
+        let mut admission = Admission::new(2, 2);
+        assert_eq!(admission.admit(1, source), None);
+        admission.hello_received(1);
+        assert_eq!(admission.admit(2, source), None);
+        assert_eq!(admission.admit(3, v4(2)), Some(2));
     }
 
     #[test]

@@ -486,7 +486,7 @@ impl ListenerShared {
     fn serve(self: Arc<Self>, index: usize, id: u64, stream: TcpStream, accepted_at: Instant) {
         let peer_address = stream.peer_addr().ok();
         let deadline = accepted_at + self.config.handshake_timeout();
-        let handshake = self.handshake(&stream, deadline);
+        let handshake = self.handshake(id, &stream, deadline);
         let counted = self.end_handshake(id);
         let result = match handshake {
             Ok(done) if counted => self.join(index, &stream, done),
@@ -553,12 +553,18 @@ impl ListenerShared {
     }
 
     /// Runs the handshake, under `deadline` as a whole.
-    fn handshake(&self, stream: &TcpStream, deadline: Instant) -> Result<Handshaken, ServeError> {
+    fn handshake(
+        &self,
+        id: u64,
+        stream: &TcpStream,
+        deadline: Instant,
+    ) -> Result<Handshaken, ServeError> {
         stream.set_nodelay(true).map_err(ServeError::Socket)?;
         let limits = self.config.receive_limits();
         let mut channel = HandshakeChannel::new(stream, Side::Server, deadline);
         let hello = read_hello(&mut channel, &limits).map_err(ServeError::Handshake)?;
         self.check_served(&mut channel, &hello)?;
+        lock(&self.connections).admission.hello_received(id);
         let prepared = lock(&self.registry)
             .prepare(&hello)
             .map_err(|error| ServeError::Handshake(HandshakeError::Random(error)))?;
