@@ -79,7 +79,8 @@ fn report() {
     let results = std::fs::read_to_string(&path)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
     let rows = report::summarize(&results);
-    println!("{}", report::table(&rows));
+    // After libtest's "test report ... " (no newline with --nocapture).
+    println!("\n{}", report::table(&rows));
     if let Some(document) = std::env::var_os("FTVM_TORTURE_REPORT") {
         let command = std::env::var("FTVM_TORTURE_COMMAND").unwrap_or_default();
         let when = std::env::var("FTVM_TORTURE_WHEN").unwrap_or_default();
