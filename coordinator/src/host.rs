@@ -10,7 +10,8 @@
 //! - Until granted, a primary that lost its peer acknowledges nothing (its disk holds).
 //! - A host that hears a primary with a higher generation than its own becomes its
 //!   secondary (a resync follows).
-//! - A secondary whose copy is not consistent never claims.
+//! - A host whose copy is not consistent (a secondary's Inconsistent copy, a primary's
+//!   failed local copy) never claims.
 
 use serde::{Deserialize, Serialize};
 
@@ -199,9 +200,12 @@ impl Host {
     fn wants_to_claim(&self, silent: Millis, disk: DiskView) -> bool {
         match self.role {
             // A primary that lost its peer asks at once; one that just (re)started first
-            // gives the peer a timeout's chance to be heard.
+            // gives the peer a timeout's chance to be heard. One whose own copy failed
+            // (RemoteOnly) has nothing to run alone on: it never claims (the witness would
+            // grant its repeated claim for a generation it already holds).
             Role::Primary => {
-                self.mode == Mode::Holding
+                disk.consistent
+                    && self.mode == Mode::Holding
                     && (silent > self.config.peer_timeout || self.disk_lost_peer)
             }
             Role::Secondary => {

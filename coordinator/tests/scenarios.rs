@@ -159,3 +159,54 @@ fn an_isolated_primary_holds_forever() {
     }
     assert!(held);
 }
+
+/// The disk's replication path fails while the heartbeats still flow (or the secondary's
+/// disk failed a write): `ftvmd` calls `on_disk_lost_peer` after a peer timeout of
+/// holding, and the primary claims at once, without waiting for silence.
+#[test]
+fn a_disk_that_lost_the_peer_under_live_heartbeats_claims_the_next_generation() {
+    let (mut a, _) = connected_pair();
+    let heartbeat = Heartbeat {
+        from: HostId::B,
+        role: Role::Secondary,
+        generation: 1,
+    };
+    a.on_heartbeat(1500, heartbeat);
+    assert!(
+        claims(&a.tick(1550, IN_SYNC_AT_1)).is_empty(),
+        "the peer is heard"
+    );
+    assert_eq!(a.on_disk_lost_peer(), vec![Action::Disk(DiskCommand::Hold)]);
+    // Heartbeats keep arriving; they do not resume a disk that lost the peer.
+    assert!(a.on_heartbeat(1600, heartbeat).is_empty());
+    let claim = claims(&a.tick(1650, IN_SYNC_AT_1))[0];
+    assert_eq!(
+        claim,
+        Claim {
+            host: HostId::A,
+            generation: 2,
+            data_generation: 1
+        }
+    );
+    assert_eq!(
+        a.on_verdict(Verdict::Granted { generation: 2 }),
+        vec![Action::Disk(DiskCommand::ContinueDegraded {
+            generation: 2
+        })]
+    );
+}
+
+/// A primary whose local copy failed (RemoteOnly: its disk view is Inconsistent, data
+/// generation 0) and that lost its peer claims nothing: it has no copy to run alone on.
+/// (The witness would grant a repeated claim of the holder of the current generation.)
+#[test]
+fn a_primary_without_a_usable_copy_never_claims() {
+    let (mut a, _) = connected_pair();
+    let failed = DiskView {
+        consistent: false,
+        data_generation: 0,
+    };
+    for now in (1000..20_000).step_by(100) {
+        assert!(claims(&a.tick(now, failed)).is_empty(), "claimed at {now}");
+    }
+}

@@ -166,3 +166,15 @@ fn the_checkers_catch_ignoring_a_power_loss() {
     };
     old_rule_is_caught("ignore a power loss", rules);
 }
+
+/// `continue-degraded` on a primary whose local copy failed after it claimed (RemoteOnly):
+/// the held writes complete although neither copy has them. `vhost-blk-mirror`'s
+/// `continue_degraded` must refuse while its local copy is not Healthy.
+#[test]
+fn the_checkers_catch_continuing_degraded_without_a_local_copy() {
+    let rules = Rules {
+        continue_degraded_without_local_copy: true,
+        ..Rules::default()
+    };
+    old_rule_is_caught("continue degraded without a local copy", rules);
+}

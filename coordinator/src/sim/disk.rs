@@ -30,6 +30,9 @@ pub struct Rules {
     /// Old: a copy whose host lost power restarts as it was (no boot id check), so
     /// neither it nor its primary knows it lost unflushed writes.
     pub ignore_power_loss: bool,
+    /// Today's `vhost-blk-mirror`: `continue-degraded` on a holding primary whose local
+    /// copy failed (RemoteOnly) completes the held writes, which no copy may hold.
+    pub continue_degraded_without_local_copy: bool,
 }
 
 /// One host's storage: what it holds, and what a power loss would take.
@@ -409,6 +412,7 @@ impl World {
         id: HostId,
         generation: Generation,
     ) -> Result<(), String> {
+        let rules = self.rules;
         let disk = self.disk(id);
         if disk.role != Role::Primary || generation < disk.generation {
             return Ok(());
@@ -430,8 +434,9 @@ impl World {
             }
             Mode::Holding => {}
         }
-        if !disk.consistent {
-            // RemoteOnly: no copy of its own to run alone on.
+        if !disk.consistent && !rules.continue_degraded_without_local_copy {
+            // RemoteOnly: no copy of its own to run alone on (a grant for a claim made
+            // before the local disk failed).
             return Ok(());
         }
         disk.generation = generation;
