@@ -194,3 +194,68 @@ fn mirrored_primary_survives_stop_cont_cycles_under_flushed_writes() {
     assert_eq!(status["rejected_requests"], 0, "status: {status}");
     assert_eq!(status["connections"], 1, "no reconnect: {status}");
 }
+
+/// The rewind path end to end: the secondary is lost, so the primary holds every write's
+/// completion; QEMU is stopped (the daemon waits its limit, then rewinds the ring over the
+/// held requests) and continued, several times, while nothing can complete. Then the primary
+/// goes on degraded: the rewound requests run again after `cont`, every writer makes
+/// progress, and every acknowledged record is on the primary's disk.
+#[test]
+fn held_requests_are_rewound_at_stop_and_complete_after_cont() {
+    let mut pair = MirrorPair::new("mirror-stop-held", IMAGE_BYTES, QUEUES);
+    pair.start_in_sync(SYNC_TIMEOUT);
+    let qmp_path = pair.dir.path().join("qmp.sock");
+    let disk = Disk {
+        socket: pair.primary_options.socket.clone(),
+        queues: QUEUES,
+    };
+    let mut config = guest_config("mirror-stop-held", disk, qmp_path.clone());
+    config.netns = Some(pair.hosts.namespace("hostA"));
+    let guest = Guest::boot(&config, pair.dir.path());
+    for writer in 0..WRITERS {
+        guest.wait_for_line(GUEST_TIMEOUT, |line| line == format!("ACK {writer} 3"));
+    }
+    pair.kill_secondary();
+    pair.primary().wait_mode(SYNC_TIMEOUT, "Holding");
+    pair.primary()
+        .wait_replication(SYNC_TIMEOUT, "held writes", |r| {
+            r["in_flight_requests"].as_u64() >= Some(1)
+        });
+    let held = latest_records(&guest.console());
+    let mut qmp = Qmp::connect(&qmp_path, QMP_TIMEOUT).expect("QMP session");
+    for cycle in 0..5 {
+        let started = Instant::now();
+        qmp.stop()
+            .unwrap_or_else(|error| panic!("cycle {cycle}: stop: {error}"));
+        wait_status(&mut qmp, "paused", 0);
+        eprintln!("stop with held writes took {:?}", started.elapsed());
+        qmp.cont()
+            .unwrap_or_else(|error| panic!("cycle {cycle}: cont: {error}"));
+        wait_status(&mut qmp, "running", 0);
+    }
+    assert_eq!(
+        latest_records(&guest.console()),
+        held,
+        "a held write completed"
+    );
+    let reply = pair.primary().command("continue-degraded");
+    assert_eq!(reply["ok"], true, "continue-degraded refused: {reply}");
+    poll_until(
+        PROGRESS_TIMEOUT,
+        "every writer to go on after the rewinds",
+        || {
+            let now = latest_records(&guest.console());
+            (0..now.len()).all(|writer| now[writer] > held[writer])
+        },
+    );
+    let console = guest.console();
+    assert!(
+        !console.iter().any(|line| line.starts_with("WRITE-FAILED")),
+        "the guest saw write errors"
+    );
+    drop(guest);
+    let image = std::fs::read(&pair.primary_options.image).expect("read primary image");
+    records::assert_in_image(&image, &records::acknowledged(&console), "primary");
+    let status = pair.primary().status();
+    assert_eq!(status["rejected_requests"], 0, "status: {status}");
+}

@@ -183,7 +183,18 @@ impl BlkBackend {
     /// ready, so nothing new is popped): completes what can complete, waits up to
     /// [`STOP_DRAIN_TIMEOUT`] for the rest, and rewinds the ring over what still waits.
     fn drain_queue(&self, queue: usize) {
-        let (Some(mut worker), Some(waker)) = (self.worker(queue), self.wakers.get(queue)) else {
+        let Some(waker) = self.wakers.get(queue) else {
+            return;
+        };
+        // A request waiting behind an overlapping one (that only the peer can complete)
+        // gives up, so that the worker lets go of its lock.
+        waker.set_stopping(true);
+        self.drain_stopping_queue(queue, waker);
+        waker.set_stopping(false);
+    }
+
+    fn drain_stopping_queue(&self, queue: usize, waker: &Waker) {
+        let Some(mut worker) = self.worker(queue) else {
             return;
         };
         // Holding the worker's lock: the worker is not executing anything for this queue.
@@ -198,7 +209,9 @@ impl BlkBackend {
                 break;
             }
             let now = Instant::now();
-            if worker.pending.is_empty() || now >= deadline {
+            // Holding for a lost peer (or fenced): nothing will complete soon, so the stop
+            // (e.g. ftvmd pausing the guest) does not wait for it.
+            if worker.pending.is_empty() || now >= deadline || !self.disk.mirror.acknowledging() {
                 break;
             }
             if let Err(error) = wait_for_wake(waker, deadline - now) {

@@ -14,13 +14,25 @@ const PENDING: u8 = u8::MAX;
 #[derive(Debug)]
 pub struct Waker {
     eventfd: EventFd,
+    /// The queue is being stopped (GET_VRING_BASE): a request of it that waits behind an
+    /// overlapping one gives up instead, and the stop rewinds the ring over it.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Waker {
     pub fn new() -> std::io::Result<Waker> {
         Ok(Waker {
             eventfd: EventFd::new(libc::EFD_NONBLOCK)?,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    pub fn set_stopping(&self, stopping: bool) {
+        self.stopping.store(stopping, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn wake(&self) {
@@ -74,6 +86,11 @@ impl Ticket {
             );
             self.waker.wake();
         }
+    }
+
+    /// Whether the request's queue is being stopped (see [`Waker::is_stopping`]).
+    pub fn queue_stopping(&self) -> bool {
+        self.waker.is_stopping()
     }
 
     /// The final status, once every part completed. The last part decrements `remaining`

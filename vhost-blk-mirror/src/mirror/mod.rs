@@ -118,6 +118,18 @@ impl Mirror {
         }
     }
 
+    /// Whether requests waiting for the peer can be expected to complete soon: false while
+    /// a primary holds for a lost peer, connects, or is fenced.
+    pub fn acknowledging(&self) -> bool {
+        match self.role() {
+            Role::Primary(primary) => matches!(
+                primary.mode(),
+                primary::Mode::Mirrored | primary::Mode::Degraded
+            ),
+            Role::Standalone | Role::Secondary(_) => true,
+        }
+    }
+
     /// Whether a guest may be served now (not while secondary).
     pub fn serves_guest(&self) -> bool {
         !matches!(self.role(), Role::Secondary(_))

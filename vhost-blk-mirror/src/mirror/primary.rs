@@ -128,6 +128,16 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// Why a request part was not registered for mirroring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotRegistered {
+    /// Degraded or fenced: see [`Primary::unmirrored`].
+    Mode(Mode),
+    /// Its queue is being stopped while it waited behind an overlapping request: it never
+    /// completes here, and the stop rewinds the ring so that it runs again after `cont`.
+    QueueStopping,
+}
+
 /// The state of this host's own copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum LocalDisk {
@@ -329,13 +339,13 @@ impl Primary {
     }
 
     /// Waits until no in-flight request overlaps `[offset, offset + len)`, then registers
-    /// one; returns its id and generation, or the mode that prevents mirroring.
-    fn register(&self, entry: InFlight) -> Result<(u64, u64), Mode> {
+    /// one; returns its id and generation, or why it was not registered.
+    fn register(&self, entry: InFlight) -> Result<(u64, u64), NotRegistered> {
         let (offset, len) = (entry.offset, entry.len);
         let mut state = self.lock();
         loop {
             if matches!(state.mode, Mode::Degraded | Mode::Fenced) {
-                return Err(state.mode);
+                return Err(NotRegistered::Mode(state.mode));
             }
             let end = offset.saturating_add(len);
             let overlaps = len > 0
@@ -344,6 +354,15 @@ impl Primary {
                 });
             if !overlaps {
                 break;
+            }
+            // A guest request must not keep its queue's worker (and so QEMU's `stop`) waiting
+            // behind one that only the peer can complete.
+            if entry
+                .ticket
+                .as_ref()
+                .is_some_and(|ticket| ticket.queue_stopping())
+            {
+                return Err(NotRegistered::QueueStopping);
             }
             state = self.wait(state, POLL_INTERVAL);
         }
@@ -459,10 +478,13 @@ impl Primary {
             let entry = InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()))
                 .with_activity(&activity);
             match self.register(entry) {
-                Err(mode) => self.unmirrored(mode, &ticket, (block_offset, block_len), || {
-                    self.require_local_copy()?;
-                    self.image.write_at(block, block_offset)
-                })?,
+                Err(NotRegistered::QueueStopping) => {}
+                Err(NotRegistered::Mode(mode)) => {
+                    self.unmirrored(mode, &ticket, (block_offset, block_len), || {
+                        self.require_local_copy()?;
+                        self.image.write_at(block, block_offset)
+                    })?
+                }
                 Ok((id, generation)) => {
                     self.write_local(|| self.image.write_at(block, block_offset));
                     let message = Message::Write {
@@ -512,7 +534,8 @@ impl Primary {
         }
         self.write_local(|| self.image.flush());
         match self.register(InFlight::new(Kind::Flush, 0, 0, Some(ticket.clone()))) {
-            Err(mode) => self.unmirrored(mode, &ticket, (0, 0), || Ok(()))?,
+            Err(NotRegistered::QueueStopping) => {}
+            Err(NotRegistered::Mode(mode)) => self.unmirrored(mode, &ticket, (0, 0), || Ok(()))?,
             Ok((id, generation)) => {
                 self.send_or_hold(&Message::Flush { id, generation }, Vec::new());
             }
@@ -540,10 +563,13 @@ impl Primary {
         match self.register(
             InFlight::new(Kind::Write, offset, len, Some(ticket.clone())).with_activity(&activity),
         ) {
-            Err(mode) => self.unmirrored(mode, &ticket, (offset, len), || {
-                self.require_local_copy()?;
-                zero_local(&self.image, offset, len, deallocate)
-            })?,
+            Err(NotRegistered::QueueStopping) => {}
+            Err(NotRegistered::Mode(mode)) => {
+                self.unmirrored(mode, &ticket, (offset, len), || {
+                    self.require_local_copy()?;
+                    zero_local(&self.image, offset, len, deallocate)
+                })?
+            }
             Ok((id, generation)) => {
                 self.write_local(|| zero_local(&self.image, offset, len, deallocate));
                 let message = Message::Zero {

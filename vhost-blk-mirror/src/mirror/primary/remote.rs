@@ -94,8 +94,8 @@ impl Primary {
         let (sender, receiver) = mpsc::sync_channel(1);
         let mut entry = InFlight::new(Kind::Read, offset, len, None);
         entry.reply = Some(sender);
-        let (id, _) = self.register(entry).map_err(|mode| {
-            io::Error::other(format!("the peer's copy is unavailable ({mode:?})"))
+        let (id, _) = self.register(entry).map_err(|reason| {
+            io::Error::other(format!("the peer's copy is unavailable ({reason:?})"))
         })?;
         self.send_or_hold(&Message::Read { id, offset, len }, Vec::new());
         loop {
