@@ -426,7 +426,7 @@ impl ListenerShared {
                 bump(&counters.evicted_handshakes);
             }
             self.log.warn(format_args!(
-                "closed the oldest unauthenticated connection (from {}) to make room for one \
+                "closed an unauthenticated connection (from {}) to make room for one \
                  from {peer}: {} handshakes in progress, {} from {}",
                 victim_peer
                     .flatten()
