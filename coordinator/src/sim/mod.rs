@@ -162,12 +162,13 @@ pub struct World {
     cut_heartbeats: bool,
     cut_replication: bool,
     cut_witness: BTreeMap<HostId, bool>,
-    skew: BTreeMap<HostId, (u64, u64)>,
+    /// Per host (see [`slot`]): clock rate in per mille and offset.
+    skew: [(u64, u64); 2],
     in_flight: Vec<(Millis, Event)>,
     /// In-order replication sessions, per direction (to, messages).
     channels: BTreeMap<HostId, Vec<Replication>>,
     /// `ftvmd`: since when (host clock) the disk holds while the state machine mirrors.
-    disk_holding_since: BTreeMap<HostId, Option<Millis>>,
+    disk_holding_since: [Option<Millis>; 2],
     next_write: u64,
     checker: Checker,
     outcome: Outcome,
@@ -186,7 +187,7 @@ impl World {
         let config = HostConfig::default();
         let mut hosts = BTreeMap::new();
         let mut disks = BTreeMap::new();
-        let mut skew = BTreeMap::new();
+        let mut skew = [(1000, 0); 2];
         for id in HOSTS {
             let role = if id == HostId::A {
                 Role::Primary
@@ -194,7 +195,7 @@ impl World {
                 Role::Secondary
             };
             // Clock rate in per mille (±5%) and offset: timeouts differ between hosts.
-            skew.insert(id, (rng.between(950, 1050), rng.between(0, 5000)));
+            skew[slot(id)] = (rng.between(950, 1050), rng.between(0, 5000));
             let mut host = Host::start(id, config, role, 1, 0);
             if role == Role::Primary {
                 // Protection starts mirrored with an UpToDate peer.
@@ -228,7 +229,7 @@ impl World {
             skew,
             in_flight: Vec::new(),
             channels: HOSTS.iter().map(|id| (*id, Vec::new())).collect(),
-            disk_holding_since: HOSTS.iter().map(|id| (*id, None)).collect(),
+            disk_holding_since: [None; 2],
             next_write: 1,
             checker: Checker::default(),
             outcome: Outcome::default(),
@@ -237,7 +238,7 @@ impl World {
     }
 
     fn local_time(&self, id: HostId) -> Millis {
-        let (rate, offset) = self.skew[&id];
+        let (rate, offset) = self.skew[slot(id)];
         self.now * rate / 1000 + offset
     }
 
@@ -369,7 +370,7 @@ impl World {
         }
         let rules = self.rules;
         let was_up = self.hosts.insert(id, None).flatten().is_some();
-        self.disk_holding_since.insert(id, None);
+        self.disk_holding_since[slot(id)] = None;
         // Both directions of the disks' session are gone.
         self.channels.insert(id, Vec::new());
         self.channels.insert(id.peer(), Vec::new());
@@ -411,6 +412,9 @@ impl World {
 
     fn deliver_due(&mut self) -> Result<(), String> {
         let now = self.now;
+        if !self.in_flight.iter().any(|(at, _)| *at <= now) {
+            return Ok(());
+        }
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
             .into_iter()
             .partition(|(at, _)| *at <= now);
@@ -501,7 +505,7 @@ impl World {
         let (role, mode, generation) = (host.role(), host.mode(), host.generation());
         let disk = &self.disks[&id];
         if role != Role::Primary || disk.role != Role::Primary {
-            self.disk_holding_since.insert(id, None);
+            self.disk_holding_since[slot(id)] = None;
             return Ok(());
         }
         if disk.generation < generation && disk.mode != Mode::Fenced {
@@ -509,17 +513,13 @@ impl World {
         }
         let holding = self.disks[&id].holding();
         if !(matches!(mode, Mode::Mirrored | Mode::Degraded) && holding) {
-            self.disk_holding_since.insert(id, None);
+            self.disk_holding_since[slot(id)] = None;
             return Ok(());
         }
         let peer_timeout = HostConfig::default().peer_timeout;
-        let since = *self
-            .disk_holding_since
-            .entry(id)
-            .or_default()
-            .get_or_insert(time);
+        let since = *self.disk_holding_since[slot(id)].get_or_insert(time);
         if mode == Mode::Degraded || time.saturating_sub(since) > peer_timeout {
-            self.disk_holding_since.insert(id, None);
+            self.disk_holding_since[slot(id)] = None;
             if self.trace {
                 eprintln!("t={} {id:?}: the disk lost the peer", self.now);
             }
@@ -601,6 +601,14 @@ impl World {
             }
         }
         Ok(())
+    }
+}
+
+/// A host's index in the per-host arrays.
+fn slot(id: HostId) -> usize {
+    match id {
+        HostId::A => 0,
+        HostId::B => 1,
     }
 }
 
