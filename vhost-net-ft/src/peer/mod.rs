@@ -354,8 +354,11 @@ pub fn start(device: &Arc<Device>, peer: Option<&PeerSettings>) -> Result<(), Pe
     let mut listener = None;
     if let Some(settings) = peer {
         let config = link_config(settings)?;
+        // Only this NIC's peer daemon may open a session here, refused before its proof.
+        let mut listen_config = config.clone();
+        listen_config.allowed_services = Some(vec![service(device.mac)]);
         let bound =
-            LinkListener::bind(settings.listen.clone(), config.clone()).map_err(|source| {
+            LinkListener::bind(settings.listen.clone(), listen_config).map_err(|source| {
                 PeerError::Listen {
                     addresses: settings.listen.clone(),
                     source,
