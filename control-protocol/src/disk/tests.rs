@@ -1,0 +1,316 @@
+use serde_json::{json, Value};
+
+use super::*;
+use crate::{CommandError, Reply};
+
+fn every_command() -> Vec<Command> {
+    let mut commands = vec![Command::Status];
+    for generation in [None, Some(0), Some(7), Some(u64::MAX)] {
+        commands.push(Command::Order(Order::ContinueDegraded(generation)));
+        commands.push(Command::Order(Order::Promote(generation)));
+    }
+    commands.extend([Order::Fence, Order::Demote, Order::Repair].map(Command::Order));
+    commands
+}
+
+#[test]
+fn every_command_round_trips_through_its_line() {
+    for command in every_command() {
+        let line = command.to_string();
+        assert_eq!(line.parse::<Command>(), Ok(command), "{line:?}");
+    }
+    assert_eq!(
+        Command::Order(Order::Promote(Some(5))).to_string(),
+        "promote 5"
+    );
+    assert_eq!(
+        Command::Order(Order::ContinueDegraded(None)).to_string(),
+        "continue-degraded"
+    );
+    assert_eq!(
+        "  continue-degraded   9 ".parse(),
+        Ok(Command::Order(Order::ContinueDegraded(Some(9))))
+    );
+}
+
+#[test]
+fn a_bad_command_line_is_refused_with_its_reason() {
+    let refused = |line: &str| line.parse::<Command>().expect_err(line);
+    assert!(matches!(refused(""), CommandError::Empty { .. }));
+    assert!(matches!(refused("reboot"), CommandError::Unknown { word, .. } if word == "reboot"));
+    assert_eq!(
+        refused("promote x").to_string(),
+        "promote: generation \"x\" is not a number"
+    );
+    assert!(matches!(
+        refused("promote -1"),
+        CommandError::NotANumber { .. }
+    ));
+    for line in ["fence 3", "status 1", "demote 2", "repair 1", "promote 1 2"] {
+        assert!(
+            matches!(refused(line), CommandError::TooManyArguments { .. }),
+            "{line}"
+        );
+    }
+    assert!(refused("bogus")
+        .to_string()
+        .contains("try: status, promote [GENERATION]"));
+}
+
+fn progress() -> ResyncProgress {
+    ResyncProgress {
+        bytes_total: 1 << 30,
+        bytes_done: 1 << 20,
+        bytes_sent: 1 << 19,
+        rate_bytes_per_second: 4 << 20,
+        eta_seconds: Some(255),
+        seconds: 0.25,
+    }
+}
+
+fn status(replication: Replication) -> Status {
+    Status {
+        image: "/var/lib/ftvm/vm1.img".into(),
+        image_kind: ImageKind::File,
+        size_bytes: 1 << 30,
+        read_only: false,
+        serial: "vm1-disk0".into(),
+        queues: 2,
+        read_requests: 1,
+        write_requests: 2,
+        flush_requests: 3,
+        discard_requests: 4,
+        write_zeroes_requests: 5,
+        get_id_requests: 6,
+        read_bytes: 7,
+        written_bytes: 8,
+        rejected_requests: 9,
+        io_errors: 10,
+        connections: 11,
+        connected: true,
+        replication,
+    }
+}
+
+fn primary() -> PrimaryStatus {
+    PrimaryStatus {
+        mode: Mode::Holding,
+        disk_state: PrimaryDiskState::Holding,
+        local_disk: LocalDisk::Healthy,
+        rebuild: ResyncProgress::default(),
+        generation: 12,
+        peer_reachable: false,
+        links: json!({"links": [{"address": "10.77.1.2:7400", "up": false}]}),
+        in_flight_requests: 3,
+        out_of_sync_bytes: 65536,
+        active_extents: 1,
+        writes_active: 0,
+        resync: progress(),
+        peer_disk_failed: Some("EIO on write".into()),
+    }
+}
+
+fn secondary() -> SecondaryStatus {
+    SecondaryStatus {
+        disk_state: SecondaryDiskState::SyncTarget,
+        generation: 11,
+        peer_reachable: true,
+        links: Value::Null,
+        applied_writes: 100,
+        applied_bytes: 409600,
+        resync_bytes_received: 0,
+        refused_requests: 0,
+        disk_failed: None,
+        disk_failures: 0,
+    }
+}
+
+fn every_status() -> Vec<Status> {
+    let mut statuses = vec![status(Replication::Standalone {})];
+    for mode in [
+        Mode::Connecting,
+        Mode::Mirrored,
+        Mode::Holding,
+        Mode::Degraded,
+        Mode::Fenced,
+    ] {
+        statuses.push(status(Replication::Primary(PrimaryStatus {
+            mode,
+            ..primary()
+        })));
+    }
+    for (disk_state, local_disk) in [
+        (PrimaryDiskState::UpToDate, LocalDisk::Healthy),
+        (PrimaryDiskState::SyncSource, LocalDisk::Healthy),
+        (PrimaryDiskState::Degraded, LocalDisk::Healthy),
+        (PrimaryDiskState::Fenced, LocalDisk::Healthy),
+        (PrimaryDiskState::RemoteOnly, LocalDisk::Failed),
+        (PrimaryDiskState::Rebuilding, LocalDisk::Rebuilding),
+    ] {
+        statuses.push(status(Replication::Primary(PrimaryStatus {
+            disk_state,
+            local_disk,
+            peer_disk_failed: None,
+            ..primary()
+        })));
+    }
+    for disk_state in [
+        SecondaryDiskState::UpToDate,
+        SecondaryDiskState::Inconsistent,
+        SecondaryDiskState::SyncTarget,
+        SecondaryDiskState::Failed,
+    ] {
+        statuses.push(status(Replication::Secondary(SecondaryStatus {
+            disk_state,
+            disk_failed: (disk_state == SecondaryDiskState::Failed).then(|| "EIO".into()),
+            ..secondary()
+        })));
+    }
+    statuses
+}
+
+#[test]
+fn every_status_round_trips_through_its_line() {
+    for status in every_status() {
+        let line = Reply::Answer(status.clone()).to_line().expect("line");
+        assert!(!line.contains('\n'));
+        assert_eq!(
+            Reply::<Status>::from_line(&line).expect("parse"),
+            Reply::Answer(status)
+        );
+    }
+    let done = Done {
+        ok: true,
+        result: "degraded".into(),
+    };
+    let line = Reply::Answer(done.clone()).to_line().expect("line");
+    assert_eq!(line, r#"{"ok":true,"result":"degraded"}"#);
+    assert_eq!(Reply::from_line(&line).expect("parse"), Reply::Answer(done));
+    let refused = Reply::<Done>::Refused("fenced".into());
+    let line = refused.to_line().expect("line");
+    assert_eq!(line, r#"{"error":"fenced"}"#);
+    assert_eq!(
+        Reply::<Status>::from_line(&line).expect("parse"),
+        Reply::Refused("fenced".into())
+    );
+}
+
+/// The shape `ftvm status --json`, the end-to-end tests and operators read.
+#[test]
+fn the_status_keeps_its_json_shape() {
+    let value = serde_json::to_value(status(Replication::Primary(primary()))).expect("json");
+    assert_eq!(value["write_requests"], 2, "counters at the top level");
+    assert_eq!(value["image_kind"], "file");
+    let replication = &value["replication"];
+    assert_eq!(replication["role"], "primary");
+    assert_eq!(replication["mode"], "Holding");
+    assert_eq!(replication["disk_state"], "Holding");
+    assert_eq!(replication["local_disk"], "Healthy");
+    assert_eq!(replication["generation"], 12);
+    assert_eq!(replication["resync"]["eta_seconds"], 255);
+    let value = serde_json::to_value(status(Replication::Standalone {})).expect("json");
+    assert_eq!(value["replication"], json!({"role": "standalone"}));
+    let value = serde_json::to_value(status(Replication::Secondary(secondary()))).expect("json");
+    assert_eq!(value["replication"]["role"], "secondary");
+    assert_eq!(value["replication"]["disk_state"], "SyncTarget");
+    assert_eq!(value["replication"]["disk_failed"], Value::Null);
+}
+
+/// Applies `change` to the JSON of a primary's status and parses the result.
+fn parse_changed(change: impl FnOnce(&mut Value)) -> Result<Reply<Status>, crate::ReplyError> {
+    let mut value = serde_json::to_value(status(Replication::Primary(primary()))).expect("json");
+    change(&mut value);
+    Reply::<Status>::from_line(&value.to_string())
+}
+
+fn remove(value: &mut Value, path: &[&str]) {
+    let (last, parents) = path.split_last().expect("path");
+    let mut object = value;
+    for key in parents {
+        object = &mut object[*key];
+    }
+    object
+        .as_object_mut()
+        .expect("object")
+        .remove(*last)
+        .expect(last);
+}
+
+#[test]
+fn a_status_with_a_missing_field_is_refused() {
+    for path in [
+        &["replication", "generation"][..],
+        &["replication", "role"],
+        &["replication", "mode"],
+        &["replication", "links"],
+        &["replication", "peer_disk_failed"],
+        &["replication", "resync", "eta_seconds"],
+        &["replication", "rebuild"],
+        &["replication"],
+        &["write_requests"],
+        &["connected"],
+    ] {
+        let error = parse_changed(|value| remove(value, path)).expect_err(&path.join("."));
+        assert!(
+            error.to_string().contains("missing field"),
+            "{path:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_status_with_an_unknown_field_is_refused() {
+    for (path, field) in [
+        (&[][..], "data_generation"),
+        (&["replication"][..], "data_generation"),
+        (&["replication", "resync"], "bytes_left"),
+    ] {
+        let error = parse_changed(|value| {
+            let mut object = value;
+            for key in path {
+                object = &mut object[*key];
+            }
+            object[field] = json!(3);
+        })
+        .expect_err(field);
+        assert!(error.to_string().contains("unknown field"), "{error}");
+    }
+    // A renamed field is both: the old name missing, the new one unknown.
+    let renamed = parse_changed(|value| {
+        remove(value, &["replication", "generation"]);
+        value["replication"]["generation_granted"] = json!(12);
+    });
+    assert!(renamed.is_err());
+    let mut standalone = serde_json::to_value(status(Replication::Standalone {})).expect("json");
+    standalone["replication"]["generation"] = json!(3);
+    assert!(Reply::<Status>::from_line(&standalone.to_string()).is_err());
+}
+
+#[test]
+fn a_status_with_a_wrong_type_or_word_is_refused() {
+    for (path, wrong) in [
+        (&["replication", "generation"][..], json!("12")),
+        (&["replication", "generation"], json!(-1)),
+        (&["replication", "generation"], Value::Null),
+        (&["replication", "mode"], json!("Sleeping")),
+        (&["replication", "disk_state"], json!("SyncTarget")),
+        (&["replication", "role"], json!("witness")),
+        (&["replication", "peer_reachable"], json!(1)),
+        (&["connected"], json!("yes")),
+        (&["image_kind"], json!("File")),
+    ] {
+        let result = parse_changed(|value| {
+            let (last, parents) = path.split_last().expect("path");
+            let mut object = value;
+            for key in parents {
+                object = &mut object[*key];
+            }
+            object[*last] = wrong.clone();
+        });
+        assert!(result.is_err(), "{path:?} = {wrong}: {result:?}");
+    }
+    assert!(Reply::<Status>::from_line("not json").is_err());
+    assert!(Reply::<Status>::from_line("").is_err());
+    // A refusal is only `{"error": …}`: anything more is not one.
+    assert!(Reply::<Done>::from_line(r#"{"error":"x","ok":true}"#).is_err());
+}

@@ -1,0 +1,164 @@
+use serde_json::{json, Value};
+
+use super::*;
+use crate::{CommandError, Reply};
+
+#[test]
+fn every_command_round_trips_through_its_line() {
+    for command in [Command::Status, Command::Announce] {
+        assert_eq!(command.to_string().parse::<Command>(), Ok(command));
+    }
+    assert_eq!(" announce ".parse(), Ok(Command::Announce));
+    assert!(matches!(
+        "".parse::<Command>(),
+        Err(CommandError::Empty { .. })
+    ));
+    assert!(matches!(
+        "fence".parse::<Command>(),
+        Err(CommandError::Unknown { .. })
+    ));
+    assert!(matches!(
+        "announce now".parse::<Command>(),
+        Err(CommandError::TooManyArguments { .. })
+    ));
+}
+
+pub(crate) fn status(redundancy: Redundancy) -> Status {
+    Status {
+        mac: "52:54:00:12:34:56".into(),
+        tap: "ftvm-tap0".into(),
+        bridge: Some("vmbr0".into()),
+        queues: 1,
+        link: Link {
+            frontend_connected: true,
+            guest_link_up: true,
+            announce_pending: false,
+            tap_up: true,
+            tap_carrier: true,
+            tap_master: None,
+        },
+        features: Features {
+            offered: "0x1".into(),
+            acked: "0x0".into(),
+            acked_names: vec!["MAC".into()],
+            tap_offloads: "0x0".into(),
+            header_len_bytes: 12,
+        },
+        redundancy,
+        rx_packets: 1,
+        rx_bytes: 2,
+        rx_dropped_no_buffers: 3,
+        rx_waits_for_buffers: 4,
+        rx_bad_buffers: 5,
+        tap_read_errors: 6,
+        tx_packets: 7,
+        tx_bytes: 8,
+        tx_dropped_malformed: 9,
+        tap_write_errors: 10,
+        ctrl_commands: 11,
+        announcements: 12,
+        connections: 13,
+        connected: true,
+        peer_tx_packets: 14,
+        peer_tx_dropped: 15,
+        peer_rx_packets: 16,
+        peer_rx_dropped: 17,
+        relay_to_lan_packets: 18,
+        relay_to_peer_packets: 19,
+    }
+}
+
+fn redundant() -> Redundancy {
+    Redundancy {
+        path: Path::Peer,
+        uplink: Some("uplink".into()),
+        uplink_up: Some(false),
+        peer_configured: true,
+        peer_reachable: true,
+        peer_uplink_up: Some(true),
+        peer_guest_attached: false,
+        relaying_for_peer: false,
+        path_switches: 1,
+        frames_queued_for_guest: 0,
+        peer_session: Some(json!({"links": []})),
+    }
+}
+
+fn alone() -> Redundancy {
+    Redundancy {
+        path: Path::Local,
+        uplink: None,
+        uplink_up: None,
+        peer_configured: false,
+        peer_reachable: false,
+        peer_uplink_up: None,
+        peer_guest_attached: false,
+        relaying_for_peer: false,
+        path_switches: 0,
+        frames_queued_for_guest: 0,
+        peer_session: None,
+    }
+}
+
+#[test]
+fn every_status_and_answer_round_trips_through_its_line() {
+    for status in [status(redundant()), status(alone())] {
+        let line = Reply::Answer(status.clone()).to_line().expect("line");
+        assert_eq!(
+            Reply::<Status>::from_line(&line).expect("parse"),
+            Reply::Answer(status)
+        );
+    }
+    let announced = Announced {
+        ok: true,
+        rarp_sent: true,
+        guest_asked: false,
+    };
+    let line = Reply::Answer(announced).to_line().expect("line");
+    assert_eq!(line, r#"{"ok":true,"rarp_sent":true,"guest_asked":false}"#);
+    assert_eq!(
+        Reply::from_line(&line).expect("parse"),
+        Reply::Answer(announced)
+    );
+    let value = serde_json::to_value(status(redundant())).expect("json");
+    assert_eq!(value["redundancy"]["path"], "peer");
+    assert_eq!(value["link"]["frontend_connected"], true);
+    assert_eq!(value["rx_packets"], 1, "counters at the top level");
+}
+
+#[test]
+fn a_status_with_a_missing_unknown_or_mistyped_field_is_refused() {
+    let parse = |change: &dyn Fn(&mut Value)| {
+        let mut value = serde_json::to_value(status(redundant())).expect("json");
+        change(&mut value);
+        Reply::<Status>::from_line(&value.to_string())
+    };
+    let remove = |object: &str, field: &'static str| {
+        let object = object.to_owned();
+        move |value: &mut Value| {
+            let target = if object.is_empty() {
+                value
+            } else {
+                &mut value[object.as_str()]
+            };
+            target.as_object_mut().expect("object").remove(field);
+        }
+    };
+    for (object, field) in [
+        ("redundancy", "path"),
+        ("redundancy", "uplink_up"),
+        ("redundancy", "peer_session"),
+        ("link", "frontend_connected"),
+        ("link", "tap_master"),
+        ("", "bridge"),
+        ("", "relay_to_peer_packets"),
+    ] {
+        let error = parse(&remove(object, field)).expect_err(field);
+        assert!(error.to_string().contains("missing field"), "{error}");
+    }
+    assert!(parse(&|value| value["redundancy"]["route"] = json!("peer")).is_err());
+    assert!(parse(&|value| value["link"]["speed"] = json!(1000)).is_err());
+    assert!(parse(&|value| value["redundancy"]["path"] = json!("both")).is_err());
+    assert!(parse(&|value| value["redundancy"]["uplink_up"] = json!("up")).is_err());
+    assert!(parse(&|value| value["queues"] = json!(-1)).is_err());
+}
