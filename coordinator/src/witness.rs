@@ -54,10 +54,15 @@ impl<H: Clone + PartialEq> Witness<H> {
     }
 
     /// Decides a claim. A repeated claim by the holder of the current grant is granted
-    /// again (its first answer may have been lost).
+    /// again (its first answer may have been lost), but only while its copy still holds the
+    /// generation before (as its first claim did) or the current one: a holder whose copy
+    /// has since failed (data generation 0) is not handed the grant again.
     pub fn decide(&mut self, claim: Claim<H>) -> Verdict<H> {
         let current = self.grant.clone();
-        let repeat = claim.generation == current.generation && claim.host == current.holder;
+        let repeat = claim.generation == current.generation
+            && claim.host == current.holder
+            && (claim.data_generation == current.generation
+                || claim.data_generation.checked_add(1) == Some(current.generation));
         let next = claim.generation == current.generation + 1
             && claim.data_generation == current.generation;
         if next {
@@ -113,6 +118,11 @@ mod tests {
             witness.decide(claim(HostId::B, 2, 1)),
             Verdict::Granted { generation: 2 }
         );
+        // But not once its copy failed (an Inconsistent copy claims data generation 0).
+        assert!(matches!(
+            witness.decide(claim(HostId::B, 2, 0)),
+            Verdict::Refused { .. }
+        ));
     }
 
     #[test]

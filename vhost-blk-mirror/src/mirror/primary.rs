@@ -185,6 +185,9 @@ struct State {
     peer_disk_failed: Option<String>,
     /// Answers to control round trips, by id, until their waiter takes them.
     control_results: HashMap<u64, Status>,
+    /// Our copy failed and the peer's last `Welcome` showed its copy incomplete: no copy
+    /// holds every acknowledged write, so nothing is read from either.
+    no_complete_copy: bool,
 }
 
 /// The primary's replication state; shared by the queue workers and its own threads.
@@ -296,6 +299,7 @@ impl Primary {
                 rebuild: ResyncProgress::default(),
                 peer_disk_failed: None,
                 control_results: HashMap::new(),
+                no_complete_copy: false,
             }),
             changed: Condvar::new(),
             resync_options,

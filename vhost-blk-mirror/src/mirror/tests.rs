@@ -381,3 +381,44 @@ fn with_both_copies_failed_no_write_is_acknowledged() {
         "a write on no usable copy was acknowledged"
     );
 }
+
+#[test]
+fn with_a_failed_copy_an_incomplete_peer_is_never_read_from() {
+    let pair = pair_with(true, false, None);
+    pair.wait_in_sync();
+    let write = pair.write(0, 1);
+    wait_until("the write on the peer alone", || write.status().is_some());
+    assert_eq!(pair.primary.status().disk_state, "RemoteOnly");
+    // The peer comes back (say after a power loss) with a copy that misses writes.
+    pair.primary.receive_for_test(
+        Message::Welcome {
+            generation: pair.primary.generation(),
+            data_state: DataState::UpToDate,
+            lost_unflushed: true,
+            suspect_listed: true,
+            disk_failed: false,
+        },
+        postcard::to_allocvec(&Vec::<(u64, u64)>::new()).expect("encode"),
+    );
+    assert_eq!(pair.primary.mode(), Mode::Holding);
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        pair.primary.read(0, &mut buf).is_err(),
+        "read from a copy that misses acknowledged writes"
+    );
+    // A complete peer (UpToDate at our generation, nothing lost) serves again.
+    pair.primary.receive_for_test(
+        Message::Welcome {
+            generation: pair.primary.generation(),
+            data_state: DataState::UpToDate,
+            lost_unflushed: false,
+            suspect_listed: true,
+            disk_failed: false,
+        },
+        postcard::to_allocvec(&Vec::<(u64, u64)>::new()).expect("encode"),
+    );
+    pair.primary
+        .read(0, &mut buf)
+        .expect("read from the complete peer");
+    assert!(buf.iter().all(|&byte| byte == 1));
+}

@@ -4,7 +4,6 @@ use log::{error, info, warn};
 use serde::Serialize;
 
 use super::{Kind, LocalDisk, Mode, Primary, ResyncProgress, State};
-use crate::metadata::DataState;
 use crate::request::Status;
 
 /// The primary's part of `status`.
@@ -34,10 +33,16 @@ pub struct PrimaryStatus {
 impl Primary {
     /// Stops waiting for the lost peer: every held request is recorded as out of sync and
     /// completed, and from now on writes complete on the local image alone, at
-    /// `generation` if given (the one the witness granted; never lower than ours).
+    /// `generation` if given (the one the witness granted; never lower than ours), else at
+    /// the next one: writes acknowledged on this copy alone always carry a generation the
+    /// peer's copy never had.
     pub fn continue_degraded(&self, generation: Option<u64>) -> Result<&'static str, String> {
         let held = {
             let mut state = self.lock();
+            let generation = match (generation, state.mode) {
+                (None, Mode::Connecting | Mode::Holding) => Some(state.generation + 1),
+                (given, _) => given,
+            };
             if let Some(generation) = generation {
                 if generation < state.generation {
                     return Err(format!(
@@ -105,8 +110,10 @@ impl Primary {
         else {
             return Ok(());
         };
+        // The copy's state is kept: a failed copy does not become UpToDate by a grant.
+        let data_state = self.metadata.header().data_state;
         self.metadata
-            .set_header(generation, DataState::UpToDate)
+            .set_header(generation, data_state)
             .map_err(|error| format!("cannot record generation {generation}: {error}"))?;
         info!("generation {generation} granted: writes now carry it");
         state.generation = generation;

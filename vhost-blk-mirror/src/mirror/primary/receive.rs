@@ -164,6 +164,30 @@ impl Primary {
             self.fence();
             return;
         }
+        if self.lock().local != LocalDisk::Healthy {
+            // Our own copy failed: the peer's must hold everything acknowledged, or no copy
+            // does. Degraded writes always run at a generation the peer never had.
+            let complete = data_state == DataState::UpToDate
+                && peer_generation == ours
+                && !lost_unflushed
+                && suspect.as_ref().is_some_and(Vec::is_empty);
+            if !complete {
+                error!(
+                    "this host's copy failed and the peer's is not complete ({data_state:?} at \
+                     generation {peer_generation}, ours {ours}, lost unflushed writes: \
+                     {lost_unflushed}): no copy holds every acknowledged write; holding \
+                     writes and failing reads"
+                );
+                let mut state = self.lock();
+                state.no_complete_copy = true;
+                state.welcomed = false;
+                if state.mode == Mode::Mirrored {
+                    state.mode = Mode::Holding;
+                }
+                self.changed.notify_all();
+                return;
+            }
+        }
         let base = self.metadata.header().base_generation;
         let delta = data_state == DataState::UpToDate && peer_generation >= base;
         let marked = match (delta, suspect) {
@@ -198,6 +222,7 @@ impl Primary {
         }
         let out_of_sync = self.metadata.out_of_sync_bytes();
         let mut state = self.lock();
+        state.no_complete_copy = false;
         if state.peer_disk_failed.take().is_some() {
             info!("the secondary's disk works again: protection resumes with a resync");
         }
@@ -326,6 +351,12 @@ impl Primary {
             state.mode = Mode::Holding;
         }
         self.changed.notify_all();
+    }
+
+    /// Hands `message` to the receiver as if the peer had sent it (tests of its rules).
+    #[cfg(test)]
+    pub(crate) fn receive_for_test(&self, message: Message, payload: Vec<u8>) {
+        self.handle(message, payload);
     }
 
     fn update_reachability(&self, reachable: bool) {

@@ -79,6 +79,13 @@ impl Primary {
                 Err(error) => self.local_failed(&error),
             }
         }
+        if self.lock().no_complete_copy {
+            // Stale data would be worse than an error the guest can see.
+            return Err(io::Error::other(
+                "no copy holds every acknowledged write: the local disk failed and the \
+                 peer's copy is incomplete",
+            ));
+        }
         for (index, part) in buf.chunks_mut(MAX_BLOCK_BYTES).enumerate() {
             let part_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
             let (id, data) = self.read_remote(part_offset, part.len() as u64)?;
