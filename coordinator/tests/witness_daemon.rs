@@ -1,61 +1,47 @@
 //! `ftvm-witness` as a process: real sockets, a real crash (SIGKILL), its files.
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use coordinator::witness::{Claim, Grant, Verdict};
 use coordinator::witness_daemon::{HostPair, WitnessReply, WitnessRequest};
+use daemon_util::test_support::{poll_until, Process, Wait, TIMEOUT};
 use replication_link::{LinkConfig, Psk, Session};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_ftvm-witness");
-const TIMEOUT: Duration = Duration::from_secs(10);
 const KEY: &[u8] = b"witness test key 0123456789abcdef";
-
-struct Witness(Child);
-
-impl Drop for Witness {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> SocketAddr {
     let probe = TcpListener::bind("127.0.0.1:0").expect("bind");
     probe.local_addr().expect("addr")
 }
 
-fn start(address: SocketAddr, dir: &std::path::Path) -> Witness {
+fn start(address: SocketAddr, dir: &std::path::Path) -> Process {
     let psk = dir.join("witness.psk");
     std::fs::write(&psk, KEY).expect("psk");
     start_with(address, dir, &["--psk-file".as_ref(), psk.as_os_str()])
 }
 
-fn start_with(address: SocketAddr, dir: &std::path::Path, keys: &[&std::ffi::OsStr]) -> Witness {
-    let child = Command::new(BINARY)
+fn start_with(address: SocketAddr, dir: &std::path::Path, keys: &[&std::ffi::OsStr]) -> Process {
+    let mut command = Command::new(BINARY);
+    command
         .arg("--listen")
         .arg(address.to_string())
         .arg("--state-dir")
         .arg(dir.join("state"))
-        .args(keys)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ftvm-witness");
-    Witness(child)
+        .args(keys);
+    Process::start("ftvm-witness", command)
 }
 
 fn ask(session: &Session, request: &WitnessRequest) -> WitnessReply {
     session.send_typed(request, Vec::new()).expect("send");
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        assert!(Instant::now() < deadline, "no answer from the witness");
-        if let Some(message) = session.recv(Duration::from_millis(100)).expect("recv") {
-            return message.header().expect("reply");
-        }
-    }
+    // Each look blocks in `recv` for up to 100 ms: no pause between looks.
+    let message = Wait::up_to(TIMEOUT)
+        .every(Duration::ZERO)
+        .poll(|| session.recv(Duration::from_millis(100)).expect("recv"))
+        .expect("an answer from the witness");
+    message.header().expect("reply")
 }
 
 fn connect(address: SocketAddr, host: &str) -> Session {
@@ -115,8 +101,7 @@ fn grants_survive_a_witness_crash() {
     assert_granted(&ask(&host_b, &claim("hostB")), 2);
     drop(host_b);
 
-    let _ = witness.0.kill();
-    let _ = witness.0.wait();
+    witness.kill();
     let _witness = start(address, dir.path());
     let host_a = connect(address, "hostA");
     let refused = ask(&host_a, &claim("hostA"));
@@ -159,11 +144,9 @@ fn with_a_key_per_host_no_host_can_claim_under_another_ones_name() {
     impostor
         .send_typed(&claim("hostA"), Vec::new())
         .expect("queued");
-    let deadline = Instant::now() + TIMEOUT;
-    while impostor.stats().links[0].auth_failures == 0 {
-        assert!(Instant::now() < deadline, "the impostor was not refused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_until(TIMEOUT, "the impostor to be refused", || {
+        impostor.stats().links[0].auth_failures > 0
+    });
     assert!(!impostor.peer_reachable());
     drop(impostor);
 

@@ -11,7 +11,7 @@ mod rate_limit;
 mod signals;
 mod socket;
 mod sync;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 
 pub use control::{bind_unix, request, serve_clients, serve_commands, ControlError};

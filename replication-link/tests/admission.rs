@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use replication_link::frame::{encode_frame, Direction, FrameKey};
 use replication_link::header::{Hello, LinkHeader, LinkLimits};
 use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session};
-use support::{accept, config, listener, recv_one, wait_until, LONG};
+use support::{accept, config, listener, recv_one, within, LONG};
 
 const FLOOD_CONNECTIONS: usize = 64;
 /// Just under the default `handshake_timeout_ms` (2000): a timeout per read never fires.
@@ -159,7 +159,8 @@ fn connect_times(listener: &LinkListener, client: &LinkConfig, rounds: u32) -> V
             Some(ListenerEvent::PeerRestarted { session, .. }) => session,
             None => panic!("round {round}: the real peer did not connect within 5 s"),
         };
-        assert!(wait_until(Duration::from_secs(5), || session.peer_reachable()));
+        within(Duration::from_secs(5))
+            .until("the real peer reachable", || session.peer_reachable());
         times.push(started.elapsed());
         assert_eq!(server.peer_id().as_deref(), Some(client.local_id.as_str()));
         session.send(b"through", vec![]).expect("send");
@@ -171,10 +172,10 @@ fn connect_times(listener: &LinkListener, client: &LinkConfig, rounds: u32) -> V
 fn check_flood_resistance(server: LinkConfig, client: LinkConfig, limit: usize) {
     let listener = flooded_listener(server);
     let flood = SlowFlood::start(listener.local_addrs()[0]);
-    assert!(
-        wait_until(LONG, || listener.stats().handshakes_in_progress >= limit),
-        "the flood fills the handshake slots: {:?}",
-        listener.stats()
+    within(LONG).for_value(
+        "the flood to fill the handshake slots",
+        || Some(listener.stats()),
+        |stats| stats.handshakes_in_progress >= limit,
     );
     let times = connect_times(&listener, &client, 6);
     let stats = listener.stats();
@@ -226,13 +227,16 @@ fn a_listener_refuses_other_services_and_clients_with_the_pair_key() {
     let refused = |client_id: &str, service: &str, reason: &str| {
         let session = Session::connect(vec![address], service, config(client_id)).expect("connect");
         session.send(b"write", vec![9; 512]).expect("queued");
-        let reported = wait_until(LONG, || {
-            session.stats().links[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|error| error.contains(reason))
-        });
-        assert!(reported, "{client_id} {service}: {:?}", session.stats());
+        within(LONG).for_value(
+            &format!("{client_id} {service} refused: {reason}"),
+            || Some(session.stats()),
+            |stats| {
+                stats.links[0]
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|error| error.contains(reason))
+            },
+        );
         assert!(!session.peer_reachable());
         assert_eq!(session.stats().links[0].connects, 0);
     };

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use replication_link::Session;
-use support::{accept, config, listener, recv_one, wait_until, Relay, LONG};
+use support::{accept, config, listener, recv_one, within, Relay, LONG};
 
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
@@ -22,7 +22,7 @@ fn close_stops_every_thread() {
         let addresses = vec![listener.local_addrs()[0], relay.address()];
         let client = Session::connect(addresses, "blk:cleanup", config("host-a")).expect("connect");
         let server = accept(&listener);
-        assert!(wait_until(LONG, || support::links_up(&client, 2)));
+        within(LONG).until("both links up", || support::links_up(&client, 2));
         client.send(b"x", vec![1; 1000]).expect("send");
         assert_eq!(recv_one(&server).payload, vec![1; 1000]);
         server.send(b"y", vec![2; 1000]).expect("send");
@@ -34,11 +34,9 @@ fn close_stops_every_thread() {
         drop(server);
         listener.close();
     }
-    let settled = wait_until(Duration::from_secs(5), || thread_count() == baseline);
-    assert!(
-        settled,
-        "{} threads left, {} before",
-        thread_count(),
-        baseline
+    within(Duration::from_secs(5)).for_value(
+        &format!("the thread count back to {baseline}"),
+        || Some(thread_count()),
+        |&count| count == baseline,
     );
 }

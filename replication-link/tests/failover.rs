@@ -6,7 +6,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use replication_link::{LinkListener, Session, SessionError, SessionEvent};
-use support::{accept, config, listener, payload, recv_one, wait_until, Relay, LONG};
+use support::{accept, config, listener, payload, recv_one, within, Relay, LONG};
 
 /// A session whose two links each go through a relay.
 struct TwoLinks {
@@ -33,14 +33,8 @@ fn two_links(window_messages: usize, listen_addresses: usize) -> TwoLinks {
     let addresses = relays.iter().map(Relay::address).collect();
     let client = Session::connect(addresses, "blk:failover", client_config).expect("connect");
     let server = accept(&listener);
-    assert!(
-        wait_until(LONG, || support::links_up(&client, 2)),
-        "client links up"
-    );
-    assert!(
-        wait_until(LONG, || support::links_up(&server, 2)),
-        "server links up"
-    );
+    within(LONG).until("client links up", || support::links_up(&client, 2));
+    within(LONG).until("server links up", || support::links_up(&server, 2));
     TwoLinks {
         client,
         server,
@@ -103,7 +97,7 @@ fn silence_link_1_and_fill_the_window(links: &TwoLinks, first: u64) -> u64 {
             .send(&[], payload(index, 1000))
             .expect("queued while unreachable");
     }
-    assert!(wait_until(LONG, || !links.client.peer_reachable()));
+    within(LONG).until("the peer unreachable", || !links.client.peer_reachable());
     let detection = silenced.elapsed();
     let bound = links.link_timeout + Duration::from_millis(150);
     assert!(detection <= bound, "unreachable after {detection:?}");

@@ -10,7 +10,7 @@ use replication_link::frame::{decode_frame, encode_frame, Direction, FrameKey};
 use replication_link::handshake::HandshakeError;
 use replication_link::header::{Hello, LinkHeader, LinkLimits};
 use replication_link::{LinkConfig, Psk, Session, SessionError};
-use support::{accept, config, listener, payload, recv_one, wait_until, Fault, Relay, LONG};
+use support::{accept, config, listener, payload, recv_one, within, Fault, Relay, LONG};
 
 #[test]
 fn wrong_key_is_refused_on_both_sides_and_nothing_is_delivered() {
@@ -22,10 +22,10 @@ fn wrong_key_is_refused_on_both_sides_and_nothing_is_delivered() {
     intruder
         .send(b"must not arrive", vec![0; 10])
         .expect("queued");
-    assert!(wait_until(LONG, || {
+    within(LONG).until("an authentication failure on both sides", || {
         intruder.stats().links[0].auth_failures > 0
             && listener.stats().addresses[0].auth_failures > 0
-    }));
+    });
     let expected = HandshakeError::AuthenticationFailed.to_string();
     let last_error = intruder.stats().links[0]
         .last_error
@@ -78,7 +78,9 @@ fn with_per_client_keys_no_client_can_use_another_ones_id() {
     let unknown = as_client("host-b", &keys[1].1);
     let shared = as_client("host-a", &support::psk());
     for session in [&impostor, &unknown, &shared] {
-        assert!(wait_until(LONG, || session.stats().links[0].auth_failures > 0));
+        within(LONG).until("an authentication failure", || {
+            session.stats().links[0].auth_failures > 0
+        });
         assert!(!session.peer_reachable());
     }
     assert!(

@@ -10,7 +10,7 @@ use replication_link::{
     CloseReason, LinkListener, ListenerEvent, Session, SessionError, SessionEvent,
 };
 use serde::{Deserialize, Serialize};
-use support::{accept, config, listener, loopback, payload, recv_one, wait_until, LONG};
+use support::{accept, config, listener, loopback, payload, recv_one, within, LONG};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct WriteHeader {
@@ -66,10 +66,9 @@ fn round_trip_in_both_directions_with_typed_headers() {
         (stats.sent, stats.delivered, stats.unacked_messages),
         (100, 100, 0)
     );
-    assert!(
-        wait_until(LONG, || client.stats().links[0].rtt_us.is_some()),
-        "heartbeats measure RTT"
-    );
+    within(LONG).until("heartbeats to measure RTT", || {
+        client.stats().links[0].rtt_us.is_some()
+    });
     let events = client.take_events();
     assert!(
         matches!(events.first(), Some(SessionEvent::LinkUp { link: 0, .. })),
@@ -123,10 +122,7 @@ fn ten_thousand_messages_keep_their_order_over_two_links() {
     )
     .expect("connect");
     let server = accept(&listener);
-    assert!(
-        wait_until(LONG, || support::links_up(&client, 2)),
-        "both links up"
-    );
+    within(LONG).until("both links up", || support::links_up(&client, 2));
     thread::scope(|scope| {
         scope.spawn(|| {
             for index in 0..COUNT {
@@ -158,9 +154,9 @@ fn messages_sent_before_the_peer_is_up_are_delivered() {
     client
         .send(b"early", payload(1, 10))
         .expect("send while the peer is down");
-    assert!(wait_until(LONG, || client.stats().links[0]
-        .last_error
-        .is_some()));
+    within(LONG).until("a link error", || {
+        client.stats().links[0].last_error.is_some()
+    });
     assert!(!client.peer_reachable());
     let listener = LinkListener::bind(vec![address], config("host-b")).expect("bind late");
     let server = accept(&listener);
@@ -223,12 +219,12 @@ fn server_restart_is_reported_to_the_client_and_unacked_messages_are_resent() {
     let server = accept(&second);
     let message = recv_one(&server);
     assert_eq!(message.app_header, b"while away");
-    assert!(wait_until(LONG, || {
+    within(LONG).until("a PeerRestarted event", || {
         client
             .take_events()
             .iter()
             .any(|event| matches!(event, SessionEvent::PeerRestarted { .. }))
-    }));
+    });
     server.send(b"after", vec![3]).expect("send");
     let message = recv_one(&client);
     assert_eq!((message.seq, message.app_header), (1, b"after".to_vec()));

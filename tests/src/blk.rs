@@ -1,14 +1,15 @@
 //! A `vhost-blk-mirror` daemon started by a test.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+pub use daemon_util::test_support::{control_json, status_json};
+
+use crate::netns::in_namespace;
 use crate::paths;
 use crate::process::Process;
-use crate::wait::poll_until;
+use crate::wait::{poll_for, poll_until};
 
 /// How long a daemon may take to create its sockets.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,11 +56,7 @@ impl BlkDaemon {
     pub fn start(options: &BlkOptions, log: &Path) -> BlkDaemon {
         let binary = paths::binary("vhost-blk-mirror");
         let mut command = match &options.netns {
-            Some(namespace) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", namespace]).arg(binary);
-                command
-            }
+            Some(namespace) => in_namespace(namespace, binary),
             None => Command::new(binary),
         };
         command
@@ -82,12 +79,7 @@ impl BlkDaemon {
         let mut process = Process::spawn("vhost-blk-mirror", command, log);
         let control = options.control.clone();
         poll_until(START_TIMEOUT, "vhost-blk-mirror control socket", || {
-            if let Some(status) = process.try_wait() {
-                panic!(
-                    "vhost-blk-mirror exited early ({status}):\n{}",
-                    process.log()
-                );
-            }
+            process.assert_running();
             status_json(&control).is_some()
         });
         BlkDaemon {
@@ -119,27 +111,12 @@ impl BlkDaemon {
         what: &str,
         condition: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
         let description = format!("{what} ({})", self.options.image.display());
-        poll_until(timeout, &description, || {
-            last = self.status();
-            condition(&last["replication"])
-        });
-        last
+        poll_for(
+            timeout,
+            &description,
+            || Some(self.status()),
+            |status| condition(&status["replication"]),
+        )
     }
-}
-
-/// Asks a control socket for `status`; `None` if nobody answers.
-pub fn status_json(control: &Path) -> Option<serde_json::Value> {
-    control_json(control, "status")
-}
-
-/// Sends one command to a control socket; `None` if nobody answers.
-pub fn control_json(control: &Path, command: &str) -> Option<serde_json::Value> {
-    let mut stream = UnixStream::connect(control).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(format!("{command}\n").as_bytes()).ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
 }

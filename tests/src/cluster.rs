@@ -2,17 +2,16 @@
 //! `ftvmd` in hostA and hostB, with real configuration files, keys and images. The VM is
 //! the rig's guest (kernel, initramfs, a `/test.sh`), started by `ftvmd` itself.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::blk::status_json;
 use crate::guest::{build_initrd, GuestConfig};
 use crate::hosts::Hosts;
 use crate::process::{signal, Process};
 use crate::qmp::Qmp;
-use crate::wait::poll_until;
+use crate::wait::{poll_until, Wait};
 use crate::{create_image, paths, scratch_dir};
 
 /// The VM's name in every configuration.
@@ -183,16 +182,8 @@ replication_port = {REPLICATION_PORT}
         self.dir.path().join(HOSTS[host]).join("ftvmd.sock")
     }
 
-    fn in_namespace(&self, host: &str, binary: &Path) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.hosts.namespace(host)])
-            .arg(binary);
-        command
-    }
-
     pub fn start_witness(&mut self) {
-        let mut command = self.in_namespace("witness", &paths::binary("ftvm-witness"));
+        let mut command = self.hosts.command("witness", paths::binary("ftvm-witness"));
         command
             .args(["--listen", WITNESS, "--state-dir"])
             .arg(self.dir.path().join("witness"))
@@ -216,7 +207,7 @@ replication_port = {REPLICATION_PORT}
     }
 
     pub fn start_ftvmd(&mut self, host: usize) {
-        let mut command = self.in_namespace(HOSTS[host], &paths::binary("ftvmd"));
+        let mut command = self.hosts.command(HOSTS[host], paths::binary("ftvmd"));
         command.arg("--config").arg(self.config_path(host));
         command.env("RUST_LOG", "info");
         let log = self.log_path(host);
@@ -239,16 +230,16 @@ replication_port = {REPLICATION_PORT}
     /// namespace (ftvmd, disk daemons, QEMU: all started by this test) is killed.
     pub fn kill_host(&mut self, host: usize) -> Instant {
         self.set_links(host, &["alink1", "alink2", "lan0"], false);
-        let namespace = self.hosts.namespace(HOSTS[host]);
         let killed_at = Instant::now();
-        for pid in namespace_pids(&namespace) {
+        for pid in self.hosts.pids(HOSTS[host]) {
             signal(pid, libc::SIGKILL);
         }
         if let Some(mut ftvmd) = self.ftvmd[host].take() {
             ftvmd.kill();
         }
-        poll_until(Duration::from_secs(10), "hostA's processes to die", || {
-            namespace_pids(&namespace).is_empty()
+        let what = format!("{}'s processes to die", HOSTS[host]);
+        poll_until(Duration::from_secs(10), &what, || {
+            self.hosts.pids(HOSTS[host]).is_empty()
         });
         killed_at
     }
@@ -311,22 +302,14 @@ replication_port = {REPLICATION_PORT}
         what: &str,
         check: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let mut last = None;
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.vm_status(host) {
-                if check(&status) {
-                    return status;
-                }
-                last = Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} did not reach \"{what}\" in {timeout:?}; last status: {last:#?}\n---- ftvmd log ----\n{}",
-            HOSTS[host],
-            self.log(host)
-        );
+        // Each look runs `ftvm status`: every 50 ms is enough.
+        Wait::up_to(timeout)
+            .every(Duration::from_millis(50))
+            .for_value(
+                &format!("{} to reach \"{what}\"", HOSTS[host]),
+                || self.vm_status(host),
+                check,
+            )
     }
 
     /// The control socket of the VM's first NIC daemon on a host.
@@ -344,12 +327,7 @@ replication_port = {REPLICATION_PORT}
     /// socket (fresh, unlike `ftvm status`, which ftvmd refreshes every 0.5 s); `None` if
     /// the daemon does not run or answer.
     pub fn nic_status(&self, host: usize) -> Option<serde_json::Value> {
-        let mut socket = UnixStream::connect(self.nic_control(host)).ok()?;
-        socket.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        socket.write_all(b"status\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(socket).read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
+        status_json(&self.nic_control(host))
     }
 
     /// The first NIC's entry in a host's `ftvm status --json` (what ftvmd reports of it).
@@ -376,16 +354,12 @@ replication_port = {REPLICATION_PORT}
 
     /// Waits up to 120 s for a line containing `needle` on a host's guest console.
     pub fn wait_console(&self, host: usize, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !self.console(host).iter().any(|line| line.contains(needle)) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on {}'s console:\n{}",
-                HOSTS[host],
-                self.console(host).join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("{needle:?} on {}'s console", HOSTS[host]);
+        Wait::up_to(Duration::from_secs(120))
+            .every(Duration::from_millis(100))
+            .until(&what, || {
+                self.console(host).iter().any(|line| line.contains(needle))
+            });
     }
 
     /// The QMP socket the rig gives each host's QEMU (besides ftvmd's own), for tests.
@@ -433,7 +407,7 @@ impl Drop for Cluster {
         for (host, name) in HOSTS.iter().enumerate() {
             self.stop_ftvmd(host);
             // Whatever a killed ftvmd left (its children die with it, but be sure).
-            for pid in namespace_pids(&self.hosts.namespace(name)) {
+            for pid in self.hosts.pids(name) {
                 signal(pid, libc::SIGKILL);
             }
         }
@@ -456,16 +430,4 @@ impl Drop for Cluster {
             }
         }
     }
-}
-
-/// The processes in a network namespace.
-pub fn namespace_pids(namespace: &str) -> Vec<u32> {
-    let output = Command::new("ip")
-        .args(["netns", "pids", namespace])
-        .output()
-        .expect("run ip netns pids");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .collect()
 }

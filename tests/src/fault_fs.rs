@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::process::Process;
 use crate::wait::poll_until;
-use crate::{paths, scratch_dir};
+use crate::{paths, require_root, scratch_dir};
 
 /// How long the daemon gets to mount and answer, and a command to be answered.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -43,6 +43,7 @@ impl FaultFs {
     /// optional `--max-dirty-bytes`, and waits until the mount is live and the control socket
     /// answers.
     pub fn start_with(binary: &Path, max_dirty_bytes: Option<u64>) -> FaultFs {
+        require_root("a FUSE mount");
         let dir = scratch_dir("fault-fs");
         let backing = dir.path().join("backing");
         let mountpoint = dir.path().join("mnt");
@@ -79,12 +80,7 @@ impl FaultFs {
         let mountpoint = self.mountpoint.clone();
         let process = self.process.as_mut().expect("just started");
         poll_until(TIMEOUT, "ftvm-fault-fs to mount and answer", || {
-            if let Some(status) = process.try_wait() {
-                panic!(
-                    "ftvm-fault-fs exited ({status}) before it mounted:\n{}",
-                    process.log()
-                );
-            }
+            process.assert_running();
             is_mounted(&mountpoint)
                 && request(&control, "status").is_ok_and(|answer| answer["ok"] == true)
         });

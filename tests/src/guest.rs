@@ -6,14 +6,15 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cpio::{self, Entry};
+use crate::netns::in_namespace;
 use crate::paths;
-use crate::process;
+use crate::process::Process;
 
 /// Guest RAM; fio in the initramfs needs more than the bare busybox image.
 pub const DEFAULT_MEMORY_MB: u32 = 512;
@@ -72,11 +73,12 @@ impl GuestConfig {
 type Lines = Arc<(Mutex<Vec<String>>, Condvar)>;
 type Arrivals = Arc<Mutex<Vec<Instant>>>;
 
-/// A running guest. Dropping it ends QEMU by PID.
+/// A running guest. Dropping it ends QEMU by PID (SIGKILL) and, when the test is failing,
+/// prints the console.
 #[derive(Debug)]
 pub struct Guest {
     name: String,
-    child: Option<Child>,
+    process: Process,
     console: Lines,
     /// When each console line arrived, index for index.
     arrivals: Arrivals,
@@ -89,11 +91,7 @@ impl Guest {
         let initrd = build_initrd(config, dir);
         let console_log = dir.join(format!("{}-console.log", config.name));
         let mut command = match &config.netns {
-            Some(namespace) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", namespace, "qemu-system-x86_64"]);
-                command
-            }
+            Some(namespace) => in_namespace(namespace, "qemu-system-x86_64"),
             None => Command::new("qemu-system-x86_64"),
         };
         command.args(qemu_args(config, &initrd));
@@ -120,7 +118,7 @@ impl Guest {
         }
         Guest {
             name: config.name.clone(),
-            child: Some(child),
+            process: Process::adopt(&format!("qemu of guest {}", config.name), child),
             console,
             arrivals,
             console_log,
@@ -182,18 +180,12 @@ impl Guest {
 
     /// Waits for QEMU to exit by itself (the guest powered off).
     pub fn wait_poweroff(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("guest is running");
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!("guest {} did not power off within {timeout:?}", self.name);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.process.wait_exit(timeout)
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     pub fn console_log(&self) -> &Path {
@@ -203,10 +195,7 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            process::signal(child.id(), libc::SIGKILL);
-            let _ = child.wait();
-        }
+        self.process.kill();
         if thread::panicking() {
             eprintln!(
                 "---- console of guest {} ----\n{}",

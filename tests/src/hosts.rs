@@ -1,10 +1,13 @@
 //! Test hosts as network namespaces, made by `ci/hosts.sh` with a prefix unique to the test
-//! and removed when the test ends, pass or fail.
+//! and removed when the test ends, pass or fail. Making them needs root: a test that is not
+//! root fails here, at its start, with the reason.
 
+use std::ffi::OsStr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::paths;
+use crate::netns::{in_namespace, namespace_pids};
+use crate::{paths, require_root};
 
 static NEXT_SET: AtomicU32 = AtomicU32::new(0);
 
@@ -16,6 +19,7 @@ pub struct Hosts {
 
 impl Hosts {
     pub fn up() -> Hosts {
+        require_root("the test hosts' network namespaces");
         let prefix = format!(
             "t{}x{}-",
             std::process::id(),
@@ -28,6 +32,16 @@ impl Hosts {
     /// The namespace of a host: `hostA`, `hostB`, `witness` or `client`.
     pub fn namespace(&self, host: &str) -> String {
         format!("{}{host}", self.prefix)
+    }
+
+    /// `program` to be run on `host`.
+    pub fn command(&self, host: &str, program: impl AsRef<OsStr>) -> Command {
+        in_namespace(&self.namespace(host), program)
+    }
+
+    /// The processes running on `host`.
+    pub fn pids(&self, host: &str) -> Vec<u32> {
+        namespace_pids(&self.namespace(host))
     }
 }
 

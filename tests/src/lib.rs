@@ -2,6 +2,11 @@
 //! initramfs that `ci/build-guest.sh` builds, real daemons on real vhost-user sockets, and
 //! test hosts made of network namespaces by `ci/hosts.sh`. Everything a test starts is ended
 //! by PID and everything it creates is removed, pass or fail.
+//!
+//! Processes, waits, namespaces and the root check are the workspace's one test framework,
+//! `daemon_util::test_support`, re-exported here as [`process`], [`wait`], [`netns`] and
+//! [`require_root`]; this crate adds the hosts, guests, daemons, clusters and their
+//! configuration files.
 
 pub mod blk;
 pub mod cluster;
@@ -12,12 +17,12 @@ pub mod hosts;
 pub mod mirror;
 pub mod net;
 pub mod paths;
-pub mod process;
 pub mod qmp;
 pub mod records;
 pub mod tmpfs;
 pub mod torture;
-pub mod wait;
+
+pub use daemon_util::test_support::{netns, process, require_root, wait};
 
 use std::path::Path;
 

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::guest::GuestConfig;
+use crate::wait::{poll_for, Wait};
 
 /// The TCP port of [`echo_guest`]'s echo server.
 pub const ECHO_PORT: u16 = 7000;
@@ -44,17 +45,10 @@ pub fn try_connect_in(namespace: &str, address: &str, patience: Duration) -> Opt
         if joined != 0 {
             return None;
         }
-        let deadline = Instant::now() + patience;
-        loop {
-            let target = address.parse().ok()?;
-            match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-                Ok(stream) => return Some(stream),
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(_) => return None,
-            }
-        }
+        let target = address.parse().ok()?;
+        Wait::up_to(patience)
+            .every(Duration::from_millis(100))
+            .poll(|| TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok())
     })
     .join()
     .ok()
@@ -142,16 +136,16 @@ impl Rounds {
     /// Waits until `more` further rounds have completed.
     pub fn wait_for(&self, more: usize, timeout: Duration, what: &str) {
         let target = self.count() + more;
-        let deadline = Instant::now() + timeout;
-        while self.count() < target {
-            self.check();
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {more} rounds completed in {timeout:?} ({what})",
-                more + self.count() - target
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("{more} more rounds ({what})");
+        poll_for(
+            timeout,
+            &what,
+            || {
+                self.check();
+                Some(self.count())
+            },
+            |&count| count >= target,
+        );
         self.check();
     }
 

@@ -1,9 +1,19 @@
 //! The record workload: guest writers that write numbered 4 KiB records, each flushed on its
 //! own, and report `ACK <writer> <n>` on the console only after the flush returned. After a
 //! crash or failover, every acknowledged record must be in the image.
+//!
+//! The cluster tests' VM ([`cluster_writer`]) runs one such writer that reports `ACK <n>`,
+//! and after a failover its next boot reports `FOUND-UPTO <n>`, the last record it found.
 
+use std::time::Duration;
+
+use crate::cluster::Cluster;
 use crate::cpio::Entry;
 use crate::guest::GuestConfig;
+use crate::wait::Wait;
+
+/// How long a cluster's guest may take to boot and acknowledge, or to report.
+const CLUSTER_GUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Records of writer `w` start at block `w * WRITER_STRIDE_BLOCKS`.
 const WRITER_STRIDE_BLOCKS: u64 = 1000;
@@ -109,4 +119,74 @@ pub fn add_verifier(config: &mut GuestConfig, records: u64) {
          done\n\
          echo \"VERIFIED 0\"\n"
     );
+}
+
+/// The VM of a cluster test. Its first boot marks the disk (block 0), then writes record `i`
+/// to block `i` for `i` in `1..=records`, each flushed, and reports `ACK i` after the flush
+/// (about 50 a second, so that a later check reads few). A later boot (after a failover)
+/// reports the last record present in a row, `FOUND-UPTO n`, and exits.
+pub fn cluster_writer(records: u32) -> GuestConfig {
+    let script = "\
+if dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -q ftvm-first-boot; then
+  i=1
+  while dd if=/dev/vda bs=4096 skip=$i count=1 2>/dev/null | head -n 1 | grep -q \"^ftvm-record $i\\$\"; do
+    i=$((i + 1))
+  done
+  echo \"FOUND-UPTO $((i - 1))\"
+  echo \"BOOT-COUNT $(dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -c ftvm-first-boot)\"
+  exit 0
+fi
+echo ftvm-first-boot | dd of=/dev/vda bs=4096 conv=sync,fsync 2>/dev/null
+i=1
+while [ $i -le RECORDS ]; do
+  echo \"ftvm-record $i\" | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync 2>/dev/null || { echo \"WRITE-FAILED $i\"; exit 1; }
+  echo \"ACK $i\"
+  i=$((i + 1))
+  usleep 10000
+done
+echo WRITER-DONE
+"
+    .replace("RECORDS", &records.to_string());
+    let mut guest = GuestConfig::new("ftvm-vm1", &script);
+    guest.memory_mb = 256;
+    guest
+}
+
+/// The highest `ACK <n>` on a console (0 if none).
+pub fn last_ack(console: &[String]) -> u64 {
+    console
+        .iter()
+        .filter_map(|line| line.strip_prefix("ACK ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The `FOUND-UPTO <n>` of a console, if the guest reported it.
+pub fn found_upto(console: &[String]) -> Option<u64> {
+    console
+        .iter()
+        .find_map(|line| line.strip_prefix("FOUND-UPTO ")?.trim().parse().ok())
+}
+
+/// Waits until the guest on `host` acknowledged record `count`; returns the last one.
+pub fn wait_acks(cluster: &Cluster, host: usize, count: u64) -> u64 {
+    let what = format!("the guest to acknowledge record {count}");
+    Wait::up_to(CLUSTER_GUEST_TIMEOUT)
+        .every(Duration::from_millis(100))
+        .for_value(
+            &what,
+            || Some(last_ack(&cluster.console(host))),
+            |&acked| acked >= count,
+        )
+}
+
+/// Waits for the restarted guest on `host` to report the last record it found.
+pub fn wait_found(cluster: &Cluster, host: usize) -> u64 {
+    Wait::up_to(CLUSTER_GUEST_TIMEOUT)
+        .every(Duration::from_millis(200))
+        .for_value(
+            "the restarted guest to report FOUND-UPTO",
+            || found_upto(&cluster.console(host)),
+            |_| true,
+        )
 }

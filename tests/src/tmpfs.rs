@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::require_root;
+
 /// A tmpfs of a given size on a test's directory.
 #[derive(Debug)]
 pub struct SmallTmpfs {
@@ -12,6 +14,7 @@ pub struct SmallTmpfs {
 impl SmallTmpfs {
     /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `512k`, `24m`) on `path`.
     pub fn mount(path: &Path, size: &str) -> SmallTmpfs {
+        require_root("a tmpfs mount");
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ftvm-test"])
             .arg(path)

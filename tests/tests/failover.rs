@@ -3,96 +3,22 @@
 use std::time::{Duration, Instant};
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
-use ftvm_tests::guest::GuestConfig;
+use ftvm_tests::records::{cluster_writer, last_ack, wait_acks, wait_found};
+use ftvm_tests::wait::Wait;
 
 const A: usize = 0;
 const B: usize = 1;
 /// Records a writer may write (block `i` holds record `i`; block 0 is the boot marker).
 const RECORDS: u32 = 16_000;
 
-/// First boot: marks the disk, then writes numbered records, each flushed, and reports
-/// `ACK n` after the flush (about 50 a second, so that a later check reads few). A later boot (the failover) reports the last record present.
-fn record_guest() -> GuestConfig {
-    let script = "\
-if dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -q ftvm-first-boot; then
-  i=1
-  while dd if=/dev/vda bs=4096 skip=$i count=1 2>/dev/null | head -n 1 | grep -q \"^ftvm-record $i\\$\"; do
-    i=$((i + 1))
-  done
-  echo \"FOUND-UPTO $((i - 1))\"
-  echo \"BOOT-COUNT $(dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -c ftvm-first-boot)\"
-  exit 0
-fi
-echo ftvm-first-boot | dd of=/dev/vda bs=4096 conv=sync,fsync 2>/dev/null
-i=1
-while [ $i -le RECORDS ]; do
-  echo \"ftvm-record $i\" | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync 2>/dev/null || { echo \"WRITE-FAILED $i\"; exit 1; }
-  echo \"ACK $i\"
-  i=$((i + 1))
-  usleep 10000
-done
-echo WRITER-DONE
-"
-    .replace("RECORDS", &RECORDS.to_string());
-    let mut guest = GuestConfig::new("ftvm-vm1", &script);
-    guest.memory_mb = 256;
-    guest
-}
-
-fn last_ack(console: &[String]) -> u64 {
-    console
-        .iter()
-        .filter_map(|line| line.strip_prefix("ACK ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn found_upto(console: &[String]) -> Option<u64> {
-    console
-        .iter()
-        .find_map(|line| line.strip_prefix("FOUND-UPTO ")?.trim().parse().ok())
-}
-
-/// Waits for the restarted guest on `host` to report the last record it found.
-fn wait_found(cluster: &Cluster, host: usize) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(found) = found_upto(&cluster.console(host)) {
-            return found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted guest did not report; console:\n{}",
-            cluster.console(host).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Starts witness and both hosts; waits until the VM runs on hostA, mirrored and in sync.
 fn protected_cluster(name: &str) -> Cluster {
-    let mut cluster = Cluster::new(name, &record_guest(), &ClusterOptions::default());
+    let mut cluster = Cluster::new(name, &cluster_writer(RECORDS), &ClusterOptions::default());
     cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(60), "Protected on hostA", |vm| {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
     });
     cluster
-}
-
-fn wait_acks(cluster: &Cluster, host: usize, count: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let acked = last_ack(&cluster.console(host));
-        if acked >= count {
-            return acked;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest acknowledged only {acked} records; console:\n{}",
-            cluster.console(host).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -163,21 +89,21 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
 /// Watches both hosts for `window`, asserting at every sample that at most one host acts
 /// as primary; returns the hosts seen acting.
 fn watch_single_primary(cluster: &Cluster, window: Duration, what: &str) -> Vec<&'static str> {
-    let deadline = Instant::now() + window;
     let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        let acting = cluster.acting_primaries();
-        assert!(
-            acting.len() <= 1,
-            "{what}: two primaries at once: {acting:?}"
-        );
-        for host in acting {
-            if !seen.contains(&host) {
-                seen.push(host);
+    Wait::up_to(window)
+        .every(Duration::from_millis(50))
+        .sample(|| {
+            let acting = cluster.acting_primaries();
+            assert!(
+                acting.len() <= 1,
+                "{what}: two primaries at once: {acting:?}"
+            );
+            for host in acting {
+                if !seen.contains(&host) {
+                    seen.push(host);
+                }
             }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        });
     seen
 }
 
@@ -216,56 +142,58 @@ struct GuestWatch {
 /// Samples both guests' run states (QMP `query-status`) after `isolated` was cut off at
 /// `cut_at`, until its QEMU is gone and the other's guest runs.
 fn watch_guests(cluster: &Cluster, isolated: usize, other: usize, cut_at: Instant) -> GuestWatch {
-    let deadline = cut_at + Duration::from_secs(30);
     let (mut paused, mut gone, mut running) = (None, None, None);
     let mut both_since: Option<Instant> = None;
     let mut both_running = Duration::ZERO;
-    loop {
-        let isolated_state = cluster.guest_run_state(isolated);
-        let other_state = cluster.guest_run_state(other);
-        let now = Instant::now();
-        let at = now - cut_at;
-        match isolated_state.as_deref() {
-            Some("running") => {}
-            Some(_) => {
-                paused.get_or_insert(at);
+    let mut states = (None, None);
+    let watch = Wait::up_to(Duration::from_secs(30).saturating_sub(cut_at.elapsed()))
+        .every(Duration::from_millis(10))
+        .poll(|| {
+            states = (
+                cluster.guest_run_state(isolated),
+                cluster.guest_run_state(other),
+            );
+            let (isolated_state, other_state) = (states.0.as_deref(), states.1.as_deref());
+            let now = Instant::now();
+            let at = now - cut_at;
+            match isolated_state {
+                Some("running") => {}
+                Some(_) => {
+                    paused.get_or_insert(at);
+                }
+                None => {
+                    gone.get_or_insert(at);
+                }
             }
-            None => {
-                gone.get_or_insert(at);
+            if other_state == Some("running") {
+                running.get_or_insert(at);
             }
-        }
-        if other_state.as_deref() == Some("running") {
-            running.get_or_insert(at);
-        }
-        if isolated_state.as_deref() == Some("running") && other_state.as_deref() == Some("running")
-        {
-            let since = *both_since.get_or_insert(now);
-            both_running = both_running.max(now - since);
-        } else {
-            both_since = None;
-        }
-        if let (Some(gone), Some(running)) = (gone, running) {
+            if isolated_state == Some("running") && other_state == Some("running") {
+                let since = *both_since.get_or_insert(now);
+                both_running = both_running.max(now - since);
+            } else {
+                both_since = None;
+            }
+            let (gone, running) = (gone?, running?);
             let paused = paused.unwrap_or_else(|| {
                 panic!(
                     "{}'s guest was never seen paused before it stopped",
                     HOSTS[isolated]
                 )
             });
-            return GuestWatch {
+            Some(GuestWatch {
                 paused,
                 gone,
                 running,
                 both_running,
-            };
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after the cut: {} {isolated_state:?} (paused at {paused:?}), {} {other_state:?}",
-            HOSTS[isolated],
-            HOSTS[other]
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+            })
+        });
+    watch.unwrap_or_else(|| {
+        panic!(
+            "after the cut: {} {:?} (paused at {paused:?}), {} {:?}",
+            HOSTS[isolated], states.0, HOSTS[other], states.1
+        )
+    })
 }
 
 #[test]
@@ -351,22 +279,22 @@ fn partitions_never_give_two_primaries() {
     }
     // Either host may hold the VM now: a flap that hides one host's heartbeats from the
     // other for a whole timeout is a lost peer for that side, and the witness decides.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (p, s) = loop {
-        let protected = |host: usize| {
-            cluster
-                .vm_status(host)
-                .is_some_and(|vm| vm["role"] == "Primary" && vm["state"] == "Protected")
-        };
-        if protected(A) {
-            break (A, B);
-        }
-        if protected(B) {
-            break (B, A);
-        }
-        assert!(Instant::now() < deadline, "not re-protected after flapping");
-        std::thread::sleep(Duration::from_millis(100));
+    let protected = |host: usize| {
+        cluster
+            .vm_status(host)
+            .is_some_and(|vm| vm["role"] == "Primary" && vm["state"] == "Protected")
     };
+    let (p, s) = Wait::up_to(Duration::from_secs(60))
+        .every(Duration::from_millis(100))
+        .for_value(
+            "a Protected primary after flapping",
+            || {
+                [(A, B), (B, A)]
+                    .into_iter()
+                    .find(|&(host, _)| protected(host))
+            },
+            |_| true,
+        );
     let after_flapping = wait_protected(&cluster, p, "re-protected after flapping");
     let generation_before_isolation = after_flapping["generation"].as_u64().unwrap_or(0);
     let acknowledged_before_isolation = last_ack(&cluster.console(A));
@@ -508,7 +436,7 @@ fn a_secondary_whose_sync_is_unfinished_never_takes_over() {
         resync_rate_limit: Some("4M".into()),
         ..ClusterOptions::default()
     };
-    let mut cluster = Cluster::new("failover-inconsistent", &record_guest(), &options);
+    let mut cluster = Cluster::new("failover-inconsistent", &cluster_writer(RECORDS), &options);
     cluster.start_all();
     cluster.wait_vm(A, Duration::from_secs(30), "syncing", |vm| {
         vm["state"] == "Syncing" && vm["sync_percent"].as_f64() > Some(0.0)

@@ -3,65 +3,26 @@
 //! primary goes on alone only at a generation the witness granted, and when hostA is then
 //! lost, hostB, whose copy misses acknowledged writes, is never granted nor promoted.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ftvm_tests::blk::control_json;
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS, VM};
 use ftvm_tests::fault_fs::FaultFs;
-use ftvm_tests::guest::GuestConfig;
+use ftvm_tests::records::{cluster_writer, last_ack, wait_acks, wait_found};
+use ftvm_tests::wait::Wait;
 
 const A: usize = 0;
 const B: usize = 1;
 
-/// First boot writes numbered, flushed records (`ACK n`); a later boot reports the last
-/// record present (`FOUND-UPTO n`).
-fn record_guest() -> GuestConfig {
-    let script = "\
-if dd if=/dev/vda bs=4096 count=1 2>/dev/null | grep -q ftvm-first-boot; then
-  i=1
-  while dd if=/dev/vda bs=4096 skip=$i count=1 2>/dev/null | head -n 1 | grep -q \"^ftvm-record $i\\$\"; do
-    i=$((i + 1))
-  done
-  echo \"FOUND-UPTO $((i - 1))\"
-  exit 0
-fi
-echo ftvm-first-boot | dd of=/dev/vda bs=4096 conv=sync,fsync 2>/dev/null
-i=1
-while [ $i -le 15000 ]; do
-  echo \"ftvm-record $i\" | dd of=/dev/vda bs=4096 seek=$i conv=sync,fsync 2>/dev/null || { echo \"WRITE-FAILED $i\"; exit 1; }
-  echo \"ACK $i\"
-  i=$((i + 1))
-  usleep 10000
-done
-";
-    let mut guest = GuestConfig::new("ftvm-vm1", script);
-    guest.memory_mb = 256;
-    guest
-}
-
-fn last_ack(cluster: &Cluster, host: usize) -> u64 {
-    cluster
-        .console(host)
-        .iter()
-        .filter_map(|line| line.strip_prefix("ACK ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+/// Records the guest may write: more than the test waits for.
+const RECORDS: u32 = 15_000;
 
 #[test]
 fn a_copy_that_failed_writes_is_never_promoted() {
     let fault_fs = FaultFs::start();
     let mut cluster = Cluster::new(
         "failover-faults",
-        &record_guest(),
+        &cluster_writer(RECORDS),
         &ClusterOptions::default(),
     );
     // hostB's image lives on the fault-injecting file system (its metadata beside the link).
@@ -75,9 +36,7 @@ fn a_copy_that_failed_writes_is_never_promoted() {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
     });
     let generation = protected["generation"].as_u64().expect("generation");
-    wait_for("records", Duration::from_secs(120), || {
-        last_ack(&cluster, A) >= 20
-    });
+    wait_acks(&cluster, A, 20);
 
     // hostB's disk fills up.
     fault_fs.command("fail write errno=ENOSPC file=hostB.img");
@@ -91,10 +50,8 @@ fn a_copy_that_failed_writes_is_never_promoted() {
         vm["disks"][0]["replication"]["disk_state"] == "Failed"
     });
     // The guest goes on without an error.
-    let before = last_ack(&cluster, A);
-    wait_for("more records", Duration::from_secs(60), || {
-        last_ack(&cluster, A) >= before + 20
-    });
+    let before = last_ack(&cluster.console(A));
+    wait_acks(&cluster, A, before + 20);
     assert!(
         !cluster
             .console(A)
@@ -110,18 +67,18 @@ fn a_copy_that_failed_writes_is_never_promoted() {
 
     // hostA is lost. hostB's copy misses writes the guest was told are on disk: it must
     // neither be granted nor start the VM, however long it waits.
-    let acknowledged = last_ack(&cluster, A);
+    let acknowledged = last_ack(&cluster.console(A));
     cluster.kill_host(A);
-    let watch_until = Instant::now() + Duration::from_secs(6);
-    while Instant::now() < watch_until {
-        if let Some(vm) = cluster.vm_status(B) {
-            assert!(
-                vm["role"] != "Primary" && vm["vm_pid"].is_null(),
-                "hostB took over with a copy that failed writes: {vm}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Wait::up_to(Duration::from_secs(6))
+        .every(Duration::from_millis(100))
+        .sample(|| {
+            if let Some(vm) = cluster.vm_status(B) {
+                assert!(
+                    vm["role"] != "Primary" && vm["vm_pid"].is_null(),
+                    "hostB took over with a copy that failed writes: {vm}"
+                );
+            }
+        });
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[A], "{record}");
     assert_eq!(record["generation"], granted, "{record}");
@@ -129,21 +86,7 @@ fn a_copy_that_failed_writes_is_never_promoted() {
     // hostA returns: the VM runs there again and finds every acknowledged record.
     cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
     cluster.start_ftvmd(A);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let found = loop {
-        let found = cluster
-            .console(A)
-            .iter()
-            .find_map(|line| line.strip_prefix("FOUND-UPTO ")?.trim().parse::<u64>().ok());
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the restarted guest did not report"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let found = wait_found(&cluster, A);
     assert!(
         found >= acknowledged,
         "the guest found records up to {found}, {acknowledged} were acknowledged"

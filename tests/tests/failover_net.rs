@@ -5,8 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use ftvm_tests::blk::status_json;
 use ftvm_tests::cluster::{Cluster, ClusterOptions};
-
 use ftvm_tests::net::{echo_guest, echo_rounds, try_connect_in, ECHO_PORT};
 
 const A: usize = 0;
@@ -69,11 +69,7 @@ fn after_a_host_loss_the_client_reaches_the_vm_at_the_same_ip_and_mac() {
     );
     // hostB's NIC daemon announced the MAC on the LAN when the VM started there.
     let control = cluster.dir.path().join("hostB/vm1/nic0.ctl");
-    let mut socket = std::os::unix::net::UnixStream::connect(&control).expect("nic control");
-    std::io::Write::write_all(&mut socket, b"status\n").expect("send");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).expect("read");
-    let status: serde_json::Value = serde_json::from_str(&line).expect("status JSON");
+    let status = status_json(&control).expect("hostB's NIC daemon answers status");
     assert!(status["announcements"].as_u64() >= Some(1), "{status}");
     assert_eq!(status["mac"], GUEST_MAC, "{status}");
     // Same MAC and IP: the client's ARP entry was never flushed and still names the MAC.

@@ -4,11 +4,12 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions};
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::paths;
+use ftvm_tests::wait::Wait;
 
 const A: usize = 0;
 const B: usize = 1;
@@ -30,19 +31,13 @@ fn ftvmd(args: &[&str]) -> (i32, String) {
 }
 
 fn wait_event(cluster: &Cluster, host: usize, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, events) = cluster.ftvm(host, &["events"]);
-        if events.contains(needle) {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no event containing {needle:?}; events:\n{events}\n---- log ----\n{}",
-            cluster.log(host)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Wait::up_to(Duration::from_secs(15))
+        .every(Duration::from_millis(100))
+        .for_value(
+            &format!("an event containing {needle:?}"),
+            || Some(cluster.ftvm(host, &["events"]).1),
+            |events| events.contains(needle),
+        )
 }
 
 #[test]

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::process::signal;
+use ftvm_tests::records::{last_ack, wait_acks};
+use ftvm_tests::wait::Wait;
 
 const A: usize = 0;
 const B: usize = 1;
@@ -26,28 +28,6 @@ done
     let mut guest = GuestConfig::new("ftvm-hung", script);
     guest.memory_mb = 256;
     guest
-}
-
-fn last_ack(cluster: &Cluster) -> u64 {
-    cluster
-        .console(A)
-        .iter()
-        .filter_map(|line| line.strip_prefix("ACK ")?.trim().parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_acks(cluster: &Cluster, count: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while last_ack(cluster) < count {
-        assert!(
-            Instant::now() < deadline,
-            "the guest acknowledged only {} records; console:\n{}",
-            last_ack(cluster),
-            cluster.console(A).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn events(cluster: &Cluster, host: usize) -> String {
@@ -73,7 +53,7 @@ fn a_hung_disk_daemon_is_reported_and_fails_nothing_over() {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
     });
     let generation = protected["generation"].as_u64().expect("generation");
-    wait_acks(&cluster, 20);
+    wait_acks(&cluster, A, 20);
     let pid = protected["disk_pids"][0]
         .as_u64()
         .expect("hostA's disk daemon runs") as u32;
@@ -84,38 +64,39 @@ fn a_hung_disk_daemon_is_reported_and_fails_nothing_over() {
     let hold = peer_timeout * 3 + Duration::from_secs(1);
     let mut slowest_status = Duration::ZERO;
     let mut reported_after = None;
-    while stopped_at.elapsed() < hold {
-        // ftvmd's main loop answers `ftvm status`: it is not waiting on the daemon.
-        let asked = Instant::now();
-        let a = cluster.vm_status(A).expect("hostA's ftvmd answers");
-        slowest_status = slowest_status.max(asked.elapsed());
-        let b = cluster.vm_status(B).expect("hostB's ftvmd answers");
-        assert_eq!(
-            (a["role"].as_str(), a["generation"].as_u64()),
-            (Some("Primary"), Some(generation)),
-            "hostA: {a}"
-        );
-        assert!(a["vm_pid"].is_u64(), "hostA's VM must keep running: {a}");
-        assert_eq!(
-            (b["role"].as_str(), b["generation"].as_u64()),
-            (Some("Secondary"), Some(generation)),
-            "hostB: {b}"
-        );
-        assert!(b["vm_pid"].is_null(), "a VM started on hostB: {b}");
-        let record = cluster.witness_record();
-        assert_eq!(
-            (record["holder"].as_str(), record["generation"].as_u64()),
-            (Some(HOSTS[A]), Some(generation)),
-            "the witness moved the VM: {record}"
-        );
-        if reported_after.is_none() && events(&cluster, A).contains("disk daemon vm1-disk0") {
-            let text = events(&cluster, A);
-            if text.contains("does not answer") {
-                reported_after = Some(stopped_at.elapsed());
+    Wait::up_to(hold)
+        .every(Duration::from_millis(50))
+        .sample(|| {
+            // ftvmd's main loop answers `ftvm status`: it is not waiting on the daemon.
+            let asked = Instant::now();
+            let a = cluster.vm_status(A).expect("hostA's ftvmd answers");
+            slowest_status = slowest_status.max(asked.elapsed());
+            let b = cluster.vm_status(B).expect("hostB's ftvmd answers");
+            assert_eq!(
+                (a["role"].as_str(), a["generation"].as_u64()),
+                (Some("Primary"), Some(generation)),
+                "hostA: {a}"
+            );
+            assert!(a["vm_pid"].is_u64(), "hostA's VM must keep running: {a}");
+            assert_eq!(
+                (b["role"].as_str(), b["generation"].as_u64()),
+                (Some("Secondary"), Some(generation)),
+                "hostB: {b}"
+            );
+            assert!(b["vm_pid"].is_null(), "a VM started on hostB: {b}");
+            let record = cluster.witness_record();
+            assert_eq!(
+                (record["holder"].as_str(), record["generation"].as_u64()),
+                (Some(HOSTS[A]), Some(generation)),
+                "the witness moved the VM: {record}"
+            );
+            if reported_after.is_none() && events(&cluster, A).contains("disk daemon vm1-disk0") {
+                let text = events(&cluster, A);
+                if text.contains("does not answer") {
+                    reported_after = Some(stopped_at.elapsed());
+                }
             }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        });
     let reported_after = reported_after.unwrap_or_else(|| {
         panic!(
             "no event names the hung daemon; events:\n{}",
@@ -143,11 +124,11 @@ fn a_hung_disk_daemon_is_reported_and_fails_nothing_over() {
 
     drop(stopped);
     let resumed_at = Instant::now();
-    let before = last_ack(&cluster);
+    let before = last_ack(&cluster.console(A));
     let back = cluster.wait_vm(A, Duration::from_secs(60), "Protected again", |vm| {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
     });
-    wait_acks(&cluster, before + 10);
+    wait_acks(&cluster, A, before + 10);
     println!(
         "after SIGCONT: Protected again and writing in {:.2} s, generation {} (was {generation})",
         resumed_at.elapsed().as_secs_f64(),

@@ -3,10 +3,11 @@
 //! serving. (Tampered, replayed and reordered frames are refused by the link layer's own
 //! tests in `replication-link/tests/security.rs`, with a man-in-the-middle relay.)
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use ftvm_tests::mirror::{MirrorPair, HOST_B_LINKS, REPLICATION_PORT};
+use ftvm_tests::wait::poll_until;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -24,9 +25,10 @@ fn listener_counter(status: &serde_json::Value, counter: &str) -> u64 {
 
 /// Sends `bytes` to the secondary's first A-link address from hostA with busybox nc.
 fn send_raw(pair: &MirrorPair, bytes: &[u8]) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &pair.hosts.namespace("hostA")])
-        .args(["busybox", "nc", "-w", "2", HOST_B_LINKS[0]])
+    let mut child = pair
+        .hosts
+        .command("hostA", "busybox")
+        .args(["nc", "-w", "2", HOST_B_LINKS[0]])
         .arg(REPLICATION_PORT.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -59,14 +61,9 @@ fn wrong_key_and_garbage_are_refused_and_nothing_is_written() {
         })
         .collect();
     pair.start_primary();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while listener_counter(&pair.secondary().status(), "auth_failures") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no authentication failure counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(TIMEOUT, "an authentication failure counted", || {
+        listener_counter(&pair.secondary().status(), "auth_failures") > 0
+    });
     let impostor = pair.primary().status();
     assert_eq!(
         impostor["replication"]["peer_reachable"], false,
@@ -83,10 +80,11 @@ fn wrong_key_and_garbage_are_refused_and_nothing_is_written() {
         .collect();
     send_raw(&pair, &garbage);
     send_raw(&pair, &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
-    while listener_counter(&pair.secondary().status(), "handshake_errors") < 2 {
-        assert!(std::time::Instant::now() < deadline, "garbage not counted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        TIMEOUT,
+        "the garbage counted as two handshake errors",
+        || listener_counter(&pair.secondary().status(), "handshake_errors") >= 2,
+    );
 
     let status = pair.secondary().status();
     assert_eq!(

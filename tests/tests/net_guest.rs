@@ -1,16 +1,16 @@
 //! `vhost-net-ft` with a real QEMU guest (TCG) on hostA's VM bridge: a client on the LAN
 //! pings the guest and runs TCP request/response against it, over one and two queue pairs.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::Command;
 use std::time::Duration;
 
+use ftvm_tests::blk::status_json;
 use ftvm_tests::guest::{Guest, GuestConfig, Nic};
 use ftvm_tests::hosts::Hosts;
 use ftvm_tests::net::{connect_in, echo_rounds};
 use ftvm_tests::paths;
 use ftvm_tests::process::Process;
 use ftvm_tests::scratch_dir;
+use ftvm_tests::wait::{poll_until, TIMEOUT};
 
 const GUEST_IP: &str = "10.77.0.10";
 const GUEST_MAC: &str = "52:54:00:77:00:10";
@@ -33,10 +33,8 @@ fn echo_guest(queues: u16) -> GuestConfig {
 fn net_daemon(hosts: &Hosts, dir: &std::path::Path, queues: u16) -> (Process, std::path::PathBuf) {
     let socket = dir.join("net.sock");
     let control = dir.join("net.ctl");
-    let mut command = Command::new("ip");
+    let mut command = hosts.command("hostA", paths::binary("vhost-net-ft"));
     command
-        .args(["netns", "exec", &hosts.namespace("hostA")])
-        .arg(paths::binary("vhost-net-ft"))
         .arg("--socket")
         .arg(&socket)
         .args(["--bridge", "vmbr0", "--mac", GUEST_MAC, "--queues"])
@@ -44,7 +42,7 @@ fn net_daemon(hosts: &Hosts, dir: &std::path::Path, queues: u16) -> (Process, st
         .arg("--control")
         .arg(&control);
     let daemon = Process::spawn("vhost-net-ft", command, &dir.join("net.log"));
-    ftvm_tests::wait::poll_until(Duration::from_secs(10), "vhost-net-ft's socket", || {
+    poll_until(TIMEOUT, "vhost-net-ft's socket", || {
         socket.exists() && control.exists()
     });
     (daemon, control)
@@ -52,11 +50,7 @@ fn net_daemon(hosts: &Hosts, dir: &std::path::Path, queues: u16) -> (Process, st
 
 /// The daemon's `status` JSON.
 fn daemon_status(control: &std::path::Path) -> serde_json::Value {
-    let mut stream = std::os::unix::net::UnixStream::connect(control).expect("control socket");
-    stream.write_all(b"status\n").expect("send");
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("read");
-    serde_json::from_str(&line).expect("status is JSON")
+    status_json(control).expect("vhost-net-ft answers status")
 }
 
 fn ping_and_echo(queues: u16) {
@@ -78,10 +72,9 @@ fn ping_and_echo(queues: u16) {
     }
 
     let client = hosts.namespace("client");
-    let ping = Command::new("ip")
-        .args([
-            "netns", "exec", &client, "ping", "-c", "5", "-i", "0.2", "-W", "5", GUEST_IP,
-        ])
+    let ping = hosts
+        .command("client", "ping")
+        .args(["-c", "5", "-i", "0.2", "-W", "5", GUEST_IP])
         .output()
         .expect("run ping");
     let text = String::from_utf8_lossy(&ping.stdout);

@@ -3,11 +3,11 @@
 //! client holds one TCP connection to the guest and exchanges request/response rounds while
 //! hostA's VM bridge loses its uplink port and gets it back.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ftvm_tests::blk::status_json;
 use ftvm_tests::guest::{Guest, Nic};
 use ftvm_tests::hosts::Hosts;
 use ftvm_tests::net::{connect_in, echo_guest, Rounds, ECHO_PORT};
@@ -40,10 +40,8 @@ impl NetDaemon {
 fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon {
     let socket = dir.join(format!("net-{}.sock", HOSTS[host]));
     let control = dir.join(format!("net-{}.ctl", HOSTS[host]));
-    let mut command = Command::new("ip");
+    let mut command = hosts.command(HOSTS[host], paths::binary("vhost-net-ft"));
     command
-        .args(["netns", "exec", &hosts.namespace(HOSTS[host])])
-        .arg(paths::binary("vhost-net-ft"))
         .arg("--socket")
         .arg(&socket)
         .args([
@@ -76,12 +74,7 @@ fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon
 }
 
 fn status(daemon: &NetDaemon) -> serde_json::Value {
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(&daemon.control).expect("control socket");
-    stream.write_all(b"status\n").expect("send");
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("read");
-    serde_json::from_str(&line).expect("status is JSON")
+    status_json(&daemon.control).expect("vhost-net-ft answers status")
 }
 
 fn counter(status: &serde_json::Value, name: &str) -> u64 {

@@ -1,9 +1,9 @@
 //! The daemon as an operator meets it: flags, errors, the control socket, SIGTERM.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use daemon_util::test_support::{control, one_line_error, wait_until, Daemon};
+use daemon_util::test_support::{control, one_line_error, poll_until, Process, TIMEOUT};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
 
@@ -14,15 +14,10 @@ fn run(args: &[&str]) -> Output {
         .expect("run vhost-blk-mirror")
 }
 
-fn start(args: &[&str]) -> Daemon {
-    let child = Command::new(BINARY)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vhost-blk-mirror");
-    Daemon(child)
+fn start(args: &[&str]) -> Process {
+    let mut command = Command::new(BINARY);
+    command.args(args);
+    Process::start("vhost-blk-mirror", command)
 }
 
 fn image(dir: &Path, size: u64) -> String {
@@ -97,7 +92,7 @@ fn socket_in_use_is_refused_and_status_answers() {
         "--serial",
         "d1",
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
     let status: serde_json::Value =
@@ -130,10 +125,10 @@ fn sigterm_stops_cleanly_and_removes_sockets() {
         "--control",
         control_path.to_str().expect("utf-8"),
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().expect("the daemon ran").success());
     assert!(
         !socket.exists() && !control_path.exists(),
         "sockets removed"

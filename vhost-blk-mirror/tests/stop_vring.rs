@@ -4,75 +4,27 @@
 //! at it); nothing happens on the stopped ring; after the ring is set up again (`cont`),
 //! exactly the rewound requests run.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use daemon_util::test_support::{control, wait_until, TIMEOUT};
+use common::{read_image, Fixture};
+use daemon_util::test_support::{poll_until, TIMEOUT};
 use vhost::VringConfigData;
 use vhost_user_blk_load::blk::STATUS_OK;
 use vhost_user_blk_load::{BlkDevice, BlkQueue, DeviceOptions, Request};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
-const IMAGE_BYTES: u64 = 16 << 20;
 /// Stop/start rounds of the race test; each stops the ring right after a kick.
 const ROUNDS: u8 = 200;
 /// Writes posted before each stop.
 const BATCH: u64 = 32;
 
-/// A daemon on a fresh image; killed by PID when dropped.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Daemon {
-    fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::File::create(dir.path().join("disk.img"))
-            .and_then(|file| file.set_len(IMAGE_BYTES))
-            .expect("image");
-        let child = Command::new(BINARY)
-            .arg("--socket")
-            .arg(dir.path().join("disk.sock"))
-            .arg("--image")
-            .arg(dir.path().join("disk.img"))
-            .arg("--control")
-            .arg(dir.path().join("disk.ctl"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start daemon");
-        let daemon = Daemon { dir, child };
-        wait_until("the daemon to start", || daemon.status().is_some());
-        daemon
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let line = control(&self.path("disk.ctl"), "status")?;
-        serde_json::from_str(&line).ok()
-    }
-
-    fn connect(&self) -> (BlkDevice, BlkQueue) {
-        let options = DeviceOptions::default().with_event_idx();
-        let mut device = BlkDevice::open(&self.path("disk.sock"), &options).expect("connect");
-        let queue = device.take_queues().pop().expect("queue 0");
-        (device, queue)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A frontend with one queue and EVENT_IDX, connected to `daemon`.
+fn connect(daemon: &Fixture) -> (BlkDevice, BlkQueue) {
+    let mut device = daemon.connect(&DeviceOptions::default().with_event_idx());
+    let queue = device.take_queues().pop().expect("queue 0");
+    (device, queue)
 }
 
 /// What QEMU's `stop` sends for a queue; returns the base.
@@ -133,15 +85,10 @@ fn write(sector: u64, fill: u8) -> Request {
     }
 }
 
-fn read_image(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let image = std::fs::read(path).expect("read image");
-    image[offset as usize..offset as usize + len].to_vec()
-}
-
 #[test]
 fn stop_right_after_a_kick_leaves_no_popped_request_uncompleted() {
-    let daemon = Daemon::start(&[]);
-    let (mut device, mut queue) = daemon.connect();
+    let daemon = Fixture::start(&[]);
+    let (mut device, mut queue) = connect(&daemon);
     for round in 0..ROUNDS {
         for index in 0..BATCH {
             queue.enqueue(&write(index * 8, round)).expect("enqueue");
@@ -175,7 +122,7 @@ fn writes_held_for_the_peer_are_rewound_at_stop_and_run_again_after_start() {
     let psk = tempfile::NamedTempFile::new().expect("psk");
     std::fs::write(psk.path(), "stop-vring test key 0123456789abcdef\n").expect("write psk");
     let psk_path = psk.path().display().to_string();
-    let daemon = Daemon::start(&[
+    let daemon = Fixture::start(&[
         "--role",
         "primary",
         "--peer",
@@ -185,16 +132,13 @@ fn writes_held_for_the_peer_are_rewound_at_stop_and_run_again_after_start() {
         "--host-id",
         "primary",
     ]);
-    let (mut device, mut queue) = daemon.connect();
+    let (mut device, mut queue) = connect(&daemon);
     for index in 0..4 {
         queue.enqueue(&write(index * 8, 0x5a)).expect("enqueue");
     }
     queue.kick().expect("kick");
-    wait_until("four held writes", || {
-        daemon
-            .status()
-            .map(|s| s["replication"]["in_flight_requests"].clone())
-            == Some(4.into())
+    poll_until(TIMEOUT, "four held writes", || {
+        daemon.status()["replication"]["in_flight_requests"] == 4
     });
 
     let stopping = Instant::now();
@@ -205,13 +149,10 @@ fn writes_held_for_the_peer_are_rewound_at_stop_and_run_again_after_start() {
     assert!(stopped_in < TIMEOUT, "the stop took {stopped_in:?}");
 
     // The held writes now complete inside the daemon; the stopped ring must not see them.
-    let reply = control(&daemon.path("disk.ctl"), "continue-degraded").expect("reply");
+    let reply = daemon.control("continue-degraded").expect("reply");
     assert!(reply.contains("\"ok\":true"), "continue-degraded: {reply}");
-    wait_until("the held writes to end", || {
-        daemon
-            .status()
-            .map(|s| s["replication"]["in_flight_requests"].clone())
-            == Some(0.into())
+    poll_until(TIMEOUT, "the held writes to end", || {
+        daemon.status()["replication"]["in_flight_requests"] == 0
     });
     assert_eq!(used_index(&device, &queue), 0, "a stopped ring was touched");
 

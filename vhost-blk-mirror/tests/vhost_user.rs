@@ -1,17 +1,17 @@
 //! In-process tests with a real vhost-user frontend (`vhost-user-blk-load`), no VM: the
 //! daemon runs as a process on a real socket, the test plays QEMU.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
 
-use daemon_util::test_support::{control, wait_until, TIMEOUT};
+use std::path::Path;
+use std::process::Command;
+
+use common::{read_image, Fixture, IMAGE_BYTES};
+use daemon_util::test_support::{require_root, TIMEOUT};
 use vhost_user_blk_load::blk::{
     encode_header, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, STATUS_UNWRITTEN, TYPE_IN, TYPE_OUT,
 };
-use vhost_user_blk_load::{BlkDevice, Descriptor, DeviceOptions, Next};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_vhost-blk-mirror");
-const IMAGE_BYTES: u64 = 16 << 20;
+use vhost_user_blk_load::{Descriptor, DeviceOptions, Next};
 
 // virtio feature bits the daemon must offer.
 const F_SIZE_MAX: u32 = 1;
@@ -26,80 +26,6 @@ const F_WRITE_ZEROES: u32 = 14;
 const F_LOG_ALL: u32 = 26;
 const F_EVENT_IDX: u32 = 29;
 const F_VERSION_1: u32 = 32;
-
-/// A daemon on a fresh image in a temporary directory; killed by PID when dropped.
-struct Fixture {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Fixture {
-    fn start(extra: &[&str]) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|file| file.set_len(IMAGE_BYTES))
-            .expect("image");
-        Fixture::start_on(dir, &image, extra)
-    }
-
-    fn start_on(dir: tempfile::TempDir, image: &Path, extra: &[&str]) -> Fixture {
-        let child = Command::new(BINARY)
-            .arg("--socket")
-            .arg(dir.path().join("disk.sock"))
-            .arg("--image")
-            .arg(image)
-            .arg("--control")
-            .arg(dir.path().join("disk.ctl"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start daemon");
-        let fixture = Fixture { dir, child };
-        wait_until("the daemon to start", || fixture.status_line().is_some());
-        fixture
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("disk.sock")
-    }
-
-    fn image(&self) -> PathBuf {
-        self.dir.path().join("disk.img")
-    }
-
-    fn status_line(&self) -> Option<String> {
-        control(&self.dir.path().join("disk.ctl"), "status")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.status_line().expect("status")).expect("json")
-    }
-
-    fn connect(&self, options: &DeviceOptions) -> BlkDevice {
-        BlkDevice::open(&self.socket(), options).expect("connect frontend")
-    }
-
-    fn assert_alive(&mut self) {
-        assert!(
-            self.child.try_wait().expect("try_wait").is_none(),
-            "daemon died"
-        );
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read_image(path: &Path, offset: usize, len: usize) -> Vec<u8> {
-    std::fs::read(path).expect("read image")[offset..offset + len].to_vec()
-}
 
 #[test]
 fn negotiates_the_advertised_features() {
@@ -429,6 +355,7 @@ struct LoopDevice(String);
 
 impl LoopDevice {
     fn attach(file: &Path) -> LoopDevice {
+        require_root("a loop device");
         let output = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(file)

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{run, status, Netns};
-use daemon_util::test_support::{control, one_line_error, wait_until};
+use daemon_util::test_support::{control, one_line_error, poll_until, TIMEOUT};
 
 fn path_arg(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
@@ -129,7 +129,7 @@ fn unknown_flag_fails_with_usage() {
 
 #[test]
 fn status_answers_and_a_socket_in_use_is_refused() {
-    let Some(netns) = Netns::new() else { return };
+    let netns = Netns::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("n.sock");
     let control_path = dir.path().join("n.ctl");
@@ -141,7 +141,7 @@ fn status_answers_and_a_socket_in_use_is_refused() {
         "--control",
         path_arg(&control_path),
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
     let status = status(&control_path);
@@ -186,7 +186,7 @@ fn status_answers_and_a_socket_in_use_is_refused() {
 
 #[test]
 fn announce_sends_a_rarp_from_the_mac() {
-    let Some(netns) = Netns::new() else { return };
+    let netns = Netns::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let control_path = dir.path().join("n.ctl");
     let _daemon = netns.start_daemon(&[
@@ -199,7 +199,7 @@ fn announce_sends_a_rarp_from_the_mac() {
         "--control",
         path_arg(&control_path),
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
     let before = netns.statistic("vnft0", "rx_packets");
@@ -218,7 +218,7 @@ fn announce_sends_a_rarp_from_the_mac() {
 
 #[test]
 fn sigterm_removes_sockets_and_the_bridge_tap() {
-    let Some(netns) = Netns::new() else { return };
+    let netns = Netns::new();
     netns.exec_ok(&["ip", "link", "add", "br-test", "type", "bridge"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("n.sock");
@@ -233,7 +233,7 @@ fn sigterm_removes_sockets_and_the_bridge_tap() {
         "--control",
         path_arg(&control_path),
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
     let status = status(&control_path);
@@ -245,7 +245,7 @@ fn sigterm_removes_sockets_and_the_bridge_tap() {
     let ports = netns.exec_ok(&["ls", "/sys/class/net/br-test/brif"]);
     assert_eq!(ports.trim(), tap, "the TAP is a port of the bridge");
 
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().expect("the daemon ran").success());
     assert!(
         !socket.exists() && !control_path.exists(),
         "sockets removed"
@@ -259,7 +259,7 @@ fn sigterm_removes_sockets_and_the_bridge_tap() {
 
 #[test]
 fn an_existing_tap_is_attached_and_left_in_place() {
-    let Some(netns) = Netns::new() else { return };
+    let netns = Netns::new();
     netns.exec_ok(&["ip", "tuntap", "add", "dev", "vnft9", "mode", "tap"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("n.sock");
@@ -291,14 +291,14 @@ fn an_existing_tap_is_attached_and_left_in_place() {
         "--control",
         path_arg(&control_path),
     ]);
-    wait_until("control socket", || {
+    poll_until(TIMEOUT, "control socket", || {
         control(&control_path, "status").is_some()
     });
     let status = status(&control_path);
     assert_eq!(status["tap"], "vnft9");
     assert_eq!(status["link"]["tap_up"], true, "brought up");
     assert_eq!(status["link"]["tap_carrier"], true, "attached");
-    assert!(daemon.terminate().success());
+    assert!(daemon.terminate().expect("the daemon ran").success());
     assert!(
         netns.links().contains(&"vnft9".to_owned()),
         "the operator's persistent TAP stays"

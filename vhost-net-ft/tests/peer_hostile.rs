@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::{status, Netns};
-use daemon_util::test_support::{control, wait_until};
+use daemon_util::test_support::{control, poll_until, TIMEOUT};
 use replication_link::{LinkConfig, Psk, Session};
 use vhost_net_ft::frame::{VnetHeader, FLAG_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_LEN};
 use vhost_net_ft::peer::{Direction, PeerMessage, PeerState};
@@ -68,9 +68,7 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
 
 #[test]
 fn garbage_and_unwanted_frames_from_the_peer_are_dropped_and_counted() {
-    let Some(netns) = Netns::new() else {
-        return;
-    };
+    let netns = Netns::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let psk = dir.path().join("pair.psk");
     std::fs::write(&psk, KEY).expect("psk");
@@ -96,11 +94,11 @@ fn garbage_and_unwanted_frames_from_the_peer_are_dropped_and_counted() {
         "--host-id",
         "hostB",
     ]);
-    wait_until("the daemon's control socket", || {
+    poll_until(TIMEOUT, "the daemon's control socket", || {
         control(&control_path, "status").is_some()
     });
     let peer = connect_as_peer(&netns);
-    wait_until("the peer session", || peer.peer_reachable());
+    poll_until(TIMEOUT, "the peer session", || peer.peer_reachable());
 
     let good = frame(VnetHeader::default(), 60);
     let hostile: Vec<(Vec<u8>, Vec<u8>)> = vec![
@@ -154,7 +152,7 @@ fn garbage_and_unwanted_frames_from_the_peer_are_dropped_and_counted() {
     );
 
     let dropped = hostile.len() as u64 + bad_frames.len() as u64;
-    wait_until("the daemon to handle every message", || {
+    poll_until(TIMEOUT, "the daemon to handle every message", || {
         let now = status(&control_path);
         counter(&now, "peer_rx_dropped") >= dropped && counter(&now, "relay_to_lan_packets") >= 1
     });
@@ -167,7 +165,7 @@ fn garbage_and_unwanted_frames_from_the_peer_are_dropped_and_counted() {
     let offloads = u32::from_str_radix(offloads.trim_start_matches("0x"), 16).expect("hex");
     assert_eq!(offloads & !0x1f, 0, "{end}");
     // The good frame reached the TAP (the kernel counts it as received there).
-    wait_until("the relayed frame on the TAP", || {
+    poll_until(TIMEOUT, "the relayed frame on the TAP", || {
         netns.statistic(TAP, "rx_packets") > written_before
     });
     drop(peer);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{status, Netns};
-use daemon_util::test_support::{control, wait_until, Daemon};
+use daemon_util::test_support::{control, poll_until, Process, TIMEOUT};
 use vhost::VringConfigData;
 use vhost_user_blk_load::device::{negotiate, DeviceOptions};
 use vhost_user_blk_load::queue::QueueSetup;
@@ -41,14 +41,14 @@ struct Nic {
     memory: Arc<GuestRam>,
     _session: Session,
     control: PathBuf,
-    _daemon: Daemon,
+    _daemon: Process,
     netns: Netns,
     _dir: tempfile::TempDir,
 }
 
 impl Nic {
-    fn start() -> Option<Nic> {
-        let netns = Netns::new()?;
+    fn start() -> Nic {
+        let netns = Netns::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("n.sock");
         let control_path = dir.path().join("n.ctl");
@@ -60,7 +60,7 @@ impl Nic {
             "--control",
             control_path.to_str().expect("utf-8"),
         ]);
-        wait_until("control socket", || {
+        poll_until(TIMEOUT, "control socket", || {
             control(&control_path, "status").is_some()
         });
         netns.exec_ok(&["ip", "addr", "add", "10.79.0.1/24", "dev", TAP]);
@@ -83,7 +83,7 @@ impl Nic {
         let tx = start_queue(&mut session, &memory, 1, event_idx);
         session.set_vring_enable(0, true).expect("enable rx");
         session.set_vring_enable(1, true).expect("enable tx");
-        Some(Nic {
+        Nic {
             rx,
             tx,
             memory,
@@ -92,7 +92,7 @@ impl Nic {
             _daemon: daemon,
             netns,
             _dir: dir,
-        })
+        }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -228,7 +228,7 @@ fn assert_arp_reply(header: &[u8], frame: &[u8]) {
 
 #[test]
 fn arp_round_trip_through_the_tap() {
-    let Some(mut nic) = Nic::start() else { return };
+    let mut nic = Nic::start();
     let buffers = nic.post_rx_buffers(8);
     nic.send(&arp_request());
     let (header, frame) = nic.receive_arp(&buffers);
@@ -249,7 +249,7 @@ fn arp_round_trip_through_the_tap() {
 
 #[test]
 fn malformed_tx_chains_are_dropped_counted_and_survived() {
-    let Some(mut nic) = Nic::start() else { return };
+    let mut nic = Nic::start();
     let buffers = nic.post_rx_buffers(8);
     let sent_before = nic.netns.statistic(TAP, "rx_packets");
     let page = nic.tx.alloc_buffer(128 * 1024).expect("buffer");
@@ -309,10 +309,10 @@ fn malformed_tx_chains_are_dropped_counted_and_survived() {
 
 #[test]
 fn rx_waits_for_buffers_instead_of_dropping() {
-    let Some(mut nic) = Nic::start() else { return };
+    let mut nic = Nic::start();
     // No receive buffers yet: the ARP reply must wait, not be dropped.
     nic.send(&arp_request());
-    wait_until("RX to wait for buffers", || {
+    poll_until(TIMEOUT, "RX to wait for buffers", || {
         nic.status()["rx_waits_for_buffers"].as_u64() >= Some(1)
     });
     std::thread::sleep(Duration::from_millis(200));

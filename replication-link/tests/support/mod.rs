@@ -1,5 +1,6 @@
-//! Shared helpers of the integration tests: fast configurations, polling, and a TCP relay
-//! that can cut, black-hole, tamper with or replay traffic.
+//! Shared helpers of the integration tests, beyond the workspace's test framework
+//! (`daemon_util::test_support`): fast configurations, waits at the link's pace, and a TCP
+//! relay that can cut, black-hole, tamper with or replay traffic.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -7,8 +8,9 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use daemon_util::test_support::Wait;
 use replication_link::{LinkConfig, LinkListener, ListenerEvent, Message, Psk, Session};
 
 pub const LONG: Duration = Duration::from_secs(10);
@@ -47,18 +49,10 @@ pub fn accept(listener: &LinkListener) -> Session {
     }
 }
 
-/// Polls `condition` every 2 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
+/// A wait of at most `timeout` that looks every 2 ms: the links' timers run in tens of
+/// milliseconds, and some tests measure how fast a change is seen.
+pub fn within(timeout: Duration) -> Wait {
+    Wait::up_to(timeout).every(Duration::from_millis(2))
 }
 
 pub fn recv_one(session: &Session) -> Message {
