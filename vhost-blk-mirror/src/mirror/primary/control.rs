@@ -153,6 +153,7 @@ impl Primary {
         let state = self.lock();
         let out_of_sync_bytes = self.metadata.out_of_sync_bytes();
         let disk_state = match (state.local, state.mode) {
+            (_, Mode::Fenced) => "Fenced",
             (LocalDisk::Failed, _) => "RemoteOnly",
             (LocalDisk::Rebuilding, _) => "Rebuilding",
             (LocalDisk::Healthy, mode) => {

@@ -57,9 +57,13 @@ impl Primary {
             .metadata
             .set_header(generation, DataState::Inconsistent)
         {
+            let reason = match std::error::Error::source(&error) {
+                Some(source) => format!("{error}: {source}"),
+                None => error.to_string(),
+            };
             error!(
-                "local disk failed ({cause}) and that cannot be recorded ({error}): fencing, \
-                 so that no restart serves the stale copy"
+                "local disk failed ({cause}) and that cannot be recorded ({reason}): fencing, \
+                 so that no restart serves the stale copy; the peer's copy must take over"
             );
             self.fence();
             return;
@@ -155,8 +159,17 @@ impl Primary {
                 LocalDisk::Rebuilding => return Ok("already rebuilding"),
                 LocalDisk::Failed => {}
             }
-            if matches!(state.mode, Mode::Degraded | Mode::Fenced) {
-                return Err("the peer's copy is not available to rebuild from".into());
+            match state.mode {
+                Mode::Fenced => {
+                    return Err("this primary is fenced (it could not record its disk's \
+                                failure): the peer's copy takes over; restart this daemon as \
+                                its secondary once the disk is fixed"
+                        .into())
+                }
+                Mode::Degraded => {
+                    return Err("the peer's copy is not available to rebuild from".into())
+                }
+                Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
             }
             state.local = LocalDisk::Rebuilding;
             state.rebuild = ResyncProgress {
