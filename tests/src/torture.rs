@@ -9,6 +9,8 @@
 //! replays it (the same plan, the same fault timing). Each run appends one JSON line to
 //! `FTVM_TORTURE_RESULTS` (default `target/torture/results.jsonl`).
 
+pub mod cluster_monitor;
+pub mod cluster_rows;
 pub mod monitor;
 pub mod random;
 pub mod report;
@@ -55,6 +57,10 @@ pub struct RunRecord {
     pub guest_exit: Option<i32>,
     pub back_to_protected_ms: Option<u64>,
     pub images_identical: Option<bool>,
+    /// Cluster rows: the VM was started again (its guest booted a second time).
+    pub vm_restarted: Option<bool>,
+    /// Cluster rows: another host serves the VM after the fault.
+    pub failed_over: Option<bool>,
     pub run_ms: u64,
     pub timeline: Vec<String>,
     pub error: Option<String>,
@@ -96,6 +102,8 @@ impl RunRecord {
             "guest_exit": self.guest_exit,
             "back_to_protected_ms": self.back_to_protected_ms,
             "images_identical": self.images_identical,
+            "vm_restarted": self.vm_restarted,
+            "failed_over": self.failed_over,
             "run_ms": self.run_ms,
             "timeline": self.timeline,
             "error": self.error,
@@ -193,7 +201,7 @@ fn exercise(
     record.lost_blocks = blocks.len() as u64;
 }
 
-fn describe(lost: &[workload::Lost]) -> Vec<String> {
+pub(crate) fn describe(lost: &[workload::Lost]) -> Vec<String> {
     lost.iter()
         .map(|lost| {
             format!(
@@ -204,7 +212,7 @@ fn describe(lost: &[workload::Lost]) -> Vec<String> {
         .collect()
 }
 
-fn images_identical(first: &std::path::Path, second: &std::path::Path) -> bool {
+pub(crate) fn images_identical(first: &std::path::Path, second: &std::path::Path) -> bool {
     let read = |path: &std::path::Path| std::fs::read(path).unwrap_or_default();
     let (first, second) = (read(first), read(second));
     if let Some(offset) = first.iter().zip(&second).position(|(a, b)| a != b) {
@@ -253,8 +261,12 @@ fn append_result(record: &RunRecord) {
 /// One seeded run of `row` as a test: prints the seed, appends the result, and fails
 /// (naming the seed) unless every promise held.
 pub fn run_row_test(row: Row) {
+    run_seeded_test(row.name(), |seed, record| run(row, seed, record));
+}
+
+/// One seeded run of the row `name` (a disk-level or a cluster row) as a test.
+pub fn run_seeded_test(name: &str, run: impl FnOnce(u64, &mut RunRecord)) {
     let seed = seed_from_env();
-    let name = row.name();
     eprintln!("torture: row {name}, seed {seed} (replay: FTVM_TORTURE_SEED={seed} ci/torture.sh --runs 1 --rows {name})");
     let started = std::time::Instant::now();
     let mut record = RunRecord {
@@ -262,7 +274,7 @@ pub fn run_row_test(row: Row) {
         seed,
         ..RunRecord::default()
     };
-    let result = panic::catch_unwind(AssertUnwindSafe(|| run(row, seed, &mut record)));
+    let result = panic::catch_unwind(AssertUnwindSafe(|| run(seed, &mut record)));
     record.run_ms = started.elapsed().as_millis() as u64;
     if let Err(payload) = &result {
         record.error = Some(panic_message(payload.as_ref()));
