@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ci/torture.sh — the fault matrix's disk-level rows (issue 10), many seeded runs each.
+# ci/torture.sh — the fault matrix (issue 10): its disk-level and cluster rows, many seeded runs each.
 #
 # Usage: sudo ci/torture.sh --runs N [--rows a,b,...] [--results FILE] [--no-doc]
 #
@@ -11,7 +11,9 @@
 #
 # Each run is one test of tests/tests/torture.rs (a guest writes numbered, flushed records
 # at random blocks of a mirrored disk, one fault hits at a moment drawn from the run's seed,
-# the test plays the coordinator and repairs), run on its own with a fresh seed, which it
+# the test plays the coordinator and repairs) or of tests/tests/torture_cluster.rs (the rows
+# that need the coordinator: ftvmd-kill, witness-lost, host-kill, on two hosts with ftvmd
+# and a witness, the same workload and checks), run on its own with a fresh seed, which it
 # prints; FTVM_TORTURE_SEED=S replays one run (with --runs 1 and one row). A run that fails
 # is recorded and the next one goes on; its log is kept under target/torture/. At the end
 # the table (runs, acknowledged writes lost, split brains, guest-visible errors, median and
@@ -68,15 +70,27 @@ done
 command -v jq >/dev/null || die "jq is missing (ci/install-deps.sh installs it)"
 
 echo "== build" >&2
-cargo build --locked -p vhost-blk-mirror -p fault-fs --bins >&2
-BIN=$(cargo test --locked -p ftvm-tests --test torture --no-run --message-format=json 2>/dev/null |
-	jq -r 'select(.reason == "compiler-artifact" and .target.name == "torture" and .executable != null) | .executable' |
-	tail -n 1)
+cargo build --locked -p vhost-blk-mirror -p fault-fs -p coordinator --bins >&2
+test_binary() {
+	cargo test --locked -p ftvm-tests --test "$1" --no-run --message-format=json 2>/dev/null |
+		jq -r --arg name "$1" 'select(.reason == "compiler-artifact" and .target.name == $name and .executable != null) | .executable' |
+		tail -n 1
+}
+BIN=$(test_binary torture)
 [[ -x $BIN ]] || die "cannot find the torture test binary"
+CLUSTER_BIN=$(test_binary torture_cluster)
+[[ -x $CLUSTER_BIN ]] || die "cannot find the torture_cluster test binary"
 [[ -f target/guest/initramfs.gz ]] || bash ci/build-guest.sh >&2
 
-# The rows are the tests of the binary (row kill-syncing = test kill_syncing).
-mapfile -t ALL < <("$BIN" --list --format terse 2>/dev/null | sed -n 's/: test$//p' | grep -vx report | tr _ -)
+# The rows are the tests of the two binaries (row kill-syncing = test kill_syncing).
+declare -A BINARY=()
+ALL=()
+for binary in "$BIN" "$CLUSTER_BIN"; do
+	while read -r row; do
+		BINARY[$row]=$binary
+		ALL+=("$row")
+	done < <("$binary" --list --format terse 2>/dev/null | sed -n 's/: test$//p' | grep -vx report | tr _ -)
+done
 if [[ $ROWS == list ]]; then
 	printf '%s\n' "${ALL[@]}"
 	exit 0
@@ -111,7 +125,7 @@ for ((run = 1; run <= RUNS; run++)); do
 		t0=$SECONDS
 		status=0
 		FTVM_TORTURE_SEED=$seed FTVM_TORTURE_RESULTS=$RESULTS timeout 900 \
-			"$BIN" --exact "${row//-/_}" --test-threads 1 --nocapture >"$log" 2>&1 || status=$?
+			"${BINARY[$row]}" --exact "${row//-/_}" --test-threads 1 --nocapture >"$log" 2>&1 || status=$?
 		if (($(wc -l <"$RESULTS") == before)); then
 			# The test process died without recording its run (timeout, crash).
 			jq -nc --arg row "$row" --argjson seed "$seed" --arg error "the test process exited with $status and recorded nothing" \

@@ -85,8 +85,9 @@ fn report() {
         let command = std::env::var("FTVM_TORTURE_COMMAND").unwrap_or_default();
         let when = std::env::var("FTVM_TORTURE_WHEN").unwrap_or_default();
         let total = std::env::var("FTVM_TORTURE_TOTAL").unwrap_or_default();
-        std::fs::write(&document, report::document(&rows, &command, &when, &total))
-            .expect("write the report");
+        let previous = std::fs::read_to_string(&document).unwrap_or_default();
+        let text = report::document(&rows, &command, &when, &total, &previous);
+        std::fs::write(&document, text).expect("write the report");
         println!("wrote {}", std::path::Path::new(&document).display());
     }
 }

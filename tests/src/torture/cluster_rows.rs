@@ -158,7 +158,8 @@ impl Bed {
     }
 
     /// Waits until one host acts as primary with its VM running and its guest serving:
-    /// booted again (`REBOOTED`) or acknowledging writes past `acknowledged`.
+    /// booted again (`REBOOTED`) or acknowledging new writes (two past `acknowledged`:
+    /// the last line of a guest that died may reach its console late).
     fn wait_serving(&self, acknowledged: u64) -> usize {
         Wait::up_to(STEP_TIMEOUT)
             .every(Duration::from_millis(100))
@@ -168,7 +169,7 @@ impl Bed {
                     [A, B].into_iter().find(|&host| {
                         self.cluster.vm_status(host).is_some_and(|vm| {
                             acting_generation(&vm).is_some() && vm["vm_pid"].is_u64()
-                        }) && (self.rebooted(host) || self.acknowledged() > acknowledged)
+                        }) && (self.rebooted(host) || self.acknowledged() >= acknowledged + 2)
                     })
                 },
                 |_| true,
@@ -293,7 +294,6 @@ fn exercise(
     let serving = handled.serving;
     record.serving = HOSTS[serving].to_owned();
     record.failed_over = Some(serving != A);
-    record.vm_restarted = Some(bed.rebooted(A) || bed.rebooted(B));
     let latest = workload::latest_acknowledged(&bed.consoles());
     record.lost_on_serving_copy = describe(&workload::missing_in_image(
         &bed.cluster.image(serving),
@@ -330,6 +330,7 @@ fn finish(bed: &mut Bed, serving: usize, record: &mut RunRecord) {
         .until("nothing in flight", || {
             status_json(&control).is_some_and(|s| s["replication"]["in_flight_requests"] == 0)
         });
+    record.vm_restarted = Some(bed.rebooted(A) || bed.rebooted(B));
     let consoles = bed.consoles();
     (record.guest_write_failures, record.guest_kernel_io_errors) =
         workload::guest_errors(&consoles);
@@ -418,7 +419,7 @@ fn ftvmd_kill(bed: &mut Bed, random: &mut Random) -> Handled {
         "hostA's ftvmd started again after {} ms",
         down.as_millis()
     ));
-    let serving = bed.wait_serving(acknowledged);
+    let serving = bed.wait_serving(bed.acknowledged());
     bed.note(&format!(
         "{} serves the VM, generation {:?} ({:.2} s after the kill)",
         HOSTS[serving],
