@@ -4,6 +4,9 @@
 //! write is lost on the copy that serves next, that no two copies accept writes at one
 //! generation, what the guest saw, and how long the pair took to be Protected again.
 //!
+//! The rows that need the coordinator (ftvmd SIGKILL, witness lost, host kill) run on a
+//! whole cluster: [`cluster_rows`], `tests/tests/torture_cluster.rs`.
+//!
 //! `tests/tests/torture.rs` runs one seeded run of each row; `ci/torture.sh --runs N`
 //! runs many and writes `docs/RELIABILITY.md`. A run prints its seed; `FTVM_TORTURE_SEED`
 //! replays it (the same plan, the same fault timing). Each run appends one JSON line to
