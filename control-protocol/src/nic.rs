@@ -118,6 +118,15 @@ pub enum Path {
     Peer,
 }
 
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Path::Local => "local",
+            Path::Peer => "peer",
+        })
+    }
+}
+
 /// The uplink watch and the path through the peer host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -39,13 +39,8 @@ pub enum ImageError {
     },
 }
 
-/// What kind of storage backs the image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageKind {
-    File,
-    BlockDevice,
-}
+/// What kind of storage backs the image (a word of the control protocol's status).
+pub use control_protocol::disk::ImageKind;
 
 /// An open disk image.
 #[derive(Debug)]

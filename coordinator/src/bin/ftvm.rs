@@ -237,7 +237,7 @@ fn nic_line(nic: &NicStatus) -> String {
     if nic.pid.is_none() {
         return "no daemon on this host".into();
     }
-    let Some(path) = nic.path.as_deref().filter(|_| nic.answering) else {
+    let Some(path) = nic.path.filter(|_| nic.answering) else {
         return "unknown (its daemon does not answer)".into();
     };
     let Some(uplink) = &nic.uplink else {
@@ -288,13 +288,15 @@ fn humantime(time: std::time::SystemTime) -> String {
 mod tests {
     use super::*;
 
-    fn nic(path: Option<&str>, uplink_up: Option<bool>) -> NicStatus {
+    use control_protocol::nic::Path;
+
+    fn nic(path: Option<Path>, uplink_up: Option<bool>) -> NicStatus {
         NicStatus {
             mac: "52:54:00:12:34:56".into(),
             uplink: Some("uplink".into()),
             pid: Some(42),
             answering: path.is_some(),
-            path: path.map(str::to_owned),
+            path,
             uplink_up,
             peer_reachable: Some(true),
             relaying_for_peer: Some(false),
@@ -304,13 +306,13 @@ mod tests {
 
     #[test]
     fn a_nic_line_names_the_path_and_what_is_down() {
-        let line = nic_line(&nic(Some("peer"), Some(false)));
+        let line = nic_line(&nic(Some(Path::Peer), Some(false)));
         assert_eq!(line, "path peer, uplink uplink DOWN, peer reachable");
         assert!(nic_line(&nic(None, None)).contains("does not answer"));
         let standby = NicStatus {
             guest_attached: Some(false),
             relaying_for_peer: Some(true),
-            ..nic(Some("local"), Some(true))
+            ..nic(Some(Path::Local), Some(true))
         };
         assert_eq!(
             nic_line(&standby),
@@ -323,7 +325,7 @@ mod tests {
         assert_eq!(nic_line(&stopped), "no daemon on this host");
         let plain = NicStatus {
             uplink: None,
-            ..nic(Some("local"), None)
+            ..nic(Some(Path::Local), None)
         };
         assert_eq!(nic_line(&plain), "path local (no redundant uplink)");
     }

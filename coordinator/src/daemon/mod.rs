@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod control_client;
 pub mod events;
 pub mod links;
 pub mod nics;

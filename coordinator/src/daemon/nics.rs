@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use super::agent::Agent;
 use super::events::Events;
-use super::processes::{control_command, disk_order, start_nic, timed_out, NicSpec, Supervised};
+use control_protocol::nic;
+
+use super::control_client::{nic_announce, nic_status, AskError};
+use super::processes::{start_nic, NicSpec, Supervised};
 
 /// How often the NIC daemons are asked for their status.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -55,7 +58,7 @@ pub struct NicStatus {
     pub answering: bool,
     /// Where the guest's frames leave this host's daemon: "local" (this host's uplink) or
     /// "peer" (through the peer's bridge). `null`: unknown (no daemon here, or no answer).
-    pub path: Option<String>,
+    pub path: Option<nic::Path>,
     /// This host's uplink has its link (`null`: unknown, or no redundant uplink).
     pub uplink_up: Option<bool>,
     /// The peer's daemon for this NIC is connected (`null`: unknown, or no redundant uplink).
@@ -76,12 +79,24 @@ pub enum Readiness {
     Failed,
 }
 
+/// Why a NIC daemon's status is missing.
+#[derive(Debug)]
+struct PollError {
+    error: String,
+    /// It took the question and did not answer in time.
+    timed_out: bool,
+    /// It answered something that is not the protocol's status.
+    not_understood: bool,
+}
+
 /// What one job of a NIC daemon's agent did.
 #[derive(Debug)]
 enum Done {
     Started(Result<(), String>),
-    Polled(Result<serde_json::Value, (String, bool)>),
-    Announced(Result<String, String>),
+    /// The status, or why not: the error, whether it timed out, whether it answered
+    /// something that is not understood.
+    Polled(Result<Box<nic::Status>, PollError>),
+    Announced(Result<nic::Announced, String>),
     Stopped,
     Ended(String),
 }
@@ -110,11 +125,13 @@ pub struct Nics {
     /// A start is queued and not reported yet.
     starting: Vec<bool>,
     /// Each running daemon's last answer to `status`.
-    status: Vec<Option<serde_json::Value>>,
+    status: Vec<Option<nic::Status>>,
     /// When each daemon last answered `status`.
     answered: Vec<Option<Instant>>,
     /// Reported as not answering in time (until it answers again).
     silent: Vec<bool>,
+    /// Reported as answering a status that is not understood (until one is).
+    not_understood: Vec<bool>,
     last_poll: Option<Instant>,
     last_start: Option<Instant>,
 }
@@ -147,6 +164,7 @@ impl Nics {
             status: specs.iter().map(|_| None).collect(),
             answered: specs.iter().map(|_| None).collect(),
             silent: specs.iter().map(|_| false).collect(),
+            not_understood: specs.iter().map(|_| false).collect(),
             specs,
             last_poll: None,
             last_start: None,
@@ -218,7 +236,16 @@ impl Nics {
                     }
                 }
                 Done::Polled(Ok(status)) => {
-                    self.status[index] = Some(status);
+                    self.status[index] = Some(*status);
+                    if std::mem::take(&mut self.not_understood[index]) {
+                        events.info(
+                            &self.vm,
+                            format!(
+                                "the NIC daemon for {}: its status is understood again",
+                                spec.mac
+                            ),
+                        );
+                    }
                     self.answered[index] = Some(Instant::now());
                     if std::mem::take(&mut self.silent[index]) {
                         events.info(
@@ -227,7 +254,32 @@ impl Nics {
                         );
                     }
                 }
-                Done::Polled(Err((error, slow))) => {
+                Done::Polled(Err(PollError {
+                    error,
+                    not_understood: true,
+                    ..
+                })) => {
+                    self.status[index] = None;
+                    if !std::mem::replace(&mut self.not_understood[index], true) {
+                        events.error(
+                            &self.vm,
+                            format!(
+                                "the NIC daemon for {} answers a status ftvmd does not \
+                                 understand ({error}): its state counts as unknown",
+                                spec.mac
+                            ),
+                            &format!(
+                                "run the vhost-net-ft of the same build as ftvmd ({})",
+                                spec.binary.display()
+                            ),
+                        );
+                    }
+                }
+                Done::Polled(Err(PollError {
+                    error,
+                    timed_out: slow,
+                    not_understood: false,
+                })) => {
                     self.status[index] = None;
                     if slow && report.pid.is_some() && !self.silent[index] {
                         self.silent[index] = true;
@@ -397,7 +449,7 @@ impl Nics {
             self.agents[index].run("announce", move |child| NicReport {
                 index,
                 pid: child.as_ref().map(Supervised::pid),
-                done: Done::Announced(disk_order(&control, "announce")),
+                done: Done::Announced(nic_announce(&control)),
             });
         }
     }
@@ -431,9 +483,18 @@ impl Nics {
         let control = self.specs[index].control.clone();
         agent.run("status", move |child| {
             let result = match child {
-                None => Err(("the daemon does not run".to_owned(), false)),
-                Some(_) => control_command(&control, "status", POLL_TIMEOUT)
-                    .map_err(|error| (error.to_string(), timed_out(&error))),
+                None => Err(PollError {
+                    error: "the daemon does not run".to_owned(),
+                    timed_out: false,
+                    not_understood: false,
+                }),
+                Some(_) => nic_status(&control, POLL_TIMEOUT)
+                    .map(Box::new)
+                    .map_err(|error| PollError {
+                        error: error.describe(),
+                        timed_out: error.timed_out(),
+                        not_understood: matches!(error, AskError::NotUnderstood { .. }),
+                    }),
             };
             NicReport {
                 index,
@@ -457,11 +518,7 @@ impl Nics {
             .enumerate()
             .map(|(index, spec)| {
                 let daemon = self.status[index].as_ref();
-                let redundancy = daemon
-                    .map(|status| &status["redundancy"])
-                    .filter(|redundancy| redundancy.is_object());
-                let flag =
-                    |name: &str| redundancy.and_then(|redundancy| redundancy[name].as_bool());
+                let redundancy = daemon.map(|status| &status.redundancy);
                 NicStatus {
                     mac: spec.mac.clone(),
                     uplink: spec
@@ -470,18 +527,11 @@ impl Nics {
                         .map(|redundancy| redundancy.uplink.clone()),
                     pid: self.pids[index],
                     answering: daemon.is_some(),
-                    // A daemon without a redundant uplink has only its own.
-                    path: daemon.map(|_| {
-                        redundancy
-                            .and_then(|redundancy| redundancy["path"].as_str())
-                            .unwrap_or("local")
-                            .to_owned()
-                    }),
-                    uplink_up: flag("uplink_up"),
-                    peer_reachable: flag("peer_reachable"),
-                    relaying_for_peer: flag("relaying_for_peer"),
-                    guest_attached: daemon
-                        .and_then(|status| status["link"]["frontend_connected"].as_bool()),
+                    path: redundancy.map(|redundancy| redundancy.path),
+                    uplink_up: redundancy.and_then(|redundancy| redundancy.uplink_up),
+                    peer_reachable: redundancy.map(|redundancy| redundancy.peer_reachable),
+                    relaying_for_peer: redundancy.map(|redundancy| redundancy.relaying_for_peer),
+                    guest_attached: daemon.map(|status| status.link.frontend_connected),
                 }
             })
             .collect()
@@ -534,20 +584,77 @@ mod tests {
         assert_eq!(plain.redundant_uplink(), None);
     }
 
+    /// A NIC daemon's status with `redundancy`.
+    fn daemon_status(redundancy: nic::Redundancy) -> nic::Status {
+        nic::Status {
+            mac: MAC.into(),
+            tap: "ftvm-tap0".into(),
+            bridge: Some("vmbr0".into()),
+            queues: 1,
+            link: nic::Link {
+                frontend_connected: true,
+                guest_link_up: true,
+                announce_pending: false,
+                tap_up: true,
+                tap_carrier: true,
+                tap_master: Some("vmbr0".into()),
+            },
+            features: nic::Features {
+                offered: "0x0".into(),
+                acked: "0x0".into(),
+                acked_names: Vec::new(),
+                tap_offloads: "0x0".into(),
+                header_len_bytes: 12,
+            },
+            redundancy,
+            rx_packets: 0,
+            rx_bytes: 0,
+            rx_dropped_no_buffers: 0,
+            rx_waits_for_buffers: 0,
+            rx_bad_buffers: 0,
+            tap_read_errors: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            tx_dropped_malformed: 0,
+            tap_write_errors: 0,
+            ctrl_commands: 0,
+            announcements: 0,
+            connections: 1,
+            connected: true,
+            peer_tx_packets: 0,
+            peer_tx_dropped: 0,
+            peer_rx_packets: 0,
+            peer_rx_dropped: 0,
+            relay_to_lan_packets: 0,
+            relay_to_peer_packets: 0,
+        }
+    }
+
+    fn redundancy(path: nic::Path, uplink: Option<&str>) -> nic::Redundancy {
+        nic::Redundancy {
+            path,
+            uplink: uplink.map(str::to_owned),
+            uplink_up: uplink.map(|_| false),
+            peer_configured: uplink.is_some(),
+            peer_reachable: uplink.is_some(),
+            peer_uplink_up: uplink.map(|_| true),
+            peer_guest_attached: false,
+            relaying_for_peer: false,
+            path_switches: 1,
+            frames_queued_for_guest: 0,
+            peer_session: None,
+        }
+    }
+
     #[test]
     fn the_status_shows_the_path_the_daemon_reports() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nics = Nics::new("vm1", vec![spec(dir.path(), 0, true)]).expect("nics");
-        nics.status[0] = Some(serde_json::json!({
-            "link": {"frontend_connected": true},
-            "redundancy": {"path": "peer", "uplink": "uplink", "uplink_up": false,
-                "peer_configured": true, "peer_reachable": true, "peer_uplink_up": true,
-                "peer_guest_attached": false, "relaying_for_peer": false, "path_switches": 1},
-        }));
+        nics.status[0] = Some(daemon_status(redundancy(nic::Path::Peer, Some("uplink"))));
         let status = &nics.status()[0];
         assert!(status.answering);
         assert_eq!(status.uplink.as_deref(), Some("uplink"));
-        assert_eq!(status.path.as_deref(), Some("peer"));
+        assert_eq!(status.path, Some(nic::Path::Peer));
         assert_eq!(status.uplink_up, Some(false));
         assert_eq!(status.peer_reachable, Some(true));
         assert_eq!(status.relaying_for_peer, Some(false));
@@ -556,11 +663,7 @@ mod tests {
         let status = &nics.status()[0];
         assert!(!status.answering);
         assert_eq!(
-            (
-                status.path.as_deref(),
-                status.uplink_up,
-                status.peer_reachable
-            ),
+            (status.path, status.uplink_up, status.peer_reachable),
             (None, None, None),
             "no answer: unknown"
         );
@@ -570,9 +673,9 @@ mod tests {
     fn a_daemon_without_a_redundant_uplink_is_on_the_local_path() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nics = Nics::new("vm1", vec![spec(dir.path(), 0, false)]).expect("nics");
-        nics.status[0] = Some(serde_json::json!({"link": {"frontend_connected": true}}));
+        nics.status[0] = Some(daemon_status(redundancy(nic::Path::Local, None)));
         let status = &nics.status()[0];
-        assert_eq!(status.path.as_deref(), Some("local"));
+        assert_eq!(status.path, Some(nic::Path::Local));
         assert_eq!((status.uplink.as_deref(), status.uplink_up), (None, None));
     }
 

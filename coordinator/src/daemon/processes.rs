@@ -7,7 +7,7 @@
 //! a host whose VM runs on unsupervised.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,6 @@ use std::time::{Duration, Instant};
 use super::qmp;
 use crate::host::Role;
 
-/// How long a control-socket command to a disk daemon may take.
-const DISK_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a QMP command to QEMU may take (a `stop` waits for the disk daemons to hand
 /// back their rings, which they do within 300 ms).
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,57 +137,6 @@ impl DiskProcess {
             fenced: false,
         })
     }
-}
-
-/// Sends one command to a disk daemon's control socket and returns its JSON answer.
-pub fn disk_command(control: &Path, command: &str) -> io::Result<serde_json::Value> {
-    control_command(control, command, DISK_COMMAND_TIMEOUT)
-}
-
-/// Whether a control-socket error means the daemon took the command and did not answer
-/// in time (hung or overloaded), rather than being gone.
-pub fn timed_out(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// Sends one command to a daemon's control socket (disk or NIC) and returns its JSON
-/// answer; sending and reading each give up after `timeout`.
-pub fn control_command(
-    control: &Path,
-    command: &str,
-    timeout: Duration,
-) -> io::Result<serde_json::Value> {
-    // Never blocks on a daemon that does not accept any more (hung, queue full).
-    let mut stream = daemon_util::connect_unix(control)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(command.as_bytes())?;
-    stream.write_all(b"\n")?;
-    let mut reply = String::new();
-    BufReader::new(io::Read::take(&stream, 1 << 20)).read_line(&mut reply)?;
-    serde_json::from_str(&reply).map_err(|error| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad answer from {}: {error}", control.display()),
-        )
-    })
-}
-
-/// Runs `command` on a disk daemon and turns `{"error": …}` into an error.
-pub fn disk_order(control: &Path, command: &str) -> Result<String, String> {
-    let reply = disk_command(control, command)
-        .map_err(|error| format!("{command}: {}: {error}", control.display()))?;
-    if let Some(error) = reply.get("error").and_then(|error| error.as_str()) {
-        return Err(format!("{command}: {error}"));
-    }
-    Ok(reply
-        .get("result")
-        .and_then(|result| result.as_str())
-        .unwrap_or("ok")
-        .to_owned())
 }
 
 /// Everything needed to run one NIC's `vhost-net-ft` on this host.

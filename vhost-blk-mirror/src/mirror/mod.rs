@@ -13,7 +13,7 @@ mod tests;
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use serde_json::json;
+use control_protocol::disk::{Order, Replication};
 
 use crate::image::Image;
 use crate::metadata::Metadata;
@@ -204,33 +204,19 @@ impl Mirror {
         }
     }
 
-    /// Runs a coordinator command from the control socket; returns a one-line result.
+    /// Carries out an order from the control socket; returns a one-line result.
     /// `promote` and `continue-degraded` take an optional generation: the one the witness
     /// granted (without it, `promote` takes the next one and `continue-degraded` keeps its).
-    pub fn command(&self, line: &str) -> Result<String, String> {
-        let mut words = line.split_whitespace();
-        let command = words.next().unwrap_or_default();
-        let generation = match words.next() {
-            None => None,
-            Some(word) => Some(
-                word.parse::<u64>()
-                    .map_err(|_| format!("{command}: generation {word:?} is not a number"))?,
-            ),
-        };
-        if words.next().is_some()
-            || (generation.is_some() && !matches!(command, "promote" | "continue-degraded"))
-        {
-            return Err(format!("{command}: too many arguments"));
-        }
-        match (command, self.role()) {
-            ("continue-degraded", Role::Primary(primary)) => {
+    pub fn command(&self, order: Order) -> Result<String, String> {
+        match (order, self.role()) {
+            (Order::ContinueDegraded(generation), Role::Primary(primary)) => {
                 primary.continue_degraded(generation).map(str::to_owned)
             }
-            ("fence", Role::Primary(primary)) => {
+            (Order::Fence, Role::Primary(primary)) => {
                 primary.fence();
                 Ok("fenced".into())
             }
-            ("promote", Role::Secondary(secondary)) => {
+            (Order::Promote(generation), Role::Secondary(secondary)) => {
                 // Check before anything changes: a refused promotion leaves all as it was.
                 if self.role_changes().promote_connector.is_none() {
                     return Err(
@@ -242,15 +228,22 @@ impl Mirror {
                 secondary.promote(generation)?;
                 self.become_primary()
             }
-            ("promote", Role::Primary(_)) => Ok("already primary".into()),
-            ("repair", Role::Primary(primary)) => primary.repair().map(str::to_owned),
-            ("repair", Role::Secondary(secondary)) => secondary.repair().map(str::to_owned),
-            ("demote", Role::Primary(primary)) => self.become_secondary(&primary),
-            ("demote", Role::Secondary(_)) => Ok("already secondary".into()),
-            (other, role) => Err(format!(
-                "{other:?} does not apply to a {} disk",
-                role_name(&role)
-            )),
+            (Order::Promote(_), Role::Primary(_)) => Ok("already primary".into()),
+            (Order::Repair, Role::Primary(primary)) => primary.repair().map(str::to_owned),
+            (Order::Repair, Role::Secondary(secondary)) => secondary.repair().map(str::to_owned),
+            (Order::Demote, Role::Primary(primary)) => self.become_secondary(&primary),
+            (Order::Demote, Role::Secondary(_)) => Ok("already secondary".into()),
+            (
+                Order::ContinueDegraded(_) | Order::Fence,
+                role @ (Role::Standalone | Role::Secondary(_)),
+            )
+            | (Order::Promote(_) | Order::Repair | Order::Demote, role @ Role::Standalone) => {
+                Err(format!(
+                    "{:?} does not apply to a {} disk",
+                    order.name(),
+                    role_name(&role)
+                ))
+            }
         }
     }
 
@@ -317,19 +310,11 @@ impl Mirror {
     }
 
     /// The role-specific part of `status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> Replication {
         match self.role() {
-            Role::Standalone => json!({ "role": "standalone" }),
-            Role::Primary(primary) => {
-                let mut value = serde_json::to_value(primary.status()).unwrap_or_default();
-                value["role"] = json!("primary");
-                value
-            }
-            Role::Secondary(secondary) => {
-                let mut value = serde_json::to_value(secondary.status()).unwrap_or_default();
-                value["role"] = json!("secondary");
-                value
-            }
+            Role::Standalone => Replication::Standalone {},
+            Role::Primary(primary) => Replication::Primary(primary.status()),
+            Role::Secondary(secondary) => Replication::Secondary(secondary.status()),
         }
     }
 }

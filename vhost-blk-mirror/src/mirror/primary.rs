@@ -23,7 +23,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use serde::Serialize;
 
 use super::protocol::{Message, Transport};
 use crate::image::Image;
@@ -51,14 +50,8 @@ pub struct ResyncOptions {
 /// Creates a new replication session to the peer (a fresh session id each time).
 pub type Connector = Box<dyn Fn() -> io::Result<Arc<dyn Transport>> + Send + Sync>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum Mode {
-    Connecting,
-    Mirrored,
-    Holding,
-    Degraded,
-    Fenced,
-}
+/// The primary's mode and the state of its own copy, as its status reports them.
+pub use control_protocol::disk::{LocalDisk, Mode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -138,29 +131,15 @@ enum NotRegistered {
     QueueStopping,
 }
 
-/// The state of this host's own copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum LocalDisk {
-    Healthy,
-    /// The image returned an error: all I/O is served by the peer (RemoteOnly).
-    Failed,
-    /// After `repair`: being rebuilt from the peer; reads still come from the peer.
-    Rebuilding,
-}
-
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct ResyncProgress {
+/// Tracks a copy between the hosts (a resync, or a rebuild after `repair`); its
+/// [`CopyProgress::now`] is what `status` shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CopyProgress {
     pub bytes_total: u64,
     pub bytes_done: u64,
     /// Compare mode: bytes whose chunk differed and was sent (the rest was identical).
     pub bytes_sent: u64,
-    pub rate_bytes_per_second: u64,
-    pub eta_seconds: Option<u64>,
-    /// Wall time of the copy, in seconds (so far, or in total once finished).
-    pub seconds: f64,
-    #[serde(skip)]
     started: Option<Instant>,
-    #[serde(skip)]
     finished: Option<Instant>,
 }
 
@@ -172,14 +151,14 @@ struct State {
     in_flight: HashMap<u64, InFlight>,
     /// The peer answered `Hello` in the current session.
     welcomed: bool,
-    resync: ResyncProgress,
+    resync: CopyProgress,
     /// A `ResyncStart` was acknowledged and no `ResyncDone` yet.
     resync_started: bool,
     /// A resync must run (and end with `ResyncDone`) even with nothing out of sync: the
     /// secondary is behind our generation and stays Inconsistent until then.
     resync_forced: bool,
     local: LocalDisk,
-    rebuild: ResyncProgress,
+    rebuild: CopyProgress,
     /// Why the secondary's copy failed (its disk refused a request, or it says so in its
     /// `Welcome`): it counts as lost until it welcomes us with a working disk.
     peer_disk_failed: Option<String>,
@@ -292,11 +271,11 @@ impl Primary {
                 next_id: 1,
                 in_flight: HashMap::new(),
                 welcomed: false,
-                resync: ResyncProgress::default(),
+                resync: CopyProgress::default(),
                 resync_started: false,
                 resync_forced: false,
                 local,
-                rebuild: ResyncProgress::default(),
+                rebuild: CopyProgress::default(),
                 peer_disk_failed: None,
                 control_results: HashMap::new(),
                 no_complete_copy: false,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use control_protocol::disk::{SecondaryDiskState, SecondaryStatus};
 use log::{error, info, warn};
-use serde::Serialize;
 
 use super::protocol::{Message, Received, Refusal, Transport, MAX_SUSPECT_RANGES};
 use crate::image::Image;
@@ -37,25 +37,6 @@ struct State {
     applied_bytes: u64,
     resync_bytes: u64,
     refused: u64,
-}
-
-/// The secondary's part of `status`.
-#[derive(Debug, Serialize)]
-pub struct SecondaryStatus {
-    /// UpToDate, Inconsistent, SyncTarget, or Failed (its disk failed: Inconsistent, and
-    /// nothing is applied until `repair`).
-    pub disk_state: &'static str,
-    pub generation: u64,
-    pub peer_reachable: bool,
-    pub links: serde_json::Value,
-    pub applied_writes: u64,
-    pub applied_bytes: u64,
-    pub resync_bytes_received: u64,
-    pub refused_requests: u64,
-    /// Why this copy's disk failed (it is Inconsistent and applies nothing until
-    /// `repair`); `None` while it works.
-    pub disk_failed: Option<String>,
-    pub disk_failures: u64,
 }
 
 pub struct Secondary {
@@ -525,14 +506,15 @@ impl Secondary {
         Ok(generation)
     }
 
+    /// The secondary's part of `status`.
     pub fn status(&self) -> SecondaryStatus {
         let header = self.metadata.header();
         let state = self.lock();
         let disk_state = match (header.data_state, state.resyncing) {
-            _ if state.disk_failed.is_some() => "Failed",
-            (DataState::Inconsistent, true) => "SyncTarget",
-            (DataState::Inconsistent, false) => "Inconsistent",
-            (DataState::UpToDate, _) => "UpToDate",
+            _ if state.disk_failed.is_some() => SecondaryDiskState::Failed,
+            (DataState::Inconsistent, true) => SecondaryDiskState::SyncTarget,
+            (DataState::Inconsistent, false) => SecondaryDiskState::Inconsistent,
+            (DataState::UpToDate, _) => SecondaryDiskState::UpToDate,
         };
         SecondaryStatus {
             disk_state,
@@ -734,7 +716,7 @@ mod tests {
             DataState::Inconsistent,
             "recorded durably before the answer"
         );
-        assert_eq!(secondary.status().disk_state, "Failed");
+        assert_eq!(secondary.status().disk_state, SecondaryDiskState::Failed);
         // Nothing is applied any more, not even the end of a resync.
         let done = secondary.apply(
             Message::ResyncDone {
@@ -752,7 +734,10 @@ mod tests {
         // Repaired, it applies again, and only a resync makes it UpToDate.
         secondary.image = Arc::new(Image::open(&dir.path().join("image"), false).expect("image"));
         secondary.repair().expect("repair");
-        assert_eq!(secondary.status().disk_state, "Inconsistent");
+        assert_eq!(
+            secondary.status().disk_state,
+            SecondaryDiskState::Inconsistent
+        );
         assert!(secondary.promote(None).is_err());
         for (id, message) in [
             (
@@ -773,7 +758,7 @@ mod tests {
         ] {
             assert_eq!(secondary.apply(message, &data), Some(Message::Done { id }));
         }
-        assert_eq!(secondary.status().disk_state, "UpToDate");
+        assert_eq!(secondary.status().disk_state, SecondaryDiskState::UpToDate);
     }
 
     #[test]

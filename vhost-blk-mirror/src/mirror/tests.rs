@@ -229,9 +229,13 @@ impl Pair {
     fn wait_in_sync(&self) {
         wait_until("the pair in sync", || {
             let status = self.primary.status();
-            status.disk_state == "UpToDate" && status.in_flight_requests == 0
+            status.disk_state == control_protocol::disk::PrimaryDiskState::UpToDate
+                && status.in_flight_requests == 0
         });
-        assert_eq!(self.secondary.status().disk_state, "UpToDate");
+        assert_eq!(
+            self.secondary.status().disk_state,
+            control_protocol::disk::SecondaryDiskState::UpToDate
+        );
     }
 
     fn write(&self, offset: u64, byte: u8) -> Outcome {
@@ -250,7 +254,10 @@ fn a_secondary_whose_disk_fails_is_never_up_to_date_and_the_primary_holds() {
         status.mode == Mode::Holding && status.peer_disk_failed.is_some()
     });
     let secondary = pair.secondary.status();
-    assert_eq!(secondary.disk_state, "Failed");
+    assert_eq!(
+        secondary.disk_state,
+        control_protocol::disk::SecondaryDiskState::Failed
+    );
     assert!(secondary.disk_failed.is_some(), "{secondary:?}");
     assert!(
         !pair
@@ -357,7 +364,10 @@ fn with_both_copies_failed_no_write_is_acknowledged() {
     let first = pair.write(0, 1);
     wait_until("the write on the peer alone", || first.status().is_some());
     assert_eq!(first.status(), Some(Status::Ok));
-    assert_eq!(pair.primary.status().disk_state, "RemoteOnly");
+    assert_eq!(
+        pair.primary.status().disk_state,
+        control_protocol::disk::PrimaryDiskState::RemoteOnly
+    );
     // Then the peer's copy fails a write too (one it cannot place, as a failing disk
     // cannot). Going on alone would acknowledge data that no usable copy holds.
     pair.board
@@ -388,7 +398,10 @@ fn with_a_failed_copy_an_incomplete_peer_is_never_read_from() {
     pair.wait_in_sync();
     let write = pair.write(0, 1);
     wait_until("the write on the peer alone", || write.status().is_some());
-    assert_eq!(pair.primary.status().disk_state, "RemoteOnly");
+    assert_eq!(
+        pair.primary.status().disk_state,
+        control_protocol::disk::PrimaryDiskState::RemoteOnly
+    );
     // The peer comes back (say after a power loss) with a copy that misses writes.
     pair.primary.receive_for_test(
         Message::Welcome {

@@ -43,12 +43,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use control_protocol::nic;
 use daemon_util::lock;
 use log::{info, warn};
 use replication_link::{
     error_chain, LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionError, SessionEvent,
 };
-use serde::Serialize;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -166,23 +166,6 @@ struct PeerLink {
     to_guest_header: Vec<u8>,
 }
 
-/// The redundancy part of `status`.
-#[derive(Debug, Serialize)]
-pub struct RedundancyStatus {
-    pub path: Path,
-    pub uplink: Option<String>,
-    pub uplink_up: Option<bool>,
-    pub peer_configured: bool,
-    pub peer_reachable: bool,
-    pub peer_uplink_up: Option<bool>,
-    pub peer_guest_attached: bool,
-    pub relaying_for_peer: bool,
-    pub path_switches: u64,
-    pub frames_queued_for_guest: usize,
-    /// The outgoing session's links (addresses, state, counters).
-    pub peer_session: Option<serde_json::Value>,
-}
-
 impl Redundancy {
     pub fn new(uplink: Option<String>) -> io::Result<Redundancy> {
         Ok(Redundancy {
@@ -227,9 +210,10 @@ impl Redundancy {
             .map(|_| ())
     }
 
-    pub fn status(&self) -> RedundancyStatus {
+    /// The redundancy part of `status`.
+    pub fn status(&self) -> nic::Redundancy {
         let peer = self.link.get().and_then(PeerLink::fresh_state);
-        RedundancyStatus {
+        nic::Redundancy {
             path: if self.via_peer() {
                 Path::Peer
             } else {

@@ -75,15 +75,8 @@ pub fn check_frame_from_peer(
     Ok(validate_tx(payload, VNET_HDR_LEN, offloads)?)
 }
 
-/// The path the guest's frames take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Path {
-    /// Our own TAP and uplink.
-    Local,
-    /// The peer host's TAP and uplink, over the A-links.
-    Peer,
-}
+/// The path the guest's frames take (a word of the control protocol's status).
+pub use control_protocol::nic::Path;
 
 /// Decides the path from the uplink's state and the peer's usability. Pure.
 #[derive(Debug, Default)]

@@ -2,6 +2,8 @@
 //! answers that complete them: the witness's `Standalone`, the peer's protection and
 //! `TakeOver`.
 
+use control_protocol::disk;
+
 use super::{Context, VmRunner};
 use crate::daemon::links::{PeerMessage, VmBeat};
 use crate::host::{Host, Mode, Role};
@@ -129,7 +131,7 @@ impl VmRunner {
             return;
         }
         for disk in &mut self.disks {
-            disk.order(format!("continue-degraded {generation}"));
+            disk.order(disk::Order::ContinueDegraded(Some(generation)));
         }
         // A fresh state machine: primary at the new generation, waiting to hear its
         // secondary (or claiming the next generation if it does not come).

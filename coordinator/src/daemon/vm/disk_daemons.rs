@@ -8,8 +8,12 @@ use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
+use control_protocol::disk;
+
 use crate::daemon::agent::Agent;
-use crate::daemon::processes::{control_command, disk_command, disk_order, DiskProcess, DiskSpec};
+use crate::daemon::control_client::{disk_order, disk_status, AskError, COMMAND_TIMEOUT};
+use crate::daemon::events::Events;
+use crate::daemon::processes::{DiskProcess, DiskSpec};
 use crate::host::Role;
 use crate::Generation;
 
@@ -25,7 +29,7 @@ pub(super) enum Done {
     Polled(Result<(), String>),
     Started(Result<(), String>),
     Ordered {
-        order: String,
+        order: disk::Order,
         result: Result<String, String>,
     },
     /// A `promote` or a serve ([`DiskDaemon::serve`]), for the request `ticket`.
@@ -45,9 +49,30 @@ pub(super) struct DiskReport {
     pub index: usize,
     /// The daemon's pid and role after the job (`None`: none runs).
     pub process: Option<(u32, Role)>,
-    /// Its `status` after the job, if the job asked for it and it answered.
-    pub status: Option<serde_json::Value>,
+    /// Its `status` after the job.
+    pub status: Heard,
     pub done: Done,
+}
+
+/// What a job heard of the daemon's `status`.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// The job did not ask, or the daemon did not answer.
+    Nothing,
+    Status(Box<disk::Status>),
+    /// It answered something that is not the protocol's status (why): its copy's state is
+    /// unknown.
+    NotUnderstood(String),
+}
+
+impl Heard {
+    fn from(result: Result<disk::Status, AskError>) -> Heard {
+        match result {
+            Ok(status) => Heard::Status(Box::new(status)),
+            Err(error @ AskError::NotUnderstood { .. }) => Heard::NotUnderstood(error.describe()),
+            Err(AskError::NoAnswer { .. } | AskError::Refused(_)) => Heard::Nothing,
+        }
+    }
 }
 
 /// One disk daemon: its agent and the last things its reports said.
@@ -57,9 +82,12 @@ pub(super) struct DiskDaemon {
     agent: Agent<DiskProcess, DiskReport>,
     index: usize,
     pub process: Option<(u32, Role)>,
-    pub status: Option<serde_json::Value>,
+    /// Its last status, as understood (`None`: unknown).
+    pub status: Option<disk::Status>,
     /// Reported as not answering (until it answers again).
     pub silent: bool,
+    /// Reported as answering a status that is not understood (until one is).
+    pub not_understood: bool,
     last_poll: Option<Instant>,
 }
 
@@ -76,7 +104,7 @@ impl DiskDaemon {
             move |_pid, status| DiskReport {
                 index,
                 process: None,
-                status: None,
+                status: Heard::Nothing,
                 done: Done::Ended(status),
             },
         )
@@ -88,14 +116,48 @@ impl DiskDaemon {
             process: None,
             status: None,
             silent: false,
+            not_understood: false,
             last_poll: None,
         })
     }
 
-    /// Takes what a report says about the daemon (its process and status).
-    pub fn update(&mut self, report: &DiskReport) {
+    /// Takes what a report says about the daemon (its process and status). A status that
+    /// is not understood makes the copy's state unknown (never a default such as generation
+    /// 0) and is reported as an error event naming the daemon, once until one is understood.
+    pub fn update(&mut self, report: &DiskReport, vm: &str, events: &mut Events) {
         self.process = report.process;
-        self.status = report.status.clone();
+        self.status = match &report.status {
+            Heard::Nothing => None,
+            Heard::Status(status) => {
+                if std::mem::take(&mut self.not_understood) {
+                    events.info(
+                        vm,
+                        format!(
+                            "disk daemon {}: its status is understood again",
+                            self.spec.serial
+                        ),
+                    );
+                }
+                Some(disk::Status::clone(status))
+            }
+            Heard::NotUnderstood(why) => {
+                if !std::mem::replace(&mut self.not_understood, true) {
+                    events.error(
+                        vm,
+                        format!(
+                            "disk daemon {} answers a status ftvmd does not understand ({why}): \
+                             its copy counts as unknown and not consistent",
+                            self.spec.serial
+                        ),
+                        &format!(
+                            "run the vhost-blk-mirror of the same build as ftvmd ({})",
+                            self.spec.binary.display()
+                        ),
+                    );
+                }
+                None
+            }
+        };
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -121,14 +183,15 @@ impl DiskDaemon {
         self.last_poll = Some(Instant::now());
         let (index, control) = (self.index, self.spec.control.clone());
         self.agent.run("status", move |child| {
-            let result = match child {
-                None => Ok(None),
-                Some(_) => control_command(&control, "status", STATUS_TIMEOUT)
-                    .map(Some)
-                    .map_err(|error| error.to_string()),
+            let (status, result) = match child {
+                None => (Heard::Nothing, Ok(())),
+                Some(_) => {
+                    let result = disk_status(&control, STATUS_TIMEOUT);
+                    let error = result.as_ref().err().map(AskError::describe);
+                    (Heard::from(result), error.map_or(Ok(()), Err))
+                }
             };
-            let status = result.as_ref().ok().cloned().flatten();
-            report(index, child, status, Done::Polled(result.map(drop)))
+            report(index, child, status, Done::Polled(result))
         });
     }
 
@@ -142,20 +205,25 @@ impl DiskDaemon {
                     .map(|process| *child = Some(process))
                     .map_err(|error| error.to_string()),
             };
-            report(index, child, None, Done::Started(result))
+            report(index, child, Heard::Nothing, Done::Started(result))
         });
     }
 
     /// Sends `order` (`fence`, `continue-degraded GEN`, …) to the running daemon.
-    pub fn order(&mut self, order: String) {
+    pub fn order(&mut self, order: disk::Order) {
         let (index, control) = (self.index, self.spec.control.clone());
-        self.agent.run(&order.clone(), move |child| {
+        self.agent.run(&order.to_string(), move |child| {
             let Some(process) = child.as_mut() else {
                 let result = Err(format!("{order}: the daemon does not run"));
-                return report(index, child, None, Done::Ordered { order, result });
+                return report(
+                    index,
+                    child,
+                    Heard::Nothing,
+                    Done::Ordered { order, result },
+                );
             };
-            let result = disk_order(&control, &order);
-            if order == "fence" {
+            let result = disk_order(&control, order);
+            if order == disk::Order::Fence {
                 // Fenced even if it did not answer: it is never trusted to serve again.
                 process.fenced = true;
             }
@@ -170,10 +238,8 @@ impl DiskDaemon {
         self.agent.run("promote", move |child| {
             let result = match child.as_mut() {
                 None => Err("the daemon does not run".to_owned()),
-                Some(process) => {
-                    let order = format!("promote {generation}");
-                    disk_order(&control, &order).map(|_| process.role = Role::Primary)
-                }
+                Some(process) => disk_order(&control, disk::Order::Promote(Some(generation)))
+                    .map(|_| process.role = Role::Primary),
             };
             let status = fresh_status(&control);
             report(index, child, status, Done::Ticket { ticket, result })
@@ -202,7 +268,7 @@ impl DiskDaemon {
                 .as_mut()
                 .filter(|process| process.role == Role::Primary)
             {
-                match disk_order(&spec.control, "demote") {
+                match disk_order(&spec.control, disk::Order::Demote) {
                     Ok(_) => process.role = Role::Secondary,
                     Err(error) => {
                         warning = Some(error);
@@ -229,7 +295,7 @@ impl DiskDaemon {
             if let Some(mut process) = child.take() {
                 process.process.stop();
             }
-            report(index, child, None, Done::Stopped)
+            report(index, child, Heard::Nothing, Done::Stopped)
         });
     }
 
@@ -239,12 +305,7 @@ impl DiskDaemon {
     }
 }
 
-fn report(
-    index: usize,
-    child: &Option<DiskProcess>,
-    status: Option<serde_json::Value>,
-    done: Done,
-) -> DiskReport {
+fn report(index: usize, child: &Option<DiskProcess>, status: Heard, done: Done) -> DiskReport {
     DiskReport {
         index,
         process: child
@@ -255,8 +316,8 @@ fn report(
     }
 }
 
-fn fresh_status(control: &Path) -> Option<serde_json::Value> {
-    control_command(control, "status", STATUS_TIMEOUT).ok()
+fn fresh_status(control: &Path) -> Heard {
+    Heard::from(disk_status(control, STATUS_TIMEOUT))
 }
 
 fn serve_job(
@@ -266,8 +327,15 @@ fn serve_job(
 ) -> Result<(), String> {
     let fenced = child.as_ref().is_some_and(|process| {
         process.fenced
-            || fresh_status(&spec.control)
-                .is_some_and(|status| status["replication"]["mode"] == "Fenced")
+            || disk_status(&spec.control, STATUS_TIMEOUT).is_ok_and(|status| {
+                matches!(
+                    status.replication,
+                    disk::Replication::Primary(disk::PrimaryStatus {
+                        mode: disk::Mode::Fenced,
+                        ..
+                    })
+                )
+            })
     });
     if fenced {
         if let Some(mut process) = child.take() {
@@ -280,7 +348,11 @@ fn serve_job(
         *child = Some(process);
     }
     let deadline = Instant::now() + READY_TIMEOUT;
-    while disk_command(&spec.control, "status").is_err() {
+    // Up once it answers a status ftvmd understands; one it does not is not served.
+    while let Err(error) = disk_status(&spec.control, COMMAND_TIMEOUT) {
+        if !matches!(error, AskError::NoAnswer { .. }) {
+            return Err(error.describe());
+        }
         if let Some(status) = child.as_mut().and_then(|process| process.process.exited()) {
             *child = None;
             return Err(format!("it ended: {status}"));
@@ -291,10 +363,146 @@ fn serve_job(
         std::thread::sleep(Duration::from_millis(20));
     }
     if let Some(generation) = generation {
-        let order = format!("continue-degraded {generation}");
-        if let Err(error) = disk_order(&spec.control, &order) {
+        let order = disk::Order::ContinueDegraded(Some(generation));
+        if let Err(error) = disk_order(&spec.control, order) {
             log::warn!("{}: {error}", spec.serial);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::daemon::events::Severity;
+
+    fn daemon(dir: &Path) -> DiskDaemon {
+        let spec = DiskSpec {
+            binary: "/usr/bin/vhost-blk-mirror".into(),
+            image: dir.join("disk0.img"),
+            queues: 1,
+            serial: "vm1-disk0".into(),
+            socket: dir.join("disk0.sock"),
+            control: dir.join("disk0.ctl"),
+            log: dir.join("disk0.log"),
+            peer: Vec::new(),
+            listen: Vec::new(),
+            psk_file: dir.join("pair.psk"),
+            host_name: "hostA".into(),
+            resync_rate_limit: None,
+        };
+        let (sender, _) = mpsc::channel();
+        DiskDaemon::new("vm1", 0, spec, sender).expect("daemon")
+    }
+
+    fn secondary(generation: u64) -> disk::Status {
+        disk::Status {
+            image: "/i".into(),
+            image_kind: disk::ImageKind::File,
+            size_bytes: 1 << 20,
+            read_only: false,
+            serial: "vm1-disk0".into(),
+            queues: 1,
+            read_requests: 0,
+            write_requests: 0,
+            flush_requests: 0,
+            discard_requests: 0,
+            write_zeroes_requests: 0,
+            get_id_requests: 0,
+            read_bytes: 0,
+            written_bytes: 0,
+            rejected_requests: 0,
+            io_errors: 0,
+            connections: 0,
+            connected: false,
+            replication: disk::Replication::Secondary(disk::SecondaryStatus {
+                disk_state: disk::SecondaryDiskState::UpToDate,
+                generation,
+                peer_reachable: true,
+                links: serde_json::Value::Null,
+                applied_writes: 0,
+                applied_bytes: 0,
+                resync_bytes_received: 0,
+                refused_requests: 0,
+                disk_failed: None,
+                disk_failures: 0,
+            }),
+        }
+    }
+
+    fn polled(status: Heard) -> DiskReport {
+        DiskReport {
+            index: 0,
+            process: Some((42, Role::Secondary)),
+            status,
+            done: Done::Polled(Ok(())),
+        }
+    }
+
+    /// A status ftvmd cannot read (a renamed field, a newer daemon) is never taken for a
+    /// default: the daemon's last status is forgotten (its copy is unknown, so not
+    /// consistent and at no generation) and an error event names it, once.
+    #[test]
+    fn a_status_not_understood_makes_the_copy_unknown_and_is_reported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut daemon = daemon(dir.path());
+        let mut events = Events::default();
+        daemon.update(
+            &polled(Heard::Status(Box::new(secondary(7)))),
+            "vm1",
+            &mut events,
+        );
+        assert!(daemon.status.is_some());
+        assert!(events.all().is_empty());
+        let why = "unknown field `gen`, expected one of `disk_state`, `generation`, …";
+        for _ in 0..3 {
+            daemon.update(
+                &polled(Heard::NotUnderstood(why.into())),
+                "vm1",
+                &mut events,
+            );
+            assert_eq!(daemon.status, None, "unknown, never a default");
+        }
+        let reported = events.all();
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        assert_eq!(reported[0].severity, Severity::Error);
+        assert!(reported[0].what.contains("vm1-disk0"), "{reported:?}");
+        assert!(
+            reported[0].what.contains("unknown field `gen`"),
+            "{reported:?}"
+        );
+        daemon.update(
+            &polled(Heard::Status(Box::new(secondary(8)))),
+            "vm1",
+            &mut events,
+        );
+        assert!(daemon.status.is_some());
+        let reported = events.all();
+        assert_eq!(reported.len(), 2);
+        assert!(
+            reported[1].what.contains("understood again"),
+            "{reported:?}"
+        );
+    }
+
+    #[test]
+    fn only_an_unreadable_answer_is_not_understood() {
+        let path = PathBuf::from("/run/ftvm/vm1-disk0.ctl");
+        let not_understood = Heard::from(Err(AskError::NotUnderstood {
+            path: path.clone(),
+            source: control_protocol::Reply::<disk::Status>::from_line("{}")
+                .expect_err("not a status"),
+        }));
+        assert!(
+            matches!(not_understood, Heard::NotUnderstood(why) if why.contains("missing field"))
+        );
+        let gone = Heard::from(Err(AskError::NoAnswer {
+            path,
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }));
+        assert!(matches!(gone, Heard::Nothing));
+    }
 }

@@ -4,7 +4,12 @@
 
 use std::time::Instant;
 
-use super::disk_daemons::{DiskReport, Done};
+use control_protocol::disk::{
+    self, LocalDisk, PrimaryDiskState, PrimaryStatus, Replication, SecondaryDiskState,
+    SecondaryStatus,
+};
+
+use super::disk_daemons::{DiskReport, Done, Heard};
 use super::{Context, Pending, PendingKind, VmRunner, DISK_POLL, RESTART_BACKOFF, SILENT_AFTER};
 use crate::daemon::events::Events;
 use crate::host::{DiskCommand, DiskView, Mode, Role};
@@ -27,21 +32,20 @@ impl VmRunner {
         let mode = self.host.mode();
         let mut disk_holding = false;
         for index in 0..self.disks.len() {
-            let Some(replication) = self.replication(index) else {
+            // A daemon whose status is unknown, or not (yet) a primary's, gets no order.
+            let Some(Replication::Primary(primary)) = self.replication(index) else {
                 continue;
             };
-            let disk_mode = replication["mode"].as_str().unwrap_or_default();
-            let disk_generation = replication["generation"].as_u64().unwrap_or(0);
-            let waiting = matches!(disk_mode, "Holding" | "Connecting");
+            let waiting = matches!(primary.mode, disk::Mode::Holding | disk::Mode::Connecting);
             disk_holding |= waiting;
             // Only a generation the witness granted is adopted here. A degraded primary
             // whose disks hold again (they had re-mirrored the peer) must not simply go on
             // alone at the same generation: the peer, UpToDate at it, could win the next
             // one. It claims the next generation instead (below).
-            let behind = disk_generation < generation && disk_mode != "Fenced";
+            let behind = primary.generation < generation && primary.mode != disk::Mode::Fenced;
             // Only a daemon with no job queued: its status then reflects every order sent.
             if behind && self.disks[index].idle() {
-                self.disks[index].order(format!("continue-degraded {generation}"));
+                self.disks[index].order(disk::Order::ContinueDegraded(Some(generation)));
             }
         }
         if matches!(mode, Mode::Mirrored | Mode::Degraded) && disk_holding {
@@ -68,11 +72,12 @@ impl VmRunner {
         }
     }
 
-    pub(super) fn replication(&self, index: usize) -> Option<&serde_json::Value> {
+    /// The replication part of a disk daemon's last status (`None`: unknown).
+    pub(super) fn replication(&self, index: usize) -> Option<&Replication> {
         self.disks
             .get(index)
             .and_then(|disk| disk.status.as_ref())
-            .map(|status| &status["replication"])
+            .map(|status| &status.replication)
     }
 
     /// The worst disk state, as one word.
@@ -87,21 +92,7 @@ impl VmRunner {
         }
         let mut worst = "Protected";
         for index in 0..self.disks.len() {
-            let word = match self.replication(index) {
-                None => "Unknown",
-                Some(replication) => match replication["disk_state"].as_str() {
-                    Some("UpToDate")
-                        if replication["role"] == "secondary"
-                            && replication["peer_reachable"] != true =>
-                    {
-                        "Standby"
-                    }
-                    Some("UpToDate") => "Protected",
-                    Some("SyncSource" | "SyncTarget") => "Syncing",
-                    Some(other) => other,
-                    None => "Unknown",
-                },
-            };
+            let word = state_word(self.replication(index));
             if rank(word) > rank(worst) {
                 worst = word;
             }
@@ -117,17 +108,16 @@ impl VmRunner {
         let mut done = 0u64;
         let mut syncing = false;
         for index in 0..self.disks.len() {
-            let Some(replication) = self.replication(index) else {
+            let Some(Replication::Primary(primary)) = self.replication(index) else {
                 continue;
             };
-            let resync = &replication["resync"];
-            let out_of_sync = replication["out_of_sync_bytes"].as_u64().unwrap_or(0);
-            if replication["disk_state"] == "SyncSource" || out_of_sync > 0 {
+            let out_of_sync = primary.out_of_sync_bytes;
+            if primary.disk_state == PrimaryDiskState::SyncSource || out_of_sync > 0 {
                 syncing = true;
             }
-            let bytes_total = resync["bytes_total"].as_u64().unwrap_or(0);
+            let bytes_total = primary.resync.bytes_total;
             total += bytes_total.max(out_of_sync);
-            done += resync["bytes_done"].as_u64().unwrap_or(0).min(bytes_total);
+            done += primary.resync.bytes_done.min(bytes_total);
         }
         match (syncing, total) {
             (false, _) => Some(100.0),
@@ -151,27 +141,9 @@ impl VmRunner {
             data_generation: Generation::MAX,
         };
         for index in 0..self.disks.len() {
-            let Some(replication) = self.replication(index) else {
-                return DiskView {
-                    consistent: false,
-                    data_generation: 0,
-                };
-            };
-            let consistent = match replication["role"].as_str() {
-                // A primary whose own copy failed serves from the peer (RemoteOnly): its
-                // copy holds nothing complete.
-                Some("primary") => replication["local_disk"] == "Healthy",
-                Some("secondary") => replication["disk_state"] == "UpToDate",
-                _ => false,
-            };
-            // An Inconsistent copy holds no generation completely: it claims none, so the
-            // witness can never grant it even if a claim were made.
-            let generation = match consistent {
-                true => replication["generation"].as_u64().unwrap_or(0),
-                false => 0,
-            };
-            view.consistent &= consistent;
-            view.data_generation = view.data_generation.min(generation);
+            let copy = copy_view(self.replication(index));
+            view.consistent &= copy.consistent;
+            view.data_generation = view.data_generation.min(copy.data_generation);
         }
         view
     }
@@ -191,7 +163,7 @@ impl VmRunner {
                 continue;
             };
             let before = disk.pid();
-            disk.update(&report);
+            disk.update(&report, &self.name, context.events);
             self.on_disk_report(report, before, context);
         }
         for disk in &mut self.disks {
@@ -232,7 +204,7 @@ impl VmRunner {
         let index = report.index;
         let spec = &self.disks[index].spec;
         let (serial, log) = (spec.serial.clone(), spec.log.display().to_string());
-        let answered = report.status.is_some();
+        let answered = !matches!(report.status, Heard::Nothing);
         if answered && std::mem::take(&mut self.disks[index].silent) {
             context
                 .events
@@ -341,22 +313,29 @@ impl VmRunner {
     /// primary's local disk) or the peer's as the primary sees it.
     fn report_copy_failures(&mut self, events: &mut Events) {
         for index in 0..self.disks.len() {
-            let failure = self.replication(index).and_then(|replication| {
-                let own = replication["disk_failed"].as_str().map(|reason| {
-                    format!("this host's copy failed ({reason}): it is Inconsistent")
-                });
-                let remote_only = (replication["disk_state"] == "RemoteOnly").then(|| {
-                    "this host's local disk failed: the VM's I/O is served by the peer's copy"
-                        .to_owned()
-                });
-                let peer = replication["peer_disk_failed"].as_str().map(|reason| {
-                    format!(
-                        "{}'s copy failed ({reason}): running without it",
-                        self.pair.peer
-                    )
-                });
-                own.or(remote_only).or(peer)
-            });
+            let failure = match self.replication(index) {
+                None | Some(Replication::Standalone {}) => None,
+                Some(Replication::Secondary(SecondaryStatus { disk_failed, .. })) => {
+                    disk_failed.as_ref().map(|reason| {
+                        format!("this host's copy failed ({reason}): it is Inconsistent")
+                    })
+                }
+                Some(Replication::Primary(primary)) => {
+                    let remote_only =
+                        (primary.disk_state == PrimaryDiskState::RemoteOnly).then(|| {
+                            "this host's local disk failed: the VM's I/O is served by the \
+                             peer's copy"
+                                .to_owned()
+                        });
+                    let peer = primary.peer_disk_failed.as_ref().map(|reason| {
+                        format!(
+                            "{}'s copy failed ({reason}): running without it",
+                            self.pair.peer
+                        )
+                    });
+                    remote_only.or(peer)
+                }
+            };
             if failure.is_some() && failure != self.reported_failures[index] {
                 if let Some(description) = &failure {
                     let spec = &self.disks[index].spec;
@@ -497,7 +476,7 @@ impl VmRunner {
         self.holding_since = None;
         self.pending = None;
         for disk in &mut self.disks {
-            disk.order("fence".into());
+            disk.order(disk::Order::Fence);
         }
         self.stop_vm(events, "fenced");
         self.serving = false;
@@ -564,6 +543,51 @@ impl VmRunner {
     }
 }
 
+/// One copy's state, as one word of `ftvm status` (`None`: its status is unknown).
+fn state_word(replication: Option<&Replication>) -> &'static str {
+    match replication {
+        None | Some(Replication::Standalone {}) => "Unknown",
+        Some(Replication::Primary(PrimaryStatus { disk_state, .. })) => match disk_state {
+            PrimaryDiskState::UpToDate => "Protected",
+            PrimaryDiskState::SyncSource => "Syncing",
+            PrimaryDiskState::Holding => "Holding",
+            PrimaryDiskState::Degraded => "Degraded",
+            PrimaryDiskState::Fenced => "Fenced",
+            PrimaryDiskState::RemoteOnly => "RemoteOnly",
+            PrimaryDiskState::Rebuilding => "Rebuilding",
+        },
+        Some(Replication::Secondary(secondary)) => match secondary.disk_state {
+            SecondaryDiskState::UpToDate if !secondary.peer_reachable => "Standby",
+            SecondaryDiskState::UpToDate => "Protected",
+            SecondaryDiskState::SyncTarget => "Syncing",
+            SecondaryDiskState::Inconsistent => "Inconsistent",
+            SecondaryDiskState::Failed => "Failed",
+        },
+    }
+}
+
+/// What one copy holds, from its daemon's status. An unknown status (none, or one that was
+/// not understood) and an Inconsistent copy hold no generation completely: they claim none,
+/// so the witness can never grant them even if a claim were made.
+fn copy_view(replication: Option<&Replication>) -> DiskView {
+    let (consistent, generation) = match replication {
+        None | Some(Replication::Standalone {}) => (false, 0),
+        // A primary whose own copy failed serves from the peer (RemoteOnly): its copy
+        // holds nothing complete.
+        Some(Replication::Primary(primary)) => {
+            (primary.local_disk == LocalDisk::Healthy, primary.generation)
+        }
+        Some(Replication::Secondary(secondary)) => (
+            secondary.disk_state == SecondaryDiskState::UpToDate,
+            secondary.generation,
+        ),
+    };
+    DiskView {
+        consistent,
+        data_generation: if consistent { generation } else { 0 },
+    }
+}
+
 /// Worse states rank higher.
 fn rank(word: &str) -> u8 {
     match word {
@@ -575,5 +599,101 @@ fn rank(word: &str) -> u8 {
         "Inconsistent" | "Failed" => 5,
         "Unknown" => 6,
         _ => 7,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary(local_disk: LocalDisk, disk_state: PrimaryDiskState) -> Replication {
+        Replication::Primary(PrimaryStatus {
+            mode: disk::Mode::Mirrored,
+            disk_state,
+            local_disk,
+            rebuild: disk::ResyncProgress::default(),
+            generation: 9,
+            peer_reachable: true,
+            links: serde_json::Value::Null,
+            in_flight_requests: 0,
+            out_of_sync_bytes: 0,
+            active_extents: 0,
+            writes_active: 0,
+            resync: disk::ResyncProgress::default(),
+            peer_disk_failed: None,
+        })
+    }
+
+    fn secondary(disk_state: SecondaryDiskState, peer_reachable: bool) -> Replication {
+        Replication::Secondary(SecondaryStatus {
+            disk_state,
+            generation: 9,
+            peer_reachable,
+            links: serde_json::Value::Null,
+            applied_writes: 0,
+            applied_bytes: 0,
+            resync_bytes_received: 0,
+            refused_requests: 0,
+            disk_failed: None,
+            disk_failures: 0,
+        })
+    }
+
+    #[test]
+    fn an_unknown_or_inconsistent_copy_holds_no_generation() {
+        let unknown = DiskView {
+            consistent: false,
+            data_generation: 0,
+        };
+        assert_eq!(
+            copy_view(None),
+            unknown,
+            "a status not understood is unknown"
+        );
+        assert_eq!(copy_view(Some(&Replication::Standalone {})), unknown);
+        let up_to_date = DiskView {
+            consistent: true,
+            data_generation: 9,
+        };
+        let healthy = primary(LocalDisk::Healthy, PrimaryDiskState::UpToDate);
+        assert_eq!(copy_view(Some(&healthy)), up_to_date);
+        let remote_only = primary(LocalDisk::Failed, PrimaryDiskState::RemoteOnly);
+        assert_eq!(copy_view(Some(&remote_only)), unknown);
+        let current = secondary(SecondaryDiskState::UpToDate, true);
+        assert_eq!(copy_view(Some(&current)), up_to_date);
+        for state in [
+            SecondaryDiskState::Inconsistent,
+            SecondaryDiskState::SyncTarget,
+            SecondaryDiskState::Failed,
+        ] {
+            assert_eq!(
+                copy_view(Some(&secondary(state, true))),
+                unknown,
+                "{state:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_disk_state_has_its_word() {
+        assert_eq!(state_word(None), "Unknown");
+        let healthy = |state| primary(LocalDisk::Healthy, state);
+        assert_eq!(
+            state_word(Some(&healthy(PrimaryDiskState::UpToDate))),
+            "Protected"
+        );
+        assert_eq!(
+            state_word(Some(&healthy(PrimaryDiskState::SyncSource))),
+            "Syncing"
+        );
+        assert_eq!(
+            state_word(Some(&healthy(PrimaryDiskState::Holding))),
+            "Holding"
+        );
+        let standby = secondary(SecondaryDiskState::UpToDate, false);
+        assert_eq!(state_word(Some(&standby)), "Standby");
+        let failed = secondary(SecondaryDiskState::Failed, true);
+        assert_eq!(state_word(Some(&failed)), "Failed");
+        assert!(rank("Unknown") > rank("Failed") && rank("Failed") > rank("Degraded"));
     }
 }

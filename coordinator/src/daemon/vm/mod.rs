@@ -11,6 +11,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use control_protocol::disk;
 use serde::{Deserialize, Serialize};
 
 use super::events::Events;
@@ -61,8 +62,8 @@ pub struct VmStatus {
     pub vm_paused: bool,
     /// Each disk daemon's process id while it runs.
     pub disk_pids: Vec<Option<u32>>,
-    /// The disk daemons' own `status`, for detail.
-    pub disks: Vec<serde_json::Value>,
+    /// The disk daemons' own `status`, for detail (`null`: none, or not understood).
+    pub disks: Vec<Option<disk::Status>>,
     /// Each NIC: its daemon here and the path the guest's frames take.
     #[serde(default)]
     pub nics: Vec<NicStatus>,
@@ -337,11 +338,15 @@ impl VmRunner {
             return;
         }
         for index in 0..self.disks.len() {
-            let waiting = self.replication(index).is_some_and(|replication| {
-                matches!(replication["mode"].as_str(), Some("Holding" | "Connecting"))
-            });
+            let waiting = matches!(
+                self.replication(index),
+                Some(disk::Replication::Primary(disk::PrimaryStatus {
+                    mode: disk::Mode::Holding | disk::Mode::Connecting,
+                    ..
+                }))
+            );
             if waiting && self.disks[index].idle() {
-                self.disks[index].order("continue-degraded".into());
+                self.disks[index].order(disk::Order::ContinueDegraded(None));
             }
         }
     }
@@ -473,11 +478,7 @@ impl VmRunner {
             vm_pid: self.guest.pid,
             vm_paused: self.guest.pid.is_some() && self.guest.paused,
             disk_pids: self.disks.iter().map(DiskDaemon::pid).collect(),
-            disks: self
-                .disks
-                .iter()
-                .map(|disk| disk.status.clone().unwrap_or(serde_json::Value::Null))
-                .collect(),
+            disks: self.disks.iter().map(|disk| disk.status.clone()).collect(),
             nics: self.nics.status(),
         }
     }

@@ -1,34 +1,10 @@
 //! The primary's answers to the coordinator's commands, and its status.
 
+use control_protocol::disk::{PrimaryDiskState, PrimaryStatus};
 use log::{error, info, warn};
-use serde::Serialize;
 
-use super::{Kind, LocalDisk, Mode, Primary, ResyncProgress, State};
+use super::{Kind, LocalDisk, Mode, Primary, State};
 use crate::request::Status;
-
-/// The primary's part of `status`.
-#[derive(Debug, Serialize)]
-pub struct PrimaryStatus {
-    pub mode: Mode,
-    /// UpToDate, SyncSource, Holding, Degraded, Fenced, RemoteOnly or Rebuilding.
-    pub disk_state: &'static str,
-    pub local_disk: LocalDisk,
-    /// Progress of the rebuild of the local disk after `repair`.
-    pub rebuild: ResyncProgress,
-    pub generation: u64,
-    pub peer_reachable: bool,
-    pub links: serde_json::Value,
-    pub in_flight_requests: usize,
-    pub out_of_sync_bytes: u64,
-    /// Extents marked active: where the copies may differ after a crash of this host.
-    pub active_extents: u64,
-    /// Guest writes under way (between marking their extents and their end).
-    pub writes_active: u64,
-    pub resync: ResyncProgress,
-    /// Why the secondary's copy failed (it counts as lost until repaired); `None` while
-    /// it works.
-    pub peer_disk_failed: Option<String>,
-}
 
 impl Primary {
     /// Stops waiting for the lost peer: every held request is recorded as out of sync and
@@ -148,14 +124,15 @@ impl Primary {
         }
     }
 
+    /// The primary's part of `status`.
     pub fn status(&self) -> PrimaryStatus {
         let transport = self.transport();
         let state = self.lock();
         let out_of_sync_bytes = self.metadata.out_of_sync_bytes();
         let disk_state = match (state.local, state.mode) {
-            (_, Mode::Fenced) => "Fenced",
-            (LocalDisk::Failed, _) => "RemoteOnly",
-            (LocalDisk::Rebuilding, _) => "Rebuilding",
+            (_, Mode::Fenced) => PrimaryDiskState::Fenced,
+            (LocalDisk::Failed, _) => PrimaryDiskState::RemoteOnly,
+            (LocalDisk::Rebuilding, _) => PrimaryDiskState::Rebuilding,
             (LocalDisk::Healthy, mode) => {
                 healthy_disk_state(mode, state.resync_started, out_of_sync_bytes)
             }
@@ -194,12 +171,16 @@ impl Primary {
     }
 }
 
-fn healthy_disk_state(mode: Mode, resync_started: bool, out_of_sync_bytes: u64) -> &'static str {
+fn healthy_disk_state(
+    mode: Mode,
+    resync_started: bool,
+    out_of_sync_bytes: u64,
+) -> PrimaryDiskState {
     match mode {
-        Mode::Mirrored if resync_started || out_of_sync_bytes > 0 => "SyncSource",
-        Mode::Mirrored => "UpToDate",
-        Mode::Connecting | Mode::Holding => "Holding",
-        Mode::Degraded => "Degraded",
-        Mode::Fenced => "Fenced",
+        Mode::Mirrored if resync_started || out_of_sync_bytes > 0 => PrimaryDiskState::SyncSource,
+        Mode::Mirrored => PrimaryDiskState::UpToDate,
+        Mode::Connecting | Mode::Holding => PrimaryDiskState::Holding,
+        Mode::Degraded => PrimaryDiskState::Degraded,
+        Mode::Fenced => PrimaryDiskState::Fenced,
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use super::{InFlight, Kind, LocalDisk, Mode, Primary, ResyncProgress, MAX_BLOCK_BYTES};
+use super::{CopyProgress, InFlight, Kind, LocalDisk, Mode, Primary, MAX_BLOCK_BYTES};
 use crate::metadata::DataState;
 use crate::mirror::protocol::Message;
 
@@ -172,10 +172,10 @@ impl Primary {
                 Mode::Connecting | Mode::Mirrored | Mode::Holding => {}
             }
             state.local = LocalDisk::Rebuilding;
-            state.rebuild = ResyncProgress {
+            state.rebuild = CopyProgress {
                 bytes_total: self.image.size_bytes(),
                 started: Some(Instant::now()),
-                ..ResyncProgress::default()
+                ..CopyProgress::default()
             };
         }
         info!("repair: rebuilding the local disk from the peer");

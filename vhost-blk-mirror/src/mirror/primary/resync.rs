@@ -6,9 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use control_protocol::disk::ResyncProgress;
 use log::{info, warn};
 
-use super::{InFlight, Kind, LocalDisk, Mode, Primary, ResyncProgress, RESYNC_WINDOW};
+use super::{CopyProgress, InFlight, Kind, LocalDisk, Mode, Primary, RESYNC_WINDOW};
 use crate::mirror::protocol::Message;
 use crate::request::Status;
 
@@ -43,10 +44,10 @@ impl Primary {
                 let total = self.metadata.out_of_sync_bytes();
                 let mut state = self.lock();
                 state.resync_started = true;
-                state.resync = ResyncProgress {
+                state.resync = CopyProgress {
                     bytes_total: total,
                     started: Some(Instant::now()),
-                    ..ResyncProgress::default()
+                    ..CopyProgress::default()
                 };
                 info!("resync started: {total} bytes out of sync");
             }
@@ -238,7 +239,7 @@ impl Primary {
     }
 }
 
-impl ResyncProgress {
+impl CopyProgress {
     /// Marks the copy finished: its rate stops changing.
     pub(super) fn finish(&mut self) {
         self.finished = Some(Instant::now());
@@ -246,7 +247,12 @@ impl ResyncProgress {
 
     /// Progress with rate and ETA computed now (or at the end, once finished).
     pub fn now(&self) -> ResyncProgress {
-        let mut progress = *self;
+        let mut progress = ResyncProgress {
+            bytes_total: self.bytes_total,
+            bytes_done: self.bytes_done,
+            bytes_sent: self.bytes_sent,
+            ..ResyncProgress::default()
+        };
         if let Some(started) = self.started {
             let end = self.finished.unwrap_or_else(Instant::now);
             let seconds = end.duration_since(started).as_secs_f64();
