@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{status, Netns};
-use daemon_util::test_support::{control, poll_until, Process, TIMEOUT};
+use daemon_util::test_support::{control, poll_until, Process, Wait, TIMEOUT};
 use vhost::VringConfigData;
 use vhost_user_blk_load::device::{negotiate, DeviceOptions};
 use vhost_user_blk_load::queue::QueueSetup;
@@ -315,7 +315,11 @@ fn rx_waits_for_buffers_instead_of_dropping() {
     poll_until(TIMEOUT, "RX to wait for buffers", || {
         nic.status()["rx_waits_for_buffers"].as_u64() >= Some(1)
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // For 200 ms the frame waits: it is neither delivered nor dropped.
+    Wait::up_to(Duration::from_millis(200)).sample(|| {
+        let status = nic.status();
+        assert_eq!(status["rx_dropped_no_buffers"], 0, "{status}");
+    });
     let status = nic.status();
     assert_eq!(status["rx_packets"], 0, "{status}");
     assert_eq!(status["rx_dropped_no_buffers"], 0);
