@@ -217,12 +217,8 @@ fn pair_with(primary_fails: bool, secondary_fails: bool, filter: Option<Filter>)
     }
 }
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    daemon_util::test_support::poll_until(TIMEOUT, what, done);
 }
 
 impl Pair {
