@@ -180,6 +180,10 @@ pub struct Primary {
     resync_options: ResyncOptions,
     /// Guest writes between marking their extents active and their end.
     writes_active: Arc<AtomicU64>,
+    /// Held (shared) by a degraded write from its mode check to the end of its local write;
+    /// taken (exclusively) by the return to mirroring, so that the resync that follows can
+    /// never copy a chunk before a degraded write to it landed and then clear its bit.
+    degraded_gate: std::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Primary {
@@ -283,6 +287,7 @@ impl Primary {
             changed: Condvar::new(),
             resync_options,
             writes_active: Arc::new(AtomicU64::new(0)),
+            degraded_gate: std::sync::RwLock::new(()),
         });
         let receiver = primary.clone();
         thread::Builder::new()
@@ -357,24 +362,54 @@ impl Primary {
 
     /// A request part that cannot be mirrored because the mode changed under it: degraded,
     /// the range is durably marked out of sync, then `local` runs and the part completes;
-    /// fenced, nothing happens and the part never completes.
+    /// fenced, nothing happens and the part never completes. Returns false when the primary
+    /// went back to mirroring meanwhile: the part must be mirrored after all.
     fn unmirrored(
         &self,
         mode: Mode,
         ticket: &Ticket,
         range: (u64, u64),
-        local: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
+        local: impl Fn() -> io::Result<()>,
+    ) -> io::Result<bool> {
         if mode == Mode::Degraded {
-            if range.1 > 0 {
-                self.metadata
-                    .mark_out_of_sync(range.0, range.1)
-                    .map_err(io::Error::other)?;
+            if !self.write_degraded(range, local)? {
+                return Ok(false);
             }
-            local()?;
             ticket.complete_part(Status::Ok);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A change while degraded: the range is durably marked out of sync, then `local` runs,
+    /// both under the degraded gate. Returns false (and does nothing) when the primary is
+    /// not degraded any more.
+    fn write_degraded(
+        &self,
+        range: (u64, u64),
+        local: impl Fn() -> io::Result<()>,
+    ) -> io::Result<bool> {
+        let _gate = self
+            .degraded_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.lock().mode != Mode::Degraded {
+            return Ok(false);
+        }
+        self.require_local_copy()?;
+        if range.1 > 0 {
+            self.metadata
+                .mark_out_of_sync(range.0, range.1)
+                .map_err(io::Error::other)?;
+        }
+        local()?;
+        Ok(true)
+    }
+
+    /// Blocks degraded writes while the mode leaves Degraded (see `degraded_gate`).
+    pub(super) fn leaving_degraded(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.degraded_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Handles a change of `[offset, offset + len)` that cannot be mirrored: fenced, it never
@@ -385,28 +420,28 @@ impl Primary {
         offset: u64,
         len: u64,
         waker: &Arc<Waker>,
-        local: impl FnOnce() -> io::Result<()>,
+        local: impl Fn() -> io::Result<()>,
     ) -> io::Result<Result<ActivityGuard, Outcome>> {
-        // Bind the mode first: a guard in the match scrutinee would live through the arms.
-        let mode = self.lock().mode;
-        match mode {
-            Mode::Fenced => Ok(Err(Outcome::Waiting(Ticket::new(1, waker.clone())))),
-            Mode::Degraded => {
-                self.require_local_copy()?;
-                self.metadata
-                    .mark_out_of_sync(offset, len)
-                    .map_err(io::Error::other)?;
-                local()?;
-                Ok(Err(Outcome::Ready(Status::Ok)))
-            }
-            Mode::Connecting | Mode::Mirrored | Mode::Holding => {
-                let guard = ActivityGuard::new(&self.writes_active);
-                self.write_local(|| {
-                    self.metadata
-                        .mark_active(offset, len)
-                        .map_err(io::Error::other)
-                });
-                Ok(Ok(guard))
+        loop {
+            // Bind the mode first: a guard in the match scrutinee would live through the arms.
+            let mode = self.lock().mode;
+            match mode {
+                Mode::Fenced => return Ok(Err(Outcome::Waiting(Ticket::new(1, waker.clone())))),
+                Mode::Degraded => {
+                    if self.write_degraded((offset, len), &local)? {
+                        return Ok(Err(Outcome::Ready(Status::Ok)));
+                    }
+                    // Mirroring again since the look at the mode: mirror it.
+                }
+                Mode::Connecting | Mode::Mirrored | Mode::Holding => {
+                    let guard = ActivityGuard::new(&self.writes_active);
+                    self.write_local(|| {
+                        self.metadata
+                            .mark_active(offset, len)
+                            .map_err(io::Error::other)
+                    });
+                    return Ok(Ok(guard));
+                }
             }
         }
     }
@@ -458,17 +493,14 @@ impl Primary {
         for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
             let block_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
             let block_len = block.len() as u64;
-            let entry = InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()))
-                .with_activity(&activity);
-            match self.register(entry) {
-                Err(NotRegistered::QueueStopping) => {}
-                Err(NotRegistered::Mode(mode)) => {
-                    self.unmirrored(mode, &ticket, (block_offset, block_len), || {
-                        self.require_local_copy()?;
-                        self.image.write_at(block, block_offset)
-                    })?
-                }
-                Ok((id, generation)) => {
+            let entry = || {
+                InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()))
+                    .with_activity(&activity)
+            };
+            let local = || self.image.write_at(block, block_offset);
+            match self.register_or_handle(entry, &ticket, (block_offset, block_len), local)? {
+                None => {}
+                Some((id, generation)) => {
                     self.write_local(|| self.image.write_at(block, block_offset));
                     let message = Message::Write {
                         id,
@@ -481,6 +513,29 @@ impl Primary {
             }
         }
         Ok(Outcome::Waiting(ticket))
+    }
+
+    /// Registers a request part for mirroring; returns its id and generation, or `None`
+    /// when it was handled otherwise (degraded: written locally and completed; fenced or
+    /// its queue stopping: left to never complete here).
+    fn register_or_handle(
+        &self,
+        entry: impl Fn() -> InFlight,
+        ticket: &Ticket,
+        range: (u64, u64),
+        local: impl Fn() -> io::Result<()>,
+    ) -> io::Result<Option<(u64, u64)>> {
+        loop {
+            match self.register(entry()) {
+                Ok(registered) => return Ok(Some(registered)),
+                Err(NotRegistered::QueueStopping) => return Ok(None),
+                Err(NotRegistered::Mode(mode)) => {
+                    if self.unmirrored(mode, ticket, range, &local)? {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
     }
 
     /// A send that fails (session closed by a mode change) leaves the request to the mode
@@ -516,12 +571,11 @@ impl Primary {
             return Ok(Outcome::Waiting(ticket));
         }
         self.write_local(|| self.image.flush());
-        match self.register(InFlight::new(Kind::Flush, 0, 0, Some(ticket.clone()))) {
-            Err(NotRegistered::QueueStopping) => {}
-            Err(NotRegistered::Mode(mode)) => self.unmirrored(mode, &ticket, (0, 0), || Ok(()))?,
-            Ok((id, generation)) => {
-                self.send_or_hold(&Message::Flush { id, generation }, Vec::new());
-            }
+        let entry = || InFlight::new(Kind::Flush, 0, 0, Some(ticket.clone()));
+        if let Some((id, generation)) =
+            self.register_or_handle(entry, &ticket, (0, 0), || Ok(()))?
+        {
+            self.send_or_hold(&Message::Flush { id, generation }, Vec::new());
         }
         Ok(Outcome::Waiting(ticket))
     }
@@ -543,17 +597,12 @@ impl Primary {
             Err(outcome) => return Ok(outcome),
         };
         let ticket = Ticket::new(1, waker.clone());
-        match self.register(
-            InFlight::new(Kind::Write, offset, len, Some(ticket.clone())).with_activity(&activity),
-        ) {
-            Err(NotRegistered::QueueStopping) => {}
-            Err(NotRegistered::Mode(mode)) => {
-                self.unmirrored(mode, &ticket, (offset, len), || {
-                    self.require_local_copy()?;
-                    zero_local(&self.image, offset, len, deallocate)
-                })?
-            }
-            Ok((id, generation)) => {
+        let entry = || {
+            InFlight::new(Kind::Write, offset, len, Some(ticket.clone())).with_activity(&activity)
+        };
+        match self.register_or_handle(entry, &ticket, (offset, len), local)? {
+            None => {}
+            Some((id, generation)) => {
                 self.write_local(|| zero_local(&self.image, offset, len, deallocate));
                 let message = Message::Zero {
                     id,

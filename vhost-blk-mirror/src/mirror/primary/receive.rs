@@ -188,6 +188,9 @@ impl Primary {
                 return;
             }
         }
+        // No degraded write is under way from here until the mode below says Mirrored: the
+        // resync then starts from a bitmap and an image that every such write reached.
+        let _gate = self.leaving_degraded();
         let base = self.metadata.header().base_generation;
         let delta = data_state == DataState::UpToDate && peer_generation >= base;
         let marked = match (delta, suspect) {

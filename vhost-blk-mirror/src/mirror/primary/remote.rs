@@ -44,28 +44,34 @@ impl Primary {
     /// served by the peer. If even that cannot be recorded, this primary fences itself:
     /// a restart must never find the stale copy marked UpToDate.
     pub(super) fn local_failed(&self, cause: &io::Error) {
-        let generation = {
+        let recorded = {
             let mut state = self.lock();
             if state.local == LocalDisk::Failed {
                 return;
             }
-            // Set first so that no other request uses the local copy meanwhile.
+            // Set first so that no other request uses the local copy meanwhile, and recorded
+            // under the lock, so that nobody sees RemoteOnly before it is durable.
             state.local = LocalDisk::Failed;
-            state.generation
+            let recorded = self
+                .metadata
+                .set_header(state.generation, DataState::Inconsistent);
+            if recorded.is_err() {
+                state.mode = Mode::Fenced;
+                state.in_flight.clear();
+                self.changed.notify_all();
+            }
+            recorded
         };
-        if let Err(error) = self
-            .metadata
-            .set_header(generation, DataState::Inconsistent)
-        {
+        if let Err(error) = recorded {
             let reason = match std::error::Error::source(&error) {
                 Some(source) => format!("{error}: {source}"),
                 None => error.to_string(),
             };
             error!(
-                "local disk failed ({cause}) and that cannot be recorded ({reason}): fencing, \
+                "local disk failed ({cause}) and that cannot be recorded ({reason}): fenced, \
                  so that no restart serves the stale copy; the peer's copy must take over"
             );
-            self.fence();
+            self.transport().close();
             return;
         }
         error!(
