@@ -23,12 +23,13 @@ impl Primary {
             let identity = Arc::as_ptr(&transport) as *const () as usize;
             // A secondary whose disk failed is asked again now and then: once the operator
             // repaired it, it welcomes us and protection resumes with a resync.
+            // Only while it is reachable: Hellos must not pile up in the link's queue.
             let ask_again = {
                 let state = self.lock();
                 state.peer_disk_failed.is_some()
                     && state.mode == Mode::Degraded
                     && hello_sent_at.elapsed() >= HELLO_RETRY
-            };
+            } && transport.peer_reachable();
             if hello_sent_to != Some(identity) || ask_again {
                 self.lock().welcomed = false;
                 self.send_hello();
