@@ -233,10 +233,13 @@ fn held_requests_are_rewound_at_stop_and_complete_after_cont() {
             .unwrap_or_else(|error| panic!("cycle {cycle}: cont: {error}"));
         wait_status(&mut qmp, "running", 0);
     }
-    assert_eq!(
-        latest_records(&guest.console()),
-        held,
-        "a held write completed"
+    // A writer's record that completed just before the hold may print its `ACK` after the
+    // snapshot (the console lags), but no writer gets two further records acknowledged:
+    // its next write is held.
+    let after = latest_records(&guest.console());
+    assert!(
+        after.iter().zip(&held).all(|(now, then)| *now <= then + 1),
+        "held writes completed: {held:?} before the stops, {after:?} after"
     );
     let reply = pair.primary().command("continue-degraded");
     assert_eq!(reply["ok"], true, "continue-degraded refused: {reply}");
@@ -245,7 +248,7 @@ fn held_requests_are_rewound_at_stop_and_complete_after_cont() {
         "every writer to go on after the rewinds",
         || {
             let now = latest_records(&guest.console());
-            (0..now.len()).all(|writer| now[writer] > held[writer])
+            (0..now.len()).all(|writer| now[writer] > after[writer])
         },
     );
     let console = guest.console();
