@@ -1,0 +1,17 @@
+//! Level 3 of ftvm: continuous checkpoints of a running VM to the peer host (see
+//! `docs/LEVEL3.md`).
+//!
+//! - [`qmp`]: QEMU's machine protocol, spoken natively (stop, cont, getfd, the device-state
+//!   migration to an fd, restore with `migrate-incoming`).
+//! - [`dirty`]: which guest pages changed in an epoch: QEMU's writes through
+//!   `PAGEMAP_SCAN` on the write-protected RAM mapping the preload library set up, and the
+//!   daemons' writes they report.
+//! - [`delta`]: a page as sent: XOR with the replica's copy, then LZ4, or raw.
+//! - [`wire`]: the checkpoint stream between the primary's and the secondary's engines.
+//! - [`replica`]: the secondary's replica RAM file, staged epochs, the committed state.
+
+pub mod delta;
+pub mod dirty;
+pub mod qmp;
+pub mod replica;
+pub mod wire;
