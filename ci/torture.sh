@@ -11,9 +11,11 @@
 #
 # Each run is one test of tests/tests/torture.rs (a guest writes numbered, flushed records
 # at random blocks of a mirrored disk, one fault hits at a moment drawn from the run's seed,
-# the test plays the coordinator and repairs) or of tests/tests/torture_cluster.rs (the rows
+# the test plays the coordinator and repairs), of tests/tests/torture_cluster.rs (the rows
 # that need the coordinator: ftvmd-kill, witness-lost, host-kill, on two hosts with ftvmd
-# and a witness, the same workload and checks), run on its own with a fresh seed, which it
+# and a witness, the same workload and checks) or of tests/tests/torture_fio.rs (every row
+# again as <row>-fio, the guest running fio --verify=crc32c instead of the records, the
+# host checking every acknowledged chunk with fio --verify_only), run on its own with a fresh seed, which it
 # prints; FTVM_TORTURE_SEED=S replays one run (with --runs 1 and one row). A run that fails
 # is recorded and the next one goes on; its log is kept under target/torture/. At the end
 # the table (runs, acknowledged writes lost, split brains, guest-visible errors, median and
@@ -80,12 +82,14 @@ BIN=$(test_binary torture)
 [[ -x $BIN ]] || die "cannot find the torture test binary"
 CLUSTER_BIN=$(test_binary torture_cluster)
 [[ -x $CLUSTER_BIN ]] || die "cannot find the torture_cluster test binary"
+FIO_BIN=$(test_binary torture_fio)
+[[ -x $FIO_BIN ]] || die "cannot find the torture_fio test binary"
 [[ -f target/guest/initramfs.gz ]] || bash ci/build-guest.sh >&2
 
-# The rows are the tests of the two binaries (row kill-syncing = test kill_syncing).
+# The rows are the tests of the three binaries (row kill-syncing = test kill_syncing).
 declare -A BINARY=()
 ALL=()
-for binary in "$BIN" "$CLUSTER_BIN"; do
+for binary in "$BIN" "$CLUSTER_BIN" "$FIO_BIN"; do
 	while read -r row; do
 		BINARY[$row]=$binary
 		ALL+=("$row")

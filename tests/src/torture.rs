@@ -31,10 +31,8 @@ use serde_json::{json, Value};
 use self::random::Random;
 use self::rig::{Rig, IMAGE_BYTES, SYNC_TIMEOUT};
 use self::rows::{Row, Serving};
-use self::workload::{Plan, BLOCK_BYTES};
+use self::workload::{Plan, Workload, BLOCK_BYTES};
 
-/// Records the guest writes in a run.
-pub const RECORDS: u64 = 400;
 /// The fault hits after this many acknowledged writes (drawn from the seed).
 const FAULT_AFTER_WRITES: (u64, u64) = (5, 40);
 
@@ -116,13 +114,13 @@ impl RunRecord {
 
 /// Runs `row` once with `seed`, filling `record` as it goes (so a panic leaves what was
 /// measured up to it).
-pub fn run(row: Row, seed: u64, record: &mut RunRecord) {
+pub fn run(row: Row, workload: Workload, seed: u64, record: &mut RunRecord) {
     let mut random = Random::new(seed);
     let blocks = IMAGE_BYTES / BLOCK_BYTES;
-    let plan = Plan::random(&mut random, RECORDS, blocks);
-    let fault_after = random.between(FAULT_AFTER_WRITES.0, FAULT_AFTER_WRITES.1);
+    let plan = Plan::random(&mut random, workload, 0, blocks);
+    let fault_after = workload.acks_for(random.between(FAULT_AFTER_WRITES.0, FAULT_AFTER_WRITES.1));
     record.fault_after_writes = fault_after;
-    let mut rig = Rig::start(row.name(), row.layout(), &[]);
+    let mut rig = Rig::start(&row_name(row, workload), row.layout(), &[]);
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         exercise(row, &mut rig, &plan, fault_after, &mut random, record)
     }));
@@ -147,7 +145,7 @@ fn exercise(
     random: &mut Random,
     record: &mut RunRecord,
 ) {
-    rig.boot_guest(row.name(), plan);
+    rig.boot_guest(&row_name(row, plan.workload), plan);
     rig.wait_acknowledged(fault_after);
     let fault = rows::inject(row, rig, random);
     record.state_at_fault = fault.state_at_fault.clone();
@@ -163,7 +161,7 @@ fn exercise(
         Serving::PrimaryFromPeer => "primary, RemoteOnly (secondary's image)".into(),
         Serving::PromotedSecondary => "promoted secondary (the primary fenced)".into(),
     };
-    record.lost_on_serving_copy = describe(&workload::missing_in_image(&image, &latest));
+    record.lost_on_serving_copy = describe(&plan.missing_in_image(&image, &latest));
     rig.note(&format!(
         "serving copy checked: {} acknowledged blocks, {} missing",
         latest.len(),
@@ -189,7 +187,7 @@ fn exercise(
         &rig.pair.primary_options.image,
         &rig.pair.secondary_options.image,
     ] {
-        lost.extend(describe(&workload::missing_in_image(path, &latest)));
+        lost.extend(describe(&plan.missing_in_image(path, &latest)));
     }
     record.lost_after_repair = lost;
     record.images_identical = Some(images_identical(
@@ -261,10 +259,17 @@ fn append_result(record: &RunRecord) {
     }
 }
 
-/// One seeded run of `row` as a test: prints the seed, appends the result, and fails
-/// (naming the seed) unless every promise held.
-pub fn run_row_test(row: Row) {
-    run_seeded_test(row.name(), |seed, record| run(row, seed, record));
+/// The name of `row` run under `workload` (`secondary-eio`, `secondary-eio-fio`).
+pub fn row_name(row: Row, workload: Workload) -> String {
+    format!("{}{}", row.name(), workload.suffix())
+}
+
+/// One seeded run of `row` under `workload` as a test: prints the seed, appends the
+/// result, and fails (naming the seed) unless every promise held.
+pub fn run_row_test(row: Row, workload: Workload) {
+    run_seeded_test(&row_name(row, workload), |seed, record| {
+        run(row, workload, seed, record)
+    });
 }
 
 /// One seeded run of the row `name` (a disk-level or a cluster row) as a test.

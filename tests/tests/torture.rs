@@ -3,71 +3,72 @@
 //! many times; `FTVM_TORTURE_SEED` replays one run.
 
 use ftvm_tests::torture::rows::Row;
+use ftvm_tests::torture::workload::Workload;
 use ftvm_tests::torture::{report, results_path, run_row_test};
 
 #[test]
 fn secondary_eio() {
-    run_row_test(Row::SecondaryEio);
+    run_row_test(Row::SecondaryEio, Workload::Records);
 }
 
 #[test]
 fn secondary_enospc() {
-    run_row_test(Row::SecondaryEnospc);
+    run_row_test(Row::SecondaryEnospc, Workload::Records);
 }
 
 #[test]
 fn primary_eio() {
-    run_row_test(Row::PrimaryEio);
+    run_row_test(Row::PrimaryEio, Workload::Records);
 }
 
 #[test]
 fn primary_enospc() {
-    run_row_test(Row::PrimaryEnospc);
+    run_row_test(Row::PrimaryEnospc, Workload::Records);
 }
 
 #[test]
 fn secondary_power_loss() {
-    run_row_test(Row::SecondaryPowerLoss);
+    run_row_test(Row::SecondaryPowerLoss, Workload::Records);
 }
 
 #[test]
 fn primary_power_loss() {
-    run_row_test(Row::PrimaryPowerLoss);
+    run_row_test(Row::PrimaryPowerLoss, Workload::Records);
 }
 
 #[test]
 fn kill_syncing() {
-    run_row_test(Row::KillSyncing);
+    run_row_test(Row::KillSyncing, Workload::Records);
 }
 
 #[test]
 fn kill_protected() {
-    run_row_test(Row::KillProtected);
+    run_row_test(Row::KillProtected, Workload::Records);
 }
 
 #[test]
 fn kill_degraded() {
-    run_row_test(Row::KillDegraded);
+    run_row_test(Row::KillDegraded, Workload::Records);
 }
 
 #[test]
 fn kill_remote_only() {
-    run_row_test(Row::KillRemoteOnly);
+    run_row_test(Row::KillRemoteOnly, Workload::Records);
 }
 
 #[test]
 fn kill_holding() {
-    run_row_test(Row::KillHolding);
+    run_row_test(Row::KillHolding, Workload::Records);
 }
 
 #[test]
 fn one_link_cut() {
-    run_row_test(Row::OneLinkCut);
+    run_row_test(Row::OneLinkCut, Workload::Records);
 }
 
 #[test]
 fn both_links_cut() {
-    run_row_test(Row::BothLinksCut);
+    run_row_test(Row::BothLinksCut, Workload::Records);
 }
 
 /// Not a test: `ci/torture.sh` runs it to print the table of the results file

@@ -4,18 +4,19 @@
 //! runs them many times; `FTVM_TORTURE_SEED` replays one run.
 
 use ftvm_tests::torture::cluster_rows::{run_cluster_row_test, ClusterRow};
+use ftvm_tests::torture::workload::Workload;
 
 #[test]
 fn ftvmd_kill() {
-    run_cluster_row_test(ClusterRow::FtvmdKill);
+    run_cluster_row_test(ClusterRow::FtvmdKill, Workload::Records);
 }
 
 #[test]
 fn witness_lost() {
-    run_cluster_row_test(ClusterRow::WitnessLost);
+    run_cluster_row_test(ClusterRow::WitnessLost, Workload::Records);
 }
 
 #[test]
 fn host_kill() {
-    run_cluster_row_test(ClusterRow::HostKill);
+    run_cluster_row_test(ClusterRow::HostKill, Workload::Records);
 }

@@ -17,8 +17,8 @@ use serde_json::Value;
 use super::cluster_monitor::{acting_generation, ClusterMonitor, Sources};
 use super::monitor::Monitor;
 use super::random::Random;
-use super::workload::{self, Plan, BLOCK_BYTES};
-use super::{describe, images_identical, RunRecord, RECORDS};
+use super::workload::{self, Plan, Workload, BLOCK_BYTES};
+use super::{describe, images_identical, RunRecord};
 use crate::blk::status_json;
 use crate::cluster::{Cluster, ClusterOptions, HOSTS, VM};
 use crate::guest::GuestConfig;
@@ -76,9 +76,10 @@ impl ClusterRow {
     }
 }
 
-/// One seeded run of `row` as a test (see [`super::run_seeded_test`]).
-pub fn run_cluster_row_test(row: ClusterRow) {
-    super::run_seeded_test(row.name(), |seed, record| run(row, seed, record));
+/// One seeded run of `row` under `workload` as a test (see [`super::run_seeded_test`]).
+pub fn run_cluster_row_test(row: ClusterRow, workload: Workload) {
+    let name = format!("{}{}", row.name(), workload.suffix());
+    super::run_seeded_test(&name, |seed, record| run(row, workload, seed, record));
 }
 
 /// The test bed. Fields drop in order: monitors, then the cluster.
@@ -200,12 +201,8 @@ fn disk_control(cluster: &Cluster, host: usize) -> std::path::PathBuf {
 }
 
 /// The plan at blocks 1.. (block 0 holds the boot marker).
-fn plan(random: &mut Random) -> Plan {
-    let blocks = DISK_BYTES / BLOCK_BYTES;
-    let records = (1..=RECORDS)
-        .map(|seq| (seq, random.between(1, blocks - 1)))
-        .collect();
-    Plan { records }
+fn plan(random: &mut Random, workload: Workload) -> Plan {
+    Plan::random(random, workload, 1, DISK_BYTES / BLOCK_BYTES)
 }
 
 /// The VM: the torture writer on its first boot, `REBOOTED` and idle on a later one;
@@ -244,14 +241,14 @@ enum Repair {
     RestartHostA,
 }
 
-fn run(row: ClusterRow, seed: u64, record: &mut RunRecord) {
+fn run(row: ClusterRow, workload: Workload, seed: u64, record: &mut RunRecord) {
     let mut random = Random::new(seed);
-    let plan = plan(&mut random);
-    let fault_after = random.between(FAULT_AFTER_WRITES.0, FAULT_AFTER_WRITES.1);
+    let plan = plan(&mut random, workload);
+    let fault_after = workload.acks_for(random.between(FAULT_AFTER_WRITES.0, FAULT_AFTER_WRITES.1));
     record.fault_after_writes = fault_after;
-    let mut bed = Bed::start(row.name(), &guest(&plan));
+    let mut bed = Bed::start(&record.row, &guest(&plan));
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        exercise(row, &mut bed, fault_after, &mut random, record)
+        exercise(row, &mut bed, &plan, fault_after, &mut random, record)
     }));
     let findings = bed.disk_monitor.findings();
     let cluster = bed.cluster_monitor.findings();
@@ -277,6 +274,7 @@ fn run(row: ClusterRow, seed: u64, record: &mut RunRecord) {
 fn exercise(
     row: ClusterRow,
     bed: &mut Bed,
+    plan: &Plan,
     fault_after: u64,
     random: &mut Random,
     record: &mut RunRecord,
@@ -295,10 +293,8 @@ fn exercise(
     record.serving = HOSTS[serving].to_owned();
     record.failed_over = Some(serving != A);
     let latest = workload::latest_acknowledged(&bed.consoles());
-    record.lost_on_serving_copy = describe(&workload::missing_in_image(
-        &bed.cluster.image(serving),
-        &latest,
-    ));
+    record.lost_on_serving_copy =
+        describe(&plan.missing_in_image(&bed.cluster.image(serving), &latest));
     bed.note(&format!(
         "{}'s copy checked: {} acknowledged blocks, {} missing",
         HOSTS[serving],
@@ -309,11 +305,11 @@ fn exercise(
     bed.wait_protected(serving);
     record.back_to_protected_ms = Some(handled.at.elapsed().as_millis() as u64);
     bed.note("Protected again");
-    finish(bed, serving, record);
+    finish(bed, plan, serving, record);
 }
 
 /// Waits for the guest to be idle and the pair in sync, then checks both copies.
-fn finish(bed: &mut Bed, serving: usize, record: &mut RunRecord) {
+fn finish(bed: &mut Bed, plan: &Plan, serving: usize, record: &mut RunRecord) {
     Wait::up_to(STEP_TIMEOUT)
         .every(Duration::from_millis(200))
         .until("the guest idle", || {
@@ -341,10 +337,9 @@ fn finish(bed: &mut Bed, serving: usize, record: &mut RunRecord) {
     let latest = workload::latest_acknowledged(&consoles);
     let mut lost = Vec::new();
     for host in [A, B] {
-        lost.extend(describe(&workload::missing_in_image(
-            &bed.cluster.image(host),
-            &latest,
-        )));
+        lost.extend(describe(
+            &plan.missing_in_image(&bed.cluster.image(host), &latest),
+        ));
     }
     record.lost_after_repair = lost;
     record.images_identical = Some(images_identical(

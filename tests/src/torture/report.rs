@@ -7,14 +7,20 @@ use serde_json::Value;
 
 use super::cluster_rows::ClusterRow;
 use super::rows::Row;
+use super::workload::Workload;
 
-/// The rows in matrix order: the disk-level rows, then the cluster rows.
-fn matrix() -> Vec<&'static str> {
+/// The rows in matrix order: the disk-level rows, the cluster rows, then both again under
+/// fio.
+fn matrix() -> Vec<String> {
+    Group::ALL.iter().flat_map(|group| group.names()).collect()
+}
+
+/// Every row's name (without a workload's suffix), disk-level rows first.
+fn base_names() -> impl Iterator<Item = &'static str> {
     Row::ALL
         .iter()
         .map(|row| row.name())
         .chain(ClusterRow::ALL.iter().map(|row| row.name()))
-        .collect()
 }
 
 /// Each group of rows has its own results block in the document, so that a run of one
@@ -23,15 +29,23 @@ fn matrix() -> Vec<&'static str> {
 enum Group {
     Disk,
     Cluster,
+    /// Every row again, with fio `--verify=crc32c` as the guest's workload.
+    Fio,
 }
 
 impl Group {
-    const ALL: [Group; 2] = [Group::Disk, Group::Cluster];
+    const ALL: [Group; 3] = [Group::Disk, Group::Cluster, Group::Fio];
 
-    fn names(self) -> Vec<&'static str> {
+    fn names(self) -> Vec<String> {
         match self {
-            Group::Disk => Row::ALL.iter().map(|row| row.name()).collect(),
-            Group::Cluster => ClusterRow::ALL.iter().map(|row| row.name()).collect(),
+            Group::Disk => Row::ALL.iter().map(|row| row.name().to_owned()).collect(),
+            Group::Cluster => ClusterRow::ALL
+                .iter()
+                .map(|row| row.name().to_owned())
+                .collect(),
+            Group::Fio => base_names()
+                .map(|name| format!("{name}{}", Workload::Fio.suffix()))
+                .collect(),
         }
     }
 
@@ -39,6 +53,7 @@ impl Group {
         match self {
             Group::Disk => "Disk-level rows (`tests/tests/torture.rs`)",
             Group::Cluster => "Cluster rows (`tests/tests/torture_cluster.rs`)",
+            Group::Fio => "Every row under fio `--verify=crc32c` (`tests/tests/torture_fio.rs`)",
         }
     }
 
@@ -46,6 +61,7 @@ impl Group {
         match self {
             Group::Disk => ("<!-- results:disk -->\n", "<!-- /results:disk -->"),
             Group::Cluster => ("<!-- results:cluster -->\n", "<!-- /results:cluster -->"),
+            Group::Fio => ("<!-- results:fio -->\n", "<!-- /results:fio -->"),
         }
     }
 
@@ -140,10 +156,10 @@ fn ordered(rows: &BTreeMap<String, Summary>) -> Vec<(String, Summary)> {
     let matrix = matrix();
     let mut out: Vec<(String, Summary)> = matrix
         .iter()
-        .filter_map(|&name| rows.get(name).map(|s| (name.to_owned(), s.clone())))
+        .filter_map(|name| rows.get(name).map(|s| (name.clone(), s.clone())))
         .collect();
     for (name, summary) in rows {
-        if !matrix.contains(&name.as_str()) {
+        if !matrix.contains(name) {
             out.push((name.clone(), summary.clone()));
         }
     }
@@ -218,13 +234,22 @@ pub fn document(
            nothing out of sync, after the row's repair step (done as soon as the fault was \
            handled, while the guest writes on).\n\n\
          Both copies must also be byte-identical at the end (the guest idle).\n\n\
+         **Under fio** (the rows named `…-fio`): the same rows, faults, timing and checks with \
+         fio `--verify=crc32c` as the guest's workload. The guest runs fio once per 128 KiB chunk \
+         (40 chunks at distinct random places of the disk): 32 random 4 KiB writes at queue \
+         depth 8 (libaio, O_DIRECT), a FLUSH (`end_fsync`), then fio reads the chunk back and \
+         checks every block's header and CRC32C; `ACK <seq> <block>` follows a run that passed, \
+         `WRITE-FAILED` one that did not (an I/O error or a bad block: a guest-visible error). \
+         The steps between faults are counted in chunks (a chunk stands for about 4 records). \
+         An acknowledged chunk is lost when the host's fio, replaying its writes with \
+         `--verify_only`, finds any of its blocks missing or corrupt on the copy checked.\n\n\
          ## Results\n\n"
     );
     for group in Group::ALL {
         let names = group.names();
         let ran: BTreeMap<String, Summary> = rows
             .iter()
-            .filter(|(name, _)| names.contains(&name.as_str()))
+            .filter(|(name, _)| names.contains(name))
             .map(|(name, summary)| (name.clone(), summary.clone()))
             .collect();
         let block = if ran.is_empty() {
@@ -252,6 +277,10 @@ pub fn document(
             "| {name} | {description} | `sudo FTVM_TORTURE_SEED=<seed> ci/torture.sh --runs 1 --rows {name}` |",
         );
     }
+    out.push_str(
+        "\nEach row also runs under fio as `<row>-fio` (e.g. \
+         `sudo FTVM_TORTURE_SEED=<seed> ci/torture.sh --runs 1 --rows secondary-eio-fio`).\n",
+    );
     out
 }
 
@@ -312,6 +341,24 @@ mod tests {
         assert!(second.contains("| kill-protected | 1 | 1 |"), "{second}");
         assert!(second.contains("cluster command"), "{second}");
         assert!(second.contains("| host-kill | 1 | 1 | 0 | 0 | 0 | 9.0 s | 9.0 s |"));
+        // The fio runs have their own block, and keep the others'.
+        let fio = summarize(
+            r#"{"row":"secondary-eio-fio","seed":3,"ok":true,"lost_blocks":0,"split_brain_samples":0,"guest_errors":0,"back_to_protected_ms":2000,"error":null}"#,
+        );
+        let with_fio = document(&fio, "fio command", "later", "1 run", &second);
+        let fio_block = with_fio
+            .split("<!-- results:fio -->\n")
+            .nth(1)
+            .expect("a fio block");
+        assert!(
+            fio_block.starts_with("Command: `fio command`"),
+            "{with_fio}"
+        );
+        assert!(
+            fio_block.contains("| secondary-eio-fio | 1 | 1 |"),
+            "{with_fio}"
+        );
+        assert!(with_fio.contains("cluster command") && with_fio.contains("disk command"));
         // A document from before the groups keeps its disk results too.
         let legacy = "# x\n\n## Results\n\nCommand: `old`.\n\n| row |\n\n## Rows\n";
         let third = document(&cluster, "cluster command", "now", "1 run", legacy);

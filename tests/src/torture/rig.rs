@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::monitor::Monitor;
-use super::workload::{self, Plan};
+use super::workload::{self, Plan, Workload};
 use crate::blk::{status_json, BlkDaemon};
 use crate::fault_fs::FaultFs;
 use crate::guest::{Disk, Guest, GuestConfig};
@@ -65,6 +65,8 @@ impl BootId {
 #[derive(Debug)]
 pub struct Rig {
     pub guest: Option<Guest>,
+    /// What the guest runs (set when it boots).
+    pub workload: Workload,
     /// The console of a guest that was killed (with its host).
     kept_console: Vec<String>,
     monitor: Monitor,
@@ -120,6 +122,7 @@ impl Rig {
         );
         let mut rig = Rig {
             guest: None,
+            workload: Workload::Records,
             kept_console: Vec::new(),
             monitor,
             pair,
@@ -155,6 +158,7 @@ impl Rig {
         });
         config.netns = Some(self.pair.hosts.namespace("hostA"));
         workload::add_torture_writer(&mut config, plan);
+        self.workload = plan.workload;
         self.guest = Some(Guest::boot(&config, self.pair.dir.path()));
         self.note("guest booted");
     }

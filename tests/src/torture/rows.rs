@@ -212,7 +212,7 @@ pub fn inject(row: Row, rig: &mut Rig, random: &mut Random) -> Fault {
             let fault = start_fault(rig);
             rig.set_link(link, "down");
             let acknowledged = super::workload::acknowledged_count(&rig.console()) as u64;
-            rig.wait_acknowledged(acknowledged + STEP_WRITES.0);
+            rig.wait_acknowledged(acknowledged + rig.workload.acks_for(STEP_WRITES.0));
             rig.note("writes go on over the other link");
             handled(fault, Serving::Primary, Repair::LinksUp(vec![link]))
         }
@@ -285,7 +285,8 @@ fn handled(started: Started, serving: Serving, repair: Repair) -> Fault {
 
 fn more_writes(rig: &Rig, random: &mut Random) {
     let acknowledged = super::workload::acknowledged_count(&rig.console()) as u64;
-    rig.wait_acknowledged(acknowledged + random.between(STEP_WRITES.0, STEP_WRITES.1));
+    let step = random.between(STEP_WRITES.0, STEP_WRITES.1);
+    rig.wait_acknowledged(acknowledged + rig.workload.acks_for(step));
 }
 
 /// Secondary lost, primary degraded at a new generation, more writes.
