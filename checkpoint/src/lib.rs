@@ -14,4 +14,5 @@ pub mod delta;
 pub mod dirty;
 pub mod qmp;
 pub mod replica;
+pub mod stats;
 pub mod wire;
