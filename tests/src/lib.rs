@@ -16,6 +16,7 @@ pub mod guest;
 pub mod hosts;
 pub mod mirror;
 pub mod net;
+pub mod nic_daemon;
 pub mod paths;
 pub mod qmp;
 pub mod records;

@@ -3,78 +3,23 @@
 //! client holds one TCP connection to the guest and exchanges request/response rounds while
 //! hostA's VM bridge loses its uplink port and gets it back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ftvm_tests::blk::status_json;
 use ftvm_tests::guest::{Guest, Nic};
 use ftvm_tests::hosts::Hosts;
 use ftvm_tests::net::{connect_in, echo_guest, Rounds, ECHO_PORT};
-use ftvm_tests::paths;
-use ftvm_tests::process::Process;
+use ftvm_tests::nic_daemon::{NicDaemon, GUEST_IP, GUEST_MAC};
 use ftvm_tests::scratch_dir;
 use ftvm_tests::wait::poll_until;
 
-const GUEST_IP: &str = "10.77.0.10";
-const GUEST_MAC: &str = "52:54:00:77:00:10";
-const LINK_PORT: u16 = 7450;
-
-/// The A-link addresses of hostA (index 0) and hostB (index 1).
-const ALINKS: [[&str; 2]; 2] = [["10.77.1.1", "10.77.2.1"], ["10.77.1.2", "10.77.2.2"]];
-const HOSTS: [&str; 2] = ["hostA", "hostB"];
-
-struct NetDaemon {
-    _process: Process,
-    control: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
+fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NicDaemon {
+    NicDaemon::start(hosts, dir, host, psk, &[])
 }
 
-impl NetDaemon {
-    fn log_has(&self, text: &str) -> bool {
-        std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(text))
-    }
-}
-
-fn start_daemon(hosts: &Hosts, dir: &Path, host: usize, psk: &Path) -> NetDaemon {
-    let socket = dir.join(format!("net-{}.sock", HOSTS[host]));
-    let control = dir.join(format!("net-{}.ctl", HOSTS[host]));
-    let mut command = hosts.command(HOSTS[host], paths::binary("vhost-net-ft"));
-    command
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--bridge", "vmbr0", "--mac", GUEST_MAC, "--uplink", "uplink",
-        ])
-        .arg("--control")
-        .arg(&control)
-        .arg("--psk-file")
-        .arg(psk)
-        .args(["--host-id", HOSTS[host]]);
-    for address in ALINKS[host] {
-        command
-            .arg("--listen")
-            .arg(format!("{address}:{LINK_PORT}"));
-    }
-    for address in ALINKS[1 - host] {
-        command.arg("--peer").arg(format!("{address}:{LINK_PORT}"));
-    }
-    let log = dir.join(format!("net-{}.log", HOSTS[host]));
-    let process = Process::spawn("vhost-net-ft", command, &log);
-    poll_until(Duration::from_secs(10), "vhost-net-ft's sockets", || {
-        socket.exists() && control.exists()
-    });
-    NetDaemon {
-        _process: process,
-        control,
-        socket,
-        log,
-    }
-}
-
-fn status(daemon: &NetDaemon) -> serde_json::Value {
-    status_json(&daemon.control).expect("vhost-net-ft answers status")
+fn status(daemon: &NicDaemon) -> serde_json::Value {
+    daemon.status()
 }
 
 fn counter(status: &serde_json::Value, name: &str) -> u64 {
