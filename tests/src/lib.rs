@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod cpio;
 pub mod fault_fs;
 pub mod guest;
+pub mod guest_tools;
 pub mod hosts;
 pub mod mirror;
 pub mod net;
