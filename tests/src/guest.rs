@@ -51,6 +51,12 @@ pub struct GuestConfig {
     pub netns: Option<String>,
     /// A QMP socket to create (`-qmp unix:PATH,server=on,wait=off`), see `crate::qmp`.
     pub qmp: Option<PathBuf>,
+    /// Guest RAM in this file (`memory-backend-file,mem-path=…,share=on`, Level 3) instead of
+    /// a memfd.
+    pub ram_file: Option<PathBuf>,
+    /// Start with `-incoming defer`: the guest's state comes by `migrate-incoming` (a Level 3
+    /// restore).
+    pub incoming_defer: bool,
 }
 
 impl GuestConfig {
@@ -66,6 +72,8 @@ impl GuestConfig {
             with_fio: false,
             netns: None,
             qmp: None,
+            ram_file: None,
+            incoming_defer: false,
         }
     }
 }
@@ -254,7 +262,13 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
         "-m".into(),
         format!("{memory}M"),
         "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+        match &config.ram_file {
+            Some(path) => format!(
+                "memory-backend-file,id=mem,size={memory}M,mem-path={},share=on",
+                path.display()
+            ),
+            None => format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+        },
         "-machine".into(),
         "memory-backend=mem".into(),
         "-kernel".into(),
@@ -264,6 +278,9 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
         "-append".into(),
         "console=ttyS0 panic=-1 quiet".into(),
     ]);
+    if config.incoming_defer {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
     if let Some(qmp) = &config.qmp {
         args.extend([
             "-qmp".into(),
