@@ -3,9 +3,13 @@
 //! one-line protocol, stopping on SIGTERM/SIGINT, atomic metrics with a snapshot, a rate
 //! limit for log lines caused by guest input.
 //!
-//! Nothing here knows vhost-user: the daemons' glue stays in the daemons.
+//! Nothing here knows vhost-user, except `guest_pages` (feature `guest-memory`): the bitmap
+//! both daemons map guest memory with, so that `dirty-pages` can say which pages they wrote.
+//! The daemons' glue stays in the daemons.
 
 mod control;
+#[cfg(feature = "guest-memory")]
+pub mod guest_pages;
 mod metrics;
 mod rate_limit;
 mod signals;
