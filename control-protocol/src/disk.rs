@@ -15,6 +15,9 @@ pub type Generation = u64;
 pub enum Command {
     /// Answered with [`Status`].
     Status,
+    /// `dirty-pages` (Level 3): answered with [`DirtyPages`], the guest pages the daemon
+    /// wrote since the previous `dirty-pages`, which this call clears.
+    DirtyPages,
     /// Answered with [`Done`].
     Order(Order),
 }
@@ -39,7 +42,8 @@ pub enum Order {
 impl Command {
     /// The commands, as `--help` and the error for an unknown one list them.
     pub const SYNOPSIS: &'static str =
-        "status, promote [GENERATION], demote, continue-degraded [GENERATION], fence, repair";
+        "status, promote [GENERATION], demote, continue-degraded [GENERATION], fence, repair, \
+         dirty-pages";
 }
 
 impl Order {
@@ -76,6 +80,7 @@ impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Command::Status => f.write_str("status"),
+            Command::DirtyPages => f.write_str("dirty-pages"),
             Command::Order(order) => order.fmt(f),
         }
     }
@@ -94,6 +99,7 @@ impl FromStr for Command {
         };
         let command = match first {
             "status" => Command::Status,
+            "dirty-pages" => Command::DirtyPages,
             "continue-degraded" => Command::Order(Order::ContinueDegraded(None)),
             "fence" => Command::Order(Order::Fence),
             "promote" => Command::Order(Order::Promote(None)),
@@ -108,6 +114,7 @@ impl FromStr for Command {
         };
         let name = match command {
             Command::Status => "status",
+            Command::DirtyPages => "dirty-pages",
             Command::Order(order) => order.name(),
         };
         let generation = match words.next() {
@@ -147,6 +154,31 @@ pub struct Done {
     pub ok: bool,
     /// What was done, in words ("degraded", "already primary", …).
     pub result: String,
+}
+
+/// The answer to `dirty-pages`: the pages of guest RAM the daemon wrote since the previous
+/// `dirty-pages` (the first call: since it mapped guest memory), as byte ranges of the files
+/// guest RAM is mapped from (`docs/LEVEL3.md`, "Interfaces").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyPages {
+    /// The ranges' granularity: every offset and length is a multiple of it.
+    pub page_size: u64,
+    /// One entry per file, sorted by `dev` then `ino` (a file with nothing written is left
+    /// out). The same shape as [`crate::nic::DirtyPages`].
+    pub files: Vec<DirtyFile>,
+}
+
+/// The written pages of one file guest RAM is mapped from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirtyFile {
+    /// `st_dev` and `st_ino` of the file (the vhost-user memory region's fd).
+    pub dev: u64,
+    pub ino: u64,
+    /// `[offset, len]` byte ranges of the file (the region's `mmap_offset` plus the offset
+    /// within the region), page-aligned, sorted, merged (none overlap or touch).
+    pub ranges: Vec<[u64; 2]>,
 }
 
 /// What kind of storage backs the image.

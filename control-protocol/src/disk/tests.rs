@@ -4,7 +4,7 @@ use super::*;
 use crate::{CommandError, Reply};
 
 fn every_command() -> Vec<Command> {
-    let mut commands = vec![Command::Status];
+    let mut commands = vec![Command::Status, Command::DirtyPages];
     for generation in [None, Some(0), Some(7), Some(u64::MAX)] {
         commands.push(Command::Order(Order::ContinueDegraded(generation)));
         commands.push(Command::Order(Order::Promote(generation)));
@@ -46,7 +46,14 @@ fn a_bad_command_line_is_refused_with_its_reason() {
         refused("promote -1"),
         CommandError::NotANumber { .. }
     ));
-    for line in ["fence 3", "status 1", "demote 2", "repair 1", "promote 1 2"] {
+    for line in [
+        "fence 3",
+        "status 1",
+        "demote 2",
+        "repair 1",
+        "promote 1 2",
+        "dirty-pages 1",
+    ] {
         assert!(
             matches!(refused(line), CommandError::TooManyArguments { .. }),
             "{line}"
@@ -313,4 +320,52 @@ fn a_status_with_a_wrong_type_or_word_is_refused() {
     assert!(Reply::<Status>::from_line("").is_err());
     // A refusal is only `{"error": …}`: anything more is not one.
     assert!(Reply::<Done>::from_line(r#"{"error":"x","ok":true}"#).is_err());
+}
+
+fn dirty_pages() -> DirtyPages {
+    DirtyPages {
+        page_size: 4096,
+        files: vec![DirtyFile {
+            dev: 24,
+            ino: 1234,
+            ranges: vec![[0, 8192], [1 << 20, 4096]],
+        }],
+    }
+}
+
+#[test]
+fn dirty_pages_has_the_documented_shape_and_round_trips() {
+    assert_eq!("dirty-pages".parse(), Ok(Command::DirtyPages));
+    assert_eq!(Command::DirtyPages.to_string(), "dirty-pages");
+    let line = Reply::Answer(dirty_pages()).to_line().expect("line");
+    assert_eq!(
+        line,
+        r#"{"page_size":4096,"files":[{"dev":24,"ino":1234,"ranges":[[0,8192],[1048576,4096]]}]}"#
+    );
+    assert_eq!(
+        Reply::from_line(&line).expect("parse"),
+        Reply::Answer(dirty_pages())
+    );
+    let empty = r#"{"page_size":4096,"files":[]}"#;
+    assert!(matches!(
+        Reply::<DirtyPages>::from_line(empty),
+        Ok(Reply::Answer(DirtyPages { files, .. })) if files.is_empty()
+    ));
+}
+
+#[test]
+fn a_dirty_pages_reply_out_of_shape_is_refused() {
+    for line in [
+        r#"{"files":[]}"#,
+        r#"{"page_size":4096}"#,
+        r#"{"page_size":4096,"files":[],"epoch":3}"#,
+        r#"{"page_size":4096,"files":[{"dev":1,"ranges":[]}]}"#,
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[],"path":"/x"}]}"#,
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[[0]]}]}"#,
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[[0,4096,1]]}]}"#,
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[[-1,4096]]}]}"#,
+        r#"{"page_size":"4096","files":[]}"#,
+    ] {
+        assert!(Reply::<DirtyPages>::from_line(line).is_err(), "{line}");
+    }
 }
