@@ -165,7 +165,7 @@ pub struct DirtyPages {
     /// The ranges' granularity: every offset and length is a multiple of it.
     pub page_size: u64,
     /// One entry per file, sorted by `dev` then `ino` (a file with nothing written is left
-    /// out). The same shape as [`crate::nic::DirtyPages`].
+    /// out). The NIC daemon's `dirty-pages` answers the same shape.
     pub files: Vec<DirtyFile>,
 }
 

@@ -25,10 +25,10 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use daemon_util::guest_pages::TrackedBitmap;
 use daemon_util::{lock, Slot};
 use log::{debug, error, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -49,8 +49,9 @@ use crate::ticket::Waker;
 /// milliseconds, and a rewound request is simply executed again after `cont`.
 pub const STOP_DRAIN_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
-pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// Guest memory as this daemon maps it: every page it writes is marked in the dirty log QEMU
+/// can hand us for migration and in the page bitmap `dirty-pages` reads (Level 3).
+pub type GuestMemory = GuestMemoryMmap<TrackedBitmap>;
 pub type AtomicMemory = GuestMemoryAtomic<GuestMemory>;
 pub type Vring = VringRwLock<AtomicMemory>;
 
@@ -303,7 +304,7 @@ fn queue_error(error: virtio_queue::Error) -> io::Error {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = TrackedBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -342,6 +343,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
+        self.disk.guest_pages.set_memory(&memory.memory());
         self.memory.set(memory);
         Ok(())
     }

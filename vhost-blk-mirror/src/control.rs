@@ -4,13 +4,15 @@
 //! ftvmd reads too: `status` answers [`disk::Status`]; `promote`, `demote`,
 //! `continue-degraded`, `fence` (the coordinator's orders) and `repair` (the operator's,
 //! after replacing a failed local disk) answer [`disk::Done`] (`{"ok": true, "result":
-//! "..."}`); anything refused or not understood gets `{"error": "..."}`.
+//! "..."}`); `dirty-pages` (the checkpoint engine's, Level 3) answers [`disk::DirtyPages`];
+//! anything refused or not understood gets `{"error": "..."}`.
 
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use control_protocol::{disk, Reply};
+use daemon_util::guest_pages::PAGE_SIZE;
 use log::info;
 
 use crate::execute::Disk;
@@ -60,6 +62,26 @@ pub fn status(disk: &Disk, queues: usize) -> disk::Status {
     }
 }
 
+/// Builds the `dirty-pages` answer: the guest pages written since the last one, cleared.
+pub fn dirty_pages(disk: &Disk) -> Result<disk::DirtyPages, String> {
+    let files = disk.guest_pages.take().map_err(|error| error.to_string())?;
+    Ok(disk::DirtyPages {
+        page_size: PAGE_SIZE,
+        files: files
+            .into_iter()
+            .map(|written| disk::DirtyFile {
+                dev: written.file.dev,
+                ino: written.file.ino,
+                ranges: written
+                    .ranges
+                    .into_iter()
+                    .map(|(offset, len)| [offset, len])
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
 /// Serves the control socket on a background thread until the process exits.
 pub fn spawn(listener: UnixListener, disk: Arc<Disk>, queues: usize) -> io::Result<()> {
     daemon_util::serve_commands(listener, move |line| answer(line, &disk, queues))
@@ -68,6 +90,10 @@ pub fn spawn(listener: UnixListener, disk: Arc<Disk>, queues: usize) -> io::Resu
 fn answer(line: &str, disk: &Disk, queues: usize) -> io::Result<String> {
     match line.parse::<disk::Command>() {
         Ok(disk::Command::Status) => Reply::Answer(status(disk, queues)).to_line(),
+        Ok(disk::Command::DirtyPages) => match dirty_pages(disk) {
+            Ok(pages) => Reply::Answer(pages).to_line(),
+            Err(error) => Reply::<disk::DirtyPages>::Refused(error).to_line(),
+        },
         Ok(disk::Command::Order(order)) => {
             info!("control command: {order}");
             match disk.mirror.command(order) {

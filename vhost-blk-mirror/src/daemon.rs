@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use daemon_util::guest_pages::GuestPages;
 use daemon_util::{listen_unix, remove_socket, ListenError, Stop};
 use log::{info, warn};
 use thiserror::Error;
@@ -75,6 +76,7 @@ pub fn open_disk(config: &Config) -> Result<Arc<Disk>, DaemonError> {
         serial,
         metrics: Metrics::default(),
         bad_request_log: RateLimitedLog::new(Duration::from_secs(1), 10),
+        guest_pages: GuestPages::new(),
     }))
 }
 

@@ -2,7 +2,8 @@
 //!
 //! This is the only module that sees guest buffers; it copies with `virtio_queue`'s
 //! `Reader`/`Writer`, so every byte written into guest memory goes through `vm-memory` and is
-//! marked in the dirty log when the frontend asked for one. Reads copy through a bounded
+//! marked in the dirty log when the frontend asked for one, and in [`Disk::guest_pages`]
+//! always (no raw pointer into guest memory: reads land in the bounce buffer first). Reads copy through a bounded
 //! bounce buffer; a write's data is copied once into the buffer that goes to the image and
 //! the peer. The status byte is not written here: the worker writes it when the request
 //! completes, strictly in the order the guest made requests available (see `backend.rs`).
@@ -11,6 +12,7 @@ use std::io::{self, Read, Write};
 use std::ops::Deref;
 use std::sync::Arc;
 
+use daemon_util::guest_pages::GuestPages;
 use log::warn;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
@@ -35,6 +37,9 @@ pub struct Disk {
     pub serial: String,
     pub metrics: Metrics,
     pub bad_request_log: RateLimitedLog,
+    /// The guest pages this daemon wrote, for `dirty-pages` (Level 3); kept across
+    /// connections.
+    pub guest_pages: GuestPages,
 }
 
 /// Outcome of a request that reached the image but failed there.

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{read_image, Fixture, IMAGE_BYTES};
+use control_protocol::disk::DirtyPages;
+use control_protocol::Reply;
 use daemon_util::test_support::{require_root, TIMEOUT};
 use vhost_user_blk_load::blk::{
     encode_header, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, STATUS_UNWRITTEN, TYPE_IN, TYPE_OUT,
@@ -348,6 +350,79 @@ fn dirty_log_marks_pages_the_daemon_wrote_into_guest_memory() {
         !log.is_dirty(header) || header / 4096 == status / 4096,
         "read-only header logged"
     );
+}
+
+/// `dirty-pages` (Level 3) reports what the daemon wrote as offsets of the RAM file, while
+/// QEMU's migration log keeps being marked too.
+#[test]
+fn dirty_pages_reports_the_pages_the_daemon_wrote_and_clears_them() {
+    let fixture = Fixture::start(&[]);
+    let mut device = fixture.connect(&DeviceOptions::default().with_dirty_log());
+    assert_eq!(
+        device.write(0, &[0x5a; 8192]).expect("write").status,
+        STATUS_OK
+    );
+    let dirty_pages = || -> DirtyPages {
+        let line = fixture.control("dirty-pages").expect("dirty-pages answers");
+        Reply::<DirtyPages>::from_line(&line)
+            .expect("a dirty-pages reply")
+            .into_result()
+            .expect("dirty-pages not refused")
+    };
+    let before = dirty_pages();
+    assert_eq!(before.page_size, 4096);
+    assert_eq!(
+        before.files.len(),
+        1,
+        "the used ring was written: {before:?}"
+    );
+    device.dirty_log().expect("dirty log").clear();
+
+    let queue = device.queue(0).expect("queue");
+    let base = queue.memory().base_address();
+    let header = queue.alloc_buffer(16).expect("alloc");
+    let data = queue.alloc_buffer(8192).expect("alloc");
+    let status = queue.alloc_buffer(1).expect("alloc");
+    queue
+        .memory()
+        .write(header, &encode_header(TYPE_IN, 0))
+        .expect("header");
+    let id = queue
+        .submit_raw(&[
+            Descriptor::readable(header, 16),
+            Descriptor::writable(data, 8192),
+            Descriptor::writable(status, 1),
+        ])
+        .expect("submit");
+    queue.wait(id, TIMEOUT).expect("completion");
+    let written = dirty_pages();
+    let [file] = &written.files[..] else {
+        panic!("one RAM file expected: {written:?}");
+    };
+    assert!(file.dev != 0 || file.ino != 0, "{written:?}");
+    let reported = |address: u64| {
+        let offset = address - base;
+        file.ranges
+            .iter()
+            .any(|&[start, len]| start <= offset && offset < start + len)
+    };
+    for page in [data, data + 4096, status] {
+        assert!(reported(page), "page {page:#x} not reported: {written:?}");
+    }
+    assert!(
+        !reported(header) || header / 4096 == status / 4096,
+        "read-only header reported: {written:?}"
+    );
+    for pair in file.ranges.windows(2) {
+        assert!(pair[0][0] + pair[0][1] < pair[1][0], "{written:?}");
+    }
+    assert!(file
+        .ranges
+        .iter()
+        .all(|[start, len]| start % 4096 == 0 && len % 4096 == 0));
+    let log = device.dirty_log().expect("dirty log");
+    assert!(log.is_dirty(data) && log.is_dirty(status), "migration log");
+    assert_eq!(dirty_pages().files, vec![], "cleared by the previous call");
 }
 
 /// A loop block device over a file, detached when dropped.
