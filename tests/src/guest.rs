@@ -57,6 +57,8 @@ pub struct GuestConfig {
     /// Start with `-incoming defer`: the guest's state comes by `migrate-incoming` (a Level 3
     /// restore).
     pub incoming_defer: bool,
+    /// Extra environment of QEMU (e.g. `LD_PRELOAD` of the Level 3 RAM tracking library).
+    pub env: Vec<(String, String)>,
 }
 
 impl GuestConfig {
@@ -74,6 +76,7 @@ impl GuestConfig {
             qmp: None,
             ram_file: None,
             incoming_defer: false,
+            env: Vec::new(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl Guest {
             None => Command::new("qemu-system-x86_64"),
         };
         command.args(qemu_args(config, &initrd));
+        command.envs(config.env.iter().map(|(name, value)| (name, value)));
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
