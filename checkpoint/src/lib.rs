@@ -16,3 +16,8 @@ pub mod qmp;
 pub mod replica;
 pub mod stats;
 pub mod wire;
+pub mod mapped_file;
+pub mod secondary;
+pub mod sender;
+#[cfg(test)]
+mod stream_tests;
