@@ -12,6 +12,7 @@
 
 pub mod delta;
 pub mod dirty;
+pub mod epoch;
 pub mod qmp;
 pub mod replica;
 pub mod stats;
