@@ -4,6 +4,7 @@
 //! Workers call [`Mirror`] with whole requests; it decides whether a request completes now
 //! ([`Outcome::Ready`]) or when the peer has acknowledged it ([`Outcome::Waiting`]).
 
+pub mod journal;
 pub mod primary;
 pub mod protocol;
 pub mod secondary;
