@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::CommandError;
 
+/// An epoch number of Level 3 output commit (see `docs/LEVEL3.md`).
+pub type Epoch = u64;
+
 /// A command to a NIC daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -15,53 +18,175 @@ pub enum Command {
     /// Moves the LAN's view of the guest's MAC to where its frames leave now; answered
     /// with [`Announced`].
     Announce,
+    /// `dirty-pages`: the pages of guest RAM the daemon wrote since the previous
+    /// `dirty-pages` (read and cleared in one call); answered with [`DirtyPages`].
+    DirtyPages,
+    /// `output-commit on EPOCH`: hold the frames the guest sends from now on, as frames of
+    /// `EPOCH`; answered with [`OutputCommitted`].
+    OutputCommitOn(Epoch),
+    /// `output-commit off`: release every held frame in order and stop holding; answered
+    /// with [`OutputCommitted`].
+    OutputCommitOff,
+    /// `epoch-end N`: `N` must be the current epoch; frames sent from now on belong to
+    /// `N + 1`. Answered with [`OutputCommitted`].
+    EpochEnd(Epoch),
+    /// `commit N`: release, in order, every held frame of the epochs up to `N` (`N` must
+    /// have ended). Answered with [`OutputCommitted`].
+    Commit(Epoch),
 }
 
 impl Command {
     /// The commands, as the error for an unknown one lists them.
-    pub const SYNOPSIS: &'static str = "status, announce";
+    pub const SYNOPSIS: &'static str = "status, announce, dirty-pages, output-commit on EPOCH, \
+         output-commit off, epoch-end EPOCH, commit EPOCH";
 
     fn name(self) -> &'static str {
         match self {
             Command::Status => "status",
             Command::Announce => "announce",
+            Command::DirtyPages => "dirty-pages",
+            Command::OutputCommitOn(_) | Command::OutputCommitOff => "output-commit",
+            Command::EpochEnd(_) => "epoch-end",
+            Command::Commit(_) => "commit",
         }
     }
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.name())?;
+        match self {
+            Command::Status | Command::Announce | Command::DirtyPages => Ok(()),
+            Command::OutputCommitOn(epoch) => write!(f, " on {epoch}"),
+            Command::OutputCommitOff => f.write_str(" off"),
+            Command::EpochEnd(epoch) | Command::Commit(epoch) => write!(f, " {epoch}"),
+        }
     }
 }
 
-impl FromStr for Command {
-    type Err = CommandError;
+/// Why a NIC command line was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{command}: missing {what}")]
+    Missing {
+        command: &'static str,
+        what: &'static str,
+    },
+    #[error("{command}: epoch {word:?} is not a number")]
+    EpochNotANumber { command: &'static str, word: String },
+    #[error("output-commit: {word:?} is neither \"on\" nor \"off\"")]
+    NotOnOrOff { word: String },
+}
 
-    fn from_str(line: &str) -> Result<Command, CommandError> {
+impl FromStr for Command {
+    type Err = ParseError;
+
+    fn from_str(line: &str) -> Result<Command, ParseError> {
         let mut words = line.split_whitespace();
         let command = match words.next() {
             None => {
                 return Err(CommandError::Empty {
                     commands: Command::SYNOPSIS,
-                })
+                }
+                .into())
             }
             Some("status") => Command::Status,
             Some("announce") => Command::Announce,
+            Some("dirty-pages") => Command::DirtyPages,
+            Some("output-commit") => match words.next() {
+                Some("on") => Command::OutputCommitOn(epoch("output-commit", words.next())?),
+                Some("off") => Command::OutputCommitOff,
+                Some(other) => {
+                    return Err(ParseError::NotOnOrOff {
+                        word: other.to_owned(),
+                    })
+                }
+                None => {
+                    return Err(ParseError::Missing {
+                        command: "output-commit",
+                        what: "\"on EPOCH\" or \"off\"",
+                    })
+                }
+            },
+            Some("epoch-end") => Command::EpochEnd(epoch("epoch-end", words.next())?),
+            Some("commit") => Command::Commit(epoch("commit", words.next())?),
             Some(other) => {
                 return Err(CommandError::Unknown {
                     word: other.to_owned(),
                     commands: Command::SYNOPSIS,
-                })
+                }
+                .into())
             }
         };
         match words.next() {
             None => Ok(command),
             Some(_) => Err(CommandError::TooManyArguments {
                 command: command.name(),
-            }),
+            }
+            .into()),
         }
     }
+}
+
+/// An epoch argument: a decimal number (no sign, no other base).
+fn epoch(command: &'static str, word: Option<&str>) -> Result<Epoch, ParseError> {
+    let word = word.ok_or(ParseError::Missing {
+        command,
+        what: "the epoch",
+    })?;
+    let digits = !word.is_empty() && word.bytes().all(|byte| byte.is_ascii_digit());
+    match word.parse::<Epoch>() {
+        Ok(epoch) if digits => Ok(epoch),
+        _ => Err(ParseError::EpochNotANumber {
+            command,
+            word: word.to_owned(),
+        }),
+    }
+}
+
+/// The answer to `dirty-pages`: the same type as the disk daemon's (`docs/LEVEL3.md`,
+/// "Interfaces").
+pub use crate::disk::{DirtyFile, DirtyPages};
+
+/// Level 3 output commit as the daemon holds it (in [`Status`] and in the answers to the
+/// output-commit commands).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputCommit {
+    /// Frames the guest sends are held (`output-commit on`).
+    pub enabled: bool,
+    /// The epoch the guest's frames belong to now (`null` while off).
+    #[serde(deserialize_with = "crate::required")]
+    pub current_epoch: Option<Epoch>,
+    /// The last epoch committed since `output-commit on` (`null`: none yet, or off).
+    #[serde(deserialize_with = "crate::required")]
+    pub committed_epoch: Option<Epoch>,
+    /// Frames held now, waiting for their epoch's commit.
+    pub held_frames: u64,
+    /// Bytes of those frames (with their virtio-net headers).
+    pub held_bytes: u64,
+    /// The buffer's limit (`--output-buffer-bytes`): at or above it, the guest's frames wait
+    /// in its TX ring.
+    pub buffer_limit_bytes: u64,
+    /// Times a queue pair stopped taking frames from the guest's TX ring because the buffer
+    /// was full (the frames wait in the ring until a commit frees room; none is dropped).
+    pub buffer_full_waits: u64,
+    /// Frames released (by `commit` or `output-commit off`) since the daemon started.
+    pub released_frames: u64,
+}
+
+/// The answer to `output-commit on|off`, `epoch-end` and `commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputCommitted {
+    /// Always `true` (a refusal is a [`crate::Reply::Refused`]).
+    pub ok: bool,
+    /// Frames this command released (in the order the guest sent them).
+    pub released_frames: u64,
+    /// The state after the command.
+    pub output_commit: OutputCommit,
 }
 
 /// The answer to `announce`.
@@ -163,6 +288,8 @@ pub struct Status {
     pub link: Link,
     pub features: Features,
     pub redundancy: Redundancy,
+    /// Level 3 output commit.
+    pub output_commit: OutputCommit,
     /// Frames put into the guest's receive buffers.
     pub rx_packets: u64,
     /// Bytes of those frames (without the virtio-net header).
@@ -175,7 +302,8 @@ pub struct Status {
     pub rx_bad_buffers: u64,
     /// Reads from the TAP that failed with something else than "nothing to read".
     pub tap_read_errors: u64,
-    /// Frames sent to the TAP.
+    /// Frames sent to the TAP (or the peer host); a frame held for output commit counts
+    /// when it is released.
     pub tx_packets: u64,
     /// Bytes of those frames (without the virtio-net header).
     pub tx_bytes: u64,

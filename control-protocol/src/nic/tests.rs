@@ -5,22 +5,137 @@ use crate::{CommandError, Reply};
 
 #[test]
 fn every_command_round_trips_through_its_line() {
-    for command in [Command::Status, Command::Announce] {
+    for command in [
+        Command::Status,
+        Command::Announce,
+        Command::DirtyPages,
+        Command::OutputCommitOn(0),
+        Command::OutputCommitOn(u64::MAX),
+        Command::OutputCommitOff,
+        Command::EpochEnd(7),
+        Command::Commit(18_446_744_073_709_551_615),
+    ] {
         assert_eq!(command.to_string().parse::<Command>(), Ok(command));
     }
     assert_eq!(" announce ".parse(), Ok(Command::Announce));
+    assert_eq!(
+        "output-commit on 12".parse(),
+        Ok(Command::OutputCommitOn(12))
+    );
+    assert_eq!(Command::EpochEnd(3).to_string(), "epoch-end 3");
+    assert_eq!(Command::OutputCommitOff.to_string(), "output-commit off");
     assert!(matches!(
         "".parse::<Command>(),
-        Err(CommandError::Empty { .. })
+        Err(ParseError::Command(CommandError::Empty { .. }))
     ));
     assert!(matches!(
         "fence".parse::<Command>(),
-        Err(CommandError::Unknown { .. })
+        Err(ParseError::Command(CommandError::Unknown { .. }))
     ));
     assert!(matches!(
         "announce now".parse::<Command>(),
-        Err(CommandError::TooManyArguments { .. })
+        Err(ParseError::Command(CommandError::TooManyArguments { .. }))
     ));
+}
+
+#[test]
+fn a_malformed_epoch_command_is_refused() {
+    for line in ["commit", "epoch-end", "output-commit", "output-commit on"] {
+        assert!(
+            matches!(line.parse::<Command>(), Err(ParseError::Missing { .. })),
+            "{line}"
+        );
+    }
+    for line in [
+        "commit -1",
+        "commit +1",
+        "commit 0x10",
+        "commit 18446744073709551616",
+        "epoch-end 1.5",
+        "output-commit on ten",
+    ] {
+        assert!(
+            matches!(
+                line.parse::<Command>(),
+                Err(ParseError::EpochNotANumber { .. })
+            ),
+            "{line}"
+        );
+    }
+    assert!(matches!(
+        "output-commit maybe".parse::<Command>(),
+        Err(ParseError::NotOnOrOff { .. })
+    ));
+    assert!(matches!(
+        "commit 1 2".parse::<Command>(),
+        Err(ParseError::Command(CommandError::TooManyArguments { .. }))
+    ));
+    assert!(matches!(
+        "output-commit off now".parse::<Command>(),
+        Err(ParseError::Command(CommandError::TooManyArguments { .. }))
+    ));
+    assert!(matches!(
+        "dirty-pages all".parse::<Command>(),
+        Err(ParseError::Command(CommandError::TooManyArguments { .. }))
+    ));
+}
+
+pub(crate) fn output_commit() -> OutputCommit {
+    OutputCommit {
+        enabled: true,
+        current_epoch: Some(5),
+        committed_epoch: None,
+        held_frames: 2,
+        held_bytes: 140,
+        buffer_limit_bytes: 1 << 20,
+        buffer_full_waits: 1,
+        released_frames: 9,
+    }
+}
+
+#[test]
+fn dirty_pages_and_output_commit_answers_round_trip_strictly() {
+    let dirty = DirtyPages {
+        page_size: 4096,
+        files: vec![DirtyFile {
+            dev: 1,
+            ino: 2,
+            ranges: vec![[0, 4096], [16384, 8192]],
+        }],
+    };
+    let line = Reply::Answer(dirty.clone()).to_line().expect("line");
+    assert_eq!(
+        line,
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[[0,4096],[16384,8192]]}]}"#
+    );
+    assert_eq!(
+        Reply::from_line(&line).expect("parse"),
+        Reply::Answer(dirty)
+    );
+    assert!(Reply::<DirtyPages>::from_line(r#"{"page_size":4096}"#).is_err());
+    assert!(Reply::<DirtyPages>::from_line(
+        r#"{"page_size":4096,"files":[{"dev":1,"ino":2,"ranges":[[0]]}]}"#
+    )
+    .is_err());
+    let committed = OutputCommitted {
+        ok: true,
+        released_frames: 3,
+        output_commit: output_commit(),
+    };
+    let line = Reply::Answer(committed.clone()).to_line().expect("line");
+    assert_eq!(
+        Reply::from_line(&line).expect("parse"),
+        Reply::Answer(committed.clone())
+    );
+    let mut value = serde_json::to_value(&committed).expect("json");
+    value["output_commit"]
+        .as_object_mut()
+        .expect("object")
+        .remove("committed_epoch");
+    assert!(Reply::<OutputCommitted>::from_line(&value.to_string()).is_err());
+    let mut value = serde_json::to_value(&committed).expect("json");
+    value["output_commit"]["dropped_frames"] = json!(0);
+    assert!(Reply::<OutputCommitted>::from_line(&value.to_string()).is_err());
 }
 
 pub(crate) fn status(redundancy: Redundancy) -> Status {
@@ -45,6 +160,7 @@ pub(crate) fn status(redundancy: Redundancy) -> Status {
             header_len_bytes: 12,
         },
         redundancy,
+        output_commit: output_commit(),
         rx_packets: 1,
         rx_bytes: 2,
         rx_dropped_no_buffers: 3,
@@ -152,6 +268,9 @@ fn a_status_with_a_missing_unknown_or_mistyped_field_is_refused() {
         ("link", "tap_master"),
         ("", "bridge"),
         ("", "relay_to_peer_packets"),
+        ("", "output_commit"),
+        ("output_commit", "held_bytes"),
+        ("output_commit", "current_epoch"),
     ] {
         let error = parse(&remove(object, field)).expect_err(field);
         assert!(error.to_string().contains("missing field"), "{error}");
