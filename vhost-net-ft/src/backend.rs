@@ -9,7 +9,8 @@
 //! Event ids on a pair's thread: `0` RX kick, `1` TX kick (the thread-local vring index),
 //! `num_queues` the library's exit and vring-enable events, [`NetBackend::tap_event_id`] the
 //! TAP queue became readable (edge-triggered), [`NetBackend::resume_event_id`] our own "more
-//! to receive" wake-up.
+//! to receive" wake-up, [`NetBackend::room_event_id`] "the output commit buffer has room
+//! again" (TX resumes, see [`crate::output`]).
 //!
 //! RX is driven by the TAP: a readable TAP queue wakes the worker, which moves frames into the
 //! guest's buffers until the TAP is empty. When the guest has no buffer left for a frame, the
@@ -28,16 +29,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use daemon_util::guest_pages::{TrackedBitmap, TrackedMemory};
 use daemon_util::{lock, Slot};
 use log::{debug, error, warn};
 pub use replication_link::error_chain;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -51,10 +52,12 @@ use crate::device::Device;
 use crate::frame::convert_header;
 use crate::frame::{header_len, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
-use crate::sink::{SinkError, TxFrame, TxSink, UplinkSink};
+use crate::sink::{EpochSink, TxSink};
 
-/// Guest memory as this daemon maps it: with a dirty bitmap QEMU can hand us for migration.
-pub type GuestMemory = GuestMemoryMmap<BitmapMmapRegion>;
+/// Guest memory as this daemon maps it: every write is marked in QEMU's migration log (when
+/// QEMU hands us one) and in the page bitmap `dirty-pages` reads (see
+/// `daemon_util::guest_pages`).
+pub type GuestMemory = TrackedMemory;
 pub type AtomicMemory = GuestMemoryAtomic<GuestMemory>;
 pub type Vring = VringRwLock<AtomicMemory>;
 
@@ -89,6 +92,8 @@ struct PairWorker {
     rx_pending: usize,
     /// RX stopped for lack of guest buffers (counted once per pause).
     rx_waiting: bool,
+    /// TX stopped because the output commit buffer was full (counted once per pause).
+    tx_waiting: bool,
 }
 
 impl NetBackend {
@@ -99,13 +104,14 @@ impl NetBackend {
             .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..pairs)
             .map(|index| {
-                let sink: Box<dyn TxSink> = Box::new(UplinkSink::new(device.clone(), index));
+                let sink: Box<dyn TxSink> = Box::new(EpochSink::new(device.clone(), index));
                 Mutex::new(PairWorker {
                     index,
                     sink,
                     rx_buffer: vec![0u8; RX_BUFFER_BYTES],
                     rx_pending: 0,
                     rx_waiting: false,
+                    tx_waiting: false,
                 })
             })
             .collect();
@@ -138,6 +144,11 @@ impl NetBackend {
     /// The epoll id of "frames from the peer host wait for the guest" (pair 0 only).
     pub fn peer_event_id(&self) -> u64 {
         self.num_queues as u64 + 3
+    }
+
+    /// The epoll id of "the output commit buffer has room again" (see [`crate::output`]).
+    pub fn room_event_id(&self) -> u64 {
+        self.num_queues as u64 + 4
     }
 
     /// The resume eventfd of pair `index`, to register in that pair's event loop.
@@ -174,6 +185,12 @@ impl NetBackend {
                     let _ = resume.read();
                 }
                 self.receive(rx, &mut worker)
+            }
+            id if id == self.room_event_id() => {
+                if let Some(room) = self.device.output.room_eventfd(pair) {
+                    let _ = room.read();
+                }
+                self.transmit(tx, &mut worker)
             }
             _ => Ok(()),
         }
@@ -328,7 +345,9 @@ impl NetBackend {
     }
 
     /// Sends every available TX chain; with EVENT_IDX, loops until no chain arrived while
-    /// notifications were off.
+    /// notifications were off. Takes no chain while the sink has no room (a full output
+    /// commit buffer): the guest's frames wait in its ring and the sink wakes the pair when
+    /// a commit frees room (with notifications still off, so waiting costs nothing).
     fn transmit(&self, tx: &Vring, worker: &mut PairWorker) -> io::Result<()> {
         let Some(memory) = self.memory.get() else {
             return Ok(());
@@ -346,17 +365,27 @@ impl NetBackend {
                 tx.disable_notification().map_err(queue_error)?;
             }
             let guest = memory.memory();
-            let chains: Vec<_> = tx
-                .get_mut()
-                .get_queue_mut()
-                .iter(guest.clone())
-                .map_err(queue_error)?
-                .collect();
-            let sent_any = !chains.is_empty();
-            for chain in chains {
+            let mut sent_any = false;
+            let mut full = false;
+            loop {
+                if !worker.sink.has_room() {
+                    full = true;
+                    break;
+                }
+                // One chain at a time, so that the room is checked before each.
+                let chain = tx
+                    .get_mut()
+                    .get_queue_mut()
+                    .iter(guest.clone())
+                    .map_err(queue_error)?
+                    .next();
+                let Some(chain) = chain else {
+                    break;
+                };
+                sent_any = true;
                 let head = chain.head_index();
                 match read_tx_chain(chain, header_len, offloads) {
-                    Ok(frame) => self.send(worker, frame),
+                    Ok(frame) => worker.sink.send(frame),
                     Err(error) => {
                         Metrics::add(&self.device.metrics.tx_dropped_malformed, 1);
                         self.device.log_fault(format_args!(
@@ -370,33 +399,16 @@ impl NetBackend {
             if sent_any && tx.needs_notification().map_err(queue_error)? {
                 tx.signal_used_queue()?;
             }
-            if !event_idx || !tx.enable_notification().map_err(queue_error)? {
+            if full {
+                if !worker.tx_waiting {
+                    worker.sink.count_full_wait();
+                    worker.tx_waiting = true;
+                }
                 return Ok(());
             }
-        }
-    }
-
-    fn send(&self, worker: &mut PairWorker, frame: TxFrame) {
-        let metrics = &self.device.metrics;
-        let frame_len = frame.frame().len() as u64;
-        let via_peer = self.device.redundancy.via_peer();
-        match worker.sink.send(frame) {
-            Ok(()) => {
-                Metrics::add(&metrics.tx_packets, 1);
-                Metrics::add(&metrics.tx_bytes, frame_len);
-                if via_peer {
-                    Metrics::add(&metrics.peer_tx_packets, 1);
-                }
-            }
-            // The link's window is full (or it is down): dropped, like a full TAP queue.
-            Err(SinkError::Peer(_)) => Metrics::add(&metrics.peer_tx_dropped, 1),
-            Err(error) => {
-                Metrics::add(&metrics.tap_write_errors, 1);
-                self.device.log_fault(format_args!(
-                    "queue pair {}: {}",
-                    worker.index,
-                    error_chain(&error)
-                ));
+            worker.tx_waiting = false;
+            if !event_idx || !tx.enable_notification().map_err(queue_error)? {
+                return Ok(());
             }
         }
     }
@@ -491,7 +503,7 @@ fn queue_error(error: virtio_queue::Error) -> io::Error {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = BitmapMmapRegion;
+    type Bitmap = TrackedBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -545,6 +557,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, memory: AtomicMemory) -> io::Result<()> {
+        self.device.guest_pages.set_memory(&memory.memory());
         self.memory.set(memory);
         Ok(())
     }

@@ -3,18 +3,24 @@
 //! The commands, the replies and the status are `control_protocol::nic`'s types, which
 //! ftvmd reads too: `status` answers [`nic::Status`] (the NIC's state and counters);
 //! `announce` moves the LAN's view of the guest's MAC here (see [`Device::announce`]) and
-//! answers [`nic::Announced`]; anything refused or not understood gets `{"error": "..."}`.
+//! answers [`nic::Announced`]; `dirty-pages` answers [`nic::DirtyPages`] (the guest pages
+//! this daemon wrote since the last call); `output-commit on EPOCH|off`, `epoch-end N` and
+//! `commit N` drive Level 3 output commit ([`crate::output`]) and answer
+//! [`nic::OutputCommitted`]; anything refused or not understood gets `{"error": "..."}`.
 
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use control_protocol::{nic, Reply};
+use daemon_util::guest_pages::PAGE_SIZE;
 use log::info;
 
 use crate::config::{feature_names, format_mac, virtio_features, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::device::Device;
 use crate::metrics::MetricsSnapshot;
+use crate::output::EpochError;
+use crate::sink::send_now;
 
 pub use daemon_util::{bind_unix, request, ControlError};
 
@@ -67,6 +73,7 @@ pub fn status(device: &Device) -> nic::Status {
             header_len_bytes: device.tap.header_len(),
         },
         redundancy: device.redundancy.status(),
+        output_commit: device.output.state(),
         rx_packets,
         rx_bytes,
         rx_dropped_no_buffers,
@@ -114,7 +121,61 @@ fn answer(line: &str, device: &Device) -> io::Result<String> {
                 .to_line(),
             }
         }
+        Ok(nic::Command::DirtyPages) => dirty_pages(device),
+        Ok(nic::Command::OutputCommitOn(epoch)) => {
+            info!("control command: output-commit on {epoch}");
+            epoch_reply(device.output.start(epoch))
+        }
+        Ok(nic::Command::OutputCommitOff) => {
+            let done = device
+                .output
+                .stop(&mut |queue, frame| send_now(device, queue, frame));
+            info!(
+                "control command: output-commit off ({} held frame(s) released)",
+                done.released_frames
+            );
+            Reply::Answer(done).to_line()
+        }
+        Ok(nic::Command::EpochEnd(epoch)) => epoch_reply(device.output.end(epoch)),
+        Ok(nic::Command::Commit(epoch)) => epoch_reply(
+            device
+                .output
+                .commit(epoch, &mut |queue, frame| send_now(device, queue, frame)),
+        ),
         Err(error) => Reply::<nic::Announced>::Refused(error.to_string()).to_line(),
     }
     .map_err(io::Error::other)
+}
+
+/// The answer to an output commit command, or its refusal.
+fn epoch_reply(
+    result: Result<nic::OutputCommitted, EpochError>,
+) -> Result<String, serde_json::Error> {
+    match result {
+        Ok(done) => Reply::Answer(done).to_line(),
+        Err(error) => Reply::<nic::OutputCommitted>::Refused(error.to_string()).to_line(),
+    }
+}
+
+/// `dirty-pages`: reads and clears the pages of guest RAM this daemon wrote.
+fn dirty_pages(device: &Device) -> Result<String, serde_json::Error> {
+    match device.guest_pages.take() {
+        Ok(files) => Reply::Answer(nic::DirtyPages {
+            page_size: PAGE_SIZE,
+            files: files
+                .into_iter()
+                .map(|written| nic::DirtyFile {
+                    dev: written.file.dev,
+                    ino: written.file.ino,
+                    ranges: written
+                        .ranges
+                        .into_iter()
+                        .map(|(offset, len)| [offset, len])
+                        .collect(),
+                })
+                .collect(),
+        })
+        .to_line(),
+        Err(error) => Reply::<nic::DirtyPages>::Refused(error.to_string()).to_line(),
+    }
 }

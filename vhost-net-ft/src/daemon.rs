@@ -22,6 +22,7 @@ use crate::config::{default_mac, format_mac, MAX_QUEUE_PAIRS};
 use crate::control::{self, ControlError};
 use crate::device::Device;
 use crate::metrics::Metrics;
+use crate::output::MIN_BUFFER_BYTES;
 use crate::peer::{self, PeerError, PeerSettings};
 use crate::relay::Relay;
 use crate::tap::{check_name, Tap, TapError};
@@ -49,6 +50,8 @@ pub struct Config {
     pub watch_uplink: Option<String>,
     /// The same NIC's daemon on the peer host, for the redundant uplink.
     pub peer: Option<PeerSettings>,
+    /// The output commit buffer's limit in bytes (`--output-buffer-bytes`).
+    pub output_buffer_bytes: usize,
 }
 
 #[derive(Debug, Error)]
@@ -77,12 +80,17 @@ pub enum DaemonError {
     Peer(#[source] PeerError),
     #[error("--uplink {0}: {1}")]
     Uplink(String, TapError),
+    #[error("--output-buffer-bytes must be at least {MIN_BUFFER_BYTES}, not {0}")]
+    OutputBuffer(usize),
 }
 
 /// Opens (or creates) the TAP and builds the NIC's shared state.
 pub fn open_device(config: &Config) -> Result<Arc<Device>, DaemonError> {
     if config.queues == 0 || config.queues > MAX_QUEUE_PAIRS {
         return Err(DaemonError::Queues(config.queues));
+    }
+    if config.output_buffer_bytes < MIN_BUFFER_BYTES {
+        return Err(DaemonError::OutputBuffer(config.output_buffer_bytes));
     }
     let tap = match &config.uplink {
         Uplink::Tap(name) => Tap::open(name, config.queues)?,
@@ -92,8 +100,14 @@ pub fn open_device(config: &Config) -> Result<Arc<Device>, DaemonError> {
         check_name(uplink).map_err(|error| DaemonError::Uplink(uplink.clone(), error))?;
     }
     let mac = config.mac.unwrap_or_else(|| default_mac(&config.socket));
-    let device = Device::new(tap, mac, config.queues, config.watch_uplink.clone())
-        .map_err(DaemonError::Device)?;
+    let device = Device::new(
+        tap,
+        mac,
+        config.queues,
+        config.watch_uplink.clone(),
+        config.output_buffer_bytes,
+    )
+    .map_err(DaemonError::Device)?;
     Ok(Arc::new(device))
 }
 
@@ -289,8 +303,8 @@ fn serve(
     Ok(())
 }
 
-/// Registers each pair's TAP queue (edge-triggered) and resume eventfd in that pair's epoll
-/// loop. The last handler is the control queue's and gets neither.
+/// Registers each pair's TAP queue (edge-triggered), resume eventfd and output-buffer room
+/// eventfd in that pair's epoll loop. The last handler is the control queue's and gets neither.
 fn register_listeners(
     daemon: &VhostUserDaemon<Arc<NetBackend>>,
     backend: &NetBackend,
@@ -324,6 +338,11 @@ fn register_listeners(
             handler
                 .register_listener(resume.as_raw_fd(), EventSet::IN, backend.resume_event_id())
                 .map_err(|error| register_error("the RX wake-up", error))?;
+        }
+        if let Some(room) = device.output.room_eventfd(pair) {
+            handler
+                .register_listener(room.as_raw_fd(), EventSet::IN, backend.room_event_id())
+                .map_err(|error| register_error("the output buffer's wake-up", error))?;
         }
     }
     Ok(())

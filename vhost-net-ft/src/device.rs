@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use daemon_util::guest_pages::GuestPages;
 use log::info;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_ANNOUNCE;
 
@@ -12,6 +13,7 @@ use crate::config::tap_offloads;
 use crate::config::{config_space, format_mac, CONFIG_SPACE_LEN, STATUS_ANNOUNCE, STATUS_LINK_UP};
 use crate::frame::{header_len, rarp_frame, RARP_FRAME_LEN, VNET_HDR_LEN};
 use crate::metrics::{Metrics, RateLimitedLog};
+use crate::output::OutputCommit;
 use crate::peer::{Path, Redundancy};
 use crate::sink::TxFrame;
 use crate::tap::{Tap, TapError};
@@ -44,15 +46,22 @@ pub struct Device {
     tap_settings: Mutex<()>,
     /// The uplink watch and the path through the peer host.
     pub redundancy: Redundancy,
+    /// Level 3 output commit: the guest's frames held until their epoch commits.
+    pub output: OutputCommit,
+    /// The pages of guest RAM this daemon wrote, for `dirty-pages` (over every memory table
+    /// and every frontend connection).
+    pub guest_pages: GuestPages,
 }
 
 impl Device {
-    /// `uplink`: the interface to watch (`--uplink`).
+    /// `uplink`: the interface to watch (`--uplink`); `output_buffer_bytes`: the output
+    /// commit buffer's limit (`--output-buffer-bytes`).
     pub fn new(
         tap: Tap,
         mac: [u8; 6],
         queue_pairs: usize,
         uplink: Option<String>,
+        output_buffer_bytes: usize,
     ) -> std::io::Result<Device> {
         Ok(Device {
             tap: Arc::new(tap),
@@ -64,6 +73,8 @@ impl Device {
             acked_features: AtomicU64::new(0),
             tap_settings: Mutex::new(()),
             redundancy: Redundancy::new(uplink)?,
+            output: OutputCommit::new(queue_pairs, output_buffer_bytes)?,
+            guest_pages: GuestPages::new(),
         })
     }
 

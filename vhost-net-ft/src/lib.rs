@@ -3,7 +3,7 @@
 //! Layers, each knowing only its neighbours: [`frame`] parses and checks virtio-net headers
 //! (pure), [`ctrl`] answers control-queue commands (pure), [`config`] holds features, config
 //! space and MAC (pure), [`datapath`] moves frames between descriptor chains and buffers,
-//! [`sink`] is where guest frames go (the TAP today, an epoch buffer for Level 3), [`tap`]
+//! [`sink`] is where guest frames go (the TAP, or Level 3's epoch buffer, [`output`]), [`tap`]
 //! owns the TAP device (and the crate's only `unsafe`), [`backend`] is the vhost-user glue,
 //! [`device`] the state that outlives connections, [`daemon`] the process life cycle,
 //! [`control`] the operator's socket, [`relay`] passes vhost-user messages between QEMU and
@@ -19,6 +19,7 @@ pub mod datapath;
 pub mod device;
 pub mod frame;
 pub mod metrics;
+pub mod output;
 pub mod peer;
 pub mod relay;
 pub mod sink;

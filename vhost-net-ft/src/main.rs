@@ -47,7 +47,9 @@ struct Args {
     queues: usize,
     /// Control socket (mode 0600): `status` (JSON), `announce` (send a RARP from the MAC
     /// where the guest's frames leave now: the TAP, or the peer host on the redundant path;
-    /// ask the guest to announce itself where the frontend lets us).
+    /// ask the guest to announce itself where the frontend lets us); Level 3: `dirty-pages`
+    /// (the guest pages written since the last call), `output-commit on EPOCH|off`,
+    /// `epoch-end N`, `commit N` (hold the guest's frames until their epoch commits).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// The bridge's port to the LAN (e.g. a physical NIC or bond), watched for a lost link or
@@ -66,6 +68,11 @@ struct Args {
     /// This host's name on the peer link (default: the host name).
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
+    /// Level 3 output commit: the most bytes of guest frames held for uncommitted epochs
+    /// (at least 1 MiB). When it is reached, the guest's frames wait in its TX ring until a
+    /// commit frees room (none is dropped).
+    #[arg(long, value_name = "BYTES", default_value_t = vhost_net_ft::output::DEFAULT_BUFFER_BYTES)]
+    output_buffer_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +104,7 @@ fn main() -> ExitCode {
         control: args.control,
         watch_uplink: args.uplink,
         peer,
+        output_buffer_bytes: args.output_buffer_bytes,
     };
     match run(&config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,8 @@ daemon_util::metrics! {
         pub rx_bad_buffers: AtomicU64,
         /// Reads from the TAP that failed with something else than "nothing to read".
         pub tap_read_errors: AtomicU64,
-        /// Frames sent to the TAP.
+        /// Frames sent to the TAP (or the peer host); a frame held for output commit counts
+        /// when it is released.
         pub tx_packets: AtomicU64,
         /// Bytes of those frames (without the virtio-net header).
         pub tx_bytes: AtomicU64,

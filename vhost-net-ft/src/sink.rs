@@ -1,11 +1,12 @@
 //! Where validated guest frames go: the seam for Level 3 output commit.
 //!
 //! Each queue pair's worker owns one [`TxSink`] and hands it every frame it accepted from the
-//! guest, in the order the guest queued them. Today the sink sends at once ([`UplinkSink`]:
-//! to the TAP, or to the peer host while the uplink is down). Level 3 puts an epoch buffer in
-//! front of it: it keeps the frames of epoch N (they are owned, see [`TxFrame`]) and passes
-//! them on, in order, once checkpoint N has committed on the secondary. The guest's TX buffers are returned as soon as `send` returns, so holding
-//! frames never stalls the guest's ring.
+//! guest, in the order the guest queued them: an [`EpochSink`], which sends at once (on the TAP,
+//! or to the peer host while the uplink is down: [`send_now`]) while Level 3 output commit is
+//! off, and otherwise keeps the frames of epoch N (they are owned, see [`TxFrame`]) in the
+//! NIC's [`crate::output::OutputCommit`] until checkpoint N has committed on the secondary.
+//! The guest's TX buffers are returned as soon as `send` returns; only a full buffer makes
+//! the worker leave frames in the guest's ring ([`TxSink::has_room`]).
 
 use std::io;
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::device::Device;
+use crate::frame::convert_header;
+use crate::metrics::Metrics;
+use replication_link::error_chain;
 
 /// One frame as the TAP takes it: a virtio-net header (already checked and normalised) and
 /// the Ethernet frame, in one owned buffer.
@@ -38,6 +42,11 @@ impl TxFrame {
         self.bytes.get(self.header_len..).unwrap_or_default()
     }
 
+    /// The length of the virtio-net header in [`TxFrame::bytes`].
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
     /// The bytes (header and frame) and the header's length.
     pub fn into_parts(self) -> (Vec<u8>, usize) {
         (self.bytes, self.header_len)
@@ -58,8 +67,17 @@ pub enum SinkError {
 
 /// Takes the frames one queue pair's guest sends, in order.
 pub trait TxSink: Send {
-    /// Sends (or, for a buffering sink, accepts) one frame. An error means the frame is lost.
-    fn send(&mut self, frame: TxFrame) -> Result<(), SinkError>;
+    /// Sends (or, for a buffering sink, holds) one frame; counts and logs what became of it.
+    fn send(&mut self, frame: TxFrame);
+
+    /// Whether the sink takes another frame now. `false`: the worker leaves the guest's
+    /// frames in its TX ring until the sink wakes the pair (see [`crate::output`]).
+    fn has_room(&self) -> bool {
+        true
+    }
+
+    /// The worker stopped taking frames because [`TxSink::has_room`] said no.
+    fn count_full_wait(&self) {}
 }
 
 /// Sends each frame at once on the NIC's current path: one queue of our TAP, or the peer
@@ -77,19 +95,84 @@ impl UplinkSink {
 }
 
 impl TxSink for UplinkSink {
-    fn send(&mut self, frame: TxFrame) -> Result<(), SinkError> {
-        if self.device.redundancy.via_peer() {
-            return self
-                .device
-                .redundancy
-                .send_to_lan(frame)
-                .map_err(SinkError::Peer);
-        }
-        let tap = &self.device.tap;
-        tap.write_frame(self.queue, frame.bytes())
+    fn send(&mut self, frame: TxFrame) {
+        send_now(&self.device, self.queue, frame);
+    }
+}
+
+/// Holds the frames while Level 3 output commit is on (in the NIC's shared
+/// [`crate::output::OutputCommit`]), sends them at once while it is off.
+#[derive(Debug)]
+pub struct EpochSink {
+    device: Arc<Device>,
+    queue: usize,
+}
+
+impl EpochSink {
+    pub fn new(device: Arc<Device>, queue: usize) -> EpochSink {
+        EpochSink { device, queue }
+    }
+}
+
+impl TxSink for EpochSink {
+    fn send(&mut self, frame: TxFrame) {
+        let device = &self.device;
+        let queue = self.queue;
+        device
+            .output
+            .send(queue, frame, |frame| send_now(device, queue, frame));
+    }
+
+    fn has_room(&self) -> bool {
+        self.device.output.has_room()
+    }
+
+    fn count_full_wait(&self) {
+        self.device.output.count_full_wait();
+    }
+}
+
+/// Sends one frame on queue pair `queue`'s current path and counts it: `tx_packets` and
+/// `tx_bytes` when it left, `peer_tx_dropped` or `tap_write_errors` when it was lost.
+pub fn send_now(device: &Device, queue: usize, frame: TxFrame) {
+    let metrics = &device.metrics;
+    let frame_len = frame.frame().len() as u64;
+    let via_peer = device.redundancy.via_peer();
+    let sent = if via_peer {
+        device
+            .redundancy
+            .send_to_lan(frame)
+            .map_err(SinkError::Peer)
+    } else {
+        let tap = &device.tap;
+        // A frame held across a reconnection may carry the header length of the previous
+        // frontend's features.
+        let bytes = match tap.header_len() {
+            header_len if header_len == frame.header_len() => frame.into_parts().0,
+            header_len => {
+                let (bytes, from) = frame.into_parts();
+                convert_header(bytes, from, header_len)
+            }
+        };
+        tap.write_frame(queue, &bytes)
             .map_err(|source| SinkError::Tap {
                 tap: tap.name().to_owned(),
                 source,
             })
+    };
+    match sent {
+        Ok(()) => {
+            Metrics::add(&metrics.tx_packets, 1);
+            Metrics::add(&metrics.tx_bytes, frame_len);
+            if via_peer {
+                Metrics::add(&metrics.peer_tx_packets, 1);
+            }
+        }
+        // The link's window is full (or it is down): dropped, like a full TAP queue.
+        Err(SinkError::Peer(_)) => Metrics::add(&metrics.peer_tx_dropped, 1),
+        Err(error) => {
+            Metrics::add(&metrics.tap_write_errors, 1);
+            device.log_fault(format_args!("queue pair {queue}: {}", error_chain(&error)));
+        }
     }
 }

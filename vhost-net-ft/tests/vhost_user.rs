@@ -5,17 +5,18 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{status, Netns};
-use daemon_util::test_support::{control, poll_until, Process, Wait, TIMEOUT};
+use daemon_util::test_support::{control, control_json, poll_until, Process, Wait, TIMEOUT};
 use vhost::VringConfigData;
 use vhost_user_blk_load::device::{negotiate, DeviceOptions};
 use vhost_user_blk_load::queue::QueueSetup;
 use vhost_user_blk_load::ring::RingLayout;
-use vhost_user_blk_load::{BlkQueue, Descriptor, GuestRam, Session};
+use vhost_user_blk_load::{BlkQueue, Descriptor, DirtyLog, GuestRam, Session};
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
 const GUEST_IP: [u8; 4] = [10, 79, 0, 2];
@@ -39,6 +40,8 @@ struct Nic {
     rx: BlkQueue,
     tx: BlkQueue,
     memory: Arc<GuestRam>,
+    /// The migration log, when the test asked for one.
+    log: Option<DirtyLog>,
     _session: Session,
     control: PathBuf,
     _daemon: Process,
@@ -48,28 +51,39 @@ struct Nic {
 
 impl Nic {
     fn start() -> Nic {
+        Nic::start_with(&[], false)
+    }
+
+    /// [`Nic::start`] with `extra` daemon arguments, and with LOG_ALL and a migration log
+    /// (`SET_LOG_BASE`) if `dirty_log`.
+    fn start_with(extra: &[&str], dirty_log: bool) -> Nic {
         let netns = Netns::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("n.sock");
         let control_path = dir.path().join("n.ctl");
-        let daemon = netns.start_daemon(&[
+        let mut args = vec![
             "--socket",
             socket.to_str().expect("utf-8"),
             "--tap",
             TAP,
             "--control",
             control_path.to_str().expect("utf-8"),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let daemon = netns.start_daemon(&args);
         poll_until(TIMEOUT, "control socket", || {
             control(&control_path, "status").is_some()
         });
         netns.exec_ok(&["ip", "addr", "add", "10.79.0.1/24", "dev", TAP]);
 
         let mut session = Session::connect(&socket, WAIT).expect("connect");
-        let options = DeviceOptions {
+        let mut options = DeviceOptions {
             wanted_features: F_VERSION_1 | F_MRG_RXBUF | F_EVENT_IDX | F_CSUM | F_PROTOCOL_FEATURES,
             ..DeviceOptions::default()
         };
+        if dirty_log {
+            options = options.with_dirty_log();
+        }
         let negotiated = negotiate(&mut session, &options).expect("negotiate");
         session
             .set_features(negotiated.acked_features)
@@ -78,6 +92,11 @@ impl Nic {
         session
             .set_mem_table(&[memory.region_info().expect("region")])
             .expect("mem table");
+        let log = dirty_log.then(|| {
+            let log = DirtyLog::new(memory.end_address()).expect("dirty log");
+            session.set_log_base(&log).expect("set log base");
+            log
+        });
         let event_idx = negotiated.acked_features & F_EVENT_IDX != 0;
         let rx = start_queue(&mut session, &memory, 0, event_idx);
         let tx = start_queue(&mut session, &memory, 1, event_idx);
@@ -87,6 +106,7 @@ impl Nic {
             rx,
             tx,
             memory,
+            log,
             _session: session,
             control: control_path,
             _daemon: daemon,
@@ -328,4 +348,178 @@ fn rx_waits_for_buffers_instead_of_dropping() {
     let (header, frame) = nic.receive_arp(&buffers);
     assert_arp_reply(&header, &frame);
     assert_eq!(nic.status()["rx_dropped_no_buffers"], 0);
+}
+
+/// A 1514-byte frame from the guest to a MAC nobody has (the kernel counts and drops it).
+fn bulk_frame() -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 0x01];
+    frame.extend(GUEST_MAC);
+    frame.extend([0x88, 0xb5]);
+    frame.resize(1514, 0);
+    frame
+}
+
+#[test]
+fn a_full_output_buffer_leaves_frames_in_the_tx_ring_until_a_commit() {
+    const LIMIT_BYTES: u64 = 1 << 20;
+    const FRAME_BYTES: u64 = 12 + 1514;
+    let mut nic = Nic::start_with(&["--output-buffer-bytes", "1048576"], false);
+    let on = control_json(&nic.control, "output-commit on 0").expect("answer");
+    assert_eq!(on["output_commit"]["enabled"], true, "{on}");
+    let on_tap_before = nic.netns.statistic(TAP, "rx_packets");
+
+    // The guest sends until the daemon stops taking frames: the buffer is full and the
+    // rest stays in the TX ring.
+    let buffer = nic.tx.alloc_buffer(4096).expect("frame buffer");
+    nic.memory.write(buffer, &[0u8; 12]).expect("header");
+    nic.memory.write(buffer + 12, &bulk_frame()).expect("frame");
+    let chain = [Descriptor::readable(buffer, FRAME_BYTES as u32)];
+    let mut returned = 0u64;
+    poll_until(WAIT, "the output buffer to fill", || {
+        while nic.tx.free_descriptors() > 0 {
+            nic.tx.submit_raw(&chain).expect("submit");
+        }
+        returned += nic.tx.reap(0, Duration::ZERO).expect("reap").len() as u64;
+        nic.status()["output_commit"]["buffer_full_waits"].as_u64() >= Some(1)
+    });
+    returned += nic.tx.reap(0, Duration::ZERO).expect("reap").len() as u64;
+    let status = nic.status();
+    let output = &status["output_commit"];
+    let held = output["held_frames"].as_u64().expect("held_frames");
+    let held_bytes = output["held_bytes"].as_u64().expect("held_bytes");
+    assert_eq!(held, returned, "every returned chain is held: {status}");
+    assert!(
+        (LIMIT_BYTES..LIMIT_BYTES + FRAME_BYTES).contains(&held_bytes),
+        "at most one frame over the limit: {status}"
+    );
+    let waiting = nic.tx.in_flight() as u64;
+    assert!(waiting > 0, "frames wait in the guest's ring: {status}");
+    assert_eq!(nic.netns.statistic(TAP, "rx_packets"), on_tap_before);
+    // While full, the daemon takes nothing more and drops nothing.
+    Wait::up_to(Duration::from_millis(200)).sample(|| {
+        assert_eq!(nic.tx.reap(0, Duration::ZERO).expect("reap").len(), 0);
+        assert_eq!(nic.netns.statistic(TAP, "rx_packets"), on_tap_before);
+    });
+
+    // The commit releases epoch 0 in one go and wakes the queue: the waiting frames are
+    // taken (into epoch 1).
+    control_json(&nic.control, "epoch-end 0").expect("epoch-end");
+    let committed = control_json(&nic.control, "commit 0").expect("commit");
+    assert_eq!(committed["released_frames"], held, "{committed}");
+    let rest = nic
+        .tx
+        .reap(waiting as usize, WAIT)
+        .expect("the waiting frames are taken after the commit");
+    assert_eq!(rest.len() as u64, waiting);
+    poll_until(WAIT, "epoch 0 on the TAP", || {
+        nic.netns.statistic(TAP, "rx_packets") >= on_tap_before + held
+    });
+    let status = nic.status();
+    assert_eq!(status["output_commit"]["held_frames"], waiting, "{status}");
+    assert_eq!(status["output_commit"]["current_epoch"], 1, "{status}");
+
+    let off = control_json(&nic.control, "output-commit off").expect("off");
+    assert_eq!(off["released_frames"], waiting, "{off}");
+    poll_until(WAIT, "everything on the TAP", || {
+        nic.netns.statistic(TAP, "rx_packets") >= on_tap_before + held + waiting
+    });
+    let status = nic.status();
+    assert_eq!(status["output_commit"]["buffer_full_waits"], 1, "{status}");
+    assert_eq!(status["output_commit"]["held_bytes"], 0, "{status}");
+    assert_eq!(status["tx_packets"], held + waiting, "{status}");
+    assert_eq!(status["tap_write_errors"], 0, "{status}");
+}
+
+/// The ranges `dirty-pages` reports for the file of guest RAM (which starts at its offset 0).
+fn dirty_ranges(nic: &Nic) -> Vec<(u64, u64)> {
+    let region = nic.memory.region_info().expect("region");
+    let ram = std::fs::metadata(format!("/proc/self/fd/{}", region.mmap_handle)).expect("stat");
+    let reply = control_json(&nic.control, "dirty-pages").expect("dirty-pages");
+    assert_eq!(reply["page_size"], 4096, "{reply}");
+    let files = reply["files"].as_array().expect("files");
+    assert!(files.len() <= 1, "one RAM file: {reply}");
+    files
+        .iter()
+        .inspect(|file| {
+            assert_eq!(file["dev"], ram.dev(), "{reply}");
+            assert_eq!(file["ino"], ram.ino(), "{reply}");
+        })
+        .flat_map(|file| file["ranges"].as_array().expect("ranges").clone())
+        .map(|range| {
+            (
+                range[0].as_u64().expect("offset"),
+                range[1].as_u64().expect("length"),
+            )
+        })
+        .collect()
+}
+
+fn reported(ranges: &[(u64, u64)], address: u64) -> bool {
+    let offset = address - GUEST_BASE;
+    ranges
+        .iter()
+        .any(|&(start, len)| (start..start + len).contains(&offset))
+}
+
+#[test]
+fn dirty_pages_and_the_migration_log_both_see_what_the_daemon_wrote() {
+    let mut nic = Nic::start_with(&[], true);
+    let buffers = nic.post_rx_buffers(8);
+    // Clears what setting up wrote.
+    dirty_ranges(&nic);
+
+    let header = nic.tx.alloc_buffer(4096).expect("header buffer");
+    nic.memory
+        .write(header, &[0u8; 12])
+        .and_then(|()| nic.memory.write(header + 12, &arp_request()))
+        .expect("write the request");
+    nic.send_raw(&[Descriptor::readable(header, 72)]);
+    // Every buffer the daemon filled until the ARP reply.
+    let mut filled = Vec::new();
+    loop {
+        let done = nic.rx.reap(1, WAIT).expect("a received frame");
+        let mut arp = false;
+        for completion in done {
+            let address = buffers
+                .iter()
+                .find(|(id, _)| *id == completion.id)
+                .map(|(_, address)| *address)
+                .expect("a posted buffer");
+            let bytes = nic
+                .memory
+                .read_vec(address, completion.used_len as usize)
+                .expect("read buffer");
+            arp |= bytes.get(24..26) == Some(&[0x08, 0x06]);
+            filled.push(address);
+        }
+        if arp {
+            break;
+        }
+    }
+
+    let ranges = dirty_ranges(&nic);
+    let log = nic.log.as_ref().expect("dirty log");
+    let written = filled
+        .iter()
+        .copied()
+        .chain([nic.rx.layout().used, nic.tx.layout().used]);
+    for address in written {
+        assert!(
+            reported(&ranges, address),
+            "{address:#x} not in dirty-pages: {ranges:?}"
+        );
+        assert!(
+            log.is_dirty(address),
+            "{address:#x} not in the migration log"
+        );
+    }
+    // The daemon only read the TX buffer.
+    assert!(!reported(&ranges, header), "{ranges:?}");
+    assert!(!log.is_dirty(header));
+    for pair in ranges.windows(2) {
+        assert!(
+            pair[0].0 + pair[0].1 < pair[1].0,
+            "sorted, merged: {ranges:?}"
+        );
+    }
 }
