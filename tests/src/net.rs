@@ -203,3 +203,162 @@ fn run_rounds(
     }
     Ok(())
 }
+
+/// Runs `work` on a thread that joined network namespace `namespace` (sockets it opens stay
+/// in that namespace); `None` if the namespace cannot be joined.
+pub fn spawn_in_namespace<T: Send + 'static>(
+    namespace: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<Option<T>> {
+    let path = format!("/run/netns/{namespace}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).ok()?;
+        // SAFETY: setns on a namespace file we hold open; it affects only this thread.
+        let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        (joined == 0).then(work)
+    })
+}
+
+/// An ICMP echo request seen by [`EchoCapture`]: when, from whom, its identifier and
+/// sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EchoRequest {
+    pub at: Instant,
+    pub source: std::net::Ipv4Addr,
+    pub id: u16,
+    pub sequence: u16,
+}
+
+/// Records the ICMP echo requests that reach a namespace (a raw ICMP socket there sees a
+/// copy of each), until dropped.
+pub struct EchoCapture {
+    seen: Arc<Mutex<Vec<EchoRequest>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<()>>>,
+}
+
+impl EchoCapture {
+    /// Starts capturing in `namespace`; panics if the raw socket cannot be opened.
+    pub fn start(namespace: &str) -> EchoCapture {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let seen = Arc::clone(&seen);
+            let stop = Arc::clone(&stop);
+            spawn_in_namespace(namespace, move || {
+                let socket = match raw_icmp_socket() {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let mut packet = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(len) = recv(&socket, &mut packet) else {
+                        continue;
+                    };
+                    if let Some(request) = packet.get(..len).and_then(parse_echo_request) {
+                        seen.lock().expect("capture").push(request);
+                    }
+                }
+            })
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("cannot open a raw ICMP socket: {error}"),
+            Err(_) => panic!("cannot join namespace {namespace} to capture ICMP"),
+        }
+        EchoCapture {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The echo requests from `source` seen so far, in arrival order.
+    pub fn from(&self, source: &str) -> Vec<EchoRequest> {
+        let source: std::net::Ipv4Addr = source.parse().expect("an IPv4 address");
+        self.seen
+            .lock()
+            .expect("capture")
+            .iter()
+            .filter(|request| request.source == source)
+            .copied()
+            .collect()
+    }
+}
+
+impl Drop for EchoCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn raw_icmp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket() takes no pointers; a valid descriptor is owned by the OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: the option value points at a live timeval of the size passed.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::addr_of!(timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+fn recv(socket: &std::os::fd::OwnedFd, buffer: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: the buffer is valid for writes of its length for the duration of the call.
+    let len = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    usize::try_from(len).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// An IPv4 packet carrying an ICMP echo request.
+fn parse_echo_request(packet: &[u8]) -> Option<EchoRequest> {
+    let header_len = usize::from(packet.first()? & 0x0f) * 4;
+    let source = std::net::Ipv4Addr::new(
+        *packet.get(12)?,
+        *packet.get(13)?,
+        *packet.get(14)?,
+        *packet.get(15)?,
+    );
+    let icmp = packet.get(header_len..)?;
+    if *icmp.first()? != 8 {
+        return None;
+    }
+    Some(EchoRequest {
+        at: Instant::now(),
+        source,
+        id: u16::from_be_bytes([*icmp.get(4)?, *icmp.get(5)?]),
+        sequence: u16::from_be_bytes([*icmp.get(6)?, *icmp.get(7)?]),
+    })
+}
