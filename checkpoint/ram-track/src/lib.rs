@@ -50,6 +50,8 @@ pub const SOCKET_ENV: &str = "FTVM_RAM_TRACK_SOCKET";
 pub const MAX_LINE_BYTES: usize = 4096;
 /// Connections served at the same time; more are refused.
 const MAX_CONNECTIONS: usize = 4;
+/// Pause after a failed `accept`.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[used]
 #[link_section = ".init_array"]
@@ -162,6 +164,8 @@ fn serve(listener: UnixListener) {
     let connections = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else {
+            // Out of fds or memory: do not spin inside QEMU.
+            thread::sleep(ACCEPT_RETRY);
             continue;
         };
         if connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
