@@ -38,13 +38,15 @@
 //!   starts after the last region reported when that is further than `walk_end`.
 //! - Tests (`tests/tests/l3_dirty_tracking.rs`): a stand-in for QEMU sees exactly the
 //!   pages it wrote (also by the kernel, also as `nobody`) and after the re-arm only the
-//!   new ones; a TCG guest: in 3 stopped intervals every page whose bytes changed in the
-//!   RAM file (113–163 pages) was in the scan, none missed; the scan held 29–64 more
-//!   (pages rewritten with the same bytes); a scan of a stopped guest is empty.
+//!   new ones; a TCG guest rewriting files in its tmpfs: in each of 3 stopped intervals
+//!   every page whose bytes changed in the RAM file (900–960 pages) was in the scan, none
+//!   missed, the scan holding 30–70 more (pages rewritten with the same bytes); a scan of
+//!   a stopped guest is empty.
 //! - Measured, one scan and re-arm of 256 MiB (release build; debug in brackets): with
-//!   ~200 written pages (the idle TCG guest per ~0.5 s) 0.16–0.25 ms [0.2–0.7 ms]; nothing
-//!   written 0.16 ms; every page written (one region) 1.1 ms [0.9 ms]; every other page
-//!   written (32,768 regions, 1,024 per call) 3 ms [26–95 ms, mostly the debug `DirtySet`].
+//!   200–1,000 written pages (a TCG guest's interval) 0.18–0.25 ms [0.2–0.7 ms], once
+//!   4.2 ms on the loaded machine; nothing written 0.16–0.18 ms; every page written (one
+//!   region) 0.8–1.1 ms [0.9 ms]; every other page written (32,768 regions, 1,024 per
+//!   call) 3–3.5 ms [26–95 ms, mostly the debug build's `DirtySet`].
 //! - Under KVM (reasoned from the kernel's code, not verifiable on this TCG-only
 //!   machine): KVM maps guest memory from the same userspace page tables (the memslot's
 //!   userspace address, faulted in through GUP, with `FOLL_WRITE` for a write), and
@@ -54,14 +56,16 @@
 //!   write faults into KVM, which faults the host page for writing, which lifts the
 //!   protection: the page is written. A page KVM faults in for reading while protected
 //!   is mapped read-only (the protected PTE is not writable). To prove on a KVM host: run
-//!   the TCG test with `-accel kvm`.
+//!   the QEMU test of `l3_dirty_tracking.rs` with `-accel kvm` (`guest.rs` passes `tcg`).
 //! - Not seen by this tracker: writes through another mapping or process (the daemons
-//!   report theirs; DESIGN.md saw 64 of 64 pages missed otherwise), and pages QEMU
-//!   discards (`fallocate` punch hole, e.g. a balloon): their PTE markers stay, so a
-//!   discarded page reads as unwritten. Do not give a protected VM a balloon or
-//!   discard-on-unplug. Not with QEMU's `-daemonize` (the library's thread stays in the
-//!   parent) nor with QEMU's own userfaultfd users (postcopy, background snapshot:
-//!   `UFFDIO_REGISTER` fails with `EBUSY`, reported as an error).
+//!   report theirs; DESIGN.md saw 64 of 64 pages missed otherwise), and pages discarded
+//!   from the RAM file (a hole punched, as QEMU's balloon and virtio-mem do): their
+//!   bytes become zeros without a write fault and they stay protected (tested:
+//!   `a_hole_punched_in_the_ram_file_is_not_reported`). A protected VM must have no
+//!   balloon or virtio-mem device. Reasoned, not tested: not with QEMU's `-daemonize`
+//!   (its fork leaves the library's thread behind), nor with QEMU's own userfaultfd users
+//!   (postcopy, background snapshot: `UFFDIO_REGISTER` then fails with `EBUSY`, an error
+//!   reply).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -772,6 +776,27 @@ fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
     u32::try_from(credentials.pid).map_err(|_| io::Error::other("the peer has no PID"))
 }
 
+/// One scanner per registered span, each checked to map `file`.
+fn open_scanners(
+    pid: u32,
+    spans: &[TrackedSpan],
+    file: FileId,
+    ram_file: &Path,
+) -> Result<Vec<PagemapScanner>, DirtyError> {
+    let mut scanners = Vec::with_capacity(spans.len());
+    for span in spans {
+        let scanner = PagemapScanner::open(pid, span.start, span.len)?;
+        if scanner.file() != file {
+            return Err(DirtyError::OtherFile {
+                start: span.start,
+                path: ram_file.to_owned(),
+            });
+        }
+        scanners.push(scanner);
+    }
+    Ok(scanners)
+}
+
 /// QEMU's RAM tracking as the engine uses it: registered through the preload library,
 /// harvested with one [`PagemapScanner`] per mapping of the RAM file.
 #[derive(Debug)]
@@ -793,18 +818,14 @@ impl RamTracker {
         let mut client = TrackerClient::connect(socket, timeout)?;
         let pid = client.peer_pid();
         let spans = client.register(ram_file)?;
-        let mut scanners = Vec::with_capacity(spans.len());
-        for span in spans {
-            let scanner = PagemapScanner::open(pid, span.start, span.len)?;
-            if scanner.file() != file {
-                return Err(DirtyError::OtherFile {
-                    start: span.start,
-                    path: ram_file.to_owned(),
-                });
+        match open_scanners(pid, &spans, file, ram_file) {
+            Ok(scanners) => Ok(RamTracker { client, scanners }),
+            Err(error) => {
+                // Best effort: leave no protection behind that nobody harvests.
+                let _ = client.unregister();
+                Err(error)
             }
-            scanners.push(scanner);
         }
-        Ok(RamTracker { client, scanners })
     }
 
     /// QEMU's PID in our PID namespace.
