@@ -915,6 +915,18 @@ mod tests {
     }
 
     #[test]
+    fn ascending_ranges_append_or_extend_the_last_one() {
+        let dirty = set(&[
+            (0x0, 0x1000),
+            (0x1000, 0x1000),
+            (0x3000, 0x1000),
+            (0x4000, 0x2000),
+            (0x5000, 0x4000),
+        ]);
+        assert_eq!(pairs(&dirty), vec![(0x0, 0x2000), (0x3000, 0x9000)]);
+    }
+
+    #[test]
     fn unaligned_ranges_cover_their_pages() {
         let dirty = set(&[(0x1fff, 2), (0x5001, 0), (0x7000, 1)]);
         assert_eq!(pairs(&dirty), vec![(0x1000, 0x3000), (0x7000, 0x8000)]);
