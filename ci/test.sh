@@ -45,6 +45,12 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path vhost-n
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 "$target_dir/debug/frame_parser" -runs=0 vhost-net-ft/fuzz/seeds/frame_parser
 
+step "fuzz seed replay (checkpoint stream decoders and page codec)"
+cargo build --locked --manifest-path checkpoint/fuzz/Cargo.toml
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path checkpoint/fuzz/Cargo.toml |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+"$target_dir/debug/checkpoint_stream" -runs=0 checkpoint/fuzz/seeds/checkpoint_stream
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -1,0 +1,127 @@
+//! Fuzz target: what the secondary's engine decodes from the primary's bytes
+//! (`checkpoint::wire` messages and batch entries, `checkpoint::delta` pages), and the page
+//! codec's round trip.
+//!
+//! `cd checkpoint/fuzz && cargo +nightly fuzz run checkpoint_stream` (see README.md).
+//!
+//! Every input is a structured [`Input`] built by `arbitrary`:
+//! - a link message as the peer sent it (header and payload bytes, a RAM size): decoding
+//!   must not panic; a decoded message re-encodes to a header that decodes to the same
+//!   message; every entry of a decoded batch names a page inside the RAM with a length its
+//!   encoding allows, and decodes (or fails) without a panic;
+//! - an encoded page as the peer sent it: decoding fails or yields a whole page, never a
+//!   panic;
+//! - a page the guest changed (a base of some kind and writes at chosen offsets): the
+//!   encoding decodes to exactly the page, `Same` exactly when nothing changed, and is never
+//!   longer than a page.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use checkpoint::delta::{decode, Encoder, Encoding, Page, PAGE_BYTES, ZERO_PAGE};
+use checkpoint::wire::{BatchEntries, Message};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Debug, Arbitrary)]
+enum Base {
+    Zero,
+    Pattern(u8),
+    Seeded(u64),
+}
+
+#[derive(Debug, Arbitrary)]
+enum Input {
+    Message {
+        header: Vec<u8>,
+        payload: Vec<u8>,
+        ram_pages: u16,
+    },
+    Encoded {
+        encoding: u8,
+        bytes: Vec<u8>,
+        base: Base,
+    },
+    Changed {
+        base: Base,
+        writes: Vec<(u16, Vec<u8>)>,
+    },
+}
+
+fn base_page(base: &Base) -> Box<Page> {
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    match base {
+        Base::Zero => {}
+        Base::Pattern(byte) => page.fill(*byte),
+        Base::Seeded(seed) => {
+            let mut state = seed | 1;
+            for byte in page.iter_mut() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *byte = (state >> 32) as u8;
+            }
+        }
+    }
+    page
+}
+
+fn check_message(header: &[u8], payload: &[u8], ram_pages: u64) {
+    let Ok(message) = Message::decode(header, payload) else {
+        return;
+    };
+    let encoded = message.encode().expect("a decoded message encodes");
+    assert_eq!(
+        Message::decode(&encoded, payload).expect("re-decodes"),
+        message
+    );
+    if let Message::PageBatch { entries, .. } = message {
+        let mut output = [0u8; PAGE_BYTES];
+        for entry in BatchEntries::new(payload, entries, ram_pages) {
+            let Ok(entry) = entry else { break };
+            assert!(entry.index < ram_pages);
+            assert!(entry.encoding.length_allowed(entry.bytes.len()));
+            let _ = decode(entry.encoding, entry.bytes, &ZERO_PAGE, &mut output);
+        }
+    }
+}
+
+fn check_changed(base: &Base, writes: &[(u16, Vec<u8>)]) {
+    let base = base_page(base);
+    let mut page = base.clone();
+    for (offset, bytes) in writes {
+        let start = usize::from(*offset) % PAGE_BYTES;
+        let length = bytes.len().min(PAGE_BYTES - start);
+        page[start..start + length].copy_from_slice(&bytes[..length]);
+    }
+    let mut encoder = Encoder::new();
+    let encoded = encoder.encode(&page, &base);
+    assert_eq!(encoded.encoding == Encoding::Same, page == base);
+    assert!(encoded.encoding.length_allowed(encoded.bytes.len()));
+    let mut output = [0xa5u8; PAGE_BYTES];
+    decode(encoded.encoding, encoded.bytes, &base, &mut output).expect("own encoding decodes");
+    assert!(
+        output == *page,
+        "{:?} does not round-trip",
+        encoded.encoding
+    );
+}
+
+fuzz_target!(|input: Input| {
+    match input {
+        Input::Message {
+            header,
+            payload,
+            ram_pages,
+        } => check_message(&header, &payload, u64::from(ram_pages).max(1)),
+        Input::Encoded {
+            encoding,
+            bytes,
+            base,
+        } => {
+            if let Ok(encoding) = Encoding::from_byte(encoding) {
+                let mut output = [0u8; PAGE_BYTES];
+                let _ = decode(encoding, &bytes, &base_page(&base), &mut output);
+            }
+        }
+        Input::Changed { base, writes } => check_changed(&base, &writes),
+    }
+});
