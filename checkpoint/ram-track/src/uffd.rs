@@ -1,7 +1,7 @@
 //! userfaultfd in asynchronous write-protect mode: the kernel resolves a write fault on a
 //! protected page by itself (no thread reads the fd) and clears the page's protection, which
-//! `PAGEMAP_SCAN` then reports as `PAGE_IS_WRITTEN`. The library's only `unsafe` code
-//! (syscall and ioctls) lives here.
+//! `PAGEMAP_SCAN` then reports as `PAGE_IS_WRITTEN`. The syscall and the ioctls live
+//! here; the library's only other `unsafe` code sets the umask and the signal mask.
 //!
 //! Constants and structs from `include/uapi/linux/userfaultfd.h` (Linux 6.7; the async
 //! features are newer than Debian 12's 6.1 headers).
