@@ -319,3 +319,54 @@ fn restarts_of_either_side_continue_or_start_over() {
     assert_eq!(secondary.replica().committed().epoch, 4);
     assert!(secondary.replica().ram() == &before[..]);
 }
+
+#[test]
+fn an_epoch_cut_off_by_a_lost_primary_leaves_the_replica_as_it_was() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let host = SecondaryHost::bind(directory.path());
+    let mut ram = primary_ram(directory.path());
+    let session = host.connect();
+    let mut sender = new_sender(9);
+    sender.handshake(&session, LONG).expect("handshake");
+    sender
+        .send_full(&session, ram.as_slice(), b"state 1")
+        .expect("full copy");
+    assert_eq!(ack(&mut sender, &session), 1);
+    let committed = fs::read(directory.path().join("replica.ram")).expect("read");
+
+    // Half an epoch: its start and one batch, then the primary is gone.
+    let dirty = run_guest(&mut ram, 2);
+    let start = crate::wire::Message::EpochStart {
+        epoch: 2,
+        generation: 9,
+        full: false,
+        pages: dirty.len() as u64,
+        state_len: 0,
+    };
+    session
+        .send(&start.encode().expect("encode"), Vec::new())
+        .expect("send");
+    let mut batch = crate::wire::BatchBuilder::new();
+    let mut encoder = crate::delta::Encoder::new();
+    let first: Page = ram.as_slice()[..PAGE_BYTES].try_into().expect("page");
+    batch.push(0, &encoder.encode(&first, &crate::delta::ZERO_PAGE));
+    let (message, payload) = batch.take(2);
+    session
+        .send(&message.encode().expect("encode"), payload)
+        .expect("send");
+    assert!(
+        session.flush(LONG).expect("flush"),
+        "the secondary took both"
+    );
+    drop(session);
+
+    // The next primary (a new engine, so a new stream) finds epoch 1 and nothing of 2.
+    let mut next = new_sender(9);
+    let session = host.connect();
+    let state = next.handshake(&session, LONG).expect("handshake");
+    assert_eq!((state.committed_epoch, state.full_copy_complete), (1, true));
+    let (secondary, _listener) = host.stop();
+    assert!(secondary.replica().ram() == &committed[..]);
+    assert_eq!(secondary.replica().device_state(), Some(&b"state 1"[..]));
+    drop(session);
+}
