@@ -25,39 +25,46 @@
 //! `finish-migrate`) and returns the error: that epoch is no checkpoint, the guest's output
 //! of it stays held by the output commit, and the engine decides what comes next.
 //!
-//! # Measured (QEMU 7.2.22, TCG, 256 MiB RAM file in `/dev/shm`, 2 cores shared with
-//! other builds and tests, load average 3–7)
+//! # Measured
 //!
-//! `cargo test -p ftvm-tests --test l3_checkpoint_qmp -- --nocapture --test-threads 1`
-//! prints them (`PAUSE`, `RESTORE`, `RACE` lines); 120 epochs per guest, the pause from
-//! `stop` sent to `cont`'s reply, epochs whose hook copied RAM left out; ranges over two to four runs per row:
+//! QEMU 7.2.22 under TCG, a 256 MiB RAM file in `/dev/shm`, two cores shared with other
+//! builds and tests (load average 3–10: the tails below are the machine's, they move
+//! between runs and rows). `PAUSE`, `PAIRS`, `RESTORE` and `RACE` lines of
+//! `cargo test [--release] -p ftvm-tests --test l3_checkpoint_qmp -- --nocapture
+//! --test-threads 1`; 120 epochs per guest; the pause is `stop` sent to `cont`'s reply,
+//! epochs whose hook copied the whole RAM left out.
 //!
-//! | guest | pause median | p99 | max | `stop` median | `cont` median |
-//! |---|---|---|---|---|---|
-//! | counter, no disk | 5.8–8.4 ms | 36–161 ms | 44–216 ms | 0.51–0.56 ms | 1.0–1.7 ms |
-//! | counter, idle vhost-user disk | 7.1–8.9 ms | 100–267 ms | 110–370 ms | 1.1–1.3 ms | 1.9–2.0 ms |
-//! | counter + flushed writes, vhost-user disk | 7.3–8.3 ms | 33–188 ms | 38–240 ms | 0.8–1.0 ms | 2.2–2.4 ms |
+//! Release build (engine and `vhost-blk-mirror` optimised), one run, ms:
 //!
-//! `migrate` to `postmigrate` is 3.5–5.1 ms at the median in every row (the stream: 319,747
-//! bytes without a disk, 365,566 with one). The vhost-user disk's ring stop and restart
-//! (`SET_VRING_ENABLE`/`GET_VRING_BASE` at `stop`, the nine set-up messages at `cont`) cost
-//! +0.6–0.8 ms in `stop` and +0.7–1.0 ms in `cont`, 1.2–1.7 ms per epoch at the median
-//! (the same guest with and without an idle disk, in the same run). The tails are the machine's load, not the disk:
-//! they move between runs and rows. The disk served a flushed write between every two of
-//! the 120 epochs and after the restore (the daemon drains at `GET_VRING_BASE`).
+//! | guest | pause median | p99 | max | `stop` | `migrate` → `postmigrate` | `cont` |
+//! |---|---|---|---|---|---|---|
+//! | counter, no disk | 5.52 | 281 | 307 | 0.36 | 2.69 | 1.00 |
+//! | counter + flushed writes, vhost-user disk | 5.42 | 145 | 469 | 0.31 | 2.92 | 1.49 |
+//!
+//! (medians in the last three columns). The vhost-user disk's cost, measured in pairs (two
+//! counter guests checkpointed in turn, one with an idle vhost-user disk, so both see the
+//! same load; `pause_cost_of_a_vhost_user_disk_in_paired_epochs`), two release runs: pause
+//! median 4.98 ms without, 6.39–7.02 ms with the disk; median difference per pair +1.11 and
+//! +1.33 ms: `stop` (`SET_VRING_ENABLE(0)`, `GET_VRING_BASE`) +0.18–0.37 ms, `cont` (the
+//! ring set-up messages) +0.39–0.57 ms, and the migration +0.52–0.61 ms (the device's
+//! section: 365,566 bytes of state against 319,747). In the debug build (the suite's
+//! default, daemon unoptimised) the difference is +2.79 ms (stop +0.80, migrate +0.98,
+//! cont +1.17), and over five debug runs the pause median is 5.8–8.4 ms without a disk and
+//! 7.0–8.3 ms with a busy one. The disk served a flushed write between every two of the 120
+//! epochs and after the restore (the daemon drains at `GET_VRING_BASE`).
 //!
 //! The race: the `MIGRATION` `completed` event came while QEMU was still `finish-migrate`
-//! in 17–43% of epochs (20–51 of 120); `capture_device_state` then saw `finish-migrate`
-//! from 1 to 14 more `query-status` answers (100 µs apart) before `postmigrate`. A `cont`
-//! sent right after the event was refused with `GenericError` "Migration is not finalized
-//! yet" in 3–11 of 40 tries (`a_cont_right_after_the_completed_event_can_be_refused`).
+//! in 20–51 of 120 epochs; [`capture_device_state`] then saw `finish-migrate` in 1 to 14
+//! more `query-status` answers (100 µs apart) before `postmigrate`. A `cont` sent right
+//! after the event was refused with `GenericError` "Migration is not finalized yet" in 2–11
+//! of 40 tries per run (`a_cont_right_after_the_completed_event_can_be_refused`).
 //!
 //! Restore: `migrate-incoming fd:NAME` with a pipe's read end passed by `getfd` works in
-//! QEMU 7.2 (the incoming side resolves `NAME` among the monitor's descriptors, like the
-//! outgoing one; no file or `exec:` needed). QEMU start to QMP ready 53–594 ms (load),
-//! `migrate-incoming` to `completed` 2.3–18 ms, `cont` 0.4–15 ms; the guest's counter went on
-//! from the checkpoint (e.g. 123 at the checkpoint, 124 first after the restore) and its
-//! uptime with it.
+//! QEMU 7.2 (the incoming side resolves `NAME` among the monitor's descriptors like the
+//! outgoing one; no file, no `exec:`). QEMU start to QMP ready 53–594 ms (load),
+//! `migrate-incoming` to `completed` 2.2–25 ms, `cont` 0.1–15 ms, first counter line
+//! 0.2–1.1 s after QEMU's start; the counter went on from the checkpoint (123 seen at the
+//! checkpoint, 124 first after the restore) and the guest's uptime with it.
 
 use std::error::Error as StdError;
 use std::io::{self, Read, Write};
