@@ -130,12 +130,13 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects (retrying until `timeout` while QEMU starts), reads the greeting and leaves
-    /// capabilities negotiation. Commands then get `timeout` each.
+    /// Connects (retrying until `timeout` while QEMU starts; a QEMU whose accept queue is
+    /// full is retried too, never waited on), reads the greeting and leaves capabilities
+    /// negotiation. Commands then get `timeout` each.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let deadline = Instant::now() + timeout;
         let stream = loop {
-            match UnixStream::connect(path) {
+            match daemon_util::connect_unix(path) {
                 Ok(stream) => break stream,
                 Err(source) if Instant::now() >= deadline => {
                     return Err(QmpError::Connect {

@@ -326,11 +326,25 @@ fn counter_goes_on_from_the_last_checkpoint_after_qemu_is_killed() {
     let qmp_path = config.qmp.clone().expect("qmp socket");
     let mut qmp = Qmp::connect(&qmp_path, QMP_TIMEOUT).expect("QMP");
 
+    let qemu_fds = open_fds(guest.pid());
     let epochs = run_epochs(&guest, &mut qmp, &files, count_only);
     report("counter, no disk", &epochs);
+    // Every epoch hands QEMU a descriptor: it must let go of each.
+    let after = open_fds(guest.pid());
+    assert!(
+        after <= qemu_fds + 2,
+        "QEMU held {qemu_fds} descriptors before {EPOCHS} epochs, {after} after"
+    );
     drop(qmp);
     let restored = kill_and_restore(guest, config, dir.path(), &files, &epochs);
     drop(restored);
+}
+
+/// How many descriptors process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| entries.count())
+        .unwrap_or_else(|error| panic!("cannot list /proc/{pid}/fd: {error}"))
 }
 
 fn disk_of(daemon: &BlkDaemon) -> Disk {
