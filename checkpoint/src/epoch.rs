@@ -81,7 +81,7 @@ use crate::qmp::{Event, Qmp, QmpError};
 pub const STATE_FD_NAME: &str = "ftvm-state";
 /// The name QEMU knows the restore pipe's read end by.
 pub const RESTORE_FD_NAME: &str = "ftvm-restore";
-/// Largest device state accepted (QEMU 7.2's is about 320–660 KB, mostly firmware blobs).
+/// Largest device state accepted (QEMU 7.2 sends 320–370 KB here, mostly firmware blobs).
 pub const MAX_STATE_BYTES: usize = 64 << 20;
 /// How long a device-state migration (or a restore) may take.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -243,6 +243,7 @@ where
     let finish_migrate_polls = match migrate_device_state(qmp) {
         Ok(polls) => polls,
         Err(error) => {
+            cancel_migration(qmp);
             forget_fd(qmp, STATE_FD_NAME);
             resume_after_failure(qmp);
             return Err(error);
@@ -352,6 +353,14 @@ fn resume_after_failure(qmp: &mut Qmp) {
     }
     if let Err(error) = qmp.cont() {
         warn!("cannot resume the guest after a failed epoch: {error}");
+    }
+}
+
+/// Cancels a migration that failed on our side (a timeout) so that QEMU leaves
+/// `finish-migrate`; a no-op when none runs. Failures are logged only.
+fn cancel_migration(qmp: &mut Qmp) {
+    if let Err(error) = qmp.execute("migrate_cancel", None) {
+        warn!("cannot cancel the device-state migration: {error}");
     }
 }
 
@@ -531,6 +540,8 @@ mod tests {
     struct Fake {
         status: String,
         finish_polls: u32,
+        /// The migration fails ("Unable to write to file") instead.
+        fail_migration: bool,
         fds: HashMap<String, OwnedFd>,
         commands: Arc<Mutex<Vec<String>>>,
         received_state: Arc<Mutex<Vec<u8>>>,
@@ -587,6 +598,11 @@ mod tests {
                     let Some(fd) = uri.strip_prefix("fd:").and_then(|n| self.fds.remove(n)) else {
                         return refuse("unknown fd");
                     };
+                    if self.fail_migration {
+                        drop(fd);
+                        self.status = "postmigrate".into();
+                        return ok(json!({})) + &migration_event("failed");
+                    }
                     let _ = File::from(fd).write_all(STATE);
                     self.status = "finish-migrate".into();
                     if self.finish_polls == 0 {
@@ -607,6 +623,10 @@ mod tests {
                     self.status = "paused".into();
                     ok(json!({})) + &migration_event("completed")
                 }
+                "query-migrate" if self.fail_migration => ok(json!({
+                    "status": "failed",
+                    "error-desc": "Unable to write to file"
+                })),
                 _ => ok(json!({})),
             }
         }
@@ -632,12 +652,17 @@ mod tests {
     }
 
     fn fake_qemu(status: &str, finish_polls: u32) -> Session {
+        fake_qemu_failing(status, finish_polls, false)
+    }
+
+    fn fake_qemu_failing(status: &str, finish_polls: u32, fail_migration: bool) -> Session {
         let (client, server) = UnixStream::pair().expect("socketpair");
         let commands = Arc::new(Mutex::new(Vec::new()));
         let received_state = Arc::new(Mutex::new(Vec::new()));
         let mut fake = Fake {
             status: status.to_owned(),
             finish_polls,
+            fail_migration,
             fds: HashMap::new(),
             commands: commands.clone(),
             received_state: received_state.clone(),
@@ -724,6 +749,31 @@ mod tests {
         assert_eq!(
             commands[2..],
             ["getfd", "stop", "closefd", "query-status", "cont"]
+        );
+        assert_eq!(session.qmp.query_status().expect("status"), "running");
+    }
+
+    #[test]
+    fn a_failed_migration_carries_qemus_error_and_resumes_the_guest() {
+        let mut session = fake_qemu_failing("running", 0, true);
+        let error = capture_device_state(&mut session.qmp, || Ok::<_, io::Error>(()))
+            .expect_err("the migration failed");
+        assert!(
+            matches!(&error, EpochError::MigrationFailed { desc } if desc == "Unable to write to file"),
+            "{error}"
+        );
+        assert_eq!(
+            session.commands()[2..],
+            [
+                "getfd",
+                "stop",
+                "migrate",
+                "query-migrate",
+                "migrate_cancel",
+                "closefd",
+                "query-status",
+                "cont"
+            ]
         );
         assert_eq!(session.qmp.query_status().expect("status"), "running");
     }
