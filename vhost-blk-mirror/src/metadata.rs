@@ -31,7 +31,10 @@ use thiserror::Error;
 
 const MAGIC: &[u8; 8] = b"FTVMMETA";
 /// 2: the header gained `base_generation`. 3: two header slots with sequence numbers.
-const FORMAT_VERSION: u32 = 3;
+/// 4: Level 3, `applied_epoch` and `journal_start` (a format 3 file is migrated on open).
+const FORMAT_VERSION: u32 = 4;
+/// The previous format, still opened (and rewritten as the current one).
+const FORMAT_VERSION_3: u32 = 3;
 const HEADER_BLOCK: u64 = 4096;
 /// The header slots, then the bitmaps.
 const HEADER_SLOTS: u64 = 2;
@@ -51,6 +54,11 @@ pub enum MetadataError {
          checksum or version; a file of an older ftvm must be removed, which costs a full resync)"
     )]
     Corrupt(PathBuf),
+    #[error(
+        "metadata file {path} is of format {found}, which this ftvm does not know (it reads \
+         formats {FORMAT_VERSION_3} and {FORMAT_VERSION}): it was written by a newer ftvm"
+    )]
+    UnknownFormat { path: PathBuf, found: u32 },
     #[error("metadata file {path} is for a disk of {found} bytes, the image has {expected}")]
     SizeMismatch {
         path: PathBuf,
@@ -91,6 +99,56 @@ pub struct Header {
     /// (outside the regions both bitmaps record). A peer that returns at this generation
     /// or later needs only a delta resync; an older one needs a full one.
     pub base_generation: u64,
+    /// Level 3: the last epoch whose buffered writes were applied to this image (`None`:
+    /// none yet). Recorded together with `journal_start`, after the image was synced.
+    pub applied_epoch: Option<u64>,
+    /// Level 3: where the epoch journal's oldest record still needed is (`None`: no
+    /// journal in use).
+    pub journal_start: Option<JournalStart>,
+}
+
+/// A record's place in the epoch journal: its offset in the file and its sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalStart {
+    pub position: u64,
+    pub sequence: u64,
+}
+
+/// The header of format 3, read to migrate it.
+#[derive(Clone, Copy, Debug, Deserialize)]
+struct HeaderV3 {
+    version: u32,
+    generation: u64,
+    data_state: DataState,
+    size_bytes: u64,
+    chunk_bytes: u32,
+    extent_bytes: u32,
+    open_boot_id: Option<u128>,
+    base_generation: u64,
+}
+
+impl HeaderV3 {
+    fn migrate(self) -> Header {
+        Header {
+            version: FORMAT_VERSION,
+            generation: self.generation,
+            data_state: self.data_state,
+            size_bytes: self.size_bytes,
+            chunk_bytes: self.chunk_bytes,
+            extent_bytes: self.extent_bytes,
+            open_boot_id: self.open_boot_id,
+            base_generation: self.base_generation,
+            applied_epoch: None,
+            journal_start: None,
+        }
+    }
+}
+
+/// What a header slot holds.
+enum Slot {
+    Valid(Header, u64),
+    /// Intact, but of a format this code does not know.
+    Unknown(u32, u64),
 }
 
 /// An in-memory bitmap mirrored to a region of the metadata file.
@@ -213,8 +271,27 @@ impl Metadata {
             .open(path)
             .map_err(open_error)?;
         let existing = exists && file.metadata().map_err(open_error)?.len() > 0;
+        let mut migrated = false;
         let (header, sequence) = if existing {
-            read_header(&file).ok_or_else(|| MetadataError::Corrupt(path.to_owned()))?
+            match read_header(&file) {
+                Some(Slot::Valid(header, sequence)) => {
+                    migrated = header.version != FORMAT_VERSION;
+                    (
+                        Header {
+                            version: FORMAT_VERSION,
+                            ..header
+                        },
+                        sequence,
+                    )
+                }
+                Some(Slot::Unknown(found, _)) => {
+                    return Err(MetadataError::UnknownFormat {
+                        path: path.to_owned(),
+                        found,
+                    })
+                }
+                None => return Err(MetadataError::Corrupt(path.to_owned())),
+            }
         } else {
             let header = Header {
                 version: FORMAT_VERSION,
@@ -225,6 +302,8 @@ impl Metadata {
                 extent_bytes: DEFAULT_EXTENT_BYTES,
                 open_boot_id: None,
                 base_generation: 0,
+                applied_epoch: None,
+                journal_start: None,
             };
             (header, 0)
         };
@@ -257,6 +336,13 @@ impl Metadata {
         if existing {
             state.out_of_sync.read_from(&file).map_err(metadata_io)?;
             state.activity.read_from(&file).map_err(metadata_io)?;
+            if migrated {
+                // The layout after the header is the same in both formats: only the
+                // header is rewritten, into the older slot, so a crash keeps one of them.
+                state.sequence += 1;
+                write_header(&file, &state.header, state.sequence).map_err(metadata_io)?;
+                file.sync_data().map_err(metadata_io)?;
+            }
         } else {
             // Written out in full (not sparse), so that later bit updates need no space.
             let len = state.activity.file_offset + state.activity.file_len();
@@ -314,6 +400,19 @@ impl Metadata {
         self.change_header(|header| {
             header.generation = generation;
             header.data_state = data_state;
+        })
+    }
+
+    /// Durably records, in one header write, the last epoch applied to the image and where
+    /// the journal's oldest record still needed is.
+    pub fn set_applied_epoch(
+        &self,
+        applied_epoch: Option<u64>,
+        journal_start: Option<JournalStart>,
+    ) -> Result<(), MetadataError> {
+        self.change_header(|header| {
+            header.applied_epoch = applied_epoch;
+            header.journal_start = journal_start;
         })
     }
 
@@ -575,14 +674,17 @@ fn write_header(file: &File, header: &Header, sequence: u64) -> io::Result<()> {
     file.write_all_at(&block, (sequence % HEADER_SLOTS) * HEADER_BLOCK)
 }
 
-/// The valid header slot with the higher sequence number, and that number.
-fn read_header(file: &File) -> Option<(Header, u64)> {
+/// The intact header slot with the higher sequence number: its header and number, or, if
+/// that slot is of an unknown format, that format.
+fn read_header(file: &File) -> Option<Slot> {
     (0..HEADER_SLOTS)
         .filter_map(|slot| read_slot(file, slot))
-        .max_by_key(|(_, sequence)| *sequence)
+        .max_by_key(|slot| match slot {
+            Slot::Valid(_, sequence) | Slot::Unknown(_, sequence) => *sequence,
+        })
 }
 
-fn read_slot(file: &File, slot: u64) -> Option<(Header, u64)> {
+fn read_slot(file: &File, slot: u64) -> Option<Slot> {
     let mut block = vec![0u8; HEADER_BLOCK as usize];
     file.read_exact_at(&mut block, slot * HEADER_BLOCK).ok()?;
     if block.get(..8)? != MAGIC {
@@ -597,9 +699,18 @@ fn read_slot(file: &File, slot: u64) -> Option<(Header, u64)> {
     if crc32c::crc32c(body).to_le_bytes() != stored {
         return None;
     }
-    let header: Header = postcard::from_bytes(body.get(SLOT_PREFIX..)?).ok()?;
-    (header.version == FORMAT_VERSION && header.chunk_bytes > 0 && header.extent_bytes > 0)
-        .then_some((header, sequence))
+    let encoded = body.get(SLOT_PREFIX..)?;
+    // Every format starts with its version.
+    let (version, _) = postcard::take_from_bytes::<u32>(encoded).ok()?;
+    let header = match version {
+        FORMAT_VERSION => postcard::from_bytes::<Header>(encoded).ok()?,
+        FORMAT_VERSION_3 => postcard::from_bytes::<HeaderV3>(encoded)
+            .ok()
+            .filter(|old| old.version == FORMAT_VERSION_3)?
+            .migrate(),
+        other => return Some(Slot::Unknown(other, sequence)),
+    };
+    (header.chunk_bytes > 0 && header.extent_bytes > 0).then_some(Slot::Valid(header, sequence))
 }
 
 /// Writes `len` zero bytes from the start of `file`.
@@ -768,6 +879,96 @@ mod tests {
         assert!(read_only.set_header(9, DataState::Inconsistent).is_err());
         assert_eq!(read_only.header().generation, 0);
         assert_eq!(read_only.header().data_state, DataState::UpToDate);
+    }
+
+    /// Writes a header of any shape into slot `sequence % 2`, as an older (or newer) ftvm
+    /// would have.
+    fn write_raw_header(path: &Path, encoded: &[u8], sequence: u64) {
+        let file = OpenOptions::new().write(true).open(path).expect("open");
+        let mut block = vec![0u8; HEADER_BLOCK as usize];
+        block[..8].copy_from_slice(MAGIC);
+        block[8..16].copy_from_slice(&sequence.to_le_bytes());
+        block[16..SLOT_PREFIX].copy_from_slice(&(encoded.len() as u16).to_le_bytes());
+        block[SLOT_PREFIX..SLOT_PREFIX + encoded.len()].copy_from_slice(encoded);
+        let crc = crc32c::crc32c(&block[..SLOT_PREFIX + encoded.len()]);
+        block[HEADER_BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&block, (sequence % HEADER_SLOTS) * HEADER_BLOCK)
+            .expect("write");
+    }
+
+    #[derive(Serialize)]
+    struct OldHeader {
+        version: u32,
+        generation: u64,
+        data_state: DataState,
+        size_bytes: u64,
+        chunk_bytes: u32,
+        extent_bytes: u32,
+        open_boot_id: Option<u128>,
+        base_generation: u64,
+    }
+
+    #[test]
+    fn a_format_3_file_is_migrated_and_an_unknown_format_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("create");
+        meta.mark_out_of_sync(0, 4096).expect("mark");
+        drop(meta);
+        let old = OldHeader {
+            version: 3,
+            generation: 6,
+            data_state: DataState::UpToDate,
+            size_bytes: 1 << 20,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            extent_bytes: DEFAULT_EXTENT_BYTES,
+            open_boot_id: Some(5),
+            base_generation: 4,
+        };
+        write_raw_header(&path, &postcard::to_allocvec(&old).expect("encode"), 10);
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::Inconsistent).expect("v3");
+        let header = meta.header();
+        assert_eq!(header.version, FORMAT_VERSION);
+        assert_eq!(
+            (
+                header.generation,
+                header.base_generation,
+                header.open_boot_id
+            ),
+            (6, 4, Some(5))
+        );
+        assert_eq!((header.applied_epoch, header.journal_start), (None, None));
+        assert_eq!(meta.out_of_sync_chunks(), vec![0], "the bitmaps are kept");
+        meta.set_applied_epoch(
+            Some(9),
+            Some(JournalStart {
+                position: 128,
+                sequence: 3,
+            }),
+        )
+        .expect("record");
+        drop(meta);
+        let meta = Metadata::open_or_create(&path, 1 << 20, DataState::Inconsistent).expect("v4");
+        assert_eq!(meta.header().applied_epoch, Some(9));
+        assert_eq!(meta.header().generation, 6);
+        drop(meta);
+        // A newer format than this code knows is never read as something else.
+        let mut newer = postcard::to_allocvec(&old).expect("encode");
+        newer[0] = 5;
+        write_raw_header(&path, &newer, 100);
+        assert!(matches!(
+            Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate),
+            Err(MetadataError::UnknownFormat { found: 5, .. })
+        ));
+        // Nor is a format 3 body that claims to be format 4.
+        let mut claimed = postcard::to_allocvec(&old).expect("encode");
+        claimed[0] = 4;
+        write_raw_header(&path, &claimed, 101);
+        let opened = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate);
+        assert!(
+            !matches!(&opened, Ok(meta) if meta.header().generation == 6 && meta.header().applied_epoch.is_some()),
+            "{opened:?}"
+        );
     }
 
     #[test]
