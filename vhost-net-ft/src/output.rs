@@ -114,6 +114,11 @@ impl EpochBuffer {
         let Some(epoch) = self.current else {
             return Err(frame);
         };
+        // Ours to keep: the FIFO is in epoch order, which `commit` relies on.
+        assert!(
+            self.frames.back().is_none_or(|last| last.epoch <= epoch),
+            "held frames out of epoch order"
+        );
         self.bytes = self.bytes.saturating_add(frame.bytes().len());
         self.frames.push_back(HeldFrame {
             epoch,
