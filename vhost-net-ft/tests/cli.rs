@@ -64,6 +64,25 @@ fn bad_queue_count_is_a_one_line_error() {
 }
 
 #[test]
+fn a_too_small_output_buffer_is_a_one_line_error() {
+    let output = run(&[
+        "--socket",
+        unused_socket().as_str(),
+        "--tap",
+        "tap0",
+        "--output-buffer-bytes",
+        "65536",
+    ]);
+    let stderr = one_line_error(&output);
+    assert!(
+        stderr.contains("--output-buffer-bytes must be at least 1048576, not 65536"),
+        "{stderr}"
+    );
+    let output = run(&["--socket", "s", "--tap", "t", "--output-buffer-bytes", "-1"]);
+    assert_eq!(output.status.code(), Some(2), "a usage error");
+}
+
+#[test]
 fn bad_tap_name_is_a_one_line_error() {
     let output = run(&[
         "--socket",
