@@ -6,14 +6,18 @@
 //! ```
 //!
 //! For each kind of page: the anchor (`copy_from_slice` of every page into a second buffer),
-//! the encoder (`Encoder::encode` against the base), and the decoder, each the median of
-//! ROUNDS interleaved runs over PAGES pages (default 8192 pages = 32 MiB, 9 rounds). Prints
-//! GB/s of page bytes, the ratio to the anchor, and the wire size as a share of the pages.
+//! the encoder (`Encoder::encode` against the base), the sender's whole per-page path
+//! (encode, append to a `PageBatch`, CRC32C of the page, copy into the shadow unless
+//! unchanged), and the
+//! decoder, each the median of ROUNDS interleaved runs over PAGES pages (default 8192 pages
+//! = 32 MiB, 9 rounds). Prints GB/s of page bytes, the ratio to the anchor, and the wire size
+//! as a share of the pages.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use checkpoint::delta::{decode, Encoder, Page, PAGE_BYTES, ZERO_PAGE};
+use checkpoint::delta::{decode, Encoder, Encoding, Page, PAGE_BYTES, ZERO_PAGE};
+use checkpoint::wire::BatchBuilder;
 
 /// xorshift bytes.
 fn random_fill(seed: u64, output: &mut [u8]) {
@@ -143,13 +147,22 @@ fn main() {
         bytes >> 20
     );
     println!(
-        "{:<36} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8}",
-        "pages", "copy GB/s", "enc GB/s", "enc/copy", "dec GB/s", "dec/copy", "wire %"
+        "{:<36} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "pages",
+        "copy GB/s",
+        "enc GB/s",
+        "enc/copy",
+        "path GB/s",
+        "path/copy",
+        "dec GB/s",
+        "dec/copy",
+        "wire %"
     );
+    let mut shadow = vec![[0u8; PAGE_BYTES]; count];
     for set in &sets {
         let mut wire = Vec::with_capacity(count);
-        let (mut copy_times, mut encode_times, mut decode_times) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut copy_times, mut encode_times, mut path_times, mut decode_times) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             let start = Instant::now();
             for (copy, page) in copies.iter_mut().zip(&set.pages) {
@@ -168,6 +181,29 @@ fn main() {
             }
             encode_times.push(start.elapsed());
             black_box(wire_bytes);
+
+            for (target, base) in shadow.iter_mut().zip(&set.bases) {
+                target.copy_from_slice(base);
+            }
+            let mut batch = BatchBuilder::new();
+            let mut crc = 0u32;
+            let start = Instant::now();
+            for (index, (page, target)) in set.pages.iter().zip(shadow.iter_mut()).enumerate() {
+                let encoded = encoder.encode(black_box(page), target);
+                let changed = encoded.encoding != Encoding::Same;
+                if !batch.has_room(&encoded) {
+                    black_box(batch.take(1));
+                }
+                batch.push(index as u64, &encoded);
+                crc = crc32c::crc32c_append(crc, &(index as u64).to_le_bytes());
+                crc = crc32c::crc32c_append(crc, page);
+                if changed {
+                    target.copy_from_slice(page);
+                }
+            }
+            black_box(batch.take(1));
+            path_times.push(start.elapsed());
+            black_box(crc);
 
             // Decode input, prepared outside the timed loop.
             for (page, base) in set.pages.iter().zip(&set.bases) {
@@ -190,13 +226,16 @@ fn main() {
         let wire_bytes: usize = wire.iter().map(|(_, bytes)| bytes.len() + 11).sum();
         let copy = gigabytes_per_second(bytes, median(copy_times));
         let encode = gigabytes_per_second(bytes, median(encode_times));
+        let path = gigabytes_per_second(bytes, median(path_times));
         let decode = gigabytes_per_second(bytes, median(decode_times));
         println!(
-            "{:<36} {:>10.2} {:>10.2} {:>8.2} {:>10.2} {:>8.2} {:>7.1}%",
+            "{:<36} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>6.1}%",
             set.name,
             copy,
             encode,
             encode / copy,
+            path,
+            path / copy,
             decode,
             decode / copy,
             100.0 * wire_bytes as f64 / bytes as f64

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use replication_link::{Session, SessionError};
 
-use crate::delta::{Encoder, Page, PAGE_BYTES, ZERO_PAGE};
+use crate::delta::{Encoder, Encoding, Page, PAGE_BYTES, ZERO_PAGE};
 use crate::wire::{
     BatchBuilder, Message, Refusal, WireError, MAX_DEVICE_STATE_BYTES, MAX_RAM_BYTES,
     MAX_STATE_CHUNK_BYTES, MAX_VM_NAME_BYTES,
@@ -122,7 +122,10 @@ impl Sender {
     /// as much memory as the guest's RAM (zero pages stay unbacked until written).
     pub fn new(config: SenderConfig) -> Result<Sender, SenderError> {
         let ram_bytes = config.ram_bytes;
-        if ram_bytes == 0 || !ram_bytes.is_multiple_of(PAGE_BYTES as u64) || ram_bytes > MAX_RAM_BYTES {
+        if ram_bytes == 0
+            || !ram_bytes.is_multiple_of(PAGE_BYTES as u64)
+            || ram_bytes > MAX_RAM_BYTES
+        {
             return Err(SenderError::RamSize { ram_bytes });
         }
         if config.vm.is_empty() || config.vm.len() > MAX_VM_NAME_BYTES {
@@ -425,6 +428,7 @@ impl Sender {
             (&*shadow_page).try_into().unwrap_or(&ZERO_PAGE)
         };
         let encoded = self.encoder.encode(page, base);
+        let changed = encoded.encoding != Encoding::Same;
         if !epoch.batch.has_room(&encoded) {
             let (message, payload) = epoch.batch.take(epoch.sent.epoch);
             epoch.sent.page_bytes_sent += payload.len() as u64;
@@ -433,7 +437,10 @@ impl Sender {
         epoch.batch.push(index, &encoded);
         epoch.crc = crc32c::crc32c_append(epoch.crc, &index.to_le_bytes());
         epoch.crc = crc32c::crc32c_append(epoch.crc, page);
-        shadow_page.copy_from_slice(page);
+        // A full copy's `Same` means "zero", which the shadow may not hold.
+        if changed || epoch.full {
+            shadow_page.copy_from_slice(page);
+        }
         Ok(())
     }
 
