@@ -10,6 +10,9 @@ use crate::CommandError;
 /// The generation is a fencing token: the one the witness granted.
 pub type Generation = u64;
 
+/// A Level 3 epoch number (`docs/LEVEL3.md`, "Disk writes at Level 3").
+pub type Epoch = u64;
+
 /// A command to a disk daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -20,6 +23,56 @@ pub enum Command {
     DirtyPages,
     /// Answered with [`Done`].
     Order(Order),
+    /// The checkpoint engine's Level 3 commands; answered with [`Done`].
+    Epoch(EpochOrder),
+}
+
+/// A Level 3 command (`docs/LEVEL3.md`, "Disk writes at Level 3"): the first three to a
+/// primary, the last two to a secondary. Answered with [`Done`] or a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochOrder {
+    /// `epoch on EPOCH`: the writes from now on belong to `EPOCH` and the secondary buffers
+    /// them until their epoch commits.
+    On(Epoch),
+    /// `epoch-end N`: `N` must be the current epoch; later writes belong to `N + 1`.
+    End(Epoch),
+    /// `epoch off`: the secondary applies everything buffered and applies on arrival again.
+    Off,
+    /// `commit N`: the secondary applies every sealed epoch up to `N`, in arrival order.
+    Commit(Epoch),
+    /// `wait-sealed N [TIMEOUT_MS]`: answered once epoch `N` is sealed (complete and durable
+    /// in the secondary's journal); refused after the timeout (default
+    /// [`EpochOrder::DEFAULT_WAIT_MS`], at most [`EpochOrder::MAX_WAIT_MS`]).
+    WaitSealed { epoch: Epoch, timeout_ms: u64 },
+}
+
+impl EpochOrder {
+    /// `wait-sealed` without a timeout waits this long.
+    pub const DEFAULT_WAIT_MS: u64 = 2_000;
+    /// The longest `wait-sealed` accepted (the control socket's client waits 10 s).
+    pub const MAX_WAIT_MS: u64 = 8_000;
+
+    /// The command's first word.
+    pub fn name(self) -> &'static str {
+        match self {
+            EpochOrder::On(_) | EpochOrder::Off => "epoch",
+            EpochOrder::End(_) => "epoch-end",
+            EpochOrder::Commit(_) => "commit",
+            EpochOrder::WaitSealed { .. } => "wait-sealed",
+        }
+    }
+}
+
+impl fmt::Display for EpochOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())?;
+        match self {
+            EpochOrder::On(epoch) => write!(f, " on {epoch}"),
+            EpochOrder::Off => f.write_str(" off"),
+            EpochOrder::End(epoch) | EpochOrder::Commit(epoch) => write!(f, " {epoch}"),
+            EpochOrder::WaitSealed { epoch, timeout_ms } => write!(f, " {epoch} {timeout_ms}"),
+        }
+    }
 }
 
 /// A command that changes the disk (ftvmd's, and `repair`, the operator's), answered with
@@ -37,13 +90,21 @@ pub enum Order {
     Demote,
     /// `repair`: rebuild this host's failed copy from the peer's.
     Repair,
+    /// `promote GEN EPOCH` (Level 3 failover): a secondary applies its sealed epochs up to
+    /// `EPOCH` (the replica's last durable one), discards every later one, then becomes
+    /// primary at `GEN`.
+    PromoteAtEpoch {
+        generation: Generation,
+        epoch: Epoch,
+    },
 }
 
 impl Command {
     /// The commands, as `--help` and the error for an unknown one list them.
     pub const SYNOPSIS: &'static str =
-        "status, promote [GENERATION], demote, continue-degraded [GENERATION], fence, repair, \
-         dirty-pages";
+        "status, promote [GENERATION [EPOCH]], demote, continue-degraded [GENERATION], fence, \
+         repair, dirty-pages, epoch on EPOCH, epoch off, epoch-end EPOCH, commit EPOCH, \
+         wait-sealed EPOCH [TIMEOUT_MS]";
 }
 
 impl Order {
@@ -52,7 +113,7 @@ impl Order {
         match self {
             Order::ContinueDegraded(_) => "continue-degraded",
             Order::Fence => "fence",
-            Order::Promote(_) => "promote",
+            Order::Promote(_) | Order::PromoteAtEpoch { .. } => "promote",
             Order::Demote => "demote",
             Order::Repair => "repair",
         }
@@ -61,6 +122,7 @@ impl Order {
     fn generation(self) -> Option<Generation> {
         match self {
             Order::ContinueDegraded(generation) | Order::Promote(generation) => generation,
+            Order::PromoteAtEpoch { generation, .. } => Some(generation),
             Order::Fence | Order::Demote | Order::Repair => None,
         }
     }
@@ -69,9 +131,12 @@ impl Order {
 impl fmt::Display for Order {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())?;
-        match self.generation() {
-            Some(generation) => write!(f, " {generation}"),
-            None => Ok(()),
+        if let Some(generation) = self.generation() {
+            write!(f, " {generation}")?;
+        }
+        match self {
+            Order::PromoteAtEpoch { epoch, .. } => write!(f, " {epoch}"),
+            _ => Ok(()),
         }
     }
 }
@@ -82,21 +147,111 @@ impl fmt::Display for Command {
             Command::Status => f.write_str("status"),
             Command::DirtyPages => f.write_str("dirty-pages"),
             Command::Order(order) => order.fmt(f),
+            Command::Epoch(order) => order.fmt(f),
         }
     }
 }
 
+/// Why a disk command line was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{command}: missing {what}")]
+    Missing {
+        command: &'static str,
+        what: &'static str,
+    },
+    #[error("{command}: {what} {word:?} is not a number")]
+    NotANumber {
+        command: &'static str,
+        what: &'static str,
+        word: String,
+    },
+    #[error("epoch: {word:?} is neither \"on\" nor \"off\"")]
+    NotOnOrOff { word: String },
+    #[error("wait-sealed: a timeout of {0} ms is above the most, {max} ms", max = EpochOrder::MAX_WAIT_MS)]
+    TimeoutTooLong(u64),
+}
+
+/// A decimal number argument (no sign, no other base).
+fn number(
+    command: &'static str,
+    what: &'static str,
+    word: Option<&str>,
+) -> Result<u64, ParseError> {
+    let word = word.ok_or(ParseError::Missing { command, what })?;
+    let digits = !word.is_empty() && word.bytes().all(|byte| byte.is_ascii_digit());
+    match word.parse::<u64>() {
+        Ok(value) if digits => Ok(value),
+        _ => Err(ParseError::NotANumber {
+            command,
+            what,
+            word: word.to_owned(),
+        }),
+    }
+}
+
+/// The Level 3 commands' arguments, after their first word.
+fn epoch_order<'a>(
+    first: &str,
+    words: &mut impl Iterator<Item = &'a str>,
+) -> Result<Option<EpochOrder>, ParseError> {
+    let order = match first {
+        "epoch" => match words.next() {
+            Some("on") => EpochOrder::On(number("epoch", "the epoch", words.next())?),
+            Some("off") => EpochOrder::Off,
+            Some(other) => {
+                return Err(ParseError::NotOnOrOff {
+                    word: other.to_owned(),
+                })
+            }
+            None => {
+                return Err(ParseError::Missing {
+                    command: "epoch",
+                    what: "\"on EPOCH\" or \"off\"",
+                })
+            }
+        },
+        "epoch-end" => EpochOrder::End(number("epoch-end", "the epoch", words.next())?),
+        "commit" => EpochOrder::Commit(number("commit", "the epoch", words.next())?),
+        "wait-sealed" => {
+            let epoch = number("wait-sealed", "the epoch", words.next())?;
+            let timeout_ms = match words.next() {
+                None => EpochOrder::DEFAULT_WAIT_MS,
+                Some(word) => number("wait-sealed", "the timeout", Some(word))?,
+            };
+            if timeout_ms > EpochOrder::MAX_WAIT_MS {
+                return Err(ParseError::TimeoutTooLong(timeout_ms));
+            }
+            EpochOrder::WaitSealed { epoch, timeout_ms }
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(order))
+}
+
 impl FromStr for Command {
-    type Err = CommandError;
+    type Err = ParseError;
 
     /// Parses a command line: words separated by white space.
-    fn from_str(line: &str) -> Result<Command, CommandError> {
+    fn from_str(line: &str) -> Result<Command, ParseError> {
         let mut words = line.split_whitespace();
         let Some(first) = words.next() else {
             return Err(CommandError::Empty {
                 commands: Command::SYNOPSIS,
-            });
+            }
+            .into());
         };
+        if let Some(order) = epoch_order(first, &mut words)? {
+            if words.next().is_some() {
+                return Err(CommandError::TooManyArguments {
+                    command: order.name(),
+                }
+                .into());
+            }
+            return Ok(Command::Epoch(order));
+        }
         let command = match first {
             "status" => Command::Status,
             "dirty-pages" => Command::DirtyPages,
@@ -109,13 +264,15 @@ impl FromStr for Command {
                 return Err(CommandError::Unknown {
                     word: other.to_owned(),
                     commands: Command::SYNOPSIS,
-                })
+                }
+                .into())
             }
         };
         let name = match command {
             Command::Status => "status",
             Command::DirtyPages => "dirty-pages",
             Command::Order(order) => order.name(),
+            Command::Epoch(order) => order.name(),
         };
         let generation = match words.next() {
             None => None,
@@ -134,13 +291,17 @@ impl FromStr for Command {
             (Command::Order(Order::ContinueDegraded(_)), generation) => {
                 Command::Order(Order::ContinueDegraded(generation))
             }
-            (Command::Order(Order::Promote(_)), generation) => {
-                Command::Order(Order::Promote(generation))
-            }
-            (_, Some(_)) => return Err(CommandError::TooManyArguments { command: name }),
+            (Command::Order(Order::Promote(_)), Some(generation)) => match words.next() {
+                None => Command::Order(Order::Promote(Some(generation))),
+                Some(word) => Command::Order(Order::PromoteAtEpoch {
+                    generation,
+                    epoch: number("promote", "the epoch", Some(word))?,
+                }),
+            },
+            (_, Some(_)) => return Err(CommandError::TooManyArguments { command: name }.into()),
         };
         if words.next().is_some() {
-            return Err(CommandError::TooManyArguments { command: name });
+            return Err(CommandError::TooManyArguments { command: name }.into());
         }
         Ok(command)
     }
@@ -313,6 +474,55 @@ pub struct PrimaryStatus {
     /// it works.
     #[serde(deserialize_with = "crate::required")]
     pub peer_disk_failed: Option<String>,
+    /// Level 3: the epochs this primary cuts its writes into.
+    pub epochs: PrimaryEpochs,
+}
+
+/// A primary's Level 3 state (`epoch on|off`, `epoch-end`). `Default` is Level 2 (off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrimaryEpochs {
+    /// Writes are cut into epochs (`epoch on`), buffered by the secondary until committed.
+    pub enabled: bool,
+    /// The epoch the guest's writes belong to now (`null` while off).
+    #[serde(deserialize_with = "crate::required")]
+    pub current_epoch: Option<Epoch>,
+    /// The last epoch the secondary reported sealed (`null`: none since `epoch on`).
+    #[serde(deserialize_with = "crate::required")]
+    pub sealed_epoch: Option<Epoch>,
+    /// Why Level 3 ended without `epoch off` ("RemoteOnly", "degraded", "fenced"); `null`
+    /// otherwise.
+    #[serde(deserialize_with = "crate::required")]
+    pub off_reason: Option<String>,
+}
+
+/// A secondary's Level 3 state: its epoch journal and what it applied. `Default` is Level 2
+/// with no journal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecondaryEpochs {
+    /// Writes are buffered in the journal (the primary's `EpochStart` until `EpochOff`).
+    pub enabled: bool,
+    /// The epoch arriving writes are filed under (`null` while off).
+    #[serde(deserialize_with = "crate::required")]
+    pub receiving_epoch: Option<Epoch>,
+    /// The last epoch sealed (complete and durable in the journal).
+    #[serde(deserialize_with = "crate::required")]
+    pub sealed_epoch: Option<Epoch>,
+    /// The last epoch applied to the image (recorded in the metadata).
+    #[serde(deserialize_with = "crate::required")]
+    pub applied_epoch: Option<Epoch>,
+    /// Records waiting in the journal for their epoch's commit, and their data bytes.
+    pub buffered_records: u64,
+    pub buffered_bytes: u64,
+    /// Of those bytes, the ones also held in memory.
+    pub memory_bytes: u64,
+    pub journal_used_bytes: u64,
+    pub journal_size_bytes: u64,
+    /// The journal is full: the secondary stops acknowledging until a commit frees room.
+    pub journal_full: bool,
+    /// Times a record met a full journal.
+    pub journal_full_waits: u64,
 }
 
 /// The secondary's part of `status`.
@@ -333,6 +543,8 @@ pub struct SecondaryStatus {
     #[serde(deserialize_with = "crate::required")]
     pub disk_failed: Option<String>,
     pub disk_failures: u64,
+    /// Level 3: the epoch journal.
+    pub epochs: SecondaryEpochs,
 }
 
 #[cfg(test)]

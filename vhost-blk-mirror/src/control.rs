@@ -5,6 +5,8 @@
 //! `continue-degraded`, `fence` (the coordinator's orders) and `repair` (the operator's,
 //! after replacing a failed local disk) answer [`disk::Done`] (`{"ok": true, "result":
 //! "..."}`); `dirty-pages` (the checkpoint engine's, Level 3) answers [`disk::DirtyPages`];
+//! the checkpoint engine's Level 3 epoch commands (`epoch on|off`, `epoch-end`, `commit`,
+//! `wait-sealed`) answer [`disk::Done`];
 //! anything refused or not understood gets `{"error": "..."}`.
 
 use std::io;
@@ -94,6 +96,13 @@ fn answer(line: &str, disk: &Disk, queues: usize) -> io::Result<String> {
             Ok(pages) => Reply::Answer(pages).to_line(),
             Err(error) => Reply::<disk::DirtyPages>::Refused(error).to_line(),
         },
+        Ok(disk::Command::Epoch(order)) => {
+            log::debug!("control command: {order}");
+            match disk.mirror.epoch_command(order) {
+                Ok(result) => Reply::Answer(disk::Done { ok: true, result }).to_line(),
+                Err(error) => Reply::<disk::Done>::Refused(error).to_line(),
+            }
+        }
         Ok(disk::Command::Order(order)) => {
             info!("control command: {order}");
             match disk.mirror.command(order) {

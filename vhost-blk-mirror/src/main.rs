@@ -38,7 +38,9 @@ struct Args {
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
     /// Control socket (mode 0600): `status` (JSON), the coordinator's commands `promote`,
-    /// `demote`, `continue-degraded`, `fence`, and `repair` after a local disk failure.
+    /// `demote`, `continue-degraded`, `fence`, `repair` after a local disk failure, and the
+    /// checkpoint engine's `dirty-pages`, `epoch on|off`, `epoch-end`, `commit`,
+    /// `wait-sealed`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Role in replication.
@@ -80,6 +82,18 @@ struct Args {
         default_value = vhost_blk_mirror::mirror::secondary::KERNEL_BOOT_ID
     )]
     boot_id_file: PathBuf,
+    /// Level 3, secondary: the epoch journal, where writes wait for their epoch's commit
+    /// (default: IMAGE.ftvm-journal; created when the primary first starts epochs).
+    #[arg(long, value_name = "FILE")]
+    epoch_journal: Option<PathBuf>,
+    /// Size of the epoch journal, preallocated (suffixes K, M, G; at least 33M). When it is
+    /// full the secondary stops acknowledging until a commit frees room.
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_rate)]
+    epoch_journal_bytes: u64,
+    /// Data of unapplied epochs also kept in memory (suffixes K, M, G); beyond it, a commit
+    /// reads the journal back.
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_rate)]
+    epoch_memory_bytes: u64,
 }
 
 /// Parses `100M`, `1G`, `512K` or a plain number of bytes.
@@ -130,6 +144,9 @@ fn main() -> ExitCode {
         host_id: args.host_id.unwrap_or_else(host_name),
         service,
         boot_id_file: args.boot_id_file,
+        epoch_journal: args.epoch_journal,
+        epoch_journal_bytes: args.epoch_journal_bytes,
+        epoch_memory_bytes: args.epoch_memory_bytes,
     };
     let config = Config {
         socket: args.socket,

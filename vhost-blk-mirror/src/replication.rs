@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::image::Image;
 use crate::link::{self, LinkSettings};
 use crate::metadata::{DataState, Metadata, MetadataError};
+use crate::mirror::epochs::EpochOptions;
 use crate::mirror::primary::{Primary, ResyncOptions};
 use crate::mirror::secondary::Secondary;
 use crate::mirror::{ListenerFactory, Mirror, Role, RoleChanges};
@@ -44,6 +45,11 @@ pub struct ReplicationConfig {
     pub service: String,
     /// The file that identifies this boot of the host (`--boot-id-file`).
     pub boot_id_file: PathBuf,
+    /// Level 3: `--epoch-journal` (default: beside the image), `--epoch-journal-bytes`,
+    /// `--epoch-memory-bytes`.
+    pub epoch_journal: Option<PathBuf>,
+    pub epoch_journal_bytes: u64,
+    pub epoch_memory_bytes: u64,
 }
 
 #[derive(Debug, Error)]
@@ -113,6 +119,16 @@ impl ReplicationConfig {
         Ok(())
     }
 
+    /// The epoch journal: `--epoch-journal`, or the image's path with `.ftvm-journal`
+    /// appended.
+    pub fn journal_path(&self, image: &Path) -> PathBuf {
+        self.epoch_journal.clone().unwrap_or_else(|| {
+            let mut path = image.as_os_str().to_owned();
+            path.push(".ftvm-journal");
+            PathBuf::from(path)
+        })
+    }
+
     /// The metadata file: `--meta`, or the image's path with `.ftvm-meta` appended.
     pub fn metadata_path(&self, image: &Path) -> PathBuf {
         self.metadata.clone().unwrap_or_else(|| {
@@ -148,6 +164,12 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
             .then(|| Box::new(move || link::listen(&listener_settings)) as ListenerFactory),
     };
     let boot_id_file = config.boot_id_file.clone();
+    let epochs = EpochOptions {
+        journal_path: config.journal_path(image.path()),
+        journal_bytes: config.epoch_journal_bytes,
+        memory_bytes: config.epoch_memory_bytes,
+    };
+    let secondary_epochs = epochs.clone();
     let start = move |image: Arc<Image>, metadata: Arc<Metadata>| match role {
         RoleKind::Primary => {
             let connector = link::connector(&settings);
@@ -161,12 +183,14 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
                 metadata,
                 transport,
                 &boot_id_file,
+                secondary_epochs,
             )?))
         }
     };
     let options = crate::mirror::MirrorOptions {
         resync,
         boot_id_file: config.boot_id_file.clone(),
+        epochs,
     };
     Mirror::replicated(image, metadata, options, start, role_changes)
         .map_err(ReplicationError::Start)
@@ -187,6 +211,9 @@ mod tests {
             host_id: "test".into(),
             service: "blk:test".into(),
             boot_id_file: crate::mirror::secondary::KERNEL_BOOT_ID.into(),
+            epoch_journal: None,
+            epoch_journal_bytes: crate::mirror::epochs::DEFAULT_JOURNAL_BYTES,
+            epoch_memory_bytes: crate::mirror::epochs::DEFAULT_MEMORY_BYTES,
         }
     }
 

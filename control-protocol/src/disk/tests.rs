@@ -10,6 +10,25 @@ fn every_command() -> Vec<Command> {
         commands.push(Command::Order(Order::Promote(generation)));
     }
     commands.extend([Order::Fence, Order::Demote, Order::Repair].map(Command::Order));
+    commands.push(Command::Order(Order::PromoteAtEpoch {
+        generation: 4,
+        epoch: 17,
+    }));
+    for epoch in [0, 9, u64::MAX] {
+        commands.extend(
+            [
+                EpochOrder::On(epoch),
+                EpochOrder::End(epoch),
+                EpochOrder::Commit(epoch),
+                EpochOrder::WaitSealed {
+                    epoch,
+                    timeout_ms: 250,
+                },
+            ]
+            .map(Command::Epoch),
+        );
+    }
+    commands.push(Command::Epoch(EpochOrder::Off));
     commands
 }
 
@@ -34,34 +53,100 @@ fn every_command_round_trips_through_its_line() {
 }
 
 #[test]
+fn the_level3_commands_parse_strictly() {
+    assert_eq!(
+        "wait-sealed 5".parse(),
+        Ok(Command::Epoch(EpochOrder::WaitSealed {
+            epoch: 5,
+            timeout_ms: EpochOrder::DEFAULT_WAIT_MS
+        }))
+    );
+    assert_eq!(
+        "promote 3 12".parse(),
+        Ok(Command::Order(Order::PromoteAtEpoch {
+            generation: 3,
+            epoch: 12
+        }))
+    );
+    assert_eq!(Command::Epoch(EpochOrder::On(4)).to_string(), "epoch on 4");
+    assert_eq!(Command::Epoch(EpochOrder::Off).to_string(), "epoch off");
+    let refused = |line: &str| line.parse::<Command>().expect_err(line);
+    for line in ["epoch", "epoch on", "epoch-end", "commit", "wait-sealed"] {
+        assert!(
+            matches!(refused(line), ParseError::Missing { .. }),
+            "{line}"
+        );
+    }
+    for line in [
+        "epoch on x",
+        "epoch on -1",
+        "epoch on +1",
+        "epoch-end 0x10",
+        "commit 1.5",
+        "commit 18446744073709551616",
+        "wait-sealed 1 -5",
+        "wait-sealed x",
+        "promote 1 x",
+        "promote 1 +2",
+    ] {
+        assert!(
+            matches!(refused(line), ParseError::NotANumber { .. }),
+            "{line}"
+        );
+    }
+    assert!(matches!(
+        refused("epoch maybe"),
+        ParseError::NotOnOrOff { .. }
+    ));
+    assert!(matches!(
+        refused("wait-sealed 1 600000"),
+        ParseError::TimeoutTooLong(600_000)
+    ));
+}
+
+#[test]
 fn a_bad_command_line_is_refused_with_its_reason() {
     let refused = |line: &str| line.parse::<Command>().expect_err(line);
-    assert!(matches!(refused(""), CommandError::Empty { .. }));
-    assert!(matches!(refused("reboot"), CommandError::Unknown { word, .. } if word == "reboot"));
+    assert!(matches!(
+        refused(""),
+        ParseError::Command(CommandError::Empty { .. })
+    ));
+    assert!(
+        matches!(refused("reboot"), ParseError::Command(CommandError::Unknown { word, .. }) if word == "reboot")
+    );
     assert_eq!(
         refused("promote x").to_string(),
         "promote: generation \"x\" is not a number"
     );
     assert!(matches!(
         refused("promote -1"),
-        CommandError::NotANumber { .. }
+        ParseError::Command(CommandError::NotANumber { .. })
     ));
     for line in [
         "fence 3",
         "status 1",
         "demote 2",
         "repair 1",
-        "promote 1 2",
+        "promote 1 2 3",
         "dirty-pages 1",
+        "epoch on 1 2",
+        "epoch off 1",
+        "epoch-end 1 2",
+        "commit 1 2",
+        "wait-sealed 1 100 2",
+        "continue-degraded 1 2",
     ] {
         assert!(
-            matches!(refused(line), CommandError::TooManyArguments { .. }),
+            matches!(
+                refused(line),
+                ParseError::Command(CommandError::TooManyArguments { .. })
+            ),
             "{line}"
         );
     }
     assert!(refused("bogus")
         .to_string()
-        .contains("try: status, promote [GENERATION]"));
+        .contains("try: status, promote [GENERATION [EPOCH]]"));
 }
 
 fn progress() -> ResyncProgress {
@@ -114,6 +199,12 @@ fn primary() -> PrimaryStatus {
         writes_active: 0,
         resync: progress(),
         peer_disk_failed: Some("EIO on write".into()),
+        epochs: PrimaryEpochs {
+            enabled: true,
+            current_epoch: Some(8),
+            sealed_epoch: Some(7),
+            off_reason: None,
+        },
     }
 }
 
@@ -129,6 +220,19 @@ fn secondary() -> SecondaryStatus {
         refused_requests: 0,
         disk_failed: None,
         disk_failures: 0,
+        epochs: SecondaryEpochs {
+            enabled: true,
+            receiving_epoch: Some(8),
+            sealed_epoch: Some(7),
+            applied_epoch: None,
+            buffered_records: 12,
+            buffered_bytes: 49152,
+            memory_bytes: 49152,
+            journal_used_bytes: 50000,
+            journal_size_bytes: 1 << 30,
+            journal_full: false,
+            journal_full_waits: 0,
+        },
     }
 }
 
@@ -253,6 +357,9 @@ fn a_status_with_a_missing_field_is_refused() {
         &["replication", "peer_disk_failed"],
         &["replication", "resync", "eta_seconds"],
         &["replication", "rebuild"],
+        &["replication", "epochs"],
+        &["replication", "epochs", "sealed_epoch"],
+        &["replication", "epochs", "off_reason"],
         &["replication"],
         &["write_requests"],
         &["connected"],

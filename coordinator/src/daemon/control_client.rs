@@ -177,7 +177,11 @@ mod tests {
             \"connected\":false,\"replication\":{\"role\":\"secondary\",\
             \"disk_state\":\"UpToDate\",\"gen\":9,\"peer_reachable\":true,\"links\":null,\
             \"applied_writes\":0,\"applied_bytes\":0,\"resync_bytes_received\":0,\
-            \"refused_requests\":0,\"disk_failed\":null,\"disk_failures\":0}}\n";
+            \"refused_requests\":0,\"disk_failed\":null,\"disk_failures\":0,\
+            \"epochs\":{\"enabled\":false,\"receiving_epoch\":null,\"sealed_epoch\":null,\
+            \"applied_epoch\":null,\"buffered_records\":0,\"buffered_bytes\":0,\
+            \"memory_bytes\":0,\"journal_used_bytes\":0,\"journal_size_bytes\":0,\
+            \"journal_full\":false,\"journal_full_waits\":0}}}\n";
         let fixed = reply.replace("\"gen\"", "\"generation\"");
         let daemon = daemon(dir.path(), vec![reply.into(), fixed]);
         let control = dir.path().join("ctl");

@@ -1,6 +1,6 @@
 //! The epoch journal of a Level 3 secondary (`docs/LEVEL3.md`, "Disk writes at Level 3"):
 //! the file where the primary's writes wait, durable, until their epoch commits. This module
-//! is the file format and its ring; the secondary does not use it yet (step 9).
+//! is the file format and its ring; `super::epochs` files the secondary's epochs in it.
 //!
 //! The file is preallocated (fully written when created, so an append never needs new
 //! space) and used as a ring of records in arrival order. A record is a 64-byte header
@@ -229,6 +229,20 @@ impl Journal {
         len: u64,
         data: &[u8],
     ) -> Result<Record, JournalError> {
+        let record = Record {
+            sequence: self.next_sequence,
+            generation,
+            epoch,
+            kind,
+            offset,
+            len,
+        };
+        self.append_record(record, data).map(|found| found.record)
+    }
+
+    /// Appends `record` (its sequence number is replaced by the next one) with `data`, and
+    /// returns where it is, for [`Reader::read_data`].
+    pub fn append_record(&mut self, record: Record, data: &[u8]) -> Result<Found, JournalError> {
         if data.len() > MAX_REQUEST_BYTES {
             return Err(JournalError::TooLarge(data.len()));
         }
@@ -253,14 +267,10 @@ impl Journal {
         }
         let record = Record {
             sequence: self.next_sequence,
-            generation,
-            epoch,
-            kind,
-            offset,
-            len,
+            ..record
         };
         let mut block = Vec::with_capacity(bytes as usize);
-        block.extend_from_slice(&encode_header(&record, raw_kind(kind), data));
+        block.extend_from_slice(&encode_header(&record, raw_kind(record.kind), data));
         block.extend_from_slice(data);
         block.resize(bytes as usize, 0);
         self.file
@@ -274,7 +284,29 @@ impl Journal {
         self.used_bytes += needed;
         self.tail = wrap_offset(position + bytes, self.size_bytes);
         self.next_sequence += 1;
-        Ok(record)
+        Ok(Found {
+            record,
+            position,
+            data_len: data.len() as u32,
+        })
+    }
+
+    /// The file's size, and the bytes live records take.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    /// A second handle on the file that reads records back while this one appends.
+    pub fn reader(&self) -> Result<Reader, JournalError> {
+        let file = self.file.try_clone().map_err(|e| self.io_error(e))?;
+        Ok(Reader {
+            path: self.path.clone(),
+            file,
+        })
     }
 
     /// Makes every appended record durable.
@@ -296,21 +328,7 @@ impl Journal {
 
     /// Reads a found record's data back, checking its checksum again.
     pub fn read_data(&self, found: &Found) -> Result<Vec<u8>, JournalError> {
-        let mut data = vec![0u8; found.data_len as usize];
-        self.file
-            .read_exact_at(&mut data, found.position + HEADER_BYTES)
-            .map_err(|e| self.io_error(e))?;
-        let mut header = [0u8; HEADER_BYTES as usize];
-        self.file
-            .read_exact_at(&mut header, found.position)
-            .map_err(|e| self.io_error(e))?;
-        match decode_header(&header, &data) {
-            Some((record, _)) if record == found.record => Ok(data),
-            _ => Err(self.io_error(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("record {} changed since it was read", found.record.sequence),
-            ))),
-        }
+        read_data(&self.path, &self.file, found)
     }
 
     /// Reads the record at the tail, if it is the next one, and moves past it.
@@ -365,6 +383,52 @@ impl Journal {
             position,
             data_len,
         }))
+    }
+}
+
+/// Reads the records of a journal while its [`Journal`] appends.
+#[derive(Debug)]
+pub struct Reader {
+    path: PathBuf,
+    file: File,
+}
+
+impl Reader {
+    /// Reads a found record's data back, checking its checksum again.
+    pub fn read_data(&self, found: &Found) -> Result<Vec<u8>, JournalError> {
+        read_data(&self.path, &self.file, found)
+    }
+}
+
+fn io_error_at(path: &Path, source: io::Error) -> JournalError {
+    JournalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_data(path: &Path, file: &File, found: &Found) -> Result<Vec<u8>, JournalError> {
+    let mut data = vec![0u8; found.data_len as usize];
+    file.read_exact_at(&mut data, found.position + HEADER_BYTES)
+        .map_err(|source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut header = [0u8; HEADER_BYTES as usize];
+    file.read_exact_at(&mut header, found.position)
+        .map_err(|source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    match decode_header(&header, &data) {
+        Some((record, _)) if record == found.record => Ok(data),
+        _ => Err(io_error_at(
+            path,
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("record {} changed since it was read", found.record.sequence),
+            ),
+        )),
     }
 }
 

@@ -4,6 +4,7 @@
 //! Workers call [`Mirror`] with whole requests; it decides whether a request completes now
 //! ([`Outcome::Ready`]) or when the peer has acknowledged it ([`Outcome::Waiting`]).
 
+pub mod epochs;
 pub mod journal;
 pub mod primary;
 pub mod protocol;
@@ -14,7 +15,7 @@ mod tests;
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use control_protocol::disk::{Order, Replication};
+use control_protocol::disk::{EpochOrder, Order, Replication};
 
 use crate::image::Image;
 use crate::metadata::Metadata;
@@ -55,6 +56,8 @@ pub struct MirrorOptions {
     pub resync: ResyncOptions,
     /// The file that identifies this boot of the host (`--boot-id-file`).
     pub boot_id_file: std::path::PathBuf,
+    /// Level 3: the secondary's epoch journal.
+    pub epochs: epochs::EpochOptions,
 }
 
 /// The local image plus, on a primary, the replication to the peer.
@@ -229,7 +232,20 @@ impl Mirror {
                 secondary.promote(generation)?;
                 self.become_primary()
             }
-            (Order::Promote(_), Role::Primary(_)) => Ok("already primary".into()),
+            (Order::PromoteAtEpoch { generation, epoch }, Role::Secondary(secondary)) => {
+                if self.role_changes().promote_connector.is_none() {
+                    return Err(
+                        "promote needs --peer: where to reach the old primary once it \
+                                returns as secondary"
+                            .into(),
+                    );
+                }
+                secondary.promote_at(generation, epoch)?;
+                self.become_primary()
+            }
+            (Order::Promote(_) | Order::PromoteAtEpoch { .. }, Role::Primary(_)) => {
+                Ok("already primary".into())
+            }
             (Order::Repair, Role::Primary(primary)) => primary.repair().map(str::to_owned),
             (Order::Repair, Role::Secondary(secondary)) => secondary.repair().map(str::to_owned),
             (Order::Demote, Role::Primary(primary)) => self.become_secondary(&primary),
@@ -238,13 +254,40 @@ impl Mirror {
                 Order::ContinueDegraded(_) | Order::Fence,
                 role @ (Role::Standalone | Role::Secondary(_)),
             )
-            | (Order::Promote(_) | Order::Repair | Order::Demote, role @ Role::Standalone) => {
-                Err(format!(
-                    "{:?} does not apply to a {} disk",
-                    order.name(),
-                    role_name(&role)
-                ))
+            | (
+                Order::Promote(_) | Order::PromoteAtEpoch { .. } | Order::Repair | Order::Demote,
+                role @ Role::Standalone,
+            ) => Err(format!(
+                "{:?} does not apply to a {} disk",
+                order.name(),
+                role_name(&role)
+            )),
+        }
+    }
+
+    /// Carries out a Level 3 command: `epoch on|off` and `epoch-end` on a primary, `commit`
+    /// and `wait-sealed` on a secondary.
+    pub fn epoch_command(&self, order: EpochOrder) -> Result<String, String> {
+        match (order, self.role()) {
+            (EpochOrder::On(epoch), Role::Primary(primary)) => primary.epoch_on(epoch),
+            (EpochOrder::End(epoch), Role::Primary(primary)) => primary.epoch_end(epoch),
+            (EpochOrder::Off, Role::Primary(primary)) => primary.epoch_off(),
+            (EpochOrder::Commit(epoch), Role::Secondary(secondary)) => secondary.commit(epoch),
+            (EpochOrder::WaitSealed { epoch, timeout_ms }, Role::Secondary(secondary)) => {
+                secondary.wait_sealed(epoch, std::time::Duration::from_millis(timeout_ms))
             }
+            (
+                EpochOrder::On(_) | EpochOrder::End(_) | EpochOrder::Off,
+                role @ (Role::Standalone | Role::Secondary(_)),
+            )
+            | (
+                EpochOrder::Commit(_) | EpochOrder::WaitSealed { .. },
+                role @ (Role::Standalone | Role::Primary(_)),
+            ) => Err(format!(
+                "{:?} does not apply to a {} disk",
+                order.name(),
+                role_name(&role)
+            )),
         }
     }
 
@@ -292,6 +335,7 @@ impl Mirror {
             metadata,
             transport,
             &self.options.boot_id_file,
+            self.options.epochs.clone(),
         )
         .map_err(|error| error.to_string())?;
         match self.role.write() {

@@ -63,6 +63,16 @@ enum Kind {
     Control,
     /// A read served by the peer; the requester removes the entry when done with the data.
     Read,
+    /// A Level 3 epoch marker.
+    Marker(Marker),
+}
+
+/// A Level 3 marker on the link (`docs/LEVEL3.md`, "Tagging writes with epochs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    Start(u64),
+    End(u64),
+    Off,
 }
 
 /// Where a read's data goes.
@@ -77,6 +87,9 @@ struct InFlight {
     reply: Option<ReadReply>,
     /// A guest write keeps its extents' activity bits from being cleared until it ends.
     activity: Option<ActivityGuard>,
+    /// The Level 3 epoch current when it was registered (sent again after a restart of the
+    /// secondary, it goes after an `EpochStart` of this epoch).
+    epoch: Option<u64>,
 }
 
 impl InFlight {
@@ -88,6 +101,7 @@ impl InFlight {
             kind,
             reply: None,
             activity: None,
+            epoch: None,
         }
     }
 
@@ -167,6 +181,12 @@ struct State {
     /// Our copy failed and the peer's last `Welcome` showed its copy incomplete: no copy
     /// holds every acknowledged write, so nothing is read from either.
     no_complete_copy: bool,
+    /// Level 3: the epoch writes belong to now (`None`: Level 2).
+    epoch: Option<u64>,
+    /// Level 3: the last epoch the secondary sealed.
+    sealed_epoch: Option<u64>,
+    /// Why Level 3 ended without `epoch off`.
+    epochs_off_reason: Option<String>,
 }
 
 /// The primary's replication state; shared by the queue workers and its own threads.
@@ -184,6 +204,9 @@ pub struct Primary {
     /// taken (exclusively) by the return to mirroring, so that the resync that follows can
     /// never copy a chunk before a degraded write to it landed and then clear its bit.
     degraded_gate: std::sync::RwLock<()>,
+    /// Held from registering an epoch marker until it is sent: markers reach the link in
+    /// the order of their ids, and no `Read` overtakes the `EpochOff` of RemoteOnly.
+    marker_send: Mutex<()>,
 }
 
 impl std::fmt::Debug for Primary {
@@ -283,11 +306,15 @@ impl Primary {
                 peer_disk_failed: None,
                 control_results: HashMap::new(),
                 no_complete_copy: false,
+                epoch: None,
+                sealed_epoch: None,
+                epochs_off_reason: None,
             }),
             changed: Condvar::new(),
             resync_options,
             writes_active: Arc::new(AtomicU64::new(0)),
             degraded_gate: std::sync::RwLock::new(()),
+            marker_send: Mutex::new(()),
         });
         let receiver = primary.clone();
         thread::Builder::new()
@@ -328,7 +355,7 @@ impl Primary {
 
     /// Waits until no in-flight request overlaps `[offset, offset + len)`, then registers
     /// one; returns its id and generation, or why it was not registered.
-    fn register(&self, entry: InFlight) -> Result<(u64, u64), NotRegistered> {
+    fn register(&self, mut entry: InFlight) -> Result<(u64, u64), NotRegistered> {
         let (offset, len) = (entry.offset, entry.len);
         let mut state = self.lock();
         loop {
@@ -356,6 +383,7 @@ impl Primary {
         }
         let id = state.next_id;
         state.next_id += 1;
+        entry.epoch = state.epoch;
         state.in_flight.insert(id, entry);
         Ok((id, state.generation))
     }
@@ -627,6 +655,7 @@ fn zero_local(image: &Image, offset: u64, len: u64, deallocate: bool) -> io::Res
 }
 
 mod control;
+mod epochs;
 mod receive;
 mod remote;
 mod resync;

@@ -83,6 +83,23 @@ pub enum Message {
     Done { id: u64 },
     /// Secondary → primary: request `id` failed or was refused.
     Failed { id: u64, reason: Refusal },
+    /// Level 3: from here on, writes belong to `epoch` and are buffered until it commits.
+    EpochStart {
+        id: u64,
+        generation: u64,
+        epoch: u64,
+    },
+    /// Level 3: every write of `epoch` came before this marker; later ones belong to
+    /// `epoch + 1`. Answered with `Sealed` once the epoch is durable on the secondary.
+    EpochEnd {
+        id: u64,
+        generation: u64,
+        epoch: u64,
+    },
+    /// Level 3 ends: apply everything buffered, in order, and apply on arrival again.
+    EpochOff { id: u64, generation: u64 },
+    /// Secondary → primary: `EpochEnd` `id` is in the journal and synced.
+    Sealed { id: u64, epoch: u64 },
 }
 
 impl Message {
@@ -95,14 +112,18 @@ impl Message {
             | Message::ResyncStart { id, generation }
             | Message::ResyncBlock { id, generation, .. }
             | Message::ResyncCompare { id, generation, .. }
-            | Message::ResyncDone { id, generation } => Some((id, generation)),
+            | Message::ResyncDone { id, generation }
+            | Message::EpochStart { id, generation, .. }
+            | Message::EpochEnd { id, generation, .. }
+            | Message::EpochOff { id, generation } => Some((id, generation)),
             Message::Hello { .. }
             | Message::Welcome { .. }
             | Message::Read { .. }
             | Message::ReadData { .. }
             | Message::Differs { .. }
             | Message::Done { .. }
-            | Message::Failed { .. } => None,
+            | Message::Failed { .. }
+            | Message::Sealed { .. } => None,
         }
     }
 }
@@ -121,6 +142,9 @@ pub enum Refusal {
     Io(String),
     /// The request does not fit the disk.
     OutOfRange,
+    /// A Level 3 marker out of turn (an `EpochEnd` for another epoch than the current
+    /// one, an `EpochStart` behind what is sealed); nothing changed.
+    EpochOutOfTurn { receiving: Option<u64> },
 }
 
 /// What arrives from the replication link.
@@ -177,6 +201,55 @@ mod tests {
             let back: Message = postcard::from_bytes(&bytes).expect("decode");
             assert_eq!(back, message);
         }
+    }
+
+    /// The wire keeps its variants' order: a new message is added at the end, so an older
+    /// peer's messages decode as they did.
+    #[test]
+    fn the_level3_messages_come_after_the_level2_ones() {
+        let failed = postcard::to_allocvec(&Message::Failed {
+            id: 1,
+            reason: Refusal::OutOfRange,
+        })
+        .expect("encode");
+        assert_eq!(failed[0], 13, "Failed stays the 14th variant");
+        let expectations = [
+            (
+                Message::EpochStart {
+                    id: 1,
+                    generation: 2,
+                    epoch: 3,
+                },
+                14,
+            ),
+            (
+                Message::EpochEnd {
+                    id: 1,
+                    generation: 2,
+                    epoch: 3,
+                },
+                15,
+            ),
+            (
+                Message::EpochOff {
+                    id: 1,
+                    generation: 2,
+                },
+                16,
+            ),
+            (Message::Sealed { id: 1, epoch: 3 }, 17),
+        ];
+        for (message, tag) in expectations {
+            let bytes = postcard::to_allocvec(&message).expect("encode");
+            assert_eq!(bytes[0], tag, "{message:?}");
+            assert_eq!(
+                postcard::from_bytes::<Message>(&bytes).expect("decode"),
+                message
+            );
+        }
+        let refusal =
+            postcard::to_allocvec(&Refusal::EpochOutOfTurn { receiving: Some(4) }).expect("encode");
+        assert_eq!(refusal[0], 5);
     }
 
     #[test]

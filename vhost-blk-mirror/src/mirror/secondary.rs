@@ -4,13 +4,14 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use control_protocol::disk::{SecondaryDiskState, SecondaryStatus};
 use log::{error, info, warn};
 
+use super::epochs::{EpochOptions, Epochs};
 use super::protocol::{Message, Received, Refusal, Transport, MAX_SUSPECT_RANGES};
 use crate::image::Image;
 use crate::metadata::{DataState, Metadata};
@@ -44,6 +45,13 @@ pub struct Secondary {
     metadata: Arc<Metadata>,
     transport: Arc<dyn Transport>,
     state: Mutex<State>,
+    /// Level 3: the epoch journal and the unapplied epochs.
+    epochs: Mutex<Epochs>,
+    /// Signalled when an epoch is sealed or a commit frees journal space.
+    epochs_changed: Condvar,
+    /// Held while buffered epochs are applied to the image (a commit, `EpochOff`, a
+    /// promotion): one at a time, in order.
+    applying: Mutex<()>,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -61,7 +69,9 @@ impl Secondary {
         metadata: Arc<Metadata>,
         transport: Arc<dyn Transport>,
         boot_id_path: &Path,
+        epoch_options: EpochOptions,
     ) -> io::Result<Arc<Secondary>> {
+        let epochs = Epochs::recover(epoch_options, &metadata).map_err(io::Error::other)?;
         let lost_unflushed = host_restarted_under(&metadata, boot_id_path)?;
         let mut state_before_crash = None;
         if lost_unflushed {
@@ -87,6 +97,9 @@ impl Secondary {
                 state_before_crash,
                 ..State::default()
             }),
+            epochs: Mutex::new(epochs),
+            epochs_changed: Condvar::new(),
+            applying: Mutex::new(()),
         });
         let applier = secondary.clone();
         thread::Builder::new()
@@ -97,6 +110,10 @@ impl Secondary {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn lock_epochs(&self) -> MutexGuard<'_, Epochs> {
+        self.epochs.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn apply_loop(self: Arc<Self>) {
@@ -162,6 +179,9 @@ impl Secondary {
                 reason: Refusal::Io(format!("this copy's disk failed earlier: {reason}")),
             });
         }
+        if let Some(answer) = self.level3(&message, payload, ours) {
+            return answer;
+        }
         match message {
             Message::Hello {
                 generation,
@@ -203,22 +223,7 @@ impl Secondary {
                 Some(self.result(id, result.map_err(io::Error::other)))
             }
             Message::ResyncDone { id, .. } => {
-                // Our suspect regions were part of the resync: this copy now equals the
-                // primary's, and the primary's generation is where both last agreed.
-                let result = self.image.flush().and_then(|()| {
-                    self.metadata
-                        .clear_suspect()
-                        .and_then(|()| self.metadata.set_base_generation(ours))
-                        .and_then(|()| self.metadata.set_header(ours, DataState::UpToDate))
-                        .map_err(io::Error::other)
-                });
-                if result.is_ok() {
-                    let mut state = self.lock();
-                    state.resyncing = false;
-                    state.lost_unflushed = false;
-                    state.state_before_crash = None;
-                    info!("resync complete: this copy is UpToDate");
-                }
+                let result = self.resync_complete(ours);
                 Some(self.result(id, result))
             }
             other => {
@@ -226,6 +231,57 @@ impl Secondary {
                 None
             }
         }
+    }
+
+    /// The resync ended (at Level 2 on `ResyncDone`, at Level 3 when the epoch holding it
+    /// is applied): our suspect regions were part of it, so this copy now equals the
+    /// primary's, and `generation` is where both last agreed.
+    pub(super) fn resync_complete(&self, generation: u64) -> io::Result<()> {
+        let result = self.image.flush().and_then(|()| {
+            self.metadata
+                .clear_suspect()
+                .and_then(|()| self.metadata.set_base_generation(generation))
+                .and_then(|()| self.metadata.set_header(generation, DataState::UpToDate))
+                .map_err(io::Error::other)
+        });
+        if result.is_ok() {
+            let mut state = self.lock();
+            state.resyncing = false;
+            state.lost_unflushed = false;
+            state.state_before_crash = None;
+            info!("resync complete: this copy is UpToDate");
+        }
+        result
+    }
+
+    /// Whether a resync runs in this session (its blocks go to the image at once).
+    pub(super) fn resyncing(&self) -> bool {
+        self.lock().resyncing
+    }
+
+    pub(super) fn end_resync_session(&self) {
+        self.lock().resyncing = false;
+    }
+
+    /// Whether this secondary was promoted (its receiver stops).
+    pub(super) fn promoted(&self) -> bool {
+        self.lock().promoted
+    }
+
+    pub(super) fn image(&self) -> &Image {
+        &self.image
+    }
+
+    pub(super) fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    pub(super) fn epochs_changed(&self) -> &Condvar {
+        &self.epochs_changed
+    }
+
+    pub(super) fn applying(&self) -> MutexGuard<'_, ()> {
+        self.applying.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn hello(&self, generation: u64, size_bytes: u64) -> Option<Message> {
@@ -266,6 +322,7 @@ impl Secondary {
                 return None;
             }
         }
+        self.lock_epochs().session_started();
         self.lock().welcomed = true;
         info!(
             "primary connected at generation {generation}; this copy is {:?}",
@@ -399,7 +456,7 @@ impl Secondary {
 
     /// The answer to a request that changed (or tried to change) this copy. A failure
     /// leaves the copy durably Inconsistent before the primary hears of it.
-    fn result(&self, id: u64, result: io::Result<()>) -> Message {
+    pub(super) fn result(&self, id: u64, result: io::Result<()>) -> Message {
         match result {
             Ok(()) => Message::Done { id },
             Err(error) => {
@@ -416,7 +473,7 @@ impl Secondary {
     /// This copy missed a write: it is Inconsistent (durably, if the metadata can still be
     /// written) and applies nothing until `repair`. The primary goes on without it, at a
     /// generation this copy does not hold, so the witness can never choose it.
-    fn disk_failed(&self, cause: &str) {
+    pub(super) fn disk_failed(&self, cause: &str) {
         let first = {
             let mut state = self.lock();
             state.disk_failures += 1;
@@ -459,6 +516,9 @@ impl Secondary {
 
     /// A clean stop: everything applied is flushed, so nothing acknowledged can be lost.
     pub fn shutdown(&self) {
+        if let Err(error) = self.lock_epochs().sync() {
+            warn!("cannot sync the epoch journal: {error}");
+        }
         let flushed = self.image.flush();
         match flushed.map_err(|error| error.to_string()).and_then(|()| {
             self.metadata
@@ -474,10 +534,13 @@ impl Secondary {
     /// Takes over as primary at `generation` (default: the next one): refused while this
     /// copy is Inconsistent. Returns the new generation.
     pub fn promote(&self, generation: Option<u64>) -> Result<u64, String> {
-        if let Some(reason) = self.lock().disk_failed.clone() {
-            return Err(format!(
-                "this copy's disk failed ({reason}); it misses writes and cannot be promoted"
-            ));
+        let generation = self.check_promotable(generation)?;
+        if self.lock_epochs().buffered() {
+            return Err(
+                "Level 3 epochs are buffered here: promote with the replica's last epoch \
+                 (`promote GENERATION EPOCH`), which applies those up to it and drops the rest"
+                    .into(),
+            );
         }
         let header = self.metadata.header();
         if header.data_state == DataState::Inconsistent {
@@ -486,13 +549,6 @@ impl Secondary {
                  serve stale or mixed data"
                     .into(),
             );
-        }
-        let generation = generation.unwrap_or(header.generation + 1);
-        if generation <= header.generation {
-            return Err(format!(
-                "generation {generation} is not above this copy's {}",
-                header.generation
-            ));
         }
         // This copy held everything of its generation: that is where the old primary's
         // copy and ours last agreed (outside the regions the old primary will list).
@@ -506,8 +562,35 @@ impl Secondary {
         Ok(generation)
     }
 
+    /// The generation a promotion takes (`generation`, default the next one), if this copy
+    /// may be promoted apart from its data state.
+    pub(super) fn check_promotable(&self, generation: Option<u64>) -> Result<u64, String> {
+        if let Some(reason) = self.lock().disk_failed.clone() {
+            return Err(format!(
+                "this copy's disk failed ({reason}); it misses writes and cannot be promoted"
+            ));
+        }
+        let header = self.metadata.header();
+        let generation = generation.unwrap_or(header.generation + 1);
+        if generation <= header.generation {
+            return Err(format!(
+                "generation {generation} is not above this copy's {}",
+                header.generation
+            ));
+        }
+        Ok(generation)
+    }
+
+    /// Stops the receiver as a killed process would stop (tests of a restart).
+    #[cfg(test)]
+    pub(crate) fn stop_for_test(&self) {
+        self.lock().promoted = true;
+    }
+
     /// The secondary's part of `status`.
     pub fn status(&self) -> SecondaryStatus {
+        // Not under the state's lock: the epochs' lock is taken first where both are held.
+        let epochs = self.lock_epochs().status();
         let header = self.metadata.header();
         let state = self.lock();
         let disk_state = match (header.data_state, state.resyncing) {
@@ -527,6 +610,7 @@ impl Secondary {
             refused_requests: state.refused,
             disk_failed: state.disk_failed.clone(),
             disk_failures: state.disk_failures,
+            epochs,
         }
     }
 }
@@ -560,6 +644,8 @@ fn parse_boot_id(text: &str) -> Option<u128> {
     let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
     (hex.len() == 32).then(|| u128::from_str_radix(&hex, 16).ok())?
 }
+
+mod level3;
 
 #[cfg(test)]
 mod tests {
@@ -608,11 +694,16 @@ mod tests {
         metadata
             .set_header(generation, DataState::UpToDate)
             .expect("generation");
+        let metadata = Arc::new(metadata);
+        let epochs = Epochs::recover(EpochOptions::default(), &metadata).expect("epochs");
         Secondary {
             image: Arc::new(image),
-            metadata: Arc::new(metadata),
+            metadata,
             transport: Arc::new(Silent),
             state: Mutex::new(State::default()),
+            epochs: Mutex::new(epochs),
+            epochs_changed: Condvar::new(),
+            applying: Mutex::new(()),
         }
     }
 

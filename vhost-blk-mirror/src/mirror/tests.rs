@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::epochs::{EpochOptions, DEFAULT_MEMORY_BYTES};
+use super::journal::MIN_JOURNAL_BYTES;
 use super::primary::{Connector, Mode, Primary, ResyncOptions};
 use super::protocol::{Message, Received, Transport};
 use super::secondary::Secondary;
@@ -41,6 +43,8 @@ struct Queues {
     mutate_to_secondary: Option<Mutation>,
     /// Every message the secondary received, in order.
     delivered: Vec<Message>,
+    /// The primary's next receive reports that the secondary's process restarted.
+    restarted: bool,
 }
 
 impl Board {
@@ -67,6 +71,12 @@ impl Board {
 
     fn delivered(&self) -> Vec<Message> {
         self.queues().delivered.clone()
+    }
+
+    /// The secondary's process restarted: the primary hears so, as from the link.
+    fn signal_restart(&self) {
+        self.queues().restarted = true;
+        self.arrived.notify_all();
     }
 }
 
@@ -106,6 +116,9 @@ impl Transport for End {
         let deadline = Instant::now() + timeout;
         let mut queues = self.board.queues();
         loop {
+            if self.primary_side && std::mem::take(&mut queues.restarted) {
+                return Ok(Some(Received::PeerRestarted));
+            }
             let next = if self.primary_side {
                 queues.to_primary.pop_front()
             } else {
@@ -142,6 +155,9 @@ struct Pair {
     primary: Arc<Primary>,
     secondary: Arc<Secondary>,
     secondary_meta: PathBuf,
+    secondary_image: PathBuf,
+    boot: PathBuf,
+    epoch_options: EpochOptions,
     waker: Arc<Waker>,
 }
 
@@ -168,7 +184,24 @@ fn pair(secondary_fails: bool, filter: Option<Filter>) -> Pair {
 
 /// As [`pair`], with the primary's image read-only too when `primary_fails`.
 fn pair_with(primary_fails: bool, secondary_fails: bool, filter: Option<Filter>) -> Pair {
+    build_pair(primary_fails, secondary_fails, filter, DEFAULT_MEMORY_BYTES)
+}
+
+/// A pair whose secondary keeps at most `memory_bytes` of buffered epochs in memory (its
+/// journal is the smallest allowed).
+fn build_pair(
+    primary_fails: bool,
+    secondary_fails: bool,
+    filter: Option<Filter>,
+    memory_bytes: u64,
+) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
+    let epoch_options = EpochOptions {
+        journal_path: dir.path().join("secondary.journal"),
+        journal_bytes: MIN_JOURNAL_BYTES,
+        memory_bytes,
+    };
+    let secondary_image = dir.path().join("secondary.img");
     let boot = boot_id_file(dir.path());
     let board = Arc::new(Board::default());
     board.set_filter(filter);
@@ -180,10 +213,11 @@ fn pair_with(primary_fails: bool, secondary_fails: bool, filter: Option<Filter>)
         primary_side: false,
     });
     let secondary = Secondary::start(
-        image(&dir.path().join("secondary.img"), secondary_fails),
+        image(&secondary_image, secondary_fails),
         Arc::new(metadata),
         end,
         &boot,
+        epoch_options.clone(),
     )
     .expect("start secondary");
     let metadata = Metadata::open_or_create(
@@ -213,6 +247,9 @@ fn pair_with(primary_fails: bool, secondary_fails: bool, filter: Option<Filter>)
         primary,
         secondary,
         secondary_meta,
+        secondary_image,
+        boot,
+        epoch_options,
         waker: Arc::new(Waker::new().expect("eventfd")),
     }
 }
@@ -431,3 +468,5 @@ fn with_a_failed_copy_an_incomplete_peer_is_never_read_from() {
         .expect("read from the complete peer");
     assert!(buf.iter().all(|&byte| byte == 1));
 }
+
+mod level3;

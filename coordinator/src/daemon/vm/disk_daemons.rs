@@ -429,6 +429,7 @@ mod tests {
                 refused_requests: 0,
                 disk_failed: None,
                 disk_failures: 0,
+                epochs: Default::default(),
             }),
         }
     }

@@ -621,6 +621,7 @@ mod tests {
             writes_active: 0,
             resync: disk::ResyncProgress::default(),
             peer_disk_failed: None,
+            epochs: Default::default(),
         })
     }
 
@@ -636,6 +637,7 @@ mod tests {
             refused_requests: 0,
             disk_failed: None,
             disk_failures: 0,
+            epochs: Default::default(),
         })
     }
 

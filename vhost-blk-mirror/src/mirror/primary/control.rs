@@ -59,6 +59,7 @@ impl Primary {
                 ));
             }
             self.raise_generation(&mut state, generation)?;
+            Primary::drop_epochs(&mut state, "degraded");
             state.mode = Mode::Degraded;
             state.welcomed = false;
             state.resync_started = false;
@@ -104,6 +105,7 @@ impl Primary {
         }
         state.mode = Mode::Fenced;
         state.in_flight.clear();
+        Primary::drop_epochs(&mut state, "fenced");
         self.changed.notify_all();
         drop(state);
         self.transport().close();
@@ -151,6 +153,7 @@ impl Primary {
             writes_active: self.writes_active.load(std::sync::atomic::Ordering::SeqCst),
             resync: state.resync.now(),
             peer_disk_failed: state.peer_disk_failed.clone(),
+            epochs: Primary::epochs_status(&state),
         }
     }
 

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use super::{InFlight, Kind, LocalDisk, Mode, Primary, POLL_INTERVAL};
+use super::epochs::marker_message;
+use super::{InFlight, Kind, LocalDisk, Marker, Mode, Primary, POLL_INTERVAL};
 use crate::metadata::DataState;
 use crate::mirror::protocol::MAX_SUSPECT_RANGES;
 use crate::mirror::protocol::{Message, Received, Refusal};
@@ -64,24 +65,52 @@ impl Primary {
     }
 
     /// After the secondary restarted, every request it had not answered is sent again: its
-    /// range is still locked, so the local image holds exactly the data to send.
+    /// range is still locked, so the local image holds exactly the data to send. At Level 3
+    /// each goes after an `EpochStart` of the epoch it was sent in (the new session starts
+    /// at Level 2), and the link ends in the current epoch.
     fn resend_in_flight(&self) {
-        let pending: Vec<(u64, u64, u64, Kind)> = {
+        let (pending, current) = {
             let state = self.lock();
             let mut pending: Vec<_> = state
                 .in_flight
                 .iter()
-                .map(|(id, entry)| (*id, entry.offset, entry.len, entry.kind))
+                .map(|(id, entry)| (*id, entry.offset, entry.len, entry.kind, entry.epoch))
                 .collect();
             pending.sort_unstable_by_key(|entry| entry.0);
-            pending
+            (pending, state.epoch)
         };
         let generation = self.generation();
-        for (id, offset, len, kind) in pending {
+        // Where the resent stream is: `Some(epoch)` after an `EpochStart` or `EpochEnd`.
+        let mut link_epoch: Option<u64> = None;
+        let start_epoch = |link_epoch: &mut Option<u64>, epoch: u64| {
+            if *link_epoch != Some(epoch) {
+                // Untracked (id 0): the secondary's answer completes nothing.
+                let start = Message::EpochStart {
+                    id: 0,
+                    generation,
+                    epoch,
+                };
+                self.send_or_hold(&start, Vec::new());
+                *link_epoch = Some(epoch);
+            }
+        };
+        for (id, offset, len, kind, epoch) in pending {
+            match (kind, epoch) {
+                (Kind::Marker(Marker::End(ended)), _) => {
+                    start_epoch(&mut link_epoch, ended);
+                    link_epoch = ended.checked_add(1);
+                }
+                (Kind::Marker(Marker::Start(started)), _) => link_epoch = Some(started),
+                (Kind::Marker(Marker::Off), _) => link_epoch = None,
+                (Kind::Control | Kind::Read, _) => {}
+                (_, Some(epoch)) => start_epoch(&mut link_epoch, epoch),
+                (_, None) => {}
+            }
             let message = match kind {
                 Kind::Flush => Message::Flush { id, generation },
                 Kind::Read => Message::Read { id, offset, len },
                 Kind::Control => continue,
+                Kind::Marker(marker) => marker_message(id, generation, marker),
                 Kind::Write | Kind::Resync { .. } => {
                     let mut data = vec![0u8; len as usize];
                     if let Err(error) = self.image.read_at(&mut data, offset) {
@@ -93,6 +122,9 @@ impl Primary {
                 }
             };
             self.send_or_hold(&message, Vec::new());
+        }
+        if let Some(epoch) = current {
+            start_epoch(&mut link_epoch, epoch);
         }
     }
 
@@ -137,6 +169,7 @@ impl Primary {
                 self.welcome(generation, data_state, suspect, lost_unflushed)
             }
             Message::Done { id } => self.complete(id, Status::Ok),
+            Message::Sealed { id, epoch } => self.sealed(id, epoch),
             Message::Differs { id } => self.send_differing_chunk(id),
             Message::Failed { id, reason } => self.failed(id, reason),
             other => warn!("unexpected message from the secondary: {other:?}"),

@@ -79,6 +79,8 @@ impl Primary {
              peer (RemoteOnly); remedy: repair the disk holding {}, then send `repair`",
             self.image.path().display()
         );
+        // The peer's image lacks its buffered epochs: it applies them before any read.
+        self.leave_epochs(Some("RemoteOnly"));
     }
 
     /// A guest read: the local image, or the peer's copy when the local one is unusable.
@@ -108,6 +110,8 @@ impl Primary {
     /// Reads a range from the peer. The range stays locked (no overlapping write can start)
     /// until the caller calls [`Primary::finish`] with the returned id.
     fn read_remote(&self, offset: u64, len: u64) -> io::Result<(u64, Vec<u8>)> {
+        // No read goes before the `EpochOff` that makes the peer apply what it buffered.
+        self.leave_epochs(Some("RemoteOnly"));
         let (sender, receiver) = mpsc::sync_channel(1);
         let mut entry = InFlight::new(Kind::Read, offset, len, None);
         entry.reply = Some(sender);
