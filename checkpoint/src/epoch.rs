@@ -34,27 +34,31 @@
 //! --test-threads 1`; 120 epochs per guest; the pause is `stop` sent to `cont`'s reply,
 //! epochs whose hook copied the whole RAM left out.
 //!
-//! Release build (engine and `vhost-blk-mirror` optimised), one run, ms:
+//! Release build (engine and `vhost-blk-mirror` optimised), ms (medians in the last three
+//! columns); two runs without a disk, four with one:
 //!
 //! | guest | pause median | p99 | max | `stop` | `migrate` → `postmigrate` | `cont` |
 //! |---|---|---|---|---|---|---|
-//! | counter, no disk | 5.52 | 281 | 307 | 0.36 | 2.69 | 1.00 |
-//! | counter + flushed writes, vhost-user disk | 5.42 | 145 | 469 | 0.31 | 2.92 | 1.49 |
+//! | counter, no disk | 4.9–5.5 | 115–281 | 176–307 | 0.26–0.36 | 2.7 | 0.74–1.00 |
+//! | counter + flushed writes, vhost-user disk | 4.7–5.7 | 15–145 | 18–469 | 0.30–0.37 | 2.5–2.9 | 0.9–1.9 |
 //!
-//! (medians in the last three columns). The vhost-user disk's cost, measured in pairs (two
-//! counter guests checkpointed in turn, one with an idle vhost-user disk, so both see the
-//! same load; `pause_cost_of_a_vhost_user_disk_in_paired_epochs`), two release runs: pause
-//! median 4.98 ms without, 6.39–7.02 ms with the disk; median difference per pair +1.11 and
-//! +1.33 ms: `stop` (`SET_VRING_ENABLE(0)`, `GET_VRING_BASE`) +0.18–0.37 ms, `cont` (the
-//! ring set-up messages) +0.39–0.57 ms, and the migration +0.52–0.61 ms (the device's
-//! section: 365,566 bytes of state against 319,747). In the debug build (the suite's
-//! default, daemon unoptimised) the difference is +2.79 ms (stop +0.80, migrate +0.98,
-//! cont +1.17), and over five debug runs the pause median is 5.8–8.4 ms without a disk and
-//! 7.0–8.3 ms with a busy one. The disk served a flushed write between every two of the 120
-//! epochs and after the restore (the daemon drains at `GET_VRING_BASE`).
+//! The vhost-user disk's cost, measured in pairs (two counter guests checkpointed in turn,
+//! one with an idle vhost-user disk, so both see the same load;
+//! `pause_cost_of_a_vhost_user_disk_in_paired_epochs`), six release runs: pause median
+//! 3.9–5.7 ms without, 4.9–7.5 ms with the disk; median difference per pair +0.76 to
+//! +1.53 ms: `stop` (`SET_VRING_ENABLE(0)`, `GET_VRING_BASE`) +0.18–0.37 ms, `cont` (the
+//! ring set-up messages) +0.11–0.57 ms, and the migration +0.28–0.61 ms (the device's
+//! section: 365,566 bytes of state against 319,747). On the quietest run p99/max were
+//! 10.6/15.9 ms without and 29.9/53.3 ms with the disk. In the debug build (the suite's
+//! default, daemon unoptimised) the difference is +2.1 to +2.9 ms (stop +0.7–0.8, migrate
+//! +0.4–1.0, cont +0.8–1.3), and over eight debug runs the pause median is 5.8–9.0 ms
+//! without a disk and 6.2–8.3 ms with a busy one. The disk served a flushed write between
+//! every two of the 120 epochs and after the restore (the daemon drains at
+//! `GET_VRING_BASE`). (Four paired and two busy-disk release runs used a daemon built
+//! earlier that day, before others' changes in progress; the figures did not move with it.)
 //!
 //! The race: the `MIGRATION` `completed` event came while QEMU was still `finish-migrate`
-//! in 20–51 of 120 epochs; [`capture_device_state`] then saw `finish-migrate` in 1 to 14
+//! in 19–51 of 120 epochs; [`capture_device_state`] then saw `finish-migrate` in 1 to 14
 //! more `query-status` answers (100 µs apart) before `postmigrate`. A `cont` sent right
 //! after the event was refused with `GenericError` "Migration is not finalized yet" in 2–11
 //! of 40 tries per run (`a_cont_right_after_the_completed_event_can_be_refused`).
@@ -62,7 +66,7 @@
 //! Restore: `migrate-incoming fd:NAME` with a pipe's read end passed by `getfd` works in
 //! QEMU 7.2 (the incoming side resolves `NAME` among the monitor's descriptors like the
 //! outgoing one; no file, no `exec:`). QEMU start to QMP ready 53–594 ms (load),
-//! `migrate-incoming` to `completed` 2.2–25 ms, `cont` 0.1–15 ms, first counter line
+//! `migrate-incoming` to `completed` 2.1–25 ms, `cont` 0.1–15 ms, first counter line
 //! 0.2–1.1 s after QEMU's start; the counter went on from the checkpoint (123 seen at the
 //! checkpoint, 124 first after the restore) and the guest's uptime with it.
 
