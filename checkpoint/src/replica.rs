@@ -25,6 +25,11 @@
 //! RAM is newer (or mixed) while its record names an older restorable epoch. (A durable
 //! journal of the staged epoch would let it redo the apply instead; not built.)
 //!
+//! The record and the RAM file must live on filesystems with the same lifetime (both on
+//! tmpfs, or both on disk). A RAM file found missing at open while the record claims a
+//! complete copy (a tmpfs RAM file after a reboot) makes the record durably not restorable
+//! before anything else happens.
+//!
 //! A replica is [`Replica::restorable`] only when its record is `Committed`, its first full
 //! copy completed, and it holds a device state (a full copy read while the guest runs has
 //! none; the first incremental epoch after it, taken while stopped, does).
@@ -166,7 +171,7 @@ impl Replica {
         if config.vm.is_empty() || config.vm.len() > MAX_VM_NAME_BYTES {
             return Err(ReplicaError::VmName);
         }
-        let record = match read_record(&config.record_path)? {
+        let mut record = match read_record(&config.record_path)? {
             Some(record) if record.vm != config.vm || record.ram_bytes != ram_bytes => {
                 return Err(ReplicaError::ForeignRecord {
                     path: config.record_path.clone(),
@@ -190,14 +195,27 @@ impl Replica {
             path: config.ram_path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&config.ram_path)
-            .map_err(ram_error)?;
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).mode(0o600);
+        let (file, created) = match options.clone().create_new(true).open(&config.ram_path) {
+            Ok(file) => (file, true),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                (options.open(&config.ram_path).map_err(ram_error)?, false)
+            }
+            Err(error) => return Err(ram_error(error)),
+        };
+        if created && record.full_copy_complete {
+            // The RAM file is gone (a tmpfs after a reboot, an operator's rm) but the record
+            // survived: whatever it says about the RAM is no longer true.
+            log::warn!(
+                "replica RAM file {} was missing: the record's epoch {} is not restorable",
+                config.ram_path.display(),
+                record.epoch
+            );
+            record.full_copy_complete = false;
+            record.device_state.clear();
+            write_record(&config.record_path, &record)?;
+        }
         let actual = file.metadata().map_err(ram_error)?.len();
         if actual != ram_bytes {
             if record.full_copy_complete {

@@ -714,3 +714,21 @@ fn hooks_gate_the_apply_and_hear_the_commit() {
         vec!["before 1", "committed 1", "before 2"]
     );
 }
+
+#[test]
+fn a_missing_ram_file_makes_the_record_not_restorable() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let mut primary = Primary::new();
+    drop(committed_secondary(directory.path(), &mut primary));
+    fs::remove_file(config(directory.path()).ram_path).expect("remove RAM file");
+    let replica = open(directory.path());
+    assert!(!replica.restorable());
+    assert_eq!(replica.device_state(), None);
+    assert_eq!(replica.committed().epoch, 2);
+    assert_eq!(replica.committed().generation, GENERATION);
+    drop(replica);
+    // Durably so: the record now says so, whatever the RAM file holds.
+    let replica = open(directory.path());
+    assert!(!replica.restorable());
+    assert!(!replica.committed().full_copy_complete);
+}
