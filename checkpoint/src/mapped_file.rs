@@ -102,6 +102,21 @@ impl MappedFile {
     }
 }
 
+/// Takes an exclusive advisory lock (`flock`) on `file` without waiting: `Ok(false)` when
+/// another open file description holds it. Released when the file is closed.
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: `flock` only reads the descriptor number, which `file` keeps open for the call.
+    let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(error)
+}
+
 impl Drop for MappedFile {
     fn drop(&mut self) {
         // SAFETY: `address`/`length` are exactly the mapping made in `map`, unmapped once,

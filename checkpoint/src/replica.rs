@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{decode, Page, PAGE_BYTES, ZERO_PAGE};
-use crate::mapped_file::MappedFile;
+use crate::mapped_file::{try_lock_exclusive, MappedFile};
 use crate::wire::{
     bounded_text, BatchEntries, Refusal, MAX_DEVICE_STATE_BYTES, MAX_RAM_BYTES, MAX_VM_NAME_BYTES,
 };
@@ -94,6 +94,8 @@ pub enum ReplicaError {
     },
     #[error("cannot sync the replica RAM file")]
     SyncRam(#[source] io::Error),
+    #[error("the replica RAM file {path} is in use by another process")]
+    InUse { path: PathBuf },
 }
 
 /// Where a replica lives and what it replicates.
@@ -171,6 +173,7 @@ impl Replica {
         if config.vm.is_empty() || config.vm.len() > MAX_VM_NAME_BYTES {
             return Err(ReplicaError::VmName);
         }
+        let (file, created) = open_ram_file(&config.ram_path)?;
         let mut record = match read_record(&config.record_path)? {
             Some(record) if record.vm != config.vm || record.ram_bytes != ram_bytes => {
                 return Err(ReplicaError::ForeignRecord {
@@ -194,15 +197,6 @@ impl Replica {
         let ram_error = |source| ReplicaError::RamFile {
             path: config.ram_path.clone(),
             source,
-        };
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).mode(0o600);
-        let (file, created) = match options.clone().create_new(true).open(&config.ram_path) {
-            Ok(file) => (file, true),
-            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                (options.open(&config.ram_path).map_err(ram_error)?, false)
-            }
-            Err(error) => return Err(ram_error(error)),
         };
         if created && record.full_copy_complete {
             // The RAM file is gone (a tmpfs after a reboot, an operator's rm) but the record
@@ -381,6 +375,29 @@ impl Replica {
         self.record = committed;
         Ok(())
     }
+}
+
+/// Opens (or creates: then `true`) the RAM file and locks it against a second engine.
+fn open_ram_file(path: &Path) -> Result<(File, bool), ReplicaError> {
+    let ram_error = |source| ReplicaError::RamFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).mode(0o600);
+    let (file, created) = match options.clone().create_new(true).open(path) {
+        Ok(file) => (file, true),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+            (options.open(path).map_err(ram_error)?, false)
+        }
+        Err(error) => return Err(ram_error(error)),
+    };
+    if !try_lock_exclusive(&file).map_err(ram_error)? {
+        return Err(ReplicaError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((file, created))
 }
 
 fn error_text(error: &dyn std::error::Error) -> String {

@@ -213,6 +213,10 @@ fn full_copy_then_incremental_epochs_apply() {
 fn fresh_replica_is_not_restorable() {
     let directory = tempfile::tempdir().expect("tempdir");
     let replica = open(directory.path());
+    assert!(matches!(
+        Replica::open(config(directory.path())),
+        Err(ReplicaError::InUse { .. })
+    ));
     assert!(!replica.restorable());
     assert_eq!(replica.device_state(), None);
     assert!(!replica.committed().full_copy_complete);
