@@ -50,8 +50,8 @@
 //! ring set-up messages) +0.11–0.57 ms, and the migration +0.28–0.61 ms (the device's
 //! section: 365,566 bytes of state against 319,747). On the quietest run p99/max were
 //! 10.6/15.9 ms without and 29.9/53.3 ms with the disk. In the debug build (the suite's
-//! default, daemon unoptimised) the difference is +2.1 to +2.9 ms (stop +0.7–0.8, migrate
-//! +0.4–1.0, cont +0.8–1.3), and over eight debug runs the pause median is 5.8–9.0 ms
+//! default, daemon unoptimised) the difference is +2.1 to +3.3 ms (stop +0.7–0.8, migrate
+//! +0.4–1.0, cont +0.8–1.3), and over nine debug runs the pause median is 5.8–9.0 ms
 //! without a disk and 6.2–8.3 ms with a busy one. The disk served a flushed write between
 //! every two of the 120 epochs and after the restore (the daemon drains at
 //! `GET_VRING_BASE`). (Four paired and two busy-disk release runs used a daemon built
