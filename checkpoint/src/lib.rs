@@ -12,7 +12,9 @@
 
 pub mod delta;
 pub mod dirty;
+pub mod engine;
 pub mod epoch;
+pub mod guest_ram;
 pub mod qmp;
 pub mod replica;
 pub mod stats;

@@ -1,0 +1,165 @@
+//! The engine's side of the daemons' control sockets (`docs/LEVEL3.md`, "Interfaces"): the
+//! pages of guest RAM each daemon wrote (`dirty-pages`), and the NICs' output commit
+//! (`output-commit on|off`, `epoch-end`, `commit`). Typed with `control-protocol`.
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+use control_protocol::disk::DirtyPages;
+use control_protocol::nic::{self, OutputCommitted};
+use control_protocol::{disk, Reply};
+use serde::de::DeserializeOwned;
+
+use crate::dirty::{DirtySet, FileId, PAGE_SIZE};
+
+/// A daemon did not answer, refused, or answered something the engine cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{socket}: {command}: no answer")]
+    Io {
+        socket: PathBuf,
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{socket}: {command}: refused: {reason}")]
+    Refused {
+        socket: PathBuf,
+        command: String,
+        reason: String,
+    },
+    #[error("{socket}: {command}: answer not understood")]
+    Reply {
+        socket: PathBuf,
+        command: String,
+        #[source]
+        source: control_protocol::ReplyError,
+    },
+    #[error("{socket}: dirty-pages: {problem}")]
+    Pages { socket: PathBuf, problem: String },
+}
+
+/// Sends `command` to the daemon at `socket` and reads its typed answer.
+fn ask<T: DeserializeOwned>(socket: &Path, command: &impl Display) -> Result<T, DaemonError> {
+    let command = command.to_string();
+    let line = daemon_util::request(socket, &command).map_err(|source| DaemonError::Io {
+        socket: socket.to_owned(),
+        command: command.clone(),
+        source,
+    })?;
+    match Reply::<T>::from_line(line.trim()) {
+        Ok(Reply::Answer(answer)) => Ok(answer),
+        Ok(Reply::Refused(reason)) => Err(DaemonError::Refused {
+            socket: socket.to_owned(),
+            command,
+            reason,
+        }),
+        Err(source) => Err(DaemonError::Reply {
+            socket: socket.to_owned(),
+            command,
+            source,
+        }),
+    }
+}
+
+/// The daemons that write the VM's guest RAM: its disks and NICs.
+#[derive(Debug, Clone)]
+pub struct Daemons {
+    pub disks: Vec<PathBuf>,
+    pub nics: Vec<PathBuf>,
+    /// The guest RAM file (every page a daemon reports must be of this file).
+    pub ram: FileId,
+    pub ram_bytes: u64,
+}
+
+impl Daemons {
+    /// Adds the pages every daemon wrote since its previous report to `dirty` (and clears
+    /// them in the daemons). Call while the guest is stopped.
+    pub fn harvest_into(&self, dirty: &mut DirtySet) -> Result<(), DaemonError> {
+        for socket in &self.disks {
+            let pages: DirtyPages = ask(socket, &disk::Command::DirtyPages)?;
+            self.add(socket, &pages, dirty)?;
+        }
+        for socket in &self.nics {
+            let pages: DirtyPages = ask(socket, &nic::Command::DirtyPages)?;
+            self.add(socket, &pages, dirty)?;
+        }
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        socket: &Path,
+        pages: &DirtyPages,
+        dirty: &mut DirtySet,
+    ) -> Result<(), DaemonError> {
+        let problem = |problem: String| DaemonError::Pages {
+            socket: socket.to_owned(),
+            problem,
+        };
+        if pages.page_size == 0 || !PAGE_SIZE.is_multiple_of(pages.page_size) {
+            return Err(problem(format!(
+                "page size {} does not divide ours ({PAGE_SIZE})",
+                pages.page_size
+            )));
+        }
+        for file in &pages.files {
+            // A page of another file is guest memory the engine does not replicate: the
+            // checkpoint would miss it, so it is an error, not something to skip.
+            if (file.dev, file.ino) != (self.ram.dev, self.ram.inode) {
+                return Err(problem(format!(
+                    "it wrote guest memory of file dev {} inode {}, not the RAM file (dev {} inode {})",
+                    file.dev, file.ino, self.ram.dev, self.ram.inode
+                )));
+            }
+            for &[offset, len] in &file.ranges {
+                if offset
+                    .checked_add(len)
+                    .is_none_or(|end| end > self.ram_bytes)
+                {
+                    return Err(problem(format!(
+                        "range [{offset}, +{len}) is beyond the RAM's {} bytes",
+                        self.ram_bytes
+                    )));
+                }
+                dirty
+                    .insert_bytes(offset, len)
+                    .map_err(|error| problem(error.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn each_nic(&self, command: nic::Command) -> Result<(), DaemonError> {
+        for socket in &self.nics {
+            let _: OutputCommitted = ask(socket, &command)?;
+        }
+        Ok(())
+    }
+
+    /// Holds the NICs' output from now on, as frames of `epoch`.
+    pub fn output_commit_on(&self, epoch: u64) -> Result<(), DaemonError> {
+        self.each_nic(nic::Command::OutputCommitOn(epoch))
+    }
+
+    /// Ends NIC epoch `epoch` (call while the guest is stopped).
+    pub fn epoch_end(&self, epoch: u64) -> Result<(), DaemonError> {
+        self.each_nic(nic::Command::EpochEnd(epoch))
+    }
+
+    /// Releases the NICs' frames of every epoch up to `epoch`.
+    pub fn commit(&self, epoch: u64) -> Result<(), DaemonError> {
+        self.each_nic(nic::Command::Commit(epoch))
+    }
+
+    /// Releases everything held and stops holding (Level 3 ends). Tries every NIC.
+    pub fn output_commit_off(&self) -> Result<(), DaemonError> {
+        let mut first_error = None;
+        for socket in &self.nics {
+            if let Err(error) = ask::<OutputCommitted>(socket, &nic::Command::OutputCommitOff) {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,71 @@
+//! The `ftvm-checkpoint` daemon: the primary's epoch loop ([`primary`]), the secondary's
+//! replica and restore ([`secondary`]), their clients of the disk and NIC daemons
+//! ([`daemons`]), and the control socket both answer on (one command line in, one JSON
+//! line out, like the other daemons):
+//!
+//! - primary: `status`, `release` (end Level 3: held output goes out, tracking stops, the
+//!   engine exits; the VM runs on at Level 2);
+//! - secondary: `status`, `restore QMP_SOCKET` (stop taking epochs and restore the last
+//!   committed checkpoint into the QEMU behind QMP_SOCKET, started with `-incoming defer`
+//!   on the replica RAM file; the engine exits once the guest runs).
+
+pub mod daemons;
+pub mod primary;
+pub mod secondary;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use self::primary::PrimaryShared;
+use self::secondary::SecondaryShared;
+
+/// The primary's answer to one control line.
+pub fn answer_primary(shared: &PrimaryShared, line: &str) -> String {
+    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["status"] => {
+            let status = daemon_util::lock(&shared.status).clone();
+            serde_json::to_string(&status).unwrap_or_else(|error| refusal(&error.to_string()))
+        }
+        ["release"] => {
+            shared.release.store(true, Ordering::Relaxed);
+            json!({"ok": true}).to_string()
+        }
+        [] => refusal("empty command; try: status, release"),
+        _ => refusal(&format!("unknown command {line:?}; try: status, release")),
+    }
+}
+
+/// The secondary's answer to one control line.
+pub fn answer_secondary(shared: &Arc<SecondaryShared>, line: &str) -> String {
+    match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["status"] => serde_json::to_string(&shared.status())
+            .unwrap_or_else(|error| refusal(&error.to_string())),
+        ["restore", qmp] => match shared.restore(PathBuf::from(qmp)) {
+            Ok(answer) => answer.to_string(),
+            Err(error) => refusal(&error),
+        },
+        ["restore"] => refusal("restore: which QEMU? restore QMP_SOCKET"),
+        [] => refusal("empty command; try: status, restore QMP_SOCKET"),
+        _ => refusal(&format!(
+            "unknown command {line:?}; try: status, restore QMP_SOCKET"
+        )),
+    }
+}
+
+fn refusal(error: &str) -> String {
+    json!({ "error": error }).to_string()
+}
+
+/// Binds the control socket and answers it on a thread.
+pub fn serve_control(
+    path: &Path,
+    answer: impl Fn(&str) -> String + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = daemon_util::bind_unix(path)
+        .map_err(|error| anyhow::anyhow!("control socket {}: {error}", path.display()))?;
+    daemon_util::serve_commands(listener, move |line| Ok(answer(line)))
+        .map_err(|error| anyhow::anyhow!("control socket {}: {error}", path.display()))
+}

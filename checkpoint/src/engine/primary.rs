@@ -1,0 +1,414 @@
+//! The primary's engine: the epoch loop of `docs/LEVEL3.md` ("The epoch").
+//!
+//! One thread does everything in order, so that at most one epoch is in flight:
+//!
+//! 1. (once per replica) a full copy of RAM while the guest runs, after QEMU's tracking was
+//!    registered and the NICs began holding output: not a checkpoint (no device state, torn
+//!    pages), but every page written meanwhile is dirty and goes in the next epoch;
+//! 2. every `interval`: `stop`; while stopped, QEMU's dirty pages (`PAGEMAP_SCAN`) and the
+//!    daemons' (`dirty-pages`) are harvested and copied out, and the NICs' epoch ends;
+//!    device state; `cont`;
+//! 3. the epoch goes to the secondary (encoded against the shadow) while the guest runs;
+//!    its `Ack` is the commit: the NICs release the frames of the epochs it covers.
+//!
+//! A failure of a step leaves output held (nothing unconfirmed leaves the host) and the
+//! dirty pages of a failed epoch are carried into the next. A lost secondary (no `Ack`, a
+//! refusal, a closed session) means a new handshake and, if the replica does not follow
+//! the shadow any more, a new full copy; the guest runs meanwhile with its output held
+//! until the next commit, or until the operator (or `ftvmd`) ends Level 3 (`release`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use log::{info, warn};
+use replication_link::{LinkConfig, Psk, Session};
+use serde::Serialize;
+
+use super::daemons::Daemons;
+use crate::delta::{Page, PAGE_BYTES};
+use crate::dirty::{DirtySet, FileId, RamTracker, ScanMode};
+use crate::epoch::{self, HookError};
+use crate::guest_ram::GuestRam;
+use crate::qmp::Qmp;
+use crate::sender::{Sender, SenderConfig, SenderError};
+use crate::stats::{EpochSample, Stats, StatsReport};
+use crate::wire;
+
+/// How long QMP commands, the tracker's socket and the secondary's `Welcome` may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+const TRACKER_TIMEOUT: Duration = Duration::from_secs(10);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an epoch's `Ack` may take before the secondary counts as lost.
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between attempts while the secondary cannot be reached.
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the primary's engine needs (see `ftvm-checkpoint primary --help`).
+#[derive(Debug, Clone)]
+pub struct PrimaryOptions {
+    pub vm: String,
+    pub qmp: PathBuf,
+    pub ram: PathBuf,
+    pub ram_track: PathBuf,
+    pub disks: Vec<PathBuf>,
+    pub nics: Vec<PathBuf>,
+    pub peers: Vec<SocketAddr>,
+    pub psk_file: PathBuf,
+    pub host_id: String,
+    pub generation: u64,
+    pub interval: Duration,
+}
+
+/// What `status` shows of the primary.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrimaryStatus {
+    pub role: &'static str,
+    pub vm: String,
+    pub generation: u64,
+    /// `starting`, `full-copy`, `protected` (epochs commit), `peer-lost`, `released`.
+    pub state: String,
+    /// Why the state is not `protected`, when it is not.
+    pub problem: Option<String>,
+    pub ram_bytes: u64,
+    pub interval_ms: u64,
+    pub full_copies: u64,
+    pub failed_epochs: u64,
+    pub stats: Option<StatsReport>,
+}
+
+/// Shared with the control socket.
+#[derive(Debug)]
+pub struct PrimaryShared {
+    pub status: Mutex<PrimaryStatus>,
+    /// Set by `release` or a signal: end Level 3 (output released, tracking off).
+    pub release: Arc<AtomicBool>,
+}
+
+impl PrimaryShared {
+    pub fn new(options: &PrimaryOptions) -> Arc<PrimaryShared> {
+        Arc::new(PrimaryShared {
+            status: Mutex::new(PrimaryStatus {
+                role: "primary",
+                vm: options.vm.clone(),
+                generation: options.generation,
+                state: "starting".into(),
+                problem: None,
+                ram_bytes: 0,
+                interval_ms: options.interval.as_millis() as u64,
+                full_copies: 0,
+                failed_epochs: 0,
+                stats: None,
+            }),
+            release: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The `release` flag, for signal handlers.
+    pub fn release_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.release)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PrimaryStatus)) {
+        change(&mut daemon_util::lock(&self.status));
+    }
+
+    fn set_state(&self, state: &str, problem: Option<String>) {
+        self.update(|status| {
+            status.state = state.into();
+            status.problem = problem;
+        });
+    }
+}
+
+/// One epoch copied out while the guest was stopped.
+struct Staged {
+    indices: Vec<u64>,
+    /// The pages, back to back, in the order of `indices`.
+    bytes: Vec<u8>,
+    /// The NIC epoch ended in this stop.
+    nic_epoch: u64,
+}
+
+/// Runs the primary until Level 3 is released (`release`, SIGTERM) or a fatal error.
+pub fn run(options: &PrimaryOptions, shared: &PrimaryShared) -> anyhow::Result<()> {
+    let ram = GuestRam::open(&options.ram)
+        .with_context(|| format!("cannot map the guest RAM file {}", options.ram.display()))?;
+    let ram_bytes = ram.len() as u64;
+    shared.update(|status| status.ram_bytes = ram_bytes);
+    let daemons = Daemons {
+        disks: options.disks.clone(),
+        nics: options.nics.clone(),
+        ram: FileId::of(&options.ram)?,
+        ram_bytes,
+    };
+    let mut qmp = Qmp::connect(&options.qmp, QMP_TIMEOUT)
+        .with_context(|| format!("cannot reach QEMU at {}", options.qmp.display()))?;
+    epoch::set_device_state_capabilities(&mut qmp)?;
+
+    // Output is held from before the tracking starts: every frame the guest sends from now
+    // on waits for a checkpoint that contains its cause.
+    let mut nic_epoch: u64 = 1;
+    daemons.output_commit_on(nic_epoch)?;
+    let result = run_epochs(options, shared, &ram, &daemons, &mut qmp, &mut nic_epoch);
+    // Level 3 ends: whatever is held goes out (the VM runs on at Level 2).
+    if let Err(error) = daemons.output_commit_off() {
+        warn!("cannot release the NICs' held output: {error}");
+    }
+    shared.set_state(
+        "released",
+        result.as_ref().err().map(|error| format!("{error:#}")),
+    );
+    result
+}
+
+fn run_epochs(
+    options: &PrimaryOptions,
+    shared: &PrimaryShared,
+    ram: &GuestRam,
+    daemons: &Daemons,
+    qmp: &mut Qmp,
+    nic_epoch: &mut u64,
+) -> anyhow::Result<()> {
+    let mut tracker = RamTracker::start(&options.ram_track, &options.ram, TRACKER_TIMEOUT)
+        .context("cannot start QEMU's RAM tracking (is QEMU run with libftvm_ram_track.so?)")?;
+    info!(
+        "tracking QEMU {}'s writes to {}",
+        tracker.qemu_pid(),
+        options.ram.display()
+    );
+    let psk = Psk::from_file(&options.psk_file)
+        .with_context(|| format!("cannot read the pair key {}", options.psk_file.display()))?;
+    let config = LinkConfig::new(psk, options.host_id.clone());
+    let session = Session::connect(
+        options.peers.clone(),
+        &wire::service_name(&options.vm),
+        config,
+    )
+    .context("cannot start the checkpoint link")?;
+    let mut sender = Sender::new(SenderConfig {
+        vm: options.vm.clone(),
+        generation: options.generation,
+        ram_bytes: ram.len() as u64,
+    })?;
+    let mut stats = Stats::new(Instant::now());
+    // Pages harvested in an epoch that failed before it was sent: they go in the next.
+    let mut carried = DirtySet::new();
+    // Sent epochs and the NIC epoch each one's commit releases.
+    let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut full_copy_buffer = Vec::new();
+    let mut last_stop = Instant::now();
+
+    while !shared.release.load(Ordering::Relaxed) {
+        // (Re)join the secondary.
+        in_flight.clear();
+        match sender.handshake(&session, WELCOME_TIMEOUT) {
+            Ok(replica) => info!(
+                "secondary at epoch {} (generation {}, full copy {})",
+                replica.committed_epoch, replica.generation, replica.full_copy_complete
+            ),
+            Err(SenderError::Fenced { ours, theirs }) => {
+                return Err(anyhow!(
+                    "the replica is at generation {theirs}, above ours ({ours}): another primary exists; stopping"
+                ));
+            }
+            Err(error) => {
+                shared.set_state("peer-lost", Some(format!("{error}")));
+                std::thread::sleep(RETRY_INTERVAL);
+                continue;
+            }
+        }
+        if sender.needs_full_copy() {
+            shared.set_state("full-copy", None);
+            let started = Instant::now();
+            ram.copy_all(&mut full_copy_buffer);
+            match sender.send_full(&session, &full_copy_buffer, &[]) {
+                Ok(sent) => {
+                    shared.update(|status| status.full_copies += 1);
+                    info!(
+                        "full copy sent as epoch {} ({} pages, {} bytes on the wire) in {:?}",
+                        sent.epoch,
+                        sent.pages,
+                        sent.page_bytes_sent,
+                        started.elapsed()
+                    );
+                    in_flight.push_back((sent.epoch, 0));
+                }
+                Err(error) => {
+                    shared.set_state("peer-lost", Some(format!("full copy: {error}")));
+                    continue;
+                }
+            }
+        }
+        // Epochs, until the secondary is lost or Level 3 released.
+        while !shared.release.load(Ordering::Relaxed) {
+            // Commits first: the full copy's, or the previous epoch's.
+            if !collect_acks(
+                &mut sender,
+                &session,
+                &mut in_flight,
+                daemons,
+                &mut stats,
+                shared,
+            )? {
+                break;
+            }
+            let wait = options.interval.saturating_sub(last_stop.elapsed());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            last_stop = Instant::now();
+            let epoch = sender
+                .acked_epoch()
+                .max(in_flight.back().map_or(0, |e| e.0))
+                + 1;
+            let mut harvested = std::mem::take(&mut carried);
+            let ended = *nic_epoch;
+            let mut nic_epoch_ended = false;
+            let captured = epoch::capture_device_state(qmp, || -> Result<Staged, HookError> {
+                tracker.scan_into(ScanMode::Rearm, &mut harvested)?;
+                daemons.harvest_into(&mut harvested)?;
+                let staged = stage(ram, &harvested, ended);
+                daemons.epoch_end(ended)?;
+                nic_epoch_ended = true;
+                Ok(staged)
+            });
+            if nic_epoch_ended {
+                *nic_epoch = ended + 1;
+            }
+            // STOP and RESUME events are of no use here; keep the queue from overflowing.
+            drop(qmp.take_events());
+            let captured = match captured {
+                Ok(captured) => captured,
+                Err(error) => {
+                    // Whatever was harvested goes in the next epoch; a NIC epoch that
+                    // ended waits for the next commit (`commit N` releases every epoch up
+                    // to N).
+                    carried = harvested;
+                    shared.update(|status| status.failed_epochs += 1);
+                    warn!("epoch {epoch} failed: {error}");
+                    shared.set_state("protected", Some(format!("epoch {epoch} failed: {error}")));
+                    continue;
+                }
+            };
+            let staged = captured.staged;
+            let pages: Vec<(u64, &Page)> = staged
+                .indices
+                .iter()
+                .zip(staged.bytes.chunks_exact(PAGE_BYTES))
+                .filter_map(|(&index, bytes)| Some((index, <&Page>::try_from(bytes).ok()?)))
+                .collect();
+            match sender.send_incremental(&session, &pages, &captured.state) {
+                Ok(sent) => {
+                    in_flight.push_back((sent.epoch, staged.nic_epoch));
+                    stats.taken(
+                        Instant::now(),
+                        sent.epoch,
+                        EpochSample {
+                            pause: captured.timings.total,
+                            dirty_pages: sent.pages,
+                            wire_bytes: sent.page_bytes_sent + sent.device_state_bytes,
+                            device_state_bytes: sent.device_state_bytes,
+                        },
+                    );
+                }
+                Err(error) => {
+                    // The shadow no longer matches: a new handshake and a full copy. The
+                    // frames of this NIC epoch wait for the next commit.
+                    shared.set_state("peer-lost", Some(format!("epoch {epoch}: {error}")));
+                    break;
+                }
+            }
+        }
+    }
+    if let Err(error) = tracker.stop() {
+        warn!("cannot end QEMU's RAM tracking: {error}");
+    }
+    session.close();
+    Ok(())
+}
+
+/// Copies the pages of `dirty` out of the (stopped) guest's RAM.
+fn stage(ram: &GuestRam, dirty: &DirtySet, nic_epoch: u64) -> Staged {
+    let mut staged = Staged {
+        indices: Vec::with_capacity(dirty.page_count() as usize),
+        bytes: vec![0; dirty.page_count() as usize * PAGE_BYTES],
+        nic_epoch,
+    };
+    let mut filled = 0;
+    for (slot, offset) in staged.bytes.chunks_exact_mut(PAGE_BYTES).zip(dirty.pages()) {
+        let index = offset / PAGE_BYTES as u64;
+        let Ok(page) = <&mut Page>::try_from(slot) else {
+            continue;
+        };
+        if ram.copy_page(index, page) {
+            staged.indices.push(index);
+            filled += 1;
+        }
+    }
+    staged.bytes.truncate(filled * PAGE_BYTES);
+    staged
+}
+
+/// Takes the acknowledgements of the epochs in flight (waiting for the oldest). Commits
+/// release the NICs' frames. `false` when the secondary is lost (a new handshake follows).
+fn collect_acks(
+    sender: &mut Sender,
+    session: &Session,
+    in_flight: &mut VecDeque<(u64, u64)>,
+    daemons: &Daemons,
+    stats: &mut Stats,
+    shared: &PrimaryShared,
+) -> anyhow::Result<bool> {
+    while !in_flight.is_empty() {
+        if shared.release.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match sender.wait_ack(session, ACK_TIMEOUT) {
+            Ok(Some(epoch)) => {
+                let mut release = None;
+                while in_flight.front().is_some_and(|&(sent, _)| sent <= epoch) {
+                    if let Some((_, nic_epoch)) = in_flight.pop_front() {
+                        if nic_epoch > 0 {
+                            release = Some(nic_epoch);
+                        }
+                    }
+                }
+                stats.committed(Instant::now(), epoch);
+                if let Some(nic_epoch) = release {
+                    daemons.commit(nic_epoch)?;
+                }
+                let report = stats.report(Instant::now());
+                shared.update(|status| {
+                    status.state = "protected".into();
+                    status.problem = None;
+                    status.stats = Some(report);
+                });
+            }
+            Ok(None) => {
+                shared.set_state(
+                    "peer-lost",
+                    Some(format!("no acknowledgement within {ACK_TIMEOUT:?}")),
+                );
+                return Ok(false);
+            }
+            Err(SenderError::Refused { epoch, reason }) => {
+                warn!("the secondary refused epoch {epoch}: {reason:?}");
+                shared.set_state(
+                    "peer-lost",
+                    Some(format!("epoch {epoch} refused: {reason:?}")),
+                );
+                return Ok(false);
+            }
+            Err(error) => {
+                shared.set_state("peer-lost", Some(format!("{error}")));
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}

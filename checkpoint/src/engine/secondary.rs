@@ -1,0 +1,287 @@
+//! The secondary's engine: keeps the replica (RAM file and committed record) up to date
+//! from the primary's checkpoint stream, and restores the VM from it when told to
+//! (`restore QMP_SOCKET` on the control socket, after `ftvmd` or the operator started a
+//! QEMU with `-incoming defer` on the replica RAM file).
+//!
+//! One thread serves the sessions (one at a time: a new session of the same primary
+//! replaces the old one); the control socket's thread asks it to stop and hands it the
+//! restore, so the replica is never changed while it is restored from.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use log::{info, warn};
+use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk};
+use serde::Serialize;
+
+use crate::epoch;
+use crate::qmp::Qmp;
+use crate::replica::{Replica, ReplicaConfig};
+use crate::secondary::{EpochHooks, Secondary, ServeEnd};
+use crate::wire;
+
+/// How long a restore's QMP commands may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the serving thread looks for a restore request between sessions.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What the secondary's engine needs (see `ftvm-checkpoint secondary --help`).
+#[derive(Debug, Clone)]
+pub struct SecondaryOptions {
+    pub vm: String,
+    pub ram: PathBuf,
+    pub ram_bytes: u64,
+    pub state_dir: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub psk_file: PathBuf,
+    pub host_id: String,
+    /// The primary host's id: the only client the listener admits (`None`: any that
+    /// authenticates with the pair key).
+    pub peer_id: Option<String>,
+}
+
+/// What `status` shows of the secondary.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecondaryStatus {
+    pub role: &'static str,
+    pub vm: String,
+    /// `waiting` (no primary), `replicating`, `restoring`, `restored`.
+    pub state: String,
+    pub generation: u64,
+    pub committed_epoch: u64,
+    /// The replica holds a complete copy and a committed device state.
+    pub restorable: bool,
+    pub epochs_applied: u64,
+    /// Milliseconds since the last epoch was applied (`null` before the first).
+    pub since_last_epoch_ms: Option<u64>,
+    pub problem: Option<String>,
+}
+
+/// A restore, asked for on the control socket.
+#[derive(Debug)]
+pub struct RestoreRequest {
+    pub qmp: PathBuf,
+    pub reply: mpsc::Sender<Result<serde_json::Value, String>>,
+}
+
+/// Shared with the control socket.
+#[derive(Debug)]
+pub struct SecondaryShared {
+    status: Mutex<SecondaryStatus>,
+    last_epoch_at: Mutex<Option<Instant>>,
+    /// Set to make the serving loop return to the main loop (a restore is waiting).
+    stop_serving: AtomicBool,
+    restores: Mutex<Option<mpsc::Sender<RestoreRequest>>>,
+}
+
+impl SecondaryShared {
+    pub fn status(&self) -> SecondaryStatus {
+        let mut status = daemon_util::lock(&self.status).clone();
+        status.since_last_epoch_ms =
+            daemon_util::lock(&self.last_epoch_at).map(|at| at.elapsed().as_millis() as u64);
+        status
+    }
+
+    /// Hands a restore to the serving thread and waits for its outcome.
+    pub fn restore(&self, qmp: PathBuf) -> Result<serde_json::Value, String> {
+        let (reply, answer) = mpsc::channel();
+        let sent = daemon_util::lock(&self.restores)
+            .as_ref()
+            .map(|restores| restores.send(RestoreRequest { qmp, reply }));
+        if !matches!(sent, Some(Ok(()))) {
+            return Err("the engine is not serving a replica".into());
+        }
+        self.stop_serving.store(true, Ordering::Relaxed);
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err("the engine ended before the restore".into()))
+    }
+
+    fn update(&self, change: impl FnOnce(&mut SecondaryStatus)) {
+        change(&mut daemon_util::lock(&self.status));
+    }
+}
+
+/// Keeps the shared status current on each commit.
+struct StatusHooks {
+    shared: Arc<SecondaryShared>,
+}
+
+impl EpochHooks for StatusHooks {
+    fn before_apply(&mut self, _epoch: u64) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn committed(&mut self, epoch: u64) {
+        *daemon_util::lock(&self.shared.last_epoch_at) = Some(Instant::now());
+        self.shared.update(|status| {
+            status.committed_epoch = epoch;
+            status.epochs_applied += 1;
+        });
+    }
+}
+
+/// Opens the replica and prepares the shared status.
+pub fn open(options: &SecondaryOptions) -> anyhow::Result<(Replica, Arc<SecondaryShared>)> {
+    std::fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("cannot create {}", options.state_dir.display()))?;
+    let replica = Replica::open(ReplicaConfig {
+        vm: options.vm.clone(),
+        ram_bytes: options.ram_bytes,
+        ram_path: options.ram.clone(),
+        record_path: options.state_dir.join("replica.record"),
+    })
+    .with_context(|| format!("cannot open the replica of {}", options.vm))?;
+    let committed = replica.committed();
+    let shared = Arc::new(SecondaryShared {
+        status: Mutex::new(SecondaryStatus {
+            role: "secondary",
+            vm: options.vm.clone(),
+            state: "waiting".into(),
+            generation: committed.generation,
+            committed_epoch: committed.epoch,
+            restorable: replica.restorable(),
+            epochs_applied: 0,
+            since_last_epoch_ms: None,
+            problem: None,
+        }),
+        last_epoch_at: Mutex::new(None),
+        stop_serving: AtomicBool::new(false),
+        restores: Mutex::new(None),
+    });
+    Ok((replica, shared))
+}
+
+/// Serves the primary's sessions until a restore ends the replica's role (`Ok(true)`) or
+/// `quit` is set (`Ok(false)`).
+pub fn run(
+    options: &SecondaryOptions,
+    replica: Replica,
+    shared: &Arc<SecondaryShared>,
+    quit: &AtomicBool,
+) -> anyhow::Result<bool> {
+    let psk = Psk::from_file(&options.psk_file)
+        .with_context(|| format!("cannot read the pair key {}", options.psk_file.display()))?;
+    let mut config = LinkConfig::new(psk, options.host_id.clone());
+    config.allowed_services = Some(vec![wire::service_name(&options.vm)]);
+    config.allowed_clients = options.peer_id.clone().map(|peer| vec![peer]);
+    let listener = LinkListener::bind(options.listen.clone(), config)
+        .context("cannot listen for the primary's checkpoint stream")?;
+    let (restores, requests) = mpsc::channel();
+    *daemon_util::lock(&shared.restores) = Some(restores);
+    let mut secondary = Secondary::with_hooks(
+        replica,
+        Box::new(StatusHooks {
+            shared: Arc::clone(shared),
+        }),
+    );
+    let mut session = None;
+    loop {
+        if quit.load(Ordering::Relaxed) {
+            listener.close();
+            return Ok(false);
+        }
+        if let Ok(request) = requests.try_recv() {
+            listener.close();
+            drop(session.take());
+            let outcome = restore(&mut secondary, shared, &request.qmp);
+            let restored = outcome.is_ok();
+            let _ = request.reply.send(outcome);
+            if restored {
+                return Ok(true);
+            }
+            // A failed restore leaves the replica as it was; serve again (a new listener:
+            // the old one was closed so that no epoch could change the replica meanwhile).
+            shared.stop_serving.store(false, Ordering::Relaxed);
+            return run(options, secondary.into_replica(), shared, quit);
+        }
+        match listener.next_event(POLL) {
+            Some(ListenerEvent::NewSession(new))
+            | Some(ListenerEvent::PeerRestarted { session: new, .. }) => {
+                info!("primary connected (session {:032x})", new.session_id());
+                session = Some(new);
+            }
+            None => {}
+        }
+        let Some(current) = &session else { continue };
+        shared.update(|status| status.state = "replicating".into());
+        match secondary.serve(current, &shared.stop_serving) {
+            Ok(ServeEnd::Closed(reason)) => {
+                info!("the primary's session ended: {reason}");
+                session = None;
+                shared.update(|status| status.state = "waiting".into());
+            }
+            Ok(ServeEnd::Stopped) => {}
+            Err(error) => {
+                warn!("checkpoint session failed: {error}");
+                session = None;
+                shared.update(|status| {
+                    status.state = "waiting".into();
+                    status.problem = Some(error.to_string());
+                });
+            }
+        }
+        let committed = secondary.replica().committed();
+        let restorable = secondary.replica().restorable();
+        shared.update(|status| {
+            status.generation = committed.generation;
+            status.committed_epoch = committed.epoch;
+            status.restorable = restorable;
+        });
+    }
+}
+
+/// Restores the VM from the replica into the QEMU behind `qmp` (started with `-incoming
+/// defer` on the replica RAM file).
+fn restore(
+    secondary: &mut Secondary,
+    shared: &SecondaryShared,
+    qmp: &std::path::Path,
+) -> Result<serde_json::Value, String> {
+    let replica = secondary.replica();
+    let committed = replica.committed();
+    let Some(state) = replica.device_state() else {
+        return Err(format!(
+            "the replica is not restorable (epoch {}, full copy {}): it never completed a full copy and a checkpoint",
+            committed.epoch, committed.full_copy_complete
+        ));
+    };
+    shared.update(|status| status.state = "restoring".into());
+    let started = Instant::now();
+    let result = Qmp::connect(qmp, QMP_TIMEOUT)
+        .map_err(|error| format!("cannot reach QEMU at {}: {error}", qmp.display()))
+        .and_then(|mut qmp| {
+            epoch::restore(&mut qmp, state).map_err(|error| format!("restore failed: {error}"))
+        });
+    match result {
+        Ok(timings) => {
+            info!(
+                "restored epoch {} of generation {} in {:?}",
+                committed.epoch,
+                committed.generation,
+                started.elapsed()
+            );
+            shared.update(|status| status.state = "restored".into());
+            Ok(serde_json::json!({
+                "ok": true,
+                "epoch": committed.epoch,
+                "generation": committed.generation,
+                "incoming_ms": timings.incoming.as_secs_f64() * 1000.0,
+                "cont_ms": timings.cont.as_secs_f64() * 1000.0,
+                "total_ms": timings.total.as_secs_f64() * 1000.0,
+            }))
+        }
+        Err(error) => {
+            shared.update(|status| {
+                status.state = "waiting".into();
+                status.problem = Some(error.clone());
+            });
+            Err(error)
+        }
+    }
+}
