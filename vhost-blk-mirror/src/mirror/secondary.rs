@@ -71,7 +71,23 @@ impl Secondary {
         boot_id_path: &Path,
         epoch_options: EpochOptions,
     ) -> io::Result<Arc<Secondary>> {
-        let epochs = Epochs::recover(epoch_options, &metadata).map_err(io::Error::other)?;
+        let epochs = match Epochs::recover(epoch_options.clone(), &metadata) {
+            Ok(epochs) => epochs,
+            Err(error) => {
+                // Writes this copy acknowledged are gone with the journal: it is not
+                // UpToDate any more, durably, and starts over without buffered epochs.
+                error!(
+                    "cannot read the epoch journal back ({error}): its buffered writes are \
+                     lost; this copy is Inconsistent until resynced"
+                );
+                let header = metadata.header();
+                metadata
+                    .set_header(header.generation, DataState::Inconsistent)
+                    .and_then(|()| metadata.set_applied_epoch(header.applied_epoch, None))
+                    .map_err(io::Error::other)?;
+                Epochs::recover(epoch_options, &metadata).map_err(io::Error::other)?
+            }
+        };
         let lost_unflushed = host_restarted_under(&metadata, boot_id_path)?;
         let mut state_before_crash = None;
         if lost_unflushed {
