@@ -205,11 +205,28 @@ impl Epochs {
     }
 
     /// `EpochStart { epoch }`: writes from now on are filed under `epoch`. The journal is
-    /// created (preallocated) the first time. An epoch this copy already sealed or applied
-    /// is a repeat (a session that starts over sends again what it had not heard answered):
+    /// created (preallocated) the first time. A new start (`resumed` false) must come at
+    /// Level 2 and be above every epoch this copy sealed or applied. Resumed, an epoch this
+    /// copy already sealed or applied is a repeat (a session that starts over sends again what it had not heard answered):
     /// its writes are acknowledged, not filed twice. `Ok(false)`: out of turn (another epoch
     /// is receiving and not sealed), nothing changed.
-    pub fn start(&mut self, epoch: u64, metadata: &Metadata) -> Result<bool, EpochError> {
+    pub fn start(
+        &mut self,
+        epoch: u64,
+        resumed: bool,
+        metadata: &Metadata,
+    ) -> Result<bool, EpochError> {
+        if !resumed {
+            // The engine's `epoch on`: only after `EpochOff` (nothing buffered), and above
+            // every epoch before, so that no commit or promotion mistakes it for an old one.
+            let grows = self.done().is_none_or(|done| epoch > done);
+            if self.receiving != Receiving::Off || self.buffered() || !grows {
+                return Ok(false);
+            }
+            self.open_journal(metadata)?;
+            self.receiving = Receiving::Epoch(epoch);
+            return Ok(true);
+        }
         if self.done().is_some_and(|done| epoch <= done) {
             self.receiving = Receiving::Repeat(epoch);
             return Ok(true);

@@ -185,6 +185,9 @@ struct State {
     epoch: Option<u64>,
     /// Level 3: the last epoch the secondary sealed.
     sealed_epoch: Option<u64>,
+    /// Level 3: the highest epoch used since this daemon started (a new `epoch on` must be
+    /// above it: the secondary refuses epochs that do not grow).
+    last_epoch: Option<u64>,
     /// Why Level 3 ended without `epoch off`.
     epochs_off_reason: Option<String>,
 }
@@ -308,6 +311,7 @@ impl Primary {
                 no_complete_copy: false,
                 epoch: None,
                 sealed_epoch: None,
+                last_epoch: None,
                 epochs_off_reason: None,
             }),
             changed: Condvar::new(),

@@ -84,10 +84,13 @@ pub enum Message {
     /// Secondary → primary: request `id` failed or was refused.
     Failed { id: u64, reason: Refusal },
     /// Level 3: from here on, writes belong to `epoch` and are buffered until it commits.
+    /// `resumed`: sent again in a new session (the epoch may be one the secondary already
+    /// holds); else the engine's `epoch on`, which must be above every epoch before it.
     EpochStart {
         id: u64,
         generation: u64,
         epoch: u64,
+        resumed: bool,
     },
     /// Level 3: every write of `epoch` came before this marker; later ones belong to
     /// `epoch + 1`. Answered with `Sealed` once the epoch is durable on the secondary.
@@ -219,6 +222,7 @@ mod tests {
                     id: 1,
                     generation: 2,
                     epoch: 3,
+                    resumed: true,
                 },
                 14,
             ),

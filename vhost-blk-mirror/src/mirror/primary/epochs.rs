@@ -18,6 +18,11 @@ impl Primary {
             if let Some(current) = state.epoch {
                 return Err(format!("epochs are on already (epoch {current})"));
             }
+            if let Some(last) = state.last_epoch.filter(|&last| epoch <= last) {
+                return Err(format!(
+                    "epochs only grow: {epoch} is not above the last one used, {last}"
+                ));
+            }
             if state.mode != Mode::Mirrored || state.local != LocalDisk::Healthy {
                 return Err(format!(
                     "Level 3 needs a mirrored disk with a healthy local copy (mode {:?}, local \
@@ -26,6 +31,7 @@ impl Primary {
                 ));
             }
             state.epoch = Some(epoch);
+            state.last_epoch = Some(epoch);
             state.sealed_epoch = None;
             state.epochs_off_reason = None;
             Ok(Marker::Start(epoch))
@@ -43,6 +49,7 @@ impl Primary {
         self.send_marker(|state| match state.epoch {
             Some(current) if current == epoch => {
                 state.epoch = Some(next);
+                state.last_epoch = Some(next);
                 Ok(Marker::End(epoch))
             }
             Some(current) => Err(format!(
@@ -106,7 +113,7 @@ impl Primary {
             state.in_flight.insert(id, entry);
             (id, state.generation, marker)
         };
-        self.send_or_hold(&marker_message(id, generation, marker), Vec::new());
+        self.send_or_hold(&marker_message(id, generation, marker, false), Vec::new());
         Ok(())
     }
 
@@ -143,13 +150,14 @@ impl Primary {
     }
 }
 
-/// The message of a marker.
-pub(super) fn marker_message(id: u64, generation: u64, marker: Marker) -> Message {
+/// The message of a marker (`resumed`: sent again in a new session).
+pub(super) fn marker_message(id: u64, generation: u64, marker: Marker, resumed: bool) -> Message {
     match marker {
         Marker::Start(epoch) => Message::EpochStart {
             id,
             generation,
             epoch,
+            resumed,
         },
         Marker::End(epoch) => Message::EpochEnd {
             id,

@@ -89,6 +89,7 @@ impl Primary {
                     id: 0,
                     generation,
                     epoch,
+                    resumed: true,
                 };
                 self.send_or_hold(&start, Vec::new());
                 *link_epoch = Some(epoch);
@@ -110,7 +111,7 @@ impl Primary {
                 Kind::Flush => Message::Flush { id, generation },
                 Kind::Read => Message::Read { id, offset, len },
                 Kind::Control => continue,
-                Kind::Marker(marker) => marker_message(id, generation, marker),
+                Kind::Marker(marker) => marker_message(id, generation, marker, true),
                 Kind::Write | Kind::Resync { .. } => {
                     let mut data = vec![0u8; len as usize];
                     if let Err(error) = self.image.read_at(&mut data, offset) {

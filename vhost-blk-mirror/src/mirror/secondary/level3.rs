@@ -28,7 +28,12 @@ impl Secondary {
     ) -> Option<Option<Message>> {
         let receiving = self.lock_epochs().receiving();
         let answer = match (message, receiving) {
-            (Message::EpochStart { id, epoch, .. }, _) => Some(self.epoch_start(*id, *epoch)),
+            (
+                Message::EpochStart {
+                    id, epoch, resumed, ..
+                },
+                _,
+            ) => Some(self.epoch_start(*id, *epoch, *resumed)),
             (Message::EpochEnd { id, epoch, .. }, _) => self.epoch_end(*id, *epoch, generation),
             (Message::EpochOff { id, .. }, _) => Some(self.epoch_off(*id)),
             (_, Receiving::Off) => {
@@ -98,8 +103,22 @@ impl Secondary {
         Some(answer)
     }
 
-    fn epoch_start(&self, id: u64, epoch: u64) -> Message {
-        let started = self.lock_epochs().start(epoch, self.metadata());
+    fn epoch_start(&self, id: u64, epoch: u64, resumed: bool) -> Message {
+        let leftovers = {
+            let epochs = self.lock_epochs();
+            !resumed && epochs.receiving() == Receiving::Off && epochs.buffered()
+        };
+        if leftovers {
+            // A new `epoch on` after epochs this copy never heard end: they are the old
+            // run's, and applied first, as a Level 2 request would have them.
+            if let Err(error) = self.leave_level3() {
+                return Message::Failed {
+                    id,
+                    reason: Refusal::Io(error),
+                };
+            }
+        }
+        let started = self.lock_epochs().start(epoch, resumed, self.metadata());
         match started {
             Ok(true) => {
                 info!("Level 3: writes are buffered as epoch {epoch}");
@@ -537,6 +556,13 @@ mod tests {
             id,
             generation: 5,
             epoch,
+            resumed: false,
+        };
+        let resume = |id, epoch| Message::EpochStart {
+            id,
+            generation: 5,
+            epoch,
+            resumed: true,
         };
         // No epoch is receiving: an end is refused, and no journal is created for it.
         assert!(out_of_turn(secondary.apply(end(1, 4), &[])));
@@ -547,7 +573,8 @@ mod tests {
                 Message::EpochStart {
                     id: 2,
                     generation: 4,
-                    epoch: 1
+                    epoch: 1,
+                    resumed: false,
                 },
                 &[]
             ),
@@ -610,8 +637,12 @@ mod tests {
             secondary.apply(end(13, 1), &[]),
             Some(Message::Sealed { id: 13, epoch: 1 })
         );
+        assert!(
+            out_of_turn(secondary.apply(start(20, 1), &[])),
+            "a new `epoch on` must be above the epochs this copy holds"
+        );
         assert_eq!(
-            secondary.apply(start(14, 1), &[]),
+            secondary.apply(resume(14, 1), &[]),
             Some(Message::Done { id: 14 })
         );
         assert_eq!(

@@ -150,6 +150,14 @@ fn writes_of_an_uncommitted_epoch_stay_out_of_the_image_and_commit_applies_them_
     pair.write_acknowledged(16384, 0xd1);
     pair.assert_secondary_holds(16384, 0xd1, "Level 2: applied on arrival");
     assert!(!pair.secondary.status().epochs.enabled);
+    // Epochs start again only above every epoch used before.
+    assert!(pair.primary.epoch_on(3).is_err(), "epochs only grow");
+    pair.primary.epoch_on(4).expect("epoch on again");
+    pair.write_acknowledged(20480, 0xe1);
+    pair.assert_secondary_holds(20480, 0, "epoch 4 is buffered");
+    pair.seal(4);
+    pair.secondary.commit(4).expect("commit 4");
+    pair.assert_secondary_holds(20480, 0xe1, "epoch 4");
 }
 
 #[test]
