@@ -83,6 +83,12 @@ impl Primary {
         self.leave_epochs(Some("RemoteOnly"));
     }
 
+    /// The local image fails as a real disk error would make it (tests of RemoteOnly).
+    #[cfg(test)]
+    pub(crate) fn fail_local_for_test(&self) {
+        self.local_failed(&io::Error::other("injected by a test"));
+    }
+
     /// A guest read: the local image, or the peer's copy when the local one is unusable.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if self.lock().local == LocalDisk::Healthy {

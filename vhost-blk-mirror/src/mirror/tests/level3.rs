@@ -270,6 +270,32 @@ fn a_restarted_secondary_keeps_sealed_epochs_and_applies_a_committed_one_again()
 }
 
 #[test]
+fn remote_only_ends_the_epochs_before_its_first_read_from_the_peer() {
+    let pair = level3_pair(DEFAULT_MEMORY_BYTES);
+    pair.primary.epoch_on(1).expect("epoch on");
+    pair.write_acknowledged(0, 0xa1);
+    pair.seal(1);
+    pair.write_acknowledged(4096, 0xa2); // epoch 2, unsealed
+    pair.assert_secondary_holds(0, 0, "buffered");
+    pair.primary.fail_local_for_test();
+    // The guest reads its own recent writes back from the peer's copy.
+    let mut data = vec![0u8; 2 * BLOCK];
+    pair.primary.read(0, &mut data).expect("read from the peer");
+    assert_eq!(&data[..BLOCK], &[0xa1; BLOCK][..], "epoch 1, sealed");
+    assert_eq!(&data[BLOCK..], &[0xa2; BLOCK][..], "epoch 2, not sealed");
+    let epochs = pair.primary.status().epochs;
+    assert!(!epochs.enabled, "{epochs:?}");
+    assert_eq!(epochs.off_reason.as_deref(), Some("RemoteOnly"));
+    let epochs = pair.secondary.status().epochs;
+    assert!(!epochs.enabled, "{epochs:?}");
+    assert_eq!(epochs.buffered_records, 0, "{epochs:?}");
+    assert!(
+        pair.primary.epoch_on(5).is_err(),
+        "Level 3 needs a healthy local copy"
+    );
+}
+
+#[test]
 fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
     let pair = level3_pair(1 << 20);
     pair.primary.epoch_on(1).expect("epoch on");
