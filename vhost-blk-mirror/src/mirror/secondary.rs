@@ -52,6 +52,9 @@ pub struct Secondary {
     /// Held while buffered epochs are applied to the image (a commit, `EpochOff`, a
     /// promotion): one at a time, in order.
     applying: Mutex<()>,
+    /// What the receiver read while it waited for journal space (looking for an
+    /// `EpochOff`), handled before anything new.
+    ahead: Mutex<level3::ReadAhead>,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -116,6 +119,7 @@ impl Secondary {
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
+            ahead: Mutex::new(level3::ReadAhead::default()),
         });
         let applier = secondary.clone();
         thread::Builder::new()
@@ -137,7 +141,11 @@ impl Secondary {
             if self.lock().promoted {
                 return;
             }
-            match self.transport.recv(RECEIVE_TIMEOUT) {
+            let next = match self.take_ahead() {
+                Some(received) => Ok(Some(received)),
+                None => self.transport.recv(RECEIVE_TIMEOUT),
+            };
+            match next {
                 Ok(Some(Received::Message(message, payload))) => {
                     if let Some(reply) = self.apply(message, &payload) {
                         if let Err(error) = self.transport.send(&reply, Vec::new()) {
@@ -720,6 +728,7 @@ mod tests {
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
+            ahead: Mutex::new(level3::ReadAhead::default()),
         }
     }
 

@@ -3,6 +3,7 @@
 //! acknowledged on receipt; `commit N` applies the sealed epochs up to N, `wait-sealed N`
 //! answers once N is sealed, `promote GEN N*` applies up to N* and discards the rest.
 
+use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,41 @@ use super::Secondary;
 use crate::mirror::epochs::{self, Applied, Batch, Entry, Receiving};
 use crate::mirror::journal::{Kind, Reader, Record};
 use crate::mirror::primary::MAX_BLOCK_BYTES;
-use crate::mirror::protocol::{Message, Refusal};
+use crate::mirror::protocol::{Message, Received, Refusal};
 
 /// How often a receiver waiting for journal space looks whether it should stop.
 const FULL_WAIT: Duration = Duration::from_millis(100);
+/// While waiting for journal space, the receiver reads ahead (for an `EpochOff`) at most
+/// this many payload bytes and messages; then it only waits.
+const AHEAD_MAX_BYTES: usize = 64 << 20;
+const AHEAD_MAX_MESSAGES: usize = 4096;
+
+/// Messages read ahead of a record that waits for journal space, in arrival order.
+#[derive(Default)]
+pub(super) struct ReadAhead {
+    received: VecDeque<Received>,
+    bytes: usize,
+}
+
+/// How a wait for journal space ended.
+enum Room {
+    /// Try filing again.
+    Retry,
+    /// An `EpochOff` is behind the waiting record: Level 3 ends before it.
+    OffAhead,
+    /// Promoted meanwhile.
+    Stopped,
+}
+
+/// Where a record went.
+enum Filed {
+    Journal,
+    /// Level 3 ended behind it (`EpochOff` read ahead): everything buffered was applied;
+    /// the record is to be applied as at Level 2.
+    Level2,
+    /// Promoted meanwhile: nothing to answer.
+    Stopped,
+}
 
 impl Secondary {
     /// Handles `message` when Level 3 concerns it (a marker, or a change while epochs are
@@ -93,10 +125,18 @@ impl Secondary {
                     .image()
                     .flush()
                     .and_then(|()| self.file_waiting(record, &[]));
-                if filed.is_ok() {
-                    self.end_resync_session();
+                match filed {
+                    Ok(Filed::Level2) => {
+                        let done = self.resync_complete(generation);
+                        Some(self.result(*id, done))
+                    }
+                    filed => {
+                        if filed.is_ok() {
+                            self.end_resync_session();
+                        }
+                        answer_filed(self, *id, filed)
+                    }
                 }
-                answer_filed(self, *id, filed)
             }
             _ => return None,
         };
@@ -140,11 +180,20 @@ impl Secondary {
                     return Some(Message::Sealed { id, epoch });
                 }
                 Ok(None) => return Some(self.out_of_turn(id, "EpochEnd", epoch)),
-                Ok(Some(false)) => {
-                    if !self.wait_for_room(&mut counted) {
-                        return None;
+                Ok(Some(false)) => match self.wait_for_room(&mut counted) {
+                    Room::Retry => {}
+                    Room::Stopped => return None,
+                    Room::OffAhead => {
+                        // Level 3 ends right behind this end: the epoch is applied, durably.
+                        return Some(match self.leave_level3() {
+                            Ok(()) => Message::Sealed { id, epoch },
+                            Err(error) => Message::Failed {
+                                id,
+                                reason: Refusal::Io(error),
+                            },
+                        });
                     }
-                }
+                },
                 Err(error) => return Some(self.result(id, Err(io::Error::other(error)))),
             }
         }
@@ -201,10 +250,13 @@ impl Secondary {
             };
         }
         let record = record(generation, Kind::Write, offset, data.len() as u64);
-        answer_filed(self, id, self.file_waiting(record, data)).unwrap_or(Message::Failed {
-            id,
-            reason: Refusal::Io("stopped while the journal was full".into()),
-        })
+        match self.file_waiting(record, data) {
+            Ok(Filed::Level2) => self.write(id, offset, data, false),
+            filed => answer_filed(self, id, filed).unwrap_or(Message::Failed {
+                id,
+                reason: Refusal::Io("stopped while the journal was full".into()),
+            }),
+        }
     }
 
     fn file_zero(
@@ -222,10 +274,13 @@ impl Secondary {
             };
         }
         let record = record(generation, Kind::Zero { deallocate }, offset, len);
-        answer_filed(self, id, self.file_waiting(record, &[])).unwrap_or(Message::Failed {
-            id,
-            reason: Refusal::Io("stopped while the journal was full".into()),
-        })
+        match self.file_waiting(record, &[]) {
+            Ok(Filed::Level2) => self.zero(id, offset, len, deallocate),
+            filed => answer_filed(self, id, filed).unwrap_or(Message::Failed {
+                id,
+                reason: Refusal::Io("stopped while the journal was full".into()),
+            }),
+        }
     }
 
     fn in_range(&self, offset: u64, len: u64) -> bool {
@@ -235,9 +290,10 @@ impl Secondary {
     }
 
     /// Files a record, waiting while the journal is full: the primary hears nothing until
-    /// a commit frees room (its writes wait; none is dropped). `Ok(false)`: promoted
-    /// meanwhile, nothing filed.
-    fn file_waiting(&self, record: Record, data: &[u8]) -> io::Result<bool> {
+    /// a commit frees room (its writes wait; none is dropped), or until an `EpochOff` read
+    /// ahead ends Level 3 (then everything buffered is applied, and the record is to be
+    /// applied as at Level 2).
+    fn file_waiting(&self, record: Record, data: &[u8]) -> io::Result<Filed> {
         let mut counted = false;
         loop {
             let filed = self.lock_epochs().file(record, data);
@@ -247,41 +303,101 @@ impl Secondary {
                         self.lock_epochs().full = false;
                         info!("the epoch journal has room again: acknowledging");
                     }
-                    return Ok(true);
+                    return Ok(Filed::Journal);
                 }
-                Ok(false) => {
-                    if !self.wait_for_room(&mut counted) {
-                        return Ok(false);
+                Ok(false) => match self.wait_for_room(&mut counted) {
+                    Room::Retry => {}
+                    Room::Stopped => return Ok(Filed::Stopped),
+                    Room::OffAhead => {
+                        self.leave_level3().map_err(io::Error::other)?;
+                        self.lock_epochs().full = false;
+                        warn!("Level 3 ended behind a full journal: applying on arrival");
+                        return Ok(Filed::Level2);
                     }
-                }
+                },
                 Err(error) => return Err(io::Error::other(error)),
             }
         }
     }
 
-    /// Waits a little for a commit to free journal space; counts and reports the first
-    /// wait of a record. False when this secondary was promoted meanwhile.
-    fn wait_for_room(&self, counted: &mut bool) -> bool {
-        let mut epochs = self.lock_epochs();
-        if !*counted {
-            *counted = true;
-            epochs.full_waits += 1;
-            if !epochs.full {
-                warn!(
-                    "event: epoch journal full ({} of {} bytes used): not acknowledging the \
-                     primary until a commit frees room",
-                    epochs.status().journal_used_bytes,
-                    epochs.status().journal_size_bytes
-                );
+    /// Waits a little for a commit to free journal space, reading ahead meanwhile (within
+    /// bounds) to find an `EpochOff`; counts and reports the first wait of a record.
+    fn wait_for_room(&self, counted: &mut bool) -> Room {
+        {
+            let mut epochs = self.lock_epochs();
+            if !*counted {
+                *counted = true;
+                epochs.full_waits += 1;
+                if !epochs.full {
+                    let status = epochs.status();
+                    warn!(
+                        "event: epoch journal full ({} of {} bytes used): not acknowledging \
+                         the primary until a commit frees room",
+                        status.journal_used_bytes, status.journal_size_bytes
+                    );
+                }
+                epochs.full = true;
             }
-            epochs.full = true;
         }
-        let epochs = match self.epochs_changed().wait_timeout(epochs, FULL_WAIT) {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
+        if self.off_ahead() {
+            return Room::OffAhead;
+        }
+        let room_ahead = {
+            let ahead = self.lock_ahead();
+            ahead.bytes < AHEAD_MAX_BYTES && ahead.received.len() < AHEAD_MAX_MESSAGES
         };
-        drop(epochs);
-        !self.promoted()
+        if room_ahead {
+            match self.transport.recv(FULL_WAIT) {
+                Ok(Some(received)) => {
+                    let mut ahead = self.lock_ahead();
+                    if let Received::Message(_, payload) = &received {
+                        ahead.bytes += payload.len();
+                    }
+                    ahead.received.push_back(received);
+                }
+                Ok(None) => {}
+                Err(_) => std::thread::sleep(FULL_WAIT),
+            }
+        } else {
+            let epochs = self.lock_epochs();
+            drop(
+                match self.epochs_changed().wait_timeout(epochs, FULL_WAIT) {
+                    Ok((guard, _)) => guard,
+                    Err(poisoned) => poisoned.into_inner().0,
+                },
+            );
+        }
+        if self.promoted() {
+            Room::Stopped
+        } else if self.off_ahead() {
+            Room::OffAhead
+        } else {
+            Room::Retry
+        }
+    }
+
+    /// Whether an `EpochOff` waits among the messages read ahead.
+    fn off_ahead(&self) -> bool {
+        self.lock_ahead()
+            .received
+            .iter()
+            .any(|received| matches!(received, Received::Message(Message::EpochOff { .. }, _)))
+    }
+
+    fn lock_ahead(&self) -> std::sync::MutexGuard<'_, ReadAhead> {
+        self.ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The oldest message read ahead, if any: the receiver handles these first.
+    pub(super) fn take_ahead(&self) -> Option<Received> {
+        let mut ahead = self.lock_ahead();
+        let received = ahead.received.pop_front()?;
+        if let Received::Message(_, payload) = &received {
+            ahead.bytes = ahead.bytes.saturating_sub(payload.len());
+        }
+        Some(received)
     }
 
     /// `commit N`: applies every sealed epoch up to `N`, in arrival order, syncs the image,
@@ -424,10 +540,15 @@ fn record(generation: u64, kind: Kind, offset: u64, len: u64) -> Record {
 
 /// The answer to a filed record: `Done`, a failure (the journal's disk: this copy is
 /// Inconsistent), or `None` when promoted while waiting for room.
-fn answer_filed(secondary: &Secondary, id: u64, filed: io::Result<bool>) -> Option<Message> {
+fn answer_filed(secondary: &Secondary, id: u64, filed: io::Result<Filed>) -> Option<Message> {
     match filed {
-        Ok(true) => Some(Message::Done { id }),
-        Ok(false) => None,
+        Ok(Filed::Journal) => Some(Message::Done { id }),
+        // The caller applies it at Level 2 and answers; never reached with it.
+        Ok(Filed::Level2) => Some(Message::Failed {
+            id,
+            reason: Refusal::Io("Level 3 ended before this record was filed".into()),
+        }),
+        Ok(Filed::Stopped) => None,
         Err(error) => Some(secondary.result(id, Err(error))),
     }
 }
@@ -521,6 +642,7 @@ mod tests {
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
+            ahead: Mutex::new(ReadAhead::default()),
         }
     }
 

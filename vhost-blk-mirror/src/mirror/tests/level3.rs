@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::super::primary::MAX_BLOCK_BYTES;
 use super::*;
 use crate::metadata::JournalStart;
 
@@ -295,14 +296,13 @@ fn remote_only_ends_the_epochs_before_its_first_read_from_the_peer() {
     );
 }
 
-#[test]
-fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
-    let pair = level3_pair(1 << 20);
+/// Fills the journal: epoch 1 (sealed, not committed) takes most of it, then epoch 2's
+/// writes go on until one is not acknowledged. Returns the byte of that write and it.
+fn fill_the_journal(pair: &Pair) -> (u8, Outcome) {
     pair.primary.epoch_on(1).expect("epoch on");
-    let block = super::super::primary::MAX_BLOCK_BYTES;
     let write = |byte: u8| {
         pair.primary
-            .write(0, vec![byte; block], &pair.waker)
+            .write(0, vec![byte; MAX_BLOCK_BYTES], &pair.waker)
             .expect("write")
     };
     // Epoch 1 fills most of the journal (1 MiB records, 32 MiB).
@@ -311,8 +311,6 @@ fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
         wait_until("a write of epoch 1", || outcome.status().is_some());
     }
     pair.seal(1);
-    // Epoch 2 writes until one is not acknowledged: the journal is full.
-    let mut waiting = None;
     for index in 0..24u8 {
         let outcome = write(0x80 | index);
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -320,25 +318,30 @@ fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
             std::thread::sleep(Duration::from_millis(10));
         }
         if outcome.status().is_none() {
-            waiting = Some((index, outcome));
-            break;
+            let status = pair.secondary.status().epochs;
+            assert!(status.journal_full, "{status:?}");
+            assert_eq!(status.journal_full_waits, 1);
+            assert_eq!(
+                pair.secondary.status().refused_requests,
+                0,
+                "nothing refused"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            assert_eq!(
+                outcome.status(),
+                None,
+                "acknowledged while the journal is full"
+            );
+            return (0x80 | index, outcome);
         }
     }
-    let (last, waiting) = waiting.expect("the journal filled up");
-    let status = pair.secondary.status().epochs;
-    assert!(status.journal_full, "{status:?}");
-    assert_eq!(status.journal_full_waits, 1);
-    assert_eq!(
-        pair.secondary.status().refused_requests,
-        0,
-        "nothing refused"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        waiting.status(),
-        None,
-        "acknowledged while the journal is full"
-    );
+    panic!("the journal never filled up");
+}
+
+#[test]
+fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
+    let pair = level3_pair(1 << 20);
+    let (last, waiting) = fill_the_journal(&pair);
     pair.secondary.commit(1).expect("commit 1 frees room");
     wait_until("the held write acknowledged", || waiting.status().is_some());
     assert_eq!(waiting.status(), Some(Status::Ok));
@@ -352,9 +355,42 @@ fn a_full_journal_holds_acknowledgements_until_a_commit_frees_room() {
     pair.secondary.commit(2).expect("commit 2");
     assert_eq!(
         pair.secondary_block(0),
-        vec![0x80 | last; BLOCK],
+        vec![last; BLOCK],
         "epoch 2's last write, none dropped"
     );
+}
+
+#[test]
+fn epoch_off_passes_a_full_journal() {
+    // Commits stopped: the engine (ftvmd) ends Level 3, and the `EpochOff` behind the
+    // waiting write reaches the secondary all the same.
+    let pair = level3_pair(1 << 20);
+    let (last, waiting) = fill_the_journal(&pair);
+    pair.primary.epoch_off().expect("epoch off");
+    wait_until("the held write acknowledged", || waiting.status().is_some());
+    assert_eq!(waiting.status(), Some(Status::Ok));
+    wait_until("the secondary at Level 2", || {
+        !pair.secondary.status().epochs.enabled && pair.primary.status().in_flight_requests == 0
+    });
+    let delivered: Vec<String> = pair
+        .board
+        .delivered()
+        .iter()
+        .rev()
+        .take(8)
+        .map(|message| format!("{message:?}"))
+        .collect();
+    assert!(
+        pair.secondary_block(0) == vec![last; BLOCK],
+        "everything applied in order, the held write ({last:#x}) last; found {:#x}; \
+         delivered last: {delivered:#?}",
+        pair.secondary_block(0)[0]
+    );
+    let status = pair.secondary.status().epochs;
+    assert!(!status.journal_full, "{status:?}");
+    assert_eq!(status.buffered_records, 0, "{status:?}");
+    pair.write_acknowledged(4096, 0x11);
+    pair.assert_secondary_holds(4096, 0x11, "Level 2: applied on arrival");
 }
 
 impl Pair {
