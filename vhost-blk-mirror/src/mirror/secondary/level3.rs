@@ -665,6 +665,78 @@ mod tests {
         }
     }
 
+    /// A resync while epochs run: its blocks go to the image at once, its end is filed in
+    /// the epoch it arrives in, and the copy is UpToDate only once that epoch is applied;
+    /// a promotion at an earlier epoch is refused.
+    #[test]
+    fn a_resync_ends_with_the_epoch_that_holds_its_end() {
+        for promote_at in [1, 2] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let secondary = secondary(dir.path());
+            let message = |message: Message| secondary.apply(message, &[]);
+            let start = Message::EpochStart {
+                id: 1,
+                generation: 5,
+                epoch: 1,
+                resumed: false,
+            };
+            assert_eq!(message(start), Some(Message::Done { id: 1 }));
+            let resync_start = Message::ResyncStart {
+                id: 2,
+                generation: 5,
+            };
+            assert_eq!(message(resync_start), Some(Message::Done { id: 2 }));
+            let data = vec![0x5au8; 4096];
+            let block = Message::ResyncBlock {
+                id: 3,
+                generation: 5,
+                offset: 8192,
+                crc32c: crc32c::crc32c(&data),
+            };
+            assert_eq!(secondary.apply(block, &data), Some(Message::Done { id: 3 }));
+            let mut back = vec![0u8; 4096];
+            secondary.image.read_at(&mut back, 8192).expect("read");
+            assert_eq!(back, data, "a resync block goes to the image at once");
+            let end = |id, epoch| Message::EpochEnd {
+                id,
+                generation: 5,
+                epoch,
+            };
+            assert_eq!(
+                message(end(4, 1)),
+                Some(Message::Sealed { id: 4, epoch: 1 })
+            );
+            let resync_done = Message::ResyncDone {
+                id: 5,
+                generation: 5,
+            };
+            assert_eq!(message(resync_done), Some(Message::Done { id: 5 }));
+            assert_eq!(
+                message(end(6, 2)),
+                Some(Message::Sealed { id: 6, epoch: 2 })
+            );
+            assert_eq!(
+                secondary.metadata.header().data_state,
+                DataState::Inconsistent,
+                "the resync's end is not applied yet"
+            );
+            let promoted = secondary.promote_at(6, promote_at);
+            if promote_at == 1 {
+                assert!(
+                    promoted.is_err(),
+                    "promoted without the epoch that ends the resync"
+                );
+                assert_eq!(
+                    secondary.metadata.header().data_state,
+                    DataState::Inconsistent
+                );
+            } else {
+                assert_eq!(promoted, Ok(6));
+                assert_eq!(secondary.metadata.header().data_state, DataState::UpToDate);
+            }
+        }
+    }
+
     #[test]
     fn markers_out_of_turn_and_hostile_requests_are_refused_and_change_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
