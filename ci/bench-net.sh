@@ -304,7 +304,7 @@ boot_and_measure() {
 	ip netns exec "$HOST_A" qemu-system-x86_64 -accel tcg -smp 1 -m 256M -nographic -nodefaults \
 		-no-reboot -serial stdio \
 		-object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
-		-kernel "$GUEST/vmlinuz" -initrd "$INITRD" -append "console=ttyS0 panic=-1 quiet" \
+		-kernel "$GUEST/vmlinuz" -initrd "$INITRD" -append "console=ttyS0 panic=-1 quiet no_timer_check" \
 		"$@" -device "virtio-net-pci,netdev=hn0,mac=$GUEST_MAC,romfile=,vectors=0" \
 		</dev/null >"$console" 2>&1 &
 	PIDS[qemu]=$!

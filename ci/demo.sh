@@ -147,7 +147,7 @@ level = 2
 primary = "hostA"
 memory_mib = 256
 accel = "tcg"
-qemu_args = ["-kernel", "$GUEST/vmlinuz", "-initrd", "$WORK/initrd", "-append", "console=ttyS0 panic=-1 quiet"]
+qemu_args = ["-kernel", "$GUEST/vmlinuz", "-initrd", "$WORK/initrd", "-append", "console=ttyS0 panic=-1 quiet no_timer_check"]
 [[vm.disk]]
 image = "$WORK/$host.img"
 replication_port = 7400

@@ -120,7 +120,7 @@ primary = "hostA"
 memory_mib = {memory}
 vcpus = {cpus}
 accel = "tcg"
-qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
+qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet no_timer_check", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
 [[vm.disk]]
 image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}

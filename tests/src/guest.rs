@@ -280,7 +280,7 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
         "-initrd".into(),
         initrd.display().to_string(),
         "-append".into(),
-        "console=ttyS0 panic=-1 quiet".into(),
+        "console=ttyS0 panic=-1 quiet no_timer_check".into(),
     ]);
     if config.incoming_defer {
         args.extend(["-incoming".into(), "defer".into()]);
