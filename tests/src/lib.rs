@@ -15,6 +15,7 @@ pub mod fault_fs;
 pub mod guest;
 pub mod guest_tools;
 pub mod hosts;
+pub mod level3;
 pub mod mirror;
 pub mod net;
 pub mod nic_daemon;

@@ -4,10 +4,17 @@
 //! `PAGEMAP_SCAN` on `/proc/<qemu>/pagemap` (see `checkpoint/src/dirty.rs`).
 //!
 //! On load (an ELF constructor) it reads `FTVM_RAM_TRACK_SOCKET`. Unset: the library does
-//! nothing. Set: it removes the variable from the environment (programs QEMU starts must
-//! not take over the socket), removes a stale socket at that path (only a socket, never
-//! another file), listens there (mode 0600) and serves from a thread of its own with every
-//! signal blocked (QEMU's signals stay with QEMU's threads). Nothing it does can abort
+//! nothing. Set: unless a live process listens at that path already, it removes a stale
+//! socket there (only a socket, never another file), listens (mode 0600) and serves from a
+//! thread of its own with every signal blocked (QEMU's signals stay with QEMU's threads).
+//!
+//! The variable stays in the environment: QEMU is often started through a wrapper that
+//! execs it (`ip netns exec`, `numactl`, `taskset`, libvirt's helpers), which loads the
+//! library first and binds the socket; its listener closes at the exec (close-on-exec) and
+//! QEMU's copy of the library finds the socket stale and takes it over. A process QEMU
+//! starts finds QEMU's socket live and leaves it alone. The engine registers the RAM file,
+//! which only QEMU maps: a wrapper caught before its exec answers that no mapping of the
+//! file exists, and the engine asks again. Nothing it does can abort
 //! QEMU: every failure is a reply line or one line on stderr, and a panic is caught in the
 //! thread that serves the connection.
 //!
@@ -66,9 +73,7 @@ fn start() {
     let Some(path) = std::env::var_os(SOCKET_ENV) else {
         return;
     };
-    // Constructors run before QEMU's main and its threads: changing the environment and
-    // the umask is safe here.
-    std::env::remove_var(SOCKET_ENV);
+    // Constructors run before QEMU's main and its threads: changing the umask is safe here.
     let path = PathBuf::from(path);
     let listener = match listen(&path) {
         Ok(listener) => listener,
@@ -90,10 +95,18 @@ fn start() {
     }
 }
 
-/// Binds `path` with mode 0600, after removing a stale socket there.
+/// Binds `path` with mode 0600, after removing a stale socket there (one nobody listens on).
 fn listen(path: &Path) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
-        Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a live process listens there (QEMU, if this process is one it started)",
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,

@@ -117,8 +117,15 @@ impl PrimaryShared {
         change(&mut daemon_util::lock(&self.status));
     }
 
+    /// Sets the state, logging every change of state or problem.
     fn set_state(&self, state: &str, problem: Option<String>) {
         self.update(|status| {
+            if status.state != state || status.problem != problem {
+                match &problem {
+                    Some(problem) => warn!("{state}: {problem}"),
+                    None => info!("{state}"),
+                }
+            }
             status.state = state.into();
             status.problem = problem;
         });
@@ -174,8 +181,23 @@ fn run_epochs(
     qmp: &mut Qmp,
     nic_epoch: &mut u64,
 ) -> anyhow::Result<()> {
-    let mut tracker = RamTracker::start(&options.ram_track, &options.ram, TRACKER_TIMEOUT)
-        .context("cannot start QEMU's RAM tracking (is QEMU run with libftvm_ram_track.so?)")?;
+    // Asked again until QEMU answers: a wrapper QEMU is started through (`ip netns exec`)
+    // may hold the library's socket for a moment, and it maps no guest RAM.
+    let deadline = Instant::now() + TRACKER_TIMEOUT;
+    let mut tracker = loop {
+        match RamTracker::start(&options.ram_track, &options.ram, TRACKER_TIMEOUT) {
+            Ok(tracker) => break tracker,
+            Err(error) if Instant::now() < deadline => {
+                warn!("QEMU's RAM tracking not ready yet: {error}");
+                std::thread::sleep(RETRY_INTERVAL);
+            }
+            Err(error) => {
+                return Err(error).context(
+                    "cannot start QEMU's RAM tracking (is QEMU run with LD_PRELOAD=libftvm_ram_track.so and FTVM_RAM_TRACK_SOCKET?)",
+                )
+            }
+        }
+    };
     info!(
         "tracking QEMU {}'s writes to {}",
         tracker.qemu_pid(),
@@ -383,11 +405,8 @@ fn collect_acks(
                     daemons.commit(nic_epoch)?;
                 }
                 let report = stats.report(Instant::now());
-                shared.update(|status| {
-                    status.state = "protected".into();
-                    status.problem = None;
-                    status.stats = Some(report);
-                });
+                shared.set_state("protected", None);
+                shared.update(|status| status.stats = Some(report));
             }
             Ok(None) => {
                 shared.set_state(

@@ -1,0 +1,319 @@
+//! The Level 3 rig (issue 11), without `ftvmd`: the test plays the coordinator.
+//!
+//! hostA runs the guest's QEMU (RAM in a `/dev/shm` file, the RAM tracking library
+//! preloaded), its `vhost-net-ft` and the primary `ftvm-checkpoint`; hostB runs the standby
+//! `vhost-net-ft` and the secondary `ftvm-checkpoint` with the replica RAM file. Both NIC
+//! daemons sit on their host's VM bridge, whose uplink reaches the LAN. A host is killed as
+//! a power cut would: its links go down and every process in it is SIGKILLed. The VM is
+//! then restored on hostB from the replica, as `ftvmd` would after the witness's grant:
+//! a QEMU with `-incoming defer` on the replica RAM file, attached to hostB's NIC daemon,
+//! `restore` on the secondary engine, `announce` on the NIC daemon.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::blk::status_json;
+use crate::guest::{Guest, GuestConfig, Nic};
+use crate::hosts::Hosts;
+use crate::nic_daemon::{NicDaemon, ALINKS, GUEST_IP, GUEST_MAC, HOSTS};
+use crate::paths;
+use crate::process::{signal, Process};
+use crate::wait::{poll_for, poll_until};
+
+/// The checkpoint engines' port on every A-link address.
+pub const CHECKPOINT_PORT: u16 = 7460;
+/// The guest's RAM.
+pub const RAM_MB: u32 = 256;
+/// Booting under TCG on a loaded machine, the first full copy, the restore.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+const VM: &str = "vm1";
+
+/// The guest's script: the LAN address, then whatever `body` runs.
+pub fn guest_script(body: &str) -> String {
+    format!(
+        "ip link set eth0 up\n\
+         ip addr add {GUEST_IP}/24 dev eth0\n\
+         echo \"NET-UP $(cat /sys/class/net/eth0/address)\"\n\
+         {body}"
+    )
+}
+
+/// Files under `/dev/shm` the rig made, removed when it ends.
+#[derive(Debug)]
+struct ShmFiles(Vec<PathBuf>);
+
+impl Drop for ShmFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The rig. Fields drop in order: guests, engines, NIC daemons, files, hosts, directory.
+#[derive(Debug)]
+pub struct Level3Pair {
+    pub guest: Option<Guest>,
+    pub restored: Option<Guest>,
+    primary: Option<Process>,
+    _secondary: Process,
+    pub nic_a: Option<NicDaemon>,
+    pub nic_b: NicDaemon,
+    shm: ShmFiles,
+    pub hosts: Hosts,
+    pub dir: tempfile::TempDir,
+    /// The guest as booted on hostA (the restore on hostB starts from it).
+    pub config: GuestConfig,
+    pub primary_control: PathBuf,
+    pub secondary_control: PathBuf,
+    /// The console of hostA's guest as it was when hostA was killed.
+    pub console_a: Vec<String>,
+}
+
+impl Level3Pair {
+    /// Brings up the hosts, the NIC daemons, the secondary engine and the guest (with
+    /// `config`'s script and files; NIC, RAM file, preload and QMP are set here); waits for
+    /// `NET-UP` and then starts the primary engine and waits for its first commits.
+    pub fn start(name: &str, mut config: GuestConfig, interval_ms: u64) -> Level3Pair {
+        let hosts = Hosts::up();
+        let dir = crate::scratch_dir(name);
+        let psk = dir.path().join("pair.psk");
+        std::fs::write(&psk, "level 3 test key, 32 bytes long!\n").expect("psk");
+        let nic_a = NicDaemon::start(&hosts, dir.path(), 0, &psk, &[]);
+        let nic_b = NicDaemon::start(&hosts, dir.path(), 1, &psk, &[]);
+        let base = format!("/dev/shm/ftvm-l3-{}-{name}", std::process::id());
+        let shm = ShmFiles(vec![
+            PathBuf::from(format!("{base}-A.ram")),
+            PathBuf::from(format!("{base}-B.ram")),
+        ]);
+        let secondary_control = dir.path().join("checkpoint-B.ctl");
+        let secondary = start_secondary(&hosts, dir.path(), &psk, &shm.0[1], &secondary_control);
+
+        let track = dir.path().join("ram-track.sock");
+        config.memory_mb = RAM_MB;
+        config.netns = Some(hosts.namespace("hostA"));
+        config.ram_file = Some(shm.0[0].clone());
+        config.qmp = Some(dir.path().join("qmp-A.sock"));
+        config.env = vec![
+            (
+                "LD_PRELOAD".into(),
+                paths::binary("libftvm_ram_track.so").display().to_string(),
+            ),
+            ("FTVM_RAM_TRACK_SOCKET".into(), track.display().to_string()),
+        ];
+        config.nics = vec![Nic {
+            socket: nic_a.socket.clone(),
+            mac: GUEST_MAC.into(),
+            queues: 1,
+        }];
+        let guest = Guest::boot(&config, dir.path());
+        guest.wait_for_line(GUEST_TIMEOUT, |line| line.starts_with("NET-UP"));
+
+        let primary_control = dir.path().join("checkpoint-A.ctl");
+        let mut command = hosts.command("hostA", paths::binary("ftvm-checkpoint"));
+        command
+            .args(["primary", "--vm", VM, "--host-id", "hostA"])
+            .arg("--qmp")
+            .arg(config.qmp.as_ref().expect("qmp"))
+            .arg("--ram")
+            .arg(&shm.0[0])
+            .arg("--ram-track")
+            .arg(&track)
+            .arg("--nic")
+            .arg(&nic_a.control)
+            .arg("--psk-file")
+            .arg(&psk)
+            .arg("--control")
+            .arg(&primary_control)
+            .arg("--interval-ms")
+            .arg(interval_ms.to_string());
+        for address in ALINKS[1] {
+            command
+                .arg("--peer")
+                .arg(format!("{address}:{CHECKPOINT_PORT}"));
+        }
+        let primary = Process::spawn(
+            "ftvm-checkpoint primary",
+            command,
+            &dir.path().join("checkpoint-A.log"),
+        );
+        let pair = Level3Pair {
+            guest: Some(guest),
+            restored: None,
+            primary: Some(primary),
+            _secondary: secondary,
+            nic_a: Some(nic_a),
+            nic_b,
+            shm,
+            hosts,
+            dir,
+            config,
+            primary_control,
+            secondary_control,
+            console_a: Vec::new(),
+        };
+        pair.wait_committed(3);
+        pair
+    }
+
+    pub fn guest(&self) -> &Guest {
+        self.restored
+            .as_ref()
+            .or(self.guest.as_ref())
+            .expect("a guest runs")
+    }
+
+    pub fn primary_status(&self) -> Value {
+        status_json(&self.primary_control).unwrap_or_default()
+    }
+
+    pub fn secondary_status(&self) -> Value {
+        status_json(&self.secondary_control).unwrap_or_default()
+    }
+
+    /// Waits until the primary has had `epochs` more epochs committed (the first call
+    /// includes the full copy).
+    pub fn wait_committed(&self, epochs: u64) -> u64 {
+        let start = self.primary_status()["stats"]["committed_epoch"]
+            .as_u64()
+            .unwrap_or(0);
+        poll_for(
+            GUEST_TIMEOUT,
+            &format!("{epochs} more committed checkpoints"),
+            || {
+                let status = self.primary_status();
+                assert_ne!(
+                    status["state"],
+                    "released",
+                    "the primary engine gave up: {status}\nlog:\n{}",
+                    self.log("checkpoint-A.log")
+                );
+                status["stats"]["committed_epoch"].as_u64()
+            },
+            |&committed| committed >= start + epochs,
+        )
+    }
+
+    /// A daemon's or engine's log in the rig's directory.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// hostA is lost: its links go down and every process in it is SIGKILLed.
+    pub fn kill_host_a(&mut self) -> Instant {
+        let namespace = self.hosts.namespace("hostA");
+        for link in ["alink1", "alink2", "lan0", "uplink"] {
+            let status = Command::new("ip")
+                .args(["-n", &namespace, "link", "set", link, "down"])
+                .status()
+                .expect("ip link set");
+            assert!(status.success(), "cannot cut {link} of hostA");
+        }
+        let at = Instant::now();
+        for pid in self.hosts.pids("hostA") {
+            signal(pid, libc::SIGKILL);
+        }
+        if let Some(guest) = self.guest.take() {
+            self.console_a = guest.console();
+        }
+        self.primary.take();
+        self.nic_a.take();
+        at
+    }
+
+    /// Restores the VM on hostB from the secondary's replica, as `ftvmd` would: QEMU with
+    /// `-incoming defer` on the replica RAM file and hostB's NIC daemon, `restore`,
+    /// `announce`. Returns the secondary's answer to `restore`.
+    pub fn restore_on_b(&mut self) -> Value {
+        let mut config = self.config.clone();
+        config.name = format!("{}-restored", config.name);
+        config.netns = Some(self.hosts.namespace("hostB"));
+        config.ram_file = Some(self.shm.0[1].clone());
+        config.incoming_defer = true;
+        let qmp = self.dir.path().join("qmp-B.sock");
+        config.qmp = Some(qmp.clone());
+        config.env = Vec::new();
+        config.nics = vec![Nic {
+            socket: self.nic_b.socket.clone(),
+            mac: GUEST_MAC.into(),
+            queues: 1,
+        }];
+        let restored = Guest::boot(&config, self.dir.path());
+        poll_until(Duration::from_secs(30), "the restored QEMU's QMP", || {
+            qmp.exists()
+        });
+        let reply = daemon_util::request(
+            &self.secondary_control,
+            &format!("restore {}", qmp.display()),
+        )
+        .expect("the secondary engine answers restore");
+        let reply: Value = serde_json::from_str(reply.trim()).expect("restore's answer");
+        assert_eq!(
+            reply["ok"],
+            true,
+            "restore failed: {reply}\nsecondary log:\n{}",
+            self.log("checkpoint-B.log")
+        );
+        let announced = status_json_command(&self.nic_b.control, "announce");
+        assert_eq!(announced["ok"], true, "announce refused: {announced}");
+        self.restored = Some(restored);
+        reply
+    }
+}
+
+fn start_secondary(
+    hosts: &Hosts,
+    dir: &Path,
+    psk: &Path,
+    replica: &Path,
+    control: &Path,
+) -> Process {
+    let mut command = hosts.command(HOSTS[1], paths::binary("ftvm-checkpoint"));
+    command
+        .args([
+            "secondary",
+            "--vm",
+            VM,
+            "--host-id",
+            "hostB",
+            "--peer-id",
+            "hostA",
+        ])
+        .arg("--ram")
+        .arg(replica)
+        .arg("--ram-mib")
+        .arg(RAM_MB.to_string())
+        .arg("--state-dir")
+        .arg(dir.join("replica-state"))
+        .arg("--psk-file")
+        .arg(psk)
+        .arg("--control")
+        .arg(control);
+    for address in ALINKS[1] {
+        command
+            .arg("--listen")
+            .arg(format!("{address}:{CHECKPOINT_PORT}"));
+    }
+    let process = Process::spawn(
+        "ftvm-checkpoint secondary",
+        command,
+        &dir.join("checkpoint-B.log"),
+    );
+    poll_until(
+        Duration::from_secs(10),
+        "the secondary engine's socket",
+        || control.exists(),
+    );
+    process
+}
+
+/// A command's JSON answer on a control socket.
+pub fn status_json_command(socket: &Path, command: &str) -> Value {
+    let reply = daemon_util::request(socket, command)
+        .unwrap_or_else(|error| panic!("{}: {command}: {error}", socket.display()));
+    serde_json::from_str(reply.trim())
+        .unwrap_or_else(|error| panic!("{}: {command}: {error}: {reply}", socket.display()))
+}

@@ -1,0 +1,86 @@
+//! Level 3 (issue 11): the VM survives the loss of its host with its memory, processes and
+//! TCP sessions. The rig is `ftvm_tests::level3` (the test plays `ftvmd`: it kills hostA and
+//! restores the VM on hostB from the secondary engine's replica).
+
+use std::time::Duration;
+
+use ftvm_tests::guest::GuestConfig;
+use ftvm_tests::level3::{guest_script, Level3Pair, GUEST_TIMEOUT};
+use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
+use ftvm_tests::nic_daemon::GUEST_IP;
+
+/// A counter in the guest's memory, printed every ~100 ms with the guest's uptime, and a
+/// TCP echo server.
+const COUNTER_AND_ECHO: &str = "i=0\n\
+     (while true; do\n\
+       i=$((i + 1))\n\
+       read up idle < /proc/uptime\n\
+       echo \"COUNT $i $up\"\n\
+       usleep 100000\n\
+     done) &\n\
+     nc -ll -p 7000 -e cat\n";
+
+/// `(n, uptime)` of a `COUNT n uptime` line.
+fn count_of(line: &str) -> Option<(u64, f64)> {
+    let mut words = line.strip_prefix("COUNT ")?.split_whitespace();
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+#[test]
+fn the_guest_process_and_a_tcp_connection_survive_the_loss_of_the_host() {
+    let mut config = GuestConfig::new("l3-failover", &guest_script(COUNTER_AND_ECHO));
+    config.cpus = 1;
+    let mut pair = Level3Pair::start("l3-failover", config, 50);
+    let client = pair.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(
+        30,
+        Duration::from_secs(120),
+        "through output commit on hostA",
+    );
+    pair.wait_committed(20);
+    let before = pair.primary_status();
+    eprintln!("primary before the kill: {before}");
+
+    let killed = pair.kill_host_a();
+    let (last_a, uptime_a) = pair
+        .console_a
+        .iter()
+        .rev()
+        .find_map(|line| count_of(line))
+        .expect("hostA's guest counted");
+    let answer = pair.restore_on_b();
+    eprintln!(
+        "restored on hostB {:?} after the kill: {answer}",
+        killed.elapsed()
+    );
+    let restored = pair.guest();
+    let first = restored.wait_for_line(GUEST_TIMEOUT, |line| count_of(line).is_some());
+    let (count, uptime) = count_of(&first).expect("a counter line");
+    // The process goes on from the checkpoint: not from 1, not beyond what hostA's guest
+    // reached (plus the line hostA printed but the checkpoint had not), and not far behind
+    // (the replica lags by a few epochs of 50 ms).
+    assert!(
+        count > 1 && count <= last_a + 1 && count + 30 >= last_a,
+        "the restored guest counts {count}; hostA's last count was {last_a}"
+    );
+    assert!(
+        uptime + 3.0 >= uptime_a && uptime <= uptime_a + 30.0,
+        "the restored guest's uptime is {uptime} s, hostA's guest was at {uptime_a} s: it rebooted"
+    );
+    assert!(
+        !restored
+            .console()
+            .iter()
+            .any(|line| line.starts_with("COUNT 1 ")),
+        "the restored guest counted from 1 again"
+    );
+    // The same TCP connection carries on, every reply byte for byte (Rounds checks them).
+    rounds.wait_for(30, Duration::from_secs(120), "on hostB after the failover");
+    rounds.check();
+    eprintln!(
+        "after the failover: {} rounds, longest gap {:?}",
+        rounds.count(),
+        rounds.longest_gap_since(killed)
+    );
+}
