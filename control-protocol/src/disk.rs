@@ -48,9 +48,11 @@ pub enum EpochOrder {
 
 impl EpochOrder {
     /// `wait-sealed` without a timeout waits this long.
-    pub const DEFAULT_WAIT_MS: u64 = 2_000;
-    /// The longest `wait-sealed` accepted (the control socket's client waits 10 s).
-    pub const MAX_WAIT_MS: u64 = 8_000;
+    pub const DEFAULT_WAIT_MS: u64 = 500;
+    /// The longest `wait-sealed` accepted: the daemon's control socket serves one client at
+    /// a time, and ftvmd's `status` must still be answered within its 2 s (the engine asks
+    /// again after a refusal).
+    pub const MAX_WAIT_MS: u64 = 1_000;
 
     /// The command's first word.
     pub fn name(self) -> &'static str {

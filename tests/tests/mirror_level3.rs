@@ -114,6 +114,23 @@ fn ok(reply: &serde_json::Value, what: &str) {
     assert_eq!(reply["ok"], true, "{what} refused: {reply}");
 }
 
+/// `wait-sealed N` as the engine asks it: at most 1 s each time, again after a refusal.
+fn wait_sealed(pair: &MirrorPair, epoch: u64) {
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    loop {
+        let reply = pair
+            .secondary()
+            .command(&format!("wait-sealed {epoch} 1000"));
+        if reply["ok"] == true {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "epoch {epoch} never sealed: {reply}"
+        );
+    }
+}
+
 /// What the test saw while the VM was stopped at the end of an epoch.
 struct AtStop {
     console: Vec<String>,
@@ -168,12 +185,7 @@ fn a_promoted_secondary_holds_exactly_the_committed_epochs() {
     for epoch in 1..=EPOCHS {
         std::thread::sleep(EPOCH_RUN);
         last_stop = Some(end_epoch(&pair, &mut qmp, &guest, epoch));
-        ok(
-            &pair
-                .secondary()
-                .command(&format!("wait-sealed {epoch} 5000")),
-            "wait-sealed",
-        );
+        wait_sealed(&pair, epoch);
         ok(
             &pair.secondary().command(&format!("commit {epoch}")),
             "commit",
@@ -188,12 +200,7 @@ fn a_promoted_secondary_holds_exactly_the_committed_epochs() {
     // primary dies in the middle of N*+2.
     std::thread::sleep(EPOCH_RUN);
     end_epoch(&pair, &mut qmp, &guest, committed + 1);
-    ok(
-        &pair
-            .secondary()
-            .command(&format!("wait-sealed {} 5000", committed + 1)),
-        "wait-sealed",
-    );
+    wait_sealed(&pair, committed + 1);
     std::thread::sleep(EPOCH_RUN);
     let written = latest(&guest.console());
     pair.kill_primary();
