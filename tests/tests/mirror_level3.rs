@@ -190,8 +190,11 @@ fn a_promoted_secondary_holds_exactly_the_committed_epochs() {
             &pair.secondary().command(&format!("commit {epoch}")),
             "commit",
         );
-        let epochs = &pair.secondary().status()["replication"]["epochs"];
-        assert_eq!(epochs["applied_epoch"], epoch, "{epochs}");
+        // Applied in the background while the guest runs.
+        pair.secondary()
+            .wait_replication(SYNC_TIMEOUT, "the commit applied", |r| {
+                r["epochs"]["applied_epoch"] == epoch
+            });
     }
     let committed = EPOCHS;
     let last_stop = last_stop.expect("epochs ran");

@@ -272,7 +272,9 @@ impl Mirror {
             (EpochOrder::On(epoch), Role::Primary(primary)) => primary.epoch_on(epoch),
             (EpochOrder::End(epoch), Role::Primary(primary)) => primary.epoch_end(epoch),
             (EpochOrder::Off, Role::Primary(primary)) => primary.epoch_off(),
-            (EpochOrder::Commit(epoch), Role::Secondary(secondary)) => secondary.commit(epoch),
+            (EpochOrder::Commit(epoch), Role::Secondary(secondary)) => {
+                secondary.commit_in_background(epoch)
+            }
             (EpochOrder::WaitSealed { epoch, timeout_ms }, Role::Secondary(secondary)) => {
                 secondary.wait_sealed(epoch, std::time::Duration::from_millis(timeout_ms))
             }

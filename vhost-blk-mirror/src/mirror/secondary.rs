@@ -55,6 +55,9 @@ pub struct Secondary {
     /// What the receiver read while it waited for journal space (looking for an
     /// `EpochOff`), handled before anything new.
     ahead: Mutex<level3::ReadAhead>,
+    /// The highest epoch `commit` asked for; the epoch applier applies up to it.
+    commit_target: Mutex<Option<u64>>,
+    commit_requested: Condvar,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -120,11 +123,17 @@ impl Secondary {
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
             ahead: Mutex::new(level3::ReadAhead::default()),
+            commit_target: Mutex::new(None),
+            commit_requested: Condvar::new(),
         });
         let applier = secondary.clone();
         thread::Builder::new()
             .name("mirror-applier".into())
             .spawn(move || applier.apply_loop())?;
+        let committer = secondary.clone();
+        thread::Builder::new()
+            .name("epoch-applier".into())
+            .spawn(move || committer.commit_loop())?;
         Ok(secondary)
     }
 
@@ -729,6 +738,8 @@ mod tests {
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
             ahead: Mutex::new(level3::ReadAhead::default()),
+            commit_target: Mutex::new(None),
+            commit_requested: Condvar::new(),
         }
     }
 

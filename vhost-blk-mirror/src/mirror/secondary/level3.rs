@@ -400,6 +400,59 @@ impl Secondary {
         Some(received)
     }
 
+    /// `commit N` from the control socket: refused unless `N` is sealed, then applied by
+    /// the epoch applier while the guest runs (`status` shows `applied_epoch` once done).
+    pub fn commit_in_background(&self, epoch: u64) -> Result<String, String> {
+        {
+            let epochs = self.lock_epochs();
+            if epochs.applied().is_some_and(|applied| epoch <= applied) {
+                return Ok(format!("epoch {epoch} was applied already"));
+            }
+            if epochs.sealed().is_none_or(|sealed| sealed < epoch) {
+                return Err(epochs::EpochError::NotSealed {
+                    epoch,
+                    sealed: epochs.sealed(),
+                }
+                .to_string());
+            }
+        }
+        let mut target = self.lock_commit_target();
+        *target = (*target).max(Some(epoch));
+        self.commit_requested.notify_all();
+        Ok(format!(
+            "committing through epoch {epoch}: applied in the background"
+        ))
+    }
+
+    fn lock_commit_target(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.commit_target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The epoch applier: applies up to the latest `commit` target until promoted.
+    pub(super) fn commit_loop(&self) {
+        loop {
+            if self.promoted() {
+                return;
+            }
+            let target = {
+                let target = self.lock_commit_target();
+                let (mut target, _) = match self.commit_requested.wait_timeout(target, FULL_WAIT) {
+                    Ok(woken) => woken,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                target.take()
+            };
+            let Some(epoch) = target else {
+                continue;
+            };
+            if let Err(error) = self.commit(epoch) {
+                warn!("commit of epoch {epoch} failed: {error}");
+            }
+        }
+    }
+
     /// `commit N`: applies every sealed epoch up to `N`, in arrival order, syncs the image,
     /// records `applied_epoch = N`, then frees their journal space.
     pub fn commit(&self, epoch: u64) -> Result<String, String> {
@@ -643,6 +696,8 @@ mod tests {
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
             ahead: Mutex::new(ReadAhead::default()),
+            commit_target: Mutex::new(None),
+            commit_requested: Condvar::new(),
         }
     }
 

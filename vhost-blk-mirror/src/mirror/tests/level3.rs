@@ -156,8 +156,18 @@ fn writes_of_an_uncommitted_epoch_stay_out_of_the_image_and_commit_applies_them_
     pair.primary.epoch_on(4).expect("epoch on again");
     pair.write_acknowledged(20480, 0xe1);
     pair.assert_secondary_holds(20480, 0, "epoch 4 is buffered");
+    assert!(
+        pair.secondary.commit_in_background(4).is_err(),
+        "the control socket's commit of an unsealed epoch"
+    );
     pair.seal(4);
-    pair.secondary.commit(4).expect("commit 4");
+    // The control socket's `commit`: answered at once, applied by the epoch applier.
+    pair.secondary
+        .commit_in_background(4)
+        .expect("commit 4 in the background");
+    wait_until("epoch 4 applied in the background", || {
+        pair.secondary.status().epochs.applied_epoch == Some(4)
+    });
     pair.assert_secondary_holds(20480, 0xe1, "epoch 4");
 }
 
