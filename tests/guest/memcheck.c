@@ -9,11 +9,12 @@
  * after checking that the page still holds the previous pass's values. A stale page
  * (a write the checkpoint did not carry) is found within one pass.
  *
- * Disk (optional): two versions of a 1 MiB region are written once (version v of block j
- * at v MiB + j * 4 KiB). Every pass first checks that the 1 MiB read buffer still holds
- * the version the previous pass read into it, then reads the other version into it with
- * O_DIRECT (the disk daemon writes these pages, not the guest's CPU). A read buffer page
- * the checkpoint did not carry is found at the next pass.
+ * Disk (optional): every pass first checks that the 1 MiB read buffer still holds what the
+ * previous pass read into it, then writes a new version of a 1 MiB disk region (one per
+ * pass: its values name the pass) and reads it back into the read buffer with O_DIRECT
+ * (the disk daemon writes the read buffer's pages, not the guest's CPU). A read buffer
+ * page the checkpoint did not carry holds an older pass's values and is found at the next
+ * pass.
  *
  * Prints "MEMCHECK-READY", then "MEM-PASS n" after each pass; on a mismatch prints
  * "MEM-STALE ..." or "DISK-STALE ..." and exits 1.
@@ -52,18 +53,21 @@ static void *map(size_t bytes)
 	return memory;
 }
 
-static void prepare_disk(int fd, uint64_t *buffer)
+/* Writes version `version` of the region from `write_buffer`, then reads it back into
+ * `read_buffer` (both O_DIRECT). */
+static void cycle_disk(int fd, uint64_t *write_buffer, uint64_t *read_buffer, uint64_t version)
 {
-	for (uint64_t version = 0; version < 2; version++) {
-		for (uint64_t block = 0; block < DISK_BLOCKS; block++)
-			for (uint64_t word = 0; word < WORDS; word++)
-				buffer[block * WORDS + word] = disk_value(version, block, word);
-		off_t at = (off_t)(version * DISK_BLOCKS * PAGE);
-		if (pwrite(fd, buffer, DISK_BLOCKS * PAGE, at) != (ssize_t)(DISK_BLOCKS * PAGE) ||
-		    fdatasync(fd) != 0) {
-			perror("memcheck: write the disk region");
-			exit(2);
-		}
+	for (uint64_t block = 0; block < DISK_BLOCKS; block++)
+		for (uint64_t word = 0; word < WORDS; word++)
+			write_buffer[block * WORDS + word] = disk_value(version, block, word);
+	if (pwrite(fd, write_buffer, DISK_BLOCKS * PAGE, 0) != (ssize_t)(DISK_BLOCKS * PAGE) ||
+	    fdatasync(fd) != 0) {
+		perror("memcheck: write the disk region");
+		exit(2);
+	}
+	if (pread(fd, read_buffer, DISK_BLOCKS * PAGE, 0) != (ssize_t)(DISK_BLOCKS * PAGE)) {
+		perror("memcheck: read the disk region");
+		exit(2);
 	}
 }
 
@@ -91,7 +95,7 @@ int main(int argc, char **argv)
 	}
 	uint64_t pages = strtoull(argv[1], NULL, 10) * 1024 * 1024 / PAGE;
 	uint64_t *memory = map(pages * PAGE);
-	uint64_t *buffer = NULL;
+	uint64_t *buffer = NULL, *write_buffer = NULL;
 	int disk = -1;
 	if (argc > 2) {
 		disk = open(argv[2], O_RDWR | O_DIRECT);
@@ -100,23 +104,16 @@ int main(int argc, char **argv)
 			return 2;
 		}
 		buffer = map(DISK_BLOCKS * PAGE);
-		prepare_disk(disk, buffer);
-		if (pread(disk, buffer, DISK_BLOCKS * PAGE, 0) != (ssize_t)(DISK_BLOCKS * PAGE)) {
-			perror("memcheck: read");
-			return 2;
-		}
+		write_buffer = map(DISK_BLOCKS * PAGE);
+		cycle_disk(disk, write_buffer, buffer, 0);
 	}
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("MEMCHECK-READY pages=%llu\n", (unsigned long long)pages);
 	for (uint64_t pass = 1;; pass++) {
 		if (disk >= 0) {
 			/* The buffer holds the version the previous pass read (0 before pass 1). */
-			check_disk_buffer(buffer, (pass - 1) % 2, pass);
-			off_t at = (off_t)((pass % 2) * DISK_BLOCKS * PAGE);
-			if (pread(disk, buffer, DISK_BLOCKS * PAGE, at) != (ssize_t)(DISK_BLOCKS * PAGE)) {
-				perror("memcheck: read");
-				return 2;
-			}
+			check_disk_buffer(buffer, pass - 1, pass);
+			cycle_disk(disk, write_buffer, buffer, pass);
 		}
 		for (uint64_t page = 0; page < pages; page++) {
 			uint64_t *words = memory + page * WORDS;

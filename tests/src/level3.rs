@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::blk::status_json;
-use crate::guest::{Guest, GuestConfig, Nic};
+use crate::guest::{Disk, Guest, GuestConfig, Nic};
 use crate::hosts::Hosts;
+use crate::mirror::MirrorPair;
 use crate::nic_daemon::{NicDaemon, ALINKS, GUEST_IP, GUEST_MAC, HOSTS};
 use crate::paths;
 use crate::process::{signal, Process};
@@ -53,7 +54,19 @@ impl Drop for ShmFiles {
     }
 }
 
-/// The rig. Fields drop in order: guests, engines, NIC daemons, files, hosts, directory.
+/// What the rig's VM has besides its NIC.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Level3Options {
+    /// Milliseconds between checkpoints (`--interval-ms`).
+    pub interval_ms: u64,
+    /// A disk of this many bytes, mirrored from hostA to hostB (`vhost-blk-mirror`, the
+    /// primary's writes to guest RAM reported to the engine); after the loss of hostA the
+    /// test promotes hostB's copy, as `ftvmd` would, and the restored guest uses it.
+    pub disk_bytes: Option<u64>,
+}
+
+/// The rig. Fields drop in order: guests, engines, NIC daemons, files, the disk's daemons
+/// and the hosts, directory.
 #[derive(Debug)]
 pub struct Level3Pair {
     pub guest: Option<Guest>,
@@ -63,7 +76,9 @@ pub struct Level3Pair {
     pub nic_a: Option<NicDaemon>,
     pub nic_b: NicDaemon,
     shm: ShmFiles,
-    pub hosts: Hosts,
+    /// The mirrored disk (its hosts are the rig's hosts).
+    pub mirror: Option<MirrorPair>,
+    own_hosts: Option<Hosts>,
     pub dir: tempfile::TempDir,
     /// The guest as booted on hostA (the restore on hostB starts from it).
     pub config: GuestConfig,
@@ -77,20 +92,45 @@ impl Level3Pair {
     /// Brings up the hosts, the NIC daemons, the secondary engine and the guest (with
     /// `config`'s script and files; NIC, RAM file, preload and QMP are set here); waits for
     /// `NET-UP` and then starts the primary engine and waits for its first commits.
-    pub fn start(name: &str, mut config: GuestConfig, interval_ms: u64) -> Level3Pair {
-        let hosts = Hosts::up();
+    pub fn start(name: &str, mut config: GuestConfig, options: Level3Options) -> Level3Pair {
+        let interval_ms = options.interval_ms;
+        let (mut mirror, own_hosts) = match options.disk_bytes {
+            Some(bytes) => (Some(MirrorPair::new(name, bytes, 1)), None),
+            None => (None, Some(Hosts::up())),
+        };
+        if let Some(mirror) = &mut mirror {
+            // Where hostB's copy, once promoted, reaches the old primary when it returns.
+            for address in ALINKS[0] {
+                mirror.secondary_options.extra_args.extend([
+                    "--peer".to_owned(),
+                    format!("{address}:{}", crate::mirror::REPLICATION_PORT),
+                ]);
+            }
+            mirror.start_secondary();
+            mirror.start_primary();
+            mirror.wait_in_sync(GUEST_TIMEOUT);
+            config.disks = vec![Disk {
+                socket: mirror.primary_options.socket.clone(),
+                queues: 1,
+            }];
+        }
+        let hosts = match (&mirror, &own_hosts) {
+            (Some(mirror), _) => &mirror.hosts,
+            (None, Some(hosts)) => hosts,
+            (None, None) => unreachable!("one of them is set"),
+        };
         let dir = crate::scratch_dir(name);
         let psk = dir.path().join("pair.psk");
         std::fs::write(&psk, "level 3 test key, 32 bytes long!\n").expect("psk");
-        let nic_a = NicDaemon::start(&hosts, dir.path(), 0, &psk, &[]);
-        let nic_b = NicDaemon::start(&hosts, dir.path(), 1, &psk, &[]);
+        let nic_a = NicDaemon::start(hosts, dir.path(), 0, &psk, &[]);
+        let nic_b = NicDaemon::start(hosts, dir.path(), 1, &psk, &[]);
         let base = format!("/dev/shm/ftvm-l3-{}-{name}", std::process::id());
         let shm = ShmFiles(vec![
             PathBuf::from(format!("{base}-A.ram")),
             PathBuf::from(format!("{base}-B.ram")),
         ]);
         let secondary_control = dir.path().join("checkpoint-B.ctl");
-        let secondary = start_secondary(&hosts, dir.path(), &psk, &shm.0[1], &secondary_control);
+        let secondary = start_secondary(hosts, dir.path(), &psk, &shm.0[1], &secondary_control);
 
         let track = dir.path().join("ram-track.sock");
         config.memory_mb = RAM_MB;
@@ -135,6 +175,9 @@ impl Level3Pair {
                 .arg("--peer")
                 .arg(format!("{address}:{CHECKPOINT_PORT}"));
         }
+        if let Some(mirror) = &mirror {
+            command.arg("--disk").arg(&mirror.primary_options.control);
+        }
         let primary = Process::spawn(
             "ftvm-checkpoint primary",
             command,
@@ -148,7 +191,8 @@ impl Level3Pair {
             nic_a: Some(nic_a),
             nic_b,
             shm,
-            hosts,
+            mirror,
+            own_hosts,
             dir,
             config,
             primary_control,
@@ -157,6 +201,15 @@ impl Level3Pair {
         };
         pair.wait_committed(3);
         pair
+    }
+
+    /// The test hosts.
+    pub fn hosts(&self) -> &Hosts {
+        match (&self.mirror, &self.own_hosts) {
+            (Some(mirror), _) => &mirror.hosts,
+            (None, Some(hosts)) => hosts,
+            (None, None) => unreachable!("one of them is set"),
+        }
     }
 
     pub fn guest(&self) -> &Guest {
@@ -204,7 +257,7 @@ impl Level3Pair {
 
     /// hostA is lost: its links go down and every process in it is SIGKILLed.
     pub fn kill_host_a(&mut self) -> Instant {
-        let namespace = self.hosts.namespace("hostA");
+        let namespace = self.hosts().namespace("hostA");
         for link in ["alink1", "alink2", "lan0", "uplink"] {
             let status = Command::new("ip")
                 .args(["-n", &namespace, "link", "set", link, "down"])
@@ -213,8 +266,11 @@ impl Level3Pair {
             assert!(status.success(), "cannot cut {link} of hostA");
         }
         let at = Instant::now();
-        for pid in self.hosts.pids("hostA") {
+        for pid in self.hosts().pids("hostA") {
             signal(pid, libc::SIGKILL);
+        }
+        if let Some(mirror) = &mut self.mirror {
+            mirror.kill_primary();
         }
         if let Some(guest) = self.guest.take() {
             self.console_a = guest.console();
@@ -230,7 +286,22 @@ impl Level3Pair {
     pub fn restore_on_b(&mut self) -> Value {
         let mut config = self.config.clone();
         config.name = format!("{}-restored", config.name);
-        config.netns = Some(self.hosts.namespace("hostB"));
+        config.netns = Some(self.hosts().namespace("hostB"));
+        if let Some(mirror) = &self.mirror {
+            // As ftvmd would once the witness granted hostB: its copy serves, at the next
+            // generation.
+            let secondary = mirror.secondary();
+            let generation = secondary.status()["replication"]["generation"]
+                .as_u64()
+                .unwrap_or(0)
+                + 1;
+            let reply = secondary.command(&format!("promote {generation}"));
+            assert_eq!(reply["ok"], true, "promote {generation} refused: {reply}");
+            config.disks = vec![Disk {
+                socket: mirror.secondary_options.socket.clone(),
+                queues: 1,
+            }];
+        }
         config.ram_file = Some(self.shm.0[1].clone());
         config.incoming_defer = true;
         let qmp = self.dir.path().join("qmp-B.sock");
