@@ -33,9 +33,10 @@ enum Role {
     /// file (memory-backend-file,mem-path=RAM,share=on) and LD_PRELOAD=libftvm_ram_track.so
     /// with FTVM_RAM_TRACK_SOCKET=--ram-track.
     Primary(PrimaryArgs),
-    /// On the peer: keep the replica of the VM's RAM and its last committed device state;
-    /// `restore QMP_SOCKET` on the control socket brings the VM back in a QEMU started with
-    /// `-incoming defer` on the replica RAM file.
+    /// On the peer: keep the replica of the VM's RAM and its last committed device state.
+    /// After the primary's loss: `freeze` on the control socket (names the checkpoint to
+    /// promote the disks at), then `restore QMP_SOCKET` brings the VM back in a QEMU started
+    /// with `-incoming defer` on the replica RAM file.
     Secondary(SecondaryArgs),
 }
 
@@ -66,7 +67,8 @@ struct PrimaryArgs {
     /// The socket of the RAM tracking library inside QEMU (FTVM_RAM_TRACK_SOCKET).
     #[arg(long)]
     ram_track: PathBuf,
-    /// A disk daemon's control socket (repeat per disk): its writes to guest RAM.
+    /// A disk daemon's control socket (repeat per disk): its writes to guest RAM, and its
+    /// epochs (the secondary buffers each checkpoint's writes until it commits).
     #[arg(long)]
     disk: Vec<PathBuf>,
     /// A NIC daemon's control socket (repeat per NIC): its writes to guest RAM, and output
@@ -106,6 +108,10 @@ struct SecondaryArgs {
     /// The primary host's id: only it may send checkpoints (default: any host with the key).
     #[arg(long)]
     peer_id: Option<String>,
+    /// This host's disk daemon (secondary) of each mirrored disk (repeat per disk): a
+    /// checkpoint commits only once the disk sealed its epoch, then the disk applies it.
+    #[arg(long)]
+    disk: Vec<PathBuf>,
     #[command(flatten)]
     link: Link,
 }
@@ -175,6 +181,7 @@ fn run_secondary(args: SecondaryArgs) -> anyhow::Result<()> {
         psk_file: args.link.psk_file,
         host_id: args.link.host_id,
         peer_id: args.peer_id,
+        disks: args.disk,
     };
     let (replica, shared) = secondary::open(&options)?;
     let quit = Arc::new(AtomicBool::new(false));

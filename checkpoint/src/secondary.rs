@@ -9,7 +9,8 @@
 //! primary gets one `Refused` per epoch.
 //!
 //! [`EpochHooks`] join the epoch with the disk on this host (`docs/LEVEL3.md`, "Commit, and
-//! how the replica waits for the disk"): `before_apply(N)` runs once N is complete and its
+//! how the replica waits for the disk"), for checkpoints only (epochs with a device state;
+//! a full copy taken while the guest ran has no disk epoch): `before_apply(N)` runs once N is complete and its
 //! checksum matches, before the replica changes (wait until the disk daemon sealed N; an
 //! error refuses N and the replica stays at N-1); `committed(N)` runs once N is durable,
 //! before its `Ack` is sent (tell the disk daemon `commit N`).
@@ -244,16 +245,23 @@ impl Secondary {
                 }
                 let staged = self.staged.take()?;
                 let pages = staged.header().pages;
+                // Only a checkpoint (an epoch with a device state) has a disk epoch of
+                // its own; a full copy taken while the guest ran has none.
+                let checkpoint = staged.header().state_len > 0;
                 if let Err(reason) = staged.check_complete(crc32c) {
                     return self.refuse(epoch, reason);
                 }
-                if let Err(text) = self.hooks.before_apply(epoch) {
-                    return self.refuse(epoch, Refusal::NotReady(bounded_text(&text)));
+                if checkpoint {
+                    if let Err(text) = self.hooks.before_apply(epoch) {
+                        return self.refuse(epoch, Refusal::NotReady(bounded_text(&text)));
+                    }
                 }
                 match self.replica.apply(staged, crc32c) {
                     Ok(()) => {
                         debug!("epoch {epoch} committed ({pages} pages)");
-                        self.hooks.committed(epoch);
+                        if checkpoint {
+                            self.hooks.committed(epoch);
+                        }
                         Some(Message::Ack { epoch })
                     }
                     Err(reason) => self.refuse(epoch, reason),

@@ -162,6 +162,19 @@ impl Sender {
         self.in_flight.len()
     }
 
+    /// The number the next epoch will get.
+    pub fn next_epoch(&self) -> u64 {
+        self.last_sent + 1
+    }
+
+    /// Starts over: the next epoch is a full copy, numbered `at_least` or above (a full
+    /// copy may skip numbers, an incremental epoch never does). The engine uses it when an
+    /// epoch number was used on the disks but the epoch never reached the replica.
+    pub fn start_over(&mut self, at_least: u64) {
+        self.shadow_valid = false;
+        self.last_sent = self.last_sent.max(at_least.saturating_sub(1));
+    }
+
     /// The shadow: what the replica holds once every epoch sent commits.
     pub fn shadow(&self) -> &[u8] {
         &self.shadow

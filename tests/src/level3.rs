@@ -130,7 +130,17 @@ impl Level3Pair {
             PathBuf::from(format!("{base}-B.ram")),
         ]);
         let secondary_control = dir.path().join("checkpoint-B.ctl");
-        let secondary = start_secondary(hosts, dir.path(), &psk, &shm.0[1], &secondary_control);
+        let secondary_disk = mirror
+            .as_ref()
+            .map(|mirror| mirror.secondary_options.control.clone());
+        let secondary = start_secondary(
+            hosts,
+            dir.path(),
+            &psk,
+            &shm.0[1],
+            &secondary_control,
+            secondary_disk.as_deref(),
+        );
 
         let track = dir.path().join("ram-track.sock");
         config.memory_mb = RAM_MB;
@@ -287,16 +297,29 @@ impl Level3Pair {
         let mut config = self.config.clone();
         config.name = format!("{}-restored", config.name);
         config.netns = Some(self.hosts().namespace("hostB"));
+        // No epoch changes the replica from here on; the disks are promoted at its epoch.
+        let frozen = status_json_command(&self.secondary_control, "freeze");
+        assert_eq!(frozen["restorable"], true, "nothing to restore: {frozen}");
+        let epoch = frozen["epoch"].as_u64().expect("the frozen epoch");
         if let Some(mirror) = &self.mirror {
             // As ftvmd would once the witness granted hostB: its copy serves, at the next
-            // generation.
+            // generation, with exactly the writes of the checkpoints up to the replica's.
             let secondary = mirror.secondary();
+            let disk = secondary.status();
+            let sealed = disk["replication"]["epochs"]["sealed_epoch"].as_u64();
+            assert!(
+                sealed.is_some_and(|sealed| sealed >= epoch),
+                "hostB's disk has not sealed checkpoint {epoch} (its writes are buffered per checkpoint): {disk}"
+            );
             let generation = secondary.status()["replication"]["generation"]
                 .as_u64()
                 .unwrap_or(0)
                 + 1;
-            let reply = secondary.command(&format!("promote {generation}"));
-            assert_eq!(reply["ok"], true, "promote {generation} refused: {reply}");
+            let reply = secondary.command(&format!("promote {generation} {epoch}"));
+            assert_eq!(
+                reply["ok"], true,
+                "promote {generation} {epoch} refused: {reply}"
+            );
             config.disks = vec![Disk {
                 socket: mirror.secondary_options.socket.clone(),
                 queues: 1,
@@ -341,6 +364,7 @@ fn start_secondary(
     psk: &Path,
     replica: &Path,
     control: &Path,
+    disk: Option<&Path>,
 ) -> Process {
     let mut command = hosts.command(HOSTS[1], paths::binary("ftvm-checkpoint"));
     command
@@ -363,6 +387,9 @@ fn start_secondary(
         .arg(psk)
         .arg("--control")
         .arg(control);
+    if let Some(disk) = disk {
+        command.arg("--disk").arg(disk);
+    }
     for address in ALINKS[1] {
         command
             .arg("--listen")

@@ -115,7 +115,11 @@ fn no_page_is_stale_after_the_failover_with_disk_reads_and_network_receive() {
         .wait_for_line(GUEST_TIMEOUT, |line| pass_of(line) == Some(2));
     let client = pair.hosts().namespace("client");
     let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
-    rounds.wait_for(30, Duration::from_secs(120), "through output commit on hostA");
+    rounds.wait_for(
+        30,
+        Duration::from_secs(120),
+        "through output commit on hostA",
+    );
     pair.wait_committed(20);
     eprintln!("primary before the kill: {}", pair.primary_status());
 

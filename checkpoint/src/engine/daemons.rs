@@ -5,7 +5,7 @@
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
-use control_protocol::disk::DirtyPages;
+use control_protocol::disk::{DirtyPages, Done, EpochOrder};
 use control_protocol::nic::{self, OutputCommitted};
 use control_protocol::{disk, Reply};
 use serde::de::DeserializeOwned;
@@ -130,6 +130,36 @@ impl Daemons {
         Ok(())
     }
 
+    fn each_disk(&self, order: EpochOrder) -> Result<(), DaemonError> {
+        for socket in &self.disks {
+            let _: Done = ask(socket, &disk::Command::Epoch(order))?;
+        }
+        Ok(())
+    }
+
+    /// The disks' writes from now on belong to `epoch` (the secondaries buffer them until
+    /// their checkpoint commits).
+    pub fn disk_epoch_on(&self, epoch: u64) -> Result<(), DaemonError> {
+        self.each_disk(EpochOrder::On(epoch))
+    }
+
+    /// Ends the disks' epoch `epoch` (call while the guest is stopped).
+    pub fn disk_epoch_end(&self, epoch: u64) -> Result<(), DaemonError> {
+        self.each_disk(EpochOrder::End(epoch))
+    }
+
+    /// The disks' secondaries apply everything buffered and apply on arrival again. Tries
+    /// every disk.
+    pub fn disk_epoch_off(&self) -> Result<(), DaemonError> {
+        let mut first_error = None;
+        for socket in &self.disks {
+            if let Err(error) = ask::<Done>(socket, &disk::Command::Epoch(EpochOrder::Off)) {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     fn each_nic(&self, command: nic::Command) -> Result<(), DaemonError> {
         for socket in &self.nics {
             let _: OutputCommitted = ask(socket, &command)?;
@@ -161,5 +191,47 @@ impl Daemons {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The secondary host's disk daemons, as the secondary engine joins each checkpoint with
+/// them (`docs/LEVEL3.md`, "Commit, and how the replica waits for the disk").
+#[derive(Debug, Clone, Default)]
+pub struct SecondaryDisks {
+    pub disks: Vec<PathBuf>,
+}
+
+impl SecondaryDisks {
+    /// Waits until every disk sealed `epoch` (asking again for up to `attempts` times the
+    /// daemon's longest wait).
+    pub fn wait_sealed(&self, epoch: u64, attempts: u32) -> Result<(), DaemonError> {
+        for socket in &self.disks {
+            let mut last = None;
+            for _ in 0..attempts.max(1) {
+                let order = EpochOrder::WaitSealed {
+                    epoch,
+                    timeout_ms: EpochOrder::MAX_WAIT_MS,
+                };
+                match ask::<Done>(socket, &disk::Command::Epoch(order)) {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(error) => last = Some(error),
+                }
+            }
+            if let Some(error) = last {
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every disk that `epoch` committed (each applies its epochs up to it).
+    pub fn commit(&self, epoch: u64) -> Result<(), DaemonError> {
+        for socket in &self.disks {
+            let _: Done = ask(socket, &disk::Command::Epoch(EpochOrder::Commit(epoch)))?;
+        }
+        Ok(())
     }
 }

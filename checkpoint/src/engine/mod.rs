@@ -5,9 +5,11 @@
 //!
 //! - primary: `status`, `release` (end Level 3: held output goes out, tracking stops, the
 //!   engine exits; the VM runs on at Level 2);
-//! - secondary: `status`, `restore QMP_SOCKET` (stop taking epochs and restore the last
-//!   committed checkpoint into the QEMU behind QMP_SOCKET, started with `-incoming defer`
-//!   on the replica RAM file; the engine exits once the guest runs).
+//! - secondary: `status`; `freeze` (stop taking epochs for good: the primary is lost; the
+//!   answer names the last committed checkpoint, the epoch to promote the disks at with
+//!   `promote GEN N*`); `restore QMP_SOCKET` (freeze, then restore that checkpoint into the
+//!   QEMU behind QMP_SOCKET, started with `-incoming defer` on the replica RAM file; the
+//!   engine exits once the guest runs).
 
 pub mod daemons;
 pub mod primary;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use self::primary::PrimaryShared;
-use self::secondary::SecondaryShared;
+use self::secondary::{Request, SecondaryShared};
 
 /// The primary's answer to one control line.
 pub fn answer_primary(shared: &PrimaryShared, line: &str) -> String {
@@ -43,14 +45,18 @@ pub fn answer_secondary(shared: &Arc<SecondaryShared>, line: &str) -> String {
     match line.split_whitespace().collect::<Vec<_>>().as_slice() {
         ["status"] => serde_json::to_string(&shared.status())
             .unwrap_or_else(|error| refusal(&error.to_string())),
-        ["restore", qmp] => match shared.restore(PathBuf::from(qmp)) {
+        ["freeze"] => match shared.ask(Request::Freeze) {
+            Ok(answer) => answer.to_string(),
+            Err(error) => refusal(&error),
+        },
+        ["restore", qmp] => match shared.ask(Request::Restore(PathBuf::from(qmp))) {
             Ok(answer) => answer.to_string(),
             Err(error) => refusal(&error),
         },
         ["restore"] => refusal("restore: which QEMU? restore QMP_SOCKET"),
-        [] => refusal("empty command; try: status, restore QMP_SOCKET"),
+        [] => refusal("empty command; try: status, freeze, restore QMP_SOCKET"),
         _ => refusal(&format!(
-            "unknown command {line:?}; try: status, restore QMP_SOCKET"
+            "unknown command {line:?}; try: status, freeze, restore QMP_SOCKET"
         )),
     }
 }

@@ -224,6 +224,10 @@ fn run_epochs(
     let mut in_flight: VecDeque<(u64, u64)> = VecDeque::new();
     let mut full_copy_buffer = Vec::new();
     let mut last_stop = Instant::now();
+    // The disks' current epoch while their secondaries buffer (the number of the next
+    // checkpoint), and the highest epoch number ever given to them.
+    let mut disk_epoch: Option<u64> = None;
+    let mut disk_used: u64 = 0;
 
     while !shared.release.load(Ordering::Relaxed) {
         // (Re)join the secondary.
@@ -245,6 +249,25 @@ fn run_epochs(
             }
         }
         if sender.needs_full_copy() {
+            if !daemons.disks.is_empty() {
+                // The disks' epochs start again with the first checkpoint after this copy
+                // (writes before it are part of that checkpoint; the secondaries apply
+                // what they still buffer). Their numbers never repeat.
+                if disk_epoch.take().is_some() {
+                    if let Err(error) = daemons.disk_epoch_off() {
+                        warn!("cannot end the disks' epochs: {error}");
+                    }
+                }
+                sender.start_over(disk_used + 1);
+                let first_checkpoint = sender.next_epoch() + 1;
+                if let Err(error) = daemons.disk_epoch_on(first_checkpoint) {
+                    shared.set_state("waiting-for-disk", Some(error.to_string()));
+                    std::thread::sleep(RETRY_INTERVAL);
+                    continue;
+                }
+                disk_epoch = Some(first_checkpoint);
+                disk_used = disk_used.max(first_checkpoint);
+            }
             shared.set_state("full-copy", None);
             let started = Instant::now();
             ram.copy_all(&mut full_copy_buffer);
@@ -284,23 +307,40 @@ fn run_epochs(
                 std::thread::sleep(wait);
             }
             last_stop = Instant::now();
-            let epoch = sender
-                .acked_epoch()
-                .max(in_flight.back().map_or(0, |e| e.0))
-                + 1;
+            let epoch = sender.next_epoch();
+            if disk_epoch.is_some_and(|disk| disk != epoch) {
+                // Cannot happen: both count the checkpoints. If it did, the disks would
+                // apply other writes than the checkpoint's: start over.
+                warn!("the disks are at epoch {disk_epoch:?}, the checkpoint at {epoch}: starting over");
+                disk_epoch = None;
+                if let Err(error) = daemons.disk_epoch_off() {
+                    warn!("cannot end the disks' epochs: {error}");
+                }
+                sender.start_over(disk_used + 1);
+                break;
+            }
             let mut harvested = std::mem::take(&mut carried);
             let ended = *nic_epoch;
             let mut nic_epoch_ended = false;
+            let mut disk_epoch_ended = false;
             let captured = epoch::capture_device_state(qmp, || -> Result<Staged, HookError> {
                 tracker.scan_into(ScanMode::Rearm, &mut harvested)?;
                 daemons.harvest_into(&mut harvested)?;
                 let staged = stage(ram, &harvested, ended);
                 daemons.epoch_end(ended)?;
                 nic_epoch_ended = true;
+                if disk_epoch.is_some() {
+                    daemons.disk_epoch_end(epoch)?;
+                    disk_epoch_ended = true;
+                }
                 Ok(staged)
             });
             if nic_epoch_ended {
                 *nic_epoch = ended + 1;
+            }
+            if disk_epoch_ended {
+                disk_epoch = Some(epoch + 1);
+                disk_used = disk_used.max(epoch + 1);
             }
             // STOP and RESUME events are of no use here; keep the queue from overflowing.
             drop(qmp.take_events());
@@ -314,6 +354,17 @@ fn run_epochs(
                     shared.update(|status| status.failed_epochs += 1);
                     warn!("epoch {epoch} failed: {error}");
                     shared.set_state("protected", Some(format!("epoch {epoch} failed: {error}")));
+                    if disk_epoch_ended {
+                        // The disks ended an epoch no checkpoint will carry: their next
+                        // epochs would be off by one from the checkpoints. Start over with
+                        // a full copy (its number skips the one used).
+                        disk_epoch = None;
+                        if let Err(error) = daemons.disk_epoch_off() {
+                            warn!("cannot end the disks' epochs: {error}");
+                        }
+                        sender.start_over(disk_used + 1);
+                        break;
+                    }
                     continue;
                 }
             };
@@ -345,6 +396,11 @@ fn run_epochs(
                     break;
                 }
             }
+        }
+    }
+    if disk_epoch.is_some() {
+        if let Err(error) = daemons.disk_epoch_off() {
+            warn!("cannot end the disks' epochs: {error}");
         }
     }
     if let Err(error) = tracker.stop() {

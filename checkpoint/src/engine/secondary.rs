@@ -4,8 +4,9 @@
 //! QEMU with `-incoming defer` on the replica RAM file).
 //!
 //! One thread serves the sessions (one at a time: a new session of the same primary
-//! replaces the old one); the control socket's thread asks it to stop and hands it the
-//! restore, so the replica is never changed while it is restored from.
+//! replaces the old one); the control socket's thread hands it `freeze` and `restore`.
+//! Either freezes the replica for good first (no epoch is taken after it), so the epoch
+//! `freeze` names is the one the disks are promoted at and the one restored.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use log::{info, warn};
 use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk};
 use serde::Serialize;
 
+use super::daemons::SecondaryDisks;
 use crate::epoch;
 use crate::qmp::Qmp;
 use crate::replica::{Replica, ReplicaConfig};
@@ -43,6 +45,9 @@ pub struct SecondaryOptions {
     /// The primary host's id: the only client the listener admits (`None`: any that
     /// authenticates with the pair key).
     pub peer_id: Option<String>,
+    /// This host's disk daemons (secondaries): a checkpoint commits only once each sealed
+    /// its epoch, and each applies the epoch's writes when it commits.
+    pub disks: Vec<PathBuf>,
 }
 
 /// What `status` shows of the secondary.
@@ -62,12 +67,17 @@ pub struct SecondaryStatus {
     pub problem: Option<String>,
 }
 
-/// A restore, asked for on the control socket.
+/// What the control socket asks of the serving thread.
 #[derive(Debug)]
-pub struct RestoreRequest {
-    pub qmp: PathBuf,
-    pub reply: mpsc::Sender<Result<serde_json::Value, String>>,
+pub enum Request {
+    /// Stop taking epochs for good (the primary is lost): the replica stays at its last
+    /// committed checkpoint, which the answer names (the epoch to promote the disks at).
+    Freeze,
+    /// Freeze, then restore into the QEMU behind this QMP socket.
+    Restore(PathBuf),
 }
+
+type Reply = mpsc::Sender<Result<serde_json::Value, String>>;
 
 /// Shared with the control socket.
 #[derive(Debug)]
@@ -76,7 +86,7 @@ pub struct SecondaryShared {
     last_epoch_at: Mutex<Option<Instant>>,
     /// Set to make the serving loop return to the main loop (a restore is waiting).
     stop_serving: AtomicBool,
-    restores: Mutex<Option<mpsc::Sender<RestoreRequest>>>,
+    requests: Mutex<Option<mpsc::Sender<(Request, Reply)>>>,
 }
 
 impl SecondaryShared {
@@ -87,19 +97,19 @@ impl SecondaryShared {
         status
     }
 
-    /// Hands a restore to the serving thread and waits for its outcome.
-    pub fn restore(&self, qmp: PathBuf) -> Result<serde_json::Value, String> {
+    /// Hands `request` to the serving thread and waits for its outcome.
+    pub fn ask(&self, request: Request) -> Result<serde_json::Value, String> {
         let (reply, answer) = mpsc::channel();
-        let sent = daemon_util::lock(&self.restores)
+        let sent = daemon_util::lock(&self.requests)
             .as_ref()
-            .map(|restores| restores.send(RestoreRequest { qmp, reply }));
+            .map(|requests| requests.send((request, reply)));
         if !matches!(sent, Some(Ok(()))) {
             return Err("the engine is not serving a replica".into());
         }
         self.stop_serving.store(true, Ordering::Relaxed);
         answer
             .recv()
-            .unwrap_or_else(|_| Err("the engine ended before the restore".into()))
+            .unwrap_or_else(|_| Err("the engine ended before it answered".into()))
     }
 
     fn update(&self, change: impl FnOnce(&mut SecondaryStatus)) {
@@ -107,17 +117,29 @@ impl SecondaryShared {
     }
 }
 
-/// Keeps the shared status current on each commit.
-struct StatusHooks {
+/// How many times a checkpoint asks each disk daemon whether its epoch is sealed (each
+/// waits up to the daemon's longest wait, 1 s) before the checkpoint is refused.
+const SEAL_ATTEMPTS: u32 = 3;
+
+/// Joins each checkpoint with this host's disks and keeps the shared status current.
+struct Hooks {
     shared: Arc<SecondaryShared>,
+    disks: SecondaryDisks,
 }
 
-impl EpochHooks for StatusHooks {
-    fn before_apply(&mut self, _epoch: u64) -> Result<(), String> {
-        Ok(())
+impl EpochHooks for Hooks {
+    fn before_apply(&mut self, epoch: u64) -> Result<(), String> {
+        self.disks
+            .wait_sealed(epoch, SEAL_ATTEMPTS)
+            .map_err(|error| format!("the disks have not sealed epoch {epoch}: {error}"))
     }
 
     fn committed(&mut self, epoch: u64) {
+        if let Err(error) = self.disks.commit(epoch) {
+            // The epoch stays sealed in the disk's journal: applied at the next commit or
+            // at promotion (`promote GEN N*`).
+            warn!("checkpoint {epoch} committed, but a disk did not take the commit: {error}");
+        }
         *daemon_util::lock(&self.shared.last_epoch_at) = Some(Instant::now());
         self.shared.update(|status| {
             status.committed_epoch = epoch;
@@ -152,7 +174,7 @@ pub fn open(options: &SecondaryOptions) -> anyhow::Result<(Replica, Arc<Secondar
         }),
         last_epoch_at: Mutex::new(None),
         stop_serving: AtomicBool::new(false),
-        restores: Mutex::new(None),
+        requests: Mutex::new(None),
     });
     Ok((replica, shared))
 }
@@ -172,33 +194,48 @@ pub fn run(
     config.allowed_clients = options.peer_id.clone().map(|peer| vec![peer]);
     let listener = LinkListener::bind(options.listen.clone(), config)
         .context("cannot listen for the primary's checkpoint stream")?;
-    let (restores, requests) = mpsc::channel();
-    *daemon_util::lock(&shared.restores) = Some(restores);
+    let (sender, requests) = mpsc::channel();
+    *daemon_util::lock(&shared.requests) = Some(sender);
     let mut secondary = Secondary::with_hooks(
         replica,
-        Box::new(StatusHooks {
+        Box::new(Hooks {
             shared: Arc::clone(shared),
+            disks: SecondaryDisks {
+                disks: options.disks.clone(),
+            },
         }),
     );
     let mut session = None;
+    let mut frozen = false;
     loop {
         if quit.load(Ordering::Relaxed) {
             listener.close();
             return Ok(false);
         }
-        if let Ok(request) = requests.try_recv() {
-            listener.close();
-            drop(session.take());
-            let outcome = restore(&mut secondary, shared, &request.qmp);
-            let restored = outcome.is_ok();
-            let _ = request.reply.send(outcome);
+        if let Ok((request, reply)) = requests.try_recv() {
+            if !frozen {
+                // No epoch may change the replica from here on.
+                listener.close();
+                drop(session.take());
+                frozen = true;
+                shared.update(|status| status.state = "frozen".into());
+            }
+            let outcome = match request {
+                Request::Freeze => Ok(frozen_answer(secondary.replica())),
+                Request::Restore(qmp) => restore(&mut secondary, shared, &qmp),
+            };
+            let restored = outcome
+                .as_ref()
+                .is_ok_and(|answer| answer["restored"] == true);
+            let _ = reply.send(outcome);
             if restored {
                 return Ok(true);
             }
-            // A failed restore leaves the replica as it was; serve again (a new listener:
-            // the old one was closed so that no epoch could change the replica meanwhile).
-            shared.stop_serving.store(false, Ordering::Relaxed);
-            return run(options, secondary.into_replica(), shared, quit);
+            continue;
+        }
+        if frozen {
+            std::thread::sleep(POLL);
+            continue;
         }
         match listener.next_event(POLL) {
             Some(ListenerEvent::NewSession(new))
@@ -269,6 +306,7 @@ fn restore(
             shared.update(|status| status.state = "restored".into());
             Ok(serde_json::json!({
                 "ok": true,
+                "restored": true,
                 "epoch": committed.epoch,
                 "generation": committed.generation,
                 "incoming_ms": timings.incoming.as_secs_f64() * 1000.0,
@@ -278,10 +316,21 @@ fn restore(
         }
         Err(error) => {
             shared.update(|status| {
-                status.state = "waiting".into();
+                status.state = "frozen".into();
                 status.problem = Some(error.clone());
             });
             Err(error)
         }
     }
+}
+
+/// The answer to `freeze`: the checkpoint the replica holds.
+fn frozen_answer(replica: &Replica) -> serde_json::Value {
+    let committed = replica.committed();
+    serde_json::json!({
+        "ok": true,
+        "epoch": committed.epoch,
+        "generation": committed.generation,
+        "restorable": replica.restorable(),
+    })
 }

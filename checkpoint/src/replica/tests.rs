@@ -720,6 +720,24 @@ fn hooks_gate_the_apply_and_hear_the_commit() {
 }
 
 #[test]
+fn a_full_copy_without_a_device_state_has_no_disk_epoch_to_wait_for() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hooks = RecordingHooks {
+        calls: std::sync::Arc::clone(&calls),
+        not_sealed: vec![1],
+    };
+    let mut secondary = Secondary::with_hooks(open(directory.path()), Box::new(hooks));
+    let mut primary = Primary::new();
+    feed(&mut secondary, &[hello(GENERATION, STREAM)]);
+    primary.write(1, &page(1));
+    let full = primary.epoch(1, true, &[], b"");
+    assert_eq!(feed(&mut secondary, &full), vec![Message::Ack { epoch: 1 }]);
+    assert!(!secondary.replica().restorable());
+    assert!(calls.lock().expect("lock").is_empty());
+}
+
+#[test]
 fn a_missing_ram_file_makes_the_record_not_restorable() {
     let directory = tempfile::tempdir().expect("tempdir");
     let mut primary = Primary::new();
