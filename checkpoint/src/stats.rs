@@ -24,7 +24,7 @@ pub struct EpochSample {
     pub device_state_bytes: u64,
 }
 
-/// The figures of the last [`WINDOW`] epochs and the totals since the start.
+/// The figures of the last 1024 epochs and the totals since the start.
 #[derive(Debug)]
 pub struct Stats {
     started: Instant,
