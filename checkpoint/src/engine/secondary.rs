@@ -87,6 +87,9 @@ pub struct SecondaryShared {
     /// Set to make the serving loop return to the main loop (a restore is waiting).
     stop_serving: AtomicBool,
     requests: Mutex<Option<mpsc::Sender<(Request, Reply)>>>,
+    /// The serving thread's end of `requests`, taken by [`run`]: a request made before it
+    /// started (the control socket answers from the start) waits for it.
+    incoming: Mutex<Option<mpsc::Receiver<(Request, Reply)>>>,
 }
 
 impl SecondaryShared {
@@ -160,6 +163,7 @@ pub fn open(options: &SecondaryOptions) -> anyhow::Result<(Replica, Arc<Secondar
     })
     .with_context(|| format!("cannot open the replica of {}", options.vm))?;
     let committed = replica.committed();
+    let (requests, incoming) = mpsc::channel();
     let shared = Arc::new(SecondaryShared {
         status: Mutex::new(SecondaryStatus {
             role: "secondary",
@@ -174,7 +178,8 @@ pub fn open(options: &SecondaryOptions) -> anyhow::Result<(Replica, Arc<Secondar
         }),
         last_epoch_at: Mutex::new(None),
         stop_serving: AtomicBool::new(false),
-        requests: Mutex::new(None),
+        requests: Mutex::new(Some(requests)),
+        incoming: Mutex::new(Some(incoming)),
     });
     Ok((replica, shared))
 }
@@ -187,6 +192,10 @@ pub fn run(
     shared: &Arc<SecondaryShared>,
     quit: &AtomicBool,
 ) -> anyhow::Result<bool> {
+    // Taken first: if starting fails, the requests waiting are answered with an error.
+    let requests = daemon_util::lock(&shared.incoming)
+        .take()
+        .context("the secondary engine serves its replica once")?;
     let psk = Psk::from_file(&options.psk_file)
         .with_context(|| format!("cannot read the pair key {}", options.psk_file.display()))?;
     let mut config = LinkConfig::new(psk, options.host_id.clone());
@@ -194,8 +203,6 @@ pub fn run(
     config.allowed_clients = options.peer_id.clone().map(|peer| vec![peer]);
     let listener = LinkListener::bind(options.listen.clone(), config)
         .context("cannot listen for the primary's checkpoint stream")?;
-    let (sender, requests) = mpsc::channel();
-    *daemon_util::lock(&shared.requests) = Some(sender);
     let mut secondary = Secondary::with_hooks(
         replica,
         Box::new(Hooks {
