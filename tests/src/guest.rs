@@ -181,6 +181,42 @@ impl Guest {
         }
     }
 
+    /// Waits until a console line satisfies `matches`, for as long as the guest keeps
+    /// printing: fails only after `idle` without a new line (a guest that works slowly on a
+    /// loaded machine is not a hung one).
+    pub fn wait_for_line_while_progressing(
+        &self,
+        idle: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
+        let (lock, condvar) = &*self.console;
+        let mut lines = lock.lock().expect("console lock");
+        let mut seen = 0;
+        let mut deadline = Instant::now() + idle;
+        loop {
+            if let Some(line) = lines[seen..].iter().find(|line| matches(line)) {
+                return line.clone();
+            }
+            if lines.len() > seen {
+                deadline = Instant::now() + idle;
+            }
+            seen = lines.len();
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "guest {}: no console line for {idle:?} while waiting for one\n{}",
+                    self.name,
+                    self.console().join("\n")
+                );
+            }
+            lines = condvar
+                .wait_timeout(lines, deadline - now)
+                .expect("console lock")
+                .0;
+        }
+    }
+
     /// Waits until the guest's test script ended and returns its exit code.
     pub fn wait_test_exit(&self, timeout: Duration) -> i32 {
         let line = self.wait_for_line(timeout, |line| line.starts_with("FTVM-EXIT "));

@@ -77,6 +77,9 @@ impl RunRecord {
     pub fn ok(&self) -> bool {
         self.error.is_none()
             && self.lost_blocks == 0
+            // A guest that finished must have finished well (one that was killed with its
+            // host has no exit code).
+            && self.guest_exit.is_none_or(|code| code == 0)
             && self.split_brain_samples == 0
             && self.guest_errors() == 0
             && self.images_identical == Some(true)

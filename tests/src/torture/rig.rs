@@ -187,7 +187,7 @@ impl Rig {
     /// Waits until the guest acknowledged `count` writes (or finished its plan first).
     pub fn wait_acknowledged(&self, count: u64) {
         let guest = self.guest();
-        guest.wait_for_line(GUEST_TIMEOUT, |line| {
+        guest.wait_for_line_while_progressing(GUEST_TIMEOUT, |line| {
             line.starts_with("DONE ")
                 || workload::parse_ack(line).is_some_and(|(seq, _)| seq >= count)
         });
@@ -398,7 +398,14 @@ impl Rig {
     /// host). Returns its exit code.
     pub fn finish_guest(&mut self) -> Option<i32> {
         let guest = self.guest.as_mut()?;
-        let code = guest.wait_test_exit(GUEST_TIMEOUT);
+        // As long as the guest keeps writing: on a loaded machine a plan can take minutes.
+        let exit = guest
+            .wait_for_line_while_progressing(GUEST_TIMEOUT, |line| line.starts_with("FTVM-EXIT "));
+        let code = exit
+            .trim_start_matches("FTVM-EXIT ")
+            .trim()
+            .parse()
+            .unwrap_or(-1);
         guest.wait_poweroff(GUEST_TIMEOUT);
         self.kept_console = guest.console();
         self.note(&format!("guest finished (exit {code})"));

@@ -144,7 +144,7 @@ fn fio_script() -> String {
 while read seq block; do\n\
   if fio --name=chunk$seq --filename=/dev/vda --offset=$((block * 4096)) --randseed=$seq \
 {FIO_CHUNK_OPTIONS} --ioengine=libaio --direct=1 --iodepth=8 --do_verify=1 --verify_fatal=1 \
---end_fsync=1 --verify_state_save=0 --output=/tmp/fio.out; then\n\
+--end_fsync=1 --verify_state_save=0 --eta=never --output=/tmp/fio.out; then\n\
     echo \"ACK $seq $block\"\n\
   else\n\
     echo \"WRITE-FAILED $seq $block\"; grep -i -e err -e verify /tmp/fio.out | head -n 5 | sed 's/^/fio: /'\n\
