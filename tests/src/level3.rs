@@ -86,13 +86,32 @@ pub struct Level3Pair {
     pub secondary_control: PathBuf,
     /// The console of hostA's guest as it was when hostA was killed.
     pub console_a: Vec<String>,
+    interval_ms: u64,
+    psk: PathBuf,
+    track: PathBuf,
+    /// The epoch the replica was frozen at (and hostB's disk promoted at), once it was.
+    frozen_epoch: Option<u64>,
 }
 
 impl Level3Pair {
     /// Brings up the hosts, the NIC daemons, the secondary engine and the guest (with
     /// `config`'s script and files; NIC, RAM file, preload and QMP are set here); waits for
     /// `NET-UP` and then starts the primary engine and waits for its first commits.
-    pub fn start(name: &str, mut config: GuestConfig, options: Level3Options) -> Level3Pair {
+    pub fn start(name: &str, config: GuestConfig, options: Level3Options) -> Level3Pair {
+        let mut pair = Level3Pair::start_unprotected(name, config, options);
+        pair.start_primary_engine();
+        pair.wait_committed(3);
+        pair
+    }
+
+    /// As [`Level3Pair::start`] up to `NET-UP`, without the primary engine: the guest runs
+    /// unprotected, the secondary engine waits for a primary
+    /// ([`Level3Pair::start_primary_engine`] starts it).
+    pub fn start_unprotected(
+        name: &str,
+        mut config: GuestConfig,
+        options: Level3Options,
+    ) -> Level3Pair {
         let interval_ms = options.interval_ms;
         let (mut mirror, own_hosts) = match options.disk_bytes {
             Some(bytes) => (Some(MirrorPair::new(name, bytes, 1)), None),
@@ -163,40 +182,10 @@ impl Level3Pair {
         guest.wait_for_line(GUEST_TIMEOUT, |line| line.starts_with("NET-UP"));
 
         let primary_control = dir.path().join("checkpoint-A.ctl");
-        let mut command = hosts.command("hostA", paths::binary("ftvm-checkpoint"));
-        command
-            .args(["primary", "--vm", VM, "--host-id", "hostA"])
-            .arg("--qmp")
-            .arg(config.qmp.as_ref().expect("qmp"))
-            .arg("--ram")
-            .arg(&shm.0[0])
-            .arg("--ram-track")
-            .arg(&track)
-            .arg("--nic")
-            .arg(&nic_a.control)
-            .arg("--psk-file")
-            .arg(&psk)
-            .arg("--control")
-            .arg(&primary_control)
-            .arg("--interval-ms")
-            .arg(interval_ms.to_string());
-        for address in ALINKS[1] {
-            command
-                .arg("--peer")
-                .arg(format!("{address}:{CHECKPOINT_PORT}"));
-        }
-        if let Some(mirror) = &mirror {
-            command.arg("--disk").arg(&mirror.primary_options.control);
-        }
-        let primary = Process::spawn(
-            "ftvm-checkpoint primary",
-            command,
-            &dir.path().join("checkpoint-A.log"),
-        );
-        let pair = Level3Pair {
+        Level3Pair {
             guest: Some(guest),
             restored: None,
-            primary: Some(primary),
+            primary: None,
             _secondary: secondary,
             nic_a: Some(nic_a),
             nic_b,
@@ -208,9 +197,73 @@ impl Level3Pair {
             primary_control,
             secondary_control,
             console_a: Vec::new(),
-        };
-        pair.wait_committed(3);
-        pair
+            interval_ms,
+            psk,
+            track,
+            frozen_epoch: None,
+        }
+    }
+
+    /// Starts the primary engine on hostA (it registers QEMU's RAM tracking, holds the
+    /// NIC's output, makes the full copy, then takes a checkpoint every `interval_ms`);
+    /// does not wait for it.
+    pub fn start_primary_engine(&mut self) {
+        let mut command = self
+            .hosts()
+            .command("hostA", paths::binary("ftvm-checkpoint"));
+        let nic_a = self.nic_a.as_ref().expect("hostA's NIC daemon");
+        command
+            .args(["primary", "--vm", VM, "--host-id", "hostA"])
+            .arg("--qmp")
+            .arg(self.config.qmp.as_ref().expect("qmp"))
+            .arg("--ram")
+            .arg(&self.shm.0[0])
+            .arg("--ram-track")
+            .arg(&self.track)
+            .arg("--nic")
+            .arg(&nic_a.control)
+            .arg("--psk-file")
+            .arg(&self.psk)
+            .arg("--control")
+            .arg(&self.primary_control)
+            .arg("--interval-ms")
+            .arg(self.interval_ms.to_string());
+        for address in ALINKS[1] {
+            command
+                .arg("--peer")
+                .arg(format!("{address}:{CHECKPOINT_PORT}"));
+        }
+        if let Some(mirror) = &self.mirror {
+            command.arg("--disk").arg(&mirror.primary_options.control);
+        }
+        self.primary = Some(Process::spawn(
+            "ftvm-checkpoint primary",
+            command,
+            &self.dir.path().join("checkpoint-A.log"),
+        ));
+    }
+
+    /// SIGKILLs the primary engine alone (hostA and its guest run on, unprotected).
+    pub fn kill_primary_engine(&mut self) {
+        if let Some(mut primary) = self.primary.take() {
+            primary.kill();
+        }
+    }
+
+    /// The secondary engine's PID (to stop and continue it: a hung daemon).
+    pub fn secondary_pid(&self) -> u32 {
+        self._secondary.pid()
+    }
+
+    /// The replica RAM file on hostB (the guest's memory as of the last committed
+    /// checkpoint, once frozen).
+    pub fn replica_ram(&self) -> &Path {
+        &self.shm.0[1]
+    }
+
+    /// hostA's guest RAM file (after the loss of hostA: the guest's memory when it died).
+    pub fn primary_ram(&self) -> &Path {
+        &self.shm.0[0]
     }
 
     /// The test hosts.
@@ -294,32 +347,11 @@ impl Level3Pair {
     /// `-incoming defer` on the replica RAM file and hostB's NIC daemon, `restore`,
     /// `announce`. Returns the secondary's answer to `restore`.
     pub fn restore_on_b(&mut self) -> Value {
+        self.freeze_and_promote_on_b();
         let mut config = self.config.clone();
         config.name = format!("{}-restored", config.name);
         config.netns = Some(self.hosts().namespace("hostB"));
-        // No epoch changes the replica from here on; the disks are promoted at its epoch.
-        let frozen = status_json_command(&self.secondary_control, "freeze");
-        assert_eq!(frozen["restorable"], true, "nothing to restore: {frozen}");
-        let epoch = frozen["epoch"].as_u64().expect("the frozen epoch");
         if let Some(mirror) = &self.mirror {
-            // As ftvmd would once the witness granted hostB: its copy serves, at the next
-            // generation, with exactly the writes of the checkpoints up to the replica's.
-            let secondary = mirror.secondary();
-            let disk = secondary.status();
-            let sealed = disk["replication"]["epochs"]["sealed_epoch"].as_u64();
-            assert!(
-                sealed.is_some_and(|sealed| sealed >= epoch),
-                "hostB's disk has not sealed checkpoint {epoch} (its writes are buffered per checkpoint): {disk}"
-            );
-            let generation = secondary.status()["replication"]["generation"]
-                .as_u64()
-                .unwrap_or(0)
-                + 1;
-            let reply = secondary.command(&format!("promote {generation} {epoch}"));
-            assert_eq!(
-                reply["ok"], true,
-                "promote {generation} {epoch} refused: {reply}"
-            );
             config.disks = vec![Disk {
                 socket: mirror.secondary_options.socket.clone(),
                 queues: 1,
@@ -356,9 +388,46 @@ impl Level3Pair {
         self.restored = Some(restored);
         reply
     }
+
+    /// The first half of [`Level3Pair::restore_on_b`] (done once): `freeze` the replica and
+    /// promote hostB's disk at its epoch, which is returned. Between the two halves the
+    /// replica RAM file and hostB's image are the checkpoint that will be restored.
+    pub fn freeze_and_promote_on_b(&mut self) -> u64 {
+        if let Some(epoch) = self.frozen_epoch {
+            return epoch;
+        }
+        // No epoch changes the replica from here on; the disks are promoted at its epoch.
+        let frozen = status_json_command(&self.secondary_control, "freeze");
+        assert_eq!(frozen["restorable"], true, "nothing to restore: {frozen}");
+        let epoch = frozen["epoch"].as_u64().expect("the frozen epoch");
+        if let Some(mirror) = &self.mirror {
+            // As ftvmd would once the witness granted hostB: its copy serves, at the next
+            // generation, with exactly the writes of the checkpoints up to the replica's.
+            let secondary = mirror.secondary();
+            let disk = secondary.status();
+            let sealed = disk["replication"]["epochs"]["sealed_epoch"].as_u64();
+            assert!(
+                sealed.is_some_and(|sealed| sealed >= epoch),
+                "hostB's disk has not sealed checkpoint {epoch} (its writes are buffered per checkpoint): {disk}"
+            );
+            let generation = secondary.status()["replication"]["generation"]
+                .as_u64()
+                .unwrap_or(0)
+                + 1;
+            let reply = secondary.command(&format!("promote {generation} {epoch}"));
+            assert_eq!(
+                reply["ok"], true,
+                "promote {generation} {epoch} refused: {reply}"
+            );
+        }
+        self.frozen_epoch = Some(epoch);
+        epoch
+    }
 }
 
-fn start_secondary(
+/// Starts a secondary engine on hostB (what [`Level3Pair`] runs there) and waits for its
+/// control socket.
+pub fn start_secondary(
     hosts: &Hosts,
     dir: &Path,
     psk: &Path,
@@ -414,4 +483,38 @@ pub fn status_json_command(socket: &Path, command: &str) -> Value {
         .unwrap_or_else(|error| panic!("{}: {command}: {error}", socket.display()));
     serde_json::from_str(reply.trim())
         .unwrap_or_else(|error| panic!("{}: {command}: {error}: {reply}", socket.display()))
+}
+
+/// The counters a guest tool (`tests/guest/udpseq.c`, `tests/guest/recwriter.c`) keeps in
+/// a page of its memory marked with `magic`: the third word of every page of the RAM file
+/// at `path` that starts with the words `magic` and `magic` rotated left by 17.
+pub fn counters_in_ram(path: &Path, magic: u64) -> Vec<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .unwrap_or_else(|error| panic!("cannot open {}: {error}", path.display()));
+    let marker = [magic, magic.rotate_left(17)];
+    let mut counters = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let mut filled = 0;
+        while filled < chunk.len() {
+            match file.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(len) => filled += len,
+                Err(error) => panic!("cannot read {}: {error}", path.display()),
+            }
+        }
+        for page in chunk[..filled].chunks_exact(4096) {
+            let word = |index: usize| {
+                let bytes = &page[index * 8..index * 8 + 8];
+                u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+            };
+            if [word(0), word(1)] == marker {
+                counters.push(word(2));
+            }
+        }
+        if filled < chunk.len() {
+            return counters;
+        }
+    }
 }
