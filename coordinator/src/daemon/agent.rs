@@ -209,20 +209,35 @@ mod tests {
     #[test]
     fn a_job_that_hangs_never_holds_up_the_caller_and_jobs_keep_their_order() {
         let (agent, results) = agent();
-        let started = Instant::now();
-        agent.run("slow", |_| {
-            std::thread::sleep(Duration::from_millis(300));
+        // The slow job runs until the test lets it go: nothing here depends on timing, so a
+        // loaded machine cannot make it fail (a fixed 100 ms wait for the job to start did).
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        agent.run("slow", move |_| {
+            let _ = hold.recv_timeout(Duration::from_secs(30));
             Report::Done(1)
         });
         for number in 2..=5 {
             agent.run("quick", move |_| Report::Done(number));
         }
-        assert!(started.elapsed() < Duration::from_millis(50));
+        // The caller got here while the slow job still holds: it was not held up.
         assert!(!agent.idle());
-        std::thread::sleep(Duration::from_millis(100));
-        let (what, running) = agent.busy().expect("the slow job runs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (what, running) = loop {
+            match agent.busy() {
+                Some((what, running)) if running >= Duration::from_millis(50) => {
+                    break (what, running)
+                }
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                other => panic!("the slow job does not run: {other:?}"),
+            }
+        };
         assert_eq!(what, "slow");
         assert!(running >= Duration::from_millis(50), "{running:?}");
+        assert!(
+            results.try_recv().is_err(),
+            "a job finished before the slow one"
+        );
+        release.send(()).expect("the slow job waits");
         let order: Vec<Report> = (0..5)
             .map(|_| {
                 results
