@@ -36,7 +36,8 @@ enum Role {
     /// On the peer: keep the replica of the VM's RAM and its last committed device state.
     /// After the primary's loss: `freeze` on the control socket (names the checkpoint to
     /// promote the disks at), then `restore QMP_SOCKET` brings the VM back in a QEMU started
-    /// with `-incoming defer` on the replica RAM file.
+    /// with `-incoming defer` on the replica RAM file. After a restore the engine stays, with
+    /// `status` saying `restored`, until it gets SIGTERM.
     Secondary(SecondaryArgs),
 }
 
@@ -201,7 +202,15 @@ fn run_secondary(args: SecondaryArgs) -> anyhow::Result<()> {
     );
     let restored = secondary::run(&options, replica, &shared, &quit)?;
     if restored {
-        info!("the VM runs on this host now; the replica's role ended");
+        // The engine stays (status says `restored`, with the epoch) until it is stopped:
+        // exiting here could end the process before the control socket's thread wrote the
+        // answer to `restore`.
+        info!(
+            "the VM runs on this host now; the replica's role ended (stop this engine when done)"
+        );
+        while !quit.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     daemon_util::remove_socket(&args.link.control);
     Ok(())

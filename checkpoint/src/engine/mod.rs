@@ -9,7 +9,7 @@
 //!   answer names the last committed checkpoint, the epoch to promote the disks at with
 //!   `promote GEN N*`); `restore QMP_SOCKET` (freeze, then restore that checkpoint into the
 //!   QEMU behind QMP_SOCKET, started with `-incoming defer` on the replica RAM file; the
-//!   engine exits once the guest runs).
+//!   engine then only answers `status`, which says `restored`, until SIGTERM).
 
 pub mod daemons;
 pub mod primary;
