@@ -321,7 +321,12 @@ fn hostile_requests_get_error_lines_and_the_process_lives_on() {
     stream.set_read_timeout(Some(QMP_TIMEOUT)).expect("timeout");
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut ask = |request: &[u8]| {
-        stream.write_all(request).expect("send");
+        // The library answers an overlong line after its first 4096 bytes and closes the
+        // connection: the rest of the write may then fail (EPIPE), which is the point.
+        let sent = stream.write_all(request);
+        if request.len() <= 4096 {
+            sent.expect("send");
+        }
         let mut line = String::new();
         reader.read_line(&mut line).expect("reply");
         line
