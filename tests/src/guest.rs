@@ -156,29 +156,7 @@ impl Guest {
 
     /// Waits until a console line satisfies `matches`, and returns it.
     pub fn wait_for_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + timeout;
-        let (lock, condvar) = &*self.console;
-        let mut lines = lock.lock().expect("console lock");
-        let mut seen = 0;
-        loop {
-            if let Some(line) = lines[seen..].iter().find(|line| matches(line)) {
-                return line.clone();
-            }
-            seen = lines.len();
-            let now = Instant::now();
-            if now >= deadline {
-                drop(lines);
-                panic!(
-                    "guest {}: timed out after {timeout:?} waiting for a console line\n{}",
-                    self.name,
-                    self.console().join("\n")
-                );
-            }
-            lines = condvar
-                .wait_timeout(lines, deadline - now)
-                .expect("console lock")
-                .0;
-        }
+        self.wait_line(timeout, false, matches)
     }
 
     /// Waits until a console line satisfies `matches`, for as long as the guest keeps
@@ -189,23 +167,39 @@ impl Guest {
         idle: Duration,
         matches: impl Fn(&str) -> bool,
     ) -> String {
+        self.wait_line(idle, true, matches)
+    }
+
+    /// Waits up to `timeout` for a matching line; with `progress`, the time starts again at
+    /// every new line.
+    fn wait_line(
+        &self,
+        timeout: Duration,
+        progress: bool,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
         let (lock, condvar) = &*self.console;
         let mut lines = lock.lock().expect("console lock");
         let mut seen = 0;
-        let mut deadline = Instant::now() + idle;
+        let mut deadline = Instant::now() + timeout;
         loop {
             if let Some(line) = lines[seen..].iter().find(|line| matches(line)) {
                 return line.clone();
             }
-            if lines.len() > seen {
-                deadline = Instant::now() + idle;
+            if progress && lines.len() > seen {
+                deadline = Instant::now() + timeout;
             }
             seen = lines.len();
             let now = Instant::now();
             if now >= deadline {
                 drop(lines);
+                let what = if progress {
+                    "without a new console line"
+                } else {
+                    "waiting for a console line"
+                };
                 panic!(
-                    "guest {}: no console line for {idle:?} while waiting for one\n{}",
+                    "guest {}: timed out after {timeout:?} {what}\n{}",
                     self.name,
                     self.console().join("\n")
                 );
