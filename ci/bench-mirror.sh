@@ -288,7 +288,7 @@ SECONDARY_CTL=$SOCKDIR/secondary.ctl
 start_secondary() {
 	start secondary "$HOST_B" "$BIN/vhost-blk-mirror" --role secondary \
 		--listen "10.77.1.2:$PORT" --listen "10.77.2.2:$PORT" --psk-file "$RUN/psk" \
-		--image "$IMAGE_B" --meta "$RUN/b.ftvm-meta" \
+		--image "$IMAGE_B" --meta "$RUN/b.ftvm-meta" --serial bench-disk \
 		--socket "$SOCKDIR/secondary.sock" --control "$SECONDARY_CTL"
 	wait_until "the secondary" 10 secondary answers "$SECONDARY_CTL"
 }
@@ -302,7 +302,8 @@ LOG_FROM=1
 T0=$(now)
 start primary "$HOST_A" "$BIN/vhost-blk-mirror" --role primary \
 	--peer "10.77.1.2:$PORT" --peer "10.77.2.2:$PORT" --psk-file "$RUN/psk" \
-	--image "$IMAGE_A" --meta "$RUN/a.ftvm-meta" --socket "$PRIMARY_SOCK" --control "$PRIMARY_CTL"
+	--image "$IMAGE_A" --meta "$RUN/a.ftvm-meta" --serial bench-disk \
+	--socket "$PRIMARY_SOCK" --control "$PRIMARY_CTL"
 wait_until "the full sync" 600 primary up_to_date
 FULL_WALL_S=$(calc "$(now) - $T0")
 FULL_BYTES=$(field "$PRIMARY_CTL" .replication.resync.bytes_done)
