@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::blk::status_json;
+use crate::blk::{control_json, status_json};
 use crate::guest::{Disk, Guest, GuestConfig, Nic};
 use crate::hosts::Hosts;
 use crate::mirror::MirrorPair;
@@ -371,12 +371,10 @@ impl Level3Pair {
         poll_until(Duration::from_secs(30), "the restored QEMU's QMP", || {
             qmp.exists()
         });
-        let reply = daemon_util::request(
+        let reply = status_json_command(
             &self.secondary_control,
             &format!("restore {}", qmp.display()),
-        )
-        .expect("the secondary engine answers restore");
-        let reply: Value = serde_json::from_str(reply.trim()).expect("restore's answer");
+        );
         assert_eq!(
             reply["ok"],
             true,
@@ -477,12 +475,10 @@ pub fn start_secondary(
     process
 }
 
-/// A command's JSON answer on a control socket.
+/// A command's JSON answer on a control socket (panics, naming both, when there is none).
 pub fn status_json_command(socket: &Path, command: &str) -> Value {
-    let reply = daemon_util::request(socket, command)
-        .unwrap_or_else(|error| panic!("{}: {command}: {error}", socket.display()));
-    serde_json::from_str(reply.trim())
-        .unwrap_or_else(|error| panic!("{}: {command}: {error}: {reply}", socket.display()))
+    control_json(socket, command)
+        .unwrap_or_else(|| panic!("{}: {command}: no JSON answer", socket.display()))
 }
 
 /// The counters a guest tool (`tests/guest/udpseq.c`, `tests/guest/recwriter.c`) keeps in
