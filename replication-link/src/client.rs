@@ -114,7 +114,7 @@ fn connect_once(
     };
     let result = client_handshake(&stream, &config.psk, &hello, config.handshake_timeout());
     shared.set_connecting(slot, None);
-    let (params, key) = result.map_err(ConnectError::Handshake)?;
+    let (params, keys) = result.map_err(ConnectError::Handshake)?;
     let peer = PeerHandshake {
         id: params.server_id,
         instance: params.instance,
@@ -133,6 +133,6 @@ fn connect_once(
         slot,
         address
     );
-    run_connection(shared, slot, connection, stream, key);
+    run_connection(shared, slot, connection, stream, keys);
     Ok(())
 }

@@ -7,25 +7,32 @@
 //!                server_proof = keyed_hash(psk, "server" || transcript)}
 //!   Proof{client_proof = keyed_hash(psk, "client" || transcript)} ->
 //! transcript = derive_key-hash of (len(hello) || postcard(hello) || postcard(params))
-//! connection key = derive_key("ftvm replication connection v1",
-//!                             psk || client_nonce || server_nonce || session_id || transcript)
+//! connection secret = derive_key("ftvm replication connection v2",
+//!                                psk || client_nonce || server_nonce || session_id || transcript)
+//! client-to-server key = derive_key("ftvm replication frame key v2 client to server", secret)
+//! server-to-client key = derive_key("ftvm replication frame key v2 server to client", secret)
 //! ```
 //! Either side answers a check that fails with `Refused{reason}` and closes. Handshake frames
-//! carry no payload and are limited to one header; their tag is a checksum under a public key.
+//! ([`crate::handshake_frame`]) carry no payload and travel in clear; every frame after them is
+//! sealed with the key of its direction ([`crate::frame`]). Both sides' fresh nonces make the
+//! keys new on every connection, so frame counters that start again at 0 on a reconnect, or
+//! after a restart, never repeat a key and nonce pair.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::frame::HANDSHAKE_MAX_FRAME_BYTES;
-use crate::frame::{Direction, FrameError, FrameKey, FrameOpener, FrameSealer};
+use crate::frame::{ConnectionKeys, Direction, FrameError, FrameKey};
+use crate::handshake_frame::HandshakeFrames;
 use crate::header::NONCE_BYTES;
 use crate::header::PROTOCOL_VERSION;
 use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, MAX_LINKS};
 use crate::psk::Psk;
 
 const TRANSCRIPT_CONTEXT: &str = "ftvm replication transcript v1";
-const CONNECTION_KEY_CONTEXT: &str = "ftvm replication connection v1";
+const CONNECTION_KEY_CONTEXT: &str = "ftvm replication connection v2";
+const CLIENT_TO_SERVER_KEY_CONTEXT: &str = "ftvm replication frame key v2 client to server";
+const SERVER_TO_CLIENT_KEY_CONTEXT: &str = "ftvm replication frame key v2 server to client";
 /// Reason a client sends when the server's proof did not verify.
 const AUTHENTICATION_REFUSAL: &str = "authentication failed";
 const MAX_REASON_CHARS: usize = 200;
@@ -95,37 +102,27 @@ impl Side {
 /// Reads are unbuffered so that no byte after the handshake is consumed here.
 pub(crate) struct HandshakeChannel<'a> {
     stream: DeadlineStream<'a>,
-    sealer: FrameSealer,
-    opener: FrameOpener,
+    frames: HandshakeFrames,
 }
 
 impl<'a> HandshakeChannel<'a> {
     /// `deadline`: when the whole handshake must be done (for a server, counted from accept).
     pub(crate) fn new(stream: &'a TcpStream, side: Side, deadline: Instant) -> Self {
-        let key = FrameKey::handshake();
         HandshakeChannel {
             stream: DeadlineStream { stream, deadline },
-            sealer: FrameSealer::new(key.clone(), side.sending(), HANDSHAKE_MAX_FRAME_BYTES),
-            opener: FrameOpener::new(key, side.receiving(), HANDSHAKE_MAX_FRAME_BYTES),
+            frames: HandshakeFrames::new(side.sending(), side.receiving()),
         }
     }
 
     fn send(&mut self, header: &LinkHeader) -> Result<(), HandshakeError> {
-        let mut frame = Vec::new();
-        self.sealer.write_frame(&mut frame, header, &[])?;
+        let frame = self.frames.encode(header)?;
         self.stream
             .write_all(&frame)
             .map_err(|error| HandshakeError::from(FrameError::Io(error)))
     }
 
     fn receive(&mut self) -> Result<LinkHeader, HandshakeError> {
-        let frame = self.opener.read_frame(&mut self.stream)?;
-        if !frame.payload.is_empty() {
-            return Err(HandshakeError::Unexpected {
-                kind: "payload-carrying",
-            });
-        }
-        Ok(frame.header)
+        Ok(self.frames.read(&mut self.stream)?)
     }
 
     /// Tells the peer why it is refused, best effort (the connection is closed next).
@@ -141,8 +138,8 @@ impl<'a> HandshakeChannel<'a> {
         error
     }
 
-    fn opener_counter(&self) -> u64 {
-        self.opener.counter()
+    fn frames_received(&self) -> u64 {
+        self.frames.received()
     }
 }
 
@@ -194,13 +191,13 @@ pub(crate) fn random_nonce() -> Result<[u8; NONCE_BYTES], HandshakeError> {
 }
 
 /// Client side: sends `hello`, checks the server, proves itself. Returns the server's
-/// parameters and the connection key.
+/// parameters and the connection's keys.
 pub(crate) fn client_handshake(
     stream: &TcpStream,
     psk: &Psk,
     hello: &Hello,
     timeout: Duration,
-) -> Result<(ServerParams, FrameKey), HandshakeError> {
+) -> Result<(ServerParams, ConnectionKeys), HandshakeError> {
     let mut channel = HandshakeChannel::new(stream, Side::Client, Instant::now() + timeout);
     channel.send(&LinkHeader::Hello(hello.clone()))?;
     let (params, server_proof) = match channel.receive()? {
@@ -238,8 +235,8 @@ pub(crate) fn client_handshake(
     check_limits(&params.limits)?;
     let client_proof = proof(psk, b"client", &transcript);
     channel.send(&LinkHeader::Proof { client_proof })?;
-    let key = connection_key(psk, hello, &params, &transcript);
-    Ok((params, key))
+    let keys = connection_keys(psk, hello, &params, &transcript);
+    Ok((params, keys))
 }
 
 /// Server side, first step: reads and checks the client's `Hello`.
@@ -280,15 +277,15 @@ pub(crate) fn read_hello(
 }
 
 /// Server side, second step: proves itself, checks the client's proof. Returns the
-/// connection key.
+/// connection's keys.
 pub(crate) fn answer_hello(
     channel: &mut HandshakeChannel<'_>,
     psk: &Psk,
     hello: &Hello,
     params: ServerParams,
-) -> Result<FrameKey, HandshakeError> {
+) -> Result<ConnectionKeys, HandshakeError> {
     debug_assert_eq!(
-        channel.opener_counter(),
+        channel.frames_received(),
         1,
         "answer_hello follows read_hello"
     );
@@ -313,7 +310,7 @@ pub(crate) fn answer_hello(
     if !proof_matches(psk, b"client", &transcript, &client_proof) {
         return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
     }
-    Ok(connection_key(psk, hello, &params, &transcript))
+    Ok(connection_keys(psk, hello, &params, &transcript))
 }
 
 fn check_limits(limits: &LinkLimits) -> Result<(), HandshakeError> {
@@ -361,19 +358,26 @@ fn proof_matches(psk: &Psk, label: &[u8], transcript: &[u8; 32], received: &[u8;
     blake3::Hash::from(proof(psk, label, transcript)) == blake3::Hash::from(*received)
 }
 
-fn connection_key(
+/// The connection's secret, from the key and both sides' fresh nonces, then one key per
+/// direction from it.
+fn connection_keys(
     psk: &Psk,
     hello: &Hello,
     params: &ServerParams,
     transcript: &[u8; 32],
-) -> FrameKey {
+) -> ConnectionKeys {
     let mut hasher = blake3::Hasher::new_derive_key(CONNECTION_KEY_CONTEXT);
     hasher.update(psk.key());
     hasher.update(&hello.client_nonce);
     hasher.update(&params.server_nonce);
     hasher.update(&hello.session_id.to_le_bytes());
     hasher.update(transcript);
-    FrameKey::from_bytes(*hasher.finalize().as_bytes())
+    let secret = hasher.finalize();
+    let key = |context| FrameKey::from_bytes(blake3::derive_key(context, secret.as_bytes()));
+    ConnectionKeys::new(
+        key(CLIENT_TO_SERVER_KEY_CONTEXT),
+        key(SERVER_TO_CLIENT_KEY_CONTEXT),
+    )
 }
 
 #[cfg(test)]
@@ -414,7 +418,7 @@ mod tests {
         }
     }
 
-    type ServerResult = Result<(Hello, FrameKey), HandshakeError>;
+    type ServerResult = Result<(Hello, ConnectionKeys), HandshakeError>;
 
     fn deadline(seconds: u64) -> Instant {
         Instant::now() + Duration::from_secs(seconds)
@@ -423,7 +427,7 @@ mod tests {
     fn run(
         client_psk: &[u8],
         server_psk: &[u8],
-    ) -> (ServerResult, Result<FrameKey, HandshakeError>) {
+    ) -> (ServerResult, Result<ConnectionKeys, HandshakeError>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
         let server_psk = Psk::from_bytes(server_psk).expect("psk");
@@ -431,23 +435,65 @@ mod tests {
             let (stream, _) = listener.accept().expect("accept");
             let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
             let hello = read_hello(&mut channel, &limits())?;
-            let key = answer_hello(&mut channel, &server_psk, &hello, params())?;
-            Ok((hello, key))
+            let keys = answer_hello(&mut channel, &server_psk, &hello, params())?;
+            Ok((hello, keys))
         });
         let stream = TcpStream::connect(address).expect("connect");
         let client_psk = Psk::from_bytes(client_psk).expect("psk");
         let client = client_handshake(&stream, &client_psk, &hello(), Duration::from_secs(5))
-            .map(|(_, key)| key);
+            .map(|(_, keys)| keys);
         drop(stream);
         (server.join().expect("server thread"), client)
     }
 
     #[test]
-    fn same_key_agrees_on_the_connection_key() {
+    fn same_key_agrees_on_the_connection_keys() {
         let (server, client) = run(b"0123456789abcdef", b"0123456789abcdef");
-        let (hello, server_key) = server.expect("server");
+        let (hello, server_keys) = server.expect("server");
         assert_eq!(hello.service, "blk:test");
-        assert_eq!(server_key, client.expect("client"));
+        assert_eq!(server_keys, client.expect("client"));
+    }
+
+    /// A reconnect (same key, same session id) starts its frame counters at 0 again, under new
+    /// keys: no key and nonce pair repeats, and no frame of the old connection opens on the
+    /// new one. The two directions never share a key.
+    #[test]
+    fn every_connection_has_fresh_keys_one_per_direction() {
+        let psk = b"0123456789abcdef";
+        let connect = || {
+            let (server, client) = run(psk, psk);
+            let client = client.expect("client");
+            assert_eq!(server.expect("server").1, client);
+            client
+        };
+        let (first, second) = (connect(), connect());
+        for direction in [Direction::ClientToServer, Direction::ServerToClient] {
+            assert_ne!(first.key(direction), second.key(direction));
+        }
+        for keys in [&first, &second] {
+            assert_ne!(
+                keys.key(Direction::ClientToServer),
+                keys.key(Direction::ServerToClient)
+            );
+        }
+        let header = LinkHeader::Ack { up_to: 1 };
+        let seal = |keys: &ConnectionKeys| {
+            let direction = Direction::ClientToServer;
+            crate::frame::encode_frame(&header, b"block", keys.key(direction), direction, 0)
+                .expect("encode")
+        };
+        let (old, new) = (seal(&first), seal(&second));
+        assert_ne!(
+            old, new,
+            "same plaintext, same counter, different ciphertext"
+        );
+        let open = |frame: &[u8], keys: &ConnectionKeys| {
+            let direction = Direction::ClientToServer;
+            crate::frame::decode_frame(frame, keys.key(direction), direction, 0, 1 << 20)
+        };
+        open(&new, &second).expect("genuine");
+        let replayed = open(&old, &second);
+        assert!(matches!(replayed, Err(FrameError::BadTag)), "{replayed:?}");
     }
 
     #[test]
@@ -467,10 +513,8 @@ mod tests {
     fn the_deadline_covers_the_whole_handshake_not_each_read() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
-        let frame = crate::frame::encode_frame(
+        let frame = crate::handshake_frame::encode_handshake_frame(
             &LinkHeader::Hello(hello()),
-            &[],
-            &FrameKey::handshake(),
             Direction::ClientToServer,
             0,
         )

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Version carried in `Hello` and `Challenge`; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: frames after the handshake are sealed with AES-256-GCM (1: in clear, BLAKE3 MAC).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest encoded header, in bytes.
 pub const MAX_HEADER_BYTES: usize = 4096;
 /// Bytes a `Data` header needs beyond its application header (at most 28: variant, varints,

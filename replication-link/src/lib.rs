@@ -2,12 +2,14 @@
 //!
 //! A daemon on host A and its counterpart on host B exchange messages over up to two A-links
 //! (TCP connections to different addresses) with mutual authentication (pre-shared key),
-//! per-frame integrity (keyed BLAKE3 over a per-connection counter: tampered, replayed,
-//! reordered or dropped frames fail), and reliable, exactly-once, in-order delivery across
-//! link failures.
+//! every frame after the handshake encrypted and authenticated (AES-256-GCM, a key per
+//! connection and direction, a per-direction frame counter in the nonce: tampered, replayed,
+//! reordered, reflected or dropped frames fail), and reliable, exactly-once, in-order delivery
+//! across link failures.
 //!
 //! Layers, each knowing only its neighbours:
-//! - [`frame`]: the wire format; pure decoder [`frame::decode_frame`] (fuzzed).
+//! - [`frame`]: the sealed wire format; pure decoder [`frame::decode_frame`] (fuzzed).
+//! - [`handshake_frame`]: the clear framing of the handshake; pure decoder (fuzzed).
 //! - [`header`]: the link-level headers carried in frames.
 //! - [`handshake`]: authentication of one connection.
 //! - `reliability`: retransmit and reorder buffers (pure state, no I/O).
@@ -19,6 +21,7 @@
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod handshake_frame;
 pub mod header;
 pub mod listener;
 pub mod psk;

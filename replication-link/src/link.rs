@@ -2,12 +2,12 @@
 //! writer thread. Either ending ends both; the session then sends the connection's
 //! unacknowledged messages on another link.
 
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::thread;
 
-use crate::frame::{FrameError, FrameKey, FrameOpener, FrameSealer};
+use crate::frame::{ConnectionKeys, FrameError, FrameOpener, FrameSealer};
 use crate::header::LinkHeader;
 use crate::log_limit::error_chain;
 use crate::reliability::ReliabilityError;
@@ -49,11 +49,11 @@ pub(crate) fn run_connection(
     slot: usize,
     connection: u64,
     stream: TcpStream,
-    key: FrameKey,
+    keys: ConnectionKeys,
 ) -> LinkError {
-    let error = match start_writer(shared, slot, connection, &stream, key.clone()) {
+    let error = match start_writer(shared, slot, connection, &stream, keys.clone()) {
         Ok(writer) => {
-            let error = read_loop(shared, slot, connection, &stream, key);
+            let error = read_loop(shared, slot, connection, &stream, &keys);
             shared.connection_ended(slot, connection, &error);
             let _ = writer.join();
             error
@@ -81,7 +81,7 @@ fn start_writer(
     slot: usize,
     connection: u64,
     stream: &TcpStream,
-    key: FrameKey,
+    keys: ConnectionKeys,
 ) -> Result<thread::JoinHandle<()>, LinkError> {
     let timeout = Some(shared.config.link_timeout());
     stream
@@ -95,7 +95,7 @@ fn start_writer(
     thread::Builder::new()
         .name(format!("rl-write-{slot}"))
         .spawn(move || {
-            if let Err(error) = write_loop(&writer_shared, slot, connection, writer_stream, key) {
+            if let Err(error) = write_loop(&writer_shared, slot, connection, writer_stream, &keys) {
                 writer_shared.connection_ended(slot, connection, &error);
             }
         })
@@ -107,10 +107,10 @@ fn read_loop(
     slot: usize,
     connection: u64,
     stream: &TcpStream,
-    key: FrameKey,
+    keys: &ConnectionKeys,
 ) -> LinkError {
     let direction = shared.identity.side.receiving();
-    let mut opener = FrameOpener::new(key, direction, shared.config.max_frame_bytes);
+    let mut opener = FrameOpener::new(keys, direction, shared.config.max_frame_bytes);
     let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     loop {
         let frame = match opener.read_frame(&mut input) {
@@ -162,12 +162,14 @@ fn write_loop(
     shared: &SessionShared,
     slot: usize,
     connection: u64,
-    stream: TcpStream,
-    key: FrameKey,
+    mut stream: TcpStream,
+    keys: &ConnectionKeys,
 ) -> Result<(), LinkError> {
     let direction = shared.identity.side.sending();
-    let mut sealer = FrameSealer::new(key, direction, shared.config.max_frame_bytes);
-    let mut output = BufWriter::with_capacity(WRITE_BUFFER_BYTES, stream);
+    let mut sealer = FrameSealer::new(keys, direction, shared.config.max_frame_bytes);
+    // Frames are sealed straight into this buffer, written out whenever it holds
+    // WRITE_BUFFER_BYTES and at the end of every batch.
+    let mut output = Vec::with_capacity(WRITE_BUFFER_BYTES);
     let counters = shared.counters(slot);
     while let Some(frames) = shared.next_frames(slot, connection) {
         for frame in frames {
@@ -195,10 +197,19 @@ fn write_loop(
                 bump(&counters.frames_sent);
                 add(&counters.bytes_sent, written);
             }
+            if output.len() >= WRITE_BUFFER_BYTES {
+                write_out(&mut stream, &mut output)?;
+            }
         }
-        output
-            .flush()
-            .map_err(|error| LinkError::Write(FrameError::Io(error)))?;
+        write_out(&mut stream, &mut output)?;
     }
+    Ok(())
+}
+
+fn write_out(stream: &mut TcpStream, output: &mut Vec<u8>) -> Result<(), LinkError> {
+    stream
+        .write_all(output)
+        .map_err(|error| LinkError::Write(FrameError::Io(error)))?;
+    output.clear();
     Ok(())
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::admission::{Admission, Source};
 use crate::config::{ConfigError, LinkConfig};
-use crate::frame::FrameKey;
+use crate::frame::ConnectionKeys;
 use crate::handshake::{answer_hello, random_nonce, read_hello};
 use crate::handshake::{HandshakeChannel, HandshakeError, Side};
 use crate::header::{Hello, ServerParams, MAX_LINKS, PROTOCOL_VERSION};
@@ -176,14 +176,14 @@ struct Prepared {
 struct Handshaken {
     hello: Hello,
     prepared: Prepared,
-    key: FrameKey,
+    keys: ConnectionKeys,
 }
 
 /// An authenticated connection joining its session's link `slot`.
 struct Joining {
     slot: usize,
     connection: u64,
-    key: FrameKey,
+    keys: ConnectionKeys,
 }
 
 /// The session a connection joins, and what the application must be told.
@@ -506,7 +506,7 @@ impl ListenerShared {
                     joining.slot,
                     joining.connection,
                     stream,
-                    joining.key,
+                    joining.keys,
                 );
             }
             Ok(None) => {}
@@ -581,10 +581,10 @@ impl ListenerShared {
             answer_hello(&mut channel, &psk, &hello, params)
         });
         match answered {
-            Ok(key) => Ok(Handshaken {
+            Ok(keys) => Ok(Handshaken {
                 hello,
                 prepared,
-                key,
+                keys,
             }),
             Err(error) => {
                 lock(&self.registry).release(hello.session_id, &prepared);
@@ -632,7 +632,7 @@ impl ListenerShared {
         let Handshaken {
             hello,
             prepared,
-            key,
+            keys,
         } = done;
         if let Some(counters) = self.counters.get(index) {
             bump(&counters.handshakes_completed);
@@ -685,7 +685,7 @@ impl ListenerShared {
             Joining {
                 slot,
                 connection,
-                key,
+                keys,
             },
         )))
     }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use replication_link::frame::{encode_frame, Direction, FrameKey};
+use replication_link::frame::Direction;
+use replication_link::handshake_frame::encode_handshake_frame;
 use replication_link::header::{Hello, LinkHeader, LinkLimits};
 use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session};
 use support::{accept, config, listener, recv_one, within, LONG};
@@ -75,14 +76,7 @@ fn hello_frame() -> Vec<u8> {
             max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
         },
     });
-    encode_frame(
-        &hello,
-        &[],
-        &FrameKey::handshake(),
-        Direction::ClientToServer,
-        0,
-    )
-    .expect("encode")
+    encode_handshake_frame(&hello, Direction::ClientToServer, 0).expect("encode")
 }
 
 /// A flood connection and how many bytes of the hello it sent.

@@ -6,8 +6,9 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use replication_link::frame::{decode_frame, encode_frame, Direction, FrameKey};
+use replication_link::frame::Direction;
 use replication_link::handshake::HandshakeError;
+use replication_link::handshake_frame::{decode_handshake_frame, encode_handshake_frame};
 use replication_link::header::{Hello, LinkHeader, LinkLimits};
 use replication_link::{LinkConfig, Psk, Session, SessionError};
 use support::{accept, config, listener, payload, recv_one, within, Fault, Relay, LONG};
@@ -164,35 +165,27 @@ fn garbage_on_the_listener_port_is_dropped_and_good_clients_still_work() {
     assert_closed_by_listener(half_closed, within);
     assert_closed_by_listener(TcpStream::connect(address).expect("connect"), within); // silence
 
-    // A well-formed hello with an unknown version gets a reason before the close.
-    let frame = encode_frame(
-        &hello(99),
-        &[],
-        &FrameKey::handshake(),
-        Direction::ClientToServer,
-        0,
-    )
-    .expect("encode");
-    let mut stream = send_raw(address, &frame);
-    stream.set_read_timeout(Some(within)).expect("timeout");
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    let decoded = decode_frame(
-        &reply,
-        &FrameKey::handshake(),
-        Direction::ServerToClient,
-        0,
-        1 << 20,
-    )
-    .expect("a refusal frame");
-    assert!(
-        matches!(decoded.header, LinkHeader::Refused { .. }),
-        "{:?}",
-        decoded.header
-    );
+    // A well-formed hello with another version (1: before the frames were sealed, or an
+    // unknown one) gets a reason before the close.
+    for version in [1, 99] {
+        let frame =
+            encode_handshake_frame(&hello(version), Direction::ClientToServer, 0).expect("encode");
+        let mut stream = send_raw(address, &frame);
+        stream.set_read_timeout(Some(within)).expect("timeout");
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        let decoded =
+            decode_handshake_frame(&reply, Direction::ServerToClient, 0).expect("a refusal");
+        assert!(
+            matches!(&decoded.header, LinkHeader::Refused { reason }
+                if reason == "unsupported protocol version"),
+            "{:?}",
+            decoded.header
+        );
+    }
 
     let stats = listener.stats();
-    assert!(stats.addresses[0].handshake_errors >= 6, "{stats:?}");
+    assert!(stats.addresses[0].handshake_errors >= 7, "{stats:?}");
     assert_eq!(stats.sessions, 0);
 
     let good =
@@ -244,6 +237,67 @@ fn tampered_frame_is_detected_and_its_message_resent() {
 #[test]
 fn replayed_frame_is_refused() {
     survive_fault(Fault::DuplicateFrame);
+}
+
+#[test]
+fn reordered_frames_are_refused() {
+    survive_fault(Fault::SwapFrames);
+}
+
+/// What crosses the A-link, both ways, holds neither the payloads nor the application headers
+/// of the messages, and each arrives intact.
+#[test]
+fn the_link_carries_no_plaintext() {
+    let listener = listener(1, config("host-b"));
+    let relay = Relay::start(listener.local_addrs()[0]);
+    let client =
+        Session::connect(vec![relay.address()], "blk:canary", config("host-a")).expect("connect");
+    let server = accept(&listener);
+    let block = b"GUEST-BLOCK-CANARY-0123456789abcdef-".repeat(120);
+    let frame = b"GUEST-NIC-FRAME-CANARY-fedcba9876543210-".repeat(30);
+    for _ in 0..5 {
+        client
+            .send(b"app-header-canary-write", block.clone())
+            .expect("send");
+        server
+            .send(b"app-header-canary-reply", frame.clone())
+            .expect("send");
+    }
+    for _ in 0..5 {
+        let arrived = recv_one(&server);
+        assert_eq!(
+            (arrived.app_header.as_slice(), &arrived.payload),
+            (&b"app-header-canary-write"[..], &block)
+        );
+        let arrived = recv_one(&client);
+        assert_eq!(
+            (arrived.app_header.as_slice(), &arrived.payload),
+            (&b"app-header-canary-reply"[..], &frame)
+        );
+    }
+    assert!(client.flush(LONG).expect("flush") && server.flush(LONG).expect("flush"));
+    let captured = relay.captured();
+    assert!(
+        captured.len() > 5 * (block.len() + frame.len()),
+        "{}",
+        captured.len()
+    );
+    for needle in [
+        &block[..16],
+        &block[1000..1016],
+        &frame[..16],
+        b"app-header-canary",
+    ] {
+        assert!(
+            !captured
+                .windows(needle.len())
+                .any(|window| window == needle),
+            "{:?} crossed the link in clear",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    // The session names travel in clear, in the handshake: the capture is the real one.
+    assert!(captured.windows(10).any(|window| window == b"blk:canary"));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Shared helpers of the integration tests, beyond the workspace's test framework
 //! (`daemon_util::test_support`): fast configurations, waits at the link's pace, and a TCP
-//! relay that can cut, black-hole, tamper with or replay traffic.
+//! relay that can cut, black-hole, tamper with, replay or reorder traffic, and captures it.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -77,11 +77,16 @@ pub fn links_up(session: &Session, count: usize) -> bool {
 /// What a relay does to the client-to-server stream once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// Flip the last payload byte of the first frame with a body above 1000 bytes.
+    /// Flip the last body byte of the first frame with a body above 1000 bytes.
     FlipPayloadByte,
     /// Send the first frame with a body above 1000 bytes twice.
     DuplicateFrame,
+    /// Send the first frame with a body above 1000 bytes after the frame that follows it.
+    SwapFrames,
 }
+
+/// Most bytes a relay keeps of what it forwards.
+const CAPTURE_LIMIT_BYTES: usize = 16 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -106,6 +111,8 @@ struct RelayShared {
     pumps: Mutex<Vec<JoinHandle<()>>>,
     fault: Mutex<Option<Fault>>,
     fault_applied: AtomicBool,
+    /// What it forwarded in both directions, up to `CAPTURE_LIMIT_BYTES`.
+    captured: Mutex<Vec<u8>>,
 }
 
 /// A man in the middle between a client and a listener address.
@@ -127,6 +134,7 @@ impl Relay {
             pumps: Mutex::new(Vec::new()),
             fault: Mutex::new(None),
             fault_applied: AtomicBool::new(false),
+            captured: Mutex::new(Vec::new()),
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = thread::spawn(move || relay_accept(&accept_shared, socket));
@@ -175,6 +183,22 @@ impl Relay {
 
     pub fn fault_applied(&self) -> bool {
         self.shared.fault_applied.load(Ordering::SeqCst)
+    }
+
+    /// The bytes forwarded so far, both directions, as they crossed.
+    pub fn captured(&self) -> Vec<u8> {
+        self.shared.captured.lock().expect("captured").clone()
+    }
+}
+
+impl RelayShared {
+    /// Forwards `bytes` and keeps a copy.
+    fn forward(&self, to: &mut TcpStream, bytes: &[u8]) -> bool {
+        let mut captured = self.captured.lock().expect("captured");
+        let room = CAPTURE_LIMIT_BYTES.saturating_sub(captured.len());
+        captured.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        drop(captured);
+        to.write_all(bytes).is_ok()
     }
 }
 
@@ -228,13 +252,14 @@ fn relay_accept(shared: &Arc<RelayShared>, socket: TcpListener) {
         let up_frozen = Arc::clone(&frozen);
         let up =
             thread::spawn(move || pump_frames(&pump_shared, upstream.0, upstream.1, &up_frozen));
-        let down = thread::spawn(move || pump_bytes(server, client, &frozen));
+        let down_shared = Arc::clone(shared);
+        let down = thread::spawn(move || pump_bytes(&down_shared, server, client, &frozen));
         shared.pumps.lock().expect("pumps").extend([up, down]);
     }
 }
 
 /// Server to client: bytes as they come.
-fn pump_bytes(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
+fn pump_bytes(shared: &RelayShared, mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
     let mut buffer = vec![0u8; 64 * 1024];
     while let Ok(read) = from.read(&mut buffer) {
         if read == 0 {
@@ -243,7 +268,7 @@ fn pump_bytes(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
         if frozen.load(Ordering::SeqCst) {
             continue;
         }
-        if to.write_all(&buffer[..read]).is_err() {
+        if !shared.forward(&mut to, &buffer[..read]) {
             break;
         }
     }
@@ -253,6 +278,7 @@ fn pump_bytes(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
 
 /// Client to server: frame by frame, so that a fault hits exactly one frame.
 fn pump_frames(shared: &RelayShared, mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
+    let mut held: Option<Vec<u8>> = None;
     loop {
         let mut prefix = [0u8; 4];
         if from.read_exact(&mut prefix).is_err() {
@@ -273,15 +299,25 @@ fn pump_frames(shared: &RelayShared, mut from: TcpStream, mut to: TcpStream, fro
             match fault {
                 Some(Fault::FlipPayloadByte) => frame[4 + body_length - 1] ^= 0x01,
                 Some(Fault::DuplicateFrame) => copies = 2,
+                Some(Fault::SwapFrames) => {
+                    held = Some(frame);
+                    continue;
+                }
                 None => {}
             }
             if fault.is_some() {
                 shared.fault_applied.store(true, Ordering::SeqCst);
             }
         }
-        let ok = (0..copies).all(|_| to.write_all(&frame).is_ok());
+        let ok = (0..copies).all(|_| shared.forward(&mut to, &frame));
         if !ok {
             break;
+        }
+        if let Some(held) = held.take() {
+            shared.fault_applied.store(true, Ordering::SeqCst);
+            if !shared.forward(&mut to, &held) {
+                break;
+            }
         }
     }
     let _ = from.shutdown(Shutdown::Both);
