@@ -1,4 +1,5 @@
-//! Frames on the wire after the handshake, sealed with AES-256-GCM:
+//! Frames on the wire after the handshake, sealed with AES-256-GCM (`ring`'s, whose assembly
+//! uses AES-NI and carry-less multiplication where the CPU has them):
 //!
 //! ```text
 //! u32 LE body_len | AES-256-GCM(key of the direction, nonce, aad = the 4 prefix bytes, body) | 16-byte tag
@@ -14,15 +15,14 @@
 //! of that buffer as the payload, without moving it.
 //!
 //! The length prefix is checked against its limit before anything is allocated, the tag before
-//! anything is decrypted or decoded. [`decode_frame`] is pure (fuzz target `frame_decoder`);
+//! anything of the body is decoded or delivered. [`decode_frame`] is pure (fuzz target `frame_decoder`);
 //! `FrameOpener` and `FrameSealer` (crate-internal) do the same on a byte stream. Handshake
 //! frames, before the keys exist, are [`crate::handshake_frame`]'s.
 
 use std::fmt;
 use std::io::{self, Read};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit, Nonce};
-use aes_gcm::{Aes256Gcm, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 use crate::header::{LinkHeader, MAX_HEADER_BYTES};
 
@@ -61,8 +61,9 @@ impl FrameKey {
         FrameKey(key)
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(&self.0.into())
+    fn cipher(&self) -> LessSafeKey {
+        let key = UnboundKey::new(&AES_256_GCM, &self.0);
+        LessSafeKey::new(key.expect("AES-256-GCM takes a 32-byte key"))
     }
 }
 
@@ -172,7 +173,7 @@ pub fn decode_frame(
             available: bytes.len(),
         })?;
     let mut body = body.to_vec();
-    open_body(key, direction, counter, prefix, &mut body, tag)?;
+    open_body(&key.cipher(), direction, counter, prefix, &mut body, tag)?;
     let header = split_body(&mut body)?;
     Ok(DecodedFrame {
         header,
@@ -203,64 +204,84 @@ pub fn encode_frame(
 
 /// Seals an arbitrary body with a valid length prefix and tag: lets tests and the fuzz target
 /// reach the body decoder with malformed bodies.
-pub fn seal_body(body: &[u8], key: &FrameKey, direction: Direction, counter: u64) -> Vec<u8> {
+pub fn seal_body(
+    body: &[u8],
+    key: &FrameKey,
+    direction: Direction,
+    counter: u64,
+) -> Result<Vec<u8>, FrameError> {
+    let length = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        length: body.len(),
+        limit: u32::MAX as usize,
+    })?;
     let mut frame = Vec::with_capacity(LENGTH_PREFIX_BYTES + body.len() + TAG_BYTES);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&length.to_le_bytes());
     frame.extend_from_slice(body);
-    seal_in_place(&key.cipher(), direction, counter, &mut frame, 0);
-    frame
+    seal_in_place(&key.cipher(), direction, counter, &mut frame, 0)?;
+    Ok(frame)
 }
 
 /// Encrypts the body of the frame starting at `start` in `frame` (its prefix written, its body
 /// following to the end) and appends the tag.
 fn seal_in_place(
-    cipher: &Aes256Gcm,
+    cipher: &LessSafeKey,
     direction: Direction,
     counter: u64,
     frame: &mut Vec<u8>,
     start: usize,
-) {
+) -> Result<(), FrameError> {
     let body_start = start + LENGTH_PREFIX_BYTES;
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     if let Some(written) = frame.get(start..body_start) {
         prefix.copy_from_slice(written);
     }
     let body = frame.get_mut(body_start..).unwrap_or_default();
-    // Encryption fails only for a body above 64 GiB; bodies are limited to `u32`.
-    let tag = cipher
-        .encrypt_in_place_detached(&nonce(direction, counter), &prefix, body)
-        .unwrap_or_default();
-    frame.extend_from_slice(&tag);
+    let body_length = body.len();
+    // Fails only for a body above 64 GiB; bodies are limited to `u32`.
+    let sealed =
+        cipher.seal_in_place_separate_tag(nonce(direction, counter), Aad::from(prefix), body);
+    match sealed {
+        Ok(tag) => {
+            frame.extend_from_slice(tag.as_ref());
+            Ok(())
+        }
+        Err(_) => {
+            frame.truncate(start);
+            Err(FrameError::TooLarge {
+                length: body_length,
+                limit: u32::MAX as usize,
+            })
+        }
+    }
 }
 
-/// Checks the tag of a sealed body and decrypts it in place; on failure `body` is untouched.
+/// Checks the tag of a sealed body and decrypts it in place. On failure nothing of `body` may
+/// be used (it may be partly decrypted).
 fn open_body(
-    key: &FrameKey,
+    cipher: &LessSafeKey,
     direction: Direction,
     counter: u64,
     prefix: &[u8],
     body: &mut [u8],
     tag: &[u8],
 ) -> Result<(), FrameError> {
-    let tag: &[u8; TAG_BYTES] = tag.try_into().map_err(|_| FrameError::BadTag)?;
-    key.cipher()
-        .decrypt_in_place_detached(
-            &nonce(direction, counter),
-            prefix,
-            body,
-            Tag::from_slice(tag),
-        )
+    let tag = Tag::try_from(tag).map_err(|_| FrameError::BadTag)?;
+    cipher
+        .open_in_place_separate_tag(nonce(direction, counter), Aad::from(prefix), tag, body, 0..)
+        .map(|_| ())
         .map_err(|_| FrameError::BadTag)
 }
 
-fn nonce(direction: Direction, counter: u64) -> Nonce<Aes256Gcm> {
-    let mut nonce = [0u8; 12];
-    let (direction_part, counter_part) = nonce.split_at_mut(4);
+/// `direction byte || 3 zero bytes || counter u64 LE`: unique per key as long as the counter
+/// does not wrap, which the sealer and the opener refuse.
+fn nonce(direction: Direction, counter: u64) -> Nonce {
+    let mut nonce = [0u8; NONCE_LEN];
+    let (direction_part, counter_part) = nonce.split_at_mut(NONCE_LEN - 8);
     if let Some(first) = direction_part.first_mut() {
         *first = direction.byte();
     }
     counter_part.copy_from_slice(&counter.to_le_bytes());
-    nonce.into()
+    Nonce::assume_unique_for_key(nonce)
 }
 
 /// Splits an opened body: decodes the header at its end and leaves the payload in `body`.
@@ -363,7 +384,7 @@ pub(crate) struct ReadFrame {
 
 /// Reads, checks and opens the frames of one direction of a connection, counting them.
 pub(crate) struct FrameOpener {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     direction: Direction,
     counter: u64,
     max_frame_bytes: usize,
@@ -397,14 +418,14 @@ impl FrameOpener {
         read_exact(input, &mut body)?;
         let mut tag = [0u8; TAG_BYTES];
         read_exact(input, &mut tag)?;
-        self.cipher
-            .decrypt_in_place_detached(
-                &nonce(self.direction, self.counter),
-                &prefix,
-                &mut body,
-                Tag::from_slice(&tag),
-            )
-            .map_err(|_| FrameError::BadTag)?;
+        open_body(
+            &self.cipher,
+            self.direction,
+            self.counter,
+            &prefix,
+            &mut body,
+            &tag,
+        )?;
         self.counter += 1;
         let header = split_body(&mut body)?;
         Ok(ReadFrame {
@@ -417,7 +438,7 @@ impl FrameOpener {
 
 /// Seals the frames of one direction of a connection, counting them.
 pub(crate) struct FrameSealer {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     direction: Direction,
     counter: u64,
     max_frame_bytes: usize,
@@ -465,8 +486,9 @@ impl FrameSealer {
         output.extend_from_slice(payload);
         output.extend_from_slice(&header_bytes);
         output.extend_from_slice(&(header_bytes.len() as u16).to_le_bytes());
-        seal_in_place(&self.cipher, self.direction, self.counter, output, start);
+        let sealed = seal_in_place(&self.cipher, self.direction, self.counter, output, start);
         self.header_buffer = header_bytes;
+        sealed?;
         self.counter += 1;
         Ok(LENGTH_PREFIX_BYTES + body_length + TAG_BYTES)
     }

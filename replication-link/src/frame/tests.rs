@@ -313,11 +313,11 @@ fn malformed_authenticated_bodies_are_errors() {
         &[5, 7, 0, 3, 0], // valid Ack with a trailing byte
     ];
     for body in cases {
-        let frame = seal_body(body, &key(), Direction::ClientToServer, 0);
+        let frame = seal_body(body, &key(), Direction::ClientToServer, 0).expect("seal");
         let result = decode_frame(&frame, &key(), Direction::ClientToServer, 0, LIMIT);
         assert!(result.is_err(), "{body:?} decoded");
     }
-    let ack = seal_body(&[9, 5, 7, 2, 0], &key(), Direction::ClientToServer, 0);
+    let ack = seal_body(&[9, 5, 7, 2, 0], &key(), Direction::ClientToServer, 0).expect("seal");
     let decoded = decode_frame(&ack, &key(), Direction::ClientToServer, 0, LIMIT).expect("ack");
     assert_eq!(decoded.header, LinkHeader::Ack { up_to: 7 });
     assert_eq!(decoded.payload, vec![9]);
@@ -341,7 +341,7 @@ fn random_bytes_never_panic() {
             first.copy_from_slice(&((next() % 320) as u32).to_le_bytes());
         }
         let _ = decode_frame(&bytes, &key(), Direction::ClientToServer, 0, LIMIT);
-        let sealed = seal_body(&bytes, &key(), Direction::ClientToServer, 0);
+        let sealed = seal_body(&bytes, &key(), Direction::ClientToServer, 0).expect("seal");
         let _ = decode_frame(&sealed, &key(), Direction::ClientToServer, 0, LIMIT);
         let mut opener = FrameOpener::new(&keys(), Direction::ClientToServer, LIMIT);
         let _ = opener.read_frame(&mut sealed.as_slice());
