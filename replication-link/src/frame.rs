@@ -156,6 +156,40 @@ pub fn decode_frame(
     counter: u64,
     max_frame_bytes: usize,
 ) -> Result<DecodedFrame, FrameError> {
+    let parts = split_frame(bytes, max_frame_bytes)?;
+    let mut body = parts.body.to_vec();
+    let cipher = key.cipher();
+    open_body(
+        &cipher,
+        direction,
+        counter,
+        parts.prefix,
+        &mut body,
+        parts.tag,
+    )?;
+    let header = split_body(&mut body)?;
+    Ok(DecodedFrame {
+        header,
+        payload: body,
+        frame_bytes: parts.frame_bytes,
+    })
+}
+
+/// The pieces of the frame at the start of a byte slice.
+pub(crate) struct FrameParts<'a> {
+    pub(crate) prefix: &'a [u8],
+    pub(crate) body: &'a [u8],
+    pub(crate) tag: &'a [u8],
+    /// Bytes the frame occupies (prefix + body + tag).
+    pub(crate) frame_bytes: usize,
+}
+
+/// Splits the frame at the start of `bytes` (more bytes may follow), its body length checked
+/// against `max_frame_bytes` first.
+pub(crate) fn split_frame(
+    bytes: &[u8],
+    max_frame_bytes: usize,
+) -> Result<FrameParts<'_>, FrameError> {
     let prefix = bytes
         .get(..LENGTH_PREFIX_BYTES)
         .ok_or(FrameError::Truncated {
@@ -172,12 +206,10 @@ pub fn decode_frame(
             needed: frame_bytes,
             available: bytes.len(),
         })?;
-    let mut body = body.to_vec();
-    open_body(&key.cipher(), direction, counter, prefix, &mut body, tag)?;
-    let header = split_body(&mut body)?;
-    Ok(DecodedFrame {
-        header,
-        payload: body,
+    Ok(FrameParts {
+        prefix,
+        body,
+        tag,
         frame_bytes,
     })
 }

@@ -17,7 +17,7 @@
 use std::io::Read;
 
 use crate::frame::{check_body_length, check_header_length, decode_header, encode_header};
-use crate::frame::{read_exact, read_prefix, read_u16_le, read_u32_le};
+use crate::frame::{read_exact, read_prefix, read_u16_le, split_frame};
 use crate::frame::{Direction, FrameError, HEADER_LENGTH_BYTES, LENGTH_PREFIX_BYTES, TAG_BYTES};
 use crate::header::{LinkHeader, MAX_HEADER_BYTES};
 
@@ -41,25 +41,10 @@ pub fn decode_handshake_frame(
     direction: Direction,
     counter: u64,
 ) -> Result<DecodedHandshakeFrame, FrameError> {
-    let prefix = bytes
-        .get(..LENGTH_PREFIX_BYTES)
-        .ok_or(FrameError::Truncated {
-            needed: LENGTH_PREFIX_BYTES,
-            available: bytes.len(),
-        })?;
-    let body_length = read_u32_le(prefix) as usize;
-    check_body_length(body_length, HANDSHAKE_MAX_FRAME_BYTES)?;
-    let frame_bytes = LENGTH_PREFIX_BYTES + body_length + TAG_BYTES;
-    let (body, checksum) = bytes
-        .get(LENGTH_PREFIX_BYTES..frame_bytes)
-        .and_then(|rest| rest.split_at_checked(body_length))
-        .ok_or(FrameError::Truncated {
-            needed: frame_bytes,
-            available: bytes.len(),
-        })?;
+    let parts = split_frame(bytes, HANDSHAKE_MAX_FRAME_BYTES)?;
     Ok(DecodedHandshakeFrame {
-        header: open_body(direction, counter, body, checksum)?,
-        frame_bytes,
+        header: open_body(direction, counter, parts.body, parts.tag)?,
+        frame_bytes: parts.frame_bytes,
     })
 }
 
