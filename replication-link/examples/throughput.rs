@@ -4,7 +4,7 @@
 //!
 //! Sends 64 KiB and 64-byte messages over one and over two links for SECONDS each (default 2)
 //! and prints MB/s and messages/s. Loopback only: it measures the link layer's CPU cost
-//! (MAC, CRC, copies, locking), not a network.
+//! (cipher, CRC, copies, locking), not a network.
 
 use std::net::SocketAddr;
 use std::thread;

@@ -55,7 +55,7 @@ pub struct LinkStats {
     pub bytes_received: u64,
     /// Messages sent again because the link that carried them first went down.
     pub retransmits: u64,
-    /// Handshakes that failed authentication and frames whose MAC failed.
+    /// Handshakes that failed authentication and frames whose tag failed.
     pub auth_failures: u64,
     /// Payloads whose CRC32C did not match.
     pub crc_errors: u64,

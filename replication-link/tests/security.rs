@@ -196,7 +196,7 @@ fn garbage_on_the_listener_port_is_dropped_and_good_clients_still_work() {
 }
 
 /// Sends 20 messages through a relay that applies `fault` once; each must arrive exactly once,
-/// in order and intact, and the server's link must have counted a MAC failure.
+/// in order and intact, and the server's link must have counted a tag failure.
 fn survive_fault(fault: Fault) {
     let listener = listener(1, config("host-b"));
     let relay = Relay::start(listener.local_addrs()[0]);
