@@ -51,8 +51,8 @@ pub trait EpochHooks: Send {
     /// Epoch `epoch` is complete and checked; the replica has not changed yet. An error
     /// refuses the epoch (its text goes to the primary).
     fn before_apply(&mut self, epoch: u64) -> Result<(), String>;
-    /// Epoch `epoch` is durable in the replica (its `Ack` follows).
-    fn committed(&mut self, epoch: u64);
+    /// Epoch `epoch` is durable in `replica` (its `Ack` follows).
+    fn committed(&mut self, epoch: u64, replica: &Replica);
 }
 
 /// No hooks: RAM only.
@@ -64,7 +64,7 @@ impl EpochHooks for NoHooks {
         Ok(())
     }
 
-    fn committed(&mut self, _epoch: u64) {}
+    fn committed(&mut self, _epoch: u64, _replica: &Replica) {}
 }
 
 /// The primary of the current session, as its `Hello` said.
@@ -260,7 +260,7 @@ impl Secondary {
                     Ok(()) => {
                         debug!("epoch {epoch} committed ({pages} pages)");
                         if checkpoint {
-                            self.hooks.committed(epoch);
+                            self.hooks.committed(epoch, &self.replica);
                         }
                         Some(Message::Ack { epoch })
                     }

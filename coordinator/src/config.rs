@@ -26,6 +26,7 @@
 //! [[vm.disk]]
 //! image = "/var/lib/ftvm/vm1-disk0.img"
 //! replication_port = 7400
+//! checkpoint_port = 7460   # Level 3: the pair's checkpoint engines meet here
 //! [[vm.nic]]
 //! mac = "52:54:00:12:34:56"
 //! bridge = "vmbr0"
@@ -71,10 +72,19 @@ pub struct HostSection {
     /// The QEMU binary.
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
+    /// Where each VM's guest RAM lives, one file per VM (`DIR/VM.ram`): QEMU maps it,
+    /// shared with the daemons; at Level 3 the checkpoint engine reads it on the primary and
+    /// keeps the replica there on the secondary. A RAM-backed file system (tmpfs).
+    #[serde(default = "default_ram_dir")]
+    pub ram_dir: PathBuf,
 }
 
 fn default_qemu() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
+}
+
+fn default_ram_dir() -> PathBuf {
+    PathBuf::from("/dev/shm/ftvm")
 }
 
 /// Failure detection, in milliseconds.
@@ -202,6 +212,19 @@ pub struct VmSection {
     /// Extra QEMU arguments (kernel, initrd, …), passed as given.
     #[serde(default)]
     pub qemu_args: Vec<String>,
+    /// Level 3: the port the pair's checkpoint engines use on each A-link address (the
+    /// secondary's listens on this host's `[peer] listen` addresses at this port). Needed
+    /// for level 3, and for `ftvm protect --level 3` of a running VM.
+    #[serde(default)]
+    pub checkpoint_port: Option<u16>,
+    /// Level 3: milliseconds from one checkpoint to the next (the guest's output waits
+    /// about this long plus the round trip).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_ms: u64,
+}
+
+fn default_checkpoint_interval() -> u64 {
+    50
 }
 
 fn default_accel() -> String {
@@ -315,7 +338,13 @@ impl Config {
                     format!("NIC {} of VM {:?} (link_port)", nic.mac, vm.name),
                 ))
             });
-            for (port, user) in disks.chain(nics) {
+            let checkpoint = vm.checkpoint_port.map(|port| {
+                (
+                    port,
+                    format!("the checkpoint engines of VM {:?} (checkpoint_port)", vm.name),
+                )
+            });
+            for (port, user) in disks.chain(nics).chain(checkpoint) {
                 if let Some(first) = ports.get(&port) {
                     return Err(format!(
                         "port {port} is used twice, by {first} and by {user}: each needs its \
@@ -342,11 +371,28 @@ impl Config {
                 vm.name
             ));
         }
-        if !matches!(vm.level, 1 | 2) {
+        if !matches!(vm.level, 1..=3) {
             return Err(format!(
                 "VM {:?}: level {} is not supported (1: restart on the peer, 2: also \
-                 component fault tolerance)",
+                 component fault tolerance, 3: also the VM's memory and sessions survive \
+                 the loss of its host)",
                 vm.name, vm.level
+            ));
+        }
+        if vm.level == 3 && vm.checkpoint_port.is_none() {
+            return Err(format!(
+                "VM {:?}: level 3 needs checkpoint_port (the port of the checkpoint engines \
+                 on the A-links, like 7460)",
+                vm.name
+            ));
+        }
+        if vm.checkpoint_port == Some(0) {
+            return Err(format!("VM {:?}: checkpoint_port is 0", vm.name));
+        }
+        if !(1..=60_000).contains(&vm.checkpoint_interval_ms) {
+            return Err(format!(
+                "VM {:?}: checkpoint_interval_ms {} is not 1 to 60000",
+                vm.name, vm.checkpoint_interval_ms
             ));
         }
         if vm.primary != self.host.name && vm.primary != self.peer.name {
@@ -544,8 +590,14 @@ replication_port = 7400
         );
         let address = error_of(&GOOD.replace("10.77.0.3:7600", "witness-host"));
         assert!(address.contains("line 14"), "{address}");
-        let level = error_of(&GOOD.replace("level = 2", "level = 3"));
-        assert!(level.contains("level 3 is not supported"), "{level}");
+        let level = error_of(&GOOD.replace("level = 2", "level = 4"));
+        assert!(level.contains("level 4 is not supported"), "{level}");
+        let port = error_of(&GOOD.replace("level = 2", "level = 3"));
+        assert!(port.contains("level 3 needs checkpoint_port"), "{port}");
+        let level3 = GOOD.replace("level = 2", "level = 3\ncheckpoint_port = 7460");
+        assert_eq!(parse(&level3).expect("level 3").vm[0].checkpoint_port, Some(7460));
+        let twice = error_of(&GOOD.replace("level = 2", "level = 3\ncheckpoint_port = 7400"));
+        assert!(twice.contains("port 7400 is used twice"), "{twice}");
         let primary = error_of(&GOOD.replace("primary = \"hostA\"", "primary = \"hostC\""));
         assert!(primary.contains("neither this host"), "{primary}");
         let same = error_of(&GOOD.replace("name = \"hostB\"", "name = \"hostA\""));

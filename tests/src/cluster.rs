@@ -25,6 +25,8 @@ const FTVMD_PORT: u16 = 7500;
 const REPLICATION_PORT: u16 = 7400;
 /// The NIC's `link_port` when it has a redundant uplink.
 const NIC_LINK_PORT: u16 = 7450;
+/// The VM's `checkpoint_port` (Level 3), set at every level so that a test can raise it.
+const CHECKPOINT_PORT: u16 = 7460;
 
 /// Settings of a cluster.
 #[derive(Debug, Clone)]
@@ -39,6 +41,8 @@ pub struct ClusterOptions {
     /// The NIC (`nic_mac`) has a redundant uplink through the peer: `uplink = "uplink"`
     /// (the port of `vmbr0` to the LAN) and a `link_port`.
     pub nic_redundant_uplink: bool,
+    /// Level 3: `checkpoint_interval_ms`.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for ClusterOptions {
@@ -50,6 +54,7 @@ impl Default for ClusterOptions {
             resync_rate_limit: None,
             nic_mac: None,
             nic_redundant_uplink: false,
+            checkpoint_interval_ms: 50,
         }
     }
 }
@@ -60,6 +65,9 @@ pub struct Cluster {
     ftvmd: [Option<Process>; 2],
     witness: Option<Process>,
     pub hosts: Hosts,
+    /// Each host's `ram_dir` (guest RAM, Level 3 replica) in `/dev/shm`: the hosts share
+    /// one file system here, and RAM files belong in tmpfs.
+    ram_dir: PathBuf,
     pub dir: tempfile::TempDir,
 }
 
@@ -88,6 +96,7 @@ impl Cluster {
                 .expect("chmod psk");
         }
         let initrd = build_initrd(guest, root);
+        let ram_dir = PathBuf::from(format!("/dev/shm/ftvm-test-{}-{name}", std::process::id()));
         let kernel = paths::guest_dir().join("vmlinuz");
         for (index, host) in HOSTS.iter().enumerate() {
             let peer = 1 - index;
@@ -99,6 +108,7 @@ name = "{host}"
 state_dir = "{state}"
 control_socket = "{state}/ftvmd.sock"
 bin_dir = "{bin}"
+ram_dir = "{ram_dir}/{host}"
 
 [peer]
 name = "{peer_name}"
@@ -120,6 +130,8 @@ primary = "hostA"
 memory_mib = {memory}
 vcpus = {cpus}
 accel = "tcg"
+checkpoint_port = {CHECKPOINT_PORT}
+checkpoint_interval_ms = {interval}
 qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet no_timer_check", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
 [[vm.disk]]
 image = "{root}/{host}.img"
@@ -139,6 +151,8 @@ replication_port = {REPLICATION_PORT}
                 own2 = LINK2[index],
                 root = root.display(),
                 timeout = options.peer_timeout_ms,
+                ram_dir = ram_dir.display(),
+                interval = options.checkpoint_interval_ms,
                 level = options.level,
                 memory = guest.memory_mb,
                 cpus = guest.cpus,
@@ -166,6 +180,7 @@ replication_port = {REPLICATION_PORT}
             ftvmd: [None, None],
             witness: None,
             hosts,
+            ram_dir,
             dir,
         }
     }
@@ -312,6 +327,17 @@ replication_port = {REPLICATION_PORT}
             )
     }
 
+    /// A host's checkpoint engine log (Level 3).
+    pub fn checkpoint_log(&self, host: usize) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(HOSTS[host])
+            .join(VM)
+            .join("checkpoint.log");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// The control socket of the VM's first NIC daemon on a host.
     pub fn nic_control(&self, host: usize) -> PathBuf {
         self.dir.path().join(HOSTS[host]).join(VM).join("nic0.ctl")
@@ -412,12 +438,21 @@ impl Drop for Cluster {
             }
         }
         self.stop_witness();
+        let _ = std::fs::remove_dir_all(&self.ram_dir);
         if std::thread::panicking() {
             for (host, name) in HOSTS.iter().enumerate() {
                 eprintln!("---- ftvmd log of {name} ----\n{}", self.log(host));
                 let nic = self.nic_log(host);
                 if !nic.is_empty() {
                     eprintln!("---- NIC daemon log of {name} ----\n{nic}");
+                }
+                let checkpoint = self.checkpoint_log(host);
+                if !checkpoint.is_empty() {
+                    let lines: Vec<&str> = checkpoint.lines().collect();
+                    eprintln!(
+                        "---- checkpoint engine log of {name} (last lines) ----\n{}",
+                        lines[lines.len().saturating_sub(60)..].join("\n")
+                    );
                 }
                 let console = self.console(host);
                 if !console.is_empty() {

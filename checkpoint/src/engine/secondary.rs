@@ -137,16 +137,19 @@ impl EpochHooks for Hooks {
             .map_err(|error| format!("the disks have not sealed epoch {epoch}: {error}"))
     }
 
-    fn committed(&mut self, epoch: u64) {
+    fn committed(&mut self, epoch: u64, replica: &Replica) {
         if let Err(error) = self.disks.commit(epoch) {
             // The epoch stays sealed in the disk's journal: applied at the next commit or
             // at promotion (`promote GEN N*`).
             warn!("checkpoint {epoch} committed, but a disk did not take the commit: {error}");
         }
         *daemon_util::lock(&self.shared.last_epoch_at) = Some(Instant::now());
+        let (generation, restorable) = (replica.committed().generation, replica.restorable());
         self.shared.update(|status| {
             status.committed_epoch = epoch;
             status.epochs_applied += 1;
+            status.generation = generation;
+            status.restorable = restorable;
         });
     }
 }

@@ -663,7 +663,7 @@ impl crate::secondary::EpochHooks for RecordingHooks {
         Ok(())
     }
 
-    fn committed(&mut self, epoch: u64) {
+    fn committed(&mut self, epoch: u64, _replica: &Replica) {
         self.calls
             .lock()
             .expect("lock")

@@ -40,11 +40,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Protect a VM defined in the configuration at a level, with the peer host.
+    /// Protect a VM defined in the configuration at a level, with the peer host; on a
+    /// protected VM, change its level while it runs (on its primary; 2 to 3 and back
+    /// without a restart).
     Protect {
         vm: String,
-        /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link.
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+        /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link;
+        /// 3: also keep the VM running through the loss of its host, memory and TCP
+        /// sessions included (continuous checkpoints; needs checkpoint_port).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
         level: u8,
         /// The peer host (must be the one in ftvmd's configuration).
         #[arg(long)]
@@ -228,8 +232,45 @@ fn table(status: &HostStatus) -> String {
         for nic in &vm.nics {
             out.push_str(&format!("  nic {}: {}\n", nic.mac, nic_line(nic)));
         }
+        if let Some(checkpoint) = &vm.checkpoint {
+            out.push_str(&format!("  checkpoints: {}\n", checkpoint_line(checkpoint)));
+        } else if vm.level == 3 {
+            out.push_str("  checkpoints: no engine runs here\n");
+        }
     }
     out
+}
+
+/// The Level 3 engine's state on this host, in words.
+fn checkpoint_line(status: &serde_json::Value) -> String {
+    let text = |key: &str| status[key].as_str().unwrap_or("?").to_owned();
+    let mut line = format!("{} {}", text("role"), text("state"));
+    if status["role"] == "primary" {
+        let stats = &status["stats"];
+        if let Some(epoch) = stats["committed_epoch"].as_u64() {
+            line.push_str(&format!(
+                ", committed epoch {epoch}, {:.1}/s, pause p50 {:.1} ms p99 {:.1} ms, {} in flight",
+                stats["epochs_per_second"].as_f64().unwrap_or(0.0),
+                stats["pause_p50_ms"].as_f64().unwrap_or(0.0),
+                stats["pause_p99_ms"].as_f64().unwrap_or(0.0),
+                stats["lag_epochs"].as_u64().unwrap_or(0),
+            ));
+        }
+    } else {
+        line.push_str(&format!(
+            ", replica at epoch {}{}",
+            status["committed_epoch"].as_u64().unwrap_or(0),
+            if status["restorable"] == true {
+                " (restorable)"
+            } else {
+                " (NOT restorable yet: first full copy)"
+            }
+        ));
+    }
+    if let Some(problem) = status["problem"].as_str() {
+        line.push_str(&format!(": {problem}"));
+    }
+    line
 }
 
 /// A NIC's state on this host, in words: where its frames go, and what is wrong.

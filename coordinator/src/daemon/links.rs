@@ -36,6 +36,8 @@ pub struct VmBeat {
     pub sync_percent: Option<f64>,
     /// The sender's view; the secondary follows its primary's.
     pub protected: bool,
+    /// The protection level (the secondary follows its primary's).
+    pub level: u8,
 }
 
 /// Between the two `ftvmd`s.

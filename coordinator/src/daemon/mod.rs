@@ -32,7 +32,9 @@ use log::info;
 use self::control::{HostStatus, Reply, Request};
 use self::events::Events;
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
-use self::processes::{DiskSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec};
+use self::processes::{
+    DiskSpec, EngineSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec,
+};
 use self::vm::{Context, Pair, VmRunner};
 use crate::config::Config;
 use crate::host::{HostConfig, Role};
@@ -296,8 +298,38 @@ impl Daemon {
                     .collect(),
                 console: dir.join("console.log"),
                 qmp: dir.join("qmp.sock"),
+                engine_qmp: dir.join("engine-qmp.sock"),
+                ram_file: self
+                    .config
+                    .host
+                    .ram_dir
+                    .join(format!("{}.ram", section.name)),
+                ram_track: Some(bin_dir.join("libftvm_ram_track.so"))
+                    .filter(|library| library.exists())
+                    .map(|library| (library, dir.join("ram-track.sock"))),
+                incoming: false,
                 log: dir.join("qemu.log"),
                 extra_args: section.qemu_args.clone(),
+            };
+            let engine = EngineSpec {
+                binary: bin_dir.join("ftvm-checkpoint"),
+                vm: section.name.clone(),
+                control: dir.join("checkpoint.ctl"),
+                log: dir.join("checkpoint.log"),
+                state_dir: dir.join("replica"),
+                ram_file: vm_spec.ram_file.clone(),
+                ram_mib: section.memory_mib,
+                ram_track: dir.join("ram-track.sock"),
+                qmp: vm_spec.engine_qmp.clone(),
+                disks: disks.iter().map(|disk| disk.control.clone()).collect(),
+                nics: nics.iter().map(|nic| nic.control.clone()).collect(),
+                port: section.checkpoint_port,
+                peer: self.config.peer.addresses.clone(),
+                listen: self.config.peer.listen.clone(),
+                psk_file: self.config.peer.psk_file.clone(),
+                host_name: self.config.host.name.clone(),
+                peer_name: self.config.peer.name.clone(),
+                interval_ms: section.checkpoint_interval_ms,
             };
             let runner = VmRunner::new(
                 section.name.clone(),
@@ -309,6 +341,7 @@ impl Daemon {
                 disks,
                 nics,
                 vm_spec,
+                engine,
                 now,
                 &mut self.io.events,
             )?;
@@ -558,10 +591,11 @@ impl Daemon {
                         self.config.host.name, self.config.peer.name
                     ));
                 }
-                if !matches!(level, 1 | 2) {
+                if !matches!(level, 1..=3) {
                     return Reply::Error(format!(
-                        "level {level} is not supported: 1 (restart on the peer) or 2 (also \
-                         component fault tolerance)"
+                        "level {level} is not supported: 1 (restart on the peer), 2 (also \
+                         component fault tolerance) or 3 (also the VM's memory and sessions \
+                         survive the loss of its host)"
                     ));
                 }
                 let mut context = self.io.context(now);

@@ -63,6 +63,12 @@ impl Supervised {
         }
     }
 
+    /// SIGKILL at once; reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then SIGKILL after a grace period; always reaps.
     pub fn stop(&mut self) {
         if let Ok(Some(_)) = self.child.try_wait() {
@@ -200,6 +206,105 @@ pub fn start_nic(spec: &NicSpec) -> io::Result<Supervised> {
     spawn_logged(&mut command, &spec.log)
 }
 
+/// Everything needed to run a VM's Level 3 checkpoint engine (`ftvm-checkpoint`) here:
+/// `primary` where the VM runs, `secondary` (the replica) on the other host.
+#[derive(Clone, Debug)]
+pub struct EngineSpec {
+    pub binary: PathBuf,
+    pub vm: String,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    /// The secondary's committed record (the last checkpoint's device state).
+    pub state_dir: PathBuf,
+    /// The guest's RAM file on the primary; the replica on the secondary (the same path:
+    /// a restore's QEMU maps the replica in place).
+    pub ram_file: PathBuf,
+    pub ram_mib: u32,
+    /// The RAM tracking library's socket inside QEMU.
+    pub ram_track: PathBuf,
+    /// QEMU's monitor for the engine.
+    pub qmp: PathBuf,
+    /// The control sockets of the VM's disk daemons and NIC daemons here.
+    pub disks: Vec<PathBuf>,
+    pub nics: Vec<PathBuf>,
+    /// `checkpoint_port`: none, no Level 3.
+    pub port: Option<u16>,
+    /// The peer's A-link addresses (their ports are replaced by `port`).
+    pub peer: Vec<SocketAddr>,
+    /// This host's A-link addresses (likewise).
+    pub listen: Vec<SocketAddr>,
+    pub psk_file: PathBuf,
+    pub host_name: String,
+    pub peer_name: String,
+    pub interval_ms: u64,
+}
+
+/// Starts a checkpoint engine: `primary` (at `generation`, the fencing token the replica
+/// checks) or `secondary`.
+pub fn start_engine(spec: &EngineSpec, role: Role, generation: u64) -> io::Result<Supervised> {
+    let Some(port) = spec.port else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no checkpoint_port is configured",
+        ));
+    };
+    let at_port = |addresses: &[SocketAddr]| {
+        addresses
+            .iter()
+            .map(|address| SocketAddr::new(address.ip(), port).to_string())
+            .collect::<Vec<_>>()
+    };
+    let mut command = Command::new(&spec.binary);
+    match role {
+        Role::Primary => {
+            command
+                .args(["primary", "--vm", &spec.vm])
+                .arg("--qmp")
+                .arg(&spec.qmp)
+                .arg("--ram")
+                .arg(&spec.ram_file)
+                .arg("--ram-track")
+                .arg(&spec.ram_track)
+                .arg("--generation")
+                .arg(generation.to_string())
+                .arg("--interval-ms")
+                .arg(spec.interval_ms.to_string());
+            for nic in &spec.nics {
+                command.arg("--nic").arg(nic);
+            }
+            for peer in at_port(&spec.peer) {
+                command.arg("--peer").arg(peer);
+            }
+        }
+        Role::Secondary => {
+            command
+                .args(["secondary", "--vm", &spec.vm])
+                .arg("--ram")
+                .arg(&spec.ram_file)
+                .arg("--ram-mib")
+                .arg(spec.ram_mib.to_string())
+                .arg("--state-dir")
+                .arg(&spec.state_dir)
+                .arg("--peer-id")
+                .arg(&spec.peer_name);
+            for listen in at_port(&spec.listen) {
+                command.arg("--listen").arg(listen);
+            }
+        }
+    }
+    for disk in &spec.disks {
+        command.arg("--disk").arg(disk);
+    }
+    command
+        .arg("--psk-file")
+        .arg(&spec.psk_file)
+        .arg("--host-id")
+        .arg(&spec.host_name)
+        .arg("--control")
+        .arg(&spec.control);
+    spawn_logged(&mut command, &spec.log)
+}
+
 /// What the launcher needs to start a VM.
 #[derive(Clone, Debug)]
 pub struct VmSpec {
@@ -215,6 +320,17 @@ pub struct VmSpec {
     pub console: PathBuf,
     /// QEMU's QMP socket, for pausing and resuming the guest.
     pub qmp: PathBuf,
+    /// A second QMP monitor, the checkpoint engine's (Level 3): QEMU serves one client per
+    /// monitor, and the engine keeps its connection.
+    pub engine_qmp: PathBuf,
+    /// The guest's RAM, a file shared with the daemons (and read by the Level 3 engine).
+    pub ram_file: PathBuf,
+    /// The Level 3 RAM tracking library (`LD_PRELOAD`) and its socket, when installed: QEMU
+    /// always runs with it, so that Level 3 can start on a running VM.
+    pub ram_track: Option<(PathBuf, PathBuf)>,
+    /// Start QEMU waiting for an incoming migration (`-incoming defer`): the Level 3
+    /// restore of a replica, whose RAM file is kept as it is.
+    pub incoming: bool,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
 }
@@ -259,7 +375,10 @@ impl QemuLauncher {
             "-m".into(),
             format!("{memory}M"),
             "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
+            format!(
+                "memory-backend-file,id=mem,size={memory}M,mem-path={},share=on",
+                spec.ram_file.display()
+            ),
             "-machine".into(),
             "memory-backend=mem".into(),
             "-nodefaults".into(),
@@ -272,7 +391,17 @@ impl QemuLauncher {
             "chardev:console".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", spec.qmp.display()),
+            "-chardev".into(),
+            format!(
+                "socket,id=engine-qmp,path={},server=on,wait=off",
+                spec.engine_qmp.display()
+            ),
+            "-mon".into(),
+            "chardev=engine-qmp,mode=control".into(),
         ];
+        if spec.incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         for (index, (socket, queues)) in spec.disks.iter().enumerate() {
             args.extend([
                 "-chardev".into(),
@@ -308,8 +437,24 @@ impl QemuLauncher {
 
 impl VmLauncher for QemuLauncher {
     fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>> {
+        if let Some(dir) = spec.ram_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if !spec.incoming {
+            // A fresh boot gets fresh memory, never a stale replica's or a past run's.
+            match std::fs::remove_file(&spec.ram_file) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
         let mut command = Command::new(&self.binary);
         command.args(QemuLauncher::args(spec));
+        if let Some((library, socket)) = &spec.ram_track {
+            command
+                .env("LD_PRELOAD", library)
+                .env("FTVM_RAM_TRACK_SOCKET", socket);
+        }
         Ok(Box::new(QemuVm {
             process: spawn_logged(&mut command, &spec.log)?,
             qmp: spec.qmp.clone(),

@@ -19,6 +19,9 @@ pub struct VmState {
     /// nothing, and the witness refuses every other host's claim.
     #[serde(default = "protected_by_default")]
     pub protected: bool,
+    /// The level `ftvm protect --level` set (none: the configuration's).
+    #[serde(default)]
+    pub level: Option<u8>,
 }
 
 fn protected_by_default() -> bool {
@@ -82,6 +85,7 @@ mod tests {
             role: Role::Secondary,
             generation: 7,
             protected: false,
+            level: Some(3),
         };
         file.save(&state).expect("save");
         assert_eq!(file.load().expect("load"), Some(state));

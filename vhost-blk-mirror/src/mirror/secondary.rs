@@ -569,10 +569,13 @@ impl Secondary {
     pub fn promote(&self, generation: Option<u64>) -> Result<u64, String> {
         let generation = self.check_promotable(generation)?;
         if self.lock_epochs().buffered() {
-            return Err(
-                "Level 3 epochs are buffered here: promote with the replica's last epoch \
-                 (`promote GENERATION EPOCH`), which applies those up to it and drops the rest"
-                    .into(),
+            // A Level 2 takeover (the replica's memory is not restored): every write the
+            // primary acknowledged counts, those of checkpoints that never committed too.
+            // A restore promotes with the replica's epoch instead (`promote GEN EPOCH`).
+            self.leave_level3()?;
+            warn!(
+                "event: promotion without a checkpoint: every buffered Level 3 write applied \
+                 (the VM boots from this disk)"
             );
         }
         let header = self.metadata.header();

@@ -36,6 +36,9 @@ impl VmRunner {
                 self.name
             ));
         }
+        if level == 3 {
+            self.check_level3()?;
+        }
         if self.state.protected {
             if self.level == level {
                 return Ok(format!(
@@ -43,12 +46,23 @@ impl VmRunner {
                     self.name, self.pair.peer
                 ));
             }
-            self.level = level;
-            context
-                .events
-                .info(&self.name, format!("protection level set to {level}"));
+            if self.state.role != Role::Primary {
+                return Err(format!(
+                    "{} is not primary here; run `ftvm protect {} --level {level}` on {}",
+                    self.name, self.name, self.pair.peer
+                ));
+            }
+            let before = self.level;
+            self.set_level(level, context);
+            let how = match (before, level) {
+                (_, 3) => {
+                    "checkpoints start once both copies are in sync (`ftvm status` shows them)"
+                }
+                (3, _) => "checkpoints stop; the guest's held output is released",
+                _ => "nothing to restart",
+            };
             return Ok(format!(
-                "{} now protected at level {level} with {}",
+                "{} now protected at level {level} with {} ({how})",
                 self.name, self.pair.peer
             ));
         }
@@ -60,6 +74,52 @@ impl VmRunner {
              resyncs next",
             self.name, self.pair.peer
         ))
+    }
+
+    /// Level 3 needs the engine's port, the engine and QEMU's RAM tracking.
+    fn check_level3(&self) -> Result<(), String> {
+        if self.engine.spec.port.is_none() {
+            return Err(format!(
+                "{} has no checkpoint_port: add one to its [[vm]] section on both hosts (a \
+                 free port on the A-links, like 7460) and restart ftvmd",
+                self.name
+            ));
+        }
+        if !self.engine.spec.binary.exists() {
+            return Err(format!(
+                "{} is missing: Level 3 needs the checkpoint engine (see bin_dir)",
+                self.engine.spec.binary.display()
+            ));
+        }
+        if self.vm_spec.ram_track.is_none() {
+            return Err(
+                "libftvm_ram_track.so is missing from bin_dir: QEMU runs without the RAM \
+                 tracking Level 3 needs (install it, restart ftvmd and the VM)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Sets and saves the level (the secondary follows it in the heartbeat).
+    fn set_level(&mut self, level: u8, context: &mut Context<'_>) {
+        self.level = level;
+        let (role, generation, protected) =
+            (self.state.role, self.state.generation, self.state.protected);
+        self.save_state(role, generation, protected, context.events);
+        context
+            .events
+            .info(&self.name, format!("protection level set to {level}"));
+    }
+
+    /// A secondary follows its primary's level (announced in its heartbeat).
+    pub(super) fn follow_level(&mut self, beat: &VmBeat, context: &mut Context<'_>) {
+        if self.state.role == Role::Secondary
+            && beat.role == Role::Primary
+            && beat.level != self.level
+        {
+            self.set_level(beat.level, context);
+        }
     }
 
     fn check_primary_for(&self, what: &str, context: &Context<'_>) -> Result<(), String> {

@@ -234,12 +234,21 @@ impl DiskDaemon {
 
     /// `promote GEN`; the result comes back as `Done::Ticket`.
     pub fn promote(&mut self, ticket: u64, generation: Generation) {
+        self.promote_with(ticket, disk::Order::Promote(Some(generation)));
+    }
+
+    /// As [`DiskDaemon::promote`], at a Level 3 checkpoint: the epochs the copy buffered
+    /// up to `epoch` are applied, the later ones dropped (`promote GEN EPOCH`).
+    pub fn promote_at(&mut self, ticket: u64, generation: Generation, epoch: u64) {
+        self.promote_with(ticket, disk::Order::PromoteAtEpoch { generation, epoch });
+    }
+
+    fn promote_with(&mut self, ticket: u64, order: disk::Order) {
         let (index, control) = (self.index, self.spec.control.clone());
         self.agent.run("promote", move |child| {
             let result = match child.as_mut() {
                 None => Err("the daemon does not run".to_owned()),
-                Some(process) => disk_order(&control, disk::Order::Promote(Some(generation)))
-                    .map(|_| process.role = Role::Primary),
+                Some(process) => disk_order(&control, order).map(|_| process.role = Role::Primary),
             };
             let status = fresh_status(&control);
             report(index, child, status, Done::Ticket { ticket, result })

@@ -275,6 +275,10 @@ impl VmRunner {
         let Some(pending) = self.pending.take() else {
             return;
         };
+        if pending.failure.is_some() {
+            // The restore waited for this promotion.
+            self.restore = None;
+        }
         match (pending.what, pending.failure) {
             (PendingKind::Promote, Some(error)) => context.events.error(
                 &self.name,
@@ -290,7 +294,7 @@ impl VmRunner {
                 self.serving = true;
                 if self.guest.present() {
                     self.resume_guest(context.events, "its disks serve again");
-                } else {
+                } else if !self.launch_for_restore(context) {
                     self.start_vm(context);
                 }
             }
@@ -298,7 +302,7 @@ impl VmRunner {
     }
 
     /// Starts a request to every disk daemon that the VM waits for.
-    fn begin(&mut self, what: PendingKind) -> u64 {
+    pub(super) fn begin(&mut self, what: PendingKind) -> u64 {
         self.next_ticket += 1;
         self.pending = Some(Pending {
             ticket: self.next_ticket,
@@ -475,6 +479,7 @@ impl VmRunner {
     fn apply_fence(&mut self, events: &mut Events) {
         self.holding_since = None;
         self.pending = None;
+        self.restore = None;
         for disk in &mut self.disks {
             disk.order(disk::Order::Fence);
         }
@@ -502,6 +507,13 @@ impl VmRunner {
             ),
             "",
         );
+        if !self.begin_restore(generation, context.events) {
+            self.promote_disks(generation);
+        }
+    }
+
+    /// Promotes every disk at `generation`; the VM starts once all have answered.
+    pub(super) fn promote_disks(&mut self, generation: Generation) {
         let ticket = self.begin(PendingKind::Promote);
         for disk in &mut self.disks {
             disk.promote(ticket, generation);
@@ -514,6 +526,7 @@ impl VmRunner {
         self.stop_vm(events, "another host is primary");
         self.serving = false;
         self.pending = None;
+        self.restore = None;
         self.save_state(Role::Secondary, generation, true, events);
         events.warn(
             &self.name,

@@ -4,6 +4,7 @@
 mod commands;
 mod disk_daemons;
 mod disks;
+mod level3;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -17,13 +18,14 @@ use serde::{Deserialize, Serialize};
 use super::events::Events;
 use super::links::{PeerLink, VmBeat, WitnessLink};
 use super::nics::{NicStatus, Nics};
-use super::processes::{touch, DiskSpec, NicSpec, VmLauncher, VmSpec};
+use super::processes::{touch, DiskSpec, EngineSpec, NicSpec, VmLauncher, VmSpec};
 use super::state::{StateFile, VmState};
 use crate::host::{Action, DiskView, Host, HostConfig, Mode, Role};
 use crate::witness::{Claim, Grant, Verdict};
 use crate::witness_daemon::{HostPair, WitnessRequest};
 use crate::{Generation, HostId, Millis};
 use disk_daemons::{DiskDaemon, DiskReport};
+use level3::{Engine, Restore};
 use qemu::Guest;
 
 /// How often the disk daemons are asked for their status.
@@ -67,6 +69,10 @@ pub struct VmStatus {
     /// Each NIC: its daemon here and the path the guest's frames take.
     #[serde(default)]
     pub nics: Vec<NicStatus>,
+    /// Level 3: the checkpoint engine's own `status` here (epochs, pauses, the replica),
+    /// while one runs.
+    #[serde(default)]
+    pub checkpoint: Option<serde_json::Value>,
 }
 
 /// Names of the two hosts and which [`HostId`] each is (by name order).
@@ -125,6 +131,7 @@ fn open_state(dir: &Path, name: &str, role: Role) -> Result<(StateFile, VmState)
                 role,
                 generation: 1,
                 protected: true,
+                level: None,
             };
             state_file
                 .save(&state)
@@ -176,6 +183,10 @@ pub struct VmRunner {
     started_at: Millis,
     /// Per disk, the copy failure last reported as an event (so each is reported once).
     reported_failures: Vec<Option<String>>,
+    /// The Level 3 checkpoint engine, with its agent thread.
+    engine: Engine,
+    /// A Level 3 failover (restore from the replica) under way.
+    restore: Option<Restore>,
 }
 
 impl VmRunner {
@@ -190,6 +201,7 @@ impl VmRunner {
         disk_specs: Vec<DiskSpec>,
         nic_specs: Vec<NicSpec>,
         vm_spec: VmSpec,
+        engine_spec: EngineSpec,
         now: Millis,
         events: &mut Events,
     ) -> Result<VmRunner, String> {
@@ -199,6 +211,8 @@ impl VmRunner {
             Role::Secondary
         };
         let (state_file, state) = open_state(&dir, &name, first_role)?;
+        // `ftvm protect --level` outlives restarts.
+        let level = state.level.unwrap_or(level);
         touch(&vm_spec.console)
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
@@ -216,6 +230,8 @@ impl VmRunner {
             pending: None,
             next_ticket: 0,
             guest: Guest::new(&name)?,
+            engine: Engine::new(&name, engine_spec)?,
+            restore: None,
             name,
             level,
             first_primary,
@@ -282,8 +298,9 @@ impl VmRunner {
 
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
-        self.take_guest_reports(context.events);
+        self.take_guest_reports(context);
         self.take_disk_reports(context);
+        self.tick_level3(context);
         self.announce_due();
         self.nics.poll(context.events);
         if !self.state.protected {
@@ -380,6 +397,7 @@ impl VmRunner {
 
     pub fn on_beat(&mut self, beat: VmBeat, context: &mut Context<'_>) {
         self.follow_protection(&beat, context);
+        self.follow_level(&beat, context);
         if !self.state.protected {
             self.peer_beat = Some((beat, context.now));
             return;
@@ -444,6 +462,7 @@ impl VmRunner {
             state: self.state_word(),
             sync_percent: self.own_sync_percent(),
             protected: self.state.protected,
+            level: self.level,
         }
     }
 
@@ -480,6 +499,7 @@ impl VmRunner {
             disk_pids: self.disks.iter().map(DiskDaemon::pid).collect(),
             disks: self.disks.iter().map(|disk| disk.status.clone()).collect(),
             nics: self.nics.status(),
+            checkpoint: self.level3_status(),
         }
     }
 
@@ -532,6 +552,7 @@ impl VmRunner {
             role,
             generation,
             protected,
+            level: Some(self.level),
         };
         match self.state_file.save(&state) {
             Ok(()) => {

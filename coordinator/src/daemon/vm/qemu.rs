@@ -125,6 +125,7 @@ impl VmRunner {
     /// the peer unprotected the VM). Never waits: the agents do the stopping.
     pub fn shutdown(&mut self, events: &mut Events) {
         self.stop_vm(events, "ftvmd stopping");
+        self.stop_engine_now();
         self.nics.stop_unwanted(Need::Nothing);
         self.serving = false;
         self.pending = None;
@@ -139,6 +140,7 @@ impl VmRunner {
 
     /// Waits until every agent has stopped its process (ftvmd stops).
     pub fn finish(self) {
+        self.engine.finish();
         self.guest.finish();
         self.nics.finish();
         for disk in self.disks {
@@ -171,10 +173,11 @@ impl VmRunner {
     }
 
     /// Takes the reports of QEMU's agent.
-    pub(super) fn take_guest_reports(&mut self, events: &mut Events) {
+    pub(super) fn take_guest_reports(&mut self, context: &mut Context<'_>) {
         while let Ok(report) = self.guest.results.try_recv() {
+            let events = &mut *context.events;
             match report {
-                GuestReport::Launched(result) => self.on_launched(result, events),
+                GuestReport::Launched(result) => self.on_launched(result, context),
                 GuestReport::Paused(Err(error)) => events.error(
                     &self.name,
                     format!("cannot pause the guest: {error}"),
@@ -204,7 +207,7 @@ impl VmRunner {
         }
     }
 
-    fn on_launched(&mut self, result: Result<u32, String>, events: &mut Events) {
+    fn on_launched(&mut self, result: Result<u32, String>, context: &mut Context<'_>) {
         if !self.guest.launching {
             return; // stopped meanwhile
         }
@@ -212,28 +215,44 @@ impl VmRunner {
         match result {
             Ok(pid) => {
                 self.guest.pid = Some(pid);
+                let restoring = self.on_launched_for_restore();
+                let events = &mut *context.events;
                 events.info(
                     &self.name,
-                    format!("VM started on {} (pid {pid})", self.pair.me),
+                    if restoring {
+                        format!(
+                            "QEMU started on {} (pid {pid}) to receive the replica",
+                            self.pair.me
+                        )
+                    } else {
+                        format!("VM started on {} (pid {pid})", self.pair.me)
+                    },
                 );
-                // The LAN must learn at once that the VM's MACs are here now; repeated,
-                // as QEMU's announce-self does, in case the first frames are lost.
-                let now = Instant::now();
-                self.announce_at = [0, 1000, 3000]
-                    .iter()
-                    .map(|&ms| now + Duration::from_millis(ms))
-                    .collect();
-                self.announce_due();
+                self.announce_again();
                 if !self.guest_may_run() {
                     self.pause_guest(events, "this host holds its writes");
                 }
             }
-            Err(error) => events.error(
-                &self.name,
-                format!("cannot start the VM: {error}"),
-                "check the qemu setting and the VM's qemu_args",
-            ),
+            Err(error) => {
+                context.events.error(
+                    &self.name,
+                    format!("cannot start the VM: {error}"),
+                    "check the qemu setting and the VM's qemu_args",
+                );
+                self.on_launch_failed_during_restore(error, context);
+            }
         }
+    }
+
+    /// The LAN must learn at once that the VM's MACs are here now; repeated, as QEMU's
+    /// announce-self does, in case the first frames are lost.
+    pub(super) fn announce_again(&mut self) {
+        let now = Instant::now();
+        self.announce_at = [0, 1000, 3000]
+            .iter()
+            .map(|&ms| now + Duration::from_millis(ms))
+            .collect();
+        self.announce_due();
     }
 
     /// Whether this host may let its guest run: unprotected, or a primary that mirrors or

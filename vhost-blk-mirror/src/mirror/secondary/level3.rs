@@ -532,7 +532,7 @@ impl Secondary {
     }
 
     /// Applies everything buffered, sealed or not, in order, and goes back to Level 2.
-    fn leave_level3(&self) -> Result<(), String> {
+    pub(super) fn leave_level3(&self) -> Result<(), String> {
         let _applying = self.applying();
         let (batch, reader) = self.batch(|epochs| Ok(epochs.everything()))?;
         let applied = self.apply_batch(&batch, reader.as_ref())?;

@@ -1,0 +1,500 @@
+//! Level 3 on this host: the VM's checkpoint engine (`ftvm-checkpoint`) and the failover
+//! that restores the VM from its replica instead of booting it.
+//!
+//! - The primary runs the engine as `primary` while the VM runs here mirrored and both
+//!   copies are in sync; the secondary runs it as `secondary` (the replica) while the VM is
+//!   protected.
+//! - A primary engine is stopped gracefully (`SIGTERM`: the output it holds goes out, the
+//!   VM runs on at Level 2) only when that output may go out: the operator lowered the
+//!   level, or the witness granted this host the VM without its peer. Anywhere else (fenced,
+//!   the VM stopped or handed over) it is killed: frames of checkpoints the peer never
+//!   acknowledged must never reach the LAN, the peer may be restoring an older one.
+//! - After the witness's grant, a secondary with a restorable replica `freeze`s it, promotes
+//!   the disks at its epoch (`promote GEN EPOCH`: later epochs dropped, so the disks match
+//!   the memory), starts QEMU with `-incoming defer` on the replica RAM file and has the
+//!   engine `restore` into it: the guest goes on from the checkpoint. Without a restorable
+//!   replica (its first full copy never finished) the VM boots from its disk as at Level 2.
+//!
+//! The engine has its own agent thread: its process and control socket never hold up the
+//! deciding thread.
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Context, PendingKind, VmRunner};
+use crate::daemon::agent::Agent;
+use crate::daemon::control_client::{self, AskError};
+use crate::daemon::events::Events;
+use crate::daemon::processes::{start_engine, EngineSpec, Supervised};
+use crate::host::{Mode, Role};
+use crate::Generation;
+
+/// How often a running engine is asked for its status.
+const POLL: Duration = Duration::from_millis(500);
+/// Least time between two starts of the engine, doubled after each failure up to the most.
+const RESTART_BACKOFF: Duration = Duration::from_secs(2);
+const MOST_BACKOFF: Duration = Duration::from_secs(30);
+/// How long `status` and `freeze` may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a restore may take (device state and the replica's pages into a new QEMU).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the engine's control socket, and QEMU's monitor for it, may take to appear.
+const SOCKET_WAIT: Duration = Duration::from_secs(20);
+
+/// What one job of the engine's agent did.
+#[derive(Debug)]
+pub(super) enum EngineReport {
+    Started(Result<(u32, Role), String>),
+    Polled(Result<Value, String>),
+    /// `freeze`: the replica's checkpoint (epoch) if it is restorable, or why not.
+    Frozen(Result<u64, String>),
+    Restored(Result<Value, String>),
+    Stopped,
+    Ended(u32, String),
+}
+
+/// The VM's checkpoint engine as the deciding thread sees it.
+#[derive(Debug)]
+pub(super) struct Engine {
+    pub spec: EngineSpec,
+    agent: Agent<Supervised, EngineReport>,
+    results: Receiver<EngineReport>,
+    /// The running engine's pid and role.
+    running: Option<(u32, Role)>,
+    /// A start is queued and not reported yet.
+    starting: Option<Role>,
+    last_start: Option<Instant>,
+    /// Starts that failed (or engines that ended) in a row.
+    failures: u32,
+    /// The last failure reported as an event (the same one is not reported again).
+    last_failure: Option<String>,
+    last_poll: Option<Instant>,
+    /// The engine's last `status`.
+    pub status: Option<Value>,
+}
+
+/// A Level 3 failover under way on this host (the former secondary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Restore {
+    /// `freeze` asked; the disks are promoted at the answer's epoch.
+    Freezing { generation: Generation },
+    /// The disks are being promoted at `epoch`.
+    Promoting { epoch: u64 },
+    /// QEMU is started with `-incoming defer`; then the engine restores into it.
+    Launching { epoch: u64 },
+    /// `restore` asked.
+    Restoring { epoch: u64 },
+}
+
+impl Engine {
+    pub fn new(vm: &str, spec: EngineSpec) -> Result<Engine, String> {
+        let (sender, results) = mpsc::channel();
+        let agent = Agent::start(&format!("{vm}-checkpoint"), sender, EngineReport::Ended)
+            .map_err(|error| format!("cannot start a thread: {error}"))?;
+        Ok(Engine {
+            spec,
+            agent,
+            results,
+            running: None,
+            starting: None,
+            last_start: None,
+            failures: 0,
+            last_failure: None,
+            last_poll: None,
+            status: None,
+        })
+    }
+
+    /// The role of the engine running here or being started.
+    pub fn role(&self) -> Option<Role> {
+        self.starting.or(self.running.map(|(_, role)| role))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.running.map(|(pid, _)| pid)
+    }
+
+    fn start(&mut self, role: Role, generation: Generation) {
+        let backoff = RESTART_BACKOFF
+            .saturating_mul(1 << self.failures.min(4))
+            .min(MOST_BACKOFF);
+        if self.last_start.is_some_and(|last| last.elapsed() < backoff) {
+            return;
+        }
+        self.last_start = Some(Instant::now());
+        self.starting = Some(role);
+        self.status = None;
+        let spec = self.spec.clone();
+        self.agent.run("start", move |child| {
+            if let Some(mut old) = child.take() {
+                old.stop();
+            }
+            // A control socket left by a killed engine would be taken for the new one's.
+            let _ = std::fs::remove_file(&spec.control);
+            if let Some(dir) = spec.ram_file.parent() {
+                if let Err(error) = std::fs::create_dir_all(dir) {
+                    return EngineReport::Started(Err(format!(
+                        "cannot create {}: {error}",
+                        dir.display()
+                    )));
+                }
+            }
+            match start_engine(&spec, role, generation) {
+                Ok(mut process) => {
+                    let pid = process.pid();
+                    let deadline = Instant::now() + SOCKET_WAIT;
+                    while !spec.control.exists() && Instant::now() < deadline {
+                        if let Some(status) = process.exited() {
+                            return EngineReport::Started(Err(format!(
+                                "it ended at once ({status}); see {}",
+                                spec.log.display()
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    *child = Some(process);
+                    EngineReport::Started(Ok((pid, role)))
+                }
+                Err(error) => EngineReport::Started(Err(error.to_string())),
+            }
+        });
+    }
+
+    /// Stops the engine: `graceful` with SIGTERM (a primary releases the output it holds),
+    /// else SIGKILL (nothing it holds goes out).
+    fn stop(&mut self, graceful: bool) {
+        if self.role().is_none() {
+            return;
+        }
+        self.running = None;
+        self.starting = None;
+        self.status = None;
+        self.agent.run("stop", move |child| {
+            if let Some(mut process) = child.take() {
+                if graceful {
+                    process.stop();
+                } else {
+                    process.kill();
+                }
+            }
+            EngineReport::Stopped
+        });
+    }
+
+    fn poll(&mut self) {
+        if self.running.is_none()
+            || !self.agent.idle()
+            || self.last_poll.is_some_and(|last| last.elapsed() < POLL)
+        {
+            return;
+        }
+        self.last_poll = Some(Instant::now());
+        let control = self.spec.control.clone();
+        self.agent.run("status", move |_| {
+            EngineReport::Polled(ask(&control, "status", ASK_TIMEOUT))
+        });
+    }
+
+    /// Whether `failure` is news (an event), or the same as last time (a log line).
+    fn failed(&mut self, failure: &str) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let news = self.last_failure.as_deref() != Some(failure);
+        self.last_failure = Some(failure.to_owned());
+        news
+    }
+
+    fn freeze(&mut self) {
+        let control = self.spec.control.clone();
+        self.agent.run("freeze", move |_| {
+            let frozen = ask(&control, "freeze", ASK_TIMEOUT).and_then(|answer| {
+                let epoch = answer["epoch"].as_u64();
+                match (answer["restorable"].as_bool(), epoch) {
+                    (Some(true), Some(epoch)) => Ok(epoch),
+                    _ => Err(format!("the replica is not restorable: {answer}")),
+                }
+            });
+            EngineReport::Frozen(frozen)
+        });
+    }
+
+    fn restore(&mut self) {
+        let control = self.spec.control.clone();
+        let qmp = self.spec.qmp.clone();
+        self.agent.run("restore", move |_| {
+            wait_for_socket(&qmp);
+            let command = format!("restore {}", qmp.display());
+            EngineReport::Restored(ask(&control, &command, RESTORE_TIMEOUT))
+        });
+    }
+
+    /// Waits for the queued jobs, stops the engine and ends the agent (ftvmd stops).
+    pub fn finish(self) {
+        self.agent.finish();
+    }
+}
+
+fn ask(control: &Path, command: &str, timeout: Duration) -> Result<Value, String> {
+    control_client::ask::<Value>(control, &command, timeout)
+        .map_err(|error: AskError| error.describe())
+}
+
+/// Waits (bounded) for a socket a process just started will create.
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + SOCKET_WAIT;
+    while !path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl VmRunner {
+    /// The engine this host should run now, if any.
+    fn engine_wanted(&self) -> Option<Role> {
+        if self.restore.is_some() {
+            return Some(Role::Secondary);
+        }
+        if self.level != 3 || !self.state.protected || self.engine.spec.port.is_none() {
+            return None;
+        }
+        match self.host.role() {
+            Role::Secondary => Some(Role::Secondary),
+            Role::Primary => {
+                let running = self.serving
+                    && self.guest.pid.is_some()
+                    && !self.guest.paused
+                    && self.vm_spec.ram_track.is_some();
+                match self.host.mode() {
+                    // Started once both copies are in sync (a checkpoint needs the disks'),
+                    // kept while the peer is lost and the witness asked.
+                    Mode::Mirrored if running && self.state_word() == "Protected" => {
+                        Some(Role::Primary)
+                    }
+                    Mode::Mirrored | Mode::Holding if self.engine.role() == Some(Role::Primary) => {
+                        Some(Role::Primary)
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// One step of Level 3: the engine's reports, then the engine this host should run.
+    pub(super) fn tick_level3(&mut self, context: &mut Context<'_>) {
+        self.take_engine_reports(context);
+        let wanted = self.engine_wanted();
+        let current = self.engine.role();
+        if current != wanted {
+            if let Some(current) = current {
+                // Output held by a primary goes out only where nobody else can run the VM
+                // from an older checkpoint: the level was lowered, or the witness granted
+                // this host the VM alone.
+                let graceful = current == Role::Secondary
+                    || (self.state.protected
+                        && self.host.role() == Role::Primary
+                        && matches!(self.host.mode(), Mode::Mirrored | Mode::Degraded));
+                self.engine.stop(graceful);
+                let why = match (wanted, graceful) {
+                    (Some(_), _) => "its role changes",
+                    (None, true) => "Level 3 ends here; held output released",
+                    (None, false) => "held output dropped",
+                };
+                context.events.info(
+                    &self.name,
+                    format!("checkpoint engine ({current:?}) stopped: {why}"),
+                );
+            }
+            if let Some(wanted) = wanted {
+                self.engine.start(wanted, self.host.generation());
+            }
+        }
+        self.engine.poll();
+    }
+
+    fn take_engine_reports(&mut self, context: &mut Context<'_>) {
+        while let Ok(report) = self.engine.results.try_recv() {
+            match report {
+                EngineReport::Started(Ok((pid, role))) => {
+                    if self.engine.starting != Some(role) {
+                        continue;
+                    }
+                    self.engine.starting = None;
+                    self.engine.running = Some((pid, role));
+                    self.engine.failures = 0;
+                    context.events.info(
+                        &self.name,
+                        format!("checkpoint engine started as {role:?} (pid {pid})"),
+                    );
+                }
+                EngineReport::Started(Err(error)) => {
+                    self.engine.starting = None;
+                    if !self.engine.failed(&error) {
+                        log::warn!("{}: cannot start the checkpoint engine: {error}", self.name);
+                        continue;
+                    }
+                    context.events.error(
+                        &self.name,
+                        format!("cannot start the checkpoint engine: {error}"),
+                        "check bin_dir (ftvm-checkpoint) and checkpoint_port",
+                    );
+                }
+                EngineReport::Polled(Ok(status)) => {
+                    if self.engine.running.is_some() {
+                        self.engine.status = Some(status);
+                    }
+                }
+                EngineReport::Polled(Err(error)) => {
+                    log::debug!("{}: checkpoint engine status: {error}", self.name);
+                }
+                EngineReport::Frozen(result) => self.on_frozen(result, context),
+                EngineReport::Restored(result) => self.on_restored(result, context),
+                EngineReport::Stopped => {}
+                EngineReport::Ended(pid, status) => {
+                    if self.engine.pid() != Some(pid) {
+                        continue;
+                    }
+                    self.engine.running = None;
+                    self.engine.status = None;
+                    if self.restore.is_some() {
+                        self.on_restored(Err(format!("the engine ended ({status})")), context);
+                    }
+                    if !self.engine.failed(&status) {
+                        log::warn!("{}: the checkpoint engine ended again: {status}", self.name);
+                        continue;
+                    }
+                    context.events.warn(
+                        &self.name,
+                        format!("the checkpoint engine ended: {status}"),
+                        &format!("see {}", self.engine.spec.log.display()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The witness granted `generation`: restore the VM from the replica if there is one,
+    /// else `false` (the caller promotes the disks and boots the VM as at Level 2).
+    pub(super) fn begin_restore(&mut self, generation: Generation, events: &mut Events) -> bool {
+        if self.level != 3 || self.engine.running.map(|(_, role)| role) != Some(Role::Secondary) {
+            return false;
+        }
+        events.info(
+            &self.name,
+            "Level 3: freezing the replica to restore the VM from its last checkpoint".into(),
+        );
+        self.restore = Some(Restore::Freezing { generation });
+        self.engine.freeze();
+        true
+    }
+
+    fn on_frozen(&mut self, result: Result<u64, String>, context: &mut Context<'_>) {
+        let Some(Restore::Freezing { generation }) = self.restore else {
+            return;
+        };
+        match result {
+            Ok(epoch) => {
+                context.events.info(
+                    &self.name,
+                    format!("replica frozen at checkpoint {epoch}: promoting the disks at it"),
+                );
+                self.restore = Some(Restore::Promoting { epoch });
+                let ticket = self.begin(PendingKind::Promote);
+                for disk in &mut self.disks {
+                    disk.promote_at(ticket, generation, epoch);
+                }
+            }
+            Err(error) => {
+                self.restore = None;
+                context.events.error(
+                    &self.name,
+                    format!("Level 3 restore impossible ({error}): the VM boots from its disk"),
+                    "the guest restarts as at Level 2; nothing acknowledged is lost",
+                );
+                self.promote_disks(generation);
+            }
+        }
+    }
+
+    /// The disks were promoted at the replica's epoch: start QEMU to receive it.
+    pub(super) fn launch_for_restore(&mut self, context: &mut Context<'_>) -> bool {
+        let Some(Restore::Promoting { epoch }) = self.restore else {
+            return false;
+        };
+        self.restore = Some(Restore::Launching { epoch });
+        self.vm_spec.incoming = true;
+        self.start_vm(context);
+        true
+    }
+
+    /// QEMU for the restore runs: the engine restores into it.
+    pub(super) fn on_launched_for_restore(&mut self) -> bool {
+        let Some(Restore::Launching { epoch }) = self.restore else {
+            return false;
+        };
+        self.vm_spec.incoming = false;
+        self.restore = Some(Restore::Restoring { epoch });
+        self.engine.restore();
+        true
+    }
+
+    fn on_restored(&mut self, result: Result<Value, String>, context: &mut Context<'_>) {
+        let Some(Restore::Restoring { epoch } | Restore::Launching { epoch }) = self.restore else {
+            return;
+        };
+        self.restore = None;
+        self.vm_spec.incoming = false;
+        match result {
+            Ok(answer) => {
+                context.events.warn(
+                    &self.name,
+                    format!(
+                        "VM restored on {} from checkpoint {epoch} (Level 3): it runs on \
+                         with its memory and sessions; {answer}",
+                        self.pair.me
+                    ),
+                    &format!(
+                        "bring {} back; protection returns by itself",
+                        self.pair.peer
+                    ),
+                );
+                self.announce_again();
+            }
+            Err(error) => {
+                context.events.error(
+                    &self.name,
+                    format!("Level 3 restore failed ({error}): the VM boots from its disk"),
+                    &format!(
+                        "see {} and {}",
+                        self.engine.spec.log.display(),
+                        self.vm_spec.log.display()
+                    ),
+                );
+                self.stop_vm(context.events, "restore failed");
+                self.start_vm(context);
+            }
+        }
+    }
+
+    /// QEMU could not be started for the restore: the VM boots from its disk instead.
+    pub(super) fn on_launch_failed_during_restore(
+        &mut self,
+        error: String,
+        context: &mut Context<'_>,
+    ) {
+        if matches!(self.restore, Some(Restore::Launching { .. })) {
+            self.on_restored(Err(error), context);
+        }
+    }
+
+    /// Kills the engine (ftvmd stops, the VM stops here): nothing it holds goes out.
+    pub(super) fn stop_engine_now(&mut self) {
+        self.restore = None;
+        self.engine.stop(false);
+    }
+
+    /// `ftvm status`'s Level 3 part: the engine's own status.
+    pub(super) fn level3_status(&self) -> Option<Value> {
+        self.engine.status.clone()
+    }
+}

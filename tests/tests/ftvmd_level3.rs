@@ -1,0 +1,167 @@
+//! Level 3 driven by `ftvmd` (issue 11): a protected VM goes from Level 2 to Level 3 and back
+//! while it runs (`ftvm protect --level`), and at Level 3 it survives the loss of its host:
+//! ftvmd on hostB gets the witness's grant, freezes the replica, promotes the disk at its
+//! checkpoint and restores the VM, whose processes and TCP sessions go on.
+
+use std::time::Duration;
+
+use ftvm_tests::cluster::{Cluster, ClusterOptions};
+use ftvm_tests::guest::GuestConfig;
+use ftvm_tests::level3::{guest_script, RAM_MB};
+use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
+use ftvm_tests::nic_daemon::{GUEST_IP, GUEST_MAC};
+use ftvm_tests::wait::poll_for;
+
+const A: usize = 0;
+const B: usize = 1;
+/// Booting, the first full copy and the restore, under TCG on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A counter in the guest's memory, printed every ~100 ms with the guest's uptime, and a
+/// TCP echo server.
+const COUNTER_AND_ECHO: &str = "i=0\n\
+     (while true; do\n\
+       i=$((i + 1))\n\
+       read up idle < /proc/uptime\n\
+       echo \"COUNT $i $up\"\n\
+       usleep 100000\n\
+     done) &\n\
+     nc -ll -p 7000 -e cat\n";
+
+/// `(n, uptime)` of a `COUNT n uptime` line.
+fn count_of(line: &str) -> Option<(u64, f64)> {
+    let mut words = line.strip_prefix("COUNT ")?.split_whitespace();
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+/// The last `COUNT` line of a host's console.
+fn last_count(cluster: &Cluster, host: usize) -> Option<(u64, f64)> {
+    cluster
+        .console(host)
+        .iter()
+        .rev()
+        .find_map(|line| count_of(line))
+}
+
+fn protect(cluster: &Cluster, level: &str) {
+    let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", level, "--peer", "hostB"]);
+    assert!(ok, "ftvm protect --level {level}: {text}");
+    eprintln!("ftvm protect --level {level}: {text}");
+}
+
+/// Waits until hostA's engine has committed `more` checkpoints beyond what it had.
+fn wait_checkpoints(cluster: &Cluster, what: &str) -> serde_json::Value {
+    let vm = cluster.wait_vm(A, TIMEOUT, what, |vm| {
+        vm["checkpoint"]["state"] == "protected"
+            && vm["checkpoint"]["stats"]["committed_epoch"].as_u64() >= Some(5)
+    });
+    cluster.wait_vm(B, TIMEOUT, "a restorable replica", |vm| {
+        vm["level"] == 3 && vm["checkpoint"]["restorable"] == true
+    });
+    vm
+}
+
+#[test]
+fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_host() {
+    let mut guest = GuestConfig::new("ftvmd-l3", &guest_script(COUNTER_AND_ECHO));
+    guest.cpus = 1;
+    guest.memory_mb = RAM_MB;
+    let options = ClusterOptions {
+        disk_bytes: 16 << 20,
+        nic_mac: Some(GUEST_MAC.into()),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::new("ftvmd-l3", &guest, &options);
+    cluster.start_all();
+    let vm = cluster.wait_vm(A, TIMEOUT, "Protected, running", |vm| {
+        vm["state"] == "Protected" && vm["vm_pid"].is_u64()
+    });
+    let pid = vm["vm_pid"].clone();
+    cluster.wait_console(A, "NET-UP");
+    let client = cluster.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(10, TIMEOUT, "at Level 2");
+
+    // Level 2 → 3 while the guest runs.
+    protect(&cluster, "3");
+    let vm = wait_checkpoints(&cluster, "Level 3 checkpoints committing");
+    eprintln!("hostA at Level 3: {}", vm["checkpoint"]);
+    rounds.wait_for(20, TIMEOUT, "at Level 3 (through output commit)");
+    let (ok, text) = cluster.ftvm(A, &["status"]);
+    assert!(
+        ok && text.contains("checkpoints: primary protected"),
+        "{text}"
+    );
+
+    // … and back to 2: the engines stop, the held output goes out, the guest runs on.
+    protect(&cluster, "2");
+    cluster.wait_vm(A, TIMEOUT, "Level 2 again, no engine", |vm| {
+        vm["level"] == 2 && vm["checkpoint"].is_null()
+    });
+    cluster.wait_vm(B, TIMEOUT, "Level 2 again, no replica", |vm| {
+        vm["level"] == 2 && vm["checkpoint"].is_null()
+    });
+    rounds.wait_for(10, TIMEOUT, "at Level 2 again");
+
+    // Level 3 again, then hostA is lost.
+    protect(&cluster, "3");
+    wait_checkpoints(&cluster, "Level 3 again");
+    rounds.wait_for(10, TIMEOUT, "at Level 3 again");
+    let vm = cluster.vm_status(A).expect("hostA's status");
+    assert_eq!(
+        vm["vm_pid"], pid,
+        "QEMU was restarted while the level changed"
+    );
+    let (first_a, _) = cluster
+        .console(A)
+        .iter()
+        .find_map(|line| count_of(line))
+        .expect("hostA's guest counted");
+    let killed = cluster.kill_host(A);
+    let (last_a, uptime_a) = last_count(&cluster, A).expect("hostA's guest counted");
+
+    cluster.wait_vm(B, TIMEOUT, "primary, VM running", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64()
+    });
+    let (count, uptime) = poll_for(
+        TIMEOUT,
+        "the restored guest counts",
+        || last_count(&cluster, B),
+        |_| true,
+    );
+    eprintln!(
+        "restored on hostB {:?} after the kill: COUNT {count} at {uptime} s (hostA's last: \
+         {last_a} at {uptime_a} s)",
+        killed.elapsed()
+    );
+    // The process goes on from the checkpoint: not from 1, not beyond what hostA's guest
+    // reached (plus a line hostA printed that its console had not), not far behind.
+    assert!(
+        count > first_a && count <= last_a + 1 && count + 50 >= last_a,
+        "the restored guest counts {count}; hostA's counted {first_a} to {last_a}"
+    );
+    assert!(
+        uptime + 5.0 >= uptime_a,
+        "the restored guest's uptime is {uptime} s, hostA's guest was at {uptime_a} s: it rebooted"
+    );
+    assert!(
+        !cluster
+            .console(B)
+            .iter()
+            .any(|line| line.starts_with("COUNT 1 ")),
+        "the guest counted from 1 again on hostB"
+    );
+    // The same TCP connection carries on, every reply byte for byte.
+    rounds.wait_for(20, TIMEOUT, "on hostB after the failover");
+    rounds.check();
+    let (_, events) = cluster.ftvm(B, &["events"]);
+    assert!(
+        events.contains("VM restored on hostB from checkpoint"),
+        "hostB's events: {events}"
+    );
+    eprintln!(
+        "after the failover: {} rounds, longest gap {:?}",
+        rounds.count(),
+        rounds.longest_gap_since(killed)
+    );
+}
