@@ -45,6 +45,8 @@ GUEST="$ROOT/target/guest"
 PREFIX=demo-
 mkdir -p "$ROOT/target/tmp"
 WORK=$(mktemp -d "$ROOT/target/tmp/demo-XXXXXX")
+# Guest RAM lives in tmpfs; the two demo hosts share this machine's, so each has its own.
+RAM_DIR=/dev/shm/ftvm-demo-$$
 declare -A PIDS=()
 cleanup() {
     set +e
@@ -56,7 +58,7 @@ cleanup() {
         for pid in $(ip netns pids "$PREFIX$host" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
     done
     bash "$ROOT/ci/hosts.sh" down "$PREFIX" >/dev/null
-    rm -rf "$WORK"
+    rm -rf "$WORK" "$RAM_DIR"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -130,6 +132,7 @@ name = "$host"
 state_dir = "$WORK/$host"
 control_socket = "$WORK/$host/ftvmd.sock"
 bin_dir = "$BIN"
+ram_dir = "$RAM_DIR/$host"
 
 [peer]
 name = "$peer"

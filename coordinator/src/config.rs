@@ -487,7 +487,7 @@ fn validate_redundant_uplink(vm: &VmSection, nic: &NicSection) -> Result<(), Str
     };
     if vm.level < 2 {
         return Err(format!(
-            "VM {:?}: NIC {}: a redundant uplink (uplink, link_port) needs level 2; Level {} \
+            "VM {:?}: NIC {}: a redundant uplink (uplink, link_port) needs level 2 or 3; Level {} \
              gets no redundant uplink: set level = 2 or remove uplink and link_port",
             vm.name, nic.mac, vm.level
         ));

@@ -153,8 +153,8 @@ fn the_cli_explains_its_errors() {
         ok && text.contains("already protected at level 2"),
         "{text}"
     );
-    let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "3", "--peer", "hostB"]);
-    assert!(!ok && text.contains("3"), "{text}");
+    let (ok, text) = cluster.ftvm(A, &["protect", "vm1", "--level", "4", "--peer", "hostB"]);
+    assert!(!ok && text.contains("4"), "{text}");
     let (ok, text) = cluster.ftvm(A, &["failover", "vm1"]);
     assert!(!ok && text.contains("needs both copies in sync"), "{text}");
     // Only root may use the control socket.

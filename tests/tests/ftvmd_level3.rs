@@ -1,7 +1,8 @@
 //! Level 3 driven by `ftvmd` (issue 11): a protected VM goes from Level 2 to Level 3 and back
 //! while it runs (`ftvm protect --level`), and at Level 3 it survives the loss of its host:
 //! ftvmd on hostB gets the witness's grant, freezes the replica, promotes the disk at its
-//! checkpoint and restores the VM, whose processes and TCP sessions go on.
+//! checkpoint and restores the VM, whose processes and TCP sessions go on; when hostA comes
+//! back, Level 3 protection returns with the roles swapped.
 
 use std::time::Duration;
 
@@ -164,4 +165,20 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
         rounds.count(),
         rounds.longest_gap_since(killed)
     );
+
+    // hostA comes back: it follows hostB as secondary, its disk resyncs, and Level 3
+    // protection returns by itself, hostB's engine primary, hostA's the replica.
+    cluster.set_links(A, &["alink1", "alink2", "lan0"], true);
+    cluster.start_ftvmd(A);
+    let vm = cluster.wait_vm(B, TIMEOUT, "Level 3 again with hostA as secondary", |vm| {
+        vm["checkpoint"]["role"] == "primary"
+            && vm["checkpoint"]["state"] == "protected"
+            && vm["checkpoint"]["stats"]["committed_epoch"].as_u64() >= Some(5)
+    });
+    eprintln!("hostB protects the VM at Level 3: {}", vm["checkpoint"]);
+    cluster.wait_vm(A, TIMEOUT, "hostA's replica restorable", |vm| {
+        vm["role"] == "Secondary" && vm["level"] == 3 && vm["checkpoint"]["restorable"] == true
+    });
+    rounds.wait_for(10, TIMEOUT, "with hostA back");
+    rounds.check();
 }

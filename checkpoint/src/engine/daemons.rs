@@ -202,15 +202,18 @@ pub struct SecondaryDisks {
 }
 
 impl SecondaryDisks {
-    /// Waits until every disk sealed `epoch` (asking again for up to `attempts` times the
-    /// daemon's longest wait).
+    /// Waits until every disk sealed `epoch` (for up to `attempts` times the daemon's
+    /// longest wait), in short asks: the daemon answers one client at a time, and `ftvmd`'s
+    /// `status` must not wait behind a whole second of ours.
     pub fn wait_sealed(&self, epoch: u64, attempts: u32) -> Result<(), DaemonError> {
+        const ASK_MS: u64 = 100;
+        let asks = attempts.max(1) as u64 * (EpochOrder::MAX_WAIT_MS / ASK_MS);
         for socket in &self.disks {
             let mut last = None;
-            for _ in 0..attempts.max(1) {
+            for _ in 0..asks {
                 let order = EpochOrder::WaitSealed {
                     epoch,
-                    timeout_ms: EpochOrder::MAX_WAIT_MS,
+                    timeout_ms: ASK_MS,
                 };
                 match ask::<Done>(socket, &disk::Command::Epoch(order)) {
                     Ok(_) => {

@@ -356,8 +356,15 @@ impl VmRunner {
                     }
                     self.engine.running = None;
                     self.engine.status = None;
-                    if self.restore.is_some() {
-                        self.on_restored(Err(format!("the engine ended ({status})")), context);
+                    match self.restore {
+                        Some(Restore::Freezing { .. }) => {
+                            self.on_frozen(Err(format!("the engine ended ({status})")), context)
+                        }
+                        Some(Restore::Launching { .. } | Restore::Restoring { .. }) => {
+                            self.on_restored(Err(format!("the engine ended ({status})")), context)
+                        }
+                        // Restarted, it reopens the frozen replica (no primary feeds it).
+                        Some(Restore::Promoting { .. }) | None => {}
                     }
                     if !self.engine.failed(&status) {
                         log::warn!("{}: the checkpoint engine ended again: {status}", self.name);
