@@ -38,6 +38,10 @@ pub struct VmBeat {
     pub protected: bool,
     /// The protection level (the secondary follows its primary's).
     pub level: u8,
+    /// Level 3: a primary takes checkpoints (or wants to); a secondary keeps a replica it
+    /// could restore. A primary releases output it holds only once its secondary says it
+    /// keeps none.
+    pub checkpoints: bool,
 }
 
 /// Between the two `ftvmd`s.

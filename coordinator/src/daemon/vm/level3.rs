@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use control_protocol::disk;
 use serde_json::Value;
 
 use super::{Context, PendingKind, VmRunner};
@@ -251,38 +252,105 @@ fn wait_for_socket(path: &Path) {
 
 impl VmRunner {
     /// The engine this host should run now, if any.
+    ///
+    /// The two hosts agree through the heartbeat (`VmBeat::checkpoints`): the secondary
+    /// keeps a replica only while its primary says it checkpoints, and a primary that stops
+    /// checkpointing (the level lowered, a disk reading from the peer) keeps its engine,
+    /// and so holds the guest's output, until the secondary says it dropped its replica:
+    /// once output of an uncommitted checkpoint is out, no host may restore that replica.
     fn engine_wanted(&self) -> Option<Role> {
         if self.restore.is_some() {
             return Some(Role::Secondary);
         }
         if self.level != 3 || !self.state.protected || self.engine.spec.port.is_none() {
-            return None;
+            return self.keep_primary_engine();
         }
         match self.host.role() {
-            Role::Secondary => Some(Role::Secondary),
+            Role::Secondary => self
+                .peer_beat
+                .as_ref()
+                .is_some_and(|(beat, _)| beat.role == Role::Primary && beat.checkpoints)
+                .then_some(Role::Secondary),
             Role::Primary => {
                 let running = self.serving
                     && self.guest.pid.is_some()
                     && !self.guest.paused
-                    && self.vm_spec.ram_track.is_some();
+                    && self.vm_spec.ram_track.is_some()
+                    && !self.level3_suspended();
                 match self.host.mode() {
-                    // Started once both copies are in sync (a checkpoint needs the disks'),
-                    // kept while the peer is lost and the witness asked.
+                    // Started once both copies are in sync (a checkpoint needs the disks').
                     Mode::Mirrored if running && self.state_word() == "Protected" => {
                         Some(Role::Primary)
                     }
-                    Mode::Mirrored | Mode::Holding if self.engine.role() == Some(Role::Primary) => {
-                        Some(Role::Primary)
-                    }
-                    _ => None,
+                    _ => self.keep_primary_engine(),
                 }
             }
+        }
+    }
+
+    /// A running primary engine stays while the peer may still restore its replica (its
+    /// last heartbeat says it keeps one) or while the peer is lost and the witness asked.
+    fn keep_primary_engine(&self) -> Option<Role> {
+        if self.engine.role() != Some(Role::Primary) || self.host.role() != Role::Primary {
+            return None;
+        }
+        let peer_keeps_replica = self
+            .peer_beat
+            .as_ref()
+            .is_some_and(|(beat, _)| beat.role == Role::Secondary && beat.checkpoints);
+        match self.host.mode() {
+            Mode::Holding => Some(Role::Primary),
+            Mode::Mirrored if peer_keeps_replica => Some(Role::Primary),
+            _ => None,
+        }
+    }
+
+    /// Level 3 is suspended while a disk of this primary reads from the peer (its local
+    /// copy failed, RemoteOnly): that disk ended its epochs, so no checkpoint can commit.
+    pub(super) fn level3_suspended(&self) -> bool {
+        self.host.role() == Role::Primary
+            && (0..self.disks.len()).any(|index| {
+                matches!(
+                    self.replication(index),
+                    Some(disk::Replication::Primary(primary))
+                        if primary.local_disk != disk::LocalDisk::Healthy
+                )
+            })
+    }
+
+    /// What this host says in its heartbeat: a primary that it takes checkpoints (or
+    /// wants to), a secondary that it keeps a replica.
+    pub(super) fn beat_checkpoints(&self) -> bool {
+        match self.host.role() {
+            Role::Primary => {
+                self.level == 3 && self.state.protected && !self.level3_suspended()
+            }
+            Role::Secondary => self.engine.role() == Some(Role::Secondary),
         }
     }
 
     /// One step of Level 3: the engine's reports, then the engine this host should run.
     pub(super) fn tick_level3(&mut self, context: &mut Context<'_>) {
         self.take_engine_reports(context);
+        let suspended = self.level == 3 && self.level3_suspended();
+        if suspended != self.level3_was_suspended {
+            self.level3_was_suspended = suspended;
+            if suspended {
+                context.events.warn(
+                    &self.name,
+                    "Level 3 suspended: a disk reads from the peer (its local copy failed), \
+                     so no checkpoint can commit; the VM is protected at Level 2 meanwhile"
+                        .into(),
+                    "repair the disk (`ftvm status` names it); checkpoints resume once both \
+                     copies are in sync",
+                );
+            } else {
+                context.events.info(
+                    &self.name,
+                    "Level 3 resumes: checkpoints start once both copies are in sync".into(),
+                );
+            }
+        }
         let wanted = self.engine_wanted();
         let current = self.engine.role();
         if current != wanted {
@@ -290,10 +358,13 @@ impl VmRunner {
                 // Output held by a primary goes out only where nobody else can run the VM
                 // from an older checkpoint: the level was lowered, or the witness granted
                 // this host the VM alone.
+                // (Mirrored: the peer said it keeps no replica; Degraded: the witness
+                // granted this host the VM alone; unprotected: the witness refuses the
+                // peer. Fenced or holding: the peer may be restoring.)
                 let graceful = current == Role::Secondary
-                    || (self.state.protected
-                        && self.host.role() == Role::Primary
-                        && matches!(self.host.mode(), Mode::Mirrored | Mode::Degraded));
+                    || (self.host.role() == Role::Primary
+                        && (!self.state.protected
+                            || matches!(self.host.mode(), Mode::Mirrored | Mode::Degraded)));
                 self.engine.stop(graceful);
                 let why = match (wanted, graceful) {
                     (Some(_), _) => "its role changes",

@@ -187,6 +187,8 @@ pub struct VmRunner {
     engine: Engine,
     /// A Level 3 failover (restore from the replica) under way.
     restore: Option<Restore>,
+    /// Level 3 was suspended at the last step (a disk reads from the peer).
+    level3_was_suspended: bool,
 }
 
 impl VmRunner {
@@ -232,6 +234,7 @@ impl VmRunner {
             guest: Guest::new(&name)?,
             engine: Engine::new(&name, engine_spec)?,
             restore: None,
+            level3_was_suspended: false,
             name,
             level,
             first_primary,
@@ -463,6 +466,7 @@ impl VmRunner {
             sync_percent: self.own_sync_percent(),
             protected: self.state.protected,
             level: self.level,
+            checkpoints: self.beat_checkpoints(),
         }
     }
 
