@@ -51,6 +51,12 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path checkpo
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 "$target_dir/debug/checkpoint_stream" -runs=0 checkpoint/fuzz/seeds/checkpoint_stream
 
+step "fuzz seed replay (replication link frame decoders)"
+cargo build --locked --manifest-path replication-link/fuzz/Cargo.toml
+target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path replication-link/fuzz/Cargo.toml |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+"$target_dir/debug/frame_decoder" -runs=0 replication-link/fuzz/seeds/frame_decoder
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"
