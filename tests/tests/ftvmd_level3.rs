@@ -181,4 +181,42 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
     });
     rounds.wait_for(10, TIMEOUT, "with hostA back");
     rounds.check();
+
+    // A planned failover at Level 3 moves the running VM back to hostA from its last
+    // checkpoint: no reboot, the same TCP connection.
+    let (_, before_b) = last_count(&cluster, B).expect("hostB's guest counts");
+    let (ok, text) = cluster.ftvm(B, &["failover", "vm1"]);
+    assert!(ok, "ftvm failover: {text}");
+    let moved = std::time::Instant::now();
+    cluster.wait_vm(A, TIMEOUT, "primary again, VM running", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64()
+    });
+    let console_before = cluster.console(A).len();
+    let (count_a, uptime_a) = poll_for(
+        TIMEOUT,
+        "the guest counting on hostA again",
+        || {
+            cluster.console(A)[console_before.min(cluster.console(A).len())..]
+                .iter()
+                .rev()
+                .find_map(|line| count_of(line))
+        },
+        |_| true,
+    );
+    assert!(
+        count_a > count && uptime_a + 5.0 >= before_b,
+        "after the planned failover hostA's guest counts {count_a} at {uptime_a} s; hostB's \
+         was at {before_b} s"
+    );
+    rounds.wait_for(10, TIMEOUT, "after the planned failover to hostA");
+    rounds.check();
+    let (_, events) = cluster.ftvm(A, &["events"]);
+    assert!(
+        events.contains("VM restored on hostA from checkpoint"),
+        "hostA's events: {events}"
+    );
+    eprintln!(
+        "planned failover at Level 3: longest gap of the TCP loop {:?}",
+        rounds.longest_gap_since(moved)
+    );
 }
