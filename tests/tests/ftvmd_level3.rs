@@ -220,3 +220,96 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
         rounds.longest_gap_since(moved)
     );
 }
+
+/// Records written to the disk (each synced) in the background, and a TCP echo server.
+const WRITER_AND_ECHO: &str = "(i=1\n\
+     while true; do\n\
+       echo \"rec $i\" | dd of=/dev/vda bs=4096 seek=$((i % 1000)) conv=sync,fsync 2>/dev/null \
+         || echo \"WRITE-FAILED $i\"\n\
+       echo \"ACK $i\"\n\
+       i=$((i + 1))\n\
+       usleep 20000\n\
+     done) &\n\
+     nc -ll -p 7000 -e cat\n";
+
+/// The highest `ACK n` on a host's console.
+fn last_ack(cluster: &Cluster, host: usize) -> u64 {
+    ftvm_tests::records::last_ack(&cluster.console(host))
+}
+
+/// hostA's own disk fails (a real EIO from `ftvm-fault-fs`): its disk daemon serves the
+/// guest from hostB's copy (RemoteOnly), which ends the disk's epochs, so no checkpoint
+/// could commit and the guest's output would stay held. ftvmd suspends Level 3 (both
+/// engines stop, hostB first: the held output goes out only once no replica is left to
+/// restore), the guest's writes and its TCP connection go on; after the repair Level 3
+/// resumes by itself.
+#[test]
+fn a_failed_local_disk_suspends_level_3_and_the_repair_resumes_it() {
+    let fault_fs = ftvm_tests::fault_fs::FaultFs::start();
+    let mut guest = GuestConfig::new("ftvmd-l3-disk", &guest_script(WRITER_AND_ECHO));
+    guest.cpus = 1;
+    guest.memory_mb = RAM_MB;
+    let options = ClusterOptions {
+        level: 3,
+        disk_bytes: 16 << 20,
+        nic_mac: Some(GUEST_MAC.into()),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::new("ftvmd-l3-disk", &guest, &options);
+    // hostA's image lives on the fault-injecting file system.
+    let image_a = cluster.image(A);
+    ftvm_tests::create_image(&fault_fs.path("hostA.img"), options.disk_bytes);
+    std::fs::remove_file(&image_a).expect("remove hostA's image");
+    std::os::unix::fs::symlink(fault_fs.path("hostA.img"), &image_a).expect("symlink");
+    cluster.start_all();
+    cluster.wait_console(A, "NET-UP");
+    wait_checkpoints(&cluster, "Level 3 checkpoints committing");
+    let client = cluster.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(10, TIMEOUT, "at Level 3");
+
+    fault_fs.fail_writes("hostA.img", 0, 16 << 20);
+    cluster.wait_vm(A, TIMEOUT, "RemoteOnly, both engines stopped", |vm| {
+        vm["state"] == "RemoteOnly" && vm["checkpoint"].is_null()
+    });
+    cluster.wait_vm(B, TIMEOUT, "no replica on hostB", |vm| {
+        vm["checkpoint"].is_null()
+    });
+    let (_, events) = cluster.ftvm(A, &["events"]);
+    assert!(
+        events.contains("Level 3 suspended"),
+        "hostA's events: {events}"
+    );
+    // The guest goes on: its writes (served from hostB's copy) and its TCP connection,
+    // whose output is no longer held.
+    let before = last_ack(&cluster, A);
+    poll_for(
+        TIMEOUT,
+        "the guest's writes going on",
+        || Some(last_ack(&cluster, A)),
+        |&ack| ack >= before + 20,
+    );
+    rounds.wait_for(10, TIMEOUT, "with Level 3 suspended");
+
+    // The disk is repaired: its copy is rebuilt from hostB's, and Level 3 comes back.
+    fault_fs.clear();
+    let control = cluster.dir.path().join("hostA/vm1/disk0.ctl");
+    let answer = ftvm_tests::blk::control_json(&control, "repair").expect("repair answered");
+    assert!(answer.get("error").is_none(), "repair refused: {answer}");
+    wait_checkpoints(&cluster, "Level 3 again after the repair");
+    rounds.wait_for(10, TIMEOUT, "at Level 3 after the repair");
+    rounds.check();
+    assert!(
+        !cluster
+            .console(A)
+            .iter()
+            .any(|line| line.contains("WRITE-FAILED")),
+        "the guest saw a write fail"
+    );
+    let (_, events) = cluster.ftvm(A, &["events"]);
+    assert!(
+        events.contains("Level 3 resumes"),
+        "hostA's events: {events}"
+    );
+    eprintln!("hostA's events:\n{events}");
+}
