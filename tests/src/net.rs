@@ -233,48 +233,22 @@ pub struct EchoRequest {
 /// copy of each), until dropped.
 pub struct EchoCapture {
     seen: Arc<Mutex<Vec<EchoRequest>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Option<()>>>,
+    _capture: RawCapture,
 }
 
 impl EchoCapture {
     /// Starts capturing in `namespace`; panics if the raw socket cannot be opened.
     pub fn start(namespace: &str) -> EchoCapture {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let seen = Arc::clone(&seen);
-            let stop = Arc::clone(&stop);
-            spawn_in_namespace(namespace, move || {
-                let socket = match raw_icmp_socket() {
-                    Ok(socket) => socket,
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(error.to_string()));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                let mut packet = [0u8; 2048];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(len) = recv(&socket, &mut packet) else {
-                        continue;
-                    };
-                    if let Some(request) = packet.get(..len).and_then(parse_echo_request) {
-                        seen.lock().expect("capture").push(request);
-                    }
-                }
-            })
-        };
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => panic!("cannot open a raw ICMP socket: {error}"),
-            Err(_) => panic!("cannot join namespace {namespace} to capture ICMP"),
-        }
+        let sink = Arc::clone(&seen);
+        let capture = RawCapture::start(namespace, raw_icmp_socket, 2048, move |packet| {
+            if let Some(request) = parse_echo_request(packet) {
+                sink.lock().expect("capture").push(request);
+            }
+        });
         EchoCapture {
             seen,
-            stop,
-            thread: Some(thread),
+            _capture: capture,
         }
     }
 
@@ -291,7 +265,97 @@ impl EchoCapture {
     }
 }
 
-impl Drop for EchoCapture {
+/// Every frame that crosses any interface of a namespace, both ways, as the wire carries it
+/// (a raw packet socket there sees a copy of each), up to a limit, until dropped: what an
+/// eavesdropper on the host's links would read.
+pub struct PacketCapture {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    _capture: RawCapture,
+}
+
+impl PacketCapture {
+    /// Starts capturing in `namespace`, keeping at most `limit_bytes`; panics if the raw
+    /// socket cannot be opened.
+    pub fn start(namespace: &str, limit_bytes: usize) -> PacketCapture {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&bytes);
+        // Large enough for a segmentation-offload frame of a veth (64 KiB).
+        let capture = RawCapture::start(namespace, raw_packet_socket, 256 << 10, move |frame| {
+            let mut bytes = sink.lock().expect("capture");
+            let room = limit_bytes.saturating_sub(bytes.len());
+            bytes.extend_from_slice(frame.get(..room.min(frame.len())).unwrap_or_default());
+        });
+        PacketCapture {
+            bytes,
+            _capture: capture,
+        }
+    }
+
+    /// How many bytes were captured so far.
+    pub fn captured_bytes(&self) -> usize {
+        self.bytes.lock().expect("capture").len()
+    }
+
+    /// Whether `needle` appears in what was captured so far.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        let bytes = self.bytes.lock().expect("capture");
+        !needle.is_empty() && bytes.windows(needle.len()).any(|window| window == needle)
+    }
+}
+
+/// A thread in a namespace that hands every packet a raw socket there receives to a closure,
+/// until dropped.
+struct RawCapture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<()>>>,
+}
+
+impl RawCapture {
+    /// Opens the socket with `open` on a thread in `namespace` (panics if it cannot) and
+    /// reads packets of up to `buffer_bytes` into `on_packet`.
+    fn start(
+        namespace: &str,
+        open: fn() -> std::io::Result<std::os::fd::OwnedFd>,
+        buffer_bytes: usize,
+        mut on_packet: impl FnMut(&[u8]) + Send + 'static,
+    ) -> RawCapture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            spawn_in_namespace(namespace, move || {
+                let socket = match open() {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let mut packet = vec![0u8; buffer_bytes];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(len) = recv(&socket, &mut packet) else {
+                        continue;
+                    };
+                    if let Some(received) = packet.get(..len) {
+                        on_packet(received);
+                    }
+                }
+            })
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("cannot open a raw socket in {namespace}: {error}"),
+            Err(_) => panic!("cannot join namespace {namespace} to capture"),
+        }
+        RawCapture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RawCapture {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
@@ -301,9 +365,23 @@ impl Drop for EchoCapture {
 }
 
 fn raw_icmp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    raw_socket(libc::AF_INET, libc::IPPROTO_ICMP)
+}
+
+/// Every frame of every interface, both directions (`ETH_P_ALL`, in network byte order), with
+/// a receive buffer of 256 MiB so that a burst (a resync over a veth) is not dropped.
+fn raw_packet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    let socket = raw_socket(libc::AF_PACKET, i32::from((libc::ETH_P_ALL as u16).to_be()))?;
+    let size: libc::c_int = 256 << 20;
+    set_socket_option(&socket, libc::SO_RCVBUFFORCE, &size)?;
+    Ok(socket)
+}
+
+/// A raw socket whose reads time out after 100 ms (so that its reader sees a stop flag).
+fn raw_socket(domain: i32, protocol: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: socket() takes no pointers; a valid descriptor is owned by the OwnedFd.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, protocol) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -313,20 +391,30 @@ fn raw_icmp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
         tv_sec: 0,
         tv_usec: 100_000,
     };
-    // SAFETY: the option value points at a live timeval of the size passed.
+    set_socket_option(&socket, libc::SO_RCVTIMEO, &timeout)?;
+    Ok(socket)
+}
+
+/// Sets socket-level option `option` to `value` (a C type the option expects).
+fn set_socket_option<T>(
+    socket: &std::os::fd::OwnedFd,
+    option: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: the option value points at a live `T` of the size passed.
     let set = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::addr_of!(timeout).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            option,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if set != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(socket)
+    Ok(())
 }
 
 fn recv(socket: &std::os::fd::OwnedFd, buffer: &mut [u8]) -> std::io::Result<usize> {
