@@ -44,6 +44,18 @@ fn the_guest_process_and_a_tcp_connection_survive_the_loss_of_the_host() {
         "through output commit on hostA",
     );
     pair.wait_committed(20);
+    // An engine killed while the VM runs leaves the NIC holding output; the next one takes
+    // the NIC's epoch over (the frames wait for its first commit) and the loop goes on.
+    pair.kill_primary_engine();
+    pair.start_primary_engine();
+    pair.wait_committed(5);
+    assert!(
+        pair.log("checkpoint-A.log").contains("taken over"),
+        "the new engine did not take the NIC's epoch over:\n{}",
+        pair.log("checkpoint-A.log")
+    );
+    rounds.wait_for(10, Duration::from_secs(120), "after the engine's restart");
+    pair.wait_committed(20);
     let before = pair.primary_status();
     eprintln!("primary before the kill: {before}");
 

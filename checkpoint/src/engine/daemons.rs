@@ -37,6 +37,8 @@ pub enum DaemonError {
     },
     #[error("{socket}: dirty-pages: {problem}")]
     Pages { socket: PathBuf, problem: String },
+    #[error("output commit: {0}")]
+    OutputCommit(String),
 }
 
 /// Sends `command` to the daemon at `socket` and reads its typed answer.
@@ -170,6 +172,35 @@ impl Daemons {
     /// Holds the NICs' output from now on, as frames of `epoch`.
     pub fn output_commit_on(&self, epoch: u64) -> Result<(), DaemonError> {
         self.each_nic(nic::Command::OutputCommitOn(epoch))
+    }
+
+    /// Holds the NICs' output, returning the NIC epoch the guest's frames belong to now: 1,
+    /// or, where an engine before this one was killed with output commit on, the NICs'
+    /// current epoch, taken over. Its frames stay held (their cause is in memory no
+    /// checkpoint carried yet) and go out with this engine's first commit; they are never
+    /// released without one, since the secondary may still restore an older checkpoint.
+    pub fn output_commit_take_over(&self) -> Result<u64, DaemonError> {
+        let mut current = Vec::new();
+        for socket in &self.nics {
+            let status: nic::Status = ask(socket, &nic::Command::Status)?;
+            current.push(
+                status
+                    .output_commit
+                    .current_epoch
+                    .filter(|_| status.output_commit.enabled),
+            );
+        }
+        match current.first().copied().flatten() {
+            None if current.iter().all(Option::is_none) => {
+                self.output_commit_on(1)?;
+                Ok(1)
+            }
+            Some(epoch) if current.iter().all(|other| *other == Some(epoch)) => Ok(epoch),
+            _ => Err(DaemonError::OutputCommit(format!(
+                "the NICs hold output at different epochs ({current:?}), left by an engine that \
+                 was killed: stop the VM (or restart its NIC daemons) first"
+            ))),
+        }
     }
 
     /// Ends NIC epoch `epoch` (call while the guest is stopped).

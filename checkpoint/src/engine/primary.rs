@@ -159,8 +159,10 @@ pub fn run(options: &PrimaryOptions, shared: &PrimaryShared) -> anyhow::Result<(
 
     // Output is held from before the tracking starts: every frame the guest sends from now
     // on waits for a checkpoint that contains its cause.
-    let mut nic_epoch: u64 = 1;
-    daemons.output_commit_on(nic_epoch)?;
+    let mut nic_epoch = daemons.output_commit_take_over()?;
+    if nic_epoch > 1 {
+        warn!("the NICs held output at epoch {nic_epoch} (an engine before this one was killed): taken over");
+    }
     let result = run_epochs(options, shared, &ram, &daemons, &mut qmp, &mut nic_epoch);
     // Level 3 ends: whatever is held goes out (the VM runs on at Level 2).
     if let Err(error) = daemons.output_commit_off() {
