@@ -341,7 +341,10 @@ impl Config {
             let checkpoint = vm.checkpoint_port.map(|port| {
                 (
                     port,
-                    format!("the checkpoint engines of VM {:?} (checkpoint_port)", vm.name),
+                    format!(
+                        "the checkpoint engines of VM {:?} (checkpoint_port)",
+                        vm.name
+                    ),
                 )
             });
             for (port, user) in disks.chain(nics).chain(checkpoint) {
@@ -595,7 +598,10 @@ replication_port = 7400
         let port = error_of(&GOOD.replace("level = 2", "level = 3"));
         assert!(port.contains("level 3 needs checkpoint_port"), "{port}");
         let level3 = GOOD.replace("level = 2", "level = 3\ncheckpoint_port = 7460");
-        assert_eq!(parse(&level3).expect("level 3").vm[0].checkpoint_port, Some(7460));
+        assert_eq!(
+            parse(&level3).expect("level 3").vm[0].checkpoint_port,
+            Some(7460)
+        );
         let twice = error_of(&GOOD.replace("level = 2", "level = 3\ncheckpoint_port = 7400"));
         assert!(twice.contains("port 7400 is used twice"), "{twice}");
         let primary = error_of(&GOOD.replace("primary = \"hostA\"", "primary = \"hostC\""));

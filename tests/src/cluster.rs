@@ -193,6 +193,18 @@ replication_port = {REPLICATION_PORT}
         self.dir.path().join(format!("{}.img", HOSTS[host]))
     }
 
+    /// Moves a host's image onto the fault-injecting file system (as `HOST.img` there; the
+    /// image's path becomes a link to it, its metadata stays beside the link). Before
+    /// [`Cluster::start_all`].
+    pub fn put_image_on(&self, host: usize, fault_fs: &crate::fault_fs::FaultFs) {
+        let image = self.image(host);
+        let size = std::fs::metadata(&image).expect("the host's image").len();
+        let target = fault_fs.path(&format!("{}.img", HOSTS[host]));
+        crate::create_image(&target, size);
+        std::fs::remove_file(&image).expect("remove the host's image");
+        std::os::unix::fs::symlink(&target, &image).expect("symlink");
+    }
+
     pub fn socket(&self, host: usize) -> PathBuf {
         self.dir.path().join(HOSTS[host]).join("ftvmd.sock")
     }

@@ -32,6 +32,23 @@ pub const RAM_MB: u32 = 256;
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 const VM: &str = "vm1";
 
+/// A counter in the guest's memory, printed every ~100 ms with the guest's uptime
+/// (`COUNT n uptime`), and a TCP echo server on port 7000.
+pub const COUNTER_AND_ECHO: &str = "i=0\n\
+     (while true; do\n\
+       i=$((i + 1))\n\
+       read up idle < /proc/uptime\n\
+       echo \"COUNT $i $up\"\n\
+       usleep 100000\n\
+     done) &\n\
+     nc -ll -p 7000 -e cat\n";
+
+/// `(n, uptime)` of a `COUNT n uptime` line of [`COUNTER_AND_ECHO`].
+pub fn count_of(line: &str) -> Option<(u64, f64)> {
+    let mut words = line.strip_prefix("COUNT ")?.split_whitespace();
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
 /// The guest's script: the LAN address, then whatever `body` runs.
 pub fn guest_script(body: &str) -> String {
     format!(

@@ -26,11 +26,7 @@ fn a_copy_that_failed_writes_is_never_promoted() {
         &ClusterOptions::default(),
     );
     // hostB's image lives on the fault-injecting file system (its metadata beside the link).
-    let image_b = cluster.image(B);
-    let size = std::fs::metadata(&image_b).expect("hostB's image").len();
-    ftvm_tests::create_image(&fault_fs.path("hostB.img"), size);
-    std::fs::remove_file(&image_b).expect("remove hostB's image");
-    std::os::unix::fs::symlink(fault_fs.path("hostB.img"), &image_b).expect("symlink");
+    cluster.put_image_on(B, &fault_fs);
     cluster.start_all();
     let protected = cluster.wait_vm(A, Duration::from_secs(60), "Protected on hostA", |vm| {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()

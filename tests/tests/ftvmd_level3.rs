@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions};
 use ftvm_tests::guest::GuestConfig;
-use ftvm_tests::level3::{guest_script, RAM_MB};
+use ftvm_tests::level3::{count_of, guest_script, COUNTER_AND_ECHO, RAM_MB};
 use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
 use ftvm_tests::nic_daemon::{GUEST_IP, GUEST_MAC};
 use ftvm_tests::wait::poll_for;
@@ -17,23 +17,6 @@ const A: usize = 0;
 const B: usize = 1;
 /// Booting, the first full copy and the restore, under TCG on a loaded machine.
 const TIMEOUT: Duration = Duration::from_secs(240);
-
-/// A counter in the guest's memory, printed every ~100 ms with the guest's uptime, and a
-/// TCP echo server.
-const COUNTER_AND_ECHO: &str = "i=0\n\
-     (while true; do\n\
-       i=$((i + 1))\n\
-       read up idle < /proc/uptime\n\
-       echo \"COUNT $i $up\"\n\
-       usleep 100000\n\
-     done) &\n\
-     nc -ll -p 7000 -e cat\n";
-
-/// `(n, uptime)` of a `COUNT n uptime` line.
-fn count_of(line: &str) -> Option<(u64, f64)> {
-    let mut words = line.strip_prefix("COUNT ")?.split_whitespace();
-    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-}
 
 /// The last `COUNT` line of a host's console.
 fn last_count(cluster: &Cluster, host: usize) -> Option<(u64, f64)> {
@@ -257,10 +240,7 @@ fn a_failed_local_disk_suspends_level_3_and_the_repair_resumes_it() {
     };
     let mut cluster = Cluster::new("ftvmd-l3-disk", &guest, &options);
     // hostA's image lives on the fault-injecting file system.
-    let image_a = cluster.image(A);
-    ftvm_tests::create_image(&fault_fs.path("hostA.img"), options.disk_bytes);
-    std::fs::remove_file(&image_a).expect("remove hostA's image");
-    std::os::unix::fs::symlink(fault_fs.path("hostA.img"), &image_a).expect("symlink");
+    cluster.put_image_on(A, &fault_fs);
     cluster.start_all();
     cluster.wait_console(A, "NET-UP");
     wait_checkpoints(&cluster, "Level 3 checkpoints committing");

@@ -6,26 +6,11 @@ use std::time::Duration;
 
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::guest_tools;
-use ftvm_tests::level3::{guest_script, Level3Options, Level3Pair, GUEST_TIMEOUT};
+use ftvm_tests::level3::{
+    count_of, guest_script, Level3Options, Level3Pair, COUNTER_AND_ECHO, GUEST_TIMEOUT,
+};
 use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
 use ftvm_tests::nic_daemon::GUEST_IP;
-
-/// A counter in the guest's memory, printed every ~100 ms with the guest's uptime, and a
-/// TCP echo server.
-const COUNTER_AND_ECHO: &str = "i=0\n\
-     (while true; do\n\
-       i=$((i + 1))\n\
-       read up idle < /proc/uptime\n\
-       echo \"COUNT $i $up\"\n\
-       usleep 100000\n\
-     done) &\n\
-     nc -ll -p 7000 -e cat\n";
-
-/// `(n, uptime)` of a `COUNT n uptime` line.
-fn count_of(line: &str) -> Option<(u64, f64)> {
-    let mut words = line.strip_prefix("COUNT ")?.split_whitespace();
-    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-}
 
 #[test]
 fn the_guest_process_and_a_tcp_connection_survive_the_loss_of_the_host() {
