@@ -322,9 +322,7 @@ impl VmRunner {
     /// wants to), a secondary that it keeps a replica.
     pub(super) fn beat_checkpoints(&self) -> bool {
         match self.host.role() {
-            Role::Primary => {
-                self.level == 3 && self.state.protected && !self.level3_suspended()
-            }
+            Role::Primary => self.level == 3 && self.state.protected && !self.level3_suspended(),
             Role::Secondary => self.engine.role() == Some(Role::Secondary),
         }
     }
