@@ -11,6 +11,7 @@
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod keygen;
 pub mod sim;
 pub mod witness;
 pub mod witness_daemon;

@@ -63,6 +63,26 @@ enum Command {
         #[command(subcommand)]
         action: HostAction,
     },
+    /// Make the pre-shared keys of a host pair and its witness, and say what to copy where.
+    ///
+    /// Makes OUT/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
+    /// psk_file`), OUT/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
+    /// /etc/ftvm/witness.psk on that host, and /etc/ftvm-witness/keys/HOST.psk on the
+    /// witness for `ftvm-witness --psk-dir`) and OUT/ftvm-witness-keys.conf (a drop-in
+    /// that hands those keys to ftvm-witness.service as credentials). Keys are 32 random
+    /// bytes as hex, mode 0600, in folders of mode 0700. Needs no ftvmd; run it anywhere
+    /// and copy the files with their modes.
+    Keygen {
+        /// Folder to make the keys in (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A host of the pair, as in its `[host] name`; give it twice.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
+        /// Replace existing keys (both hosts and the witness then need the new ones).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +117,11 @@ fn run(args: &Args) -> Result<(), String> {
         }
     };
     match &args.command {
+        Command::Keygen { out, hosts, force } => {
+            let keys = coordinator::keygen::generate(out, hosts, *force)
+                .map_err(|error| coordinator::error_chain(&error))?;
+            print!("{}", coordinator::keygen::instructions(&keys));
+        }
         Command::Status { json } => {
             let Reply::Status(status) = ask(Request::Status)? else {
                 return Err("unexpected answer from ftvmd".into());
