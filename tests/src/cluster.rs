@@ -234,9 +234,15 @@ replication_port = {REPLICATION_PORT}
     }
 
     pub fn start_ftvmd(&mut self, host: usize) {
+        self.start_ftvmd_with_env(host, &[]);
+    }
+
+    /// [`Cluster::start_ftvmd`] with more environment variables (as systemd sets them).
+    pub fn start_ftvmd_with_env(&mut self, host: usize, environment: &[(&str, &str)]) {
         let mut command = self.hosts.command(HOSTS[host], paths::binary("ftvmd"));
         command.arg("--config").arg(self.config_path(host));
         command.env("RUST_LOG", "info");
+        command.envs(environment.iter().copied());
         let log = self.log_path(host);
         self.ftvmd[host] = Some(Process::spawn(HOSTS[host], command, &log));
         let socket = self.socket(host);

@@ -2,9 +2,10 @@
 //! wrong keys, an unreachable peer, bad commands and non-root users. No guest boots here
 //! (the VM's primary never gets the go-ahead), so these run fast.
 
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions};
 use ftvm_tests::guest::GuestConfig;
@@ -172,4 +173,90 @@ fn the_cli_explains_its_errors() {
         text.contains("permission denied") || text.contains("Permission denied"),
         "{text}"
     );
+}
+
+/// The datagrams sent to a NOTIFY_SOCKET until `until` holds for them or 15 s pass, each
+/// with its arrival time.
+fn notifications(
+    socket: &UnixDatagram,
+    until: impl Fn(&[(Instant, String)]) -> bool,
+) -> Vec<(Instant, String)> {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !until(&received) && Instant::now() < deadline {
+        if let Ok(length) = socket.recv(&mut buffer) {
+            let text = String::from_utf8_lossy(&buffer[..length]).into_owned();
+            received.push((Instant::now(), text));
+        }
+    }
+    received
+}
+
+fn count(received: &[(Instant, String)], line: &str) -> usize {
+    received
+        .iter()
+        .filter(|(_, text)| text.lines().any(|each| each == line))
+        .count()
+}
+
+#[test]
+fn under_systemd_it_says_ready_pings_the_watchdog_at_half_its_timeout_and_says_stopping() {
+    let mut cluster = cluster("ftvmd-notify");
+    let path = cluster.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    let path = path.to_str().expect("utf-8").to_owned();
+    // A 600 ms watchdog: a ping every 300 ms, while heartbeats go every 100 ms.
+    cluster.start_ftvmd_with_env(A, &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "600000")]);
+    let received = notifications(&socket, |received| count(received, "WATCHDOG=1") >= 5);
+    let texts: Vec<&str> = received.iter().map(|(_, text)| text.as_str()).collect();
+    assert!(
+        texts
+            .first()
+            .is_some_and(|first| first.starts_with("READY=1\nSTATUS=1 VM(s), peer hostB")),
+        "READY=1 first: {texts:?}"
+    );
+    assert_eq!(count(&received, "WATCHDOG=1"), 5, "{texts:?}");
+    let pings: Vec<Instant> = received
+        .iter()
+        .filter(|(_, text)| text == "WATCHDOG=1\n")
+        .map(|(time, _)| *time)
+        .collect();
+    for pair in pings.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(250) && gap < Duration::from_millis(600),
+            "pings every half timeout, not every heartbeat: {gap:?}"
+        );
+    }
+    cluster.stop_ftvmd(A);
+    let received = notifications(&socket, |received| count(received, "STOPPING=1") == 1);
+    assert_eq!(count(&received, "STOPPING=1"), 1, "{received:?}");
+}
+
+#[test]
+fn a_watchdog_meant_for_another_process_is_never_pinged() {
+    let mut cluster = cluster("ftvmd-notify-pid");
+    let path = cluster.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    let path = path.to_str().expect("utf-8").to_owned();
+    // WATCHDOG_PID names another process (systemd sets it to the main pid): not ours.
+    cluster.start_ftvmd_with_env(
+        A,
+        &[
+            ("NOTIFY_SOCKET", &path),
+            ("WATCHDOG_USEC", "200000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+    );
+    let received = notifications(&socket, |received| {
+        received
+            .first()
+            .is_some_and(|(time, _)| time.elapsed() > Duration::from_secs(1))
+    });
+    assert_eq!(count(&received, "READY=1"), 1, "{received:?}");
+    assert_eq!(count(&received, "WATCHDOG=1"), 0, "{received:?}");
 }

@@ -14,6 +14,7 @@ pub mod links;
 pub mod nics;
 pub mod processes;
 pub mod qmp;
+pub mod service;
 pub mod state;
 pub mod vm;
 
@@ -35,6 +36,7 @@ use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
 use self::processes::{
     DiskSpec, EngineSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec,
 };
+use self::service::ServiceManager;
 use self::vm::{Context, Pair, VmRunner};
 use crate::config::Config;
 use crate::host::{HostConfig, Role};
@@ -90,6 +92,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         instance: random_instance()?,
         beat_sequence: 0,
         peer_seen: None,
+        service: ServiceManager::from_env(),
         config,
     };
     let marker = daemon.disabled_marker();
@@ -115,6 +118,12 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         daemon.vms.len(),
         daemon.config.host.control_socket.display()
     );
+    let ready = format!(
+        "{} VM(s), peer {}",
+        daemon.vms.len(),
+        daemon.config.peer.name
+    );
+    daemon.service.ready(&ready);
     while !stop.load(Ordering::Relaxed) {
         daemon.step();
         while let Ok((request, answer)) = requests.try_recv() {
@@ -124,6 +133,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         std::thread::sleep(STEP);
     }
     info!("stopping: the VMs and disk daemons of this host stop too");
+    daemon.service.stopping();
     let mut events = Events::default();
     for vm in &mut daemon.vms {
         vm.shutdown(&mut events);
@@ -206,6 +216,8 @@ struct Daemon {
     beat_sequence: u64,
     /// The newest heartbeat taken from the peer: its instance and sequence.
     peer_seen: Option<(u64, u64)>,
+    /// systemd's side: ready, watchdog, stopping (nothing when not under systemd).
+    service: ServiceManager,
 }
 
 impl Daemon {
@@ -437,6 +449,7 @@ impl Daemon {
             .is_none_or(|last| last.elapsed() >= self.heartbeat);
         if due {
             self.last_beat = Some(Instant::now());
+            self.service.alive();
             let vms = if self.disabled {
                 Vec::new()
             } else {

@@ -508,6 +508,10 @@ fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Supervised> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(file))
         .stderr(Stdio::from(errors));
+    // Only ftvmd speaks to systemd: a child must not ping its watchdog or say it is ready.
+    for variable in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        command.env_remove(variable);
+    }
     // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
     // parent; it runs in the child between fork and exec.
     unsafe {
