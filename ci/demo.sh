@@ -38,7 +38,7 @@ say() { printf '\n\033[1m== [%3ds] %s\033[0m\n' "$((SECONDS - STARTED))" "$*"; }
 say "installing dependencies and building (cached after the first run)"
 bash ci/install-deps.sh jq
 bash ci/build-guest.sh
-cargo build --release --locked -p vhost-blk-mirror -p vhost-net-ft -p coordinator
+cargo build --release --locked -p vhost-blk-mirror -p vhost-net-ft -p coordinator -p checkpoint -p ftvm-ram-track
 BIN="$ROOT/target/release"
 GUEST="$ROOT/target/guest"
 
@@ -112,7 +112,8 @@ fi
 cd /mnt
 md5sum -c data.md5 >/dev/null && echo "guest: restarted; /mnt/data matches its md5"
 echo "guest: last record in the log: $(tail -n 1 log)"
-wait # for the echo server: the guest stays up'
+n=0
+while :; do n=$((n + 1)); read up idle < /proc/uptime; echo "guest: tick $n, up $up s"; sleep 1; done'
 mkdir -p "$WORK/initrd.files" /mnt
 printf '#!/bin/sh\nmkdir -p /mnt\n%s\n' "$GUEST_SCRIPT" >"$WORK/initrd.files/test.sh"
 chmod +x "$WORK/initrd.files/test.sh"
@@ -150,6 +151,7 @@ level = 2
 primary = "hostA"
 memory_mib = 256
 accel = "tcg"
+checkpoint_port = 7460
 qemu_args = ["-kernel", "$GUEST/vmlinuz", "-initrd", "$WORK/initrd", "-append", "console=ttyS0 panic=-1 quiet no_timer_check"]
 [[vm.disk]]
 image = "$WORK/$host.img"
@@ -293,5 +295,41 @@ wait_for 60 "protection to return" vm_is hostB state Protected
 ftvm hostB status | indent
 resynced=$(ftvm hostB status --json | jq '.vms[0].disks[0].replication.resync.bytes_total')
 echo "    delta resync: $((resynced / 1048576)) MiB of the 256 MiB disk"
+
+# --- Level 3 ----------------------------------------------------------------------------
+say "Level 3 on the running VM: memory checkpoints from hostB to hostA, output held until safe"
+echo "    \$ ftvm protect vm1 --level 3 --peer hostA   (on hostB, its primary now)"
+ftvm hostB protect vm1 --level 3 --peer hostA | indent
+committed() { ftvm hostB status --json | jq -r '.vms[0].checkpoint.stats.committed_epoch // 0'; }
+committed_at_least() { [ "$(committed)" -ge "$1" ]; }
+wait_for 120 "the first checkpoints" committed_at_least 20
+ftvm hostB status | indent
+ip netns exec "${PREFIX}client" bash -c "$CLIENT_LOOP" >"$CLIENT_LOG" 2>&1 &
+PIDS[client]=$!
+wait_for 30 "the client's echoes through output commit" rounds_at_least 50
+last_tick() { grep -a -o 'tick [0-9]*, up [0-9.]* s' "$1" | tail -n 1; }
+echo "    a new TCP connection from the client: $(rounds) echoes; the guest's clock: $(last_tick "$CONSOLE_B")"
+
+say "killing hostB: A-links and LAN port down, every process in ${PREFIX}hostB killed"
+for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostB" link set "$device" down; done
+KILLED=$(date +%s.%N)
+{
+    for pid in $(ip netns pids "${PREFIX}hostB"); do kill -KILL "$pid" || true; done
+    wait "${PIDS[hostB]}" || true
+} 2>/dev/null
+unset "PIDS[hostB]"
+echo "    hostB's guest was at: $(last_tick "$CONSOLE_B")"
+TICKS_BEFORE=$(grep -a -c 'tick ' "$CONSOLE_A" || true)
+vm_running_on_a() { [ "$(vm_field hostA vm_pid)" != null ] && vm_is hostA role Primary; }
+wait_for 30 "hostA to restore the VM" vm_running_on_a
+new_tick_on_a() { [ "$(grep -a -c 'tick ' "$CONSOLE_A")" -gt "$TICKS_BEFORE" ]; }
+wait_for 30 "the guest's clock on hostA" new_tick_on_a
+echo "    hostA restored the VM from its last checkpoint $(echo "$(date +%s.%N) - $KILLED" | bc | cut -c1-4) s after the kill"
+echo "    the same guest goes on, no reboot: $(last_tick "$CONSOLE_A")"
+BEFORE=$(rounds)
+wait_for 60 "the same TCP connection to go on" rounds_at_least $((BEFORE + 50))
+echo "    the client's TCP connection survived the loss of the host: $(rounds) echoes, longest pause $(longest_gap_since "$KILLED") ms"
+echo "    \$ ftvm events   (on hostA)"
+ftvm hostA events | grep -a -e 'witness granted' -e 'frozen' -e 'restored' | cut -c 25- | indent
 
 say "demo finished in $((SECONDS - STARTED)) s: cleaning up namespaces, processes and files"
