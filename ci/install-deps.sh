@@ -8,8 +8,8 @@
 # Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
 # e2fsprogs, util-linux, kmod, iputils-ping, mount (losetup), socat (demo), gcc and
-# libc6-dev (static guest tools, tests/guest/), plus any EXTRA_PACKAGE given on the
-# command line.
+# libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
+# ci/verify-units.sh), plus any EXTRA_PACKAGE given on the command line.
 set -euo pipefail
 
 case "${1:-}" in
@@ -35,6 +35,7 @@ PACKAGES=(
 	socat
 	gcc
 	libc6-dev
+	systemd
 	"$@"
 )
 

@@ -31,6 +31,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --all-targets --locked
 
+step "systemd units (systemd-analyze verify and security)"
+bash ci/verify-units.sh target/debug/ftvm
+
 step "fuzz seed replay (virtio-blk request parser)"
 # The fuzz target builds on stable Rust; replaying its seeds checks the parser against the
 # target's model. Long runs need nightly: see vhost-blk-mirror/fuzz/README.md.
