@@ -8,10 +8,12 @@
 //! The daemons (`ftvmd`, `ftvm-witness`) wrap these machines with real sockets, clocks and
 //! files.
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod host;
 pub mod keygen;
+pub mod manual;
 pub mod sim;
 pub mod witness;
 pub mod witness_daemon;

@@ -1,42 +1,8 @@
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use coordinator::cli::WitnessArgs as Args;
 use coordinator::witness_daemon::{run, WitnessConfig, WitnessKeys};
-
-/// The ftvm quorum witness: runs on a third host and grants each generation of a protected
-/// VM to at most one of its two hosts, so that a partition never gives two primaries.
-///
-/// Every grant is written to STATE_DIR (one readable JSON file per VM) and synced before
-/// the answer leaves. Hosts connect over the replication link, authenticated with a
-/// pre-shared key: one for all hosts (--psk-file), or better one per host (--psk-dir), so
-/// that no host can connect, and claim, under another host's name.
-#[derive(Debug, Parser)]
-#[command(name = "ftvm-witness", version)]
-struct Args {
-    /// Address to accept hosts on (give twice for two networks).
-    #[arg(long, value_name = "ADDR:PORT", required = true)]
-    listen: Vec<SocketAddr>,
-    /// Where grants are kept (created, mode 0700).
-    #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
-    /// Pre-shared key every host uses to reach this witness (at least 16 bytes).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "psk_dir",
-        conflicts_with = "psk_dir"
-    )]
-    psk_file: Option<PathBuf>,
-    /// A key per host: DIR/HOST.psk for each host (HOST as in its `[host] name`), the same
-    /// file as that host's `[witness] psk_file`. A host connects only under its own name.
-    #[arg(long, value_name = "DIR")]
-    psk_dir: Option<PathBuf>,
-    /// This witness's name on the link.
-    #[arg(long, value_name = "NAME", default_value = "witness")]
-    host_id: String,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -1,102 +1,11 @@
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use coordinator::cli::{FtvmArgs as Args, FtvmCommand as Command, HostAction};
 use coordinator::daemon::control::{request, HostStatus, Reply, Request};
 use coordinator::daemon::nics::NicStatus;
 use coordinator::host::Role;
-
-/// Operate ftvm, the fault tolerance for QEMU/KVM VMs, through this host's ftvmd.
-///
-/// Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
-/// usage.
-#[derive(Debug, Parser)]
-#[command(name = "ftvm", version)]
-struct Args {
-    /// ftvmd's control socket (control_socket in its configuration).
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/run/ftvm/ftvmd.sock",
-        global = true
-    )]
-    socket: PathBuf,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// One line per VM: level, state, primary, secondary, disk sync, links, witness; under
-    /// it one line per NIC: the path of its frames (local or through the peer).
-    Status {
-        /// The whole status as JSON (for scripts and monitoring).
-        #[arg(long)]
-        json: bool,
-    },
-    /// What happened, with what to do about it (newest last).
-    Events {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Protect a VM defined in the configuration at a level, with the peer host; on a
-    /// protected VM, change its level while it runs (on its primary; 2 to 3 and back
-    /// without a restart).
-    Protect {
-        vm: String,
-        /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link;
-        /// 3: also keep the VM running through the loss of its host, memory and TCP
-        /// sessions included (continuous checkpoints; needs checkpoint_port).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
-        level: u8,
-        /// The peer host (must be the one in ftvmd's configuration).
-        #[arg(long)]
-        peer: String,
-    },
-    /// Stop protecting a VM.
-    Unprotect { vm: String },
-    /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy.
-    Failover { vm: String },
-    /// Planned maintenance of this host.
-    Host {
-        #[command(subcommand)]
-        action: HostAction,
-    },
-    /// Make the pre-shared keys of a host pair and its witness, and say what to copy where.
-    ///
-    /// Makes OUT/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
-    /// psk_file`), OUT/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
-    /// /etc/ftvm/witness.psk on that host, and /etc/ftvm-witness/keys/HOST.psk on the
-    /// witness for `ftvm-witness --psk-dir`) and OUT/ftvm-witness-keys.conf (a drop-in
-    /// that hands those keys to ftvm-witness.service as credentials). Keys are 32 random
-    /// bytes as hex, mode 0600, in folders of mode 0700. Needs no ftvmd; run it anywhere
-    /// and copy the files with their modes.
-    Keygen {
-        /// Folder to make the keys in (created if missing).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// A host of the pair, as in its `[host] name`; give it twice.
-        #[arg(long = "host", value_name = "NAME", required = true)]
-        hosts: Vec<String>,
-        /// Replace existing keys (both hosts and the witness then need the new ones).
-        #[arg(long)]
-        force: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum HostAction {
-    /// Move every primary VM to the peer, then stop this host's VM daemons. The host stays
-    /// disabled, also across ftvmd restarts and reboots, until `ftvm host enable`.
-    Disable {
-        /// How long to wait for the VMs to move, in seconds.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
-    },
-    /// Rejoin: this host's copies resync and become secondaries again.
-    Enable,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

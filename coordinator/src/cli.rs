@@ -1,0 +1,153 @@
+//! The command lines of `ftvm`, `ftvmd` and `ftvm-witness` (clap), here rather than in the
+//! programs so that `ftvm-gen-docs` makes their man pages and shell completions from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Operate ftvm, the fault tolerance for QEMU/KVM VMs, through this host's ftvmd.
+///
+/// Exit status: 0 done, 1 refused or failed (the message says why and what to do), 2 bad
+/// usage.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm", version)]
+pub struct FtvmArgs {
+    /// ftvmd's control socket (control_socket in its configuration).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/ftvm/ftvmd.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: FtvmCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FtvmCommand {
+    /// One line per VM: level, state, primary, secondary, disk sync, links, witness; under
+    /// it one line per NIC: the path of its frames (local or through the peer).
+    Status {
+        /// The whole status as JSON (for scripts and monitoring).
+        #[arg(long)]
+        json: bool,
+    },
+    /// What happened, with what to do about it (newest last).
+    Events {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Protect a VM defined in the configuration at a level, with the peer host; on a
+    /// protected VM, change its level while it runs (on its primary; 2 to 3 and back
+    /// without a restart).
+    Protect {
+        vm: String,
+        /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link;
+        /// 3: also keep the VM running through the loss of its host, memory and TCP
+        /// sessions included (continuous checkpoints; needs checkpoint_port).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+        level: u8,
+        /// The peer host (must be the one in ftvmd's configuration).
+        #[arg(long)]
+        peer: String,
+    },
+    /// Stop protecting a VM.
+    Unprotect { vm: String },
+    /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy.
+    Failover { vm: String },
+    /// Planned maintenance of this host.
+    Host {
+        #[command(subcommand)]
+        action: HostAction,
+    },
+    /// Make the pre-shared keys of a host pair and its witness, and say what to copy where.
+    ///
+    /// Makes OUT/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
+    /// psk_file`), OUT/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
+    /// /etc/ftvm/witness.psk on that host, and /etc/ftvm-witness/keys/HOST.psk on the
+    /// witness for `ftvm-witness --psk-dir`) and OUT/ftvm-witness-keys.conf (a drop-in
+    /// that hands those keys to ftvm-witness.service as credentials). Keys are 32 random
+    /// bytes as hex, mode 0600, in folders of mode 0700. Needs no ftvmd; run it anywhere
+    /// and copy the files with their modes.
+    Keygen {
+        /// Folder to make the keys in (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A host of the pair, as in its `[host] name`; give it twice.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
+        /// Replace existing keys (both hosts and the witness then need the new ones).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostAction {
+    /// Move every primary VM to the peer, then stop this host's VM daemons. The host stays
+    /// disabled, also across ftvmd restarts and reboots, until `ftvm host enable`.
+    Disable {
+        /// How long to wait for the VMs to move, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Rejoin: this host's copies resync and become secondaries again.
+    Enable,
+}
+
+/// The ftvm host daemon: keeps the protected VMs of this host running through the loss of
+/// a disk, a link or the whole peer host.
+///
+/// It starts each VM's disk daemons (vhost-blk-mirror) and, on the VM's primary host, the
+/// VM itself; heartbeats the peer host's ftvmd on every A-link; asks the quorum witness
+/// for the next generation when the peer is lost, and then continues alone, promotes this
+/// host's copy, or fences it. Operators talk to it with `ftvm`.
+///
+/// FILE is TOML with [host], [peer], [witness], optional [timing] and one [[vm]] per VM;
+/// see coordinator/README.md. Stop with SIGTERM: the VMs of this host stop with it (the
+/// peer then takes them over); use `ftvm host disable` first for planned maintenance.
+#[derive(Debug, Parser)]
+#[command(name = "ftvmd", version)]
+pub struct FtvmdArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Check the configuration file and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// The ftvm quorum witness: runs on a third host and grants each generation of a protected
+/// VM to at most one of its two hosts, so that a partition never gives two primaries.
+///
+/// Every grant is written to STATE_DIR (one readable JSON file per VM) and synced before
+/// the answer leaves. Hosts connect over the replication link, authenticated with a
+/// pre-shared key: one for all hosts (--psk-file), or better one per host (--psk-dir), so
+/// that no host can connect, and claim, under another host's name.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm-witness", version)]
+pub struct WitnessArgs {
+    /// Address to accept hosts on (give twice for two networks).
+    #[arg(long, value_name = "ADDR:PORT", required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// Where grants are kept (created, mode 0700).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Pre-shared key every host uses to reach this witness (at least 16 bytes).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "psk_dir",
+        conflicts_with = "psk_dir"
+    )]
+    pub psk_file: Option<PathBuf>,
+    /// A key per host: DIR/HOST.psk for each host (HOST as in its `[host] name`), the same
+    /// file as that host's `[witness] psk_file`. A host connects only under its own name.
+    #[arg(long, value_name = "DIR")]
+    pub psk_dir: Option<PathBuf>,
+    /// This witness's name on the link.
+    #[arg(long, value_name = "NAME", default_value = "witness")]
+    pub host_id: String,
+}
