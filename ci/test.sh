@@ -60,6 +60,9 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path replica
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 "$target_dir/debug/frame_decoder" -runs=0 replication-link/fuzz/seeds/frame_decoder
 
+step "Debian package (built, installed into a clean debootstrap root, run, purged)"
+bash ci/test-deb.sh
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "$@"

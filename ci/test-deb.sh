@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Usage: ci/test-deb.sh [--help]
+#
+# Builds the Debian package (ci/build-deb.sh --profile dev) and installs it with
+# `apt-get install ./ftvm_*.deb` into a clean Debian 12 root made by debootstrap (minbase),
+# then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm --help`,
+# `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages and
+# completions in place; then `apt-get purge ftvm` and checks that nothing of it is left.
+# Needs root, debootstrap (installed if missing) and Debian's mirror.
+#
+# Cached under target/deb-test/: the debootstrap root as base.tar (about 200 MB, made once:
+# about 6 minutes here) and the downloaded .debs (qemu and friends). A cached run takes
+# about a minute. The root itself is new each run and removed afterwards.
+set -euo pipefail
+
+case "${1:-}" in
+-h | --help)
+	sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+	exit 0
+	;;
+esac
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+MIRROR=${FTVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+cache=$ROOT/target/deb-test
+mkdir -p "$cache/archives/partial"
+
+deb=$(bash ci/build-deb.sh --profile dev | tail -1)
+command -v debootstrap >/dev/null || bash ci/install-deps.sh debootstrap
+if [[ ! -f $cache/base.tar ]]; then
+	echo "test-deb: making the clean root once (debootstrap minbase bookworm)"
+	base=$(mktemp -d "$cache/base.XXXXXX")
+	debootstrap --variant=minbase bookworm "$base" "$MIRROR" >"$cache/debootstrap.log" 2>&1 || {
+		tail -20 "$cache/debootstrap.log" >&2
+		rm -rf "$base"
+		exit 1
+	}
+	tar -C "$base" -cf "$cache/base.tar.new" . && mv "$cache/base.tar.new" "$cache/base.tar"
+	rm -rf "$base"
+fi
+
+root=$(mktemp -d "$cache/root.XXXXXX")
+cleanup() {
+	for mount in var/cache/apt/archives dev proc; do
+		umount "$root/$mount" 2>/dev/null || true
+	done
+	rm -rf --one-file-system "$root"
+}
+trap cleanup EXIT
+tar -C "$root" -xf "$cache/base.tar"
+mount -t proc proc "$root/proc"
+mount --bind /dev "$root/dev"
+mount --bind "$cache/archives" "$root/var/cache/apt/archives"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+cp "$deb" "$root/tmp/"
+in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
+fail() {
+	echo "test-deb: FAILED: $*" >&2
+	exit 1
+}
+
+in_root apt-get update -qq
+in_root apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$deb")" >"$cache/install.log" 2>&1 || {
+	tail -30 "$cache/install.log" >&2
+	fail "apt-get install ./$(basename "$deb")"
+}
+echo "test-deb: installed $(basename "$deb") into a clean debootstrap root"
+
+check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || fail "ftvmd --check: $check"
+[[ $check == *"valid (1 VM(s), peer hostB)"* ]] || fail "ftvmd --check said: $check"
+echo "test-deb: ftvmd --check: $check"
+in_root ftvm --help | grep -q "keygen" || fail "ftvm --help does not name keygen"
+in_root ftvm keygen --out /root/keys --host hostA --host hostB | grep -q "/etc/ftvm/pair.psk" ||
+	fail "ftvm keygen"
+[[ $(stat -c %a "$root/root/keys/pair.psk") == 600 ]] || fail "the pair key is not mode 0600"
+in_root ftvm-witness --help | grep -q -- "--psk-dir" || fail "ftvm-witness --help"
+for daemon in vhost-blk-mirror vhost-net-ft ftvm-checkpoint; do
+	in_root "/usr/lib/ftvm/$daemon" --help >/dev/null || fail "/usr/lib/ftvm/$daemon --help"
+done
+in_root qemu-system-x86_64 --version >/dev/null || fail "qemu-system-x86 was not pulled in"
+for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service \
+	/lib/systemd/system/ftvm-witness.service /etc/default/ftvm-witness \
+	/usr/share/man/man8/ftvm.8.gz /usr/share/man/man8/ftvmd.8.gz \
+	/usr/share/man/man8/ftvm-witness.8.gz /usr/share/man/man8/ftvm-keygen.8.gz \
+	/usr/share/bash-completion/completions/ftvm /usr/share/zsh/vendor-completions/_ftvmd \
+	/usr/share/fish/vendor_completions.d/ftvm-witness.fish; do
+	[[ -e $root$file ]] || fail "$file is not installed"
+done
+[[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || fail "/etc/ftvm/ftvmd.toml is not mode 0600"
+echo "test-deb: ftvm --help, keygen, the daemons' --help, units, man pages, completions: ok"
+
+in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || fail "apt-get purge ftvm"
+left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* 2>/dev/null' || true)
+[[ -z $left ]] || fail "left after apt-get purge: $left"
+echo "test-deb: apt-get purge ftvm removes every file of the package"
