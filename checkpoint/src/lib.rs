@@ -7,6 +7,8 @@
 //!   `PAGEMAP_SCAN` on the write-protected RAM mapping the preload library set up, and the
 //!   daemons' writes they report.
 //! - [`delta`]: a page as sent: XOR with the replica's copy, then LZ4, or raw.
+//! - [`state_delta`]: QEMU's device state as sent: XOR with the last committed one, then
+//!   LZ4, or raw.
 //! - [`wire`]: the checkpoint stream between the primary's and the secondary's engines.
 //! - [`replica`]: the secondary's replica RAM file, staged epochs, the committed state.
 //! - [`epoch`]: one checkpoint's device state over QMP, and the restore.
@@ -25,6 +27,7 @@ pub mod qmp;
 pub mod replica;
 pub mod secondary;
 pub mod sender;
+pub mod state_delta;
 pub mod stats;
 #[cfg(test)]
 mod stream_tests;

@@ -5,7 +5,10 @@
 //!   ([`crate::mapped_file`]). After a restore QEMU runs on it (`memory-backend-file`).
 //! - **Staging** ([`StagedEpoch`]): an epoch's pages are decoded as they arrive (against the
 //!   replica's current page, or the zero page in a full copy, as [`crate::delta`] says) and
-//!   kept in memory, with the device state, until `EpochEnd`. An epoch that is incomplete,
+//!   kept in memory, with the device state, until `EpochEnd`. The device state is decoded
+//!   once its last byte arrived ([`crate::state_delta`]); a delta is decoded against the
+//!   record's device state and is refused unless it names the record's committed epoch as
+//!   its base. An epoch that is incomplete,
 //!   out of order, of an older generation, from another stream without a full copy, or whose
 //!   checksum differs is dropped without touching either file. A full copy stages the whole
 //!   RAM (zero pages take no memory); an incremental epoch only its dirty pages.
@@ -43,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delta::{decode, Page, PAGE_BYTES, ZERO_PAGE};
 use crate::mapped_file::{try_lock_exclusive, MappedFile};
+use crate::state_delta::{self, StateEncoding};
 use crate::wire::{
     bounded_text, BatchEntries, Refusal, MAX_DEVICE_STATE_BYTES, MAX_RAM_BYTES, MAX_VM_NAME_BYTES,
 };
@@ -148,6 +152,8 @@ pub struct EpochHeader {
     pub full: bool,
     pub pages: u64,
     pub state_len: u64,
+    pub state_encoding: StateEncoding,
+    pub state_wire_len: u64,
 }
 
 /// The secondary's replica: RAM file, record, RAM geometry.
@@ -328,7 +334,38 @@ impl Replica {
                 header.state_len
             )));
         }
+        if !header
+            .state_encoding
+            .wire_len_allowed(header.state_wire_len, header.state_len)
+        {
+            return Err(Refusal::Malformed(format!(
+                "{} bytes are not a {:?} device state of {} bytes",
+                header.state_wire_len, header.state_encoding, header.state_len
+            )));
+        }
+        if header.full && header.state_encoding.base_epoch().is_some() {
+            return Err(Refusal::Malformed(
+                "a full copy's device state is a delta".into(),
+            ));
+        }
+        self.state_base(header.state_encoding)?;
         Ok(())
+    }
+
+    /// The base a device state sent as `encoding` is decoded against: for a delta, the
+    /// committed record's device state, which must be that of the epoch the delta names.
+    fn state_base(&self, encoding: StateEncoding) -> Result<Option<&[u8]>, Refusal> {
+        let Some(base_epoch) = encoding.base_epoch() else {
+            return Ok(None);
+        };
+        let record = &self.record;
+        let holds = record.state == RecordState::Committed && !record.device_state.is_empty();
+        if !holds || record.epoch != base_epoch {
+            return Err(Refusal::StateBase {
+                committed_epoch: record.epoch,
+            });
+        }
+        Ok(Some(&record.device_state))
     }
 
     /// Applies a complete, checked epoch atomically (see the module documentation) and makes
@@ -425,6 +462,10 @@ pub struct StagedEpoch {
     /// One bit per RAM page: already staged in this epoch.
     seen: Vec<u64>,
     pages: Vec<(u64, StagedPage)>,
+    /// The device state's bytes as sent, until the last arrived.
+    state_wire: Vec<u8>,
+    state_received: u64,
+    /// The decoded device state, once every byte of it arrived.
     device_state: Vec<u8>,
     crc: u32,
 }
@@ -437,6 +478,8 @@ impl StagedEpoch {
             header,
             seen: vec![0; replica.ram_pages.div_ceil(64) as usize],
             pages: Vec::new(),
+            state_wire: Vec::new(),
+            state_received: 0,
             device_state: Vec::new(),
             crc: 0,
         })
@@ -497,28 +540,53 @@ impl StagedEpoch {
         Ok(())
     }
 
-    /// Appends a device state chunk, which must start where the previous one ended.
-    pub fn add_state(&mut self, offset: u64, chunk: &[u8]) -> Result<(), Refusal> {
-        let received = self.device_state.len() as u64;
-        if offset != received {
+    /// Appends a device state chunk, which must start where the previous one ended; the
+    /// last one decodes the state (against `replica`'s committed device state for a delta).
+    pub fn add_state(
+        &mut self,
+        replica: &Replica,
+        offset: u64,
+        chunk: &[u8],
+    ) -> Result<(), Refusal> {
+        let received = self.state_received;
+        if offset != received || chunk.is_empty() {
             return Err(Refusal::Malformed(format!(
-                "device state chunk at {offset}, expected {received}"
+                "device state chunk of {} bytes at {offset}, expected one at {received}",
+                chunk.len()
             )));
         }
+        let wire_len = self.header.state_wire_len;
         let end = received.saturating_add(chunk.len() as u64);
-        if end > self.header.state_len {
+        if end > wire_len {
             return Err(Refusal::Incomplete(format!(
-                "device state beyond the {} bytes announced",
-                self.header.state_len
+                "device state beyond the {wire_len} bytes announced"
             )));
         }
-        if self.device_state.capacity() == 0 {
-            // Bounded by MAX_DEVICE_STATE_BYTES in check_start.
-            self.device_state
-                .reserve_exact(self.header.state_len as usize);
+        if self.state_wire.capacity() == 0 {
+            // Bounded in check_start: at most the state's length, itself at most
+            // MAX_DEVICE_STATE_BYTES.
+            self.state_wire.reserve_exact(wire_len as usize);
         }
-        self.device_state.extend_from_slice(chunk);
-        Ok(())
+        self.state_wire.extend_from_slice(chunk);
+        self.state_received = end;
+        if end < wire_len {
+            return Ok(());
+        }
+        let encoding = self.header.state_encoding;
+        if encoding == StateEncoding::Raw {
+            self.device_state = std::mem::take(&mut self.state_wire);
+            return Ok(());
+        }
+        let base = replica.state_base(encoding)?;
+        let decoded = state_delta::decode(
+            encoding,
+            &self.state_wire,
+            self.header.state_len as usize,
+            base,
+            &mut self.device_state,
+        );
+        self.state_wire = Vec::new();
+        decoded.map_err(|error| Refusal::malformed(&error))
     }
 
     /// Everything announced arrived and the checksum matches.
@@ -530,9 +598,15 @@ impl StagedEpoch {
                 self.header.pages
             )));
         }
-        if self.device_state.len() as u64 != self.header.state_len {
+        if self.state_received != self.header.state_wire_len {
             return Err(Refusal::Incomplete(format!(
                 "{} bytes of device state of {} announced",
+                self.state_received, self.header.state_wire_len
+            )));
+        }
+        if self.device_state.len() as u64 != self.header.state_len {
+            return Err(Refusal::Incomplete(format!(
+                "device state of {} bytes decoded, {} announced",
                 self.device_state.len(),
                 self.header.state_len
             )));

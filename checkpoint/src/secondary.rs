@@ -23,7 +23,7 @@ use replication_link::{CloseReason, Session, SessionError};
 
 use crate::delta::PAGE_BYTES;
 use crate::replica::{EpochHeader, Replica, StagedEpoch};
-use crate::wire::{bounded_text, BatchEntries, Message, Refusal, WireError};
+use crate::wire::{bounded_text, BatchEntries, Message, Refusal, WireError, PROTOCOL_VERSION};
 
 /// How often `serve` looks at its stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -170,18 +170,32 @@ impl Secondary {
         };
         match message {
             Message::Hello {
+                protocol,
                 vm,
                 generation,
                 stream,
                 ram_bytes,
                 page_bytes,
-            } => self.hello(&vm, generation, stream, ram_bytes, page_bytes),
+            } => {
+                if protocol != PROTOCOL_VERSION {
+                    self.reset();
+                    return self.refuse(
+                        0,
+                        Refusal::Protocol {
+                            ours: PROTOCOL_VERSION,
+                        },
+                    );
+                }
+                self.hello(&vm, generation, stream, ram_bytes, page_bytes)
+            }
             Message::EpochStart {
                 epoch,
                 generation,
                 full,
                 pages,
                 state_len,
+                state_encoding,
+                state_wire_len,
             } => {
                 let Some(peer) = self.peer else {
                     return self.refuse(epoch, Refusal::Malformed("no Hello".into()));
@@ -202,6 +216,8 @@ impl Secondary {
                     full,
                     pages,
                     state_len,
+                    state_encoding,
+                    state_wire_len,
                 };
                 if let Some(dropped) = self.staged.take() {
                     warn!(
@@ -230,11 +246,11 @@ impl Secondary {
                 }
             }
             Message::DeviceState { epoch, offset } => {
-                let staged = match self.current(epoch) {
-                    Ok(staged) => staged,
-                    Err(reply) => return reply,
-                };
-                match staged.add_state(offset, payload) {
+                if let Err(reply) = self.current(epoch) {
+                    return reply;
+                }
+                let staged = self.staged.as_mut()?;
+                match staged.add_state(&self.replica, offset, payload) {
                     Ok(()) => None,
                     Err(reason) => self.refuse(epoch, reason),
                 }

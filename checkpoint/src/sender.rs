@@ -8,11 +8,18 @@
 //! committed epoch is not the last epoch sent invalidates it, and the next epoch must be a
 //! full copy ([`Sender::needs_full_copy`]), encoded against zero pages.
 //!
+//! The device state goes as a delta against the device state of the previous epoch sent
+//! ([`crate::state_delta`]), which the replica holds as its committed state whenever it
+//! accepts the epoch at all (an incremental epoch builds only on the one before it); the
+//! delta names that epoch, and the replica refuses it if its committed state is another.
+//! A full copy and the first epoch after a handshake send their state whole.
+//!
 //! Pipelining: `send_*` only queues the epoch on the session (which blocks only when the
 //! link's send window is full), so epoch N+1 may be sent before N's `Ack`; acks arrive in
 //! order and [`Sender::wait_ack`] takes them one at a time. If N is refused, the replica
 //! refuses N+1 too (it no longer follows), and both are lost: the next epoch is a full copy.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
@@ -21,9 +28,10 @@ use log::{info, warn};
 use replication_link::{Session, SessionError};
 
 use crate::delta::{Encoder, Encoding, Page, PAGE_BYTES, ZERO_PAGE};
+use crate::state_delta::{StateEncoder, StateEncoding};
 use crate::wire::{
     BatchBuilder, Message, Refusal, WireError, MAX_DEVICE_STATE_BYTES, MAX_RAM_BYTES,
-    MAX_STATE_CHUNK_BYTES, MAX_VM_NAME_BYTES,
+    MAX_STATE_CHUNK_BYTES, MAX_VM_NAME_BYTES, PROTOCOL_VERSION,
 };
 
 /// Errors of the sender.
@@ -47,6 +55,8 @@ pub enum SenderError {
     NeedFullCopy,
     #[error("no Welcome from the secondary within {timeout_ms} ms")]
     NoWelcome { timeout_ms: u64 },
+    #[error("the secondary speaks checkpoint protocol {theirs}, not {ours}")]
+    ProtocolVersion { ours: u32, theirs: u32 },
     #[error("the secondary replicates VM {vm:?} with {ram_bytes} bytes of RAM")]
     Mismatch { vm: String, ram_bytes: u64 },
     #[error("the replica is at generation {theirs}, above ours ({ours}): a newer primary exists")]
@@ -85,7 +95,10 @@ pub struct EpochSent {
     pub pages: u64,
     /// Page bytes on the wire (entries with their fixed part).
     pub page_bytes_sent: u64,
+    /// The device state's length, and its bytes on the wire (encoded).
     pub device_state_bytes: u64,
+    pub device_state_wire_bytes: u64,
+    pub device_state_encoding: Option<StateEncoding>,
 }
 
 /// The primary's sender: the shadow, the encoder, the epochs in flight.
@@ -96,6 +109,10 @@ pub struct Sender {
     shadow: Vec<u8>,
     shadow_valid: bool,
     encoder: Encoder,
+    state_encoder: StateEncoder,
+    /// The latest epoch sent and its device state (not empty): the base of the next
+    /// epoch's state. Forgotten at each handshake.
+    state_base: Option<(u64, Vec<u8>)>,
     /// The latest epoch sent (its pages are in the shadow).
     last_sent: u64,
     acked: u64,
@@ -140,6 +157,8 @@ impl Sender {
             shadow: vec![0; length],
             shadow_valid: false,
             encoder: Encoder::new(),
+            state_encoder: StateEncoder::new(),
+            state_base: None,
             last_sent: 0,
             acked: 0,
             in_flight: VecDeque::new(),
@@ -188,7 +207,10 @@ impl Sender {
         timeout: Duration,
     ) -> Result<ReplicaState, SenderError> {
         self.in_flight.clear();
+        // The first state of a session goes whole, whatever the replica says it holds.
+        self.state_base = None;
         let hello = Message::Hello {
+            protocol: PROTOCOL_VERSION,
             vm: self.config.vm.clone(),
             generation: self.config.generation,
             stream: self.stream,
@@ -219,6 +241,15 @@ impl Sender {
                     return Err(SenderError::Mismatch {
                         vm: ours_vm,
                         ram_bytes: ours_ram_bytes,
+                    })
+                }
+                Message::Refused {
+                    reason: Refusal::Protocol { ours },
+                    ..
+                } => {
+                    return Err(SenderError::ProtocolVersion {
+                        ours: PROTOCOL_VERSION,
+                        theirs: ours,
                     })
                 }
                 // Answers to a previous session's epochs.
@@ -300,13 +331,14 @@ impl Sender {
             });
         }
         check_device_state(device_state)?;
+        let state = self.encode_state(true, device_state);
         let mut snapshot: Box<Page> = Box::new([0; PAGE_BYTES]);
-        let mut epoch = self.begin(session, true, self.ram_pages, device_state.len())?;
+        let mut epoch = self.begin(session, true, self.ram_pages, &state)?;
         for (index, page) in ram.chunks_exact(PAGE_BYTES).enumerate() {
             snapshot.copy_from_slice(page);
             self.add_page(session, &mut epoch, index as u64, &snapshot)?;
         }
-        self.finish(session, epoch, device_state)
+        self.finish(session, epoch, &state)
     }
 
     /// Sends an incremental epoch: `pages` (each index once) and the device state.
@@ -321,11 +353,31 @@ impl Sender {
         }
         check_device_state(device_state)?;
         self.check_pages(pages)?;
-        let mut epoch = self.begin(session, false, pages.len() as u64, device_state.len())?;
+        let state = self.encode_state(false, device_state);
+        let mut epoch = self.begin(session, false, pages.len() as u64, &state)?;
         for (index, page) in pages {
             self.add_page(session, &mut epoch, *index, page)?;
         }
-        self.finish(session, epoch, device_state)
+        self.finish(session, epoch, &state)
+    }
+
+    /// Encodes an epoch's device state: against the previous epoch's, when it is not a
+    /// full copy and that state is known (see the module documentation).
+    fn encode_state<'a>(&mut self, full: bool, state: &'a [u8]) -> EncodedState<'a> {
+        let base = match (&self.state_base, full) {
+            (Some((epoch, bytes)), false) => Some((*epoch, &bytes[..])),
+            _ => None,
+        };
+        let (encoding, wire) = self.state_encoder.encode(state, base);
+        let wire = match encoding {
+            StateEncoding::Raw => Cow::Borrowed(state),
+            StateEncoding::Lz4 | StateEncoding::XorLz4 { .. } => Cow::Owned(wire.to_vec()),
+        };
+        EncodedState {
+            state,
+            encoding,
+            wire,
+        }
     }
 
     /// Every index in range and given once; the bitmap is clean again afterwards.
@@ -392,7 +444,7 @@ impl Sender {
         session: &Session,
         full: bool,
         pages: u64,
-        state_len: usize,
+        state: &EncodedState<'_>,
     ) -> Result<EpochInProgress, SenderError> {
         // The shadow changes from here on: until the epoch is queued whole it matches
         // nothing the replica will hold.
@@ -403,7 +455,9 @@ impl Sender {
             generation: self.config.generation,
             full,
             pages,
-            state_len: state_len as u64,
+            state_len: state.state.len() as u64,
+            state_encoding: state.encoding,
+            state_wire_len: state.wire.len() as u64,
         };
         self.send(session, &start, Vec::new())?;
         Ok(EpochInProgress {
@@ -461,7 +515,7 @@ impl Sender {
         &mut self,
         session: &Session,
         mut epoch: EpochInProgress,
-        device_state: &[u8],
+        state: &EncodedState<'_>,
     ) -> Result<EpochSent, SenderError> {
         let number = epoch.sent.epoch;
         if !epoch.batch.is_empty() {
@@ -470,7 +524,7 @@ impl Sender {
             self.send(session, &message, payload)?;
         }
         let mut offset = 0u64;
-        for chunk in device_state.chunks(MAX_STATE_CHUNK_BYTES) {
+        for chunk in state.wire.chunks(MAX_STATE_CHUNK_BYTES) {
             let message = Message::DeviceState {
                 epoch: number,
                 offset,
@@ -478,8 +532,10 @@ impl Sender {
             self.send(session, &message, chunk.to_vec())?;
             offset += chunk.len() as u64;
         }
-        epoch.sent.device_state_bytes = offset;
-        let crc32c = crc32c::crc32c_append(epoch.crc, device_state);
+        epoch.sent.device_state_bytes = state.state.len() as u64;
+        epoch.sent.device_state_wire_bytes = offset;
+        epoch.sent.device_state_encoding = Some(state.encoding);
+        let crc32c = crc32c::crc32c_append(epoch.crc, state.state);
         self.send(
             session,
             &Message::EpochEnd {
@@ -491,6 +547,14 @@ impl Sender {
         self.last_sent = number;
         self.in_flight.push_back(number);
         self.shadow_valid = true;
+        let mut base = self
+            .state_base
+            .take()
+            .map(|(_, bytes)| bytes)
+            .unwrap_or_default();
+        base.clear();
+        base.extend_from_slice(state.state);
+        self.state_base = (!base.is_empty()).then_some((number, base));
         Ok(epoch.sent)
     }
 
@@ -523,6 +587,13 @@ fn check_device_state(device_state: &[u8]) -> Result<(), SenderError> {
         });
     }
     Ok(())
+}
+
+/// An epoch's device state and how it goes on the wire.
+struct EncodedState<'a> {
+    state: &'a [u8],
+    encoding: StateEncoding,
+    wire: Cow<'a, [u8]>,
 }
 
 /// An epoch being sent.

@@ -20,8 +20,9 @@ pub struct EpochSample {
     pub dirty_pages: u64,
     /// Bytes of pages and device state on the wire, after encoding.
     pub wire_bytes: u64,
-    /// Bytes of the device state alone.
+    /// Bytes of the device state alone, and of it on the wire (a delta, compressed).
     pub device_state_bytes: u64,
+    pub device_state_wire_bytes: u64,
 }
 
 /// The figures of the last 1024 epochs and the totals since the start.
@@ -49,6 +50,7 @@ pub struct StatsReport {
     pub dirty_pages_per_epoch: f64,
     pub wire_bytes_per_epoch: f64,
     pub device_state_bytes_per_epoch: f64,
+    pub device_state_wire_bytes_per_epoch: f64,
     /// The last epoch the secondary acknowledged (committed), if any.
     pub committed_epoch: Option<u64>,
     /// Epochs sent and not yet acknowledged.
@@ -139,6 +141,7 @@ impl Stats {
             dirty_pages_per_epoch: mean(|sample| sample.dirty_pages),
             wire_bytes_per_epoch: mean(|sample| sample.wire_bytes),
             device_state_bytes_per_epoch: mean(|sample| sample.device_state_bytes),
+            device_state_wire_bytes_per_epoch: mean(|sample| sample.device_state_wire_bytes),
             committed_epoch: self.committed,
             lag_epochs,
             since_commit_ms: now
@@ -168,6 +171,7 @@ mod tests {
             dirty_pages: pages,
             wire_bytes: pages * 100,
             device_state_bytes: 10,
+            device_state_wire_bytes: 2,
         }
     }
 
@@ -199,6 +203,7 @@ mod tests {
         assert_eq!(report.lag_epochs, 2);
         assert_eq!(report.since_commit_ms, 100);
         assert_eq!(report.dirty_pages_per_epoch, 45.0);
+        assert_eq!(report.device_state_wire_bytes_per_epoch, 2.0);
         // An older acknowledgement never moves the commit back.
         stats.committed(start + Duration::from_millis(900), 3);
         assert_eq!(stats.committed_epoch(), Some(7));

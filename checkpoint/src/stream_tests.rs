@@ -17,7 +17,8 @@ use crate::delta::{Page, PAGE_BYTES};
 use crate::mapped_file::MappedFile;
 use crate::replica::{Replica, ReplicaConfig};
 use crate::secondary::Secondary;
-use crate::sender::{Sender, SenderConfig, SenderError};
+use crate::sender::{EpochSent, Sender, SenderConfig, SenderError};
+use crate::state_delta::StateEncoding;
 use crate::wire::service_name;
 
 const VM: &str = "vm-stream";
@@ -162,7 +163,7 @@ fn send_epoch(
     ram: &MappedFile,
     dirty: &[u64],
     state: &[u8],
-) -> u64 {
+) -> EpochSent {
     let staged: Vec<(u64, Box<Page>)> = dirty
         .iter()
         .map(|index| {
@@ -180,7 +181,6 @@ fn send_epoch(
     sender
         .send_incremental(session, &pages, state)
         .expect("send epoch")
-        .epoch
 }
 
 fn ack(sender: &mut Sender, session: &Session) -> u64 {
@@ -232,13 +232,13 @@ fn full_copy_and_epochs_over_the_link_match_byte_for_byte() {
         let dirty = run_guest(&mut ram, first);
         let state = format!("device state {first}").into_bytes();
         assert_eq!(
-            send_epoch(&mut sender, &session, &ram, &dirty, &state),
+            send_epoch(&mut sender, &session, &ram, &dirty, &state).epoch,
             first
         );
         let dirty = run_guest(&mut ram, first + 1);
         let state = vec![first as u8; 2_500_000];
         assert_eq!(
-            send_epoch(&mut sender, &session, &ram, &dirty, &state),
+            send_epoch(&mut sender, &session, &ram, &dirty, &state).epoch,
             first + 1
         );
         assert_eq!(sender.in_flight(), 2);
@@ -285,7 +285,10 @@ fn restarts_of_either_side_continue_or_start_over() {
     assert_eq!((state.committed_epoch, state.full_copy_complete), (2, true));
     assert!(!sender.needs_full_copy());
     let dirty = run_guest(&mut ram, 3);
-    assert_eq!(send_epoch(&mut sender, &session, &ram, &dirty, b"s3"), 3);
+    assert_eq!(
+        send_epoch(&mut sender, &session, &ram, &dirty, b"s3").epoch,
+        3
+    );
     assert_eq!(ack(&mut sender, &session), 3);
     assert_files_equal(directory.path());
     drop(session);
@@ -342,6 +345,8 @@ fn an_epoch_cut_off_by_a_lost_primary_leaves_the_replica_as_it_was() {
         full: false,
         pages: dirty.len() as u64,
         state_len: 0,
+        state_encoding: crate::state_delta::StateEncoding::Raw,
+        state_wire_len: 0,
     };
     session
         .send(&start.encode().expect("encode"), Vec::new())
@@ -369,4 +374,80 @@ fn an_epoch_cut_off_by_a_lost_primary_leaves_the_replica_as_it_was() {
     assert!(secondary.replica().ram() == &committed[..]);
     assert_eq!(secondary.replica().device_state(), Some(&b"state 1"[..]));
     drop(session);
+}
+
+/// A device state of `length` bytes: mostly zeros, a few fields that `version` changes.
+fn device_state(version: u64, length: usize) -> Vec<u8> {
+    let mut state = vec![0u8; length];
+    random_bytes(5, &mut state[..32_768]);
+    for field in (40_000..length.saturating_sub(8)).step_by(50_000) {
+        state[field..field + 8].copy_from_slice(&(version ^ field as u64).to_le_bytes());
+    }
+    state
+}
+
+#[test]
+fn device_states_go_as_deltas_and_whole_after_a_handshake() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let host = SecondaryHost::bind(directory.path());
+    let mut ram = primary_ram(directory.path());
+    let session = host.connect();
+    let mut sender = new_sender(4);
+    sender.handshake(&session, LONG).expect("handshake");
+    let full = sender
+        .send_full(&session, ram.as_slice(), &device_state(1, 616_519))
+        .expect("full copy");
+    assert_eq!(full.device_state_encoding, Some(StateEncoding::Lz4));
+    assert_eq!(ack(&mut sender, &session), 1);
+    // The next states go as deltas against the previous one, each a few hundred bytes;
+    // pipelined, the base is the epoch sent before (which the replica commits first).
+    let mut sent = Vec::new();
+    for epoch in 2..=4u64 {
+        // The state grows and shrinks: the tail beyond the base goes as it is.
+        let length = 616_519 + (epoch as usize % 2) * 3000;
+        let dirty = run_guest(&mut ram, epoch);
+        let state = device_state(epoch, length);
+        sent.push(send_epoch(&mut sender, &session, &ram, &dirty, &state));
+    }
+    for epoch in 2..=4u64 {
+        assert_eq!(ack(&mut sender, &session), epoch);
+    }
+    for (sent, base_epoch) in sent.iter().zip(1u64..) {
+        assert_eq!(
+            sent.device_state_encoding,
+            Some(StateEncoding::XorLz4 { base_epoch })
+        );
+        assert!(sent.device_state_wire_bytes < 4_000, "{sent:?}");
+    }
+    assert_files_equal(directory.path());
+    drop(session);
+
+    // A new session with the same sender: the replica follows (no full copy), but the
+    // first state goes whole; the next builds on it again.
+    let session = host.connect();
+    sender.handshake(&session, LONG).expect("handshake");
+    assert!(!sender.needs_full_copy());
+    let dirty = run_guest(&mut ram, 5);
+    let whole = send_epoch(
+        &mut sender,
+        &session,
+        &ram,
+        &dirty,
+        &device_state(5, 600_000),
+    );
+    assert_eq!(whole.device_state_encoding, Some(StateEncoding::Lz4));
+    assert_eq!(ack(&mut sender, &session), 5);
+    let dirty = run_guest(&mut ram, 6);
+    let last = device_state(6, 600_000);
+    let delta = send_epoch(&mut sender, &session, &ram, &dirty, &last);
+    assert_eq!(
+        delta.device_state_encoding,
+        Some(StateEncoding::XorLz4 { base_epoch: 5 })
+    );
+    assert!(delta.device_state_wire_bytes < whole.device_state_wire_bytes / 4);
+    assert_eq!(ack(&mut sender, &session), 6);
+    drop(session);
+    let (secondary, _listener) = host.stop();
+    assert_eq!(secondary.replica().device_state(), Some(&last[..]));
+    assert_eq!(secondary.replica().ram(), ram.as_slice());
 }

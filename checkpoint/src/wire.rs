@@ -8,21 +8,28 @@
 //!
 //! ```text
 //! primary                                   secondary
-//! Hello {vm, generation, stream, ram_bytes} ->
+//! Hello {protocol, vm, generation, stream, ram_bytes} ->
 //!                                           <- Welcome {replica's generation, stream,
 //!                                                       committed epoch, full copy done}
-//! EpochStart {epoch, generation, full, pages, state_len} ->
+//! EpochStart {epoch, generation, full, pages, state_len,
+//!             state_encoding, state_wire_len} ->
 //! PageBatch {epoch, entries} + entries     -> (any number)
-//! DeviceState {epoch, offset} + chunk      -> (state_len bytes in order)
+//! DeviceState {epoch, offset} + chunk      -> (state_wire_len bytes in order)
 //! EpochEnd {epoch, crc32c}                 ->
 //!                                           <- Ack {epoch} | Refused {epoch, reason}
 //! ```
 //!
+//! `Hello` names the stream's [`PROTOCOL_VERSION`]; a secondary of another version refuses
+//! the session ([`Refusal::Protocol`]).
+//!
 //! A `PageBatch` payload is `entries` records, back to back:
 //! `page_index u64 LE | encoding u8 | length u16 LE | length bytes` ([`crate::delta`]),
-//! at most [`MAX_BATCH_BYTES`] in all. `EpochEnd`'s CRC32C covers, in send order, each
-//! page's index (u64 LE) and its *decoded* 4096 bytes, then the device state: so it also
-//! catches a primary's shadow that differs from the replica's copy.
+//! at most [`MAX_BATCH_BYTES`] in all. The `DeviceState` chunks carry the device state of
+//! `state_len` bytes as `state_encoding` says ([`crate::state_delta`]: raw, LZ4, or LZ4 of
+//! the delta against the state of the replica's committed epoch, which it names), in
+//! `state_wire_len` bytes. `EpochEnd`'s CRC32C covers, in send order, each page's index
+//! (u64 LE) and its *decoded* 4096 bytes, then the *decoded* device state: so it also
+//! catches a primary's shadow (or base state) that differs from the replica's copy.
 //!
 //! Every count, length and index is checked against the limits here and the RAM size before
 //! anything is allocated or staged; a message that does not decode is a [`WireError`].
@@ -30,6 +37,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{Encoded, Encoding, PAGE_BYTES};
+use crate::state_delta::StateEncoding;
+
+/// The version of this stream's format, in `Hello`. Version 2: the device state as a delta
+/// (`EpochStart`'s `state_encoding`); the stream before it had no version.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest postcard header of a checkpoint message (the link allows 4032).
 pub const MAX_HEADER_BYTES: usize = 1024;
@@ -60,6 +72,8 @@ pub fn service_name(vm: &str) -> String {
 pub enum Message {
     /// Primary → secondary, first message of a session.
     Hello {
+        /// [`PROTOCOL_VERSION`] of the primary.
+        protocol: u32,
         vm: String,
         generation: u64,
         /// Random id of the primary engine's instance (its shadow): incremental epochs build
@@ -78,13 +92,16 @@ pub enum Message {
         ram_bytes: u64,
         page_bytes: u32,
     },
-    /// An epoch begins: `pages` entries and `state_len` bytes of device state follow.
+    /// An epoch begins: `pages` entries and a device state of `state_len` bytes follow,
+    /// the state encoded as `state_encoding` says in `state_wire_len` bytes.
     EpochStart {
         epoch: u64,
         generation: u64,
         full: bool,
         pages: u64,
         state_len: u64,
+        state_encoding: StateEncoding,
+        state_wire_len: u64,
     },
     /// Page entries of `epoch`; the payload holds `entries` entries.
     PageBatch { epoch: u64, entries: u32 },
@@ -123,6 +140,11 @@ pub enum Refusal {
     Io(String),
     /// This host is not ready to commit the epoch (its disk did not seal it).
     NotReady(String),
+    /// The primary speaks another [`PROTOCOL_VERSION`] (`ours` is the secondary's).
+    Protocol { ours: u32 },
+    /// The device state is a delta against another state than the one the replica
+    /// committed (that of `committed_epoch`, if it holds one): the replica is unchanged.
+    StateBase { committed_epoch: u64 },
 }
 
 impl Refusal {
@@ -394,6 +416,7 @@ mod tests {
     fn all_messages() -> Vec<Message> {
         vec![
             Message::Hello {
+                protocol: PROTOCOL_VERSION,
                 vm: "vm1".into(),
                 generation: 3,
                 stream: 99,
@@ -415,6 +438,8 @@ mod tests {
                 full: false,
                 pages: 12,
                 state_len: 365_000,
+                state_encoding: StateEncoding::XorLz4 { base_epoch: 17 },
+                state_wire_len: 2_000,
             },
             Message::EpochEnd {
                 epoch: 18,
@@ -424,6 +449,16 @@ mod tests {
             Message::Refused {
                 epoch: 18,
                 reason: Refusal::StaleGeneration { ours: 4 },
+            },
+            Message::Refused {
+                epoch: 18,
+                reason: Refusal::StateBase {
+                    committed_epoch: 16,
+                },
+            },
+            Message::Refused {
+                epoch: 0,
+                reason: Refusal::Protocol { ours: 2 },
             },
         ]
     }
@@ -478,6 +513,7 @@ mod tests {
             Err(WireError::TooManyEntries { .. })
         ));
         let long_name = Message::Hello {
+            protocol: PROTOCOL_VERSION,
             vm: "x".repeat(MAX_VM_NAME_BYTES + 1),
             generation: 1,
             stream: 1,
@@ -499,6 +535,7 @@ mod tests {
     #[test]
     fn largest_header_fits() {
         let hello = Message::Hello {
+            protocol: u32::MAX,
             vm: "x".repeat(MAX_VM_NAME_BYTES),
             generation: u64::MAX,
             stream: u64::MAX,

@@ -220,13 +220,14 @@ fn report_checkpoints(interval_ms: u64, workloads: &[Workload]) {
     println!("BENCH");
     println!(
         "BENCH | workload | guest wrote MB/s | epochs/s | pause p50 ms | pause p99 ms | \
-         pause max ms | dirty pages/epoch | wire bytes/epoch |"
+         pause max ms | dirty pages/epoch | wire bytes/epoch | device state bytes/epoch | \
+         of it on the wire |"
     );
-    println!("BENCH |---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("BENCH |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for workload in workloads {
         let stats = &workload.stats;
         println!(
-            "BENCH | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            "BENCH | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
             workload.name,
             workload
                 .reached_mb_s
@@ -237,6 +238,8 @@ fn report_checkpoints(interval_ms: u64, workloads: &[Workload]) {
             figure(stats, "pause_max_ms"),
             figure(stats, "dirty_pages_per_epoch"),
             figure(stats, "wire_bytes_per_epoch"),
+            figure(stats, "device_state_bytes_per_epoch"),
+            figure(stats, "device_state_wire_bytes_per_epoch"),
         );
     }
 }

@@ -13,11 +13,17 @@
 //!   panic;
 //! - a page the guest changed (a base of some kind and writes at chosen offsets): the
 //!   encoding decodes to exactly the page, `Same` exactly when nothing changed, and is never
-//!   longer than a page.
+//!   longer than a page;
+//! - an encoded device state as the peer sent it (`checkpoint::state_delta`, any encoding,
+//!   bytes, announced length and base): decoding fails or yields exactly the announced
+//!   length, never a panic;
+//! - a device state changed from its base (resized, writes at chosen offsets): encoded with
+//!   and without the base, it decodes to exactly the state and is never longer than it.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use checkpoint::delta::{decode, Encoder, Encoding, Page, PAGE_BYTES, ZERO_PAGE};
+use checkpoint::state_delta::{self, StateEncoder, StateEncoding};
 use checkpoint::wire::{BatchEntries, Message};
 use libfuzzer_sys::fuzz_target;
 
@@ -44,6 +50,50 @@ enum Input {
         base: Base,
         writes: Vec<(u16, Vec<u8>)>,
     },
+    EncodedState {
+        encoding: u8,
+        base_epoch: u64,
+        wire: Vec<u8>,
+        state_len: u16,
+        base: Vec<u8>,
+    },
+    ChangedState {
+        base: Vec<u8>,
+        length: u16,
+        writes: Vec<(u16, Vec<u8>)>,
+    },
+}
+
+fn state_encoding(byte: u8, base_epoch: u64) -> StateEncoding {
+    match byte % 3 {
+        0 => StateEncoding::Raw,
+        1 => StateEncoding::Lz4,
+        _ => StateEncoding::XorLz4 { base_epoch },
+    }
+}
+
+fn check_changed_state(base: &[u8], length: u16, writes: &[(u16, Vec<u8>)]) {
+    let length = usize::from(length);
+    let mut state = base.to_vec();
+    state.resize(length, 0);
+    for (offset, bytes) in writes {
+        if length == 0 {
+            break;
+        }
+        let start = usize::from(*offset) % length;
+        let count = bytes.len().min(length - start);
+        state[start..start + count].copy_from_slice(&bytes[..count]);
+    }
+    let mut encoder = StateEncoder::new();
+    for with_base in [Some((7, base)), None] {
+        let (encoding, wire) = encoder.encode(&state, with_base);
+        assert!(wire.len() <= state.len());
+        assert!(encoding.wire_len_allowed(wire.len() as u64, state.len() as u64));
+        let mut output = Vec::new();
+        state_delta::decode(encoding, wire, length, Some(base), &mut output)
+            .expect("own encoding decodes");
+        assert!(output == state, "{encoding:?} does not round-trip");
+    }
 }
 
 fn base_page(base: &Base) -> Box<Page> {
@@ -123,5 +173,24 @@ fuzz_target!(|input: Input| {
             }
         }
         Input::Changed { base, writes } => check_changed(&base, &writes),
+        Input::EncodedState {
+            encoding,
+            base_epoch,
+            wire,
+            state_len,
+            base,
+        } => {
+            let encoding = state_encoding(encoding, base_epoch);
+            let state_len = usize::from(state_len);
+            let mut output = Vec::new();
+            if state_delta::decode(encoding, &wire, state_len, Some(&base), &mut output).is_ok() {
+                assert_eq!(output.len(), state_len);
+            }
+        }
+        Input::ChangedState {
+            base,
+            length,
+            writes,
+        } => check_changed_state(&base, length, &writes),
     }
 });

@@ -8,7 +8,8 @@
 //! 2. every `interval`: `stop`; while stopped, QEMU's dirty pages (`PAGEMAP_SCAN`) and the
 //!    daemons' (`dirty-pages`) are harvested and copied out, and the NICs' epoch ends;
 //!    device state; `cont`;
-//! 3. the epoch goes to the secondary (encoded against the shadow) while the guest runs;
+//! 3. the epoch goes to the secondary (pages encoded against the shadow, the device state
+//!    against the previous epoch's) while the guest runs;
 //!    its `Ack` is the commit: the NICs release the frames of the epochs it covers.
 //!
 //! A failure of a step leaves output held (nothing unconfirmed leaves the host) and the
@@ -386,8 +387,9 @@ fn run_epochs(
                         EpochSample {
                             pause: captured.timings.total,
                             dirty_pages: sent.pages,
-                            wire_bytes: sent.page_bytes_sent + sent.device_state_bytes,
+                            wire_bytes: sent.page_bytes_sent + sent.device_state_wire_bytes,
                             device_state_bytes: sent.device_state_bytes,
+                            device_state_wire_bytes: sent.device_state_wire_bytes,
                         },
                     );
                 }

@@ -6,7 +6,8 @@ use std::path::Path;
 use super::*;
 use crate::delta::{Encoder, Encoding};
 use crate::secondary::Secondary;
-use crate::wire::{BatchBuilder, Message};
+use crate::state_delta::{StateEncoder, StateEncoding};
+use crate::wire::{BatchBuilder, Message, PROTOCOL_VERSION};
 
 const VM: &str = "vm1";
 const PAGES: u64 = 64;
@@ -45,6 +46,7 @@ fn wire(message: &Message, payload: Vec<u8>) -> Wire {
 fn hello(generation: u64, stream: u64) -> Wire {
     wire(
         &Message::Hello {
+            protocol: PROTOCOL_VERSION,
             vm: VM.into(),
             generation,
             stream,
@@ -74,6 +76,8 @@ struct Primary {
     shadow: Vec<u8>,
     generation: u64,
     stream: u64,
+    /// The last epoch's device state: the next one goes as a delta against it.
+    state_base: Option<(u64, Vec<u8>)>,
 }
 
 impl Primary {
@@ -83,6 +87,7 @@ impl Primary {
             shadow: vec![0; RAM_BYTES as usize],
             generation: GENERATION,
             stream: STREAM,
+            state_base: None,
         }
     }
 
@@ -96,10 +101,19 @@ impl Primary {
         bytes[start..start + PAGE_BYTES].try_into().expect("page")
     }
 
-    /// The messages of one epoch of `indices` (every page when `full`).
+    /// The messages of one epoch of `indices` (every page when `full`); the device state
+    /// as the sender encodes it (a delta against `state_base` unless `full`).
     fn epoch(&mut self, epoch: u64, full: bool, indices: &[u64], state: &[u8]) -> Vec<Wire> {
         let all: Vec<u64> = (0..PAGES).collect();
         let indices = if full { &all[..] } else { indices };
+        let mut state_encoder = StateEncoder::new();
+        let base = match (&self.state_base, full) {
+            (Some((base_epoch, bytes)), false) => Some((*base_epoch, &bytes[..])),
+            _ => None,
+        };
+        let (state_encoding, state_wire) = state_encoder.encode(state, base);
+        let state_wire = state_wire.to_vec();
+        self.state_base = (!state.is_empty()).then(|| (epoch, state.to_vec()));
         let mut messages = vec![wire(
             &Message::EpochStart {
                 epoch,
@@ -107,6 +121,8 @@ impl Primary {
                 full,
                 pages: indices.len() as u64,
                 state_len: state.len() as u64,
+                state_encoding,
+                state_wire_len: state_wire.len() as u64,
             },
             Vec::new(),
         )];
@@ -135,11 +151,8 @@ impl Primary {
             let (message, payload) = batch.take(epoch);
             messages.push(wire(&message, payload));
         }
-        if !state.is_empty() {
-            messages.push(wire(
-                &Message::DeviceState { epoch, offset: 0 },
-                state.to_vec(),
-            ));
+        if !state_wire.is_empty() {
+            messages.push(wire(&Message::DeviceState { epoch, offset: 0 }, state_wire));
         }
         crc = crc32c::crc32c_append(crc, state);
         messages.push(wire(&Message::EpochEnd { epoch, crc32c: crc }, Vec::new()));
@@ -325,6 +338,12 @@ fn damaged_or_foreign_records_are_refused_at_open() {
 /// Feeds `messages` to a committed secondary and checks it answers exactly `expected` and
 /// that neither file changed.
 fn refused_untouched(build: impl FnOnce(&mut Primary) -> Vec<Wire>, expected: Refusal) {
+    assert_eq!(refusal_untouched(build), expected);
+}
+
+/// Feeds `messages` to a committed secondary, checks it answers one refusal and that
+/// neither file changed; returns the refusal.
+fn refusal_untouched(build: impl FnOnce(&mut Primary) -> Vec<Wire>) -> Refusal {
     let directory = tempfile::tempdir().expect("tempdir");
     let mut primary = Primary::new();
     let mut secondary = committed_secondary(directory.path(), &mut primary);
@@ -336,16 +355,17 @@ fn refused_untouched(build: impl FnOnce(&mut Primary) -> Vec<Wire>, expected: Re
         .filter(|reply| !matches!(reply, Message::Welcome { .. }))
         .collect();
     assert_eq!(replies.len(), 1, "{replies:?}");
-    match &replies[0] {
-        Message::Refused { reason, .. } => assert_eq!(*reason, expected, "{replies:?}"),
+    let reason = match &replies[0] {
+        Message::Refused { reason, .. } => reason.clone(),
         other => panic!("expected a refusal, got {other:?}"),
-    }
+    };
     assert!(
         files(directory.path()) == before,
         "a refused epoch changed the files"
     );
     assert_eq!(secondary.replica().committed(), state_before);
     assert!(secondary.replica().restorable());
+    reason
 }
 
 fn change(primary: &mut Primary) {
@@ -536,6 +556,8 @@ fn oversized_device_state_is_refused() {
                     full: false,
                     pages: 0,
                     state_len: MAX_DEVICE_STATE_BYTES + 1,
+                    state_encoding: StateEncoding::Raw,
+                    state_wire_len: MAX_DEVICE_STATE_BYTES + 1,
                 },
                 Vec::new(),
             )]
@@ -573,6 +595,8 @@ fn more_pages_than_announced_are_refused() {
                     full: false,
                     pages: 1,
                     state_len: 5,
+                    state_encoding: StateEncoding::Raw,
+                    state_wire_len: 5,
                 },
                 Vec::new(),
             );
@@ -628,6 +652,7 @@ fn hello_for_another_vm_is_refused() {
     let mut secondary = Secondary::new(open(directory.path()));
     let hello = wire(
         &Message::Hello {
+            protocol: PROTOCOL_VERSION,
             vm: VM.into(),
             generation: 1,
             stream: 1,
@@ -754,3 +779,5 @@ fn a_missing_ram_file_makes_the_record_not_restorable() {
     assert!(!replica.restorable());
     assert!(!replica.committed().full_copy_complete);
 }
+
+mod device_state;
