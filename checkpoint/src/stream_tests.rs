@@ -183,6 +183,17 @@ fn send_epoch(
         .expect("send epoch")
 }
 
+/// A secondary host, the primary's RAM, and a sender of `generation` connected to the host
+/// (handshake done).
+fn connected(directory: &Path, generation: u64) -> (SecondaryHost, MappedFile, Session, Sender) {
+    let host = SecondaryHost::bind(directory);
+    let ram = primary_ram(directory);
+    let session = host.connect();
+    let mut sender = new_sender(generation);
+    sender.handshake(&session, LONG).expect("handshake");
+    (host, ram, session, sender)
+}
+
 fn ack(sender: &mut Sender, session: &Session) -> u64 {
     sender
         .wait_ack(session, LONG)
@@ -259,11 +270,7 @@ fn full_copy_and_epochs_over_the_link_match_byte_for_byte() {
 #[test]
 fn restarts_of_either_side_continue_or_start_over() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let host = SecondaryHost::bind(directory.path());
-    let mut ram = primary_ram(directory.path());
-    let session = host.connect();
-    let mut sender = new_sender(3);
-    sender.handshake(&session, LONG).expect("handshake");
+    let (host, mut ram, session, mut sender) = connected(directory.path(), 3);
     sender
         .send_full(&session, ram.as_slice(), b"s1")
         .expect("full copy");
@@ -326,11 +333,7 @@ fn restarts_of_either_side_continue_or_start_over() {
 #[test]
 fn an_epoch_cut_off_by_a_lost_primary_leaves_the_replica_as_it_was() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let host = SecondaryHost::bind(directory.path());
-    let mut ram = primary_ram(directory.path());
-    let session = host.connect();
-    let mut sender = new_sender(9);
-    sender.handshake(&session, LONG).expect("handshake");
+    let (host, mut ram, session, mut sender) = connected(directory.path(), 9);
     sender
         .send_full(&session, ram.as_slice(), b"state 1")
         .expect("full copy");
@@ -389,11 +392,7 @@ fn device_state(version: u64, length: usize) -> Vec<u8> {
 #[test]
 fn device_states_go_as_deltas_and_whole_after_a_handshake() {
     let directory = tempfile::tempdir().expect("tempdir");
-    let host = SecondaryHost::bind(directory.path());
-    let mut ram = primary_ram(directory.path());
-    let session = host.connect();
-    let mut sender = new_sender(4);
-    sender.handshake(&session, LONG).expect("handshake");
+    let (host, mut ram, session, mut sender) = connected(directory.path(), 4);
     let full = sender
         .send_full(&session, ram.as_slice(), &device_state(1, 616_519))
         .expect("full copy");

@@ -42,6 +42,28 @@ fn state_message(messages: &[Wire]) -> usize {
         .expect("a DeviceState message")
 }
 
+/// The `EpochStart` of epoch 3 of the primary's generation.
+fn epoch_3_start(
+    full: bool,
+    pages: u64,
+    state_len: u64,
+    state_encoding: StateEncoding,
+    state_wire_len: u64,
+) -> Wire {
+    wire(
+        &Message::EpochStart {
+            epoch: 3,
+            generation: GENERATION,
+            full,
+            pages,
+            state_len,
+            state_encoding,
+            state_wire_len,
+        },
+        Vec::new(),
+    )
+}
+
 #[test]
 fn device_states_go_as_deltas_and_the_replica_keeps_them_whole() {
     let directory = tempfile::tempdir().expect("tempdir");
@@ -99,17 +121,12 @@ fn a_delta_against_another_base_is_refused_untouched() {
         |primary| {
             let mut messages = primary.epoch(3, true, &[], &device_state(3));
             let (_, wire_len) = state_sent(&messages);
-            messages[0] = wire(
-                &Message::EpochStart {
-                    epoch: 3,
-                    generation: GENERATION,
-                    full: true,
-                    pages: PAGES,
-                    state_len: device_state(3).len() as u64,
-                    state_encoding: StateEncoding::XorLz4 { base_epoch: 2 },
-                    state_wire_len: wire_len,
-                },
-                Vec::new(),
+            messages[0] = epoch_3_start(
+                true,
+                PAGES,
+                device_state(3).len() as u64,
+                StateEncoding::XorLz4 { base_epoch: 2 },
+                wire_len,
             );
             messages
         },
@@ -183,18 +200,7 @@ fn truncated_or_corrupt_state_deltas_are_refused_untouched() {
     refused_untouched(
         |primary| {
             let mut messages = delta_epoch(primary);
-            messages[0] = wire(
-                &Message::EpochStart {
-                    epoch: 3,
-                    generation: GENERATION,
-                    full: false,
-                    pages: 1,
-                    state_len: 100,
-                    state_encoding: StateEncoding::Lz4,
-                    state_wire_len: 100,
-                },
-                Vec::new(),
-            );
+            messages[0] = epoch_3_start(false, 1, 100, StateEncoding::Lz4, 100);
             messages
         },
         Refusal::Malformed("100 bytes are not a Lz4 device state of 100 bytes".into()),
@@ -217,17 +223,12 @@ fn random_state_bytes_never_panic_or_touch_the_replica() {
             _ => StateEncoding::XorLz4 { base_epoch: seed },
         };
         let messages = [
-            wire(
-                &Message::EpochStart {
-                    epoch: 3,
-                    generation: GENERATION,
-                    full: false,
-                    pages: 0,
-                    state_len: wire_len as u64 + 1 + seed * 13,
-                    state_encoding,
-                    state_wire_len: wire_len as u64,
-                },
-                Vec::new(),
+            epoch_3_start(
+                false,
+                0,
+                wire_len as u64 + 1 + seed * 13,
+                state_encoding,
+                wire_len as u64,
             ),
             wire(
                 &Message::DeviceState {
