@@ -8,8 +8,8 @@
 //!   kept in memory, with the device state, until `EpochEnd`. The device state is decoded
 //!   once its last byte arrived ([`crate::state_delta`]); a delta is decoded against the
 //!   record's device state and is refused unless it names the record's committed epoch as
-//!   its base. An epoch that is incomplete,
-//!   out of order, of an older generation, from another stream without a full copy, or whose
+//!   its base. An epoch that is incomplete, out of order, of an older generation, from
+//!   another stream without a full copy, with a delta against another state, or whose
 //!   checksum differs is dropped without touching either file. A full copy stages the whole
 //!   RAM (zero pages take no memory); an incremental epoch only its dirty pages.
 //! - **Record** (`record_path`): the committed state: VM, RAM size, generation, stream,
