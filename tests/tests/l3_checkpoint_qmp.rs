@@ -24,6 +24,7 @@ use checkpoint::epoch::{
     capture_device_state, restore, set_device_state_capabilities, PauseTimings,
 };
 use checkpoint::qmp::Qmp;
+use checkpoint::state_delta::StateEncoder;
 use ftvm_tests::blk::{BlkDaemon, BlkOptions};
 use ftvm_tests::guest::{Disk, Guest, GuestConfig};
 use ftvm_tests::wait::poll_until;
@@ -235,7 +236,8 @@ fn report(label: &str, epochs: &Epochs) {
          PAUSE {label}: finish-migrate after the completed event in {raced} of {} epochs \
          (at most {max_polls} query-status answers)\n\
          PAUSE {label}: full RAM copies in the hook: {}\n\
-         PAUSE {label}: device state {}..{} bytes",
+         PAUSE {label}: device state {}..{} bytes, the last one {} bytes as LZ4 (whole, no \
+         base: the first state of a session, or a record compressed)",
         without_copy.len(),
         spread(pick(|timings| timings.total)),
         spread(pick(|timings| timings.stop)),
@@ -245,6 +247,7 @@ fn report(label: &str, epochs: &Epochs) {
         spread(copies),
         bytes.first().copied().unwrap_or(0),
         bytes.last().copied().unwrap_or(0),
+        StateEncoder::new().encode(&epochs.state, None).1.len(),
     );
 }
 
