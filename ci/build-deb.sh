@@ -122,5 +122,8 @@ CONTROL
 
 mkdir -p "$out"
 deb="$out/ftvm_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz -z6 --build "$stage" "$deb" >/dev/null
+# xz for a release (9 MB, 36 s here), fast gzip for the test's debug build (18 MB, 1 s).
+compression=(-Zxz -z6)
+[[ $profile == dev ]] && compression=(-Zgzip -z1)
+dpkg-deb --root-owner-group "${compression[@]}" --build "$stage" "$deb" >/dev/null
 echo "$deb"
