@@ -15,15 +15,15 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOL=build-deb
+# shellcheck source=ci/lib/common.sh
+source "$ROOT/ci/lib/common.sh"
 cd "$ROOT"
 profile=release
 out=target/debian
 while (($#)); do
 	case "$1" in
-	-h | --help)
-		sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-		exit 0
-		;;
+	-h | --help) usage && exit 0 ;;
 	--profile) profile=$2 && shift 2 ;;
 	--out) out=$2 && shift 2 ;;
 	*) echo "build-deb: unknown argument $1 (see --help)" >&2 && exit 2 ;;

@@ -13,14 +13,12 @@
 # about a minute. The root itself is new each run and removed afterwards.
 set -euo pipefail
 
-case "${1:-}" in
--h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-	exit 0
-	;;
-esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOL=test-deb
+# shellcheck source=ci/lib/common.sh
+source "$ROOT/ci/lib/common.sh"
+[[ ${1:-} == -h || ${1:-} == --help ]] && usage && exit 0
 cd "$ROOT"
 MIRROR=${FTVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 cache=$ROOT/target/deb-test
@@ -55,42 +53,38 @@ mount --bind "$cache/archives" "$root/var/cache/apt/archives"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 cp "$deb" "$root/tmp/"
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
-fail() {
-	echo "test-deb: FAILED: $*" >&2
-	exit 1
-}
 
 in_root apt-get update -qq
 in_root apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$deb")" >"$cache/install.log" 2>&1 || {
 	tail -30 "$cache/install.log" >&2
-	fail "apt-get install ./$(basename "$deb")"
+	die "apt-get install ./$(basename "$deb")"
 }
 echo "test-deb: installed $(basename "$deb") into a clean debootstrap root"
 
-check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || fail "ftvmd --check: $check"
-[[ $check == *"valid (1 VM(s), peer hostB)"* ]] || fail "ftvmd --check said: $check"
+check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || die "ftvmd --check: $check"
+[[ $check == *"valid (1 VM(s), peer hostB)"* ]] || die "ftvmd --check said: $check"
 echo "test-deb: ftvmd --check: $check"
-in_root ftvm --help | grep -q "keygen" || fail "ftvm --help does not name keygen"
+in_root ftvm --help | grep -q "keygen" || die "ftvm --help does not name keygen"
 in_root ftvm keygen --out /root/keys --host hostA --host hostB | grep -q "/etc/ftvm/pair.psk" ||
-	fail "ftvm keygen"
-[[ $(stat -c %a "$root/root/keys/pair.psk") == 600 ]] || fail "the pair key is not mode 0600"
-in_root ftvm-witness --help | grep -q -- "--psk-dir" || fail "ftvm-witness --help"
+	die "ftvm keygen"
+[[ $(stat -c %a "$root/root/keys/pair.psk") == 600 ]] || die "the pair key is not mode 0600"
+in_root ftvm-witness --help | grep -q -- "--psk-dir" || die "ftvm-witness --help"
 for daemon in vhost-blk-mirror vhost-net-ft ftvm-checkpoint; do
-	in_root "/usr/lib/ftvm/$daemon" --help >/dev/null || fail "/usr/lib/ftvm/$daemon --help"
+	in_root "/usr/lib/ftvm/$daemon" --help >/dev/null || die "/usr/lib/ftvm/$daemon --help"
 done
-in_root qemu-system-x86_64 --version >/dev/null || fail "qemu-system-x86 was not pulled in"
+in_root qemu-system-x86_64 --version >/dev/null || die "qemu-system-x86 was not pulled in"
 for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service \
 	/lib/systemd/system/ftvm-witness.service /etc/default/ftvm-witness \
 	/usr/share/man/man8/ftvm.8.gz /usr/share/man/man8/ftvmd.8.gz \
 	/usr/share/man/man8/ftvm-witness.8.gz /usr/share/man/man8/ftvm-keygen.8.gz \
 	/usr/share/bash-completion/completions/ftvm /usr/share/zsh/vendor-completions/_ftvmd \
 	/usr/share/fish/vendor_completions.d/ftvm-witness.fish; do
-	[[ -e $root$file ]] || fail "$file is not installed"
+	[[ -e $root$file ]] || die "$file is not installed"
 done
-[[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || fail "/etc/ftvm/ftvmd.toml is not mode 0600"
+[[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || die "/etc/ftvm/ftvmd.toml is not mode 0600"
 echo "test-deb: ftvm --help, keygen, the daemons' --help, units, man pages, completions: ok"
 
-in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || fail "apt-get purge ftvm"
+in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || die "apt-get purge ftvm"
 left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* 2>/dev/null' || true)
-[[ -z $left ]] || fail "left after apt-get purge: $left"
+[[ -z $left ]] || die "left after apt-get purge: $left"
 echo "test-deb: apt-get purge ftvm removes every file of the package"

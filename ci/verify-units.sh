@@ -11,14 +11,12 @@
 # systemd-analyze (Debian: systemd). Leaves nothing behind.
 set -euo pipefail
 
-case "${1:-}" in
--h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-	exit 0
-	;;
-esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOL=verify-units
+# shellcheck source=ci/lib/common.sh
+source "$ROOT/ci/lib/common.sh"
+[[ ${1:-} == -h || ${1:-} == --help ]] && usage && exit 0
 FTVM=${1:-$ROOT/target/debug/ftvm}
 command -v systemd-analyze >/dev/null || {
 	echo "verify-units: systemd-analyze missing (apt-get install systemd)" >&2

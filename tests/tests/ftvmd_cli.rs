@@ -196,6 +196,13 @@ fn notifications(
     received
 }
 
+/// A datagram socket in the cluster's folder, as systemd's NOTIFY_SOCKET, and its path.
+fn notify_socket(cluster: &Cluster) -> (UnixDatagram, String) {
+    let path = cluster.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    (socket, path.to_str().expect("utf-8").to_owned())
+}
+
 fn count(received: &[(Instant, String)], line: &str) -> usize {
     received
         .iter()
@@ -206,9 +213,7 @@ fn count(received: &[(Instant, String)], line: &str) -> usize {
 #[test]
 fn under_systemd_it_says_ready_pings_the_watchdog_at_half_its_timeout_and_says_stopping() {
     let mut cluster = cluster("ftvmd-notify");
-    let path = cluster.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    let path = path.to_str().expect("utf-8").to_owned();
+    let (socket, path) = notify_socket(&cluster);
     // A 600 ms watchdog: a ping every 300 ms, while heartbeats go every 100 ms.
     cluster.start_ftvmd_with_env(A, &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "600000")]);
     let received = notifications(&socket, |received| count(received, "WATCHDOG=1") >= 5);
@@ -240,9 +245,7 @@ fn under_systemd_it_says_ready_pings_the_watchdog_at_half_its_timeout_and_says_s
 #[test]
 fn a_watchdog_meant_for_another_process_is_never_pinged() {
     let mut cluster = cluster("ftvmd-notify-pid");
-    let path = cluster.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-    let path = path.to_str().expect("utf-8").to_owned();
+    let (socket, path) = notify_socket(&cluster);
     // WATCHDOG_PID names another process (systemd sets it to the main pid): not ours.
     cluster.start_ftvmd_with_env(
         A,
