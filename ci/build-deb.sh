@@ -112,7 +112,6 @@ Priority: optional
 Installed-Size: $installed_kib
 Depends: libc6 (>= 2.36), libgcc-s1, qemu-system-x86
 Recommends: bridge-utils | iproute2
-Homepage: https://github.com/ftvm/ftvm
 Description: fault tolerance for QEMU/KVM virtual machines
  ftvm keeps a VM's disks and network (and, at Level 3, its memory) on two hosts,
  so that the VM survives the loss of a disk, an uplink or a whole host without

@@ -2,17 +2,16 @@
 # Usage: ci/test-deb.sh [--help]
 #
 # Builds the Debian package (ci/build-deb.sh --profile dev) and installs it with
-# `apt-get install ./ftvm_*.deb` into a clean Debian 12 root made by debootstrap (minbase),
+# `apt-get install ./ftvm_*.deb` into a clean Debian 12 root (minbase, made by mmdebstrap),
 # then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm --help`,
 # `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages and
 # completions in place; then `apt-get purge ftvm` and checks that nothing of it is left.
-# Needs root, debootstrap (installed if missing) and Debian's mirror.
+# Needs root, mmdebstrap (installed if missing) and Debian's mirror.
 #
-# Cached under target/deb-test/: the debootstrap root as base.tar (about 200 MB, made once:
-# about 6 minutes here) and the downloaded .debs (qemu and friends). A cached run takes
-# about a minute. The root itself is new each run and removed afterwards.
+# Cached under target/deb-test/: the clean root as base.tar (about 170 MB, made once: about
+# 30 s here) and the downloaded .debs (qemu and friends). A cached run takes about 25 s.
+# The root itself is new each run and removed afterwards.
 set -euo pipefail
-
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOL=test-deb
@@ -24,18 +23,18 @@ MIRROR=${FTVM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 cache=$ROOT/target/deb-test
 mkdir -p "$cache/archives/partial"
 
-deb=$(bash ci/build-deb.sh --profile dev | tail -1)
-command -v debootstrap >/dev/null || bash ci/install-deps.sh debootstrap
+deb=$(bash ci/build-deb.sh --profile dev --out "$cache/package" | tail -1)
 if [[ ! -f $cache/base.tar ]]; then
-	echo "test-deb: making the clean root once (debootstrap minbase bookworm)"
-	base=$(mktemp -d "$cache/base.XXXXXX")
-	debootstrap --variant=minbase bookworm "$base" "$MIRROR" >"$cache/debootstrap.log" 2>&1 || {
-		tail -20 "$cache/debootstrap.log" >&2
-		rm -rf "$base"
-		exit 1
+	# mmdebstrap makes the same minbase root as debootstrap, with apt's parallel downloads:
+	# 32 s here against debootstrap's 6 minutes.
+	command -v mmdebstrap >/dev/null || bash ci/install-deps.sh mmdebstrap
+	echo "test-deb: making the clean root once (mmdebstrap --variant=minbase bookworm)"
+	mmdebstrap --variant=minbase --quiet bookworm "$cache/base.new.tar" "$MIRROR" \
+		>"$cache/bootstrap.log" 2>&1 || {
+		tail -20 "$cache/bootstrap.log" >&2
+		die "mmdebstrap failed (log: $cache/bootstrap.log)"
 	}
-	tar -C "$base" -cf "$cache/base.tar.new" . && mv "$cache/base.tar.new" "$cache/base.tar"
-	rm -rf "$base"
+	mv "$cache/base.new.tar" "$cache/base.tar"
 fi
 
 root=$(mktemp -d "$cache/root.XXXXXX")
@@ -59,7 +58,7 @@ in_root apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$deb")"
 	tail -30 "$cache/install.log" >&2
 	die "apt-get install ./$(basename "$deb")"
 }
-echo "test-deb: installed $(basename "$deb") into a clean debootstrap root"
+echo "test-deb: installed $(basename "$deb") into a clean root (mmdebstrap minbase)"
 
 check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || die "ftvmd --check: $check"
 [[ $check == *"valid (1 VM(s), peer hostB)"* ]] || die "ftvmd --check said: $check"

@@ -60,7 +60,7 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path replica
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 "$target_dir/debug/frame_decoder" -runs=0 replication-link/fuzz/seeds/frame_decoder
 
-step "Debian package (built, installed into a clean debootstrap root, run, purged)"
+step "Debian package (built, installed into a clean root, run, purged)"
 bash ci/test-deb.sh
 
 step "tests"
