@@ -64,10 +64,10 @@ pub enum FtvmCommand {
     },
     /// Make the pre-shared keys of a host pair and its witness, and say what to copy where.
     ///
-    /// Makes OUT/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
-    /// psk_file`), OUT/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
+    /// Makes DIR/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
+    /// psk_file`), DIR/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
     /// /etc/ftvm/witness.psk on that host, and /etc/ftvm-witness/keys/HOST.psk on the
-    /// witness for `ftvm-witness --psk-dir`) and OUT/ftvm-witness-keys.conf (a drop-in
+    /// witness for `ftvm-witness --psk-dir`) and DIR/ftvm-witness-keys.conf (a drop-in
     /// that hands those keys to ftvm-witness.service as credentials). Keys are 32 random
     /// bytes as hex, mode 0600, in folders of mode 0700. Needs no ftvmd; run it anywhere
     /// and copy the files with their modes.
