@@ -39,9 +39,12 @@ fn a_copy_that_failed_writes_is_never_promoted() {
     let degraded = cluster.wait_vm(A, Duration::from_secs(60), "hostA alone", |vm| {
         vm["generation"].as_u64() > Some(generation) && vm["vm_pid"].is_u64()
     });
-    let granted = degraded["generation"].as_u64().expect("generation");
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[A], "{record}");
+    assert!(
+        record["generation"].as_u64() >= degraded["generation"].as_u64(),
+        "{record}"
+    );
     cluster.wait_vm(B, Duration::from_secs(30), "hostB's copy failed", |vm| {
         vm["disks"][0]["replication"]["disk_state"] == "Failed"
     });
@@ -64,6 +67,9 @@ fn a_copy_that_failed_writes_is_never_promoted() {
     // hostA is lost. hostB's copy misses writes the guest was told are on disk: it must
     // neither be granted nor start the VM, however long it waits.
     let acknowledged = last_ack(&cluster.console(A));
+    // (hostA may have claimed more than one generation alone: a loaded host can lose its
+    // peer's heartbeats for a moment just then. What counts is that none goes to hostB.)
+    let before_kill = cluster.witness_record();
     cluster.kill_host(A);
     Wait::up_to(Duration::from_secs(6))
         .every(Duration::from_millis(100))
@@ -77,7 +83,7 @@ fn a_copy_that_failed_writes_is_never_promoted() {
         });
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[A], "{record}");
-    assert_eq!(record["generation"], granted, "{record}");
+    assert_eq!(record["generation"], before_kill["generation"], "{record}");
 
     // hostA returns: the VM runs there again and finds every acknowledged record.
     cluster.set_links(A, &["alink1", "alink2", "lan0"], true);

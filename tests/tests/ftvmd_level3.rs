@@ -159,6 +159,11 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
             && vm["checkpoint"]["stats"]["committed_epoch"].as_u64() >= Some(5)
     });
     eprintln!("hostB protects the VM at Level 3: {}", vm["checkpoint"]);
+    eprintln!(
+        "hostA's copy was resynced: {} of {} bytes",
+        vm["disks"][0]["replication"]["resync"]["bytes_total"],
+        options.disk_bytes
+    );
     cluster.wait_vm(A, TIMEOUT, "hostA's replica restorable", |vm| {
         vm["role"] == "Secondary" && vm["level"] == 3 && vm["checkpoint"]["restorable"] == true
     });

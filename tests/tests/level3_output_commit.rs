@@ -56,6 +56,13 @@ impl UdpCapture {
                     }
                 };
                 let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+                // A commit releases every held datagram at once (hundreds after a hung
+                // secondary returns): the default receive buffer overflowed on a loaded
+                // machine and the kernel dropped two of them here, at the client.
+                if let Err(error) = force_receive_buffer(&socket, 16 << 20) {
+                    let _ = ready_tx.send(Err(format!("SO_RCVBUFFORCE: {error}")));
+                    return;
+                }
                 let _ = ready_tx.send(Ok(()));
                 let mut buffer = [0u8; 256];
                 while !stop.load(Ordering::Relaxed) {
@@ -106,6 +113,26 @@ impl UdpCapture {
             || Some(self.count()),
             |&seen| seen >= count + more,
         );
+    }
+}
+
+/// Sets a socket's receive buffer to `bytes`, above the system's limit (root).
+fn force_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a c_int and its size.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

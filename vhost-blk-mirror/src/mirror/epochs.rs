@@ -381,6 +381,19 @@ impl Epochs {
             .collect())
     }
 
+    /// The disk ranges (offset, length) of the writes and zeroes buffered in epochs after
+    /// `epoch`, sealed or not: what a promotion at `epoch` drops, and what the old
+    /// primary's image holds but this copy will not.
+    pub fn ranges_after(&self, epoch: u64) -> Vec<(u64, u64)> {
+        self.epochs
+            .iter()
+            .filter(|buffered| buffered.number > epoch)
+            .flat_map(|buffered| &buffered.entries)
+            .filter(|entry| matches!(entry.found.record.kind, Kind::Write | Kind::Zero { .. }))
+            .map(|entry| (entry.found.record.offset, entry.found.record.len))
+            .collect()
+    }
+
     /// Every buffered record, sealed or not (for `EpochOff`).
     pub fn everything(&self) -> Batch {
         self.epochs

@@ -514,13 +514,28 @@ impl Secondary {
                 epochs.sealed_through(epoch)
             })?;
             let applied = self.apply_batch(&batch, reader.as_ref())?;
-            let dropped = {
+            let (dropped, ranges) = {
                 let epochs = self.lock_epochs();
-                epochs
+                let dropped = epochs
                     .status()
                     .buffered_records
-                    .saturating_sub(applied.records)
+                    .saturating_sub(applied.records);
+                (dropped, epochs.ranges_after(epoch))
             };
+            // The old primary's image holds the dropped writes: marked out of sync here,
+            // the resync when it returns as secondary copies ours over them (its own list
+            // of suspect regions does not name them: to it they were mirrored).
+            let size = self.image().size_bytes();
+            for (offset, len) in ranges {
+                let end = offset.saturating_add(len).min(size);
+                if offset < end {
+                    self.metadata()
+                        .mark_out_of_sync(offset, end - offset)
+                        .map_err(|error| {
+                            format!("cannot mark a dropped write out of sync: {error}")
+                        })?;
+                }
+            }
             self.record_applied(Some(epoch), true)?;
             warn!(
                 "event: promotion at epoch {epoch}: {} record(s) applied, {dropped} record(s) of \

@@ -229,6 +229,23 @@ fn promotion_at_an_epoch_applies_the_epochs_up_to_it_and_drops_every_later_one()
                 .header();
         assert_eq!(header.applied_epoch, Some(promote_at));
         assert_eq!(header.generation, generation);
+        // What was dropped is on the old primary's image: out of sync here, so that its
+        // return as secondary resyncs it.
+        let metadata =
+            Metadata::open_or_create(&pair.secondary_meta, DISK_BYTES, DataState::Inconsistent)
+                .expect("reopen");
+        let dropped: &[u64] = if promote_at == 2 {
+            &[8192]
+        } else {
+            &[0, 4096, 8192]
+        };
+        for &offset in dropped {
+            assert!(
+                metadata.is_out_of_sync(offset, 4096),
+                "the dropped write at {offset} is not marked out of sync (promoted at {promote_at})"
+            );
+        }
+
         assert_eq!(header.data_state, DataState::UpToDate);
         // The journal is empty from where it starts now: a restart finds nothing to apply.
         let start = header.journal_start.expect("journal start");
