@@ -47,7 +47,10 @@ fn wait_checkpoints(cluster: &Cluster, what: &str) -> serde_json::Value {
 
 #[test]
 fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_host() {
-    let mut guest = GuestConfig::new("ftvmd-l3", &guest_script(COUNTER_AND_ECHO));
+    // The counter and echo server, and records written to the disk all the time (so that
+    // every failover drops writes of checkpoints that never committed).
+    let script = format!("{DISK_WRITER}{COUNTER_AND_ECHO}");
+    let mut guest = GuestConfig::new("ftvmd-l3", &guest_script(&script));
     guest.cpus = 1;
     guest.memory_mb = RAM_MB;
     let options = ClusterOptions {
@@ -161,8 +164,7 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
     eprintln!("hostB protects the VM at Level 3: {}", vm["checkpoint"]);
     eprintln!(
         "hostA's copy was resynced: {} of {} bytes",
-        vm["disks"][0]["replication"]["resync"]["bytes_total"],
-        options.disk_bytes
+        vm["disks"][0]["replication"]["resync"]["bytes_total"], options.disk_bytes
     );
     cluster.wait_vm(A, TIMEOUT, "hostA's replica restorable", |vm| {
         vm["role"] == "Secondary" && vm["level"] == 3 && vm["checkpoint"]["restorable"] == true
@@ -207,18 +209,46 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
         "planned failover at Level 3: longest gap of the TCP loop {:?}",
         rounds.longest_gap_since(moved)
     );
+
+    // After two moves that each dropped uncommitted writes, the copies are the same: back
+    // at Level 2 (hostB applies what it buffered), with the guest paused and the mirror
+    // idle, both images are equal byte for byte.
+    protect(&cluster, "2");
+    cluster.wait_vm(A, TIMEOUT, "Level 2, Protected", |vm| {
+        vm["checkpoint"].is_null() && vm["state"] == "Protected"
+    });
+    let mut qmp = ftvm_tests::qmp::Qmp::connect(&cluster.test_qmp(A), TIMEOUT).expect("QMP");
+    qmp.stop().expect("stop the guest");
+    cluster.wait_vm(B, TIMEOUT, "hostB's copy idle, nothing buffered", |vm| {
+        let replication = &vm["disks"][0]["replication"];
+        replication["epochs"]["enabled"] == false
+            && replication["epochs"]["buffered_records"].as_u64() == Some(0)
+    });
+    cluster.wait_vm(A, TIMEOUT, "hostA's mirror idle", |vm| {
+        vm["disks"][0]["replication"]["in_flight_requests"].as_u64() == Some(0)
+            && vm["state"] == "Protected"
+    });
+    let (image_a, image_b) = (
+        std::fs::read(cluster.image(A)).expect("hostA's image"),
+        std::fs::read(cluster.image(B)).expect("hostB's image"),
+    );
+    let first_difference = image_a.iter().zip(&image_b).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "the two copies differ (first at byte {first_difference:?}) though both say Protected"
+    );
+    qmp.cont().expect("cont");
 }
 
-/// Records written to the disk (each synced) in the background, and a TCP echo server.
-const WRITER_AND_ECHO: &str = "(i=1\n\
+/// Records written to the disk (each synced) in the background, every 20 ms.
+const DISK_WRITER: &str = "(i=1\n\
      while true; do\n\
        echo \"rec $i\" | dd of=/dev/vda bs=4096 seek=$((i % 1000)) conv=sync,fsync 2>/dev/null \
          || echo \"WRITE-FAILED $i\"\n\
        echo \"ACK $i\"\n\
        i=$((i + 1))\n\
        usleep 20000\n\
-     done) &\n\
-     nc -ll -p 7000 -e cat\n";
+     done) &\n";
 
 /// The highest `ACK n` on a host's console.
 fn last_ack(cluster: &Cluster, host: usize) -> u64 {
@@ -234,7 +264,10 @@ fn last_ack(cluster: &Cluster, host: usize) -> u64 {
 #[test]
 fn a_failed_local_disk_suspends_level_3_and_the_repair_resumes_it() {
     let fault_fs = ftvm_tests::fault_fs::FaultFs::start();
-    let mut guest = GuestConfig::new("ftvmd-l3-disk", &guest_script(WRITER_AND_ECHO));
+    let mut guest = GuestConfig::new(
+        "ftvmd-l3-disk",
+        &guest_script(&format!("{DISK_WRITER}nc -ll -p 7000 -e cat\n")),
+    );
     guest.cpus = 1;
     guest.memory_mb = RAM_MB;
     let options = ClusterOptions {

@@ -442,6 +442,16 @@ impl VmRunner {
         if self.serving {
             events.info(&self.name, format!("{} is back: mirroring", self.pair.peer));
             self.resume_guest(context.events, "mirrored again");
+        } else if self.restore.is_some() {
+            // A Level 3 restore is under way (the peer handed the VM over and follows as
+            // secondary): it starts the VM from the replica; booting it here would not.
+            events.info(
+                &self.name,
+                format!(
+                    "{} heard as secondary: the VM starts here once restored",
+                    self.pair.peer
+                ),
+            );
         } else {
             events.info(
                 &self.name,
