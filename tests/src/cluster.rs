@@ -251,6 +251,11 @@ replication_port = {REPLICATION_PORT}
         });
     }
 
+    /// The pid of a host's ftvmd, while this rig runs it.
+    pub fn ftvmd_pid(&self, host: usize) -> Option<u32> {
+        self.ftvmd[host].as_ref().map(Process::pid)
+    }
+
     pub fn log_path(&self, host: usize) -> PathBuf {
         self.dir.path().join(format!("{}-ftvmd.log", HOSTS[host]))
     }

@@ -250,6 +250,18 @@ const DISK_WRITER: &str = "(i=1\n\
        usleep 20000\n\
      done) &\n";
 
+/// A process's nice value (`/proc/PID/stat`, field 19).
+fn nice(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("(comm)") + 2..];
+    // Fields from the third (state) on: nice is the 19th field, the 17th here.
+    after_name
+        .split_whitespace()
+        .nth(16)
+        .and_then(|field| field.parse().ok())
+        .expect("the nice field")
+}
+
 /// The highest `ACK n` on a host's console.
 fn last_ack(cluster: &Cluster, host: usize) -> u64 {
     ftvm_tests::records::last_ack(&cluster.console(host))
@@ -282,6 +294,14 @@ fn a_failed_local_disk_suspends_level_3_and_the_repair_resumes_it() {
     cluster.start_all();
     cluster.wait_console(A, "NET-UP");
     wait_checkpoints(&cluster, "Level 3 checkpoints committing");
+    // ftvmd runs above its guests, so that a busy host still heartbeats on time; what it
+    // starts (QEMU, the disk daemon, the engine) does not.
+    let vm = cluster.vm_status(A).expect("hostA's status");
+    assert_eq!(nice(cluster.ftvmd_pid(A).expect("ftvmd runs")), -10);
+    for pid in [&vm["vm_pid"], &vm["disk_pids"][0]] {
+        let pid = pid.as_u64().expect("a pid") as u32;
+        assert_eq!(nice(pid), 0, "pid {pid}: {vm}");
+    }
     let client = cluster.hosts.namespace("client");
     let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
     rounds.wait_for(10, TIMEOUT, "at Level 3");

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    coordinator::raise_priority("ftvm-witness");
     let config = WitnessConfig {
         listen: args.listen,
         state_dir: args.state_dir,

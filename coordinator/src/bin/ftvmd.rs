@@ -23,6 +23,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Before any thread starts: they all inherit it (children are put back to 0).
+    coordinator::raise_priority("ftvmd");
     let launcher = daemon::qemu_launcher(&config);
     match daemon::run(config, launcher) {
         Ok(()) => ExitCode::SUCCESS,

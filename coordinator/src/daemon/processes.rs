@@ -512,13 +512,16 @@ fn spawn_logged(command: &mut Command, log: &Path) -> io::Result<Supervised> {
     for variable in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
         command.env_remove(variable);
     }
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the
-    // parent; it runs in the child between fork and exec.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and setpriority(2) are async-signal-safe and touch
+    // no memory of the parent; they run in the child between fork and exec.
     unsafe {
         command.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
+            // ftvmd runs above its guests (`coordinator::DAEMON_NICE`); QEMU and the
+            // daemons do not. A failure leaves the child at ftvmd's priority: harmless.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
             Ok(())
         });
     }
