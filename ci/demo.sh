@@ -76,6 +76,20 @@ wait_for() {
     done
 }
 
+# kill_host HOST — a host is lost: its A-links and LAN port go down, every process in it is
+# killed; KILLED is set to the moment the links went down.
+kill_host() {
+    say "killing $1: A-links and LAN port down, every process in $PREFIX$1 killed"
+    for device in alink1 alink2 lan0; do ip -n "$PREFIX$1" link set "$device" down; done
+    KILLED=$(date +%s.%N)
+    # (stderr off around the kill and the reaping: bash would report ftvmd's "Killed")
+    {
+        for pid in $(ip netns pids "$PREFIX$1"); do kill -KILL "$pid" || true; done
+        wait "${PIDS[$1]}" || true
+    } 2>/dev/null
+    unset "PIDS[$1]"
+}
+
 ftvm() { local host=$1; shift; "$BIN/ftvm" --socket "$WORK/$host/ftvmd.sock" "$@"; }
 vm_field() { ftvm "$1" status --json | jq -r ".vms[0].$2"; }
 vm_is() { [ "$(vm_field "$1" "$2")" = "$3" ]; }
@@ -252,15 +266,7 @@ kill -TERM "${PIDS[client]}" 2>/dev/null || true
 { wait "${PIDS[client]}"; } 2>/dev/null || true
 unset "PIDS[client]"
 
-say "killing hostA: A-links and LAN port down, every process in ${PREFIX}hostA killed"
-for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostA" link set "$device" down; done
-KILLED=$(date +%s.%N)
-# (stderr off around the kill and the reaping: bash would report ftvmd's "Killed")
-{
-    for pid in $(ip netns pids "${PREFIX}hostA"); do kill -KILL "$pid" || true; done
-    wait "${PIDS[hostA]}" || true
-} 2>/dev/null
-unset "PIDS[hostA]"
+kill_host hostA
 ACKED=$(last_ack "$CONSOLE_A")
 echo "    the guest had acknowledged record $ACKED"
 vm_running_on_b() { [ "$(vm_field hostB vm_pid)" != null ] && vm_is hostB role Primary; }
@@ -310,14 +316,7 @@ wait_for 30 "the client's echoes through output commit" rounds_at_least 50
 last_tick() { grep -a -o 'tick [0-9]*, up [0-9.]* s' "$1" | tail -n 1; }
 echo "    a new TCP connection from the client: $(rounds) echoes; the guest's clock: $(last_tick "$CONSOLE_B")"
 
-say "killing hostB: A-links and LAN port down, every process in ${PREFIX}hostB killed"
-for device in alink1 alink2 lan0; do ip -n "${PREFIX}hostB" link set "$device" down; done
-KILLED=$(date +%s.%N)
-{
-    for pid in $(ip netns pids "${PREFIX}hostB"); do kill -KILL "$pid" || true; done
-    wait "${PIDS[hostB]}" || true
-} 2>/dev/null
-unset "PIDS[hostB]"
+kill_host hostB
 echo "    hostB's guest was at: $(last_tick "$CONSOLE_B")"
 TICKS_BEFORE=$(grep -a -c 'tick ' "$CONSOLE_A" || true)
 vm_running_on_a() { [ "$(vm_field hostA vm_pid)" != null ] && vm_is hostA role Primary; }

@@ -152,6 +152,14 @@ echo WRITER-DONE
     guest
 }
 
+/// Panics if a guest writer reported a failed write (`WRITE-FAILED` on its console).
+pub fn assert_no_write_failed(console: &[String]) {
+    assert!(
+        !console.iter().any(|line| line.contains("WRITE-FAILED")),
+        "the guest saw a write fail"
+    );
+}
+
 /// The highest `ACK <n>` on a console (0 if none).
 pub fn last_ack(console: &[String]) -> u64 {
     console

@@ -337,13 +337,7 @@ fn a_failed_local_disk_suspends_level_3_and_the_repair_resumes_it() {
     wait_checkpoints(&cluster, "Level 3 again after the repair");
     rounds.wait_for(10, TIMEOUT, "at Level 3 after the repair");
     rounds.check();
-    assert!(
-        !cluster
-            .console(A)
-            .iter()
-            .any(|line| line.contains("WRITE-FAILED")),
-        "the guest saw a write fail"
-    );
+    ftvm_tests::records::assert_no_write_failed(&cluster.console(A));
     let (_, events) = cluster.ftvm(A, &["events"]);
     assert!(
         events.contains("Level 3 resumes"),
