@@ -212,6 +212,33 @@ where
     F: FnOnce() -> Result<T, E>,
     E: Into<HookError>,
 {
+    capture(qmp, true, while_stopped)
+}
+
+/// [`capture_device_state`] for the last checkpoint before the VM moves to the peer (`ftvm
+/// migrate`): the guest stays stopped (QEMU `postmigrate`; `timings.cont` is zero), so that
+/// the checkpoint is the guest's final state here. A failure resumes it, as for any epoch;
+/// after a success [`resume_stopped_guest`] brings it back if the move is called off.
+pub fn capture_final_device_state<T, E, F>(
+    qmp: &mut Qmp,
+    while_stopped: F,
+) -> Result<Captured<T>, EpochError>
+where
+    F: FnOnce() -> Result<T, E>,
+    E: Into<HookError>,
+{
+    capture(qmp, false, while_stopped)
+}
+
+fn capture<T, E, F>(
+    qmp: &mut Qmp,
+    resume: bool,
+    while_stopped: F,
+) -> Result<Captured<T>, EpochError>
+where
+    F: FnOnce() -> Result<T, E>,
+    E: Into<HookError>,
+{
     set_device_state_capabilities(qmp)?;
     drop(qmp.take_events_matching(|event| event.name == "MIGRATION"));
     let (reader, writer) = io::pipe().map_err(EpochError::Pipe)?;
@@ -254,7 +281,9 @@ where
         }
     };
     let migrated = Instant::now();
-    qmp.cont().map_err(EpochError::qmp("cont"))?;
+    if resume {
+        qmp.cont().map_err(EpochError::qmp("cont"))?;
+    }
     let resumed = Instant::now();
 
     let state = collector.finish(MIGRATION_TIMEOUT)?;
@@ -335,6 +364,12 @@ fn wait_migration_end(qmp: &mut Qmp, deadline: Instant) -> Result<(), EpochError
             timeout_ms: MIGRATION_TIMEOUT.as_millis(),
         }),
     }
+}
+
+/// Brings a guest that [`capture_final_device_state`] left stopped back to running (the
+/// move to the peer was called off).
+pub fn resume_stopped_guest(qmp: &mut Qmp) {
+    resume_after_failure(qmp);
 }
 
 /// Brings a guest that a failed epoch left stopped back to running, as far as QEMU lets it:

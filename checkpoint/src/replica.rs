@@ -276,6 +276,26 @@ impl Replica {
             .then_some(self.record.device_state.as_slice())
     }
 
+    /// Hands the replica to a restore: returns the committed device state and first makes
+    /// the record durably not restorable, since the restored QEMU runs on the RAM file
+    /// (it is the running VM's memory from then on, no checkpoint). Without this a later
+    /// replica of this host would open a record calling that memory a checkpoint, and a
+    /// failover before its first full copy completed would restore it. `None` when not
+    /// restorable.
+    pub fn take_for_restore(&mut self) -> Result<Option<Vec<u8>>, ReplicaError> {
+        if !self.restorable() {
+            return Ok(None);
+        }
+        let state = std::mem::take(&mut self.record.device_state);
+        self.record.full_copy_complete = false;
+        if let Err(error) = write_record(&self.config.record_path, &self.record) {
+            self.record.device_state = state;
+            self.record.full_copy_complete = true;
+            return Err(error);
+        }
+        Ok(Some(state))
+    }
+
     /// The replica's current copy of page `index`.
     pub fn page(&self, index: u64) -> Option<&Page> {
         let start = usize::try_from(index.checked_mul(PAGE_BYTES as u64)?).ok()?;

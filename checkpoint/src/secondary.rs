@@ -114,6 +114,11 @@ impl Secondary {
         &self.replica
     }
 
+    /// See [`Replica::take_for_restore`].
+    pub fn take_for_restore(&mut self) -> Result<Option<Vec<u8>>, crate::replica::ReplicaError> {
+        self.replica.take_for_restore()
+    }
+
     pub fn into_replica(self) -> Replica {
         self.replica
     }

@@ -55,8 +55,32 @@ pub enum FtvmCommand {
     },
     /// Stop protecting a VM.
     Unprotect { vm: String },
-    /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy.
+    /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy
+    /// (at Level 3: restore it there from its last checkpoint). To move it without a
+    /// reboot, use `ftvm migrate`.
     Failover { vm: String },
+    /// Move a running protected VM to the peer without a reboot: memory, devices and TCP
+    /// sessions go with it (run on its primary).
+    ///
+    /// The VM is checkpointed to the peer as at Level 3 (raised to it for the move if it
+    /// runs at 1 or 2; its RAM is copied once while it runs), then one final checkpoint is
+    /// taken with the guest stopped; the peer takes the next generation from the witness
+    /// and restores the VM from it. The disks swap roles with nothing to resync. The VM
+    /// goes back to its level on the peer. Needs checkpoint_port in the VM's [[vm]]
+    /// section. Waits until the VM runs on the peer unless --no-wait. A move called off
+    /// (--cancel, the peer lost, --timeout) leaves the VM running here, protected.
+    Migrate {
+        vm: String,
+        /// Call off a move under way (possible until its final checkpoint).
+        #[arg(long)]
+        cancel: bool,
+        /// Return once the move has started; `ftvm status` shows its progress.
+        #[arg(long)]
+        no_wait: bool,
+        /// Call the move off if checkpoints do not commit within this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+        timeout: u64,
+    },
     /// Planned maintenance of this host.
     Host {
         #[command(subcommand)]
@@ -88,10 +112,17 @@ pub enum FtvmCommand {
 pub enum HostAction {
     /// Move every primary VM to the peer, then stop this host's VM daemons. The host stays
     /// disabled, also across ftvmd restarts and reboots, until `ftvm host enable`.
+    ///
+    /// Each VM moves live (as `ftvm migrate`: no reboot); one that cannot (no
+    /// checkpoint_port) is stopped and restarted on the peer, and an event says why.
     Disable {
         /// How long to wait for the VMs to move, in seconds.
-        #[arg(long, default_value_t = 120)]
+        #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Stop the VMs here and restart them on the peer (a reboot) instead of moving
+        /// them live.
+        #[arg(long)]
+        restart: bool,
     },
     /// Rejoin: this host's copies resync and become secondaries again.
     Enable,

@@ -233,6 +233,22 @@ impl Host {
         vec![Action::Disk(DiskCommand::Fence)]
     }
 
+    /// Live handover (`ftvm migrate`), on the primary: the VM is stopped here at its final
+    /// checkpoint but kept, and the disks stay as they are, so that the VM can go on here
+    /// if the peer does not take over. Until the handover window ends the host holds as
+    /// for a lost peer but does not resume when it hears its secondary; after it, a silent
+    /// peer makes it claim the next generation (the witness decides between the two hosts,
+    /// as after a crash), and a peer still heard as its secondary lets it resume.
+    pub fn hand_over_live(&mut self, now: Millis) -> Vec<Action> {
+        if self.role != Role::Primary || self.mode != Mode::Mirrored {
+            return Vec::new();
+        }
+        self.handover_until =
+            Some(now + 2 * self.config.peer_timeout + self.config.secondary_claim_delay);
+        self.mode = Mode::Holding;
+        vec![Action::Disk(DiskCommand::Hold)]
+    }
+
     /// The disks have held writes for a whole peer timeout while the peer's heartbeats
     /// still arrive: the peer's disk side is gone. Ask the witness, as for a lost peer.
     ///
@@ -300,7 +316,7 @@ impl Host {
         }
         let handing_over = self.handover_until.is_some_and(|until| now < until);
         let resumable = match self.mode {
-            Mode::Holding => !self.disk_lost_peer,
+            Mode::Holding => !self.disk_lost_peer && !handing_over,
             // Running alone, and the peer is back as our secondary: mirrored again (its
             // disk reconnects and resyncs), so a later loss asks the witness again.
             Mode::Degraded => true,

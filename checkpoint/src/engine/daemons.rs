@@ -174,12 +174,12 @@ impl Daemons {
         self.each_nic(nic::Command::OutputCommitOn(epoch))
     }
 
-    /// Holds the NICs' output, returning the NIC epoch the guest's frames belong to now: 1,
-    /// or, where an engine before this one was killed with output commit on, the NICs'
-    /// current epoch, taken over. Its frames stay held (their cause is in memory no
-    /// checkpoint carried yet) and go out with this engine's first commit; they are never
-    /// released without one, since the secondary may still restore an older checkpoint.
-    pub fn output_commit_take_over(&self) -> Result<u64, DaemonError> {
+    /// The NIC epoch whose frames the NICs hold now, where an engine before this one was
+    /// killed with output commit on (taken over: its frames stay held, their cause is in
+    /// memory no checkpoint carried yet, and go out with this engine's first commit; never
+    /// without one, since the secondary may still restore an older checkpoint), or `None`
+    /// when they hold nothing.
+    pub fn output_commit_held(&self) -> Result<Option<u64>, DaemonError> {
         let mut current = Vec::new();
         for socket in &self.nics {
             let status: nic::Status = ask(socket, &nic::Command::Status)?;
@@ -191,11 +191,8 @@ impl Daemons {
             );
         }
         match current.first().copied().flatten() {
-            None if current.iter().all(Option::is_none) => {
-                self.output_commit_on(1)?;
-                Ok(1)
-            }
-            Some(epoch) if current.iter().all(|other| *other == Some(epoch)) => Ok(epoch),
+            None if current.iter().all(Option::is_none) => Ok(None),
+            Some(epoch) if current.iter().all(|other| *other == Some(epoch)) => Ok(Some(epoch)),
             _ => Err(DaemonError::OutputCommit(format!(
                 "the NICs hold output at different epochs ({current:?}), left by an engine that \
                  was killed: stop the VM (or restart its NIC daemons) first"

@@ -4,7 +4,9 @@
 //! line out, like the other daemons):
 //!
 //! - primary: `status`, `release` (end Level 3: held output goes out, tracking stops, the
-//!   engine exits; the VM runs on at Level 2);
+//!   engine exits; the VM runs on at Level 2); `handover` (`ftvm migrate`: one last
+//!   checkpoint with the guest left stopped; the answer, once the secondary committed it,
+//!   names its epoch, which the peer restores; see [`PrimaryShared::hand_over`]);
 //! - secondary: `status`; `freeze` (stop taking epochs for good: the primary is lost; the
 //!   answer names the last committed checkpoint, the epoch to promote the disks at with
 //!   `promote GEN N*`); `restore QMP_SOCKET` (freeze, then restore that checkpoint into the
@@ -18,11 +20,15 @@ pub mod secondary;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 
 use self::primary::PrimaryShared;
 use self::secondary::{Request, SecondaryShared};
+
+/// How long a `handover` waits for its final checkpoint to commit.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The primary's answer to one control line.
 pub fn answer_primary(shared: &PrimaryShared, line: &str) -> String {
@@ -35,8 +41,14 @@ pub fn answer_primary(shared: &PrimaryShared, line: &str) -> String {
             shared.release.store(true, Ordering::Relaxed);
             json!({"ok": true}).to_string()
         }
-        [] => refusal("empty command; try: status, release"),
-        _ => refusal(&format!("unknown command {line:?}; try: status, release")),
+        ["handover"] => match shared.hand_over(HANDOVER_TIMEOUT) {
+            Ok(epoch) => json!({"ok": true, "epoch": epoch}).to_string(),
+            Err(error) => refusal(&error),
+        },
+        [] => refusal("empty command; try: status, release, handover"),
+        _ => refusal(&format!(
+            "unknown command {line:?}; try: status, release, handover"
+        )),
     }
 }
 

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,7 +72,9 @@ pub struct PrimaryStatus {
     pub role: &'static str,
     pub vm: String,
     pub generation: u64,
-    /// `starting`, `full-copy`, `protected` (epochs commit), `peer-lost`, `released`.
+    /// `starting`, `full-copy`, `protected` (epochs commit), `peer-lost`, `handing-over`
+    /// (the final epoch of a `handover`), `handed-over` (the guest stays stopped),
+    /// `released`.
     pub state: String,
     /// Why the state is not `protected`, when it is not.
     pub problem: Option<String>,
@@ -88,6 +91,8 @@ pub struct PrimaryShared {
     pub status: Mutex<PrimaryStatus>,
     /// Set by `release` or a signal: end Level 3 (output released, tracking off).
     pub release: Arc<AtomicBool>,
+    /// A `handover` waiting for the epoch loop: where its answer goes.
+    handover: Mutex<Option<mpsc::Sender<Result<u64, String>>>>,
 }
 
 impl PrimaryShared {
@@ -106,7 +111,52 @@ impl PrimaryShared {
                 stats: None,
             }),
             release: Arc::new(AtomicBool::new(false)),
+            handover: Mutex::new(None),
         })
+    }
+
+    /// `handover` (`ftvm migrate`): the next epoch is the last one, taken with the guest
+    /// left stopped; once the secondary committed it (every frame the guest sent is out, the
+    /// replica is the guest's state here) the answer names it, and the engine takes no more
+    /// epochs until it is released or killed: the peer restores the VM from that
+    /// checkpoint. Refused unless epochs commit. When the answer cannot be given (the
+    /// secondary lost, `timeout`), the guest runs on here, still at Level 3.
+    pub fn hand_over(&self, timeout: Duration) -> Result<u64, String> {
+        let (state, problem) = {
+            let status = daemon_util::lock(&self.status);
+            (status.state.clone(), status.problem.clone())
+        };
+        if state != "protected" || problem.is_some() {
+            return Err(format!(
+                "checkpoints do not commit ({state}{}): no handover now",
+                problem
+                    .map(|problem| format!(": {problem}"))
+                    .unwrap_or_default()
+            ));
+        }
+        let (sender, answer) = mpsc::channel();
+        {
+            let mut pending = daemon_util::lock(&self.handover);
+            if pending.is_some() {
+                return Err("a handover is already under way".into());
+            }
+            *pending = Some(sender);
+        }
+        match answer.recv_timeout(timeout) {
+            Ok(result) => result,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                // Taken back if the loop has not started it; if it has, the loop finds
+                // nobody to answer and resumes the guest.
+                daemon_util::lock(&self.handover).take();
+                Err(format!(
+                    "no final checkpoint within {timeout:?}; the VM runs on here"
+                ))
+            }
+        }
+    }
+
+    fn take_handover(&self) -> Option<mpsc::Sender<Result<u64, String>>> {
+        daemon_util::lock(&self.handover).take()
     }
 
     /// The `release` flag, for signal handlers.
@@ -158,13 +208,16 @@ pub fn run(options: &PrimaryOptions, shared: &PrimaryShared) -> anyhow::Result<(
         .with_context(|| format!("cannot reach QEMU at {}", options.qmp.display()))?;
     epoch::set_device_state_capabilities(&mut qmp)?;
 
-    // Output is held from before the tracking starts: every frame the guest sends from now
-    // on waits for a checkpoint that contains its cause.
-    let mut nic_epoch = daemons.output_commit_take_over()?;
-    if nic_epoch > 1 {
-        warn!("the NICs held output at epoch {nic_epoch} (an engine before this one was killed): taken over");
+    // Output held by an engine before this one (killed) stays held until this one commits.
+    let held = daemons.output_commit_held()?;
+    if let Some(epoch) = held {
+        warn!("the NICs held output at epoch {epoch} (an engine before this one was killed): taken over");
     }
-    let result = run_epochs(options, shared, &ram, &daemons, &mut qmp, &mut nic_epoch);
+    let mut output = Output {
+        nic_epoch: held.unwrap_or(1),
+        held: held.is_some(),
+    };
+    let result = run_epochs(options, shared, &ram, &daemons, &mut qmp, &mut output);
     // Level 3 ends: whatever is held goes out (the VM runs on at Level 2).
     if let Err(error) = daemons.output_commit_off() {
         warn!("cannot release the NICs' held output: {error}");
@@ -176,13 +229,30 @@ pub fn run(options: &PrimaryOptions, shared: &PrimaryShared) -> anyhow::Result<(
     result
 }
 
+/// The guest's output: the NIC epoch its frames belong to now, and whether the NICs hold
+/// them (output commit).
+///
+/// Output is held from the first handshake on whenever the secondary's replica holds a
+/// complete copy (it may be restorable: nothing may go out that a restore of it would
+/// undo). A replica without one (Level 3 just started, or a new replica) cannot be
+/// restored before the first checkpoint commits, and every frame sent before that
+/// checkpoint's stop is caused by state the checkpoint contains: so while the first full
+/// copy of a fresh replica runs, frames pass, and holding starts at the first checkpoint's
+/// stop. (The guest's network would otherwise stall for the whole copy: 3.5 s for 256 MiB
+/// here.)
+#[derive(Debug)]
+struct Output {
+    nic_epoch: u64,
+    held: bool,
+}
+
 fn run_epochs(
     options: &PrimaryOptions,
     shared: &PrimaryShared,
     ram: &GuestRam,
     daemons: &Daemons,
     qmp: &mut Qmp,
-    nic_epoch: &mut u64,
+    output: &mut Output,
 ) -> anyhow::Result<()> {
     // Asked again until QEMU answers: a wrapper QEMU is started through (`ip netns exec`)
     // may hold the library's socket for a moment, and it maps no guest RAM.
@@ -232,14 +302,23 @@ fn run_epochs(
     let mut disk_epoch: Option<u64> = None;
     let mut disk_used: u64 = 0;
 
-    while !shared.release.load(Ordering::Relaxed) {
+    'epochs: while !shared.release.load(Ordering::Relaxed) {
         // (Re)join the secondary.
         in_flight.clear();
         match sender.handshake(&session, WELCOME_TIMEOUT) {
-            Ok(replica) => info!(
-                "secondary at epoch {} (generation {}, full copy {})",
-                replica.committed_epoch, replica.generation, replica.full_copy_complete
-            ),
+            Ok(replica) => {
+                info!(
+                    "secondary at epoch {} (generation {}, full copy {})",
+                    replica.committed_epoch, replica.generation, replica.full_copy_complete
+                );
+                if !output.held && replica.full_copy_complete {
+                    daemons
+                        .output_commit_on(output.nic_epoch)
+                        .context("cannot hold the NICs' output")?;
+                    output.held = true;
+                    info!("the replica holds a complete copy: output held from now on");
+                }
+            }
             Err(SenderError::Fenced { ours, theirs }) => {
                 return Err(anyhow!(
                     "the replica is at generation {theirs}, above ours ({ours}): another primary exists; stopping"
@@ -323,15 +402,38 @@ fn run_epochs(
                 break;
             }
             let mut harvested = std::mem::take(&mut carried);
-            let ended = *nic_epoch;
+            let ended = output.nic_epoch;
+            // The first checkpoint of a fresh replica: holding starts in this stop (frames
+            // sent before it are part of this checkpoint's state and went out).
+            let start_holding = !output.held;
+            let mut holding_started = false;
             let mut nic_epoch_ended = false;
             let mut disk_epoch_ended = false;
-            let captured = epoch::capture_device_state(qmp, || -> Result<Staged, HookError> {
+            // `handover`: this epoch is the last, and the guest stays stopped.
+            let handover = shared.take_handover();
+            if handover.is_some() {
+                info!("handover asked: epoch {epoch} is the last one here");
+                shared.set_state("handing-over", None);
+            }
+            let capture = if handover.is_some() {
+                epoch::capture_final_device_state
+            } else {
+                epoch::capture_device_state
+            };
+            let captured = capture(qmp, || -> Result<Staged, HookError> {
                 tracker.scan_into(ScanMode::Rearm, &mut harvested)?;
                 daemons.harvest_into(&mut harvested)?;
-                let staged = stage(ram, &harvested, ended);
-                daemons.epoch_end(ended)?;
-                nic_epoch_ended = true;
+                let staged = if start_holding {
+                    daemons.output_commit_on(ended)?;
+                    holding_started = true;
+                    // Nothing of this checkpoint is held: its commit releases nothing.
+                    stage(ram, &harvested, 0)
+                } else {
+                    let staged = stage(ram, &harvested, ended);
+                    daemons.epoch_end(ended)?;
+                    nic_epoch_ended = true;
+                    staged
+                };
                 if disk_epoch.is_some() {
                     daemons.disk_epoch_end(epoch)?;
                     disk_epoch_ended = true;
@@ -339,7 +441,10 @@ fn run_epochs(
                 Ok(staged)
             });
             if nic_epoch_ended {
-                *nic_epoch = ended + 1;
+                output.nic_epoch = ended + 1;
+            }
+            if holding_started {
+                output.held = true;
             }
             if disk_epoch_ended {
                 disk_epoch = Some(epoch + 1);
@@ -350,6 +455,11 @@ fn run_epochs(
             let captured = match captured {
                 Ok(captured) => captured,
                 Err(error) => {
+                    // (A failed capture resumed the guest.)
+                    answer_handover(
+                        handover,
+                        Err(format!("the final checkpoint failed: {error}")),
+                    );
                     // Whatever was harvested goes in the next epoch; a NIC epoch that
                     // ended waits for the next commit (`commit N` releases every epoch up
                     // to N).
@@ -394,11 +504,32 @@ fn run_epochs(
                     );
                 }
                 Err(error) => {
+                    if handover.is_some() {
+                        epoch::resume_stopped_guest(qmp);
+                        answer_handover(
+                            handover,
+                            Err(format!("the final checkpoint was not sent: {error}")),
+                        );
+                    }
                     // The shadow no longer matches: a new handshake and a full copy. The
                     // frames of this NIC epoch wait for the next commit.
                     shared.set_state("peer-lost", Some(format!("epoch {epoch}: {error}")));
                     break;
                 }
+            }
+            if let Some(handover) = handover {
+                if finish_handover(
+                    handover,
+                    epoch,
+                    qmp,
+                    shared,
+                    (&mut sender, &session, &mut in_flight),
+                    daemons,
+                    &mut stats,
+                )? {
+                    break 'epochs;
+                }
+                break;
             }
         }
     }
@@ -412,6 +543,60 @@ fn run_epochs(
     }
     session.close();
     Ok(())
+}
+
+/// Gives a `handover` its answer, if one waits.
+fn answer_handover(
+    handover: Option<mpsc::Sender<Result<u64, String>>>,
+    result: Result<u64, String>,
+) {
+    if let Some(handover) = handover {
+        if let Err(error) = &result {
+            warn!("handover failed: {error}; the guest runs on here");
+        }
+        // Nobody waits any more: the caller gave up (and was told the VM runs on here).
+        drop(handover.send(result));
+    }
+}
+
+/// The final epoch of a `handover` was sent: waits for its commit (the NICs then release
+/// every frame of the guest), answers, and leaves the guest stopped until the engine is
+/// released or killed. `true` when handed over; `false` when the secondary did not commit
+/// it or nobody waits for the answer any more: the guest runs on here and the epoch loop
+/// starts over with a handshake.
+fn finish_handover(
+    handover: mpsc::Sender<Result<u64, String>>,
+    epoch: u64,
+    qmp: &mut Qmp,
+    shared: &PrimaryShared,
+    (sender, session, in_flight): (&mut Sender, &Session, &mut VecDeque<(u64, u64)>),
+    daemons: &Daemons,
+    stats: &mut Stats,
+) -> anyhow::Result<bool> {
+    let committed = collect_acks(sender, session, in_flight, daemons, stats, shared);
+    if !matches!(committed, Ok(true)) {
+        epoch::resume_stopped_guest(qmp);
+        let why = match &committed {
+            Err(error) => format!("{error:#}"),
+            Ok(_) => "the secondary did not commit it".into(),
+        };
+        answer_handover(
+            Some(handover),
+            Err(format!("final checkpoint {epoch} not committed: {why}")),
+        );
+        return committed.map(|_| false);
+    }
+    if handover.send(Ok(epoch)).is_err() {
+        warn!("final checkpoint {epoch} committed, but nobody waits for it any more: the guest runs on here");
+        epoch::resume_stopped_guest(qmp);
+        return Ok(false);
+    }
+    info!("handed over at checkpoint {epoch}: the guest stays stopped here");
+    shared.set_state("handed-over", None);
+    while !shared.release.load(Ordering::Relaxed) {
+        std::thread::sleep(RETRY_INTERVAL);
+    }
+    Ok(true)
 }
 
 /// Copies the pages of `dirty` out of the (stopped) guest's RAM.

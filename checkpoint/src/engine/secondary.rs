@@ -290,20 +290,23 @@ fn restore(
     shared: &SecondaryShared,
     qmp: &std::path::Path,
 ) -> Result<serde_json::Value, String> {
-    let replica = secondary.replica();
-    let committed = replica.committed();
-    let Some(state) = replica.device_state() else {
-        return Err(format!(
-            "the replica is not restorable (epoch {}, full copy {}): it never completed a full copy and a checkpoint",
-            committed.epoch, committed.full_copy_complete
-        ));
+    let committed = secondary.replica().committed();
+    let state = match secondary.take_for_restore() {
+        Ok(Some(state)) => state,
+        Ok(None) => {
+            return Err(format!(
+                "the replica is not restorable (epoch {}, full copy {}): it never completed a full copy and a checkpoint",
+                committed.epoch, committed.full_copy_complete
+            ))
+        }
+        Err(error) => return Err(format!("cannot hand the replica to the restore: {error}")),
     };
     shared.update(|status| status.state = "restoring".into());
     let started = Instant::now();
     let result = Qmp::connect(qmp, QMP_TIMEOUT)
         .map_err(|error| format!("cannot reach QEMU at {}: {error}", qmp.display()))
         .and_then(|mut qmp| {
-            epoch::restore(&mut qmp, state).map_err(|error| format!("restore failed: {error}"))
+            epoch::restore(&mut qmp, &state).map_err(|error| format!("restore failed: {error}"))
         });
     match result {
         Ok(timings) => {

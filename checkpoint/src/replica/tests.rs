@@ -781,3 +781,27 @@ fn a_missing_ram_file_makes_the_record_not_restorable() {
 }
 
 mod device_state;
+
+/// A restore takes the device state and leaves a record that claims nothing: the restored
+/// VM runs on the RAM file, so neither this replica nor one opened later on the same files
+/// may call that memory a checkpoint (a failover before the next full copy would restore
+/// it). The Welcome of a later session asks for a full copy.
+#[test]
+fn a_replica_handed_to_a_restore_is_never_restorable_again() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let mut primary = Primary::new();
+    let mut secondary = committed_secondary(directory.path(), &mut primary);
+    let state = secondary.take_for_restore().expect("record written");
+    assert_eq!(state.as_deref(), Some(&b"device state 2"[..]));
+    assert!(!secondary.replica().restorable());
+    assert_eq!(
+        secondary.take_for_restore().expect("no record change"),
+        None
+    );
+    drop(secondary);
+
+    let mut secondary = Secondary::new(open(directory.path()));
+    assert!(!secondary.replica().restorable(), "reopened as restorable");
+    let reply = feed(&mut secondary, &[hello(primary.generation, primary.stream)]);
+    assert!(!welcome_epoch(&reply).1, "a Welcome claims a complete copy");
+}

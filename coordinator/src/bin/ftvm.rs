@@ -78,15 +78,31 @@ fn run(args: &Args) -> Result<(), String> {
         })?),
         Command::Unprotect { vm } => done(ask(Request::Unprotect { vm: vm.clone() })?),
         Command::Failover { vm } => done(ask(Request::Failover { vm: vm.clone() })?),
+        Command::Migrate {
+            vm,
+            cancel,
+            no_wait,
+            timeout,
+        } => {
+            let reply = ask(Request::Migrate {
+                vm: vm.clone(),
+                cancel: *cancel,
+                timeout_s: *timeout,
+            })?;
+            done(reply);
+            if !*cancel && !*no_wait {
+                wait_for_move(&ask, vm, Duration::from_secs(*timeout + 120))?;
+            }
+        }
         Command::Host {
             action: HostAction::Enable,
         } => done(ask(Request::HostEnable)?),
         Command::Host {
-            action: HostAction::Disable { timeout },
+            action: HostAction::Disable { timeout, restart },
         } => {
             let deadline = Instant::now() + Duration::from_secs(*timeout);
             loop {
-                let reply = ask(Request::HostDisable)?;
+                let reply = ask(Request::HostDisable { restart: *restart })?;
                 let Reply::Status(status) = ask(Request::Status)? else {
                     return Err("unexpected answer from ftvmd".into());
                 };
@@ -105,6 +121,54 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Follows a move until this host is the VM's secondary (done) or the move ends here
+/// without that (called off: the events say why).
+fn wait_for_move(
+    ask: &dyn Fn(Request) -> Result<Reply, String>,
+    vm: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut last_phase = String::new();
+    loop {
+        let Reply::Status(status) = ask(Request::Status)? else {
+            return Err("unexpected answer from ftvmd".into());
+        };
+        let Some(vm_status) = status.vms.iter().find(|status| status.name == vm) else {
+            return Err(format!("{vm} is gone from ftvmd's status"));
+        };
+        match &vm_status.migration {
+            Some(migration) => {
+                let phase = migration["phase"].as_str().unwrap_or("?").to_owned();
+                if phase != last_phase {
+                    println!(
+                        "{vm}: {phase} ({:.1} s)",
+                        migration["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                    last_phase = phase;
+                }
+            }
+            None if vm_status.role == Role::Secondary => {
+                println!("{vm} runs on {}; this host is its secondary", status.peer);
+                return Ok(());
+            }
+            None => {
+                return Err(format!(
+                    "the move of {vm} was called off; it runs on {}: see `ftvm events`",
+                    status.host
+                ))
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{vm} still moving after {} s; see `ftvm status` and `ftvm events`",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn done(reply: Reply) {
@@ -165,6 +229,14 @@ fn table(status: &HostStatus) -> String {
         }
         for nic in &vm.nics {
             out.push_str(&format!("  nic {}: {}\n", nic.mac, nic_line(nic)));
+        }
+        if let Some(migration) = &vm.migration {
+            out.push_str(&format!(
+                "  migrating to {}: {} for {:.0} s\n",
+                migration["to"].as_str().unwrap_or("?"),
+                migration["phase"].as_str().unwrap_or("?"),
+                migration["seconds"].as_f64().unwrap_or(0.0)
+            ));
         }
         if let Some(checkpoint) = &vm.checkpoint {
             out.push_str(&format!("  checkpoints: {}\n", checkpoint_line(checkpoint)));

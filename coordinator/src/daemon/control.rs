@@ -25,11 +25,37 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Request {
     Status,
     Events,
-    Failover { vm: String },
-    Protect { vm: String, level: u8, peer: String },
-    Unprotect { vm: String },
-    HostDisable,
+    Failover {
+        vm: String,
+    },
+    /// `ftvm migrate`: move the running VM to the peer without a reboot (`cancel`: call
+    /// off a move before its final checkpoint). `timeout_s` bounds the preparation.
+    Migrate {
+        vm: String,
+        #[serde(default)]
+        cancel: bool,
+        #[serde(default = "default_migrate_timeout")]
+        timeout_s: u64,
+    },
+    Protect {
+        vm: String,
+        level: u8,
+        peer: String,
+    },
+    Unprotect {
+        vm: String,
+    },
+    /// `restart`: hand the VMs over stopped (they reboot on the peer) instead of moving
+    /// them live.
+    HostDisable {
+        #[serde(default)]
+        restart: bool,
+    },
     HostEnable,
+}
+
+fn default_migrate_timeout() -> u64 {
+    300
 }
 
 /// The answer to `status`.

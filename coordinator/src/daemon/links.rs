@@ -58,7 +58,9 @@ pub enum PeerMessage {
     },
     /// Planned failover: the sender (the primary) has stopped the VM and fenced its disks;
     /// the receiver should claim the next generation and start the VM.
-    TakeOver { vm: String },
+    /// `live`: `ftvm migrate` (the level to run the VM at once moved): the VM is restored
+    /// from the final checkpoint; else `ftvm failover`.
+    TakeOver { vm: String, live: Option<u8> },
 }
 
 /// Both directions with the peer, on each A-link separately: one client session per

@@ -400,12 +400,12 @@ impl Daemon {
                         }
                     }
                 }
-                PeerMessage::TakeOver { vm: name } => {
+                PeerMessage::TakeOver { vm: name, live } => {
                     if self.disabled {
                         continue;
                     }
                     if let Some(vm) = self.vms.iter_mut().find(|vm| vm.name == name) {
-                        vm.take_over(&mut context);
+                        vm.take_over(live, &mut context);
                     }
                 }
             }
@@ -592,6 +592,27 @@ impl Daemon {
                     },
                 }
             }
+            Request::Migrate {
+                vm: name,
+                cancel,
+                timeout_s,
+            } => {
+                let mut context = self.io.context(now);
+                match self.vms.iter_mut().find(|vm| vm.name == name) {
+                    None => Reply::Error(unknown_vm(&name, &self.config)),
+                    Some(vm) => {
+                        let result = if cancel {
+                            vm.cancel_migration(&mut context)
+                        } else {
+                            vm.migrate(Duration::from_secs(timeout_s), &mut context)
+                        };
+                        match result {
+                            Ok(done) => Reply::Done(done),
+                            Err(error) => Reply::Error(error),
+                        }
+                    }
+                }
+            }
             Request::Protect {
                 vm: name,
                 level,
@@ -634,7 +655,7 @@ impl Daemon {
                     },
                 }
             }
-            Request::HostDisable => self.disable(now),
+            Request::HostDisable { restart } => self.disable(restart, now),
             Request::HostEnable => {
                 if !self.disabled {
                     return Reply::Done(format!("{} is already enabled", self.config.host.name));
@@ -656,9 +677,10 @@ impl Daemon {
         }
     }
 
-    /// Planned maintenance: every VM this host runs is handed to the peer, then this host's
+    /// Planned maintenance: every VM this host runs moves to the peer (live, or stopped and
+    /// restarted there with `restart` or where it cannot move live), then this host's
     /// daemons for the VMs stop and it leaves the heartbeat, so the peer runs them alone.
-    fn disable(&mut self, now: Millis) -> Reply {
+    fn disable(&mut self, restart: bool, now: Millis) -> Reply {
         let marker = self.disabled_marker();
         let mut context = self.io.context(now);
         if !self.vms.iter().any(|vm| vm.beat().role == Role::Primary) {
@@ -687,7 +709,7 @@ impl Daemon {
         let mut refused = Vec::new();
         for vm in &mut self.vms {
             if vm.beat().role == Role::Primary && !vm.handing_over() {
-                if let Err(error) = vm.hand_over(&mut context) {
+                if let Err(error) = vm.move_for_maintenance(restart, &mut context) {
                     refused.push(error);
                 }
             }

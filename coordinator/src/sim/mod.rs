@@ -342,7 +342,13 @@ impl World {
         let mut actions = Vec::new();
         let mut take_over = false;
         if handover && host.role() == Role::Primary && host.mode() == Mode::Mirrored {
-            actions = host.hand_over(time);
+            // Half of them live (`ftvm migrate`: the VM and its disks kept until the peer
+            // takes over), half with the VM stopped and the disks fenced (`ftvm failover`).
+            actions = if self.rng.chance(500) {
+                host.hand_over_live(time)
+            } else {
+                host.hand_over(time)
+            };
             take_over = true;
         } else if isolated {
             actions = host.fence_isolated();

@@ -22,6 +22,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -120,8 +121,9 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Creates (or replaces) a journal of `size_bytes`, fully written, synced with its
-    /// directory entry. Its first record will be number `first_sequence`, at offset 0.
+    /// Creates (or replaces) a journal of `size_bytes` of zeroes (allocated, not written
+    /// where the file system can), synced with its directory entry. Its first record will be
+    /// number `first_sequence`, at offset 0.
     pub fn create(
         path: &Path,
         size_bytes: u64,
@@ -139,7 +141,7 @@ impl Journal {
             .truncate(true)
             .open(path)
             .map_err(io_error)?;
-        write_zeroes(&file, size_bytes)
+        allocate_zeroed(&file, size_bytes)
             .and_then(|()| file.sync_all())
             .and_then(|()| sync_directory(path))
             .map_err(io_error)?;
@@ -537,6 +539,32 @@ fn decode_header(header: &[u8; HEADER_BYTES as usize], data: &[u8]) -> Option<(R
         len: field(header, 40),
     };
     Some((record, raw))
+}
+
+/// Reserves `len` bytes of zeroes for a journal just truncated to nothing: `fallocate`,
+/// which reserves the space (no ENOSPC later) and reads as zeroes without writing them (a
+/// metadata change on ext4, XFS and tmpfs), or writes them where it is not supported.
+/// Writing 1 GiB of zeroes took 4 s on the secondary's receive path here, each time a
+/// disk daemon began Level 3, and held the guest's mirrored writes (and the daemon's
+/// control socket) that long.
+fn allocate_zeroed(file: &File, len: u64) -> io::Result<()> {
+    let Ok(signed_len) = libc::off_t::try_from(len) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("journal size {len} too large"),
+        ));
+    };
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`, open
+    // for writing, for the whole call.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, signed_len) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => write_zeroes(file, len),
+        _ => Err(error),
+    }
 }
 
 fn write_zeroes(file: &File, len: u64) -> io::Result<()> {

@@ -36,6 +36,13 @@ impl VmRunner {
                 self.name
             ));
         }
+        if self.migrating() {
+            return Err(format!(
+                "{} is moving to {}: change its level once it runs there (or after \
+                 `ftvm migrate --cancel {}`)",
+                self.name, self.pair.peer, self.name
+            ));
+        }
         if level == 3 {
             self.check_level3()?;
         }
@@ -77,7 +84,7 @@ impl VmRunner {
     }
 
     /// Level 3 needs the engine's port, the engine and QEMU's RAM tracking.
-    fn check_level3(&self) -> Result<(), String> {
+    pub(super) fn check_level3(&self) -> Result<(), String> {
         if self.engine.spec.port.is_none() {
             return Err(format!(
                 "{} has no checkpoint_port: add one to its [[vm]] section on both hosts (a \
@@ -102,7 +109,7 @@ impl VmRunner {
     }
 
     /// Sets and saves the level (the secondary follows it in the heartbeat).
-    fn set_level(&mut self, level: u8, context: &mut Context<'_>) {
+    pub(super) fn set_level(&mut self, level: u8, context: &mut Context<'_>) {
         self.level = level;
         let (role, generation, protected) =
             (self.state.role, self.state.generation, self.state.protected);
@@ -254,35 +261,20 @@ impl VmRunner {
     /// Planned failover, asked on the primary: stops the VM, fences the disks, and lets
     /// the peer take over. Refused unless both copies are in sync.
     pub fn hand_over(&mut self, context: &mut Context<'_>) -> Result<String, String> {
-        if self.host.role() != Role::Primary {
+        if self.migrating() {
             return Err(format!(
-                "{} is not primary here; run `ftvm failover {}` on {}",
-                self.name, self.name, self.pair.peer
+                "{} is moving to {} (`ftvm migrate`); `ftvm migrate --cancel {}` first",
+                self.name, self.pair.peer, self.name
             ));
         }
-        if self.host.mode() != Mode::Mirrored || self.state_word() != "Protected" {
-            return Err(format!(
-                "{} is {}: a planned failover needs both copies in sync (Protected); wait \
-                 for the resync or the peer",
-                self.name,
-                self.state_word()
-            ));
-        }
-        let peer_ready = self
-            .fresh_peer_beat(context.now)
-            .is_some_and(|beat| beat.role == Role::Secondary && beat.state == "Protected");
-        if !peer_ready {
-            return Err(format!(
-                "{} has not reported its copy of {} as in sync; try again in a moment",
-                self.pair.peer, self.name
-            ));
-        }
+        self.check_move("failover", context)?;
         self.stop_vm(context.events, "planned failover");
         let actions = self.host.hand_over(context.now);
         self.execute(actions, context);
         context.peer.send(
             &PeerMessage::TakeOver {
                 vm: self.name.clone(),
+                live: None,
             },
             true,
         );
@@ -296,15 +288,19 @@ impl VmRunner {
         Ok(format!("{} hands over to {}", self.name, self.pair.peer))
     }
 
-    /// A planned failover of this VM is under way (this primary stopped and fenced it).
+    /// A planned failover or a move of this VM is under way (this primary stopped and
+    /// fenced it, or it moves it live).
     pub fn handing_over(&self) -> bool {
-        self.host.role() == Role::Primary && self.host.mode() == Mode::Fenced
+        self.host.role() == Role::Primary && (self.host.mode() == Mode::Fenced || self.migrating())
     }
 
-    pub fn take_over(&mut self, context: &mut Context<'_>) {
+    /// The peer handed the VM over: `live` (`ftvm migrate`, with the level to run it at)
+    /// after its final checkpoint, else stopped (`ftvm failover`).
+    pub fn take_over(&mut self, live: Option<u8>, context: &mut Context<'_>) {
         if !self.state.protected {
             return;
         }
+        self.incoming_migration = live;
         context.events.info(
             &self.name,
             format!(

@@ -421,6 +421,12 @@ impl VmRunner {
     /// over with the same MAC and IP.
     fn apply_hold(&mut self, context: &mut Context<'_>) {
         self.holding_since = Some(context.now);
+        if self.migrating() {
+            // `ftvm migrate` handed the VM over: the guest stays stopped until the peer
+            // runs it (or the witness gives it back).
+            self.pause_guest(context.events, "handed over to the peer");
+            return;
+        }
         context.events.warn(
             &self.name,
             format!(

@@ -42,6 +42,8 @@ const MOST_BACKOFF: Duration = Duration::from_secs(30);
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a restore may take (device state and the replica's pages into a new QEMU).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a `handover` may take (the engine's own limit is 20 s).
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(25);
 /// How long the engine's control socket, and QEMU's monitor for it, may take to appear.
 const SOCKET_WAIT: Duration = Duration::from_secs(20);
 
@@ -53,6 +55,9 @@ pub(super) enum EngineReport {
     /// `freeze`: the replica's checkpoint (epoch) if it is restorable, or why not.
     Frozen(Result<u64, String>),
     Restored(Result<Value, String>),
+    /// `handover` (`ftvm migrate`): the final checkpoint's epoch, committed by the peer,
+    /// with the guest left stopped; or why not (the guest runs on).
+    HandedOver(Result<u64, String>),
     Stopped,
     Ended(u32, String),
 }
@@ -229,6 +234,28 @@ impl Engine {
             let command = format!("restore {}", qmp.display());
             EngineReport::Restored(ask(&control, &command, RESTORE_TIMEOUT))
         });
+    }
+
+    /// Asks a primary engine for the final checkpoint of a live migration.
+    pub(super) fn hand_over(&mut self) {
+        let control = self.spec.control.clone();
+        self.agent.run("handover", move |_| {
+            let epoch = ask(&control, "handover", HANDOVER_TIMEOUT).and_then(|answer| {
+                match (answer["epoch"].as_u64(), answer["error"].as_str()) {
+                    (Some(epoch), _) => Ok(epoch),
+                    (None, Some(error)) => Err(error.to_owned()),
+                    (None, None) => Err(format!("unexpected answer: {answer}")),
+                }
+            });
+            EngineReport::HandedOver(epoch)
+        });
+    }
+
+    /// Ends a primary engine that handed over (it takes no more epochs) with SIGTERM: it
+    /// holds no output (the final checkpoint released all of it). A new one starts when
+    /// wanted.
+    pub(super) fn end_after_handover(&mut self) {
+        self.stop(true);
     }
 
     /// Waits for the queued jobs, stops the engine and ends the agent (ftvmd stops).
@@ -418,6 +445,7 @@ impl VmRunner {
                 }
                 EngineReport::Frozen(result) => self.on_frozen(result, context),
                 EngineReport::Restored(result) => self.on_restored(result, context),
+                EngineReport::HandedOver(result) => self.on_handed_over(result, context),
                 EngineReport::Stopped => {}
                 EngineReport::Ended(pid, status) => {
                     if self.engine.pid() != Some(pid) {
@@ -482,6 +510,11 @@ impl VmRunner {
             }
             Err(error) => {
                 self.restore = None;
+                if let Some(level) = self.incoming_migration.take() {
+                    if level != self.level {
+                        self.set_level(level, context);
+                    }
+                }
                 context.events.error(
                     &self.name,
                     format!("Level 3 restore impossible ({error}): the VM boots from its disk"),
@@ -522,21 +555,40 @@ impl VmRunner {
         self.vm_spec.incoming = false;
         match result {
             Ok(answer) => {
-                context.events.warn(
-                    &self.name,
-                    format!(
-                        "VM restored on {} from checkpoint {epoch} (Level 3): it runs on \
-                         with its memory and sessions; {answer}",
-                        self.pair.me
-                    ),
-                    &format!(
-                        "bring {} back; protection returns by itself",
-                        self.pair.peer
-                    ),
-                );
+                if let Some(level) = self.incoming_migration.take() {
+                    context.events.info(
+                        &self.name,
+                        format!(
+                            "migrated: the VM runs on {} from {}'s final checkpoint {epoch}, \
+                             without a reboot; {answer}",
+                            self.pair.me, self.pair.peer
+                        ),
+                    );
+                    if level != self.level {
+                        self.set_level(level, context);
+                    }
+                } else {
+                    context.events.warn(
+                        &self.name,
+                        format!(
+                            "VM restored on {} from checkpoint {epoch} (Level 3): it runs on \
+                             with its memory and sessions; {answer}",
+                            self.pair.me
+                        ),
+                        &format!(
+                            "bring {} back; protection returns by itself",
+                            self.pair.peer
+                        ),
+                    );
+                }
                 self.announce_again();
             }
             Err(error) => {
+                if let Some(level) = self.incoming_migration.take() {
+                    if level != self.level {
+                        self.set_level(level, context);
+                    }
+                }
                 context.events.error(
                     &self.name,
                     format!("Level 3 restore failed ({error}): the VM boots from its disk"),

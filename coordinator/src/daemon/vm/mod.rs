@@ -5,6 +5,7 @@ mod commands;
 mod disk_daemons;
 mod disks;
 mod level3;
+mod migrate;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ use crate::witness_daemon::{HostPair, WitnessRequest};
 use crate::{Generation, HostId, Millis};
 use disk_daemons::{DiskDaemon, DiskReport};
 use level3::{Engine, Restore};
+use migrate::Migration;
+pub use migrate::MOST_TIMEOUT as MOST_MIGRATION_TIMEOUT;
 use qemu::Guest;
 
 /// How often the disk daemons are asked for their status.
@@ -73,6 +76,10 @@ pub struct VmStatus {
     /// while one runs.
     #[serde(default)]
     pub checkpoint: Option<serde_json::Value>,
+    /// `ftvm migrate` under way from this host: `to`, `phase` (`preparing`,
+    /// `final-checkpoint`, `handed-over`), `seconds`, `level_before`.
+    #[serde(default)]
+    pub migration: Option<serde_json::Value>,
 }
 
 /// Names of the two hosts and which [`HostId`] each is (by name order).
@@ -189,6 +196,11 @@ pub struct VmRunner {
     restore: Option<Restore>,
     /// Level 3 was suspended at the last step (a disk reads from the peer).
     level3_was_suspended: bool,
+    /// `ftvm migrate` under way from here.
+    migration: Option<Migration>,
+    /// The peer handed the VM over live (`ftvm migrate`): the level to run it at once
+    /// restored here.
+    incoming_migration: Option<u8>,
 }
 
 impl VmRunner {
@@ -235,6 +247,8 @@ impl VmRunner {
             engine: Engine::new(&name, engine_spec)?,
             restore: None,
             level3_was_suspended: false,
+            migration: None,
+            incoming_migration: None,
             name,
             level,
             first_primary,
@@ -304,6 +318,7 @@ impl VmRunner {
         self.take_guest_reports(context);
         self.take_disk_reports(context);
         self.tick_level3(context);
+        self.tick_migration(context);
         self.announce_due();
         self.nics.poll(context.events);
         if !self.state.protected {
@@ -504,6 +519,7 @@ impl VmRunner {
             disks: self.disks.iter().map(|disk| disk.status.clone()).collect(),
             nics: self.nics.status(),
             checkpoint: self.level3_status(),
+            migration: self.migration_status(),
         }
     }
 

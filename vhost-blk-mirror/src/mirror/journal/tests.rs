@@ -170,3 +170,34 @@ fn a_bad_size_or_an_oversized_record_is_refused() {
     ));
     assert_eq!(journal.next_position(), (0, 0));
 }
+
+/// A journal made again over an old one (a new Level 3 session) reads as zeroes from end to
+/// end, so no record of the old one is found in it, and takes its whole size on the disk.
+#[test]
+fn a_journal_created_over_an_old_one_holds_none_of_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.ftvm-journal");
+    let mut old = Journal::create(&path, MIN_JOURNAL_BYTES, 1).expect("create");
+    for epoch in 1..=8 {
+        write(&mut old, epoch, epoch * 4096, &data(64 * 1024, epoch as u8));
+    }
+    old.sync().expect("sync");
+    drop(old);
+
+    let journal = Journal::create(&path, MIN_JOURNAL_BYTES, 1).expect("create again");
+    drop(journal);
+    let bytes = std::fs::read(&path).expect("read");
+    assert_eq!(bytes.len() as u64, MIN_JOURNAL_BYTES);
+    assert!(bytes.iter().all(|&byte| byte == 0), "old records survive");
+    let (_, found) = Journal::open(&path, 0, 1).expect("open");
+    assert!(
+        found.is_empty(),
+        "records found in a new journal: {}",
+        found.len()
+    );
+    let metadata = std::fs::metadata(&path).expect("metadata");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&metadata) * 512 >= MIN_JOURNAL_BYTES,
+        "the journal's space is not reserved"
+    );
+}

@@ -1,0 +1,232 @@
+//! `ftvm migrate` (issue 13): a running protected VM moves between the two hosts without a
+//! reboot, its memory, processes and TCP sessions with it, and the disks swap roles with
+//! nothing lost; a move called off, or whose destination host dies, leaves the VM running
+//! where it was, protected.
+
+use std::time::{Duration, Instant};
+
+use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
+use ftvm_tests::guest::GuestConfig;
+use ftvm_tests::level3::{count_of, guest_script, COUNTER_AND_ECHO, RAM_MB};
+use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
+use ftvm_tests::nic_daemon::{GUEST_IP, GUEST_MAC};
+use ftvm_tests::records;
+use ftvm_tests::wait::poll_for;
+
+const A: usize = 0;
+const B: usize = 1;
+/// Booting, Level 3's first full copy and the restore, under TCG on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(240);
+/// Moves in a row in the first test.
+const MOVES: usize = 10;
+
+/// Records written to the disk (each synced) in the background, every 20 ms: `ACK n` once
+/// record n is on the disk.
+const DISK_WRITER: &str = "(i=1\n\
+     while true; do\n\
+       echo \"rec $i\" | dd of=/dev/vda bs=4096 seek=$((i % 1000)) conv=sync,fsync 2>/dev/null \
+         || echo \"WRITE-FAILED $i\"\n\
+       echo \"ACK $i\"\n\
+       i=$((i + 1))\n\
+       usleep 20000\n\
+     done) &\n";
+
+fn start(name: &str) -> Cluster {
+    let script = format!("{DISK_WRITER}{COUNTER_AND_ECHO}");
+    let mut guest = GuestConfig::new(name, &guest_script(&script));
+    guest.cpus = 1;
+    guest.memory_mb = RAM_MB;
+    let options = ClusterOptions {
+        disk_bytes: 16 << 20,
+        nic_mac: Some(GUEST_MAC.into()),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::new(name, &guest, &options);
+    cluster.start_all();
+    cluster.wait_vm(A, TIMEOUT, "Protected, running", |vm| {
+        vm["state"] == "Protected" && vm["vm_pid"].is_u64()
+    });
+    cluster.wait_console(A, "NET-UP");
+    cluster
+}
+
+/// The last `COUNT` line of a host's console from line `from` on.
+fn last_count_since(cluster: &Cluster, host: usize, from: usize) -> Option<(u64, f64)> {
+    let console = cluster.console(host);
+    console[from.min(console.len())..]
+        .iter()
+        .rev()
+        .find_map(|line| count_of(line))
+}
+
+/// Waits until `host` runs the VM as primary, Protected at level 2, with `peer` its
+/// secondary and no move under way on either.
+fn wait_protected_on(cluster: &Cluster, host: usize, peer: usize) -> serde_json::Value {
+    cluster.wait_vm(peer, TIMEOUT, "secondary, no move under way", |vm| {
+        vm["role"] == "Secondary" && vm["migration"].is_null()
+    });
+    cluster.wait_vm(host, TIMEOUT, "primary, Protected at level 2 again", |vm| {
+        vm["role"] == "Primary"
+            && vm["state"] == "Protected"
+            && vm["level"] == 2
+            && vm["vm_pid"].is_u64()
+            && vm["checkpoint"].is_null()
+            && vm["migration"].is_null()
+    })
+}
+
+#[test]
+fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write() {
+    let cluster = start("ftvmd-migrate");
+    let client = cluster.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(10, TIMEOUT, "before the first move");
+    let (mut count, mut uptime) = last_count_since(&cluster, A, 0).expect("the guest counts");
+
+    let mut downtimes = Vec::new();
+    for index in 0..MOVES {
+        let (from, to) = if index.is_multiple_of(2) {
+            (A, B)
+        } else {
+            (B, A)
+        };
+        let console_before = cluster.console(to).len();
+        let started = Instant::now();
+        let (ok, text) = cluster.ftvm(from, &["migrate", "vm1", "--timeout", "200"]);
+        assert!(ok, "move {index}: ftvm migrate on {}: {text}", HOSTS[from]);
+        let took = started.elapsed();
+        // The same guest goes on there: its counter and uptime continue (no reboot).
+        let (count_to, uptime_to) = poll_for(
+            TIMEOUT,
+            "the guest counting on the destination",
+            || last_count_since(&cluster, to, console_before),
+            |_| true,
+        );
+        assert!(
+            count_to > count && uptime_to + 1.0 >= uptime,
+            "move {index}: on {} the guest counts {count_to} at {uptime_to} s; before the \
+             move it counted {count} at {uptime} s",
+            HOSTS[to]
+        );
+        assert!(
+            !cluster.console(to)[console_before..]
+                .iter()
+                .any(|line| line.starts_with("COUNT 1 ")),
+            "move {index}: the guest counted from 1 again on {}: it rebooted",
+            HOSTS[to]
+        );
+        let vm = wait_protected_on(&cluster, to, from);
+        let resync = vm["disks"][0]["replication"]["resync"]["bytes_total"].clone();
+        rounds.wait_for(5, TIMEOUT, "after the move");
+        let gap = rounds.longest_gap_since(started);
+        eprintln!(
+            "move {index} {} -> {}: ftvm migrate returned after {took:?}; longest gap of the \
+             TCP loop {gap:?}; resync after it {resync} bytes",
+            HOSTS[from], HOSTS[to]
+        );
+        downtimes.push(gap);
+        let (_, events) = cluster.ftvm(to, &["events"]);
+        assert!(
+            events.contains(&format!("migrated: the VM runs on {}", HOSTS[to])),
+            "move {index}: {}'s events: {events}",
+            HOSTS[to]
+        );
+        (count, uptime) = last_count_since(&cluster, to, console_before).expect("counts");
+    }
+    rounds.check();
+    downtimes.sort();
+    eprintln!("TCP loop gaps over {MOVES} moves: {downtimes:?}");
+
+    // No write failed, and after ten role swaps both copies are equal byte for byte (the
+    // guest paused, the mirror idle).
+    for host in [A, B] {
+        records::assert_no_write_failed(&cluster.console(host));
+    }
+    let primary = if MOVES.is_multiple_of(2) { A } else { B };
+    let mut qmp = ftvm_tests::qmp::Qmp::connect(&cluster.test_qmp(primary), TIMEOUT).expect("QMP");
+    qmp.stop().expect("stop the guest");
+    cluster.wait_vm(primary, TIMEOUT, "the mirror idle", |vm| {
+        vm["disks"][0]["replication"]["in_flight_requests"].as_u64() == Some(0)
+            && vm["state"] == "Protected"
+    });
+    let (image_a, image_b) = (
+        std::fs::read(cluster.image(A)).expect("hostA's image"),
+        std::fs::read(cluster.image(B)).expect("hostB's image"),
+    );
+    let first_difference = image_a.iter().zip(&image_b).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "the two copies differ (first at byte {first_difference:?}) though both say Protected"
+    );
+    // Every record the guest was told is on the disk is in the image.
+    let last = records::last_ack(&cluster.console(A)).max(records::last_ack(&cluster.console(B)));
+    for i in last.saturating_sub(990).max(1)..=last {
+        let offset = (i % 1000) as usize * 4096;
+        let record = format!("rec {i}\n");
+        assert_eq!(
+            &image_a[offset..offset + record.len()],
+            record.as_bytes(),
+            "record {i} (acknowledged) is not in the image"
+        );
+    }
+    qmp.cont().expect("cont");
+}
+
+#[test]
+fn a_cancelled_move_and_one_whose_destination_dies_leave_the_vm_running_protected() {
+    let mut cluster = start("ftvmd-migrate-off");
+    let pid = cluster.vm_status(A).expect("status")["vm_pid"].clone();
+    let client = cluster.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(10, TIMEOUT, "before the moves");
+
+    // Cancelled while preparing: the VM stays at level 2 on hostA.
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--no-wait"]);
+    assert!(ok, "ftvm migrate --no-wait: {text}");
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--cancel"]);
+    assert!(
+        ok && text.contains("cancelled"),
+        "ftvm migrate --cancel: {text}"
+    );
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--cancel"]);
+    assert!(
+        !ok && text.contains("not moving"),
+        "a second cancel: {text}"
+    );
+    wait_protected_on(&cluster, A, B);
+    cluster.wait_vm(B, TIMEOUT, "no replica on hostB", |vm| {
+        vm["level"] == 2 && vm["checkpoint"].is_null()
+    });
+    rounds.wait_for(10, TIMEOUT, "after the cancelled move");
+
+    // The destination dies while the move prepares: hostA keeps the VM running (the
+    // witness grants it the VM alone), and protection returns when hostB is back.
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--no-wait"]);
+    assert!(ok, "ftvm migrate --no-wait: {text}");
+    cluster.wait_vm(B, TIMEOUT, "hostB keeps a replica", |vm| {
+        vm["level"] == 3 && vm["checkpoint"]["role"] == "secondary"
+    });
+    let killed = cluster.kill_host(B);
+    let vm = cluster.wait_vm(A, TIMEOUT, "the move called off, running alone", |vm| {
+        vm["migration"].is_null() && vm["state"] == "Degraded" && vm["level"] == 2
+    });
+    assert_eq!(vm["vm_pid"], pid, "QEMU was restarted on hostA");
+    rounds.wait_for(10, TIMEOUT, "with hostB lost");
+    eprintln!(
+        "hostB lost mid-move: longest gap of the TCP loop {:?}",
+        rounds.longest_gap_since(killed)
+    );
+    let (_, events) = cluster.ftvm(A, &["events"]);
+    assert!(
+        events.contains("migration to hostB called off"),
+        "hostA's events: {events}"
+    );
+    cluster.set_links(B, &["alink1", "alink2", "lan0"], true);
+    cluster.start_ftvmd(B);
+    wait_protected_on(&cluster, A, B);
+    rounds.wait_for(10, TIMEOUT, "with hostB back");
+    rounds.check();
+    let vm = cluster.vm_status(A).expect("status");
+    assert_eq!(vm["vm_pid"], pid, "QEMU was restarted on hostA");
+    records::assert_no_write_failed(&cluster.console(A));
+}
