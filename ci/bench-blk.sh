@@ -5,9 +5,10 @@
 #
 # Builds release binaries, creates a raw image under target/bench/ filled with data (so that
 # neither daemon reads holes), and runs `ftvm-blk-bench compare`: 4k random read and write at
-# queue depth 1 and 32 against each daemon in turn, with EVENT_IDX negotiated as QEMU guests
-# do. The load generator is a vhost-user-blk frontend itself (no guest), so the backend is the
-# bottleneck. Prints a markdown table with IOPS, p50/p99 latency and the ratio ours/qsd.
+# queue depth 1 and 32, then 64 KiB and 1 MiB sequential read and write at queue depth 4,
+# against each daemon in turn, with EVENT_IDX negotiated as QEMU guests do. The load generator
+# is a vhost-user-blk frontend itself (no guest), so the backend is the bottleneck. Prints a
+# markdown table with IOPS, MB/s, p50/p99 latency and the ratio ours/qsd.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

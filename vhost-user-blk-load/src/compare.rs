@@ -43,19 +43,21 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// E.g. `4k randread QD32`.
+    /// E.g. `4k randread QD32`, `1M write QD4`.
     pub fn name(&self) -> String {
-        format!(
-            "{}k {} QD{}",
-            self.block_size_bytes / 1024,
-            self.pattern,
-            self.iodepth
-        )
+        let size =
+            if self.block_size_bytes >= 1 << 20 && self.block_size_bytes.is_multiple_of(1 << 20) {
+                format!("{}M", self.block_size_bytes >> 20)
+            } else {
+                format!("{}k", self.block_size_bytes / 1024)
+            };
+        format!("{size} {} QD{}", self.pattern, self.iodepth)
     }
 }
 
-/// 4k randread and randwrite at QD1 and QD32.
-pub const MATRIX: [Workload; 4] = [
+/// 4k randread and randwrite at QD1 and QD32, then 64 KiB and 1 MiB sequential read and write
+/// at QD4 (where copying the data, not the per-request cost, decides).
+pub const MATRIX: [Workload; 8] = [
     Workload {
         pattern: Pattern::RandRead,
         block_size_bytes: 4096,
@@ -75,6 +77,26 @@ pub const MATRIX: [Workload; 4] = [
         pattern: Pattern::RandWrite,
         block_size_bytes: 4096,
         iodepth: 32,
+    },
+    Workload {
+        pattern: Pattern::Read,
+        block_size_bytes: 64 << 10,
+        iodepth: 4,
+    },
+    Workload {
+        pattern: Pattern::Write,
+        block_size_bytes: 64 << 10,
+        iodepth: 4,
+    },
+    Workload {
+        pattern: Pattern::Read,
+        block_size_bytes: 1 << 20,
+        iodepth: 4,
+    },
+    Workload {
+        pattern: Pattern::Write,
+        block_size_bytes: 1 << 20,
+        iodepth: 4,
     },
 ];
 
@@ -195,8 +217,8 @@ pub fn run(config: &CompareConfig) -> Result<Vec<CompareRow>> {
 /// The comparison as a markdown table.
 pub fn markdown_table(rows: &[CompareRow]) -> String {
     let mut table = String::from(
-        "| workload | ours IOPS | qsd IOPS | ratio ours/qsd | ours p50/p99 µs | qsd p50/p99 µs |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "| workload | ours IOPS | qsd IOPS | ours MB/s | qsd MB/s | ratio ours/qsd | ours p50/p99 µs | qsd p50/p99 µs |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
         let ratio = if row.qsd.iops > 0.0 {
@@ -206,10 +228,12 @@ pub fn markdown_table(rows: &[CompareRow]) -> String {
         };
         let _ = writeln!(
             table,
-            "| {} | {:.0} | {:.0} | {} | {:.0}/{:.0} | {:.0}/{:.0} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0}/{:.0} | {:.0}/{:.0} |",
             row.workload,
             row.ours.iops,
             row.qsd.iops,
+            row.ours.bandwidth_mb_s,
+            row.qsd.bandwidth_mb_s,
             ratio,
             row.ours.latency.p50_us,
             row.ours.latency.p99_us,
@@ -253,7 +277,29 @@ mod tests {
             qsd: report(10000.0, 80.0),
         }];
         let table = markdown_table(&rows);
-        assert!(table.contains("| 4k randread QD1 | 5000 | 10000 | 0.50 | 150/300 | 80/160 |"));
+        assert!(
+            table
+                .contains("| 4k randread QD1 | 5000 | 10000 | 20 | 41 | 0.50 | 150/300 | 80/160 |"),
+            "{table}"
+        );
         assert_eq!(table.lines().count(), 3);
+    }
+
+    #[test]
+    fn workload_names_use_the_largest_whole_unit() {
+        let names: Vec<String> = MATRIX.iter().map(Workload::name).collect();
+        assert_eq!(
+            names,
+            [
+                "4k randread QD1",
+                "4k randread QD32",
+                "4k randwrite QD1",
+                "4k randwrite QD32",
+                "64k read QD4",
+                "64k write QD4",
+                "1M read QD4",
+                "1M write QD4",
+            ]
+        );
     }
 }

@@ -23,8 +23,9 @@ struct Cli {
 enum Command {
     /// Run one workload against a vhost-user-blk socket and print IOPS, MB/s and latency.
     Run(RunArgs),
-    /// Run 4k randread/randwrite at QD1 and QD32 against qemu-storage-daemon and our daemon
-    /// on the same image (which gets written) and print a markdown table.
+    /// Run 4k randread/randwrite at QD1 and QD32, and 64k and 1M sequential read/write at QD4,
+    /// against qemu-storage-daemon and our daemon on the same image (which gets written), and
+    /// print a markdown table.
     Compare(CompareArgs),
     /// Connect, negotiate, and print the features and config space as JSON.
     Info(InfoArgs),
