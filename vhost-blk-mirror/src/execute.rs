@@ -1,12 +1,15 @@
 //! Executes one virtio-blk descriptor chain against the [`Mirror`].
 //!
-//! This is the only module that sees guest buffers; it copies with `virtio_queue`'s
-//! `Reader`/`Writer`, so every byte written into guest memory goes through `vm-memory` and is
-//! marked in the dirty log when the frontend asked for one, and in [`Disk::guest_pages`]
-//! always (no raw pointer into guest memory: reads land in the bounce buffer first). Reads copy through a bounded
-//! bounce buffer; a write's data is copied once into the buffer that goes to the image and
-//! the peer. The status byte is not written here: the worker writes it when the request
-//! completes, strictly in the order the guest made requests available (see `backend.rs`).
+//! This is the only module that sees descriptor chains. The header, discard segments and
+//! the serial go through `virtio_queue`'s `Reader`/`Writer`. Read and write data do not pass
+//! through a buffer of ours: the chain's data descriptors become [`GuestBuffers`], host slices
+//! of guest memory that the image reads into and writes from with `preadv`/`pwritev`
+//! (`guest_io.rs`). Every byte a read lands in guest memory is marked in the dirty log when
+//! the frontend asked for one, and in [`Disk::guest_pages`] always, as vm-memory marks its
+//! own writes. A primary's write still takes its data once out of guest memory, into the
+//! buffer that goes to the image and the peer (see `Mirror::write`). The status byte is not
+//! written here: the worker writes it when the request completes, strictly in the order the
+//! guest made requests available (see `backend.rs`).
 
 use std::io::{self, Read, Write};
 use std::ops::Deref;
@@ -16,8 +19,10 @@ use daemon_util::guest_pages::GuestPages;
 use log::warn;
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
-use vm_memory::{Address, GuestAddress, GuestMemory};
+use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
+use crate::guest_io::{GuestBufferError, GuestBuffers};
+use crate::image::buffer_fault;
 use crate::metrics::{Metrics, RateLimitedLog};
 use crate::mirror::{Mirror, MAX_REQUEST_BYTES};
 use crate::request::{
@@ -25,9 +30,6 @@ use crate::request::{
     RequestKind, Status, HEADER_LEN, ID_LEN, SEGMENT_LEN,
 };
 use crate::ticket::{Outcome, Waker};
-
-/// Largest bounce buffer a worker holds; bigger requests are copied in pieces of this size.
-pub const BOUNCE_BYTES: usize = 256 * 1024;
 
 /// What a worker needs to execute requests: shared, read-only after start.
 #[derive(Debug)]
@@ -63,11 +65,12 @@ pub struct Executed {
     pub outcome: Outcome,
 }
 
-/// A queue worker's executor: the shared disk, the worker's bounce buffer and its waker.
+/// A queue worker's executor: the shared disk, the worker's buffer for discard and
+/// write-zeroes segment lists, and its waker.
 #[derive(Debug)]
 pub struct Executor {
     disk: Arc<Disk>,
-    bounce: Vec<u8>,
+    segments: Vec<u8>,
     waker: Arc<Waker>,
 }
 
@@ -75,7 +78,7 @@ impl Executor {
     pub fn new(disk: Arc<Disk>, waker: Arc<Waker>) -> Executor {
         Executor {
             disk,
-            bounce: Vec::new(),
+            segments: Vec::new(),
             waker,
         }
     }
@@ -126,7 +129,7 @@ impl Executor {
             return refused(self, RequestError::NoStatus);
         }
         let result = match chain.clone().reader(memory) {
-            Ok(mut reader) => self.run(&mut reader, &mut writer),
+            Ok(mut reader) => self.run(&chain, &mut reader, &mut writer),
             Err(_) => Err(Failure::Refused(RequestError::BadChain(
                 "readable buffer outside guest memory",
             ))),
@@ -177,11 +180,18 @@ impl Executor {
         }
     }
 
-    fn run<B: BitmapSlice>(
+    fn run<M, B>(
         &mut self,
+        chain: &DescriptorChain<M>,
         reader: &mut Reader<'_, B>,
         writer: &mut Writer<'_, B>,
-    ) -> Result<(Outcome, usize), Failure> {
+    ) -> Result<(Outcome, usize), Failure>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory + Sized,
+        for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+        B: BitmapSlice,
+    {
         let mut raw_header = [0u8; HEADER_LEN];
         let header_len = read_up_to(reader, &mut raw_header).map_err(Failure::Guest)?;
         let header = parse_header(&raw_header[..header_len]).map_err(Failure::Refused)?;
@@ -190,11 +200,13 @@ impl Executor {
         match header.kind {
             RequestKind::Read => {
                 Metrics::add(&metrics.read_requests, 1);
-                self.read(&header, writer).map(|len| (ok, len))
+                self.read(&header, chain, writer.available_bytes())
+                    .map(|len| (ok, len))
             }
             RequestKind::Write => {
                 Metrics::add(&metrics.write_requests, 1);
-                self.write(&header, reader).map(|outcome| (outcome, 0))
+                self.write(&header, chain, reader.available_bytes())
+                    .map(|outcome| (outcome, 0))
             }
             RequestKind::Flush => {
                 Metrics::add(&metrics.flush_requests, 1);
@@ -214,47 +226,71 @@ impl Executor {
         }
     }
 
-    fn read<B: BitmapSlice>(
+    /// A read of `len` bytes (the writable descriptors but the status byte), straight into
+    /// guest memory.
+    fn read<M>(
         &mut self,
         header: &Header,
-        writer: &mut Writer<'_, B>,
-    ) -> Result<usize, Failure> {
-        let len = writer.available_bytes();
+        chain: &DescriptorChain<M>,
+        len: usize,
+    ) -> Result<usize, Failure>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory + Sized,
+        for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+    {
         let offset =
             check_data_range(header, len as u64, &self.disk.limits).map_err(Failure::Refused)?;
-        let mut done = 0usize;
-        while done < len {
-            let chunk = (len - done).min(BOUNCE_BYTES);
-            let buffer = bounce(&mut self.bounce, chunk);
-            self.disk
-                .mirror
-                .read(offset + done as u64, buffer)
-                .map_err(Failure::Io)?;
-            writer.write_all(buffer).map_err(Failure::Guest)?;
-            done += chunk;
-        }
+        let descriptors = chain
+            .clone()
+            .writable()
+            .map(|descriptor| (descriptor.addr(), descriptor.len() as usize));
+        let mut buffers =
+            GuestBuffers::new(chain.memory(), descriptors, Permissions::Write, 0, len)
+                .map_err(bad_buffers)?;
+        self.disk
+            .mirror
+            .read(offset, &mut buffers)
+            .map_err(image_or_guest)?;
         Metrics::add(&self.disk.metrics.read_bytes, len as u64);
         Ok(len)
     }
 
-    fn write<B: BitmapSlice>(
+    /// A write of `len` bytes (the readable descriptors after the header), straight from
+    /// guest memory (a primary copies them once, see `Mirror::write`).
+    fn write<M>(
         &mut self,
         header: &Header,
-        reader: &mut Reader<'_, B>,
-    ) -> Result<Outcome, Failure> {
-        let len = reader.available_bytes();
+        chain: &DescriptorChain<M>,
+        len: usize,
+    ) -> Result<Outcome, Failure>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory + Sized,
+        for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+    {
         let offset =
             check_data_range(header, len as u64, &self.disk.limits).map_err(Failure::Refused)?;
         if len > MAX_REQUEST_BYTES {
             return Err(Failure::Refused(RequestError::TooLarge(len)));
         }
-        let mut data = vec![0u8; len];
-        reader.read_exact(&mut data).map_err(Failure::Guest)?;
+        let descriptors = chain
+            .clone()
+            .readable()
+            .map(|descriptor| (descriptor.addr(), descriptor.len() as usize));
+        let buffers = GuestBuffers::new(
+            chain.memory(),
+            descriptors,
+            Permissions::Read,
+            HEADER_LEN,
+            len,
+        )
+        .map_err(bad_buffers)?;
         let outcome = self
             .disk
             .mirror
-            .write(offset, data, &self.waker)
-            .map_err(Failure::Io)?;
+            .write(offset, buffers, &self.waker)
+            .map_err(image_or_guest)?;
         Metrics::add(&self.disk.metrics.written_bytes, len as u64);
         Ok(outcome)
     }
@@ -277,7 +313,7 @@ impl Executor {
                 limit: self.disk.limits.max_discard_segments,
             }));
         }
-        let buffer = bounce(&mut self.bounce, len);
+        let buffer = grown(&mut self.segments, len);
         reader.read_exact(buffer).map_err(Failure::Guest)?;
         let segments = parse_segments(kind, buffer, &self.disk.limits).map_err(Failure::Refused)?;
         let mirror = &self.disk.mirror;
@@ -293,12 +329,29 @@ impl Executor {
     }
 }
 
-/// Returns the first `len` bytes of the worker's bounce buffer, growing it up to `len`.
-fn bounce(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
+/// Returns the first `len` bytes of a worker's reused buffer, growing it up to `len`.
+fn grown(buffer: &mut Vec<u8>, len: usize) -> &mut [u8] {
     if buffer.len() < len {
         buffer.resize(len, 0);
     }
     &mut buffer[..len]
+}
+
+/// The data descriptors did not map (the `Reader`/`Writer` over the same chain did, so this
+/// means the chain changed under us: the guest's doing).
+fn bad_buffers(error: GuestBufferError) -> Failure {
+    log::debug!("guest data buffers: {error}");
+    Failure::Refused(RequestError::BadChain("data buffer outside guest memory"))
+}
+
+/// An error of a read or write straight between guest memory and the image: a fault on
+/// guest memory is the guest's, anything else the image's.
+fn image_or_guest(error: io::Error) -> Failure {
+    if buffer_fault(&error) {
+        Failure::Guest(error)
+    } else {
+        Failure::Io(error)
+    }
 }
 
 /// Reads as many bytes as are available, up to `buf.len()`.

@@ -1,7 +1,12 @@
 //! The local disk image: a raw file or a block device, accessed with positioned I/O.
 //!
 //! `read_at`/`write_at` take `&self`, so every queue worker uses the same `Image` without a
-//! lock. This is the only module that issues syscalls on the image (`fallocate`, block ioctls).
+//! lock. This is the only module that issues syscalls on the image (`fallocate`, block ioctls,
+//! `preadv`/`pwritev` on buffers the caller vouches for).
+//!
+//! A read's destination and a write's source are a [`ReadTarget`] and a [`WriteSource`]: a
+//! plain buffer, or a request's buffers in guest memory (`guest_io.rs`), which the image reads
+//! into and writes from directly.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -116,6 +121,49 @@ impl Image {
         self.file.write_all_at(buf, offset)
     }
 
+    /// One `preadv` at `offset` into `iovecs`; returns the bytes read, which may be fewer
+    /// than asked (0 at the end of the image).
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that is valid for writes of `iov_len` bytes, and that
+    /// no Rust reference reads or writes, for the whole call (the kernel writes it).
+    pub unsafe fn read_vectored_at(
+        &self,
+        iovecs: &[libc::iovec],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+        let count = libc::c_int::try_from(iovecs.len()).map_err(|_| invalid("too many iovecs"))?;
+        // SAFETY: the fd is open for the whole call (owned by `self.file`); `iovecs` is a live
+        // array of `count` iovecs; the memory they describe is writable and unaliased by
+        // references for the call, as this function's caller guarantees.
+        let ret = unsafe { libc::preadv(self.file.as_raw_fd(), iovecs.as_ptr(), count, offset) };
+        usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// One `pwritev` at `offset` from `iovecs`; returns the bytes written, which may be fewer
+    /// than given.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that is valid for reads of `iov_len` bytes for the
+    /// whole call (the kernel reads it; a concurrent writer makes the data undefined, not
+    /// the call unsafe).
+    pub unsafe fn write_vectored_at(
+        &self,
+        iovecs: &[libc::iovec],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+        let count = libc::c_int::try_from(iovecs.len()).map_err(|_| invalid("too many iovecs"))?;
+        // SAFETY: the fd is open for the whole call (owned by `self.file`); `iovecs` is a live
+        // array of `count` iovecs; the kernel only reads the memory they describe, which is
+        // readable for the call, as this function's caller guarantees.
+        let ret = unsafe { libc::pwritev(self.file.as_raw_fd(), iovecs.as_ptr(), count, offset) };
+        usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -200,6 +248,79 @@ impl Image {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// Where a read's data goes: a plain buffer, or a request's buffers in guest memory.
+pub trait ReadTarget {
+    /// Bytes to read.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills the whole target from `image` at `offset`. A [`buffer_fault`] error means the
+    /// target's memory, not the image, failed.
+    fn read_from(&mut self, image: &Image, offset: u64) -> io::Result<()>;
+
+    /// Copies `data` into the target from its byte `at` on (a read served by the peer).
+    fn fill_at(&mut self, at: usize, data: &[u8]) -> io::Result<()>;
+}
+
+impl ReadTarget for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn read_from(&mut self, image: &Image, offset: u64) -> io::Result<()> {
+        image.read_at(self, offset)
+    }
+
+    fn fill_at(&mut self, at: usize, data: &[u8]) -> io::Result<()> {
+        at.checked_add(data.len())
+            .and_then(|end| self.get_mut(at..end))
+            .ok_or_else(|| invalid("data past the end of the read"))?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Where a write's data comes from: an owned buffer, or a request's buffers in guest memory.
+pub trait WriteSource {
+    /// Bytes to write.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes all of it to `image` at `offset`. A [`buffer_fault`] error means the source's
+    /// memory, not the image, failed.
+    fn write_to(&self, image: &Image, offset: u64) -> io::Result<()>;
+
+    /// The data as one owned buffer, copied once: what a mirrored write writes locally,
+    /// checksums and sends, so that all three are the same bytes.
+    fn into_bytes(self) -> Vec<u8>;
+}
+
+impl WriteSource for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+
+    fn write_to(&self, image: &Image, offset: u64) -> io::Result<()> {
+        image.write_at(self, offset)
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        self
+    }
+}
+
+/// Whether an error of a vectored read or write says that one of its buffers is not
+/// accessible memory (`EFAULT`: guest memory that vanished), rather than that the image failed.
+pub fn buffer_fault(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EFAULT)
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {

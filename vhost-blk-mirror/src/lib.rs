@@ -2,6 +2,7 @@
 //!
 //! Layers, each knowing only its neighbours: [`request`] parses guest requests (pure),
 //! [`image`] does I/O on the image, [`execute`] runs one descriptor chain against the image,
+//! [`guest_io`] lets the image read into and write from a request's guest memory directly,
 //! [`backend`] is the vhost-user glue, [`daemon`] the process life cycle, [`control`] the
 //! operator's socket.
 
@@ -10,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod execute;
+pub mod guest_io;
 pub mod image;
 pub mod link;
 pub mod metadata;

@@ -425,6 +425,137 @@ fn dirty_pages_reports_the_pages_the_daemon_wrote_and_clears_them() {
     assert_eq!(dirty_pages().files, vec![], "cleared by the previous call");
 }
 
+/// A read is done straight into guest memory (`preadv`, no bounce buffer): the kernel's
+/// writes pass neither vm-memory nor its dirty bitmaps, so the daemon marks them itself.
+/// Proven here for a read over several descriptors, one of them across a page boundary
+/// and one over two pages: `dirty-pages` and QEMU's migration log name every page the data
+/// landed in, and only those.
+#[test]
+fn a_vectored_read_marks_every_page_it_lands_in() {
+    let fixture = Fixture::start(&[]);
+    let mut device = fixture.connect(&DeviceOptions::default().with_dirty_log());
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 % 251) as u8).collect();
+    assert_eq!(device.write(8, &data).expect("write").status, STATUS_OK);
+    let queue = device.queue(0).expect("queue");
+    let base = queue.memory().base_address();
+    let header = queue.alloc_buffer(16).expect("alloc");
+    // Three pages each, page-aligned: what lies around the descriptors stays untouched.
+    let first = queue.alloc_buffer(3 * 4096).expect("alloc");
+    let second = queue.alloc_buffer(3 * 4096).expect("alloc");
+    let third = queue.alloc_buffer(3 * 4096).expect("alloc");
+    let status = queue.alloc_buffer(1).expect("alloc");
+    queue
+        .memory()
+        .write(header, &encode_header(TYPE_IN, 8))
+        .expect("header");
+    // 1 KiB across the boundary of `first`'s first two pages; 4.5 KiB from the start of
+    // `second`'s middle page into its last; 512 bytes inside `third`'s middle page.
+    let pieces = [
+        (first + 4096 - 512, 1024u32),
+        (second + 4096, 4608),
+        (third + 4096 + 1024, 512),
+    ];
+    let mut chain = vec![Descriptor::readable(header, 16)];
+    chain.extend(
+        pieces
+            .iter()
+            .map(|&(address, len)| Descriptor::writable(address, len)),
+    );
+    chain.push(Descriptor::writable(status, 1));
+    let dirty_pages = || -> DirtyPages {
+        let line = fixture.control("dirty-pages").expect("dirty-pages answers");
+        Reply::<DirtyPages>::from_line(&line)
+            .expect("a dirty-pages reply")
+            .into_result()
+            .expect("dirty-pages not refused")
+    };
+    dirty_pages();
+    device.dirty_log().expect("dirty log").clear();
+
+    let queue = device.queue(0).expect("queue");
+    let id = queue.submit_raw(&chain).expect("submit");
+    let completion = queue.wait(id, TIMEOUT).expect("completion");
+    assert_eq!(completion.used_len, 6144 + 1);
+    assert_eq!(
+        queue.memory().read_vec(status, 1).expect("status"),
+        [STATUS_OK]
+    );
+    let mut landed = Vec::new();
+    for &(address, len) in &pieces {
+        landed.extend(
+            queue
+                .memory()
+                .read_vec(address, len as usize)
+                .expect("data"),
+        );
+    }
+    assert_eq!(landed, data[..6144], "the data landed in order");
+
+    let written = dirty_pages();
+    let [file] = &written.files[..] else {
+        panic!("one RAM file expected: {written:?}");
+    };
+    let reported = |address: u64| {
+        let offset = address - base;
+        file.ranges
+            .iter()
+            .any(|&[start, len]| start <= offset && offset < start + len)
+    };
+    let log = device.dirty_log().expect("dirty log");
+    let landed_in = [
+        first,
+        first + 4096,
+        second + 4096,
+        second + 8192,
+        third + 4096,
+    ];
+    for page in landed_in {
+        assert!(reported(page), "page {page:#x} not reported: {written:?}");
+        assert!(
+            log.is_dirty(page),
+            "page {page:#x} not in the migration log"
+        );
+    }
+    for page in [first + 8192, second, third, third + 8192] {
+        assert!(!reported(page), "page {page:#x} reported, never written");
+        assert!(!log.is_dirty(page), "page {page:#x} logged, never written");
+    }
+}
+
+/// A write whose header shares a descriptor with the first data bytes, and whose data goes on
+/// over descriptors of odd lengths, reaches the image whole (`pwritev` from guest memory).
+#[test]
+fn a_vectored_write_takes_every_byte_after_the_header() {
+    let fixture = Fixture::start(&[]);
+    let mut device = fixture.connect(&DeviceOptions::default());
+    let queue = device.queue(0).expect("queue");
+    let first = queue.alloc_buffer(4096).expect("alloc");
+    let second = queue.alloc_buffer(4096).expect("alloc");
+    let status = queue.alloc_buffer(1).expect("alloc");
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 253) as u8).collect();
+    let mut head = encode_header(TYPE_OUT, 4).to_vec();
+    head.extend_from_slice(&data[..1000]);
+    queue.memory().write(first, &head).expect("header and data");
+    queue
+        .memory()
+        .write(second, &data[1000..])
+        .expect("rest of the data");
+    let id = queue
+        .submit_raw(&[
+            Descriptor::readable(first, 16 + 1000),
+            Descriptor::readable(second, 1),
+            Descriptor::readable(second + 1, 1047),
+            Descriptor::writable(status, 1),
+        ])
+        .expect("submit");
+    queue.wait(id, TIMEOUT).expect("completion");
+    assert_eq!(
+        queue.memory().read_vec(status, 1).expect("status"),
+        [STATUS_OK]
+    );
+    assert_eq!(read_image(&fixture.image(), 4 * 512, 2048), data);
+}
+
 /// A loop block device over a file, detached when dropped.
 struct LoopDevice(String);
 

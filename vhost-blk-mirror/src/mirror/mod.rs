@@ -17,7 +17,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use control_protocol::disk::{EpochOrder, Order, Replication};
 
-use crate::image::Image;
+use crate::image::{Image, ReadTarget, WriteSource};
 use crate::metadata::Metadata;
 use crate::request::Status;
 use crate::ticket::{Outcome, Waker};
@@ -139,23 +139,34 @@ impl Mirror {
         !matches!(self.role(), Role::Secondary(_))
     }
 
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// A guest read, straight into `target` (guest memory) from the local image; a primary
+    /// whose local copy failed fills it from the peer's.
+    pub fn read(&self, offset: u64, target: &mut (impl ReadTarget + ?Sized)) -> io::Result<()> {
         match self.role() {
-            Role::Primary(primary) => primary.read(offset, buf),
-            Role::Standalone => self.image.read_at(buf, offset),
+            Role::Primary(primary) => primary.read_into(offset, target),
+            Role::Standalone => target.read_from(&self.image, offset),
             Role::Secondary(_) => Err(not_serving()),
         }
     }
 
-    pub fn write(&self, offset: u64, data: Vec<u8>, waker: &Arc<Waker>) -> io::Result<Outcome> {
+    /// A guest write. Standalone, the image writes straight from `data` (guest memory: a
+    /// guest changing it meanwhile only changes its own data). A primary takes the bytes
+    /// once ([`WriteSource::into_bytes`]) and writes, checksums and sends that one buffer,
+    /// so that the two copies cannot differ.
+    pub fn write(
+        &self,
+        offset: u64,
+        data: impl WriteSource,
+        waker: &Arc<Waker>,
+    ) -> io::Result<Outcome> {
         if data.is_empty() {
             // Nothing to write anywhere: it completes at once, never waits on the peer.
             return Ok(Outcome::Ready(Status::Ok));
         }
         match self.role() {
-            Role::Primary(primary) => primary.write(offset, data, waker),
+            Role::Primary(primary) => primary.write(offset, data.into_bytes(), waker),
             Role::Standalone => {
-                self.image.write_at(&data, offset)?;
+                data.write_to(&self.image, offset)?;
                 Ok(Outcome::Ready(Status::Ok))
             }
             Role::Secondary(_) => Err(not_serving()),

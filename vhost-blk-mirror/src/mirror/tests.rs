@@ -13,7 +13,8 @@ use super::journal::MIN_JOURNAL_BYTES;
 use super::primary::{Connector, Mode, Primary, ResyncOptions};
 use super::protocol::{Message, Received, Transport};
 use super::secondary::Secondary;
-use crate::image::Image;
+use super::{Mirror, MirrorOptions, Role, RoleChanges};
+use crate::image::{Image, WriteSource};
 use crate::metadata::{DataState, Metadata};
 use crate::request::Status;
 use crate::ticket::{Outcome, Waker};
@@ -337,6 +338,60 @@ fn a_secondary_whose_disk_fails_is_never_up_to_date_and_the_primary_holds() {
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(pair.primary.mode(), Mode::Degraded);
     assert!(pair.primary.status().out_of_sync_bytes > 0);
+}
+
+/// Write data as a queue worker hands it over: guest memory, which the guest may change at
+/// any moment, so every read of it may give other bytes.
+struct GuestMemoryLike;
+
+impl WriteSource for GuestMemoryLike {
+    fn len(&self) -> usize {
+        4096
+    }
+
+    fn write_to(&self, _image: &Image, _offset: u64) -> std::io::Result<()> {
+        panic!("a primary wrote its image straight from guest memory")
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        vec![0x77; 4096]
+    }
+}
+
+/// A primary takes a write's bytes out of guest memory once and writes, checksums and sends
+/// that one buffer, never the guest's memory itself: the two copies cannot differ, whatever
+/// the guest does to its buffer meanwhile.
+#[test]
+fn a_primary_writes_and_sends_one_copy_of_the_guest_data() {
+    let pair = pair(false, None);
+    pair.wait_in_sync();
+    let directory = pair._dir.path();
+    let primary_image = directory.join("primary.img");
+    let metadata = Metadata::open_or_create(
+        &directory.join("mirror.meta"),
+        DISK_BYTES,
+        DataState::UpToDate,
+    )
+    .expect("metadata");
+    let primary = pair.primary.clone();
+    let mirror = Mirror::replicated(
+        Image::open(&primary_image, false).expect("image"),
+        metadata,
+        MirrorOptions::default(),
+        move |_, _| Ok(Role::Primary(primary)),
+        RoleChanges::default(),
+    )
+    .expect("mirror");
+    let outcome = mirror
+        .write(8192, GuestMemoryLike, &pair.waker)
+        .expect("write");
+    wait_until("the mirrored write", || outcome.status().is_some());
+    assert_eq!(outcome.status(), Some(Status::Ok));
+    pair.wait_in_sync();
+    for path in [&primary_image, &pair.secondary_image] {
+        let bytes = std::fs::read(path).expect("image");
+        assert_eq!(bytes[8192..12288], [0x77; 4096], "{}", path.display());
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use super::{CopyProgress, InFlight, Kind, LocalDisk, Mode, Primary, MAX_BLOCK_BYTES};
+use crate::image::{buffer_fault, ReadTarget};
 use crate::metadata::DataState;
 use crate::mirror::protocol::Message;
 
@@ -91,9 +92,20 @@ impl Primary {
 
     /// A guest read: the local image, or the peer's copy when the local one is unusable.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_into(offset, buf)
+    }
+
+    /// [`Primary::read`] into any target (guest memory, read into directly). A target whose
+    /// own memory faulted is the guest's error, not the local disk's.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        target: &mut (impl ReadTarget + ?Sized),
+    ) -> io::Result<()> {
         if self.lock().local == LocalDisk::Healthy {
-            match self.image.read_at(buf, offset) {
+            match target.read_from(&self.image, offset) {
                 Ok(()) => return Ok(()),
+                Err(error) if buffer_fault(&error) => return Err(error),
                 Err(error) => self.local_failed(&error),
             }
         }
@@ -104,11 +116,12 @@ impl Primary {
                  peer's copy is incomplete",
             ));
         }
-        for (index, part) in buf.chunks_mut(MAX_BLOCK_BYTES).enumerate() {
-            let part_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
-            let (id, data) = self.read_remote(part_offset, part.len() as u64)?;
+        let len = target.len();
+        for start in (0..len).step_by(MAX_BLOCK_BYTES) {
+            let part_len = (len - start).min(MAX_BLOCK_BYTES);
+            let (id, data) = self.read_remote(offset + start as u64, part_len as u64)?;
             self.finish(id);
-            part.copy_from_slice(&data);
+            target.fill_at(start, &data)?;
         }
         Ok(())
     }
