@@ -496,6 +496,10 @@ pub struct PrimaryEpochs {
     /// otherwise.
     #[serde(deserialize_with = "crate::required")]
     pub off_reason: Option<String>,
+    /// The highest epoch ever given to `epoch on` or begun by `epoch-end` (`null`: none):
+    /// a new `epoch on` must be above it.
+    #[serde(default)]
+    pub last_epoch: Option<Epoch>,
 }
 
 /// A secondary's Level 3 state: its epoch journal and what it applied. `Default` is Level 2

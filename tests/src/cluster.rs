@@ -185,6 +185,11 @@ replication_port = {REPLICATION_PORT}
         }
     }
 
+    /// A host's RAM file of the VM: QEMU's, or the Level 3 replica's on the secondary.
+    pub fn ram_file(&self, host: usize) -> PathBuf {
+        self.ram_dir.join(HOSTS[host]).join(format!("{VM}.ram"))
+    }
+
     pub fn config_path(&self, host: usize) -> PathBuf {
         self.dir.path().join(format!("{}.toml", HOSTS[host]))
     }

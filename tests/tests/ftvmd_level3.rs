@@ -73,6 +73,10 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
     protect(&cluster, "3");
     let vm = wait_checkpoints(&cluster, "Level 3 checkpoints committing");
     eprintln!("hostA at Level 3: {}", vm["checkpoint"]);
+    assert!(
+        cluster.ram_file(B).exists(),
+        "hostB's replica has no RAM file"
+    );
     rounds.wait_for(20, TIMEOUT, "at Level 3 (through output commit)");
     let (ok, text) = cluster.ftvm(A, &["status"]);
     assert!(
@@ -88,6 +92,17 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
     cluster.wait_vm(B, TIMEOUT, "Level 2 again, no replica", |vm| {
         vm["level"] == 2 && vm["checkpoint"].is_null()
     });
+    // The dropped replica's RAM (memory, in /dev/shm) is gone (its record says it is not
+    // restorable: `a_replica_handed_to_a_restore_is_never_restorable_again`).
+    let replica_ram = cluster.ram_file(B);
+    poll_for(
+        TIMEOUT,
+        "hostB's replica RAM file removed",
+        || Some(replica_ram.exists()),
+        |exists| !exists,
+    );
+    let log = cluster.checkpoint_log(B);
+    assert!(log.contains("replica dropped"), "hostB's engine log: {log}");
     rounds.wait_for(10, TIMEOUT, "at Level 2 again");
 
     // Level 3 again, then hostA is lost.

@@ -139,6 +139,20 @@ impl Daemons {
         Ok(())
     }
 
+    /// The highest epoch any disk's primary has used (0: none). A new `epoch on` must be
+    /// above it; the replica's record may lag behind it by the epochs in flight when its
+    /// last session ended.
+    pub fn disk_last_epoch(&self) -> Result<u64, DaemonError> {
+        let mut last = 0;
+        for socket in &self.disks {
+            let status: disk::Status = ask(socket, &disk::Command::Status)?;
+            if let disk::Replication::Primary(primary) = status.replication {
+                last = last.max(primary.epochs.last_epoch.unwrap_or(0));
+            }
+        }
+        Ok(last)
+    }
+
     /// The disks' writes from now on belong to `epoch` (the secondaries buffer them until
     /// their checkpoint commits).
     pub fn disk_epoch_on(&self, epoch: u64) -> Result<(), DaemonError> {

@@ -11,7 +11,9 @@
 //!   answer names the last committed checkpoint, the epoch to promote the disks at with
 //!   `promote GEN N*`); `restore QMP_SOCKET` (freeze, then restore that checkpoint into the
 //!   QEMU behind QMP_SOCKET, started with `-incoming defer` on the replica RAM file; the
-//!   engine then only answers `status`, which says `restored`, until SIGTERM).
+//!   engine then only answers `status`, which says `restored`, until SIGTERM); `drop`
+//!   (freeze and make the replica durably not restorable: its primary stopped taking
+//!   checkpoints).
 
 pub mod daemons;
 pub mod primary;
@@ -66,9 +68,13 @@ pub fn answer_secondary(shared: &Arc<SecondaryShared>, line: &str) -> String {
             Err(error) => refusal(&error),
         },
         ["restore"] => refusal("restore: which QEMU? restore QMP_SOCKET"),
-        [] => refusal("empty command; try: status, freeze, restore QMP_SOCKET"),
+        ["drop"] => match shared.ask(Request::Drop) {
+            Ok(answer) => answer.to_string(),
+            Err(error) => refusal(&error),
+        },
+        [] => refusal("empty command; try: status, freeze, restore QMP_SOCKET, drop"),
         _ => refusal(&format!(
-            "unknown command {line:?}; try: status, freeze, restore QMP_SOCKET"
+            "unknown command {line:?}; try: status, freeze, restore QMP_SOCKET, drop"
         )),
     }
 }

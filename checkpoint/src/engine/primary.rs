@@ -340,6 +340,16 @@ fn run_epochs(
                         warn!("cannot end the disks' epochs: {error}");
                     }
                 }
+                // Above every number the disks used, also by an engine before this one
+                // whose last epochs never reached the replica.
+                match daemons.disk_last_epoch() {
+                    Ok(last) => disk_used = disk_used.max(last),
+                    Err(error) => {
+                        shared.set_state("waiting-for-disk", Some(error.to_string()));
+                        std::thread::sleep(RETRY_INTERVAL);
+                        continue;
+                    }
+                }
                 sender.start_over(disk_used + 1);
                 let first_checkpoint = sender.next_epoch() + 1;
                 if let Err(error) = daemons.disk_epoch_on(first_checkpoint) {

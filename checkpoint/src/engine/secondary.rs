@@ -75,6 +75,11 @@ pub enum Request {
     Freeze,
     /// Freeze, then restore into the QEMU behind this QMP socket.
     Restore(PathBuf),
+    /// Freeze and make the replica durably not restorable (its primary stopped taking
+    /// checkpoints: the VM runs on without them, so none of its checkpoints may ever be
+    /// restored). The record keeps its epoch, so that later epochs of this VM's disks still
+    /// number above every one used.
+    Drop,
 }
 
 type Reply = mpsc::Sender<Result<serde_json::Value, String>>;
@@ -233,6 +238,17 @@ pub fn run(
             let outcome = match request {
                 Request::Freeze => Ok(frozen_answer(secondary.replica())),
                 Request::Restore(qmp) => restore(&mut secondary, shared, &qmp),
+                Request::Drop => match secondary.take_for_restore() {
+                    Ok(_) => {
+                        info!("replica dropped: no longer restorable");
+                        shared.update(|status| {
+                            status.state = "dropped".into();
+                            status.restorable = false;
+                        });
+                        Ok(serde_json::json!({"ok": true, "restorable": false}))
+                    }
+                    Err(error) => Err(format!("cannot drop the replica: {error}")),
+                },
             };
             let restored = outcome
                 .as_ref()

@@ -204,6 +204,7 @@ fn primary() -> PrimaryStatus {
             current_epoch: Some(8),
             sealed_epoch: Some(7),
             off_reason: None,
+            last_epoch: Some(8),
         },
     }
 }

@@ -236,6 +236,34 @@ impl Engine {
         });
     }
 
+    /// Stops a secondary engine whose primary no longer checkpoints (the level lowered, the
+    /// VM unprotected or its QEMU ended) and drops the replica: the engine first makes its
+    /// record durably not restorable (`drop`), so that no later engine on this host opens
+    /// it as a checkpoint of a VM that has run on since (with its output released), and
+    /// the RAM file goes, which holds the guest's RAM size in `ram_dir` (memory, on a
+    /// tmpfs; a record whose RAM file is missing is not restorable either).
+    fn drop_replica(&mut self) {
+        let control = self.spec.control.clone();
+        let ram = self.spec.ram_file.clone();
+        self.running = None;
+        self.starting = None;
+        self.status = None;
+        self.agent.run("drop replica", move |child| {
+            if let Err(error) = ask(&control, "drop", ASK_TIMEOUT) {
+                log::warn!("the checkpoint engine did not drop its replica ({error}): removing its RAM file");
+            }
+            if let Some(mut process) = child.take() {
+                process.stop();
+            }
+            match std::fs::remove_file(&ram) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => log::warn!("cannot remove {}: {error}", ram.display()),
+            }
+            EngineReport::Stopped
+        });
+    }
+
     /// Asks a primary engine for the final checkpoint of a live migration.
     pub(super) fn hand_over(&mut self) {
         let control = self.spec.control.clone();
@@ -346,10 +374,17 @@ impl VmRunner {
     }
 
     /// What this host says in its heartbeat: a primary that it takes checkpoints (or
-    /// wants to), a secondary that it keeps a replica.
+    /// wants to: the VM runs or starts here), a secondary that it keeps a replica. A VM
+    /// whose QEMU ended (a guest that powered off) has nothing to checkpoint, and no
+    /// replica of it may be restored.
     pub(super) fn beat_checkpoints(&self) -> bool {
         match self.host.role() {
-            Role::Primary => self.level == 3 && self.state.protected && !self.level3_suspended(),
+            Role::Primary => {
+                self.level == 3
+                    && self.state.protected
+                    && !self.level3_suspended()
+                    && (self.guest.present() || self.start_pending)
+            }
             Role::Secondary => self.engine.role() == Some(Role::Secondary),
         }
     }
@@ -390,7 +425,15 @@ impl VmRunner {
                     || (self.host.role() == Role::Primary
                         && (!self.state.protected
                             || matches!(self.host.mode(), Mode::Mirrored | Mode::Degraded)));
-                self.engine.stop(graceful);
+                let dropped = current == Role::Secondary
+                    && wanted.is_none()
+                    && self.host.role() == Role::Secondary
+                    && self.restore.is_none();
+                if dropped {
+                    self.engine.drop_replica();
+                } else {
+                    self.engine.stop(graceful);
+                }
                 let why = match (wanted, graceful) {
                     (Some(_), _) => "its role changes",
                     (None, true) => "Level 3 ends here; held output released",

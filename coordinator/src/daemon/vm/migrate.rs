@@ -91,6 +91,13 @@ impl VmRunner {
             ));
         }
         self.check_move("migrate", context)?;
+        if self.guest.pid.is_none() || self.guest.paused {
+            return Err(format!(
+                "{} does not run here (its QEMU ended, or it is paused): nothing to move \
+                 live; `ftvm failover {}` starts it on {}",
+                self.name, self.name, self.pair.peer
+            ));
+        }
         self.check_level3()
             .map_err(|error| format!("{} cannot move without a reboot: {error}", self.name))?;
         let level_before = self.level;
@@ -129,6 +136,10 @@ impl VmRunner {
             return self.hand_over(context);
         }
         self.check_move("host disable", context)?;
+        if self.guest.pid.is_none() {
+            // Nothing runs to move: the peer starts it.
+            return self.hand_over(context);
+        }
         match self.check_level3() {
             Ok(()) => self.migrate(DEFAULT_TIMEOUT, context),
             Err(why) => {
@@ -229,6 +240,8 @@ impl VmRunner {
                         Some(format!("{} is lost or took over", self.pair.peer))
                     } else if !self.state.protected {
                         Some("the VM was unprotected".to_owned())
+                    } else if self.guest.pid.is_none() {
+                        Some("the VM's QEMU ended".to_owned())
                     } else if self.level3_suspended() {
                         Some("a disk of this host failed (it reads from the peer)".to_owned())
                     } else if migration.started.elapsed() > migration.timeout {

@@ -146,6 +146,7 @@ impl Primary {
             current_epoch: state.epoch,
             sealed_epoch: state.sealed_epoch,
             off_reason: state.epochs_off_reason.clone(),
+            last_epoch: state.last_epoch,
         }
     }
 }
