@@ -43,6 +43,9 @@ pub struct ClusterOptions {
     pub nic_redundant_uplink: bool,
     /// Level 3: `checkpoint_interval_ms`.
     pub checkpoint_interval_ms: u64,
+    /// More VMs besides `vm1`: `vm2`, `vm3`, … with the same guest, primary on hostA, a
+    /// disk each (image `HOST-vmN.img`) and no NIC; their ports follow vm1's.
+    pub extra_vms: u16,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +58,7 @@ impl Default for ClusterOptions {
             nic_mac: None,
             nic_redundant_uplink: false,
             checkpoint_interval_ms: 50,
+            extra_vms: 0,
         }
     }
 }
@@ -102,6 +106,38 @@ impl Cluster {
             let peer = 1 - index;
             std::fs::create_dir_all(root.join(host)).expect("host dir");
             create_image(&root.join(format!("{host}.img")), options.disk_bytes);
+            let mut extra = String::new();
+            for number in 2..2 + options.extra_vms {
+                let image = root.join(format!("{host}-vm{number}.img"));
+                create_image(&image, options.disk_bytes);
+                let step = 2 * (number - 1);
+                extra.push_str(&format!(
+                    r#"
+[[vm]]
+name = "vm{number}"
+level = {level}
+primary = "hostA"
+memory_mib = {memory}
+vcpus = {cpus}
+accel = "tcg"
+checkpoint_port = {checkpoint}
+checkpoint_interval_ms = {interval}
+qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet no_timer_check"]
+[[vm.disk]]
+image = "{image}"
+replication_port = {replication}
+"#,
+                    level = options.level,
+                    memory = guest.memory_mb,
+                    cpus = guest.cpus,
+                    checkpoint = CHECKPOINT_PORT + step,
+                    interval = options.checkpoint_interval_ms,
+                    kernel = kernel.display(),
+                    initrd = initrd.display(),
+                    image = image.display(),
+                    replication = REPLICATION_PORT + step,
+                ));
+            }
             let config = format!(
                 r#"[host]
 name = "{host}"
@@ -138,6 +174,7 @@ image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}
 {rate}
 {nic}
+{extra}
 "#,
                 state = root.join(host).display(),
                 bin = paths::binary("vhost-blk-mirror")
@@ -335,6 +372,32 @@ replication_port = {REPLICATION_PORT}
     /// The VM's line of a host's status.
     pub fn vm_status(&self, host: usize) -> Option<serde_json::Value> {
         self.status(host).map(|status| status["vms"][0].clone())
+    }
+
+    /// The line of VM `name` (`vm1`, or `vm2`… with `extra_vms`) in a host's status.
+    pub fn named_vm_status(&self, host: usize, name: &str) -> Option<serde_json::Value> {
+        self.status(host).and_then(|status| {
+            status["vms"]
+                .as_array()?
+                .iter()
+                .find(|vm| vm["name"] == name)
+                .cloned()
+        })
+    }
+
+    /// The guest console of VM `name` as written by a host's QEMU.
+    pub fn named_console(&self, host: usize, name: &str) -> Vec<String> {
+        let path = self
+            .dir
+            .path()
+            .join(HOSTS[host])
+            .join(name)
+            .join("console.log");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| line.trim_end_matches('\r').to_owned())
+            .collect()
     }
 
     /// Waits until `check` holds for a host's VM status; returns that status.

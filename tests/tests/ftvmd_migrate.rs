@@ -230,3 +230,98 @@ fn a_cancelled_move_and_one_whose_destination_dies_leave_the_vm_running_protecte
     assert_eq!(vm["vm_pid"], pid, "QEMU was restarted on hostA");
     records::assert_no_write_failed(&cluster.console(A));
 }
+
+/// `ftvm host disable` moves every VM the host runs live: two VMs, both primary on hostA,
+/// go on on hostB without a reboot; hostA is disabled, and `ftvm host enable` brings
+/// protection back.
+#[test]
+fn host_disable_moves_two_vms_without_a_reboot() {
+    let mut guest = GuestConfig::new("ftvmd-disable2", &guest_script(COUNTER_AND_ECHO));
+    guest.cpus = 1;
+    guest.memory_mb = RAM_MB;
+    let options = ClusterOptions {
+        disk_bytes: 16 << 20,
+        extra_vms: 1,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::new("ftvmd-disable2", &guest, &options);
+    cluster.start_all();
+    let vms = ["vm1", "vm2"];
+    let wait_named =
+        |host: usize, name: &str, what: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+            poll_for(
+                TIMEOUT,
+                &format!("{name} on {}: {what}", HOSTS[host]),
+                || cluster.named_vm_status(host, name),
+                |vm| check(vm),
+            )
+        };
+    let mut before = Vec::new();
+    for name in vms {
+        wait_named(A, name, "Protected, running", &|vm| {
+            vm["state"] == "Protected" && vm["vm_pid"].is_u64()
+        });
+        let count = poll_for(
+            TIMEOUT,
+            &format!("{name} counting on hostA"),
+            || {
+                cluster
+                    .named_console(A, name)
+                    .iter()
+                    .rev()
+                    .find_map(|line| count_of(line))
+            },
+            |&(count, _)| count >= 5,
+        );
+        before.push((cluster.named_console(B, name).len(), count));
+    }
+
+    let (ok, text) = cluster.ftvm(A, &["host", "disable", "--timeout", "240"]);
+    assert!(ok && text.contains("disabled"), "ftvm host disable: {text}");
+    let status = cluster.status(A).expect("hostA's status");
+    assert_eq!(status["disabled"], true, "{status}");
+    let (_, events) = cluster.ftvm(B, &["events"]);
+    for (name, (console_before, (count, uptime))) in vms.iter().zip(&before) {
+        let vm = cluster.named_vm_status(B, name).expect("hostB's status");
+        assert!(
+            vm["role"] == "Primary" && vm["vm_pid"].is_u64(),
+            "{name} on hostB: {vm}"
+        );
+        let (count_b, uptime_b) = poll_for(
+            TIMEOUT,
+            &format!("{name} counting on hostB"),
+            || {
+                cluster.named_console(B, name)[*console_before..]
+                    .iter()
+                    .rev()
+                    .find_map(|line| count_of(line))
+            },
+            |_| true,
+        );
+        assert!(
+            count_b > *count && uptime_b + 1.0 >= *uptime,
+            "{name} counts {count_b} at {uptime_b} s on hostB; on hostA it had counted {count} \
+             at {uptime} s"
+        );
+        assert!(
+            !cluster.named_console(B, name)[*console_before..]
+                .iter()
+                .any(|line| line.starts_with("COUNT 1 ")),
+            "{name} rebooted on hostB"
+        );
+        assert!(
+            events
+                .lines()
+                .any(|line| line.contains(name) && line.contains("migrated: the VM runs on hostB")),
+            "hostB's events say nothing of {name} moving live: {events}"
+        );
+    }
+
+    let (ok, text) = cluster.ftvm(A, &["host", "enable"]);
+    assert!(ok, "ftvm host enable: {text}");
+    for name in vms {
+        wait_named(B, name, "Protected with hostA back", &|vm| {
+            vm["state"] == "Protected" && vm["role"] == "Primary"
+        });
+    }
+}
