@@ -302,6 +302,24 @@ ftvm hostB status | indent
 resynced=$(ftvm hostB status --json | jq '.vms[0].disks[0].replication.resync.bytes_total')
 echo "    delta resync: $((resynced / 1048576)) MiB of the 256 MiB disk"
 
+# --- live migration ---------------------------------------------------------------------
+say "moving the running VM to hostA and back without a reboot (ftvm migrate)"
+echo "    \$ ftvm migrate vm1   (on hostB: a final checkpoint, then hostA restores it)"
+echo "    the guest's clock on hostB: $(grep -a -o 'tick [0-9]*, up [0-9.]* s' "$CONSOLE_B" | tail -n 1)"
+TICKS_BEFORE=$(grep -a -c 'tick ' "$CONSOLE_A" || true)
+ftvm hostB migrate vm1 | indent
+ticked_on_a() { [ "$(grep -a -c 'tick ' "$CONSOLE_A")" -gt "$TICKS_BEFORE" ]; }
+wait_for 30 "the guest's clock on hostA" ticked_on_a
+echo "    the guest's clock on hostA: $(grep -a -o 'tick [0-9]*, up [0-9.]* s' "$CONSOLE_A" | tail -n 1)"
+wait_for 60 "protection with hostB as secondary" vm_is hostA state Protected
+echo "    \$ ftvm migrate vm1   (on hostA, back to hostB)"
+TICKS_BEFORE=$(grep -a -c 'tick ' "$CONSOLE_B" || true)
+ftvm hostA migrate vm1 | indent
+ticked_on_b() { [ "$(grep -a -c 'tick ' "$CONSOLE_B")" -gt "$TICKS_BEFORE" ]; }
+wait_for 30 "the guest's clock on hostB" ticked_on_b
+wait_for 60 "protection with hostA as secondary" vm_is hostB state Protected
+echo "    the same guest on hostB again, never rebooted: $(grep -a -o 'tick [0-9]*, up [0-9.]* s' "$CONSOLE_B" | tail -n 1)"
+
 # --- Level 3 ----------------------------------------------------------------------------
 say "Level 3 on the running VM: memory checkpoints from hostB to hostA, output held until safe"
 echo "    \$ ftvm protect vm1 --level 3 --peer hostA   (on hostB, its primary now)"
