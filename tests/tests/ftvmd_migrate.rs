@@ -62,9 +62,12 @@ fn last_count_since(cluster: &Cluster, host: usize, from: usize) -> Option<(u64,
 /// Waits until `host` runs the VM as primary, Protected at level 2, with `peer` its
 /// secondary and no move under way on either.
 fn wait_protected_on(cluster: &Cluster, host: usize, peer: usize) -> serde_json::Value {
-    cluster.wait_vm(peer, TIMEOUT, "secondary, no move under way", |vm| {
-        vm["role"] == "Secondary" && vm["migration"].is_null()
-    });
+    cluster.wait_vm(
+        peer,
+        TIMEOUT,
+        "secondary in sync, no move under way",
+        |vm| vm["role"] == "Secondary" && vm["state"] == "Protected" && vm["migration"].is_null(),
+    );
     cluster.wait_vm(host, TIMEOUT, "primary, Protected at level 2 again", |vm| {
         vm["role"] == "Primary"
             && vm["state"] == "Protected"

@@ -84,11 +84,24 @@ fn run(args: &Args) -> Result<(), String> {
             no_wait,
             timeout,
         } => {
-            let reply = ask(Request::Migrate {
-                vm: vm.clone(),
-                cancel: *cancel,
-                timeout_s: *timeout,
-            })?;
+            // Right after the copies come back in sync the peer's last heartbeat may
+            // still say otherwise for a moment: that refusal is retried for a few seconds.
+            let retry_until = Instant::now() + Duration::from_secs(5);
+            let reply = loop {
+                match ask(Request::Migrate {
+                    vm: vm.clone(),
+                    cancel: *cancel,
+                    timeout_s: *timeout,
+                }) {
+                    Err(error)
+                        if error.contains("try again in a moment")
+                            && Instant::now() < retry_until =>
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    other => break other?,
+                }
+            };
             done(reply);
             if !*cancel && !*no_wait {
                 wait_for_move(&ask, vm, Duration::from_secs(*timeout + 120))?;

@@ -42,6 +42,9 @@ pub struct VmBeat {
     /// could restore. A primary releases output it holds only once its secondary says it
     /// keeps none.
     pub checkpoints: bool,
+    /// The VM runs on the sender (QEMU up, not paused, no restore under way): a move to it
+    /// is done once its primary says so.
+    pub running: bool,
 }
 
 /// Between the two `ftvmd`s.

@@ -683,7 +683,13 @@ impl Daemon {
     fn disable(&mut self, restart: bool, now: Millis) -> Reply {
         let marker = self.disabled_marker();
         let mut context = self.io.context(now);
-        if !self.vms.iter().any(|vm| vm.beat().role == Role::Primary) {
+        // Done once no VM is primary here and every move has ended (the VM runs on the
+        // peer).
+        if !self
+            .vms
+            .iter()
+            .any(|vm| vm.beat().role == Role::Primary || vm.migrating())
+        {
             // Remembered first: a restarted ftvmd must not rejoin in the middle of the
             // maintenance.
             if let Err(error) = write_durably(&marker, "ftvm host disable\n") {

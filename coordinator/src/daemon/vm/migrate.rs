@@ -36,6 +36,8 @@ use super::{Context, VmRunner};
 use crate::daemon::links::PeerMessage;
 use crate::host::{Mode, Role};
 
+/// How long the peer may take to run the VM once it took the generation over.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a move for maintenance may prepare.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest `ftvm migrate --timeout` accepted.
@@ -191,12 +193,22 @@ impl VmRunner {
                 self.name, self.name, self.pair.peer
             ));
         }
-        if self.host.mode() != Mode::Mirrored || self.state_word() != "Protected" {
+        if self.state_word() != "Protected" {
             return Err(format!(
                 "{} is {}: a move needs both copies in sync (Protected); wait for the \
                  resync or the peer",
                 self.name,
                 self.state_word()
+            ));
+        }
+        if self.host.mode() != Mode::Mirrored {
+            // Both copies are in sync, but this host has not yet heard the peer as its
+            // secondary since it took the VM over (or it holds for the witness).
+            return Err(format!(
+                "{} does not mirror to {} yet ({:?}); try again in a moment",
+                self.name,
+                self.pair.peer,
+                self.host.mode()
             ));
         }
         let peer_ready = self
@@ -211,8 +223,9 @@ impl VmRunner {
         Ok(())
     }
 
-    /// The move is under way on this host (it is the source).
-    pub(super) fn migrating(&self) -> bool {
+    /// The move is under way on this host (it is the source), until the VM runs on the
+    /// peer or the move is called off.
+    pub fn migrating(&self) -> bool {
         self.migration.is_some()
     }
 
@@ -281,16 +294,34 @@ impl VmRunner {
             Phase::Finalizing => {}
             Phase::HandedOver { epoch } => match (self.host.role(), self.host.mode()) {
                 (Role::Secondary, _) => {
+                    // The peer took the generation over; the move is done once the VM runs
+                    // there (restored, or booted if the restore failed: its events say).
+                    let running_there = self
+                        .fresh_peer_beat(context.now)
+                        .is_some_and(|beat| beat.role == Role::Primary && beat.running);
                     let seconds = migration.started.elapsed().as_secs_f64();
-                    self.migration = None;
-                    context.events.info(
-                        &self.name,
-                        format!(
-                            "migration done in {seconds:.1} s: {} runs the VM from checkpoint \
-                             {epoch}; this host is its secondary",
-                            self.pair.peer
-                        ),
-                    );
+                    if running_there {
+                        self.migration = None;
+                        context.events.info(
+                            &self.name,
+                            format!(
+                                "migration done in {seconds:.1} s: {} runs the VM from \
+                                 checkpoint {epoch}; this host is its secondary",
+                                self.pair.peer
+                            ),
+                        );
+                    } else if migration.started.elapsed() > migration.timeout + RUN_TIMEOUT {
+                        self.migration = None;
+                        context.events.error(
+                            &self.name,
+                            format!(
+                                "migration: {} took the VM over but does not report it \
+                                 running after {seconds:.0} s",
+                                self.pair.peer
+                            ),
+                            &format!("see `ftvm events` on {}", self.pair.peer),
+                        );
+                    }
                 }
                 (Role::Primary, Mode::Mirrored | Mode::Degraded) => {
                     // The peer never took over and the witness let this host go on: the

@@ -482,6 +482,7 @@ impl VmRunner {
             protected: self.state.protected,
             level: self.level,
             checkpoints: self.beat_checkpoints(),
+            running: self.guest.pid.is_some() && !self.guest.paused && self.restore.is_none(),
         }
     }
 
