@@ -106,6 +106,59 @@ pub enum FtvmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate a pre-shared key without a restart and without dropping a session.
+    ///
+    /// Every ftvm process accepts the key of its key file FILE and, while it exists, of
+    /// FILE.previous, dials with the first, and picks up a change of either file within a
+    /// second. The pair's key: `ftvm key rotate` on one host, copy its FILE to the other
+    /// and `ftvm key rotate --new COPY` there, then `ftvm key retire` on both. The
+    /// witness's key: the same with --witness on the host, then the witness restarted with
+    /// the new key, then `ftvm key retire --witness`. See docs/OPERATIONS.md.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+/// The steps of a key rotation.
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Make a new key this host's preferred one, and keep the current one accepted (moved
+    /// to FILE.previous) until `ftvm key retire`. New connections use the new key as soon
+    /// as the other end holds it too; running ones keep theirs. Refused while
+    /// FILE.previous exists (the last rotation is not finished).
+    Rotate {
+        /// The new key: a copy of the FILE the other host's rotation made. Without it a new
+        /// random key is made (on the first host).
+        #[arg(long, value_name = "NEW")]
+        new: Option<PathBuf>,
+        #[command(flatten)]
+        key: KeyChoice,
+    },
+    /// Stop accepting the previous key (remove FILE.previous). Connections still under it
+    /// end and come back under the current key within a second; a host that offers only
+    /// the old key is refused from then on. Refused until ftvmd sees that the peer (from
+    /// its heartbeats) or the witness (its link) holds the current key, unless --force.
+    Retire {
+        #[command(flatten)]
+        key: KeyChoice,
+        /// Retire without asking ftvmd (a peer without the new key is then cut off).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Which key file a rotation step works on.
+#[derive(Debug, clap::Args)]
+pub struct KeyChoice {
+    /// The key with the witness (`[witness] psk_file`) instead of the pair's
+    /// (`[peer] psk_file`).
+    #[arg(long)]
+    pub witness: bool,
+    /// The key file, instead of the one ftvmd's configuration names (then ftvmd need not
+    /// run for `rotate`).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -133,7 +133,7 @@ pub fn instructions(keys: &Keys) -> String {
     text
 }
 
-fn random_key() -> Result<Vec<u8>, KeygenError> {
+pub(crate) fn random_key() -> Result<Vec<u8>, KeygenError> {
     let mut bytes = [0u8; KEY_BYTES];
     getrandom::fill(&mut bytes).map_err(|error| KeygenError::Random(error.to_string()))?;
     let mut text: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod key_rotation;
 pub mod keygen;
 pub mod manual;
 pub mod sim;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::handshake::{client_handshake, random_nonce, HandshakeError};
+use crate::handshake::{client_handshake, key_ids, random_nonce, HandshakeError};
 use crate::header::{Hello, PROTOCOL_VERSION};
 use crate::link::{run_connection, LinkError};
 use crate::log_limit::error_chain;
@@ -57,9 +57,15 @@ pub(crate) fn spawn_supervisors(
 fn supervise(shared: &Arc<SessionShared>, slot: usize, address: SocketAddr) {
     let config = &shared.config;
     let mut delay_ms = config.reconnect_min_ms;
+    // A connection still attached that the next one replaces (a key change).
+    let mut replacing = None;
     loop {
-        match connect_once(shared, slot, address) {
-            Ok(()) => delay_ms = config.reconnect_min_ms,
+        match connect_once(shared, slot, address, replacing.take()) {
+            Ok(None) => delay_ms = config.reconnect_min_ms,
+            Ok(Some(connection)) => {
+                replacing = Some(connection);
+                continue;
+            }
             Err(error) if !shared.is_closed() => report(shared, slot, address, &error),
             Err(_) => {}
         }
@@ -88,20 +94,30 @@ fn report(shared: &SessionShared, slot: usize, address: SocketAddr, error: &Conn
     }
 }
 
-/// Connects, authenticates and runs one connection to its end. `Ok` once it was up.
+/// Connects, authenticates and runs one connection to its end. `Ok` once it was up;
+/// `Ok(Some(id))` when it is to be replaced at once (a key change: it stays attached until
+/// then). `replacing`: a connection this one replaces, ended once this one is attached
+/// (or when this one cannot be made).
 fn connect_once(
     shared: &Arc<SessionShared>,
     slot: usize,
     address: SocketAddr,
-) -> Result<(), ConnectError> {
+    replacing: Option<u64>,
+) -> Result<Option<u64>, ConnectError> {
+    let mut replacing = Replacing {
+        shared,
+        slot,
+        connection: replacing,
+    };
     let config = &shared.config;
     let timeout = Duration::from_millis(config.connect_timeout_ms);
     let stream = TcpStream::connect_timeout(&address, timeout).map_err(ConnectError::Connect)?;
     stream.set_nodelay(true).map_err(ConnectError::Socket)?;
     let abort_copy = stream.try_clone().map_err(ConnectError::Socket)?;
     if !shared.set_connecting(slot, Some(abort_copy)) {
-        return Ok(());
+        return Ok(None);
     }
+    let ring = config.keys.keys();
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         client_id: config.local_id.clone(),
@@ -111,10 +127,12 @@ fn connect_once(
         client_nonce: random_nonce().map_err(ConnectError::Handshake)?,
         send_base: shared.acked_up_to(),
         limits: config.receive_limits(),
+        key_ids: key_ids(&ring),
     };
-    let result = client_handshake(&stream, &config.psk, &hello, config.handshake_timeout());
+    let result = client_handshake(&stream, &ring, &hello, config.handshake_timeout());
     shared.set_connecting(slot, None);
     let (params, keys) = result.map_err(ConnectError::Handshake)?;
+    let key_id = params.key_id;
     let peer = PeerHandshake {
         id: params.server_id,
         instance: params.instance,
@@ -122,10 +140,12 @@ fn connect_once(
         limits: params.limits,
         address: Some(address),
         local_address: stream.local_addr().ok(),
+        key_id,
     };
     let connection = shared
         .attach(slot, &stream, peer)
         .map_err(ConnectError::Attach)?;
+    replacing.end();
     log::info!(
         "session {:032x} ({}) link {} to {} up",
         shared.identity.session_id,
@@ -133,6 +153,31 @@ fn connect_once(
         slot,
         address
     );
-    run_connection(shared, slot, connection, stream, keys);
-    Ok(())
+    match run_connection(shared, slot, connection, stream, keys, key_id) {
+        LinkError::Rekey(_) => Ok(Some(connection)),
+        _ => Ok(None),
+    }
+}
+
+/// The connection a new one replaces: ended when the new one is attached (no link down:
+/// the slot holds the new one), or when the new one fails (the link goes down).
+struct Replacing<'a> {
+    shared: &'a SessionShared,
+    slot: usize,
+    connection: Option<u64>,
+}
+
+impl Replacing<'_> {
+    fn end(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let ended = LinkError::Rekey(crate::link::RekeyCause::Retired);
+            self.shared.connection_ended(self.slot, connection, &ended);
+        }
+    }
+}
+
+impl Drop for Replacing<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
 }

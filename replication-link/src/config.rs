@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::frame::HEADER_LENGTH_BYTES;
 use crate::header::{DATA_HEADER_OVERHEAD_BYTES, MAX_ID_BYTES};
+use crate::key_ring::KeyRing;
 use crate::psk::Psk;
 
 /// Default largest frame: a 4 MiB payload plus room for the headers.
@@ -30,13 +31,15 @@ pub enum ConfigError {
     Reconnect,
 }
 
-/// Tunables of a session or listener. Both hosts of a pair must use the same `psk` and
-/// `max_frame_bytes` (the handshake refuses a peer whose `max_frame_bytes` differs).
+/// Tunables of a session or listener. Both hosts of a pair must share a key of `keys` and
+/// use the same `max_frame_bytes` (the handshake refuses a peer whose `max_frame_bytes`
+/// differs).
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
-    /// Pre-shared key of the host pair.
-    pub psk: Psk,
-    /// Server side, instead of `psk`: a key per client id (the client's `local_id`), so that
+    /// Pre-shared keys of the host pair, the preferred first (a client offers them all, a
+    /// server takes the first offered that it holds). Clones of a config share the ring.
+    pub keys: KeyRing,
+    /// Server side, instead of `keys`: a key per client id (the client's `local_id`), so that
     /// no client can authenticate under another's id. A client whose id has no key here
     /// fails authentication like one with a wrong key.
     pub client_keys: Option<Arc<BTreeMap<String, Psk>>>,
@@ -80,10 +83,11 @@ pub struct LinkConfig {
 }
 
 impl LinkConfig {
-    /// Configuration with the defaults (heartbeat 100 ms, link timeout 1000 ms, ...).
-    pub fn new(psk: Psk, local_id: impl Into<String>) -> LinkConfig {
+    /// Configuration with the defaults (heartbeat 100 ms, link timeout 1000 ms, ...): `keys`
+    /// one [`Psk`] or a [`KeyRing`].
+    pub fn new(keys: impl Into<KeyRing>, local_id: impl Into<String>) -> LinkConfig {
         LinkConfig {
-            psk,
+            keys: keys.into(),
             client_keys: None,
             local_id: local_id.into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! client                                   server
-//!   Hello{version, client_id, service, session_id, client_nonce, send_base, limits} ->
-//!   <- Challenge{params{version, server_id, server_nonce, instance, send_base, limits},
+//!   Hello{version, client_id, service, session_id, client_nonce, send_base, limits,
+//!         key_ids} ->
+//!   <- Challenge{params{version, server_id, server_nonce, instance, send_base, limits,
+//!                       key_id},
 //!                server_proof = keyed_hash(psk, "server" || transcript)}
 //!   Proof{client_proof = keyed_hash(psk, "client" || transcript)} ->
 //! transcript = derive_key-hash of (len(hello) || postcard(hello) || postcard(params))
@@ -12,6 +14,12 @@
 //! client-to-server key = derive_key("ftvm replication frame key v2 client to server", secret)
 //! server-to-client key = derive_key("ftvm replication frame key v2 server to client", secret)
 //! ```
+//! `key_ids` are the ids ([`Psk::id`]) of every key the client holds ([`crate::KeyRing`]),
+//! the preferred first; `psk` is the first of them the server holds, named by `key_id`. A
+//! server that holds none of them refuses at once (`authentication failed`), as does a client
+//! whose server names a key it did not offer. So a host that took a new key and still holds
+//! the old one connects with a peer that has only the old one, and the new key is used as
+//! soon as both hold it. The offer is in the transcript: a changed offer fails the proofs.
 //! Either side answers a check that fails with `Refused{reason}` and closes. Handshake frames
 //! ([`crate::handshake_frame`]) carry no payload and travel in clear; every frame after them is
 //! sealed with the key of its direction ([`crate::frame`]). Both sides' fresh nonces make the
@@ -27,7 +35,8 @@ use crate::handshake_frame::HandshakeFrames;
 use crate::header::NONCE_BYTES;
 use crate::header::PROTOCOL_VERSION;
 use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, MAX_LINKS};
-use crate::psk::Psk;
+use crate::key_ring::MAX_KEYS;
+use crate::psk::{KeyId, Psk};
 
 const TRANSCRIPT_CONTEXT: &str = "ftvm replication transcript v1";
 const CONNECTION_KEY_CONTEXT: &str = "ftvm replication connection v2";
@@ -190,11 +199,12 @@ pub(crate) fn random_nonce() -> Result<[u8; NONCE_BYTES], HandshakeError> {
     Ok(nonce)
 }
 
-/// Client side: sends `hello`, checks the server, proves itself. Returns the server's
-/// parameters and the connection's keys.
+/// Client side: sends `hello` (whose `key_ids` are those of `keys`), checks the server,
+/// proves itself. Returns the server's parameters (`key_id`: the key used) and the
+/// connection's keys.
 pub(crate) fn client_handshake(
     stream: &TcpStream,
-    psk: &Psk,
+    keys: &[Psk],
     hello: &Hello,
     timeout: Duration,
 ) -> Result<(ServerParams, ConnectionKeys), HandshakeError> {
@@ -205,11 +215,7 @@ pub(crate) fn client_handshake(
             params,
             server_proof,
         } => (params, server_proof),
-        LinkHeader::Refused { reason } => {
-            return Err(HandshakeError::Refused {
-                reason: sanitize(&reason),
-            })
-        }
+        LinkHeader::Refused { reason } => return Err(refusal(&reason)),
         other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
     };
     if params.protocol_version != PROTOCOL_VERSION {
@@ -218,6 +224,10 @@ pub(crate) fn client_handshake(
         };
         return Err(channel.refuse("unsupported protocol version", error));
     }
+    let offered = hello.key_ids.iter().position(|id| *id == params.key_id);
+    let Some(psk) = offered.and_then(|index| keys.get(index)) else {
+        return Err(channel.refuse("invalid challenge", invalid("key id")));
+    };
     let transcript = transcript(hello, &params)?;
     if !proof_matches(psk, b"server", &transcript, &server_proof) {
         return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
@@ -272,12 +282,33 @@ pub(crate) fn read_hello(
     if usize::from(hello.link) >= MAX_LINKS {
         return Err(channel.refuse("invalid hello", invalid("link index")));
     }
+    if hello.key_ids.is_empty() || hello.key_ids.len() > MAX_KEYS {
+        return Err(channel.refuse("invalid hello", invalid("key ids")));
+    }
     check_limits(&hello.limits)?;
     Ok(hello)
 }
 
-/// Server side, second step: proves itself, checks the client's proof. Returns the
-/// connection's keys.
+/// Server side, between the steps: the first key the client offers that the server holds
+/// (`held`, the server's keys), or a refusal (`authentication failed`, as for a wrong key)
+/// when they share none.
+pub(crate) fn choose_key(
+    channel: &mut HandshakeChannel<'_>,
+    hello: &Hello,
+    held: &[Psk],
+) -> Result<Psk, HandshakeError> {
+    let chosen = hello
+        .key_ids
+        .iter()
+        .find_map(|id| held.iter().find(|key| key.id() == *id));
+    match chosen {
+        Some(key) => Ok(key.clone()),
+        None => Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed)),
+    }
+}
+
+/// Server side, second step: proves itself with `psk` (from [`choose_key`], named in
+/// `params.key_id`), checks the client's proof. Returns the connection's keys.
 pub(crate) fn answer_hello(
     channel: &mut HandshakeChannel<'_>,
     psk: &Psk,
@@ -297,20 +328,30 @@ pub(crate) fn answer_hello(
     })?;
     let client_proof = match channel.receive()? {
         LinkHeader::Proof { client_proof } => client_proof,
-        LinkHeader::Refused { reason } if reason == AUTHENTICATION_REFUSAL => {
-            return Err(HandshakeError::AuthenticationFailed)
-        }
-        LinkHeader::Refused { reason } => {
-            return Err(HandshakeError::Refused {
-                reason: sanitize(&reason),
-            })
-        }
+        LinkHeader::Refused { reason } => return Err(refusal(&reason)),
         other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
     };
     if !proof_matches(psk, b"client", &transcript, &client_proof) {
         return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
     }
     Ok(connection_keys(psk, hello, &params, &transcript))
+}
+
+/// A peer's refusal: a failed authentication is named as such (the peer holds none of our
+/// keys, or proved with another), anything else with the peer's reason.
+fn refusal(reason: &str) -> HandshakeError {
+    if reason == AUTHENTICATION_REFUSAL {
+        HandshakeError::AuthenticationFailed
+    } else {
+        HandshakeError::Refused {
+            reason: sanitize(reason),
+        }
+    }
+}
+
+/// The ids a client offers for `keys`.
+pub(crate) fn key_ids(keys: &[Psk]) -> Vec<KeyId> {
+    keys.iter().take(MAX_KEYS).map(Psk::id).collect()
 }
 
 fn check_limits(limits: &LinkLimits) -> Result<(), HandshakeError> {
@@ -394,7 +435,7 @@ mod tests {
         }
     }
 
-    fn hello() -> Hello {
+    fn hello(keys: &[Psk]) -> Hello {
         Hello {
             protocol_version: PROTOCOL_VERSION,
             client_id: "host-a".into(),
@@ -404,10 +445,11 @@ mod tests {
             client_nonce: random_nonce().expect("nonce"),
             send_base: 0,
             limits: limits(),
+            key_ids: key_ids(keys),
         }
     }
 
-    fn params() -> ServerParams {
+    fn params(key: &Psk) -> ServerParams {
         ServerParams {
             protocol_version: PROTOCOL_VERSION,
             server_id: "host-b".into(),
@@ -415,6 +457,7 @@ mod tests {
             instance: 7,
             send_base: 0,
             limits: limits(),
+            key_id: key.id(),
         }
     }
 
@@ -424,24 +467,45 @@ mod tests {
         Instant::now() + Duration::from_secs(seconds)
     }
 
+    fn keys(secrets: &[&[u8]]) -> Vec<Psk> {
+        secrets
+            .iter()
+            .map(|secret| Psk::from_bytes(secret).expect("psk"))
+            .collect()
+    }
+
     fn run(
         client_psk: &[u8],
         server_psk: &[u8],
     ) -> (ServerResult, Result<ConnectionKeys, HandshakeError>) {
+        let (server, client) = run_with(&keys(&[client_psk]), &keys(&[server_psk]));
+        (server, client.map(|(_, keys)| keys))
+    }
+
+    /// One handshake between a client holding `client_keys` and a server holding
+    /// `server_keys` (each the preferred first). The client's result names the key used.
+    fn run_with(
+        client_keys: &[Psk],
+        server_keys: &[Psk],
+    ) -> (
+        ServerResult,
+        Result<(KeyId, ConnectionKeys), HandshakeError>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
-        let server_psk = Psk::from_bytes(server_psk).expect("psk");
+        let server_keys = server_keys.to_vec();
         let server = thread::spawn(move || -> ServerResult {
             let (stream, _) = listener.accept().expect("accept");
             let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
             let hello = read_hello(&mut channel, &limits())?;
-            let keys = answer_hello(&mut channel, &server_psk, &hello, params())?;
+            let psk = choose_key(&mut channel, &hello, &server_keys)?;
+            let keys = answer_hello(&mut channel, &psk, &hello, params(&psk))?;
             Ok((hello, keys))
         });
         let stream = TcpStream::connect(address).expect("connect");
-        let client_psk = Psk::from_bytes(client_psk).expect("psk");
-        let client = client_handshake(&stream, &client_psk, &hello(), Duration::from_secs(5))
-            .map(|(_, keys)| keys);
+        let hello = hello(client_keys);
+        let client = client_handshake(&stream, client_keys, &hello, Duration::from_secs(5))
+            .map(|(params, keys)| (params.key_id, keys));
         drop(stream);
         (server.join().expect("server thread"), client)
     }
@@ -509,12 +573,119 @@ mod tests {
         );
     }
 
+    /// Key rotation: a host holding the new key and the old one connects with a peer that
+    /// holds only the old one, whichever side dials; once both hold the new key it is the
+    /// one used; a key no longer held (retired) or never known is refused on both sides.
+    #[test]
+    fn a_set_of_keys_connects_with_any_key_both_hold_and_prefers_the_newest() {
+        let old = Psk::from_bytes(b"the old pair key, 32 bytes long.").expect("psk");
+        let new = Psk::from_bytes(b"the new pair key, 32 bytes long.").expect("psk");
+        let stranger = Psk::from_bytes(b"a key nobody was given, 32 bytes").expect("psk");
+        let rotated = [new.clone(), old.clone()];
+        let agreed = |client: &[Psk], server: &[Psk]| {
+            let (server_result, client_result) = run_with(client, server);
+            let (key_id, client_keys) = client_result.expect("client");
+            let (_, server_keys) = server_result.expect("server");
+            assert_eq!(client_keys, server_keys);
+            key_id
+        };
+        // The first host rotated, the second not yet: the old key, in both directions.
+        assert_eq!(agreed(&rotated, std::slice::from_ref(&old)), old.id());
+        assert_eq!(agreed(std::slice::from_ref(&old), &rotated), old.id());
+        // Both rotated: the new key.
+        assert_eq!(agreed(&rotated, &rotated), new.id());
+        // The first retired the old key, the second not yet: the new key.
+        assert_eq!(agreed(std::slice::from_ref(&new), &rotated), new.id());
+        assert_eq!(agreed(&rotated, std::slice::from_ref(&new)), new.id());
+        // The old key retired on the server: a client with only the old key is refused.
+        for (client, server) in [
+            (vec![old.clone()], vec![new.clone()]),
+            (vec![stranger.clone()], rotated.to_vec()),
+            (rotated.to_vec(), vec![stranger.clone()]),
+        ] {
+            let (server_result, client_result) = run_with(&client, &server);
+            let client_error = client_result.expect_err("client must fail");
+            let server_error = server_result.expect_err("server must fail");
+            assert!(
+                matches!(client_error, HandshakeError::AuthenticationFailed),
+                "{client_error:?}"
+            );
+            assert!(
+                matches!(server_error, HandshakeError::AuthenticationFailed),
+                "{server_error:?}"
+            );
+        }
+    }
+
+    /// A client whose server names a key the client did not offer is refused (a server
+    /// cannot make it use a key of its choosing).
+    #[test]
+    fn a_server_naming_a_key_not_offered_is_refused() {
+        let offered = Psk::from_bytes(b"the key the client offers, 32 b.").expect("psk");
+        let other = Psk::from_bytes(b"a key the client does not offer.").expect("psk");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server_key = other.clone();
+        let server = thread::spawn(move || -> ServerResult {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
+            let hello = read_hello(&mut channel, &limits())?;
+            let keys = answer_hello(&mut channel, &server_key, &hello, params(&server_key))?;
+            Ok((hello, keys))
+        });
+        let stream = TcpStream::connect(address).expect("connect");
+        let offered = [offered];
+        let result = client_handshake(&stream, &offered, &hello(&offered), Duration::from_secs(5));
+        assert!(
+            matches!(result, Err(HandshakeError::Invalid { field: "key id" })),
+            "{result:?}"
+        );
+        drop(stream);
+        let server_result = server.join().expect("server thread");
+        assert!(server_result.is_err(), "{server_result:?}");
+    }
+
+    #[test]
+    fn a_hello_without_keys_or_with_too_many_is_refused() {
+        let key = Psk::from_bytes(b"0123456789abcdef").expect("psk");
+        for count in [0, MAX_KEYS + 1] {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let address = listener.local_addr().expect("address");
+            let server = thread::spawn(move || {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
+                read_hello(&mut channel, &limits()).map(|_| ())
+            });
+            let stream = TcpStream::connect(address).expect("connect");
+            let mut hello = hello(std::slice::from_ref(&key));
+            hello.key_ids = vec![key.id(); count];
+            let result = client_handshake(
+                &stream,
+                std::slice::from_ref(&key),
+                &hello,
+                Duration::from_secs(5),
+            );
+            assert!(
+                matches!(&result, Err(HandshakeError::Refused { reason }) if reason == "invalid hello"),
+                "{count} ids: {result:?}"
+            );
+            let server_result = server.join().expect("server thread");
+            assert!(
+                matches!(
+                    server_result,
+                    Err(HandshakeError::Invalid { field: "key ids" })
+                ),
+                "{server_result:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_deadline_covers_the_whole_handshake_not_each_read() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
         let frame = crate::handshake_frame::encode_handshake_frame(
-            &LinkHeader::Hello(hello()),
+            &LinkHeader::Hello(hello(&keys(&[b"0123456789abcdef"]))),
             Direction::ClientToServer,
             0,
         )

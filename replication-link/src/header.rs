@@ -3,9 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::psk::KeyId;
+
 /// Version carried in `Hello` and `Challenge`; a peer with another version is refused.
-/// 2: frames after the handshake are sealed with AES-256-GCM (1: in clear, BLAKE3 MAC).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: the `Hello` offers the ids of the client's keys and the `Challenge` names the one the
+/// server chose (key rotation); 2: frames after the handshake are sealed with AES-256-GCM
+/// (1: in clear, BLAKE3 MAC).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest encoded header, in bytes.
 pub const MAX_HEADER_BYTES: usize = 4096;
 /// Bytes a `Data` header needs beyond its application header (at most 28: variant, varints,
@@ -49,6 +53,9 @@ pub struct Hello {
     /// Every message the client sent up to this one was acknowledged by the server.
     pub send_base: u64,
     pub limits: LinkLimits,
+    /// The ids of the keys the client holds, the one it prefers first (1 to
+    /// [`crate::key_ring::MAX_KEYS`]).
+    pub key_ids: Vec<KeyId>,
 }
 
 /// The server's part of the handshake transcript.
@@ -64,6 +71,9 @@ pub struct ServerParams {
     /// Every message the server sent up to this one was acknowledged by the client.
     pub send_base: u64,
     pub limits: LinkLimits,
+    /// The key both sides prove and derive with: the first of the client's `key_ids` that
+    /// the server holds.
+    pub key_id: KeyId,
 }
 
 /// Optional echo of the peer's last heartbeat time, for round-trip estimates.
@@ -107,6 +117,11 @@ pub enum LinkHeader {
         time_us: u64,
         echo: Option<Echo>,
     },
+    /// Server → client on an established link: the server no longer holds the key this
+    /// connection was authenticated with (retired). The client connects again with its
+    /// current keys; the new connection replaces this one, which the server closes itself
+    /// one link timeout after asking.
+    Rekey,
 }
 
 impl LinkHeader {
@@ -120,6 +135,7 @@ impl LinkHeader {
             LinkHeader::Data { .. } => "data",
             LinkHeader::Ack { .. } => "ack",
             LinkHeader::Heartbeat { .. } => "heartbeat",
+            LinkHeader::Rekey => "rekey",
         }
     }
 }
@@ -156,6 +172,7 @@ mod tests {
                 window_bytes: u64::MAX,
                 max_frame_bytes: u32::MAX,
             },
+            key_ids: vec![KeyId([0xff; crate::psk::KEY_ID_BYTES]); crate::key_ring::MAX_KEYS],
         });
         let bytes = postcard::to_allocvec(&header).expect("encode");
         assert!(bytes.len() <= MAX_HEADER_BYTES, "{}", bytes.len());

@@ -12,6 +12,7 @@
 //! - [`handshake_frame`]: the clear framing of the handshake; pure decoder (fuzzed).
 //! - [`header`]: the link-level headers carried in frames.
 //! - [`handshake`]: authentication of one connection.
+//! - [`key_ring`]: the pair's keys (one or more, rotated without a restart).
 //! - `reliability`: retransmit and reorder buffers (pure state, no I/O).
 //! - `shared` + `link`: a session's state and the reader/writer threads of one connection.
 //! - [`Session`] (client: [`Session::connect`]) and [`LinkListener`] (server): the API.
@@ -23,6 +24,7 @@ pub mod frame;
 pub mod handshake;
 pub mod handshake_frame;
 pub mod header;
+pub mod key_ring;
 pub mod listener;
 pub mod psk;
 pub mod session;
@@ -36,9 +38,10 @@ mod reliability;
 mod shared;
 
 pub use config::{ConfigError, LinkConfig, DEFAULT_MAX_FRAME_BYTES};
+pub use key_ring::{KeyRing, KeyRingError};
 pub use listener::{LinkListener, ListenerError, ListenerEvent};
 pub use log_limit::error_chain;
-pub use psk::{Psk, PskError};
+pub use psk::{KeyId, Psk, PskError};
 pub use reliability::Message;
 pub use session::{CloseReason, Session, SessionError, SessionEvent};
 pub use stats::{LinkStats, ListenerAddressStats, ListenerStats, SessionStats};

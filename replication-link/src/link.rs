@@ -6,10 +6,14 @@ use std::io::{self, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use crate::frame::{ConnectionKeys, FrameError, FrameOpener, FrameSealer};
+use crate::handshake::Side;
 use crate::header::LinkHeader;
+use crate::key_ring::RECHECK_INTERVAL;
 use crate::log_limit::error_chain;
+use crate::psk::KeyId;
 use crate::reliability::ReliabilityError;
 use crate::shared::{OutFrame, SessionShared};
 use crate::stats::{add, bump};
@@ -40,20 +44,54 @@ pub enum LinkError {
     Spawn(#[source] io::Error),
     #[error("cannot configure the socket")]
     Socket(#[source] io::Error),
+    #[error("the connection's pre-shared key {key} was retired, and the peer did not connect again under a current one")]
+    KeyRetired { key: KeyId },
+    #[error("connecting again under a current key: {0}")]
+    Rekey(RekeyCause),
+}
+
+/// Why a client connects again while its connection still works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RekeyCause {
+    #[error("this host retired the connection's key")]
+    Retired,
+    #[error("the peer retired the connection's key")]
+    PeerRetired,
 }
 
 /// Runs connection `connection` of link `slot` until it fails or the session closes; returns
-/// why it ended.
+/// why it ended. A client's connection that ends with [`LinkError::Rekey`] stays attached,
+/// its writer still sending: the caller connects again at once, the new connection
+/// replaces it, and then the caller ends it with [`SessionShared::connection_ended`] (so
+/// the link never goes down for a key change).
 pub(crate) fn run_connection(
     shared: &Arc<SessionShared>,
     slot: usize,
     connection: u64,
     stream: TcpStream,
     keys: ConnectionKeys,
+    key_id: KeyId,
 ) -> LinkError {
     let error = match start_writer(shared, slot, connection, &stream, keys.clone()) {
         Ok(writer) => {
-            let error = read_loop(shared, slot, connection, &stream, &keys);
+            let reader = Reader {
+                slot,
+                connection,
+                keys: &keys,
+                key_id,
+            };
+            let error = read_loop(shared, &stream, reader);
+            if matches!(error, LinkError::Rekey(_)) {
+                // The writer ends once the new connection replaces this one.
+                log::info!(
+                    "session {:032x} ({}) link {}: {}",
+                    shared.identity.session_id,
+                    shared.identity.service,
+                    slot,
+                    error
+                );
+                return error;
+            }
             shared.connection_ended(slot, connection, &error);
             let _ = writer.join();
             error
@@ -102,17 +140,34 @@ fn start_writer(
         .map_err(LinkError::Spawn)
 }
 
-fn read_loop(
-    shared: &SessionShared,
+/// What the reader of one connection needs to know about it.
+struct Reader<'a> {
     slot: usize,
     connection: u64,
-    stream: &TcpStream,
-    keys: &ConnectionKeys,
-) -> LinkError {
+    keys: &'a ConnectionKeys,
+    /// The pre-shared key the connection was authenticated with.
+    key_id: KeyId,
+}
+
+fn read_loop(shared: &SessionShared, stream: &TcpStream, reader: Reader<'_>) -> LinkError {
+    let Reader {
+        slot,
+        connection,
+        keys,
+        key_id,
+    } = reader;
     let direction = shared.identity.side.receiving();
     let mut opener = FrameOpener::new(keys, direction, shared.config.max_frame_bytes);
     let mut input = BufReader::with_capacity(READ_BUFFER_BYTES, stream);
+    let mut key_checked = Instant::now();
+    let mut rekey_asked: Option<Instant> = None;
     loop {
+        if key_checked.elapsed() >= RECHECK_INTERVAL {
+            key_checked = Instant::now();
+            if let Err(error) = check_key(shared, slot, connection, key_id, &mut rekey_asked) {
+                return error;
+            }
+        }
         let frame = match opener.read_frame(&mut input) {
             Ok(frame) => frame,
             Err(error) => return classify(shared, error),
@@ -124,6 +179,32 @@ fn read_loop(
         if let Err(error) = shared.on_frame(slot, connection, frame) {
             return error;
         }
+    }
+}
+
+/// What to do when this host no longer holds the connection's key (retired): a client
+/// connects again ([`LinkError::Rekey`]); a server asks its client to (`Rekey`), and ends
+/// the connection itself if it is not replaced within a link timeout. A listener with a
+/// key per client keeps its keys for its life.
+fn check_key(
+    shared: &SessionShared,
+    slot: usize,
+    connection: u64,
+    key_id: KeyId,
+    rekey_asked: &mut Option<Instant>,
+) -> Result<(), LinkError> {
+    if shared.config.client_keys.is_some() || shared.config.keys.holds(key_id) {
+        return Ok(());
+    }
+    match (shared.identity.side, *rekey_asked) {
+        (Side::Client, _) => Err(LinkError::Rekey(RekeyCause::Retired)),
+        (Side::Server, None) => {
+            shared.ask_rekey(slot, connection);
+            *rekey_asked = Some(Instant::now());
+            Ok(())
+        }
+        (Side::Server, Some(asked)) if asked.elapsed() < shared.config.link_timeout() => Ok(()),
+        (Side::Server, Some(_)) => Err(LinkError::KeyRetired { key: key_id }),
     }
 }
 
@@ -154,7 +235,9 @@ fn count_error(shared: &SessionShared, slot: usize, error: &LinkError) {
         | LinkError::Write(_)
         | LinkError::SessionClosed
         | LinkError::Spawn(_)
-        | LinkError::Socket(_) => {}
+        | LinkError::Socket(_)
+        | LinkError::KeyRetired { .. }
+        | LinkError::Rekey(_) => {}
     }
 }
 

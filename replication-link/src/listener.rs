@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use crate::admission::{Admission, Source};
 use crate::config::{ConfigError, LinkConfig};
 use crate::frame::ConnectionKeys;
-use crate::handshake::{answer_hello, random_nonce, read_hello};
+use crate::handshake::{answer_hello, choose_key, random_nonce, read_hello};
 use crate::handshake::{HandshakeChannel, HandshakeError, Side};
 use crate::header::{Hello, ServerParams, MAX_LINKS, PROTOCOL_VERSION};
 use crate::link::{run_connection, LinkError};
 use crate::log_limit::{error_chain, lock, LogLimiter};
-use crate::psk::Psk;
+use crate::psk::{KeyId, Psk};
 use crate::session::{random_id, CloseReason, Session};
 use crate::shared::{Identity, PeerHandshake, SessionShared};
 use crate::stats::{bump, ListenerAddressStats, ListenerCounters, ListenerStats};
@@ -177,6 +177,7 @@ struct Handshaken {
     hello: Hello,
     prepared: Prepared,
     keys: ConnectionKeys,
+    key_id: KeyId,
 }
 
 /// An authenticated connection joining its session's link `slot`.
@@ -184,6 +185,7 @@ struct Joining {
     slot: usize,
     connection: u64,
     keys: ConnectionKeys,
+    key_id: KeyId,
 }
 
 /// The session a connection joins, and what the application must be told.
@@ -507,6 +509,7 @@ impl ListenerShared {
                     joining.connection,
                     stream,
                     joining.keys,
+                    joining.key_id,
                 );
             }
             Ok(None) => {}
@@ -537,19 +540,14 @@ impl ListenerShared {
         }
     }
 
-    /// The key a client must prove: the pair's, or its own with per-client keys. An unknown
-    /// client gets a random one, so it fails exactly like a client with a wrong key and
-    /// learns nothing about which ids exist.
-    fn key_for(&self, client_id: &str) -> Result<Psk, HandshakeError> {
+    /// The keys a client may prove: the pair's (its ring, as it is now), or its own with
+    /// per-client keys. An unknown client gets none, so it is refused exactly like a
+    /// client with a wrong key and learns nothing about which ids exist.
+    fn keys_for(&self, client_id: &str) -> Vec<Psk> {
         let Some(keys) = &self.config.client_keys else {
-            return Ok(self.config.psk.clone());
+            return self.config.keys.keys().to_vec();
         };
-        if let Some(key) = keys.get(client_id) {
-            return Ok(key.clone());
-        }
-        let mut secret = [0u8; 32];
-        getrandom::fill(&mut secret).map_err(HandshakeError::Random)?;
-        Psk::from_bytes(&secret).map_err(|_| HandshakeError::AuthenticationFailed)
+        keys.get(client_id).cloned().into_iter().collect()
     }
 
     /// Runs the handshake, under `deadline` as a whole.
@@ -569,6 +567,7 @@ impl ListenerShared {
             .prepare(&hello)
             .map_err(|error| ServeError::Handshake(HandshakeError::Random(error)))?;
         let answered = random_nonce().and_then(|server_nonce| {
+            let psk = choose_key(&mut channel, &hello, &self.keys_for(&hello.client_id))?;
             let params = ServerParams {
                 protocol_version: PROTOCOL_VERSION,
                 server_id: self.config.local_id.clone(),
@@ -576,15 +575,16 @@ impl ListenerShared {
                 instance: prepared.instance,
                 send_base: prepared.send_base,
                 limits,
+                key_id: psk.id(),
             };
-            let psk = self.key_for(&hello.client_id)?;
-            answer_hello(&mut channel, &psk, &hello, params)
+            answer_hello(&mut channel, &psk, &hello, params).map(|keys| (keys, psk.id()))
         });
         match answered {
-            Ok(keys) => Ok(Handshaken {
+            Ok((keys, key_id)) => Ok(Handshaken {
                 hello,
                 prepared,
                 keys,
+                key_id,
             }),
             Err(error) => {
                 lock(&self.registry).release(hello.session_id, &prepared);
@@ -633,6 +633,7 @@ impl ListenerShared {
             hello,
             prepared,
             keys,
+            key_id,
         } = done;
         if let Some(counters) = self.counters.get(index) {
             bump(&counters.handshakes_completed);
@@ -662,6 +663,7 @@ impl ListenerShared {
             limits: hello.limits,
             address: stream.peer_addr().ok(),
             local_address: stream.local_addr().ok(),
+            key_id,
         };
         let slot = usize::from(hello.link);
         let connection = match session.attach(slot, stream, peer) {
@@ -686,6 +688,7 @@ impl ListenerShared {
                 slot,
                 connection,
                 keys,
+                key_id,
             },
         )))
     }
@@ -830,7 +833,8 @@ mod tests {
         Psk::from_bytes(text.as_bytes()).expect("psk")
     }
 
-    fn hello(config: &LinkConfig, client_id: &str, session_id: u128, link: u8) -> Hello {
+    fn hello(key: &Psk, client_id: &str, session_id: u128, link: u8) -> Hello {
+        let config = LinkConfig::new(key.clone(), client_id);
         Hello {
             protocol_version: PROTOCOL_VERSION,
             client_id: client_id.into(),
@@ -840,6 +844,7 @@ mod tests {
             client_nonce: random_nonce().expect("nonce"),
             send_base: 0,
             limits: config.receive_limits(),
+            key_ids: vec![key.id()],
         }
     }
 
@@ -888,8 +893,8 @@ mod tests {
         let a = TcpStream::connect(address).expect("connect");
         client_handshake(
             &a,
-            &key_a,
-            &hello(&config, "host-a", session_id, 0),
+            std::slice::from_ref(&key_a),
+            &hello(&key_a, "host-a", session_id, 0),
             timeout,
         )
         .expect("host-a authenticates");
@@ -902,8 +907,8 @@ mod tests {
         let mut c = TcpStream::connect(address).expect("connect");
         let _ = client_handshake(
             &c,
-            &key_c,
-            &hello(&config, "host-c", session_id, 1),
+            std::slice::from_ref(&key_c),
+            &hello(&key_c, "host-c", session_id, 1),
             timeout,
         );
         c.set_read_timeout(Some(timeout)).expect("timeout");

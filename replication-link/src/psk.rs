@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 /// Context string of the key derivation (never change: both hosts must agree).
 const PSK_CONTEXT: &str = "ftvm replication psk v1";
+/// Context string of a key's public id (never change: both hosts must agree).
+const KEY_ID_CONTEXT: &str = "ftvm replication key id v1";
 /// Shortest secret accepted, in bytes.
 pub const MIN_PSK_BYTES: usize = 16;
 /// Largest key file read, in bytes.
@@ -80,6 +82,37 @@ impl Psk {
     pub(crate) fn key(&self) -> &[u8; 32] {
         &self.key
     }
+
+    /// The key's public id: a one-way hash of it that names the key in the handshake (a
+    /// client offers the ids of the keys it holds, the server answers with the one it
+    /// chose) and in logs and status, without revealing the key.
+    pub fn id(&self) -> KeyId {
+        let hash = blake3::derive_key(KEY_ID_CONTEXT, &self.key);
+        let mut id = [0u8; KEY_ID_BYTES];
+        id.copy_from_slice(&hash[..KEY_ID_BYTES]);
+        KeyId(id)
+    }
+}
+
+/// Size of a [`KeyId`].
+pub const KEY_ID_BYTES: usize = 8;
+
+/// A key's public id ([`Psk::id`]), shown as 16 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct KeyId(pub [u8; KEY_ID_BYTES]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0
+            .iter()
+            .try_for_each(|byte| write!(formatter, "{byte:02x}"))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "KeyId({self})")
+    }
 }
 
 impl fmt::Debug for Psk {
@@ -132,6 +165,11 @@ mod tests {
         let key = Psk::from_file(file.path()).expect("key");
         assert_eq!(key, Psk::from_bytes(b"a long enough secret").expect("key"));
         assert!(format!("{key:?}").contains("redacted"));
+        assert_eq!(key.id().to_string().len(), 16);
+        assert_ne!(
+            key.id(),
+            Psk::from_bytes(b"another long secret").expect("key").id()
+        );
 
         let missing = Psk::from_file(Path::new("/nonexistent/ftvm.psk")).expect_err("missing");
         assert!(matches!(missing, PskError::Read { .. }));

@@ -12,8 +12,9 @@ use crate::config::LinkConfig;
 use crate::frame::ReadFrame;
 use crate::handshake::Side;
 use crate::header::{Echo, LinkHeader, LinkLimits};
-use crate::link::LinkError;
+use crate::link::{LinkError, RekeyCause};
 use crate::log_limit::{error_chain, lock, LogLimiter};
+use crate::psk::KeyId;
 use crate::reliability::{Arrival, Message, ReceiveBuffer, SendWindow, Transmission, Window};
 use crate::session::{CloseReason, SessionEvent};
 use crate::stats::{bump, LinkCounters, LinkStats};
@@ -45,6 +46,8 @@ pub(crate) struct PeerHandshake {
     pub(crate) limits: LinkLimits,
     pub(crate) address: Option<SocketAddr>,
     pub(crate) local_address: Option<SocketAddr>,
+    /// The pre-shared key the connection was authenticated with.
+    pub(crate) key_id: KeyId,
 }
 
 /// A frame a writer is to send.
@@ -132,10 +135,17 @@ struct LinkSlot {
     connection: Option<Connection>,
     /// A client connection in its handshake, so that `close` can abort it.
     connecting: Option<TcpStream>,
+    /// Client: the connection a new one replaced for a key change, kept open until the
+    /// server is heard on the new one (so the server never sees the old one close before
+    /// the new one is attached on its side, which would be a link down).
+    retiring: Option<TcpStream>,
     last_error: Option<String>,
 }
 
 struct Connection {
+    key_id: KeyId,
+    /// Server: a `Rekey` is to be sent on this connection.
+    rekey_due: bool,
     id: u64,
     stream: TcpStream,
     last_heard: Instant,
@@ -146,6 +156,17 @@ struct Connection {
 }
 
 impl SessionState {
+    /// Closes the connection that link `slot`'s current one replaced, if any.
+    fn end_retiring(&mut self, slot: usize) {
+        if let Some(old) = self
+            .links
+            .get_mut(slot)
+            .and_then(|link| link.retiring.take())
+        {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+    }
+
     fn connection_mut(&mut self, slot: usize, id: u64) -> Option<&mut Connection> {
         self.links
             .get_mut(slot)
@@ -298,11 +319,20 @@ impl SessionShared {
         let id = state.next_connection_id;
         state.next_connection_id += 1;
         let now = Instant::now();
+        let side = self.identity.side;
         let link = state.links.get_mut(slot).ok_or(LinkError::SessionClosed)?;
         if let Some(old) = link.connection.take() {
-            let _ = old.stream.shutdown(Shutdown::Both);
+            match side {
+                // Only a key change replaces a client's connection that still runs.
+                Side::Client => link.retiring = Some(old.stream),
+                Side::Server => {
+                    let _ = old.stream.shutdown(Shutdown::Both);
+                }
+            }
         }
         link.connection = Some(Connection {
+            key_id: peer.key_id,
+            rekey_due: false,
             id,
             stream: shutdown_copy,
             last_heard: now,
@@ -369,8 +399,14 @@ impl SessionShared {
         let closed = state.closed.is_some();
         if let Some(link) = state.links.get_mut(slot) {
             if link.connection.as_ref().is_some_and(|c| c.id == connection) {
-                if let Some(old) = link.connection.take() {
-                    let _ = old.stream.shutdown(Shutdown::Both);
+                for stream in [
+                    link.connection.take().map(|old| old.stream),
+                    link.retiring.take(),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    let _ = stream.shutdown(Shutdown::Both);
                 }
                 let text = error_chain(error);
                 link.last_error = Some(text.clone());
@@ -389,6 +425,16 @@ impl SessionShared {
         self.work.notify_all();
     }
 
+    /// Server: asks the client of `connection` to connect again (a `Rekey` frame).
+    pub(crate) fn ask_rekey(&self, slot: usize, connection: u64) {
+        let mut state = self.lock_state();
+        if let Some(current) = state.connection_mut(slot, connection) {
+            current.rekey_due = true;
+        }
+        drop(state);
+        self.work.notify_all();
+    }
+
     /// Ends the session: every link is shut down and every waiting thread woken.
     pub(crate) fn close(&self, reason: CloseReason) {
         let mut state = self.lock_state();
@@ -399,7 +445,10 @@ impl SessionShared {
             if let Some(connection) = link.connection.take() {
                 let _ = connection.stream.shutdown(Shutdown::Both);
             }
-            if let Some(stream) = link.connecting.take() {
+            for stream in [link.connecting.take(), link.retiring.take()]
+                .into_iter()
+                .flatten()
+            {
                 let _ = stream.shutdown(Shutdown::Both);
             }
         }
@@ -439,6 +488,9 @@ impl SessionShared {
                 time_us,
                 echo,
             } => self.on_control(slot, connection, ack_up_to, Some((time_us, echo))),
+            LinkHeader::Rekey if self.identity.side == Side::Client => {
+                Err(LinkError::Rekey(RekeyCause::PeerRetired))
+            }
             other => Err(LinkError::Unexpected { kind: other.kind() }),
         }
     }
@@ -453,6 +505,7 @@ impl SessionShared {
         let mut state = self.lock_state();
         if let Some(current) = state.connection_mut(slot, connection) {
             current.last_heard = Instant::now();
+            state.end_retiring(slot);
         }
         self.apply_ack(&mut state, ack_up_to)?;
         match state
@@ -486,6 +539,9 @@ impl SessionShared {
         let mut state = self.lock_state();
         let now = Instant::now();
         let now_us = self.clock_us(now);
+        if state.connection_mut(slot, connection).is_some() {
+            state.end_retiring(slot);
+        }
         if let Some(current) = state.connection_mut(slot, connection) {
             current.last_heard = now;
             if let Some((time_us, echo)) = heartbeat {
@@ -563,6 +619,9 @@ impl SessionShared {
         let now_us = self.clock_us(now);
         let current = state.connection_mut(slot, connection)?;
         let mut frames = Vec::new();
+        if std::mem::take(&mut current.rekey_due) {
+            frames.push(OutFrame::Control(LinkHeader::Rekey));
+        }
         if current
             .last_heartbeat_sent
             .is_none_or(|sent| now.saturating_duration_since(sent) >= interval)
@@ -664,6 +723,7 @@ impl SessionShared {
                     stats.up = silence < self.config.link_timeout();
                     stats.rtt_us = connection.rtt_us;
                     stats.last_heard_ms = Some(silence.as_millis() as u64);
+                    stats.key = Some(connection.key_id.to_string());
                 }
                 stats
             })

@@ -48,6 +48,9 @@ pub struct LinkStats {
     pub rtt_us: Option<u64>,
     /// Time since the last frame from the peer, while up.
     pub last_heard_ms: Option<u64>,
+    /// The id (16 hex digits, [`crate::Psk::id`]) of the pre-shared key the connection was
+    /// authenticated with, while connected: shows when both hosts use a new key.
+    pub key: Option<String>,
     pub last_error: Option<String>,
     pub frames_sent: u64,
     pub bytes_sent: u64,
@@ -74,6 +77,7 @@ impl LinkStats {
             up: false,
             rtt_us: None,
             last_heard_ms: None,
+            key: None,
             last_error: None,
             frames_sent: read(&counters.frames_sent),
             bytes_sent: read(&counters.bytes_sent),
@@ -91,6 +95,10 @@ impl LinkStats {
 /// A session: both directions and every link.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionStats {
+    /// As 32 hex digits, as in the logs (a JSON number cannot hold a u128: with it as a
+    /// number, `serde_json::to_value` of these statistics failed and the daemons' status
+    /// showed no links).
+    #[serde(serialize_with = "hex_u128")]
     pub session_id: u128,
     pub service: String,
     pub peer_id: Option<String>,
@@ -106,6 +114,10 @@ pub struct SessionStats {
     pub buffered_messages: usize,
     /// Messages from a peer incarnation that restarted before they were taken.
     pub discarded_on_peer_restart: u64,
+}
+
+fn hex_u128<S: serde::Serializer>(value: &u128, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{value:032x}"))
 }
 
 /// Per-address counters of a listener.

@@ -75,6 +75,7 @@ fn hello_frame() -> Vec<u8> {
             window_bytes: 1 << 20,
             max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
         },
+        key_ids: vec![support::psk().id()],
     });
     encode_handshake_frame(&hello, Direction::ClientToServer, 0).expect("encode")
 }
@@ -207,7 +208,7 @@ fn slow_connections_do_not_keep_a_host_from_the_witness() {
     server.max_pending_handshakes_per_source = server.max_pending_handshakes;
     let limit = server.max_pending_handshakes;
     let mut client = config("host-a");
-    client.psk = key;
+    client.keys = key.into();
     check_flood_resistance(server, client, limit);
 }
 

@@ -17,7 +17,9 @@ use support::{accept, config, listener, payload, recv_one, within, Fault, Relay,
 fn wrong_key_is_refused_on_both_sides_and_nothing_is_delivered() {
     let listener = listener(1, config("host-b"));
     let mut wrong = config("host-a");
-    wrong.psk = Psk::from_bytes(b"another key entirely, 32 bytes..").expect("psk");
+    wrong.keys = Psk::from_bytes(b"another key entirely, 32 bytes..")
+        .expect("psk")
+        .into();
     let intruder =
         Session::connect(listener.local_addrs().to_vec(), "blk:x", wrong).expect("connect");
     intruder
@@ -68,7 +70,7 @@ fn with_per_client_keys_no_client_can_use_another_ones_id() {
     let listener = listener(1, server);
     let as_client = |id: &str, psk: &Psk| {
         let mut client = config(id);
-        client.psk = psk.clone();
+        client.keys = psk.clone().into();
         let session =
             Session::connect(listener.local_addrs().to_vec(), "witness", client).expect("connect");
         session.send(b"claim", vec![]).expect("queued");
@@ -142,6 +144,7 @@ fn hello(version: u16) -> LinkHeader {
             window_bytes: 1 << 20,
             max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
         },
+        key_ids: vec![support::psk().id()],
     })
 }
 

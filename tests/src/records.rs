@@ -152,6 +152,20 @@ echo WRITER-DONE
     guest
 }
 
+/// Panics unless records `1..=up_to` of [`cluster_writer`] are in `image` (record `i` at
+/// block `i`): what a cluster's guest acknowledged, on one copy.
+pub fn assert_cluster_records_in_image(image: &[u8], up_to: u64, which: &str) {
+    for record in 1..=up_to {
+        let offset = (record * 4096) as usize;
+        let expected = format!("ftvm-record {record}\n");
+        assert_eq!(
+            image.get(offset..offset + expected.len()),
+            Some(expected.as_bytes()),
+            "acknowledged record {record} is missing from {which}'s image"
+        );
+    }
+}
+
 /// Panics if a guest writer reported a failed write (`WRITE-FAILED` on its console).
 pub fn assert_no_write_failed(console: &[String]) {
     assert!(

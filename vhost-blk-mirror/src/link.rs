@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use log::{info, warn};
-use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionEvent};
+use replication_link::{
+    KeyRing, LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionEvent,
+};
 use thiserror::Error;
 
 use crate::mirror::primary::Connector;
@@ -17,7 +19,7 @@ use crate::replication::ReplicationConfig;
 #[derive(Debug, Error)]
 pub enum LinkSetupError {
     #[error("cannot read the pre-shared key")]
-    Psk(#[source] replication_link::PskError),
+    Psk(#[source] replication_link::KeyRingError),
     #[error("cannot listen for the primary on {addresses:?}")]
     Listen {
         addresses: Vec<SocketAddr>,
@@ -38,8 +40,12 @@ pub struct LinkSettings {
 impl LinkSettings {
     pub fn from_config(config: &ReplicationConfig) -> Result<LinkSettings, LinkSetupError> {
         let psk = match &config.psk_file {
-            Some(path) => Psk::from_file(path).map_err(LinkSetupError::Psk)?,
-            None => Psk::from_bytes(b"standalone: no peer, no key").map_err(LinkSetupError::Psk)?,
+            // The pair's key and, while it exists, the previous one (key rotation); the
+            // ring follows both files while the daemon runs.
+            Some(path) => KeyRing::from_file(path).map_err(LinkSetupError::Psk)?,
+            None => Psk::from_bytes(b"standalone: no peer, no key")
+                .map_err(|error| LinkSetupError::Psk(error.into()))?
+                .into(),
         };
         Ok(LinkSettings {
             config: LinkConfig::new(psk, config.host_id.clone()),

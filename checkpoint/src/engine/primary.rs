@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use log::{info, warn};
-use replication_link::{LinkConfig, Psk, Session};
+use replication_link::{KeyRing, LinkConfig, Session};
 use serde::Serialize;
 
 use super::daemons::Daemons;
@@ -276,9 +276,10 @@ fn run_epochs(
         tracker.qemu_pid(),
         options.ram.display()
     );
-    let psk = Psk::from_file(&options.psk_file)
+    // The pair's key and, while it exists, the previous one (key rotation).
+    let keys = KeyRing::from_file(&options.psk_file)
         .with_context(|| format!("cannot read the pair key {}", options.psk_file.display()))?;
-    let config = LinkConfig::new(psk, options.host_id.clone());
+    let config = LinkConfig::new(keys, options.host_id.clone());
     let session = Session::connect(
         options.peers.clone(),
         &wire::service_name(&options.vm),

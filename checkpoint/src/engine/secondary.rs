@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use log::{info, warn};
-use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk};
+use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent};
 use serde::Serialize;
 
 use super::daemons::SecondaryDisks;
@@ -204,9 +204,10 @@ pub fn run(
     let requests = daemon_util::lock(&shared.incoming)
         .take()
         .context("the secondary engine serves its replica once")?;
-    let psk = Psk::from_file(&options.psk_file)
+    // The pair's key and, while it exists, the previous one (key rotation).
+    let keys = KeyRing::from_file(&options.psk_file)
         .with_context(|| format!("cannot read the pair key {}", options.psk_file.display()))?;
-    let mut config = LinkConfig::new(psk, options.host_id.clone());
+    let mut config = LinkConfig::new(keys, options.host_id.clone());
     config.allowed_services = Some(vec![wire::service_name(&options.vm)]);
     config.allowed_clients = options.peer_id.clone().map(|peer| vec![peer]);
     let listener = LinkListener::bind(options.listen.clone(), config)

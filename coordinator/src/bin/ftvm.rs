@@ -2,8 +2,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Parser;
-use coordinator::cli::{FtvmArgs as Args, FtvmCommand as Command, HostAction};
-use coordinator::daemon::control::{request, HostStatus, Reply, Request};
+use coordinator::cli::{
+    FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice,
+};
+use coordinator::daemon::control::{request, HostStatus, KeyStatus, Reply, Request};
 use coordinator::daemon::nics::NicStatus;
 use coordinator::host::Role;
 
@@ -31,6 +33,7 @@ fn run(args: &Args) -> Result<(), String> {
                 .map_err(|error| coordinator::error_chain(&error))?;
             print!("{}", coordinator::keygen::instructions(&keys));
         }
+        Command::Key { action } => key(action, &ask)?,
         Command::Status { json } => {
             let Reply::Status(status) = ask(Request::Status)? else {
                 return Err("unexpected answer from ftvmd".into());
@@ -199,6 +202,94 @@ fn primaries(status: &HostStatus) -> Vec<String> {
         .collect()
 }
 
+/// `ftvm key rotate|retire`: the file work here (ftvmd cannot write /etc), the checks
+/// from ftvmd's status.
+fn key(action: &KeyAction, ask: &dyn Fn(Request) -> Result<Reply, String>) -> Result<(), String> {
+    let status = |choice: &KeyChoice| -> Result<KeyStatus, String> {
+        let Reply::Status(status) = ask(Request::Status)? else {
+            return Err("unexpected answer from ftvmd".into());
+        };
+        Ok(if choice.witness {
+            status.witness_key
+        } else {
+            status.pair_key
+        })
+    };
+    let file = |choice: &KeyChoice| -> Result<std::path::PathBuf, String> {
+        match &choice.key_file {
+            Some(file) => Ok(file.clone()),
+            None => status(choice)
+                .map(|key| key.file)
+                .map_err(|error| format!("{error} (give --key-file FILE when ftvmd does not run)")),
+        }
+    };
+    let error =
+        |error: coordinator::key_rotation::KeyRotationError| coordinator::error_chain(&error);
+    match action {
+        KeyAction::Rotate { new, key } => {
+            let path = file(key)?;
+            let rotated =
+                coordinator::key_rotation::rotate(&path, new.as_deref()).map_err(error)?;
+            let previous = replication_link::key_ring::previous_key_path(&path);
+            println!(
+                "{}: key {} preferred now, key {} still accepted ({}).",
+                path.display(),
+                rotated.new,
+                rotated.previous,
+                previous.display()
+            );
+            if key.witness {
+                println!(
+                    "Next: put {} on the witness as this host's key, restart ftvm-witness, then `ftvm key retire --witness` here.",
+                    path.display()
+                );
+            } else if new.is_none() {
+                println!(
+                    "Next: copy {} to the peer (scp -p) and run `ftvm key rotate --new COPY` there; then `ftvm key retire` on both hosts.",
+                    path.display()
+                );
+            } else {
+                println!("Next: `ftvm key retire` on both hosts.");
+            }
+        }
+        KeyAction::Retire { key, force } => {
+            let path = file(key)?;
+            if !*force {
+                let status = status(key)
+                    .map_err(|error| format!("{error} (or --force to retire unchecked)"))?;
+                coordinator::key_rotation::check_retire(&status, key.witness)
+                    .map_err(|error| format!("not retired: {error} (or --force)"))?;
+            }
+            let retired = coordinator::key_rotation::retire(&path).map_err(error)?;
+            println!(
+                "{}: key {retired} retired; connections under it come back under the current key.",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn key_line(name: &str, key: &KeyStatus) -> String {
+    let held = match key.held.as_slice() {
+        [preferred] => preferred.clone(),
+        [preferred, rest @ ..] => format!("{preferred} (also accepted: {})", rest.join(", ")),
+        [] => "-".into(),
+    };
+    let peer = match &key.peer_holds {
+        Some(keys) => format!(", peer holds {}", keys.join(", ")),
+        None => String::new(),
+    };
+    format!(
+        "{name} key {held}; links use {}{peer}\n",
+        if key.in_use.is_empty() {
+            "-".into()
+        } else {
+            key.in_use.join(", ")
+        }
+    )
+}
+
 fn table(status: &HostStatus) -> String {
     let mut out = format!(
         "host {} (peer {}): A-links {}/{} up, witness {}{}\n",
@@ -213,6 +304,8 @@ fn table(status: &HostStatus) -> String {
         },
         if status.disabled { ", DISABLED" } else { "" }
     );
+    out.push_str(&key_line("pair", &status.pair_key));
+    out.push_str(&key_line("witness", &status.witness_key));
     out.push_str(&format!(
         "{:<12} {:>5} {:<12} {:<10} {:<10} {:>6} {:>5} {:>6} {:<9}\n",
         "VM", "LEVEL", "STATE", "PRIMARY", "SECONDARY", "SYNC", "GEN", "LINKS", "WITNESS"

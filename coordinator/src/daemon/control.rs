@@ -4,7 +4,7 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
 use std::time::Duration;
@@ -62,6 +62,10 @@ fn default_migrate_timeout() -> u64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostStatus {
     pub host: String,
+    /// The pair's key (`[peer] psk_file`).
+    pub pair_key: KeyStatus,
+    /// This host's key with the witness (`[witness] psk_file`).
+    pub witness_key: KeyStatus,
     pub peer: String,
     pub peer_reachable: bool,
     pub links_up: usize,
@@ -71,10 +75,24 @@ pub struct HostStatus {
     pub vms: Vec<VmStatus>,
 }
 
+/// One of this host's keys, for `ftvm status` and `ftvm key retire` (ids: 16 hex digits,
+/// a one-way hash of the key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The key file; `FILE.previous`, while it exists, holds a key accepted too.
+    pub file: PathBuf,
+    /// The ids of the keys held now, the preferred (the file's) first.
+    pub held: Vec<String>,
+    /// The ids of the keys the links this host dials use, one per link that is up.
+    pub in_use: Vec<String>,
+    /// The pair's key: the ids the peer holds, from its last heartbeat (`None`: not heard).
+    pub peer_holds: Option<Vec<String>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
-    Status(HostStatus),
+    Status(Box<HostStatus>),
     Events(Vec<Event>),
     Done(String),
     Error(String),

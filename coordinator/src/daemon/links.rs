@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use log::{info, warn};
-use replication_link::{LinkConfig, LinkListener, ListenerEvent, Psk, Session};
+use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent, Session};
 use serde::{Deserialize, Serialize};
 
 use crate::host::Role;
@@ -58,6 +58,9 @@ pub enum PeerMessage {
         instance: u64,
         sequence: u64,
         vms: Vec<VmBeat>,
+        /// The ids of the pair keys the sender holds, the preferred first: lets `ftvm key
+        /// retire` check that the peer holds the new key before the old one is refused.
+        keys: Vec<String>,
     },
     /// Planned failover: the sender (the primary) has stopped the VM and fenced its disks;
     /// the receiver should claim the next generation and start the VM.
@@ -71,6 +74,7 @@ pub enum PeerMessage {
 /// link that dies holds back only its own messages (an ordered session over both links
 /// would stall every heartbeat until the dead link timed out).
 pub struct PeerLink {
+    keys: KeyRing,
     clients: Vec<Session>,
     _listener: Arc<LinkListener>,
     received: Receiver<PeerMessage>,
@@ -102,6 +106,7 @@ impl PeerLink {
             .spawn(move || accept(&accepting, &sender))
             .map_err(|error| format!("cannot start a thread: {error}"))?;
         Ok(PeerLink {
+            keys: config.keys.clone(),
             clients,
             _listener: listener,
             received,
@@ -152,6 +157,17 @@ impl PeerLink {
             .collect()
     }
 
+    /// The ids of the pair keys this host holds now, the preferred first.
+    pub fn keys_held(&self) -> Vec<String> {
+        self.keys.ids().iter().map(ToString::to_string).collect()
+    }
+
+    /// The ids of the keys the links this host dials are authenticated with, one per link
+    /// that is up.
+    pub fn keys_in_use(&self) -> Vec<String> {
+        keys_in_use(self.clients.iter())
+    }
+
     /// A-links on which the peer is reachable, of those configured.
     pub fn links_up(&self) -> (usize, usize) {
         let up = self
@@ -161,6 +177,14 @@ impl PeerLink {
             .count();
         (up, self.clients.len())
     }
+}
+
+fn keys_in_use<'a>(sessions: impl Iterator<Item = &'a Session>) -> Vec<String> {
+    sessions
+        .flat_map(|session| session.stats().links)
+        .filter(|link| link.up)
+        .filter_map(|link| link.key)
+        .collect()
 }
 
 fn encode<T: Serialize>(message: &T) -> Vec<u8> {
@@ -207,12 +231,14 @@ fn receive<T: for<'de> Deserialize<'de>>(session: &Session, sender: &Sender<T>) 
 
 /// The session with the witness.
 pub struct WitnessLink {
+    keys: KeyRing,
     session: Arc<Session>,
     received: Receiver<WitnessReply>,
 }
 
 impl WitnessLink {
     pub fn start(addresses: Vec<SocketAddr>, config: LinkConfig) -> Result<WitnessLink, String> {
+        let keys = config.keys.clone();
         let session = Arc::new(
             Session::connect(addresses.clone(), WITNESS_SERVICE, config).map_err(|error| {
                 format!("cannot start a session to the witness {addresses:?}: {error}")
@@ -224,11 +250,25 @@ impl WitnessLink {
             .name("witness-recv".into())
             .spawn(move || receive(&reader, &sender))
             .map_err(|error| format!("cannot start a thread: {error}"))?;
-        Ok(WitnessLink { session, received })
+        Ok(WitnessLink {
+            keys,
+            session,
+            received,
+        })
     }
 
     pub fn reachable(&self) -> bool {
         self.session.peer_reachable()
+    }
+
+    /// The ids of the witness keys this host holds now, the preferred first.
+    pub fn keys_held(&self) -> Vec<String> {
+        self.keys.ids().iter().map(ToString::to_string).collect()
+    }
+
+    /// The ids of the keys the link to the witness is authenticated with, while up.
+    pub fn keys_in_use(&self) -> Vec<String> {
+        keys_in_use(std::iter::once(self.session.as_ref()))
     }
 
     /// Failed authentications so far (a key mismatch).
@@ -263,9 +303,15 @@ impl WitnessLink {
     }
 }
 
-/// The link settings of a session: the pre-shared key from `psk_file`, this host's name.
+/// The link settings of a session: the keys of `psk_file` (and of `psk_file.previous` while
+/// it exists: key rotation, followed while ftvmd runs), this host's name.
 pub fn link_config(psk_file: &std::path::Path, host: &str) -> Result<LinkConfig, String> {
-    let psk = Psk::from_file(psk_file)
-        .map_err(|error| format!("cannot read the key {}: {error}", psk_file.display()))?;
-    Ok(LinkConfig::new(psk, host))
+    let keys = KeyRing::from_file(psk_file).map_err(|error| {
+        format!(
+            "cannot read the key {}: {}",
+            psk_file.display(),
+            replication_link::error_chain(&error)
+        )
+    })?;
+    Ok(LinkConfig::new(keys, host))
 }

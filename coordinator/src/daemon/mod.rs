@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
-use self::control::{HostStatus, Reply, Request};
+use self::control::{HostStatus, KeyStatus, Reply, Request};
 use self::events::Events;
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
 use self::processes::{
@@ -92,6 +92,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         instance: random_instance()?,
         beat_sequence: 0,
         peer_seen: None,
+        peer_keys: None,
         service: ServiceManager::from_env(),
         config,
     };
@@ -216,6 +217,8 @@ struct Daemon {
     beat_sequence: u64,
     /// The newest heartbeat taken from the peer: its instance and sequence.
     peer_seen: Option<(u64, u64)>,
+    /// The ids of the pair keys the peer holds, from its newest heartbeat.
+    peer_keys: Option<Vec<String>>,
     /// systemd's side: ready, watchdog, stopping (nothing when not under systemd).
     service: ServiceManager,
 }
@@ -372,6 +375,7 @@ impl Daemon {
                     instance,
                     sequence,
                     vms,
+                    keys,
                 } => {
                     let stale = self
                         .peer_seen
@@ -380,6 +384,7 @@ impl Daemon {
                         continue;
                     }
                     self.peer_seen = Some((instance, sequence));
+                    self.peer_keys = Some(keys);
                     if self.disabled {
                         continue;
                     }
@@ -462,6 +467,7 @@ impl Daemon {
                     instance: self.instance,
                     sequence: self.beat_sequence,
                     vms,
+                    keys: self.io.peer.keys_held(),
                 },
                 false,
             );
@@ -570,8 +576,20 @@ impl Daemon {
         match request {
             Request::Status => {
                 let (links_up, links) = self.io.peer.links_up();
-                Reply::Status(HostStatus {
+                Reply::Status(Box::new(HostStatus {
                     host: self.config.host.name.clone(),
+                    pair_key: KeyStatus {
+                        file: self.config.peer.psk_file.clone(),
+                        held: self.io.peer.keys_held(),
+                        in_use: self.io.peer.keys_in_use(),
+                        peer_holds: self.peer_keys.clone(),
+                    },
+                    witness_key: KeyStatus {
+                        file: self.config.witness.psk_file.clone(),
+                        held: self.io.witness.keys_held(),
+                        in_use: self.io.witness.keys_in_use(),
+                        peer_holds: None,
+                    },
                     peer: self.config.peer.name.clone(),
                     peer_reachable: links_up > 0,
                     links_up,
@@ -579,7 +597,7 @@ impl Daemon {
                     witness_reachable: self.io.witness.reachable(),
                     disabled: self.disabled,
                     vms: self.vms.iter().map(|vm| vm.status(now)).collect(),
-                })
+                }))
             }
             Request::Events => Reply::Events(self.io.events.all()),
             Request::Failover { vm: name } => {

@@ -47,7 +47,8 @@ use control_protocol::nic;
 use daemon_util::lock;
 use log::{info, warn};
 use replication_link::{
-    error_chain, LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionError, SessionEvent,
+    error_chain, KeyRing, LinkConfig, LinkListener, ListenerEvent, Session, SessionError,
+    SessionEvent,
 };
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -303,7 +304,7 @@ pub struct PeerSettings {
 #[derive(Debug, Error)]
 pub enum PeerError {
     #[error("cannot read the pre-shared key")]
-    Psk(#[source] replication_link::PskError),
+    Psk(#[source] replication_link::KeyRingError),
     #[error("cannot listen for the peer's daemon on {addresses:?}")]
     Listen {
         addresses: Vec<SocketAddr>,
@@ -318,8 +319,10 @@ pub enum PeerError {
 
 /// The link configuration of a NIC's peer link (both hosts must agree on the frame size).
 fn link_config(settings: &PeerSettings) -> Result<LinkConfig, PeerError> {
-    let psk = Psk::from_file(&settings.psk_file).map_err(PeerError::Psk)?;
-    let mut config = LinkConfig::new(psk, settings.host_id.clone());
+    // The pair's key and, while it exists, the previous one (key rotation); the ring follows
+    // both files while the daemon runs.
+    let keys = KeyRing::from_file(&settings.psk_file).map_err(PeerError::Psk)?;
+    let mut config = LinkConfig::new(keys, settings.host_id.clone());
     config.max_frame_bytes = LINK_FRAME_BYTES;
     config.max_unacked_bytes = SEND_WINDOW_BYTES;
     config.max_unacked_messages = SEND_WINDOW_MESSAGES;
