@@ -136,8 +136,8 @@ pub enum KeyAction {
         key: KeyChoice,
     },
     /// Stop accepting the previous key (remove FILE.previous). Connections still under it
-    /// end and come back under the current key within a second; a host that offers only
-    /// the old key is refused from then on. Refused until ftvmd sees that the peer (from
+    /// are replaced by ones under the current key within a second, no session going down;
+    /// a host that offers only the old key is refused from then on. Refused until ftvmd sees that the peer (from
     /// its heartbeats) or the witness (its link) holds the current key, unless --force.
     Retire {
         #[command(flatten)]

@@ -262,7 +262,7 @@ fn key(action: &KeyAction, ask: &dyn Fn(Request) -> Result<Reply, String>) -> Re
             }
             let retired = coordinator::key_rotation::retire(&path).map_err(error)?;
             println!(
-                "{}: key {retired} retired; connections under it come back under the current key.",
+                "{}: key {retired} retired; connections under it are replaced by ones under the current key.",
                 path.display()
             );
         }
