@@ -108,7 +108,9 @@ fn open_body(
             length: payload.len(),
         });
     }
+    // A version-2 peer's Hello has no key ids: read it anyway, to refuse it by its version.
     decode_header(header_bytes)
+        .or_else(|error| crate::header::decode_legacy_hello(header_bytes).ok_or(error))
 }
 
 /// The handshake frames of one connection, both directions, counted.
@@ -168,6 +170,46 @@ mod tests {
         LinkHeader::Refused {
             reason: "unsupported protocol version".into(),
         }
+    }
+
+    /// A version-2 peer (its Hello has no key ids) is read, so that the handshake can refuse
+    /// it by its version instead of as a malformed frame; a current Hello cut short is not.
+    #[test]
+    fn a_version_2_hello_is_read_to_be_refused_by_its_version() {
+        use crate::header::{LegacyHeader, LegacyHello, LinkLimits};
+        let limits = LinkLimits {
+            window_messages: 1,
+            window_bytes: 1,
+            max_frame_bytes: 1,
+        };
+        let legacy = LegacyHeader::Hello(LegacyHello {
+            protocol_version: 2,
+            client_id: "host-a".into(),
+            service: "blk:x".into(),
+            session_id: 5,
+            link: 0,
+            client_nonce: [9; 32],
+            send_base: 0,
+            limits,
+        });
+        let header = postcard::to_allocvec(&legacy).expect("encode");
+        let mut body = (header.len() as u16).to_le_bytes().to_vec();
+        body.extend_from_slice(&header);
+        let direction = Direction::ClientToServer;
+        let frame = checksum_body(&body, direction, 0);
+        let decoded = decode_handshake_frame(&frame, direction, 0).expect("decoded");
+        let LinkHeader::Hello(hello) = decoded.header else {
+            panic!("not a hello: {:?}", decoded.header);
+        };
+        assert_eq!((hello.protocol_version, hello.key_ids.len()), (2, 0));
+
+        let LegacyHeader::Hello(mut current) = legacy;
+        current.protocol_version = crate::header::PROTOCOL_VERSION;
+        let header = postcard::to_allocvec(&LegacyHeader::Hello(current)).expect("encode");
+        let mut body = (header.len() as u16).to_le_bytes().to_vec();
+        body.extend_from_slice(&header);
+        let frame = checksum_body(&body, direction, 0);
+        assert!(decode_handshake_frame(&frame, direction, 0).is_err());
     }
 
     #[test]

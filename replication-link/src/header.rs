@@ -124,6 +124,45 @@ pub enum LinkHeader {
     Rekey,
 }
 
+/// The `Hello` of protocol versions 1 and 2 (no `key_ids`): decoded only so that such a
+/// peer is refused with its version named, not as a malformed frame.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum LegacyHeader {
+    Hello(LegacyHello),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct LegacyHello {
+    pub(crate) protocol_version: u16,
+    pub(crate) client_id: String,
+    pub(crate) service: String,
+    pub(crate) session_id: u128,
+    pub(crate) link: u8,
+    pub(crate) client_nonce: [u8; NONCE_BYTES],
+    pub(crate) send_base: u64,
+    pub(crate) limits: LinkLimits,
+}
+
+/// `bytes` as an older version's `Hello` (exactly), as a `Hello` without key ids.
+pub(crate) fn decode_legacy_hello(bytes: &[u8]) -> Option<LinkHeader> {
+    let (LegacyHeader::Hello(hello), rest) =
+        postcard::take_from_bytes::<LegacyHeader>(bytes).ok()?;
+    if !rest.is_empty() || hello.protocol_version >= PROTOCOL_VERSION {
+        return None;
+    }
+    Some(LinkHeader::Hello(Hello {
+        protocol_version: hello.protocol_version,
+        client_id: hello.client_id,
+        service: hello.service,
+        session_id: hello.session_id,
+        link: hello.link,
+        client_nonce: hello.client_nonce,
+        send_base: hello.send_base,
+        limits: hello.limits,
+        key_ids: Vec::new(),
+    }))
+}
+
 impl LinkHeader {
     /// Short name for logs and errors.
     pub fn kind(&self) -> &'static str {
