@@ -4,10 +4,10 @@
  * benchmark can drive phases in the guest and see when the guest runs again after a
  * failover.
  *
- *   memwrite PORT BUFFER_MB
+ *   memwrite PORT BUFFER_MB [TICK_MS]
  *
- * Allocates BUFFER_MB MiB, prints "MEMWRITE-READY", then prints "TICK n" every 50 ms (its
- * own thread) and serves connections on PORT, one line per command:
+ * Allocates BUFFER_MB MiB, prints "MEMWRITE-READY", then prints "TICK n" every TICK_MS ms
+ * (default 50; its own thread) and serves connections on PORT, one line per command:
  *
  *   write ID RATE_MB SECONDS  rewrites whole pages of the buffer, in order and round and
  *                             round, at RATE_MB MB/s (10^6 bytes) for SECONDS seconds of
@@ -40,6 +40,7 @@ static uint64_t *buffer;
 static uint64_t buffer_pages;
 static uint64_t next_page;
 static uint64_t pass;
+static long tick_ms = 50;
 
 static double now_seconds(void)
 {
@@ -69,7 +70,7 @@ static void say(const char *format, ...)
 static void *ticker(void *unused)
 {
 	(void)unused;
-	struct timespec interval = {.tv_sec = 0, .tv_nsec = 50 * 1000 * 1000};
+	struct timespec interval = {.tv_sec = tick_ms / 1000, .tv_nsec = (tick_ms % 1000) * 1000 * 1000};
 	for (uint64_t tick = 1;; tick++) {
 		say("TICK %llu", (unsigned long long)tick);
 		nanosleep(&interval, NULL);
@@ -172,13 +173,15 @@ static void serve(int connection)
 
 int main(int argc, char **argv)
 {
-	if (argc != 3) {
-		fprintf(stderr, "usage: memwrite PORT BUFFER_MB\n");
+	if (argc != 3 && argc != 4) {
+		fprintf(stderr, "usage: memwrite PORT BUFFER_MB [TICK_MS]\n");
 		return 2;
 	}
 	int port = atoi(argv[1]);
 	buffer_pages = strtoull(argv[2], NULL, 10) * (1UL << 20) / PAGE;
-	if (port <= 0 || buffer_pages == 0) {
+	if (argc == 4)
+		tick_ms = atol(argv[3]);
+	if (port <= 0 || buffer_pages == 0 || tick_ms <= 0) {
 		fprintf(stderr, "memwrite: bad arguments\n");
 		return 2;
 	}

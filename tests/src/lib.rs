@@ -10,6 +10,7 @@
 
 pub mod blk;
 pub mod cluster;
+pub mod console_watch;
 pub mod cpio;
 pub mod fault_fs;
 pub mod guest;
@@ -20,6 +21,7 @@ pub mod mirror;
 pub mod net;
 pub mod nic_daemon;
 pub mod paths;
+pub mod plain_migration;
 pub mod qmp;
 pub mod records;
 pub mod tmpfs;

@@ -1,6 +1,6 @@
 //! A small QMP client: QEMU's JSON monitor protocol spoken natively over a unix socket
-//! (`-qmp unix:PATH,server=on,wait=off`), enough to stop and continue a guest and ask for
-//! its run state.
+//! (`-qmp unix:PATH,server=on,wait=off`), enough to stop and continue a guest, ask for
+//! its run state and run a command with arguments (`migrate`).
 //!
 //! QMP is line-oriented JSON: a greeting, then one reply (`return` or `error`) per command,
 //! with asynchronous `event`s interleaved anywhere; they are skipped here.
@@ -68,7 +68,18 @@ impl Qmp {
 
     /// Runs a command without arguments and returns its `return` value.
     pub fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
-        let mut line = json!({ "execute": command }).to_string();
+        self.execute_with(command, Value::Null)
+    }
+
+    /// Runs a command with `arguments` (a JSON object; `null` for none) and returns its
+    /// `return` value.
+    pub fn execute_with(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        let mut line = if arguments.is_null() {
+            json!({ "execute": command })
+        } else {
+            json!({ "execute": command, "arguments": arguments })
+        }
+        .to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes())?;
         loop {
