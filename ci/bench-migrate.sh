@@ -10,9 +10,9 @@
 #                last status and ftvmd's log lines of each move (`TIMELINE`, millisecond
 #                timestamps) (default target/bench-migrate.log)
 #
-# Steps: installs missing Debian packages, builds the guest image (ci/build-guest.sh) and
-# the release binaries (`cargo build --release --workspace`), then runs the ignored test
-# tests/tests/bench_migrate.rs (release build, so the rig runs the release daemons), which
+# Steps: installs missing Debian packages, builds the guest image (ci/build-guest.sh), the
+# release binaries (`cargo build --release --workspace`) and the test, then runs the ignored
+# test tests/tests/bench_migrate.rs (release build, so the rig runs the release daemons):
 #   1. anchor: plain QEMU live migration (QEMU's defaults) of the guest between the hostA
 #      and hostB namespaces, QEMU's own virtio-blk on one raw image both open, a plain TAP
 #      NIC on each host's VM bridge, the destination QEMU started with `-incoming tcp:` on
@@ -71,6 +71,7 @@ trap 'rm -rf "$RUN"' EXIT
 bash ci/install-deps.sh
 bash ci/build-guest.sh
 cargo build --release --locked --workspace
+cargo test --release --locked -p ftvm-tests --test bench_migrate --no-run
 
 MACHINE="$(nproc) cores, $(free -g | awk '/^Mem:/ { print $2 }') GiB, kernel $(uname -r), $(qemu-system-x86_64 --version | head -n1)"
 TREE=$(git rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")

@@ -85,10 +85,22 @@ impl ConsoleWatch {
     /// `from` had none before it.
     pub fn switch_gap(
         &self,
-        (from, to): (usize, usize),
+        files: (usize, usize),
         since: Instant,
         matches: impl Fn(&str) -> bool,
     ) -> Option<Duration> {
+        let (last, first) = self.switch(files, since, matches)?;
+        Some(first.duration_since(last))
+    }
+
+    /// When the lines of [`ConsoleWatch::switch_gap`] arrived: the last one of `from`, the
+    /// first one of `to`.
+    pub fn switch(
+        &self,
+        (from, to): (usize, usize),
+        since: Instant,
+        matches: impl Fn(&str) -> bool,
+    ) -> Option<(Instant, Instant)> {
         let lines = self.lines.lock().expect("console lines");
         let first_on_to = lines
             .iter()
@@ -97,7 +109,7 @@ impl ConsoleWatch {
             .iter()
             .rev()
             .find(|line| line.file == from && line.at <= first_on_to.at && matches(&line.text))?;
-        Some(first_on_to.at.duration_since(last_on_from.at))
+        Some((last_on_from.at, first_on_to.at))
     }
 }
 
