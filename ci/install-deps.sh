@@ -7,7 +7,7 @@
 #
 # Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
-# e2fsprogs, util-linux, kmod, iputils-ping, mount (losetup), socat (demo), gcc and
+# e2fsprogs, xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo), gcc and
 # libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
 # ci/verify-units.sh), plus any EXTRA_PACKAGE given on the command line.
 set -euo pipefail
@@ -28,6 +28,7 @@ PACKAGES=(
 	nftables
 	procps
 	e2fsprogs
+	xfsprogs
 	util-linux
 	kmod
 	iputils-ping

@@ -14,7 +14,7 @@ pub type Generation = u64;
 pub type Epoch = u64;
 
 /// A command to a disk daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Answered with [`Status`].
     Status,
@@ -25,6 +25,130 @@ pub enum Command {
     Order(Order),
     /// The checkpoint engine's Level 3 commands; answered with [`Done`].
     Epoch(EpochOrder),
+    /// `snapshot create|delete|revert NAME`, `snapshot list` (on a primary): answered with
+    /// [`Done`], `list` with [`Snapshots`].
+    Snapshot(SnapshotOrder),
+}
+
+/// The start of a disk daemon's refusal of `snapshot revert` while a guest is attached
+/// (ftvmd asks again until the stopped QEMU's connection is gone).
+pub const GUEST_ATTACHED: &str = "a guest is attached to this disk";
+
+/// The most bytes in a snapshot's name.
+pub const MAX_SNAPSHOT_NAME_BYTES: usize = 64;
+
+/// A snapshot's name: 1 to [`MAX_SNAPSHOT_NAME_BYTES`] ASCII letters, digits, `-`, `_` and
+/// `.`, not starting with `.` (it names a file next to the image: no path characters).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SnapshotName(String);
+
+impl SnapshotName {
+    /// Checks `name`; the error says what is wrong with it.
+    pub fn new(name: &str) -> Result<SnapshotName, ParseError> {
+        let bad = |why: &'static str| ParseError::SnapshotName {
+            name: name.chars().take(MAX_SNAPSHOT_NAME_BYTES + 8).collect(),
+            why,
+        };
+        if name.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        if name.len() > MAX_SNAPSHOT_NAME_BYTES {
+            return Err(bad("it is longer than 64 bytes"));
+        }
+        if name.starts_with('.') {
+            return Err(bad("it starts with a dot"));
+        }
+        let allowed = |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.');
+        if !name.bytes().all(allowed) {
+            return Err(bad("only letters, digits, '-', '_' and '.' are allowed"));
+        }
+        Ok(SnapshotName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for SnapshotName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        SnapshotName::new(&name).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for SnapshotName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A snapshot command (`docs/ARCHITECTURE.md`, "Snapshots"), to a primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotOrder {
+    /// `snapshot create NAME`: both copies, at the same point of the write stream.
+    Create(SnapshotName),
+    /// `snapshot delete NAME`: from both copies.
+    Delete(SnapshotName),
+    /// `snapshot revert NAME`: both copies back to the snapshot (no guest may be attached).
+    Revert(SnapshotName),
+    /// `snapshot list`: this copy's snapshots, answered with [`Snapshots`].
+    List,
+}
+
+impl SnapshotOrder {
+    /// The command's second word.
+    pub fn action(&self) -> &'static str {
+        match self {
+            SnapshotOrder::Create(_) => "create",
+            SnapshotOrder::Delete(_) => "delete",
+            SnapshotOrder::Revert(_) => "revert",
+            SnapshotOrder::List => "list",
+        }
+    }
+
+    pub fn name(&self) -> Option<&SnapshotName> {
+        match self {
+            SnapshotOrder::Create(name)
+            | SnapshotOrder::Delete(name)
+            | SnapshotOrder::Revert(name) => Some(name),
+            SnapshotOrder::List => None,
+        }
+    }
+}
+
+impl fmt::Display for SnapshotOrder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "snapshot {}", self.action())?;
+        match self.name() {
+            Some(name) => write!(f, " {name}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One snapshot of a copy, as `snapshot list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    pub name: SnapshotName,
+    /// When it was taken (the snapshot file's modification time), seconds since 1970.
+    pub created_unix_s: u64,
+    /// The disk's size (a snapshot is a whole image).
+    pub size_bytes: u64,
+    /// Space the snapshot alone holds: its extents that the file system does not share
+    /// with any other file (the image, another snapshot). Deleting it frees about this.
+    pub unshared_bytes: u64,
+}
+
+/// The answer to `snapshot list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshots {
+    /// The image the snapshots are of.
+    pub image: String,
+    /// Sorted by name.
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// A Level 3 command (`docs/LEVEL3.md`, "Disk writes at Level 3"): the first three to a
@@ -106,7 +230,7 @@ impl Command {
     pub const SYNOPSIS: &'static str =
         "status, promote [GENERATION [EPOCH]], demote, continue-degraded [GENERATION], fence, \
          repair, dirty-pages, epoch on EPOCH, epoch off, epoch-end EPOCH, commit EPOCH, \
-         wait-sealed EPOCH [TIMEOUT_MS]";
+         wait-sealed EPOCH [TIMEOUT_MS], snapshot create|delete|revert NAME, snapshot list";
 }
 
 impl Order {
@@ -150,6 +274,7 @@ impl fmt::Display for Command {
             Command::DirtyPages => f.write_str("dirty-pages"),
             Command::Order(order) => order.fmt(f),
             Command::Epoch(order) => order.fmt(f),
+            Command::Snapshot(order) => order.fmt(f),
         }
     }
 }
@@ -174,6 +299,50 @@ pub enum ParseError {
     NotOnOrOff { word: String },
     #[error("wait-sealed: a timeout of {0} ms is above the most, {max} ms", max = EpochOrder::MAX_WAIT_MS)]
     TimeoutTooLong(u64),
+    #[error("snapshot: {word:?} is none of create, delete, revert, list")]
+    SnapshotAction { word: String },
+    #[error("invalid snapshot name {name:?}: {why}")]
+    SnapshotName { name: String, why: &'static str },
+}
+
+/// `snapshot ACTION [NAME]`, after its first word.
+fn snapshot_order<'a>(
+    words: &mut impl Iterator<Item = &'a str>,
+) -> Result<SnapshotOrder, ParseError> {
+    let missing_name = || ParseError::Missing {
+        command: "snapshot",
+        what: "the snapshot's name",
+    };
+    let order = match words.next() {
+        Some("create") => {
+            SnapshotOrder::Create(SnapshotName::new(words.next().ok_or_else(missing_name)?)?)
+        }
+        Some("delete") => {
+            SnapshotOrder::Delete(SnapshotName::new(words.next().ok_or_else(missing_name)?)?)
+        }
+        Some("revert") => {
+            SnapshotOrder::Revert(SnapshotName::new(words.next().ok_or_else(missing_name)?)?)
+        }
+        Some("list") => SnapshotOrder::List,
+        Some(other) => {
+            return Err(ParseError::SnapshotAction {
+                word: other.to_owned(),
+            })
+        }
+        None => {
+            return Err(ParseError::Missing {
+                command: "snapshot",
+                what: "create, delete, revert or list",
+            })
+        }
+    };
+    if words.next().is_some() {
+        return Err(CommandError::TooManyArguments {
+            command: "snapshot",
+        }
+        .into());
+    }
+    Ok(order)
 }
 
 /// A decimal number argument (no sign, no other base).
@@ -254,6 +423,9 @@ impl FromStr for Command {
             }
             return Ok(Command::Epoch(order));
         }
+        if first == "snapshot" {
+            return snapshot_order(&mut words).map(Command::Snapshot);
+        }
         let command = match first {
             "status" => Command::Status,
             "dirty-pages" => Command::DirtyPages,
@@ -270,11 +442,12 @@ impl FromStr for Command {
                 .into())
             }
         };
-        let name = match command {
+        let name = match &command {
             Command::Status => "status",
             Command::DirtyPages => "dirty-pages",
             Command::Order(order) => order.name(),
             Command::Epoch(order) => order.name(),
+            Command::Snapshot(_) => "snapshot",
         };
         let generation = match words.next() {
             None => None,

@@ -81,6 +81,20 @@ pub enum FtvmCommand {
         #[arg(long, value_name = "SECONDS", default_value_t = 300)]
         timeout: u64,
     },
+    /// Snapshots of a protected VM's disks, taken on both copies at the same point of the
+    /// write stream (run on its primary; `list` on either host).
+    ///
+    /// A snapshot is a reflink of each disk image (and so costs no copy), kept next to it
+    /// in IMAGE.snapshots/NAME on both hosts. It needs the images on a file system with
+    /// reflinks: XFS (made with reflink=1, the default) or btrfs; on ext4, tmpfs and others
+    /// it is refused with the file system's name. It is crash-consistent: the guest's disk
+    /// as after a power cut at that instant (run `sync` or fsfreeze in the guest first for
+    /// more). Both copies must be in sync (Protected) and the VM at Level 1 or 2. The
+    /// guest's writes wait for a few milliseconds while it is taken.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Planned maintenance of this host.
     Host {
         #[command(subcommand)]
@@ -159,6 +173,29 @@ pub struct KeyChoice {
     /// run for `rotate`).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// Take snapshot NAME of every disk of VM, on both copies (a VM with one disk).
+    Create {
+        vm: String,
+        /// 1 to 64 letters, digits, '-', '_' and '.', not starting with '.'.
+        name: String,
+    },
+    /// This host's snapshots of VM's disks: name, time, and the space each holds alone
+    /// (blocks the image no longer shares with it: about what deleting it frees).
+    List {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshot NAME from both copies.
+    Delete { vm: String, name: String },
+    /// Put VM's disks back to snapshot NAME on both copies: the VM is stopped, both copies
+    /// reverted (they stay in sync: no resync), and the VM started again (a reboot; what
+    /// the guest wrote since the snapshot is gone).
+    Revert { vm: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -26,6 +26,7 @@ pub mod qmp;
 pub mod records;
 pub mod tmpfs;
 pub mod torture;
+pub mod xfs;
 
 pub use daemon_util::test_support::{netns, process, require_root, wait};
 

@@ -6,7 +6,8 @@
 //! after replacing a failed local disk) answer [`disk::Done`] (`{"ok": true, "result":
 //! "..."}`); `dirty-pages` (the checkpoint engine's, Level 3) answers [`disk::DirtyPages`];
 //! the checkpoint engine's Level 3 epoch commands (`epoch on|off`, `epoch-end`, `commit`,
-//! `wait-sealed`) answer [`disk::Done`];
+//! `wait-sealed`) answer [`disk::Done`]; `snapshot create|delete|revert NAME` answer
+//! [`disk::Done`] and `snapshot list` [`disk::Snapshots`];
 //! anything refused or not understood gets `{"error": "..."}`.
 
 use std::io;
@@ -106,6 +107,20 @@ fn answer(line: &str, disk: &Disk, queues: usize) -> io::Result<String> {
         Ok(disk::Command::Order(order)) => {
             info!("control command: {order}");
             match disk.mirror.command(order) {
+                Ok(result) => Reply::Answer(disk::Done { ok: true, result }).to_line(),
+                Err(error) => Reply::<disk::Done>::Refused(error).to_line(),
+            }
+        }
+        Ok(disk::Command::Snapshot(disk::SnapshotOrder::List)) => {
+            match crate::snapshot::list(disk.mirror.image().path()) {
+                Ok(snapshots) => Reply::Answer(snapshots).to_line(),
+                Err(error) => Reply::<disk::Snapshots>::Refused(error).to_line(),
+            }
+        }
+        Ok(disk::Command::Snapshot(order)) => {
+            info!("control command: {order}");
+            let attached = disk.metrics.snapshot().connected;
+            match disk.mirror.snapshot_command(&order, attached) {
                 Ok(result) => Reply::Answer(disk::Done { ok: true, result }).to_line(),
                 Err(error) => Reply::<disk::Done>::Refused(error).to_line(),
             }

@@ -111,6 +111,11 @@ impl Image {
         self.read_only
     }
 
+    /// The open image, for the snapshots' reflinks (`crate::snapshot`).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

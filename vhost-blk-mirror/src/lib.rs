@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod replication;
 pub mod request;
+pub mod snapshot;
 pub mod ticket;
 
 pub use daemon::{run, Config, DaemonError};

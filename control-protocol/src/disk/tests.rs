@@ -29,6 +29,16 @@ fn every_command() -> Vec<Command> {
         );
     }
     commands.push(Command::Epoch(EpochOrder::Off));
+    let name = || SnapshotName::new("before-upgrade_2.1").expect("a valid name");
+    commands.extend(
+        [
+            SnapshotOrder::Create(name()),
+            SnapshotOrder::Delete(name()),
+            SnapshotOrder::Revert(name()),
+            SnapshotOrder::List,
+        ]
+        .map(Command::Snapshot),
+    );
     commands
 }
 
@@ -476,4 +486,32 @@ fn a_dirty_pages_reply_out_of_shape_is_refused() {
     ] {
         assert!(Reply::<DirtyPages>::from_line(line).is_err(), "{line}");
     }
+}
+
+#[test]
+fn snapshot_names_with_path_characters_are_refused_with_the_reason() {
+    for (line, why) in [
+        ("snapshot create ../etc", "starts with a dot"),
+        ("snapshot create x/../etc", "only letters"),
+        ("snapshot create a/b", "only letters"),
+        ("snapshot create .hidden", "starts with a dot"),
+        ("snapshot revert", "missing the snapshot's name"),
+        ("snapshot take s1", "none of create"),
+        ("snapshot list s1", "too many arguments"),
+    ] {
+        let error = line.parse::<Command>().expect_err(line).to_string();
+        assert!(error.contains(why), "{line}: {error}");
+    }
+    let long = format!(
+        "snapshot create {}",
+        "a".repeat(MAX_SNAPSHOT_NAME_BYTES + 1)
+    );
+    let error = long.parse::<Command>().expect_err("too long").to_string();
+    assert!(error.contains("longer than 64"), "{error}");
+    // A name read from JSON is checked the same way.
+    assert!(serde_json::from_str::<SnapshotName>("\"../x\"").is_err());
+    assert_eq!(
+        serde_json::from_str::<SnapshotName>("\"s1\"").expect("valid"),
+        SnapshotName::new("s1").expect("valid")
+    );
 }

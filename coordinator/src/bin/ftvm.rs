@@ -3,9 +3,11 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Parser;
 use coordinator::cli::{
-    FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice,
+    FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice, SnapshotAction,
 };
-use coordinator::daemon::control::{request, HostStatus, KeyStatus, Reply, Request};
+use coordinator::daemon::control::{
+    request, DiskSnapshots, HostStatus, KeyStatus, Reply, Request, SnapshotCommand,
+};
 use coordinator::daemon::nics::NicStatus;
 use coordinator::host::Role;
 
@@ -110,6 +112,7 @@ fn run(args: &Args) -> Result<(), String> {
                 wait_for_move(&ask, vm, Duration::from_secs(*timeout + 120))?;
             }
         }
+        Command::Snapshot { action } => snapshot(&ask, action)?,
         Command::Host {
             action: HostAction::Enable,
         } => done(ask(Request::HostEnable)?),
@@ -137,6 +140,65 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn snapshot(
+    ask: &dyn Fn(Request) -> Result<Reply, String>,
+    action: &SnapshotAction,
+) -> Result<(), String> {
+    let (vm, command, json) = match action {
+        SnapshotAction::Create { vm, name } => {
+            (vm, SnapshotCommand::Create { name: name.clone() }, false)
+        }
+        SnapshotAction::List { vm, json } => (vm, SnapshotCommand::List, *json),
+        SnapshotAction::Delete { vm, name } => {
+            (vm, SnapshotCommand::Delete { name: name.clone() }, false)
+        }
+        SnapshotAction::Revert { vm, name } => {
+            (vm, SnapshotCommand::Revert { name: name.clone() }, false)
+        }
+    };
+    let reply = ask(Request::Snapshot {
+        vm: vm.clone(),
+        snapshot: command,
+    })?;
+    match reply {
+        Reply::Snapshots(disks) if json => println!(
+            "{}",
+            serde_json::to_string_pretty(&disks).map_err(|error| error.to_string())?
+        ),
+        Reply::Snapshots(disks) => print!("{}", snapshot_table(&disks)),
+        other => done(other),
+    }
+    Ok(())
+}
+
+fn snapshot_table(disks: &[DiskSnapshots]) -> String {
+    let mut text = String::new();
+    for disk in disks {
+        text.push_str(&format!("{} ({})\n", disk.disk, disk.image));
+        if disk.snapshots.is_empty() {
+            text.push_str("  no snapshots\n");
+        }
+        for snapshot in &disk.snapshots {
+            let time = humantime(UNIX_EPOCH + Duration::from_secs(snapshot.created_unix_s));
+            text.push_str(&format!(
+                "  {:<24} {time}  {:>10} held alone\n",
+                snapshot.name.as_str(),
+                bytes(snapshot.unshared_bytes)
+            ));
+        }
+    }
+    text
+}
+
+fn bytes(count: u64) -> String {
+    match count {
+        count if count >= 1 << 30 => format!("{:.1} GiB", count as f64 / (1u64 << 30) as f64),
+        count if count >= 1 << 20 => format!("{:.1} MiB", count as f64 / (1u64 << 20) as f64),
+        count if count >= 1 << 10 => format!("{:.1} KiB", count as f64 / 1024.0),
+        count => format!("{count} B"),
+    }
 }
 
 /// Follows a move until this host is the VM's secondary (done) or the move ends here

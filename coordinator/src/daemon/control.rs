@@ -52,6 +52,44 @@ pub enum Request {
         restart: bool,
     },
     HostEnable,
+    /// `ftvm snapshot ACTION VM [NAME]`: answered once the disk daemons have.
+    Snapshot {
+        vm: String,
+        snapshot: SnapshotCommand,
+    },
+}
+
+/// What `ftvm snapshot` asks of a VM's disks (`docs/ARCHITECTURE.md`, "Snapshots").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotCommand {
+    Create { name: String },
+    List,
+    Delete { name: String },
+    Revert { name: String },
+}
+
+impl SnapshotCommand {
+    /// The disk daemons' command; refused when the name is not a snapshot name.
+    pub fn order(&self) -> Result<control_protocol::disk::SnapshotOrder, String> {
+        use control_protocol::disk::{SnapshotName, SnapshotOrder};
+        let name = |name: &str| SnapshotName::new(name).map_err(|error| error.to_string());
+        Ok(match self {
+            SnapshotCommand::Create { name: text } => SnapshotOrder::Create(name(text)?),
+            SnapshotCommand::List => SnapshotOrder::List,
+            SnapshotCommand::Delete { name: text } => SnapshotOrder::Delete(name(text)?),
+            SnapshotCommand::Revert { name: text } => SnapshotOrder::Revert(name(text)?),
+        })
+    }
+}
+
+/// One disk's snapshots on this host (`ftvm snapshot list`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskSnapshots {
+    /// The disk's serial.
+    pub disk: String,
+    pub image: String,
+    pub snapshots: Vec<control_protocol::disk::SnapshotInfo>,
 }
 
 fn default_migrate_timeout() -> u64 {
@@ -94,6 +132,7 @@ pub struct KeyStatus {
 pub enum Reply {
     Status(Box<HostStatus>),
     Events(Vec<Event>),
+    Snapshots(Vec<DiskSnapshots>),
     Done(String),
     Error(String),
 }

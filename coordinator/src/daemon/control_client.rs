@@ -109,6 +109,28 @@ pub fn disk_order(control: &Path, order: disk::Order) -> Result<String, String> 
     }
 }
 
+/// How long a snapshot command may take: the daemon's barrier waits up to 5 s for the
+/// writes in flight and 10 s for the peer's answer.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `snapshot create|delete|revert NAME` on a disk daemon: its result in words, or why not.
+pub fn disk_snapshot(control: &Path, order: &disk::SnapshotOrder) -> Result<String, String> {
+    let command = disk::Command::Snapshot(order.clone());
+    match ask::<disk::Done>(control, &command, SNAPSHOT_TIMEOUT) {
+        Ok(done) if done.ok => Ok(done.result),
+        Ok(done) => Err(format!("{order}: not done ({})", done.result)),
+        Err(AskError::Refused(error)) => Err(error),
+        Err(error) => Err(format!("{order}: {}", error.describe())),
+    }
+}
+
+/// `snapshot list` on a disk daemon.
+pub fn disk_snapshots(control: &Path) -> Result<disk::Snapshots, String> {
+    let command = disk::Command::Snapshot(disk::SnapshotOrder::List);
+    ask::<disk::Snapshots>(control, &command, COMMAND_TIMEOUT)
+        .map_err(|error| format!("snapshot list: {}", error.describe()))
+}
+
 /// A NIC daemon's `status`.
 pub fn nic_status(control: &Path, timeout: Duration) -> Result<nic::Status, AskError> {
     ask(control, &nic::Command::Status, timeout)

@@ -128,8 +128,15 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
     while !stop.load(Ordering::Relaxed) {
         daemon.step();
         while let Ok((request, answer)) = requests.try_recv() {
-            let reply = daemon.handle(request);
-            let _ = answer.send(reply);
+            match request {
+                // Answered once the disk daemons have (a revert also stops and starts the
+                // VM): the VM keeps the answer channel.
+                Request::Snapshot { vm, snapshot } => daemon.snapshot(&vm, snapshot, answer),
+                request => {
+                    let reply = daemon.handle(request);
+                    let _ = answer.send(reply);
+                }
+            }
         }
         std::thread::sleep(STEP);
     }
@@ -571,9 +578,29 @@ impl Daemon {
         }
     }
 
+    /// `ftvm snapshot`: handed to the VM, which answers on `answer` when done.
+    fn snapshot(
+        &mut self,
+        name: &str,
+        command: control::SnapshotCommand,
+        answer: std::sync::mpsc::Sender<Reply>,
+    ) {
+        let now = self.now();
+        let mut context = self.io.context(now);
+        match self.vms.iter_mut().find(|vm| vm.name == name) {
+            None => {
+                let _ = answer.send(Reply::Error(unknown_vm(name, &self.config)));
+            }
+            Some(vm) => vm.snapshot(command, answer, &mut context),
+        }
+    }
+
     fn handle(&mut self, request: Request) -> Reply {
         let now = self.now();
         match request {
+            Request::Snapshot { vm, .. } => {
+                Reply::Error(format!("snapshot of {vm}: asked without a way to answer"))
+            }
             Request::Status => {
                 let (links_up, links) = self.io.peer.links_up();
                 Reply::Status(Box::new(HostStatus {

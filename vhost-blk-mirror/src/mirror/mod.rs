@@ -15,7 +15,7 @@ mod tests;
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use control_protocol::disk::{EpochOrder, Order, Replication};
+use control_protocol::disk::{EpochOrder, Order, Replication, SnapshotOrder};
 
 use crate::image::{Image, ReadTarget, WriteSource};
 use crate::metadata::Metadata;
@@ -301,6 +301,42 @@ impl Mirror {
                 order.name(),
                 role_name(&role)
             )),
+        }
+    }
+
+    /// Carries out `snapshot create|delete|revert NAME` on both copies (a primary's
+    /// command); `guest_attached`: a revert is refused while a guest uses the disk.
+    pub fn snapshot_command(
+        &self,
+        order: &SnapshotOrder,
+        guest_attached: bool,
+    ) -> Result<String, String> {
+        use protocol::SnapshotAction;
+        let (name, action) = match order {
+            SnapshotOrder::Create(name) => (name, SnapshotAction::Create),
+            SnapshotOrder::Delete(name) => (name, SnapshotAction::Delete),
+            SnapshotOrder::Revert(name) => (name, SnapshotAction::Revert),
+            SnapshotOrder::List => {
+                return Err("`snapshot list` is answered by the control socket".into())
+            }
+        };
+        if action == SnapshotAction::Revert && guest_attached {
+            return Err(format!(
+                "{}: stop the VM before a revert (`ftvm snapshot revert` stops and restarts \
+                 it)",
+                control_protocol::disk::GUEST_ATTACHED
+            ));
+        }
+        match self.role() {
+            Role::Primary(primary) => primary.snapshot(name, action),
+            Role::Secondary(_) => Err(
+                "snapshots are commanded on the primary; its disk daemon takes this copy's \
+                 at the same point of the write stream"
+                    .into(),
+            ),
+            Role::Standalone => Err(
+                "snapshots are of a replicated disk's two copies; this disk is standalone".into(),
+            ),
         }
     }
 

@@ -65,6 +65,8 @@ enum Kind {
     Read,
     /// A Level 3 epoch marker.
     Marker(Marker),
+    /// A snapshot barrier (`primary/snapshot.rs`); its answer goes to `snapshot_results`.
+    Snapshot,
 }
 
 /// A Level 3 marker on the link (`docs/LEVEL3.md`, "Tagging writes with epochs").
@@ -190,6 +192,10 @@ struct State {
     last_epoch: Option<u64>,
     /// Why Level 3 ended without `epoch off`.
     epochs_off_reason: Option<String>,
+    /// A snapshot barrier is up: no new request is registered until it falls.
+    barrier: bool,
+    /// The secondary's answers to snapshot barriers, by id, until their waiter takes them.
+    snapshot_results: HashMap<u64, Result<(), String>>,
 }
 
 /// The primary's replication state; shared by the queue workers and its own threads.
@@ -313,6 +319,8 @@ impl Primary {
                 sealed_epoch: None,
                 last_epoch: None,
                 epochs_off_reason: None,
+                barrier: false,
+                snapshot_results: HashMap::new(),
             }),
             changed: Condvar::new(),
             resync_options,
@@ -367,10 +375,12 @@ impl Primary {
                 return Err(NotRegistered::Mode(state.mode));
             }
             let end = offset.saturating_add(len);
-            let overlaps = len > 0
-                && state.in_flight.values().any(|other| {
-                    other.len > 0 && other.offset < end && offset < other.offset + other.len
-                });
+            // A snapshot barrier stands in front of every request.
+            let overlaps = state.barrier
+                || len > 0
+                    && state.in_flight.values().any(|other| {
+                        other.len > 0 && other.offset < end && offset < other.offset + other.len
+                    });
             if !overlaps {
                 break;
             }
@@ -663,3 +673,4 @@ mod epochs;
 mod receive;
 mod remote;
 mod resync;
+mod snapshot;

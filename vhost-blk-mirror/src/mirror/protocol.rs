@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use control_protocol::disk::SnapshotName;
+
 use crate::metadata::DataState;
 
 /// Most suspect ranges a secondary lists in its `Welcome` (beyond, a full resync).
@@ -103,6 +105,26 @@ pub enum Message {
     EpochOff { id: u64, generation: u64 },
     /// Secondary → primary: `EpochEnd` `id` is in the journal and synced.
     Sealed { id: u64, epoch: u64 },
+    /// Primary → secondary: a barrier. Every write before it is on both copies and none
+    /// comes after it until it is answered (`Done`, or `SnapshotFailed` when nothing
+    /// changed): take snapshot `name` of this copy, revert this copy to it, or delete it.
+    /// The name is checked again on arrival (decoding refuses path characters).
+    Snapshot {
+        id: u64,
+        generation: u64,
+        name: SnapshotName,
+        action: SnapshotAction,
+    },
+    /// Secondary → primary: `Snapshot` `id` was not carried out; this copy is unchanged.
+    SnapshotFailed { id: u64, reason: String },
+}
+
+/// What a `Snapshot` barrier does on the secondary's copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotAction {
+    Create,
+    Revert,
+    Delete,
 }
 
 impl Message {
@@ -118,7 +140,8 @@ impl Message {
             | Message::ResyncDone { id, generation }
             | Message::EpochStart { id, generation, .. }
             | Message::EpochEnd { id, generation, .. }
-            | Message::EpochOff { id, generation } => Some((id, generation)),
+            | Message::EpochOff { id, generation }
+            | Message::Snapshot { id, generation, .. } => Some((id, generation)),
             Message::Hello { .. }
             | Message::Welcome { .. }
             | Message::Read { .. }
@@ -126,7 +149,8 @@ impl Message {
             | Message::Differs { .. }
             | Message::Done { .. }
             | Message::Failed { .. }
-            | Message::Sealed { .. } => None,
+            | Message::Sealed { .. }
+            | Message::SnapshotFailed { .. } => None,
         }
     }
 }
@@ -254,6 +278,44 @@ mod tests {
         let refusal =
             postcard::to_allocvec(&Refusal::EpochOutOfTurn { receiving: Some(4) }).expect("encode");
         assert_eq!(refusal[0], 5);
+    }
+
+    /// The snapshot messages come after the Level 3 ones, and a name with path characters
+    /// from the peer does not decode.
+    #[test]
+    fn the_snapshot_messages_come_last_and_check_their_name() {
+        let snapshot = Message::Snapshot {
+            id: 1,
+            generation: 2,
+            name: SnapshotName::new("s1").expect("valid"),
+            action: SnapshotAction::Revert,
+        };
+        let bytes = postcard::to_allocvec(&snapshot).expect("encode");
+        assert_eq!(bytes[0], 18);
+        assert_eq!(
+            postcard::from_bytes::<Message>(&bytes).expect("decode"),
+            snapshot
+        );
+        let failed = Message::SnapshotFailed {
+            id: 1,
+            reason: "no snapshot named s1 on this copy".into(),
+        };
+        let bytes = postcard::to_allocvec(&failed).expect("encode");
+        assert_eq!(bytes[0], 19);
+        // The same frame with the name "../x" (same length as "s1" + 2): refused.
+        let mut hostile = postcard::to_allocvec(&Message::Snapshot {
+            id: 1,
+            generation: 2,
+            name: SnapshotName::new("abcd").expect("valid"),
+            action: SnapshotAction::Create,
+        })
+        .expect("encode");
+        let at = hostile
+            .windows(4)
+            .position(|window| window == b"abcd")
+            .expect("name in the frame");
+        hostile[at..at + 4].copy_from_slice(b"../x");
+        assert!(postcard::from_bytes::<Message>(&hostile).is_err());
     }
 
     #[test]

@@ -212,6 +212,12 @@ impl Secondary {
                 reason: Refusal::Io(format!("this copy's disk failed earlier: {reason}")),
             });
         }
+        if let Message::Snapshot {
+            id, name, action, ..
+        } = &message
+        {
+            return Some(self.snapshot(*id, name, *action));
+        }
         if let Some(answer) = self.level3(&message, payload, ours) {
             return answer;
         }
@@ -682,6 +688,7 @@ fn parse_boot_id(text: &str) -> Option<u128> {
 }
 
 mod level3;
+mod snapshot;
 
 #[cfg(test)]
 mod tests {

@@ -525,3 +525,4 @@ fn with_a_failed_copy_an_incomplete_peer_is_never_read_from() {
 }
 
 mod level3;
+mod snapshot;

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use control_protocol::disk;
 
+use super::snapshots::SnapshotDone;
 use crate::daemon::agent::Agent;
-use crate::daemon::control_client::{disk_order, disk_status, AskError, COMMAND_TIMEOUT};
+use crate::daemon::control_client::{
+    disk_order, disk_snapshot, disk_snapshots, disk_status, AskError, COMMAND_TIMEOUT,
+};
 use crate::daemon::events::Events;
 use crate::daemon::processes::{DiskProcess, DiskSpec};
 use crate::host::Role;
@@ -19,6 +22,8 @@ use crate::Generation;
 
 /// How long a `status` question may take before the daemon counts as not answering.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a revert waits for the daemon to see the stopped QEMU's connection end.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a newly started daemon gets to answer on its control socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -37,6 +42,8 @@ pub(super) enum Done {
         ticket: u64,
         result: Result<(), String>,
     },
+    /// `snapshot …` answered (or why not).
+    Snapshot(Result<SnapshotDone, String>),
     /// Now a secondary; `Some(warning)` if the daemon refused to demote and was restarted.
     Demoted(Option<String>),
     Stopped,
@@ -229,6 +236,37 @@ impl DiskDaemon {
             }
             let status = fresh_status(&control);
             report(index, child, status, Done::Ordered { order, result })
+        });
+    }
+
+    /// `snapshot create|delete|revert NAME` or `snapshot list`; the result comes back as
+    /// `Done::Snapshot`. A revert is asked again for a few seconds while the daemon still
+    /// sees the stopped QEMU attached (it notices the disconnect a moment later).
+    pub fn snapshot(&mut self, order: disk::SnapshotOrder) {
+        let (index, control) = (self.index, self.spec.control.clone());
+        self.agent.run(&order.to_string(), move |child| {
+            let result = match child {
+                None => Err("the daemon does not run".to_owned()),
+                Some(_) if order == disk::SnapshotOrder::List => {
+                    disk_snapshots(&control).map(SnapshotDone::Listed)
+                }
+                Some(_) => {
+                    let deadline = Instant::now() + DETACH_TIMEOUT;
+                    loop {
+                        match disk_snapshot(&control, &order) {
+                            Err(error)
+                                if error.contains(disk::GUEST_ATTACHED)
+                                    && Instant::now() < deadline =>
+                            {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            other => break other.map(SnapshotDone::Done),
+                        }
+                    }
+                }
+            };
+            let status = fresh_status(&control);
+            report(index, child, status, Done::Snapshot(result))
         });
     }
 

@@ -244,6 +244,7 @@ impl VmRunner {
                 &format!("see {log}"),
             ),
             Done::Ticket { ticket, result } => self.on_ticket(ticket, result, &serial, context),
+            Done::Snapshot(result) => self.on_snapshot_result(index, result, context),
         }
     }
 

@@ -7,6 +7,7 @@ mod disks;
 mod level3;
 mod migrate;
 mod qemu;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
@@ -201,6 +202,8 @@ pub struct VmRunner {
     /// The peer handed the VM over live (`ftvm migrate`): the level to run it at once
     /// restored here.
     incoming_migration: Option<u8>,
+    /// `ftvm snapshot` under way.
+    snapshot: Option<snapshots::SnapshotJob>,
 }
 
 impl VmRunner {
@@ -249,6 +252,7 @@ impl VmRunner {
             level3_was_suspended: false,
             migration: None,
             incoming_migration: None,
+            snapshot: None,
             name,
             level,
             first_primary,

@@ -189,7 +189,7 @@ impl VmRunner {
                     &format!("see {}", self.vm_spec.log.display()),
                 ),
                 GuestReport::Paused(Ok(())) | GuestReport::Resumed(Ok(())) => {}
-                GuestReport::Stopped => {}
+                GuestReport::Stopped => self.on_vm_stopped(),
                 GuestReport::Ended(pid, status) => {
                     if self.guest.pid != Some(pid) {
                         continue;

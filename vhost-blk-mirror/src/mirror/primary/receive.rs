@@ -103,14 +103,15 @@ impl Primary {
                 }
                 (Kind::Marker(Marker::Start(started)), _) => link_epoch = Some(started),
                 (Kind::Marker(Marker::Off), _) => link_epoch = None,
-                (Kind::Control | Kind::Read, _) => {}
+                (Kind::Control | Kind::Read | Kind::Snapshot, _) => {}
                 (_, Some(epoch)) => start_epoch(&mut link_epoch, epoch),
                 (_, None) => {}
             }
             let message = match kind {
                 Kind::Flush => Message::Flush { id, generation },
                 Kind::Read => Message::Read { id, offset, len },
-                Kind::Control => continue,
+                // A barrier's waiter gives up on it (the secondary restarted meanwhile).
+                Kind::Control | Kind::Snapshot => continue,
                 Kind::Marker(marker) => marker_message(id, generation, marker, true),
                 Kind::Write | Kind::Resync { .. } => {
                     let mut data = vec![0u8; len as usize];
@@ -173,6 +174,7 @@ impl Primary {
             Message::Sealed { id, epoch } => self.sealed(id, epoch),
             Message::Differs { id } => self.send_differing_chunk(id),
             Message::Failed { id, reason } => self.failed(id, reason),
+            Message::SnapshotFailed { id, reason } => self.snapshot_answered(id, Err(reason)),
             other => warn!("unexpected message from the secondary: {other:?}"),
         }
     }
@@ -293,11 +295,14 @@ impl Primary {
         let entry = {
             let mut state = self.lock();
             let entry = state.in_flight.remove(&id);
-            if entry
-                .as_ref()
-                .is_some_and(|entry| entry.kind == Kind::Control)
-            {
-                state.control_results.insert(id, status);
+            match entry.as_ref().map(|entry| entry.kind) {
+                Some(Kind::Control) => {
+                    state.control_results.insert(id, status);
+                }
+                Some(Kind::Snapshot) => {
+                    state.snapshot_results.insert(id, Ok(()));
+                }
+                _ => {}
             }
             if let Some(InFlight {
                 kind: Kind::Resync { .. },
