@@ -280,6 +280,10 @@ impl Host {
         if self.role != Role::Secondary || !disk.consistent {
             return Vec::new();
         }
+        // The handover arrives once per A-link: one claim is enough.
+        if !self.claim_due(now) {
+            return Vec::new();
+        }
         self.last_claim = Some(now);
         vec![Action::AskWitness(Claim {
             host: self.id,

@@ -390,7 +390,7 @@ fn planned_failover_and_host_maintenance_move_the_vm_with_its_data() {
 
     // Maintenance of hostB: its VM moves back to hostA, then hostB's daemons stop; hostA
     // runs alone until hostB is enabled again, then protection returns.
-    let (ok, text) = cluster.ftvm(B, &["host", "disable", "--timeout", "60"]);
+    let (ok, text) = cluster.ftvm(B, &["host", "disable", "--timeout", "240"]);
     assert!(ok, "{text}");
     assert!(text.contains("disabled"), "{text}");
     let status = cluster.status(B).expect("hostB status");

@@ -30,7 +30,7 @@ use crate::wire;
 /// How long a restore's QMP commands may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the serving thread looks for a restore request between sessions.
-const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(10);
 
 /// What the secondary's engine needs (see `ftvm-checkpoint secondary --help`).
 #[derive(Debug, Clone)]

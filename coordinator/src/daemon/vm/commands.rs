@@ -300,6 +300,11 @@ impl VmRunner {
         if !self.state.protected {
             return;
         }
+        let view = self.disk_view();
+        let actions = self.host.take_over(context.now, view);
+        if actions.is_empty() {
+            return; // the same handover on the other A-link, or nothing to take over
+        }
         self.incoming_migration = live;
         context.events.info(
             &self.name,
@@ -308,8 +313,6 @@ impl VmRunner {
                 self.pair.peer
             ),
         );
-        let view = self.disk_view();
-        let actions = self.host.take_over(context.now, view);
         self.execute(actions, context);
     }
 }
