@@ -77,6 +77,11 @@ pub struct HostSection {
     /// keeps the replica there on the secondary. A RAM-backed file system (tmpfs).
     #[serde(default = "default_ram_dir")]
     pub ram_dir: PathBuf,
+    /// Where to serve `/metrics` (Prometheus text format), e.g. "127.0.0.1:9464"; none by
+    /// default. Anyone who reaches it reads the VMs' names and states: bind it to a
+    /// management address.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_qemu() -> PathBuf {

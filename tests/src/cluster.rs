@@ -25,6 +25,8 @@ const FTVMD_PORT: u16 = 7500;
 const REPLICATION_PORT: u16 = 7400;
 /// The NIC's `link_port` when it has a redundant uplink.
 const NIC_LINK_PORT: u16 = 7450;
+/// Where each host's ftvmd serves `/metrics`, on its LAN address.
+pub const METRICS_PORT: u16 = 9464;
 /// The VM's `checkpoint_port` (Level 3), set at every level so that a test can raise it.
 const CHECKPOINT_PORT: u16 = 7460;
 
@@ -145,6 +147,7 @@ state_dir = "{state}"
 control_socket = "{state}/ftvmd.sock"
 bin_dir = "{bin}"
 ram_dir = "{ram_dir}/{host}"
+metrics_listen = "{lan}:{METRICS_PORT}"
 
 [peer]
 name = "{peer_name}"
@@ -182,6 +185,7 @@ replication_port = {REPLICATION_PORT}
                     .expect("bin dir")
                     .display(),
                 peer_name = HOSTS[peer],
+                lan = LAN[index],
                 peer1 = LINK1[peer],
                 peer2 = LINK2[peer],
                 own1 = LINK1[index],
@@ -212,7 +216,6 @@ replication_port = {REPLICATION_PORT}
             );
             std::fs::write(root.join(format!("{host}.toml")), config).expect("write config");
         }
-        let _ = LAN;
         Cluster {
             ftvmd: [None, None],
             witness: None,
@@ -220,6 +223,36 @@ replication_port = {REPLICATION_PORT}
             ram_dir,
             dir,
         }
+    }
+
+    /// A host's `/metrics`, fetched from the client namespace (a monitoring host on the
+    /// LAN) and parsed with a Prometheus text-format parser.
+    pub fn scrape_metrics(&self, host: usize) -> prometheus_parse::Scrape {
+        use std::io::{Read, Write};
+        let client = self.hosts.namespace("client");
+        let mut stream = crate::net::connect_in(&client, &format!("{}:{METRICS_PORT}", LAN[host]));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: ftvmd\r\n\r\n")
+            .expect("send the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the response");
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP head in {response:?}"));
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))
+            .unwrap_or_else(|error| {
+                panic!(
+                    "{}'s /metrics does not parse ({error}): {body}",
+                    HOSTS[host]
+                )
+            })
     }
 
     /// A host's RAM file of the VM: QEMU's, or the Level 3 replica's on the secondary.
@@ -556,4 +589,27 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The value of the sample `name` of a scrape whose labels include `labels`.
+pub fn metric_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|sample| {
+            sample.metric == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+        .and_then(|sample| match sample.value {
+            prometheus_parse::Value::Gauge(value)
+            | prometheus_parse::Value::Counter(value)
+            | prometheus_parse::Value::Untyped(value) => Some(value),
+            _ => None,
+        })
 }

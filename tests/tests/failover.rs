@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
+use ftvm_tests::cluster::{metric_value, Cluster, ClusterOptions, HOSTS};
 use ftvm_tests::records::{cluster_writer, last_ack, wait_acks, wait_found};
 use ftvm_tests::wait::Wait;
 
@@ -25,6 +25,27 @@ fn protected_cluster(name: &str) -> Cluster {
 fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     let mut cluster = protected_cluster("failover-host-loss");
     wait_acks(&cluster, A, 30);
+    // What a Prometheus scraping both hosts sees before: hostA primary, Protected.
+    let scrape = cluster.scrape_metrics(A);
+    let vm = [("vm", "vm1")];
+    assert_eq!(metric_value(&scrape, "ftvm_vm_primary", &vm), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "vm1"), ("state", "Protected")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric_value(&scrape, "ftvm_vm_running", &vm), Some(1.0));
+    assert!(
+        metric_value(&scrape, "ftvm_disk_written_bytes_total", &vm) > Some(0.0),
+        "no bytes written in hostA's metrics"
+    );
+    assert_eq!(
+        metric_value(&cluster.scrape_metrics(B), "ftvm_vm_primary", &vm),
+        Some(0.0)
+    );
     let killed_at = cluster.kill_host(A);
     let acknowledged = last_ack(&cluster.console(A));
     let promoted = cluster.wait_vm(B, Duration::from_secs(30), "primary on hostB", |vm| {
@@ -45,6 +66,22 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     println!("acknowledged {acknowledged} records before the loss; hostB's guest found {found}");
     let record = cluster.witness_record();
     assert_eq!(record["holder"], HOSTS[B], "witness record: {record}");
+    // … and after: hostB primary, running alone (Degraded) at a newer generation, its
+    // peer unreachable.
+    let scrape = cluster.scrape_metrics(B);
+    assert_eq!(metric_value(&scrape, "ftvm_vm_primary", &vm), Some(1.0));
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "vm1"), ("state", "Degraded")]
+        ),
+        Some(1.0),
+        "hostB's metrics after the failover: {:?}",
+        scrape.samples
+    );
+    assert!(metric_value(&scrape, "ftvm_vm_generation", &vm) >= Some(2.0));
+    assert_eq!(metric_value(&scrape, "ftvm_peer_reachable", &[]), Some(0.0));
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
 
     // hostA comes back: with no command typed, it becomes hostB's secondary and a delta

@@ -141,8 +141,9 @@ pub enum Reply {
 pub type Pending = (Request, Sender<Reply>);
 
 /// Binds the socket (0600; a stale file is replaced, a live one refused) and serves it on
-/// a thread; requests come out of the returned channel.
-pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
+/// a thread; requests come out of the returned channel, and the returned sender lets other
+/// servers (`/metrics`) ask the main loop too.
+pub fn serve(path: &Path) -> Result<(Sender<Pending>, Receiver<Pending>), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
@@ -155,6 +156,7 @@ pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
         ControlError::Bind { source, .. } => format!("cannot create {}: {source}", path.display()),
     })?;
     let (sender, receiver) = mpsc::channel();
+    let others = sender.clone();
     // A client waits for the main loop's answer: each gets a thread, so one slow client
     // holds up no other.
     serve_clients(listener, move |stream| {
@@ -169,7 +171,7 @@ pub fn serve(path: &Path) -> Result<Receiver<Pending>, String> {
             .map(|_| ())
     })
     .map_err(|error| format!("cannot start a thread: {error}"))?;
-    Ok(receiver)
+    Ok((others, receiver))
 }
 
 fn client(stream: UnixStream, sender: &Sender<Pending>) -> io::Result<()> {

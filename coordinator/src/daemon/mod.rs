@@ -11,6 +11,7 @@ pub mod control;
 pub mod control_client;
 pub mod events;
 pub mod links;
+pub mod metrics;
 pub mod nics;
 pub mod processes;
 pub mod qmp;
@@ -55,7 +56,10 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         .create(state_dir)
         .map_err(|error| format!("cannot create state_dir {}: {error}", state_dir.display()))?;
     let _lock = lock(&state_dir.join("ftvmd.lock"))?;
-    let requests = control::serve(&config.host.control_socket)?;
+    let (requester, requests) = control::serve(&config.host.control_socket)?;
+    if let Some(listen) = config.host.metrics_listen {
+        metrics::serve(listen, requester)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))

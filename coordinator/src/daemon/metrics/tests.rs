@@ -1,0 +1,160 @@
+use super::*;
+
+use crate::daemon::vm::VmStatus;
+
+fn vm(name: &str, role: Role, state: &str) -> VmStatus {
+    VmStatus {
+        name: name.into(),
+        level: 3,
+        role,
+        state: state.into(),
+        primary: Some("hostA".into()),
+        secondary: Some("hostB".into()),
+        generation: 7,
+        sync_percent: Some(42.5),
+        vm_pid: Some(1234),
+        vm_paused: false,
+        disk_pids: Vec::new(),
+        disks: Vec::new(),
+        nics: Vec::new(),
+        checkpoint: Some(serde_json::json!({
+            "role": "primary",
+            "state": "protected",
+            "stats": {
+                "committed_epoch": 812,
+                "epochs_per_second": 19.5,
+                "pause_p50_ms": 7.5,
+                "pause_p99_ms": 20.0,
+                "lag_epochs": 1,
+            },
+        })),
+        migration: None,
+    }
+}
+
+fn host(vms: Vec<VmStatus>) -> HostStatus {
+    HostStatus {
+        host: "hostA".into(),
+        peer: "hostB".into(),
+        peer_reachable: true,
+        links_up: 1,
+        links: 2,
+        witness_reachable: false,
+        disabled: false,
+        vms,
+    }
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|sample| {
+            sample.metric == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"));
+    match sample.value {
+        prometheus_parse::Value::Gauge(value)
+        | prometheus_parse::Value::Counter(value)
+        | prometheus_parse::Value::Untyped(value) => value,
+        ref other => panic!("{name}: unexpected value {other:?}"),
+    }
+}
+
+fn parse(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("a valid text format")
+}
+
+#[test]
+fn a_snapshot_renders_as_parsable_metrics_with_the_states_values() {
+    let text = render(&host(vec![
+        vm("web", Role::Primary, "Protected"),
+        vm("db", Role::Secondary, "Syncing"),
+    ]))
+    .expect("render");
+    let scrape = parse(&text);
+    assert_eq!(value(&scrape, "ftvm_alinks_up", &[("host", "hostA")]), 1.0);
+    assert_eq!(value(&scrape, "ftvm_alinks", &[("host", "hostA")]), 2.0);
+    assert_eq!(value(&scrape, "ftvm_witness_reachable", &[]), 0.0);
+    assert_eq!(value(&scrape, "ftvm_vm_level", &[("vm", "web")]), 3.0);
+    assert_eq!(value(&scrape, "ftvm_vm_primary", &[("vm", "web")]), 1.0);
+    assert_eq!(value(&scrape, "ftvm_vm_primary", &[("vm", "db")]), 0.0);
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "web"), ("state", "Protected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "web"), ("state", "Syncing")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "db"), ("state", "Syncing")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&scrape, "ftvm_vm_sync_ratio", &[("vm", "db")]), 0.425);
+    assert_eq!(value(&scrape, "ftvm_vm_generation", &[("vm", "db")]), 7.0);
+    assert_eq!(
+        value(&scrape, "ftvm_checkpoint_committed_epoch", &[("vm", "web")]),
+        812.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_checkpoint_pause_p99_seconds",
+            &[("vm", "web")]
+        ),
+        0.02
+    );
+    // Exactly one state is 1 per VM.
+    let current: Vec<_> = scrape
+        .samples
+        .iter()
+        .filter(|sample| {
+            sample.metric == "ftvm_vm_state"
+                && matches!(sample.value, prometheus_parse::Value::Gauge(v) if v == 1.0)
+        })
+        .map(|sample| sample.labels.get("vm").unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(current.len(), 2, "{text}");
+    // Every family has its HELP and TYPE.
+    for name in [
+        "ftvm_vm_state",
+        "ftvm_checkpoint_pause_p50_seconds",
+        "ftvm_alinks_up",
+    ] {
+        assert!(text.contains(&format!("# HELP {name}")), "{name}: {text}");
+        assert!(text.contains(&format!("# TYPE {name}")), "{name}: {text}");
+    }
+}
+
+/// A state word the table does not know (a newer daemon's) still shows, as 1.
+#[test]
+fn an_unknown_state_word_is_shown_too() {
+    let text = render(&host(vec![vm("web", Role::Primary, "Promoting")])).expect("render");
+    let scrape = parse(&text);
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_vm_state",
+            &[("vm", "web"), ("state", "Promoting")]
+        ),
+        1.0
+    );
+}
