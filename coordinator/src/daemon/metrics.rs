@@ -119,7 +119,7 @@ fn snapshot(requests: &Sender<Pending>) -> Result<HostStatus, String> {
         .send((Request::Status, answer))
         .map_err(|_| "ftvmd is stopping".to_owned())?;
     match answered.recv_timeout(SNAPSHOT_TIMEOUT) {
-        Ok(Reply::Status(status)) => Ok(status),
+        Ok(Reply::Status(status)) => Ok(*status),
         Ok(_) => Err("unexpected answer from ftvmd's main loop".into()),
         Err(_) => Err("ftvmd's main loop did not answer in time".into()),
     }
@@ -203,6 +203,14 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "witness_reachable",
         "The quorum witness answers (1) or not (0)",
         witness,
+    );
+    let keys = Family::<HostLabels, Gauge>::default();
+    keys.get_or_create(&host)
+        .set(status.pair_key.held.len() as i64);
+    registry.register(
+        "pair_keys_held",
+        "Pair keys this host accepts: 2 while a key rotation is under way",
+        keys,
     );
     let disabled = Family::<HostLabels, Gauge>::default();
     disabled.get_or_create(&host).set(flag(status.disabled));

@@ -1,5 +1,6 @@
 use super::*;
 
+use crate::daemon::control::KeyStatus;
 use crate::daemon::vm::VmStatus;
 
 fn vm(name: &str, role: Role, state: &str) -> VmStatus {
@@ -33,8 +34,16 @@ fn vm(name: &str, role: Role, state: &str) -> VmStatus {
 }
 
 fn host(vms: Vec<VmStatus>) -> HostStatus {
+    let key = |file: &str| KeyStatus {
+        file: file.into(),
+        held: vec!["0123456789abcdef".into(), "fedcba9876543210".into()],
+        in_use: vec!["0123456789abcdef".into()],
+        peer_holds: None,
+    };
     HostStatus {
         host: "hostA".into(),
+        pair_key: key("/etc/ftvm/pair.psk"),
+        witness_key: key("/etc/ftvm/witness.psk"),
         peer: "hostB".into(),
         peer_reachable: true,
         links_up: 1,
@@ -81,6 +90,8 @@ fn a_snapshot_renders_as_parsable_metrics_with_the_states_values() {
     assert_eq!(value(&scrape, "ftvm_alinks_up", &[("host", "hostA")]), 1.0);
     assert_eq!(value(&scrape, "ftvm_alinks", &[("host", "hostA")]), 2.0);
     assert_eq!(value(&scrape, "ftvm_witness_reachable", &[]), 0.0);
+    // Two pair keys held: a rotation is under way (`ftvm key retire` ends it).
+    assert_eq!(value(&scrape, "ftvm_pair_keys_held", &[]), 2.0);
     assert_eq!(value(&scrape, "ftvm_vm_level", &[("vm", "web")]), 3.0);
     assert_eq!(value(&scrape, "ftvm_vm_primary", &[("vm", "web")]), 1.0);
     assert_eq!(value(&scrape, "ftvm_vm_primary", &[("vm", "db")]), 0.0);
