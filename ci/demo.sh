@@ -229,7 +229,7 @@ while :; do
     sleep 0.02
 done'
 echo_once() { ip netns exec "${PREFIX}client" bash -c 'exec 3<>/dev/tcp/'$GUEST_IP'/7000 && echo hello >&3 && IFS= read -r -t 3 r <&3 && [ "$r" = hello ]'; }
-rounds() { grep -c '^[0-9]' "$CLIENT_LOG" 2>/dev/null || echo 0; }
+rounds() { grep -c '^[0-9]' "$CLIENT_LOG" 2>/dev/null || true; }
 rounds_at_least() { [ "$(rounds)" -ge "$1" ]; }
 longest_gap_since() { # EPOCH-SECONDS: the longest pause between two echoes since then, in ms
     awk -v since="$1" '/^[0-9]/ { if ($2 > since && prev) { gap = $2 - prev; if (gap > max) max = gap } prev = $2 }
@@ -328,7 +328,8 @@ committed() { ftvm hostB status --json | jq -r '.vms[0].checkpoint.stats.committ
 committed_at_least() { [ "$(committed)" -ge "$1" ]; }
 wait_for 120 "the first checkpoints" committed_at_least 20
 ftvm hostB status | indent
-ip netns exec "${PREFIX}client" bash -c "$CLIENT_LOOP" >"$CLIENT_LOG" 2>&1 &
+: >"$CLIENT_LOG" # emptied here: the background client opens it a moment later
+ip netns exec "${PREFIX}client" bash -c "$CLIENT_LOOP" >>"$CLIENT_LOG" 2>&1 &
 PIDS[client]=$!
 wait_for 30 "the client's echoes through output commit" rounds_at_least 50
 last_tick() { grep -a -o 'tick [0-9]*, up [0-9.]* s' "$1" | tail -n 1; }

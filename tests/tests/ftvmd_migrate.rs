@@ -39,6 +39,10 @@ fn start(name: &str) -> Cluster {
     let options = ClusterOptions {
         disk_bytes: 16 << 20,
         nic_mac: Some(GUEST_MAC.into()),
+        // The NIC daemons then stay on both hosts (standby for the relay): a move must
+        // leave the source's daemon holding nothing, or a VM restored there later would
+        // have its output held with no engine to release it (seen in the demo).
+        nic_redundant_uplink: true,
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::new(name, &guest, &options);
@@ -128,6 +132,14 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
             HOSTS[from], HOSTS[to]
         );
         downtimes.push(gap);
+        let nic = cluster
+            .nic_status(from)
+            .expect("the source's standby NIC daemon answers");
+        assert_eq!(
+            nic["output_commit"]["enabled"], false,
+            "move {index}: {}'s NIC daemon still holds output: {nic}",
+            HOSTS[from]
+        );
         let (_, events) = cluster.ftvm(to, &["events"]);
         assert!(
             events.contains(&format!("migrated: the VM runs on {}", HOSTS[to])),

@@ -535,8 +535,7 @@ fn run_epochs(
                     qmp,
                     shared,
                     (&mut sender, &session, &mut in_flight),
-                    daemons,
-                    &mut stats,
+                    (daemons, &mut stats, output),
                 )? {
                     break 'epochs;
                 }
@@ -581,8 +580,7 @@ fn finish_handover(
     qmp: &mut Qmp,
     shared: &PrimaryShared,
     (sender, session, in_flight): (&mut Sender, &Session, &mut VecDeque<(u64, u64)>),
-    daemons: &Daemons,
-    stats: &mut Stats,
+    (daemons, stats, output): (&Daemons, &mut Stats, &mut Output),
 ) -> anyhow::Result<bool> {
     let committed = collect_acks(sender, session, in_flight, daemons, stats, shared);
     if !matches!(committed, Ok(true)) {
@@ -597,8 +595,24 @@ fn finish_handover(
         );
         return committed.map(|_| false);
     }
+    // Every frame the guest sent is out (the stopped guest sends no more): the NICs stop
+    // holding, so that a NIC daemon that stays on this host (a redundant uplink's standby)
+    // does not hold the frames of a VM restored here later, with no engine to release them.
+    match daemons.output_commit_off() {
+        Ok(()) => output.held = false,
+        Err(error) => {
+            warn!("cannot end the NICs' output commit after the final checkpoint: {error}")
+        }
+    }
     if handover.send(Ok(epoch)).is_err() {
         warn!("final checkpoint {epoch} committed, but nobody waits for it any more: the guest runs on here");
+        // Holding again before the guest runs: the replica is restorable.
+        if !output.held {
+            daemons
+                .output_commit_on(output.nic_epoch)
+                .context("cannot hold the NICs' output again")?;
+            output.held = true;
+        }
         epoch::resume_stopped_guest(qmp);
         return Ok(false);
     }
