@@ -489,17 +489,22 @@ replication_port = {REPLICATION_PORT}
 
     /// The guest console as written by a host's QEMU (appended across restarts).
     pub fn console(&self, host: usize) -> Vec<String> {
-        let path = self
-            .dir
-            .path()
-            .join(HOSTS[host])
-            .join(VM)
-            .join("console.log");
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| line.trim_end_matches('\r').to_owned())
-            .collect()
+        self.named_console(host, VM)
+    }
+
+    /// Asserts that both hosts' images of vm1 are equal byte for byte (the caller made the
+    /// mirror idle); returns hostA's.
+    pub fn assert_images_equal(&self) -> Vec<u8> {
+        let (image_a, image_b) = (
+            std::fs::read(self.image(0)).expect("hostA's image"),
+            std::fs::read(self.image(1)).expect("hostB's image"),
+        );
+        let first_difference = image_a.iter().zip(&image_b).position(|(a, b)| a != b);
+        assert_eq!(
+            first_difference, None,
+            "the two copies differ (first at byte {first_difference:?}) though both say Protected"
+        );
+        image_a
     }
 
     /// Waits up to 120 s for a line containing `needle` on a host's guest console.

@@ -243,15 +243,7 @@ fn level_2_to_3_and_back_while_running_then_the_guest_survives_the_loss_of_its_h
         vm["disks"][0]["replication"]["in_flight_requests"].as_u64() == Some(0)
             && vm["state"] == "Protected"
     });
-    let (image_a, image_b) = (
-        std::fs::read(cluster.image(A)).expect("hostA's image"),
-        std::fs::read(cluster.image(B)).expect("hostB's image"),
-    );
-    let first_difference = image_a.iter().zip(&image_b).position(|(a, b)| a != b);
-    assert_eq!(
-        first_difference, None,
-        "the two copies differ (first at byte {first_difference:?}) though both say Protected"
-    );
+    cluster.assert_images_equal();
     qmp.cont().expect("cont");
 }
 

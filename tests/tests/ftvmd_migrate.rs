@@ -164,15 +164,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
         vm["disks"][0]["replication"]["in_flight_requests"].as_u64() == Some(0)
             && vm["state"] == "Protected"
     });
-    let (image_a, image_b) = (
-        std::fs::read(cluster.image(A)).expect("hostA's image"),
-        std::fs::read(cluster.image(B)).expect("hostB's image"),
-    );
-    let first_difference = image_a.iter().zip(&image_b).position(|(a, b)| a != b);
-    assert_eq!(
-        first_difference, None,
-        "the two copies differ (first at byte {first_difference:?}) though both say Protected"
-    );
+    let image_a = cluster.assert_images_equal();
     // Every record the guest was told is on the disk is in the image.
     let last = records::last_ack(&cluster.console(A)).max(records::last_ack(&cluster.console(B)));
     for i in last.saturating_sub(990).max(1)..=last {
