@@ -16,6 +16,7 @@ pub mod nics;
 pub mod processes;
 pub mod qmp;
 pub mod service;
+mod stall;
 pub mod state;
 pub mod vm;
 
@@ -29,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::info;
+use log::{info, warn};
 
 use self::control::{HostStatus, KeyStatus, Reply, Request};
 use self::events::Events;
@@ -129,8 +130,14 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         daemon.config.peer.name
     );
     daemon.service.ready(&ready);
+    // A quarter of the peer timeout: a stall this long is worth a line in the log.
+    let stall_limit = Duration::from_millis(daemon.config.timing.peer_timeout_ms / 4);
+    if let Err(error) = stall::watch_scheduling(stall_limit) {
+        warn!("cannot start the stall watch thread: {error}");
+    }
     while !stop.load(Ordering::Relaxed) {
-        daemon.step();
+        let mut clock = stall::StepClock::start();
+        daemon.step(&mut clock);
         while let Ok((request, answer)) = requests.try_recv() {
             match request {
                 // Answered once the disk daemons have (a revert also stops and starts the
@@ -141,6 +148,10 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
                     let _ = answer.send(reply);
                 }
             }
+        }
+        clock.lap("control requests", "");
+        if let Some(report) = clock.slow(stall_limit) {
+            warn!("{report}; heartbeats to the peer wait meanwhile");
         }
         std::thread::sleep(STEP);
     }
@@ -376,7 +387,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn step(&mut self) {
+    fn step(&mut self, clock: &mut stall::StepClock) {
         let now = self.now();
         let mut context = self.io.context(now);
         while let Some(message) = context.peer.try_recv() {
@@ -426,6 +437,7 @@ impl Daemon {
                 }
             }
         }
+        clock.lap("peer messages", "");
         while let Some(reply) = context.witness.try_recv() {
             match reply {
                 WitnessReply::Verdict { vm: name, verdict } => {
@@ -454,12 +466,15 @@ impl Daemon {
                 ),
             }
         }
+        clock.lap("witness answers", "");
         if !self.disabled {
             for vm in &mut self.vms {
                 vm.tick(&mut context);
+                clock.lap("tick", &vm.name);
             }
         }
         self.watch_links(now);
+        clock.lap("link watch", "");
         let due = self
             .last_beat
             .is_none_or(|last| last.elapsed() >= self.heartbeat);
@@ -482,6 +497,7 @@ impl Daemon {
                 },
                 false,
             );
+            clock.lap("heartbeat", "");
         }
     }
 
