@@ -1,8 +1,9 @@
 //! `ftvm migrate` (issue 13): a running protected VM moves between the two hosts without a
 //! reboot, its memory, processes and TCP sessions with it, and the disks swap roles with
 //! nothing lost; a move called off, or whose destination host dies, leaves the VM running
-//! where it was, protected.
+//! where it was, protected. The guest runs fio `--verify=crc32c` and synced records throughout.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ftvm_tests::cluster::{Cluster, ClusterOptions, HOSTS};
@@ -11,6 +12,7 @@ use ftvm_tests::level3::{count_of, guest_script, COUNTER_AND_ECHO, RAM_MB};
 use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
 use ftvm_tests::nic_daemon::{GUEST_IP, GUEST_MAC};
 use ftvm_tests::records;
+use ftvm_tests::torture::workload::{fio_missing_in_image, BLOCK_BYTES, FIO_CHUNK_BYTES};
 use ftvm_tests::wait::poll_for;
 
 const A: usize = 0;
@@ -31,9 +33,51 @@ const DISK_WRITER: &str = "(i=1\n\
        usleep 20000\n\
      done) &\n";
 
+/// Where fio's chunks start: the disk's upper half (the records use its first 4 MiB).
+const FIO_FIRST_BLOCK: u64 = (8 << 20) / BLOCK_BYTES;
+/// fio chunks in the upper half, used in turn.
+const FIO_CHUNKS: u64 = (8 << 20) / FIO_CHUNK_BYTES;
+
+/// fio `--verify=crc32c` in the background, one run after another over the 128 KiB chunks
+/// of the disk's upper half in turn: each run writes its chunk with 32 random 4 KiB writes
+/// at queue depth 8 (libaio, O_DIRECT) seeded by the run's number, a FLUSH, then reads the
+/// chunk back and checks every block's header and CRC32C. `FIO-ACK seq block` follows a
+/// run that passed, `FIO-FAILED seq block` and fio's error lines one that did not. The
+/// host checks the copies with the same fio afterwards (the torture rig's fio workload).
+fn fio_writer() -> String {
+    let chunk_blocks = FIO_CHUNK_BYTES / BLOCK_BYTES;
+    format!(
+        "(seq=1\n\
+         while true; do\n\
+           block=$(({FIO_FIRST_BLOCK} + (seq % {FIO_CHUNKS}) * {chunk_blocks}))\n\
+           if fio --name=chunk$seq --filename=/dev/vda --offset=$((block * 4096)) \
+             --randseed=$seq --rw=randwrite --bs=4k --size=128k --verify=crc32c \
+             --ioengine=libaio --direct=1 --iodepth=8 --do_verify=1 --verify_fatal=1 \
+             --end_fsync=1 --verify_state_save=0 --eta=never --output=/tmp/fio.out; then\n\
+             echo \"FIO-ACK $seq $block\"\n\
+           else\n\
+             echo \"FIO-FAILED $seq $block\"; grep -i -e err -e verify /tmp/fio.out | head -n 5\n\
+           fi\n\
+           seq=$((seq + 1))\n\
+         done) &\n"
+    )
+}
+
+/// The fio runs that passed (`FIO-ACK seq block`), in order.
+fn fio_acks(console: &[String]) -> Vec<(u64, u64)> {
+    console
+        .iter()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix("FIO-ACK ")?.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
 fn start(name: &str) -> Cluster {
-    let script = format!("{DISK_WRITER}{COUNTER_AND_ECHO}");
+    let script = format!("{DISK_WRITER}{}{COUNTER_AND_ECHO}", fio_writer());
     let mut guest = GuestConfig::new(name, &guest_script(&script));
+    guest.with_fio = true;
     guest.cpus = 1;
     guest.memory_mb = RAM_MB;
     let options = ClusterOptions {
@@ -156,6 +200,15 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
     // guest paused, the mirror idle).
     for host in [A, B] {
         records::assert_no_write_failed(&cluster.console(host));
+        let failed: Vec<String> = cluster
+            .console(host)
+            .into_iter()
+            .filter(|line| line.starts_with("FIO-FAILED") || line.starts_with("fio: "))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "fio verify failed in the guest: {failed:?}"
+        );
     }
     let primary = if MOVES.is_multiple_of(2) { A } else { B };
     let mut qmp = ftvm_tests::qmp::Qmp::connect(&cluster.test_qmp(primary), TIMEOUT).expect("QMP");
@@ -176,6 +229,35 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
             "record {i} (acknowledged) is not in the image"
         );
     }
+    // Every fio run the guest passed is on both copies (the newest one of each chunk; the
+    // chunks of the run under way when the guest stopped, and of the one before it whose
+    // line may not have left the serial port yet, are left out).
+    let mut acks = fio_acks(&cluster.console(A));
+    acks.extend(fio_acks(&cluster.console(B)));
+    let newest = acks.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+    assert!(
+        newest >= MOVES as u64,
+        "fio passed only {newest} runs over {MOVES} moves"
+    );
+    let mut latest = BTreeMap::new();
+    for (seq, block) in acks {
+        let entry = latest.entry(block).or_insert(seq);
+        *entry = (*entry).max(seq);
+    }
+    latest.retain(|_, seq| *seq + FIO_CHUNKS > newest + 2);
+    for host in [A, B] {
+        let lost = fio_missing_in_image(&cluster.image(host), &latest);
+        assert!(
+            lost.is_empty(),
+            "{}: fio chunks not intact: {lost:?}",
+            HOSTS[host]
+        );
+    }
+    eprintln!(
+        "fio: {newest} verified runs in the guest over {MOVES} moves, the newest {} \
+        chunks checked on both copies",
+        latest.len()
+    );
     qmp.cont().expect("cont");
 }
 
