@@ -132,6 +132,22 @@ pub enum FtvmCommand {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Alert agents ([[alert]] in ftvmd's configuration): the programs ftvmd runs on every
+    /// warning, error and clearing, with the event in FTVM_ALERT_* variables. See
+    /// docs/OPERATIONS.md, "Alerts".
+    Alert {
+        #[command(subcommand)]
+        action: AlertAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertAction {
+    /// Send a test alert (FTVM_ALERT_KIND=test, severity info) through every agent and
+    /// report each one's result: delivered, or why not (its exit status and last line of
+    /// output, or killed at its timeout). Exit status 1 if any agent failed. The test is
+    /// not retried; the agents' counts are in `ftvm status --json` and /metrics.
+    Test,
 }
 
 /// The steps of a key rotation.
@@ -226,8 +242,8 @@ pub enum HostAction {
 /// for the next generation when the peer is lost, and then continues alone, promotes this
 /// host's copy, or fences it. Operators talk to it with `ftvm`.
 ///
-/// FILE is TOML with [host], [peer], [witness], optional [timing] and one [[vm]] per VM;
-/// see coordinator/README.md. Stop with SIGTERM: the VMs of this host stop with it (the
+/// FILE is TOML with [host], [peer], [witness], optional [timing], one [[vm]] per VM and
+/// one [[alert]] per alert agent; see coordinator/README.md and docs/OPERATIONS.md. Stop with SIGTERM: the VMs of this host stop with it (the
 /// peer then takes them over); use `ftvm host disable` first for planned maintenance.
 #[derive(Debug, Parser)]
 #[command(name = "ftvmd", version)]

@@ -251,6 +251,9 @@ pub struct Config {
     pub timing: TimingSection,
     #[serde(default)]
     pub vm: Vec<VmSection>,
+    /// Alert agents run on every warning, error and clearing (docs/OPERATIONS.md, "Alerts").
+    #[serde(default)]
+    pub alert: Vec<crate::daemon::alerts::AlertSection>,
 }
 
 impl Config {
@@ -362,7 +365,7 @@ impl Config {
                 ports.insert(port, user);
             }
         }
-        Ok(())
+        crate::daemon::alerts::validate(&self.alert)
     }
 
     fn validate_vm(&self, vm: &VmSection) -> Result<(), String> {

@@ -3,7 +3,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Parser;
 use coordinator::cli::{
-    FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice, SnapshotAction,
+    AlertAction, FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice,
+    SnapshotAction,
 };
 use coordinator::daemon::control::{
     request, DiskSnapshots, HostStatus, KeyStatus, Reply, Request, SnapshotCommand,
@@ -113,6 +114,9 @@ fn run(args: &Args) -> Result<(), String> {
             }
         }
         Command::Snapshot { action } => snapshot(&ask, action)?,
+        Command::Alert {
+            action: AlertAction::Test,
+        } => done(ask(Request::AlertTest)?),
         Command::Host {
             action: HostAction::Enable,
         } => done(ask(Request::HostEnable)?),
@@ -480,23 +484,11 @@ fn nic_line(nic: &NicStatus) -> String {
 /// UTC time as `YYYY-MM-DD HH:MM:SS.mmm`.
 fn humantime(time: std::time::SystemTime) -> String {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let seconds = since.as_secs();
-    let days = seconds / 86_400;
-    let (hour, minute, second) = (seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}.{:03}",
-        since.subsec_millis()
-    )
+    // 2026-12-07T08:55:02.125Z as 2026-12-07 08:55:02.125
+    coordinator::daemon::events::utc_time(since.as_millis() as u64)
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_owned()
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub enum Request {
         restart: bool,
     },
     HostEnable,
+    /// `ftvm alert test`: a test alert through every alert agent, answered with each one's
+    /// result.
+    AlertTest,
     /// `ftvm snapshot ACTION VM [NAME]`: answered once the disk daemons have.
     Snapshot {
         vm: String,
@@ -111,6 +114,8 @@ pub struct HostStatus {
     pub witness_reachable: bool,
     pub disabled: bool,
     pub vms: Vec<VmStatus>,
+    /// Each alert agent's counts (`[[alert]]`).
+    pub alerts: Vec<super::alerts::AgentStatus>,
 }
 
 /// One of this host's keys, for `ftvm status` and `ftvm key retire` (ids: 16 hex digits,

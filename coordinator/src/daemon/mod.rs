@@ -7,6 +7,7 @@
 //! other threads only move bytes between sockets and channels.
 
 pub mod agent;
+pub mod alerts;
 pub mod control;
 pub mod control_client;
 pub mod events;
@@ -33,7 +34,8 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use self::control::{HostStatus, KeyStatus, Reply, Request};
-use self::events::Events;
+use self::alerts::Alerts;
+use self::events::{Condition, Events, Severity};
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
 use self::processes::{
     DiskSpec, EngineSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec,
@@ -79,10 +81,15 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         config.witness.addresses.clone(),
         link_config(&config.witness.psk_file, &config.host.name)?,
     )?;
+    let events = if config.alert.is_empty() {
+        Events::default()
+    } else {
+        Events::with_alerts(Alerts::start(&config.alert, &config.host.name)?)
+    };
     let mut daemon = Daemon {
         started: Instant::now(),
         io: Io {
-            events: Events::default(),
+            events,
             peer,
             witness,
             launcher: Arc::from(launcher),
@@ -143,6 +150,17 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
                 // Answered once the disk daemons have (a revert also stops and starts the
                 // VM): the VM keeps the answer channel.
                 Request::Snapshot { vm, snapshot } => daemon.snapshot(&vm, snapshot, answer),
+                // Answered by a thread once every agent has run.
+                Request::AlertTest => match daemon.io.events.alerts() {
+                    Some(alerts) => alerts.test(answer),
+                    None => {
+                        let _ = answer.send(Reply::Error(
+                            "no alert agents configured: add [[alert]] sections to ftvmd's \
+                             configuration (docs/OPERATIONS.md, \"Alerts\") and restart ftvmd"
+                                .into(),
+                        ));
+                    }
+                },
                 request => {
                     let reply = daemon.handle(request);
                     let _ = answer.send(reply);
@@ -472,6 +490,7 @@ impl Daemon {
                 vm.tick(&mut context);
                 clock.lap("tick", &vm.name);
             }
+            self.watch_protection();
         }
         self.watch_links(now);
         clock.lap("link watch", "");
@@ -545,7 +564,9 @@ impl Daemon {
                 format!(" ({errors})")
             };
             if up == 0 {
-                self.io.events.warn(
+                self.io.events.raise(
+                    Condition::ALinkDown,
+                    Severity::Warning,
                     "",
                     format!(
                         "all {total} A-link(s) to {} are down{errors}",
@@ -555,7 +576,9 @@ impl Daemon {
                      peer host is lost",
                 );
             } else if up < total {
-                self.io.events.warn(
+                self.io.events.raise(
+                    Condition::ALinkDown,
+                    Severity::Warning,
                     "",
                     format!(
                         "{up} of {total} A-links to {} up{errors}",
@@ -564,7 +587,8 @@ impl Daemon {
                     "repair the down link: one more failure cuts the hosts apart",
                 );
             } else if self.last_links.0 != usize::MAX {
-                self.io.events.info(
+                self.io.events.clear(
+                    Condition::ALinkDown,
                     "",
                     format!("all {total} A-links to {} up", self.config.peer.name),
                 );
@@ -575,12 +599,16 @@ impl Daemon {
         if self.last_witness != Some(witness) {
             if witness {
                 if self.last_witness.is_some() {
-                    self.io
-                        .events
-                        .info("", "the witness is reachable again".into());
+                    self.io.events.clear(
+                        Condition::WitnessUnreachable,
+                        "",
+                        "the witness is reachable again".into(),
+                    );
                 }
             } else {
-                self.io.events.warn(
+                self.io.events.raise(
+                    Condition::WitnessUnreachable,
+                    Severity::Warning,
                     "",
                     "the witness is unreachable: VMs keep running, but no failover can happen \
                      until it returns"
@@ -594,6 +622,46 @@ impl Daemon {
         if !witness {
             for vm in &mut self.vms {
                 vm.isolated(&mut self.io.context(now));
+            }
+        }
+    }
+
+    /// Raises [`Condition::VmUnprotected`] when a protected VM's primary (here) runs on
+    /// one copy, and clears it when both copies are in sync again (or protection ends).
+    fn watch_protection(&mut self) {
+        for vm in &self.vms {
+            let beat = vm.beat();
+            let raised = self.io.events.is_raised(Condition::VmUnprotected, &vm.name);
+            let lost = matches!(beat.state.as_str(), "Degraded" | "RemoteOnly" | "Rebuilding");
+            if !raised && beat.protected && beat.role == Role::Primary && lost {
+                let advice = match beat.state.as_str() {
+                    "Degraded" => format!(
+                        "bring {} back: the copies resync and protection returns by itself",
+                        self.config.peer.name
+                    ),
+                    _ => "repair this host's disk (see the disk daemon's log): the copy is \
+                          rebuilt from the peer by itself"
+                        .to_owned(),
+                };
+                self.io.events.raise(
+                    Condition::VmUnprotected,
+                    Severity::Warning,
+                    &vm.name,
+                    format!(
+                        "no longer protected: its disks are {} on {} (one copy)",
+                        beat.state, self.config.host.name
+                    ),
+                    &advice,
+                );
+            } else if raised && (beat.state == "Protected" || !beat.protected) {
+                let what = if beat.protected {
+                    "Protected again: both copies are in sync"
+                } else {
+                    "protection ended (ftvm unprotect)"
+                };
+                self.io
+                    .events
+                    .clear(Condition::VmUnprotected, &vm.name, what.into());
             }
         }
     }
@@ -621,6 +689,7 @@ impl Daemon {
             Request::Snapshot { vm, .. } => {
                 Reply::Error(format!("snapshot of {vm}: asked without a way to answer"))
             }
+            Request::AlertTest => Reply::Error("alert test: asked without a way to answer".into()),
             Request::Status => {
                 let (links_up, links) = self.io.peer.links_up();
                 Reply::Status(Box::new(HostStatus {
@@ -644,6 +713,12 @@ impl Daemon {
                     witness_reachable: self.io.witness.reachable(),
                     disabled: self.disabled,
                     vms: self.vms.iter().map(|vm| vm.status(now)).collect(),
+                    alerts: self
+                        .io
+                        .events
+                        .alerts()
+                        .map(Alerts::status)
+                        .unwrap_or_default(),
                 }))
             }
             Request::Events => Reply::Events(self.io.events.all()),

@@ -51,6 +51,7 @@ fn host(vms: Vec<VmStatus>) -> HostStatus {
         witness_reachable: false,
         disabled: false,
         vms,
+        alerts: Vec::new(),
     }
 }
 
