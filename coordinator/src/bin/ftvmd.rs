@@ -15,8 +15,12 @@ fn main() -> ExitCode {
         Err(error) => return fail(&error),
     };
     if args.check {
+        let agents = match config.alert.len() {
+            0 => String::new(),
+            count => format!(", {count} alert agent(s)"),
+        };
         println!(
-            "{}: valid ({} VM(s), peer {})",
+            "{}: valid ({} VM(s), peer {}{agents})",
             args.config.display(),
             config.vm.len(),
             config.peer.name

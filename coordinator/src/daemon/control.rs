@@ -111,6 +111,8 @@ pub struct HostStatus {
     pub peer_reachable: bool,
     pub links_up: usize,
     pub links: usize,
+    /// Each A-link: up, round trip, bytes.
+    pub alinks: Vec<super::links::ALinkStatus>,
     pub witness_reachable: bool,
     pub disabled: bool,
     pub vms: Vec<VmStatus>,

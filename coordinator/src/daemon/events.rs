@@ -136,7 +136,14 @@ impl Events {
             .entry((condition, vm.to_owned()))
             .or_insert(severity);
         *worst = (*worst).max(severity);
-        self.record(severity, vm, what, advice, Change::Raised(condition), severity);
+        self.record(
+            severity,
+            vm,
+            what,
+            advice,
+            Change::Raised(condition),
+            severity,
+        );
     }
 
     /// `condition` is over for `vm`: an info event that says it clears the condition, or a

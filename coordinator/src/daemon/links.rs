@@ -69,6 +69,23 @@ pub enum PeerMessage {
     TakeOver { vm: String, live: Option<u8> },
 }
 
+/// One A-link as `ftvm status --json` and `/metrics` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ALinkStatus {
+    /// 1 or 2: its place in `[peer] addresses`.
+    pub link: usize,
+    /// The peer's ftvmd on this link.
+    pub address: String,
+    /// The peer is heard on it.
+    pub up: bool,
+    /// Round trip of the heartbeat session on it, while known.
+    pub rtt_us: Option<u64>,
+    /// Bytes this host's session to the peer sent and received on it (heartbeats and
+    /// orders; the disk daemons' replication has sessions of its own).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
 /// Both directions with the peer, on each A-link separately: one client session per
 /// link sends, our listener receives. Separate sessions keep the links independent: a
 /// link that dies holds back only its own messages (an ordered session over both links
@@ -166,6 +183,29 @@ impl PeerLink {
     /// that is up.
     pub fn keys_in_use(&self) -> Vec<String> {
         keys_in_use(self.clients.iter())
+    }
+
+    /// Each A-link's session to the peer (the one this host dials; it carries this host's
+    /// heartbeats and orders), in configuration order.
+    pub fn links(&self) -> Vec<ALinkStatus> {
+        self.clients
+            .iter()
+            .enumerate()
+            .map(|(index, client)| {
+                let links = client.stats().links;
+                let link = links.first();
+                ALinkStatus {
+                    link: index + 1,
+                    address: link
+                        .and_then(|link| link.address)
+                        .map_or_else(String::new, |address| address.to_string()),
+                    up: client.peer_reachable(),
+                    rtt_us: link.and_then(|link| link.rtt_us),
+                    bytes_sent: links.iter().map(|link| link.bytes_sent).sum(),
+                    bytes_received: links.iter().map(|link| link.bytes_received).sum(),
+                }
+            })
+            .collect()
     }
 
     /// A-links on which the peer is reachable, of those configured.

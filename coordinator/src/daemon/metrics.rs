@@ -27,7 +27,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::alerts::AgentStatus;
 use super::control::{HostStatus, Pending, Reply, Request};
+use super::links::ALinkStatus;
 use crate::host::Role;
 
 /// Longest request head read.
@@ -494,9 +496,115 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "Level 3: this host's replica can be restored (secondary)",
         restorable,
     );
+    register_alinks(&mut registry, &status.alinks);
+    register_alerts(&mut registry, &status.alerts);
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    /// 1 or 2: the link's place in `[peer] addresses`.
+    link: String,
+    /// The peer's ftvmd on it.
+    address: String,
+}
+
+/// Each A-link: up, round trip, bytes of this host's session to the peer on it.
+fn register_alinks(registry: &mut Registry, links: &[ALinkStatus]) {
+    let up = Family::<LinkLabels, Gauge>::default();
+    let rtt = Family::<LinkLabels, FloatGauge>::default();
+    let sent = Family::<LinkLabels, Counter>::default();
+    let received = Family::<LinkLabels, Counter>::default();
+    for link in links {
+        let labels = LinkLabels {
+            link: link.link.to_string(),
+            address: link.address.clone(),
+        };
+        up.get_or_create(&labels).set(i64::from(link.up));
+        if let Some(rtt_us) = link.rtt_us.filter(|_| link.up) {
+            rtt.get_or_create(&labels).set(rtt_us as f64 / 1e6);
+        }
+        sent.get_or_create(&labels).inc_by(link.bytes_sent);
+        received.get_or_create(&labels).inc_by(link.bytes_received);
+    }
+    registry.register(
+        "alink_up",
+        "The peer is heard on this A-link (1) or not (0)",
+        up,
+    );
+    registry.register_with_unit(
+        "alink_rtt",
+        "Round trip to the peer's ftvmd on this A-link (while up)",
+        Unit::Seconds,
+        rtt,
+    );
+    registry.register_with_unit(
+        "alink_sent",
+        "Bytes ftvmd's session to the peer sent on this A-link (the disk daemons' \
+         replication is not counted here)",
+        Unit::Bytes,
+        sent,
+    );
+    registry.register_with_unit(
+        "alink_received",
+        "Bytes ftvmd's session to the peer received on this A-link",
+        Unit::Bytes,
+        received,
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentResultLabels {
+    agent: String,
+    result: String,
+}
+
+/// The alert agents' counts (`[[alert]]`).
+fn register_alerts(registry: &mut Registry, agents: &[AgentStatus]) {
+    let alerts = Family::<AgentResultLabels, Counter>::default();
+    let timed_out = Family::<AgentLabels, Counter>::default();
+    let dropped = Family::<AgentLabels, Counter>::default();
+    let queued = Family::<AgentLabels, Gauge>::default();
+    for agent in agents {
+        for (result, count) in [("delivered", agent.delivered), ("failed", agent.failed)] {
+            alerts
+                .get_or_create(&AgentResultLabels {
+                    agent: agent.name.clone(),
+                    result: result.to_owned(),
+                })
+                .inc_by(count);
+        }
+        let labels = AgentLabels {
+            agent: agent.name.clone(),
+        };
+        timed_out.get_or_create(&labels).inc_by(agent.timed_out);
+        dropped.get_or_create(&labels).inc_by(agent.dropped);
+        queued.get_or_create(&labels).set(saturating(agent.queued));
+    }
+    registry.register(
+        "alerts",
+        "Alerts an agent took (result=\"delivered\") or failed after its retry \
+         (result=\"failed\")",
+        alerts,
+    );
+    registry.register(
+        "alert_runs_timed_out",
+        "Runs of an agent killed at its timeout_ms",
+        timed_out,
+    );
+    registry.register(
+        "alerts_dropped",
+        "Alerts dropped for an agent because its queue was full",
+        dropped,
+    );
+    registry.register("alerts_queued", "Alerts waiting for an agent", queued);
 }
 
 fn saturating(value: u64) -> i64 {

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use self::control::{HostStatus, KeyStatus, Reply, Request};
 use self::alerts::Alerts;
+use self::control::{HostStatus, KeyStatus, Reply, Request};
 use self::events::{Condition, Events, Severity};
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
 use self::processes::{
@@ -632,7 +632,10 @@ impl Daemon {
         for vm in &self.vms {
             let beat = vm.beat();
             let raised = self.io.events.is_raised(Condition::VmUnprotected, &vm.name);
-            let lost = matches!(beat.state.as_str(), "Degraded" | "RemoteOnly" | "Rebuilding");
+            let lost = matches!(
+                beat.state.as_str(),
+                "Degraded" | "RemoteOnly" | "Rebuilding"
+            );
             if !raised && beat.protected && beat.role == Role::Primary && lost {
                 let advice = match beat.state.as_str() {
                     "Degraded" => format!(
@@ -710,6 +713,7 @@ impl Daemon {
                     peer_reachable: links_up > 0,
                     links_up,
                     links,
+                    alinks: self.io.peer.links(),
                     witness_reachable: self.io.witness.reachable(),
                     disabled: self.disabled,
                     vms: self.vms.iter().map(|vm| vm.status(now)).collect(),

@@ -267,7 +267,10 @@ struct Queue {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Job").field("alert", &self.alert).finish()
+        formatter
+            .debug_struct("Job")
+            .field("alert", &self.alert)
+            .finish()
     }
 }
 
@@ -478,10 +481,9 @@ fn run_once(agent: &Agent, host: &str, alert: &Alert, attempt: u32) -> Result<St
             )
         }
         Outcome::Failed(how) => format!("failed ({how}) after {took_ms} ms{said}"),
-        Outcome::NotStarted(error) => format!(
-            "cannot run {}: {error}",
-            agent.section.path.display()
-        ),
+        Outcome::NotStarted(error) => {
+            format!("cannot run {}: {error}", agent.section.path.display())
+        }
     };
     warn!("{what}: {failure}");
     Err(failure)

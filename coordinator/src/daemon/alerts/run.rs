@@ -38,11 +38,21 @@ pub enum Outcome {
 pub fn run(path: &Path, environment: &[(String, String)], timeout: Duration) -> (Outcome, String) {
     let (reader, writer) = match std::io::pipe() {
         Ok(pipe) => pipe,
-        Err(error) => return (Outcome::NotStarted(format!("no pipe: {error}")), String::new()),
+        Err(error) => {
+            return (
+                Outcome::NotStarted(format!("no pipe: {error}")),
+                String::new(),
+            )
+        }
     };
     let stderr = match writer.try_clone() {
         Ok(stderr) => stderr,
-        Err(error) => return (Outcome::NotStarted(format!("no pipe: {error}")), String::new()),
+        Err(error) => {
+            return (
+                Outcome::NotStarted(format!("no pipe: {error}")),
+                String::new(),
+            )
+        }
     };
     let mut command = Command::new(path);
     command

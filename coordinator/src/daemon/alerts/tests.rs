@@ -83,7 +83,10 @@ fn warnings_and_clearings_reach_the_agents_and_a_failure_is_retried_once() {
             "event error 2 hostA to-bad 4",
         ]
     );
-    assert_eq!(lines(dir.path(), "errors", 1), ["event error 1 hostA to-errors 4"]);
+    assert_eq!(
+        lines(dir.path(), "errors", 1),
+        ["event error 1 hostA to-errors 4"]
+    );
     let status = events.alerts().expect("alerts").status();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut status = status;
@@ -106,7 +109,11 @@ fn a_full_queue_drops_and_counts_instead_of_waiting() {
     for number in 0..QUEUE_LENGTH + 10 {
         events.warn("", format!("warning {number}"), "");
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let status = &events.alerts().expect("alerts").status()[0];
     // The first is taken by the thread at once (or not yet): 9 or 10 dropped.
     assert!((9..=10).contains(&status.dropped), "{status:?}");

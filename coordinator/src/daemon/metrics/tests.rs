@@ -1,6 +1,8 @@
 use super::*;
 
+use crate::daemon::alerts::AgentStatus;
 use crate::daemon::control::KeyStatus;
+use crate::daemon::links::ALinkStatus;
 use crate::daemon::vm::VmStatus;
 
 fn vm(name: &str, role: Role, state: &str) -> VmStatus {
@@ -48,10 +50,35 @@ fn host(vms: Vec<VmStatus>) -> HostStatus {
         peer_reachable: true,
         links_up: 1,
         links: 2,
+        alinks: vec![
+            ALinkStatus {
+                link: 1,
+                address: "10.77.1.2:7500".into(),
+                up: true,
+                rtt_us: Some(250),
+                bytes_sent: 1000,
+                bytes_received: 900,
+            },
+            ALinkStatus {
+                link: 2,
+                address: "10.77.2.2:7500".into(),
+                up: false,
+                rtt_us: None,
+                bytes_sent: 10,
+                bytes_received: 0,
+            },
+        ],
         witness_reachable: false,
         disabled: false,
         vms,
-        alerts: Vec::new(),
+        alerts: vec![AgentStatus {
+            name: "webhook".into(),
+            delivered: 3,
+            failed: 1,
+            timed_out: 2,
+            dropped: 0,
+            queued: 1,
+        }],
     }
 }
 
@@ -169,4 +196,51 @@ fn an_unknown_state_word_is_shown_too() {
         ),
         1.0
     );
+}
+
+#[test]
+fn a_links_and_alert_agents_have_their_series() {
+    let text = render(&host(Vec::new())).expect("render");
+    let scrape = parse(&text);
+    let link1 = [("link", "1"), ("address", "10.77.1.2:7500")];
+    let link2 = [("link", "2"), ("address", "10.77.2.2:7500")];
+    assert_eq!(value(&scrape, "ftvm_alink_up", &link1), 1.0);
+    assert_eq!(value(&scrape, "ftvm_alink_up", &link2), 0.0);
+    assert_eq!(value(&scrape, "ftvm_alink_rtt_seconds", &link1), 0.00025);
+    assert_eq!(
+        value(&scrape, "ftvm_alink_sent_bytes_total", &link1),
+        1000.0
+    );
+    assert_eq!(
+        value(&scrape, "ftvm_alink_received_bytes_total", &link1),
+        900.0
+    );
+    // A down link has no round trip.
+    assert!(
+        !text.contains("ftvm_alink_rtt_seconds{link=\"2\""),
+        "{text}"
+    );
+    let webhook = [("agent", "webhook")];
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_alerts_total",
+            &[("agent", "webhook"), ("result", "delivered")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_alerts_total",
+            &[("agent", "webhook"), ("result", "failed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "ftvm_alert_runs_timed_out_total", &webhook),
+        2.0
+    );
+    assert_eq!(value(&scrape, "ftvm_alerts_dropped_total", &webhook), 0.0);
+    assert_eq!(value(&scrape, "ftvm_alerts_queued", &webhook), 1.0);
 }
