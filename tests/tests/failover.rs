@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_tests::cluster::{metric_value, Cluster, ClusterOptions, HOSTS};
 use ftvm_tests::records::{cluster_writer, last_ack, wait_acks, wait_found};
-use ftvm_tests::wait::Wait;
+use ftvm_tests::wait::{poll_until, Wait};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -112,6 +112,14 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
         vm["disks"][0]["replication"]["disk_state"] == "UpToDate"
     });
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
+    // The lost redundancy was one condition on hostB (an alert and its clearing, with
+    // [[alert]] agents): raised when it ran alone, cleared once Protected again.
+    let mut changes = Vec::new();
+    poll_until(Duration::from_secs(5), "vm-unprotected cleared on hostB", || {
+        changes = condition_changes(&cluster, B, "vm-unprotected");
+        changes.len() >= 2
+    });
+    assert_eq!(changes, ["raised", "cleared"], "{}", events(&cluster, B));
     // The restarted guest has finished (it only read), so the copies must be identical.
     let (image_a, image_b) = (
         std::fs::read(cluster.image(A)).expect("read hostA image"),
@@ -148,6 +156,21 @@ fn generation(cluster: &Cluster, host: usize) -> Option<u64> {
     cluster
         .vm_status(host)
         .map(|vm| vm["generation"].as_u64().unwrap_or(0))
+}
+
+/// How the events of `host` changed `condition` for vm1, in order ("raised", "cleared").
+fn condition_changes(cluster: &Cluster, host: usize, condition: &str) -> Vec<String> {
+    let (_, text) = cluster.ftvm(host, &["events", "--json"]);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap_or_default();
+    events
+        .iter()
+        .filter(|event| event["vm"] == "vm1")
+        .filter_map(|event| {
+            let change = event["change"].as_object()?;
+            let (kind, key) = change.iter().next()?;
+            (key == condition).then(|| kind.clone())
+        })
+        .collect()
 }
 
 fn events(cluster: &Cluster, host: usize) -> String {
