@@ -6,6 +6,9 @@
 #   /usr/bin                   ftvm, ftvmd, ftvm-witness
 #   /usr/lib/ftvm              vhost-blk-mirror, vhost-net-ft, ftvm-checkpoint,
 #                              libftvm_ram_track.so (ftvmd's bin_dir)
+#   /usr/lib/ftvm/alerts       the alert agents ftvm-alert-webhook (curl), ftvm-alert-snmp
+#                              (snmptrap, package snmp) and ftvm-alert-mail (sendmail)
+#   /usr/share/snmp/mibs       FTVM-MIB.txt, the SNMP agent's traps
 #   /lib/systemd/system        ftvmd.service, ftvm-witness.service (not enabled)
 #   /etc/ftvm/ftvmd.toml       the example of coordinator/README.md (conffile)
 #   /etc/default/ftvm-witness  the witness's listen addresses (conffile)
@@ -58,6 +61,11 @@ for binary in vhost-blk-mirror vhost-net-ft ftvm-checkpoint; do
 done
 install -m 0644 "$build_dir/libftvm_ram_track.so" "$stage/usr/lib/ftvm/"
 strip --strip-unneeded "$stage"/usr/bin/* "$stage"/usr/lib/ftvm/*
+# The alert agents are scripts (installed after strip); docs/OPERATIONS.md, "Alerts".
+install -d "$stage/usr/lib/ftvm/alerts" "$stage/usr/share/snmp/mibs"
+install -m 0755 packaging/alerts/ftvm-alert-webhook packaging/alerts/ftvm-alert-snmp \
+	packaging/alerts/ftvm-alert-mail "$stage/usr/lib/ftvm/alerts/"
+install -m 0644 packaging/alerts/FTVM-MIB.txt "$stage/usr/share/snmp/mibs/"
 
 install -m 0644 packaging/systemd/ftvmd.service packaging/systemd/ftvm-witness.service \
 	"$stage/lib/systemd/system/"
@@ -110,8 +118,9 @@ Maintainer: ftvm developers <ftvm@localhost>
 Section: admin
 Priority: optional
 Installed-Size: $installed_kib
-Depends: libc6 (>= 2.36), libgcc-s1, qemu-system-x86
+Depends: libc6 (>= 2.36), libgcc-s1, qemu-system-x86, curl
 Recommends: bridge-utils | iproute2
+Suggests: snmp, default-mta | mail-transport-agent
 Description: fault tolerance for QEMU/KVM virtual machines
  ftvm keeps a VM's disks and network (and, at Level 3, its memory) on two hosts,
  so that the VM survives the loss of a disk, an uplink or a whole host without

@@ -9,7 +9,8 @@
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
 # e2fsprogs, xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo), gcc and
 # libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
-# ci/verify-units.sh), plus any EXTRA_PACKAGE given on the command line.
+# ci/verify-units.sh), curl, snmp and snmptrapd (the alert agents and the trap receiver of
+# tests/tests/ftvmd_alerts.rs), plus any EXTRA_PACKAGE given on the command line.
 set -euo pipefail
 
 case "${1:-}" in
@@ -37,6 +38,9 @@ PACKAGES=(
 	gcc
 	libc6-dev
 	systemd
+	curl
+	snmp
+	snmptrapd
 	"$@"
 )
 

@@ -4,8 +4,9 @@
 # Builds the Debian package (ci/build-deb.sh --profile dev) and installs it with
 # `apt-get install ./ftvm_*.deb` into a clean Debian 12 root (minbase, made by mmdebstrap),
 # then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm --help`,
-# `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages and
-# completions in place; then `apt-get purge ftvm` and checks that nothing of it is left.
+# `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages,
+# completions and the alert agents (and FTVM-MIB) in place, `ftvmd --check` of an [[alert]]
+# per agent; then `apt-get purge ftvm` and checks that nothing of it is left.
 # Needs root, mmdebstrap (installed if missing) and Debian's mirror.
 #
 # Cached under target/deb-test/: the clean root as base.tar (about 170 MB, made once: about
@@ -77,13 +78,26 @@ for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service
 	/usr/share/man/man8/ftvm.8.gz /usr/share/man/man8/ftvmd.8.gz \
 	/usr/share/man/man8/ftvm-witness.8.gz /usr/share/man/man8/ftvm-keygen.8.gz \
 	/usr/share/bash-completion/completions/ftvm /usr/share/zsh/vendor-completions/_ftvmd \
-	/usr/share/fish/vendor_completions.d/ftvm-witness.fish; do
+	/usr/share/fish/vendor_completions.d/ftvm-witness.fish /usr/lib/ftvm/alerts/ftvm-alert-webhook \
+	/usr/lib/ftvm/alerts/ftvm-alert-snmp /usr/lib/ftvm/alerts/ftvm-alert-mail \
+	/usr/share/snmp/mibs/FTVM-MIB.txt; do
 	[[ -e $root$file ]] || die "$file is not installed"
 done
 [[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || die "/etc/ftvm/ftvmd.toml is not mode 0600"
-echo "test-deb: ftvm --help, keygen, the daemons' --help, units, man pages, completions: ok"
+# The shipped alert agents run in the clean root: the webhook agent with curl (pulled in by
+# Depends) refuses a recipient that is no URL, and ftvmd --check takes an [[alert]] of each.
+agent_says=$(in_root env FTVM_ALERT_RECIPIENT=nowhere /usr/lib/ftvm/alerts/ftvm-alert-webhook 2>&1) &&
+	die "the webhook agent accepted a recipient that is no URL"
+[[ $agent_says == *"must be an http:// or https:// URL"* ]] || die "ftvm-alert-webhook said: $agent_says"
+for agent in webhook snmp mail; do
+	printf '\n[[alert]]\npath = "/usr/lib/ftvm/alerts/ftvm-alert-%s"\nrecipient = "x"\n' "$agent" \
+		>>"$root/etc/ftvm/ftvmd.toml"
+done
+check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || die "ftvmd --check with alerts: $check"
+[[ $check == *"3 alert agent(s)"* ]] || die "ftvmd --check with alerts said: $check"
+echo "test-deb: ftvm --help, keygen, the daemons' --help, units, man pages, completions, alert agents: ok"
 
 in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || die "apt-get purge ftvm"
-left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* 2>/dev/null' || true)
+left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* /usr/share/snmp/mibs/FTVM-MIB.txt 2>/dev/null' || true)
 [[ -z $left ]] || die "left after apt-get purge: $left"
 echo "test-deb: apt-get purge ftvm removes every file of the package"

@@ -115,10 +115,14 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     // The lost redundancy was one condition on hostB (an alert and its clearing, with
     // [[alert]] agents): raised when it ran alone, cleared once Protected again.
     let mut changes = Vec::new();
-    poll_until(Duration::from_secs(5), "vm-unprotected cleared on hostB", || {
-        changes = condition_changes(&cluster, B, "vm-unprotected");
-        changes.len() >= 2
-    });
+    poll_until(
+        Duration::from_secs(5),
+        "vm-unprotected cleared on hostB",
+        || {
+            changes = condition_changes(&cluster, B, "vm-unprotected");
+            changes.len() >= 2
+        },
+    );
     assert_eq!(changes, ["raised", "cleared"], "{}", events(&cluster, B));
     // The restarted guest has finished (it only read), so the copies must be identical.
     let (image_a, image_b) = (

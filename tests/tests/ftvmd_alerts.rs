@@ -388,3 +388,74 @@ fn an_a_link_cut_alerts_each_agent_once_and_its_return_clears_it() {
         answered.as_millis()
     );
 }
+
+/// The mail agent hands sendmail one whole message whose headers the event's text cannot
+/// split (sendmail here is a script that keeps what it gets: the MTA is not under test).
+#[test]
+fn the_mail_agent_hands_sendmail_a_message_with_unsplittable_headers() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ftvm_tests::scratch_dir("alert-mail");
+    let sendmail = dir.path().join("sendmail");
+    let kept = dir.path().join("message");
+    std::fs::write(
+        &sendmail,
+        format!(
+            "#!/bin/sh\necho \"args: $*\" > {0}\ncat >> {0}\n",
+            kept.display()
+        ),
+    )
+    .expect("write sendmail");
+    std::fs::set_permissions(&sendmail, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let output =
+        std::process::Command::new(paths::repo_root().join("packaging/alerts/ftvm-alert-mail"))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("FTVM_SENDMAIL", &sendmail)
+            .env("FTVM_ALERT_RECIPIENT", "ops@example.com")
+            .env("FTVM_ALERT_KIND", "vm-unprotected")
+            .env("FTVM_ALERT_SEVERITY", "warning")
+            .env("FTVM_ALERT_VM", "vm1")
+            .env("FTVM_ALERT_HOST", "hostB")
+            .env(
+                "FTVM_ALERT_DESCRIPTION",
+                "no longer protected\nBcc: victim@example.com",
+            )
+            .env("FTVM_ALERT_REMEDY", "bring hostA back")
+            .env("FTVM_ALERT_SEQUENCE", "17")
+            .env("FTVM_ALERT_TIMESTAMP", "2026-12-07T08:55:02.125Z")
+            .output()
+            .expect("run the mail agent");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "mailed to ops@example.com"
+    );
+    let message = std::fs::read_to_string(&kept).expect("the message");
+    let (head, body) = message.split_once("\n\n").expect("head and body");
+    let head: Vec<&str> = head.lines().collect();
+    assert_eq!(head[0], "args: -t -oi");
+    assert!(head.contains(&"To: ops@example.com"), "{message}");
+    assert!(head.contains(&"From: ftvm@hostB"), "{message}");
+    assert!(
+        head.contains(
+            &"Subject: [ftvm] WARNING hostB vm1: no longer protectedBcc: victim@example.com"
+        ),
+        "{message}"
+    );
+    assert!(
+        !head.iter().any(|line| line.starts_with("Bcc:")),
+        "{message}"
+    );
+    assert!(body.contains("Remedy:   bring hostA back"), "{message}");
+    assert!(body.contains("Sequence: 17"), "{message}");
+    // No address, no mail: a clear refusal.
+    let refused =
+        std::process::Command::new(paths::repo_root().join("packaging/alerts/ftvm-alert-mail"))
+            .env_clear()
+            .env("FTVM_SENDMAIL", &sendmail)
+            .env("FTVM_ALERT_RECIPIENT", "")
+            .output()
+            .expect("run the mail agent");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("must be a mail address"));
+}

@@ -112,19 +112,22 @@ pub fn validate(sections: &[AlertSection]) -> Result<(), String> {
                 section.path.display()
             ));
         }
-        let executable = std::fs::metadata(&section.path)
-            .map(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0);
-        match executable {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(format!(
-                    "{what}: {} is not an executable file",
-                    section.path.display()
-                ))
-            }
-            Err(error) => {
-                return Err(format!("{what}: {}: {error}", section.path.display()));
-            }
+        let metadata = std::fs::metadata(&section.path)
+            .map_err(|error| format!("{what}: {}: {error}", section.path.display()))?;
+        let mode = metadata.permissions().mode();
+        if !metadata.is_file() || mode & 0o111 == 0 {
+            return Err(format!(
+                "{what}: {} is not an executable file",
+                section.path.display()
+            ));
+        }
+        // ftvmd runs it with its own rights (root): nobody else may change it.
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "{what}: {} is writable by group or others (mode {:o}): chmod go-w it",
+                section.path.display(),
+                mode & 0o7777
+            ));
         }
         if !(1..=MAX_TIMEOUT_MS).contains(&section.timeout_ms) {
             return Err(format!(

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 /// Most bytes of an agent's output (stdout and stderr together) kept for the log.
 const MAX_OUTPUT_BYTES: usize = 4096;
+/// Tries to start an agent whose file is busy ("Text file busy"), [`POLL`] apart.
+const BUSY_RETRIES: u32 = 20;
 /// How often a running agent is checked for its end.
 const POLL: Duration = Duration::from_millis(10);
 /// How long the output is waited for after the agent ended (a child it left behind may
@@ -64,7 +66,18 @@ pub fn run(path: &Path, environment: &[(String, String)], timeout: Duration) -> 
         .stdout(writer)
         .stderr(stderr)
         .process_group(0);
-    let spawned = command.spawn();
+    let mut spawned = command.spawn();
+    // "Text file busy": another thread of ftvmd forked while the agent's file was open for
+    // writing (or an installer is writing it); that passes in moments.
+    for _ in 0..BUSY_RETRIES {
+        match &spawned {
+            Err(error) if error.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                thread::sleep(POLL);
+                spawned = command.spawn();
+            }
+            _ => break,
+        }
+    }
     // The command holds our copies of the pipe's write end: the reader sees its end only
     // once they are closed too.
     drop(command);

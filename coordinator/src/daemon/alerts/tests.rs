@@ -152,6 +152,11 @@ fn mistakes_in_alert_sections_are_named() {
     let mut not_executable = good.clone();
     not_executable.path = dir.path().join("good.txt");
     std::fs::write(&not_executable.path, "").expect("write");
+    let mut writable = good.clone();
+    writable.path = dir.path().join("writable");
+    std::fs::write(&writable.path, "#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(&writable.path, std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
     let mut slow = good.clone();
     slow.timeout_ms = 0;
     let mut severity = good.clone();
@@ -164,6 +169,7 @@ fn mistakes_in_alert_sections_are_named() {
         (relative, "is not absolute"),
         (missing, "No such file"),
         (not_executable, "is not an executable file"),
+        (writable, "writable by group or others (mode 777)"),
         (slow, "timeout_ms 0 is not 1 to 120000"),
         (severity, "severity \"info\" is not"),
         (environment, "must be letters"),

@@ -244,3 +244,62 @@ fn a_links_and_alert_agents_have_their_series() {
     assert_eq!(value(&scrape, "ftvm_alerts_dropped_total", &webhook), 0.0);
     assert_eq!(value(&scrape, "ftvm_alerts_queued", &webhook), 1.0);
 }
+
+/// The `ftvm_…` names in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("ftvm_") {
+        let name: String = rest[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[start + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+fn read_repo_file(path: &str) -> String {
+    let full = format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).unwrap_or_else(|error| panic!("{full}: {error}"))
+}
+
+/// Every metric served is in docs/METRICS.md, and the Grafana dashboard queries only
+/// metrics documented there (a renamed metric would leave a panel empty without a word).
+#[test]
+fn served_metrics_are_documented_and_the_dashboard_queries_only_those() {
+    let documented = metric_names(&read_repo_file("docs/METRICS.md"));
+    let text = render(&host(vec![vm("web", Role::Primary, "Protected")])).expect("render");
+    for line in text.lines() {
+        let Some(declaration) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut words = declaration.split_whitespace();
+        let (family, kind) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let name = if kind == "counter" {
+            format!("{family}_total")
+        } else {
+            family.to_owned()
+        };
+        assert!(
+            documented.contains(&name),
+            "{name} is served but not in docs/METRICS.md"
+        );
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read_repo_file("contrib/grafana/ftvm.json")).expect("JSON");
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            queried.extend(metric_names(target["expr"].as_str().expect("expr")));
+        }
+    }
+    assert!(queried.len() > 20, "{queried:?}");
+    for name in queried {
+        assert!(
+            documented.contains(&name),
+            "the dashboard queries {name}, which docs/METRICS.md does not name"
+        );
+    }
+}
