@@ -82,6 +82,15 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
     );
     assert!(metric_value(&scrape, "ftvm_vm_generation", &vm) >= Some(2.0));
     assert_eq!(metric_value(&scrape, "ftvm_peer_reachable", &[]), Some(0.0));
+    // One takeover, timed from hostA's last heartbeat: at least the peer timeout.
+    assert_eq!(
+        metric_value(&scrape, "ftvm_vm_takeovers_total", &vm),
+        Some(1.0)
+    );
+    let took = metric_value(&scrape, "ftvm_vm_last_takeover_duration_seconds", &vm)
+        .expect("the takeover's duration");
+    println!("hostB's takeover took {took:.2} s by its /metrics");
+    assert!((1.0..30.0).contains(&took), "takeover of {took} s");
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
 
     // hostA comes back: with no command typed, it becomes hostB's secondary and a delta

@@ -248,6 +248,8 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
     let pause_p99 = Family::<VmLabels, FloatGauge>::default();
     let lag = Family::<VmLabels, Gauge>::default();
     let restorable = Family::<VmLabels, Gauge>::default();
+    let takeovers = Family::<VmLabels, Counter>::default();
+    let takeover_duration = Family::<VmLabels, FloatGauge>::default();
 
     for vm in &status.vms {
         let labels = VmLabels {
@@ -283,6 +285,12 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         migrating
             .get_or_create(&labels)
             .set(flag(vm.migration.is_some()));
+        takeovers.get_or_create(&labels).inc_by(vm.takeovers);
+        if let Some(last_ms) = vm.last_takeover_ms {
+            takeover_duration
+                .get_or_create(&labels)
+                .set(last_ms as f64 / 1000.0);
+        }
         for (index, disk) in vm.disks.iter().enumerate() {
             let Some(disk) = disk else { continue };
             let labels = DiskLabels {
@@ -398,6 +406,19 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "vm_migrating",
         "A move of the VM from this host is under way (ftvm migrate)",
         migrating,
+    );
+    registry.register(
+        "vm_takeovers",
+        "Times this host took the VM over (failover after a host loss, ftvm failover, ftvm \
+         migrate) since ftvmd started",
+        takeovers,
+    );
+    registry.register_with_unit(
+        "vm_last_takeover_duration",
+        "The last takeover here: from the last heartbeat heard from the peer to the VM \
+         running here",
+        Unit::Seconds,
+        takeover_duration,
     );
     registry.register_with_unit(
         "disk_read",

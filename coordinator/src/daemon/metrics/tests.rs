@@ -32,6 +32,8 @@ fn vm(name: &str, role: Role, state: &str) -> VmStatus {
             },
         })),
         migration: None,
+        takeovers: 2,
+        last_takeover_ms: Some(2500),
     }
 }
 
@@ -199,7 +201,7 @@ fn an_unknown_state_word_is_shown_too() {
 }
 
 #[test]
-fn a_links_and_alert_agents_have_their_series() {
+fn a_links_alert_agents_and_takeovers_have_their_series() {
     let text = render(&host(Vec::new())).expect("render");
     let scrape = parse(&text);
     let link1 = [("link", "1"), ("address", "10.77.1.2:7500")];
@@ -221,6 +223,20 @@ fn a_links_and_alert_agents_have_their_series() {
         "{text}"
     );
     let webhook = [("agent", "webhook")];
+    let text = render(&host(vec![vm("web", Role::Primary, "Degraded")])).expect("render");
+    let scrape = parse(&text);
+    assert_eq!(
+        value(&scrape, "ftvm_vm_takeovers_total", &[("vm", "web")]),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "ftvm_vm_last_takeover_duration_seconds",
+            &[("vm", "web")]
+        ),
+        2.5
+    );
     assert_eq!(
         value(
             &scrape,

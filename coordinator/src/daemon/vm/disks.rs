@@ -516,6 +516,7 @@ impl VmRunner {
         if !self.save_state(Role::Primary, generation, true, events) {
             return;
         }
+        self.takeover_began(context.now);
         events.warn(
             &self.name,
             format!(

@@ -598,6 +598,7 @@ impl VmRunner {
         self.vm_spec.incoming = false;
         match result {
             Ok(answer) => {
+                self.takeover_done(context.now);
                 if let Some(level) = self.incoming_migration.take() {
                     context.events.info(
                         &self.name,

@@ -81,6 +81,12 @@ pub struct VmStatus {
     /// `final-checkpoint`, `handed-over`), `seconds`, `level_before`.
     #[serde(default)]
     pub migration: Option<serde_json::Value>,
+    /// Times this host took the VM over (a failover after the peer's loss, `ftvm
+    /// failover`, `ftvm migrate`) since ftvmd started.
+    pub takeovers: u64,
+    /// How long the last takeover took: from the last heartbeat heard from the peer (or
+    /// the grant, if none) to the VM running here.
+    pub last_takeover_ms: Option<u64>,
 }
 
 /// Names of the two hosts and which [`HostId`] each is (by name order).
@@ -204,6 +210,16 @@ pub struct VmRunner {
     incoming_migration: Option<u8>,
     /// `ftvm snapshot` under way.
     snapshot: Option<snapshots::SnapshotJob>,
+    takeovers: Takeovers,
+}
+
+/// This host's takeovers of the VM, for `/metrics`.
+#[derive(Debug, Default)]
+struct Takeovers {
+    count: u64,
+    last_ms: Option<u64>,
+    /// A takeover under way: since when (the last heartbeat heard from the peer).
+    since: Option<Millis>,
 }
 
 impl VmRunner {
@@ -253,6 +269,7 @@ impl VmRunner {
             migration: None,
             incoming_migration: None,
             snapshot: None,
+            takeovers: Takeovers::default(),
             name,
             level,
             first_primary,
@@ -525,6 +542,8 @@ impl VmRunner {
             nics: self.nics.status(),
             checkpoint: self.level3_status(),
             migration: self.migration_status(),
+            takeovers: self.takeovers.count,
+            last_takeover_ms: self.takeovers.last_ms,
         }
     }
 
@@ -549,6 +568,21 @@ impl VmRunner {
         );
         let actions = self.host.fence_isolated();
         self.execute(actions, context);
+    }
+
+    /// The witness granted this host the VM: a takeover begins, dated from the last
+    /// heartbeat heard from the peer (about when it was lost).
+    fn takeover_began(&mut self, now: Millis) {
+        let since = self.peer_beat.as_ref().map_or(now, |(_, heard)| *heard);
+        self.takeovers.since = Some(since.min(now));
+    }
+
+    /// The VM runs here (booted, or restored from its replica): the takeover is done.
+    fn takeover_done(&mut self, now: Millis) {
+        if let Some(since) = self.takeovers.since.take() {
+            self.takeovers.count += 1;
+            self.takeovers.last_ms = Some(now.saturating_sub(since));
+        }
     }
 
     fn host_pair(&self) -> HostPair {

@@ -216,6 +216,9 @@ impl VmRunner {
             Ok(pid) => {
                 self.guest.pid = Some(pid);
                 let restoring = self.on_launched_for_restore();
+                if !restoring {
+                    self.takeover_done(context.now);
+                }
                 let events = &mut *context.events;
                 events.info(
                     &self.name,
