@@ -223,13 +223,17 @@ pub enum Order {
         generation: Generation,
         epoch: Epoch,
     },
+    /// `settle` (a planned handover, the guest stopped): a mirroring primary with no write
+    /// under way flushes its copy, has the secondary flush its own, and forgets its active
+    /// extents: the copies are equal, so the host that takes over resyncs nothing for them.
+    Settle,
 }
 
 impl Command {
     /// The commands, as `--help` and the error for an unknown one list them.
     pub const SYNOPSIS: &'static str =
         "status, promote [GENERATION [EPOCH]], demote, continue-degraded [GENERATION], fence, \
-         repair, dirty-pages, epoch on EPOCH, epoch off, epoch-end EPOCH, commit EPOCH, \
+         repair, settle, dirty-pages, epoch on EPOCH, epoch off, epoch-end EPOCH, commit EPOCH, \
          wait-sealed EPOCH [TIMEOUT_MS], snapshot create|delete|revert NAME, snapshot list";
 }
 
@@ -242,6 +246,7 @@ impl Order {
             Order::Promote(_) | Order::PromoteAtEpoch { .. } => "promote",
             Order::Demote => "demote",
             Order::Repair => "repair",
+            Order::Settle => "settle",
         }
     }
 
@@ -249,7 +254,7 @@ impl Order {
         match self {
             Order::ContinueDegraded(generation) | Order::Promote(generation) => generation,
             Order::PromoteAtEpoch { generation, .. } => Some(generation),
-            Order::Fence | Order::Demote | Order::Repair => None,
+            Order::Fence | Order::Demote | Order::Repair | Order::Settle => None,
         }
     }
 }
@@ -434,6 +439,7 @@ impl FromStr for Command {
             "promote" => Command::Order(Order::Promote(None)),
             "demote" => Command::Order(Order::Demote),
             "repair" => Command::Order(Order::Repair),
+            "settle" => Command::Order(Order::Settle),
             other => {
                 return Err(CommandError::Unknown {
                     word: other.to_owned(),

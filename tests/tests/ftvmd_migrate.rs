@@ -98,6 +98,16 @@ fn start(name: &str) -> Cluster {
     cluster
 }
 
+/// How many lines of a host's ftvmd log are about its disks' settle before a move: that
+/// one settled, did not, or did not answer in time.
+fn settle_lines(cluster: &Cluster, host: usize) -> usize {
+    cluster
+        .log(host)
+        .lines()
+        .filter(|line| line.contains("settled") || line.contains("did not settle"))
+        .count()
+}
+
 /// The last `COUNT` line of a host's console from line `from` on.
 fn last_count_since(cluster: &Cluster, host: usize, from: usize) -> Option<(u64, f64)> {
     let console = cluster.console(host);
@@ -142,6 +152,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
             (B, A)
         };
         let console_before = cluster.console(to).len();
+        let settles_before = settle_lines(&cluster, from);
         let started = Instant::now();
         let (ok, text) = cluster.ftvm(from, &["migrate", "vm1", "--timeout", "200"]);
         assert!(ok, "move {index}: ftvm migrate on {}: {text}", HOSTS[from]);
@@ -168,6 +179,14 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
         );
         let vm = wait_protected_on(&cluster, to, from);
         let resync = vm["disks"][0]["replication"]["resync"]["bytes_total"].clone();
+        // The source's disk settled before the peer took over (both copies flushed, its
+        // active extents forgotten, so the resync after the move holds only what the
+        // guest wrote before the demoted copy was back), or the source said why not.
+        assert!(
+            settle_lines(&cluster, from) > settles_before,
+            "move {index}: {}'s log has no line about its disk's settle",
+            HOSTS[from]
+        );
         rounds.wait_for(5, TIMEOUT, "after the move");
         let gap = rounds.longest_gap_since(started);
         eprintln!(

@@ -38,7 +38,8 @@ struct Args {
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
     /// Control socket (mode 0600): `status` (JSON), the coordinator's commands `promote`,
-    /// `demote`, `continue-degraded`, `fence`, `repair` after a local disk failure, and the
+    /// `demote`, `continue-degraded`, `fence`, `repair` after a local disk failure, `settle`
+    /// before a planned handover, and the
     /// checkpoint engine's `dirty-pages`, `epoch on|off`, `epoch-end`, `commit`,
     /// `wait-sealed`.
     #[arg(long, value_name = "PATH")]

@@ -9,7 +9,8 @@ fn every_command() -> Vec<Command> {
         commands.push(Command::Order(Order::ContinueDegraded(generation)));
         commands.push(Command::Order(Order::Promote(generation)));
     }
-    commands.extend([Order::Fence, Order::Demote, Order::Repair].map(Command::Order));
+    commands
+        .extend([Order::Fence, Order::Demote, Order::Repair, Order::Settle].map(Command::Order));
     commands.push(Command::Order(Order::PromoteAtEpoch {
         generation: 4,
         epoch: 17,
@@ -137,6 +138,7 @@ fn a_bad_command_line_is_refused_with_its_reason() {
         "status 1",
         "demote 2",
         "repair 1",
+        "settle 1",
         "promote 1 2 3",
         "dirty-pages 1",
         "epoch on 1 2",

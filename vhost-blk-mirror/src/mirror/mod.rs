@@ -261,8 +261,9 @@ impl Mirror {
             (Order::Repair, Role::Secondary(secondary)) => secondary.repair().map(str::to_owned),
             (Order::Demote, Role::Primary(primary)) => self.become_secondary(&primary),
             (Order::Demote, Role::Secondary(_)) => Ok("already secondary".into()),
+            (Order::Settle, Role::Primary(primary)) => primary.settle(),
             (
-                Order::ContinueDegraded(_) | Order::Fence,
+                Order::ContinueDegraded(_) | Order::Fence | Order::Settle,
                 role @ (Role::Standalone | Role::Secondary(_)),
             )
             | (

@@ -218,6 +218,21 @@ pub struct Primary {
     marker_send: Mutex<()>,
 }
 
+/// What [`Primary::clear_activity_if_idle`] cleared.
+enum Cleared {
+    Nothing,
+    Extents(u64),
+}
+
+/// Why the active extents stay marked.
+#[derive(Debug, thiserror::Error)]
+enum Unsettled {
+    #[error("writes are under way")]
+    WritesUnderWay,
+    #[error("{0}")]
+    Failed(&'static str),
+}
+
 impl std::fmt::Debug for Primary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Primary").finish_non_exhaustive()
@@ -495,27 +510,57 @@ impl Primary {
     /// while mirrored; cheap when nothing was written.
     /// Returns whether it tried (no write was under way and some extent was marked).
     pub(super) fn clear_idle_activity(&self) -> bool {
+        !matches!(
+            self.clear_activity_if_idle(),
+            Ok(Cleared::Nothing) | Err(Unsettled::WritesUnderWay)
+        )
+    }
+
+    /// `settle` (a planned handover: the guest is stopped): the copies are made equal where
+    /// this primary marked activity, so the host that takes over resyncs nothing for it.
+    pub fn settle(&self) -> Result<String, String> {
+        let mode = self.lock().mode;
+        if mode != Mode::Mirrored {
+            return Err(format!(
+                "not mirroring ({mode:?}): the active extents stay marked for the resync"
+            ));
+        }
+        match self.clear_activity_if_idle() {
+            Ok(Cleared::Nothing) => Ok("settled: no active extent".into()),
+            Ok(Cleared::Extents(extents)) => {
+                Ok(format!("settled: {extents} active extent(s) cleared"))
+            }
+            Err(why) => Err(format!("not settled: {why}")),
+        }
+    }
+
+    fn clear_activity_if_idle(&self) -> Result<Cleared, Unsettled> {
         if !self.metadata.has_activity() {
-            return false;
+            return Ok(Cleared::Nothing);
         }
         let idle = || self.writes_active.load(Ordering::SeqCst) == 0;
         let Some(epoch) = self.metadata.activity_snapshot(idle) else {
-            return false;
+            return Err(Unsettled::WritesUnderWay);
         };
         if let Err(error) = self.image.flush() {
             warn!("cannot flush the local image before clearing activity: {error}");
             self.local_failed(&error);
-            return true;
+            return Err(Unsettled::Failed("the local image's flush failed"));
         }
         // The secondary acknowledged those writes from its page cache: they count as on
         // both copies only once it has flushed too (a power loss there loses the rest).
         if !self.control_round_trip(|id, generation| Message::Flush { id, generation }) {
-            return true;
+            return Err(Unsettled::Failed("the secondary did not confirm a flush"));
         }
-        if let Err(error) = self.metadata.clear_activity_marked_before(epoch) {
-            warn!("cannot clear the activity bitmap: {error}");
+        match self.metadata.clear_activity_marked_before(epoch) {
+            Ok(extents) => Ok(Cleared::Extents(extents)),
+            Err(error) => {
+                warn!("cannot clear the activity bitmap: {error}");
+                Err(Unsettled::Failed(
+                    "the activity bitmap could not be written",
+                ))
+            }
         }
-        true
     }
 
     /// A guest write: local image, then the peer; completes when the peer acknowledged.

@@ -228,6 +228,10 @@ impl VmRunner {
                 "check bin_dir in the configuration",
             ),
             Done::Started(Ok(())) => {}
+            Done::Ordered {
+                order: disk::Order::Settle,
+                result,
+            } => self.on_settled(&serial, result, context),
             Done::Ordered { order, result } => match result {
                 Ok(result) => log::info!("{}: disk {serial}: {order}: {result}", self.name),
                 Err(error) => log::debug!("{}: disk {serial}: {error}", self.name),
