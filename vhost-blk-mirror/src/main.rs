@@ -50,8 +50,8 @@ struct Args {
     /// Primary: the secondary's address on an A-link (give twice for two links).
     #[arg(long, value_name = "ADDR:PORT")]
     peer: Vec<SocketAddr>,
-    /// Secondary: address to accept the primary on (give twice for two links). A primary
-    /// given `--listen` can be demoted in place.
+    /// Secondary: address to accept the primary on (give twice for two links). A disk
+    /// given both `--peer` and `--listen` changes roles in place as often as asked.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
     /// Pre-shared key of this host pair (at least 16 bytes; same file on both hosts).

@@ -159,9 +159,9 @@ pub fn build_mirror(image: Image, config: &ReplicationConfig) -> Result<Mirror, 
     let resync = config.resync;
     let listener_settings = settings.clone();
     let role_changes = RoleChanges {
-        promote_connector: (!config.peers.is_empty()).then(|| link::connector(&settings)),
-        demote_listener: (role == RoleKind::Primary && !config.listen.is_empty())
-            .then(|| Box::new(move || link::listen(&listener_settings)) as ListenerFactory),
+        promote_connector: (!config.peers.is_empty()).then(|| Arc::new(link::connector(&settings))),
+        demote_listener: (!config.listen.is_empty())
+            .then(|| Arc::new(move || link::listen(&listener_settings)) as ListenerFactory),
     };
     let boot_id_file = config.boot_id_file.clone();
     let epochs = EpochOptions {

@@ -40,13 +40,14 @@ pub enum Role {
 }
 
 /// Opens the listening side of the link for a primary that is demoted in place.
-pub type ListenerFactory = Box<dyn FnOnce() -> io::Result<Arc<dyn protocol::Transport>> + Send>;
+pub type ListenerFactory = Arc<dyn Fn() -> io::Result<Arc<dyn protocol::Transport>> + Send + Sync>;
 
 /// What a role change needs: the way to the peer after `promote`, the listener after
-/// `demote`.
+/// `demote`. Both stay for the next change: a disk promoted in place can be demoted in
+/// place again, and back (`ftvm migrate` swaps the roles at every move).
 #[derive(Default)]
 pub struct RoleChanges {
-    pub promote_connector: Option<Connector>,
+    pub promote_connector: Option<Arc<Connector>>,
     pub demote_listener: Option<ListenerFactory>,
 }
 
@@ -345,11 +346,12 @@ impl Mirror {
     /// primary comes back as secondary.
     fn become_primary(&self) -> Result<String, String> {
         let metadata = self.metadata.clone().ok_or("no metadata")?;
-        let connector = self
+        let shared = self
             .role_changes()
             .promote_connector
-            .take()
+            .clone()
             .ok_or("promoted without a way to reach the peer (--peer)")?;
+        let connector: Connector = Box::new(move || shared());
         let primary =
             Primary::start_degraded(self.image.clone(), metadata, connector, self.options.resync)
                 .map_err(|error| error.to_string())?;
@@ -373,7 +375,7 @@ impl Mirror {
     /// primary on `--listen`. Our generation is older than the new primary's, so it will
     /// resync this copy in full: it may hold writes the new primary never saw.
     fn become_secondary(&self, primary: &Arc<Primary>) -> Result<String, String> {
-        let listener = self.role_changes().demote_listener.take().ok_or(
+        let listener = self.role_changes().demote_listener.clone().ok_or(
             "demote needs --listen (where to accept the new primary); without it, stop \
                     the daemon and start it again with --role secondary",
         )?;
