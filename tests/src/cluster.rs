@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// More VMs besides `vm1`: `vm2`, `vm3`, … with the same guest, primary on hostA, a
     /// disk each (image `HOST-vmN.img`) and no NIC; their ports follow vm1's.
     pub extra_vms: u16,
+    /// `vm1` has a second disk (image `HOST-disk1.img`, `/dev/vdb` in the guest), of
+    /// `disk_bytes` too.
+    pub second_disk: bool,
 }
 
 impl Default for ClusterOptions {
@@ -61,6 +64,7 @@ impl Default for ClusterOptions {
             nic_redundant_uplink: false,
             checkpoint_interval_ms: 50,
             extra_vms: 0,
+            second_disk: false,
         }
     }
 }
@@ -108,6 +112,17 @@ impl Cluster {
             let peer = 1 - index;
             std::fs::create_dir_all(root.join(host)).expect("host dir");
             create_image(&root.join(format!("{host}.img")), options.disk_bytes);
+            let second_disk = if options.second_disk {
+                let image = root.join(format!("{host}-disk1.img"));
+                create_image(&image, options.disk_bytes);
+                format!(
+                    "[[vm.disk]]\nimage = \"{}\"\nreplication_port = {}",
+                    image.display(),
+                    REPLICATION_PORT + 1
+                )
+            } else {
+                String::new()
+            };
             let mut extra = String::new();
             for number in 2..2 + options.extra_vms {
                 let image = root.join(format!("{host}-vm{number}.img"));
@@ -176,6 +191,7 @@ qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=t
 image = "{root}/{host}.img"
 replication_port = {REPLICATION_PORT}
 {rate}
+{second_disk}
 {nic}
 {extra}
 "#,
@@ -266,6 +282,11 @@ replication_port = {REPLICATION_PORT}
 
     pub fn image(&self, host: usize) -> PathBuf {
         self.dir.path().join(format!("{}.img", HOSTS[host]))
+    }
+
+    /// A host's image of vm1's second disk ([`ClusterOptions::second_disk`]).
+    pub fn second_image(&self, host: usize) -> PathBuf {
+        self.dir.path().join(format!("{}-disk1.img", HOSTS[host]))
     }
 
     /// Moves a host's image onto the fault-injecting file system (as `HOST.img` there; the

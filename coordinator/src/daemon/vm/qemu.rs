@@ -89,7 +89,7 @@ impl Guest {
     }
 
     /// Queues a pause unless one is; false if there is nothing to pause.
-    fn pause(&mut self) -> bool {
+    pub(super) fn pause(&mut self) -> bool {
         if !self.present() || self.paused {
             return false;
         }
@@ -178,17 +178,21 @@ impl VmRunner {
             let events = &mut *context.events;
             match report {
                 GuestReport::Launched(result) => self.on_launched(result, context),
-                GuestReport::Paused(Err(error)) => events.error(
-                    &self.name,
-                    format!("cannot pause the guest: {error}"),
-                    &format!("see {}", self.vm_spec.log.display()),
-                ),
+                GuestReport::Paused(Err(error)) => {
+                    events.error(
+                        &self.name,
+                        format!("cannot pause the guest: {error}"),
+                        &format!("see {}", self.vm_spec.log.display()),
+                    );
+                    self.on_guest_paused(Err(error), context);
+                }
+                GuestReport::Paused(Ok(())) => self.on_guest_paused(Ok(()), context),
                 GuestReport::Resumed(Err(error)) => events.error(
                     &self.name,
                     format!("cannot resume the guest: {error}"),
                     &format!("see {}", self.vm_spec.log.display()),
                 ),
-                GuestReport::Paused(Ok(())) | GuestReport::Resumed(Ok(())) => {}
+                GuestReport::Resumed(Ok(())) => {}
                 GuestReport::Stopped => self.on_vm_stopped(),
                 GuestReport::Ended(pid, status) => {
                     if self.guest.pid != Some(pid) {

@@ -27,6 +27,12 @@ pub(super) struct SnapshotJob {
     waiting_for_vm_stop: bool,
     /// The VM ran before a revert: start it again afterwards.
     restart_vm: bool,
+    /// A snapshot of several disks waits for QEMU's agent to pause the guest (QMP `stop`
+    /// drains every request the disk daemons accepted), so that every disk is taken at the
+    /// same point of the guest's writes.
+    waiting_for_pause: bool,
+    /// The guest was paused for the snapshot: resume it afterwards.
+    resume_vm: bool,
     results: Vec<Option<Result<SnapshotDone, String>>>,
 }
 
@@ -47,16 +53,29 @@ impl VmRunner {
         };
         let revert = matches!(order, SnapshotOrder::Revert(_));
         let restart_vm = revert && self.guest.present();
+        let several = matches!(order, SnapshotOrder::Create(_)) && self.disks.len() > 1;
+        let resume_vm = several && !self.guest.paused && self.guest.pause();
+        if resume_vm {
+            context.events.info(
+                &self.name,
+                format!(
+                    "guest paused for a snapshot of its {} disks at one point",
+                    self.disks.len()
+                ),
+            );
+        }
         self.snapshot = Some(SnapshotJob {
             order,
             answer,
             waiting_for_vm_stop: restart_vm,
             restart_vm,
+            waiting_for_pause: resume_vm,
+            resume_vm,
             results: self.disks.iter().map(|_| None).collect(),
         });
         if restart_vm {
             self.stop_vm(context.events, "snapshot revert");
-        } else {
+        } else if !resume_vm {
             self.send_snapshot_order();
         }
     }
@@ -94,15 +113,6 @@ impl VmRunner {
         if self.migrating() {
             return Err(format!("{} is moving to {}", self.name, self.pair.peer));
         }
-        if matches!(order, SnapshotOrder::Create(_)) && self.disks.len() > 1 {
-            return Err(format!(
-                "{} has {} disks: a snapshot of several disks at one point is not built yet \
-                 (each disk's daemon can take its own: `snapshot create NAME` on its control \
-                 socket)",
-                self.name,
-                self.disks.len()
-            ));
-        }
         Ok(order)
     }
 
@@ -130,6 +140,28 @@ impl VmRunner {
                 job.waiting_for_vm_stop = false;
             }
             self.send_snapshot_order();
+        }
+    }
+
+    /// QEMU's agent answered the pause asked for a snapshot of several disks.
+    pub(super) fn on_guest_paused(
+        &mut self,
+        result: Result<(), String>,
+        context: &mut Context<'_>,
+    ) {
+        let Some(job) = self.snapshot.as_mut().filter(|job| job.waiting_for_pause) else {
+            return;
+        };
+        job.waiting_for_pause = false;
+        match result {
+            Ok(()) => self.send_snapshot_order(),
+            Err(error) => {
+                let error = format!("the guest could not be paused, no snapshot taken: {error}");
+                for slot in &mut job.results {
+                    *slot = Some(Err(error.clone()));
+                }
+                self.finish_snapshot(Some(context));
+            }
         }
     }
 
@@ -172,6 +204,18 @@ impl VmRunner {
             }
         }
         let reply = if !failed.is_empty() {
+            // A snapshot of several disks is all or nothing: the disks that took it drop it.
+            if let SnapshotOrder::Create(name) = &job.order {
+                if !done.is_empty() {
+                    for (disk, _) in self.disks.iter_mut().zip(&done) {
+                        disk.snapshot(SnapshotOrder::Delete(name.clone()));
+                    }
+                    failed.push(format!(
+                        "the {} disk(s) that took it drop it again",
+                        done.len()
+                    ));
+                }
+            }
             Reply::Error(failed.join("; "))
         } else if job.order == SnapshotOrder::List {
             Reply::Snapshots(listed)
@@ -191,6 +235,9 @@ impl VmRunner {
             }
             if job.restart_vm {
                 self.start_vm(context);
+            }
+            if job.resume_vm {
+                self.resume_guest(context.events, "snapshot taken");
             }
         }
         let _ = job.answer.send(reply);
