@@ -209,6 +209,13 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
             "move {index}: {}'s events: {events}",
             HOSTS[to]
         );
+        // The source's disk became the secondary in place (no restart, no warning).
+        let (_, events) = cluster.ftvm(from, &["events"]);
+        assert!(
+            !events.contains("demote of disk"),
+            "move {index}: {}'s events: {events}",
+            HOSTS[from]
+        );
         (count, uptime) = last_count_since(&cluster, to, console_before).expect("counts");
     }
     rounds.check();
