@@ -636,7 +636,9 @@ impl Daemon {
                 beat.state.as_str(),
                 "Degraded" | "RemoteOnly" | "Rebuilding"
             );
-            if !raised && beat.protected && beat.role == Role::Primary && lost {
+            // A planned failover or move leaves the new primary on one copy until the old
+            // one rejoins as secondary: only if that takes longer is redundancy lost.
+            if !raised && beat.protected && beat.role == Role::Primary && lost && !vm.planned() {
                 let advice = match beat.state.as_str() {
                     "Degraded" => format!(
                         "bring {} back: the copies resync and protection returns by itself",

@@ -2,6 +2,8 @@
 //! answers that complete them: the witness's `Standalone`, the peer's protection and
 //! `TakeOver`.
 
+use std::time::Instant;
+
 use control_protocol::disk;
 
 use super::{Context, VmRunner};
@@ -268,6 +270,7 @@ impl VmRunner {
             ));
         }
         self.check_move("failover", context)?;
+        self.plan_role_change();
         self.stop_vm(context.events, "planned failover");
         let actions = self.host.hand_over(context.now);
         self.execute(actions, context);
@@ -288,6 +291,18 @@ impl VmRunner {
         Ok(format!("{} hands over to {}", self.name, self.pair.peer))
     }
 
+    /// The role change under way was asked for (see [`VmRunner::planned`]).
+    pub(super) fn plan_role_change(&mut self) {
+        self.planned_until = Some(Instant::now() + super::PLANNED_GRACE);
+    }
+
+    /// A role change asked for (a planned failover or a move, on either host) began less
+    /// than [`super::PLANNED_GRACE`] ago: its steps are no cause for an alert.
+    pub fn planned(&self) -> bool {
+        self.planned_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     /// A planned failover or a move of this VM is under way (this primary stopped and
     /// fenced it, or it moves it live).
     pub fn handing_over(&self) -> bool {
@@ -306,6 +321,7 @@ impl VmRunner {
             return; // the same handover on the other A-link, or nothing to take over
         }
         self.incoming_migration = live;
+        self.plan_role_change();
         context.events.info(
             &self.name,
             format!(

@@ -521,14 +521,15 @@ impl VmRunner {
             return;
         }
         self.takeover_began(context.now);
-        events.warn(
-            &self.name,
-            format!(
-                "the witness granted generation {generation}: taking over from {}",
-                self.pair.peer
-            ),
-            "",
+        let what = format!(
+            "the witness granted generation {generation}: taking over from {}",
+            self.pair.peer
         );
+        if self.planned() {
+            events.info(&self.name, format!("{what}, as it asked"));
+        } else {
+            events.warn(&self.name, what, "");
+        }
         if !self.begin_restore(generation, context.events) {
             self.promote_disks(generation);
         }
@@ -550,15 +551,15 @@ impl VmRunner {
         self.pending = None;
         self.restore = None;
         self.save_state(Role::Secondary, generation, true, events);
-        events.warn(
-            &self.name,
-            format!(
-                "{} is primary at generation {generation}: this host becomes its \
-                 secondary (resync follows)",
-                self.pair.peer
-            ),
-            "",
+        let what = format!(
+            "{} is primary at generation {generation}: this host becomes its secondary",
+            self.pair.peer
         );
+        if self.planned() {
+            events.info(&self.name, format!("{what}, as planned"));
+        } else {
+            events.warn(&self.name, format!("{what} (resync follows)"), "");
+        }
         // Each daemon running as primary is demoted (restarted as secondary if it
         // refuses); a missing one is started as secondary.
         self.last_restart = Some(Instant::now());

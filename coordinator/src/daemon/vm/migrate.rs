@@ -456,6 +456,7 @@ impl VmRunner {
     /// over.
     fn hand_over_to_peer(&mut self, epoch: u64, context: &mut Context<'_>) {
         self.set_migration_phase(Phase::HandedOver { epoch });
+        self.plan_role_change();
         let actions = self.host.hand_over_live(context.now);
         self.execute(actions, context);
         let level = self

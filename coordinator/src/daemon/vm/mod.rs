@@ -211,7 +211,16 @@ pub struct VmRunner {
     /// `ftvm snapshot` under way.
     snapshot: Option<snapshots::SnapshotJob>,
     takeovers: Takeovers,
+    /// Until when the role change under way was asked for (`ftvm failover`, `ftvm
+    /// migrate`, a host disabled): its events are information, not warnings, and the one
+    /// copy the new primary runs on meanwhile is not an alert.
+    planned_until: Option<Instant>,
 }
+
+/// How long a planned role change may take before the one copy the new primary runs on
+/// is a lost redundancy again (the old primary rejoins as secondary within a second or two
+/// in the tests).
+pub(super) const PLANNED_GRACE: Duration = Duration::from_secs(30);
 
 /// This host's takeovers of the VM, for `/metrics`.
 #[derive(Debug, Default)]
@@ -268,6 +277,7 @@ impl VmRunner {
             level3_was_suspended: false,
             migration: None,
             incoming_migration: None,
+            planned_until: None,
             snapshot: None,
             takeovers: Takeovers::default(),
             name,
