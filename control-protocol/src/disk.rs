@@ -657,6 +657,46 @@ pub struct PrimaryStatus {
     pub peer_disk_failed: Option<String>,
     /// Level 3: the epochs this primary cuts its writes into.
     pub epochs: PrimaryEpochs,
+    /// Guest writes mirrored since the daemon started: from their registration to the
+    /// secondary's acknowledgement.
+    pub write_latency: LatencyHistogram,
+}
+
+/// A latency histogram: how many observations fell in each bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyHistogram {
+    /// The buckets' upper bounds in microseconds, ascending; one more bucket above them.
+    pub bounds_us: Vec<u64>,
+    /// Observations per bucket (not cumulative): one more than `bounds_us`.
+    pub counts: Vec<u64>,
+    /// The sum of all observations, in microseconds.
+    pub sum_us: u64,
+}
+
+impl LatencyHistogram {
+    /// Each bucket's upper bound in seconds (the last at infinity) with its count (not
+    /// cumulative); `None` when the shape is wrong (counts and bounds do not match, bounds
+    /// not ascending).
+    pub fn buckets_seconds(&self) -> Option<Vec<(f64, u64)>> {
+        let ascending = self.bounds_us.windows(2).all(|pair| pair[0] < pair[1]);
+        if self.counts.len() != self.bounds_us.len() + 1 || !ascending {
+            return None;
+        }
+        let bounds = self
+            .bounds_us
+            .iter()
+            .map(|bound| *bound as f64 / 1e6)
+            .chain(std::iter::once(f64::INFINITY));
+        Some(bounds.zip(self.counts.iter().copied()).collect())
+    }
+
+    /// All observations.
+    pub fn count(&self) -> u64 {
+        self.counts
+            .iter()
+            .fold(0, |sum, count| sum.saturating_add(*count))
+    }
 }
 
 /// A primary's Level 3 state (`epoch on|off`, `epoch-end`). `Default` is Level 2 (off).

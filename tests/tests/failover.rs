@@ -42,6 +42,23 @@ fn host_loss_fails_over_to_the_peer_with_every_acknowledged_record() {
         metric_value(&scrape, "ftvm_disk_written_bytes_total", &vm) > Some(0.0),
         "no bytes written in hostA's metrics"
     );
+    // Every mirrored write's latency is counted, and they take under a second each.
+    let mirrored = metric_value(
+        &scrape,
+        "ftvm_disk_mirrored_write_latency_seconds_count",
+        &vm,
+    )
+    .expect("hostA's mirrored write latency");
+    let seconds = metric_value(&scrape, "ftvm_disk_mirrored_write_latency_seconds_sum", &vm)
+        .expect("the latency's sum");
+    println!(
+        "hostA: {mirrored} mirrored writes, {:.2} ms each on average",
+        seconds / mirrored * 1000.0
+    );
+    assert!(
+        mirrored > 0.0 && seconds / mirrored < 1.0,
+        "{mirrored} writes, {seconds} s"
+    );
     assert_eq!(
         metric_value(&cluster.scrape_metrics(B), "ftvm_vm_primary", &vm),
         Some(0.0)

@@ -218,7 +218,36 @@ fn primary() -> PrimaryStatus {
             off_reason: None,
             last_epoch: Some(8),
         },
+        write_latency: LatencyHistogram {
+            bounds_us: vec![100, 1000],
+            counts: vec![2, 5, 1],
+            sum_us: 4321,
+        },
     }
+}
+
+#[test]
+fn a_latency_histogram_is_in_seconds_and_refused_out_of_shape() {
+    let histogram = LatencyHistogram {
+        bounds_us: vec![100, 1000],
+        counts: vec![2, 5, 1],
+        sum_us: 4321,
+    };
+    assert_eq!(
+        histogram.buckets_seconds(),
+        Some(vec![(0.0001, 2), (0.001, 5), (f64::INFINITY, 1)])
+    );
+    assert_eq!(histogram.count(), 8);
+    let short = LatencyHistogram {
+        counts: vec![2, 5],
+        ..histogram.clone()
+    };
+    assert_eq!(short.buckets_seconds(), None);
+    let unordered = LatencyHistogram {
+        bounds_us: vec![1000, 100],
+        ..histogram
+    };
+    assert_eq!(unordered.buckets_seconds(), None);
 }
 
 fn secondary() -> SecondaryStatus {

@@ -21,10 +21,11 @@ use std::time::Duration;
 use control_protocol::disk;
 use log::{debug, info};
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::alerts::AgentStatus;
@@ -248,6 +249,7 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
     let pause_p99 = Family::<VmLabels, FloatGauge>::default();
     let lag = Family::<VmLabels, Gauge>::default();
     let restorable = Family::<VmLabels, Gauge>::default();
+    let mut write_latency = CountedHistograms::<DiskLabels>::default();
     let takeovers = Family::<VmLabels, Counter>::default();
     let takeover_duration = Family::<VmLabels, FloatGauge>::default();
 
@@ -328,6 +330,7 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
                 local_healthy
                     .get_or_create(&labels)
                     .set(flag(replication.local_disk == disk::LocalDisk::Healthy));
+                write_latency.add(labels.clone(), &replication.write_latency);
             }
         }
         for nic in &vm.nics {
@@ -470,6 +473,13 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "The resync's rate",
         resync_rate,
     );
+    registry.register_with_unit(
+        "disk_mirrored_write_latency",
+        "Guest writes mirrored by the primary, from their start to the secondary's \
+         acknowledgement",
+        Unit::Seconds,
+        write_latency,
+    );
     registry.register(
         "disk_local_healthy",
         "The primary's own copy serves I/O (0: failed, served from the peer)",
@@ -522,6 +532,49 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// Histograms whose counts are kept elsewhere (by the disk daemons), one per label set:
+/// encoded as they are, since `prometheus-client`'s own histogram only observes. The
+/// encoder makes the buckets cumulative.
+#[derive(Debug)]
+struct CountedHistograms<S> {
+    series: Vec<(S, f64, u64, Vec<(f64, u64)>)>,
+}
+
+impl<S> Default for CountedHistograms<S> {
+    fn default() -> Self {
+        CountedHistograms { series: Vec::new() }
+    }
+}
+
+impl<S> CountedHistograms<S> {
+    /// Adds `histogram` under `labels`, unless it is out of shape (then it is left out).
+    fn add(&mut self, labels: S, histogram: &disk::LatencyHistogram) {
+        if let Some(buckets) = histogram.buckets_seconds() {
+            let sum = histogram.sum_us as f64 / 1e6;
+            self.series.push((labels, sum, histogram.count(), buckets));
+        }
+    }
+}
+
+impl<S: EncodeLabelSet + std::fmt::Debug> EncodeMetric for CountedHistograms<S> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, sum, count, buckets) in &self.series {
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+
+    fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

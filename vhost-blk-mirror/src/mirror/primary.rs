@@ -92,6 +92,8 @@ struct InFlight {
     /// The Level 3 epoch current when it was registered (sent again after a restart of the
     /// secondary, it goes after an `EpochStart` of this epoch).
     epoch: Option<u64>,
+    /// When it was made (a guest write's mirroring latency runs from here).
+    created: Instant,
 }
 
 impl InFlight {
@@ -104,6 +106,7 @@ impl InFlight {
             reply: None,
             activity: None,
             epoch: None,
+            created: Instant::now(),
         }
     }
 
@@ -216,6 +219,8 @@ pub struct Primary {
     /// Held from registering an epoch marker until it is sent: markers reach the link in
     /// the order of their ids, and no `Read` overtakes the `EpochOff` of RemoteOnly.
     marker_send: Mutex<()>,
+    /// Guest writes, from registration to the secondary's acknowledgement.
+    write_latency: latency::WriteLatency,
 }
 
 /// What [`Primary::clear_activity_if_idle`] cleared.
@@ -342,6 +347,7 @@ impl Primary {
             writes_active: Arc::new(AtomicU64::new(0)),
             degraded_gate: std::sync::RwLock::new(()),
             marker_send: Mutex::new(()),
+            write_latency: latency::WriteLatency::default(),
         });
         let receiver = primary.clone();
         thread::Builder::new()
@@ -715,6 +721,7 @@ fn zero_local(image: &Image, offset: u64, len: u64, deallocate: bool) -> io::Res
 
 mod control;
 mod epochs;
+mod latency;
 mod receive;
 mod remote;
 mod resync;

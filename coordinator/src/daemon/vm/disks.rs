@@ -658,6 +658,7 @@ mod tests {
             resync: disk::ResyncProgress::default(),
             peer_disk_failed: None,
             epochs: Default::default(),
+            write_latency: Default::default(),
         })
     }
 

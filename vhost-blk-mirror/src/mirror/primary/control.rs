@@ -154,6 +154,7 @@ impl Primary {
             resync: state.resync.now(),
             peer_disk_failed: state.peer_disk_failed.clone(),
             epochs: Primary::epochs_status(&state),
+            write_latency: self.write_latency.histogram(),
         }
     }
 

@@ -315,6 +315,11 @@ impl Primary {
             self.changed.notify_all();
             entry
         };
+        if let Some(entry) = &entry {
+            if entry.kind == Kind::Write && status == Status::Ok {
+                self.write_latency.observe(entry.created.elapsed());
+            }
+        }
         if let Some(ticket) = entry.and_then(|entry| entry.ticket) {
             ticket.complete_part(status);
         }
