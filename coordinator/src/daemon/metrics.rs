@@ -539,7 +539,16 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
 /// encoder makes the buckets cumulative.
 #[derive(Debug)]
 struct CountedHistograms<S> {
-    series: Vec<(S, f64, u64, Vec<(f64, u64)>)>,
+    series: Vec<CountedHistogram<S>>,
+}
+
+/// One series: its labels, sum (seconds), count, and buckets (upper bound, count).
+#[derive(Debug)]
+struct CountedHistogram<S> {
+    labels: S,
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
 }
 
 impl<S> Default for CountedHistograms<S> {
@@ -552,18 +561,22 @@ impl<S> CountedHistograms<S> {
     /// Adds `histogram` under `labels`, unless it is out of shape (then it is left out).
     fn add(&mut self, labels: S, histogram: &disk::LatencyHistogram) {
         if let Some(buckets) = histogram.buckets_seconds() {
-            let sum = histogram.sum_us as f64 / 1e6;
-            self.series.push((labels, sum, histogram.count(), buckets));
+            self.series.push(CountedHistogram {
+                labels,
+                sum: histogram.sum_us as f64 / 1e6,
+                count: histogram.count(),
+                buckets,
+            });
         }
     }
 }
 
 impl<S: EncodeLabelSet + std::fmt::Debug> EncodeMetric for CountedHistograms<S> {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        for (labels, sum, count, buckets) in &self.series {
+        for series in &self.series {
             encoder
-                .encode_family(labels)?
-                .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+                .encode_family(&series.labels)?
+                .encode_histogram::<NoLabelSet>(series.sum, series.count, &series.buckets, None)?;
         }
         Ok(())
     }
