@@ -508,6 +508,7 @@ mod tests {
             peer_reachable: Some(true),
             relaying_for_peer: Some(false),
             guest_attached: Some(true),
+            relay: None,
         }
     }
 

@@ -31,6 +31,7 @@ use prometheus_client::registry::{Registry, Unit};
 use super::alerts::AgentStatus;
 use super::control::{HostStatus, Pending, Reply, Request};
 use super::links::ALinkStatus;
+use super::nics::NicRelay;
 use crate::host::Role;
 
 /// Longest request head read.
@@ -243,6 +244,7 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
     let local_healthy = Family::<DiskLabels, Gauge>::default();
     let nic_via_peer = Family::<NicLabels, Gauge>::default();
     let nic_uplink_up = Family::<NicLabels, Gauge>::default();
+    let mut nic_relay = NicRelayFamilies::default();
     let committed_epoch = Family::<VmLabels, Gauge>::default();
     let epochs_rate = Family::<VmLabels, FloatGauge>::default();
     let pause_p50 = Family::<VmLabels, FloatGauge>::default();
@@ -345,6 +347,9 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
             }
             if let Some(up) = nic.uplink_up {
                 nic_uplink_up.get_or_create(&labels).set(flag(up));
+            }
+            if let Some(relay) = &nic.relay {
+                nic_relay.add(&labels, relay);
             }
         }
         if let Some(checkpoint) = &vm.checkpoint {
@@ -495,6 +500,7 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "The NIC's uplink on this host is up",
         nic_uplink_up,
     );
+    nic_relay.register(&mut registry);
     registry.register(
         "checkpoint_committed_epoch",
         "Level 3: the last checkpoint the secondary committed",
@@ -532,6 +538,69 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+/// The NIC daemons' frames through the peer host.
+#[derive(Default)]
+struct NicRelayFamilies {
+    to_peer: Family<NicLabels, Counter>,
+    from_peer: Family<NicLabels, Counter>,
+    to_peer_dropped: Family<NicLabels, Counter>,
+    relayed_to_lan: Family<NicLabels, Counter>,
+    relayed_to_peer: Family<NicLabels, Counter>,
+}
+
+impl NicRelayFamilies {
+    fn add(&mut self, labels: &NicLabels, relay: &NicRelay) {
+        self.to_peer
+            .get_or_create(labels)
+            .inc_by(relay.to_peer_frames);
+        self.from_peer
+            .get_or_create(labels)
+            .inc_by(relay.from_peer_frames);
+        self.to_peer_dropped
+            .get_or_create(labels)
+            .inc_by(relay.to_peer_dropped_frames);
+        self.relayed_to_lan
+            .get_or_create(labels)
+            .inc_by(relay.relayed_to_lan_frames);
+        self.relayed_to_peer
+            .get_or_create(labels)
+            .inc_by(relay.relayed_to_peer_frames);
+    }
+
+    fn register(self, registry: &mut Registry) {
+        for (name, help, family) in [
+            (
+                "nic_peer_sent_frames",
+                "The guest's frames this host's NIC daemon sent to the peer's bridge (its \
+                 uplink down)",
+                self.to_peer,
+            ),
+            (
+                "nic_peer_received_frames",
+                "Frames from the peer's bridge put on the guest's receive queue",
+                self.from_peer,
+            ),
+            (
+                "nic_peer_dropped_frames",
+                "The guest's frames for the peer dropped (the link's window full or closed)",
+                self.to_peer_dropped,
+            ),
+            (
+                "nic_relayed_to_lan_frames",
+                "Relaying for the peer's guest: its frames written to this host's LAN",
+                self.relayed_to_lan,
+            ),
+            (
+                "nic_relayed_to_peer_frames",
+                "Relaying for the peer's guest: frames for it read from this host's LAN",
+                self.relayed_to_peer,
+            ),
+        ] {
+            registry.register(name, help, family);
+        }
+    }
 }
 
 /// Histograms whose counts are kept elsewhere (by the disk daemons), one per label set:

@@ -67,6 +67,23 @@ pub struct NicStatus {
     pub relaying_for_peer: Option<bool>,
     /// QEMU is connected to this host's daemon.
     pub guest_attached: Option<bool>,
+    /// The daemon's frame counters through the peer (`null`: no answer).
+    pub relay: Option<NicRelay>,
+}
+
+/// Frames a NIC daemon moved through the peer host, since it started (`/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRelay {
+    /// The guest's frames sent to the peer's bridge (this host's uplink is down).
+    pub to_peer_frames: u64,
+    /// Frames from the peer's bridge put on the guest's receive queue.
+    pub from_peer_frames: u64,
+    /// Guest frames for the peer dropped (its link's window full or closed).
+    pub to_peer_dropped_frames: u64,
+    /// Relaying for the peer's guest: its frames written to this host's LAN.
+    pub relayed_to_lan_frames: u64,
+    /// Relaying for the peer's guest: frames for it read from this host's LAN.
+    pub relayed_to_peer_frames: u64,
 }
 
 /// Whether the NIC daemons are ready for QEMU ([`Nics::start_for_vm`]).
@@ -532,6 +549,13 @@ impl Nics {
                     peer_reachable: redundancy.map(|redundancy| redundancy.peer_reachable),
                     relaying_for_peer: redundancy.map(|redundancy| redundancy.relaying_for_peer),
                     guest_attached: daemon.map(|status| status.link.frontend_connected),
+                    relay: daemon.map(|status| NicRelay {
+                        to_peer_frames: status.peer_tx_packets,
+                        from_peer_frames: status.peer_rx_packets,
+                        to_peer_dropped_frames: status.peer_tx_dropped,
+                        relayed_to_lan_frames: status.relay_to_lan_packets,
+                        relayed_to_peer_frames: status.relay_to_peer_packets,
+                    }),
                 }
             })
             .collect()

@@ -3,6 +3,7 @@ use super::*;
 use crate::daemon::alerts::AgentStatus;
 use crate::daemon::control::KeyStatus;
 use crate::daemon::links::ALinkStatus;
+use crate::daemon::nics::{NicRelay, NicStatus};
 use crate::daemon::vm::VmStatus;
 
 fn vm(name: &str, role: Role, state: &str) -> VmStatus {
@@ -19,7 +20,24 @@ fn vm(name: &str, role: Role, state: &str) -> VmStatus {
         vm_paused: false,
         disk_pids: Vec::new(),
         disks: Vec::new(),
-        nics: Vec::new(),
+        nics: vec![NicStatus {
+            mac: "52:54:00:12:34:56".into(),
+            uplink: Some("uplink".into()),
+            pid: Some(43),
+            answering: true,
+            path: Some(control_protocol::nic::Path::Peer),
+            uplink_up: Some(false),
+            peer_reachable: Some(true),
+            relaying_for_peer: Some(false),
+            guest_attached: Some(true),
+            relay: Some(NicRelay {
+                to_peer_frames: 120,
+                from_peer_frames: 80,
+                to_peer_dropped_frames: 1,
+                relayed_to_lan_frames: 0,
+                relayed_to_peer_frames: 0,
+            }),
+        }],
         checkpoint: Some(serde_json::json!({
             "role": "primary",
             "state": "protected",
@@ -201,7 +219,7 @@ fn an_unknown_state_word_is_shown_too() {
 }
 
 #[test]
-fn a_links_alert_agents_and_takeovers_have_their_series() {
+fn a_links_alert_agents_takeovers_and_nic_relays_have_their_series() {
     let text = render(&host(Vec::new())).expect("render");
     let scrape = parse(&text);
     let link1 = [("link", "1"), ("address", "10.77.1.2:7500")];
@@ -223,6 +241,26 @@ fn a_links_alert_agents_and_takeovers_have_their_series() {
         "{text}"
     );
     let webhook = [("agent", "webhook")];
+    let nic = [("vm", "web"), ("mac", "52:54:00:12:34:56")];
+    let one_vm =
+        parse(&render(&host(vec![vm("web", Role::Primary, "Protected")])).expect("render"));
+    assert_eq!(value(&one_vm, "ftvm_nic_via_peer", &nic), 1.0);
+    assert_eq!(
+        value(&one_vm, "ftvm_nic_peer_sent_frames_total", &nic),
+        120.0
+    );
+    assert_eq!(
+        value(&one_vm, "ftvm_nic_peer_received_frames_total", &nic),
+        80.0
+    );
+    assert_eq!(
+        value(&one_vm, "ftvm_nic_peer_dropped_frames_total", &nic),
+        1.0
+    );
+    assert_eq!(
+        value(&one_vm, "ftvm_nic_relayed_to_lan_frames_total", &nic),
+        0.0
+    );
     let text = render(&host(vec![vm("web", Role::Primary, "Degraded")])).expect("render");
     let scrape = parse(&text);
     assert_eq!(
