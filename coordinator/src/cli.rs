@@ -55,6 +55,45 @@ pub enum FtvmCommand {
     },
     /// Stop protecting a VM.
     Unprotect { vm: String },
+    /// Can each VM run on either host? One line per finding: blocking or warning, the
+    /// host, the VM, what is wrong -> what to do. Exit status 1 when a finding blocks.
+    ///
+    /// ftvmd gathers this host's facts (with --peer also the peer's, over the A-links) and
+    /// compares them: QEMU version and the VM's machine type; its CPU model (-cpu in
+    /// qemu_args, default qemu64) has no unavailable feature under its accelerator on
+    /// either host (QEMU's query-cpu-definitions); KVM's supported CPUID where /dev/kvm
+    /// opens, and a named CPU model at Level 3 (never host); the bridges and uplinks its
+    /// NICs name; its ports and vhost-user sockets not held by another process; clocks
+    /// within 500 ms; disk space for a full copy of each disk; enough memory and CPUs on
+    /// each host to run the VMs it would take over (at Level 3, the replica's memory now);
+    /// both hosts define the VM alike. `ftvm protect` runs the same check and refuses on
+    /// a blocking finding; ftvmd runs it when the peer rejoins and records the findings in
+    /// `ftvm events`.
+    Check {
+        /// Only this VM (the memory and CPUs of the whole host are still counted).
+        vm: Option<String>,
+        /// Ask the peer's ftvmd for its facts too and compare both hosts.
+        #[arg(long)]
+        peer: bool,
+        /// The findings and both hosts' facts as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One archive (tar.gz) for a support case or a bug report, from this host and the
+    /// peer: ftvmd's log (its stderr file, or the journal), its VM daemons' and QEMU's
+    /// logs, the last 256 KiB of each guest console, state files, status, events, the
+    /// configuration with key-looking values redacted, versions, kernel, network, QEMU and
+    /// KVM facts; and MANIFEST.txt: what is in it, what could not be collected and why.
+    ///
+    /// Key files are never read into it. Each file is cut to its last 256 KiB and each
+    /// host's part to 3 MiB; the manifest says where. The witness's own log and grant
+    /// files stay on the witness host (journalctl -u ftvm-witness, its --state-dir): the
+    /// manifest says so; the archive holds what each host knows of the witness.
+    CollectLogs {
+        /// The archive to write (default: ftvm-logs-HOST-YYYYMMDD-HHMMSS.tar.gz here).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Planned failover: stop the VM here and restart it on the peer from its in-sync copy
     /// (at Level 3: restore it there from its last checkpoint). To move it without a
     /// reboot, use `ftvm migrate`.

@@ -8,7 +8,9 @@
 //! The daemons (`ftvmd`, `ftvm-witness`) wrap these machines with real sockets, clocks and
 //! files.
 
+pub mod check;
 pub mod cli;
+pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod host;

@@ -10,6 +10,8 @@ use coordinator::daemon::control::{
     request, DiskSnapshots, HostStatus, KeyStatus, Reply, Request, SnapshotCommand,
 };
 use coordinator::daemon::nics::NicStatus;
+use coordinator::check::Severity;
+use coordinator::daemon::control::CheckReport;
 use coordinator::host::Role;
 
 fn main() -> ExitCode {
@@ -83,6 +85,52 @@ fn run(args: &Args) -> Result<(), String> {
             peer: peer.clone(),
         })?),
         Command::Unprotect { vm } => done(ask(Request::Unprotect { vm: vm.clone() })?),
+        Command::Check { vm, peer, json } => {
+            let Reply::Check(report) = ask(Request::Check {
+                vm: vm.clone(),
+                peer: *peer,
+            })?
+            else {
+                return Err("unexpected answer from ftvmd".into());
+            };
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).map_err(|error| error.to_string())?
+                );
+            } else {
+                print!("{}", check_text(&report));
+            }
+            let blocking = report
+                .findings
+                .iter()
+                .filter(|finding| finding.severity == Severity::Blocking)
+                .count();
+            if blocking > 0 {
+                return Err(format!(
+                    "{blocking} blocking finding(s): `ftvm protect` refuses until they are fixed"
+                ));
+            }
+        }
+        Command::CollectLogs { out } => {
+            let Reply::Bundles(bundles) = ask(Request::CollectLogs)? else {
+                return Err("unexpected answer from ftvmd".into());
+            };
+            let now = humantime(std::time::SystemTime::now());
+            let stamp: String = now
+                .chars()
+                .filter(|c| c.is_ascii_digit())
+                .take(14)
+                .collect();
+            let host = bundles.first().map_or("ftvm", |bundle| bundle.host.as_str());
+            let name = format!("ftvm-logs-{host}-{}-{}", &stamp[..8.min(stamp.len())], &stamp[8.min(stamp.len())..]);
+            let path = out
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(format!("{name}.tar.gz")));
+            let written = coordinator::collect::write_archive(&path, &name, &bundles, &now)
+                .map_err(|error| format!("cannot write {}: {error}", path.display()))?;
+            println!("{}: {written}", path.display());
+        }
         Command::Failover { vm } => done(ask(Request::Failover { vm: vm.clone() })?),
         Command::Migrate {
             vm,
@@ -251,6 +299,37 @@ fn wait_for_move(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A line per host (QEMU, KVM, memory, CPUs), then a line per finding.
+fn check_text(report: &CheckReport) -> String {
+    let mut text = String::new();
+    for host in &report.hosts {
+        let qemu = match &host.qemu {
+            Ok(qemu) => format!("QEMU {}", qemu.version),
+            Err(_) => "QEMU does not run".into(),
+        };
+        let kvm = match &host.kvm {
+            Ok(_) => "KVM".to_owned(),
+            Err(why) => format!("no KVM ({why})"),
+        };
+        text.push_str(&format!(
+            "{}: {qemu}, {kvm}, {} MiB available, {} CPUs, {} VM(s)\n",
+            host.host,
+            host.memory_available_mib,
+            host.cpus,
+            host.vms.len()
+        ));
+    }
+    for finding in &report.findings {
+        text.push_str(&finding.line());
+        text.push('\n');
+    }
+    if report.findings.is_empty() {
+        let hosts = if report.hosts.len() > 1 { "both hosts" } else { "this host" };
+        text.push_str(&format!("no findings: every VM checked can run on {hosts}\n"));
+    }
+    text
 }
 
 fn done(reply: Reply) {

@@ -60,6 +60,21 @@ pub enum Request {
         vm: String,
         snapshot: SnapshotCommand,
     },
+    /// `ftvm check [--peer] [VM]`: answered with [`Reply::Check`] once the facts are in.
+    Check {
+        vm: Option<String>,
+        peer: bool,
+    },
+    /// `ftvm collect-logs`: answered with [`Reply::Bundles`], this host's and the peer's.
+    CollectLogs,
+}
+
+/// The answer to `check`: the findings (blocking first) and the facts they come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub findings: Vec<crate::check::Finding>,
+    /// This host's facts, then the peer's if it answered.
+    pub hosts: Vec<crate::check::HostFacts>,
 }
 
 /// What `ftvm snapshot` asks of a VM's disks (`docs/ARCHITECTURE.md`, "Snapshots").
@@ -140,6 +155,8 @@ pub enum Reply {
     Status(Box<HostStatus>),
     Events(Vec<Event>),
     Snapshots(Vec<DiskSnapshots>),
+    Check(Box<CheckReport>),
+    Bundles(Vec<crate::collect::Bundle>),
     Done(String),
     Error(String),
 }

@@ -67,6 +67,12 @@ pub enum PeerMessage {
     /// `live`: `ftvm migrate` (the level to run the VM at once moved): the VM is restored
     /// from the final checkpoint; else `ftvm failover`.
     TakeOver { vm: String, live: Option<u8> },
+    /// `ftvm check` and `ftvm collect-logs` on the sender: answer `id` with an
+    /// [`PeerMessage::Answer`].
+    Ask { id: u64, question: super::asks::Question },
+    /// The answer to [`PeerMessage::Ask`] `id`: an [`super::asks::Answer`] (postcard) in the
+    /// message's payload (the header holds at most 4 KiB).
+    Answer { id: u64 },
 }
 
 /// One A-link as `ftvm status --json` and `/metrics` show it.
@@ -94,7 +100,7 @@ pub struct PeerLink {
     keys: KeyRing,
     clients: Vec<Session>,
     _listener: Arc<LinkListener>,
-    received: Receiver<PeerMessage>,
+    received: Receiver<(PeerMessage, Vec<u8>)>,
 }
 
 impl PeerLink {
@@ -146,8 +152,25 @@ impl PeerLink {
         }
     }
 
-    pub fn try_recv(&self) -> Option<PeerMessage> {
+    /// A message from the peer, and its payload (empty but for [`PeerMessage::Answer`]).
+    pub fn try_recv(&self) -> Option<(PeerMessage, Vec<u8>)> {
         self.received.try_recv().ok()
+    }
+
+    /// Sends `message` with `payload` once, on the first link where the peer is reachable;
+    /// `false` if none is.
+    pub fn send_once(&self, message: &PeerMessage, payload: Vec<u8>) -> bool {
+        let bytes = encode(message);
+        let Some(client) = self.clients.iter().find(|client| client.peer_reachable()) else {
+            return false;
+        };
+        match client.send_timeout(&bytes, payload, Duration::from_millis(100)) {
+            Ok(_) => true,
+            Err(error) => {
+                warn!("cannot send an answer to the peer: {error}");
+                false
+            }
+        }
     }
 
     /// Failed authentications so far, on all links (a key mismatch).
@@ -231,7 +254,7 @@ fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     postcard::to_allocvec(message).unwrap_or_default()
 }
 
-fn accept(listener: &LinkListener, sender: &Sender<PeerMessage>) {
+fn accept(listener: &LinkListener, sender: &Sender<(PeerMessage, Vec<u8>)>) {
     loop {
         let Some(event) = listener.next_event(Duration::from_secs(1)) else {
             continue;
@@ -242,19 +265,24 @@ fn accept(listener: &LinkListener, sender: &Sender<PeerMessage>) {
         let sender = sender.clone();
         let spawned = thread::Builder::new()
             .name("peer-recv".into())
-            .spawn(move || receive(&session, &sender));
+            .spawn(move || receive::<PeerMessage, _>(&session, &sender));
         if let Err(error) = spawned {
             warn!("cannot serve the peer's session: {error}");
         }
     }
 }
 
-fn receive<T: for<'de> Deserialize<'de>>(session: &Session, sender: &Sender<T>) {
+/// Delivers each message's decoded header (with its payload where `T` takes one) until
+/// the session ends.
+fn receive<T: for<'de> Deserialize<'de>, U: Received<T>>(
+    session: &Session,
+    sender: &Sender<U>,
+) {
     loop {
         match session.recv(Duration::from_secs(1)) {
             Ok(Some(message)) => match message.header::<T>() {
                 Ok(decoded) => {
-                    if sender.send(decoded).is_err() {
+                    if sender.send(U::from(decoded, message.payload)).is_err() {
                         return;
                     }
                 }
@@ -266,6 +294,23 @@ fn receive<T: for<'de> Deserialize<'de>>(session: &Session, sender: &Sender<T>) 
             Ok(None) => {}
             Err(_) => return,
         }
+    }
+}
+
+/// What a receiving thread hands on: the header alone, or with the payload.
+trait Received<T> {
+    fn from(header: T, payload: Vec<u8>) -> Self;
+}
+
+impl Received<PeerMessage> for (PeerMessage, Vec<u8>) {
+    fn from(header: PeerMessage, payload: Vec<u8>) -> Self {
+        (header, payload)
+    }
+}
+
+impl Received<WitnessReply> for WitnessReply {
+    fn from(header: WitnessReply, _payload: Vec<u8>) -> Self {
+        header
     }
 }
 
@@ -288,7 +333,7 @@ impl WitnessLink {
         let reader = Arc::clone(&session);
         thread::Builder::new()
             .name("witness-recv".into())
-            .spawn(move || receive(&reader, &sender))
+            .spawn(move || receive::<WitnessReply, WitnessReply>(&reader, &sender))
             .map_err(|error| format!("cannot start a thread: {error}"))?;
         Ok(WitnessLink {
             keys,

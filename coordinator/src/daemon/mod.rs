@@ -8,8 +8,10 @@
 
 pub mod agent;
 pub mod alerts;
+pub mod asks;
 pub mod control;
 pub mod control_client;
+mod diagnostics;
 pub mod events;
 pub mod links;
 pub mod metrics;
@@ -106,6 +108,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         peer_seen: None,
         peer_keys: None,
         service: ServiceManager::from_env(),
+        asks: asks::Asks::new(&config.peer.name),
         config,
     };
     let marker = daemon.disabled_marker();
@@ -161,6 +164,12 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
                         ));
                     }
                 },
+                // Answered once the facts (and the peer's) are in.
+                Request::Check { vm, peer } => daemon.check(vm, peer, answer),
+                Request::CollectLogs => daemon.collect_logs(answer),
+                Request::Protect { vm, level, peer } => {
+                    daemon.protect_after_check(vm, level, peer, answer);
+                }
                 request => {
                     let reply = daemon.handle(request);
                     let _ = answer.send(reply);
@@ -261,6 +270,8 @@ struct Daemon {
     peer_keys: Option<Vec<String>>,
     /// systemd's side: ready, watchdog, stopping (nothing when not under systemd).
     service: ServiceManager,
+    /// `ftvm check` and `ftvm collect-logs` under way, here and for the peer.
+    asks: asks::Asks,
 }
 
 impl Daemon {
@@ -408,8 +419,11 @@ impl Daemon {
     fn step(&mut self, clock: &mut stall::StepClock) {
         let now = self.now();
         let mut context = self.io.context(now);
-        while let Some(message) = context.peer.try_recv() {
+        let mut questions = Vec::new();
+        while let Some((message, payload)) = context.peer.try_recv() {
             match message {
+                PeerMessage::Ask { id, question } => questions.push((id, question)),
+                PeerMessage::Answer { id } => self.asks.answered(id, &payload),
                 PeerMessage::Beat {
                     host,
                     instance,
@@ -494,6 +508,14 @@ impl Daemon {
         }
         self.watch_links(now);
         clock.lap("link watch", "");
+        for (id, question) in questions {
+            let work = self.answer_work(question);
+            self.asks.serve(id, work);
+        }
+        for finished in self.asks.poll(&self.io.peer) {
+            self.finished(finished);
+        }
+        clock.lap("checks", "");
         let due = self
             .last_beat
             .is_none_or(|last| last.elapsed() >= self.heartbeat);
@@ -557,6 +579,10 @@ impl Daemon {
         let links = self.io.peer.links_up();
         if links != self.last_links {
             let (up, total) = links;
+            // The peer is back (or heard for the first time): compare what the VMs need.
+            if up > 0 && matches!(self.last_links.0, 0 | usize::MAX) {
+                self.check_on_rejoin();
+            }
             let errors = self.io.peer.link_errors().join("; ");
             let errors = if errors.is_empty() {
                 String::new()
@@ -695,6 +721,9 @@ impl Daemon {
                 Reply::Error(format!("snapshot of {vm}: asked without a way to answer"))
             }
             Request::AlertTest => Reply::Error("alert test: asked without a way to answer".into()),
+            Request::Check { .. } | Request::CollectLogs => {
+                Reply::Error("check or collect-logs: asked without a way to answer".into())
+            }
             Request::Status => {
                 let (links_up, links) = self.io.peer.links_up();
                 Reply::Status(Box::new(HostStatus {
