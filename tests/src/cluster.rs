@@ -18,7 +18,7 @@ use crate::{create_image, paths, scratch_dir};
 pub const VM: &str = "vm1";
 pub const HOSTS: [&str; 2] = ["hostA", "hostB"];
 const LAN: [&str; 2] = ["10.77.0.1", "10.77.0.2"];
-const LINK1: [&str; 2] = ["10.77.1.1", "10.77.1.2"];
+pub const LINK1: [&str; 2] = ["10.77.1.1", "10.77.1.2"];
 const LINK2: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
 const WITNESS: &str = "10.77.0.3:7600";
 const FTVMD_PORT: u16 = 7500;
@@ -28,7 +28,7 @@ const NIC_LINK_PORT: u16 = 7450;
 /// Where each host's ftvmd serves `/metrics`, on its LAN address.
 pub const METRICS_PORT: u16 = 9464;
 /// The VM's `checkpoint_port` (Level 3), set at every level so that a test can raise it.
-const CHECKPOINT_PORT: u16 = 7460;
+pub const CHECKPOINT_PORT: u16 = 7460;
 
 /// Settings of a cluster.
 #[derive(Debug, Clone)]

@@ -596,7 +596,7 @@ mod tests {
         let line = findings[0].line();
         assert_eq!(findings[0].severity, Severity::Blocking);
         assert!(line.contains("hostB") && line.contains("avx512f, pku"), "{line}");
-        assert!(line.contains("like Nehalem, Westmere"), "{line}");
+        assert!(line.contains("like Westmere, Nehalem"), "{line}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Most bytes read from a probe's output.
 const MAX_PROBE_BYTES: u64 = 4 << 20;
 /// CPU models named in a suggestion.
-const MAX_SUGGESTED: usize = 6;
+const MAX_SUGGESTED: usize = 4;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuFacts {
@@ -220,6 +220,14 @@ fn accel_details(reply: &Value, models: &[String]) -> Accel {
     Accel { models, runnable }
 }
 
+/// CPU model families, newest first (QEMU 7.2's x86 models).
+const FAMILIES: [&str; 22] = [
+    "SapphireRapids", "Icelake", "Cooperlake", "Cascadelake", "Skylake", "Broadwell",
+    "Haswell", "IvyBridge", "SandyBridge", "Westmere", "Nehalem", "Penryn", "Conroe",
+    "EPYC-Milan", "EPYC-Rome", "EPYC", "Dhyana", "Opteron_G5", "Opteron_G4", "Opteron_G3",
+    "Opteron_G2", "Opteron_G1",
+];
+
 /// Named CPU models both hosts run under `accel`, for a remedy: versioned names and the
 /// generic ones (`qemu64`, `kvm64`, `max`, `base`) left out, at most a few.
 pub fn common_models(first: &Accel, second: &Accel) -> Vec<String> {
@@ -231,8 +239,13 @@ pub fn common_models(first: &Accel, second: &Accel) -> Vec<String> {
         .filter(|model| !model.contains("-v") && !generic.contains(&model.as_str()))
         .cloned()
         .collect();
-    // QEMU lists them alphabetically; the server and desktop families are the useful ones.
-    common.sort_by_key(|model| !(model.contains("Server") || model.contains("EPYC")));
+    // QEMU lists them alphabetically: the newest families first.
+    common.sort_by_key(|model| {
+        FAMILIES
+            .iter()
+            .position(|family| model.starts_with(family))
+            .unwrap_or(FAMILIES.len())
+    });
     common.truncate(MAX_SUGGESTED);
     common
 }
