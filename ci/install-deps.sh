@@ -7,10 +7,12 @@
 #
 # Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
-# e2fsprogs, xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo), gcc and
+# e2fsprogs, xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo; the port
+# held in the ftvm check test), gcc and
 # libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
-# ci/verify-units.sh), curl, snmp and snmptrapd (the alert agents and the trap receiver of
-# tests/tests/ftvmd_alerts.rs), plus any EXTRA_PACKAGE given on the command line.
+# ci/verify-units.sh), systemd-container (systemd-nspawn: ci/test-deb.sh boots the
+# installed package under systemd), curl, snmp and snmptrapd (the alert agents and the trap
+# receiver of tests/tests/ftvmd_alerts.rs), plus any EXTRA_PACKAGE given on the command line.
 set -euo pipefail
 
 case "${1:-}" in
@@ -41,6 +43,7 @@ PACKAGES=(
 	curl
 	snmp
 	snmptrapd
+	systemd-container
 	"$@"
 )
 

@@ -77,9 +77,10 @@ impl Bundle {
                 }
                 self.add(path, text);
             }
-            Err(error) => self
-                .notes
-                .push(format!("{path}: not collected: {}: {error}", source.display())),
+            Err(error) => self.notes.push(format!(
+                "{path}: not collected: {}: {error}",
+                source.display()
+            )),
         }
     }
 
@@ -117,7 +118,11 @@ pub fn write_archive(
     let mut manifest = format!("ftvm collect-logs, {now} UTC\n\n");
     let mut count = 0;
     for bundle in bundles {
-        manifest.push_str(&format!("== {}: {} file(s)\n", bundle.host, bundle.files.len()));
+        manifest.push_str(&format!(
+            "== {}: {} file(s)\n",
+            bundle.host,
+            bundle.files.len()
+        ));
         for file in &bundle.files {
             let entry = format!("{name}/{}/{}", bundle.host, file.path);
             append(&mut archive, &entry, file.text.as_bytes())?;
@@ -133,7 +138,11 @@ pub fn write_archive(
         MAX_FILE_BYTES >> 10,
         MAX_BUNDLE_BYTES >> 20
     ));
-    append(&mut archive, &format!("{name}/MANIFEST.txt"), manifest.as_bytes())?;
+    append(
+        &mut archive,
+        &format!("{name}/MANIFEST.txt"),
+        manifest.as_bytes(),
+    )?;
     archive.into_inner()?.finish()?.sync_all()?;
     let hosts: Vec<&str> = bundles.iter().map(|bundle| bundle.host.as_str()).collect();
     Ok(format!(
@@ -269,9 +278,10 @@ fn redact_words(line: &str) -> String {
 
 /// Whether a file must never be read into a bundle: key files and what looks like one.
 pub fn is_key_file(path: &Path, key_files: &[PathBuf]) -> bool {
-    if key_files.iter().any(|key| {
-        path == key || *path == replication_link::key_ring::previous_key_path(key)
-    }) {
+    if key_files
+        .iter()
+        .any(|key| path == key || *path == replication_link::key_ring::previous_key_path(key))
+    {
         return true;
     }
     let name = path
@@ -299,7 +309,9 @@ pub fn state_files(state_dir: &Path, key_files: &[PathBuf]) -> Vec<PathBuf> {
         entries.sort_by_key(std::fs::DirEntry::file_name);
         for entry in entries {
             let path = entry.path();
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             let name = entry.file_name().to_string_lossy().into_owned();
             if kind.is_dir() {
                 if depth < 1 && name != "replica" && !name.ends_with(".snapshots") {
@@ -328,7 +340,12 @@ pub fn state_files(state_dir: &Path, key_files: &[PathBuf]) -> Vec<PathBuf> {
 /// What this host tells about its kernel: version, command line, memory, CPU, modules.
 pub fn kernel_facts() -> String {
     let mut text = String::new();
-    for file in ["/proc/version", "/proc/cmdline", "/proc/meminfo", "/proc/loadavg"] {
+    for file in [
+        "/proc/version",
+        "/proc/cmdline",
+        "/proc/meminfo",
+        "/proc/loadavg",
+    ] {
         text.push_str(&format!("== {file}\n"));
         text.push_str(&std::fs::read_to_string(file).unwrap_or_else(|error| format!("{error}\n")));
     }
@@ -363,7 +380,10 @@ mod tests {
                     api_token = \"abc\"\nnote = \"0123456789abcdef0123456789abcdef01\"\n\
                     blob = \"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo5ODc2NTQzMjEwYWJj\"\nname = \"hostA\"\n";
         let redacted = redact(text);
-        assert!(redacted.contains("psk_file = \"/etc/ftvm/pair.psk\""), "{redacted}");
+        assert!(
+            redacted.contains("psk_file = \"/etc/ftvm/pair.psk\""),
+            "{redacted}"
+        );
         assert!(!redacted.contains("hunter2"), "{redacted}");
         assert!(!redacted.contains("abc\""), "{redacted}");
         assert!(!redacted.contains("0123456789abcdef0123"), "{redacted}");
@@ -379,20 +399,28 @@ mod tests {
         assert!(is_key_file(Path::new("/etc/ftvm/pair.previous"), &keys));
         assert!(is_key_file(Path::new("/x/witness.psk"), &[]));
         assert!(is_key_file(Path::new("/x/witness-keys/hostA"), &[]));
-        assert!(!is_key_file(Path::new("/var/lib/ftvm/vm1/disk0.log"), &keys));
+        assert!(!is_key_file(
+            Path::new("/var/lib/ftvm/vm1/disk0.log"),
+            &keys
+        ));
     }
 
     #[test]
     fn tails_and_caps() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("big.log");
-        std::fs::write(&path, "x".repeat(10) + &"y".repeat(MAX_FILE_BYTES as usize)).expect("write");
+        std::fs::write(&path, "x".repeat(10) + &"y".repeat(MAX_FILE_BYTES as usize))
+            .expect("write");
         let (text, total) = tail(&path, MAX_FILE_BYTES).expect("tail");
         assert_eq!(total, MAX_FILE_BYTES + 10);
         assert!(!text.contains('x'));
         let mut bundle = Bundle::default();
         bundle.add_tail("big.log", &path);
-        assert!(bundle.notes[0].contains("the last 256 KiB of 256 KiB"), "{:?}", bundle.notes);
+        assert!(
+            bundle.notes[0].contains("the last 256 KiB of 256 KiB"),
+            "{:?}",
+            bundle.notes
+        );
         for index in 0..20 {
             bundle.add(&format!("f{index}"), "z".repeat(MAX_FILE_BYTES as usize));
         }

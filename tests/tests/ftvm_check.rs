@@ -93,7 +93,10 @@ fn check_names_a_wrong_bridge_a_cpu_model_the_host_cannot_run_and_a_port_in_use(
         };
         let bridge = line(&format!("bridge vmbr9 of NIC {MAC} is missing"));
         assert!(bridge.starts_with("blocking"), "{bridge}");
-        assert!(bridge.contains("-> create it (ip link add vmbr9 type bridge)"), "{bridge}");
+        assert!(
+            bridge.contains("-> create it (ip link add vmbr9 type bridge)"),
+            "{bridge}"
+        );
         let cpu = line("CPU model Icelake-Server needs features this host lacks under tcg: ");
         assert!(cpu.starts_with("blocking"), "{cpu}");
         assert!(cpu.contains("avx512f"), "{cpu}");
@@ -108,7 +111,10 @@ fn check_names_a_wrong_bridge_a_cpu_model_the_host_cannot_run_and_a_port_in_use(
         .unwrap_or_else(|| panic!("no {port:?} in:\n{text}"));
     assert!(port_line.starts_with("blocking hostA"), "{port_line}");
     assert!(port_line.contains("-> stop that process"), "{port_line}");
-    assert!(!text.contains("port 7460 (checkpoint_port) on 10.77.1.2"), "{text}");
+    assert!(
+        !text.contains("port 7460 (checkpoint_port) on 10.77.1.2"),
+        "{text}"
+    );
     assert!(text.contains("ftvm: 5 blocking finding(s)"), "{text}");
 
     // --json says the same.
@@ -122,7 +128,11 @@ fn check_names_a_wrong_bridge_a_cpu_model_the_host_cannot_run_and_a_port_in_use(
             .as_str(),
     )
     .unwrap_or_else(|error| panic!("{error}: {json}"));
-    assert_eq!(report["hosts"].as_array().map(Vec::len), Some(2), "{report}");
+    assert_eq!(
+        report["hosts"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
     assert_eq!(report["findings"][0]["severity"], "blocking", "{report}");
 
     let (ok, refused) = cluster.ftvm(A, &["protect", "vm1", "--level", "2", "--peer", "hostB"]);
@@ -137,7 +147,10 @@ fn check_names_a_wrong_bridge_a_cpu_model_the_host_cannot_run_and_a_port_in_use(
         &cluster,
         B,
         &["events"],
-        &["check on hostB: bridge vmbr9 of NIC", "ip link add vmbr9 type bridge"],
+        &[
+            "check on hostB: bridge vmbr9 of NIC",
+            "ip link add vmbr9 type bridge",
+        ],
     );
 }
 
@@ -147,19 +160,27 @@ fn collect_logs_holds_both_hosts_and_no_key_material() {
     let mut cluster = cluster("ftvm-collect");
     // Keys as `ftvm keygen` makes them (hex), in the files the configuration names.
     let status = Command::new(paths::binary("ftvm"))
-        .args(["keygen", "--force", "--host", "hostA", "--host", "hostB", "--out"])
+        .args([
+            "keygen", "--force", "--host", "hostA", "--host", "hostB", "--out",
+        ])
         .arg(cluster.dir.path())
         .output()
         .expect("run ftvm keygen");
     assert!(status.status.success(), "{status:?}");
     cluster.start_all();
-    cluster.wait_vm(A, Duration::from_secs(60), "vm1's QEMU started on hostA", |vm| {
-        !vm["vm_pid"].is_null()
-    });
+    cluster.wait_vm(
+        A,
+        Duration::from_secs(60),
+        "vm1's QEMU started on hostA",
+        |vm| !vm["vm_pid"].is_null(),
+    );
     let out = cluster.dir.path().join("logs.tar.gz");
     let (ok, text) = cluster.ftvm(A, &["collect-logs", "--out", out.to_str().expect("utf-8")]);
     assert!(ok, "{text}");
-    assert!(text.contains("from hostA and hostB and MANIFEST.txt"), "{text}");
+    assert!(
+        text.contains("from hostA and hostB and MANIFEST.txt"),
+        "{text}"
+    );
     let extracted = cluster.dir.path().join("extracted");
     std::fs::create_dir_all(&extracted).expect("mkdir");
     let untar = Command::new("tar")
@@ -173,7 +194,12 @@ fn collect_logs_holds_both_hosts_and_no_key_material() {
     let files = walk(&extracted);
     let names: Vec<String> = files
         .iter()
-        .map(|file| file.strip_prefix(&extracted).expect("under").display().to_string())
+        .map(|file| {
+            file.strip_prefix(&extracted)
+                .expect("under")
+                .display()
+                .to_string()
+        })
         .collect();
     let root = names[0].split('/').next().expect("root folder").to_owned();
     for host in ["hostA", "hostB"] {
@@ -192,18 +218,31 @@ fn collect_logs_holds_both_hosts_and_no_key_material() {
             assert!(names.contains(&name), "no {name} in {names:#?}");
         }
     }
-    assert!(names.contains(&format!("{root}/hostA/state/vm1/console.log")), "{names:#?}");
+    assert!(
+        names.contains(&format!("{root}/hostA/state/vm1/console.log")),
+        "{names:#?}"
+    );
     let manifest =
         std::fs::read_to_string(extracted.join(&root).join("MANIFEST.txt")).expect("manifest");
-    assert!(manifest.contains("== hostA:") && manifest.contains("== hostB:"), "{manifest}");
-    assert!(manifest.contains("witness: its log and grant files"), "{manifest}");
+    assert!(
+        manifest.contains("== hostA:") && manifest.contains("== hostB:"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("witness: its log and grant files"),
+        "{manifest}"
+    );
     let facts = std::fs::read_to_string(extracted.join(&root).join("hostB/facts.json"))
         .expect("hostB facts");
     assert!(facts.contains("\"version\": \"7.2"), "{facts}");
 
     // No key's bytes anywhere: raw, as stored (hex), upper-case hex, base64.
     let mut forbidden: Vec<Vec<u8>> = Vec::new();
-    for key in ["pair.psk", "witness-keys/hostA.psk", "witness-keys/hostB.psk"] {
+    for key in [
+        "pair.psk",
+        "witness-keys/hostA.psk",
+        "witness-keys/hostB.psk",
+    ] {
         let stored = std::fs::read(cluster.dir.path().join(key)).expect("read key");
         let text = String::from_utf8_lossy(&stored).trim().to_owned();
         let raw = decode_hex(&text);
@@ -220,7 +259,9 @@ fn collect_logs_holds_both_hosts_and_no_key_material() {
         let bytes = std::fs::read(file).expect("read extracted file");
         for needle in &forbidden {
             assert!(
-                !bytes.windows(needle.len()).any(|window| window == needle.as_slice()),
+                !bytes
+                    .windows(needle.len())
+                    .any(|window| window == needle.as_slice()),
                 "{} holds key material",
                 file.display()
             );
@@ -249,16 +290,16 @@ fn decode_hex(text: &str) -> Vec<u8> {
 }
 
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let word = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |word, (index, byte)| word | u32::from(*byte) << (16 - 8 * index));
+        let word = chunk.iter().enumerate().fold(0u32, |word, (index, byte)| {
+            word | u32::from(*byte) << (16 - 8 * index)
+        });
         for index in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(word >> (18 - 6 * index) & 63) as usize]));
+            out.push(char::from(
+                ALPHABET[(word >> (18 - 6 * index) & 63) as usize],
+            ));
         }
     }
     // Without padding: a prefix of the padded form, so a padded copy is found too.

@@ -2,16 +2,16 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::Parser;
+use coordinator::check::Severity;
 use coordinator::cli::{
     AlertAction, FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice,
     SnapshotAction,
 };
+use coordinator::daemon::control::CheckReport;
 use coordinator::daemon::control::{
     request, DiskSnapshots, HostStatus, KeyStatus, Reply, Request, SnapshotCommand,
 };
 use coordinator::daemon::nics::NicStatus;
-use coordinator::check::Severity;
-use coordinator::daemon::control::CheckReport;
 use coordinator::host::Role;
 
 fn main() -> ExitCode {
@@ -122,8 +122,14 @@ fn run(args: &Args) -> Result<(), String> {
                 .filter(|c| c.is_ascii_digit())
                 .take(14)
                 .collect();
-            let host = bundles.first().map_or("ftvm", |bundle| bundle.host.as_str());
-            let name = format!("ftvm-logs-{host}-{}-{}", &stamp[..8.min(stamp.len())], &stamp[8.min(stamp.len())..]);
+            let host = bundles
+                .first()
+                .map_or("ftvm", |bundle| bundle.host.as_str());
+            let name = format!(
+                "ftvm-logs-{host}-{}-{}",
+                &stamp[..8.min(stamp.len())],
+                &stamp[8.min(stamp.len())..]
+            );
             let path = out
                 .clone()
                 .unwrap_or_else(|| std::path::PathBuf::from(format!("{name}.tar.gz")));
@@ -326,8 +332,14 @@ fn check_text(report: &CheckReport) -> String {
         text.push('\n');
     }
     if report.findings.is_empty() {
-        let hosts = if report.hosts.len() > 1 { "both hosts" } else { "this host" };
-        text.push_str(&format!("no findings: every VM checked can run on {hosts}\n"));
+        let hosts = if report.hosts.len() > 1 {
+            "both hosts"
+        } else {
+            "this host"
+        };
+        text.push_str(&format!(
+            "no findings: every VM checked can run on {hosts}\n"
+        ));
     }
     text
 }

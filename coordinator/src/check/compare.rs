@@ -209,7 +209,11 @@ fn suggest(hosts: &[&HostFacts], accel: &str) -> String {
         [first, second, ..] => common_models(first, second),
         [] => Vec::new(),
     };
-    let which = if hosts.len() > 1 { "both hosts run" } else { "this host runs" };
+    let which = if hosts.len() > 1 {
+        "both hosts run"
+    } else {
+        "this host runs"
+    };
     if models.is_empty() {
         return format!("choose a CPU model {which} (-cpu MODEL in qemu_args on both hosts)");
     }
@@ -254,7 +258,10 @@ fn nic_findings(host: &HostFacts, vm: &VmFacts, findings: &mut Vec<Finding>) {
             ),
             LinkState::Present { master, .. } if master.as_deref() != Some(bridge.as_str()) => (
                 Severity::Blocking,
-                format!("uplink {uplink} of NIC {} is not a port of {bridge}", nic.mac),
+                format!(
+                    "uplink {uplink} of NIC {} is not a port of {bridge}",
+                    nic.mac
+                ),
                 format!("ip link set {uplink} master {bridge}"),
             ),
             LinkState::Present { up: false, .. } => (
@@ -402,10 +409,18 @@ fn pair_findings(
         };
         let (ours, theirs) = (&vm.needs, &other.needs);
         let differences: Vec<String> = [
-            ("memory_mib", ours.memory_mib.to_string(), theirs.memory_mib.to_string()),
+            (
+                "memory_mib",
+                ours.memory_mib.to_string(),
+                theirs.memory_mib.to_string(),
+            ),
             ("vcpus", ours.vcpus.to_string(), theirs.vcpus.to_string()),
             ("accel", ours.accel.clone(), theirs.accel.clone()),
-            ("CPU model", ours.cpu_model.clone(), theirs.cpu_model.clone()),
+            (
+                "CPU model",
+                ours.cpu_model.clone(),
+                theirs.cpu_model.clone(),
+            ),
             ("machine", ours.machine.clone(), theirs.machine.clone()),
         ]
         .into_iter()
@@ -416,7 +431,10 @@ fn pair_findings(
             findings.push(pair(
                 Severity::Blocking,
                 name,
-                format!("the hosts define {name} differently: {}", differences.join("; ")),
+                format!(
+                    "the hosts define {name} differently: {}",
+                    differences.join("; ")
+                ),
                 "make its [[vm]] section the same on both hosts and restart ftvmd",
             ));
         }
@@ -591,11 +609,18 @@ mod tests {
 
     #[test]
     fn a_cpu_model_with_missing_features_blocks_and_names_models_both_run() {
-        let findings = run(&host("hostA", &[]), &host("hostB", &["avx512f", "pku"]), 1_000_000);
+        let findings = run(
+            &host("hostA", &[]),
+            &host("hostB", &["avx512f", "pku"]),
+            1_000_000,
+        );
         assert_eq!(findings.len(), 1, "{findings:?}");
         let line = findings[0].line();
         assert_eq!(findings[0].severity, Severity::Blocking);
-        assert!(line.contains("hostB") && line.contains("avx512f, pku"), "{line}");
+        assert!(
+            line.contains("hostB") && line.contains("avx512f, pku"),
+            "{line}"
+        );
         assert!(line.contains("like Westmere, Nehalem"), "{line}");
     }
 
@@ -628,7 +653,9 @@ mod tests {
         peer.memory_available_mib = 300;
         let findings = run(&host("hostA", &[]), &peer, 1_000_000);
         assert_eq!(findings.len(), 1, "{findings:?}");
-        assert!(findings[0].what.contains("taking over vm1 needs 576 MiB, 300 MiB available"));
+        assert!(findings[0]
+            .what
+            .contains("taking over vm1 needs 576 MiB, 300 MiB available"));
         // A Level 3 replica already in place counts as held.
         peer.vms[0].needs.level = 3;
         peer.vms[0].ram_allocated_bytes = 512 << 20;
@@ -637,7 +664,9 @@ mod tests {
         assert!(run(&local, &peer, 1_000_000).is_empty());
         peer.vms[0].ram_allocated_bytes = 0;
         let findings = run(&local, &peer, 1_000_000);
-        assert!(findings[0].what.contains("Level 3: its replica needs the RAM now"));
+        assert!(findings[0]
+            .what
+            .contains("Level 3: its replica needs the RAM now"));
         // The primary's host runs it already.
         local.memory_available_mib = 0;
         peer.memory_available_mib = 4096;
@@ -656,8 +685,16 @@ mod tests {
         local.vms[0].needs.memory_mib = 256;
         let findings = run(&local, &host("hostB", &[]), 1_000_000);
         let text: Vec<String> = findings.iter().map(Finding::line).collect();
-        assert!(text.iter().any(|line| line.contains("Level 3 with CPU model \"host\"")), "{text:#?}");
-        assert!(text.iter().any(|line| line.contains("memory_mib 256 on hostA, 512 on hostB")), "{text:#?}");
+        assert!(
+            text.iter()
+                .any(|line| line.contains("Level 3 with CPU model \"host\"")),
+            "{text:#?}"
+        );
+        assert!(
+            text.iter()
+                .any(|line| line.contains("memory_mib 256 on hostA, 512 on hostB")),
+            "{text:#?}"
+        );
     }
 
     #[test]
@@ -680,11 +717,15 @@ mod tests {
         let mut local = host("hostA", &[]);
         local.vms[0].needs.accel = "kvm".into();
         local.vms[0].needs.cpu_model = "host".into();
-        local.kvm = Ok(KvmFacts { leaves: vec![leaf(0b11)] });
+        local.kvm = Ok(KvmFacts {
+            leaves: vec![leaf(0b11)],
+        });
         let mut peer = local.clone();
         peer.host = "hostB".into();
         peer.vms[0].primary_here = false;
-        peer.kvm = Ok(KvmFacts { leaves: vec![leaf(0b01)] });
+        peer.kvm = Ok(KvmFacts {
+            leaves: vec![leaf(0b01)],
+        });
         let findings = run(&local, &peer, 1_000_000);
         assert!(
             findings.iter().any(|f| f.what.contains("KVM on hostA offers 1 CPUID feature bit(s) KVM on hostB lacks (leaf 0x1.0 ecx bit 1)")),

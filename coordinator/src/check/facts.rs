@@ -33,7 +33,10 @@ pub enum LinkState {
     /// The device exists but is not a Linux bridge.
     NotABridge,
     /// Present; `master`: the bridge it is a port of.
-    Present { up: bool, master: Option<String> },
+    Present {
+        up: bool,
+        master: Option<String>,
+    },
 }
 
 /// A port or socket a VM needs, held by a process that is not ftvm's.
@@ -126,7 +129,11 @@ fn link_state(name: &str, bridge: bool) -> LinkState {
         .unwrap_or(false);
     let master = std::fs::read_link(dir.join("master"))
         .ok()
-        .and_then(|target| target.file_name().map(|name| name.to_string_lossy().into_owned()));
+        .and_then(|target| {
+            target
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        });
     LinkState::Present { up, master }
 }
 
@@ -136,7 +143,10 @@ fn nic_facts(nic: &NicNeeds) -> NicFacts {
         bridge: nic.bridge.clone(),
         bridge_state: link_state(&nic.bridge, true),
         uplink: nic.uplink.clone(),
-        uplink_state: nic.uplink.as_deref().map(|uplink| link_state(uplink, false)),
+        uplink_state: nic
+            .uplink
+            .as_deref()
+            .map(|uplink| link_state(uplink, false)),
     }
 }
 
@@ -177,7 +187,12 @@ impl Listening {
         let mut tcp = Vec::new();
         for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
             if let Ok(text) = std::fs::read_to_string(table) {
-                tcp.extend(text.lines().skip(1).take(MAX_SOCKET_LINES).filter_map(tcp_line));
+                tcp.extend(
+                    text.lines()
+                        .skip(1)
+                        .take(MAX_SOCKET_LINES)
+                        .filter_map(tcp_line),
+                );
             }
         }
         let unix = std::fs::read_to_string("/proc/net/unix")
@@ -307,7 +322,11 @@ fn socket_holders() -> BTreeMap<u64, u32> {
         return holders;
     };
     for process in processes.flatten() {
-        let Some(pid) = process.file_name().to_str().and_then(|name| name.parse().ok()) else {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
             continue;
         };
         let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
@@ -353,7 +372,8 @@ mod tests {
             unix_line(unix),
             Some((PathBuf::from("/run/x/disk0.sock"), 4242))
         );
-        let connected = "0000000000000000: 00000002 00000000 00000000 0001 03 4243 /run/x/disk0.sock";
+        let connected =
+            "0000000000000000: 00000002 00000000 00000000 0001 03 4243 /run/x/disk0.sock";
         assert_eq!(unix_line(connected), None);
         assert_eq!(tcp_line("garbage"), None);
         assert_eq!(unix_line(""), None);

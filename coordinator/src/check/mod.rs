@@ -54,9 +54,16 @@ impl Finding {
             Severity::Blocking => "blocking",
             Severity::Warning => "warning ",
         };
-        let host = if self.host.is_empty() { "-" } else { &self.host };
+        let host = if self.host.is_empty() {
+            "-"
+        } else {
+            &self.host
+        };
         let vm = if self.vm.is_empty() { "-" } else { &self.vm };
-        format!("{severity} {host:<8} {vm:<10} {} -> {}", self.what, self.remedy)
+        format!(
+            "{severity} {host:<8} {vm:<10} {} -> {}",
+            self.what, self.remedy
+        )
     }
 }
 
@@ -239,7 +246,12 @@ mod tests {
             qemu_option(&words, &["-machine", "-M"], "type=").as_deref(),
             Some("q35")
         );
-        let words = args(&["-machine", "accel=kvm,type=pc-i440fx-7.2", "-machine", "x=1"]);
+        let words = args(&[
+            "-machine",
+            "accel=kvm,type=pc-i440fx-7.2",
+            "-machine",
+            "x=1",
+        ]);
         assert_eq!(
             qemu_option(&words, &["-machine", "-M"], "type=").as_deref(),
             Some("pc-i440fx-7.2")

@@ -50,15 +50,10 @@ impl QemuFacts {
     /// The versioned machine type `name` stands for here (`pc` is `pc-i440fx-7.2` on
     /// QEMU 7.2); `None` if this QEMU does not know it.
     pub fn resolve_machine(&self, name: &str) -> Option<String> {
-        self.machines.iter().find_map(|machine| {
-            if machine.name == name {
-                Some(machine.name.clone())
-            } else if machine.alias.as_deref() == Some(name) {
-                Some(machine.name.clone())
-            } else {
-                None
-            }
-        })
+        self.machines
+            .iter()
+            .find(|machine| machine.name == name || machine.alias.as_deref() == Some(name))
+            .map(|machine| machine.name.clone())
     }
 }
 
@@ -150,7 +145,12 @@ fn probe(qemu: &Path, accel: &str, models: &[String]) -> Result<Probed, String> 
     })?;
     // capabilities, version, machines, CPU models (quit's answer may be lost).
     let [_, version, machines, cpus, ..] = replies.as_slice() else {
-        let why = errors.lines().next().unwrap_or("it exited").trim().to_owned();
+        let why = errors
+            .lines()
+            .next()
+            .unwrap_or("it exited")
+            .trim()
+            .to_owned();
         return Err(format!("{} -accel {accel}: {why}", qemu.display()));
     };
     Ok((
@@ -222,10 +222,28 @@ fn accel_details(reply: &Value, models: &[String]) -> Accel {
 
 /// CPU model families, newest first (QEMU 7.2's x86 models).
 const FAMILIES: [&str; 22] = [
-    "SapphireRapids", "Icelake", "Cooperlake", "Cascadelake", "Skylake", "Broadwell",
-    "Haswell", "IvyBridge", "SandyBridge", "Westmere", "Nehalem", "Penryn", "Conroe",
-    "EPYC-Milan", "EPYC-Rome", "EPYC", "Dhyana", "Opteron_G5", "Opteron_G4", "Opteron_G3",
-    "Opteron_G2", "Opteron_G1",
+    "SapphireRapids",
+    "Icelake",
+    "Cooperlake",
+    "Cascadelake",
+    "Skylake",
+    "Broadwell",
+    "Haswell",
+    "IvyBridge",
+    "SandyBridge",
+    "Westmere",
+    "Nehalem",
+    "Penryn",
+    "Conroe",
+    "EPYC-Milan",
+    "EPYC-Rome",
+    "EPYC",
+    "Dhyana",
+    "Opteron_G5",
+    "Opteron_G4",
+    "Opteron_G3",
+    "Opteron_G2",
+    "Opteron_G1",
 ];
 
 /// Named CPU models both hosts run under `accel`, for a remedy: versioned names and the
@@ -267,13 +285,7 @@ pub struct CpuidLeaf {
 
 /// The CPUID leaves compared: basic features, structured extended features, XSAVE,
 /// extended features.
-const FEATURE_LEAVES: [(u32, u32); 5] = [
-    (1, 0),
-    (7, 0),
-    (7, 1),
-    (0xd, 1),
-    (0x8000_0001, 0),
-];
+const FEATURE_LEAVES: [(u32, u32); 5] = [(1, 0), (7, 0), (7, 1), (0xd, 1), (0x8000_0001, 0)];
 
 /// Opens `/dev/kvm` and reads `KVM_GET_SUPPORTED_CPUID`.
 pub fn kvm() -> Result<KvmFacts, String> {
@@ -315,9 +327,7 @@ pub fn cpuid_missing(first: &KvmFacts, second: &KvmFacts) -> Vec<String> {
             let lacking = value & !other;
             for bit in 0..32 {
                 if lacking & (1 << bit) != 0 {
-                    missing.push(format!(
-                        "leaf {function:#x}.{index} {register} bit {bit}"
-                    ));
+                    missing.push(format!("leaf {function:#x}.{index} {register} bit {bit}"));
                 }
             }
         }
@@ -358,8 +368,14 @@ mod tests {
             ])),
             accels: BTreeMap::new(),
         };
-        assert_eq!(facts.resolve_machine("pc").as_deref(), Some("pc-i440fx-7.2"));
-        assert_eq!(facts.resolve_machine("pc-q35-7.1").as_deref(), Some("pc-q35-7.1"));
+        assert_eq!(
+            facts.resolve_machine("pc").as_deref(),
+            Some("pc-i440fx-7.2")
+        );
+        assert_eq!(
+            facts.resolve_machine("pc-q35-7.1").as_deref(),
+            Some("pc-q35-7.1")
+        );
         assert_eq!(facts.resolve_machine("virt"), None);
         assert_eq!(
             version_text(&serde_json::json!({"qemu": {"major": 7, "minor": 2, "micro": 22}})),

@@ -91,12 +91,15 @@ struct Pending {
     deadline: Instant,
 }
 
+/// Answers made on threads, by the id of their request.
+type Channel = (Sender<(u64, Answer)>, Receiver<(u64, Answer)>);
+
 pub struct Asks {
     next_id: u64,
     pending: Vec<Pending>,
-    local: (Sender<(u64, Answer)>, Receiver<(u64, Answer)>),
+    local: Channel,
     /// Answers to the peer's questions, made on threads.
-    serving: (Sender<(u64, Answer)>, Receiver<(u64, Answer)>),
+    serving: Channel,
     serving_count: usize,
     peer_name: String,
 }
@@ -153,7 +156,9 @@ impl Asks {
         if self.serving_count >= MAX_SERVING {
             let _ = self.serving.0.send((
                 id,
-                Answer::Refused(format!("{MAX_SERVING} questions are being answered already")),
+                Answer::Refused(format!(
+                    "{MAX_SERVING} questions are being answered already"
+                )),
             ));
             return;
         }
@@ -240,9 +245,9 @@ fn finish(pending: Pending, peer_name: &str) -> Option<Finished> {
             let mut bundles = vec![*bundle];
             match peer {
                 Some(Ok((Answer::Bundle(theirs), _))) => bundles.push(*theirs),
-                Some(Ok(_)) => bundles[0]
-                    .notes
-                    .push(format!("{peer_name}: not collected: an answer of the wrong kind")),
+                Some(Ok(_)) => bundles[0].notes.push(format!(
+                    "{peer_name}: not collected: an answer of the wrong kind"
+                )),
                 Some(Err(why)) => bundles[0]
                     .notes
                     .push(format!("{peer_name}: not collected: {why}")),
@@ -251,16 +256,19 @@ fn finish(pending: Pending, peer_name: &str) -> Option<Finished> {
             Some(Finished::Collect { bundles, answer })
         }
         (then, Answer::Facts(local)) => {
-            let peer_facts: Option<Result<(HostFacts, u64), String>> = peer.map(|peer| match peer {
-                Ok((Answer::Facts(facts), received)) => Ok((*facts, received)),
-                Ok(_) => Err("an answer of the wrong kind".into()),
-                Err(why) => Err(why),
-            });
+            let peer_facts: Option<Result<(HostFacts, u64), String>> =
+                peer.map(|peer| match peer {
+                    Ok((Answer::Facts(facts), received)) => Ok((*facts, received)),
+                    Ok(_) => Err("an answer of the wrong kind".into()),
+                    Err(why) => Err(why),
+                });
             let findings = crate::check::compare(&Comparison {
                 local: &local,
-                peer: peer_facts
-                    .as_ref()
-                    .map(|peer| peer.as_ref().map(|(facts, at)| (facts, *at)).map_err(Clone::clone)),
+                peer: peer_facts.as_ref().map(|peer| {
+                    peer.as_ref()
+                        .map(|(facts, at)| (facts, *at))
+                        .map_err(Clone::clone)
+                }),
                 peer_name,
                 vm: vm.as_deref(),
             });
@@ -279,5 +287,8 @@ fn finish(pending: Pending, peer_name: &str) -> Option<Finished> {
 
 /// The files a bundle leaves out whatever their name: the configured key files.
 pub fn key_files(config: &crate::config::Config) -> Vec<PathBuf> {
-    vec![config.peer.psk_file.clone(), config.witness.psk_file.clone()]
+    vec![
+        config.peer.psk_file.clone(),
+        config.witness.psk_file.clone(),
+    ]
 }

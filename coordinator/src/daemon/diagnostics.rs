@@ -222,9 +222,10 @@ fn host_files(bundle: &mut Bundle, config: &crate::config::Config) {
     match config_path() {
         Some(path) if !collect::is_key_file(&path, &keys) => match std::fs::read_to_string(&path) {
             Ok(text) => bundle.add("ftvmd.toml", collect::redact(&text)),
-            Err(error) => bundle
-                .notes
-                .push(format!("ftvmd.toml: not collected: {}: {error}", path.display())),
+            Err(error) => bundle.notes.push(format!(
+                "ftvmd.toml: not collected: {}: {error}",
+                path.display()
+            )),
         },
         _ => bundle
             .notes
@@ -236,7 +237,15 @@ fn host_files(bundle: &mut Bundle, config: &crate::config::Config) {
         _ => bundle.add_command(
             "ftvmd.journal",
             "journalctl",
-            &["--unit", "ftvmd", "--since", "-2h", "--no-pager", "--output", "short-iso"],
+            &[
+                "--unit",
+                "ftvmd",
+                "--since",
+                "-2h",
+                "--no-pager",
+                "--output",
+                "short-iso",
+            ],
         ),
     }
     for file in collect::state_files(&config.host.state_dir, &keys) {

@@ -69,7 +69,10 @@ pub enum PeerMessage {
     TakeOver { vm: String, live: Option<u8> },
     /// `ftvm check` and `ftvm collect-logs` on the sender: answer `id` with an
     /// [`PeerMessage::Answer`].
-    Ask { id: u64, question: super::asks::Question },
+    Ask {
+        id: u64,
+        question: super::asks::Question,
+    },
     /// The answer to [`PeerMessage::Ask`] `id`: an [`super::asks::Answer`] (postcard) in the
     /// message's payload (the header holds at most 4 KiB).
     Answer { id: u64 },
@@ -274,10 +277,7 @@ fn accept(listener: &LinkListener, sender: &Sender<(PeerMessage, Vec<u8>)>) {
 
 /// Delivers each message's decoded header (with its payload where `T` takes one) until
 /// the session ends.
-fn receive<T: for<'de> Deserialize<'de>, U: Received<T>>(
-    session: &Session,
-    sender: &Sender<U>,
-) {
+fn receive<T: for<'de> Deserialize<'de>, U: Received<T>>(session: &Session, sender: &Sender<U>) {
     loop {
         match session.recv(Duration::from_secs(1)) {
             Ok(Some(message)) => match message.header::<T>() {
