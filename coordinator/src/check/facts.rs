@@ -16,6 +16,8 @@ use super::{probe, HostFacts, NicNeeds, VmFacts, VmNeeds};
 /// Most lines read from one `/proc/net` table (a host with more sockets is checked on the
 /// first ones only).
 const MAX_SOCKET_LINES: usize = 200_000;
+/// The wait between the two looks at the listening sockets.
+const SECOND_LOOK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A NIC's bridge and uplink on this host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +79,10 @@ pub fn gather(input: &Gather) -> HostFacts {
     let accels: Vec<String> = accels.into_iter().collect();
     let models: Vec<String> = models.into_iter().collect();
     let qemu = probe::qemu(&input.qemu, &accels, &models);
+    // Two looks, a moment apart: a daemon that is starting or exiting shows a socket no
+    // process holds yet (or any more); only what both looks show counts.
+    let first_look = Listening::read();
+    std::thread::sleep(SECOND_LOOK);
     let listening = Listening::read();
     let vms = input
         .vms
@@ -87,7 +93,14 @@ pub fn gather(input: &Gather) -> HostFacts {
             ram_allocated_bytes: std::fs::metadata(&needs.ram_file)
                 .map_or(0, |metadata| metadata.blocks() * 512),
             nics: needs.nics.iter().map(nic_facts).collect(),
-            taken: listening.taken(needs),
+            taken: {
+                let earlier = first_look.taken(needs);
+                listening
+                    .taken(needs)
+                    .into_iter()
+                    .filter(|taken| earlier.contains(taken))
+                    .collect()
+            },
             disks: needs.disks.iter().map(|image| disk_facts(image)).collect(),
         })
         .collect();
@@ -250,6 +263,8 @@ impl Listening {
             return Some("a process this host's /proc does not show".into());
         };
         let own = std::process::id();
+        // Gone already: it held the socket while exiting.
+        parent(pid)?;
         let mut ancestor = pid;
         for _ in 0..64 {
             if ancestor == own {

@@ -186,8 +186,12 @@ impl Asks {
 
     /// Sends finished answers to the peer and returns the requests that are complete.
     pub fn poll(&mut self, peer: &PeerLink) -> Vec<Finished> {
-        while let Ok((id, answer)) = self.serving.1.try_recv() {
+        while let Ok((id, mut answer)) = self.serving.1.try_recv() {
             self.serving_count = self.serving_count.saturating_sub(1);
+            // The clock as it leaves, for the asking host's comparison.
+            if let Answer::Facts(facts) = &mut answer {
+                facts.unix_ms = facts::unix_ms();
+            }
             let payload = postcard::to_allocvec(&answer).unwrap_or_default();
             if !peer.send_once(&PeerMessage::Answer { id }, payload) {
                 warn!("cannot answer the peer's question {id}: no A-link is up");
