@@ -44,10 +44,7 @@ fn run(args: &Args) -> Result<(), String> {
                 return Err("unexpected answer from ftvmd".into());
             };
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).map_err(|error| error.to_string())?
-                );
+                print_json(&status)?;
             } else {
                 print!("{}", table(&status));
             }
@@ -57,10 +54,7 @@ fn run(args: &Args) -> Result<(), String> {
                 return Err("unexpected answer from ftvmd".into());
             };
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&events).map_err(|error| error.to_string())?
-                );
+                print_json(&events)?;
             } else {
                 for event in events {
                     let time = UNIX_EPOCH + Duration::from_millis(event.unix_ms);
@@ -94,10 +88,7 @@ fn run(args: &Args) -> Result<(), String> {
                 return Err("unexpected answer from ftvmd".into());
             };
             if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).map_err(|error| error.to_string())?
-                );
+                print_json(&report)?;
             } else {
                 print!("{}", check_text(&report));
             }
@@ -221,10 +212,7 @@ fn snapshot(
         snapshot: command,
     })?;
     match reply {
-        Reply::Snapshots(disks) if json => println!(
-            "{}",
-            serde_json::to_string_pretty(&disks).map_err(|error| error.to_string())?
-        ),
+        Reply::Snapshots(disks) if json => print_json(&disks)?,
         Reply::Snapshots(disks) => print!("{}", snapshot_table(&disks)),
         other => done(other),
     }
@@ -305,6 +293,13 @@ fn wait_for_move(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `--json`: the answer, pretty-printed.
+fn print_json(value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|error| error.to_string())?;
+    println!("{text}");
+    Ok(())
 }
 
 /// A line per host (QEMU, KVM, memory, CPUs), then a line per finding.
