@@ -4,6 +4,7 @@
 //! the peer's questions to threads ([`Asks::serve`]) and, every step, finishes what is
 //! complete ([`Asks::poll`]).
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -19,8 +20,10 @@ use crate::collect::Bundle;
 
 /// How long the peer has to answer (within the CLI's 30 s).
 const PEER_DEADLINE: Duration = Duration::from_secs(25);
-/// Questions from the peer served at once; more are refused (answered with an error).
-const MAX_SERVING: usize = 4;
+/// Questions from the peer served at once; more wait their turn.
+const MAX_SERVING: usize = 2;
+/// Questions from the peer waiting for their turn; more are refused (answered so).
+const MAX_WAITING: usize = 16;
 
 /// What one host asks the other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +104,9 @@ pub struct Asks {
     /// Answers to the peer's questions, made on threads.
     serving: Channel,
     serving_count: usize,
+    waiting: VecDeque<(u64, Work)>,
+    /// Refusals to send (more questions than [`MAX_WAITING`]).
+    refused: Vec<(u64, Answer)>,
     peer_name: String,
 }
 
@@ -112,6 +118,8 @@ impl Asks {
             local: mpsc::channel(),
             serving: mpsc::channel(),
             serving_count: 0,
+            waiting: VecDeque::new(),
+            refused: Vec::new(),
             peer_name: peer_name.to_owned(),
         }
     }
@@ -142,31 +150,34 @@ impl Asks {
             deadline: Instant::now() + PEER_DEADLINE,
         };
         if let Some(question) = question {
-            if peer.links_up().0 == 0 {
+            // Once, on one link: each copy would cost the peer a QEMU probe.
+            if !peer.send_once(&PeerMessage::Ask { id, question }, Vec::new()) {
                 pending.peer = Some(Err(format!("all A-links to {} are down", self.peer_name)));
-            } else {
-                peer.send(&PeerMessage::Ask { id, question }, true);
             }
         }
         self.pending.push(pending);
     }
 
-    /// The peer asked: the answer is made on a thread and sent by [`Asks::poll`].
+    /// The peer asked: the answer is made on a thread (at most [`MAX_SERVING`] at once, the
+    /// others wait their turn, up to [`MAX_WAITING`]) and sent by [`Asks::poll`].
     pub fn serve(&mut self, id: u64, work: Work) {
-        if self.serving_count >= MAX_SERVING {
-            let _ = self.serving.0.send((
+        if self.serving_count < MAX_SERVING {
+            self.serving_count += 1;
+            let sender = self.serving.0.clone();
+            spawn("ftvm-answer", move || {
+                let _ = sender.send((id, make(work)));
+            });
+        } else if self.waiting.len() < MAX_WAITING {
+            self.waiting.push_back((id, work));
+        } else {
+            self.refused.push((
                 id,
                 Answer::Refused(format!(
-                    "{MAX_SERVING} questions are being answered already"
+                    "{} questions are being answered or waiting already",
+                    MAX_SERVING + MAX_WAITING
                 )),
             ));
-            return;
         }
-        self.serving_count += 1;
-        let sender = self.serving.0.clone();
-        spawn("ftvm-answer", move || {
-            let _ = sender.send((id, make(work)));
-        });
     }
 
     /// The peer's answer to `id` (its payload).
@@ -192,10 +203,16 @@ impl Asks {
             if let Answer::Facts(facts) = &mut answer {
                 facts.unix_ms = facts::unix_ms();
             }
-            let payload = postcard::to_allocvec(&answer).unwrap_or_default();
-            if !peer.send_once(&PeerMessage::Answer { id }, payload) {
-                warn!("cannot answer the peer's question {id}: no A-link is up");
-            }
+            answer_peer(peer, id, &answer);
+        }
+        for (id, answer) in self.refused.drain(..) {
+            answer_peer(peer, id, &answer);
+        }
+        while self.serving_count < MAX_SERVING {
+            let Some((id, work)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.serve(id, work);
         }
         while let Ok((id, answer)) = self.local.1.try_recv() {
             if let Some(pending) = self.pending.iter_mut().find(|pending| pending.id == id) {
@@ -220,6 +237,13 @@ impl Asks {
         done.into_iter()
             .filter_map(|pending| finish(pending, &self.peer_name))
             .collect()
+    }
+}
+
+fn answer_peer(peer: &PeerLink, id: u64, answer: &Answer) {
+    let payload = postcard::to_allocvec(answer).unwrap_or_default();
+    if !peer.send_once(&PeerMessage::Answer { id }, payload) {
+        warn!("cannot answer the peer's question {id}: no A-link is up");
     }
 }
 
