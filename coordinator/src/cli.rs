@@ -142,7 +142,8 @@ pub enum FtvmCommand {
     /// Make the pre-shared keys of a host pair and its witness, and say what to copy where.
     ///
     /// Makes DIR/pair.psk (the pair's key: /etc/ftvm/pair.psk on both hosts, `[peer]
-    /// psk_file`), DIR/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
+    /// psk_file`), DIR/api.psk (the key of the control API over TCP, `[host] api_key_file`
+    /// on both hosts and on the web console's host), DIR/witness-keys/HOST.psk for each host (its `[witness] psk_file`,
     /// /etc/ftvm/witness.psk on that host, and /etc/ftvm-witness/keys/HOST.psk on the
     /// witness for `ftvm-witness --psk-dir`) and DIR/ftvm-witness-keys.conf (a drop-in
     /// that hands those keys to ftvm-witness.service as credentials). Keys are 32 random

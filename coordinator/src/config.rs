@@ -82,6 +82,15 @@ pub struct HostSection {
     /// management address.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to serve the control API over TCP for remote clients such as the web console
+    /// `ftvm-web` (1 or 2 addresses, e.g. ["10.0.0.1:7700"]); none by default. Needs
+    /// `api_key_file`. Bind it to a management address.
+    #[serde(default)]
+    pub api_listen: Vec<std::net::SocketAddr>,
+    /// The API's key (`api.psk` of `ftvm keygen`): a client must prove it; the same file
+    /// on the console's host.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
 }
 
 fn default_qemu() -> PathBuf {
@@ -303,6 +312,29 @@ impl Config {
                 return Err(format!(
                     "{what} needs 1 or {MAX_LINKS} addresses, has {count}"
                 ));
+            }
+        }
+        match (self.host.api_listen.len(), &self.host.api_key_file) {
+            (0, None) => {}
+            (1..=MAX_LINKS, Some(_)) => {}
+            (0, Some(_)) => {
+                return Err(
+                    "host.api_key_file is set but host.api_listen is not: give the API's \
+                     address (e.g. [\"10.0.0.1:7700\"]) or drop the key"
+                        .into(),
+                )
+            }
+            (count, None) if count <= MAX_LINKS => {
+                return Err(
+                    "host.api_listen needs host.api_key_file (the api.psk of ftvm keygen): \
+                     the API is never served without a key"
+                        .into(),
+                )
+            }
+            (count, _) => {
+                return Err(format!(
+                    "host.api_listen needs 1 or {MAX_LINKS} addresses, has {count}"
+                ))
             }
         }
         let timing = &self.timing;
@@ -738,6 +770,25 @@ replication_port = 7400
             error.contains("port 7450 is used twice") && error.contains("52:54:00:12:34:57"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_api_needs_its_key_and_an_address() {
+        let with = |settings: &str| {
+            GOOD.replace(
+                "control_socket = ",
+                &format!("{settings}\ncontrol_socket = "),
+            )
+        };
+        let config = parse(&with(
+            "api_listen = [\"10.77.0.1:7700\"]\napi_key_file = \"/etc/ftvm/api.psk\"",
+        ))
+        .expect("an API with its key");
+        assert_eq!(config.host.api_listen, ["10.77.0.1:7700".parse().expect("address")]);
+        let keyless = error_of(&with("api_listen = [\"10.77.0.1:7700\"]"));
+        assert!(keyless.contains("needs host.api_key_file"), "{keyless}");
+        let nowhere = error_of(&with("api_key_file = \"/etc/ftvm/api.psk\""));
+        assert!(nowhere.contains("api_listen is not"), "{nowhere}");
     }
 
     #[test]

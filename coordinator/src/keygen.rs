@@ -13,6 +13,9 @@ use crate::witness_store::{valid_name, MAX_VM_NAME};
 
 /// The pair's key, the same on both hosts (`[peer] psk_file`).
 pub const PAIR_KEY: &str = "pair.psk";
+/// The key of the control API over TCP (`[host] api_key_file` on both hosts, and on the
+/// host of the web console `ftvm-web`).
+pub const API_KEY: &str = "api.psk";
 /// The folder of the witness's keys, one `HOST.psk` per host (`ftvm-witness --psk-dir`).
 pub const WITNESS_KEYS: &str = "witness-keys";
 /// A drop-in for `ftvm-witness.service` that hands it each host's key as a credential.
@@ -45,6 +48,8 @@ pub enum KeygenError {
 #[derive(Debug)]
 pub struct Keys {
     pub pair: PathBuf,
+    /// The control API's key.
+    pub api: PathBuf,
     /// Each host's name and its witness key.
     pub witness: Vec<(String, PathBuf)>,
     pub drop_in: PathBuf,
@@ -62,6 +67,7 @@ pub fn generate(dir: &Path, hosts: &[String], force: bool) -> Result<Keys, Keyge
     }
     let keys = Keys {
         pair: dir.join(PAIR_KEY),
+        api: dir.join(API_KEY),
         witness: hosts
             .iter()
             .map(|host| {
@@ -73,7 +79,8 @@ pub fn generate(dir: &Path, hosts: &[String], force: bool) -> Result<Keys, Keyge
             .collect(),
         drop_in: dir.join(WITNESS_DROP_IN),
     };
-    let files: Vec<&Path> = std::iter::once(keys.pair.as_path())
+    let files: Vec<&Path> = [keys.pair.as_path(), keys.api.as_path()]
+        .into_iter()
         .chain(keys.witness.iter().map(|(_, path)| path.as_path()))
         .collect();
     if !force {
@@ -119,6 +126,10 @@ pub fn instructions(keys: &Keys) -> String {
         "{} -> /etc/ftvm/pair.psk on both hosts ([peer] psk_file)\n",
         keys.pair.display()
     );
+    text.push_str(&format!(
+        "{} -> /etc/ftvm/api.psk on both hosts ([host] api_key_file, with api_listen) and on the web console's host, only if you serve the API\n",
+        keys.api.display()
+    ));
     for (host, path) in &keys.witness {
         text.push_str(&format!(
             "{} -> /etc/ftvm/witness.psk on {host} ([witness] psk_file) and {WITNESS_KEY_DIR}/{host}.psk on the witness\n",

@@ -8,6 +8,7 @@
 //! The daemons (`ftvmd`, `ftvm-witness`) wrap these machines with real sockets, clocks and
 //! files.
 
+pub mod api;
 pub mod check;
 pub mod cli;
 pub mod collect;

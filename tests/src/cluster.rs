@@ -27,6 +27,9 @@ const REPLICATION_PORT: u16 = 7400;
 const NIC_LINK_PORT: u16 = 7450;
 /// Where each host's ftvmd serves `/metrics`, on its LAN address.
 pub const METRICS_PORT: u16 = 9464;
+/// Where each host's ftvmd serves the control API over TCP (with [`ClusterOptions::api`]),
+/// on its LAN address.
+pub const API_PORT: u16 = 7700;
 /// The VM's `checkpoint_port` (Level 3), set at every level so that a test can raise it.
 pub const CHECKPOINT_PORT: u16 = 7460;
 
@@ -51,6 +54,9 @@ pub struct ClusterOptions {
     /// `vm1` has a second disk (image `HOST-disk1.img`, `/dev/vdb` in the guest), of
     /// `disk_bytes` too.
     pub second_disk: bool,
+    /// Each ftvmd serves the control API on its LAN address at [`API_PORT`], with the key
+    /// [`Cluster::api_key`].
+    pub api: bool,
 }
 
 impl Default for ClusterOptions {
@@ -65,6 +71,7 @@ impl Default for ClusterOptions {
             checkpoint_interval_ms: 50,
             extra_vms: 0,
             second_disk: false,
+            api: false,
         }
     }
 }
@@ -95,6 +102,7 @@ impl Cluster {
             ("pair.psk", "pair"),
             ("witness-keys/hostA.psk", "hostA's witness"),
             ("witness-keys/hostB.psk", "hostB's witness"),
+            ("api.psk", "the API"),
         ] {
             let path = root.join(file);
             std::fs::write(
@@ -163,6 +171,7 @@ control_socket = "{state}/ftvmd.sock"
 bin_dir = "{bin}"
 ram_dir = "{ram_dir}/{host}"
 metrics_listen = "{lan}:{METRICS_PORT}"
+{api}
 
 [peer]
 name = "{peer_name}"
@@ -207,6 +216,15 @@ replication_port = {REPLICATION_PORT}
                 own1 = LINK1[index],
                 own2 = LINK2[index],
                 root = root.display(),
+                api = if options.api {
+                    format!(
+                        "api_listen = [\"{}:{API_PORT}\"]\napi_key_file = \"{}\"",
+                        LAN[index],
+                        root.join("api.psk").display()
+                    )
+                } else {
+                    String::new()
+                },
                 timeout = options.peer_timeout_ms,
                 ram_dir = ram_dir.display(),
                 interval = options.checkpoint_interval_ms,
@@ -299,6 +317,16 @@ replication_port = {REPLICATION_PORT}
         crate::create_image(&target, size);
         std::fs::remove_file(&image).expect("remove the host's image");
         std::os::unix::fs::symlink(&target, &image).expect("symlink");
+    }
+
+    /// The key of the control API over TCP ([`ClusterOptions::api`]).
+    pub fn api_key(&self) -> PathBuf {
+        self.dir.path().join("api.psk")
+    }
+
+    /// A host's control API address ([`ClusterOptions::api`]).
+    pub fn api_address(&self, host: usize) -> String {
+        format!("{}:{API_PORT}", LAN[host])
     }
 
     pub fn socket(&self, host: usize) -> PathBuf {

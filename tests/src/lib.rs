@@ -9,6 +9,7 @@
 //! configuration files.
 
 pub mod blk;
+pub mod browser;
 pub mod cluster;
 pub mod console_watch;
 pub mod cpio;

@@ -62,6 +62,14 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         .map_err(|error| format!("cannot create state_dir {}: {error}", state_dir.display()))?;
     let _lock = lock(&state_dir.join("ftvmd.lock"))?;
     let (requester, requests) = control::serve(&config.host.control_socket)?;
+    if let Some(key_file) = &config.host.api_key_file {
+        crate::api::serve(
+            config.host.api_listen.clone(),
+            key_file,
+            &config.host.name,
+            requester.clone(),
+        )?;
+    }
     if let Some(listen) = config.host.metrics_listen {
         metrics::serve(listen, requester)?;
     }
