@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -302,9 +302,13 @@ struct Answer {
 }
 
 /// Whether the request comes from this console's own page: an `Origin` (browsers send it
-/// with every POST from a script) naming the host the request was sent to.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let host = headers.get(header::HOST).and_then(|value| value.to_str().ok());
+/// with every POST from a script) naming the host the request was sent to (its `Host`
+/// header, or in HTTP/2 its `:authority`).
+fn same_origin(headers: &HeaderMap, uri: &Uri) -> bool {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .or_else(|| uri.authority().map(|authority| authority.as_str()));
     match headers.get(header::ORIGIN).map(|value| value.to_str()) {
         None => true,
         Some(Ok(origin)) => host.is_some_and(|host| origin == format!("https://{host}")),
@@ -315,6 +319,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
 async fn action(
     State(app): State<Arc<App>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
+    uri: Uri,
     headers: HeaderMap,
     Json(action): Json<Action>,
 ) -> Response {
@@ -330,7 +335,7 @@ async fn action(
         .get("x-csrf-token")
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
-    if !same_secret(token, &session.csrf) || !same_origin(&headers) {
+    if !same_secret(token, &session.csrf) || !same_origin(&headers, &uri) {
         app.record(&session.user, client, &action.action, &target, "refused: bad CSRF token or origin");
         return answer(StatusCode::FORBIDDEN, false, "refused: bad CSRF token or origin".into());
     }
@@ -396,5 +401,45 @@ async fn carry_out(app: &App, action: &Action) -> (StatusCode, bool, String) {
         ),
         Ok(Err(error)) => (StatusCode::BAD_GATEWAY, false, error),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, false, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(header::HeaderName, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(name.clone(), HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn only_the_consoles_own_origin_may_act() {
+        let http1 = Uri::from_static("/api/action");
+        let http2 = Uri::from_static("https://10.0.0.4:8443/api/action");
+        let own = (header::ORIGIN, "https://10.0.0.4:8443");
+        let host = (header::HOST, "10.0.0.4:8443");
+        assert!(same_origin(&headers(&[own.clone(), host.clone()]), &http1));
+        assert!(same_origin(&headers(&[own.clone()]), &http2));
+        assert!(same_origin(&headers(&[host.clone()]), &http1), "no Origin: not a browser's cross-site POST");
+        let evil = (header::ORIGIN, "https://evil.example");
+        assert!(!same_origin(&headers(&[evil.clone(), host]), &http1));
+        assert!(!same_origin(&headers(&[evil]), &http2));
+        assert!(!same_origin(&headers(&[own]), &http1), "an Origin with nothing to match");
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let map = headers(&[(header::COOKIE, "a=1; ftvm_session=abc; b=2")]);
+        assert_eq!(cookie_token(&map).as_deref(), Some("abc"));
+        assert_eq!(cookie_token(&headers(&[(header::COOKIE, "ftvm_sessionx=1")])), None);
+    }
+
+    #[test]
+    fn text_for_a_page_is_escaped() {
+        assert_eq!(escape("<b a='1'>&\""), "&lt;b a=&#39;1&#39;&gt;&amp;&quot;");
     }
 }
