@@ -17,18 +17,20 @@ use crate::wait::Wait;
 /// chromedriver's port, on the namespace's loopback.
 pub const WEBDRIVER_PORT: u16 = 9515;
 
-/// chromedriver (and the chromium it starts) on one test host; everything it started in
-/// that namespace is killed by PID when dropped.
+/// chromedriver (and the chromium it starts) on one test host; every process that appeared
+/// in that namespace since it started is killed by PID when dropped.
 #[derive(Debug)]
 pub struct Browser {
     driver: Option<Process>,
     namespace: String,
+    /// The namespace's processes before chromedriver (not the browser's).
+    before: Vec<u32>,
     pub profile: PathBuf,
 }
 
 impl Browser {
-    /// Starts chromedriver on `host` (a namespace of `hosts` that runs nothing else of
-    /// this test's, e.g. `client`), logging to `dir/chromedriver.log`; waits until it
+    /// Starts chromedriver on `host` (a namespace of `hosts` where the test starts nothing
+    /// else while the browser runs, e.g. `client`), logging to `dir/chromedriver.log`; waits until it
     /// answers.
     pub fn start(hosts: &Hosts, host: &str, dir: &Path) -> Browser {
         for tool in ["chromium", "chromedriver"] {
@@ -40,6 +42,7 @@ impl Browser {
                 "{tool} is missing: apt-get install chromium chromium-driver (ci/install-deps.sh)"
             );
         }
+        let before = hosts.pids(host);
         let mut command = hosts.command(host, "chromedriver");
         command.arg(format!("--port={WEBDRIVER_PORT}"));
         command.arg("--allowed-ips=127.0.0.1");
@@ -48,6 +51,7 @@ impl Browser {
         let browser = Browser {
             driver: Some(driver),
             namespace: namespace.clone(),
+            before,
             profile: dir.join("chromium-profile"),
         };
         let address = format!("127.0.0.1:{WEBDRIVER_PORT}");
@@ -98,7 +102,11 @@ impl Drop for Browser {
         }
         // The chromium processes chromedriver started (they outlive a killed driver).
         let what = format!("the browser's processes in {} to end", self.namespace);
-        let pids = || crate::netns::namespace_pids(&self.namespace);
+        let pids = || {
+            let mut pids = crate::netns::namespace_pids(&self.namespace);
+            pids.retain(|pid| !self.before.contains(pid));
+            pids
+        };
         for pid in pids() {
             signal(pid, libc::SIGKILL);
         }

@@ -107,6 +107,18 @@ async fn row(client: &Client) -> Option<Value> {
         .filter(|value| !value.is_null())
 }
 
+/// The text of the element `css`, if there is one.
+async fn text_of(client: &Client, css: &str) -> Option<String> {
+    let value = client
+        .execute(
+            "const node = document.querySelector(arguments[0]); return node ? node.innerText : null;",
+            vec![Value::String(css.to_owned())],
+        )
+        .await
+        .ok()?;
+    value.as_str().map(str::to_owned)
+}
+
 /// Every host card's text, by host.
 async fn host_cards(client: &Client) -> Value {
     let script = r#"
@@ -211,14 +223,12 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
 
             // A wrong password is refused.
             sign_in(&client, &url, "admin", "wrong password").await;
-            let error = client
-                .find(Locator::Css("#login-error"))
-                .await
-                .expect("error line")
-                .text()
-                .await
-                .expect("text");
-            assert_eq!(error, "Wrong user or password.");
+            wait_for(Duration::from_secs(30), "the refusal", async || {
+                text_of(&client, "#login-error")
+                    .await
+                    .filter(|text| text == "Wrong user or password.")
+            })
+            .await;
             assert_eq!(client.current_url().await.expect("url").path(), "/login");
             screenshot(&client, &dir, "login-refused").await;
 
@@ -294,26 +304,20 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
 
             // A planned failover from the page, behind its confirmation.
             click(&client, "button[data-action='failover'][data-vm='vm1']").await;
-            let question = client
-                .find(Locator::Css("#confirm-text"))
-                .await
-                .expect("confirmation")
-                .text()
-                .await
-                .expect("text");
+            let question = wait_for(Duration::from_secs(10), "the confirmation", async || {
+                text_of(&client, "#confirm-text").await.filter(|text| !text.is_empty())
+            })
+            .await;
             assert!(question.contains("Planned failover of vm1"), "{question}");
             screenshot(&client, &dir, "confirm-failover").await;
             click(&client, "#confirm-yes").await;
             let result = wait_for(Duration::from_secs(60), "the failover's answer", async || {
-                let text = client.find(Locator::Css("#result")).await.ok()?.text().await.ok()?;
+                let text = text_of(&client, "#result").await?;
                 (!text.ends_with("sent…") && !text.is_empty()).then_some(text)
             })
             .await;
             assert!(
-                client
-                    .find(Locator::Css("#result.done"))
-                    .await
-                    .is_ok(),
+                text_of(&client, "#result.done").await.is_some(),
                 "the failover was not done: {result}"
             );
             wait_for(Duration::from_secs(120), "vm1 on hostB", async || {

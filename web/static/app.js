@@ -69,7 +69,7 @@ function vmRow(pair, vm) {
     el("td", { class: "state" }, vm.state + (vm.migrating ? " (moving)" : "")),
     el("td", { class: "primary" }, primary),
     el("td", { class: "secondary" }, vm.secondary || ""),
-    el("td", {}, bar, " ", el("span", { class: "sync-text" }, percent.toFixed(1) + " %")),
+    el("td", { class: "sync" }, bar, " ", el("span", { class: "sync-text" }, percent.toFixed(1) + " %")),
     links, nics,
     el("td", { class: "actions" },
       actionButton("Protect…", "protect", pair, primary, vm.name),
