@@ -3,14 +3,16 @@
 #
 # Builds the Debian package ftvm_VERSION_ARCH.deb with dpkg-deb (no cargo-deb needed) into
 # DIR (default target/debian) and prints its path on the last line:
-#   /usr/bin                   ftvm, ftvmd, ftvm-witness
+#   /usr/bin                   ftvm, ftvmd, ftvm-witness, ftvm-web
 #   /usr/lib/ftvm              vhost-blk-mirror, vhost-net-ft, ftvm-checkpoint,
 #                              libftvm_ram_track.so (ftvmd's bin_dir)
 #   /usr/lib/ftvm/alerts       the alert agents ftvm-alert-webhook (curl), ftvm-alert-snmp
 #                              (snmptrap, package snmp) and ftvm-alert-mail (sendmail)
 #   /usr/share/snmp/mibs       FTVM-MIB.txt, the SNMP agent's traps
-#   /lib/systemd/system        ftvmd.service, ftvm-witness.service (not enabled)
+#   /lib/systemd/system        ftvmd.service, ftvm-witness.service, ftvm-web.service (not
+#                              enabled)
 #   /etc/ftvm/ftvmd.toml       the example of coordinator/README.md (conffile)
+#   /etc/ftvm/ftvm-web.toml    the web console's example, packaging/debian (conffile)
 #   /etc/default/ftvm-witness  the witness's listen addresses (conffile)
 #   /usr/share/man/man8, bash/zsh/fish completions (made by ftvm-gen-docs), docs
 # Binaries are stripped of debug information. --profile dev packages the debug build (what
@@ -43,7 +45,7 @@ if [[ $profile == dev ]]; then
 	cargo build --locked --workspace --all-targets
 else
 	cargo build --locked --release -p coordinator -p vhost-blk-mirror -p vhost-net-ft \
-		-p checkpoint -p ftvm-ram-track --bins --lib
+		-p checkpoint -p ftvm-ram-track -p ftvm-web --bins --lib
 fi
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
@@ -53,7 +55,7 @@ trap 'rm -rf "$stage"' EXIT
 
 install -d "$stage/DEBIAN" "$stage/usr/bin" "$stage/usr/lib/ftvm" "$stage/lib/systemd/system" \
 	"$stage/etc/ftvm" "$stage/etc/default" "$stage/usr/share/doc/ftvm"
-for binary in ftvm ftvmd ftvm-witness; do
+for binary in ftvm ftvmd ftvm-witness ftvm-web; do
 	install -m 0755 "$build_dir/$binary" "$stage/usr/bin/"
 done
 for binary in vhost-blk-mirror vhost-net-ft ftvm-checkpoint; do
@@ -68,7 +70,7 @@ install -m 0755 packaging/alerts/ftvm-alert-webhook packaging/alerts/ftvm-alert-
 install -m 0644 packaging/alerts/FTVM-MIB.txt "$stage/usr/share/snmp/mibs/"
 
 install -m 0644 packaging/systemd/ftvmd.service packaging/systemd/ftvm-witness.service \
-	"$stage/lib/systemd/system/"
+	packaging/systemd/ftvm-web.service "$stage/lib/systemd/system/"
 # The example configuration is the one coordinator/README.md explains, key by key.
 sed -n '/^```toml$/,/^```$/p' coordinator/README.md | sed -n '/^\[host\]$/,/^```$/p' |
 	sed '$d' >"$stage/etc/ftvm/ftvmd.toml.body"
@@ -81,6 +83,7 @@ sed -n '/^```toml$/,/^```$/p' coordinator/README.md | sed -n '/^\[host\]$/,/^```
 } >"$stage/etc/ftvm/ftvmd.toml"
 rm "$stage/etc/ftvm/ftvmd.toml.body"
 chmod 0600 "$stage/etc/ftvm/ftvmd.toml"
+install -m 0600 packaging/debian/ftvm-web.toml "$stage/etc/ftvm/ftvm-web.toml"
 chmod 0700 "$stage/etc/ftvm"
 install -m 0644 packaging/debian/ftvm-witness.default "$stage/etc/default/ftvm-witness"
 
@@ -98,7 +101,8 @@ License: Apache-2.0
  On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
 
-printf '/etc/ftvm/ftvmd.toml\n/etc/default/ftvm-witness\n' >"$stage/DEBIAN/conffiles"
+printf '/etc/ftvm/ftvmd.toml\n/etc/ftvm/ftvm-web.toml\n/etc/default/ftvm-witness\n' \
+	>"$stage/DEBIAN/conffiles"
 cat >"$stage/DEBIAN/postinst" <<'POSTINST'
 #!/bin/sh
 set -e
@@ -124,8 +128,9 @@ Suggests: snmp, default-mta | mail-transport-agent
 Description: fault tolerance for QEMU/KVM virtual machines
  ftvm keeps a VM's disks and network (and, at Level 3, its memory) on two hosts,
  so that the VM survives the loss of a disk, an uplink or a whole host without
- changes in the guest: ftvmd on each host, ftvm-witness on a third, ftvm for
- the operator, and the vhost-user daemons they run beside stock QEMU.
+ changes in the guest: ftvmd on each host, ftvm-witness on a third, ftvm and
+ the web console ftvm-web for the operator, and the vhost-user daemons they run
+ beside stock QEMU.
 CONTROL
 
 mkdir -p "$out"

@@ -12,7 +12,9 @@
 # libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
 # ci/verify-units.sh), systemd-container (systemd-nspawn: ci/test-deb.sh boots the
 # installed package under systemd), curl, snmp and snmptrapd (the alert agents and the trap
-# receiver of tests/tests/ftvmd_alerts.rs), plus any EXTRA_PACKAGE given on the command line.
+# receiver of tests/tests/ftvmd_alerts.rs), chromium and chromium-driver (the headless browser
+# of the web console's test, tests/tests/web_console.rs), plus any EXTRA_PACKAGE given on the
+# command line.
 set -euo pipefail
 
 case "${1:-}" in
@@ -44,6 +46,8 @@ PACKAGES=(
 	snmp
 	snmptrapd
 	systemd-container
+	chromium
+	chromium-driver
 	"$@"
 )
 

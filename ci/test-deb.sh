@@ -3,7 +3,8 @@
 #
 # Builds the Debian package (ci/build-deb.sh --profile dev) and installs it with
 # `apt-get install ./ftvm_*.deb` into a clean Debian 12 root (minbase, made by mmdebstrap),
-# then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm --help`,
+# then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm-web --check
+# --config /etc/ftvm/ftvm-web.toml`, `ftvm --help`,
 # `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages,
 # completions and the alert agents (and FTVM-MIB) in place, `ftvmd --check` of an [[alert]]
 # per agent; then boots that root under systemd (systemd-nspawn --boot: systemd as the
@@ -172,10 +173,14 @@ echo "test-deb: installed $(basename "$deb") into a clean root (mmdebstrap minba
 check=$(in_root ftvmd --check --config /etc/ftvm/ftvmd.toml) || die "ftvmd --check: $check"
 [[ $check == *"valid (1 VM(s), peer hostB)"* ]] || die "ftvmd --check said: $check"
 echo "test-deb: ftvmd --check: $check"
+check=$(in_root ftvm-web --check --config /etc/ftvm/ftvm-web.toml) || die "ftvm-web --check: $check"
+echo "test-deb: ftvm-web --check: $check"
+in_root ftvm-web --help | grep -q "hash-password" || die "ftvm-web --help does not name hash-password"
 in_root ftvm --help | grep -q "keygen" || die "ftvm --help does not name keygen"
 in_root ftvm keygen --out /root/keys --host hostA --host hostB | grep -q "/etc/ftvm/pair.psk" ||
 	die "ftvm keygen"
 [[ $(stat -c %a "$root/root/keys/pair.psk") == 600 ]] || die "the pair key is not mode 0600"
+[[ $(stat -c %a "$root/root/keys/api.psk") == 600 ]] || die "the API key is not mode 0600"
 in_root ftvm-witness --help | grep -q -- "--psk-dir" || die "ftvm-witness --help"
 for daemon in vhost-blk-mirror vhost-net-ft ftvm-checkpoint; do
 	in_root "/usr/lib/ftvm/$daemon" --help >/dev/null || die "/usr/lib/ftvm/$daemon --help"
@@ -183,6 +188,7 @@ done
 in_root qemu-system-x86_64 --version >/dev/null || die "qemu-system-x86 was not pulled in"
 for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service \
 	/lib/systemd/system/ftvm-witness.service /etc/default/ftvm-witness \
+	/lib/systemd/system/ftvm-web.service \
 	/usr/share/man/man8/ftvm.8.gz /usr/share/man/man8/ftvmd.8.gz \
 	/usr/share/man/man8/ftvm-witness.8.gz /usr/share/man/man8/ftvm-keygen.8.gz \
 	/usr/share/man/man8/ftvm-check.8.gz /usr/share/man/man8/ftvm-collect-logs.8.gz \
@@ -193,6 +199,7 @@ for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service
 	[[ -e $root$file ]] || die "$file is not installed"
 done
 [[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || die "/etc/ftvm/ftvmd.toml is not mode 0600"
+[[ $(stat -c %a "$root/etc/ftvm/ftvm-web.toml") == 600 ]] || die "/etc/ftvm/ftvm-web.toml is not mode 0600"
 # The shipped alert agents run in the clean root: the webhook agent with curl (pulled in by
 # Depends) refuses a recipient that is no URL, and ftvmd --check takes an [[alert]] of each.
 agent_says=$(in_root env FTVM_ALERT_RECIPIENT=nowhere /usr/lib/ftvm/alerts/ftvm-alert-webhook 2>&1) &&
@@ -210,6 +217,6 @@ boot_under_systemd
 
 rm -f "$root"/etc/ftvm/*.psk
 in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || die "apt-get purge ftvm"
-left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* /usr/share/snmp/mibs/FTVM-MIB.txt 2>/dev/null' || true)
+left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/ftvm/ftvm-web.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* /usr/share/snmp/mibs/FTVM-MIB.txt 2>/dev/null' || true)
 [[ -z $left ]] || die "left after apt-get purge: $left"
 echo "test-deb: apt-get purge ftvm removes every file of the package"

@@ -3,11 +3,12 @@
 #
 # Checks the systemd units in packaging/systemd/ without booting systemd (PID 1 need not be
 # systemd): `systemd-analyze verify` and `systemd-analyze security --offline=yes` in a
-# throwaway root that holds the host's own systemd units, the two units, the witness's
+# throwaway root that holds the host's own systemd units, the three units, the witness's
 # credentials drop-in as `ftvm keygen` (FTVM_BINARY, default target/debug/ftvm) makes it,
-# and stand-ins for /usr/bin/ftvmd and /usr/bin/ftvm-witness (verify wants ExecStart
-# executable). Fails on any message from verify and when a unit's exposure level rises
-# above its bound (ftvmd 3.5, it must run QEMU as root; ftvm-witness 1.5). Needs
+# and stand-ins for /usr/bin/ftvmd, /usr/bin/ftvm-witness and /usr/bin/ftvm-web (verify
+# wants ExecStart executable). Fails on any message from verify and when a unit's exposure
+# level rises above its bound (ftvmd 3.5, it must run QEMU as root; ftvm-witness and
+# ftvm-web 1.5). Needs
 # systemd-analyze (Debian: systemd). Leaves nothing behind.
 set -euo pipefail
 
@@ -29,17 +30,17 @@ mkdir -p "$scratch/usr/lib/systemd" "$scratch/usr/bin" "$scratch/etc/ftvm" \
 	"$scratch/etc/systemd/system/ftvm-witness.service.d"
 cp -a /lib/systemd/system "$scratch/usr/lib/systemd/"
 cp "$ROOT"/packaging/systemd/*.service "$scratch/etc/systemd/system/"
-for binary in ftvmd ftvm-witness; do
+for binary in ftvmd ftvm-witness ftvm-web; do
 	printf '#!/bin/sh\n' >"$scratch/usr/bin/$binary"
 	chmod 755 "$scratch/usr/bin/$binary"
 done
-touch "$scratch/etc/ftvm/ftvmd.toml"
+touch "$scratch/etc/ftvm/ftvmd.toml" "$scratch/etc/ftvm/ftvm-web.toml" "$scratch/etc/ftvm/api.psk"
 "$FTVM" keygen --out "$scratch/keys" --host hostA --host hostB >/dev/null
 cp "$scratch/keys/ftvm-witness-keys.conf" "$scratch/etc/systemd/system/ftvm-witness.service.d/keys.conf"
 
 status=0
 messages=$(cd "$scratch" && systemd-analyze --root="$scratch" verify --man=no \
-	ftvmd.service ftvm-witness.service 2>&1) || status=$?
+	ftvmd.service ftvm-witness.service ftvm-web.service 2>&1) || status=$?
 if [[ -n $messages || $status -ne 0 ]]; then
 	echo "verify-units: systemd-analyze verify (exit $status):" >&2
 	echo "$messages" >&2
@@ -47,7 +48,7 @@ if [[ -n $messages || $status -ne 0 ]]; then
 fi
 echo "verify-units: systemd-analyze verify: no messages"
 
-for unit_bound in ftvmd.service:3.5 ftvm-witness.service:1.5; do
+for unit_bound in ftvmd.service:3.5 ftvm-witness.service:1.5 ftvm-web.service:1.5; do
 	unit=${unit_bound%%:*}
 	bound=${unit_bound##*:}
 	level=$(systemd-analyze security --offline=yes --root="$scratch" "$unit" 2>&1 |
