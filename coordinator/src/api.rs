@@ -24,9 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use replication_link::{
-    KeyRing, LinkConfig, LinkListener, ListenerEvent, Session, SessionError,
-};
+use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent, Session, SessionError};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::control::{Pending, Reply, Request};
@@ -344,8 +342,16 @@ mod tests {
     #[test]
     fn requests_and_replies_cross_and_a_wrong_key_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let good = key(dir.path(), "api.psk", "the API key of this pair, 0123456789\n");
-        let bad = key(dir.path(), "other.psk", "another key altogether, 0123456789\n");
+        let good = key(
+            dir.path(),
+            "api.psk",
+            "the API key of this pair, 0123456789\n",
+        );
+        let bad = key(
+            dir.path(),
+            "other.psk",
+            "another key altogether, 0123456789\n",
+        );
         let address = free_address();
         serve(vec![address], &good, "hostA", main_loop()).expect("serve");
         let client = ApiClient::connect(vec![address], &good, "console").expect("connect");

@@ -784,7 +784,10 @@ replication_port = 7400
             "api_listen = [\"10.77.0.1:7700\"]\napi_key_file = \"/etc/ftvm/api.psk\"",
         ))
         .expect("an API with its key");
-        assert_eq!(config.host.api_listen, ["10.77.0.1:7700".parse().expect("address")]);
+        assert_eq!(
+            config.host.api_listen,
+            ["10.77.0.1:7700".parse().expect("address")]
+        );
         let keyless = error_of(&with("api_listen = [\"10.77.0.1:7700\"]"));
         assert!(keyless.contains("needs host.api_key_file"), "{keyless}");
         let nowhere = error_of(&with("api_key_file = \"/etc/ftvm/api.psk\""));

@@ -57,7 +57,10 @@ impl Browser {
         let address = format!("127.0.0.1:{WEBDRIVER_PORT}");
         // Under load chromedriver may take a while to listen.
         let up = crate::net::try_connect_in(&namespace, &address, Duration::from_secs(60));
-        assert!(up.is_some(), "chromedriver does not listen on {address} in {namespace}");
+        assert!(
+            up.is_some(),
+            "chromedriver does not listen on {address} in {namespace}"
+        );
         browser
     }
 
@@ -132,7 +135,12 @@ pub fn in_namespace<T: Send>(namespace: &str, body: impl FnOnce() -> T + Send) -
             // SAFETY: setns on a namespace file we hold open; it changes only this thread's
             // network namespace (and that of threads it starts later).
             let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(joined, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                joined,
+                0,
+                "setns {path}: {}",
+                std::io::Error::last_os_error()
+            );
             body()
         });
         match thread.join() {

@@ -142,7 +142,9 @@ async fn post_action(client: &Client, credentials: &str, csrf: &str) -> u64 {
         .execute_async(&script, vec![])
         .await
         .expect("fetch /api/action");
-    status.as_u64().unwrap_or_else(|| panic!("fetch failed: {status}"))
+    status
+        .as_u64()
+        .unwrap_or_else(|| panic!("fetch failed: {status}"))
 }
 
 async fn screenshot(client: &Client, dir: &Path, name: &str) {
@@ -166,10 +168,18 @@ async fn click(client: &Client, css: &str) {
 }
 
 async fn sign_in(client: &Client, url: &str, user: &str, password: &str) {
-    client.goto(&format!("{url}/login")).await.expect("login page");
-    let form = client.form(Locator::Css("#login")).await.expect("login form");
+    client
+        .goto(&format!("{url}/login"))
+        .await
+        .expect("login page");
+    let form = client
+        .form(Locator::Css("#login"))
+        .await
+        .expect("login form");
     form.set_by_name("user", user).await.expect("user");
-    form.set_by_name("password", password).await.expect("password");
+    form.set_by_name("password", password)
+        .await
+        .expect("password");
     form.submit().await.expect("submit");
 }
 
@@ -216,7 +226,10 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
             client.goto(&format!("{url}/")).await.expect("goto /");
             let here = client.current_url().await.expect("url");
             assert_eq!(here.path(), "/login", "the page without a session");
-            client.goto(&format!("{url}/api/state")).await.expect("goto state");
+            client
+                .goto(&format!("{url}/api/state"))
+                .await
+                .expect("goto state");
             let body = client.source().await.expect("source");
             assert!(body.contains("not signed in"), "{body}");
             assert_eq!(post_action(&client, "omit", "none").await, 401);
@@ -243,14 +256,18 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
             cluster.start_all();
             // Both hosts, the witness, and the VM syncing: the bar moves.
             let mut seen = Vec::new();
-            let syncing_shot = wait_for(Duration::from_secs(120), "the sync bar to move", async || {
-                let row = row(&client).await?;
-                let percent = row["percent"].as_f64()?;
-                if percent > 0.0 && percent < 100.0 && seen.last() != Some(&percent) {
-                    seen.push(percent);
-                }
-                (seen.len() >= 3).then_some(row)
-            })
+            let syncing_shot = wait_for(
+                Duration::from_secs(120),
+                "the sync bar to move",
+                async || {
+                    let row = row(&client).await?;
+                    let percent = row["percent"].as_f64()?;
+                    if percent > 0.0 && percent < 100.0 && seen.last() != Some(&percent) {
+                        seen.push(percent);
+                    }
+                    (seen.len() >= 3).then_some(row)
+                },
+            )
             .await;
             screenshot(&client, &dir, "syncing").await;
             assert!(
@@ -293,28 +310,39 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
                 "the cut took {shown_after:?} to show"
             );
             assert!(
-                degraded["text"].as_str().unwrap_or_default().contains("1 of 2 A-links up"),
+                degraded["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("1 of 2 A-links up"),
                 "{degraded}"
             );
             cluster.set_links(A, &["alink1"], true);
-            wait_for(Duration::from_secs(30), "the row healthy again", async || {
-                row(&client).await.filter(|row| row["health"] == "ok")
-            })
+            wait_for(
+                Duration::from_secs(30),
+                "the row healthy again",
+                async || row(&client).await.filter(|row| row["health"] == "ok"),
+            )
             .await;
 
             // A planned failover from the page, behind its confirmation.
             click(&client, "button[data-action='failover'][data-vm='vm1']").await;
             let question = wait_for(Duration::from_secs(10), "the confirmation", async || {
-                text_of(&client, "#confirm-text").await.filter(|text| !text.is_empty())
+                text_of(&client, "#confirm-text")
+                    .await
+                    .filter(|text| !text.is_empty())
             })
             .await;
             assert!(question.contains("Planned failover of vm1"), "{question}");
             screenshot(&client, &dir, "confirm-failover").await;
             click(&client, "#confirm-yes").await;
-            let result = wait_for(Duration::from_secs(60), "the failover's answer", async || {
-                let text = text_of(&client, "#result").await?;
-                (!text.ends_with("sent…") && !text.is_empty()).then_some(text)
-            })
+            let result = wait_for(
+                Duration::from_secs(60),
+                "the failover's answer",
+                async || {
+                    let text = text_of(&client, "#result").await?;
+                    (!text.ends_with("sent…") && !text.is_empty()).then_some(text)
+                },
+            )
             .await;
             assert!(
                 text_of(&client, "#result.done").await.is_some(),
@@ -327,11 +355,15 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
             cluster.wait_vm(B, Duration::from_secs(60), "primary on hostB", |vm| {
                 vm["role"] == "Primary" && vm["vm_pid"].is_u64()
             });
-            wait_for(Duration::from_secs(120), "vm1 Protected on hostB", async || {
-                row(&client)
-                    .await
-                    .filter(|row| row["state"] == "Protected" && row["primary"] == "hostB")
-            })
+            wait_for(
+                Duration::from_secs(120),
+                "vm1 Protected on hostB",
+                async || {
+                    row(&client)
+                        .await
+                        .filter(|row| row["state"] == "Protected" && row["primary"] == "hostB")
+                },
+            )
             .await;
             screenshot(&client, &dir, "after-failover").await;
             let _ = client.close().await;
@@ -349,8 +381,12 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
         records.iter().any(|record| {
             record["action"] == action
                 && record["user"] == user
-                && record["result"].as_str().is_some_and(|text| text.starts_with(result))
-                && record["time"].as_str().is_some_and(|time| time.ends_with('Z'))
+                && record["result"]
+                    .as_str()
+                    .is_some_and(|text| text.starts_with(result))
+                && record["time"]
+                    .as_str()
+                    .is_some_and(|time| time.ends_with('Z'))
         })
     };
     assert!(has("login", "admin", "refused"), "{text}");
@@ -361,9 +397,10 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
     assert!(
         records
             .iter()
-            .any(|record| record["target"] == "pair1/hostA/vm1" && record["result"]
-                .as_str()
-                .is_some_and(|result| result.starts_with("ok"))),
+            .any(|record| record["target"] == "pair1/hostA/vm1"
+                && record["result"]
+                    .as_str()
+                    .is_some_and(|result| result.starts_with("ok"))),
         "{text}"
     );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);

@@ -64,7 +64,10 @@ impl Audit {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(error) = file.write_all(line.as_bytes()).and_then(|()| file.sync_data()) {
+        if let Err(error) = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data())
+        {
             log::error!("audit: cannot write the audit log: {error}: {line}");
         }
     }

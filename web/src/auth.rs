@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(session.csrf.len(), 64);
         assert!(sessions.get("not-a-token").is_none());
         std::thread::sleep(Duration::from_millis(400));
-        assert!(sessions.get(&token).is_none(), "an expired session still works");
+        assert!(
+            sessions.get(&token).is_none(),
+            "an expired session still works"
+        );
     }
 
     #[test]

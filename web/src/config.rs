@@ -183,15 +183,19 @@ impl Config {
                 ));
             }
             for host in &pair.hosts {
-                host.validate()
-                    .map_err(|what| format!("pair {:?}, host {:?}: {what}", pair.name, host.name))?;
+                host.validate().map_err(|what| {
+                    format!("pair {:?}, host {:?}: {what}", pair.name, host.name)
+                })?;
             }
         }
         if self.certificate.is_some() != self.key.is_some() {
             return Err("certificate and key go together (both PEM files), or neither".into());
         }
         if !valid_name(&self.client_id) {
-            return Err(format!("client_id {:?} is not a valid name", self.client_id));
+            return Err(format!(
+                "client_id {:?} is not a valid name",
+                self.client_id
+            ));
         }
         if self.session_minutes == 0 || self.session_minutes > 7 * 24 * 60 {
             return Err("session_minutes must be 1 to 10080 (a week)".into());

@@ -100,7 +100,11 @@ impl Hosts {
         let mut pairs = Vec::new();
         for pair in &config.pairs {
             for host in &pair.hosts {
-                links.push(Arc::new(HostLink::new(&pair.name, host, &config.client_id)?));
+                links.push(Arc::new(HostLink::new(
+                    &pair.name,
+                    host,
+                    &config.client_id,
+                )?));
             }
             pairs.push((
                 pair.name.clone(),
@@ -281,7 +285,11 @@ struct EventView {
     advice: String,
 }
 
-fn pair_view(pair: &str, names: &[String; 2], heard: &HashMap<(String, String), Heard>) -> PairView {
+fn pair_view(
+    pair: &str,
+    names: &[String; 2],
+    heard: &HashMap<(String, String), Heard>,
+) -> PairView {
     let statuses: Vec<(&String, Option<&HostStatus>, Option<&Heard>)> = names
         .iter()
         .map(|name| {
@@ -343,7 +351,7 @@ fn pair_view(pair: &str, names: &[String; 2], heard: &HashMap<(String, String), 
             })
         })
         .collect();
-    events.sort_by(|a, b| b.unix_ms.cmp(&a.unix_ms));
+    events.sort_by_key(|event| std::cmp::Reverse(event.unix_ms));
     events.truncate(EVENTS_SHOWN);
     PairView {
         name: pair.to_owned(),
@@ -361,7 +369,13 @@ fn vm_view(
     let seen: Vec<(&String, &coordinator::daemon::vm::VmStatus)> = statuses
         .iter()
         .filter_map(|(host, status, _)| {
-            status.and_then(|status| status.vms.iter().find(|vm| vm.name == name).map(|vm| (*host, vm)))
+            status.and_then(|status| {
+                status
+                    .vms
+                    .iter()
+                    .find(|vm| vm.name == name)
+                    .map(|vm| (*host, vm))
+            })
         })
         .collect();
     // The primary's word counts; a secondary's while the primary is not heard.
@@ -404,10 +418,7 @@ fn vm_view(
                 .unwrap_or_default()
         })
         .collect::<Vec<Vec<bool>>>();
-    if disk_links
-        .iter()
-        .any(|links| links.iter().any(|up| !up))
-    {
+    if disk_links.iter().any(|links| links.iter().any(|up| !up)) {
         reasons.push("a disk's A-link is down".into());
     }
     let nics = vm

@@ -73,9 +73,7 @@ async fn serve(config: Config) -> Result<(), String> {
     );
     axum_server::bind_rustls(config.listen, tls)
         .handle(handle)
-        .serve(
-            routes::router(app).into_make_service_with_connect_info::<SocketAddr>(),
-        )
+        .serve(routes::router(app).into_make_service_with_connect_info::<SocketAddr>())
         .await
         .map_err(|error| format!("cannot serve on {}: {error}", config.listen))
 }

@@ -17,7 +17,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "ftvm-web", version)]
 struct Args {
     /// The configuration file (TOML; see docs/OPERATIONS.md, "Web console").
-    #[arg(long, short, value_name = "FILE", default_value = "/etc/ftvm/ftvm-web.toml")]
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "/etc/ftvm/ftvm-web.toml"
+    )]
     config: PathBuf,
     /// Check the configuration and exit.
     #[arg(long)]

@@ -72,8 +72,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/state", get(state))
         .route("/api/stream", get(stream))
         .route("/api/action", post(action))
-        .route("/static/app.js", get(|| async { asset(APP_JS, "text/javascript") }))
-        .route("/static/app.css", get(|| async { asset(APP_CSS, "text/css") }))
+        .route(
+            "/static/app.js",
+            get(|| async { asset(APP_JS, "text/javascript") }),
+        )
+        .route(
+            "/static/app.css",
+            get(|| async { asset(APP_CSS, "text/css") }),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(app)
@@ -90,10 +96,7 @@ async fn security_headers(mut response: Response) -> Response {
         (header::REFERRER_POLICY, "no-referrer"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, "no-store"),
-        (
-            header::STRICT_TRANSPORT_SECURITY,
-            "max-age=31536000",
-        ),
+        (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
@@ -177,11 +180,18 @@ async fn login(
     };
     let checking = Arc::clone(&app);
     let (name, password) = (user.clone(), login.password);
-    let good = tokio::task::spawn_blocking(move || checking.sessions.check_password(&name, &password))
-        .await
-        .unwrap_or(false);
+    let good =
+        tokio::task::spawn_blocking(move || checking.sessions.check_password(&name, &password))
+            .await
+            .unwrap_or(false);
     if !good {
-        app.record(&user, client, "login", "-", "refused: wrong user or password");
+        app.record(
+            &user,
+            client,
+            "login",
+            "-",
+            "refused: wrong user or password",
+        );
         // A guesser waits a second per try.
         tokio::time::sleep(Duration::from_secs(1)).await;
         return (
@@ -237,7 +247,13 @@ async fn logout(
             response
         }
         Some(session) => {
-            app.record(&session.user, client, "logout", "-", "refused: bad CSRF token");
+            app.record(
+                &session.user,
+                client,
+                "logout",
+                "-",
+                "refused: bad CSRF token",
+            );
             (StatusCode::FORBIDDEN, "bad CSRF token").into_response()
         }
         None => Redirect::to("/login").into_response(),
@@ -271,7 +287,10 @@ async fn stream(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             if app.sessions.get(&token).is_some() {
                 let text = receiver.borrow_and_update().clone();
                 let event = Event::default().event("state").data(text.as_str());
-                Some((Ok::<Event, Infallible>(event), (receiver, false, app, token)))
+                Some((
+                    Ok::<Event, Infallible>(event),
+                    (receiver, false, app, token),
+                ))
             } else {
                 None
             }
@@ -324,7 +343,13 @@ async fn action(
     Json(action): Json<Action>,
 ) -> Response {
     let Some(session) = session(&app, &headers) else {
-        app.record("-", client, &action.action, &action.pair, "refused: not signed in");
+        app.record(
+            "-",
+            client,
+            &action.action,
+            &action.pair,
+            "refused: not signed in",
+        );
         return unauthorized();
     };
     let target = match &action.vm {
@@ -336,8 +361,18 @@ async fn action(
         .and_then(|value| value.to_str().ok())
         .unwrap_or("");
     if !same_secret(token, &session.csrf) || !same_origin(&headers, &uri) {
-        app.record(&session.user, client, &action.action, &target, "refused: bad CSRF token or origin");
-        return answer(StatusCode::FORBIDDEN, false, "refused: bad CSRF token or origin".into());
+        app.record(
+            &session.user,
+            client,
+            &action.action,
+            &target,
+            "refused: bad CSRF token or origin",
+        );
+        return answer(
+            StatusCode::FORBIDDEN,
+            false,
+            "refused: bad CSRF token or origin".into(),
+        );
     }
     let (status, ok, message) = carry_out(&app, &action).await;
     let result = if ok {
@@ -423,19 +458,28 @@ mod tests {
         let own = (header::ORIGIN, "https://10.0.0.4:8443");
         let host = (header::HOST, "10.0.0.4:8443");
         assert!(same_origin(&headers(&[own.clone(), host.clone()]), &http1));
-        assert!(same_origin(&headers(&[own.clone()]), &http2));
-        assert!(same_origin(&headers(&[host.clone()]), &http1), "no Origin: not a browser's cross-site POST");
+        assert!(same_origin(&headers(std::slice::from_ref(&own)), &http2));
+        assert!(
+            same_origin(&headers(std::slice::from_ref(&host)), &http1),
+            "no Origin: not a browser's cross-site POST"
+        );
         let evil = (header::ORIGIN, "https://evil.example");
         assert!(!same_origin(&headers(&[evil.clone(), host]), &http1));
         assert!(!same_origin(&headers(&[evil]), &http2));
-        assert!(!same_origin(&headers(&[own]), &http1), "an Origin with nothing to match");
+        assert!(
+            !same_origin(&headers(&[own]), &http1),
+            "an Origin with nothing to match"
+        );
     }
 
     #[test]
     fn the_session_cookie_is_found_among_others() {
         let map = headers(&[(header::COOKIE, "a=1; ftvm_session=abc; b=2")]);
         assert_eq!(cookie_token(&map).as_deref(), Some("abc"));
-        assert_eq!(cookie_token(&headers(&[(header::COOKIE, "ftvm_sessionx=1")])), None);
+        assert_eq!(
+            cookie_token(&headers(&[(header::COOKIE, "ftvm_sessionx=1")])),
+            None
+        );
     }
 
     #[test]

@@ -79,7 +79,9 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
         .mode(mode)
         .open(path)
         .map_err(error)?;
-    file.write_all(contents).and_then(|()| file.sync_all()).map_err(error)
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(error)
 }
 
 fn hostname() -> Option<String> {
