@@ -290,6 +290,7 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
                 assert!(card.contains("witness reachable"), "{host}: {card}");
             }
             screenshot(&client, &dir, "protected").await;
+            api_refuses_a_wrong_key(cluster, &dir);
 
             // One A-link cut: the row turns degraded within 2 s.
             cluster.set_links(A, &["alink1"], false);
@@ -405,6 +406,38 @@ fn the_console_shows_the_pair_live_and_fails_over_from_the_page() {
     );
     assert_eq!(cluster.acting_primaries(), vec![HOSTS[B]]);
     console.assert_running();
+}
+
+/// From the client host (this thread's namespace): the control API answers a client with
+/// the pair's API key, and refuses and logs one with another key.
+fn api_refuses_a_wrong_key(cluster: &Cluster, dir: &Path) {
+    use coordinator::api::ApiClient;
+    use coordinator::daemon::control::{Reply, Request};
+    let address = cluster.api_address(A).parse().expect("API address");
+    let good =
+        ApiClient::connect(vec![address], &cluster.api_key(), "web-test").expect("an API session");
+    let timeout = Duration::from_secs(10);
+    let status = ftvm_tests::wait::Wait::up_to(timeout)
+        .every(Duration::from_millis(100))
+        .poll(|| match good.request(&Request::Status, timeout) {
+            Ok(Reply::Status(status)) => Some(status),
+            _ => None,
+        })
+        .expect("no status over the API with the pair's key");
+    assert_eq!(status.host, "hostA");
+    let wrong = dir.join("wrong.psk");
+    std::fs::write(&wrong, "not the API key of this pair, 0123456789\n").expect("write key");
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let intruder = ApiClient::connect(vec![address], &wrong, "intruder").expect("a session");
+    ftvm_tests::wait::poll_until(timeout, "hostA to log the refused client", || {
+        cluster.log(A).contains("refused connection from")
+    });
+    let refused = intruder
+        .request(&Request::Status, Duration::from_secs(1))
+        .expect_err("a client without the key is refused");
+    assert!(refused.contains("not connected"), "{refused}");
+    assert!(!intruder.reachable());
 }
 
 /// Prints the console's and chromedriver's logs when the test fails.
