@@ -207,6 +207,9 @@ mod tests {
             assert!(witness != pair, "each key is drawn on its own");
         }
         assert_eq!(mode(&keys.pair), 0o600);
+        assert_eq!(mode(&keys.api), 0o600);
+        let api = Psk::from_file(&keys.api).expect("API key");
+        assert!(api != pair, "the API key is drawn on its own");
         assert_eq!(keys.witness[0].1, dir.join("witness-keys/hostA.psk"));
     }
 
@@ -254,6 +257,7 @@ mod tests {
         assert!(drop_in.contains("LoadCredential=hostB.psk:/etc/ftvm-witness/keys/hostB.psk"));
         let text = instructions(&keys);
         assert!(text.contains("/etc/ftvm/pair.psk on both hosts"));
+        assert!(text.contains("/etc/ftvm/api.psk on both hosts"));
         assert!(text.contains("/etc/ftvm/witness.psk on hostA"));
         assert!(text.contains("/etc/ftvm-witness/keys/hostB.psk on the witness"));
     }
