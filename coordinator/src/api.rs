@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use daemon_util::lock;
 use log::{debug, info, warn};
 use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent, Session, SessionError};
 use serde::{Deserialize, Serialize};
@@ -294,12 +295,6 @@ fn read_replies(session: &Session, shared: &ClientShared) {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

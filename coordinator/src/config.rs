@@ -265,27 +265,45 @@ pub struct Config {
     pub alert: Vec<crate::daemon::alerts::AlertSection>,
 }
 
+/// Reads a TOML file as `T` and checks it with `validate`; every error names the file, and
+/// a syntax error its place. Shared with the web console's configuration.
+pub fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text, path, validate)
+}
+
+/// [`load_toml`] of text already read; `path` is only for messages.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, ConfigError> {
+    let value: T = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: error.message().to_owned() + &location(text, error.span()),
+    })?;
+    validate(&value).map_err(|what| ConfigError::Invalid {
+        path: path.to_owned(),
+        what,
+    })?;
+    Ok(value)
+}
+
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        load_toml(path, Config::validate)
     }
 
     /// Parses and checks configuration text; `path` is only for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: error.message().to_owned() + &location(text, error.span()),
-        })?;
-        config.validate().map_err(|what| ConfigError::Invalid {
-            path: path.to_owned(),
-            what,
-        })?;
-        Ok(config)
+        parse_toml(text, path, Config::validate)
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -73,37 +73,9 @@ impl Audit {
     }
 }
 
-/// `unix_ms` as UTC in RFC 3339 with milliseconds.
-pub fn rfc3339(unix_ms: u64) -> String {
-    let seconds = unix_ms / 1000;
-    let days = seconds / 86_400;
-    let (hour, minute, second) = (seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
-        unix_ms % 1000
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn times_are_utc_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_796_633_164_123), "2026-12-07T08:46:04.123Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-    }
 
     #[test]
     fn records_are_appended_as_json_lines() {
@@ -112,7 +84,7 @@ mod tests {
         let audit = Audit::open(&path).expect("open");
         for action in ["login", "failover"] {
             audit.write(&Record {
-                time: rfc3339(0),
+                time: coordinator::daemon::events::utc_time(0),
                 unix_ms: 0,
                 user: "admin",
                 client: "10.0.0.9".parse().expect("address"),

@@ -29,26 +29,13 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use coordinator::config::ConfigError;
+use coordinator::config::{load_toml, parse_toml};
 use serde::Deserialize;
-use thiserror::Error;
 
 /// Most pairs, hosts per pair, users: a console page, not a fleet manager.
 const MAX_PAIRS: usize = 64;
 const MAX_USERS: usize = 64;
-
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    #[error("{path}: {what}")]
-    Invalid { path: PathBuf, what: String },
-}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,23 +106,11 @@ pub struct Host {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        load_toml(path, Config::validate)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: error.to_string(),
-        })?;
-        config.validate().map_err(|what| ConfigError::Invalid {
-            path: path.to_owned(),
-            what,
-        })?;
-        Ok(config)
+        parse_toml(text, path, Config::validate)
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -16,6 +16,7 @@ use coordinator::api::ApiClient;
 use coordinator::daemon::control::{self, HostStatus, Reply, Request};
 use coordinator::daemon::events::Event;
 use coordinator::host::Role;
+use daemon_util::lock;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -215,12 +216,6 @@ impl Hosts {
             .collect();
         serde_json::to_string(&View { pairs }).unwrap_or_else(|_| "{}".into())
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Debug, Serialize)]

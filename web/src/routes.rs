@@ -17,7 +17,9 @@ use axum::{Form, Json, Router};
 use coordinator::daemon::control::{Reply, Request};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{rfc3339, Audit, Record};
+use coordinator::daemon::events::utc_time;
+
+use crate::audit::{Audit, Record};
 use crate::auth::{same_secret, Session, Sessions, COOKIE};
 use crate::hosts::{unix_ms, Hosts, ACTION_TIMEOUT};
 
@@ -52,7 +54,7 @@ impl App {
     fn record(&self, user: &str, client: SocketAddr, action: &str, target: &str, result: &str) {
         let now = unix_ms();
         self.audit.write(&Record {
-            time: rfc3339(now),
+            time: utc_time(now),
             unix_ms: now,
             user,
             client: client.ip(),
