@@ -14,6 +14,7 @@
 #   /etc/ftvm/ftvmd.toml       the example of coordinator/README.md (conffile)
 #   /etc/ftvm/ftvm-web.toml    the web console's example, packaging/debian (conffile)
 #   /etc/default/ftvm-witness  the witness's listen addresses (conffile)
+#   /etc/libvirt/hooks/qemu.d/50-ftvm  the libvirt hook (packaging/libvirt-hook; conffile)
 #   /usr/share/man/man8, bash/zsh/fish completions (made by ftvm-gen-docs), docs
 # Binaries are stripped of debug information. --profile dev packages the debug build (what
 # ci/test-deb.sh uses, to reuse the test suite's build); the default is release.
@@ -86,6 +87,8 @@ chmod 0600 "$stage/etc/ftvm/ftvmd.toml"
 install -m 0600 packaging/debian/ftvm-web.toml "$stage/etc/ftvm/ftvm-web.toml"
 chmod 0700 "$stage/etc/ftvm"
 install -m 0644 packaging/debian/ftvm-witness.default "$stage/etc/default/ftvm-witness"
+install -d "$stage/etc/libvirt/hooks/qemu.d"
+install -m 0755 packaging/libvirt-hook "$stage/etc/libvirt/hooks/qemu.d/50-ftvm"
 
 "$build_dir/ftvm-gen-docs" "$stage/usr/share" >/dev/null
 gzip -9n "$stage"/usr/share/man/man8/*.8
@@ -101,7 +104,7 @@ License: Apache-2.0
  On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
 
-printf '/etc/ftvm/ftvmd.toml\n/etc/ftvm/ftvm-web.toml\n/etc/default/ftvm-witness\n' \
+printf '/etc/ftvm/ftvmd.toml\n/etc/ftvm/ftvm-web.toml\n/etc/default/ftvm-witness\n/etc/libvirt/hooks/qemu.d/50-ftvm\n' \
 	>"$stage/DEBIAN/conffiles"
 cat >"$stage/DEBIAN/postinst" <<'POSTINST'
 #!/bin/sh
@@ -124,7 +127,7 @@ Priority: optional
 Installed-Size: $installed_kib
 Depends: libc6 (>= 2.36), libgcc-s1, qemu-system-x86, curl
 Recommends: bridge-utils | iproute2
-Suggests: snmp, default-mta | mail-transport-agent
+Suggests: snmp, default-mta | mail-transport-agent, libvirt-daemon-system, libvirt-clients
 Description: fault tolerance for QEMU/KVM virtual machines
  ftvm keeps a VM's disks and network (and, at Level 3, its memory) on two hosts,
  so that the VM survives the loss of a disk, an uplink or a whole host without

@@ -13,8 +13,11 @@
 # ci/verify-units.sh), systemd-container (systemd-nspawn: ci/test-deb.sh boots the
 # installed package under systemd), curl, snmp and snmptrapd (the alert agents and the trap
 # receiver of tests/tests/ftvmd_alerts.rs), chromium and chromium-driver (the headless browser
-# of the web console's test, tests/tests/web_console.rs), plus any EXTRA_PACKAGE given on the
-# command line.
+# of the web console's test, tests/tests/web_console.rs), libvirt-daemon,
+# libvirt-daemon-driver-qemu and libvirt-clients (libvirtd and virsh, for the libvirt test;
+# each test host runs its own libvirtd, so no libvirt-daemon-system), plus any
+# EXTRA_PACKAGE given on the command line. Also makes the system user libvirt-qemu, which
+# libvirtd needs even when qemu.conf runs QEMU as root.
 set -euo pipefail
 
 case "${1:-}" in
@@ -48,6 +51,9 @@ PACKAGES=(
 	systemd-container
 	chromium
 	chromium-driver
+	libvirt-daemon
+	libvirt-daemon-driver-qemu
+	libvirt-clients
 	"$@"
 )
 
@@ -61,6 +67,13 @@ installed() {
 	status=$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) || return 1
 	[[ $status == installed ]]
 }
+
+# libvirtd resolves its built-in QEMU user before it reads qemu.conf.
+if ! id libvirt-qemu >/dev/null 2>&1; then
+	((EUID == 0)) || die "user libvirt-qemu is missing and not root; run as root"
+	useradd --system --no-create-home --shell /usr/sbin/nologin libvirt-qemu ||
+		die "cannot create the user libvirt-qemu"
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

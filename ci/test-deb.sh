@@ -5,7 +5,8 @@
 # `apt-get install ./ftvm_*.deb` into a clean Debian 12 root (minbase, made by mmdebstrap),
 # then, inside that root: `ftvmd --check --config /etc/ftvm/ftvmd.toml`, `ftvm-web --check
 # --config /etc/ftvm/ftvm-web.toml`, `ftvm --help`,
-# `ftvm keygen`, each daemon's --help from /usr/lib/ftvm, the units, man pages,
+# `ftvm keygen`, the libvirt hook (it passes a domain ftvm does not protect), each daemon's
+# --help from /usr/lib/ftvm, the units, man pages,
 # completions and the alert agents (and FTVM-MIB) in place, `ftvmd --check` of an [[alert]]
 # per agent; then boots that root under systemd (systemd-nspawn --boot: systemd as the
 # container's PID 1, no systemd needed on the host) and checks ftvmd.service: it starts
@@ -195,9 +196,13 @@ for file in /usr/lib/ftvm/libftvm_ram_track.so /lib/systemd/system/ftvmd.service
 	/usr/share/bash-completion/completions/ftvm /usr/share/zsh/vendor-completions/_ftvmd \
 	/usr/share/fish/vendor_completions.d/ftvm-witness.fish /usr/lib/ftvm/alerts/ftvm-alert-webhook \
 	/usr/lib/ftvm/alerts/ftvm-alert-snmp /usr/lib/ftvm/alerts/ftvm-alert-mail \
-	/usr/share/snmp/mibs/FTVM-MIB.txt; do
+	/usr/share/snmp/mibs/FTVM-MIB.txt /etc/libvirt/hooks/qemu.d/50-ftvm; do
 	[[ -e $root$file ]] || die "$file is not installed"
 done
+[[ -x $root/etc/libvirt/hooks/qemu.d/50-ftvm ]] || die "the libvirt hook is not executable"
+# A domain ftvm does not protect passes the hook untouched.
+echo "<domain><name>other</name></domain>" | in_root /etc/libvirt/hooks/qemu.d/50-ftvm other prepare begin - ||
+	die "the libvirt hook refuses a domain ftvm does not protect"
 [[ $(stat -c %a "$root/etc/ftvm/ftvmd.toml") == 600 ]] || die "/etc/ftvm/ftvmd.toml is not mode 0600"
 [[ $(stat -c %a "$root/etc/ftvm/ftvm-web.toml") == 600 ]] || die "/etc/ftvm/ftvm-web.toml is not mode 0600"
 # The shipped alert agents run in the clean root: the webhook agent with curl (pulled in by
@@ -217,6 +222,6 @@ boot_under_systemd
 
 rm -f "$root"/etc/ftvm/*.psk
 in_root apt-get purge -y -qq ftvm >>"$cache/install.log" 2>&1 || die "apt-get purge ftvm"
-left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/ftvm/ftvm-web.toml /etc/default/ftvm-witness /usr/share/man/man8/ftvm* /usr/share/snmp/mibs/FTVM-MIB.txt 2>/dev/null' || true)
+left=$(in_root sh -c 'ls -d /usr/bin/ftvm* /usr/lib/ftvm /lib/systemd/system/ftvm* /etc/ftvm/ftvmd.toml /etc/ftvm/ftvm-web.toml /etc/default/ftvm-witness /etc/libvirt/hooks/qemu.d/50-ftvm /usr/share/man/man8/ftvm* /usr/share/snmp/mibs/FTVM-MIB.txt 2>/dev/null' || true)
 [[ -z $left ]] || die "left after apt-get purge: $left"
 echo "test-deb: apt-get purge ftvm removes every file of the package"

@@ -752,27 +752,7 @@ fn parse_span(text: &str, line: &str) -> Result<TrackedSpan, DirtyError> {
 }
 
 fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
-    let mut credentials = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes at most `length` bytes (the size of `ucred`) to
-    // `credentials`, which lives on our stack for the call, and stores the size it wrote in
-    // `length`; the fd is a connected unix socket.
-    let result = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut credentials as *mut libc::ucred).cast(),
-            &mut length,
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let credentials = daemon_util::peer_credentials(stream)?;
     u32::try_from(credentials.pid).map_err(|_| io::Error::other("the peer has no PID"))
 }
 

@@ -42,8 +42,22 @@ pub enum FtvmCommand {
     /// Protect a VM defined in the configuration at a level, with the peer host; on a
     /// protected VM, change its level while it runs (on its primary; 2 to 3 and back
     /// without a restart).
+    ///
+    /// With --domain NAME instead of a VM: protect an existing libvirt domain (shut off,
+    /// with raw file disks and bridge NICs). ftvm reads its XML, shows what it changes
+    /// and asks before it does: each raw disk becomes a mirrored one (its image is the
+    /// primary copy; the peer gets a full copy at the same path), each NIC is served by
+    /// vhost-net-ft with the same MAC and bridge, the memory becomes shared. The original
+    /// XML is kept on both hosts; `ftvm unprotect --domain NAME` gives it back.
     Protect {
-        vm: String,
+        #[arg(required_unless_present = "domain", conflicts_with = "domain")]
+        vm: Option<String>,
+        /// A libvirt domain of this host (`[libvirt] uri`) to protect; the VM takes its name.
+        #[arg(long, value_name = "NAME")]
+        domain: Option<String>,
+        /// With --domain: do not ask for confirmation.
+        #[arg(long, requires = "domain")]
+        yes: bool,
         /// 1: restart on the peer after a host loss; 2: also survive a failed disk or link;
         /// 3: also keep the VM running through the loss of its host, memory and TCP
         /// sessions included (continuous checkpoints; needs checkpoint_port).
@@ -53,8 +67,32 @@ pub enum FtvmCommand {
         #[arg(long)]
         peer: String,
     },
-    /// Stop protecting a VM.
-    Unprotect { vm: String },
+    /// Stop protecting a VM. A libvirt domain (protected with --domain) gets its original
+    /// XML back (its disks and NICs as before, the data of the primary's copy) and runs
+    /// again if it ran; run it on the VM's primary.
+    Unprotect {
+        #[arg(required_unless_present = "domain", conflicts_with = "domain")]
+        vm: Option<String>,
+        /// The protected libvirt domain (the same as its VM name).
+        #[arg(long, value_name = "NAME")]
+        domain: Option<String>,
+    },
+    /// The libvirt qemu hook (installed as /etc/libvirt/hooks/qemu.d/50-ftvm): libvirt
+    /// runs it with the domain's XML on stdin. For a domain ftvm protects it asks the
+    /// ftvmd named in the domain's metadata whether the domain may start here (`prepare`,
+    /// `start`: a refusal exits 1 with the reason, which `virsh start` shows), and tells
+    /// it of stops (`stopped`, `release`: an operator's `virsh shutdown`/`destroy` is a
+    /// planned stop). Other domains pass untouched. It never calls libvirt.
+    Hook {
+        /// The domain's name.
+        domain: String,
+        /// prepare, start, started, stopped, release, migrate, restore, reconnect, attach.
+        operation: String,
+        /// begin, end, …
+        sub_operation: Option<String>,
+        /// libvirt's extra argument.
+        extra: Option<String>,
+    },
     /// Can each VM run on either host? One line per finding: blocking or warning, the
     /// host, the VM, what is wrong -> what to do. Exit status 1 when a finding blocks.
     ///

@@ -263,6 +263,60 @@ pub struct Config {
     /// Alert agents run on every warning, error and clearing (docs/OPERATIONS.md, "Alerts").
     #[serde(default)]
     pub alert: Vec<crate::daemon::alerts::AlertSection>,
+    /// Domains protected with `ftvm protect --domain` run through libvirt.
+    #[serde(default)]
+    pub libvirt: LibvirtSection,
+}
+
+/// libvirt on this host, for the domains protected with `ftvm protect --domain` (the VMs
+/// of `[[vm]]` sections keep being started as QEMU processes).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtSection {
+    /// libvirt's connection URI, as for `virsh -c`.
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// The replication ports of protected domains' disks are taken from here upwards, one
+    /// per disk, skipping those of the configuration.
+    #[serde(default = "default_libvirt_port_base")]
+    pub port_base: u16,
+    /// Where a domain's image paths are on this host: "/" (the default) keeps them as they
+    /// are, another folder puts them under it (for hosts that share one file system, like
+    /// the test rig's).
+    #[serde(default = "default_image_root")]
+    pub image_root: PathBuf,
+}
+
+impl Default for LibvirtSection {
+    fn default() -> LibvirtSection {
+        LibvirtSection {
+            uri: default_libvirt_uri(),
+            port_base: default_libvirt_port_base(),
+            image_root: default_image_root(),
+        }
+    }
+}
+
+impl LibvirtSection {
+    /// A domain's image path as it is on this host.
+    pub fn image_path(&self, image: &Path) -> PathBuf {
+        match image.strip_prefix("/") {
+            Ok(relative) if self.image_root != Path::new("/") => self.image_root.join(relative),
+            _ => image.to_owned(),
+        }
+    }
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+
+fn default_libvirt_port_base() -> u16 {
+    7700
+}
+
+fn default_image_root() -> PathBuf {
+    PathBuf::from("/")
 }
 
 /// Reads a TOML file as `T` and checks it with `validate`; every error names the file, and

@@ -22,5 +22,5 @@ pub use control::{bind_unix, request, serve_clients, serve_commands, ControlErro
 pub use metrics::Counter;
 pub use rate_limit::RateLimitedLog;
 pub use signals::Stop;
-pub use socket::{connect_unix, listen_unix, remove_socket, ListenError};
+pub use socket::{connect_unix, listen_unix, peer_credentials, remove_socket, ListenError};
 pub use sync::{lock, Slot};

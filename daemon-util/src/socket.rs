@@ -110,6 +110,33 @@ pub fn connect_unix(path: &Path) -> io::Result<UnixStream> {
     Ok(stream)
 }
 
+/// The credentials (pid, uid, gid) of the process at the other end of a unix socket, as
+/// the kernel took them when it connected or listened (`SO_PEERCRED`).
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(SO_PEERCRED) writes at most `length` bytes (the size of a
+    // `ucred`) into `credentials`, a properly sized and aligned ucred owned by this frame,
+    // and its size into `length`; the fd is the stream's, open for the call.
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut credentials).cast(),
+            &raw mut length,
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(credentials)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

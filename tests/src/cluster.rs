@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::blk::status_json;
 use crate::guest::{build_initrd, GuestConfig};
 use crate::hosts::Hosts;
+use crate::libvirt::Libvirtd;
 use crate::process::{signal, Process};
 use crate::qmp::Qmp;
 use crate::wait::{poll_until, Wait};
@@ -57,6 +58,11 @@ pub struct ClusterOptions {
     /// Each ftvmd serves the control API on its LAN address at [`API_PORT`], with the key
     /// [`Cluster::api_key`].
     pub api: bool,
+    /// Each host runs its own libvirtd (`crate::libvirt`), named in a `[libvirt]` section;
+    /// the configuration has no `[[vm]]`: the test protects a domain with `ftvm protect
+    /// --domain`. hostB's images live under `DIR/hostB-root` (`image_root`): both hosts
+    /// share this file system.
+    pub libvirt: bool,
 }
 
 impl Default for ClusterOptions {
@@ -72,6 +78,7 @@ impl Default for ClusterOptions {
             extra_vms: 0,
             second_disk: false,
             api: false,
+            libvirt: false,
         }
     }
 }
@@ -81,6 +88,10 @@ impl Default for ClusterOptions {
 pub struct Cluster {
     ftvmd: [Option<Process>; 2],
     witness: Option<Process>,
+    libvirtd: [Option<Libvirtd>; 2],
+    libvirt: bool,
+    /// The guest's initramfs.
+    pub initrd: PathBuf,
     pub hosts: Hosts,
     /// Each host's `ram_dir` (guest RAM, Level 3 replica) in `/dev/shm`: the hosts share
     /// one file system here, and RAM files belong in tmpfs.
@@ -163,6 +174,52 @@ replication_port = {replication}
                     replication = REPLICATION_PORT + step,
                 ));
             }
+            let vm = if options.libvirt {
+                libvirt_section(root, host)
+            } else {
+                format!(
+                    r#"
+[[vm]]
+name = "{VM}"
+level = {level}
+primary = "hostA"
+memory_mib = {memory}
+vcpus = {cpus}
+accel = "tcg"
+checkpoint_port = {CHECKPOINT_PORT}
+checkpoint_interval_ms = {interval}
+qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet no_timer_check", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
+[[vm.disk]]
+image = "{root}/{host}.img"
+replication_port = {REPLICATION_PORT}
+{rate}
+{second_disk}
+{nic}
+"#,
+                    state = root.join(host).display(),
+                    root = root.display(),
+                    interval = options.checkpoint_interval_ms,
+                    level = options.level,
+                    memory = guest.memory_mb,
+                    cpus = guest.cpus,
+                    kernel = kernel.display(),
+                    initrd = initrd.display(),
+                    nic = options.nic_mac.as_ref().map_or(String::new(), |mac| {
+                        let redundancy = if options.nic_redundant_uplink {
+                            format!("\nuplink = \"uplink\"\nlink_port = {NIC_LINK_PORT}")
+                        } else {
+                            String::new()
+                        };
+                        format!("[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"vmbr0\"{redundancy}")
+                    }),
+                    rate = options
+                        .resync_rate_limit
+                        .as_ref()
+                        .map_or(String::new(), |rate| format!(
+                            "resync_rate_limit = \"{rate}\""
+                        )),
+                )
+            };
             let config = format!(
                 r#"[host]
 name = "{host}"
@@ -185,23 +242,7 @@ psk_file = "{root}/witness-keys/{host}.psk"
 
 [timing]
 peer_timeout_ms = {timeout}
-
-[[vm]]
-name = "{VM}"
-level = {level}
-primary = "hostA"
-memory_mib = {memory}
-vcpus = {cpus}
-accel = "tcg"
-checkpoint_port = {CHECKPOINT_PORT}
-checkpoint_interval_ms = {interval}
-qemu_args = ["-kernel", "{kernel}", "-initrd", "{initrd}", "-append", "console=ttyS0 panic=-1 quiet no_timer_check", "-qmp", "unix:{state}/test-qmp.sock,server=on,wait=off"]
-[[vm.disk]]
-image = "{root}/{host}.img"
-replication_port = {REPLICATION_PORT}
-{rate}
-{second_disk}
-{nic}
+{vm}
 {extra}
 "#,
                 state = root.join(host).display(),
@@ -227,32 +268,15 @@ replication_port = {REPLICATION_PORT}
                 },
                 timeout = options.peer_timeout_ms,
                 ram_dir = ram_dir.display(),
-                interval = options.checkpoint_interval_ms,
-                level = options.level,
-                memory = guest.memory_mb,
-                cpus = guest.cpus,
-                kernel = kernel.display(),
-                initrd = initrd.display(),
-                nic = options.nic_mac.as_ref().map_or(String::new(), |mac| {
-                    let redundancy = if options.nic_redundant_uplink {
-                        format!("\nuplink = \"uplink\"\nlink_port = {NIC_LINK_PORT}")
-                    } else {
-                        String::new()
-                    };
-                    format!("[[vm.nic]]\nmac = \"{mac}\"\nbridge = \"vmbr0\"{redundancy}")
-                }),
-                rate = options
-                    .resync_rate_limit
-                    .as_ref()
-                    .map_or(String::new(), |rate| format!(
-                        "resync_rate_limit = \"{rate}\""
-                    )),
             );
             std::fs::write(root.join(format!("{host}.toml")), config).expect("write config");
         }
         Cluster {
             ftvmd: [None, None],
             witness: None,
+            libvirtd: [None, None],
+            libvirt: options.libvirt,
+            initrd,
             hosts,
             ram_dir,
             dir,
@@ -292,6 +316,13 @@ replication_port = {REPLICATION_PORT}
     /// A host's RAM file of the VM: QEMU's, or the Level 3 replica's on the secondary.
     pub fn ram_file(&self, host: usize) -> PathBuf {
         self.ram_dir.join(HOSTS[host]).join(format!("{VM}.ram"))
+    }
+
+    /// A host's libvirtd (with `libvirt`, once started).
+    pub fn libvirtd(&self, host: usize) -> &Libvirtd {
+        self.libvirtd[host]
+            .as_ref()
+            .expect("this cluster runs libvirtd")
     }
 
     pub fn config_path(&self, host: usize) -> PathBuf {
@@ -344,8 +375,14 @@ replication_port = {REPLICATION_PORT}
         self.witness = Some(Process::spawn("ftvm-witness", command, &log));
     }
 
-    /// Starts the witness and both hosts' ftvmd.
+    /// Starts the witness and both hosts' ftvmd (and libvirtd first, with `libvirt`).
     pub fn start_all(&mut self) {
+        if self.libvirt {
+            for (host, name) in HOSTS.iter().enumerate() {
+                let dir = self.dir.path().join(format!("{name}-libvirt"));
+                self.libvirtd[host] = Some(Libvirtd::start(&self.hosts, name, &dir));
+            }
+        }
         self.start_witness();
         self.start_ftvmd(0);
         self.start_ftvmd(1);
@@ -632,6 +669,9 @@ impl Drop for Cluster {
                         lines[lines.len().saturating_sub(60)..].join("\n")
                     );
                 }
+                if let Some(libvirtd) = &self.libvirtd[host] {
+                    eprintln!("---- libvirt of {name} ----\n{}", libvirtd.logs());
+                }
                 let console = self.console(host);
                 if !console.is_empty() {
                     let tail = &console[console.len().saturating_sub(50)..];
@@ -666,4 +706,20 @@ pub fn metric_value(
             | prometheus_parse::Value::Untyped(value) => Some(value),
             _ => None,
         })
+}
+
+/// A host's `[libvirt]` section: its libvirtd's socket, and hostB's images under
+/// `DIR/hostB-root` (the hosts share this file system).
+fn libvirt_section(root: &std::path::Path, host: &str) -> String {
+    let image_root = if host == HOSTS[0] {
+        PathBuf::from("/")
+    } else {
+        root.join(format!("{host}-root"))
+    };
+    format!(
+        "\n[libvirt]\nuri = \"qemu:///system?socket={}\"\nimage_root = \"{}\"\n",
+        root.join(format!("{host}-libvirt/run/libvirt-sock"))
+            .display(),
+        image_root.display()
+    )
 }

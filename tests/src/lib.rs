@@ -18,6 +18,7 @@ pub mod guest;
 pub mod guest_tools;
 pub mod hosts;
 pub mod level3;
+pub mod libvirt;
 pub mod mirror;
 pub mod net;
 pub mod nic_daemon;

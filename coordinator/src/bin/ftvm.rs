@@ -73,12 +73,26 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        Command::Protect { vm, level, peer } => done(ask(Request::Protect {
-            vm: vm.clone(),
+        Command::Protect {
+            domain: Some(domain),
+            level,
+            peer,
+            yes,
+            ..
+        } => coordinator::domain_cli::protect(&args.socket, domain, *level, peer, *yes)?,
+        Command::Protect {
+            vm, level, peer, ..
+        } => done(ask(Request::Protect {
+            vm: vm.clone().unwrap_or_default(),
             level: *level,
             peer: peer.clone(),
         })?),
-        Command::Unprotect { vm } => done(ask(Request::Unprotect { vm: vm.clone() })?),
+        Command::Unprotect { vm, domain } => done(ask(Request::Unprotect {
+            vm: domain.clone().or_else(|| vm.clone()).unwrap_or_default(),
+        })?),
+        Command::Hook {
+            domain, operation, ..
+        } => return coordinator::domain_cli::hook(domain, operation),
         Command::Check { vm, peer, json } => {
             let Reply::Check(report) = ask(Request::Check {
                 vm: vm.clone(),

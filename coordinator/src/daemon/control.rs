@@ -45,6 +45,22 @@ pub enum Request {
     Unprotect {
         vm: String,
     },
+    /// `ftvm protect --domain`: protect the libvirt domain whose XML `ftvm` read. Without
+    /// `confirmed`, only the changes it would make are returned (as `Done`).
+    ProtectDomain {
+        domain: String,
+        xml: String,
+        level: u8,
+        peer: String,
+        confirmed: bool,
+    },
+    /// From the libvirt hook (`ftvm hook`): `operation` (`prepare`, `start`, `started`,
+    /// `stopped`, `release`, …) of the protected domain of VM `vm`. For `prepare` and
+    /// `start`, `Error` refuses the start with its message.
+    LibvirtHook {
+        vm: String,
+        operation: String,
+    },
     /// `restart`: hand the VMs over stopped (they reboot on the peer) instead of moving
     /// them live.
     HostDisable {
@@ -133,6 +149,9 @@ pub struct HostStatus {
     pub vms: Vec<VmStatus>,
     /// Each alert agent's counts (`[[alert]]`).
     pub alerts: Vec<super::alerts::AgentStatus>,
+    /// libvirt's URI on this host (`[libvirt] uri`), for `ftvm protect --domain`.
+    #[serde(default)]
+    pub libvirt_uri: Option<String>,
 }
 
 /// One of this host's keys, for `ftvm status` and `ftvm key retire` (ids: 16 hex digits,
@@ -228,30 +247,19 @@ fn client(stream: UnixStream, sender: &Sender<Pending>) -> io::Result<()> {
 
 /// Root or the daemon's own user.
 fn allowed(stream: &UnixStream) -> bool {
-    let mut credentials = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt(SO_PEERCRED) writes at most `length` bytes into `credentials`,
-    // a properly sized and aligned ucred owned by this frame.
-    let result = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(stream),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut credentials).cast(),
-            &raw mut length,
-        )
-    };
     // SAFETY: geteuid has no preconditions.
     let own = unsafe { libc::geteuid() };
-    result == 0 && (credentials.uid == 0 || credentials.uid == own)
+    daemon_util::peer_credentials(stream)
+        .is_ok_and(|credentials| credentials.uid == 0 || credentials.uid == own)
 }
 
 /// Client side (the `ftvm` CLI): sends one request and returns the reply.
 pub fn request(path: &Path, request: &Request) -> Result<Reply, String> {
+    request_within(path, request, CLIENT_TIMEOUT + Duration::from_secs(5))
+}
+
+/// [`request`] that waits at most `timeout` for the answer.
+pub fn request_within(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, String> {
     let mut stream = UnixStream::connect(path).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => format!(
             "cannot reach ftvmd at {}: {error}; is ftvmd running on this host (systemctl \
@@ -265,7 +273,7 @@ pub fn request(path: &Path, request: &Request) -> Result<Reply, String> {
         _ => format!("cannot reach ftvmd at {}: {error}", path.display()),
     })?;
     stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT + Duration::from_secs(5)))
+        .set_read_timeout(Some(timeout))
         .map_err(|error| error.to_string())?;
     let mut text = serde_json::to_string(request).map_err(|error| error.to_string())?;
     text.push('\n');

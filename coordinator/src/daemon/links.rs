@@ -76,6 +76,12 @@ pub enum PeerMessage {
     /// The answer to [`PeerMessage::Ask`] `id`: an [`super::asks::Answer`] (postcard) in the
     /// message's payload (the header holds at most 4 KiB).
     Answer { id: u64 },
+    /// `ftvm protect --domain` on the sender: keep a replica of this libvirt domain.
+    DefineDomain {
+        definition: Box<super::domains::DomainDefinition>,
+    },
+    /// `ftvm unprotect` of a protected domain on the sender: stop keeping its replica.
+    ForgetDomain { vm: String },
 }
 
 /// One A-link as `ftvm status --json` and `/metrics` show it.

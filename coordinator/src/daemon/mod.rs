@@ -12,7 +12,9 @@ pub mod asks;
 pub mod control;
 pub mod control_client;
 mod diagnostics;
+mod domains;
 pub mod events;
+pub mod libvirt_launcher;
 pub mod links;
 pub mod metrics;
 pub mod nics;
@@ -38,13 +40,14 @@ use log::{info, warn};
 use self::alerts::Alerts;
 use self::control::{HostStatus, KeyStatus, Reply, Request};
 use self::events::{Condition, Events, Severity};
+use self::libvirt_launcher::{DomainSpec, HostLauncher};
 use self::links::{link_config, PeerLink, PeerMessage, WitnessLink};
 use self::processes::{
     DiskSpec, EngineSpec, NicRedundancy, NicSpec, QemuLauncher, VmLauncher, VmSpec,
 };
 use self::service::ServiceManager;
 use self::vm::{Context, Pair, VmRunner};
-use crate::config::Config;
+use crate::config::{Config, VmSection};
 use crate::host::{HostConfig, Role};
 use crate::witness_daemon::WitnessReply;
 use crate::Millis;
@@ -172,6 +175,11 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
                         ));
                     }
                 },
+                // Answered once the VM's processes have stopped and the original domain
+                // is back.
+                Request::Unprotect { vm } if daemon.is_domain(&vm) => {
+                    daemon.unprotect_domain(&vm, answer)
+                }
                 // Answered once the facts (and the peer's) are in.
                 Request::Check { vm, peer } => daemon.check(vm, peer, answer),
                 Request::CollectLogs => daemon.collect_logs(answer),
@@ -288,6 +296,20 @@ impl Daemon {
     }
 
     fn start_vms(&mut self) -> Result<(), String> {
+        for section in self.config.vm.clone() {
+            let runner = self.new_runner(&section, None)?;
+            self.vms.push(runner);
+        }
+        self.start_domains()
+    }
+
+    /// A VM's runner: its processes' specifications from its section (and, for a domain
+    /// protected with `ftvm protect --domain`, its libvirt side).
+    fn new_runner(
+        &mut self,
+        section: &VmSection,
+        domain: Option<DomainSpec>,
+    ) -> Result<VmRunner, String> {
         let timing = self.config.timing;
         let host_config = HostConfig {
             heartbeat_interval: timing.heartbeat_interval_ms,
@@ -307,7 +329,7 @@ impl Daemon {
             peer: self.config.peer.name.clone(),
         };
         let now = self.now();
-        for section in self.config.vm.clone() {
+        {
             let dir = self.config.host.state_dir.join(&section.name);
             let with_port = |addresses: &[SocketAddr], port: u16| {
                 addresses
@@ -384,6 +406,7 @@ impl Daemon {
                 incoming: false,
                 log: dir.join("qemu.log"),
                 extra_args: section.qemu_args.clone(),
+                domain,
             };
             let engine = EngineSpec {
                 binary: bin_dir.join("ftvm-checkpoint"),
@@ -405,7 +428,7 @@ impl Daemon {
                 peer_name: self.config.peer.name.clone(),
                 interval_ms: section.checkpoint_interval_ms,
             };
-            let runner = VmRunner::new(
+            VmRunner::new(
                 section.name.clone(),
                 section.level,
                 section.primary.clone(),
@@ -418,14 +441,13 @@ impl Daemon {
                 engine,
                 now,
                 &mut self.io.events,
-            )?;
-            self.vms.push(runner);
+            )
         }
-        Ok(())
     }
 
     fn step(&mut self, clock: &mut stall::StepClock) {
         let now = self.now();
+        let mut domain_messages = Vec::new();
         let mut context = self.io.context(now);
         let mut questions = Vec::new();
         while let Some((message, payload)) = context.peer.try_recv() {
@@ -467,6 +489,9 @@ impl Daemon {
                         }
                     }
                 }
+                message @ (PeerMessage::DefineDomain { .. } | PeerMessage::ForgetDomain { .. }) => {
+                    domain_messages.push(message);
+                }
                 PeerMessage::TakeOver { vm: name, live } => {
                     if self.disabled {
                         continue;
@@ -478,6 +503,14 @@ impl Daemon {
             }
         }
         clock.lap("peer messages", "");
+        for message in domain_messages {
+            match message {
+                PeerMessage::DefineDomain { definition } => self.define_from_peer(*definition),
+                PeerMessage::ForgetDomain { vm } => self.forget_domain(&vm),
+                _ => {}
+            }
+        }
+        let mut context = self.io.context(now);
         while let Some(reply) = context.witness.try_recv() {
             match reply {
                 WitnessReply::Verdict { vm: name, verdict } => {
@@ -762,6 +795,7 @@ impl Daemon {
                         .alerts()
                         .map(Alerts::status)
                         .unwrap_or_default(),
+                    libvirt_uri: Some(self.config.libvirt.uri.clone()),
                 }))
             }
             Request::Events => Reply::Events(self.io.events.all()),
@@ -783,6 +817,9 @@ impl Daemon {
                 let mut context = self.io.context(now);
                 match self.vms.iter_mut().find(|vm| vm.name == name) {
                     None => Reply::Error(unknown_vm(&name, &self.config)),
+                    Some(vm) if vm.is_domain() => Reply::Error(format!(
+                        "{name} is a libvirt domain: a live move needs Level 3, which protected                          domains do not have yet; `ftvm failover {name}` restarts it on the peer"
+                    )),
                     Some(vm) => {
                         let result = if cancel {
                             vm.cancel_migration(&mut context)
@@ -822,6 +859,10 @@ impl Daemon {
                          the configuration of both hosts and restart ftvmd",
                         unknown_vm(&name, &self.config)
                     )),
+                    Some(vm) if vm.is_domain() && level == 3 => Reply::Error(format!(
+                        "{name} is a libvirt domain: protected domains run at level 1 or 2 \
+                         (Level 3 needs the VM's RAM in a file, not libvirt's memfd)"
+                    )),
                     Some(vm) => match vm.protect(level, &mut context) {
                         Ok(done) => Reply::Done(done),
                         Err(error) => Reply::Error(error),
@@ -838,6 +879,17 @@ impl Daemon {
                     },
                 }
             }
+            Request::ProtectDomain {
+                domain,
+                xml,
+                level,
+                peer,
+                confirmed,
+            } => match self.protect_domain(&domain, &xml, level, &peer, confirmed) {
+                Ok(done) => Reply::Done(done),
+                Err(error) => Reply::Error(format!("cannot protect domain {domain}: {error}")),
+            },
+            Request::LibvirtHook { vm, operation } => self.libvirt_hook(&vm, &operation),
             Request::HostDisable { restart } => self.disable(restart, now),
             Request::HostEnable => {
                 if !self.disabled {
@@ -960,7 +1012,9 @@ fn unknown_vm(name: &str, config: &Config) -> String {
 
 /// The default launcher: QEMU from the configuration.
 pub fn qemu_launcher(config: &Config) -> Box<dyn VmLauncher> {
-    Box::new(QemuLauncher {
-        binary: config.host.qemu.clone(),
+    Box::new(HostLauncher {
+        qemu: QemuLauncher {
+            binary: config.host.qemu.clone(),
+        },
     })
 }

@@ -1,6 +1,6 @@
 //! The processes `ftvmd` runs for a VM: one `vhost-blk-mirror` per disk, one `vhost-net-ft`
 //! per NIC, and on the primary the VM itself, started through [`VmLauncher`] (QEMU here;
-//! libvirt later).
+//! libvirt domains in `libvirt_launcher`).
 //!
 //! Children get `PR_SET_PDEATHSIG = SIGKILL`: if `ftvmd` dies, its VMs and daemons die
 //! with it, and the peer takes over. A host whose supervisor is gone is a failed host, not
@@ -333,6 +333,8 @@ pub struct VmSpec {
     pub incoming: bool,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// A domain protected with `ftvm protect --domain`: run through libvirt.
+    pub domain: Option<super::libvirt_launcher::DomainSpec>,
 }
 
 /// A started VM.
@@ -348,10 +350,15 @@ pub trait RunningVm: Send + std::fmt::Debug {
     fn resume(&mut self) -> Result<(), String>;
 }
 
-/// Starts VMs: the one place that knows how (QEMU today, libvirt later). Called from a
-/// VM's agent thread, never from the deciding one.
+/// Starts VMs: the one place that knows how (QEMU processes here, libvirt domains in
+/// `libvirt_launcher`). Called from a VM's agent thread, never from the deciding one.
 pub trait VmLauncher: Send + Sync + std::fmt::Debug {
     fn launch(&self, spec: &VmSpec) -> io::Result<Box<dyn RunningVm>>;
+    /// Makes the VM known where it may run later without starting it (libvirt: defines
+    /// the protected domain, so that its hook guards `virsh start`).
+    fn prepare(&self, _spec: &VmSpec) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs QEMU directly.
@@ -470,10 +477,15 @@ struct QemuVm {
 
 impl QemuVm {
     fn qmp(&self, command: &str) -> Result<(), String> {
-        qmp::execute(&self.qmp, command, QMP_TIMEOUT)
-            .map(drop)
-            .map_err(|error| crate::error_chain(&error))
+        qmp_command(&self.qmp, command)
     }
+}
+
+/// One QMP command on the monitor at `path`, answered within [`QMP_TIMEOUT`].
+pub fn qmp_command(path: &Path, command: &str) -> Result<(), String> {
+    qmp::execute(path, command, QMP_TIMEOUT)
+        .map(drop)
+        .map_err(|error| crate::error_chain(&error))
 }
 
 impl RunningVm for QemuVm {

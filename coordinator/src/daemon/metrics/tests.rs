@@ -8,6 +8,8 @@ use crate::daemon::vm::VmStatus;
 
 fn vm(name: &str, role: Role, state: &str) -> VmStatus {
     VmStatus {
+        stopped_by_operator: false,
+        domain: false,
         name: name.into(),
         level: 3,
         role,
@@ -63,6 +65,7 @@ fn host(vms: Vec<VmStatus>) -> HostStatus {
         peer_holds: None,
     };
     HostStatus {
+        libvirt_uri: None,
         host: "hostA".into(),
         pair_key: key("/etc/ftvm/pair.psk"),
         witness_key: key("/etc/ftvm/witness.psk"),

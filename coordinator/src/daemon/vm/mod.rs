@@ -4,6 +4,7 @@
 mod commands;
 mod disk_daemons;
 mod disks;
+mod domain;
 mod level3;
 mod migrate;
 mod qemu;
@@ -66,6 +67,13 @@ pub struct VmStatus {
     /// ftvmd paused the guest here (this host holds its writes for the witness).
     #[serde(default)]
     pub vm_paused: bool,
+    /// An operator stopped the VM's libvirt domain (`virsh shutdown`/`destroy`): a
+    /// planned stop, no failover.
+    #[serde(default)]
+    pub stopped_by_operator: bool,
+    /// A libvirt domain protected with `ftvm protect --domain`.
+    #[serde(default)]
+    pub domain: bool,
     /// Each disk daemon's process id while it runs.
     pub disk_pids: Vec<Option<u32>>,
     /// The disk daemons' own `status`, for detail (`null`: none, or not understood).
@@ -547,6 +555,8 @@ impl VmRunner {
             sync_percent,
             vm_pid: self.guest.pid,
             vm_paused: self.guest.pid.is_some() && self.guest.paused,
+            stopped_by_operator: self.guest.stopped_by_operator,
+            domain: self.is_domain(),
             disk_pids: self.disks.iter().map(DiskDaemon::pid).collect(),
             disks: self.disks.iter().map(|disk| disk.status.clone()).collect(),
             nics: self.nics.status(),

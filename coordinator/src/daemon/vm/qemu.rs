@@ -19,6 +19,8 @@ use crate::host::Mode;
 #[derive(Debug)]
 pub(super) enum GuestReport {
     Launched(Result<u32, String>),
+    /// The VM was made known to libvirt (or could not be).
+    Prepared(Result<(), String>),
     Paused(Result<(), String>),
     Resumed(Result<(), String>),
     Stopped,
@@ -37,6 +39,9 @@ pub(super) struct Guest {
     launching: bool,
     /// The guest is paused here, or a pause is queued.
     pub paused: bool,
+    /// The libvirt hook said the domain stopped, and ftvmd did not stop it: an operator's
+    /// `virsh shutdown` or `virsh destroy`.
+    pub stopped_by_operator: bool,
 }
 
 impl Guest {
@@ -50,7 +55,20 @@ impl Guest {
             pid: None,
             launching: false,
             paused: false,
+            stopped_by_operator: false,
         })
+    }
+
+    /// A launch is queued and not reported yet.
+    pub fn launching(&self) -> bool {
+        self.launching
+    }
+
+    /// Makes the VM known where it may run later (libvirt: defines its domain).
+    pub fn prepare(&mut self, launcher: Arc<dyn VmLauncher>, spec: VmSpec) {
+        self.agent.run("prepare", move |_| {
+            GuestReport::Prepared(launcher.prepare(&spec).map_err(|error| error.to_string()))
+        });
     }
 
     /// QEMU runs here or is being started.
@@ -61,6 +79,7 @@ impl Guest {
     fn launch(&mut self, launcher: Arc<dyn VmLauncher>, spec: VmSpec) {
         self.launching = true;
         self.paused = false;
+        self.stopped_by_operator = false;
         self.agent.run("launch", move |child| {
             if let Some(vm) = child {
                 return GuestReport::Launched(Ok(vm.pid()));
@@ -192,22 +211,56 @@ impl VmRunner {
                     format!("cannot resume the guest: {error}"),
                     &format!("see {}", self.vm_spec.log.display()),
                 ),
-                GuestReport::Resumed(Ok(())) => {}
+                GuestReport::Resumed(Ok(())) | GuestReport::Prepared(Ok(())) => {}
+                GuestReport::Prepared(Err(error)) => events.error(
+                    &self.name,
+                    format!("cannot define the protected domain in libvirt: {error}"),
+                    "check [libvirt] uri in the configuration and that libvirtd runs",
+                ),
                 GuestReport::Stopped => self.on_vm_stopped(),
                 GuestReport::Ended(pid, status) => {
                     if self.guest.pid != Some(pid) {
                         continue;
                     }
-                    events.warn(
-                        &self.name,
-                        format!("the VM's QEMU ended: {status}"),
-                        &format!("see {}", self.vm_spec.log.display()),
-                    );
+                    self.report_end(&status, events);
                     self.guest.pid = None;
                     self.guest.paused = false;
                     self.announce_at.clear();
                 }
             }
+        }
+    }
+
+    /// The VM ended by itself: a planned stop when an operator stopped its domain through
+    /// libvirt (no failover: the peer hears this host), else a failure.
+    fn report_end(&mut self, status: &str, events: &mut Events) {
+        let planned = self.vm_spec.domain.is_some()
+            && (self.guest.stopped_by_operator
+                || status.contains("(shutdown)")
+                || status.contains("(destroyed)"));
+        if planned {
+            self.guest.stopped_by_operator = true;
+            events.info(
+                &self.name,
+                format!(
+                    "stopped by the operator through libvirt on {} ({status}): a planned \
+                     stop, no failover; `virsh start {}` here starts it again",
+                    self.pair.me, self.name
+                ),
+            );
+        } else if self.vm_spec.domain.is_some() {
+            self.guest.stopped_by_operator = false;
+            events.error(
+                &self.name,
+                format!("the VM's QEMU ended: {status}"),
+                "see libvirt's log of the domain (/var/log/libvirt/qemu/)",
+            );
+        } else {
+            events.warn(
+                &self.name,
+                format!("the VM's QEMU ended: {status}"),
+                &format!("see {}", self.vm_spec.log.display()),
+            );
         }
     }
 
