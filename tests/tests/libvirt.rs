@@ -50,6 +50,7 @@ fn domain_xml(cluster: &Cluster) -> String {
     format!(
         "<domain type='qemu'>
   <name>{VM}</name>
+  <description>{description}</description>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os>
@@ -84,6 +85,9 @@ fn domain_xml(cluster: &Cluster) -> String {
 ",
         kernel = paths::guest_dir().join("vmlinuz").display(),
         initrd = cluster.initrd.display(),
+        // An operator's XML is often larger than a link message's 4 KiB header: the peer
+        // gets the definition in the payload.
+        description = "ftvm test domain; ".repeat(400),
         image = image(cluster).display(),
         console = root.join("console.log").display(),
     )
@@ -232,7 +236,13 @@ fn a_protected_libvirt_domain_survives_host_loss_and_is_given_back_intact() {
         vm["role"] == "Secondary" && vm["disks"][0]["replication"]["disk_state"] == "UpToDate"
     });
 
-    // The host that does not hold the VM: the domain is defined, and its start refused.
+    // The host that does not hold the VM: the domain is defined (by hostB's ftvmd, on
+    // its VM's own thread, some time after the protect), and its start refused.
+    Wait::up_to(Duration::from_secs(60))
+        .every(Duration::from_millis(200))
+        .until("the protected domain defined on hostB", || {
+            domain_state(&cluster, B) == "shut off"
+        });
     let (ok, refusal) = cluster.libvirtd(B).virsh(&["start", VM]);
     assert!(!ok, "virsh start on hostB went through: {refusal}");
     assert!(

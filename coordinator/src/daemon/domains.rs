@@ -341,12 +341,14 @@ impl Daemon {
         definition.check()?;
         self.save_definition(&definition)?;
         self.add_domain(&definition)?;
-        self.io.peer.send(
-            &PeerMessage::DefineDomain {
-                definition: Box::new(definition),
-            },
-            true,
-        );
+        match postcard::to_allocvec(&definition) {
+            Ok(payload) => {
+                self.io
+                    .peer
+                    .send_with_payload(&PeerMessage::DefineDomain, &payload, true)
+            }
+            Err(error) => log::error!("cannot encode the domain for the peer: {error}"),
+        }
         self.io.events.info(
             domain,
             format!(

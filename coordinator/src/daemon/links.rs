@@ -76,10 +76,10 @@ pub enum PeerMessage {
     /// The answer to [`PeerMessage::Ask`] `id`: an [`super::asks::Answer`] (postcard) in the
     /// message's payload (the header holds at most 4 KiB).
     Answer { id: u64 },
-    /// `ftvm protect --domain` on the sender: keep a replica of this libvirt domain.
-    DefineDomain {
-        definition: Box<super::domains::DomainDefinition>,
-    },
+    /// `ftvm protect --domain` on the sender: keep a replica of this libvirt domain, whose
+    /// [`super::domains::DomainDefinition`] (postcard) is the message's payload (with the
+    /// operator's XML it is larger than the 4 KiB a header holds).
+    DefineDomain,
     /// `ftvm unprotect` of a protected domain on the sender: stop keeping its replica.
     ForgetDomain { vm: String },
 }
@@ -149,19 +149,27 @@ impl PeerLink {
     /// dropped on a link that is down: they are not worth delivering late. Others wait
     /// on a down link if its backlog is small.
     pub fn send(&self, message: &PeerMessage, keep: bool) {
+        self.send_with_payload(message, &[], keep);
+    }
+
+    /// [`PeerLink::send`] with a payload.
+    pub fn send_with_payload(&self, message: &PeerMessage, payload: &[u8], keep: bool) {
         let bytes = encode(message);
         for client in &self.clients {
             if !client.peer_reachable() && (!keep || client.stats().unacked_messages >= MAX_QUEUED)
             {
                 continue;
             }
-            if let Err(error) = client.send_timeout(&bytes, Vec::new(), Duration::from_millis(10)) {
+            if let Err(error) =
+                client.send_timeout(&bytes, payload.to_vec(), Duration::from_millis(10))
+            {
                 log::debug!("cannot send to the peer: {error}");
             }
         }
     }
 
-    /// A message from the peer, and its payload (empty but for [`PeerMessage::Answer`]).
+    /// A message from the peer, and its payload (empty but for [`PeerMessage::Answer`] and
+    /// [`PeerMessage::DefineDomain`]).
     pub fn try_recv(&self) -> Option<(PeerMessage, Vec<u8>)> {
         self.received.try_recv().ok()
     }

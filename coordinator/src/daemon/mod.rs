@@ -489,8 +489,8 @@ impl Daemon {
                         }
                     }
                 }
-                message @ (PeerMessage::DefineDomain { .. } | PeerMessage::ForgetDomain { .. }) => {
-                    domain_messages.push(message);
+                message @ (PeerMessage::DefineDomain | PeerMessage::ForgetDomain { .. }) => {
+                    domain_messages.push((message, payload));
                 }
                 PeerMessage::TakeOver { vm: name, live } => {
                     if self.disabled {
@@ -503,9 +503,20 @@ impl Daemon {
             }
         }
         clock.lap("peer messages", "");
-        for message in domain_messages {
+        for (message, payload) in domain_messages {
             match message {
-                PeerMessage::DefineDomain { definition } => self.define_from_peer(*definition),
+                PeerMessage::DefineDomain => {
+                    match postcard::from_bytes::<domains::DomainDefinition>(&payload) {
+                        Ok(definition) => self.define_from_peer(definition),
+                        Err(error) => self.io.events.error(
+                            "",
+                            format!(
+                                "the peer sent a libvirt domain this host cannot read: {error}"
+                            ),
+                            "both hosts must run the same ftvm version",
+                        ),
+                    }
+                }
                 PeerMessage::ForgetDomain { vm } => self.forget_domain(&vm),
                 _ => {}
             }
