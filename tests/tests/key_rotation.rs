@@ -5,6 +5,9 @@
 //! Protected on hostA at one generation, never paused, hostB its secondary, and no A-link
 //! stays down for the link timeout; afterwards every acknowledged record is on both
 //! images, no write failed, and a host that offers only the retired key is refused.
+//! Then hostA's witness key rotates as docs/OPERATIONS.md says: `ftvm key rotate
+//! --witness`, the new key copied to the witness's key directory, the witness restarted,
+//! `ftvm key retire --witness`; the VM notices nothing.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,21 +29,30 @@ const SETTLE: Duration = Duration::from_secs(3);
 /// Gives each host its own pair key file (a copy of the cluster's), as real hosts have:
 /// the rotation changes one host's file at a time.
 fn own_pair_keys(cluster: &Cluster) -> [PathBuf; 2] {
+    [A, B].map(|host| own_key_file(cluster, host, "pair.psk", "pair.psk"))
+}
+
+/// Points `host`'s configuration at its own copy of the cluster's key file `shared`
+/// (relative to the cluster's directory), `HOST/own`, and returns that copy's path.
+fn own_key_file(cluster: &Cluster, host: usize, shared: &str, own: &str) -> PathBuf {
     let root = cluster.dir.path();
-    let shared = root.join("pair.psk");
-    [A, B].map(|host| {
-        let own = root.join(HOSTS[host]).join("pair.psk");
-        std::fs::copy(&shared, &own).expect("copy the pair key");
-        let config = cluster.config_path(host);
-        let text = std::fs::read_to_string(&config)
-            .expect("read config")
-            .replace(
-                &format!("psk_file = \"{}\"", shared.display()),
-                &format!("psk_file = \"{}\"", own.display()),
-            );
-        std::fs::write(&config, text).expect("write config");
-        own
-    })
+    let shared = root.join(shared);
+    let own = root.join(HOSTS[host]).join(own);
+    std::fs::copy(&shared, &own).expect("copy the key");
+    let config = cluster.config_path(host);
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let from = format!("psk_file = \"{}\"", shared.display());
+    assert!(text.contains(&from), "{from} not in {}", config.display());
+    let text = text.replace(&from, &format!("psk_file = \"{}\"", own.display()));
+    std::fs::write(&config, text).expect("write config");
+    own
+}
+
+fn witness_key(cluster: &Cluster, host: usize) -> Value {
+    cluster
+        .status(host)
+        .map(|status| status["witness_key"].clone())
+        .unwrap_or(Value::Null)
 }
 
 fn pair_key(cluster: &Cluster, host: usize) -> Value {
@@ -156,6 +168,8 @@ fn the_pair_key_rotates_while_a_guest_writes_and_the_retired_key_is_refused() {
         &ClusterOptions::default(),
     );
     let key_files = own_pair_keys(&cluster);
+    // hostA's witness key: its own file, and the witness's copy in its key directory.
+    let witness_key_file = own_key_file(&cluster, A, "witness-keys/hostA.psk", "witness.psk");
     cluster.start_all();
     let protected = cluster.wait_vm(A, Duration::from_secs(60), "Protected on hostA", |vm| {
         vm["role"] == "Primary" && vm["state"] == "Protected" && vm["vm_pid"].is_u64()
@@ -251,6 +265,55 @@ fn the_pair_key_rotates_while_a_guest_writes_and_the_retired_key_is_refused() {
     watch.during(&cluster, SETTLE);
     let rotation_took = started.elapsed();
 
+    // hostA's witness key, as docs/OPERATIONS.md says: the witness takes its keys at start,
+    // so it is restarted with the new one; hostA offers both meanwhile.
+    let witness_started = Instant::now();
+    let old_witness = strings(&witness_key(&cluster, A)["held"]);
+    assert_eq!(old_witness.len(), 1, "{old_witness:?}");
+    let (ok, text) = cluster.ftvm(A, &["key", "rotate", "--witness"]);
+    assert!(ok, "{text}");
+    let held = strings(&witness_key(&cluster, A)["held"]);
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert_eq!(held[1], old_witness[0]);
+    let new_witness = held[0].clone();
+    // Not yet: the witness knows only the old key, which hostA's link still uses.
+    let (ok, text) = cluster.ftvm(A, &["key", "retire", "--witness"]);
+    assert!(!ok, "retired while the witness link used the old key: {text}");
+    std::fs::copy(
+        &witness_key_file,
+        cluster.dir.path().join("witness-keys/hostA.psk"),
+    )
+    .expect("copy hostA's new witness key to the witness");
+    cluster.stop_witness();
+    cluster.start_witness();
+    watch.until(
+        &cluster,
+        SETTLE * 4,
+        "hostA's witness link under the new key, both hosts reaching the witness",
+        || {
+            let in_use = strings(&witness_key(&cluster, A)["in_use"]);
+            !in_use.is_empty()
+                && in_use.iter().all(|key| *key == new_witness)
+                && [A, B].iter().all(|&host| {
+                    cluster
+                        .status(host)
+                        .is_some_and(|status| status["witness_reachable"] == true)
+                })
+        },
+    );
+    let (ok, text) = cluster.ftvm(A, &["key", "retire", "--witness"]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        strings(&witness_key(&cluster, A)["held"]),
+        [new_witness.clone()]
+    );
+    watch.during(&cluster, SETTLE);
+    // The restarted witness kept its record: hostA holds the VM at the same generation.
+    let record = cluster.witness_record();
+    assert_eq!(record["generation"].as_u64(), Some(watch.generation), "{record}");
+    assert_eq!(record["holder"], "hostA", "{record}");
+    let witness_took = witness_started.elapsed();
+
     // The guest kept writing; nothing failed; every acknowledged record is on both copies.
     let before = last_ack(&cluster.console(A));
     let acknowledged = wait_acks(&cluster, A, before + 20);
@@ -278,11 +341,14 @@ fn the_pair_key_rotates_while_a_guest_writes_and_the_retired_key_is_refused() {
     println!(
         "key {old} -> {new}: rotated and retired on both hosts in {:.1} s while the guest \
          wrote {} records; {} samples, the longest time a host had an A-link down was {} ms \
-         (link timeout 1000 ms)",
+         (link timeout 1000 ms); hostA's witness key {} -> {new_witness} rotated with a \
+         witness restart in {:.1} s",
         rotation_took.as_secs_f64(),
         acknowledged,
         watch.samples,
         watch.longest_links_down.as_millis(),
+        old_witness[0],
+        witness_took.as_secs_f64(),
     );
 
     // A host that offers only the retired key is refused: hostB's file goes back to it.

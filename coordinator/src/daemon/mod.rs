@@ -112,7 +112,7 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         last_beat: None,
         last_links: (usize::MAX, 0),
         last_auth: (0, 0),
-        last_witness: None,
+        witness_lost_at: None,
         heartbeat: Duration::from_millis(config.timing.heartbeat_interval_ms),
         instance: random_instance()?,
         beat_sequence: 0,
@@ -275,7 +275,8 @@ struct Daemon {
     last_links: (usize, usize),
     /// Authentication failures seen so far: with the peer, with the witness.
     last_auth: (u64, u64),
-    last_witness: Option<bool>,
+    /// Since when (ms since start) the witness has been out of reach.
+    witness_lost_at: Option<u64>,
     heartbeat: Duration,
     /// This start of the daemon, for the peer to tell our heartbeats from a past run's.
     instance: u64,
@@ -674,33 +675,50 @@ impl Daemon {
             self.last_links = links;
         }
         let witness = self.io.witness.reachable();
-        if self.last_witness != Some(witness) {
-            if witness {
-                if self.last_witness.is_some() {
-                    self.io.events.clear(
-                        Condition::WitnessUnreachable,
-                        "",
-                        "the witness is reachable again".into(),
-                    );
-                }
-            } else {
-                self.io.events.raise(
-                    Condition::WitnessUnreachable,
-                    Severity::Warning,
-                    "",
-                    "the witness is unreachable: VMs keep running, but no failover can happen \
-                     until it returns"
-                        .into(),
-                    "check the witness host and the network to it",
-                );
-            }
-            self.last_witness = Some(witness);
-        }
+        self.watch_witness(witness, now);
         // A primary cut from both its peer and the witness stops rather than hold for ever.
         if !witness {
             for vm in &mut self.vms {
                 vm.isolated(&mut self.io.context(now));
             }
+        }
+    }
+
+    /// Raises [`Condition::WitnessUnreachable`] once the witness has been out of reach for
+    /// a peer timeout, and clears it when the witness answers again. A restart of the
+    /// witness (an upgrade, a key rotation) is back within milliseconds and alerts
+    /// nobody; deciding needs no grace, only the alert does (`isolated` acts at once).
+    fn watch_witness(&mut self, reachable: bool, now: u64) {
+        let raised = self.io.events.is_raised(Condition::WitnessUnreachable, "");
+        if reachable {
+            if let Some(lost_at) = self.witness_lost_at.take() {
+                if raised {
+                    self.io.events.clear(
+                        Condition::WitnessUnreachable,
+                        "",
+                        "the witness is reachable again".into(),
+                    );
+                } else {
+                    info!(
+                        "the witness was out of reach for {} ms (less than the peer timeout: \
+                         no alert)",
+                        now.saturating_sub(lost_at)
+                    );
+                }
+            }
+            return;
+        }
+        let lost_at = *self.witness_lost_at.get_or_insert(now);
+        if !raised && now.saturating_sub(lost_at) >= self.config.timing.peer_timeout_ms {
+            self.io.events.raise(
+                Condition::WitnessUnreachable,
+                Severity::Warning,
+                "",
+                "the witness is unreachable: VMs keep running, but no failover can happen \
+                 until it returns"
+                    .into(),
+                "check the witness host and the network to it",
+            );
         }
     }
 
