@@ -278,7 +278,10 @@ fn the_pair_key_rotates_while_a_guest_writes_and_the_retired_key_is_refused() {
     let new_witness = held[0].clone();
     // Not yet: the witness knows only the old key, which hostA's link still uses.
     let (ok, text) = cluster.ftvm(A, &["key", "retire", "--witness"]);
-    assert!(!ok, "retired while the witness link used the old key: {text}");
+    assert!(
+        !ok,
+        "retired while the witness link used the old key: {text}"
+    );
     std::fs::copy(
         &witness_key_file,
         cluster.dir.path().join("witness-keys/hostA.psk"),
@@ -305,12 +308,16 @@ fn the_pair_key_rotates_while_a_guest_writes_and_the_retired_key_is_refused() {
     assert!(ok, "{text}");
     assert_eq!(
         strings(&witness_key(&cluster, A)["held"]),
-        [new_witness.clone()]
+        [new_witness.as_str()]
     );
     watch.during(&cluster, SETTLE);
     // The restarted witness kept its record: hostA holds the VM at the same generation.
     let record = cluster.witness_record();
-    assert_eq!(record["generation"].as_u64(), Some(watch.generation), "{record}");
+    assert_eq!(
+        record["generation"].as_u64(),
+        Some(watch.generation),
+        "{record}"
+    );
     assert_eq!(record["holder"], "hostA", "{record}");
     let witness_took = witness_started.elapsed();
 
