@@ -128,6 +128,7 @@ fn connect_once(
         send_base: shared.acked_up_to(),
         limits: config.receive_limits(),
         key_ids: key_ids(&ring),
+        protection: config.protection,
     };
     let result = client_handshake(&stream, &ring, &hello, config.handshake_timeout());
     shared.set_connecting(slot, None);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::frame::HEADER_LENGTH_BYTES;
-use crate::header::{DATA_HEADER_OVERHEAD_BYTES, MAX_ID_BYTES};
+use crate::header::{FrameProtection, DATA_HEADER_OVERHEAD_BYTES, MAX_ID_BYTES};
 use crate::key_ring::KeyRing;
 use crate::psk::Psk;
 
@@ -32,8 +32,8 @@ pub enum ConfigError {
 }
 
 /// Tunables of a session or listener. Both hosts of a pair must share a key of `keys` and
-/// use the same `max_frame_bytes` (the handshake refuses a peer whose `max_frame_bytes`
-/// differs).
+/// use the same `max_frame_bytes` and `protection` (the handshake refuses a peer whose
+/// `max_frame_bytes` or `protection` differs).
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
     /// Pre-shared keys of the host pair, the preferred first (a client offers them all, a
@@ -47,6 +47,9 @@ pub struct LinkConfig {
     pub local_id: String,
     /// Largest frame accepted or sent (length prefix value: header length + header + payload).
     pub max_frame_bytes: usize,
+    /// How frames after the handshake are protected: encrypted (the default), or only
+    /// authenticated, the data in clear, for measurements and trusted links.
+    pub protection: FrameProtection,
     /// Heartbeat period on each link.
     pub heartbeat_interval_ms: u64,
     /// A link that received nothing for this long is declared down and closed.
@@ -91,6 +94,7 @@ impl LinkConfig {
             client_keys: None,
             local_id: local_id.into(),
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            protection: FrameProtection::Encrypted,
             heartbeat_interval_ms: 100,
             link_timeout_ms: 1000,
             handshake_timeout_ms: 2000,

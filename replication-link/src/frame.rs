@@ -7,6 +7,14 @@
 //! nonce = direction byte || 3 zero bytes || frame counter u64 LE
 //! ```
 //!
+//! With encryption off ([`FrameProtection::AuthenticatedOnly`], both ends configured so, agreed
+//! in the handshake) the body travels in clear and the tag is AES-256-GCM's over nothing, with
+//! the body as the additional data (GMAC): `u32 LE body_len | body | tag`. The tag covers the
+//! body's length as well (GCM hashes the length of the additional data), so the prefix is
+//! authenticated as in the encrypted form; same keys, nonces and checks otherwise. Such a
+//! connection's keys differ from an encrypted one's (the mode is in the handshake transcript
+//! they are derived from).
+//!
 //! Each direction of a connection has its own key (`ConnectionKeys`, derived by the
 //! handshake), and the frame counter (frames sent before this one in that direction on that
 //! connection) is never sent: a tampered, forged, replayed, reordered, dropped or reflected
@@ -24,6 +32,7 @@ use std::io::{self, Read};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, NONCE_LEN};
 
+pub use crate::header::FrameProtection;
 use crate::header::{LinkHeader, MAX_HEADER_BYTES};
 
 /// Bytes of the body length prefix.
@@ -52,25 +61,51 @@ impl Direction {
     }
 }
 
-/// The AES-256-GCM key of one direction of one connection. `Debug` never shows it.
+/// The AES-256-GCM key of one direction of one connection, and how it protects the frames.
+/// `Debug` never shows the key.
 #[derive(Clone, PartialEq, Eq)]
-pub struct FrameKey([u8; 32]);
+pub struct FrameKey {
+    key: [u8; 32],
+    protection: FrameProtection,
+}
 
 impl FrameKey {
+    /// A key that encrypts ([`FrameProtection::Encrypted`]).
     pub fn from_bytes(key: [u8; 32]) -> FrameKey {
-        FrameKey(key)
+        FrameKey {
+            key,
+            protection: FrameProtection::Encrypted,
+        }
     }
 
-    fn cipher(&self) -> LessSafeKey {
-        let key = UnboundKey::new(&AES_256_GCM, &self.0);
-        LessSafeKey::new(key.expect("AES-256-GCM takes a 32-byte key"))
+    /// The same key protecting frames as `protection` says.
+    pub fn with_protection(self, protection: FrameProtection) -> FrameKey {
+        FrameKey { protection, ..self }
+    }
+
+    pub fn protection(&self) -> FrameProtection {
+        self.protection
+    }
+
+    fn cipher(&self) -> FrameCipher {
+        let key = UnboundKey::new(&AES_256_GCM, &self.key);
+        FrameCipher {
+            key: LessSafeKey::new(key.expect("AES-256-GCM takes a 32-byte key")),
+            protection: self.protection,
+        }
     }
 }
 
 impl fmt::Debug for FrameKey {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("FrameKey(<redacted>)")
+        write!(formatter, "FrameKey(<redacted>, {:?})", self.protection)
     }
+}
+
+/// A direction's expanded key and its protection.
+struct FrameCipher {
+    key: LessSafeKey,
+    protection: FrameProtection,
 }
 
 /// The two keys of one connection, one per direction, derived from its handshake (see
@@ -88,6 +123,18 @@ impl ConnectionKeys {
             client_to_server,
             server_to_client,
         }
+    }
+
+    /// Both keys protecting frames as `protection` says.
+    pub fn with_protection(self, protection: FrameProtection) -> ConnectionKeys {
+        ConnectionKeys {
+            client_to_server: self.client_to_server.with_protection(protection),
+            server_to_client: self.server_to_client.with_protection(protection),
+        }
+    }
+
+    pub fn protection(&self) -> FrameProtection {
+        self.client_to_server.protection
     }
 
     /// The key of the frames travelling in `direction`.
@@ -256,7 +303,7 @@ pub fn seal_body(
 /// Encrypts the body of the frame starting at `start` in `frame` (its prefix written, its body
 /// following to the end) and appends the tag.
 fn seal_in_place(
-    cipher: &LessSafeKey,
+    cipher: &FrameCipher,
     direction: Direction,
     counter: u64,
     frame: &mut Vec<u8>,
@@ -267,11 +314,23 @@ fn seal_in_place(
     if let Some(written) = frame.get(start..body_start) {
         prefix.copy_from_slice(written);
     }
-    let body = frame.get_mut(body_start..).unwrap_or_default();
-    let body_length = body.len();
+    let nonce = nonce(direction, counter);
+    let body_length = frame.len().saturating_sub(body_start);
     // Fails only for a body above 64 GiB; bodies are limited to `u32`.
-    let sealed =
-        cipher.seal_in_place_separate_tag(nonce(direction, counter), Aad::from(prefix), body);
+    let sealed = match cipher.protection {
+        FrameProtection::Encrypted => {
+            let body = frame.get_mut(body_start..).unwrap_or_default();
+            cipher
+                .key
+                .seal_in_place_separate_tag(nonce, Aad::from(prefix), body)
+        }
+        FrameProtection::AuthenticatedOnly => {
+            let body = frame.get(body_start..).unwrap_or_default();
+            cipher
+                .key
+                .seal_in_place_separate_tag(nonce, Aad::from(body), &mut [])
+        }
+    };
     match sealed {
         Ok(tag) => {
             frame.extend_from_slice(tag.as_ref());
@@ -290,7 +349,7 @@ fn seal_in_place(
 /// Checks the tag of a sealed body and decrypts it in place. On failure nothing of `body` may
 /// be used (it may be partly decrypted).
 fn open_body(
-    cipher: &LessSafeKey,
+    cipher: &FrameCipher,
     direction: Direction,
     counter: u64,
     prefix: &[u8],
@@ -298,10 +357,20 @@ fn open_body(
     tag: &[u8],
 ) -> Result<(), FrameError> {
     let tag = Tag::try_from(tag).map_err(|_| FrameError::BadTag)?;
-    cipher
-        .open_in_place_separate_tag(nonce(direction, counter), Aad::from(prefix), tag, body, 0..)
-        .map(|_| ())
-        .map_err(|_| FrameError::BadTag)
+    let nonce = nonce(direction, counter);
+    let opened = match cipher.protection {
+        FrameProtection::Encrypted => {
+            cipher
+                .key
+                .open_in_place_separate_tag(nonce, Aad::from(prefix), tag, body, 0..)
+        }
+        FrameProtection::AuthenticatedOnly => {
+            cipher
+                .key
+                .open_in_place_separate_tag(nonce, Aad::from(&*body), tag, &mut [], 0..)
+        }
+    };
+    opened.map(|_| ()).map_err(|_| FrameError::BadTag)
 }
 
 /// `direction byte || 3 zero bytes || counter u64 LE`: unique per key as long as the counter
@@ -416,7 +485,7 @@ pub(crate) struct ReadFrame {
 
 /// Reads, checks and opens the frames of one direction of a connection, counting them.
 pub(crate) struct FrameOpener {
-    cipher: LessSafeKey,
+    cipher: FrameCipher,
     direction: Direction,
     counter: u64,
     max_frame_bytes: usize,
@@ -470,7 +539,7 @@ impl FrameOpener {
 
 /// Seals the frames of one direction of a connection, counting them.
 pub(crate) struct FrameSealer {
-    cipher: LessSafeKey,
+    cipher: FrameCipher,
     direction: Direction,
     counter: u64,
     max_frame_bytes: usize,

@@ -3,9 +3,9 @@
 //! ```text
 //! client                                   server
 //!   Hello{version, client_id, service, session_id, client_nonce, send_base, limits,
-//!         key_ids} ->
+//!         key_ids, protection} ->
 //!   <- Challenge{params{version, server_id, server_nonce, instance, send_base, limits,
-//!                       key_id},
+//!                       key_id, protection},
 //!                server_proof = keyed_hash(psk, "server" || transcript)}
 //!   Proof{client_proof = keyed_hash(psk, "client" || transcript)} ->
 //! transcript = derive_key-hash of (len(hello) || postcard(hello) || postcard(params))
@@ -20,6 +20,12 @@
 //! whose server names a key it did not offer. So a host that took a new key and still holds
 //! the old one connects with a peer that has only the old one, and the new key is used as
 //! soon as both hold it. The offer is in the transcript: a changed offer fails the proofs.
+//! `protection` is each side's own configuration ([`FrameProtection`]: encryption on, or off
+//! for measurements): a server refuses a `Hello` naming another than its own (`link encryption
+//! differs`, before it proves anything), a client a `Challenge` naming another than its own.
+//! Both are in the transcript, so no one on the network can turn encryption off: a changed
+//! `Hello` is refused by the server or fails the proofs, and the keys of a connection without
+//! encryption differ from those of one with it.
 //! Either side answers a check that fails with `Refused{reason}` and closes. Handshake frames
 //! ([`crate::handshake_frame`]) carry no payload and travel in clear; every frame after them is
 //! sealed with the key of its direction ([`crate::frame`]). Both sides' fresh nonces make the
@@ -34,7 +40,8 @@ use crate::frame::{ConnectionKeys, Direction, FrameError, FrameKey};
 use crate::handshake_frame::HandshakeFrames;
 use crate::header::NONCE_BYTES;
 use crate::header::PROTOCOL_VERSION;
-use crate::header::{Hello, LinkHeader, LinkLimits, ServerParams, MAX_ID_BYTES, MAX_LINKS};
+use crate::header::{FrameProtection, Hello, LinkHeader, LinkLimits, ServerParams};
+use crate::header::{MAX_ID_BYTES, MAX_LINKS};
 use crate::key_ring::MAX_KEYS;
 use crate::psk::{KeyId, Psk};
 
@@ -44,6 +51,8 @@ const CLIENT_TO_SERVER_KEY_CONTEXT: &str = "ftvm replication frame key v2 client
 const SERVER_TO_CLIENT_KEY_CONTEXT: &str = "ftvm replication frame key v2 server to client";
 /// Reason a client sends when the server's proof did not verify.
 const AUTHENTICATION_REFUSAL: &str = "authentication failed";
+/// Reason a side sends when the peer's frame protection is not its own.
+const PROTECTION_REFUSAL: &str = "link encryption differs";
 const MAX_REASON_CHARS: usize = 200;
 
 /// Errors of this module.
@@ -63,6 +72,15 @@ pub enum HandshakeError {
     Version { version: u16 },
     #[error("peer's max_frame_bytes is {peer}, this side's {local}: configure both alike")]
     FrameLimit { peer: u32, local: u32 },
+    #[error(
+        "peer has link {}, this side {}: configure both hosts alike",
+        peer.describe(),
+        local.describe()
+    )]
+    Protection {
+        peer: FrameProtection,
+        local: FrameProtection,
+    },
     #[error("invalid {field} in the handshake")]
     Invalid { field: &'static str },
     #[error("handshake frame error")]
@@ -215,7 +233,7 @@ pub(crate) fn client_handshake(
             params,
             server_proof,
         } => (params, server_proof),
-        LinkHeader::Refused { reason } => return Err(refusal(&reason)),
+        LinkHeader::Refused { reason } => return Err(client_refusal(&reason, hello)),
         other => return Err(HandshakeError::Unexpected { kind: other.kind() }),
     };
     if params.protocol_version != PROTOCOL_VERSION {
@@ -231,6 +249,13 @@ pub(crate) fn client_handshake(
     let transcript = transcript(hello, &params)?;
     if !proof_matches(psk, b"server", &transcript, &server_proof) {
         return Err(channel.refuse(AUTHENTICATION_REFUSAL, HandshakeError::AuthenticationFailed));
+    }
+    if params.protection != hello.protection {
+        let error = HandshakeError::Protection {
+            peer: params.protection,
+            local: hello.protection,
+        };
+        return Err(channel.refuse(PROTECTION_REFUSAL, error));
     }
     if params.limits.max_frame_bytes != hello.limits.max_frame_bytes {
         let error = HandshakeError::FrameLimit {
@@ -249,10 +274,12 @@ pub(crate) fn client_handshake(
     Ok((params, keys))
 }
 
-/// Server side, first step: reads and checks the client's `Hello`.
+/// Server side, first step: reads and checks the client's `Hello` against this side's
+/// limits and frame protection.
 pub(crate) fn read_hello(
     channel: &mut HandshakeChannel<'_>,
     local: &LinkLimits,
+    protection: FrameProtection,
 ) -> Result<Hello, HandshakeError> {
     let hello = match channel.receive()? {
         LinkHeader::Hello(hello) => hello,
@@ -270,6 +297,13 @@ pub(crate) fn read_hello(
             local: local.max_frame_bytes,
         };
         return Err(channel.refuse("max_frame_bytes differs", error));
+    }
+    if hello.protection != protection {
+        let error = HandshakeError::Protection {
+            peer: hello.protection,
+            local: protection,
+        };
+        return Err(channel.refuse(PROTECTION_REFUSAL, error));
     }
     for (field, value) in [("client id", &hello.client_id), ("service", &hello.service)] {
         if value.is_empty() || value.len() > MAX_ID_BYTES {
@@ -337,6 +371,22 @@ pub(crate) fn answer_hello(
     Ok(connection_keys(psk, hello, &params, &transcript))
 }
 
+/// A server's refusal of `hello`: one for a frame protection other than the server's names
+/// both (there are two: the server's is the other one).
+fn client_refusal(reason: &str, hello: &Hello) -> HandshakeError {
+    if reason != PROTECTION_REFUSAL {
+        return refusal(reason);
+    }
+    let peer = match hello.protection {
+        FrameProtection::Encrypted => FrameProtection::AuthenticatedOnly,
+        FrameProtection::AuthenticatedOnly => FrameProtection::Encrypted,
+    };
+    HandshakeError::Protection {
+        peer,
+        local: hello.protection,
+    }
+}
+
 /// A peer's refusal: a failed authentication is named as such (the peer holds none of our
 /// keys, or proved with another), anything else with the peer's reason.
 fn refusal(reason: &str) -> HandshakeError {
@@ -400,7 +450,7 @@ fn proof_matches(psk: &Psk, label: &[u8], transcript: &[u8; 32], received: &[u8;
 }
 
 /// The connection's secret, from the key and both sides' fresh nonces, then one key per
-/// direction from it.
+/// direction from it, protecting frames as both sides agreed (the transcript holds it).
 fn connection_keys(
     psk: &Psk,
     hello: &Hello,
@@ -419,6 +469,7 @@ fn connection_keys(
         key(CLIENT_TO_SERVER_KEY_CONTEXT),
         key(SERVER_TO_CLIENT_KEY_CONTEXT),
     )
+    .with_protection(params.protection)
 }
 
 #[cfg(test)]
@@ -446,6 +497,7 @@ mod tests {
             send_base: 0,
             limits: limits(),
             key_ids: key_ids(keys),
+            protection: FrameProtection::Encrypted,
         }
     }
 
@@ -458,6 +510,7 @@ mod tests {
             send_base: 0,
             limits: limits(),
             key_id: key.id(),
+            protection: FrameProtection::Encrypted,
         }
     }
 
@@ -497,7 +550,7 @@ mod tests {
         let server = thread::spawn(move || -> ServerResult {
             let (stream, _) = listener.accept().expect("accept");
             let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
-            let hello = read_hello(&mut channel, &limits())?;
+            let hello = read_hello(&mut channel, &limits(), FrameProtection::Encrypted)?;
             let psk = choose_key(&mut channel, &hello, &server_keys)?;
             let keys = answer_hello(&mut channel, &psk, &hello, params(&psk))?;
             Ok((hello, keys))
@@ -558,6 +611,73 @@ mod tests {
         open(&new, &second).expect("genuine");
         let replayed = open(&old, &second);
         assert!(matches!(replayed, Err(FrameError::BadTag)), "{replayed:?}");
+    }
+
+    /// One handshake with the same key, the client and the server each with its own frame
+    /// protection.
+    fn run_protected(
+        client: FrameProtection,
+        server: FrameProtection,
+    ) -> (ServerResult, Result<ConnectionKeys, HandshakeError>) {
+        let key = Psk::from_bytes(b"0123456789abcdef").expect("psk");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server_key = key.clone();
+        let server_thread = thread::spawn(move || -> ServerResult {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
+            let hello = read_hello(&mut channel, &limits(), server)?;
+            let mut params = params(&server_key);
+            params.protection = server;
+            let keys = answer_hello(&mut channel, &server_key, &hello, params)?;
+            Ok((hello, keys))
+        });
+        let stream = TcpStream::connect(address).expect("connect");
+        let keys = [key];
+        let mut hello = hello(&keys);
+        hello.protection = client;
+        let result = client_handshake(&stream, &keys, &hello, Duration::from_secs(5));
+        drop(stream);
+        (
+            server_thread.join().expect("server thread"),
+            result.map(|(_, keys)| keys),
+        )
+    }
+
+    /// Encryption off on both sides: agreed, and the connection's keys say so (and differ
+    /// from an encrypted connection's, the mode being in the transcript). Off on one side
+    /// only, either one: refused on both sides, each naming both settings.
+    #[test]
+    fn both_sides_must_agree_on_encryption() {
+        use FrameProtection::{AuthenticatedOnly as Off, Encrypted as On};
+        let (server, client) = run_protected(Off, Off);
+        let client = client.expect("client");
+        assert_eq!(server.expect("server").1, client);
+        assert_eq!(client.protection(), Off);
+        let (_, encrypted) = run_protected(On, On);
+        assert_eq!(encrypted.expect("client").protection(), On);
+
+        for (client_side, server_side) in [(Off, On), (On, Off)] {
+            let (server, client) = run_protected(client_side, server_side);
+            let client_error = client.expect_err("client must fail");
+            let server_error = server.expect_err("server must fail");
+            assert!(
+                matches!(client_error, HandshakeError::Protection { peer, local }
+                    if peer == server_side && local == client_side),
+                "{client_error:?}"
+            );
+            assert!(
+                matches!(server_error, HandshakeError::Protection { peer, local }
+                    if peer == client_side && local == server_side),
+                "{server_error:?}"
+            );
+        }
+        let (_, client) = run_protected(Off, On);
+        assert_eq!(
+            client.expect_err("refused").to_string(),
+            "peer has link encryption on, this side encryption off (authenticated only): \
+             configure both hosts alike"
+        );
     }
 
     #[test]
@@ -629,7 +749,7 @@ mod tests {
         let server = thread::spawn(move || -> ServerResult {
             let (stream, _) = listener.accept().expect("accept");
             let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
-            let hello = read_hello(&mut channel, &limits())?;
+            let hello = read_hello(&mut channel, &limits(), FrameProtection::Encrypted)?;
             let keys = answer_hello(&mut channel, &server_key, &hello, params(&server_key))?;
             Ok((hello, keys))
         });
@@ -654,7 +774,7 @@ mod tests {
             let server = thread::spawn(move || {
                 let (stream, _) = listener.accept().expect("accept");
                 let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
-                read_hello(&mut channel, &limits()).map(|_| ())
+                read_hello(&mut channel, &limits(), FrameProtection::Encrypted).map(|_| ())
             });
             let stream = TcpStream::connect(address).expect("connect");
             let mut hello = hello(std::slice::from_ref(&key));
@@ -704,7 +824,7 @@ mod tests {
         let started = Instant::now();
         let mut channel =
             HandshakeChannel::new(&stream, Side::Server, started + Duration::from_millis(300));
-        let result = read_hello(&mut channel, &limits());
+        let result = read_hello(&mut channel, &limits(), FrameProtection::Encrypted);
         let elapsed = started.elapsed();
         assert!(matches!(result, Err(HandshakeError::Timeout)), "{result:?}");
         assert!(elapsed < Duration::from_millis(600), "took {elapsed:?}");

@@ -172,10 +172,10 @@ mod tests {
         }
     }
 
-    /// A version-2 peer (its Hello has no key ids) is read, so that the handshake can refuse
+    /// A version-2 peer (its Hello has no key ids) or version-3 one (no frame protection) is read, so that the handshake can refuse
     /// it by its version instead of as a malformed frame; a current Hello cut short is not.
     #[test]
-    fn a_version_2_hello_is_read_to_be_refused_by_its_version() {
+    fn a_version_2_or_3_hello_is_read_to_be_refused_by_its_version() {
         use crate::header::{LegacyHeader, LegacyHello, LinkLimits};
         let limits = LinkLimits {
             window_messages: 1,
@@ -202,6 +202,22 @@ mod tests {
             panic!("not a hello: {:?}", decoded.header);
         };
         assert_eq!((hello.protocol_version, hello.key_ids.len()), (2, 0));
+
+        // Version 3: key ids, no frame protection.
+        let LegacyHeader::Hello(mut v3) =
+            postcard::from_bytes::<LegacyHeader>(&header[..]).expect("decode");
+        v3.protocol_version = 3;
+        let key_ids = vec![crate::psk::KeyId([4; crate::psk::KEY_ID_BYTES])];
+        let v3 = crate::header::LegacyHeaderV3::Hello(v3, key_ids.clone());
+        let v3_header = postcard::to_allocvec(&v3).expect("encode");
+        let mut body = (v3_header.len() as u16).to_le_bytes().to_vec();
+        body.extend_from_slice(&v3_header);
+        let frame = checksum_body(&body, direction, 0);
+        let decoded = decode_handshake_frame(&frame, direction, 0).expect("decoded");
+        let LinkHeader::Hello(hello) = decoded.header else {
+            panic!("not a hello: {:?}", decoded.header);
+        };
+        assert_eq!((hello.protocol_version, hello.key_ids), (3, key_ids));
 
         let LegacyHeader::Hello(mut current) = legacy;
         current.protocol_version = crate::header::PROTOCOL_VERSION;

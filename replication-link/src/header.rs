@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::psk::KeyId;
 
 /// Version carried in `Hello` and `Challenge`; a peer with another version is refused.
-/// 3: the `Hello` offers the ids of the client's keys and the `Challenge` names the one the
+/// 4: `Hello` and `Challenge` name the frame protection ([`FrameProtection`]); 3: the `Hello` offers the ids of the client's keys and the `Challenge` names the one the
 /// server chose (key rotation); 2: frames after the handshake are sealed with AES-256-GCM
 /// (1: in clear, BLAKE3 MAC).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest encoded header, in bytes.
 pub const MAX_HEADER_BYTES: usize = 4096;
 /// Bytes a `Data` header needs beyond its application header (at most 28: variant, varints,
@@ -36,6 +36,31 @@ pub struct LinkLimits {
     pub max_frame_bytes: u32,
 }
 
+/// How the frames after the handshake are protected. Both ends of a link must be configured
+/// alike: each names its own in the handshake (covered by the proofs and the keys), and a
+/// server or client whose peer names the other is refused, so that no one on the network can
+/// turn encryption off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrameProtection {
+    /// AES-256-GCM over the body: confidential and authenticated (the default).
+    #[default]
+    Encrypted,
+    /// The body in clear, authenticated by AES-256-GCM with the body as additional data and
+    /// nothing encrypted (GMAC): tampering, replay and reordering are still refused, but
+    /// anyone on the link reads the guest's data. For measurements and trusted links only.
+    AuthenticatedOnly,
+}
+
+impl FrameProtection {
+    /// For logs and errors: "encryption on" / "encryption off".
+    pub fn describe(self) -> &'static str {
+        match self {
+            FrameProtection::Encrypted => "encryption on",
+            FrameProtection::AuthenticatedOnly => "encryption off (authenticated only)",
+        }
+    }
+}
+
 /// First frame of a connection, client to server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -56,6 +81,8 @@ pub struct Hello {
     /// The ids of the keys the client holds, the one it prefers first (1 to
     /// [`crate::key_ring::MAX_KEYS`]).
     pub key_ids: Vec<KeyId>,
+    /// How the client protects the frames after the handshake (its configuration).
+    pub protection: FrameProtection,
 }
 
 /// The server's part of the handshake transcript.
@@ -74,6 +101,8 @@ pub struct ServerParams {
     /// The key both sides prove and derive with: the first of the client's `key_ids` that
     /// the server holds.
     pub key_id: KeyId,
+    /// How the server protects the frames after the handshake (its configuration).
+    pub protection: FrameProtection,
 }
 
 /// Optional echo of the peer's last heartbeat time, for round-trip estimates.
@@ -124,8 +153,8 @@ pub enum LinkHeader {
     Rekey,
 }
 
-/// The `Hello` of protocol versions 1 and 2 (no `key_ids`): decoded only so that such a
-/// peer is refused with its version named, not as a malformed frame.
+/// The `Hello` of protocol versions 1 and 2 (no `key_ids`) and 3 (no `protection`): decoded
+/// only so that such a peer is refused with its version named, not as a malformed frame.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum LegacyHeader {
     Hello(LegacyHello),
@@ -143,11 +172,21 @@ pub(crate) struct LegacyHello {
     pub(crate) limits: LinkLimits,
 }
 
-/// `bytes` as an older version's `Hello` (exactly), as a `Hello` without key ids.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum LegacyHeaderV3 {
+    Hello(LegacyHello, Vec<KeyId>),
+}
+
+/// `bytes` as an older version's `Hello` (exactly), as a `Hello` with what it lacks empty.
 pub(crate) fn decode_legacy_hello(bytes: &[u8]) -> Option<LinkHeader> {
-    let (LegacyHeader::Hello(hello), rest) =
-        postcard::take_from_bytes::<LegacyHeader>(bytes).ok()?;
-    if !rest.is_empty() || hello.protocol_version >= PROTOCOL_VERSION {
+    let (hello, key_ids) = match postcard::take_from_bytes::<LegacyHeader>(bytes) {
+        Ok((LegacyHeader::Hello(hello), [])) => (hello, Vec::new()),
+        _ => match postcard::take_from_bytes::<LegacyHeaderV3>(bytes).ok()? {
+            (LegacyHeaderV3::Hello(hello, key_ids), []) => (hello, key_ids),
+            _ => return None,
+        },
+    };
+    if hello.protocol_version >= PROTOCOL_VERSION {
         return None;
     }
     Some(LinkHeader::Hello(Hello {
@@ -159,7 +198,8 @@ pub(crate) fn decode_legacy_hello(bytes: &[u8]) -> Option<LinkHeader> {
         client_nonce: hello.client_nonce,
         send_base: hello.send_base,
         limits: hello.limits,
-        key_ids: Vec::new(),
+        key_ids,
+        protection: FrameProtection::Encrypted,
     }))
 }
 
@@ -212,6 +252,7 @@ mod tests {
                 max_frame_bytes: u32::MAX,
             },
             key_ids: vec![KeyId([0xff; crate::psk::KEY_ID_BYTES]); crate::key_ring::MAX_KEYS],
+            protection: FrameProtection::AuthenticatedOnly,
         });
         let bytes = postcard::to_allocvec(&header).expect("encode");
         assert!(bytes.len() <= MAX_HEADER_BYTES, "{}", bytes.len());

@@ -38,6 +38,7 @@ mod reliability;
 mod shared;
 
 pub use config::{ConfigError, LinkConfig, DEFAULT_MAX_FRAME_BYTES};
+pub use header::FrameProtection;
 pub use key_ring::{KeyRing, KeyRingError};
 pub use listener::{LinkListener, ListenerError, ListenerEvent};
 pub use log_limit::error_chain;

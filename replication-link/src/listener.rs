@@ -560,7 +560,8 @@ impl ListenerShared {
         stream.set_nodelay(true).map_err(ServeError::Socket)?;
         let limits = self.config.receive_limits();
         let mut channel = HandshakeChannel::new(stream, Side::Server, deadline);
-        let hello = read_hello(&mut channel, &limits).map_err(ServeError::Handshake)?;
+        let hello = read_hello(&mut channel, &limits, self.config.protection)
+            .map_err(ServeError::Handshake)?;
         self.check_served(&mut channel, &hello)?;
         lock(&self.connections).admission.hello_received(id);
         let prepared = lock(&self.registry)
@@ -576,6 +577,7 @@ impl ListenerShared {
                 send_base: prepared.send_base,
                 limits,
                 key_id: psk.id(),
+                protection: self.config.protection,
             };
             answer_hello(&mut channel, &psk, &hello, params).map(|keys| (keys, psk.id()))
         });
@@ -845,6 +847,7 @@ mod tests {
             send_base: 0,
             limits: config.receive_limits(),
             key_ids: vec![key.id()],
+            protection: config.protection,
         }
     }
 

@@ -76,6 +76,7 @@ fn hello_frame() -> Vec<u8> {
             max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
         },
         key_ids: vec![support::psk().id()],
+        protection: replication_link::FrameProtection::Encrypted,
     });
     encode_handshake_frame(&hello, Direction::ClientToServer, 0).expect("encode")
 }

@@ -10,7 +10,7 @@ use replication_link::frame::Direction;
 use replication_link::handshake::HandshakeError;
 use replication_link::handshake_frame::{decode_handshake_frame, encode_handshake_frame};
 use replication_link::header::{Hello, LinkHeader, LinkLimits};
-use replication_link::{LinkConfig, Psk, Session, SessionError};
+use replication_link::{FrameProtection, LinkConfig, Psk, Session, SessionError};
 use support::{accept, config, listener, payload, recv_one, within, Fault, Relay, LONG};
 
 #[test]
@@ -145,6 +145,7 @@ fn hello(version: u16) -> LinkHeader {
             max_frame_bytes: replication_link::DEFAULT_MAX_FRAME_BYTES as u32,
         },
         key_ids: vec![support::psk().id()],
+        protection: replication_link::FrameProtection::Encrypted,
     })
 }
 
@@ -201,11 +202,21 @@ fn garbage_on_the_listener_port_is_dropped_and_good_clients_still_work() {
 /// Sends 20 messages through a relay that applies `fault` once; each must arrive exactly once,
 /// in order and intact, and the server's link must have counted a tag failure.
 fn survive_fault(fault: Fault) {
-    let listener = listener(1, config("host-b"));
+    survive_fault_protected(fault, FrameProtection::Encrypted);
+}
+
+/// `survive_fault` with both sides' frames protected as `protection` says; returns what
+/// crossed the link.
+fn survive_fault_protected(fault: Fault, protection: FrameProtection) -> Vec<u8> {
+    let protected = |id: &str| LinkConfig {
+        protection,
+        ..config(id)
+    };
+    let listener = listener(1, protected("host-b"));
     let relay = Relay::start(listener.local_addrs()[0]);
     relay.inject(fault);
     let client =
-        Session::connect(vec![relay.address()], "blk:fault", config("host-a")).expect("connect");
+        Session::connect(vec![relay.address()], "blk:fault", protected("host-a")).expect("connect");
     let server = accept(&listener);
     for index in 0..20u64 {
         client.send(b"w", payload(index, 2000)).expect("send");
@@ -230,6 +241,7 @@ fn survive_fault(fault: Fault) {
         "the client reconnected"
     );
     assert!(client.flush(LONG).expect("flush"));
+    relay.captured()
 }
 
 #[test]
@@ -301,6 +313,69 @@ fn the_link_carries_no_plaintext() {
     }
     // The session names travel in clear, in the handshake: the capture is the real one.
     assert!(captured.windows(10).any(|window| window == b"blk:canary"));
+}
+
+/// Encryption off (both sides configured so): what crosses the link holds the guest's data in
+/// clear, and the frames are still authenticated: a tampered one is refused and its message
+/// sent again, and every message arrives once, intact.
+#[test]
+fn without_encryption_the_data_is_in_clear_and_tampering_still_refused() {
+    let captured =
+        survive_fault_protected(Fault::FlipPayloadByte, FrameProtection::AuthenticatedOnly);
+    for index in [0u64, 7, 19] {
+        let needle = payload(index, 2000);
+        assert!(
+            captured
+                .windows(needle.len())
+                .any(|window| window == needle),
+            "message {index} did not cross the link in clear"
+        );
+    }
+}
+
+/// A side with encryption off and one with it on never connect, whichever is the server:
+/// both refuse, and the client's error names both settings.
+#[test]
+fn a_side_with_encryption_off_is_refused_by_one_with_it_on() {
+    use FrameProtection::{AuthenticatedOnly as Off, Encrypted as On};
+    for (client_side, server_side) in [(Off, On), (On, Off)] {
+        let listener = listener(
+            1,
+            LinkConfig {
+                protection: server_side,
+                ..config("host-b")
+            },
+        );
+        let client_config = LinkConfig {
+            protection: client_side,
+            ..config("host-a")
+        };
+        let client = Session::connect(listener.local_addrs().to_vec(), "blk:x", client_config)
+            .expect("connect");
+        client
+            .send(b"must not arrive", vec![0; 10])
+            .expect("queued");
+        within(LONG).until("a refused handshake on both sides", || {
+            client.stats().links[0].last_error.is_some()
+                && listener.stats().addresses[0].handshake_errors > 0
+        });
+        let expected = format!(
+            "peer has link {}, this side {}",
+            server_side.describe(),
+            client_side.describe()
+        );
+        let last_error = client.stats().links[0]
+            .last_error
+            .clone()
+            .unwrap_or_default();
+        assert!(last_error.contains(&expected), "{last_error}");
+        assert!(!client.peer_reachable());
+        assert_eq!(listener.stats().addresses[0].handshakes_completed, 0);
+        assert!(
+            listener.next_event(Duration::from_millis(20)).is_none(),
+            "no session"
+        );
+    }
 }
 
 #[test]

@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::mirror::primary::Connector;
 use crate::mirror::protocol::{Message, Received, Transport};
-use crate::replication::ReplicationConfig;
+use crate::replication::{LinkEncryption, ReplicationConfig};
 
 #[derive(Debug, Error)]
 pub enum LinkSetupError {
@@ -47,8 +47,18 @@ impl LinkSettings {
                 .map_err(|error| LinkSetupError::Psk(error.into()))?
                 .into(),
         };
+        if config.link_encryption == LinkEncryption::Off {
+            warn!(
+                "LINK ENCRYPTION IS OFF (--link-encryption off): the guest's disk data crosses \
+                 the A-links in clear, readable by anyone on them (frames are still \
+                 authenticated). For measurements and trusted links only."
+            );
+        }
         Ok(LinkSettings {
-            config: LinkConfig::new(psk, config.host_id.clone()),
+            config: LinkConfig {
+                protection: config.link_encryption.protection(),
+                ..LinkConfig::new(psk, config.host_id.clone())
+            },
             peers: config.peers.clone(),
             listen: config.listen.clone(),
             service: config.service.clone(),

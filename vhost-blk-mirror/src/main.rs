@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use vhost_blk_mirror::mirror::primary::ResyncOptions;
-use vhost_blk_mirror::replication::{ReplicationConfig, RoleKind};
+use vhost_blk_mirror::replication::{LinkEncryption, ReplicationConfig, RoleKind};
 use vhost_blk_mirror::{run, Config};
 
 /// Serve a guest disk to QEMU over vhost-user-blk from a raw image file or block device, and
@@ -57,6 +57,12 @@ struct Args {
     /// Pre-shared key of this host pair (at least 16 bytes; same file on both hosts).
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
+    /// Encryption of the replication link. `off` sends the guest's disk data across the
+    /// A-links in clear (still authenticated: tampered, replayed or reordered frames are
+    /// refused): anyone on those links reads it. For measurements and trusted links only.
+    /// Both hosts must be set alike; a peer set otherwise is refused in the handshake.
+    #[arg(long, value_enum, value_name = "ON|OFF", default_value_t = LinkEncryption::On)]
+    link_encryption: LinkEncryption,
     /// Replication metadata: generation, disk state, out-of-sync bitmap
     /// (default: IMAGE.ftvm-meta).
     #[arg(long, value_name = "FILE")]
@@ -137,6 +143,7 @@ fn main() -> ExitCode {
         peers: args.peer,
         listen: args.listen,
         psk_file: args.psk_file,
+        link_encryption: args.link_encryption,
         metadata: args.meta,
         resync: ResyncOptions {
             rate_limit: args.resync_rate_limit,

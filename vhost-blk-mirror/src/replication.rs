@@ -29,6 +29,26 @@ pub enum RoleKind {
     Secondary,
 }
 
+/// `--link-encryption`: whether the A-link frames are encrypted (the default) or only
+/// authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LinkEncryption {
+    /// AES-256-GCM over every frame: confidential and authenticated.
+    On,
+    /// The disk data in clear on the A-links, frames still authenticated: for measurements
+    /// and trusted links only.
+    Off,
+}
+
+impl LinkEncryption {
+    pub fn protection(self) -> replication_link::FrameProtection {
+        match self {
+            LinkEncryption::On => replication_link::FrameProtection::Encrypted,
+            LinkEncryption::Off => replication_link::FrameProtection::AuthenticatedOnly,
+        }
+    }
+}
+
 /// Replication settings from the command line.
 #[derive(Clone, Debug)]
 pub struct ReplicationConfig {
@@ -36,6 +56,8 @@ pub struct ReplicationConfig {
     pub peers: Vec<SocketAddr>,
     pub listen: Vec<SocketAddr>,
     pub psk_file: Option<PathBuf>,
+    /// `--link-encryption` (on unless asked otherwise).
+    pub link_encryption: LinkEncryption,
     pub metadata: Option<PathBuf>,
     /// Rate limit and compare mode of the background resync.
     pub resync: ResyncOptions,
@@ -88,9 +110,13 @@ impl ReplicationConfig {
         let missing = |role, what| Err(ReplicationError::Missing { role, what });
         match self.role {
             RoleKind::Standalone => {
-                if !self.peers.is_empty() || !self.listen.is_empty() || self.psk_file.is_some() {
+                if !self.peers.is_empty()
+                    || !self.listen.is_empty()
+                    || self.psk_file.is_some()
+                    || self.link_encryption != LinkEncryption::On
+                {
                     return Err(ReplicationError::NotFor {
-                        what: "--peer, --listen and --psk-file",
+                        what: "--peer, --listen, --psk-file and --link-encryption",
                         role: "primary or secondary",
                     });
                 }
@@ -206,6 +232,7 @@ mod tests {
             peers: Vec::new(),
             listen: Vec::new(),
             psk_file: None,
+            link_encryption: LinkEncryption::On,
             metadata: None,
             resync: ResyncOptions::default(),
             host_id: "test".into(),
@@ -220,6 +247,14 @@ mod tests {
     #[test]
     fn flags_must_fit_the_role() {
         assert!(config(RoleKind::Standalone).validate().is_ok());
+        let standalone_off = ReplicationConfig {
+            link_encryption: LinkEncryption::Off,
+            ..config(RoleKind::Standalone)
+        };
+        assert!(matches!(
+            standalone_off.validate(),
+            Err(ReplicationError::NotFor { .. })
+        ));
         let mut primary = config(RoleKind::Primary);
         assert!(matches!(
             primary.validate(),

@@ -356,3 +356,81 @@ fn sealer_refuses_frames_above_the_limit() {
     assert!(matches!(result, Err(FrameError::TooLarge { .. })));
     assert_eq!(output, vec![1, 2, 3]);
 }
+
+/// Encryption off: the body travels in clear, the tag still covers it (and its length), and
+/// the same key protecting frames the other way opens none of them.
+#[test]
+fn without_encryption_the_body_is_in_clear_and_still_authenticated() {
+    let direction = Direction::ClientToServer;
+    let off = keys().with_protection(FrameProtection::AuthenticatedOnly);
+    assert_eq!(off.protection(), FrameProtection::AuthenticatedOnly);
+    let payload = b"GUEST-BLOCK-IN-CLEAR-".repeat(50);
+    let mut sealer = FrameSealer::new(&off, direction, LIMIT);
+    let mut stream = Vec::new();
+    for seq in 0..2u64 {
+        sealer
+            .write_frame(&mut stream, &data_header(seq), &payload)
+            .expect("write");
+    }
+    let body_start = LENGTH_PREFIX_BYTES;
+    assert_eq!(
+        stream.get(body_start..body_start + payload.len()),
+        Some(payload.as_slice()),
+        "the payload is on the wire as it is"
+    );
+    let mut opener = FrameOpener::new(&off, direction, LIMIT);
+    let mut input = stream.as_slice();
+    for seq in 0..2u64 {
+        let read = opener.read_frame(&mut input).expect("read");
+        assert_eq!(
+            (read.header, read.payload),
+            (data_header(seq), payload.clone())
+        );
+    }
+    let first =
+        encode_frame(&data_header(0), &payload, off.key(direction), direction, 0).expect("encode");
+    assert_eq!(stream.get(..first.len()), Some(first.as_slice()));
+    let open = |frame: &[u8], key: &FrameKey, counter| {
+        decode_frame(frame, key, direction, counter, LIMIT).map(|decoded| decoded.payload)
+    };
+    assert_eq!(
+        open(&first, off.key(direction), 0).expect("genuine"),
+        payload
+    );
+    // A flipped payload byte, header byte or tag byte; another counter (a replay); the
+    // encrypting key; a frame cut short with its length prefix changed to match.
+    for index in [body_start + 3, first.len() - TAG_BYTES - 3, first.len() - 1] {
+        let mut tampered = first.clone();
+        tampered[index] ^= 0x01;
+        let result = open(&tampered, off.key(direction), 0);
+        assert!(
+            matches!(result, Err(FrameError::BadTag)),
+            "byte {index}: {result:?}"
+        );
+    }
+    let replayed = open(&first, off.key(direction), 1);
+    assert!(matches!(replayed, Err(FrameError::BadTag)), "{replayed:?}");
+    let encrypted = open(&first, keys().key(direction), 0);
+    assert!(
+        matches!(encrypted, Err(FrameError::BadTag)),
+        "{encrypted:?}"
+    );
+    let mut shortened = first.clone();
+    shortened.remove(body_start);
+    let length = u32::from_le_bytes(shortened[..4].try_into().expect("4 bytes")) - 1;
+    shortened[..4].copy_from_slice(&length.to_le_bytes());
+    let result = open(&shortened, off.key(direction), 0);
+    assert!(matches!(result, Err(FrameError::BadTag)), "{result:?}");
+    // And an encrypted frame's payload is not readable, nor opened as authenticated only.
+    let sealed = encode_frame(
+        &data_header(0),
+        &payload,
+        keys().key(direction),
+        direction,
+        0,
+    )
+    .expect("seal");
+    assert!(!sealed.windows(20).any(|window| window == &payload[..20]));
+    let result = open(&sealed, off.key(direction), 0);
+    assert!(matches!(result, Err(FrameError::BadTag)), "{result:?}");
+}
