@@ -544,19 +544,35 @@ mod tests {
         ServerResult,
         Result<(KeyId, ConnectionKeys), HandshakeError>,
     ) {
+        let on = FrameProtection::Encrypted;
+        run_with_protection(client_keys, server_keys, [on, on])
+    }
+
+    /// `run_with`, the client and the server each with its own frame protection.
+    fn run_with_protection(
+        client_keys: &[Psk],
+        server_keys: &[Psk],
+        [client_protection, server_protection]: [FrameProtection; 2],
+    ) -> (
+        ServerResult,
+        Result<(KeyId, ConnectionKeys), HandshakeError>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("address");
         let server_keys = server_keys.to_vec();
         let server = thread::spawn(move || -> ServerResult {
             let (stream, _) = listener.accept().expect("accept");
             let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
-            let hello = read_hello(&mut channel, &limits(), FrameProtection::Encrypted)?;
+            let hello = read_hello(&mut channel, &limits(), server_protection)?;
             let psk = choose_key(&mut channel, &hello, &server_keys)?;
-            let keys = answer_hello(&mut channel, &psk, &hello, params(&psk))?;
+            let mut params = params(&psk);
+            params.protection = server_protection;
+            let keys = answer_hello(&mut channel, &psk, &hello, params)?;
             Ok((hello, keys))
         });
         let stream = TcpStream::connect(address).expect("connect");
-        let hello = hello(client_keys);
+        let mut hello = hello(client_keys);
+        hello.protection = client_protection;
         let client = client_handshake(&stream, client_keys, &hello, Duration::from_secs(5))
             .map(|(params, keys)| (params.key_id, keys));
         drop(stream);
@@ -619,29 +635,9 @@ mod tests {
         client: FrameProtection,
         server: FrameProtection,
     ) -> (ServerResult, Result<ConnectionKeys, HandshakeError>) {
-        let key = Psk::from_bytes(b"0123456789abcdef").expect("psk");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let address = listener.local_addr().expect("address");
-        let server_key = key.clone();
-        let server_thread = thread::spawn(move || -> ServerResult {
-            let (stream, _) = listener.accept().expect("accept");
-            let mut channel = HandshakeChannel::new(&stream, Side::Server, deadline(5));
-            let hello = read_hello(&mut channel, &limits(), server)?;
-            let mut params = params(&server_key);
-            params.protection = server;
-            let keys = answer_hello(&mut channel, &server_key, &hello, params)?;
-            Ok((hello, keys))
-        });
-        let stream = TcpStream::connect(address).expect("connect");
-        let keys = [key];
-        let mut hello = hello(&keys);
-        hello.protection = client;
-        let result = client_handshake(&stream, &keys, &hello, Duration::from_secs(5));
-        drop(stream);
-        (
-            server_thread.join().expect("server thread"),
-            result.map(|(_, keys)| keys),
-        )
+        let keys = keys(&[b"0123456789abcdef"]);
+        let (server, client) = run_with_protection(&keys, &keys, [client, server]);
+        (server, client.map(|(_, keys)| keys))
     }
 
     /// Encryption off on both sides: agreed, and the connection's keys say so (and differ
