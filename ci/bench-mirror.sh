@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# ci/bench-mirror.sh — Level 2 mirroring benchmark: local-only vs mirrored over an A-link,
-# with the link itself and the resync rates measured in the same run.
+# ci/bench-mirror.sh — Level 2 mirroring benchmark (issue 12): local-only vs mirrored over the
+# A-links, encryption on and off, against QEMU's own synchronous mirror, with the link, the
+# resync rates and the cipher measured in the same run.
 #
 # Usage: sudo ci/bench-mirror.sh [--seconds S] [--image-mib N] [--delta-mib N]
 #
@@ -8,20 +9,27 @@
 #   --image-mib N    size of the disk images in MiB (default 1024)
 #   --delta-mib N    data written while degraded, resynced as a delta (default 256)
 #
-# Steps: installs missing Debian packages (iperf3, jq, socat, ...), builds the release
-# binaries, (re)creates test hosts bench-hostA/bench-hostB (ci/hosts.sh), and two raw images
-# under target/bench/ filled with random data (cached between runs). Then it measures:
+# Steps: installs missing Debian packages (iperf3, jq, socat, qemu-system-common for
+# qemu-storage-daemon, ...), builds the release binaries and the cipher example, (re)creates
+# test hosts bench-hostA/bench-hostB (ci/hosts.sh), and two raw images under target/bench/
+# filled with random data (cached between runs). Then it measures:
 #   1. the link: iperf3 TCP throughput hostA -> hostB over alink1 (3 s) and ping RTT;
 #   2. local-only: a standalone vhost-blk-mirror in hostA;
 #   3. full sync: a fresh secondary in hostB, time from primary start to UpToDate;
 #   4. mirrored: the same primary (peers 10.77.1.2 and 10.77.2.2), secondary UpToDate;
 #   5. delta resync: secondary killed, primary told continue-degraded, --delta-mib written,
-#      secondary restarted, time to UpToDate.
+#      secondary restarted, time to UpToDate;
+#   6. mirrored with encryption off: both daemons restarted with --link-encryption off;
+#   7. QEMU local: qemu-storage-daemon in hostA exporting image A as vhost-user-blk;
+#   8. QEMU's mirror: the same daemon, a blockdev-mirror job (sync=full,
+#      copy-mode=write-blocking) to an NBD export of qemu-storage-daemon in hostB over
+#      alink1; its initial copy timed to the job's BLOCK_JOB_READY event, then the workloads;
+#   9. the cipher alone: GB/s per core (replication-link's example `cipher`).
 # Workloads (ftvm-blk-bench in hostA, EVENT_IDX on): 4k randwrite QD1, 4k randwrite QD32,
-# 1 MiB sequential write QD4. Prints markdown tables and PASS/MISS against the goals taken from
-# DRBD's published figures. A benchmark, not a test: exit status 0 whether goals are met or
-# not, non-zero only when something broke. Everything it starts is stopped by PID, the hosts
-# are removed and temporary files deleted, also on failure or Ctrl-C. Needs root.
+# 1 MiB sequential write QD4. Prints markdown tables and PASS/MISS against issue 12's goals.
+# A benchmark, not a test: exit status 0 whether goals are met or not, non-zero only when
+# something broke. Everything it starts is stopped by PID, the hosts are removed and
+# temporary files deleted, also on failure or Ctrl-C. Needs root.
 set -euo pipefail
 export LC_ALL=C
 
@@ -38,7 +46,9 @@ PREFIX=bench-
 HOST_A=${PREFIX}hostA
 HOST_B=${PREFIX}hostB
 PORT=7400
+NBD_PORT=7401
 LINK_SECONDS=3
+CIPHER_SECONDS=1
 
 
 is_number() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]]; }
@@ -91,6 +101,7 @@ declare -A PIDS=()
 cleanup() {
 	local rc=$? name file
 	trap - EXIT INT TERM
+	exec 7>&- 2>/dev/null || true
 	for name in "${!PIDS[@]}"; do stop "$name"; done
 	if ((rc != 0)) && [[ -n $RUN && -d $RUN ]]; then
 		for file in "$RUN"/*.log; do
@@ -196,11 +207,14 @@ run_workloads() { # PREFIX SOCKET
 
 # --- setup ----------------------------------------------------------------------------------
 
-bash ci/install-deps.sh iperf3 jq socat iputils-ping
+bash ci/install-deps.sh iperf3 jq socat iputils-ping qemu-system-common
 for tool in iperf3 jq socat ping ip flock awk; do
 	command -v "$tool" >/dev/null || die "$tool not found after ci/install-deps.sh"
 done
+QSD=$(command -v qemu-storage-daemon) ||
+	die "qemu-storage-daemon not found (Debian package qemu-system-common; ci/install-deps.sh installs it)"
 cargo build --release --locked -p vhost-blk-mirror -p vhost-user-blk-load
+cargo build --release --locked -p replication-link --example cipher
 
 mkdir -p "$WORK"
 RUN=$(mktemp -d "$WORK/mirror-run.XXXXXX")
@@ -285,12 +299,18 @@ stop local
 PRIMARY_SOCK=$SOCKDIR/primary.sock
 PRIMARY_CTL=$SOCKDIR/primary.ctl
 SECONDARY_CTL=$SOCKDIR/secondary.ctl
-start_secondary() {
+start_secondary() { # [EXTRA-ARGS...]
 	start secondary "$HOST_B" "$BIN/vhost-blk-mirror" --role secondary \
 		--listen "10.77.1.2:$PORT" --listen "10.77.2.2:$PORT" --psk-file "$RUN/psk" \
 		--image "$IMAGE_B" --meta "$RUN/b.ftvm-meta" --serial bench-disk \
-		--socket "$SOCKDIR/secondary.sock" --control "$SECONDARY_CTL"
+		--socket "$SOCKDIR/secondary.sock" --control "$SECONDARY_CTL" "$@"
 	wait_until "the secondary" 10 secondary answers "$SECONDARY_CTL"
+}
+start_primary() { # [EXTRA-ARGS...]
+	start primary "$HOST_A" "$BIN/vhost-blk-mirror" --role primary \
+		--peer "10.77.1.2:$PORT" --peer "10.77.2.2:$PORT" --psk-file "$RUN/psk" \
+		--image "$IMAGE_A" --meta "$RUN/a.ftvm-meta" --serial bench-disk \
+		--socket "$PRIMARY_SOCK" --control "$PRIMARY_CTL" "$@"
 }
 up_to_date() { state_is "$PRIMARY_CTL" .replication.disk_state UpToDate; }
 
@@ -300,10 +320,7 @@ start_secondary
 log "full sync of ${IMAGE_MIB} MiB to a fresh secondary"
 LOG_FROM=1
 T0=$(now)
-start primary "$HOST_A" "$BIN/vhost-blk-mirror" --role primary \
-	--peer "10.77.1.2:$PORT" --peer "10.77.2.2:$PORT" --psk-file "$RUN/psk" \
-	--image "$IMAGE_A" --meta "$RUN/a.ftvm-meta" --serial bench-disk \
-	--socket "$PRIMARY_SOCK" --control "$PRIMARY_CTL"
+start_primary
 wait_until "the full sync" 600 primary up_to_date
 FULL_WALL_S=$(calc "$(now) - $T0")
 FULL_BYTES=$(field "$PRIMARY_CTL" .replication.resync.bytes_done)
@@ -344,34 +361,147 @@ fi
 stop primary
 stop secondary
 
+# --- 6. mirrored, encryption off -----------------------------------------------------------
+
+log "mirrored with encryption off: both daemons restarted with --link-encryption off"
+OFF_FROM=$(($(wc -l <"$RUN/primary.log") + 1))
+start_secondary --link-encryption off
+start_primary --link-encryption off
+wait_until "UpToDate with encryption off" 600 primary up_to_date
+tail -n "+$OFF_FROM" "$RUN/primary.log" | grep -q 'LINK ENCRYPTION IS OFF' ||
+	die "the primary did not log that encryption is off"
+run_workloads mirrored-off "$PRIMARY_SOCK"
+stop primary
+stop secondary
+
+# --- 7. QEMU local --------------------------------------------------------------------------
+
+QSD_SOCK=$SOCKDIR/qsd.sock
+QSD_QMP=$SOCKDIR/qsd-a.qmp
+log "QEMU: $("$QSD" --version | head -n 1)"
+start qsd-a "$HOST_A" "$QSD" \
+	--blockdev "driver=file,node-name=file0,filename=$IMAGE_A" \
+	--blockdev driver=raw,node-name=disk0,file=file0 \
+	--export "type=vhost-user-blk,id=vhost0,addr.type=unix,addr.path=$QSD_SOCK,node-name=disk0,writable=on,num-queues=1" \
+	--chardev "socket,id=qmp0,path=$QSD_QMP,server=on,wait=off" --monitor chardev=qmp0
+socket_exists() { [[ -S $1 ]]; }
+wait_until "qemu-storage-daemon in hostA" 10 qsd-a socket_exists "$QSD_SOCK"
+wait_until "qemu-storage-daemon's QMP socket" 10 qsd-a socket_exists "$QSD_QMP"
+run_workloads qemu-local "$QSD_SOCK"
+
+# --- 8. QEMU's synchronous mirror -----------------------------------------------------------
+
+# One QMP connection held open for the phase: commands in through fd 7 (a FIFO), replies and
+# events (with QEMU's timestamps) appended to qmp.out.
+mkfifo "$RUN/qmp.in"
+exec 7<>"$RUN/qmp.in"
+socat - "UNIX-CONNECT:$QSD_QMP" <"$RUN/qmp.in" >>"$RUN/qmp.out" 2>>"$RUN/qmp.log" &
+PIDS[qmp]=$!
+qmp_reply() { # ID: the reply to the command with that id is in qmp.out
+	[[ -s $RUN/qmp.out ]] && jq -e --arg id "$1" 'select(.id? == $id)' "$RUN/qmp.out" >/dev/null 2>&1
+}
+qmp() { # ID COMMAND ARGUMENTS-JSON: sends a command, waits for its reply, fails on an error
+	local reply
+	printf '{"execute": "%s", "arguments": %s, "id": "%s"}\n' "$2" "$3" "$1" >&7
+	wait_until "QMP $2" 30 qsd-a qmp_reply "$1"
+	reply=$(jq -c --arg id "$1" 'select(.id? == $id)' "$RUN/qmp.out")
+	if jq -e 'has("error")' <<<"$reply" >/dev/null; then die "QMP $2 failed: $reply"; fi
+}
+log "QEMU mirror: qemu-storage-daemon in hostB exports image B over NBD on 10.77.1.2:$NBD_PORT"
+start qsd-b "$HOST_B" "$QSD" \
+	--blockdev "driver=file,node-name=file0,filename=$IMAGE_B" \
+	--blockdev driver=raw,node-name=disk0,file=file0 \
+	--nbd-server "addr.type=inet,addr.host=10.77.1.2,addr.port=$NBD_PORT" \
+	--export type=nbd,id=nbd0,node-name=disk0,name=disk0,writable=on
+nbd_listening() { ip netns exec "$HOST_B" ss -ltnH "sport = :$NBD_PORT" | grep -q .; }
+wait_until "the NBD export in hostB" 10 qsd-b nbd_listening
+qmp caps qmp_capabilities '{}'
+qmp add blockdev-add "{\"driver\": \"nbd\", \"node-name\": \"remote0\", \"export\": \"disk0\",
+	\"server\": {\"type\": \"inet\", \"host\": \"10.77.1.2\", \"port\": \"$NBD_PORT\"}}"
+log "QEMU mirror: blockdev-mirror sync=full copy-mode=write-blocking, initial copy of ${IMAGE_MIB} MiB"
+QEMU_T0=$(now)
+qmp mirror blockdev-mirror '{"job-id": "mirror0", "device": "disk0", "target": "remote0",
+	"sync": "full", "copy-mode": "write-blocking"}'
+job_ready() { jq -e 'select(.event? == "BLOCK_JOB_READY")' "$RUN/qmp.out" >/dev/null 2>&1; }
+job_failed() { jq -e 'select(.event? == "BLOCK_JOB_COMPLETED" or .event? == "BLOCK_JOB_CANCELLED")' "$RUN/qmp.out" >/dev/null 2>&1; }
+ready_or_failed() { job_ready || job_failed; }
+wait_until "QEMU's mirror job to be ready" 600 qsd-a ready_or_failed
+job_ready || die "QEMU's mirror job ended before it was ready: $(jq -c 'select(.event?)' "$RUN/qmp.out" | tail -n 3)"
+QEMU_FULL_S=$(jq -r 'select(.event? == "BLOCK_JOB_READY") | .timestamp.seconds + .timestamp.microseconds / 1e6' \
+	"$RUN/qmp.out" | head -n 1)
+QEMU_FULL_S=$(calc "$QEMU_FULL_S - $QEMU_T0")
+QEMU_FULL_BYTES=$(jq -r 'select(.event? == "BLOCK_JOB_READY") | .data.len' "$RUN/qmp.out" | head -n 1)
+run_workloads qemu-mirror "$QSD_SOCK"
+# Still mirroring after the workloads (not failed, not cancelled).
+job_failed && die "QEMU's mirror job ended during the workloads: $(jq -c 'select(.event?)' "$RUN/qmp.out" | tail -n 3)"
+exec 7>&-
+stop qmp
+stop qsd-a
+stop qsd-b
+
+# --- 9. the cipher alone --------------------------------------------------------------------
+
+log "the cipher alone: ${CIPHER_SECONDS} s per figure"
+"$ROOT/target/release/examples/cipher" "$CIPHER_SECONDS" >"$RUN/cipher.md" || die "the cipher example failed"
+BUSY_END=$(cpu_busy_percent)
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+
 # --- report ---------------------------------------------------------------------------------
+
+ratio() { calc "$(get "$1" "$3") / $(get "$2" "$3")"; } # RESULT-A RESULT-B JQ-FILTER: A / B
+perf() { # RESULT-NAME: "IOPS | MB/s | p50/p99 µs" cells
+	printf '%.0f | %.1f | %.0f/%.0f' "$(get "$1" .iops)" "$(get "$1" .bandwidth_mb_s)" \
+		"$(get "$1" .latency.p50_us)" "$(get "$1" .latency.p99_us)"
+}
 
 echo
 echo "### Level 2 mirroring benchmark, $(date -u +%Y-%m-%d) ($MACHINE)"
 echo
 echo "Command: \`sudo ci/bench-mirror.sh --seconds $SECONDS_PER_RUN --image-mib $IMAGE_MIB" \
 	"--delta-mib $DELTA_MIB\`; images ${IMAGE_MIB} MiB of random data (page cache), one queue," \
-	"EVENT_IDX; mirrored = primary in hostA, secondary in hostB over alink1 + alink2." \
-	"CPUs ${BUSY_START}% busy before the run. Tree: $(tree_version)."
+	"EVENT_IDX; mirrored = primary in hostA, secondary in hostB over alink1 + alink2;" \
+	"QEMU's mirror over alink1 (NBD). CPUs ${BUSY_START}% busy before the run, ${BUSY_END}%" \
+	"after; load average at the end $LOAD. Tree: $(tree_version)."
 echo
 echo "| link (alink1, hostA → hostB) | value |"
 echo "|---|---:|"
 echo "| TCP throughput (iperf3, 1 stream, ${LINK_SECONDS} s) | $(fmt 0 "$LINK_MBS") MB/s ($(fmt 1 "$(calc "$LINK_MBS * 8 / 1000")") Gbit/s) |"
 echo "| RTT (ping -c 20 -i 0.05, avg) | ${RTT_US} µs |"
 echo
-echo "| workload | local IOPS | local MB/s | local p50/p99 µs | mirrored IOPS | mirrored MB/s | mirrored p50/p99 µs | ratio mirrored/local |"
+echo "ftvm (\`vhost-blk-mirror\`), encryption on (the default):"
+echo
+echo "| workload | local IOPS | local MB/s | local p50/p99 µs | mirrored IOPS | mirrored MB/s | mirrored p50/p99 µs | mirrored/local |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for w in "${WORKLOADS[@]}"; do
-	printf '| %s | %.0f | %.1f | %.0f/%.0f | %.0f | %.1f | %.0f/%.0f | %.2f |\n' \
-		"${WORKLOAD_NAME[$w]}" \
-		"$(get "local-$w" .iops)" "$(get "local-$w" .bandwidth_mb_s)" \
-		"$(get "local-$w" .latency.p50_us)" "$(get "local-$w" .latency.p99_us)" \
-		"$(get "mirrored-$w" .iops)" "$(get "mirrored-$w" .bandwidth_mb_s)" \
-		"$(get "mirrored-$w" .latency.p50_us)" "$(get "mirrored-$w" .latency.p99_us)" \
-		"$(calc "$(get "mirrored-$w" .iops) / $(get "local-$w" .iops)")"
+	printf '| %s | %s | %s | %.2f |\n' "${WORKLOAD_NAME[$w]}" "$(perf "local-$w")" \
+		"$(perf "mirrored-$w")" "$(ratio "mirrored-$w" "local-$w" .iops)"
+done
+echo
+echo "ftvm mirrored, encryption on vs off (\`--link-encryption off\` on both daemons: data in" \
+	"clear, frames still authenticated by an AES-256-GCM tag over the body):"
+echo
+echo "| workload | on IOPS | on MB/s | on p50/p99 µs | off IOPS | off MB/s | off p50/p99 µs | off/on |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+for w in "${WORKLOADS[@]}"; do
+	printf '| %s | %s | %s | %.2f |\n' "${WORKLOAD_NAME[$w]}" "$(perf "mirrored-$w")" \
+		"$(perf "mirrored-off-$w")" "$(ratio "mirrored-off-$w" "mirrored-$w" .iops)"
+done
+echo
+echo "The anchor: QEMU's own synchronous mirror, the same load generator: qemu-storage-daemon" \
+	"in hostA (vhost-user-blk export) with a blockdev-mirror job, copy-mode=write-blocking, to" \
+	"an NBD export of qemu-storage-daemon in hostB; the job ready (initial copy done) before" \
+	"measuring:"
+echo
+echo "| workload | QEMU local IOPS | QEMU local MB/s | QEMU local p50/p99 µs | QEMU mirror IOPS | QEMU mirror MB/s | QEMU mirror p50/p99 µs | QEMU mirror/local | ftvm/QEMU mirrored |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for w in "${WORKLOADS[@]}"; do
+	printf '| %s | %s | %s | %.2f | %.2f |\n' "${WORKLOAD_NAME[$w]}" "$(perf "qemu-local-$w")" \
+		"$(perf "qemu-mirror-$w")" "$(ratio "qemu-mirror-$w" "qemu-local-$w" .iops)" \
+		"$(ratio "mirrored-$w" "qemu-mirror-$w" .iops)"
 done
 FULL_RATE=$(rate "$FULL_BYTES" "$FULL_WALL_S")
 FULL_LOG_RATE=$(rate "$FULL_BYTES" "$FULL_LOG_S")
+QEMU_FULL_RATE=$(rate "$QEMU_FULL_BYTES" "$QEMU_FULL_S")
 DELTA_RATE=-
 DELTA_LOG_RATE=-
 if [[ -z $DELTA_ERROR ]]; then
@@ -392,35 +522,48 @@ if [[ -z $DELTA_ERROR ]]; then
 else
 	echo "| delta | failed: $DELTA_ERROR | | | | | |"
 fi
+printf '| QEMU mirror, initial copy (blockdev-mirror → BLOCK_JOB_READY) | %.0f | %.2f | %s | | | %s |\n' \
+	"$(mb "$QEMU_FULL_BYTES")" "$QEMU_FULL_S" "$(fmt 0 "$QEMU_FULL_RATE")" \
+	"$(fmt 2 "$(frac "$QEMU_FULL_RATE")")"
+echo
+echo "The cipher alone, one core (\`cargo run --release -p replication-link --example cipher" \
+	"$CIPHER_SECONDS\`), in the same run:"
+echo
+cat "$RUN/cipher.md"
 
-# Goals (DRBD's published figures): QD1 latency, streaming throughput, resync rate.
+# Issue 12's goals on this rig, encryption on.
 QD1_LIMIT=$(calc "$(get local-qd1 .latency.p50_us) + $RTT_US + 50")
 QD1_P50=$(get mirrored-qd1 .latency.p50_us)
 echo
-echo "| goal | target | measured | result |"
+echo "| goal (issue 12, encryption on) | target | measured | result |"
 echo "|---|---:|---:|---|"
 printf '| 4k randwrite QD1 p50 ≤ local p50 + RTT + 50 µs | ≤ %.0f µs | %.0f µs | %s |\n' \
 	"$QD1_LIMIT" "$QD1_P50" "$(verdict "$QD1_P50 <= $QD1_LIMIT")"
 for w in qd32 seq; do
-	local_mbs=$(get "local-$w" .bandwidth_mb_s)
-	target=$(calc "0.97 * ($local_mbs < $LINK_MBS ? $local_mbs : $LINK_MBS)")
-	measured=$(get "mirrored-$w" .bandwidth_mb_s)
-	printf '| %s MB/s ≥ 97%% of min(local, link) | ≥ %.1f | %.1f | %s |\n' "${WORKLOAD_NAME[$w]}" \
-		"$target" "$measured" "$(verdict "$measured >= $target")"
+	measured=$(ratio "mirrored-$w" "local-$w" .bandwidth_mb_s)
+	printf '| %s mirrored/local ≥ 0.6 | ≥ 0.60 | %.2f | %s |\n' "${WORKLOAD_NAME[$w]}" \
+		"$measured" "$(verdict "$measured >= 0.6")"
 done
 for kind in full delta; do
 	if [[ $kind == full ]]; then measured=$FULL_LOG_RATE; else measured=$DELTA_LOG_RATE; fi
 	if [[ $measured == - ]]; then
 		if [[ $kind == full ]]; then measured=$FULL_RATE; else measured=$DELTA_RATE; fi
 	fi
-	target=$(calc "0.8 * $LINK_MBS")
+	target=$(calc "0.6 * $LINK_MBS")
 	if [[ $measured == - ]]; then
-		printf '| %s resync ≥ 80%% of link | ≥ %.0f MB/s | - | not measured |\n' "$kind" "$target"
+		printf '| %s resync ≥ 0.6 of the link (iperf3) | ≥ %.0f MB/s | - | not measured |\n' "$kind" "$target"
 	else
-		printf '| %s resync ≥ 80%% of link | ≥ %.0f MB/s | %.0f MB/s | %s |\n' "$kind" "$target" \
-			"$measured" "$(verdict "$measured >= $target")"
+		printf '| %s resync ≥ 0.6 of the link (iperf3) | ≥ %.0f MB/s | %.0f MB/s | %s |\n' "$kind" \
+			"$target" "$measured" "$(verdict "$measured >= $target")"
 	fi
 done
+for w in "${WORKLOADS[@]}"; do
+	ours=$(get "mirrored-$w" .iops)
+	theirs=$(get "qemu-mirror-$w" .iops)
+	printf '| %s: ahead of QEMU'"'"'s mirror (IOPS) | > %.0f | %.0f | %s |\n' "${WORKLOAD_NAME[$w]}" \
+		"$theirs" "$ours" "$(verdict "$ours > $theirs")"
+done
+echo "| NIC path through the peer ≥ 0.8 of local | ≥ 0.80 | measured by ci/bench-net.sh, not here | - |"
 echo
 if [[ -n $DELTA_ERROR ]]; then
 	log "the delta phase broke: $DELTA_ERROR"
