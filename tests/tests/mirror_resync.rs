@@ -1,4 +1,5 @@
-//! Resync modes without a guest: the compare mode sends only the chunks that differ.
+//! Resync modes without a guest: the compare mode sends only the chunks that differ; link
+//! encryption must be set alike on both daemons.
 
 use std::time::Duration;
 
@@ -150,4 +151,41 @@ fn a_refused_promotion_changes_nothing() {
     assert_eq!(status["replication"]["generation"], 1, "{status}");
     // And it still mirrors.
     pair.wait_in_sync(TIMEOUT);
+}
+
+/// `--link-encryption off` on one daemon only: the pair never connects, and the primary's
+/// status names both settings; off on both: the pair syncs (in clear), and each daemon has
+/// warned in its log.
+#[test]
+fn link_encryption_off_must_be_set_on_both_daemons() {
+    let mut pair = MirrorPair::new("link-encryption", 4 << 20, 1);
+    let off = ["--link-encryption".to_string(), "off".to_string()];
+    pair.secondary_options.extra_args.extend(off.clone());
+    pair.start_secondary();
+    pair.start_primary();
+    let expected = "peer has link encryption off (authenticated only), this side encryption \
+                    on: configure both hosts alike";
+    pair.primary()
+        .wait_replication(TIMEOUT, "the refusal named", |r| {
+            r.to_string().contains(expected)
+        });
+    let secondary = pair.secondary().status();
+    assert_ne!(
+        secondary["replication"]["disk_state"], "UpToDate",
+        "{secondary}"
+    );
+
+    pair.kill_primary();
+    pair.primary_options.extra_args.extend(off);
+    pair.start_primary();
+    pair.wait_in_sync(TIMEOUT);
+    pair.assert_images_identical();
+    for name in ["primary", "secondary"] {
+        let log = std::fs::read_to_string(pair.dir.path().join(format!("{name}.log")))
+            .expect("read the log");
+        assert!(
+            log.contains("LINK ENCRYPTION IS OFF"),
+            "{name} did not warn:\n{log}"
+        );
+    }
 }
