@@ -2,11 +2,14 @@
 # ci/bench-net.sh — NIC benchmark: vhost-net-ft against QEMU's TAP backend and OVS-DPDK,
 # the same guest and the same path to the client, all in one run.
 #
-# Usage: sudo ci/bench-net.sh [--seconds S] [--repeat N]
+# Usage: sudo ci/bench-net.sh [--seconds S] [--repeat N] [--backends LIST]
 #
 #   --seconds S   measuring time of each workload (default 5; plus 1 s warm-up)
 #   --repeat N    measure each workload N times on the same boot and report the median
 #                 of the runs (default 3; all runs are printed too)
+#   --backends LIST  comma-separated, from vhost-net-ft, vhost-net-ft-peer, tap, tap+vhost,
+#                 ovs-dpdk (default: all). E.g. `--backends vhost-net-ft,vhost-net-ft-peer`
+#                 measures the redundant path against the local one in about a minute.
 #
 # Steps: installs missing Debian packages (ci/install-deps.sh; OVS-DPDK's
 # openvswitch-switch-dpdk and librte-mempool-ring23 too), builds the test guest
@@ -26,6 +29,10 @@
 # and measures from the client:
 #   1. TCP throughput guest -> client: the guest serves `dd if=/dev/zero bs=64k` on port 7001;
 #      the client reads for S s after a 1 s warm-up, bytes / seconds;
+#      with it, the CPU time (utime + stime from /proc/PID/stat) QEMU and the backend's
+#      daemons (vhost-net-ft and its standby, or ovs-vswitchd) used during the transfer, per
+#      GB received: on this shared machine the CPU cost per byte varies much less than the
+#      throughput does;
 #   2. TCP request/response latency: the guest serves `nc -ll -p 7000 -e cat`; the client does
 #      64-byte round trips on one connection (TCP_NODELAY) for S s after 50 warm-up rounds.
 # Client: a short python3 program when python3 exists, else socat and bash (also with
@@ -46,6 +53,11 @@ source "$ROOT/ci/lib/common.sh"
 
 SECS=5
 REPEAT=3
+ALL_BACKENDS=(vhost-net-ft vhost-net-ft-peer tap tap+vhost ovs-dpdk)
+BACKENDS=,$(
+	IFS=,
+	echo "${ALL_BACKENDS[*]}"
+),
 PREFIX=bench-net-
 HOST_A=${PREFIX}hostA
 HOST_B=${PREFIX}hostB
@@ -71,6 +83,15 @@ while (($#)); do
 		REPEAT=$2
 		shift 2
 		;;
+	--backends)
+		[[ $# -ge 2 && -n ${2:-} ]] || die "--backends needs a list, e.g. vhost-net-ft,vhost-net-ft-peer"
+		for name in ${2//,/ }; do
+			[[ " ${ALL_BACKENDS[*]} " == *" $name "* ]] ||
+				die "--backends: unknown backend $name (one of: ${ALL_BACKENDS[*]})"
+		done
+		BACKENDS=,$2,
+		shift 2
+		;;
 	-h | --help)
 		usage
 		exit 0
@@ -78,6 +99,7 @@ while (($#)); do
 	*) die "unknown argument $1 (try --help)" ;;
 	esac
 done
+wanted() { [[ $BACKENDS == *",$1,"* ]]; }
 ((EUID == 0)) || die "must run as root (network namespaces, TAPs); try: sudo $0"
 
 mkdir -p /run/lock
@@ -141,7 +163,7 @@ has_line() { grep -a -q "$2" "$1" 2>/dev/null; } # FILE REGEX
 
 bash ci/install-deps.sh
 OVS_SKIP=""
-if ! bash ci/install-deps.sh openvswitch-switch-dpdk librte-mempool-ring23 >&2; then
+if wanted ovs-dpdk && ! bash ci/install-deps.sh openvswitch-switch-dpdk librte-mempool-ring23 >&2; then
 	OVS_SKIP="could not install openvswitch-switch-dpdk librte-mempool-ring23"
 fi
 bash ci/build-guest.sh >&2
@@ -195,10 +217,12 @@ if mode == "tput":
     t0 = time.monotonic()
     start = None
     n = 0
+    total = 0
     while True:
         k = s.recv_into(buf)
         if k == 0:
             raise SystemExit("the guest closed the connection")
+        total += k
         t = time.monotonic()
         if start is None:
             if t - t0 >= 1.0:
@@ -208,7 +232,7 @@ if mode == "tput":
         if t - start >= secs:
             break
     s.close()
-    print("%d %.6f" % (n, t - start))
+    print("%d %.6f %d" % (n, t - start, total))
 else:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg = b"x" * 64
@@ -239,7 +263,8 @@ else:
     print("%d %.1f %.1f" % (len(samples), statistics.median(samples) * 1e6, p99 * 1e6))
 EOF
 
-# Client side, python3 or socat: prints "BYTES SECONDS" (tput) or "ROUNDS MEDIAN_US P99_US" (rr).
+# Client side, python3 or socat: prints "BYTES SECONDS TOTAL_BYTES" (tput; the total includes
+# the warm-up) or "ROUNDS MEDIAN_US P99_US" (rr).
 client() { # tput|rr
 	if [[ -n $PY ]]; then
 		local port=$RR_PORT
@@ -252,7 +277,7 @@ client() { # tput|rr
 		bytes=$(ip netns exec "$CLIENT" timeout "$(calc "$SECS + 1")" \
 			socat -u "TCP:$GUEST_IP:$TPUT_PORT,connect-timeout=10" - | wc -c) || true
 		t1=$(now)
-		echo "$bytes $(calc "$t1 - $t0")"
+		echo "$bytes $(calc "$t1 - $t0") $bytes"
 	else
 		local msg t rounds=0 end warm=50 start
 		msg=$(printf 'x%.0s' {1..63})
@@ -289,7 +314,28 @@ HOSTS_UP=1
 
 # --- one guest, one backend -----------------------------------------------------------------
 
-declare -A TPUT=() RR_MED=() RR_P99=() RR_N=() SKIPPED=() RUNS=()
+declare -A TPUT=() RR_MED=() RR_P99=() RR_N=() SKIPPED=() RUNS=() CPU_QEMU=() CPU_DAEMONS=()
+CLK_TCK=$(getconf CLK_TCK)
+# cpu_seconds NAME...: utime + stime of the processes we started under these names, summed.
+cpu_seconds() {
+	local name ticks=0 stat fields
+	for name in "$@"; do
+		alive "$name" || continue
+		stat=$(cat "/proc/${PIDS[$name]}/stat" 2>/dev/null) || continue
+		# Fields after the command (which may contain spaces): state is field 3, utime 14.
+		read -r -a fields <<<"${stat##*) }"
+		ticks=$((ticks + fields[11] + fields[12]))
+	done
+	calc "$ticks / $CLK_TCK"
+}
+# The backend's own processes besides QEMU, by backend.
+daemons_of() {
+	case $1 in
+	vhost-net-ft) echo vhost-net-ft ;;
+	vhost-net-ft-peer) echo vhost-net-ft vhost-net-ft-standby ;;
+	ovs-dpdk) echo ovs-vswitchd ;;
+	esac
+}
 median_of() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ORDER=()
 SKIP_REASON=""
@@ -320,17 +366,24 @@ boot_and_measure() {
 		return 1
 	fi
 	# Each workload REPEAT times on the same boot; the median of the runs is reported.
-	local run tputs=() medians=() p99s=() rounds median p99 total=0
+	local run tputs=() medians=() p99s=() rounds median p99 total=0 all_bytes
+	local qemu_cpus=() daemon_cpus=() q0 d0 daemons
+	read -r -a daemons <<<"$(daemons_of "$name")"
 	for ((run = 1; run <= REPEAT; run++)); do
 		log "$name: guest up, measuring throughput (${SECS} s, run $run of $REPEAT)"
+		q0=$(cpu_seconds qemu)
+		d0=$(cpu_seconds "${daemons[@]}")
 		out=$(client tput) || {
 			SKIP_REASON="throughput client failed"
 			stop qemu
 			return 1
 		}
-		read -r bytes seconds <<<"$out"
+		read -r bytes seconds all_bytes <<<"$out"
+		# CPU seconds per GB over the whole transfer, warm-up included.
+		qemu_cpus+=("$(calc "($(cpu_seconds qemu) - $q0) / ($all_bytes + 1) * 1e9")")
+		daemon_cpus+=("$(calc "($(cpu_seconds "${daemons[@]}") - $d0) / ($all_bytes + 1) * 1e9")")
 		tputs+=("$(calc "$bytes * 8 / $seconds / 1e6")")
-		log "$name: $bytes bytes in $seconds s; measuring request/response (${SECS} s)"
+		log "$name: $bytes bytes in $seconds s (CPU per GB: QEMU ${qemu_cpus[-1]} s, daemons ${daemon_cpus[-1]} s); measuring request/response (${SECS} s)"
 		out=$(client rr) || {
 			SKIP_REASON="request/response client failed"
 			stop qemu
@@ -342,10 +395,12 @@ boot_and_measure() {
 		total=$((total + rounds))
 	done
 	TPUT[$name]=$(median_of "${tputs[@]}")
+	CPU_QEMU[$name]=$(median_of "${qemu_cpus[@]}")
+	CPU_DAEMONS[$name]=$(median_of "${daemon_cpus[@]}")
 	RR_N[$name]=$total
 	RR_MED[$name]=$(median_of "${medians[@]}")
 	RR_P99[$name]=$(median_of "${p99s[@]}")
-	RUNS[$name]="tput ${tputs[*]}; median ${medians[*]}; p99 ${p99s[*]}"
+	RUNS[$name]="tput ${tputs[*]}; median ${medians[*]}; p99 ${p99s[*]}; CPU s/GB QEMU ${qemu_cpus[*]}, daemons ${daemon_cpus[*]}"
 	stop qemu
 	ORDER+=("$name")
 }
@@ -390,9 +445,17 @@ run_ft_peer() {
 	boot_and_measure "$name" -chardev "socket,id=n0,path=$sock" \
 		-netdev vhost-user,id=hn0,chardev=n0 || ok=1
 	ip -n "$HOST_A" link set uplink up
-	if ((ok == 0)) && ! grep -q '"path":"peer"' <<<"$(ft_status "$TMP/ft-peer.ctl")"; then
-		log "$name: warning: the daemon was not on the peer path at the end"
+	local status
+	status=$(ft_status "$TMP/ft-peer.ctl")
+	# (The path is local again by now: QEMU has stopped.) Every frame must have taken the
+	# peer path; frames lost on the way (a full link window drops one, like a full TAP
+	# queue) are shown too.
+	if ((ok == 0)) && [[ $(grep -o -E '"tx_packets":[0-9]+' <<<"$status") != \
+		$(grep -o -E '"peer_tx_packets":[0-9]+' <<<"$status" | sed 's/peer_//') ]]; then
+		log "$name: warning: not every frame of the guest took the peer path"
 	fi
+	log "$name: hostA $(grep -o -E '"(tx_packets|peer_tx_packets|peer_tx_dropped|peer_rx_packets|peer_rx_dropped)":[0-9]+' <<<"$status" | tr '\n' ' ')"
+	log "$name: hostB $(ft_status "$TMP/ft-standby.ctl" | grep -o -E '"(relay_to_lan_packets|relay_to_peer_packets|peer_tx_dropped|peer_rx_dropped|tap_write_errors)":[0-9]+' | tr '\n' ' ')"
 	stop vhost-net-ft
 	stop vhost-net-ft-standby
 	((ok == 0)) || die "$name: $SKIP_REASON"
@@ -474,34 +537,43 @@ stop_ovs() {
 	unset OVS_RUNDIR OVS_DBDIR OVS_LOGDIR
 }
 
-run_ft
-run_ft_peer
-run_tap tap off || die "tap: $SKIP_REASON"
-if [[ ! -c /dev/vhost-net ]]; then modprobe vhost_net >/dev/null 2>&1 || true; fi
-if [[ ! -c /dev/vhost-net ]]; then
-	skip tap+vhost "no /dev/vhost-net (kernel vhost-net not available on this host)"
-elif ! run_tap tap+vhost on; then
-	skip tap+vhost "$SKIP_REASON"
+if wanted vhost-net-ft; then run_ft; fi
+if wanted vhost-net-ft-peer; then run_ft_peer; fi
+if wanted tap; then run_tap tap off || die "tap: $SKIP_REASON"; fi
+if wanted tap+vhost; then
+	if [[ ! -c /dev/vhost-net ]]; then modprobe vhost_net >/dev/null 2>&1 || true; fi
+	if [[ ! -c /dev/vhost-net ]]; then
+		skip tap+vhost "no /dev/vhost-net (kernel vhost-net not available on this host)"
+	elif ! run_tap tap+vhost on; then
+		skip tap+vhost "$SKIP_REASON"
+	fi
 fi
-if [[ -n $OVS_SKIP ]]; then
-	skip ovs-dpdk "$OVS_SKIP"
-elif ! run_ovs; then
-	skip ovs-dpdk "$SKIP_REASON"
+if wanted ovs-dpdk; then
+	if [[ -n $OVS_SKIP ]]; then
+		skip ovs-dpdk "$OVS_SKIP"
+	elif ! run_ovs; then
+		skip ovs-dpdk "$SKIP_REASON"
+	fi
+	stop_ovs
 fi
-stop_ovs
 
 # --- report ---------------------------------------------------------------------------------
 
 echo
 echo "bench-net: $(nproc) cores, QEMU TCG 1 vCPU 256 MiB, virtio-net-pci vectors=0; guest $GUEST_IP -> client $CLIENT_IP via vmbr0/br0; ${SECS} s per workload, median of ${REPEAT} run(s); client ${CLIENT_KIND}"
-printf '| %-17s | %20s | %16s | %13s | %11s |\n' backend "TCP guest->client" "RR median (us)" "RR p99 (us)" "round trips"
-printf '|%s|%s|%s|%s|%s|\n' "-------------------" "----------------------" "------------------" "---------------" "-------------"
+printf '| %-17s | %20s | %16s | %13s | %11s | %14s | %17s |\n' backend "TCP guest->client" \
+	"RR median (us)" "RR p99 (us)" "round trips" "QEMU CPU s/GB" "daemons CPU s/GB"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' "-------------------" "----------------------" "------------------" \
+	"---------------" "-------------" "----------------" "-------------------"
 for name in "${ORDER[@]}"; do
 	if [[ -n ${SKIPPED[$name]:-} ]]; then
 		printf '| %-17s | skipped: %s\n' "$name" "${SKIPPED[$name]}"
 	else
-		printf '| %-17s | %13.1f Mbit/s | %16.1f | %13.1f | %11d |\n' "$name" "${TPUT[$name]}" \
-			"${RR_MED[$name]}" "${RR_P99[$name]}" "${RR_N[$name]}"
+		daemon_cpu=-
+		[[ -z $(daemons_of "$name") ]] || daemon_cpu=$(printf '%.2f' "${CPU_DAEMONS[$name]}")
+		printf '| %-17s | %13.1f Mbit/s | %16.1f | %13.1f | %11d | %14.2f | %17s |\n' "$name" \
+			"${TPUT[$name]}" "${RR_MED[$name]}" "${RR_P99[$name]}" "${RR_N[$name]}" \
+			"${CPU_QEMU[$name]}" "$daemon_cpu"
 	fi
 done
 echo
@@ -510,6 +582,11 @@ for name in "${ORDER[@]}"; do
 done
 echo
 ratio() { # OTHER LABEL
+	wanted "$1" || return 0
+	if [[ -z ${TPUT[vhost-net-ft]:-} ]]; then
+		echo "vhost-net-ft / $2: vhost-net-ft not measured"
+		return
+	fi
 	if [[ -z ${TPUT[$1]:-} ]]; then
 		echo "vhost-net-ft / $2: skipped: ${SKIPPED[$1]:-not measured}"
 		return
@@ -519,10 +596,13 @@ ratio() { # OTHER LABEL
 		"$(calc "${RR_MED[$1]} / ${RR_MED[vhost-net-ft]}")" \
 		"$(calc "${RR_P99[$1]} / ${RR_P99[vhost-net-ft]}")"
 }
-printf 'redundant path (hostA uplink down, via hostB): throughput %.2fx of the local path, latency +%.1f us (median), +%.1f us (p99)\n' \
-	"$(calc "${TPUT[vhost-net-ft-peer]} / ${TPUT[vhost-net-ft]}")" \
-	"$(calc "${RR_MED[vhost-net-ft-peer]} - ${RR_MED[vhost-net-ft]}")" \
-	"$(calc "${RR_P99[vhost-net-ft-peer]} - ${RR_P99[vhost-net-ft]}")"
+if [[ -n ${TPUT[vhost-net-ft-peer]:-} && -n ${TPUT[vhost-net-ft]:-} ]]; then
+	printf 'redundant path (hostA uplink down, via hostB): throughput %.2fx of the local path, latency +%.1f us (median), +%.1f us (p99); daemons CPU per GB %.2fx of the local path (goal: throughput >= 0.8x)\n' \
+		"$(calc "${TPUT[vhost-net-ft-peer]} / ${TPUT[vhost-net-ft]}")" \
+		"$(calc "${RR_MED[vhost-net-ft-peer]} - ${RR_MED[vhost-net-ft]}")" \
+		"$(calc "${RR_P99[vhost-net-ft-peer]} - ${RR_P99[vhost-net-ft]}")" \
+		"$(calc "${CPU_DAEMONS[vhost-net-ft-peer]} / (${CPU_DAEMONS[vhost-net-ft]} + 1e-9)")"
+fi
 ratio tap "tap (vhost=off)"
 ratio tap+vhost "tap (vhost=on)"
 ratio ovs-dpdk "OVS-DPDK"
