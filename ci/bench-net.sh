@@ -454,7 +454,7 @@ run_ft_peer() {
 		$(grep -o -E '"peer_tx_packets":[0-9]+' <<<"$status" | sed 's/peer_//') ]]; then
 		log "$name: warning: not every frame of the guest took the peer path"
 	fi
-	log "$name: hostA $(grep -o -E '"(tx_packets|peer_tx_packets|peer_tx_dropped|peer_rx_packets|peer_rx_dropped)":[0-9]+' <<<"$status" | tr '\n' ' ')"
+	log "$name: hostA $(grep -o -E '"(tx_packets|peer_tx_packets|peer_tx_messages|peer_tx_dropped|peer_rx_packets|peer_rx_dropped)":[0-9]+' <<<"$status" | tr '\n' ' ')"
 	log "$name: hostB $(ft_status "$TMP/ft-standby.ctl" | grep -o -E '"(relay_to_lan_packets|relay_to_peer_packets|peer_tx_dropped|peer_rx_dropped|tap_write_errors)":[0-9]+' | tr '\n' ' ')"
 	stop vhost-net-ft
 	stop vhost-net-ft-standby

@@ -320,6 +320,8 @@ pub struct Status {
     pub connected: bool,
     /// Guest frames sent to the peer host (our uplink is down).
     pub peer_tx_packets: u64,
+    /// Link messages those frames took: several frames the guest queued at once share one.
+    pub peer_tx_messages: u64,
     /// Guest frames for the peer host dropped: the link's send window was full or closed.
     pub peer_tx_dropped: u64,
     /// Frames from the peer host put on the guest's receive queue.

@@ -3,13 +3,15 @@
 //! client holds one TCP connection to the guest and exchanges request/response rounds while
 //! hostA's VM bridge loses its uplink port and gets it back.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ftvm_tests::guest::{Guest, Nic};
 use ftvm_tests::hosts::Hosts;
-use ftvm_tests::net::{connect_in, echo_guest, Rounds, ECHO_PORT};
+use ftvm_tests::net::{connect_in, echo_guest, PacketCapture, Rounds, ECHO_PORT};
 use ftvm_tests::nic_daemon::{NicDaemon, GUEST_IP, GUEST_MAC};
 use ftvm_tests::scratch_dir;
 use ftvm_tests::wait::poll_until;
@@ -26,6 +28,33 @@ fn counter(status: &serde_json::Value, name: &str) -> u64 {
     status[name]
         .as_u64()
         .unwrap_or_else(|| panic!("no {name} in {status}"))
+}
+
+/// A marker in every line of the bulk echo: it must never show in clear on the A-links.
+const CANARY: &str = "FTVM-NIC-CANARY-";
+
+/// Sends `bytes` lines of the canary pattern through the guest's echo on `stream` while
+/// reading the echo back (a thread writes, so neither side's buffers can fill up), and
+/// returns what came back.
+fn bulk_echo(stream: TcpStream, bytes: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut sent = Vec::with_capacity(bytes + 64);
+    let mut line = 0u64;
+    while sent.len() < bytes {
+        sent.extend_from_slice(format!("{CANARY}{line:08}\n").as_bytes());
+        line += 1;
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let to_send = sent.clone();
+    let writing = std::thread::spawn(move || writer.write_all(&to_send));
+    let mut echoed = vec![0u8; sent.len()];
+    (&stream)
+        .read_exact(&mut echoed)
+        .expect("the echo of the bulk data");
+    writing.join().expect("writer").expect("bulk write");
+    (sent, echoed)
 }
 
 /// Sets both A-links of hostA up or down.
@@ -113,6 +142,43 @@ fn an_uplink_cut_moves_traffic_through_the_peer_and_back_on_one_tcp_connection()
         gap < Duration::from_secs(5),
         "the connection stalled for {gap:?}"
     );
+
+    // Bulk data through the peer path, both ways, while everything that crosses hostA's
+    // interfaces (the A-links; its uplink is down) is captured: it arrives intact and in
+    // order, the guest's frames share link messages when it queues several at once, and
+    // none of it crosses the A-links in clear.
+    let capture = PacketCapture::start(&hosts.namespace("hostA"), 64 << 20);
+    let before_bulk = status(&daemon_a);
+    let bulk_start = Instant::now();
+    let (sent, echoed) = bulk_echo(
+        connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")),
+        1 << 20,
+    );
+    let after_bulk = status(&daemon_a);
+    let frames = counter(&after_bulk, "peer_tx_packets") - counter(&before_bulk, "peer_tx_packets");
+    let messages =
+        counter(&after_bulk, "peer_tx_messages") - counter(&before_bulk, "peer_tx_messages");
+    let captured = capture.captured_bytes();
+    println!(
+        "bulk echo of {} bytes through the peer host in {:?}: {frames} guest frames in \
+         {messages} link messages; {captured} bytes captured on hostA",
+        sent.len(),
+        bulk_start.elapsed()
+    );
+    assert!(echoed == sent, "the bulk echo came back changed");
+    assert!(
+        captured >= 2 * sent.len(),
+        "the capture saw both directions of the bulk data: {captured} bytes"
+    );
+    assert!(
+        !capture.contains(CANARY.as_bytes()),
+        "guest frames crossed the A-links in clear"
+    );
+    assert!(
+        messages > 0 && messages < frames,
+        "frames queued together share messages: {frames} frames, {messages} messages"
+    );
+    drop(capture);
 
     // Both A-links lost while on the peer path: no path is left (hostA falls back to its
     // dead uplink); when they return, the sessions reconnect, the peer path resumes and the

@@ -47,7 +47,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{config_slice, virtio_features, MAX_QUEUE_SIZE};
 use crate::ctrl::{self, Effect};
-use crate::datapath::{deliver, read_ctrl_chain, read_tx_chain, write_ctrl_ack, Delivery};
+use crate::datapath::{
+    deliver, read_ctrl_chain, read_tx_chain, read_tx_chain_into, write_ctrl_ack, Delivery,
+};
 use crate::device::Device;
 use crate::frame::convert_header;
 use crate::frame::{header_len, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
@@ -384,8 +386,18 @@ impl NetBackend {
                 };
                 sent_any = true;
                 let head = chain.head_index();
-                match read_tx_chain(chain, header_len, offloads) {
-                    Ok(frame) => worker.sink.send(frame),
+                // On the peer path, straight from the guest into the link message's batch.
+                let batch = worker
+                    .sink
+                    .peer_batch()
+                    .filter(|_| header_len == VNET_HDR_LEN);
+                let taken = match batch {
+                    Some(batch) => read_tx_chain_into(chain, offloads, batch),
+                    None => read_tx_chain(chain, header_len, offloads)
+                        .map(|frame| worker.sink.send(frame)),
+                };
+                match taken {
+                    Ok(()) => {}
                     Err(error) => {
                         Metrics::add(&self.device.metrics.tx_dropped_malformed, 1);
                         self.device.log_fault(format_args!(
@@ -396,6 +408,9 @@ impl NetBackend {
                 }
                 tx.add_used(head, 0).map_err(queue_error)?;
             }
+            // The pass's frames for the peer leave as one message, before the guest hears
+            // its buffers are free.
+            worker.sink.flush();
             if sent_any && tx.needs_notification().map_err(queue_error)? {
                 tx.signal_used_queue()?;
             }

@@ -17,7 +17,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
 use vm_memory::bitmap::{BitmapSlice, WithBitmapSlice};
 use vm_memory::GuestMemory;
 
-use crate::frame::{check_chain, set_num_buffers, validate_tx, FrameError, TxOffloads};
+use crate::frame::{
+    check_chain, set_num_buffers, validate_tx, FrameError, TxOffloads, VNET_HDR_LEN,
+};
+use crate::peer::FrameBatch;
 use crate::sink::TxFrame;
 
 /// Largest control command we read (a MAC table of about 10,000 addresses).
@@ -47,25 +50,69 @@ where
     M::Target: GuestMemory + Sized,
     for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
 {
-    let total = check_chain(
+    let total = tx_chain_len(&chain, header_len)?;
+    let mut bytes = vec![0u8; total];
+    copy_tx_chain(&chain, header_len, offloads, &mut bytes)?;
+    Ok(TxFrame::new(bytes, header_len))
+}
+
+/// Copies a TX chain with a 12-byte header straight into `batch` (no buffer of its own),
+/// validated like [`read_tx_chain`]; a refused chain leaves the batch as it was.
+pub fn read_tx_chain_into<M>(
+    chain: DescriptorChain<M>,
+    offloads: TxOffloads,
+    batch: &mut FrameBatch,
+) -> Result<(), ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+    for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+{
+    let total = tx_chain_len(&chain, VNET_HDR_LEN)?;
+    batch.append(total, |bytes| {
+        copy_tx_chain(&chain, VNET_HDR_LEN, offloads, bytes)
+    })
+}
+
+/// The length of a TX chain, checked (readable descriptors only, within the frame limits).
+fn tx_chain_len<M>(chain: &DescriptorChain<M>, header_len: usize) -> Result<usize, ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+{
+    Ok(check_chain(
         chain
             .clone()
             .map(|descriptor| (descriptor.len(), descriptor.is_write_only())),
         header_len,
-    )?;
+    )?)
+}
+
+/// Copies a checked chain into `bytes` (its length), validates the frame and normalises its
+/// header for the TAP.
+fn copy_tx_chain<M>(
+    chain: &DescriptorChain<M>,
+    header_len: usize,
+    offloads: TxOffloads,
+    bytes: &mut [u8],
+) -> Result<(), ChainError>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory + Sized,
+    for<'a> <M::Target as GuestMemory>::Bitmap: WithBitmapSlice<'a>,
+{
     let memory = chain.memory();
     let mut reader = chain
         .clone()
         .reader(memory)
         .map_err(|error| ChainError::Memory(error.to_string()))?;
-    let mut bytes = vec![0u8; total];
     reader
-        .read_exact(&mut bytes)
+        .read_exact(bytes)
         .map_err(|error| ChainError::Memory(error.to_string()))?;
-    let header = validate_tx(&bytes, header_len, offloads)?;
+    let header = validate_tx(bytes, header_len, offloads)?;
     let normalised = header.for_tap().encode();
     bytes[..header_len].copy_from_slice(&normalised[..header_len]);
-    Ok(TxFrame::new(bytes, header_len))
+    Ok(())
 }
 
 /// How [`deliver`] ended.
@@ -343,6 +390,31 @@ mod tests {
         assert_eq!(sent.num_buffers, 0);
         assert_eq!(sent.gso_size, 1448);
         assert_eq!(&frame.bytes()[12..], &bytes[12..]);
+    }
+
+    #[test]
+    fn tx_chains_are_read_straight_into_a_batch_and_a_bad_one_leaves_it_as_it_was() {
+        let memory = memory();
+        let mock = MockSplitQueue::new(&memory, QUEUE_SIZE);
+        let bytes = tx_bytes(VnetHeader::default(), 100);
+        let good = readable(&memory, &bytes, 56);
+        let bad = vec![descriptor(DATA, 8, false)];
+        let mut queue = queue_with(&memory, &mock, &[good.clone(), bad, good]);
+        let mut batch = FrameBatch::default();
+        let offloads = TxOffloads::default();
+        read_tx_chain_into(pop(&mut queue, &memory), offloads, &mut batch).expect("valid");
+        let refused = read_tx_chain_into(pop(&mut queue, &memory), offloads, &mut batch);
+        assert!(matches!(
+            refused,
+            Err(ChainError::Frame(FrameError::ShortChain { .. }))
+        ));
+        read_tx_chain_into(pop(&mut queue, &memory), offloads, &mut batch).expect("valid");
+        let (payload, frames) = batch.take();
+        assert_eq!(frames, 2);
+        let split: Vec<_> = crate::peer::split_batch(&payload)
+            .collect::<Result<_, _>>()
+            .expect("whole frames");
+        assert_eq!(split, vec![&bytes[..], &bytes[..]]);
     }
 
     #[test]

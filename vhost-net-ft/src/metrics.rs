@@ -38,6 +38,9 @@ daemon_util::metrics! {
         pub connected: AtomicBool,
         /// Guest frames sent to the peer host (our uplink is down).
         pub peer_tx_packets: AtomicU64,
+        /// Link messages those frames took (several frames the guest queued at once share
+        /// one).
+        pub peer_tx_messages: AtomicU64,
         /// Guest frames for the peer host dropped: the link's send window was full or closed.
         pub peer_tx_dropped: AtomicU64,
         /// Frames from the peer host put on the guest's receive queue.

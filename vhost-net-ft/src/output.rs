@@ -242,6 +242,11 @@ impl OutputCommit {
         self.room.get(index)
     }
 
+    /// Output commit is on: frames are held, not sent at once.
+    pub fn holding(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
     /// Whether a worker may take another frame from the guest now.
     pub fn has_room(&self) -> bool {
         !self.holding.load(Ordering::Acquire)

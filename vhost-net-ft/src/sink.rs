@@ -7,6 +7,12 @@
 //! NIC's [`crate::output::OutputCommit`] until checkpoint N has committed on the secondary.
 //! The guest's TX buffers are returned as soon as `send` returns; only a full buffer makes
 //! the worker leave frames in the guest's ring ([`TxSink::has_room`]).
+//!
+//! On the peer path with output commit off, the worker reads the guest's frames straight
+//! into the sink's [`FrameBatch`] ([`TxSink::peer_batch`]) and the sink sends each pass's
+//! frames to the peer host as one link message ([`TxSink::flush`]), so a deep TX queue costs
+//! one message, one link hand-off and one wake-up of the peer's daemon, not one per frame.
+//! A single frame is sent at the end of its pass as before: no wait is added.
 
 use std::io;
 use std::sync::Arc;
@@ -14,8 +20,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::device::Device;
-use crate::frame::convert_header;
+use crate::frame::{convert_header, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
+use crate::peer::{FrameBatch, BATCH_BYTES, BATCH_LENGTH_BYTES};
 use replication_link::error_chain;
 
 /// One frame as the TAP takes it: a virtio-net header (already checked and normalised) and
@@ -78,6 +85,17 @@ pub trait TxSink: Send {
 
     /// The worker stopped taking frames because [`TxSink::has_room`] said no.
     fn count_full_wait(&self) {}
+
+    /// Where the worker may put the next frame (a 12-byte header first) straight from the
+    /// guest, while frames go to the peer host at once; `None`: use [`TxSink::send`].
+    /// Frames put there leave at the next [`TxSink::flush`], before any later frame.
+    fn peer_batch(&mut self) -> Option<&mut FrameBatch> {
+        None
+    }
+
+    /// Sends what [`TxSink::peer_batch`] collected (the worker calls it at the end of every
+    /// pass over the guest's TX ring).
+    fn flush(&mut self) {}
 }
 
 /// Sends each frame at once on the NIC's current path: one queue of our TAP, or the peer
@@ -101,21 +119,29 @@ impl TxSink for UplinkSink {
 }
 
 /// Holds the frames while Level 3 output commit is on (in the NIC's shared
-/// [`crate::output::OutputCommit`]), sends them at once while it is off.
+/// [`crate::output::OutputCommit`]), sends them at once while it is off; batches them on the
+/// peer path.
 #[derive(Debug)]
 pub struct EpochSink {
     device: Arc<Device>,
     queue: usize,
+    batch: FrameBatch,
 }
 
 impl EpochSink {
     pub fn new(device: Arc<Device>, queue: usize) -> EpochSink {
-        EpochSink { device, queue }
+        EpochSink {
+            device,
+            queue,
+            batch: FrameBatch::default(),
+        }
     }
 }
 
 impl TxSink for EpochSink {
     fn send(&mut self, frame: TxFrame) {
+        // Frames batched earlier go first.
+        self.flush();
         let device = &self.device;
         let queue = self.queue;
         device
@@ -129,6 +155,37 @@ impl TxSink for EpochSink {
 
     fn count_full_wait(&self) {
         self.device.output.count_full_wait();
+    }
+
+    fn peer_batch(&mut self) -> Option<&mut FrameBatch> {
+        if !self.device.redundancy.via_peer() || self.device.output.holding() {
+            return None;
+        }
+        // Room for the largest frame, or the batch leaves first.
+        if self.batch.len() + BATCH_LENGTH_BYTES + VNET_HDR_LEN + MAX_FRAME_BYTES > BATCH_BYTES {
+            self.flush();
+        }
+        Some(&mut self.batch)
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (payload, frames) = self.batch.take();
+        let metrics = &self.device.metrics;
+        // Every frame has a 12-byte header and a length before it.
+        let frame_bytes = payload.len() - frames * (BATCH_LENGTH_BYTES + VNET_HDR_LEN);
+        match self.device.redundancy.send_batch_to_lan(payload) {
+            Ok(()) => {
+                Metrics::add(&metrics.tx_packets, frames as u64);
+                Metrics::add(&metrics.tx_bytes, frame_bytes as u64);
+                Metrics::add(&metrics.peer_tx_packets, frames as u64);
+                Metrics::add(&metrics.peer_tx_messages, 1);
+            }
+            // The link's window is full (or it is down): dropped, like a full TAP queue.
+            Err(_) => Metrics::add(&metrics.peer_tx_dropped, frames as u64),
+        }
     }
 }
 
@@ -166,6 +223,7 @@ pub fn send_now(device: &Device, queue: usize, frame: TxFrame) {
             Metrics::add(&metrics.tx_bytes, frame_len);
             if via_peer {
                 Metrics::add(&metrics.peer_tx_packets, 1);
+                Metrics::add(&metrics.peer_tx_messages, 1);
             }
         }
         // The link's window is full (or it is down): dropped, like a full TAP queue.

@@ -13,7 +13,7 @@ use common::{status, Netns};
 use daemon_util::test_support::{control, poll_until, TIMEOUT};
 use replication_link::{LinkConfig, Psk, Session};
 use vhost_net_ft::frame::{VnetHeader, FLAG_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_LEN};
-use vhost_net_ft::peer::{Direction, PeerMessage, PeerState};
+use vhost_net_ft::peer::{Direction, FrameBatch, PeerMessage, PeerState, LINK_FRAME_BYTES};
 
 const TAP: &str = "vnftp0";
 const MAC: &str = "52:54:00:00:00:07";
@@ -32,7 +32,7 @@ fn connect_as_peer(netns: &Netns) -> Session {
         let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(joined, 0, "setns");
         let mut config = LinkConfig::new(Psk::from_bytes(KEY).expect("key"), "hostA");
-        config.max_frame_bytes = 128 * 1024;
+        config.max_frame_bytes = LINK_FRAME_BYTES;
         Session::connect(
             vec![DAEMON_LISTEN.parse().expect("address")],
             &format!("net:{MAC}"),
@@ -144,29 +144,55 @@ fn garbage_and_unwanted_frames_from_the_peer_are_dropped_and_counted() {
     for bad in &bad_frames {
         peer.send(&to_lan, bad.clone()).expect("send");
     }
+    // Batches: a bad frame among good ones costs only itself; a batch cut short delivers
+    // the whole frames before the cut and drops the rest.
+    let to_lan_batch = header(&PeerMessage::Frames(Direction::ToLan));
+    let batch = |frames: &[&Vec<u8>]| {
+        let mut batch = FrameBatch::default();
+        for frame in frames {
+            batch
+                .append(frame.len(), |bytes| {
+                    bytes.copy_from_slice(frame);
+                    Ok::<(), ()>(())
+                })
+                .expect("append");
+        }
+        batch.take().0
+    };
+    let with_a_bad_frame = batch(&[&good, &frame(VnetHeader::default(), 4), &good]);
+    let mut cut_short = batch(&[&good]);
+    cut_short.extend_from_slice(&1000u32.to_le_bytes());
+    cut_short.extend_from_slice(&good[..10]);
     let written_before = netns.statistic(TAP, "rx_packets");
+    for payload in [with_a_bad_frame, cut_short] {
+        peer.send(&to_lan_batch, payload).expect("send");
+    }
     peer.send(&to_lan, good.clone()).expect("send");
     assert!(
         peer.flush(Duration::from_secs(10)).expect("flush"),
         "delivered"
     );
 
-    let dropped = hostile.len() as u64 + bad_frames.len() as u64;
+    // The bad frame of the first batch, the cut-short rest of the second.
+    let dropped = hostile.len() as u64 + bad_frames.len() as u64 + 2;
+    // Two of the first batch, one of the second, the single frame.
+    let relayed = 4;
     poll_until(TIMEOUT, "the daemon to handle every message", || {
         let now = status(&control_path);
-        counter(&now, "peer_rx_dropped") >= dropped && counter(&now, "relay_to_lan_packets") >= 1
+        counter(&now, "peer_rx_dropped") >= dropped
+            && counter(&now, "relay_to_lan_packets") >= relayed
     });
     let end = status(&control_path);
     assert_eq!(counter(&end, "peer_rx_dropped"), dropped, "{end}");
-    assert_eq!(counter(&end, "relay_to_lan_packets"), 1, "{end}");
+    assert_eq!(counter(&end, "relay_to_lan_packets"), relayed, "{end}");
     assert_eq!(end["redundancy"]["relaying_for_peer"], true, "{end}");
     // Only the offloads a TAP knows were taken from the peer's word.
     let offloads = end["features"]["tap_offloads"].as_str().expect("offloads");
     let offloads = u32::from_str_radix(offloads.trim_start_matches("0x"), 16).expect("hex");
     assert_eq!(offloads & !0x1f, 0, "{end}");
-    // The good frame reached the TAP (the kernel counts it as received there).
-    poll_until(TIMEOUT, "the relayed frame on the TAP", || {
-        netns.statistic(TAP, "rx_packets") > written_before
+    // The good frames reached the TAP (the kernel counts them as received there).
+    poll_until(TIMEOUT, "the relayed frames on the TAP", || {
+        netns.statistic(TAP, "rx_packets") >= written_before + relayed
     });
     drop(peer);
     assert!(

@@ -176,6 +176,7 @@ pub(crate) fn status(redundancy: Redundancy) -> Status {
         connections: 13,
         connected: true,
         peer_tx_packets: 14,
+        peer_tx_messages: 20,
         peer_tx_dropped: 15,
         peer_rx_packets: 16,
         peer_rx_dropped: 17,

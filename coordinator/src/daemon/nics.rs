@@ -656,6 +656,7 @@ mod tests {
             connections: 1,
             connected: true,
             peer_tx_packets: 0,
+            peer_tx_messages: 0,
             peer_tx_dropped: 0,
             peer_rx_packets: 0,
             peer_rx_dropped: 0,

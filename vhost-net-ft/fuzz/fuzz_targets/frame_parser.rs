@@ -16,7 +16,10 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vhost_net_ft::ctrl::{self, Effect, ACK_ERR, ACK_OK};
-use vhost_net_ft::peer::{check_frame_from_peer, Direction, PeerFrameError, PeerMessage};
+use vhost_net_ft::peer::{
+    check_frame_from_peer, split_batch, Direction, PeerFrameError, PeerMessage,
+    BATCH_LENGTH_BYTES,
+};
 use vhost_net_ft::frame::{
     check_chain, convert_header, set_num_buffers, validate_tx, FrameError, TxOffloads,
     VnetHeader, ETH_HLEN,
@@ -299,8 +302,13 @@ fn check_peer(input: &Input) {
     let Ok(message) = postcard::from_bytes::<PeerMessage>(&input.peer_header) else {
         return;
     };
-    let PeerMessage::Frame(direction) = message else {
-        return;
+    let direction = match message {
+        PeerMessage::Frame(direction) => direction,
+        PeerMessage::Frames(direction) => {
+            check_batch(input, direction);
+            return;
+        }
+        PeerMessage::State(_) => return,
     };
     let bytes = input.chain.bytes(VNET_HDR_LEN);
     let verdict = check_frame_from_peer(
@@ -332,6 +340,38 @@ fn check_peer(input: &Input) {
         assert_eq!(legacy.len(), bytes.len() - 2);
         assert_eq!(legacy[LEGACY_VNET_HDR_LEN..], bytes[VNET_HDR_LEN..]);
     }
+}
+
+/// A batch payload splits into frames that exactly tile it, or into whole frames and then
+/// one error for the cut-short rest; each frame is checked like a single one.
+fn check_batch(input: &Input, direction: Direction) {
+    let payload = input.chain.bytes(VNET_HDR_LEN);
+    let mut consumed = 0usize;
+    let mut failed = false;
+    for frame in split_batch(&payload) {
+        assert!(!failed, "nothing follows an error");
+        match frame {
+            Ok(frame) => {
+                consumed += BATCH_LENGTH_BYTES + frame.len();
+                assert!(consumed <= payload.len());
+                assert_eq!(&payload[consumed - frame.len()..consumed], frame);
+                let _ = check_frame_from_peer(
+                    direction,
+                    frame,
+                    input.attached,
+                    input.relaying,
+                    input.acked_features,
+                );
+            }
+            Err(error) => {
+                assert_eq!(error.offset, consumed);
+                assert_eq!(error.left, payload.len() - consumed);
+                assert!(error.needed > error.left);
+                failed = true;
+            }
+        }
+    }
+    assert!(failed || consumed == payload.len());
 }
 
 fuzz_target!(|input: Input| {

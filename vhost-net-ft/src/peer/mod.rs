@@ -30,10 +30,11 @@ mod protocol;
 mod watch;
 
 pub use protocol::{
-    check_frame_from_peer, Direction, Path, PathChooser, PeerFrameError, PeerMessage, PeerState,
-    FAILBACK,
+    check_frame_from_peer, split_batch, BatchError, BatchFrames, Direction, FrameBatch, Path,
+    PathChooser, PeerFrameError, PeerMessage, PeerState, BATCH_LENGTH_BYTES, FAILBACK,
 };
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -79,8 +80,12 @@ pub const MAX_QUEUED_FOR_GUEST: usize = 512;
 /// The link's send window: small, because a frame late by seconds is worth nothing.
 const SEND_WINDOW_BYTES: usize = 4 * 1024 * 1024;
 const SEND_WINDOW_MESSAGES: usize = 2048;
-/// Largest link frame: a 64 KiB segmentation-offload frame, its header and ours.
-const LINK_FRAME_BYTES: usize = 128 * 1024;
+/// Largest batch of frames in one link message ([`PeerMessage::Frames`]): three 64 KiB
+/// segmentation-offload frames. A batch is sent before a frame that might not fit.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// Largest link frame: a batch, the headers and ours. Both daemons of a NIC must agree (the
+/// link's handshake refuses a peer with another limit, naming both).
+pub const LINK_FRAME_BYTES: usize = BATCH_BYTES + 4096;
 
 /// Frames from the peer for the guest, taken by queue pair 0's worker.
 #[derive(Debug)]
@@ -164,7 +169,8 @@ struct PeerLink {
     /// The session the peer connected to us is up.
     incoming_reachable: AtomicBool,
     to_lan_header: Vec<u8>,
-    to_guest_header: Vec<u8>,
+    to_lan_batch_header: Vec<u8>,
+    to_guest_batch_header: Vec<u8>,
 }
 
 impl Redundancy {
@@ -208,6 +214,19 @@ impl Redundancy {
         let payload = convert_header(bytes, header_len, VNET_HDR_LEN);
         link.session()
             .send_timeout(&link.to_lan_header, payload, Duration::ZERO)
+            .map(|_| ())
+    }
+
+    /// Sends a batch of the guest's frames ([`PeerMessage::Frames`]) to the peer host in one
+    /// message, without waiting: a full window drops the batch.
+    pub fn send_batch_to_lan(&self, payload: Vec<u8>) -> Result<(), SessionError> {
+        let Some(link) = self.link.get() else {
+            return Err(SessionError::Closed {
+                reason: replication_link::CloseReason::Closed,
+            });
+        };
+        link.session()
+            .send_timeout(&link.to_lan_batch_header, payload, Duration::ZERO)
             .map(|_| ())
     }
 
@@ -354,8 +373,7 @@ pub fn start(device: &Arc<Device>, peer: Option<&PeerSettings>) -> Result<(), Pe
         let outgoing =
             Session::connect(settings.peers.clone(), &service(device.mac), config.clone())
                 .map_err(PeerError::Connect)?;
-        let header =
-            |direction| postcard::to_allocvec(&PeerMessage::Frame(direction)).unwrap_or_default();
+        let header = |message| postcard::to_allocvec(&message).unwrap_or_default();
         let link = PeerLink {
             outgoing: RwLock::new(Arc::new(outgoing)),
             peers: settings.peers.clone(),
@@ -363,8 +381,9 @@ pub fn start(device: &Arc<Device>, peer: Option<&PeerSettings>) -> Result<(), Pe
             config,
             peer: Mutex::new(None),
             incoming_reachable: AtomicBool::new(false),
-            to_lan_header: header(Direction::ToLan),
-            to_guest_header: header(Direction::ToGuest),
+            to_lan_header: header(PeerMessage::Frame(Direction::ToLan)),
+            to_lan_batch_header: header(PeerMessage::Frames(Direction::ToLan)),
+            to_guest_batch_header: header(PeerMessage::Frames(Direction::ToGuest)),
         };
         let _ = device.redundancy.link.set(link);
         listener = Some(bound);
@@ -455,53 +474,80 @@ fn handle_message(device: &Device, link: &PeerLink, message: replication_link::M
                 .store(state.want_relay && !attached, Ordering::Relaxed);
         }
         Ok(PeerMessage::Frame(direction)) => {
-            let attached = attached(device);
-            let relaying = device.redundancy.relaying.load(Ordering::Relaxed);
-            let checked = check_frame_from_peer(
-                direction,
-                &message.payload,
-                attached,
-                relaying,
-                device.acked_features(),
-            );
-            match checked {
-                Ok(_) => {}
-                // Frames still in flight when a path changed: expected, not the peer's fault.
-                Err(error @ (PeerFrameError::NoGuest | PeerFrameError::NotRelaying)) => {
-                    Metrics::add(&metrics.peer_rx_dropped, 1);
-                    log::debug!("dropped a frame from the peer: {error}");
-                    return;
-                }
-                Err(error) => {
-                    Metrics::add(&metrics.peer_rx_dropped, 1);
-                    device.log_fault(format_args!("dropped a frame from the peer: {error}"));
-                    return;
-                }
+            if accept_frame(device, direction, &message.payload) {
+                deliver_frame(device, direction, Cow::Owned(message.payload));
             }
-            match direction {
-                Direction::ToGuest => {
-                    if device.redundancy.to_guest.push(message.payload) {
-                        Metrics::add(&metrics.peer_rx_packets, 1);
-                    } else {
+        }
+        Ok(PeerMessage::Frames(direction)) => {
+            for frame in split_batch(&message.payload) {
+                match frame {
+                    Ok(frame) => {
+                        if accept_frame(device, direction, frame) {
+                            deliver_frame(device, direction, Cow::Borrowed(frame));
+                        }
+                    }
+                    Err(error) => {
                         Metrics::add(&metrics.peer_rx_dropped, 1);
+                        device.log_fault(format_args!("dropped the rest of a batch: {error}"));
                     }
                 }
-                Direction::ToLan => match device.tap.write_frame(0, &message.payload) {
-                    Ok(()) => Metrics::add(&metrics.relay_to_lan_packets, 1),
-                    Err(error) => {
-                        Metrics::add(&metrics.tap_write_errors, 1);
-                        device.log_fault(format_args!(
-                            "relaying a frame to {}: {error}",
-                            device.tap.name()
-                        ));
-                    }
-                },
             }
         }
         Err(error) => {
             Metrics::add(&metrics.peer_rx_dropped, 1);
             device.log_fault(format_args!("dropped a malformed peer message: {error}"));
         }
+    }
+}
+
+/// Checks a frame from the peer against our state; counts and logs a refused one.
+fn accept_frame(device: &Device, direction: Direction, frame: &[u8]) -> bool {
+    let metrics = &device.metrics;
+    let relaying = device.redundancy.relaying.load(Ordering::Relaxed);
+    match check_frame_from_peer(
+        direction,
+        frame,
+        attached(device),
+        relaying,
+        device.acked_features(),
+    ) {
+        Ok(_) => true,
+        // Frames still in flight when a path changed: expected, not the peer's fault.
+        Err(error @ (PeerFrameError::NoGuest | PeerFrameError::NotRelaying)) => {
+            Metrics::add(&metrics.peer_rx_dropped, 1);
+            log::debug!("dropped a frame from the peer: {error}");
+            false
+        }
+        Err(error) => {
+            Metrics::add(&metrics.peer_rx_dropped, 1);
+            device.log_fault(format_args!("dropped a frame from the peer: {error}"));
+            false
+        }
+    }
+}
+
+/// Puts an accepted frame from the peer where it goes: the guest's queue, or our TAP
+/// (written from the received message, no copy).
+fn deliver_frame(device: &Device, direction: Direction, frame: Cow<'_, [u8]>) {
+    let metrics = &device.metrics;
+    match direction {
+        Direction::ToGuest => {
+            if device.redundancy.to_guest.push(frame.into_owned()) {
+                Metrics::add(&metrics.peer_rx_packets, 1);
+            } else {
+                Metrics::add(&metrics.peer_rx_dropped, 1);
+            }
+        }
+        Direction::ToLan => match device.tap.write_frame(0, &frame) {
+            Ok(()) => Metrics::add(&metrics.relay_to_lan_packets, 1),
+            Err(error) => {
+                Metrics::add(&metrics.tap_write_errors, 1);
+                device.log_fault(format_args!(
+                    "relaying a frame to {}: {error}",
+                    device.tap.name()
+                ));
+            }
+        },
     }
 }
 

@@ -19,6 +19,119 @@ pub enum PeerMessage {
     State(PeerState),
     /// The payload is a 12-byte virtio-net header and an Ethernet frame.
     Frame(Direction),
+    /// The payload is several frames, each a `u32` little-endian length and that many bytes
+    /// (a 12-byte virtio-net header and an Ethernet frame), in order: what the guest queued
+    /// in one go (see [`FrameBatch`]). One message instead of one per frame.
+    Frames(Direction),
+}
+
+/// The length before each frame of a [`PeerMessage::Frames`] payload.
+pub const BATCH_LENGTH_BYTES: usize = 4;
+
+/// A [`PeerMessage::Frames`] payload that does not split into whole frames.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("a batch of frames from the peer is cut short at byte {offset}: {needed} bytes announced, {left} left")]
+pub struct BatchError {
+    pub offset: usize,
+    pub needed: usize,
+    pub left: usize,
+}
+
+/// The frames of a [`PeerMessage::Frames`] payload, in order, as slices of it (no copy).
+/// After a cut-short frame it yields that error and then nothing. Pure; fuzzed.
+pub fn split_batch(payload: &[u8]) -> BatchFrames<'_> {
+    BatchFrames {
+        payload,
+        offset: 0,
+        failed: false,
+    }
+}
+
+/// The iterator of [`split_batch`].
+#[derive(Debug)]
+pub struct BatchFrames<'a> {
+    payload: &'a [u8],
+    offset: usize,
+    failed: bool,
+}
+
+impl<'a> Iterator for BatchFrames<'a> {
+    type Item = Result<&'a [u8], BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.payload.get(self.offset..).unwrap_or_default();
+        if self.failed || rest.is_empty() {
+            return None;
+        }
+        let cut = |needed| BatchError {
+            offset: self.offset,
+            needed,
+            left: rest.len(),
+        };
+        let Some((length, frames)) = rest.split_first_chunk::<BATCH_LENGTH_BYTES>() else {
+            self.failed = true;
+            return Some(Err(cut(BATCH_LENGTH_BYTES)));
+        };
+        let length = u32::from_le_bytes(*length) as usize;
+        let Some(frame) = frames.get(..length) else {
+            self.failed = true;
+            return Some(Err(cut(BATCH_LENGTH_BYTES.saturating_add(length))));
+        };
+        self.offset += BATCH_LENGTH_BYTES + length;
+        Some(Ok(frame))
+    }
+}
+
+/// Builds a [`PeerMessage::Frames`] payload: frames are appended in place (a caller can read
+/// a frame straight into [`FrameBatch::append`]'s buffer), the payload taken whole.
+#[derive(Debug, Default)]
+pub struct FrameBatch {
+    bytes: Vec<u8>,
+    frames: usize,
+}
+
+impl FrameBatch {
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    /// Payload bytes so far.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// Appends one frame of `length` bytes that `fill` writes into the slice it is given
+    /// (zeroed first); `fill` returning an error leaves the batch as it was.
+    pub fn append<E>(
+        &mut self,
+        length: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.bytes.len();
+        let prefix = u32::try_from(length).unwrap_or(u32::MAX).to_le_bytes();
+        self.bytes.extend_from_slice(&prefix);
+        self.bytes.resize(start + BATCH_LENGTH_BYTES + length, 0);
+        match fill(&mut self.bytes[start + BATCH_LENGTH_BYTES..]) {
+            Ok(()) => {
+                self.frames += 1;
+                Ok(())
+            }
+            Err(error) => {
+                self.bytes.truncate(start);
+                Err(error)
+            }
+        }
+    }
+
+    /// The payload and the number of frames in it; the batch is empty afterwards.
+    pub fn take(&mut self) -> (Vec<u8>, usize) {
+        let frames = std::mem::take(&mut self.frames);
+        (std::mem::take(&mut self.bytes), frames)
+    }
 }
 
 /// Where a frame from the peer goes.
@@ -252,6 +365,46 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_splits_into_its_frames_and_a_cut_one_is_an_error() {
+        let mut batch = FrameBatch::default();
+        for fill in [1u8, 2, 3] {
+            batch
+                .append(usize::from(fill) * 10, |bytes| {
+                    bytes.fill(fill);
+                    Ok::<(), ()>(())
+                })
+                .expect("append");
+        }
+        assert_eq!(batch.append(5, |_| Err("refused")), Err("refused"));
+        assert_eq!(batch.frames(), 3);
+        let (payload, frames) = batch.take();
+        assert_eq!((frames, batch.frames(), batch.len()), (3, 0, 0));
+        assert_eq!(payload.len(), 3 * BATCH_LENGTH_BYTES + 60);
+        let split: Vec<_> = split_batch(&payload)
+            .collect::<Result<_, _>>()
+            .expect("whole");
+        assert_eq!(split, vec![&[1u8; 10][..], &[2u8; 20][..], &[3u8; 30][..]]);
+        assert_eq!(split_batch(&[]).count(), 0);
+        // Cut in the third frame, then in a length prefix: the whole frames, then the error.
+        let cut: Vec<_> = split_batch(&payload[..payload.len() - 1]).collect();
+        assert_eq!(cut.len(), 3);
+        assert_eq!(
+            cut[2],
+            Err(BatchError {
+                offset: 38,
+                needed: 34,
+                left: 33
+            })
+        );
+        let cut: Vec<_> = split_batch(&payload[..16]).collect();
+        assert_eq!(cut.len(), 2);
+        assert!(cut[1].is_err());
+        // A length of 4 GiB is only an error, nothing is allocated.
+        let huge = [0xff, 0xff, 0xff, 0xff, 0];
+        assert!(matches!(split_batch(&huge).next(), Some(Err(_))));
+    }
+
+    #[test]
     fn messages_round_trip_and_garbage_is_an_error() {
         let state = PeerMessage::State(PeerState {
             uplink_up: Some(false),
@@ -264,7 +417,13 @@ mod tests {
             postcard::from_bytes::<PeerMessage>(&bytes).expect("decode"),
             state
         );
-        for garbage in [&[][..], &[9], &[0, 2], &[1, 7]] {
+        let frames = PeerMessage::Frames(Direction::ToLan);
+        let bytes = postcard::to_allocvec(&frames).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<PeerMessage>(&bytes).expect("decode"),
+            frames
+        );
+        for garbage in [&[][..], &[9], &[0, 2], &[1, 7], &[3]] {
             assert!(
                 postcard::from_bytes::<PeerMessage>(garbage).is_err(),
                 "{garbage:?}"

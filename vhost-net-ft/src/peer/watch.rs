@@ -12,12 +12,13 @@ use log::{info, warn};
 use replication_link::error_chain;
 
 use super::{
-    attached, Path, PathChooser, PeerLink, PeerState, ANNOUNCE_AFTER, PEER_STATE_TIMEOUT,
-    RELAY_OFFLOADS, STATE_INTERVAL, TICK, UPLINK_DOWN, UPLINK_UP,
+    attached, FrameBatch, Path, PathChooser, PeerLink, PeerState, ANNOUNCE_AFTER, BATCH_BYTES,
+    BATCH_LENGTH_BYTES, PEER_STATE_TIMEOUT, RELAY_OFFLOADS, STATE_INTERVAL, TICK, UPLINK_DOWN,
+    UPLINK_UP,
 };
 use crate::config::{format_mac, tap_offloads};
 use crate::device::Device;
-use crate::frame::{addressed_to, convert_header, MAX_FRAME_BYTES, VNET_HDR_LEN};
+use crate::frame::{addressed_to, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
 use crate::tap::{interface_running, LinkEvents};
 
@@ -309,24 +310,26 @@ impl Watch {
     }
 
     /// Reads queue `index` of the TAP (without a guest), sending what is for the peer's
-    /// guest while relaying and dropping the rest (an unread TAP would hand a new guest stale
-    /// frames).
+    /// guest while relaying, several frames to a link message ([`FrameBatch`]), and dropping
+    /// the rest (an unread TAP would hand a new guest stale frames).
     fn drain_queue(&mut self, index: usize) {
-        let device = &self.device;
-        let link = device.redundancy.link.get();
+        let device = Arc::clone(&self.device);
+        let mut batch = FrameBatch::default();
         for _ in 0..256 {
             // A frontend attaching takes the TAP: leave its frames to the guest.
-            if attached(device) {
-                return;
+            if attached(&device) {
+                break;
             }
             let len = match device.tap.read_frame(index, &mut self.buffer) {
                 Ok(len) => len,
-                Err(_) => return,
+                Err(_) => break,
             };
-            if !device.redundancy.relaying.load(Ordering::Relaxed) || len >= self.buffer.len() {
+            if !device.redundancy.relaying.load(Ordering::Relaxed)
+                || device.redundancy.link.get().is_none()
+                || len >= self.buffer.len()
+            {
                 continue;
             }
-            let Some(link) = link else { continue };
             let header_len = device.tap.header_len();
             let Some(frame) = self.buffer.get(header_len..len) else {
                 continue;
@@ -334,14 +337,39 @@ impl Watch {
             if !addressed_to(frame, device.mac) {
                 continue;
             }
-            let bytes = convert_header(self.buffer[..len].to_vec(), header_len, VNET_HDR_LEN);
-            match link
-                .session()
-                .send_timeout(&link.to_guest_header, bytes, Duration::ZERO)
-            {
-                Ok(_) => Metrics::add(&device.metrics.relay_to_peer_packets, 1),
-                Err(_) => Metrics::add(&device.metrics.peer_tx_dropped, 1),
+            if batch.len() + BATCH_LENGTH_BYTES + VNET_HDR_LEN + frame.len() > BATCH_BYTES {
+                relay_batch(&device, &mut batch);
             }
+            // The peer's guest takes 12-byte headers: the TAP's is cut or padded to that.
+            let header = &self.buffer[..header_len.min(VNET_HDR_LEN)];
+            let appended = batch.append(VNET_HDR_LEN + frame.len(), |bytes| {
+                let (to_header, to_frame) = bytes.split_at_mut(VNET_HDR_LEN);
+                to_header[..header.len()].copy_from_slice(header);
+                to_frame.copy_from_slice(frame);
+                Ok::<(), std::convert::Infallible>(())
+            });
+            let Ok(()) = appended;
         }
+        relay_batch(&device, &mut batch);
     }
+}
+
+/// Sends the frames relayed for the peer's guest, if any, in one message.
+fn relay_batch(device: &Device, batch: &mut FrameBatch) {
+    let Some(link) = device.redundancy.link.get() else {
+        return;
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let (payload, frames) = batch.take();
+    let counter =
+        match link
+            .session()
+            .send_timeout(&link.to_guest_batch_header, payload, Duration::ZERO)
+        {
+            Ok(_) => &device.metrics.relay_to_peer_packets,
+            Err(_) => &device.metrics.peer_tx_dropped,
+        };
+    Metrics::add(counter, frames as u64);
 }
