@@ -14,7 +14,7 @@ use ftvm_tests::blk::status_json;
 use ftvm_tests::guest::GuestConfig;
 use ftvm_tests::guest_tools;
 use ftvm_tests::level3::{counters_in_ram, guest_script, Level3Options, Level3Pair};
-use ftvm_tests::net::spawn_in_namespace;
+use ftvm_tests::net::{spawn_in_namespace, PacketCapture};
 use ftvm_tests::process::signal;
 use ftvm_tests::wait::poll_for;
 
@@ -214,6 +214,10 @@ fn no_frame_of_an_uncommitted_epoch_reaches_the_lan_and_a_failover_contradicts_n
     };
     let mut pair = Level3Pair::start_unprotected("l3-output-failover", config, options);
     let capture = UdpCapture::start(&pair.hosts().namespace("client"));
+    // Everything that crosses hostB's interfaces from the engine's start: the checkpoint
+    // stream rides the same encrypted link as disks and NICs (issue 12, item 4).
+    let capture_limit = 1 << 30;
+    let link_capture = PacketCapture::start(&pair.hosts().namespace("hostB"), capture_limit);
     pair.start_primary_engine();
     pair.wait_committed(3);
     capture.wait_beyond(capture.count(), 100, "through output commit on hostA");
@@ -239,6 +243,26 @@ fn no_frame_of_an_uncommitted_epoch_reaches_the_lan_and_a_failover_contradicts_n
             counters.len()
         );
     };
+    // udpseq's state page (its first 16 bytes are the marker) crossed the A-links in the
+    // first checkpoint, a full copy, where a page is encoded against zeros: unencrypted it
+    // would show as it is. The capture kept everything (under its limit) and holds the
+    // link's handshake, in clear, so it saw the link from its start.
+    let marker: Vec<u8> = [magic, magic.rotate_left(17)]
+        .iter()
+        .flat_map(|word| word.to_le_bytes())
+        .collect();
+    let captured = link_capture.captured_bytes();
+    eprintln!("captured {captured} bytes on hostB's interfaces");
+    assert!(captured < capture_limit, "captured {captured} bytes");
+    assert!(
+        link_capture.contains(b"checkpoint:"),
+        "the checkpoint link's handshake, in clear, is in the capture"
+    );
+    assert!(
+        !link_capture.contains(&marker),
+        "a page of the guest's RAM crossed the A-links in clear"
+    );
+    drop(link_capture);
     let highest_seen = seen_before.iter().map(|datagram| datagram.number).max();
     // hostA's guest went on past the checkpoint; what it sent since was held and is lost.
     let sent_on_a = counters_in_ram(pair.primary_ram(), magic);
