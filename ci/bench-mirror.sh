@@ -101,7 +101,7 @@ declare -A PIDS=()
 cleanup() {
 	local rc=$? name file
 	trap - EXIT INT TERM
-	exec 7>&- 2>/dev/null || true
+	exec 7>&-
 	for name in "${!PIDS[@]}"; do stop "$name"; done
 	if ((rc != 0)) && [[ -n $RUN && -d $RUN ]]; then
 		for file in "$RUN"/*.log; do
