@@ -8,14 +8,19 @@
 #   initramfs.gz   busybox-static + virtio modules + /init (gzipped newc cpio)
 #   fio.cpio.gz    /usr/bin/fio with its shared libraries; append it to
 #                  initramfs.gz (plain concatenation) when a test needs fio
+#   qga.cpio.gz    qemu-ga (Debian's qemu-guest-agent, fetched with
+#                  `apt-get download`, never installed on the host) with its
+#                  shared libraries; append it when a test needs the guest agent
 #   stamp          the inputs the outputs were built from
 #
 # Outputs are rebuilt only when the stamp differs (hash of this script, kernel
-# package and version, busybox and fio versions) or with --force. Builds go
-# into a temp dir and are moved into place under a lock.
+# and qemu-guest-agent packages and versions, busybox and fio versions) or with
+# --force. Builds go into a temp dir and are moved into place under a lock.
 #
 # Guest /init: mounts proc, sys, devtmpfs, /tmp; loads the virtio modules;
-# brings lo up; prints `FTVM-BOOTED`. Then, if /test.sh exists (append a third
+# brings lo up; when qemu-ga is in the initramfs (qga.cpio.gz) and the VM has a
+# virtio-serial port named org.qemu.guest_agent.0, starts qemu-ga on it in the
+# background (it does not delay the boot); prints `FTVM-BOOTED`. Then, if /test.sh exists (append a third
 # cpio archive holding it), runs `sh /test.sh` with output to the console and
 # prints `FTVM-EXIT <rc>`; else with `ftvm.shell=1` on the kernel command line
 # starts a shell on the console. Finally powers off (run QEMU with -no-reboot).
@@ -107,7 +112,7 @@ kernel_pkg_name() {
 }
 
 # Prints the path of the cached .deb for package $1, downloading it if needed.
-kernel_deb() {
+cached_deb() {
 	local pkg=$1 deb
 	mkdir -p "$DEBDIR"
 	deb=$(find "$DEBDIR" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n1)
@@ -155,6 +160,22 @@ for m in @MODULES@; do
 	esac
 done
 ip link set lo up
+# The guest agent, when qemu-ga is here (qga.cpio.gz) and the VM has its
+# channel: in the background, so that waiting for the port (virtio-serial adds
+# ports after the driver loads) never delays the boot.
+if [ -x /usr/sbin/qemu-ga ] && [ -d /sys/bus/virtio/drivers/virtio_console ]; then
+	(
+		for _ in $(seq 50); do
+			for port in /sys/class/virtio-ports/*; do
+				[ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+				mkdir -p /run /var/run
+				echo "ftvm-init: qemu-ga on /dev/${port##*/}"
+				exec qemu-ga -m virtio-serial -p "/dev/${port##*/}" -t /run
+			done
+			sleep 0.1
+		done
+	) </dev/null >/dev/console 2>&1 &
+fi
 # Leading newline: firmware leaves terminal escape codes on the serial line
 # without a newline, and FTVM-BOOTED must be alone on its line.
 printf '\nFTVM-BOOTED\n'
@@ -236,25 +257,45 @@ build_kernel_and_initramfs() { # TMP DEB
 	rm -rf "$x" "$rd"
 }
 
+# Copies every library ldd resolves for binary $1 into tree $2, at the path ldd
+# names (the dynamic loader included, at /lib64/ld-linux-x86-64.so.2).
+copy_libraries() { # BINARY ROOT
+	local binary=$1 root=$2 libs lib
+	libs=$(ldd "$binary") || die "ldd $binary failed"
+	if grep -q 'not found' <<<"$libs"; then
+		die "$binary has unresolved libraries: $(grep 'not found' <<<"$libs" | tr -s ' \t' ' ')"
+	fi
+	while read -r lib; do
+		[[ -n $lib ]] && copy_into "$lib" "$root"
+	done < <(awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$libs" | sort -u)
+	[[ -f $root/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader not found in ldd output of $binary"
+}
+
 build_fio_cpio() { # TMP
-	local tmp=$1 fr=$1/fio-root lib
+	local tmp=$1 fr=$1/fio-root
 	log "assembling fio archive"
 	mkdir -p "$fr"
 	copy_into /usr/bin/fio "$fr"
-	# Every library ldd resolves, at the path ldd names (the dynamic loader
-	# included, at /lib64/ld-linux-x86-64.so.2). fio's ioengines (psync,
-	# libaio, ...) are built in; libaio.so.1 is a plain NEEDED library.
-	local libs
-	libs=$(ldd /usr/bin/fio) || die "ldd /usr/bin/fio failed"
-	if grep -q 'not found' <<<"$libs"; then
-		die "fio has unresolved libraries: $(grep 'not found' <<<"$libs" | tr -s ' \t' ' ')"
-	fi
-	while read -r lib; do
-		[[ -n $lib ]] && copy_into "$lib" "$fr"
-	done < <(awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$libs" | sort -u)
-	[[ -f $fr/lib64/ld-linux-x86-64.so.2 ]] || die "dynamic loader not found in ldd output"
+	# fio's ioengines (psync, libaio, ...) are built in; libaio.so.1 is a plain
+	# NEEDED library.
+	copy_libraries /usr/bin/fio "$fr"
 	pack_cpio "$fr" "$tmp/fio.cpio.gz"
 	rm -rf "$fr"
+}
+
+# qemu-ga from the package, with the host's copies of its libraries (glib,
+# libudev, libnuma, liburing: the host has them, QEMU needs the same ones; ldd
+# says which are missing otherwise).
+build_qga_cpio() { # TMP DEB
+	local tmp=$1 deb=$2 x=$1/qga-pkg qr=$1/qga-root
+	log "assembling qemu-ga archive from $(basename "$deb")"
+	mkdir -p "$x" "$qr/usr/sbin"
+	dpkg-deb -x "$deb" "$x"
+	[[ -x $x/usr/sbin/qemu-ga ]] || die "no usr/sbin/qemu-ga in $deb"
+	cp --preserve=mode "$x/usr/sbin/qemu-ga" "$qr/usr/sbin/qemu-ga"
+	copy_libraries "$x/usr/sbin/qemu-ga" "$qr"
+	pack_cpio "$qr" "$tmp/qga.cpio.gz"
+	rm -rf "$x" "$qr"
 }
 
 # --- main -------------------------------------------------------------------
@@ -264,14 +305,17 @@ exec 9>"$OUT/.lock"
 flock 9 || die "cannot lock $OUT/.lock"
 
 KPKG=$(kernel_pkg_name)
-DEB=$(kernel_deb "$KPKG")
+DEB=$(cached_deb "$KPKG")
+QGA_PKG=qemu-guest-agent
+QGA_DEB=$(cached_deb "$QGA_PKG")
 KVERSION=$(dpkg-deb -f "$DEB" Version)
 STAMP_WANT="script $(sha256sum "$SCRIPT" | cut -d' ' -f1)
 kernel $KPKG $KVERSION
+qga $(dpkg-deb -f "$QGA_DEB" Version)
 busybox $(pkg_version busybox-static)
 fio $(pkg_version fio)"
 
-if ((FORCE == 0)) && [[ -f $OUT/stamp && -s $OUT/vmlinuz && -s $OUT/initramfs.gz && -s $OUT/fio.cpio.gz ]] &&
+if ((FORCE == 0)) && [[ -f $OUT/stamp && -s $OUT/vmlinuz && -s $OUT/initramfs.gz && -s $OUT/fio.cpio.gz && -s $OUT/qga.cpio.gz ]] &&
 	[[ $(cat "$OUT/stamp") == "$STAMP_WANT" ]]; then
 	log "up to date ($KPKG $KVERSION)"
 else
@@ -279,18 +323,20 @@ else
 	trap 'rm -rf "$TMP"' EXIT
 	build_kernel_and_initramfs "$TMP" "$DEB"
 	build_fio_cpio "$TMP"
+	build_qga_cpio "$TMP" "$QGA_DEB"
 	rm -f "$OUT/stamp"
-	for f in vmlinuz kernel-release initramfs.gz fio.cpio.gz; do
+	for f in vmlinuz kernel-release initramfs.gz fio.cpio.gz qga.cpio.gz; do
 		mv -f "$TMP/$f" "$OUT/$f"
 	done
 	printf '%s\n' "$STAMP_WANT" >"$OUT/stamp"
 	rm -rf "$TMP"
 	trap - EXIT
-	log "built $OUT: initramfs.gz $(du -h "$OUT/initramfs.gz" | cut -f1), fio.cpio.gz $(du -h "$OUT/fio.cpio.gz" | cut -f1)"
+	log "built $OUT: initramfs.gz $(du -h "$OUT/initramfs.gz" | cut -f1), fio.cpio.gz $(du -h "$OUT/fio.cpio.gz" | cut -f1), qga.cpio.gz $(du -h "$OUT/qga.cpio.gz" | cut -f1)"
 fi
 
-# Old kernel packages are not needed once a newer one is in use.
+# Old packages are not needed once a newer one is in use.
 find "$DEBDIR" -maxdepth 1 -name 'linux-image-*.deb' ! -name "$(basename "$DEB")" -delete
+find "$DEBDIR" -maxdepth 1 -name "${QGA_PKG}_*.deb" ! -name "$(basename "$QGA_DEB")" -delete
 
 flock -u 9
 

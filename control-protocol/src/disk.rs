@@ -83,11 +83,35 @@ impl fmt::Display for SnapshotName {
     }
 }
 
+/// What a snapshot holds of the guest's file systems (`docs/OPERATIONS.md`, "Snapshots").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// The disk as after a power cut at that instant: a journaling file system replays its
+    /// journal when it mounts it, and data the guest had not synced is not in it.
+    Crash,
+    /// Taken while the guest agent held the guest's file systems frozen
+    /// (`guest-fsfreeze-freeze`): everything written before is in it, and the file systems
+    /// are clean (no journal to replay).
+    Application,
+}
+
+impl Consistency {
+    /// The word in a `snapshot create` command and in `ftvm snapshot list`.
+    pub fn word(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::Application => "application",
+        }
+    }
+}
+
 /// A snapshot command (`docs/ARCHITECTURE.md`, "Snapshots"), to a primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotOrder {
-    /// `snapshot create NAME`: both copies, at the same point of the write stream.
-    Create(SnapshotName),
+    /// `snapshot create NAME [crash|application]`: both copies, at the same point of the
+    /// write stream, recorded as of that consistency (crash when not said).
+    Create(SnapshotName, Consistency),
     /// `snapshot delete NAME`: from both copies.
     Delete(SnapshotName),
     /// `snapshot revert NAME`: both copies back to the snapshot (no guest may be attached).
@@ -100,7 +124,7 @@ impl SnapshotOrder {
     /// The command's second word.
     pub fn action(&self) -> &'static str {
         match self {
-            SnapshotOrder::Create(_) => "create",
+            SnapshotOrder::Create(..) => "create",
             SnapshotOrder::Delete(_) => "delete",
             SnapshotOrder::Revert(_) => "revert",
             SnapshotOrder::List => "list",
@@ -109,7 +133,7 @@ impl SnapshotOrder {
 
     pub fn name(&self) -> Option<&SnapshotName> {
         match self {
-            SnapshotOrder::Create(name)
+            SnapshotOrder::Create(name, _)
             | SnapshotOrder::Delete(name)
             | SnapshotOrder::Revert(name) => Some(name),
             SnapshotOrder::List => None,
@@ -120,9 +144,10 @@ impl SnapshotOrder {
 impl fmt::Display for SnapshotOrder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "snapshot {}", self.action())?;
-        match self.name() {
-            Some(name) => write!(f, " {name}"),
-            None => Ok(()),
+        match self {
+            SnapshotOrder::Create(name, consistency) => write!(f, " {name} {}", consistency.word()),
+            SnapshotOrder::Delete(name) | SnapshotOrder::Revert(name) => write!(f, " {name}"),
+            SnapshotOrder::List => Ok(()),
         }
     }
 }
@@ -139,6 +164,8 @@ pub struct SnapshotInfo {
     /// Space the snapshot alone holds: its extents that the file system does not share
     /// with any other file (the image, another snapshot). Deleting it frees about this.
     pub unshared_bytes: u64,
+    /// Whether the guest's file systems were frozen for it.
+    pub consistency: Consistency,
 }
 
 /// The answer to `snapshot list`.
@@ -234,7 +261,7 @@ impl Command {
     pub const SYNOPSIS: &'static str =
         "status, promote [GENERATION [EPOCH]], demote, continue-degraded [GENERATION], fence, \
          repair, settle, dirty-pages, epoch on EPOCH, epoch off, epoch-end EPOCH, commit EPOCH, \
-         wait-sealed EPOCH [TIMEOUT_MS], snapshot create|delete|revert NAME, snapshot list";
+         wait-sealed EPOCH [TIMEOUT_MS], snapshot create NAME [crash|application], snapshot delete|revert NAME, snapshot list";
 }
 
 impl Order {
@@ -306,6 +333,8 @@ pub enum ParseError {
     TimeoutTooLong(u64),
     #[error("snapshot: {word:?} is none of create, delete, revert, list")]
     SnapshotAction { word: String },
+    #[error("snapshot create: {word:?} is neither \"crash\" nor \"application\"")]
+    Consistency { word: String },
     #[error("invalid snapshot name {name:?}: {why}")]
     SnapshotName { name: String, why: &'static str },
 }
@@ -320,7 +349,17 @@ fn snapshot_order<'a>(
     };
     let order = match words.next() {
         Some("create") => {
-            SnapshotOrder::Create(SnapshotName::new(words.next().ok_or_else(missing_name)?)?)
+            let name = SnapshotName::new(words.next().ok_or_else(missing_name)?)?;
+            let consistency = match words.next() {
+                None | Some("crash") => Consistency::Crash,
+                Some("application") => Consistency::Application,
+                Some(other) => {
+                    return Err(ParseError::Consistency {
+                        word: other.to_owned(),
+                    })
+                }
+            };
+            SnapshotOrder::Create(name, consistency)
         }
         Some("delete") => {
             SnapshotOrder::Delete(SnapshotName::new(words.next().ok_or_else(missing_name)?)?)

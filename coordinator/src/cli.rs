@@ -164,10 +164,12 @@ pub enum FtvmCommand {
     /// A snapshot is a reflink of each disk image (and so costs no copy), kept next to it
     /// in IMAGE.snapshots/NAME on both hosts. It needs the images on a file system with
     /// reflinks: XFS (made with reflink=1, the default) or btrfs; on ext4, tmpfs and others
-    /// it is refused with the file system's name. It is crash-consistent: the guest's disk
-    /// as after a power cut at that instant (run `sync` or fsfreeze in the guest first for
-    /// more). Both copies must be in sync (Protected) and the VM at Level 1 or 2. The
-    /// guest's writes wait for a few milliseconds while it is taken.
+    /// it is refused with the file system's name. By default it is crash-consistent: the
+    /// guest's disk as after a power cut at that instant. With --app-consistent the guest
+    /// agent (qemu-guest-agent, which must run in the guest) freezes the guest's file
+    /// systems first and thaws them afterwards: they are clean in the snapshot and hold
+    /// everything written before it. Both copies must be in sync (Protected) and the VM at
+    /// Level 1 or 2. The guest's writes wait for a few milliseconds while it is taken.
     Snapshot {
         #[command(subcommand)]
         action: SnapshotAction,
@@ -269,16 +271,46 @@ pub struct KeyChoice {
     pub key_file: Option<PathBuf>,
 }
 
+/// `ftvm snapshot create --app-consistent[=WHEN]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AppConsistent {
+    Yes,
+    Auto,
+    No,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum SnapshotAction {
     /// Take snapshot NAME of every disk of VM, on both copies (a VM with one disk).
+    ///
+    /// With --app-consistent, ftvmd asks the guest agent (on the VM's channel
+    /// org.qemu.guest_agent.0) to freeze the guest's file systems (guest-fsfreeze-freeze:
+    /// the guest writes back everything first), takes the snapshot, and thaws them again,
+    /// also when the snapshot fails; the answer says how many file systems were frozen and
+    /// thawed. A guest that does not answer within 5 s (no qemu-guest-agent, or a hung
+    /// one) is refused with the reason and nothing is frozen; with --app-consistent=auto a
+    /// crash-consistent snapshot is taken instead, and the answer says why. A thaw that
+    /// fails is an error event, and ftvmd tries it again every 5 s. Without the option, the
+    /// VM's snapshot_consistency setting decides (default: crash).
     Create {
         vm: String,
         /// 1 to 64 letters, digits, '-', '_' and '.', not starting with '.'.
         name: String,
+        /// Freeze the guest's file systems through its agent for the snapshot: "yes" (the
+        /// default when given without a value), "auto" (freeze when the guest runs an
+        /// agent, else crash-consistent) or "no" (crash-consistent).
+        #[arg(
+            long,
+            value_name = "WHEN",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "yes"
+        )]
+        app_consistent: Option<AppConsistent>,
     },
-    /// This host's snapshots of VM's disks: name, time, and the space each holds alone
-    /// (blocks the image no longer shares with it: about what deleting it frees).
+    /// This host's snapshots of VM's disks: name, time, consistency ("application": the
+    /// guest's file systems were frozen for it; "crash": not), and the space each holds
+    /// alone (blocks the image no longer shares with it: about what deleting it frees).
     List {
         vm: String,
         #[arg(long)]

@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::daemon::control::SnapshotConsistency;
 use crate::witness_store::MAX_VM_NAME;
 
 /// Most A-links between the two hosts.
@@ -235,6 +236,15 @@ pub struct VmSection {
     /// about this long plus the round trip).
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval_ms: u64,
+    /// `ftvm snapshot create` without `--app-consistent`: "crash" (the default: no
+    /// freeze), "application" (the guest agent freezes the file systems; refused when the
+    /// guest runs none) or "auto" (freeze when the guest runs an agent).
+    #[serde(default = "default_snapshot_consistency")]
+    pub snapshot_consistency: SnapshotConsistency,
+}
+
+fn default_snapshot_consistency() -> SnapshotConsistency {
+    SnapshotConsistency::Crash
 }
 
 fn default_checkpoint_interval() -> u64 {

@@ -549,6 +549,11 @@ peer_timeout_ms = {timeout}
     }
 
     /// The control socket of the VM's first NIC daemon on a host.
+    /// vm1's guest agent channel on `host` (QEMU listens there while the VM runs there).
+    pub fn guest_agent_socket(&self, host: usize) -> PathBuf {
+        self.dir.path().join(HOSTS[host]).join(VM).join("qga.sock")
+    }
+
     pub fn nic_control(&self, host: usize) -> PathBuf {
         self.dir.path().join(HOSTS[host]).join(VM).join("nic0.ctl")
     }

@@ -47,6 +47,9 @@ pub struct GuestConfig {
     /// Extra files for the guest's root directory.
     pub files: Vec<Entry>,
     pub with_fio: bool,
+    /// The initramfs holds qemu-ga (`qga.cpio.gz`): the guest runs it when the VM has the
+    /// `org.qemu.guest_agent.0` channel (every VM ftvmd starts has).
+    pub with_guest_agent: bool,
     /// Network namespace (test host) to run QEMU in.
     pub netns: Option<String>,
     /// A QMP socket to create (`-qmp unix:PATH,server=on,wait=off`), see `crate::qmp`.
@@ -72,6 +75,7 @@ impl GuestConfig {
             script: script.to_owned(),
             files: Vec::new(),
             with_fio: false,
+            with_guest_agent: false,
             netns: None,
             qmp: None,
             ram_file: None,
@@ -359,7 +363,8 @@ fn qemu_args(config: &GuestConfig, initrd: &Path) -> Vec<String> {
     args
 }
 
-/// Concatenates the base initramfs, fio when asked, and an archive with `/test.sh`.
+/// Concatenates the base initramfs, fio and qemu-ga when asked, and an archive with
+/// `/test.sh`.
 pub fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
     let guest = paths::guest_dir();
     let path = dir.join(format!("{}-initrd", config.name));
@@ -367,6 +372,9 @@ pub fn build_initrd(config: &GuestConfig, dir: &Path) -> PathBuf {
     let mut parts = vec![guest.join("initramfs.gz")];
     if config.with_fio {
         parts.push(guest.join("fio.cpio.gz"));
+    }
+    if config.with_guest_agent {
+        parts.push(guest.join("qga.cpio.gz"));
     }
     for part in parts {
         let bytes = std::fs::read(&part).unwrap_or_else(|error| {

@@ -10,6 +10,10 @@
 //! The mirror decides *when* (`mirror/primary/snapshot.rs`: at the same point of the write
 //! stream on both copies); this module only does the file work, and is the one place with
 //! the `FICLONE`, `FIEMAP` and `fstatfs` ioctls.
+//!
+//! An application-consistent snapshot (the guest's file systems were frozen by its agent)
+//! carries the extended attribute `user.ftvm.consistency` = `application` on its file; a
+//! snapshot without it is crash-consistent.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -18,7 +22,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use control_protocol::disk::{ImageKind, SnapshotInfo, SnapshotName, Snapshots};
+use control_protocol::disk::{Consistency, ImageKind, SnapshotInfo, SnapshotName, Snapshots};
 
 use crate::image::Image;
 
@@ -33,6 +37,9 @@ const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
 /// Extents asked for per `FIEMAP` call.
 const FIEMAP_BATCH: usize = 128;
+/// The extended attribute that marks an application-consistent snapshot.
+const CONSISTENCY_ATTRIBUTE: &std::ffi::CStr = c"user.ftvm.consistency";
+const APPLICATION: &[u8] = b"application";
 
 /// Where an image's snapshots live: `IMAGE.snapshots/`, a directory next to it (next to
 /// the file itself when `image` is a symbolic link: the reflinks must be on its file
@@ -156,10 +163,55 @@ fn sync_directory(directory: &Path) -> io::Result<()> {
     File::open(directory)?.sync_all()
 }
 
+/// Marks `file` as an application-consistent snapshot.
+fn mark_application_consistent(file: &File) -> io::Result<()> {
+    // SAFETY: the descriptor is open for the whole call; the name is a NUL-terminated
+    // C string and the value a slice of `APPLICATION.len()` readable bytes, which the
+    // kernel only reads.
+    let ret = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            CONSISTENCY_ATTRIBUTE.as_ptr(),
+            APPLICATION.as_ptr().cast(),
+            APPLICATION.len(),
+            0,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What `file` records of its consistency: application only with the attribute's exact
+/// value, crash otherwise (no attribute, another value, a file system without them).
+fn consistency_of(file: &File) -> Consistency {
+    let mut value = [0u8; 16];
+    // SAFETY: the descriptor is open for the whole call; the name is a NUL-terminated C
+    // string; the kernel writes at most `value.len()` bytes into `value` (ERANGE when the
+    // value is longer).
+    let length = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            CONSISTENCY_ATTRIBUTE.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    match usize::try_from(length)
+        .ok()
+        .and_then(|length| value.get(..length))
+    {
+        Some(read) if read == APPLICATION => Consistency::Application,
+        _ => Consistency::Crash,
+    }
+}
+
 /// Takes snapshot `name` of `image`: the image is made durable, reflinked to a temporary
-/// file, which is synced and renamed into place (a crash leaves no half snapshot under the
-/// name). The caller ensures no write is under way.
-pub fn create(image: &Image, name: &SnapshotName) -> Result<(), String> {
+/// file, which is marked with its consistency, synced and renamed into place (a crash
+/// leaves no half snapshot under the name). The caller ensures no write is under way.
+pub fn create(image: &Image, name: &SnapshotName, consistency: Consistency) -> Result<(), String> {
     let directory = directory(image.path());
     let path = path_of(image.path(), name);
     if path.exists() {
@@ -182,6 +234,9 @@ pub fn create(image: &Image, name: &SnapshotName) -> Result<(), String> {
         let _ = fs::remove_file(&partial);
         let clone = create_new(&partial)?;
         ficlone(&clone, image.file())?;
+        if consistency == Consistency::Application {
+            mark_application_consistent(&clone)?;
+        }
         clone.sync_all()?;
         fs::rename(&partial, &path)?;
         sync_directory(&directory)
@@ -273,6 +328,7 @@ pub fn list(image: &Path) -> Result<Snapshots, String> {
             created_unix_s,
             size_bytes: metadata.len(),
             unshared_bytes: unshared_bytes(&file).unwrap_or(metadata_bytes(&metadata)),
+            consistency: consistency_of(&file),
         });
     }
     snapshots.sort_by(|a, b| a.name.cmp(&b.name));
@@ -355,6 +411,32 @@ fn unshared_bytes(file: &File) -> io::Result<u64> {
 mod tests {
     use super::*;
 
+    /// The mark is read back as written; a file without it, or with another value, is
+    /// crash-consistent. (The test directory's file system has user attributes: ext4 and
+    /// tmpfs do.)
+    #[test]
+    fn the_consistency_mark_reads_back_and_anything_else_is_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("snapshot");
+        let file = create_new(&path).expect("file");
+        assert_eq!(consistency_of(&file), Consistency::Crash);
+        mark_application_consistent(&file).expect("set the attribute");
+        assert_eq!(consistency_of(&file), Consistency::Application);
+        let other = b"application-and-more-than-sixteen-bytes";
+        // SAFETY: as in `mark_application_consistent`, with `other`'s bytes.
+        let ret = unsafe {
+            libc::fsetxattr(
+                file.as_raw_fd(),
+                CONSISTENCY_ATTRIBUTE.as_ptr(),
+                other.as_ptr().cast(),
+                other.len(),
+                0,
+            )
+        };
+        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        assert_eq!(consistency_of(&file), Consistency::Crash);
+    }
+
     fn name(text: &str) -> SnapshotName {
         SnapshotName::new(text).expect("valid name")
     }
@@ -390,7 +472,7 @@ mod tests {
             "{error}"
         );
         assert!(error.contains(&fs_name), "{error}");
-        let error = create(&image, &name("s1")).expect_err("no reflinks");
+        let error = create(&image, &name("s1"), Consistency::Crash).expect_err("no reflinks");
         assert!(error.contains(&fs_name), "{error}");
         let left: Vec<_> = fs::read_dir(dir.path())
             .expect("read_dir")

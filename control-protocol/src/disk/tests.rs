@@ -33,7 +33,8 @@ fn every_command() -> Vec<Command> {
     let name = || SnapshotName::new("before-upgrade_2.1").expect("a valid name");
     commands.extend(
         [
-            SnapshotOrder::Create(name()),
+            SnapshotOrder::Create(name(), Consistency::Crash),
+            SnapshotOrder::Create(name(), Consistency::Application),
             SnapshotOrder::Delete(name()),
             SnapshotOrder::Revert(name()),
             SnapshotOrder::List,
@@ -529,6 +530,11 @@ fn snapshot_names_with_path_characters_are_refused_with_the_reason() {
         ("snapshot revert", "missing the snapshot's name"),
         ("snapshot take s1", "none of create"),
         ("snapshot list s1", "too many arguments"),
+        (
+            "snapshot create s1 frozen",
+            "neither \"crash\" nor \"application\"",
+        ),
+        ("snapshot create s1 crash more", "too many arguments"),
     ] {
         let error = line.parse::<Command>().expect_err(line).to_string();
         assert!(error.contains(why), "{line}: {error}");

@@ -4,12 +4,13 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use clap::Parser;
 use coordinator::check::Severity;
 use coordinator::cli::{
-    AlertAction, FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction, KeyChoice,
-    SnapshotAction,
+    AlertAction, AppConsistent, FtvmArgs as Args, FtvmCommand as Command, HostAction, KeyAction,
+    KeyChoice, SnapshotAction,
 };
 use coordinator::daemon::control::CheckReport;
 use coordinator::daemon::control::{
     request, DiskSnapshots, HostStatus, KeyStatus, Reply, Request, SnapshotCommand,
+    SnapshotConsistency,
 };
 use coordinator::daemon::nics::NicStatus;
 use coordinator::host::Role;
@@ -210,8 +211,21 @@ fn snapshot(
     action: &SnapshotAction,
 ) -> Result<(), String> {
     let (vm, command, json) = match action {
-        SnapshotAction::Create { vm, name } => {
-            (vm, SnapshotCommand::Create { name: name.clone() }, false)
+        SnapshotAction::Create {
+            vm,
+            name,
+            app_consistent,
+        } => {
+            let consistency = app_consistent.map(|when| match when {
+                AppConsistent::Yes => SnapshotConsistency::Application,
+                AppConsistent::Auto => SnapshotConsistency::Auto,
+                AppConsistent::No => SnapshotConsistency::Crash,
+            });
+            let command = SnapshotCommand::Create {
+                name: name.clone(),
+                consistency,
+            };
+            (vm, command, false)
         }
         SnapshotAction::List { vm, json } => (vm, SnapshotCommand::List, *json),
         SnapshotAction::Delete { vm, name } => {
@@ -243,8 +257,9 @@ fn snapshot_table(disks: &[DiskSnapshots]) -> String {
         for snapshot in &disk.snapshots {
             let time = humantime(UNIX_EPOCH + Duration::from_secs(snapshot.created_unix_s));
             text.push_str(&format!(
-                "  {:<24} {time}  {:>10} held alone\n",
+                "  {:<24} {time}  {:<11}  {:>10} held alone\n",
                 snapshot.name.as_str(),
+                snapshot.consistency.word(),
                 bytes(snapshot.unshared_bytes)
             ));
         }

@@ -71,6 +71,21 @@ impl Child for Box<dyn RunningVm> {
     }
 }
 
+/// An agent without a child process (the guest agent's: it only talks to a socket).
+impl Child for std::convert::Infallible {
+    fn pid(&self) -> u32 {
+        match *self {}
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match *self {}
+    }
+
+    fn stop(&mut self) {
+        match *self {}
+    }
+}
+
 type Job<C, R> = Box<dyn FnOnce(&mut Option<C>) -> R + Send>;
 
 /// What the deciding thread can see of an agent without waiting for it.

@@ -97,19 +97,44 @@ pub struct CheckReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotCommand {
-    Create { name: String },
+    /// `consistency`: as asked with `--app-consistent`, or `None` for the VM's
+    /// `snapshot_consistency`.
+    Create {
+        name: String,
+        consistency: Option<SnapshotConsistency>,
+    },
     List,
-    Delete { name: String },
-    Revert { name: String },
+    Delete {
+        name: String,
+    },
+    Revert {
+        name: String,
+    },
+}
+
+/// Whether a snapshot freezes the guest's file systems through its agent first
+/// (`docs/OPERATIONS.md`, "Snapshots").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotConsistency {
+    /// No freeze: crash-consistent.
+    Crash,
+    /// Freeze through the guest agent; refused with the reason when the guest runs none.
+    Application,
+    /// Freeze when the guest runs an agent; crash-consistent, and said so, when it does not.
+    Auto,
 }
 
 impl SnapshotCommand {
-    /// The disk daemons' command; refused when the name is not a snapshot name.
+    /// The disk daemons' command; refused when the name is not a snapshot name. A create
+    /// is crash-consistent here: the VM decides when the guest's file systems are frozen.
     pub fn order(&self) -> Result<control_protocol::disk::SnapshotOrder, String> {
-        use control_protocol::disk::{SnapshotName, SnapshotOrder};
+        use control_protocol::disk::{Consistency, SnapshotName, SnapshotOrder};
         let name = |name: &str| SnapshotName::new(name).map_err(|error| error.to_string());
         Ok(match self {
-            SnapshotCommand::Create { name: text } => SnapshotOrder::Create(name(text)?),
+            SnapshotCommand::Create { name: text, .. } => {
+                SnapshotOrder::Create(name(text)?, Consistency::Crash)
+            }
             SnapshotCommand::List => SnapshotOrder::List,
             SnapshotCommand::Delete { name: text } => SnapshotOrder::Delete(name(text)?),
             SnapshotCommand::Revert { name: text } => SnapshotOrder::Revert(name(text)?),

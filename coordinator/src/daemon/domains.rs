@@ -8,7 +8,7 @@ use std::sync::mpsc::Sender;
 
 use serde::{Deserialize, Serialize};
 
-use super::control::Reply;
+use super::control::{Reply, SnapshotConsistency};
 use super::libvirt_launcher::DomainSpec;
 use super::links::PeerMessage;
 use super::{remove_durably, write_durably, Daemon};
@@ -173,6 +173,7 @@ impl Daemon {
             qemu_args: Vec::new(),
             checkpoint_port: None,
             checkpoint_interval_ms: 50,
+            snapshot_consistency: SnapshotConsistency::Crash,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod control_client;
 mod diagnostics;
 mod domains;
 pub mod events;
+pub mod guest_agent;
 pub mod libvirt_launcher;
 pub mod links;
 pub mod metrics;
@@ -396,6 +397,7 @@ impl Daemon {
                 console: dir.join("console.log"),
                 qmp: dir.join("qmp.sock"),
                 engine_qmp: dir.join("engine-qmp.sock"),
+                guest_agent: dir.join("qga.sock"),
                 ram_file: self
                     .config
                     .host
@@ -443,6 +445,7 @@ impl Daemon {
                 now,
                 &mut self.io.events,
             )
+            .map(|runner| runner.with_snapshot_consistency(section.snapshot_consistency))
         }
     }
 

@@ -323,6 +323,9 @@ pub struct VmSpec {
     /// A second QMP monitor, the checkpoint engine's (Level 3): QEMU serves one client per
     /// monitor, and the engine keeps its connection.
     pub engine_qmp: PathBuf,
+    /// The guest agent's channel (`org.qemu.guest_agent.0` on a virtio-serial port; QEMU
+    /// listens here), always given: a guest without `qemu-ga` never answers on it.
+    pub guest_agent: PathBuf,
     /// The guest's RAM, a file shared with the daemons (and read by the Level 3 engine).
     pub ram_file: PathBuf,
     /// The Level 3 RAM tracking library (`LD_PRELOAD`) and its socket, when installed: QEMU
@@ -405,6 +408,18 @@ impl QemuLauncher {
             ),
             "-mon".into(),
             "chardev=engine-qmp,mode=control".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=guest-agent,path={},server=on,wait=off",
+                spec.guest_agent.display()
+            ),
+            "-device".into(),
+            "virtio-serial-pci,id=guest-agent-serial".into(),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=guest-agent-serial.0,chardev=guest-agent,name={}",
+                super::guest_agent::CHANNEL_NAME
+            ),
         ];
         if spec.incoming {
             args.extend(["-incoming".into(), "defer".into()]);

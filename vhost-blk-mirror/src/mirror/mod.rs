@@ -315,7 +315,9 @@ impl Mirror {
     ) -> Result<String, String> {
         use protocol::SnapshotAction;
         let (name, action) = match order {
-            SnapshotOrder::Create(name) => (name, SnapshotAction::Create),
+            SnapshotOrder::Create(name, consistency) => {
+                (name, SnapshotAction::Create(*consistency))
+            }
             SnapshotOrder::Delete(name) => (name, SnapshotAction::Delete),
             SnapshotOrder::Revert(name) => (name, SnapshotAction::Revert),
             SnapshotOrder::List => {

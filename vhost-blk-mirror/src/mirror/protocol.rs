@@ -122,7 +122,8 @@ pub enum Message {
 /// What a `Snapshot` barrier does on the secondary's copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotAction {
-    Create,
+    /// Take it, recorded as of this consistency (the guest's file systems frozen or not).
+    Create(control_protocol::disk::Consistency),
     Revert,
     Delete,
 }
@@ -307,7 +308,7 @@ mod tests {
             id: 1,
             generation: 2,
             name: SnapshotName::new("abcd").expect("valid"),
-            action: SnapshotAction::Create,
+            action: SnapshotAction::Create(control_protocol::disk::Consistency::Crash),
         })
         .expect("encode");
         let at = hostile

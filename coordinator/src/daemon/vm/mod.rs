@@ -5,6 +5,7 @@ mod commands;
 mod disk_daemons;
 mod disks;
 mod domain;
+mod guest_agent;
 mod level3;
 mod migrate;
 mod qemu;
@@ -28,6 +29,7 @@ use crate::witness::{Claim, Grant, Verdict};
 use crate::witness_daemon::{HostPair, WitnessRequest};
 use crate::{Generation, HostId, Millis};
 use disk_daemons::{DiskDaemon, DiskReport};
+use guest_agent::GuestAgent;
 use level3::{Engine, Restore};
 use migrate::Migration;
 pub use migrate::MOST_TIMEOUT as MOST_MIGRATION_TIMEOUT;
@@ -218,6 +220,13 @@ pub struct VmRunner {
     incoming_migration: Option<u8>,
     /// `ftvm snapshot` under way.
     snapshot: Option<snapshots::SnapshotJob>,
+    /// The answer to an application-consistent `ftvm snapshot create`, sent once the
+    /// guest's file systems are thawed.
+    thaw_answer: Option<snapshots::ThawAnswer>,
+    /// The guest agent in the VM, with its thread (application-consistent snapshots).
+    guest_agent: GuestAgent,
+    /// `ftvm snapshot create` without `--app-consistent` (the VM's `snapshot_consistency`).
+    snapshot_consistency: crate::daemon::control::SnapshotConsistency,
     takeovers: Takeovers,
     /// Until when the role change under way was asked for (`ftvm failover`, `ftvm
     /// migrate`, a host disabled): its events are information, not warnings, and the one
@@ -287,6 +296,9 @@ impl VmRunner {
             incoming_migration: None,
             planned_until: None,
             snapshot: None,
+            thaw_answer: None,
+            guest_agent: GuestAgent::new(&name, vm_spec.guest_agent.clone())?,
+            snapshot_consistency: crate::daemon::control::SnapshotConsistency::Crash,
             takeovers: Takeovers::default(),
             name,
             level,
@@ -313,6 +325,16 @@ impl VmRunner {
         };
         runner.report_start(events);
         Ok(runner)
+    }
+
+    /// `ftvm snapshot create` without `--app-consistent` takes snapshots of this
+    /// consistency (the VM's `snapshot_consistency`).
+    pub fn with_snapshot_consistency(
+        mut self,
+        consistency: crate::daemon::control::SnapshotConsistency,
+    ) -> VmRunner {
+        self.snapshot_consistency = consistency;
+        self
     }
 
     /// The start-up event: the role this host starts in, or that the VM is unprotected.
@@ -355,6 +377,7 @@ impl VmRunner {
     /// One step: supervise the processes, read the disks, run the state machine.
     pub fn tick(&mut self, context: &mut Context<'_>) {
         self.take_guest_reports(context);
+        self.take_guest_agent_reports(context);
         self.take_disk_reports(context);
         self.tick_level3(context);
         self.tick_migration(context);

@@ -161,6 +161,7 @@ impl VmRunner {
     pub fn finish(self) {
         self.engine.finish();
         self.guest.finish();
+        self.guest_agent.finish();
         self.nics.finish();
         for disk in self.disks {
             disk.finish();

@@ -2,13 +2,20 @@
 //! "Snapshots"): on the primary, sent to each of the VM's disk daemons, which take each
 //! snapshot on both copies through the mirror; the answer goes back to `ftvm` once every
 //! disk has answered. A revert stops the VM first and starts it again afterwards.
+//!
+//! An application-consistent create (`--app-consistent`, or the VM's
+//! `snapshot_consistency`) first has the guest agent freeze the guest's file systems
+//! (`guest_agent.rs`), then takes the snapshot as above, and always thaws them afterwards:
+//! also when the snapshot failed, and also when the freeze did not answer in time (it may
+//! have frozen some). `ftvm` hears the answer once the thaw has answered.
 
 use std::sync::mpsc::Sender;
 
-use control_protocol::disk::{self, SnapshotOrder};
+use control_protocol::disk::{self, Consistency, SnapshotOrder};
 
 use super::{Context, VmRunner};
-use crate::daemon::control::{DiskSnapshots, Reply, SnapshotCommand};
+use crate::daemon::control::{DiskSnapshots, Reply, SnapshotCommand, SnapshotConsistency};
+use crate::daemon::guest_agent::{FreezeFailed, Frozen};
 use crate::host::{Mode, Role};
 
 /// What a disk daemon answered to a snapshot command.
@@ -33,7 +40,37 @@ pub(super) struct SnapshotJob {
     waiting_for_pause: bool,
     /// The guest was paused for the snapshot: resume it afterwards.
     resume_vm: bool,
+    /// `--app-consistent=auto`: without an agent, a crash-consistent snapshot.
+    fall_back: bool,
+    /// The guest agent is freezing the file systems.
+    waiting_for_freeze: bool,
+    /// The file systems are frozen, or may be: thaw them at the end.
+    thaw: bool,
+    /// What the freeze (or its absence) adds to the answer.
+    notes: Vec<String>,
     results: Vec<Option<Result<SnapshotDone, String>>>,
+}
+
+/// The answer to `ftvm snapshot create`, waiting for the thaw.
+#[derive(Debug)]
+pub(super) struct ThawAnswer {
+    answer: Sender<Reply>,
+    reply: Reply,
+}
+
+impl ThawAnswer {
+    /// Sends the snapshot's answer with the thaw's outcome: a thaw that failed makes it an
+    /// error, whatever the snapshot did.
+    pub fn send(self, thaw: Result<String, String>) {
+        let reply = match (self.reply, thaw) {
+            (Reply::Done(done), Ok(thawed)) => Reply::Done(format!("{done}; {thawed}")),
+            (Reply::Done(done), Err(error)) => Reply::Error(format!("{done}; but {error}")),
+            (Reply::Error(failed), Ok(thawed)) => Reply::Error(format!("{failed}; {thawed}")),
+            (Reply::Error(failed), Err(error)) => Reply::Error(format!("{failed}; {error}")),
+            (other, _) => other,
+        };
+        let _ = self.answer.send(reply);
+    }
 }
 
 impl VmRunner {
@@ -44,16 +81,93 @@ impl VmRunner {
         answer: Sender<Reply>,
         context: &mut Context<'_>,
     ) {
-        let order = match command.order().and_then(|order| self.check_snapshot(order)) {
-            Ok(order) => order,
+        let consistency = match &command {
+            SnapshotCommand::Create { consistency, .. } => {
+                consistency.unwrap_or(self.snapshot_consistency)
+            }
+            _ => SnapshotConsistency::Crash,
+        };
+        let checked = command
+            .order()
+            .and_then(|order| self.check_snapshot(order))
+            .and_then(|order| Ok((self.check_freeze(consistency)?, order)));
+        let (freeze, order) = match checked {
+            Ok(checked) => checked,
             Err(error) => {
                 let _ = answer.send(Reply::Error(error));
                 return;
             }
         };
+        let mut notes = Vec::new();
+        let freeze = match freeze {
+            Ok(freeze) => freeze,
+            Err(fall_back) => {
+                context
+                    .events
+                    .info(&self.name, format!("{order}: {fall_back}"));
+                notes.push(fall_back);
+                false
+            }
+        };
         let revert = matches!(order, SnapshotOrder::Revert(_));
         let restart_vm = revert && self.guest.present();
-        let several = matches!(order, SnapshotOrder::Create(_)) && self.disks.len() > 1;
+        self.snapshot = Some(SnapshotJob {
+            order,
+            answer,
+            waiting_for_vm_stop: restart_vm,
+            restart_vm,
+            waiting_for_pause: false,
+            resume_vm: false,
+            fall_back: consistency == SnapshotConsistency::Auto,
+            waiting_for_freeze: freeze,
+            thaw: false,
+            notes,
+            results: self.disks.iter().map(|_| None).collect(),
+        });
+        if restart_vm {
+            self.stop_vm(context.events, "snapshot revert");
+        } else if freeze {
+            self.guest_agent.freeze();
+        } else {
+            self.take_snapshot(context);
+        }
+    }
+
+    /// Whether a create freezes the guest's file systems first: `Ok(true)` to freeze,
+    /// `Ok(Err(why))` for a crash-consistent snapshot that `auto` falls back to, `Err` for
+    /// a refusal with the reason.
+    fn check_freeze(
+        &self,
+        consistency: SnapshotConsistency,
+    ) -> Result<Result<bool, String>, String> {
+        let why_not = if consistency == SnapshotConsistency::Crash {
+            return Ok(Ok(false));
+        } else if self.vm_spec.domain.is_some() {
+            "it is a libvirt domain, whose guest agent ftvm does not reach (libvirt holds \
+             its channel): `virsh domfsfreeze`, then a crash-consistent snapshot, then \
+             `virsh domfsthaw`"
+        } else if !self.guest.present() || self.guest.launching() {
+            "the VM is not running here"
+        } else if self.guest.paused {
+            "the guest is paused: its agent cannot answer"
+        } else {
+            return Ok(Ok(true));
+        };
+        match consistency {
+            SnapshotConsistency::Auto => Ok(Err(format!("crash-consistent: {why_not}"))),
+            _ => Err(format!(
+                "no application-consistent snapshot of {}: {why_not}",
+                self.name
+            )),
+        }
+    }
+
+    /// Takes the snapshot now, or once the guest is paused when it has several disks.
+    fn take_snapshot(&mut self, context: &mut Context<'_>) {
+        let Some(job) = &self.snapshot else {
+            return;
+        };
+        let several = matches!(job.order, SnapshotOrder::Create(..)) && self.disks.len() > 1;
         let resume_vm = several && !self.guest.paused && self.guest.pause();
         if resume_vm {
             context.events.info(
@@ -63,26 +177,73 @@ impl VmRunner {
                     self.disks.len()
                 ),
             );
-        }
-        self.snapshot = Some(SnapshotJob {
-            order,
-            answer,
-            waiting_for_vm_stop: restart_vm,
-            restart_vm,
-            waiting_for_pause: resume_vm,
-            resume_vm,
-            results: self.disks.iter().map(|_| None).collect(),
-        });
-        if restart_vm {
-            self.stop_vm(context.events, "snapshot revert");
-        } else if !resume_vm {
+            if let Some(job) = &mut self.snapshot {
+                job.waiting_for_pause = true;
+                job.resume_vm = true;
+            }
+        } else {
             self.send_snapshot_order();
+        }
+    }
+
+    /// The guest agent's freeze answered: the snapshot goes on (application-consistent,
+    /// or crash-consistent for `auto` when the guest runs no agent), or fails with the
+    /// reason; file systems that may be frozen are thawed in the end either way.
+    pub(super) fn on_guest_frozen(
+        &mut self,
+        result: Result<Frozen, FreezeFailed>,
+        context: &mut Context<'_>,
+    ) {
+        let Some(job) = self.snapshot.as_mut().filter(|job| job.waiting_for_freeze) else {
+            if result
+                .as_ref()
+                .map_or_else(|failed| failed.maybe_frozen, |_| true)
+            {
+                self.guest_agent.thaw(); // no snapshot waits for it (cannot happen)
+            }
+            return;
+        };
+        job.waiting_for_freeze = false;
+        match result {
+            Ok(frozen) => {
+                job.thaw = true;
+                if let SnapshotOrder::Create(_, consistency) = &mut job.order {
+                    *consistency = Consistency::Application;
+                }
+                let text = format!(
+                    "the guest agent froze {} file system(s) (guest-fsfreeze-status: {})",
+                    frozen.file_systems, frozen.status
+                );
+                context
+                    .events
+                    .info(&self.name, format!("{}: {text}", job.order));
+                job.notes.push(text);
+                self.take_snapshot(context);
+            }
+            Err(failed) => {
+                job.thaw = failed.maybe_frozen;
+                let error = crate::error_chain(&failed.error);
+                if job.fall_back && !failed.maybe_frozen {
+                    let text = format!("crash-consistent: {error}");
+                    context
+                        .events
+                        .info(&self.name, format!("{}: {text}", job.order));
+                    job.notes.push(text);
+                    self.take_snapshot(context);
+                    return;
+                }
+                let error = format!("not application-consistent, no snapshot taken: {error}");
+                for slot in &mut job.results {
+                    *slot = Some(Err(error.clone()));
+                }
+                self.finish_snapshot(Some(context));
+            }
         }
     }
 
     /// Refuses what cannot be done here, with the reason and the remedy.
     fn check_snapshot(&self, order: SnapshotOrder) -> Result<SnapshotOrder, String> {
-        if self.snapshot.is_some() {
+        if self.snapshot.is_some() || self.thaw_answer.is_some() {
             return Err(format!("a snapshot command on {} is under way", self.name));
         }
         if order == SnapshotOrder::List {
@@ -205,7 +366,7 @@ impl VmRunner {
         }
         let reply = if !failed.is_empty() {
             // A snapshot of several disks is all or nothing: the disks that took it drop it.
-            if let SnapshotOrder::Create(name) = &job.order {
+            if let SnapshotOrder::Create(name, _) = &job.order {
                 if !done.is_empty() {
                     for (disk, _) in self.disks.iter_mut().zip(&done) {
                         disk.snapshot(SnapshotOrder::Delete(name.clone()));
@@ -216,11 +377,11 @@ impl VmRunner {
                     ));
                 }
             }
-            Reply::Error(failed.join("; "))
+            Reply::Error([job.notes, failed].concat().join("; "))
         } else if job.order == SnapshotOrder::List {
             Reply::Snapshots(listed)
         } else {
-            Reply::Done(done.join("; "))
+            Reply::Done([job.notes, done].concat().join("; "))
         };
         if let Some(context) = context {
             let what = format!("{}", job.order);
@@ -240,6 +401,15 @@ impl VmRunner {
                 self.resume_guest(context.events, "snapshot taken");
             }
         }
-        let _ = job.answer.send(reply);
+        if job.thaw {
+            // Behind the resume: a paused guest's agent answers once it runs again.
+            self.guest_agent.thaw();
+            self.thaw_answer = Some(ThawAnswer {
+                answer: job.answer,
+                reply,
+            });
+        } else {
+            let _ = job.answer.send(reply);
+        }
     }
 }

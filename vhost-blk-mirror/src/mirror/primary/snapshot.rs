@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use control_protocol::disk::SnapshotName;
+use control_protocol::disk::{Consistency, SnapshotName};
 use log::{error, info, warn};
 
 use super::{InFlight, Kind, LocalDisk, Mode, Primary};
@@ -60,7 +60,7 @@ impl Primary {
         self.check_snapshot_allowed()?;
         let image = self.image.path();
         match action {
-            SnapshotAction::Create if snapshot::exists(image, name) => {
+            SnapshotAction::Create(_) if snapshot::exists(image, name) => {
                 return Err(format!("a snapshot named {name} exists already"))
             }
             SnapshotAction::Revert if !snapshot::exists(image, name) => {
@@ -71,7 +71,7 @@ impl Primary {
         if action != SnapshotAction::Delete {
             snapshot::check_reflinks(&self.image)?;
         }
-        if action == SnapshotAction::Create {
+        if matches!(action, SnapshotAction::Create(_)) {
             // Most of the clone's cost is the `fdatasync` of recent writes before it: done
             // here on both copies, outside the barrier, the one inside finds little to do.
             let flushed = self.image.flush().is_ok()
@@ -91,7 +91,7 @@ impl Primary {
         };
         self.send_or_hold(&message, Vec::new());
         let result = match action {
-            SnapshotAction::Create => self.create_both(name, id),
+            SnapshotAction::Create(consistency) => self.create_both(name, consistency, id),
             // Also when only the peer's copy has it (left by a create that failed here).
             SnapshotAction::Delete => {
                 let here = snapshot::exists(image, name);
@@ -110,7 +110,10 @@ impl Primary {
         let paused = started.elapsed();
         result?;
         let done = match action {
-            SnapshotAction::Create => format!("snapshot {name} taken on both copies"),
+            SnapshotAction::Create(consistency) => format!(
+                "{} snapshot {name} taken on both copies",
+                consistency.word()
+            ),
             SnapshotAction::Revert => format!("both copies reverted to snapshot {name}"),
             SnapshotAction::Delete => format!("snapshot {name} deleted from both copies"),
         };
@@ -246,8 +249,13 @@ impl Primary {
 
     /// Takes the snapshot here while the secondary takes its own; a snapshot that exists
     /// on one copy only is removed again.
-    fn create_both(&self, name: &SnapshotName, id: u64) -> Result<(), String> {
-        let local = snapshot::create(&self.image, name);
+    fn create_both(
+        &self,
+        name: &SnapshotName,
+        consistency: Consistency,
+        id: u64,
+    ) -> Result<(), String> {
+        let local = snapshot::create(&self.image, name, consistency);
         let peer = self.snapshot_answer(id).map_err(|error| error.to_string());
         match (local, peer) {
             (Ok(()), Ok(())) => Ok(()),

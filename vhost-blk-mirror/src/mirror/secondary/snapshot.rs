@@ -32,9 +32,8 @@ impl Secondary {
         }
         let image = self.image();
         let result = match action {
-            SnapshotAction::Create => {
-                snapshot::check_reflinks(image).and_then(|()| snapshot::create(image, name))
-            }
+            SnapshotAction::Create(consistency) => snapshot::check_reflinks(image)
+                .and_then(|()| snapshot::create(image, name, consistency)),
             SnapshotAction::Delete => snapshot::delete(image.path(), name),
             SnapshotAction::Revert => {
                 let file = match snapshot::open_for_revert(image, name) {

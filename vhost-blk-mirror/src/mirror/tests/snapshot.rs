@@ -96,7 +96,10 @@ fn a_snapshot_without_reflinks_is_refused_before_any_barrier() {
     pair.wait_in_sync();
     let error = pair
         .primary
-        .snapshot(&name("s1"), SnapshotAction::Create)
+        .snapshot(
+            &name("s1"),
+            SnapshotAction::Create(control_protocol::disk::Consistency::Crash),
+        )
         .expect_err("no reflinks in the test directory");
     assert!(
         error.contains("need a file system with reflinks"),
