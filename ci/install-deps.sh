@@ -7,7 +7,8 @@
 #
 # Packages: qemu-system-x86 (qemu-system-x86_64; qemu-storage-daemon comes with
 # qemu-system-common), busybox-static, fio, iproute2, nftables, procps,
-# e2fsprogs, xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo; the port
+# e2fsprogs (mkfs.ext4, debugfs, dumpe2fs, e2fsck: the application-consistent
+# snapshot test), xfsprogs (mkfs.xfs, for the snapshot test), util-linux, kmod, iputils-ping, mount (losetup), socat (demo; the port
 # held in the ftvm check test), gcc and
 # libc6-dev (static guest tools, tests/guest/), systemd (systemd-analyze, for
 # ci/verify-units.sh), systemd-container (systemd-nspawn: ci/test-deb.sh boots the

@@ -2,7 +2,8 @@
 //! at one point (the guest paused meanwhile), on both hosts (the images on XFS, for
 //! reflinks), a revert that reboots the guest into the old data of both disks without a
 //! resync, and a failover after which the peer's copies hold the old data too. On ext4 the
-//! snapshot is refused with the reason.
+//! snapshot is refused with the reason, and an application-consistent one of a guest that
+//! runs no agent too.
 
 use std::time::{Duration, Instant};
 
@@ -203,6 +204,17 @@ fn ftvm_snapshot_on_ext4_is_refused_with_the_reason_and_one_of_two_disks_takes_n
     }
     let (ok, text) = cluster.ftvm(A, &["snapshot", "create", "vm1", "a/b"]);
     assert!(!ok && text.contains("invalid snapshot name"), "{text}");
+    // This guest runs no qemu-guest-agent: an application-consistent snapshot is refused
+    // with the reason, and none is taken.
+    let (ok, text) = cluster.ftvm(A, &["snapshot", "create", "vm1", "s2", "--app-consistent"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("not application-consistent, no snapshot taken")
+            && text.contains("did not answer guest-sync-delimited within 5000 ms")
+            && text.contains("is qemu-guest-agent installed and running in the guest?"),
+        "{text}"
+    );
+    eprintln!("refused: {text}");
     // Nothing stopped: the VM runs, Protected, and the guest was resumed (it writes NEW).
     wait_protected(&cluster, A, "still Protected");
     cluster.wait_console(A, "WROTE-NEW");
