@@ -179,6 +179,9 @@ fn file_systems_frozen_by_someone_else_are_refused_and_left_alone() {
         .contains(&"guest-fsfreeze-freeze".to_owned()));
 }
 
+/// How a fake agent answers one command.
+type Answer = dyn Fn(&str, u64) -> Option<Vec<u8>> + Send;
+
 #[test]
 fn hostile_answers_are_errors_not_panics() {
     let sync_then = |rest: &'static [u8]| {
@@ -192,7 +195,7 @@ fn hostile_answers_are_errors_not_panics() {
             }
         }
     };
-    let cases: Vec<(&str, Box<dyn Fn(&str, u64) -> Option<Vec<u8>> + Send>)> = vec![
+    let cases: Vec<(&str, Box<Answer>)> = vec![
         ("not JSON", Box::new(sync_then(b"{{{ nonsense\n"))),
         (
             "not the one expected",

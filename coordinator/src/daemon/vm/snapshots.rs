@@ -48,6 +48,8 @@ pub(super) struct SnapshotJob {
     thaw: bool,
     /// What the freeze (or its absence) adds to the answer.
     notes: Vec<String>,
+    /// Refused before any disk was asked (the freeze failed), with the reason.
+    refused: Option<String>,
     results: Vec<Option<Result<SnapshotDone, String>>>,
 }
 
@@ -122,6 +124,7 @@ impl VmRunner {
             waiting_for_freeze: freeze,
             thaw: false,
             notes,
+            refused: None,
             results: self.disks.iter().map(|_| None).collect(),
         });
         if restart_vm {
@@ -232,10 +235,9 @@ impl VmRunner {
                     self.take_snapshot(context);
                     return;
                 }
-                let error = format!("not application-consistent, no snapshot taken: {error}");
-                for slot in &mut job.results {
-                    *slot = Some(Err(error.clone()));
-                }
+                job.refused = Some(format!(
+                    "not application-consistent, no snapshot taken: {error}"
+                ));
                 self.finish_snapshot(Some(context));
             }
         }
@@ -351,7 +353,8 @@ impl VmRunner {
         let mut listed = Vec::new();
         let mut done = Vec::new();
         let mut failed = Vec::new();
-        for (disk, result) in self.disks.iter().zip(job.results) {
+        let mut took = Vec::new();
+        for (index, (disk, result)) in self.disks.iter().zip(job.results).enumerate() {
             let serial = &disk.spec.serial;
             match result {
                 Some(Ok(SnapshotDone::Listed(snapshots))) => listed.push(DiskSnapshots {
@@ -359,17 +362,24 @@ impl VmRunner {
                     image: snapshots.image,
                     snapshots: snapshots.snapshots,
                 }),
-                Some(Ok(SnapshotDone::Done(what))) => done.push(format!("{serial}: {what}")),
+                Some(Ok(SnapshotDone::Done(what))) => {
+                    took.push(index);
+                    done.push(format!("{serial}: {what}"));
+                }
                 Some(Err(error)) => failed.push(format!("{serial}: {error}")),
+                None if job.refused.is_some() => {}
                 None => failed.push(format!("{serial}: no answer")),
             }
         }
+        failed.extend(job.refused);
         let reply = if !failed.is_empty() {
             // A snapshot of several disks is all or nothing: the disks that took it drop it.
             if let SnapshotOrder::Create(name, _) = &job.order {
                 if !done.is_empty() {
-                    for (disk, _) in self.disks.iter_mut().zip(&done) {
-                        disk.snapshot(SnapshotOrder::Delete(name.clone()));
+                    for &index in &took {
+                        if let Some(disk) = self.disks.get_mut(index) {
+                            disk.snapshot(SnapshotOrder::Delete(name.clone()));
+                        }
                     }
                     failed.push(format!(
                         "the {} disk(s) that took it drop it again",
