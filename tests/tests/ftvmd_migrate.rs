@@ -13,7 +13,7 @@ use ftvm_tests::net::{connect_in, Rounds, ECHO_PORT};
 use ftvm_tests::nic_daemon::{GUEST_IP, GUEST_MAC};
 use ftvm_tests::records;
 use ftvm_tests::torture::workload::{fio_missing_in_image, BLOCK_BYTES, FIO_CHUNK_BYTES};
-use ftvm_tests::wait::poll_for;
+use ftvm_tests::wait::{poll_for, poll_until};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -460,4 +460,139 @@ fn host_disable_moves_two_vms_without_a_reboot() {
             vm["state"] == "Protected" && vm["role"] == "Primary"
         });
     }
+}
+
+/// The pid of a host's secondary checkpoint engine once its control socket exists (ftvmd
+/// counts it as running from then on).
+fn secondary_engine(cluster: &Cluster, host: usize) -> Option<u32> {
+    cluster.hosts.pids(HOSTS[host]).into_iter().find(|pid| {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let args: Vec<String> = cmdline
+            .split(|byte| *byte == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        let control = args
+            .iter()
+            .position(|arg| arg == "--control")
+            .and_then(|index| args.get(index + 1));
+        args.first().is_some_and(|arg| arg.ends_with("ftvm-checkpoint"))
+            && args.get(1).is_some_and(|arg| arg == "secondary")
+            && control.is_some_and(|path| std::path::Path::new(path).exists())
+    })
+}
+
+/// Starts a move from `from` and holds it in its preparation: the destination's engine is
+/// stopped (SIGSTOP) as soon as it runs, so no checkpoint commits. Returns the engine's
+/// pid and the destination's status once its QEMU was started ahead and attached to its
+/// disk daemons.
+fn hold_a_move_with_qemu_ahead(
+    cluster: &Cluster,
+    from: usize,
+    to: usize,
+) -> (u32, serde_json::Value) {
+    let (ok, text) = cluster.ftvm(from, &["migrate", "vm1", "--no-wait"]);
+    assert!(ok, "ftvm migrate --no-wait: {text}");
+    let engine = poll_for(
+        TIMEOUT,
+        "the destination's secondary engine",
+        || secondary_engine(cluster, to),
+        |_| true,
+    );
+    ftvm_tests::process::signal(engine, libc::SIGSTOP);
+    let vm = cluster.wait_vm(to, TIMEOUT, "QEMU started ahead, attached", |vm| {
+        vm["vm_prestarted"] == true
+            && vm["vm_pid"].is_u64()
+            && vm["disks"][0]["connected"] == true
+    });
+    (engine, vm)
+}
+
+/// The destination of a move starts its QEMU while the move prepares (`-incoming defer`),
+/// attached to its secondary disk daemon and its standby NIC daemon, which serve it nothing:
+/// the disk stays secondary with no request popped, the NIC stays in standby and hostA's
+/// guest keeps its network. A move called off ends that QEMU (by its pid); a move that
+/// completes restores into it; a source lost while the move prepares ends it and the
+/// destination takes over as after any host loss (here, before any checkpoint, by a boot).
+#[test]
+fn the_destination_starts_qemu_ahead_and_ends_it_when_the_move_does_not_happen() {
+    let mut cluster = start("ftvmd-migrate-ahead");
+    let client = cluster.hosts.namespace("client");
+    let rounds = Rounds::start(connect_in(&client, &format!("{GUEST_IP}:{ECHO_PORT}")));
+    rounds.wait_for(10, TIMEOUT, "before the moves");
+
+    // Held in its preparation, then cancelled.
+    let (engine, vm) = hold_a_move_with_qemu_ahead(&cluster, A, B);
+    let ahead = vm["vm_pid"].as_u64().expect("pid") as u32;
+    assert_eq!(vm["role"], "Secondary", "{vm}");
+    let disk = &vm["disks"][0];
+    assert_eq!(disk["replication"]["role"], "secondary", "{disk}");
+    assert_eq!(disk["held_kicks"], 0, "QEMU kicked a ring before `cont`: {disk}");
+    assert_eq!(disk["write_requests"], 0, "{disk}");
+    assert_eq!(disk["read_requests"], 0, "{disk}");
+    assert_eq!(
+        vm["nics"][0]["guest_attached"], false,
+        "hostB's NIC daemon took the guest: {vm}"
+    );
+    let source = cluster.vm_status(A).expect("hostA's status");
+    assert_eq!(source["nics"][0]["guest_attached"], true, "{source}");
+    assert_eq!(source["migration"]["phase"], "preparing", "{source}");
+    let (ok, text) = cluster.ftvm(B, &["status"]);
+    assert!(
+        ok && text.contains("ahead of the move"),
+        "ftvm status on hostB: {text}"
+    );
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--cancel"]);
+    assert!(ok && text.contains("cancelled"), "ftvm migrate --cancel: {text}");
+    ftvm_tests::process::signal(engine, libc::SIGCONT);
+    cluster.wait_vm(B, TIMEOUT, "the QEMU started ahead ended", |vm| {
+        vm["vm_pid"].is_null() && vm["vm_prestarted"] == false
+    });
+    poll_until(TIMEOUT, "the QEMU started ahead to be gone", || {
+        !cluster.hosts.pids(HOSTS[B]).contains(&ahead)
+    });
+    wait_protected_on(&cluster, A, B);
+    rounds.wait_for(10, TIMEOUT, "after the cancelled move");
+
+    // A move that completes restores into the QEMU started ahead.
+    let (ok, text) = cluster.ftvm(A, &["migrate", "vm1"]);
+    assert!(ok, "ftvm migrate: {text}");
+    wait_protected_on(&cluster, B, A);
+    let (_, events) = cluster.ftvm(B, &["events"]);
+    assert!(
+        events.contains("restoring into the QEMU started ahead of the move"),
+        "hostB's events: {events}"
+    );
+    rounds.wait_for(10, TIMEOUT, "after the move");
+    rounds.check();
+
+    // The source (now hostB) is lost while the move back prepares: hostA ends the QEMU it
+    // started ahead and takes the VM over (no checkpoint committed: it boots).
+    let (engine, vm) = hold_a_move_with_qemu_ahead(&cluster, B, A);
+    let ahead = vm["vm_pid"].as_u64().expect("pid") as u32;
+    let boots = |cluster: &Cluster| {
+        cluster
+            .console(A)
+            .iter()
+            .filter(|line| line.contains("NET-UP"))
+            .count()
+    };
+    let booted_before = boots(&cluster);
+    cluster.kill_host(B);
+    ftvm_tests::process::signal(engine, libc::SIGCONT);
+    let vm = cluster.wait_vm(A, TIMEOUT, "hostA runs the VM alone", |vm| {
+        vm["role"] == "Primary" && vm["vm_pid"].is_u64() && vm["vm_prestarted"] == false
+    });
+    assert_ne!(vm["vm_pid"], ahead, "the QEMU started ahead was kept: {vm}");
+    assert!(
+        !cluster.hosts.pids(HOSTS[A]).contains(&ahead),
+        "the QEMU started ahead still runs"
+    );
+    let (_, events) = cluster.ftvm(A, &["events"]);
+    assert!(
+        events.contains("the QEMU started ahead of the move is not needed"),
+        "hostA's events: {events}"
+    );
+    poll_until(TIMEOUT, "the guest up on hostA", || boots(&cluster) > booted_before);
 }

@@ -189,3 +189,75 @@ fn link_encryption_off_must_be_set_on_both_daemons() {
         );
     }
 }
+
+/// A frontend that connects to a secondary (as a destination QEMU started ahead of a move
+/// does, `-incoming defer`) gets its negotiation answered, but a request it places before
+/// the copy is promoted is neither applied nor completed, not even with an error; once the
+/// copy is promoted the next kick serves it.
+#[test]
+fn a_frontend_on_the_secondary_is_held_until_promotion() {
+    use vhost_user_blk_load::{BlkDevice, DeviceOptions, QueueError, Request};
+
+    let mut pair = MirrorPair::new("held-frontend", IMAGE_BYTES as u64, 1);
+    for address in ["10.77.1.1:7400", "10.77.2.1:7400"] {
+        pair.primary_options
+            .extra_args
+            .extend(["--listen".into(), address.into()]);
+        pair.secondary_options
+            .extra_args
+            .extend(["--peer".into(), address.into()]);
+    }
+    pair.start_in_sync(TIMEOUT);
+    let before = pair.secondary_image();
+
+    // The whole vhost-user setup, rings and all (more than QEMU does before `cont`).
+    let mut device = BlkDevice::open(&pair.secondary_options.socket, &DeviceOptions::default())
+        .expect("a secondary answers a frontend's negotiation");
+    let data = vec![0xa5u8; 64 << 10];
+    let queue = device.queue(0).expect("queue 0");
+    let write = queue
+        .submit(&Request::Write {
+            sector: 8,
+            data: data.clone(),
+        })
+        .expect("submit a write");
+    let read = queue
+        .submit(&Request::Read {
+            sector: 0,
+            len: 4096,
+        })
+        .expect("submit a read");
+    // A negative can only be shown by waiting: a served request completes in milliseconds.
+    match queue.wait(write, Duration::from_secs(1)) {
+        Err(QueueError::Timeout { .. }) => {}
+        other => panic!("a secondary completed a guest write: {other:?}"),
+    }
+    let status = pair.secondary().status();
+    assert!(
+        status["held_kicks"].as_u64().unwrap_or(0) >= 1,
+        "the kicks were not counted as held: {status}"
+    );
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(status["write_requests"], 0, "{status}");
+    assert_eq!(status["read_requests"], 0, "{status}");
+    assert_eq!(status["replication"]["role"], "secondary", "{status}");
+    assert!(
+        pair.secondary_image() == before,
+        "the secondary's image changed"
+    );
+
+    // Promoted, the copy serves the frontend that waited: the next kick pops both.
+    let demoted = pair.primary().command("demote");
+    assert_eq!(demoted["ok"], true, "{demoted}");
+    let promoted = pair.secondary().command("promote");
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    let queue = device.queue(0).expect("queue 0");
+    let flush = queue.submit(&Request::Flush).expect("submit a flush");
+    for id in [write, read, flush] {
+        let done = queue.wait(id, TIMEOUT).expect("served once promoted");
+        assert_eq!(done.status(), Some(0), "request {id}: {done:?}");
+    }
+    assert_eq!(device.read(8, 64 << 10).expect("read back").data, data);
+    drop(device);
+    wait_primary_in_sync(pair.secondary());
+}

@@ -42,6 +42,7 @@ use crate::config::{
     config_slice, config_space, virtio_features, CONFIG_SPACE_LEN, MAX_QUEUE_SIZE,
 };
 use crate::execute::{Disk, Executed, Executor};
+use crate::metrics::Metrics;
 use crate::ticket::Waker;
 
 /// How long `stop_vring` waits for requests still waiting on the peer before it rewinds
@@ -127,6 +128,19 @@ impl BlkBackend {
             return Ok(());
         };
         worker.vring.get_or_insert_with(|| vring.clone());
+        if !self.disk.mirror.serves_guest() {
+            // A frontend connected to a secondary (or a demoted primary): nothing is popped,
+            // so nothing is applied or completed, not even with an error; the requests stay
+            // on the ring for a promoted copy's next kick.
+            Metrics::add(&self.disk.metrics.held_kicks, 1);
+            if let Some(suppressed) = self.disk.bad_request_log.admit() {
+                warn!(
+                    "queue {queue}: a request arrived while this copy is secondary: held, \
+                     not served until promoted ({suppressed} similar lines suppressed)"
+                );
+            }
+            return Ok(());
+        }
         let event_idx = self.event_idx.load(std::sync::atomic::Ordering::Relaxed);
         loop {
             // Stopped (GET_VRING_BASE) before or while we ran: a kick that raced the stop.

@@ -40,6 +40,7 @@ pub fn status(disk: &Disk, queues: usize) -> disk::Status {
         io_errors,
         connections,
         connected,
+        held_kicks,
     } = disk.metrics.snapshot();
     let image = disk.mirror.image();
     disk::Status {
@@ -61,6 +62,7 @@ pub fn status(disk: &Disk, queues: usize) -> disk::Status {
         io_errors,
         connections,
         connected,
+        held_kicks,
         replication: disk.mirror.status(),
     }
 }

@@ -5,7 +5,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use daemon_util::guest_pages::GuestPages;
@@ -141,11 +140,9 @@ fn serve(
     stop: &Stop<ShutdownHandle>,
 ) -> Result<(), DaemonError> {
     while !stop.requested() {
-        if !disk.mirror.serves_guest() {
-            // A secondary serves no guest until promoted.
-            thread::sleep(Duration::from_millis(50));
-            continue;
-        }
+        // A secondary accepts a frontend too (a destination QEMU started ahead of a move,
+        // `-incoming defer`): it answers the negotiation, but its queues pop no request
+        // until the copy is promoted (`BlkBackend::process_vring`).
         let backend = Arc::new(
             BlkBackend::new(disk.clone(), queues)
                 .map_err(|error| DaemonError::Start(error.to_string()))?,
@@ -162,7 +159,11 @@ fn serve(
         } else {
             Metrics::add(&disk.metrics.connections, 1);
             disk.metrics.connected.store(true, Ordering::Relaxed);
-            info!("frontend connected");
+            if disk.mirror.serves_guest() {
+                info!("frontend connected");
+            } else {
+                info!("frontend connected to this secondary: held, no request is served until promoted");
+            }
         }
         stop.set_connection(daemon.shutdown_handle());
         let ended = daemon.wait();

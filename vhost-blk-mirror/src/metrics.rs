@@ -20,6 +20,8 @@ daemon_util::metrics! {
         /// Frontend connections accepted since start.
         pub connections: AtomicU64,
         pub connected: AtomicBool,
+        /// Queue kicks that arrived while this copy served no guest: nothing was popped.
+        pub held_kicks: AtomicU64,
     }
     snapshot MetricsSnapshot;
 }

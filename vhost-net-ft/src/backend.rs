@@ -172,6 +172,11 @@ impl NetBackend {
         else {
             return Ok(());
         };
+        if !self.device.guest_attached() {
+            // A held frontend (connected, device not started): no frame moves either way;
+            // the TAP stays the standby thread's.
+            return Ok(());
+        }
         let mut worker = lock(worker);
         self.sync_attachment(pair, rx);
         match u64::from(event) {

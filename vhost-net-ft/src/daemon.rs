@@ -262,7 +262,9 @@ fn serve(
         if stop.requested() {
             break;
         }
-        // Attaching from now on: the standby thread leaves the TAP and its settings alone.
+        // Connected: once the frontend starts the device (acks its features) the standby
+        // thread leaves the TAP and its settings alone; until then it is held
+        // (`Device::guest_attached`).
         device.metrics.connected.store(true, Ordering::Relaxed);
         let backend = Arc::new(
             NetBackend::new(device.clone())

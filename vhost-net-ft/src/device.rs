@@ -78,6 +78,16 @@ impl Device {
         })
     }
 
+    /// A guest uses this daemon: a frontend is connected **and** started the device (acked
+    /// its features, which QEMU does when the device starts: the guest's driver is ready
+    /// and the VM runs). A frontend that only connected is held: a destination QEMU
+    /// started ahead of a move (`-incoming defer`) negotiates and sends nothing else until
+    /// its restored guest runs. Meanwhile this daemon stays in standby (it relays for the
+    /// peer, speaks for no MAC) and its queues move no frame.
+    pub fn guest_attached(&self) -> bool {
+        self.metrics.connected.load(Ordering::Relaxed) && self.acked_features() != 0
+    }
+
     /// The frontend acked `features`: stores them and sets the TAP's header length and
     /// offloads to match.
     pub fn apply_acked_features(&self, features: u64) -> Result<(), TapError> {
@@ -91,15 +101,16 @@ impl Device {
         header.and(offloads)
     }
 
-    /// Without a guest (no frontend acked features): 12-byte headers and `offloads` on the
-    /// TAP, for relaying the peer's frames. Leaves the TAP alone once a frontend acked its
-    /// features, so a guest arriving meanwhile keeps its own settings.
+    /// Without a guest (no frontend acked features; one may be connected and held): 12-byte
+    /// headers and `offloads` on the TAP, for relaying the peer's frames. Leaves the TAP
+    /// alone once a frontend acked its features, so a guest arriving meanwhile keeps its
+    /// own settings (the lock orders the two).
     pub fn configure_idle_tap(&self, offloads: u32) -> Result<(), TapError> {
         let _settings = self
             .tap_settings
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if self.acked_features() != 0 || self.metrics.connected.load(Ordering::Relaxed) {
+        if self.acked_features() != 0 {
             return Ok(());
         }
         self.tap.set_header_len(VNET_HDR_LEN)?;

@@ -514,6 +514,12 @@ fn table(status: &HostStatus) -> String {
         if vm.vm_paused {
             out.push_str("  guest paused here: writes held until the witness decides\n");
         }
+        if vm.vm_prestarted {
+            out.push_str(&format!(
+                "  QEMU started here ahead of the move (pid {}): it waits for the final checkpoint\n",
+                vm.vm_pid.unwrap_or_default()
+            ));
+        }
         for nic in &vm.nics {
             out.push_str(&format!("  nic {}: {}\n", nic.mac, nic_line(nic)));
         }

@@ -45,6 +45,10 @@ pub struct VmBeat {
     /// The VM runs on the sender (QEMU up, not paused, no restore under way): a move to it
     /// is done once its primary says so.
     pub running: bool,
+    /// The sender, primary, is moving the VM to the receiver (`ftvm migrate` under way):
+    /// the receiver starts its QEMU ahead of the final checkpoint.
+    #[serde(default)]
+    pub moving: bool,
 }
 
 /// Between the two `ftvmd`s.

@@ -284,7 +284,7 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         }
         running
             .get_or_create(&labels)
-            .set(flag(vm.vm_pid.is_some()));
+            .set(flag(vm.vm_pid.is_some() && !vm.vm_prestarted));
         paused.get_or_create(&labels).set(flag(vm.vm_paused));
         migrating
             .get_or_create(&labels)
@@ -404,7 +404,11 @@ pub fn render(status: &HostStatus) -> Result<String, std::fmt::Error> {
         "How much of this host's copy is in sync (0 to 1)",
         sync,
     );
-    registry.register("vm_running", "The VM's QEMU runs on this host", running);
+    registry.register(
+        "vm_running",
+        "The VM's QEMU runs on this host (not one started ahead of a move)",
+        running,
+    );
     registry.register(
         "vm_paused",
         "ftvmd paused the guest here (writes held while the witness decides)",

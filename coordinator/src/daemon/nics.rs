@@ -548,7 +548,11 @@ impl Nics {
                     uplink_up: redundancy.and_then(|redundancy| redundancy.uplink_up),
                     peer_reachable: redundancy.map(|redundancy| redundancy.peer_reachable),
                     relaying_for_peer: redundancy.map(|redundancy| redundancy.relaying_for_peer),
-                    guest_attached: daemon.map(|status| status.link.frontend_connected),
+                    // A frontend that acked no features is held (a QEMU waiting for an incoming
+                    // migration): the daemon is in standby for it.
+                    guest_attached: daemon.map(|status| {
+                        status.link.frontend_connected && status.features.acked != "0x0"
+                    }),
                     relay: daemon.map(|status| NicRelay {
                         to_peer_frames: status.peer_tx_packets,
                         from_peer_frames: status.peer_rx_packets,
@@ -625,7 +629,7 @@ mod tests {
             },
             features: nic::Features {
                 offered: "0x0".into(),
-                acked: "0x0".into(),
+                acked: "0x130000000".into(),
                 acked_names: Vec::new(),
                 tap_offloads: "0x0".into(),
                 header_len_bytes: 12,
@@ -694,6 +698,11 @@ mod tests {
         assert_eq!(status.peer_reachable, Some(true));
         assert_eq!(status.relaying_for_peer, Some(false));
         assert_eq!(status.guest_attached, Some(true));
+        // Connected without acked features: a held frontend, the daemon stands by.
+        if let Some(daemon) = nics.status[0].as_mut() {
+            daemon.features.acked = "0x0".into();
+        }
+        assert_eq!(nics.status()[0].guest_attached, Some(false));
         nics.status[0] = None;
         let status = &nics.status()[0];
         assert!(!status.answering);

@@ -551,9 +551,10 @@ fn deliver_frame(device: &Device, direction: Direction, frame: Cow<'_, [u8]>) {
     }
 }
 
-/// A guest is attached to this daemon (a frontend is connected).
+/// A guest is attached to this daemon (a frontend is connected and started the device; one
+/// that is only connected is held, see [`Device::guest_attached`]).
 fn attached(device: &Device) -> bool {
-    device.metrics.connected.load(Ordering::Relaxed)
+    device.guest_attached()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ fn vm(name: &str, role: Role, state: &str) -> VmStatus {
         generation: 7,
         sync_percent: Some(42.5),
         vm_pid: Some(1234),
+        vm_prestarted: false,
         vm_paused: false,
         disk_pids: Vec::new(),
         disks: Vec::new(),

@@ -464,6 +464,7 @@ mod tests {
             rejected_requests: 0,
             io_errors: 0,
             connections: 0,
+            held_kicks: 0,
             connected: false,
             replication: disk::Replication::Secondary(disk::SecondaryStatus {
                 disk_state: disk::SecondaryDiskState::UpToDate,

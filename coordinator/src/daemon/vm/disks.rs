@@ -297,10 +297,15 @@ impl VmRunner {
             ),
             (_, None) => {
                 self.serving = true;
-                if self.guest.present() {
-                    self.resume_guest(context.events, "its disks serve again");
-                } else if !self.launch_for_restore(context) {
-                    self.start_vm(context);
+                // A restore first: a move's QEMU, started ahead, is present already.
+                if !self.launch_for_restore(context) {
+                    // No restore: a QEMU started ahead of a move waits for one in vain.
+                    self.end_prestart(context, "the VM starts here without a restore");
+                    if self.guest.present() {
+                        self.resume_guest(context.events, "its disks serve again");
+                    } else {
+                        self.start_vm(context);
+                    }
                 }
             }
         }

@@ -568,11 +568,23 @@ impl VmRunner {
         }
     }
 
-    /// The disks were promoted at the replica's epoch: start QEMU to receive it.
+    /// The disks were promoted at the replica's epoch: start QEMU to receive it, or (a
+    /// move) restore into the one started ahead.
     pub(super) fn launch_for_restore(&mut self, context: &mut Context<'_>) -> bool {
         let Some(Restore::Promoting { epoch }) = self.restore else {
             return false;
         };
+        if self.use_prestarted(context) {
+            if self.guest.pid.is_some() {
+                self.restore = Some(Restore::Restoring { epoch });
+                self.vm_spec.incoming = false;
+                self.engine.restore();
+            } else {
+                // Still starting: its launch report hands it to the engine.
+                self.restore = Some(Restore::Launching { epoch });
+            }
+            return true;
+        }
         self.restore = Some(Restore::Launching { epoch });
         self.vm_spec.incoming = true;
         self.start_vm(context);

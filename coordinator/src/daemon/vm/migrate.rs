@@ -21,7 +21,8 @@
 //!    disks are kept, and the peer is told to take over (`TakeOver` with the level to go
 //!    back to). The peer claims the next generation from the witness, promotes its disks at
 //!    the final checkpoint (nothing is dropped: it is the last one) and restores the VM
-//!    into a new QEMU, exactly as after a host loss; its heartbeat as primary then makes
+//!    as after a host loss, into the QEMU it started while the move prepared (see
+//!    [`VmRunner::tick_prestart`]); its heartbeat as primary then makes
 //!    this host its secondary (QEMU stopped here, disks demoted, a delta resync of nothing
 //!    but what the demotion finds).
 //!
@@ -502,5 +503,96 @@ impl VmRunner {
             ),
             "`ftvm migrate` again once `ftvm status` shows Protected",
         );
+    }
+}
+
+/// The destination's side of a move: its QEMU is started while the move prepares, so that
+/// the switchover is only the promotion and the restore (`migrate-incoming`, `cont`).
+///
+/// While the peer, primary, says it moves the VM here (`VmBeat::moving`) and this host
+/// keeps the replica (its secondary engine runs: the replica RAM file exists at its size,
+/// and the engine never replaces it), ftvmd starts QEMU with `-incoming defer` on the
+/// replica RAM file, as a restore does. QEMU maps the file and reads none of it before
+/// `migrate-incoming`; it connects to the disk daemons, still secondaries, and to the NIC
+/// daemons, in standby, and negotiates with them, but sends no memory table and no ring
+/// until its restored guest runs (`cont`); the disk daemons pop no request before they are
+/// promoted and the NIC daemons move no frame before the device starts. Nothing is
+/// announced for it and the guest is not paused (it does not run).
+///
+/// It ends (by its pid, through QEMU's agent) as soon as it is no longer wanted: the move
+/// called off, the peer silent (a host loss takes today's path: a fresh QEMU after the
+/// promotion), the replica dropped, or this host's role changed without a move's takeover.
+impl VmRunner {
+    /// One step of the destination's side of a move.
+    pub(super) fn tick_prestart(&mut self, context: &mut Context<'_>) {
+        let moving_here = self
+            .fresh_peer_beat(context.now)
+            .is_some_and(|beat| beat.role == Role::Primary && beat.moving);
+        if !moving_here {
+            self.prestart_tried = false;
+        }
+        if self.restore.is_some() {
+            // A takeover under way decides (`launch_for_restore`).
+            return;
+        }
+        let wanted = moving_here
+            && self.host.role() == Role::Secondary
+            && self.state.protected
+            && self.vm_spec.domain.is_none()
+            && self.engine.role() == Some(Role::Secondary)
+            && self.engine.pid().is_some();
+        if self.prestarted && !wanted {
+            let why = if moving_here {
+                "this host no longer keeps the replica"
+            } else {
+                "the move was called off or the peer is silent"
+            };
+            self.end_prestart(context, why);
+        } else if wanted && !self.prestart_tried && !self.guest.present() {
+            self.prestart_tried = true;
+            self.prestarted = true;
+            self.vm_spec.incoming = true;
+            context.events.info(
+                &self.name,
+                format!(
+                    "{} moves the VM here: starting QEMU ahead of the final checkpoint \
+                     (-incoming defer on the replica)",
+                    self.pair.peer
+                ),
+            );
+            self.start_vm(context);
+        }
+    }
+
+    /// Stops the QEMU started ahead of a move (through its agent, by its pid).
+    pub(super) fn end_prestart(&mut self, context: &mut Context<'_>, why: &str) {
+        if !self.prestarted {
+            return;
+        }
+        self.stop_vm(
+            context.events,
+            &format!("the QEMU started ahead of the move is not needed: {why}"),
+        );
+    }
+
+    /// The takeover promoted the disks: a move's takeover restores into the QEMU started
+    /// ahead (`true`); any other (a host loss while the move prepared) stops it and starts
+    /// a fresh one, as without a move (`false`).
+    pub(super) fn use_prestarted(&mut self, context: &mut Context<'_>) -> bool {
+        if !self.prestarted {
+            return false;
+        }
+        if self.incoming_migration.is_none() || !self.guest.present() {
+            self.end_prestart(context, "the peer was lost, not handed over");
+            return false;
+        }
+        self.prestarted = false;
+        if let Some(pid) = self.guest.pid {
+            context.events.info(
+                &self.name,
+                format!("restoring into the QEMU started ahead of the move (pid {pid})"),
+            );
+        }
+        true
     }
 }

@@ -66,6 +66,10 @@ pub struct VmStatus {
     pub sync_percent: Option<f64>,
     /// QEMU's process id while the VM runs here.
     pub vm_pid: Option<u32>,
+    /// The QEMU here (`vm_pid`) was started ahead of the peer's move and waits for its
+    /// final checkpoint (`-incoming defer`): no guest runs here yet.
+    #[serde(default)]
+    pub vm_prestarted: bool,
     /// ftvmd paused the guest here (this host holds its writes for the witness).
     #[serde(default)]
     pub vm_paused: bool,
@@ -218,6 +222,11 @@ pub struct VmRunner {
     /// The peer handed the VM over live (`ftvm migrate`): the level to run it at once
     /// restored here.
     incoming_migration: Option<u8>,
+    /// The QEMU here was started ahead of the peer's move (`-incoming defer`, attached to the
+    /// secondary disks and standby NIC daemons) and waits for the final checkpoint.
+    prestarted: bool,
+    /// A QEMU was started ahead of the peer's current move already (one try per move).
+    prestart_tried: bool,
     /// `ftvm snapshot` under way.
     snapshot: Option<snapshots::SnapshotJob>,
     /// The answer to an application-consistent `ftvm snapshot create`, sent once the
@@ -294,6 +303,8 @@ impl VmRunner {
             level3_was_suspended: false,
             migration: None,
             incoming_migration: None,
+            prestarted: false,
+            prestart_tried: false,
             planned_until: None,
             snapshot: None,
             thaw_answer: None,
@@ -381,6 +392,7 @@ impl VmRunner {
         self.take_disk_reports(context);
         self.tick_level3(context);
         self.tick_migration(context);
+        self.tick_prestart(context);
         self.announce_due();
         self.nics.poll(context.events);
         if !self.state.protected {
@@ -404,7 +416,7 @@ impl VmRunner {
         let actions = self.host.tick(context.now, view);
         self.execute(actions, context);
         self.reconcile(context);
-        if self.start_pending && self.serving {
+        if self.start_pending && (self.serving || self.prestarted) {
             self.try_start_vm(context);
         }
     }
@@ -544,7 +556,11 @@ impl VmRunner {
             protected: self.state.protected,
             level: self.level,
             checkpoints: self.beat_checkpoints(),
-            running: self.guest.pid.is_some() && !self.guest.paused && self.restore.is_none(),
+            running: self.guest.pid.is_some()
+                && !self.guest.paused
+                && self.restore.is_none()
+                && !self.prestarted,
+            moving: self.host.role() == Role::Primary && self.migrating(),
         }
     }
 
@@ -577,6 +593,7 @@ impl VmRunner {
             generation: self.host.generation(),
             sync_percent,
             vm_pid: self.guest.pid,
+            vm_prestarted: self.prestarted,
             vm_paused: self.guest.pid.is_some() && self.guest.paused,
             stopped_by_operator: self.guest.stopped_by_operator,
             domain: self.is_domain(),

@@ -224,6 +224,8 @@ impl VmRunner {
                         continue;
                     }
                     self.report_end(&status, events);
+                    // One started ahead of a move: the takeover starts a fresh one.
+                    self.prestarted = false;
                     self.guest.pid = None;
                     self.guest.paused = false;
                     self.announce_at.clear();
@@ -273,6 +275,20 @@ impl VmRunner {
         match result {
             Ok(pid) => {
                 self.guest.pid = Some(pid);
+                if self.prestarted {
+                    // Waits for the move's final checkpoint: nothing to announce or pause.
+                    self.vm_spec.incoming = false;
+                    context.events.info(
+                        &self.name,
+                        format!(
+                            "QEMU started on {} (pid {pid}) ahead of the move: it waits for \
+                             the final checkpoint; its disks and NIC daemons serve it nothing \
+                             until the takeover",
+                            self.pair.me
+                        ),
+                    );
+                    return;
+                }
                 let restoring = self.on_launched_for_restore();
                 if !restoring {
                     self.takeover_done(context.now);
@@ -295,6 +311,9 @@ impl VmRunner {
                 }
             }
             Err(error) => {
+                if std::mem::take(&mut self.prestarted) {
+                    self.vm_spec.incoming = false;
+                }
                 context.events.error(
                     &self.name,
                     format!("cannot start the VM: {error}"),
@@ -367,6 +386,9 @@ impl VmRunner {
 
     pub(super) fn stop_vm(&mut self, events: &mut Events, why: &str) {
         self.start_pending = false;
+        if std::mem::take(&mut self.prestarted) {
+            self.vm_spec.incoming = false;
+        }
         self.nics.cancel_start();
         if self.guest.present() {
             self.guest.stop();
