@@ -477,7 +477,8 @@ fn secondary_engine(cluster: &Cluster, host: usize) -> Option<u32> {
             .iter()
             .position(|arg| arg == "--control")
             .and_then(|index| args.get(index + 1));
-        args.first().is_some_and(|arg| arg.ends_with("ftvm-checkpoint"))
+        args.first()
+            .is_some_and(|arg| arg.ends_with("ftvm-checkpoint"))
             && args.get(1).is_some_and(|arg| arg == "secondary")
             && control.is_some_and(|path| std::path::Path::new(path).exists())
     })
@@ -502,9 +503,7 @@ fn hold_a_move_with_qemu_ahead(
     );
     ftvm_tests::process::signal(engine, libc::SIGSTOP);
     let vm = cluster.wait_vm(to, TIMEOUT, "QEMU started ahead, attached", |vm| {
-        vm["vm_prestarted"] == true
-            && vm["vm_pid"].is_u64()
-            && vm["disks"][0]["connected"] == true
+        vm["vm_prestarted"] == true && vm["vm_pid"].is_u64() && vm["disks"][0]["connected"] == true
     });
     (engine, vm)
 }
@@ -528,7 +527,10 @@ fn the_destination_starts_qemu_ahead_and_ends_it_when_the_move_does_not_happen()
     assert_eq!(vm["role"], "Secondary", "{vm}");
     let disk = &vm["disks"][0];
     assert_eq!(disk["replication"]["role"], "secondary", "{disk}");
-    assert_eq!(disk["held_kicks"], 0, "QEMU kicked a ring before `cont`: {disk}");
+    assert_eq!(
+        disk["held_kicks"], 0,
+        "QEMU kicked a ring before `cont`: {disk}"
+    );
     assert_eq!(disk["write_requests"], 0, "{disk}");
     assert_eq!(disk["read_requests"], 0, "{disk}");
     assert_eq!(
@@ -544,7 +546,10 @@ fn the_destination_starts_qemu_ahead_and_ends_it_when_the_move_does_not_happen()
         "ftvm status on hostB: {text}"
     );
     let (ok, text) = cluster.ftvm(A, &["migrate", "vm1", "--cancel"]);
-    assert!(ok && text.contains("cancelled"), "ftvm migrate --cancel: {text}");
+    assert!(
+        ok && text.contains("cancelled"),
+        "ftvm migrate --cancel: {text}"
+    );
     ftvm_tests::process::signal(engine, libc::SIGCONT);
     cluster.wait_vm(B, TIMEOUT, "the QEMU started ahead ended", |vm| {
         vm["vm_pid"].is_null() && vm["vm_prestarted"] == false
@@ -594,5 +599,7 @@ fn the_destination_starts_qemu_ahead_and_ends_it_when_the_move_does_not_happen()
         events.contains("the QEMU started ahead of the move is not needed"),
         "hostA's events: {events}"
     );
-    poll_until(TIMEOUT, "the guest up on hostA", || boots(&cluster) > booted_before);
+    poll_until(TIMEOUT, "the guest up on hostA", || {
+        boots(&cluster) > booted_before
+    });
 }
