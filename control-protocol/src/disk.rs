@@ -597,7 +597,6 @@ pub struct Status {
     pub connected: bool,
     /// Queue kicks that arrived while this copy served no guest (a frontend connected to a
     /// secondary, e.g. a destination QEMU started ahead of a move): nothing was popped.
-    #[serde(default)]
     pub held_kicks: u64,
     /// Role, generation, disk state, peer and links, resync progress.
     pub replication: Replication,

@@ -174,7 +174,9 @@ impl NetBackend {
         };
         if !self.device.guest_attached() {
             // A held frontend (connected, device not started): no frame moves either way;
-            // the TAP stays the standby thread's.
+            // the TAP stays the standby thread's. Wake-ups are taken, so that a
+            // level-triggered one does not wake this loop again at once.
+            self.take_wake_up(event, pair);
             return Ok(());
         }
         let mut worker = lock(worker);
@@ -200,6 +202,23 @@ impl NetBackend {
                 self.transmit(tx, &mut worker)
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Clears the eventfd behind a wake-up of pair `pair` (a kick or a TAP event needs
+    /// nothing: the library reads kicks, the TAP is edge-triggered).
+    fn take_wake_up(&self, event: u16, pair: usize) {
+        let event = u64::from(event);
+        if event == self.peer_event_id() {
+            self.device.redundancy.guest_queue().acknowledge();
+        } else if event == self.resume_event_id() {
+            if let Some(resume) = self.resume.get(pair) {
+                let _ = resume.read();
+            }
+        } else if event == self.room_event_id() {
+            if let Some(room) = self.device.output.room_eventfd(pair) {
+                let _ = room.read();
+            }
         }
     }
 

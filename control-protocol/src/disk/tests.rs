@@ -193,6 +193,7 @@ fn status(replication: Replication) -> Status {
         io_errors: 10,
         connections: 11,
         connected: true,
+        held_kicks: 12,
         replication,
     }
 }
