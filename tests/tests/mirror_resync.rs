@@ -50,13 +50,9 @@ fn wait_primary_in_sync(daemon: &ftvm_tests::blk::BlkDaemon) -> serde_json::Valu
     })
 }
 
-#[test]
-fn planned_role_swap_keeps_the_data_and_bumps_the_generation() {
-    use vhost_user_blk_load::{BlkDevice, DeviceOptions};
-
-    let mut pair = MirrorPair::new("role-swap", IMAGE_BYTES as u64, 1);
-    // Each side can take the other role: the primary listens once demoted, the secondary
-    // knows where to reach the old primary once promoted.
+/// Each side can take the other role: the primary listens once demoted, the secondary
+/// knows where to reach the old primary once promoted.
+fn allow_role_swap(pair: &mut MirrorPair) {
     for address in ["10.77.1.1:7400", "10.77.2.1:7400"] {
         pair.primary_options
             .extra_args
@@ -65,6 +61,14 @@ fn planned_role_swap_keeps_the_data_and_bumps_the_generation() {
             .extra_args
             .extend(["--peer".into(), address.into()]);
     }
+}
+
+#[test]
+fn planned_role_swap_keeps_the_data_and_bumps_the_generation() {
+    use vhost_user_blk_load::{BlkDevice, DeviceOptions};
+
+    let mut pair = MirrorPair::new("role-swap", IMAGE_BYTES as u64, 1);
+    allow_role_swap(&mut pair);
     pair.start_secondary();
     let refused = pair.secondary().command("promote");
     assert!(
@@ -199,14 +203,7 @@ fn a_frontend_on_the_secondary_is_held_until_promotion() {
     use vhost_user_blk_load::{BlkDevice, DeviceOptions, QueueError, Request};
 
     let mut pair = MirrorPair::new("held-frontend", IMAGE_BYTES as u64, 1);
-    for address in ["10.77.1.1:7400", "10.77.2.1:7400"] {
-        pair.primary_options
-            .extra_args
-            .extend(["--listen".into(), address.into()]);
-        pair.secondary_options
-            .extra_args
-            .extend(["--peer".into(), address.into()]);
-    }
+    allow_role_swap(&mut pair);
     pair.start_in_sync(TIMEOUT);
     let before = pair.secondary_image();
 
