@@ -26,7 +26,9 @@
 #      alink1; its initial copy timed to the job's BLOCK_JOB_READY event, then the workloads;
 #   9. the cipher alone: GB/s per core (replication-link's example `cipher`).
 # Workloads (ftvm-blk-bench in hostA, EVENT_IDX on): 4k randwrite QD1, 4k randwrite QD32,
-# 1 MiB sequential write QD4. Prints markdown tables and PASS/MISS against issue 12's goals.
+# 1 MiB sequential write QD4, each with the daemons' CPU time per GB written (user + system
+# of all their threads, /proc/PID/stat: on a shared machine steadier than throughput).
+# Prints markdown tables and PASS/MISS against issue 12's goals.
 # A benchmark, not a test: exit status 0 whether goals are met or not, non-zero only when
 # something broke. Everything it starts is stopped by PID, the hosts are removed and
 # temporary files deleted, also on failure or Ctrl-C. Needs root.
@@ -196,13 +198,43 @@ declare -A WORKLOAD_ARGS=(
 	[seq]="--rw write --bs 1m --iodepth 4"
 )
 
-run_workloads() { # PREFIX SOCKET
-	local w args
+# CPU time (user + system, all threads) of a process we started, in seconds, from
+# /proc/PID/stat (fields 14 and 15, in clock ticks); 0 when it is not running.
+cpu_seconds() { # PROCESS_NAME
+	local pid=${PIDS[$1]:-} stat
+	[[ -n $pid ]] && stat=$(cat "/proc/$pid/stat" 2>/dev/null) || {
+		echo 0
+		return
+	}
+	# The command name (field 2) may hold spaces: split after its closing parenthesis.
+	awk -v ticks="$(getconf CLK_TCK)" '{ print ($12 + $13) / ticks }' <<<"${stat##*) }"
+}
+
+# Runs the workloads against SOCKET; records each one's CPU seconds of the daemons named
+# (the primary and the secondary, or the standalone one) in $RUN/PREFIX-W.cpu.
+run_workloads() { # PREFIX SOCKET PROCESS_NAME...
+	local w args prefix=$1 socket=$2 name after
+	local -A before=()
+	shift 2
 	for w in "${WORKLOADS[@]}"; do
-		log "$1: ${WORKLOAD_NAME[$w]} for ${SECONDS_PER_RUN} s"
+		log "$prefix: ${WORKLOAD_NAME[$w]} for ${SECONDS_PER_RUN} s"
 		read -r -a args <<<"${WORKLOAD_ARGS[$w]}"
-		bench "$1-$w" "$2" "${args[@]}" --seconds "$SECONDS_PER_RUN"
+		for name in "$@"; do before[$name]=$(cpu_seconds "$name"); done
+		bench "$prefix-$w" "$socket" "${args[@]}" --seconds "$SECONDS_PER_RUN"
+		: >"$RUN/$prefix-$w.cpu"
+		for name in "$@"; do
+			after=$(cpu_seconds "$name")
+			echo "$name $(calc "$after - ${before[$name]}")" >>"$RUN/$prefix-$w.cpu"
+		done
 	done
+}
+
+# CPU seconds per GB (10^9 bytes) written of daemon NAME in workload PREFIX-W.
+cpu_per_gb() { # PREFIX-W NAME
+	local seconds bytes
+	seconds=$(awk -v name="$2" '$1 == name { print $2 }' "$RUN/$1.cpu")
+	bytes=$(calc "$(get "$1" .requests) * $(get "$1" .block_size_bytes)")
+	if [[ -n $seconds ]] && check "$bytes > 0"; then calc "$seconds / ($bytes / 1e9)"; else echo -; fi
 }
 
 # --- setup ----------------------------------------------------------------------------------
@@ -291,7 +323,7 @@ LOCAL_SOCK=$SOCKDIR/local.sock
 start local "$HOST_A" "$BIN/vhost-blk-mirror" --socket "$LOCAL_SOCK" --image "$IMAGE_A" \
 	--control "$SOCKDIR/local.ctl"
 wait_until "the standalone daemon" 10 local answers "$SOCKDIR/local.ctl"
-run_workloads local "$LOCAL_SOCK"
+run_workloads local "$LOCAL_SOCK" local
 stop local
 
 # --- 3. full sync ---------------------------------------------------------------------------
@@ -330,7 +362,7 @@ FULL_LOG_S=$(logged_resync_seconds "$LOG_FROM")
 
 # --- 4. mirrored ----------------------------------------------------------------------------
 
-run_workloads mirrored "$PRIMARY_SOCK"
+run_workloads mirrored "$PRIMARY_SOCK" primary secondary
 
 # --- 5. delta resync ------------------------------------------------------------------------
 
@@ -498,6 +530,19 @@ for w in "${WORKLOADS[@]}"; do
 	printf '| %s | %s | %s | %.2f | %.2f |\n' "${WORKLOAD_NAME[$w]}" "$(perf "qemu-local-$w")" \
 		"$(perf "qemu-mirror-$w")" "$(ratio "qemu-mirror-$w" "qemu-local-$w" .iops)" \
 		"$(ratio "mirrored-$w" "qemu-mirror-$w" .iops)"
+done
+echo
+echo "| workload | local daemon CPU s/GB | primary CPU s/GB | secondary CPU s/GB | mirrored total / local |"
+echo "|---|---:|---:|---:|---:|"
+for w in "${WORKLOADS[@]}"; do
+	LOCAL_CPU=$(cpu_per_gb "local-$w" local)
+	PRIMARY_CPU=$(cpu_per_gb "mirrored-$w" primary)
+	SECONDARY_CPU=$(cpu_per_gb "mirrored-$w" secondary)
+	CPU_RATIO=-
+	if [[ $LOCAL_CPU != - && $PRIMARY_CPU != - && $SECONDARY_CPU != - ]] && check "$LOCAL_CPU > 0"; then
+		CPU_RATIO=$(calc "($PRIMARY_CPU + $SECONDARY_CPU) / $LOCAL_CPU")
+	fi
+	echo "| ${WORKLOAD_NAME[$w]} | $(fmt 2 "$LOCAL_CPU") | $(fmt 2 "$PRIMARY_CPU") | $(fmt 2 "$SECONDARY_CPU") | $(fmt 2 "$CPU_RATIO") |"
 done
 FULL_RATE=$(rate "$FULL_BYTES" "$FULL_WALL_S")
 FULL_LOG_RATE=$(rate "$FULL_BYTES" "$FULL_LOG_S")

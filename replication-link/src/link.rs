@@ -4,7 +4,8 @@
 
 use std::io::{self, BufReader, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
@@ -18,7 +19,10 @@ use crate::reliability::ReliabilityError;
 use crate::shared::{OutFrame, SessionShared};
 use crate::stats::{add, bump};
 
-const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// Small enough that a large frame's body is mostly read straight from the socket into its own
+/// buffer (`BufReader` bypasses itself for reads larger than its capacity), large enough
+/// that one read takes many small frames.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Why a connection ended.
@@ -129,15 +133,25 @@ fn start_writer(
         .set_write_timeout(timeout)
         .map_err(LinkError::Socket)?;
     let writer_stream = stream.try_clone().map_err(LinkError::Socket)?;
+    let direction = shared.identity.side.sending();
+    let writer = Arc::new(Mutex::new(LinkWriter {
+        sealer: FrameSealer::new(&keys, direction, shared.config.max_frame_bytes),
+        stream: writer_stream,
+        output: Vec::with_capacity(WRITE_BUFFER_BYTES),
+    }));
     let writer_shared = Arc::clone(shared);
-    thread::Builder::new()
+    let thread_writer = Arc::clone(&writer);
+    let handle = thread::Builder::new()
         .name(format!("rl-write-{slot}"))
         .spawn(move || {
-            if let Err(error) = write_loop(&writer_shared, slot, connection, writer_stream, &keys) {
+            if let Err(error) = write_loop(&writer_shared, slot, connection, &thread_writer) {
                 writer_shared.connection_ended(slot, connection, &error);
             }
         })
-        .map_err(LinkError::Spawn)
+        .map_err(LinkError::Spawn)?;
+    // From here on a sender may also write on this connection itself (see `send_direct`).
+    shared.set_writer(slot, connection, writer);
+    Ok(handle)
 }
 
 /// What the reader of one connection needs to know about it.
@@ -241,23 +255,34 @@ fn count_error(shared: &SessionShared, slot: usize, error: &LinkError) {
     }
 }
 
-fn write_loop(
-    shared: &SessionShared,
-    slot: usize,
-    connection: u64,
-    mut stream: TcpStream,
-    keys: &ConnectionKeys,
-) -> Result<(), LinkError> {
-    let direction = shared.identity.side.sending();
-    let mut sealer = FrameSealer::new(keys, direction, shared.config.max_frame_bytes);
-    // Frames are sealed straight into this buffer, written out whenever it holds
-    // WRITE_BUFFER_BYTES and at the end of every batch.
-    let mut output = Vec::with_capacity(WRITE_BUFFER_BYTES);
-    let counters = shared.counters(slot);
-    while let Some(frames) = shared.next_frames(slot, connection) {
+/// The sending half of one connection, behind the link's lock: whoever holds the lock (the
+/// connection's writer thread, or a sender that found the link idle) seals frames and writes
+/// them, so frames go out in the order of their counters.
+pub(crate) struct LinkWriter {
+    sealer: FrameSealer,
+    stream: TcpStream,
+    /// Sealed bytes not yet written: frames are sealed straight into it; a sender's write
+    /// that would have blocked leaves the rest here for the writer thread.
+    output: Vec<u8>,
+}
+
+impl LinkWriter {
+    /// Whether everything sealed was written.
+    pub(crate) fn is_drained(&self) -> bool {
+        self.output.is_empty()
+    }
+
+    /// Seals `frames` into the output buffer, counting them on link `slot`.
+    fn seal(
+        &mut self,
+        shared: &SessionShared,
+        slot: usize,
+        frames: Vec<OutFrame>,
+    ) -> Result<(), LinkError> {
+        let counters = shared.counters(slot);
         for frame in frames {
             let written = match frame {
-                OutFrame::Control(header) => sealer.write_frame(&mut output, &header, &[]),
+                OutFrame::Control(header) => self.sealer.write_frame(&mut self.output, &header, &[]),
                 OutFrame::Data {
                     transmission,
                     ack_up_to,
@@ -272,7 +297,8 @@ fn write_loop(
                     if let Some(counters) = counters.filter(|_| transmission.retransmit) {
                         bump(&counters.retransmits);
                     }
-                    sealer.write_frame(&mut output, &header, &message.payload)
+                    self.sealer
+                        .write_frame(&mut self.output, &header, &message.payload)
                 }
             }
             .map_err(LinkError::Write)?;
@@ -280,19 +306,91 @@ fn write_loop(
                 bump(&counters.frames_sent);
                 add(&counters.bytes_sent, written);
             }
-            if output.len() >= WRITE_BUFFER_BYTES {
-                write_out(&mut stream, &mut output)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the output buffer, blocking (up to the socket's write timeout).
+    fn write_blocking(&mut self) -> Result<(), LinkError> {
+        self.stream
+            .write_all(&self.output)
+            .map_err(|error| LinkError::Write(FrameError::Io(error)))?;
+        self.output.clear();
+        Ok(())
+    }
+
+    /// Writes as much of the output buffer as the socket takes without blocking; what is
+    /// left stays for the writer thread. Returns whether everything was written.
+    fn write_nonblocking(&mut self) -> Result<bool, LinkError> {
+        let mut written = 0;
+        while written < self.output.len() {
+            let rest = self.output.get(written..).unwrap_or_default();
+            match send_nonblocking(&self.stream, rest) {
+                Ok(0) => {
+                    let error = io::Error::new(io::ErrorKind::WriteZero, "socket took no bytes");
+                    return Err(LinkError::Write(FrameError::Io(error)));
+                }
+                Ok(count) => written += count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(LinkError::Write(FrameError::Io(error))),
             }
         }
-        write_out(&mut stream, &mut output)?;
+        self.output.drain(..written);
+        Ok(self.output.is_empty())
     }
-    Ok(())
 }
 
-fn write_out(stream: &mut TcpStream, output: &mut Vec<u8>) -> Result<(), LinkError> {
-    stream
-        .write_all(output)
-        .map_err(|error| LinkError::Write(FrameError::Io(error)))?;
-    output.clear();
+/// `send(2)` with `MSG_DONTWAIT`: this call only, the socket stays blocking for the reader
+/// and the writer thread (a file status flag would change it for both).
+fn send_nonblocking(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `send` reads at most `bytes.len()` bytes from `bytes.as_ptr()`, a live slice
+    // borrowed for the call; the descriptor belongs to `stream`, open while it is borrowed.
+    // MSG_NOSIGNAL: a closed peer is an EPIPE error, not a signal.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
+}
+
+/// A sender's own transmission on an idle link (no hand-off to the writer thread): seals
+/// `frames` and writes them without blocking, under the link's lock `writer`. A write that
+/// would block leaves the rest to the writer thread; a failed one ends the connection (its
+/// messages are sent again on another link).
+pub(crate) fn send_direct(
+    shared: &SessionShared,
+    slot: usize,
+    connection: u64,
+    writer: &mut LinkWriter,
+    frames: Vec<OutFrame>,
+) {
+    if let Some(counters) = shared.counters(slot) {
+        bump(&counters.direct_writes);
+    }
+    let result = writer
+        .seal(shared, slot, frames)
+        .and_then(|()| writer.write_nonblocking());
+    match result {
+        Ok(true) => {}
+        Ok(false) => shared.wake_writers(),
+        Err(error) => shared.connection_ended(slot, connection, &error),
+    }
+}
+
+fn write_loop(
+    shared: &SessionShared,
+    slot: usize,
+    connection: u64,
+    writer: &Mutex<LinkWriter>,
+) -> Result<(), LinkError> {
+    while let Some((mut out, frames)) = shared.next_frames(slot, connection, writer) {
+        out.seal(shared, slot, frames)?;
+        out.write_blocking()?;
+    }
     Ok(())
 }

@@ -43,6 +43,10 @@ pub struct Message {
     /// The application's header, as given to `send`.
     pub app_header: Vec<u8>,
     pub payload: Vec<u8>,
+    /// The CRC32C of `payload`, checked against it on arrival: an application that carries
+    /// its own checksum of the data (computed where the data was read) compares it with this
+    /// one instead of hashing the payload again.
+    pub payload_crc32c: u32,
 }
 
 impl Message {
@@ -363,10 +367,12 @@ mod tests {
     };
 
     fn message(seq: u64) -> Message {
+        let payload = vec![seq as u8; 10];
         Message {
             seq,
             app_header: vec![],
-            payload: vec![seq as u8; 10],
+            payload_crc32c: crc32c::crc32c(&payload),
+            payload,
         }
     }
 
@@ -518,6 +524,7 @@ mod tests {
                             seq: outgoing.seq,
                             app_header: vec![],
                             payload: outgoing.payload.clone(),
+                            payload_crc32c: outgoing.payload_crc32c,
                         };
                         let arrival = receive.on_data(message);
                         assert!(arrival.is_ok(), "seed {seed}: {arrival:?}");

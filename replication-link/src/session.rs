@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::client::spawn_supervisors;
 use crate::config::{ConfigError, LinkConfig};
 use crate::handshake::Side;
+use crate::link::send_direct;
 use crate::header::{MAX_APP_HEADER_BYTES, MAX_ID_BYTES};
 use crate::log_limit::lock;
 use crate::reliability::Message;
@@ -186,6 +187,27 @@ impl Session {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<u64, SessionError> {
+        let crc = crc32c::crc32c(&payload);
+        self.send_with_crc32c(app_header, payload, crc, timeout)
+    }
+
+    /// Sends a message whose payload's CRC32C the caller computed already (where it read
+    /// the data, so that one checksum follows the data end to end and nobody hashes it
+    /// twice); it travels in the frame and the receiver checks it against the payload (and
+    /// delivers it as [`Message::payload_crc32c`]). `crc32c` must be `crc32c(&payload)`:
+    /// another value makes the receiver refuse the frame on every link, each time it is
+    /// sent. Waits up to `timeout` while the send window is full.
+    ///
+    /// When a link is idle the calling thread seals and writes the message itself (with
+    /// whatever else waits to go, several messages in one write), without waiting for that
+    /// link's writer thread; a socket that would block leaves the rest to the writer.
+    pub fn send_with_crc32c(
+        &self,
+        app_header: &[u8],
+        payload: Vec<u8>,
+        crc32c: u32,
+        timeout: Duration,
+    ) -> Result<u64, SessionError> {
         if app_header.len() > MAX_APP_HEADER_BYTES {
             return Err(SessionError::AppHeaderTooLarge {
                 length: app_header.len(),
@@ -198,7 +220,7 @@ impl Session {
                 limit,
             });
         }
-        let crc = crc32c::crc32c(&payload);
+        debug_assert_eq!(crc32c, crc32c::crc32c(&payload), "caller's CRC32C");
         let size = app_header.len() + payload.len();
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock_state();
@@ -219,7 +241,35 @@ impl Session {
             state = self.shared.wait(&self.shared.space, state, remaining);
             state.waiting.senders -= 1;
         }
-        let seq = state.send.push(app_header.to_vec(), payload, crc);
+        let seq = state.send.push(app_header.to_vec(), payload, crc32c);
+        // An idle link: seal and write here. Only tried (never waited for) while the state
+        // is held, so the lock order link -> state of the writer threads holds.
+        for link in self.shared.direct_links(&state) {
+            let Ok(mut writer) = link.writer.try_lock() else {
+                continue;
+            };
+            if !writer.is_drained() {
+                continue;
+            }
+            let frames = self
+                .shared
+                .frames_for(&mut state, link.slot, link.connection);
+            drop(state);
+            if frames.is_empty() {
+                // Not sendable now (the peer's window): the writer threads take it later.
+                drop(writer);
+                self.shared.wake_writers();
+            } else {
+                send_direct(
+                    &self.shared,
+                    link.slot,
+                    link.connection,
+                    &mut writer,
+                    frames,
+                );
+            }
+            return Ok(seq);
+        }
         if state.waiting.writers > 0 {
             self.shared.work.notify_all();
         }

@@ -5,14 +5,14 @@
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::LinkConfig;
 use crate::frame::ReadFrame;
 use crate::handshake::Side;
 use crate::header::{Echo, LinkHeader, LinkLimits};
-use crate::link::{LinkError, RekeyCause};
+use crate::link::{LinkError, LinkWriter, RekeyCause};
 use crate::log_limit::{error_chain, lock, LogLimiter};
 use crate::psk::KeyId;
 use crate::reliability::{Arrival, Message, ReceiveBuffer, SendWindow, Transmission, Window};
@@ -153,6 +153,16 @@ struct Connection {
     /// The peer's last heartbeat time and when it arrived, to echo back.
     echo: Option<(u64, Instant)>,
     rtt_us: Option<u64>,
+    /// The sending half, once its writer thread runs: a sender that finds it idle writes
+    /// its message itself (`SessionShared::direct_link`).
+    writer: Option<Arc<Mutex<LinkWriter>>>,
+}
+
+/// A link a sender may write on itself: its connection, and the sending half's lock.
+pub(crate) struct DirectLink {
+    pub(crate) slot: usize,
+    pub(crate) connection: u64,
+    pub(crate) writer: Arc<Mutex<LinkWriter>>,
 }
 
 impl SessionState {
@@ -339,6 +349,7 @@ impl SessionShared {
             last_heartbeat_sent: None,
             echo: None,
             rtt_us: None,
+            writer: None,
         });
         link.connecting = None;
         link.last_error = None;
@@ -479,6 +490,7 @@ impl SessionShared {
                     seq: session_seq,
                     app_header,
                     payload: frame.payload,
+                    payload_crc32c,
                 };
                 self.on_data(slot, connection, message, ack_up_to)
             }
@@ -587,20 +599,82 @@ impl SessionShared {
         }
     }
 
-    /// Writer side: blocks until there is something to send on this connection; `None` when
-    /// the connection is no longer the slot's link or the session closed.
-    pub(crate) fn next_frames(&self, slot: usize, connection: u64) -> Option<Vec<OutFrame>> {
-        let mut state = self.lock_state();
+    /// Installs the sending half of `connection` (its writer thread runs).
+    pub(crate) fn set_writer(&self, slot: usize, connection: u64, writer: Arc<Mutex<LinkWriter>>) {
+        if let Some(current) = self.lock_state().connection_mut(slot, connection) {
+            current.writer = Some(writer);
+        }
+    }
+
+    /// Wakes the writer threads (a sender left bytes for them to write).
+    pub(crate) fn wake_writers(&self) {
+        // Under the state lock: a writer between its last look and its wait (it holds
+        // the lock then) cannot miss this.
+        let _state = self.lock_state();
+        self.work.notify_all();
+    }
+
+    /// The links, in order, on which a sender may write itself: authenticated, heard from
+    /// within the link timeout, their writer thread running.
+    pub(crate) fn direct_links(&self, state: &SessionState) -> Vec<DirectLink> {
+        let timeout = self.config.link_timeout();
+        state
+            .links
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, link)| {
+                let connection = link.connection.as_ref()?;
+                let writer = connection.writer.as_ref()?;
+                (connection.last_heard.elapsed() < timeout).then(|| DirectLink {
+                    slot,
+                    connection: connection.id,
+                    writer: Arc::clone(writer),
+                })
+            })
+            .collect()
+    }
+
+    /// A sender holding link `slot`'s lock: what to send on it now (waiting messages, and
+    /// a heartbeat or ack if one is due), as the writer thread would take it.
+    pub(crate) fn frames_for(
+        &self,
+        state: &mut SessionState,
+        slot: usize,
+        connection: u64,
+    ) -> Vec<OutFrame> {
+        self.collect_frames(state, slot, connection, Instant::now())
+            .unwrap_or_default()
+    }
+
+    /// Writer side: blocks until there is something to send on this connection, and returns
+    /// it with the link's lock held (bytes a sender left unwritten come first, with no new
+    /// frames); `None` when the connection is no longer the slot's link or the session
+    /// closed.
+    pub(crate) fn next_frames<'w>(
+        &self,
+        slot: usize,
+        connection: u64,
+        writer: &'w Mutex<LinkWriter>,
+    ) -> Option<(MutexGuard<'w, LinkWriter>, Vec<OutFrame>)> {
         loop {
+            // The link's lock before the state's, as senders do (they only try it).
+            let out = lock(writer);
+            if !out.is_drained() {
+                return Some((out, Vec::new()));
+            }
+            let mut state = self.lock_state();
             if state.closed.is_some() {
                 return None;
             }
             let now = Instant::now();
             let frames = self.collect_frames(&mut state, slot, connection, now)?;
             if !frames.is_empty() {
-                return Some(frames);
+                return Some((out, frames));
             }
             let wait = self.writer_wait(&mut state, slot, connection, now)?;
+            // Released while the state is held: a sender that takes the link now sees its
+            // messages in the state first, and one that finds it busy wakes us after.
+            drop(out);
             state.waiting.writers += 1;
             state = self.wait(&self.work, state, wait);
             state.waiting.writers -= 1;

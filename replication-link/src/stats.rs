@@ -9,6 +9,7 @@ use serde::Serialize;
 #[derive(Debug, Default)]
 pub(crate) struct LinkCounters {
     pub(crate) frames_sent: AtomicU64,
+    pub(crate) direct_writes: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) frames_received: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
@@ -53,6 +54,9 @@ pub struct LinkStats {
     pub key: Option<String>,
     pub last_error: Option<String>,
     pub frames_sent: u64,
+    /// Writes a sender made itself on this link, found idle (the others went through the
+    /// link's writer thread: retransmits, acks, heartbeats, and sends while it was busy).
+    pub direct_writes: u64,
     pub bytes_sent: u64,
     pub frames_received: u64,
     pub bytes_received: u64,
@@ -80,6 +84,7 @@ impl LinkStats {
             key: None,
             last_error: None,
             frames_sent: read(&counters.frames_sent),
+            direct_writes: read(&counters.direct_writes),
             bytes_sent: read(&counters.bytes_sent),
             frames_received: read(&counters.frames_received),
             bytes_received: read(&counters.bytes_received),

@@ -117,6 +117,36 @@ impl BlkBackend {
         self.wakers.get(queue)
     }
 
+    /// Lets the thread that completes a request's last part (a primary's receiver, on the
+    /// secondary's acknowledgement) put it on the used ring itself when the queue's worker
+    /// is idle, instead of waking the worker through the eventfd. It only tries the
+    /// worker's lock: a busy worker (running requests, or a send waiting for window space)
+    /// is woken as before and completes them itself.
+    pub fn complete_on_the_completing_thread(self: &Arc<Self>) {
+        for (queue, waker) in self.wakers.iter().enumerate() {
+            // Weak: the wakers belong to the backend (a strong reference would keep every
+            // frontend connection's backend alive).
+            let backend = Arc::downgrade(self);
+            waker.set_completer(Box::new(move || {
+                backend
+                    .upgrade()
+                    .is_some_and(|backend| backend.try_complete(queue))
+            }));
+        }
+    }
+
+    /// Completes queue `queue`'s finished requests in order if its worker's lock is free
+    /// and the queue runs; true when it did.
+    fn try_complete(&self, queue: usize) -> bool {
+        let Some(Ok(mut worker)) = self.workers.get(queue).map(Mutex::try_lock) else {
+            return false;
+        };
+        let (Some(vring), Some(memory)) = (worker.vring.clone(), self.memory.get()) else {
+            return false;
+        };
+        queue_ready(&vring) && complete_in_order(&vring, &memory, &mut worker).is_ok()
+    }
+
     fn worker(&self, queue: usize) -> Option<std::sync::MutexGuard<'_, QueueWorker>> {
         self.workers.get(queue).map(lock)
     }

@@ -151,6 +151,7 @@ fn serve(
         let mut daemon = VhostUserDaemon::new("vhost-blk-mirror".into(), backend.clone(), memory)
             .map_err(|error| DaemonError::Start(error.to_string()))?;
         register_wakers(&daemon, &backend)?;
+        backend.complete_on_the_completing_thread();
         daemon
             .start(listener)
             .map_err(|error| DaemonError::Start(error.to_string()))?;

@@ -13,7 +13,7 @@ use replication_link::{
 use thiserror::Error;
 
 use crate::mirror::primary::Connector;
-use crate::mirror::protocol::{Message, Received, Transport};
+use crate::mirror::protocol::{payload_crc32c, Message, Payload, Received, Transport};
 use crate::replication::{LinkEncryption, ReplicationConfig};
 
 #[derive(Debug, Error)]
@@ -77,7 +77,11 @@ fn decode(message: replication_link::Message) -> io::Result<Received> {
             format!("bad mirror message: {error}"),
         )
     })?;
-    Ok(Received::Message(header, message.payload))
+    let payload = Payload {
+        bytes: message.payload,
+        checked_crc32c: Some(message.payload_crc32c),
+    };
+    Ok(Received::Message(header, payload))
 }
 
 fn log_link_events(events: Vec<SessionEvent>) -> bool {
@@ -110,8 +114,9 @@ const SEND_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 impl Transport for ClientTransport {
     fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
         let header = postcard::to_allocvec(message).map_err(to_io)?;
+        let crc32c = payload_crc32c(message, &payload);
         self.session
-            .send_timeout(&header, payload, SEND_WAIT)
+            .send_with_crc32c(&header, payload, crc32c, SEND_WAIT)
             .map(|_| ())
             .map_err(to_io)
     }
@@ -174,8 +179,9 @@ impl Transport for ListenerTransport {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no primary connected"))?;
         // Same reasoning as the primary's: a lost answer would hold the primary's request.
         let header = postcard::to_allocvec(message).map_err(to_io)?;
+        let crc32c = payload_crc32c(message, &payload);
         session
-            .send_timeout(&header, payload, SEND_WAIT)
+            .send_with_crc32c(&header, payload, crc32c, SEND_WAIT)
             .map(|_| ())
             .map_err(to_io)
     }

@@ -479,11 +479,16 @@ impl Metadata {
 
     /// Clears one chunk after the peer has it. Not synced: losing a clear costs a re-copy.
     pub fn clear_out_of_sync_chunk(&self, chunk: u64) -> Result<(), MetadataError> {
+        self.clear_out_of_sync_chunks(chunk, 1)
+    }
+
+    /// Clears `count` out-of-sync chunks from `first` on (one resync block).
+    pub fn clear_out_of_sync_chunks(&self, first: u64, count: u64) -> Result<(), MetadataError> {
         let unit_bytes = self.chunk_bytes();
         self.update(
             |state| &mut state.out_of_sync,
-            chunk * unit_bytes,
-            unit_bytes,
+            first * unit_bytes,
+            count * unit_bytes,
             false,
             false,
         )

@@ -1,8 +1,9 @@
 //! Completion tickets: a request whose completion waits on the peer holds a [`Ticket`]; the
-//! replication side finishes it from another thread and wakes the queue's worker.
+//! replication side finishes it from another thread and completes the queue's requests
+//! there, or wakes the queue's worker when it is busy.
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -10,13 +11,28 @@ use crate::request::Status;
 
 const PENDING: u8 = u8::MAX;
 
+/// Completes a queue's finished requests on the calling thread if that needs no waiting
+/// (the queue's worker is not busy); true when it did.
+pub type Completer = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Wakes one queue's worker when a ticket of that queue completes.
-#[derive(Debug)]
 pub struct Waker {
     eventfd: EventFd,
     /// The queue is being stopped (GET_VRING_BASE): a request of it that waits behind an
     /// overlapping one gives up instead, and the stop rewinds the ring over it.
     stopping: std::sync::atomic::AtomicBool,
+    /// Tried first: the completing thread puts the request on the used ring itself, one
+    /// thread hand-off fewer than the eventfd.
+    completer: OnceLock<Completer>,
+}
+
+impl std::fmt::Debug for Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waker")
+            .field("stopping", &self.is_stopping())
+            .field("completer", &self.completer.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Waker {
@@ -24,7 +40,13 @@ impl Waker {
         Ok(Waker {
             eventfd: EventFd::new(libc::EFD_NONBLOCK)?,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            completer: OnceLock::new(),
         })
+    }
+
+    /// Sets the completer tried before the eventfd (once; later calls change nothing).
+    pub fn set_completer(&self, completer: Completer) {
+        let _ = self.completer.set(completer);
     }
 
     pub fn set_stopping(&self, stopping: bool) {
@@ -36,6 +58,11 @@ impl Waker {
     }
 
     pub fn wake(&self) {
+        // Completed here: no wake-up, unless the queue is being stopped (its drain waits
+        // for the eventfd to look again).
+        if self.completer.get().is_some_and(|complete| complete()) && !self.is_stopping() {
+            return;
+        }
         // A full counter (never reached) or EAGAIN still leaves the fd readable.
         let _ = self.eventfd.write(1);
     }

@@ -32,8 +32,6 @@ use crate::ticket::{Outcome, Ticket, Waker};
 
 /// Largest block sent in one message; bigger writes are split.
 pub const MAX_BLOCK_BYTES: usize = 1 << 20;
-/// Resync blocks kept in flight at once.
-const RESYNC_WINDOW: usize = 16;
 /// How often the receiver looks at the link state when no message arrives.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -57,8 +55,10 @@ pub use control_protocol::disk::{LocalDisk, Mode};
 enum Kind {
     Write,
     Flush,
+    /// A resync block: `chunks` out-of-sync chunks from `chunk` on.
     Resync {
         chunk: u64,
+        chunks: u64,
     },
     Control,
     /// A read served by the peer; the requester removes the entry when done with the data.
@@ -583,25 +583,34 @@ impl Primary {
         };
         let parts = data.len().div_ceil(MAX_BLOCK_BYTES).max(1);
         let ticket = Ticket::new(parts as u32, waker.clone());
-        for (index, block) in data.chunks(MAX_BLOCK_BYTES).enumerate() {
+        // A write of one block is sent in the buffer it was read into (no copy); a larger
+        // one is split into blocks.
+        let blocks: Vec<Vec<u8>> = if parts == 1 {
+            vec![data]
+        } else {
+            data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect()
+        };
+        for (index, block) in blocks.into_iter().enumerate() {
             let block_offset = offset + (index * MAX_BLOCK_BYTES) as u64;
             let block_len = block.len() as u64;
             let entry = || {
                 InFlight::new(Kind::Write, block_offset, block_len, Some(ticket.clone()))
                     .with_activity(&activity)
             };
-            let local = || self.image.write_at(block, block_offset);
+            let local = || self.image.write_at(&block, block_offset);
             match self.register_or_handle(entry, &ticket, (block_offset, block_len), local)? {
                 None => {}
                 Some((id, generation)) => {
-                    self.write_local(|| self.image.write_at(block, block_offset));
+                    self.write_local(|| self.image.write_at(&block, block_offset));
+                    // The one checksum of the block: the link carries it and the
+                    // secondary checks it before its write.
                     let message = Message::Write {
                         id,
                         generation,
                         offset: block_offset,
-                        crc32c: crc32c::crc32c(block),
+                        crc32c: crc32c::crc32c(&block),
                     };
-                    self.send_or_hold(&message, block.to_vec());
+                    self.send_or_hold(&message, block);
                 }
             }
         }

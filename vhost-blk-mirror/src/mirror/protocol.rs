@@ -175,10 +175,56 @@ pub enum Refusal {
     EpochOutOfTurn { receiving: Option<u64> },
 }
 
+/// A message's payload as it arrived.
+#[derive(Debug)]
+pub struct Payload {
+    pub bytes: Vec<u8>,
+    /// The CRC32C of `bytes`, when the transport checked it against them on arrival (the
+    /// replication link does): the sender's checksum is compared with it instead of hashing
+    /// the data a second time.
+    pub checked_crc32c: Option<u32>,
+}
+
+impl Payload {
+    /// A payload whose checksum nobody checked yet.
+    pub fn unchecked(bytes: Vec<u8>) -> Payload {
+        Payload {
+            bytes,
+            checked_crc32c: None,
+        }
+    }
+
+    /// Whether `crc32c` (the sender's, from the message header) is the CRC32C of the data.
+    pub fn matches(&self, crc32c: u32) -> bool {
+        self.checked_crc32c
+            .unwrap_or_else(|| crc32c::crc32c(&self.bytes))
+            == crc32c
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The CRC32C of a message's payload: the one its header carries, computed where the data
+/// was read (it follows the data to the secondary's disk), else computed here.
+pub fn payload_crc32c(message: &Message, payload: &[u8]) -> u32 {
+    match message {
+        Message::Write { crc32c, .. }
+        | Message::ResyncBlock { crc32c, .. }
+        | Message::ReadData { crc32c, .. } => *crc32c,
+        _ => crc32c::crc32c(payload),
+    }
+}
+
 /// What arrives from the replication link.
 #[derive(Debug)]
 pub enum Received {
-    Message(Message, Vec<u8>),
+    Message(Message, Payload),
     /// The peer's process restarted (or the session was replaced): messages not yet
     /// answered may never be; the sender must start over with `Hello`.
     PeerRestarted,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::epochs::{EpochOptions, DEFAULT_MEMORY_BYTES};
 use super::journal::MIN_JOURNAL_BYTES;
 use super::primary::{Connector, Mode, Primary, ResyncOptions};
-use super::protocol::{Message, Received, Transport};
+use super::protocol::{Message, Payload, Received, Transport};
 use super::secondary::Secondary;
 use super::{Mirror, MirrorOptions, Role, RoleChanges};
 use crate::image::{Image, WriteSource};
@@ -126,7 +126,7 @@ impl Transport for End {
                 queues.to_secondary.pop_front()
             };
             if let Some((message, payload)) = next {
-                return Ok(Some(Received::Message(message, payload)));
+                return Ok(Some(Received::Message(message, Payload::unchecked(payload))));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -162,10 +162,10 @@ struct Pair {
     waker: Arc<Waker>,
 }
 
-fn image(path: &Path, read_only: bool) -> Arc<Image> {
+fn image(path: &Path, read_only: bool, size_bytes: u64) -> Arc<Image> {
     if !path.exists() {
         std::fs::File::create(path)
-            .and_then(|file| file.set_len(DISK_BYTES))
+            .and_then(|file| file.set_len(size_bytes))
             .expect("create image");
     }
     Arc::new(Image::open(path, read_only).expect("open image"))
@@ -196,6 +196,17 @@ fn build_pair(
     filter: Option<Filter>,
     memory_bytes: u64,
 ) -> Pair {
+    let fails = (primary_fails, secondary_fails);
+    build_pair_sized(fails, filter, memory_bytes, DISK_BYTES)
+}
+
+/// As [`build_pair`] with disks of `disk_bytes`; `fails`: (primary's, secondary's).
+fn build_pair_sized(
+    (primary_fails, secondary_fails): (bool, bool),
+    filter: Option<Filter>,
+    memory_bytes: u64,
+    disk_bytes: u64,
+) -> Pair {
     let dir = tempfile::tempdir().expect("tempdir");
     let epoch_options = EpochOptions {
         journal_path: dir.path().join("secondary.journal"),
@@ -207,14 +218,14 @@ fn build_pair(
     let board = Arc::new(Board::default());
     board.set_filter(filter);
     let secondary_meta = dir.path().join("secondary.meta");
-    let metadata = Metadata::open_or_create(&secondary_meta, DISK_BYTES, DataState::Inconsistent)
+    let metadata = Metadata::open_or_create(&secondary_meta, disk_bytes, DataState::Inconsistent)
         .expect("secondary metadata");
     let end = Arc::new(End {
         board: board.clone(),
         primary_side: false,
     });
     let secondary = Secondary::start(
-        image(&secondary_image, secondary_fails),
+        image(&secondary_image, secondary_fails, disk_bytes),
         Arc::new(metadata),
         end,
         &boot,
@@ -223,7 +234,7 @@ fn build_pair(
     .expect("start secondary");
     let metadata = Metadata::open_or_create(
         &dir.path().join("primary.meta"),
-        DISK_BYTES,
+        disk_bytes,
         DataState::UpToDate,
     )
     .expect("primary metadata");
@@ -235,7 +246,7 @@ fn build_pair(
         }) as Arc<dyn Transport>)
     });
     let primary = Primary::start(
-        image(&dir.path().join("primary.img"), primary_fails),
+        image(&dir.path().join("primary.img"), primary_fails, disk_bytes),
         Arc::new(metadata),
         connector,
         ResyncOptions::default(),
@@ -526,3 +537,37 @@ fn with_a_failed_copy_an_incomplete_peer_is_never_read_from() {
 
 mod level3;
 mod snapshot;
+
+/// A busy guest slows the resync, never the other way round: with the resync's blocks held
+/// on the link (never answered), the resync stops at its window, and guest writes elsewhere
+/// on the disk still complete one after another; while they are in flight the resync adds
+/// nothing.
+#[test]
+fn guest_writes_complete_while_the_resync_fills_its_window() {
+    const DISK: u64 = 64 << 20;
+    let resync_blocks: Filter = Box::new(|message| matches!(message, Message::ResyncBlock { .. }));
+    let pair = build_pair_sized((false, false), Some(resync_blocks), DEFAULT_MEMORY_BYTES, DISK);
+    let held_bytes = |pair: &Pair| -> usize {
+        let queues = pair.board.queues();
+        queues.held.iter().map(|(_, payload)| payload.len()).sum()
+    };
+    wait_until("the resync's window filled", || {
+        held_bytes(&pair) >= 4 * super::primary::MAX_BLOCK_BYTES
+    });
+    for index in 0..32u64 {
+        // The last MiB of the disk: far from the blocks in flight.
+        let outcome = pair.write(DISK - (1 << 20) + index * 4096, index as u8);
+        wait_until("a guest write completed during the resync", || {
+            outcome.status().is_some()
+        });
+        assert_eq!(outcome.status(), Some(Status::Ok));
+    }
+    assert_eq!(
+        held_bytes(&pair),
+        4 * super::primary::MAX_BLOCK_BYTES,
+        "the resync keeps its window (4 MiB with no rate measured yet), no more"
+    );
+    // Released, the resync finishes and both copies end equal.
+    pair.board.set_filter(None);
+    pair.wait_in_sync();
+}

@@ -9,7 +9,7 @@ use super::epochs::marker_message;
 use super::{InFlight, Kind, LocalDisk, Marker, Mode, Primary, POLL_INTERVAL};
 use crate::metadata::DataState;
 use crate::mirror::protocol::MAX_SUSPECT_RANGES;
-use crate::mirror::protocol::{Message, Received, Refusal};
+use crate::mirror::protocol::{Message, Payload, Received, Refusal};
 use crate::request::Status;
 
 /// How often a degraded primary asks a secondary whose disk failed whether it is back.
@@ -130,11 +130,11 @@ impl Primary {
         }
     }
 
-    fn handle(&self, message: Message, payload: Vec<u8>) {
+    fn handle(&self, message: Message, payload: Payload) {
         match message {
             Message::ReadData { id, crc32c } => {
-                let data = if crc32c::crc32c(&payload) == crc32c {
-                    Ok(payload)
+                let data = if payload.matches(crc32c) {
+                    Ok(payload.bytes)
                 } else {
                     Err(std::io::Error::other(
                         "the peer's read data failed its CRC32C",
@@ -287,9 +287,9 @@ impl Primary {
         // success: whoever sees the resync drained must also see the chunk in sync, or it
         // would be copied twice.
         let kind = self.lock().in_flight.get(&id).map(|entry| entry.kind);
-        if let (Some(Kind::Resync { chunk }), Status::Ok) = (kind, status) {
-            if let Err(error) = self.metadata.clear_out_of_sync_chunk(chunk) {
-                warn!("cannot clear resynced chunk {chunk}: {error}");
+        if let (Some(Kind::Resync { chunk, chunks }), Status::Ok) = (kind, status) {
+            if let Err(error) = self.metadata.clear_out_of_sync_chunks(chunk, chunks) {
+                warn!("cannot clear resynced chunks {chunk}..+{chunks}: {error}");
             }
         }
         let entry = {
@@ -404,7 +404,7 @@ impl Primary {
     /// Hands `message` to the receiver as if the peer had sent it (tests of its rules).
     #[cfg(test)]
     pub(crate) fn receive_for_test(&self, message: Message, payload: Vec<u8>) {
-        self.handle(message, payload);
+        self.handle(message, Payload::unchecked(payload));
     }
 
     fn update_reachability(&self, reachable: bool) {

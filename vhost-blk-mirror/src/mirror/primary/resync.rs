@@ -9,12 +9,19 @@ use std::time::{Duration, Instant};
 use control_protocol::disk::ResyncProgress;
 use log::{info, warn};
 
-use super::{CopyProgress, InFlight, Kind, LocalDisk, Mode, Primary, RESYNC_WINDOW};
+use super::{CopyProgress, InFlight, Kind, LocalDisk, Mode, Primary, MAX_BLOCK_BYTES};
 use crate::mirror::protocol::Message;
 use crate::request::Status;
 
 /// How long the resync waits between looks when there is nothing to do.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// Least resync bytes in flight: the next block is read and sent while three travel.
+const MIN_WINDOW_BYTES: u64 = 4 * MAX_BLOCK_BYTES as u64;
+/// Most resync bytes in flight: a quarter of the link's default send window (64 MiB), so
+/// that guest writes always find room in it.
+const MAX_WINDOW_BYTES: u64 = 16 * MAX_BLOCK_BYTES as u64;
+/// How long an idle resync sleeps before it looks again (the receiver wakes it sooner).
+const WINDOW_WAIT: Duration = Duration::from_millis(20);
 /// Least time between two clears of a mirrored primary's activity bitmap (each costs one
 /// flush of the local image); in between it is tried at every idle look.
 const ACTIVITY_CLEAR_INTERVAL: Duration = Duration::from_secs(1);
@@ -73,13 +80,21 @@ impl Primary {
         let size = self.image.size_bytes();
         let started = Instant::now();
         let mut sent_bytes = 0u64;
-        for chunk in self.metadata.out_of_sync_chunks() {
-            if !self.wait_for_window() {
+        // Runs of adjacent out-of-sync chunks go as one block of up to MAX_BLOCK_BYTES
+        // (compare mode hashes and answers chunk by chunk, so that it sends only those
+        // that differ).
+        let per_block = if self.resync_options.compare {
+            1
+        } else {
+            (MAX_BLOCK_BYTES as u64 / chunk_bytes.max(1)).max(1)
+        };
+        for (chunk, chunks) in chunk_runs(&self.metadata.out_of_sync_chunks(), per_block) {
+            let offset = chunk * chunk_bytes;
+            let len = (chunks * chunk_bytes).min(size.saturating_sub(offset));
+            if !self.wait_for_window(len) {
                 return;
             }
-            let offset = chunk * chunk_bytes;
-            let len = chunk_bytes.min(size.saturating_sub(offset));
-            let entry = InFlight::new(Kind::Resync { chunk }, offset, len, None);
+            let entry = InFlight::new(Kind::Resync { chunk, chunks }, offset, len, None);
             let Ok((id, generation)) = self.register(entry) else {
                 return;
             };
@@ -131,24 +146,50 @@ impl Primary {
         }
     }
 
-    /// Waits until fewer than `RESYNC_WINDOW` resync blocks are in flight; false when the
-    /// mode no longer allows resyncing.
-    fn wait_for_window(&self) -> bool {
+    /// Waits until a block of `len` bytes fits in the resync's window; false when the mode
+    /// no longer allows resyncing. The window is the bandwidth-delay product of the link as
+    /// the resync sees it (its own rate times the round trip the link measures), twice
+    /// over, between `MIN_WINDOW_BYTES` and `MAX_WINDOW_BYTES`; while guest writes are in
+    /// flight it is one block: a busy guest slows the resync, never the other way round.
+    fn wait_for_window(&self, len: u64) -> bool {
+        let rtt = self.link_rtt();
         let mut state = self.lock();
         loop {
             if state.mode != Mode::Mirrored || !state.welcomed {
                 return false;
             }
-            let in_flight = state
-                .in_flight
-                .values()
-                .filter(|entry| matches!(entry.kind, Kind::Resync { .. }))
-                .count();
-            if in_flight < RESYNC_WINDOW {
+            let mut resync_bytes = 0;
+            let mut guest_writes = false;
+            for entry in state.in_flight.values() {
+                match entry.kind {
+                    Kind::Resync { .. } => resync_bytes += entry.len,
+                    Kind::Write => guest_writes = true,
+                    _ => {}
+                }
+            }
+            let window = if guest_writes {
+                MAX_BLOCK_BYTES as u64
+            } else {
+                window_bytes(state.resync.now().rate_bytes_per_second, rtt)
+            };
+            if resync_bytes == 0 || resync_bytes + len <= window {
                 return true;
             }
-            state = self.wait(state, IDLE_WAIT);
+            state = self.wait(state, WINDOW_WAIT);
         }
+    }
+
+    /// The shortest round trip of the links that are up, as the replication link measures
+    /// it (heartbeats), if any.
+    fn link_rtt(&self) -> Option<Duration> {
+        let links = self.transport().links();
+        links["links"]
+            .as_array()?
+            .iter()
+            .filter(|link| link["up"].as_bool() == Some(true))
+            .filter_map(|link| link["rtt_us"].as_u64())
+            .min()
+            .map(Duration::from_micros)
     }
 
     fn wait_resync_drained(&self) -> bool {
@@ -239,6 +280,27 @@ impl Primary {
     }
 }
 
+/// The resync's window in bytes: twice the bandwidth-delay product of `rate` (bytes per
+/// second) and `rtt`, between `MIN_WINDOW_BYTES` and `MAX_WINDOW_BYTES`.
+fn window_bytes(rate: u64, rtt: Option<Duration>) -> u64 {
+    let delay = rtt.map_or(0.0, |rtt| rtt.as_secs_f64());
+    let product = (2.0 * rate as f64 * delay) as u64;
+    product.clamp(MIN_WINDOW_BYTES, MAX_WINDOW_BYTES)
+}
+
+/// Groups sorted chunk numbers into runs of adjacent ones, each at most `per_block` long:
+/// `(first chunk, count)`.
+fn chunk_runs(chunks: &[u64], per_block: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &chunk in chunks {
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == chunk && *count < per_block => *count += 1,
+            _ => runs.push((chunk, 1)),
+        }
+    }
+    runs
+}
+
 impl CopyProgress {
     /// Marks the copy finished: its rate stops changing.
     pub(super) fn finish(&mut self) {
@@ -265,5 +327,36 @@ impl CopyProgress {
                 .then(|| remaining / progress.rate_bytes_per_second);
         }
         progress
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_chunks_go_in_blocks_of_at_most_the_limit() {
+        assert_eq!(chunk_runs(&[], 16), vec![]);
+        assert_eq!(
+            chunk_runs(&[0, 1, 2, 5, 6, 9], 16),
+            vec![(0, 3), (5, 2), (9, 1)]
+        );
+        let all: Vec<u64> = (0..40).collect();
+        assert_eq!(chunk_runs(&all, 16), vec![(0, 16), (16, 16), (32, 8)]);
+        assert_eq!(chunk_runs(&[3, 4], 1), vec![(3, 1), (4, 1)]);
+    }
+
+    #[test]
+    fn the_window_follows_the_bandwidth_delay_product_within_its_bounds() {
+        // A LAN (100 µs at 1 GB/s: 200 KB) and no measurement yet: the least window.
+        let lan = window_bytes(1_000_000_000, Some(Duration::from_micros(100)));
+        assert_eq!(lan, MIN_WINDOW_BYTES);
+        assert_eq!(window_bytes(0, None), MIN_WINDOW_BYTES);
+        // 5 ms at 1 GB/s: twice 5 MB.
+        let far = window_bytes(1_000_000_000, Some(Duration::from_millis(5)));
+        assert_eq!(far, 10_000_000);
+        // 50 ms: capped, guest writes keep room in the link's window.
+        let very_far = window_bytes(1_000_000_000, Some(Duration::from_millis(50)));
+        assert_eq!(very_far, MAX_WINDOW_BYTES);
     }
 }

@@ -13,7 +13,7 @@ use super::Secondary;
 use crate::mirror::epochs::{self, Applied, Batch, Entry, Receiving};
 use crate::mirror::journal::{Kind, Reader, Record};
 use crate::mirror::primary::MAX_BLOCK_BYTES;
-use crate::mirror::protocol::{Message, Received, Refusal};
+use crate::mirror::protocol::{Message, Payload, Received, Refusal};
 
 /// How often a receiver waiting for journal space looks whether it should stop.
 const FULL_WAIT: Duration = Duration::from_millis(100);
@@ -55,7 +55,7 @@ impl Secondary {
     pub(super) fn level3(
         &self,
         message: &Message,
-        payload: &[u8],
+        payload: &Payload,
         generation: u64,
     ) -> Option<Option<Message>> {
         let receiving = self.lock_epochs().receiving();
@@ -226,9 +226,10 @@ impl Secondary {
         id: u64,
         offset: u64,
         crc32c: u32,
-        data: &[u8],
+        payload: &Payload,
         generation: u64,
     ) -> Message {
+        let data: &[u8] = payload;
         if data.len() > MAX_BLOCK_BYTES {
             // The primary never sends more in one message: refused before anything is kept.
             return Message::Failed {
@@ -236,7 +237,7 @@ impl Secondary {
                 reason: Refusal::OutOfRange,
             };
         }
-        if crc32c::crc32c(data) != crc32c {
+        if !payload.matches(crc32c) {
             return Message::Failed {
                 id,
                 reason: Refusal::Checksum,

@@ -47,7 +47,7 @@ impl Pair {
             primary_side: false,
         });
         self.secondary = Secondary::start(
-            image(&self.secondary_image, false),
+            image(&self.secondary_image, false, DISK_BYTES),
             Arc::new(metadata),
             end,
             &self.boot,
