@@ -282,7 +282,9 @@ impl LinkWriter {
         let counters = shared.counters(slot);
         for frame in frames {
             let written = match frame {
-                OutFrame::Control(header) => self.sealer.write_frame(&mut self.output, &header, &[]),
+                OutFrame::Control(header) => {
+                    self.sealer.write_frame(&mut self.output, &header, &[])
+                }
                 OutFrame::Data {
                     transmission,
                     ack_up_to,

@@ -126,7 +126,10 @@ impl Transport for End {
                 queues.to_secondary.pop_front()
             };
             if let Some((message, payload)) = next {
-                return Ok(Some(Received::Message(message, Payload::unchecked(payload))));
+                return Ok(Some(Received::Message(
+                    message,
+                    Payload::unchecked(payload),
+                )));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -546,7 +549,12 @@ mod snapshot;
 fn guest_writes_complete_while_the_resync_fills_its_window() {
     const DISK: u64 = 64 << 20;
     let resync_blocks: Filter = Box::new(|message| matches!(message, Message::ResyncBlock { .. }));
-    let pair = build_pair_sized((false, false), Some(resync_blocks), DEFAULT_MEMORY_BYTES, DISK);
+    let pair = build_pair_sized(
+        (false, false),
+        Some(resync_blocks),
+        DEFAULT_MEMORY_BYTES,
+        DISK,
+    );
     let held_bytes = |pair: &Pair| -> usize {
         let queues = pair.board.queues();
         queues.held.iter().map(|(_, payload)| payload.len()).sum()
