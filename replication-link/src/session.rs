@@ -198,9 +198,10 @@ impl Session {
     /// another value makes the receiver refuse the frame on every link, each time it is
     /// sent. Waits up to `timeout` while the send window is full.
     ///
-    /// When a link is idle the calling thread seals and writes the message itself (with
-    /// whatever else waits to go, several messages in one write), without waiting for that
-    /// link's writer thread; a socket that would block leaves the rest to the writer.
+    /// When nothing else is in flight and a link is idle, the calling thread seals and
+    /// writes the message itself, without waking that link's writer thread (a socket that
+    /// would block leaves the rest to the writer); with messages in flight the writer
+    /// thread sends it, with whatever accumulated meanwhile, in one write.
     pub fn send_with_crc32c(
         &self,
         app_header: &[u8],
@@ -242,9 +243,17 @@ impl Session {
             state.waiting.senders -= 1;
         }
         let seq = state.send.push(app_header.to_vec(), payload, crc32c);
-        // An idle link: seal and write here. Only tried (never waited for) while the state
-        // is held, so the lock order link -> state of the writer threads holds.
-        for link in self.shared.direct_links(&state) {
+        // Nothing else in flight (a request at a time, as at queue depth 1): seal and write
+        // here, on an idle link, and save the writer thread's wake-up. With more in flight
+        // the writer thread takes what accumulates while it writes, many messages in one
+        // `write`. The link's lock is only tried (never waited for) while the state is
+        // held, so the lock order link -> state of the writer threads holds.
+        let links = if state.send.unacked_count() == 1 {
+            self.shared.direct_links(&state)
+        } else {
+            Vec::new()
+        };
+        for link in links {
             let Ok(mut writer) = link.writer.try_lock() else {
                 continue;
             };
