@@ -68,6 +68,9 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     meta: Option<PathBuf>,
     /// Limit of the background resync, bytes per second (suffixes K, M, G); 0 = none.
+    /// Without it the resync runs at the link's speed (blocks of up to 1 MiB, 4 to 16 MiB
+    /// in flight from the measured round trip) but keeps one block in flight while guest
+    /// writes are: a busy guest slows the resync, not the other way round.
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
     resync_rate_limit: u64,
     /// Resync only the chunks whose BLAKE3 hash differs from the secondary's (reads both
