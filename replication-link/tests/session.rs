@@ -10,7 +10,9 @@ use replication_link::{
     CloseReason, LinkListener, ListenerEvent, Session, SessionError, SessionEvent,
 };
 use serde::{Deserialize, Serialize};
-use support::{accept, config, links_up, listener, loopback, payload, recv_one, within, LONG};
+use support::{
+    accept, config, connected, links_up, listener, loopback, payload, recv_one, within, LONG,
+};
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct WriteHeader {
@@ -114,14 +116,7 @@ fn expect_in_order(session: &Session, count: u64) {
 #[test]
 fn ten_thousand_messages_keep_their_order_over_two_links() {
     const COUNT: u64 = 10_000;
-    let listener = listener(2, config("host-b"));
-    let client = Session::connect(
-        listener.local_addrs().to_vec(),
-        "blk:order",
-        config("host-a"),
-    )
-    .expect("connect");
-    let server = accept(&listener);
+    let (_listener, client, server) = connected(2, "blk:order");
     within(LONG).until("both links up", || support::links_up(&client, 2));
     thread::scope(|scope| {
         scope.spawn(|| {
@@ -287,14 +282,7 @@ fn a_new_session_is_announced_with_its_peer_id_and_first_link_known() {
 #[test]
 fn a_sender_writes_on_an_idle_link_itself_and_its_checksum_arrives_checked() {
     const ROUND_TRIPS: u64 = 200;
-    let listener = listener(1, config("host-b"));
-    let client = Session::connect(
-        listener.local_addrs().to_vec(),
-        "blk:vm1-disk0",
-        config("host-a"),
-    )
-    .expect("connect");
-    let server = accept(&listener);
+    let (_listener, client, server) = connected(1, "blk:vm1-disk0");
     within(LONG).until("the link up on both sides", || {
         links_up(&client, 1) && links_up(&server, 1)
     });

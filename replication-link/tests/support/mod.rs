@@ -49,6 +49,16 @@ pub fn accept(listener: &LinkListener) -> Session {
     }
 }
 
+/// A listener on `links` loopback addresses, a client session of `service` to it (host-a to
+/// host-b) and the server's side of that session.
+pub fn connected(links: usize, service: &str) -> (LinkListener, Session, Session) {
+    let listener = listener(links, config("host-b"));
+    let client = Session::connect(listener.local_addrs().to_vec(), service, config("host-a"))
+        .expect("connect");
+    let server = accept(&listener);
+    (listener, client, server)
+}
+
 /// A wait of at most `timeout` that looks every 2 ms: the links' timers run in tens of
 /// milliseconds, and some tests measure how fast a change is seen.
 pub fn within(timeout: Duration) -> Wait {
