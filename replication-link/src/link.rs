@@ -86,6 +86,9 @@ pub(crate) fn run_connection(
             };
             let error = read_loop(shared, &stream, reader);
             if matches!(error, LinkError::Rekey(_)) {
+                // Being replaced: senders leave it to its writer thread from now on (the
+                // server closes it as soon as the new one is attached on its side).
+                shared.end_direct_writes(slot, connection);
                 // The writer ends once the new connection replaces this one.
                 log::info!(
                     "session {:032x} ({}) link {}: {}",

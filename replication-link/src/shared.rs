@@ -606,6 +606,13 @@ impl SessionShared {
         }
     }
 
+    /// No sender writes on `connection` itself any more (it is being replaced).
+    pub(crate) fn end_direct_writes(&self, slot: usize, connection: u64) {
+        if let Some(current) = self.lock_state().connection_mut(slot, connection) {
+            current.writer = None;
+        }
+    }
+
     /// Wakes the writer threads (a sender left bytes for them to write).
     pub(crate) fn wake_writers(&self) {
         // Under the state lock: a writer between its last look and its wait (it holds
