@@ -63,6 +63,15 @@ fn fio_writer() -> String {
     )
 }
 
+/// The newest fio run that passed, on either host's console.
+fn newest_fio_run(cluster: &Cluster) -> Option<u64> {
+    [A, B]
+        .iter()
+        .flat_map(|&host| fio_acks(&cluster.console(host)))
+        .map(|(seq, _)| seq)
+        .max()
+}
+
 /// The fio runs that passed (`FIO-ACK seq block`), in order.
 fn fio_acks(console: &[String]) -> Vec<(u64, u64)> {
     console
@@ -159,12 +168,21 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
     let (mut count, mut uptime) = last_count_since(&cluster, A, 0).expect("the guest counts");
 
     let mut downtimes = Vec::new();
+    let mut fio_done = 0;
     for index in 0..MOVES {
         let (from, to) = if index.is_multiple_of(2) {
             (A, B)
         } else {
             (B, A)
         };
+        // fio finished a run since the last move: every move falls among fio's runs, also
+        // on a loaded machine where the guest's runs are slow.
+        fio_done = poll_for(
+            TIMEOUT,
+            "a fio run in the guest since the last move",
+            || newest_fio_run(&cluster),
+            |&newest| newest > fio_done,
+        );
         let console_before = cluster.console(to).len();
         let settles_before = settle_lines(&cluster, from);
         let warnings_before = [warnings(&cluster, A).len(), warnings(&cluster, B).len()];
