@@ -196,7 +196,7 @@ mod tests {
             \"write_requests\":0,\"flush_requests\":0,\"discard_requests\":0,\
             \"write_zeroes_requests\":0,\"get_id_requests\":0,\"read_bytes\":0,\
             \"written_bytes\":0,\"rejected_requests\":0,\"io_errors\":0,\"connections\":0,\
-            \"connected\":false,\"replication\":{\"role\":\"secondary\",\
+            \"connected\":false,\"held_kicks\":0,\"replication\":{\"role\":\"secondary\",\
             \"disk_state\":\"UpToDate\",\"gen\":9,\"peer_reachable\":true,\"links\":null,\
             \"applied_writes\":0,\"applied_bytes\":0,\"resync_bytes_received\":0,\
             \"refused_requests\":0,\"disk_failed\":null,\"disk_failures\":0,\
