@@ -121,6 +121,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    daemon_util::keep_large_buffers();
     let cli = Cli::parse();
     let result = match cli.role {
         Role::Primary(args) => run_primary(args),

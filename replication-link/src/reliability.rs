@@ -235,6 +235,11 @@ impl SendWindow {
         self.unacked.len()
     }
 
+    /// Messages wait to be sent (first sends or retransmissions).
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     pub(crate) fn acked_up_to(&self) -> u64 {
         self.acked_up_to
     }

@@ -279,9 +279,7 @@ impl Session {
             }
             return Ok(seq);
         }
-        if state.waiting.writers > 0 {
-            self.shared.work.notify_all();
-        }
+        self.shared.wake_a_writer(&state);
         Ok(seq)
     }
 

@@ -63,7 +63,10 @@ pub(crate) struct SessionShared {
     pub(crate) identity: Identity,
     pub(crate) config: LinkConfig,
     pub(crate) state: Mutex<SessionState>,
+    /// The writer threads wait here (and only they: a wake-up for sending is given to one).
     pub(crate) work: Condvar,
+    /// Reconnect back-offs wait here: woken when links change or the session closes.
+    lifecycle: Condvar,
     pub(crate) space: Condvar,
     pub(crate) ready: Condvar,
     counters: Vec<LinkCounters>,
@@ -229,6 +232,7 @@ impl SessionShared {
             config,
             state: Mutex::new(state),
             work: Condvar::new(),
+            lifecycle: Condvar::new(),
             space: Condvar::new(),
             ready: Condvar::new(),
             counters: (0..slots).map(|_| LinkCounters::default()).collect(),
@@ -286,7 +290,7 @@ impl SessionShared {
             if remaining.is_zero() {
                 return true;
             }
-            state = self.wait(&self.work, state, remaining);
+            state = self.wait(&self.lifecycle, state, remaining);
         }
         false
     }
@@ -365,7 +369,7 @@ impl SessionShared {
             bump(&counters.connects);
         }
         // The peer's window or a restart may have made messages sendable.
-        self.work.notify_all();
+        self.wake_all();
         Ok(id)
     }
 
@@ -433,7 +437,7 @@ impl SessionShared {
         }
         state.send.on_connection_lost(connection);
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
     }
 
     /// Server: asks the client of `connection` to connect again (a `Rekey` frame).
@@ -443,7 +447,7 @@ impl SessionShared {
             current.rekey_due = true;
         }
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
     }
 
     /// Ends the session: every link is shut down and every waiting thread woken.
@@ -464,7 +468,7 @@ impl SessionShared {
             }
         }
         drop(state);
-        self.work.notify_all();
+        self.wake_all();
         self.space.notify_all();
         self.ready.notify_all();
     }
@@ -534,7 +538,7 @@ impl SessionShared {
                 // The peer retransmitted: our ack may have been lost with a link.
                 state.ack.forced = true;
                 if state.waiting.writers > 0 {
-                    self.work.notify_all();
+                    self.wake_all();
                 }
             }
         }
@@ -595,7 +599,8 @@ impl SessionShared {
             wake = true;
         }
         if wake && state.waiting.writers > 0 {
-            self.work.notify_all();
+            // Any link's writer can send the ack.
+            self.work.notify_one();
         }
     }
 
@@ -613,12 +618,27 @@ impl SessionShared {
         }
     }
 
+    /// Wakes every writer thread and reconnect back-off (links or the session changed).
+    fn wake_all(&self) {
+        self.work.notify_all();
+        self.lifecycle.notify_all();
+    }
+
+    /// Wakes one writer thread: a message was queued, and any link may send it. The one
+    /// that takes it wakes another if more is left (`next_frames`), so a deep queue still
+    /// keeps both links busy, while a request at a time costs one wake-up, not one per link.
+    pub(crate) fn wake_a_writer(&self, state: &SessionState) {
+        if state.waiting.writers > 0 {
+            self.work.notify_one();
+        }
+    }
+
     /// Wakes the writer threads (a sender left bytes for them to write).
     pub(crate) fn wake_writers(&self) {
         // Under the state lock: a writer between its last look and its wait (it holds
         // the lock then) cannot miss this.
         let _state = self.lock_state();
-        self.work.notify_all();
+        self.wake_all();
     }
 
     /// The links, in order, on which a sender may write itself: authenticated, heard from
@@ -674,11 +694,22 @@ impl SessionShared {
                 return None;
             }
             let now = Instant::now();
-            let frames = self.collect_frames(&mut state, slot, connection, now)?;
+            let Some(frames) = self.collect_frames(&mut state, slot, connection, now) else {
+                // This writer ends (its connection was replaced): a wake-up it took for
+                // queued messages goes to another.
+                self.wake_a_writer(&state);
+                return None;
+            };
             if !frames.is_empty() {
+                if state.send.has_pending() {
+                    self.wake_a_writer(&state);
+                }
                 return Some((out, frames));
             }
-            let wait = self.writer_wait(&mut state, slot, connection, now)?;
+            let Some(wait) = self.writer_wait(&mut state, slot, connection, now) else {
+                self.wake_a_writer(&state);
+                return None;
+            };
             // Released while the state is held: a sender that takes the link now sees its
             // messages in the state first, and one that finds it busy wakes us after.
             drop(out);

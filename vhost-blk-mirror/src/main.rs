@@ -133,6 +133,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    daemon_util::keep_large_buffers();
     let service = format!(
         "blk:{}",
         args.serial.clone().unwrap_or_else(|| args

@@ -20,11 +20,13 @@
 //! Every change is made in memory only after its durable write succeeded: what the
 //! daemon believes is never better than what a restart would find.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -182,6 +184,19 @@ impl Bitmap {
         first.min(self.bits)..end.min(self.bits)
     }
 
+    /// The set units, in order (skipping clear words: cheap on a large, mostly clear map).
+    fn set_units(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words
+            .iter()
+            .enumerate()
+            .filter(|(_, word)| **word != 0)
+            .flat_map(|(index, &word)| {
+                (0..64u64)
+                    .filter(move |bit| word & (1 << bit) != 0)
+                    .map(move |bit| index as u64 * 64 + bit)
+            })
+    }
+
     fn get(&self, unit: u64) -> bool {
         self.words
             .get((unit / 64) as usize)
@@ -238,9 +253,34 @@ struct State {
     activity: Bitmap,
     /// Counts `mark_active` calls.
     activity_epoch: u64,
-    /// For each active extent, the epoch of its latest mark: a clear spares extents
-    /// marked after its snapshot.
-    extent_marked: std::collections::HashMap<u64, u64>,
+    /// For each active extent, its latest mark: a clear spares extents marked after its
+    /// snapshot, and extents still in use (marked less than the clear's idle time ago).
+    extent_marked: HashMap<u64, Mark>,
+    /// Counts writes of the activity bitmap to the file.
+    activity_writes: u64,
+    /// Active extents whose bit is written but not yet synced, with the number of the
+    /// write (`activity_writes`) that set it: a write into one of them waits for a sync
+    /// that covers that write.
+    activity_unsynced: HashMap<u64, u64>,
+}
+
+impl State {
+    /// Whether active extent `unit` may be cleared by a clear that snapshotted `epoch`.
+    fn clearable(&self, unit: u64, epoch: u64, idle_for: Duration) -> bool {
+        self.activity.get(unit)
+            && !self.activity_unsynced.contains_key(&unit)
+            && self
+                .extent_marked
+                .get(&unit)
+                .is_none_or(|mark| mark.epoch <= epoch && mark.at.elapsed() >= idle_for)
+    }
+}
+
+/// When an active extent was last marked.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    epoch: u64,
+    at: Instant,
 }
 
 /// The metadata of one disk. All methods are safe to call from several threads.
@@ -249,6 +289,11 @@ pub struct Metadata {
     path: PathBuf,
     file: File,
     state: Mutex<State>,
+    /// The last activity bitmap write (`State::activity_writes`) known durable. Held while
+    /// the activity bitmap is synced, not the state's lock: writes into extents already
+    /// durably active never wait for another extent's sync, and writes that wait for one
+    /// share it (group commit).
+    activity_synced: Mutex<u64>,
 }
 
 impl Metadata {
@@ -327,7 +372,9 @@ impl Metadata {
             out_of_sync,
             activity,
             activity_epoch: 0,
-            extent_marked: std::collections::HashMap::new(),
+            extent_marked: HashMap::new(),
+            activity_writes: 0,
+            activity_unsynced: HashMap::new(),
         };
         let metadata_io = |source| MetadataError::Io {
             path: path.to_owned(),
@@ -356,6 +403,7 @@ impl Metadata {
             path: path.to_owned(),
             file,
             state: Mutex::new(state),
+            activity_synced: Mutex::new(0),
         })
     }
 
@@ -494,27 +542,84 @@ impl Metadata {
         )
     }
 
-    /// Durably marks the extents of a range active before a write into them.
+    /// Durably marks the extents of a range active before a write into them. Extents
+    /// already durably active cost no I/O; new ones cost one bitmap write and one sync,
+    /// which other writes waiting for a sync share. The state's lock is not held over the
+    /// sync.
     pub fn mark_active(&self, offset: u64, len: u64) -> Result<(), MetadataError> {
-        {
+        let wait_for = {
             let mut state = self.lock();
+            let state = &mut *state;
             state.activity_epoch += 1;
-            let epoch = state.activity_epoch;
-            for unit in state.activity.units(offset, len) {
-                state.extent_marked.insert(unit, epoch);
-            }
+            let mark = Mark {
+                epoch: state.activity_epoch,
+                at: Instant::now(),
+            };
             let units = state.activity.units(offset, len);
-            if units.clone().all(|unit| state.activity.get(unit)) {
-                return Ok(());
+            for unit in units.clone() {
+                state.extent_marked.insert(unit, mark);
             }
+            if !units.clone().all(|unit| state.activity.get(unit)) {
+                let first = (units.start / 64) as usize;
+                let last = ((units.end - 1) / 64) as usize;
+                let before: Vec<u64> = state.activity.words[first..=last].to_vec();
+                let newly: Vec<u64> = units
+                    .clone()
+                    .filter(|&unit| state.activity.put(unit, true).is_some())
+                    .collect();
+                if let Err(error) = state.activity.write_words(&self.file, first, last) {
+                    // Set bits are not believed until durable.
+                    state.activity.words[first..=last].copy_from_slice(&before);
+                    return Err(self.io_error(error));
+                }
+                state.activity_writes += 1;
+                for unit in newly {
+                    state.activity_unsynced.insert(unit, state.activity_writes);
+                }
+            }
+            units
+                .filter_map(|unit| state.activity_unsynced.get(&unit).copied())
+                .max()
+        };
+        match wait_for {
+            Some(write) => self.sync_activity(write),
+            None => Ok(()),
         }
-        self.update(|state| &mut state.activity, offset, len, true, true)
+    }
+
+    /// Returns once activity bitmap write number `write` is durable, syncing the file if
+    /// no other caller did since.
+    fn sync_activity(&self, write: u64) -> Result<(), MetadataError> {
+        let mut synced = self
+            .activity_synced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *synced >= write {
+            return Ok(());
+        }
+        let covered = self.lock().activity_writes;
+        self.file
+            .sync_data()
+            .map_err(|error| self.io_error(error))?;
+        *synced = covered;
+        self.lock()
+            .activity_unsynced
+            .retain(|_, set_by| *set_by > covered);
+        Ok(())
     }
 
     /// Clears every activity bit (called when no write is in flight and the peer has all).
     pub fn clear_activity(&self) -> Result<(), MetadataError> {
         let size = self.lock().header.size_bytes;
-        self.update(|state| &mut state.activity, 0, size, false, true)
+        self.update(|state| &mut state.activity, 0, size, false, true)?;
+        let mut state = self.lock();
+        let state = &mut *state;
+        let activity = &state.activity;
+        state.extent_marked.retain(|&unit, _| activity.get(unit));
+        state
+            .activity_unsynced
+            .retain(|&unit, _| activity.get(unit));
+        Ok(())
     }
 
     /// The current mark epoch, if `idle` holds: checked under the lock that marking
@@ -535,52 +640,75 @@ impl Metadata {
             .count() as u64
     }
 
-    /// Clears, durably, every active extent last marked at or before `epoch`. The caller
-    /// took `epoch` with no write under way and then flushed the image, so every write
-    /// to those extents is durable on both copies.
-    pub fn clear_activity_marked_before(&self, epoch: u64) -> Result<u64, MetadataError> {
-        let mut state = self.lock();
-        let state = &mut *state;
-        let before = state.activity.words.clone();
-        let mut changed: Option<(usize, usize)> = None;
-        let mut cleared = 0;
-        for unit in 0..state.activity.bits {
-            if !state.activity.get(unit) {
-                continue;
-            }
-            if state
-                .extent_marked
-                .get(&unit)
-                .is_some_and(|&marked| marked > epoch)
-            {
-                continue;
-            }
-            if let Some(word) = state.activity.put(unit, false) {
-                cleared += 1;
-                changed = Some(match changed {
-                    Some((first, _)) => (first, word),
-                    None => (word, word),
-                });
-            }
-        }
-        let Some((first, last)) = changed else {
-            return Ok(0);
-        };
-        let written = state
+    /// Active extents a clear would take now: durably active, and not marked for at least
+    /// `idle_for` (an extent still in use stays active: marking it again would cost a sync).
+    pub fn clearable_extents(&self, idle_for: Duration) -> u64 {
+        let state = self.lock();
+        state
             .activity
-            .write_words(&self.file, first, last)
-            .and_then(|()| self.file.sync_data());
-        if let Err(error) = written {
-            // Still set in memory as it may still be on disk: cleared only once durable.
-            state.activity.words[first..=last].copy_from_slice(&before[first..=last]);
-            return Err(self.io_error(error));
-        }
-        for unit in 0..state.activity.bits {
-            if !state.activity.get(unit) {
+            .set_units()
+            .filter(|&unit| state.clearable(unit, u64::MAX, idle_for))
+            .count() as u64
+    }
+
+    /// Clears, durably, every active extent last marked at or before `epoch` and at least
+    /// `idle_for` ago. The caller took `epoch` with no write under way and then flushed
+    /// the image on both copies, so every write to those extents is durable on both.
+    /// The state's lock is not held over the sync: a write marking a cleared extent again
+    /// meanwhile writes its bit after this clear and waits for a sync that covers it.
+    pub fn clear_activity_marked_before(
+        &self,
+        epoch: u64,
+        idle_for: Duration,
+    ) -> Result<u64, MetadataError> {
+        let (write, cleared) = {
+            let mut state = self.lock();
+            let state = &mut *state;
+            let cleared: Vec<u64> = state
+                .activity
+                .set_units()
+                .filter(|&unit| state.clearable(unit, epoch, idle_for))
+                .collect();
+            let (Some(&first_unit), Some(&last_unit)) = (cleared.first(), cleared.last()) else {
+                return Ok(0);
+            };
+            let (first, last) = ((first_unit / 64) as usize, (last_unit / 64) as usize);
+            for &unit in &cleared {
+                state.activity.put(unit, false);
                 state.extent_marked.remove(&unit);
             }
+            if let Err(error) = state.activity.write_words(&self.file, first, last) {
+                // Still set, as they may still be on disk: cleared only once durable.
+                for &unit in &cleared {
+                    state.activity.put(unit, true);
+                }
+                return Err(self.io_error(error));
+            }
+            state.activity_writes += 1;
+            (state.activity_writes, cleared)
+        };
+        if let Err(error) = self.sync_activity(write) {
+            // The clear may or may not be on disk: believe the bits set again (a write
+            // marking one of them syncs again).
+            let mut state = self.lock();
+            let state = &mut *state;
+            for &unit in &cleared {
+                state.activity.put(unit, true);
+            }
+            let first = (cleared.first().copied().unwrap_or(0) / 64) as usize;
+            let last = (cleared.last().copied().unwrap_or(0) / 64) as usize;
+            if state.activity.write_words(&self.file, first, last).is_ok() {
+                state.activity_writes += 1;
+                for &unit in &cleared {
+                    state
+                        .activity_unsynced
+                        .entry(unit)
+                        .or_insert(state.activity_writes);
+                }
+            }
+            return Err(error);
         }
-        Ok(cleared)
+        Ok(cleared.len() as u64)
     }
 
     /// Folds the activity bitmap into out-of-sync: after a crash, every extent that had
@@ -754,16 +882,88 @@ mod tests {
         let epoch = meta.activity_snapshot(|| true).expect("idle");
         // A write marked after the snapshot keeps its extent.
         meta.mark_active(8 << 20, 4096).expect("active");
-        assert_eq!(meta.clear_activity_marked_before(epoch).expect("clear"), 1);
+        assert_eq!(
+            meta.clear_activity_marked_before(epoch, Duration::ZERO)
+                .expect("clear"),
+            1
+        );
         assert_eq!(meta.active_extents(), 1);
         assert_eq!(meta.suspect_ranges(), vec![(8 << 20, 4 << 20)]);
         let epoch = meta.activity_snapshot(|| true).expect("idle");
-        assert_eq!(meta.clear_activity_marked_before(epoch).expect("clear"), 1);
+        assert_eq!(
+            meta.clear_activity_marked_before(epoch, Duration::ZERO)
+                .expect("clear"),
+            1
+        );
         assert!(!meta.has_activity());
         drop(meta);
         let meta = Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("reopen");
         assert!(!meta.has_activity());
         assert!(meta.suspect_ranges().is_empty());
+    }
+
+    #[test]
+    fn extents_in_use_stay_active_and_cost_no_sync_when_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("create");
+        meta.mark_active(0, 4096).expect("active");
+        assert_eq!(meta.lock().activity_writes, 1);
+        assert!(
+            meta.lock().activity_unsynced.is_empty(),
+            "returned before durable"
+        );
+        // Marked again: no bitmap write (and so no sync).
+        meta.mark_active(4096, 4096).expect("active again");
+        assert_eq!(meta.lock().activity_writes, 1);
+        // Written within the idle time: not cleared.
+        let epoch = meta.activity_snapshot(|| true).expect("idle");
+        assert_eq!(meta.clearable_extents(Duration::from_secs(3600)), 0);
+        assert_eq!(
+            meta.clear_activity_marked_before(epoch, Duration::from_secs(3600))
+                .expect("clear"),
+            0
+        );
+        assert_eq!(meta.active_extents(), 1);
+        // Idle long enough (here: no idle time asked): cleared, durably.
+        assert_eq!(meta.clearable_extents(Duration::ZERO), 1);
+        assert_eq!(
+            meta.clear_activity_marked_before(epoch, Duration::ZERO)
+                .expect("clear"),
+            1
+        );
+        drop(meta);
+        let meta = Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("reopen");
+        assert!(!meta.has_activity());
+    }
+
+    #[test]
+    fn marks_racing_a_clear_are_durable_once_they_return() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m");
+        let meta = std::sync::Arc::new(
+            Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("create"),
+        );
+        let extent = u64::from(DEFAULT_EXTENT_BYTES);
+        for round in 0..50u64 {
+            let epoch = meta.activity_snapshot(|| true).expect("idle");
+            let marker = {
+                let meta = std::sync::Arc::clone(&meta);
+                std::thread::spawn(move || {
+                    for unit in 0..16 {
+                        meta.mark_active(((unit + round) % 16) * extent, 4096)
+                            .expect("mark");
+                    }
+                })
+            };
+            meta.clear_activity_marked_before(epoch, Duration::ZERO)
+                .expect("clear");
+            marker.join().expect("marker");
+            // Every extent marked after the snapshot is set on disk.
+            let on_disk =
+                Metadata::open_or_create(&path, 64 << 20, DataState::UpToDate).expect("reopen");
+            assert_eq!(on_disk.active_extents(), 16, "round {round}");
+        }
     }
 
     #[test]
@@ -873,8 +1073,11 @@ mod tests {
                 out_of_sync: Bitmap::new(2 * HEADER_BLOCK, DEFAULT_CHUNK_BYTES, 1 << 20),
                 activity: Bitmap::new(3 * HEADER_BLOCK, DEFAULT_EXTENT_BYTES, 1 << 20),
                 activity_epoch: 0,
-                extent_marked: std::collections::HashMap::new(),
+                extent_marked: HashMap::new(),
+                activity_writes: 0,
+                activity_unsynced: HashMap::new(),
             }),
+            activity_synced: Mutex::new(0),
         };
         assert!(read_only.mark_out_of_sync(0, 4096).is_err());
         assert!(

@@ -80,6 +80,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
+    daemon_util::keep_large_buffers();
     let uplink = match (args.tap, args.bridge) {
         (Some(tap), _) => Uplink::Tap(tap),
         (None, Some(bridge)) => Uplink::Bridge(bridge),

@@ -167,6 +167,9 @@ struct State {
     mode: Mode,
     generation: u64,
     next_id: u64,
+    /// Threads in `wait` (they look again when a request completes); the resync loop's
+    /// idle wait is not counted, so a completion wakes nobody when nobody waits for one.
+    completion_waiters: usize,
     in_flight: HashMap<u64, InFlight>,
     /// The peer answered `Hello` in the current session.
     welcomed: bool,
@@ -325,6 +328,7 @@ impl Primary {
                 mode,
                 generation,
                 next_id: 1,
+                completion_waiters: 0,
                 in_flight: HashMap::new(),
                 welcomed: false,
                 resync: CopyProgress::default(),
@@ -364,7 +368,25 @@ impl Primary {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wait<'a>(&self, guard: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+    /// Waits for a change of the state, a completion included.
+    fn wait<'a>(
+        &self,
+        mut guard: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        guard.completion_waiters += 1;
+        let mut guard = self.wait_for_change(guard, timeout);
+        guard.completion_waiters -= 1;
+        guard
+    }
+
+    /// Waits for a change of the state other than a completion (a mode change, a welcome,
+    /// new out-of-sync regions), or `timeout`.
+    fn wait_for_change<'a>(
+        &self,
+        guard: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
         match self.changed.wait_timeout(guard, timeout) {
             Ok((guard, _)) => guard,
             Err(poisoned) => poisoned.into_inner().0,
@@ -515,9 +537,9 @@ impl Primary {
     /// where a later write marks. Runs from the resync thread
     /// while mirrored; cheap when nothing was written.
     /// Returns whether it tried (no write was under way and some extent was marked).
-    pub(super) fn clear_idle_activity(&self) -> bool {
+    pub(super) fn clear_idle_activity(&self, idle_for: Duration) -> bool {
         !matches!(
-            self.clear_activity_if_idle(),
+            self.clear_activity_if_idle(idle_for),
             Ok(Cleared::Nothing) | Err(Unsettled::WritesUnderWay)
         )
     }
@@ -531,7 +553,7 @@ impl Primary {
                 "not mirroring ({mode:?}): the active extents stay marked for the resync"
             ));
         }
-        match self.clear_activity_if_idle() {
+        match self.clear_activity_if_idle(Duration::ZERO) {
             Ok(Cleared::Nothing) => Ok("settled: no active extent".into()),
             Ok(Cleared::Extents(extents)) => {
                 Ok(format!("settled: {extents} active extent(s) cleared"))
@@ -540,8 +562,10 @@ impl Primary {
         }
     }
 
-    fn clear_activity_if_idle(&self) -> Result<Cleared, Unsettled> {
-        if !self.metadata.has_activity() {
+    /// Clears the active extents no write marked for `idle_for` (see `ACTIVITY_IDLE`).
+    fn clear_activity_if_idle(&self, idle_for: Duration) -> Result<Cleared, Unsettled> {
+        // Nothing to clear costs no flush.
+        if self.metadata.clearable_extents(idle_for) == 0 {
             return Ok(Cleared::Nothing);
         }
         let idle = || self.writes_active.load(Ordering::SeqCst) == 0;
@@ -558,7 +582,7 @@ impl Primary {
         if !self.control_round_trip(|id, generation| Message::Flush { id, generation }) {
             return Err(Unsettled::Failed("the secondary did not confirm a flush"));
         }
-        match self.metadata.clear_activity_marked_before(epoch) {
+        match self.metadata.clear_activity_marked_before(epoch, idle_for) {
             Ok(extents) => Ok(Cleared::Extents(extents)),
             Err(error) => {
                 warn!("cannot clear the activity bitmap: {error}");

@@ -312,7 +312,9 @@ impl Primary {
             {
                 state.resync.bytes_done += len;
             }
-            self.changed.notify_all();
+            if state.completion_waiters > 0 {
+                self.changed.notify_all();
+            }
             entry
         };
         if let Some(entry) = &entry {
