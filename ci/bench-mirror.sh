@@ -315,6 +315,12 @@ ip netns exec "$HOST_A" ping -n -q -c 20 -i 0.05 10.77.1.2 >"$RUN/ping.txt" || d
 # "rtt min/avg/max/mdev = 0.031/0.045/0.093/0.013 ms"
 RTT_US=$(awk -F'[/ ]+' '/^rtt|^round-trip/ { printf "%.0f", $8 * 1000 }' "$RUN/ping.txt")
 [[ -n $LINK_MBS && -n $RTT_US ]] || die "could not read the link measurements"
+# The CPU the kernel's TCP alone spends per GB on this link (iperf3 client + server, user +
+# system): on a machine whose hosts share the cores, a ceiling for anything sent over it.
+LINK_CPU_S_PER_GB=$(jq -r --argjson seconds "$LINK_SECONDS" '
+	(.end.cpu_utilization_percent.host_total + .end.cpu_utilization_percent.remote_total) / 100
+	* $seconds / (.end.sum_received.bytes / 1e9)' "$RUN/iperf3.json" 2>/dev/null) || LINK_CPU_S_PER_GB=-
+is_number "$LINK_CPU_S_PER_GB" || LINK_CPU_S_PER_GB=-
 log "link: $(fmt 1 "$(calc "$LINK_MBS * 8 / 1000")") Gbit/s, RTT ${RTT_US} µs"
 
 # --- 2. local only --------------------------------------------------------------------------
@@ -499,6 +505,7 @@ echo "| link (alink1, hostA → hostB) | value |"
 echo "|---|---:|"
 echo "| TCP throughput (iperf3, 1 stream, ${LINK_SECONDS} s) | $(fmt 0 "$LINK_MBS") MB/s ($(fmt 1 "$(calc "$LINK_MBS * 8 / 1000")") Gbit/s) |"
 echo "| RTT (ping -c 20 -i 0.05, avg) | ${RTT_US} µs |"
+echo "| CPU per GB of TCP alone (iperf3 client + server, user + system) | $(fmt 2 "$LINK_CPU_S_PER_GB") s |"
 echo
 echo "ftvm (\`vhost-blk-mirror\`), encryption on (the default):"
 echo

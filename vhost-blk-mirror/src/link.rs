@@ -13,7 +13,7 @@ use replication_link::{
 use thiserror::Error;
 
 use crate::mirror::primary::Connector;
-use crate::mirror::protocol::{payload_crc32c, Message, Payload, Received, Transport};
+use crate::mirror::protocol::{payload_crc32c, Message, Payload, Received, Replier, Transport};
 use crate::replication::{LinkEncryption, ReplicationConfig};
 
 #[derive(Debug, Error)]
@@ -170,6 +170,17 @@ impl ListenerTransport {
     }
 }
 
+/// Sends `message` on `session`, waiting as long as it takes for window space (same
+/// reasoning as the primary's: a lost answer would hold the primary's request).
+fn send_on(session: &Session, message: &Message, payload: Vec<u8>) -> io::Result<()> {
+    let header = postcard::to_allocvec(message).map_err(to_io)?;
+    let crc32c = payload_crc32c(message, &payload);
+    session
+        .send_with_crc32c(&header, payload, crc32c, SEND_WAIT)
+        .map(|_| ())
+        .map_err(to_io)
+}
+
 impl Transport for ListenerTransport {
     fn send(&self, message: &Message, payload: Vec<u8>) -> io::Result<()> {
         // Not under the lock: the send may wait for window space.
@@ -177,13 +188,14 @@ impl Transport for ListenerTransport {
             .current()
             .clone()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no primary connected"))?;
-        // Same reasoning as the primary's: a lost answer would hold the primary's request.
-        let header = postcard::to_allocvec(message).map_err(to_io)?;
-        let crc32c = payload_crc32c(message, &payload);
-        session
-            .send_with_crc32c(&header, payload, crc32c, SEND_WAIT)
-            .map(|_| ())
-            .map_err(to_io)
+        send_on(&session, message, payload)
+    }
+
+    fn session_replier(&self) -> Option<Replier> {
+        let session = self.current().clone()?;
+        Some(Box::new(move |message: &Message| {
+            send_on(&session, message, Vec::new())
+        }))
     }
 
     fn recv(&self, timeout: Duration) -> io::Result<Option<Received>> {

@@ -243,7 +243,17 @@ pub trait Transport: Send + Sync {
     fn links(&self) -> serde_json::Value;
     /// Stops the session's threads.
     fn close(&self);
+    /// A sender bound to the current session, for an answer given after the receiving
+    /// thread moved on: once a newer session (a restarted primary, whose request ids
+    /// start over) replaced this one, what it sends never reaches the newer one. `None`
+    /// where the transport has none: then answers come from the receiving thread.
+    fn session_replier(&self) -> Option<Replier> {
+        None
+    }
 }
+
+/// Sends one answer on the session it was taken from (see `Transport::session_replier`).
+pub type Replier = Box<dyn Fn(&Message) -> io::Result<()> + Send>;
 
 #[cfg(test)]
 mod tests {

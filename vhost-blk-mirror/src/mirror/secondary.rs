@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use control_protocol::disk::{SecondaryDiskState, SecondaryStatus};
 use log::{error, info, warn};
 
 use super::epochs::{EpochOptions, Epochs};
-use super::protocol::{Message, Payload, Received, Refusal, Transport, MAX_SUSPECT_RANGES};
+use super::protocol::{
+    Message, Payload, Received, Refusal, Replier, Transport, MAX_SUSPECT_RANGES,
+};
 use crate::image::Image;
 use crate::metadata::{DataState, Metadata};
 
@@ -58,6 +61,16 @@ pub struct Secondary {
     /// The highest epoch `commit` asked for; the epoch applier applies up to it.
     commit_target: Mutex<Option<u64>>,
     commit_requested: Condvar,
+    /// Level 2 `Flush`es for the flusher thread, so that the receiver applies later writes
+    /// while the image syncs (a sync after a busy second can take hundreds of ms).
+    flushes: Mutex<Sender<FlushJob>>,
+}
+
+/// A `Flush` to answer once the image is synced: every write applied before it was taken
+/// is covered by that sync.
+struct FlushJob {
+    id: u64,
+    reply: Replier,
 }
 
 impl std::fmt::Debug for Secondary {
@@ -110,6 +123,7 @@ impl Secondary {
                  recently written regions"
             );
         }
+        let (flush_sender, flush_receiver) = mpsc::channel();
         let secondary = Arc::new(Secondary {
             image,
             metadata,
@@ -125,6 +139,7 @@ impl Secondary {
             ahead: Mutex::new(level3::ReadAhead::default()),
             commit_target: Mutex::new(None),
             commit_requested: Condvar::new(),
+            flushes: Mutex::new(flush_sender),
         });
         let applier = secondary.clone();
         thread::Builder::new()
@@ -134,6 +149,10 @@ impl Secondary {
         thread::Builder::new()
             .name("epoch-applier".into())
             .spawn(move || committer.commit_loop())?;
+        let flusher = secondary.clone();
+        thread::Builder::new()
+            .name("mirror-flusher".into())
+            .spawn(move || flusher.flush_loop(flush_receiver))?;
         Ok(secondary)
     }
 
@@ -253,7 +272,7 @@ impl Secondary {
                 deallocate,
                 ..
             } => Some(self.zero(id, offset, len, deallocate)),
-            Message::Flush { id, .. } => Some(self.result(id, self.image.flush())),
+            Message::Flush { id, .. } => self.flush(id),
             Message::Read { id, offset, len } => self.read(id, offset, len),
             Message::ResyncCompare {
                 id,
@@ -497,6 +516,45 @@ impl Secondary {
             self.image.write_zeroes(offset, len, false)
         };
         self.result(id, result)
+    }
+
+    /// A Level 2 `Flush`: handed to the flusher thread with a sender bound to this
+    /// session, and answered from there; synchronously where the transport has no such
+    /// sender.
+    fn flush(&self, id: u64) -> Option<Message> {
+        if let Some(reply) = self.transport.session_replier() {
+            let queued = self
+                .flushes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(FlushJob { id, reply });
+            if queued.is_ok() {
+                return None;
+            }
+        }
+        Some(self.result(id, self.image.flush()))
+    }
+
+    /// The flusher thread: one sync of the image for every `Flush` queued meanwhile.
+    fn flush_loop(self: Arc<Self>, jobs: Receiver<FlushJob>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = vec![first];
+            batch.extend(jobs.try_iter());
+            let result = self.image.flush();
+            for job in batch {
+                let answer = self.result(
+                    job.id,
+                    match &result {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+                    },
+                );
+                if let Err(error) = (job.reply)(&answer) {
+                    // The session ended: the primary sends the flush again in the next one.
+                    warn!("cannot answer flush {}: {error}", job.id);
+                }
+            }
+        }
     }
 
     /// The answer to a request that changed (or tried to change) this copy. A failure
@@ -756,6 +814,7 @@ mod tests {
             ahead: Mutex::new(level3::ReadAhead::default()),
             commit_target: Mutex::new(None),
             commit_requested: Condvar::new(),
+            flushes: Mutex::new(std::sync::mpsc::channel().0),
         }
     }
 

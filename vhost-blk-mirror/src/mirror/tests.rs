@@ -113,6 +113,20 @@ impl Transport for End {
         Ok(())
     }
 
+    /// The secondary answers flushes from its flusher thread, as on a real link.
+    fn session_replier(&self) -> Option<super::protocol::Replier> {
+        if self.primary_side {
+            return None;
+        }
+        let end = End {
+            board: Arc::clone(&self.board),
+            primary_side: false,
+        };
+        Some(Box::new(move |message: &Message| {
+            end.send(message, Vec::new())
+        }))
+    }
+
     fn recv(&self, timeout: Duration) -> std::io::Result<Option<Received>> {
         let deadline = Instant::now() + timeout;
         let mut queues = self.board.queues();

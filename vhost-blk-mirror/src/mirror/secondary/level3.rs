@@ -714,6 +714,7 @@ mod tests {
             ahead: Mutex::new(ReadAhead::default()),
             commit_target: Mutex::new(None),
             commit_requested: Condvar::new(),
+            flushes: Mutex::new(std::sync::mpsc::channel().0),
         }
     }
 
