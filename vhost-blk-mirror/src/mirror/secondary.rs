@@ -41,6 +41,11 @@ struct State {
     applied_bytes: u64,
     resync_bytes: u64,
     refused: u64,
+    /// Tests of a restart: the receiver stops as a killed process would, applying nothing
+    /// more, not even what it was receiving.
+    stopped_for_test: bool,
+    /// The receiver's loop returned.
+    applier_exited: bool,
 }
 
 pub struct Secondary {
@@ -165,6 +170,11 @@ impl Secondary {
     }
 
     fn apply_loop(self: Arc<Self>) {
+        self.receive_and_apply();
+        self.lock().applier_exited = true;
+    }
+
+    fn receive_and_apply(&self) {
         loop {
             if self.lock().promoted {
                 return;
@@ -173,6 +183,9 @@ impl Secondary {
                 Some(received) => Ok(Some(received)),
                 None => self.transport.recv(RECEIVE_TIMEOUT),
             };
+            if self.lock().stopped_for_test {
+                return;
+            }
             match next {
                 Ok(Some(Received::Message(message, payload))) => {
                     if let Some(reply) = self.apply_received(message, &payload) {
@@ -690,7 +703,16 @@ impl Secondary {
     /// Stops the receiver as a killed process would stop (tests of a restart).
     #[cfg(test)]
     pub(crate) fn stop_for_test(&self) {
-        self.lock().promoted = true;
+        {
+            let mut state = self.lock();
+            state.promoted = true;
+            state.stopped_for_test = true;
+        }
+        daemon_util::test_support::poll_until(
+            Duration::from_secs(30),
+            "the receiver to stop",
+            || self.lock().applier_exited,
+        );
     }
 
     /// The secondary's part of `status`.

@@ -36,9 +36,8 @@ impl Pair {
     /// Kills the secondary's receiver and starts a new one on the same image, metadata and
     /// journal; the primary hears of the restart as from the link.
     fn restart_secondary(&mut self) {
+        // Returns once the old receiver stopped: it takes nothing meant for the new one.
         self.secondary.stop_for_test();
-        // The old receiver looks at its stop flag at least every 100 ms.
-        std::thread::sleep(Duration::from_millis(400));
         let metadata =
             Metadata::open_or_create(&self.secondary_meta, DISK_BYTES, DataState::UpToDate)
                 .expect("reopen metadata");
