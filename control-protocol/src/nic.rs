@@ -33,12 +33,16 @@ pub enum Command {
     /// `commit N`: release, in order, every held frame of the epochs up to `N` (`N` must
     /// have ended). Answered with [`OutputCommitted`].
     Commit(Epoch),
+    /// `handover on|off` (`ftvm migrate`): the guest stays stopped here for a move, so the
+    /// frames the TAP receives for it go to the peer's daemon, which hands them to the
+    /// guest once it runs there (`on`), or no longer (`off`). Answered with [`Handover`].
+    Handover(bool),
 }
 
 impl Command {
     /// The commands, as the error for an unknown one lists them.
     pub const SYNOPSIS: &'static str = "status, announce, dirty-pages, output-commit on EPOCH, \
-         output-commit off, epoch-end EPOCH, commit EPOCH";
+         output-commit off, epoch-end EPOCH, commit EPOCH, handover on|off";
 
     fn name(self) -> &'static str {
         match self {
@@ -48,6 +52,7 @@ impl Command {
             Command::OutputCommitOn(_) | Command::OutputCommitOff => "output-commit",
             Command::EpochEnd(_) => "epoch-end",
             Command::Commit(_) => "commit",
+            Command::Handover(_) => "handover",
         }
     }
 }
@@ -60,6 +65,7 @@ impl fmt::Display for Command {
             Command::OutputCommitOn(epoch) => write!(f, " on {epoch}"),
             Command::OutputCommitOff => f.write_str(" off"),
             Command::EpochEnd(epoch) | Command::Commit(epoch) => write!(f, " {epoch}"),
+            Command::Handover(on) => f.write_str(if *on { " on" } else { " off" }),
         }
     }
 }
@@ -76,8 +82,8 @@ pub enum ParseError {
     },
     #[error("{command}: epoch {word:?} is not a number")]
     EpochNotANumber { command: &'static str, word: String },
-    #[error("output-commit: {word:?} is neither \"on\" nor \"off\"")]
-    NotOnOrOff { word: String },
+    #[error("{command}: {word:?} is neither \"on\" nor \"off\"")]
+    NotOnOrOff { command: &'static str, word: String },
 }
 
 impl FromStr for Command {
@@ -100,6 +106,7 @@ impl FromStr for Command {
                 Some("off") => Command::OutputCommitOff,
                 Some(other) => {
                     return Err(ParseError::NotOnOrOff {
+                        command: "output-commit",
                         word: other.to_owned(),
                     })
                 }
@@ -112,6 +119,22 @@ impl FromStr for Command {
             },
             Some("epoch-end") => Command::EpochEnd(epoch("epoch-end", words.next())?),
             Some("commit") => Command::Commit(epoch("commit", words.next())?),
+            Some("handover") => match words.next() {
+                Some("on") => Command::Handover(true),
+                Some("off") => Command::Handover(false),
+                Some(other) => {
+                    return Err(ParseError::NotOnOrOff {
+                        command: "handover",
+                        word: other.to_owned(),
+                    })
+                }
+                None => {
+                    return Err(ParseError::Missing {
+                        command: "handover",
+                        what: "\"on\" or \"off\"",
+                    })
+                }
+            },
             Some(other) => {
                 return Err(CommandError::Unknown {
                     word: other.to_owned(),
@@ -271,6 +294,12 @@ pub struct Redundancy {
     pub relaying_for_peer: bool,
     pub path_switches: u64,
     pub frames_queued_for_guest: usize,
+    /// `handover on`: the guest is stopped here for a move and the frames the TAP receives
+    /// for it go to the peer's daemon (until the LAN moved the MAC, `handover off`, a guest
+    /// started here, or 10 s).
+    pub handover_relaying: bool,
+    /// Frames the peer's daemon relayed during a move, waiting for the guest to run here.
+    pub handover_frames_queued: usize,
     /// The outgoing session's links (opaque here: see the crate's documentation).
     #[serde(deserialize_with = "crate::required")]
     pub peer_session: Option<serde_json::Value>,
@@ -332,6 +361,25 @@ pub struct Status {
     pub relay_to_lan_packets: u64,
     /// Relaying for the peer: frames for its guest read from our TAP and sent to it.
     pub relay_to_peer_packets: u64,
+    /// A move's source (`handover on`): frames for the stopped guest read from our TAP and
+    /// sent to the peer's daemon.
+    pub handover_relayed_packets: u64,
+    /// A move's source: such frames the link's send window refused (dropped).
+    pub handover_relay_dropped: u64,
+    /// A move's destination: frames the peer relayed during the move, passed to the
+    /// guest's receive queue once it ran here.
+    pub handover_rx_packets: u64,
+    /// A move's destination: frames the peer relayed during the move, dropped (the queue
+    /// was full, oldest first; older than 2 s; not valid for the guest's features).
+    pub handover_rx_dropped: u64,
+}
+
+/// The answer to `handover on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handover {
+    /// Frames for the guest go to the peer's daemon now.
+    pub relaying: bool,
 }
 
 #[cfg(test)]

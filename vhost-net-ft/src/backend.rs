@@ -52,7 +52,7 @@ use crate::datapath::{
 };
 use crate::device::Device;
 use crate::frame::convert_header;
-use crate::frame::{header_len, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
+use crate::frame::{header_len, validate_tx, TxOffloads, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
 use crate::sink::{EpochSink, TxSink};
 
@@ -320,6 +320,9 @@ impl NetBackend {
     /// Moves the next frame the peer host relayed for the guest into the staging buffer,
     /// with the guest's header length; its length, `None` when none waits.
     fn take_from_peer(&self, worker: &mut PairWorker, header_len: usize) -> Option<usize> {
+        if let Some(len) = self.take_from_handover(worker, header_len) {
+            return Some(len);
+        }
         let queue = self.device.redundancy.guest_queue();
         loop {
             let bytes = convert_header(queue.pop()?, VNET_HDR_LEN, header_len);
@@ -335,6 +338,38 @@ impl NetBackend {
     }
 
     /// Reads one frame from the pair's TAP queue into the staging buffer.
+    /// The next frame the peer relayed during a move (see [`crate::peer::handover`]),
+    /// checked against the offloads this guest negotiated (it may have been queued before).
+    fn take_from_handover(&self, worker: &mut PairWorker, header_len: usize) -> Option<usize> {
+        let metrics = &self.device.metrics;
+        let offloads = TxOffloads::guest_receive(self.features());
+        loop {
+            let (frame, expired) = self
+                .device
+                .redundancy
+                .handover_queue()
+                .pop(std::time::Instant::now());
+            Metrics::add(&metrics.handover_rx_dropped, expired as u64);
+            let frame = frame?;
+            if let Err(error) = validate_tx(&frame, VNET_HDR_LEN, offloads) {
+                Metrics::add(&metrics.handover_rx_dropped, 1);
+                self.device.log_fault(format_args!(
+                    "handover: dropped a frame the peer relayed: {error}"
+                ));
+                continue;
+            }
+            let bytes = convert_header(frame, VNET_HDR_LEN, header_len);
+            match worker.rx_buffer.get_mut(..bytes.len()) {
+                Some(staging) => {
+                    staging.copy_from_slice(&bytes);
+                    Metrics::add(&metrics.handover_rx_packets, 1);
+                    return Some(bytes.len());
+                }
+                None => Metrics::add(&metrics.handover_rx_dropped, 1),
+            }
+        }
+    }
+
     fn read_tap(&self, worker: &mut PairWorker, header_len: usize) -> TapRead {
         let metrics = &self.device.metrics;
         match self

@@ -6,7 +6,9 @@
 //! answers [`nic::Announced`]; `dirty-pages` answers [`nic::DirtyPages`] (the guest pages
 //! this daemon wrote since the last call); `output-commit on EPOCH|off`, `epoch-end N` and
 //! `commit N` drive Level 3 output commit ([`crate::output`]) and answer
-//! [`nic::OutputCommitted`]; anything refused or not understood gets `{"error": "..."}`.
+//! [`nic::OutputCommitted`]; `handover on|off` starts or ends a move's relay of the stopped
+//! guest's frames to the peer ([`crate::peer::handover`]) and answers [`nic::Handover`];
+//! anything refused or not understood gets `{"error": "..."}`.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -50,6 +52,10 @@ pub fn status(device: &Device) -> nic::Status {
         peer_rx_dropped,
         relay_to_lan_packets,
         relay_to_peer_packets,
+        handover_relayed_packets,
+        handover_relay_dropped,
+        handover_rx_packets,
+        handover_rx_dropped,
     } = device.metrics.snapshot();
     let status_bits = device.status_bits();
     let acked = device.acked_features();
@@ -96,6 +102,10 @@ pub fn status(device: &Device) -> nic::Status {
         peer_rx_dropped,
         relay_to_lan_packets,
         relay_to_peer_packets,
+        handover_relayed_packets,
+        handover_relay_dropped,
+        handover_rx_packets,
+        handover_rx_dropped,
     }
 }
 
@@ -144,9 +154,26 @@ fn answer(line: &str, device: &Device) -> io::Result<String> {
                 .output
                 .commit(epoch, &mut |queue, frame| send_now(device, queue, frame)),
         ),
+        Ok(nic::Command::Handover(on)) => handover(device, on),
         Err(error) => Reply::<nic::Announced>::Refused(error.to_string()).to_line(),
     }
     .map_err(io::Error::other)
+}
+
+/// `handover on|off`: a move's source relays the stopped guest's frames to the peer, or no
+/// longer.
+fn handover(device: &Device, on: bool) -> Result<String, serde_json::Error> {
+    info!("control command: handover {}", if on { "on" } else { "off" });
+    let redundancy = &device.redundancy;
+    if !on {
+        redundancy.stop_handover("handover off");
+    } else if let Err(why) = redundancy.start_handover() {
+        return Reply::<nic::Handover>::Refused(format!("handover on: {why}")).to_line();
+    }
+    Reply::Answer(nic::Handover {
+        relaying: redundancy.handover_relaying(),
+    })
+    .to_line()
 }
 
 /// The answer to an output commit command, or its refusal.

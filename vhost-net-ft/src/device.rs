@@ -89,12 +89,15 @@ impl Device {
     }
 
     /// The frontend acked `features`: stores them and sets the TAP's header length and
-    /// offloads to match.
+    /// offloads to match. A guest (re)starting here ends a move's relay (the move did not
+    /// happen: the guest reads the TAP itself again).
     pub fn apply_acked_features(&self, features: u64) -> Result<(), TapError> {
         let _settings = self
             .tap_settings
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.redundancy
+            .stop_handover("the guest starts here again (its frontend acked features)");
         self.set_acked_features(features);
         let header = self.tap.set_header_len(header_len(features));
         let offloads = self.tap.set_offloads(tap_offloads(features));

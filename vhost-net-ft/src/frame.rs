@@ -328,6 +328,18 @@ pub fn addressed_to(frame: &[u8], mac: [u8; 6]) -> bool {
     }
 }
 
+/// Whether a frame is addressed to `mac` itself (not to a group). `frame` starts with the
+/// Ethernet header.
+pub fn unicast_to(frame: &[u8], mac: [u8; 6]) -> bool {
+    frame.get(..6) == Some(&mac[..])
+}
+
+/// Whether a frame was sent from `mac` (its source address). `frame` starts with the
+/// Ethernet header.
+pub fn sent_from(frame: &[u8], mac: [u8; 6]) -> bool {
+    frame.get(6..12) == Some(&mac[..])
+}
+
 /// Rewrites `bytes` (a `from`-byte header, then the frame) to carry a `to`-byte header
 /// (10 or 12 bytes); `num_buffers` is zero in a header made longer.
 pub fn convert_header(mut bytes: Vec<u8>, from: usize, to: usize) -> Vec<u8> {
@@ -367,6 +379,21 @@ mod tests {
         frame[..6].copy_from_slice(&[0x52, 0x54, 0, 0x77, 0, 0x11]);
         assert!(!addressed_to(&frame, mac));
         assert!(!addressed_to(&frame[..5], mac));
+    }
+
+    #[test]
+    fn a_move_relays_frames_for_the_mac_itself_and_stops_at_one_from_it() {
+        let mac = [0x52, 0x54, 0, 0x77, 0, 0x10];
+        let mut frame = [0u8; 60];
+        frame[..6].copy_from_slice(&mac);
+        assert!(unicast_to(&frame, mac));
+        assert!(!sent_from(&frame, mac));
+        frame[..6].copy_from_slice(&[0xff; 6]);
+        frame[6..12].copy_from_slice(&mac);
+        assert!(!unicast_to(&frame, mac), "a broadcast is not relayed");
+        assert!(sent_from(&frame, mac));
+        assert!(!unicast_to(&frame[..5], mac));
+        assert!(!sent_from(&frame[..11], mac));
     }
 
     #[test]

@@ -52,6 +52,17 @@ daemon_util::metrics! {
         pub relay_to_lan_packets: AtomicU64,
         /// Relaying for the peer: frames for its guest read from our TAP and sent to it.
         pub relay_to_peer_packets: AtomicU64,
+        /// A move's source (`handover on`): frames for the stopped guest read from our TAP
+        /// and sent to the peer's daemon.
+        pub handover_relayed_packets: AtomicU64,
+        /// A move's source: such frames the link's send window refused (dropped).
+        pub handover_relay_dropped: AtomicU64,
+        /// A move's destination: frames the peer relayed during the move, passed to the
+        /// guest's receive queue once it ran here.
+        pub handover_rx_packets: AtomicU64,
+        /// A move's destination: relayed frames dropped (the queue full, oldest first;
+        /// older than 2 s; not valid for the guest's offloads).
+        pub handover_rx_dropped: AtomicU64,
     }
     snapshot MetricsSnapshot;
 }

@@ -224,6 +224,20 @@ impl Daemons {
         self.each_nic(nic::Command::Commit(epoch))
     }
 
+    /// `handover on|off` to every NIC (`ftvm migrate`): while the guest stays stopped here
+    /// after its final checkpoint, the frames for it go to the peer's NIC daemon, which
+    /// hands them to the guest once it runs there. Tries every NIC; a NIC without a link
+    /// to its peer's daemon (no redundant uplink) refuses, and its frames wait in the TAP
+    /// as before (the LAN's senders retransmit them).
+    pub fn nic_handover(&self, on: bool) {
+        for socket in &self.nics {
+            match ask::<nic::Handover>(socket, &nic::Command::Handover(on)) {
+                Ok(_) => {}
+                Err(error) => log::info!("no relay of the guest's frames at the switchover: {error}"),
+            }
+        }
+    }
+
     /// Releases everything held and stops holding (Level 3 ends). Tries every NIC.
     pub fn output_commit_off(&self) -> Result<(), DaemonError> {
         let mut first_error = None;

@@ -604,8 +604,12 @@ fn finish_handover(
             warn!("cannot end the NICs' output commit after the final checkpoint: {error}")
         }
     }
+    // Frames for the guest that reach this host from now on go to the peer, which hands
+    // them to the guest once it runs there (`vhost-net-ft`, `handover`).
+    daemons.nic_handover(true);
     if handover.send(Ok(epoch)).is_err() {
         warn!("final checkpoint {epoch} committed, but nobody waits for it any more: the guest runs on here");
+        daemons.nic_handover(false);
         // Holding again before the guest runs: the replica is restorable.
         if !output.held {
             daemons

@@ -14,6 +14,8 @@ fn every_command_round_trips_through_its_line() {
         Command::OutputCommitOff,
         Command::EpochEnd(7),
         Command::Commit(18_446_744_073_709_551_615),
+        Command::Handover(true),
+        Command::Handover(false),
     ] {
         assert_eq!(command.to_string().parse::<Command>(), Ok(command));
     }
@@ -65,6 +67,19 @@ fn a_malformed_epoch_command_is_refused() {
     assert!(matches!(
         "output-commit maybe".parse::<Command>(),
         Err(ParseError::NotOnOrOff { .. })
+    ));
+    assert_eq!(Command::Handover(true).to_string(), "handover on");
+    assert!(matches!(
+        "handover".parse::<Command>(),
+        Err(ParseError::Missing { .. })
+    ));
+    assert_eq!(
+        "handover yes".parse::<Command>().map_err(|error| error.to_string()),
+        Err("handover: \"yes\" is neither \"on\" nor \"off\"".to_owned())
+    );
+    assert!(matches!(
+        "handover on now".parse::<Command>(),
+        Err(ParseError::Command(CommandError::TooManyArguments { .. }))
     ));
     assert!(matches!(
         "commit 1 2".parse::<Command>(),
@@ -182,6 +197,10 @@ pub(crate) fn status(redundancy: Redundancy) -> Status {
         peer_rx_dropped: 17,
         relay_to_lan_packets: 18,
         relay_to_peer_packets: 19,
+        handover_relayed_packets: 21,
+        handover_relay_dropped: 22,
+        handover_rx_packets: 23,
+        handover_rx_dropped: 24,
     }
 }
 
@@ -197,6 +216,8 @@ fn redundant() -> Redundancy {
         relaying_for_peer: false,
         path_switches: 1,
         frames_queued_for_guest: 0,
+        handover_relaying: false,
+        handover_frames_queued: 0,
         peer_session: Some(json!({"links": []})),
     }
 }
@@ -213,6 +234,8 @@ fn alone() -> Redundancy {
         relaying_for_peer: false,
         path_switches: 0,
         frames_queued_for_guest: 0,
+        handover_relaying: false,
+        handover_frames_queued: 0,
         peer_session: None,
     }
 }

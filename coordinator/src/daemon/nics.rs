@@ -666,6 +666,10 @@ mod tests {
             peer_rx_dropped: 0,
             relay_to_lan_packets: 0,
             relay_to_peer_packets: 0,
+            handover_relayed_packets: 0,
+            handover_relay_dropped: 0,
+            handover_rx_packets: 0,
+            handover_rx_dropped: 0,
         }
     }
 
@@ -681,6 +685,8 @@ mod tests {
             relaying_for_peer: false,
             path_switches: 1,
             frames_queued_for_guest: 0,
+            handover_relaying: false,
+            handover_frames_queued: 0,
             peer_session: None,
         }
     }

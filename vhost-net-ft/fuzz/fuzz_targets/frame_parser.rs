@@ -333,6 +333,15 @@ fn check_peer(input: &Input) {
             let expected = validate_tx(&bytes, VNET_HDR_LEN, TxOffloads::ALL);
             assert_eq!(verdict, expected.map_err(PeerFrameError::Frame));
         }
+        (Direction::Handover, true) => {
+            let offloads = TxOffloads::guest_receive(input.acked_features);
+            let expected = validate_tx(&bytes, VNET_HDR_LEN, offloads);
+            assert_eq!(verdict, expected.map_err(PeerFrameError::Frame));
+        }
+        (Direction::Handover, false) => {
+            let expected = validate_tx(&bytes, VNET_HDR_LEN, TxOffloads::ALL);
+            assert_eq!(verdict, expected.map_err(PeerFrameError::Frame));
+        }
     }
     // Headers converted for a legacy guest and back keep the frame.
     if bytes.len() >= VNET_HDR_LEN {

@@ -26,6 +26,7 @@
 //! (the watch, the decision, the state messages and, without a guest, the TAP). [`start`]
 //! runs both.
 
+pub mod handover;
 mod protocol;
 mod watch;
 
@@ -59,6 +60,7 @@ use crate::device::Device;
 use crate::frame::{convert_header, VNET_HDR_LEN};
 use crate::metrics::Metrics;
 use crate::sink::TxFrame;
+use handover::{HandoverQueue, HandoverRelay};
 use watch::Watch;
 
 /// How often the uplink is checked and the path decided.
@@ -124,6 +126,11 @@ impl GuestQueue {
         &self.wake
     }
 
+    /// Wakes queue pair 0's worker (and the `uplink` thread's TAP reads) without a frame.
+    pub fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+
     /// Clears the wake-up (the worker then drains the queue).
     pub fn acknowledge(&self) {
         let _ = self.wake.read();
@@ -151,6 +158,10 @@ pub struct Redundancy {
     switches: AtomicU64,
     link: OnceLock<PeerLink>,
     to_guest: GuestQueue,
+    /// A move's source: the guest is stopped here and its frames go to the peer.
+    handover: HandoverRelay,
+    /// A move's destination: frames the peer relayed, for the guest once it runs here.
+    from_handover: HandoverQueue,
 }
 
 /// The sessions with the peer's daemon.
@@ -171,6 +182,7 @@ struct PeerLink {
     to_lan_header: Vec<u8>,
     to_lan_batch_header: Vec<u8>,
     to_guest_batch_header: Vec<u8>,
+    handover_batch_header: Vec<u8>,
 }
 
 impl Redundancy {
@@ -183,7 +195,42 @@ impl Redundancy {
             switches: AtomicU64::new(0),
             link: OnceLock::new(),
             to_guest: GuestQueue::new()?,
+            handover: HandoverRelay::default(),
+            from_handover: HandoverQueue::default(),
         })
+    }
+
+    /// `handover on`: the guest stays stopped here for a move; the frames the TAP receives
+    /// for it go to the peer's daemon (see [`handover`]). Refused without a peer link.
+    pub fn start_handover(&self) -> Result<(), &'static str> {
+        if self.link.get().is_none() {
+            return Err("no peer daemon is configured (--peer): there is nobody to relay to");
+        }
+        self.handover.start(Instant::now());
+        info!(
+            "handover: the guest is stopped here for a move; its frames go to the peer's \
+             daemon until the LAN hears its MAC from there"
+        );
+        // The `uplink` thread reads the TAP from its next poll on (within a [`TICK`]; what
+        // arrives meanwhile waits in the TAP's queue).
+        Ok(())
+    }
+
+    /// Ends the relay of a move's source, saying why (if it ran).
+    pub fn stop_handover(&self, why: &str) {
+        if self.handover.stop() {
+            info!("handover: relay to the peer ends: {why}");
+        }
+    }
+
+    /// A move's source relays the guest's frames to the peer now.
+    pub fn handover_relaying(&self) -> bool {
+        self.handover.active(Instant::now())
+    }
+
+    /// Frames the peer relayed during a move (taken by queue pair 0's worker).
+    pub fn handover_queue(&self) -> &HandoverQueue {
+        &self.from_handover
     }
 
     /// The guest's frames go to the peer host.
@@ -248,6 +295,8 @@ impl Redundancy {
             relaying_for_peer: self.relaying.load(Ordering::Relaxed),
             path_switches: self.switches.load(Ordering::Relaxed),
             frames_queued_for_guest: lock(&self.to_guest.frames).len(),
+            handover_relaying: self.handover_relaying(),
+            handover_frames_queued: self.from_handover.len(),
             peer_session: self
                 .link
                 .get()
@@ -384,6 +433,7 @@ pub fn start(device: &Arc<Device>, peer: Option<&PeerSettings>) -> Result<(), Pe
             to_lan_header: header(PeerMessage::Frame(Direction::ToLan)),
             to_lan_batch_header: header(PeerMessage::Frames(Direction::ToLan)),
             to_guest_batch_header: header(PeerMessage::Frames(Direction::ToGuest)),
+            handover_batch_header: header(PeerMessage::Frames(Direction::Handover)),
         };
         let _ = device.redundancy.link.set(link);
         listener = Some(bound);
@@ -536,6 +586,22 @@ fn deliver_frame(device: &Device, direction: Direction, frame: Cow<'_, [u8]>) {
                 Metrics::add(&metrics.peer_rx_packets, 1);
             } else {
                 Metrics::add(&metrics.peer_rx_dropped, 1);
+            }
+        }
+        Direction::Handover => {
+            let queue = &device.redundancy.from_handover;
+            let dropped = queue.push(frame.into_owned(), Instant::now());
+            if dropped > 0 {
+                Metrics::add(&metrics.handover_rx_dropped, dropped as u64);
+                device.log_fault(format_args!(
+                    "handover: {dropped} relayed frame(s) dropped, the queue for the guest \
+                     is full ({} frames or {} bytes at most)",
+                    handover::QUEUE_FRAMES,
+                    handover::QUEUE_BYTES
+                ));
+            }
+            if attached(device) {
+                device.redundancy.to_guest.wake();
             }
         }
         Direction::ToLan => match device.tap.write_frame(0, &frame) {

@@ -141,6 +141,9 @@ pub enum Direction {
     ToLan,
     /// A frame our peer's TAP received for our guest.
     ToGuest,
+    /// A frame the peer's TAP received for the guest while it was stopped there for a move
+    /// (`handover on`): queued until the guest runs here (`handover`).
+    Handover,
 }
 
 /// A daemon's state as its peer needs it.
@@ -171,7 +174,9 @@ pub enum PeerFrameError {
 /// state: a `ToGuest` frame needs an attached guest and may only use the offloads the guest
 /// negotiated (`acked_features`); a `ToLan` frame needs no guest here and a relay the peer
 /// asked for (`relaying`: a late frame from before is not put on the LAN), and may use any
-/// offload the TAP takes. Pure; fuzzed with the frame parser.
+/// offload the TAP takes; a `Handover` frame is taken with or without a guest (one that
+/// does not run yet takes it later), with the guest's offloads or, before it negotiated
+/// them, any (checked again at delivery). Pure; fuzzed with the frame parser.
 pub fn check_frame_from_peer(
     direction: Direction,
     payload: &[u8],
@@ -182,6 +187,9 @@ pub fn check_frame_from_peer(
     let offloads = match direction {
         Direction::ToGuest if guest_attached => TxOffloads::guest_receive(acked_features),
         Direction::ToGuest => return Err(PeerFrameError::NoGuest),
+        // Checked again against the guest's offloads when it is delivered.
+        Direction::Handover if guest_attached => TxOffloads::guest_receive(acked_features),
+        Direction::Handover => TxOffloads::ALL,
         Direction::ToLan if relaying && !guest_attached => TxOffloads::ALL,
         Direction::ToLan => return Err(PeerFrameError::NotRelaying),
     };

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::config::{format_mac, tap_offloads};
 use crate::device::Device;
-use crate::frame::{addressed_to, MAX_FRAME_BYTES, VNET_HDR_LEN};
+use crate::frame::{addressed_to, sent_from, unicast_to, MAX_FRAME_BYTES, VNET_HDR_LEN};
 use crate::metrics::Metrics;
 use crate::tap::{interface_running, LinkEvents};
 
@@ -91,7 +91,9 @@ impl Watch {
                 return;
             }
             // With a guest the TAP is the queue workers'; only link changes are watched.
-            let watched = if attached(&self.device) {
+            // A move's source reads it although its (stopped) guest is attached.
+            let watched = if attached(&self.device) && !self.device.redundancy.handover_relaying()
+            {
                 queues_from
             } else {
                 fds.len()
@@ -150,6 +152,17 @@ impl Watch {
         let peer = link.and_then(PeerLink::fresh_state);
         let attached = attached(device);
         let now = Instant::now();
+        if redundancy.handover.expire(now) {
+            info!(
+                "handover: relay to the peer ends: {} s passed",
+                super::handover::RELAY_LIMIT.as_secs()
+            );
+        }
+        // A move's destination: the guest's frontend may have started the rings since the
+        // peer's frames came (nothing wakes the worker then).
+        if attached && !redundancy.handover_queue().is_empty() {
+            redundancy.guest_queue().wake();
+        }
         let switched = if attached {
             let peer_usable = link.is_some_and(PeerLink::reachable)
                 && peer
@@ -315,15 +328,20 @@ impl Watch {
     fn drain_queue(&mut self, index: usize) {
         let device = Arc::clone(&self.device);
         let mut batch = FrameBatch::default();
+        let mut handover = FrameBatch::default();
         for _ in 0..256 {
+            let handing_over = device.redundancy.handover_relaying();
             // A frontend attaching takes the TAP: leave its frames to the guest.
-            if attached(&device) {
+            if attached(&device) && !handing_over {
                 break;
             }
             let len = match device.tap.read_frame(index, &mut self.buffer) {
                 Ok(len) => len,
                 Err(_) => break,
             };
+            if handing_over && self.hand_over(&mut handover, len) {
+                continue;
+            }
             if !device.redundancy.relaying.load(Ordering::Relaxed)
                 || device.redundancy.link.get().is_none()
                 || len >= self.buffer.len()
@@ -341,17 +359,71 @@ impl Watch {
                 relay_batch(&device, &mut batch);
             }
             // The peer's guest takes 12-byte headers: the TAP's is cut or padded to that.
-            let header = &self.buffer[..header_len.min(VNET_HDR_LEN)];
-            let appended = batch.append(VNET_HDR_LEN + frame.len(), |bytes| {
-                let (to_header, to_frame) = bytes.split_at_mut(VNET_HDR_LEN);
-                to_header[..header.len()].copy_from_slice(header);
-                to_frame.copy_from_slice(frame);
-                Ok::<(), std::convert::Infallible>(())
-            });
-            let Ok(()) = appended;
+            append_frame(&mut batch, &self.buffer[..header_len.min(VNET_HDR_LEN)], frame);
         }
         relay_batch(&device, &mut batch);
+        send_handover(&device, &mut handover);
     }
+
+    /// A move's source: takes the frame of `len` bytes in the buffer if it is the move's
+    /// (see [`super::handover`]): for the guest's MAC it goes into `batch` for the peer;
+    /// one from the guest's MAC (the destination's announcement came back over the LAN)
+    /// ends the relay; a group frame is dropped while the stopped guest is attached here.
+    /// `false`: not taken, handled as without a move.
+    fn hand_over(&self, batch: &mut FrameBatch, len: usize) -> bool {
+        let device = &*self.device;
+        let header_len = device.tap.header_len();
+        let Some(frame) = self.buffer.get(header_len..len) else {
+            return false;
+        };
+        if sent_from(frame, device.mac) {
+            send_handover(device, batch);
+            device.redundancy.stop_handover(
+                "a frame from the guest's MAC came over the LAN (the peer announced it)",
+            );
+            return false;
+        }
+        if !unicast_to(frame, device.mac) {
+            return attached(device);
+        }
+        if batch.len() + BATCH_LENGTH_BYTES + VNET_HDR_LEN + frame.len() > BATCH_BYTES {
+            send_handover(device, batch);
+        }
+        append_frame(batch, &self.buffer[..header_len.min(VNET_HDR_LEN)], frame);
+        true
+    }
+}
+
+/// Appends a frame read from the TAP to `batch`, its header (the TAP's) cut or padded to
+/// the 12 bytes the peer's guest takes.
+fn append_frame(batch: &mut FrameBatch, header: &[u8], frame: &[u8]) {
+    let appended = batch.append(VNET_HDR_LEN + frame.len(), |bytes| {
+        let (to_header, to_frame) = bytes.split_at_mut(VNET_HDR_LEN);
+        to_header[..header.len()].copy_from_slice(header);
+        to_frame.copy_from_slice(frame);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(()) = appended;
+}
+
+/// Sends the frames of a move's relay, if any, in one message.
+fn send_handover(device: &Device, batch: &mut FrameBatch) {
+    let Some(link) = device.redundancy.link.get() else {
+        return;
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let (payload, frames) = batch.take();
+    let counter =
+        match link
+            .session()
+            .send_timeout(&link.handover_batch_header, payload, Duration::ZERO)
+        {
+            Ok(_) => &device.metrics.handover_relayed_packets,
+            Err(_) => &device.metrics.handover_relay_dropped,
+        };
+    Metrics::add(counter, frames as u64);
 }
 
 /// Sends the frames relayed for the peer's guest, if any, in one message.
