@@ -140,6 +140,56 @@ fn last_count_since(cluster: &Cluster, host: usize, from: usize) -> Option<(u64,
         .find_map(|line| count_of(line))
 }
 
+/// A counter of a host's NIC daemon (its `status`); 0 while it does not answer.
+fn nic_counter(cluster: &Cluster, host: usize, name: &str) -> u64 {
+    cluster
+        .nic_status(host)
+        .and_then(|status| status[name].as_u64())
+        .unwrap_or(0)
+}
+
+/// The switchover's relay of one move (`vhost-net-ft`, `handover`): the frames for the
+/// guest that reached the source's TAP while neither host ran it, and those of them the
+/// destination handed to its guest, once every relayed frame was either passed or dropped.
+fn handover_frames(cluster: &Cluster, from: usize, to: usize, before: [u64; 3]) -> (u64, u64) {
+    let [relayed_before, passed_before, dropped_before] = before;
+    let (relayed, passed, dropped) = poll_for(
+        Duration::from_secs(10),
+        "the destination's NIC daemon to pass on every frame the source relayed",
+        || {
+            let now = handover_counters(cluster, from, to);
+            Some((now[0], now[1], now[2]))
+        },
+        |(relayed, passed, dropped)| {
+            relayed.saturating_sub(relayed_before)
+                == passed.saturating_sub(passed_before) + dropped.saturating_sub(dropped_before)
+        },
+    );
+    assert_eq!(
+        nic_counter(cluster, from, "handover_relay_dropped"),
+        0,
+        "the source's link refused frames of the relay"
+    );
+    assert_eq!(
+        dropped, dropped_before,
+        "{} dropped frames the source relayed during the move",
+        HOSTS[to]
+    );
+    (
+        relayed.saturating_sub(relayed_before),
+        passed.saturating_sub(passed_before),
+    )
+}
+
+/// The source's relayed frames, the destination's passed and dropped ones.
+fn handover_counters(cluster: &Cluster, from: usize, to: usize) -> [u64; 3] {
+    [
+        nic_counter(cluster, from, "handover_relayed_packets"),
+        nic_counter(cluster, to, "handover_rx_packets"),
+        nic_counter(cluster, to, "handover_rx_dropped"),
+    ]
+}
+
 /// Waits until `host` runs the VM as primary, Protected at level 2, with `peer` its
 /// secondary and no move under way on either.
 fn wait_protected_on(cluster: &Cluster, host: usize, peer: usize) -> serde_json::Value {
@@ -168,6 +218,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
     let (mut count, mut uptime) = last_count_since(&cluster, A, 0).expect("the guest counts");
 
     let mut downtimes = Vec::new();
+    let mut handed_over = Vec::new();
     let mut fio_done = 0;
     for index in 0..MOVES {
         let (from, to) = if index.is_multiple_of(2) {
@@ -186,6 +237,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
         let console_before = cluster.console(to).len();
         let settles_before = settle_lines(&cluster, from);
         let warnings_before = [warnings(&cluster, A).len(), warnings(&cluster, B).len()];
+        let relay_before = handover_counters(&cluster, from, to);
         let started = Instant::now();
         let (ok, text) = cluster.ftvm(from, &["migrate", "vm1", "--timeout", "200"]);
         assert!(ok, "move {index}: ftvm migrate on {}: {text}", HOSTS[from]);
@@ -222,12 +274,17 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
         );
         rounds.wait_for(5, TIMEOUT, "after the move");
         let gap = rounds.longest_gap_since(started);
+        // The TCP loop's segments that reached the source while the guest ran nowhere went
+        // on to the destination, and its guest got every one of them.
+        let (relayed, passed) = handover_frames(&cluster, from, to, relay_before);
         eprintln!(
             "move {index} {} -> {}: ftvm migrate returned after {took:?}; longest gap of the \
-             TCP loop {gap:?}; resync after it {resync} bytes",
+             TCP loop {gap:?}; resync after it {resync} bytes; frames relayed at the \
+             switchover {relayed}, passed to the guest {passed}",
             HOSTS[from], HOSTS[to]
         );
         downtimes.push(gap);
+        handed_over.push(relayed);
         let nic = cluster
             .nic_status(from)
             .expect("the source's standby NIC daemon answers");
@@ -260,6 +317,12 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
     rounds.check();
     downtimes.sort();
     eprintln!("TCP loop gaps over {MOVES} moves: {downtimes:?}");
+    // The loop always has a segment on its way, so the guest's downtime meets some: without
+    // the relay they were lost and the client waited out its retransmission timeout.
+    assert!(
+        handed_over.iter().sum::<u64>() > 0,
+        "no frame was relayed at any switchover: {handed_over:?}"
+    );
 
     // No write failed, and after ten role swaps both copies are equal byte for byte (the
     // guest paused, the mirror idle).

@@ -175,8 +175,8 @@ pub enum PeerFrameError {
 /// negotiated (`acked_features`); a `ToLan` frame needs no guest here and a relay the peer
 /// asked for (`relaying`: a late frame from before is not put on the LAN), and may use any
 /// offload the TAP takes; a `Handover` frame is taken with or without a guest (one that
-/// does not run yet takes it later), with the guest's offloads or, before it negotiated
-/// them, any (checked again at delivery). Pure; fuzzed with the frame parser.
+/// does not run yet takes it later) and may use any offload here: it is checked against
+/// the guest's at delivery. Pure; fuzzed with the frame parser.
 pub fn check_frame_from_peer(
     direction: Direction,
     payload: &[u8],
@@ -187,8 +187,8 @@ pub fn check_frame_from_peer(
     let offloads = match direction {
         Direction::ToGuest if guest_attached => TxOffloads::guest_receive(acked_features),
         Direction::ToGuest => return Err(PeerFrameError::NoGuest),
-        // Checked again against the guest's offloads when it is delivered.
-        Direction::Handover if guest_attached => TxOffloads::guest_receive(acked_features),
+        // Checked against the guest's offloads when it is delivered (a frontend may have
+        // acked features before its guest runs, and acks them again when it does).
         Direction::Handover => TxOffloads::ALL,
         Direction::ToLan if relaying && !guest_attached => TxOffloads::ALL,
         Direction::ToLan => return Err(PeerFrameError::NotRelaying),
