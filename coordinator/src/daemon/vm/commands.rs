@@ -321,6 +321,9 @@ impl VmRunner {
             return; // the same handover on the other A-link, or nothing to take over
         }
         self.incoming_migration = live;
+        if live.is_some() {
+            self.begin_switchover();
+        }
         self.plan_role_change();
         context.events.info(
             &self.name,

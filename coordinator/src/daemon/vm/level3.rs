@@ -611,6 +611,7 @@ impl VmRunner {
         match result {
             Ok(answer) => {
                 self.takeover_done(context.now);
+                self.end_switchover();
                 if let Some(level) = self.incoming_migration.take() {
                     context.events.info(
                         &self.name,

@@ -51,6 +51,9 @@ pub(super) const SETTLE_WAIT: Duration = Duration::from_millis(500);
 
 /// How long the peer may take to run the VM once it took the generation over.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest ftvmd steps fast for one switchover (a final checkpoint that takes longer
+/// under load, then the rest of the move, steps at the normal pace again).
+pub(super) const SWITCHOVER_WINDOW: Duration = Duration::from_secs(5);
 /// How long a move for maintenance may prepare.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest `ftvm migrate --timeout` accepted.
@@ -250,6 +253,29 @@ impl VmRunner {
         self.migration.is_some()
     }
 
+    /// The guest runs nowhere, or is about to stop for it: a move's final checkpoint, the
+    /// disks' settle and the handover here (the source), the claim, promotion and restore
+    /// there (the destination, or any Level 3 restore). Each of these steps waits for the
+    /// next turn of ftvmd's main loop (10 ms) to go on, so the loop turns every
+    /// millisecond meanwhile (for at most [`SWITCHOVER_WINDOW`] per switchover, and while a
+    /// restore runs): the guest's downtime is the work, not the waits between.
+    pub fn switching_over(&self) -> bool {
+        self.restore.is_some()
+            || self
+                .switchover_until
+                .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// A switchover starts here ([`VmRunner::switching_over`]).
+    pub(super) fn begin_switchover(&mut self) {
+        self.switchover_until = Some(Instant::now() + SWITCHOVER_WINDOW);
+    }
+
+    /// The switchover is over here: the VM runs (there or here), or the move was called off.
+    pub(super) fn end_switchover(&mut self) {
+        self.switchover_until = None;
+    }
+
     /// `ftvm status`: the move's phase and how long it has run.
     pub(super) fn migration_status(&self) -> Option<serde_json::Value> {
         self.migration.as_ref().map(|migration| {
@@ -301,6 +327,7 @@ impl VmRunner {
                     .is_some_and(|beat| beat.role == Role::Secondary && beat.checkpoints);
                 if committing && replica_kept && !self.guest.paused {
                     self.set_migration_phase(Phase::Finalizing);
+                    self.begin_switchover();
                     self.engine.hand_over();
                     context.events.info(
                         &self.name,
@@ -335,6 +362,7 @@ impl VmRunner {
                     let seconds = migration.started.elapsed().as_secs_f64();
                     if running_there {
                         self.migration = None;
+                        self.end_switchover();
                         context.events.info(
                             &self.name,
                             format!(
@@ -492,6 +520,7 @@ impl VmRunner {
         let Some(migration) = self.migration.take() else {
             return;
         };
+        self.end_switchover();
         if self.host.role() == Role::Primary && self.level != migration.level_before {
             self.level = migration.level_before;
         }

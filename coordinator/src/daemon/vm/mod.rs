@@ -222,6 +222,9 @@ pub struct VmRunner {
     /// The peer handed the VM over live (`ftvm migrate`): the level to run it at once
     /// restored here.
     incoming_migration: Option<u8>,
+    /// A switchover (a move's final checkpoint here, or the peer's handover to here) runs
+    /// until at most then: ftvmd steps faster meanwhile ([`VmRunner::switching_over`]).
+    switchover_until: Option<Instant>,
     /// The QEMU here was started ahead of the peer's move (`-incoming defer`, attached to the
     /// secondary disks and standby NIC daemons) and waits for the final checkpoint.
     prestarted: bool,
@@ -303,6 +306,7 @@ impl VmRunner {
             level3_was_suspended: false,
             migration: None,
             incoming_migration: None,
+            switchover_until: None,
             prestarted: false,
             prestart_tried: false,
             planned_until: None,
