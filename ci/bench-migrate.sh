@@ -3,9 +3,13 @@
 # and the bytes of moving a running 256 MiB TCG guest between two hosts, idle and
 # rewriting memory, against plain QEMU live migration of the same guest in the same run.
 #
-# Usage: sudo ci/bench-migrate.sh [--moves N] [--log FILE]
+# Usage: sudo ci/bench-migrate.sh [--moves N] [--nic-link] [--log FILE]
 #
 #   --moves N    migrations per workload and part (default 10)
+#   --nic-link   our NIC gets its link to the peer's NIC daemon (a redundant uplink,
+#                `uplink` and `link_port`): the switchover relays the frames that reach the
+#                source while the guest runs nowhere; without it they are lost, as with
+#                plain QEMU (the TCP loop then waits for its retransmission timeout)
 #   --log FILE   where the rig's stderr goes: every move's figures, the source engine's
 #                last status and ftvmd's log lines of each move (`TIMELINE`, millisecond
 #                timestamps) (default target/bench-migrate.log)
@@ -38,6 +42,7 @@ TOOL=bench-migrate
 source "$ROOT/ci/lib/common.sh"
 
 MOVES=10
+NIC_LINK=0
 LOG_FILE=$ROOT/target/bench-migrate.log
 
 while (($#)); do
@@ -46,6 +51,10 @@ while (($#)); do
 		if (($# < 2)) || ! [[ $2 =~ ^[1-9][0-9]*$ ]]; then die "--moves needs a positive integer"; fi
 		MOVES=$2
 		shift 2
+		;;
+	--nic-link)
+		NIC_LINK=1
+		shift
 		;;
 	--log)
 		(($# >= 2)) && [[ -n $2 ]] || die "--log needs a file name"
@@ -83,7 +92,7 @@ TEST_COMMAND="cargo test --release --locked -p ftvm-tests --test bench_migrate -
 log "$MOVES migrations per workload and part: $TEST_COMMAND (stderr to $LOG_FILE)"
 mkdir -p "$(dirname "$LOG_FILE")"
 STARTED=$(now)
-FTVM_BENCH_MOVES=$MOVES $TEST_COMMAND >"$RUN/rig.txt" 2>"$LOG_FILE" || {
+FTVM_BENCH_MOVES=$MOVES FTVM_BENCH_NIC_LINK=$NIC_LINK $TEST_COMMAND >"$RUN/rig.txt" 2>"$LOG_FILE" || {
 	tail -n 80 "$LOG_FILE" >&2
 	sed -n 's/^\(test .* \.\.\. \)\{0,1\}BENCH \{0,1\}//p' "$RUN/rig.txt" >&2
 	die "the migration benchmark test failed (its stderr: $LOG_FILE)"
@@ -96,7 +105,9 @@ MINUTES=$(calc "($(now) - $STARTED) / 60")
 echo
 echo "### Live migration, $(date -u +%Y-%m-%d) ($MACHINE)"
 echo
-echo "Command: \`sudo ci/bench-migrate.sh --moves $MOVES\` (the rig:" \
+OPTIONS="--moves $MOVES"
+if ((NIC_LINK)); then OPTIONS="$OPTIONS --nic-link"; fi
+echo "Command: \`sudo ci/bench-migrate.sh $OPTIONS\` (the rig:" \
 	"\`$TEST_COMMAND\`, $(printf '%.0f' "$MINUTES") min). Tree: $TREE. Load average" \
 	"$LOAD_START before, $LOAD_END after."
 echo

@@ -16,7 +16,10 @@
 //! the guest's clock), asked once and left running for all its moves.
 //!
 //! `FTVM_BENCH_MOVES` (default 10) sets the moves per workload; `FTVM_BENCH_PARTS`
-//! (default `qemu,ours`) which parts run.
+//! (default `qemu,ours`) which parts run; `FTVM_BENCH_NIC_LINK=1` gives our NIC its link to
+//! the peer's daemon (a redundant uplink: `uplink` and `link_port`), over which the
+//! switchover relays the frames that reach the source while the guest runs nowhere
+//! (`vhost-net-ft`, `handover`); without it those frames are lost, as with plain QEMU.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -95,6 +98,11 @@ fn moves() -> usize {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(10)
+}
+
+/// Our NIC has a link to the peer's daemon (`FTVM_BENCH_NIC_LINK=1`).
+fn nic_link() -> bool {
+    std::env::var("FTVM_BENCH_NIC_LINK").is_ok_and(|value| value == "1")
 }
 
 fn part_wanted(part: &str) -> bool {
@@ -208,6 +216,7 @@ fn ours_part(moves: usize) -> Results {
     let options = ClusterOptions {
         disk_bytes: 16 << 20,
         nic_mac: Some(GUEST_MAC.into()),
+        nic_redundant_uplink: nic_link(),
         peer_timeout_ms: PEER_TIMEOUT_MS,
         ..ClusterOptions::default()
     };
