@@ -244,6 +244,10 @@ impl NetBackend {
             // Frames wait in the TAP (or the staging buffer) until the queue is enabled.
             return Ok(());
         }
+        if worker.index == 0 {
+            // The ring runs: a move's relay of this guest's frames has no reason to go on.
+            self.device.redundancy.guest_runs_here();
+        }
         let header_len = self.device.tap.header_len();
         let mergeable = self.features() & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let guest = memory.memory();

@@ -604,8 +604,11 @@ fn finish_handover(
             warn!("cannot end the NICs' output commit after the final checkpoint: {error}")
         }
     }
-    // Frames for the guest that reach this host from now on go to the peer, which hands
-    // them to the guest once it runs there (`vhost-net-ft`, `handover`).
+    // Frames for the guest that reach this host from now on (and those waiting in its TAPs
+    // since the stop) go to the peer, which hands them to the guest once it runs there
+    // (`vhost-net-ft`, `handover`). Before the answer: a guest that resumes here after it
+    // (the move called off) does so after the relay started, and its NIC daemons end the
+    // relay when its rings run again.
     daemons.nic_handover(true);
     if handover.send(Ok(epoch)).is_err() {
         warn!("final checkpoint {epoch} committed, but nobody waits for it any more: the guest runs on here");

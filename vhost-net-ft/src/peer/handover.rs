@@ -15,8 +15,9 @@
 //!   once it runs: relayed too it would arrive twice). The relay ends when a frame from the
 //!   guest's MAC comes back over the TAP (the destination's announcement: the LAN moved
 //!   the MAC), on `handover off`, when a guest starts here again (its frontend acks
-//!   features: a move that did not happen, the guest resumes here), or after
-//!   [`RELAY_LIMIT`]. Each frame read is either relayed or left to the guest, never both.
+//!   features, or a queue worker finds its receive ring running: a move that did not
+//!   happen, the guest resumes here), or after [`RELAY_LIMIT`]. Each frame read is either
+//!   relayed or left to the guest, never both.
 //! - **Destination**: relayed frames wait in a [`HandoverQueue`] (bounded in frames and
 //!   bytes, the oldest dropped first, each counted) until the guest's frontend has started
 //!   the device; queue pair 0's worker then delivers them, in order, before anything from
@@ -28,6 +29,7 @@
 //! directions, and only `handover on` makes a daemon send this one.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,22 +49,31 @@ pub const QUEUE_AGE: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct HandoverRelay {
     until: Mutex<Option<Instant>>,
+    /// `until` is set: lets the queue workers' hot path skip the lock.
+    started: AtomicBool,
 }
 
 impl HandoverRelay {
     /// Relays from `now` for [`RELAY_LIMIT`].
     pub fn start(&self, now: Instant) {
-        *lock(&self.until) = Some(now + RELAY_LIMIT);
+        let mut until = lock(&self.until);
+        *until = Some(now + RELAY_LIMIT);
+        self.started.store(true, Ordering::Release);
     }
 
     /// Stops relaying; true if it was relaying.
     pub fn stop(&self) -> bool {
-        lock(&self.until).take().is_some()
+        if !self.started.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut until = lock(&self.until);
+        self.started.store(false, Ordering::Release);
+        until.take().is_some()
     }
 
     /// Relaying now (the limit not passed).
     pub fn active(&self, now: Instant) -> bool {
-        lock(&self.until).is_some_and(|until| now < until)
+        self.started.load(Ordering::Acquire) && lock(&self.until).is_some_and(|until| now < until)
     }
 
     /// Ends a relay whose limit passed; true if it did.
@@ -70,6 +81,7 @@ impl HandoverRelay {
         let mut until = lock(&self.until);
         if until.is_some_and(|until| now >= until) {
             *until = None;
+            self.started.store(false, Ordering::Release);
             return true;
         }
         false

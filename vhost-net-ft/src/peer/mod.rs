@@ -228,6 +228,12 @@ impl Redundancy {
         self.handover.active(Instant::now())
     }
 
+    /// A queue worker found the guest's receive ring running: a move's relay ends (the
+    /// guest runs here again, and reads the TAP itself). Cheap when no relay runs.
+    pub fn guest_runs_here(&self) {
+        self.stop_handover("the guest runs here again (its receive ring is running)");
+    }
+
     /// Frames the peer relayed during a move (taken by queue pair 0's worker).
     pub fn handover_queue(&self) -> &HandoverQueue {
         &self.from_handover
