@@ -163,7 +163,10 @@ fn answer(line: &str, device: &Device) -> io::Result<String> {
 /// `handover on|off`: a move's source relays the stopped guest's frames to the peer, or no
 /// longer.
 fn handover(device: &Device, on: bool) -> Result<String, serde_json::Error> {
-    info!("control command: handover {}", if on { "on" } else { "off" });
+    info!(
+        "control command: handover {}",
+        if on { "on" } else { "off" }
+    );
     let redundancy = &device.redundancy;
     if !on {
         redundancy.stop_handover("handover off");

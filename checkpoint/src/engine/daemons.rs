@@ -233,7 +233,9 @@ impl Daemons {
         for socket in &self.nics {
             match ask::<nic::Handover>(socket, &nic::Command::Handover(on)) {
                 Ok(_) => {}
-                Err(error) => log::info!("no relay of the guest's frames at the switchover: {error}"),
+                Err(error) => {
+                    log::info!("no relay of the guest's frames at the switchover: {error}")
+                }
             }
         }
     }

@@ -74,7 +74,9 @@ fn a_malformed_epoch_command_is_refused() {
         Err(ParseError::Missing { .. })
     ));
     assert_eq!(
-        "handover yes".parse::<Command>().map_err(|error| error.to_string()),
+        "handover yes"
+            .parse::<Command>()
+            .map_err(|error| error.to_string()),
         Err("handover: \"yes\" is neither \"on\" nor \"off\"".to_owned())
     );
     assert!(matches!(

@@ -165,14 +165,22 @@ mod tests {
             assert_eq!(dropped, usize::from(index >= QUEUE_FRAMES), "frame {index}");
         }
         assert_eq!(queue.len(), QUEUE_FRAMES);
-        assert_eq!(queue.pop(now), (Some(vec![3; 60]), 0), "the three oldest went");
+        assert_eq!(
+            queue.pop(now),
+            (Some(vec![3; 60]), 0),
+            "the three oldest went"
+        );
 
         let queue = HandoverQueue::default();
         let big = QUEUE_BYTES / 3 + 1;
         assert_eq!(queue.push(vec![1; big], now), 0);
         assert_eq!(queue.push(vec![2; big], now), 0);
         assert_eq!(queue.push(vec![3; big], now), 1, "the first made room");
-        assert_eq!(queue.push(vec![4; QUEUE_BYTES + 1], now), 1, "too large itself");
+        assert_eq!(
+            queue.push(vec![4; QUEUE_BYTES + 1], now),
+            1,
+            "too large itself"
+        );
         assert_eq!(queue.pop(now).0, Some(vec![2; big]));
         assert_eq!(queue.pop(now).0, Some(vec![3; big]));
         assert_eq!(queue.pop(now), (None, 0));

@@ -92,8 +92,7 @@ impl Watch {
             }
             // With a guest the TAP is the queue workers'; only link changes are watched.
             // A move's source reads it although its (stopped) guest is attached.
-            let watched = if attached(&self.device) && !self.device.redundancy.handover_relaying()
-            {
+            let watched = if attached(&self.device) && !self.device.redundancy.handover_relaying() {
                 queues_from
             } else {
                 fds.len()
@@ -359,7 +358,11 @@ impl Watch {
                 relay_batch(&device, &mut batch);
             }
             // The peer's guest takes 12-byte headers: the TAP's is cut or padded to that.
-            append_frame(&mut batch, &self.buffer[..header_len.min(VNET_HDR_LEN)], frame);
+            append_frame(
+                &mut batch,
+                &self.buffer[..header_len.min(VNET_HDR_LEN)],
+                frame,
+            );
         }
         relay_batch(&device, &mut batch);
         send_handover(&device, &mut handover);
