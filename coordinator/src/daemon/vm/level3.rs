@@ -574,6 +574,8 @@ impl VmRunner {
         let Some(Restore::Promoting { epoch }) = self.restore else {
             return false;
         };
+        // QEMU restores (and starts) from here on: ftvmd's fast steps would take its CPU.
+        self.end_switchover();
         if self.use_prestarted(context) {
             if self.guest.pid.is_some() {
                 self.restore = Some(Restore::Restoring { epoch });
@@ -611,7 +613,6 @@ impl VmRunner {
         match result {
             Ok(answer) => {
                 self.takeover_done(context.now);
-                self.end_switchover();
                 if let Some(level) = self.incoming_migration.take() {
                     context.events.info(
                         &self.name,

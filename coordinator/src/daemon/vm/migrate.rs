@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use control_protocol::disk;
 
+use super::level3::Restore;
 use super::{Context, VmRunner};
 use crate::daemon::links::PeerMessage;
 use crate::host::{Mode, Role};
@@ -253,17 +254,21 @@ impl VmRunner {
         self.migration.is_some()
     }
 
-    /// The guest runs nowhere, or is about to stop for it: a move's final checkpoint, the
-    /// disks' settle and the handover here (the source), the claim, promotion and restore
-    /// there (the destination, or any Level 3 restore). Each of these steps waits for the
-    /// next turn of ftvmd's main loop (10 ms) to go on, so the loop turns every
-    /// millisecond meanwhile (for at most [`SWITCHOVER_WINDOW`] per switchover, and while a
-    /// restore runs): the guest's downtime is the work, not the waits between.
+    /// The guest runs nowhere, or is about to stop for it, and the next step is this
+    /// host's: a move's final checkpoint, the disks' settle and the `TakeOver` here (the
+    /// source, until it sent `TakeOver`), the claim, the freeze and the promotion there
+    /// (the destination, or any Level 3 restore, until the restore is asked). Each of these
+    /// steps waited for the next turn of ftvmd's main loop (10 ms) to go on, so the loop
+    /// turns every millisecond meanwhile (for at most [`SWITCHOVER_WINDOW`] per
+    /// switchover): the guest's downtime is the work, not the waits between. Not while
+    /// QEMU restores and warms up: the loop's turns would take its CPU.
     pub fn switching_over(&self) -> bool {
-        self.restore.is_some()
-            || self
-                .switchover_until
-                .is_some_and(|until| Instant::now() < until)
+        matches!(
+            self.restore,
+            Some(Restore::Freezing { .. } | Restore::Promoting { .. })
+        ) || self
+            .switchover_until
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// A switchover starts here ([`VmRunner::switching_over`]).
@@ -362,7 +367,6 @@ impl VmRunner {
                     let seconds = migration.started.elapsed().as_secs_f64();
                     if running_there {
                         self.migration = None;
-                        self.end_switchover();
                         context.events.info(
                             &self.name,
                             format!(
@@ -485,6 +489,8 @@ impl VmRunner {
     /// over.
     fn hand_over_to_peer(&mut self, epoch: u64, context: &mut Context<'_>) {
         self.set_migration_phase(Phase::HandedOver { epoch });
+        // The next steps are the peer's.
+        self.end_switchover();
         self.plan_role_change();
         let actions = self.host.hand_over_live(context.now);
         self.execute(actions, context);
