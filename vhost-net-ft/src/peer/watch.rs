@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -411,26 +411,37 @@ fn append_frame(batch: &mut FrameBatch, header: &[u8], frame: &[u8]) {
 
 /// Sends the frames of a move's relay, if any, in one message.
 fn send_handover(device: &Device, batch: &mut FrameBatch) {
-    let Some(link) = device.redundancy.link.get() else {
-        return;
-    };
-    if batch.is_empty() {
-        return;
-    }
-    let (payload, frames) = batch.take();
-    let counter =
-        match link
-            .session()
-            .send_timeout(&link.handover_batch_header, payload, Duration::ZERO)
-        {
-            Ok(_) => &device.metrics.handover_relayed_packets,
-            Err(_) => &device.metrics.handover_relay_dropped,
-        };
-    Metrics::add(counter, frames as u64);
+    let metrics = &device.metrics;
+    send_batch(
+        device,
+        batch,
+        |link| &link.handover_batch_header,
+        (
+            &metrics.handover_relayed_packets,
+            &metrics.handover_relay_dropped,
+        ),
+    );
 }
 
 /// Sends the frames relayed for the peer's guest, if any, in one message.
 fn relay_batch(device: &Device, batch: &mut FrameBatch) {
+    let metrics = &device.metrics;
+    send_batch(
+        device,
+        batch,
+        |link| &link.to_guest_batch_header,
+        (&metrics.relay_to_peer_packets, &metrics.peer_tx_dropped),
+    );
+}
+
+/// Sends `batch`, if not empty, as one message with the header `header` picks, without
+/// waiting (a full window drops it), counting its frames as `sent` or `dropped`.
+fn send_batch(
+    device: &Device,
+    batch: &mut FrameBatch,
+    header: impl Fn(&PeerLink) -> &Vec<u8>,
+    (sent, dropped): (&AtomicU64, &AtomicU64),
+) {
     let Some(link) = device.redundancy.link.get() else {
         return;
     };
@@ -438,13 +449,12 @@ fn relay_batch(device: &Device, batch: &mut FrameBatch) {
         return;
     }
     let (payload, frames) = batch.take();
-    let counter =
-        match link
-            .session()
-            .send_timeout(&link.to_guest_batch_header, payload, Duration::ZERO)
-        {
-            Ok(_) => &device.metrics.relay_to_peer_packets,
-            Err(_) => &device.metrics.peer_tx_dropped,
-        };
+    let counter = match link
+        .session()
+        .send_timeout(header(link), payload, Duration::ZERO)
+    {
+        Ok(_) => sent,
+        Err(_) => dropped,
+    };
     Metrics::add(counter, frames as u64);
 }
