@@ -635,9 +635,7 @@ impl Metadata {
 
     pub fn active_extents(&self) -> u64 {
         let state = self.lock();
-        (0..state.activity.bits)
-            .filter(|&unit| state.activity.get(unit))
-            .count() as u64
+        state.activity.set_units().count() as u64
     }
 
     /// Active extents a clear would take now: durably active, and not marked for at least
@@ -716,9 +714,7 @@ impl Metadata {
     pub fn activity_to_out_of_sync(&self) -> Result<u64, MetadataError> {
         let (extent_bytes, active) = {
             let state = self.lock();
-            let active: Vec<u64> = (0..state.activity.bits)
-                .filter(|&unit| state.activity.get(unit))
-                .collect();
+            let active: Vec<u64> = state.activity.set_units().collect();
             (state.activity.unit_bytes, active)
         };
         for extent in &active {
