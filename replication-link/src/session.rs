@@ -297,12 +297,24 @@ impl Session {
                 return Err(SessionError::Closed { reason });
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            if remaining.is_zero() || std::mem::take(&mut state.interrupted) {
                 return Ok(None);
             }
             state.waiting.receivers += 1;
             state = self.shared.wait(&self.shared.ready, state, remaining);
             state.waiting.receivers -= 1;
+        }
+    }
+
+    /// Ends the wait of the thread in [`Session::recv`] (or of the next call, if none
+    /// waits) with `Ok(None)`, as a timeout would, but at once: another thread wants the
+    /// receiver to look at something else (a checkpoint replica asked to freeze). A message
+    /// already waiting is still returned first.
+    pub fn interrupt(&self) {
+        let mut state = self.shared.lock_state();
+        state.interrupted = true;
+        if state.waiting.receivers > 0 {
+            self.shared.ready.notify_all();
         }
     }
 

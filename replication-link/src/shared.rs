@@ -85,6 +85,8 @@ pub(crate) struct SessionState {
     pub(crate) closed: Option<CloseReason>,
     pub(crate) waiting: Waiting,
     discarded_on_peer_restart: u64,
+    /// `Session::interrupt` was called: the receiver's current or next wait ends at once.
+    pub(crate) interrupted: bool,
 }
 
 /// Threads blocked on each condition variable, so that hot paths notify only when needed.
@@ -226,6 +228,7 @@ impl SessionShared {
             closed: None,
             waiting: Waiting::default(),
             discarded_on_peer_restart: 0,
+            interrupted: false,
         };
         SessionShared {
             identity,

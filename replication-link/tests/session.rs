@@ -318,3 +318,36 @@ fn a_sender_writes_on_an_idle_link_itself_and_its_checksum_arrives_checked() {
     client.close();
     server.close();
 }
+
+#[test]
+fn an_interrupt_ends_a_receive_wait_at_once_and_never_hides_a_message() {
+    let listener = listener(1, config("host-b"));
+    let client = std::sync::Arc::new(
+        Session::connect(
+            listener.local_addrs().to_vec(),
+            "blk:interrupt",
+            config("host-a"),
+        )
+        .expect("connect"),
+    );
+    // Made before any receive: the next wait ends at once instead of after its timeout.
+    client.interrupt();
+    let started = std::time::Instant::now();
+    assert!(client.recv(LONG).expect("recv").is_none());
+    assert!(started.elapsed() < LONG);
+    // Made while another thread waits (or is about to: the interrupt is kept for its
+    // wait): that wait of an hour ends.
+    let receiver = std::sync::Arc::clone(&client);
+    let waiting = thread::spawn(move || receiver.recv(Duration::from_secs(3600)));
+    client.interrupt();
+    let outcome = waiting.join().expect("join");
+    assert!(matches!(outcome, Ok(None)), "{outcome:?}");
+    // A message already waiting comes first; the interrupt then ends the next wait.
+    let server = accept(&listener);
+    server.send(b"first", payload(1, 10)).expect("send");
+    within(LONG).until("the message arrives", || client.has_message());
+    client.interrupt();
+    let message = client.recv(LONG).expect("recv").expect("the message");
+    assert_eq!(message.app_header, b"first".to_vec());
+    assert!(client.recv(LONG).expect("recv").is_none());
+}

@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use log::{info, warn};
-use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent};
+use replication_link::{KeyRing, LinkConfig, LinkListener, ListenerEvent, Session};
 use serde::Serialize;
 
 use super::daemons::SecondaryDisks;
@@ -91,6 +91,9 @@ pub struct SecondaryShared {
     last_epoch_at: Mutex<Option<Instant>>,
     /// Set to make the serving loop return to the main loop (a restore is waiting).
     stop_serving: AtomicBool,
+    /// The session being served, interrupted with `stop_serving` so that the serving loop
+    /// sees it at once, not after its receive timeout (a move's freeze waits for it).
+    serving: Mutex<Weak<Session>>,
     requests: Mutex<Option<mpsc::Sender<(Request, Reply)>>>,
     /// The serving thread's end of `requests`, taken by [`run`]: a request made before it
     /// started (the control socket answers from the start) waits for it.
@@ -115,6 +118,9 @@ impl SecondaryShared {
             return Err("the engine is not serving a replica".into());
         }
         self.stop_serving.store(true, Ordering::Relaxed);
+        if let Some(session) = daemon_util::lock(&self.serving).upgrade() {
+            session.interrupt();
+        }
         answer
             .recv()
             .unwrap_or_else(|_| Err("the engine ended before it answered".into()))
@@ -186,6 +192,7 @@ pub fn open(options: &SecondaryOptions) -> anyhow::Result<(Replica, Arc<Secondar
         }),
         last_epoch_at: Mutex::new(None),
         stop_serving: AtomicBool::new(false),
+        serving: Mutex::new(Weak::new()),
         requests: Mutex::new(Some(requests)),
         incoming: Mutex::new(Some(incoming)),
     });
@@ -228,7 +235,13 @@ pub fn run(
             listener.close();
             return Ok(false);
         }
-        if let Ok((request, reply)) = requests.try_recv() {
+        // Frozen, the thread only waits for the next request (a restore after the freeze).
+        let request = if frozen {
+            requests.recv_timeout(POLL).ok()
+        } else {
+            requests.try_recv().ok()
+        };
+        if let Some((request, reply)) = request {
             if !frozen {
                 // No epoch may change the replica from here on.
                 listener.close();
@@ -261,13 +274,14 @@ pub fn run(
             continue;
         }
         if frozen {
-            std::thread::sleep(POLL);
             continue;
         }
         match listener.next_event(POLL) {
             Some(ListenerEvent::NewSession(new))
             | Some(ListenerEvent::PeerRestarted { session: new, .. }) => {
                 info!("primary connected (session {:032x})", new.session_id());
+                let new = Arc::new(new);
+                *daemon_util::lock(&shared.serving) = Arc::downgrade(&new);
                 session = Some(new);
             }
             None => {}

@@ -11,6 +11,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+
+use super::wake;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -110,7 +112,7 @@ impl<C: Child, R: Send + 'static> Agent<C, R> {
     /// reported as `ended(pid, description)`.
     pub fn start(
         name: &str,
-        results: Sender<R>,
+        results: wake::Sender<R>,
         ended: impl Fn(u32, String) -> R + Send + 'static,
     ) -> std::io::Result<Agent<C, R>> {
         let (jobs, receiver) = mpsc::channel::<(String, Job<C, R>)>();
@@ -216,7 +218,7 @@ mod tests {
     }
 
     fn agent() -> (Agent<Supervised, Report>, Receiver<Report>) {
-        let (sender, receiver) = mpsc::channel();
+        let (sender, receiver) = wake::channel();
         let agent = Agent::start("test-agent", sender, |pid, _| Report::Ended(pid)).expect("agent");
         (agent, receiver)
     }

@@ -4,7 +4,9 @@
 //! pre-shared key; received messages come out of a channel for the daemon's main loop.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::Receiver;
+
+use super::wake::{self, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -135,7 +137,7 @@ impl PeerLink {
                 })?;
             clients.push(session);
         }
-        let (sender, received) = mpsc::channel();
+        let (sender, received) = wake::channel();
         let accepting = Arc::clone(&listener);
         thread::Builder::new()
             .name("peer-accept".into())
@@ -347,7 +349,7 @@ impl WitnessLink {
                 format!("cannot start a session to the witness {addresses:?}: {error}")
             })?,
         );
-        let (sender, received) = mpsc::channel();
+        let (sender, received) = wake::channel();
         let reader = Arc::clone(&session);
         thread::Builder::new()
             .name("witness-recv".into())

@@ -25,6 +25,7 @@ pub mod service;
 mod stall;
 pub mod state;
 pub mod vm;
+mod wake;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -199,8 +200,10 @@ pub fn run(config: Config, launcher: Box<dyn VmLauncher>) -> Result<(), String> 
         if let Some(report) = clock.slow(stall_limit) {
             warn!("{report}; heartbeats to the peer wait meanwhile");
         }
+        // The next turn comes after a step, or as soon as something arrives for the loop
+        // (a peer's message, a witness reply, an agent's answer: `wake`).
         let switching = daemon.vms.iter().any(VmRunner::switching_over);
-        std::thread::sleep(if switching { FAST_STEP } else { STEP });
+        wake::wait(if switching { FAST_STEP } else { STEP });
     }
     info!("stopping: the VMs and disk daemons of this host stop too");
     daemon.service.stopping();

@@ -13,13 +13,14 @@
 //! deciding thread only queues jobs and reads their reports, so a daemon that hangs costs
 //! it nothing.
 
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::agent::Agent;
 use super::events::Events;
+use super::wake;
 use control_protocol::nic;
 
 use super::control_client::{nic_announce, nic_status, AskError};
@@ -155,7 +156,7 @@ pub struct Nics {
 
 impl Nics {
     pub fn new(vm: &str, specs: Vec<NicSpec>) -> Result<Nics, String> {
-        let (sender, results) = mpsc::channel();
+        let (sender, results) = wake::channel();
         let agents = (0..specs.len())
             .map(|index| {
                 Agent::start(

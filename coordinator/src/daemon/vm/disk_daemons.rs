@@ -5,18 +5,19 @@
 //! jobs that talk to it, a fresh `status`.
 
 use std::path::Path;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use control_protocol::disk;
 
 use super::snapshots::SnapshotDone;
+
 use crate::daemon::agent::Agent;
 use crate::daemon::control_client::{
     disk_order, disk_snapshot, disk_snapshots, disk_status, AskError, COMMAND_TIMEOUT,
 };
 use crate::daemon::events::Events;
 use crate::daemon::processes::{DiskProcess, DiskSpec};
+use crate::daemon::wake;
 use crate::host::Role;
 use crate::Generation;
 
@@ -103,7 +104,7 @@ impl DiskDaemon {
         vm: &str,
         index: usize,
         spec: DiskSpec,
-        results: Sender<DiskReport>,
+        results: wake::Sender<DiskReport>,
     ) -> Result<DiskDaemon, String> {
         let agent = Agent::start(
             &format!("{vm}-disk{index}"),
@@ -421,7 +422,6 @@ fn serve_job(
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::mpsc;
 
     use super::*;
     use crate::daemon::events::Severity;
@@ -441,7 +441,7 @@ mod tests {
             host_name: "hostA".into(),
             resync_rate_limit: None,
         };
-        let (sender, _) = mpsc::channel();
+        let (sender, _) = wake::channel();
         DiskDaemon::new("vm1", 0, spec, sender).expect("daemon")
     }
 

@@ -9,12 +9,14 @@
 
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use super::{Context, VmRunner};
+
 use crate::daemon::agent::Agent;
 use crate::daemon::guest_agent::{self, AgentError, FreezeFailed, Frozen, Timeouts};
+use crate::daemon::wake;
 
 /// How long a guest may take to show it runs an agent, and the freeze and thaw to finish
 /// (TCG guests on a loaded host are slow; a guest that runs no agent costs the first).
@@ -46,7 +48,7 @@ pub(super) struct GuestAgent {
 
 impl GuestAgent {
     pub fn new(vm: &str, path: PathBuf) -> Result<GuestAgent, String> {
-        let (sender, results) = mpsc::channel();
+        let (sender, results) = wake::channel();
         let agent = Agent::start(&format!("{vm}-qga"), sender, |_, _| {
             unreachable!("the guest agent's thread has no child process")
         })

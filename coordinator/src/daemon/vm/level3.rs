@@ -19,17 +19,19 @@
 //! deciding thread.
 
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use control_protocol::disk;
 use serde_json::Value;
 
 use super::{Context, PendingKind, VmRunner};
+
 use crate::daemon::agent::Agent;
 use crate::daemon::control_client::{self, AskError};
 use crate::daemon::events::Events;
 use crate::daemon::processes::{start_engine, EngineSpec, Supervised};
+use crate::daemon::wake;
 use crate::host::{Mode, Role};
 use crate::Generation;
 
@@ -97,7 +99,7 @@ pub(super) enum Restore {
 
 impl Engine {
     pub fn new(vm: &str, spec: EngineSpec) -> Result<Engine, String> {
-        let (sender, results) = mpsc::channel();
+        let (sender, results) = wake::channel();
         let agent = Agent::start(&format!("{vm}-checkpoint"), sender, EngineReport::Ended)
             .map_err(|error| format!("cannot start a thread: {error}"))?;
         Ok(Engine {

@@ -12,7 +12,7 @@ mod qemu;
 mod snapshots;
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ use super::links::{PeerLink, VmBeat, WitnessLink};
 use super::nics::{NicStatus, Nics};
 use super::processes::{touch, DiskSpec, EngineSpec, NicSpec, VmLauncher, VmSpec};
 use super::state::{StateFile, VmState};
+
+use crate::daemon::wake;
 use crate::host::{Action, DiskView, Host, HostConfig, Mode, Role};
 use crate::witness::{Claim, Grant, Verdict};
 use crate::witness_daemon::{HostPair, WitnessRequest};
@@ -288,7 +290,7 @@ impl VmRunner {
             .map_err(|error| format!("cannot create {}: {error}", vm_spec.console.display()))?;
         let host = Host::start(pair.my_id(), host_config, state.role, state.generation, now);
         let nics = Nics::new(&name, nic_specs)?;
-        let (sender, disk_reports) = mpsc::channel();
+        let (sender, disk_reports) = wake::channel();
         let disks = disk_specs
             .into_iter()
             .enumerate()

@@ -4,15 +4,17 @@
 //! QEMU has its own agent thread ([`Agent`]): the launch, the stop (up to 5 s of grace) and
 //! the QMP `stop`/`cont` run there, in the order asked, while the deciding thread goes on.
 
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Context, VmRunner};
+
 use crate::daemon::agent::Agent;
 use crate::daemon::events::Events;
 use crate::daemon::nics::{Need, Readiness};
 use crate::daemon::processes::{RunningVm, VmLauncher, VmSpec};
+use crate::daemon::wake;
 use crate::host::Mode;
 
 /// What one job of QEMU's agent did.
@@ -46,7 +48,7 @@ pub(super) struct Guest {
 
 impl Guest {
     pub fn new(vm: &str) -> Result<Guest, String> {
-        let (sender, results) = mpsc::channel();
+        let (sender, results) = wake::channel();
         let agent = Agent::start(&format!("{vm}-qemu"), sender, GuestReport::Ended)
             .map_err(|error| format!("cannot start a thread: {error}"))?;
         Ok(Guest {
