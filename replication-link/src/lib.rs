@@ -45,4 +45,5 @@ pub use log_limit::error_chain;
 pub use psk::{KeyId, Psk, PskError};
 pub use reliability::Message;
 pub use session::{CloseReason, Session, SessionError, SessionEvent};
+pub use shared::{Delivery, InlineHandler};
 pub use stats::{LinkStats, ListenerAddressStats, ListenerStats, SessionStats};

@@ -18,7 +18,7 @@ use crate::header::{MAX_APP_HEADER_BYTES, MAX_ID_BYTES};
 use crate::link::send_direct;
 use crate::log_limit::lock;
 use crate::reliability::Message;
-use crate::shared::{Identity, SessionShared};
+use crate::shared::{Identity, InlineHandler, SessionShared};
 use crate::stats::SessionStats;
 
 /// Why a session ended.
@@ -288,10 +288,32 @@ impl Session {
     pub fn recv(&self, timeout: Duration) -> Result<Option<Message>, SessionError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock_state();
+        // The caller is done with the message the previous call returned.
+        if std::mem::take(&mut state.app_delivering) {
+            state.delivering = false;
+        }
         loop {
-            if let Some(message) = state.receive.pop() {
-                self.shared.note_consumed(&mut state);
-                return Ok(Some(message));
+            // Not while a reader thread hands messages to the inline handler: it takes
+            // every message ready, or defers one to here.
+            if !state.delivering {
+                if let Some(message) = state.deferred.take() {
+                    // Until the next call: the inline handler must not run the next
+                    // message while the caller still handles this one.
+                    state.delivering = true;
+                    state.app_delivering = true;
+                    return Ok(Some(message));
+                }
+                if self.shared.inline.get().is_some() {
+                    // Ready while the caller held the delivery: the handler takes them
+                    // here (and maybe defers one, taken above).
+                    if state.receive.has_ready() {
+                        state = self.shared.deliver_inline(state);
+                        continue;
+                    }
+                } else if let Some(message) = state.receive.pop() {
+                    self.shared.note_consumed(&mut state);
+                    return Ok(Some(message));
+                }
             }
             if let Some(reason) = state.closed {
                 return Err(SessionError::Closed { reason });
@@ -320,7 +342,25 @@ impl Session {
 
     /// True when a message is waiting for `recv`.
     pub fn has_message(&self) -> bool {
-        self.shared.lock_state().receive.has_ready()
+        let state = self.shared.lock_state();
+        state.deferred.is_some() || state.receive.has_ready()
+    }
+
+    /// Lets the links' reader threads run `handler` on each message themselves, instead of
+    /// waking the thread in [`Session::recv`]: one thread wake-up less per message (on a
+    /// mirrored disk, per completed write). `recv` then returns only the messages the
+    /// handler leaves to it (`Delivery::Defer`). Messages still reach the application
+    /// strictly in order and one at a time: a thread runs the handler only while no other
+    /// delivers, `recv`'s caller counts as delivering from the message it got until its
+    /// next call, no later message is handled before `recv` took a deferred one, and
+    /// messages that became ready meanwhile are run through the handler by `recv`'s
+    /// caller on that next call.
+    ///
+    /// The handler runs on a reader thread: it must never wait for anything that needs a
+    /// reader thread to go on (window space on a session, an acknowledgement): defer what
+    /// might. Set once; `false` if a handler was set already.
+    pub fn set_inline_handler(&self, handler: InlineHandler) -> bool {
+        self.shared.inline.set(handler).is_ok()
     }
 
     /// Waits up to `timeout` until the peer acknowledged every message sent; returns whether

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::LinkConfig;
@@ -72,7 +72,20 @@ pub(crate) struct SessionShared {
     counters: Vec<LinkCounters>,
     pub(crate) log: LogLimiter,
     started: Instant,
+    /// Set once by `Session::set_inline_handler`.
+    pub(crate) inline: OnceLock<InlineHandler>,
 }
+
+/// What an inline handler did with a message (see `Session::set_inline_handler`).
+pub enum Delivery {
+    /// Handled: the next message may follow.
+    Handled,
+    /// Left for `recv`, which returns it before any later message.
+    Defer(Message),
+}
+
+/// Runs on a link's reader thread for each message, in order (`Session::set_inline_handler`).
+pub type InlineHandler = Box<dyn Fn(Message) -> Delivery + Send + Sync>;
 
 pub(crate) struct SessionState {
     pub(crate) send: SendWindow,
@@ -87,6 +100,14 @@ pub(crate) struct SessionState {
     discarded_on_peer_restart: u64,
     /// `Session::interrupt` was called: the receiver's current or next wait ends at once.
     pub(crate) interrupted: bool,
+    /// A thread is handing messages to the application: a reader thread running the inline
+    /// handler, or the application between `recv` returning a message and its next call.
+    /// Messages go out in order because only the holder takes them.
+    pub(crate) delivering: bool,
+    /// The application holds `delivering` (its `recv` returned a message).
+    pub(crate) app_delivering: bool,
+    /// A message the inline handler left for `recv`; inline delivery waits until it is taken.
+    pub(crate) deferred: Option<Message>,
 }
 
 /// Threads blocked on each condition variable, so that hot paths notify only when needed.
@@ -229,6 +250,9 @@ impl SessionShared {
             waiting: Waiting::default(),
             discarded_on_peer_restart: 0,
             interrupted: false,
+            delivering: false,
+            app_delivering: false,
+            deferred: None,
         };
         SessionShared {
             identity,
@@ -241,6 +265,7 @@ impl SessionShared {
             counters: (0..slots).map(|_| LinkCounters::default()).collect(),
             log: LogLimiter::new("replication_link::session"),
             started: Instant::now(),
+            inline: OnceLock::new(),
         }
     }
 
@@ -532,11 +557,18 @@ impl SessionShared {
             .on_data(message)
             .map_err(LinkError::Protocol)?
         {
-            Arrival::Accepted { ready } => {
-                if ready > 0 && state.waiting.receivers > 0 {
+            Arrival::Accepted { ready } if ready > 0 => {
+                if self.inline.get().is_some() {
+                    // Unless another thread delivers (it takes these too) or a deferred
+                    // message waits for `recv` (which then runs the rest).
+                    if !state.delivering && state.deferred.is_none() {
+                        drop(self.deliver_inline(state));
+                    }
+                } else if state.waiting.receivers > 0 {
                     self.ready.notify_all();
                 }
             }
+            Arrival::Accepted { .. } => {}
             Arrival::Duplicate => {
                 // The peer retransmitted: our ack may have been lost with a link.
                 state.ack.forced = true;
@@ -546,6 +578,35 @@ impl SessionShared {
             }
         }
         Ok(())
+    }
+
+    /// Hands the messages ready to the inline handler, on this thread (a reader thread,
+    /// or `recv`'s caller), until none is left or the handler defers one to `recv`. The
+    /// caller saw `delivering` free: this takes it, so that no other thread takes a message
+    /// meanwhile (a message the other link's reader makes ready is taken by this loop).
+    pub(crate) fn deliver_inline<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, SessionState>,
+    ) -> MutexGuard<'a, SessionState> {
+        let Some(handler) = self.inline.get() else {
+            return state;
+        };
+        state.delivering = true;
+        while let Some(message) = state.receive.pop() {
+            self.note_consumed(&mut state);
+            drop(state);
+            let outcome = handler(message);
+            state = self.lock_state();
+            if let Delivery::Defer(message) = outcome {
+                state.deferred = Some(message);
+                break;
+            }
+        }
+        state.delivering = false;
+        if state.deferred.is_some() && state.waiting.receivers > 0 {
+            self.ready.notify_all();
+        }
+        state
     }
 
     fn on_control(

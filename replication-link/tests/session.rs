@@ -351,3 +351,64 @@ fn an_interrupt_ends_a_receive_wait_at_once_and_never_hides_a_message() {
     assert_eq!(message.app_header, b"first".to_vec());
     assert!(client.recv(LONG).expect("recv").is_none());
 }
+
+/// Every message, handled inline on the reader threads or deferred to `recv`, reaches the
+/// application once, in order, one at a time, over two links.
+#[test]
+fn inline_delivery_keeps_the_order_with_messages_deferred_to_recv() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use replication_link::Delivery;
+
+    const COUNT: u64 = 10_000;
+    let (_listener, client, server) = connected(2, "blk:inline");
+    within(LONG).until("both links up", || support::links_up(&client, 2));
+    // What the application saw, in the order it saw it, and by which path.
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let inline_count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Set while a message is being handled: never twice at once.
+    let busy = Arc::new(AtomicBool::new(false));
+    {
+        let seen = Arc::clone(&seen);
+        let inline_count = Arc::clone(&inline_count);
+        let busy = Arc::clone(&busy);
+        assert!(server.set_inline_handler(Box::new(move |message| {
+            // Every 97th message goes to `recv`, as a handler defers what might block.
+            if message.seq % 97 == 0 {
+                return Delivery::Defer(message);
+            }
+            assert!(!busy.swap(true, Ordering::SeqCst), "two deliveries at once");
+            seen.lock().expect("seen").push(message.seq);
+            inline_count.fetch_add(1, Ordering::Relaxed);
+            busy.store(false, Ordering::SeqCst);
+            Delivery::Handled
+        })));
+    }
+    assert!(!server.set_inline_handler(Box::new(|_| Delivery::Handled)));
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            for index in 0..COUNT {
+                client.send(&[], payload(index, 64)).expect("client send");
+            }
+        });
+        // The application's thread: takes what the handler deferred.
+        let mut deferred = 0;
+        while seen.lock().expect("seen").len() < COUNT as usize {
+            if let Some(message) = server.recv(Duration::from_millis(100)).expect("open") {
+                assert_eq!(message.seq % 97, 0, "only deferred messages reach recv");
+                assert!(!busy.swap(true, Ordering::SeqCst), "two deliveries at once");
+                seen.lock().expect("seen").push(message.seq);
+                busy.store(false, Ordering::SeqCst);
+                deferred += 1;
+            }
+        }
+        assert_eq!(deferred, COUNT / 97);
+    });
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen, (1..=COUNT).collect::<Vec<_>>(), "once each, in order");
+    assert_eq!(
+        inline_count.load(std::sync::atomic::Ordering::Relaxed),
+        COUNT - COUNT / 97
+    );
+}
