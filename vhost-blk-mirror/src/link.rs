@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use log::{info, warn};
 use replication_link::{
-    KeyRing, LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionEvent,
+    Delivery, KeyRing, LinkConfig, LinkListener, ListenerEvent, Psk, Session, SessionEvent,
 };
 use thiserror::Error;
 
 use crate::mirror::primary::Connector;
-use crate::mirror::protocol::{payload_crc32c, Message, Payload, Received, Replier, Transport};
+use crate::mirror::protocol::{
+    payload_crc32c, InlineHandler, Message, Payload, Received, Replier, Transport,
+};
 use crate::replication::{LinkEncryption, ReplicationConfig};
 
 #[derive(Debug, Error)]
@@ -141,6 +143,24 @@ impl Transport for ClientTransport {
 
     fn close(&self) {
         self.session.close();
+    }
+
+    fn set_inline_handler(&self, inline: fn(&Message) -> bool, handler: InlineHandler) {
+        self.session
+            .set_inline_handler(Box::new(move |message: replication_link::Message| {
+                match message.header::<Message>() {
+                    Ok(header) if inline(&header) => {
+                        let payload = Payload {
+                            bytes: message.payload,
+                            checked_crc32c: Some(message.payload_crc32c),
+                        };
+                        handler(header, payload);
+                        Delivery::Handled
+                    }
+                    // `recv` reports what does not decode.
+                    _ => Delivery::Defer(message),
+                }
+            }));
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,8 @@ struct State {
 
 /// The primary's replication state; shared by the queue workers and its own threads.
 pub struct Primary {
+    /// This primary, for the handlers it gives its sessions (`handle_inline`).
+    me: Weak<Primary>,
     image: Arc<Image>,
     metadata: Arc<Metadata>,
     connector: Connector,
@@ -319,7 +321,8 @@ impl Primary {
             }
         };
         let transport = connector()?;
-        let primary = Arc::new(Primary {
+        let primary = Arc::new_cyclic(|me| Primary {
+            me: me.clone(),
             image,
             metadata,
             connector,
@@ -353,6 +356,7 @@ impl Primary {
             marker_send: Mutex::new(()),
             write_latency: latency::WriteLatency::default(),
         });
+        primary.handle_inline(&primary.transport());
         let receiver = primary.clone();
         thread::Builder::new()
             .name("mirror-receiver".into())
@@ -391,6 +395,27 @@ impl Primary {
             Ok((guard, _)) => guard,
             Err(poisoned) => poisoned.into_inner().0,
         }
+    }
+
+    /// The secondary's answers that complete requests (`Done`, `Sealed`, `ReadData`) are
+    /// handled on the link's reader threads, saving the receiver thread's wake-up per
+    /// write; the rest (welcomes, refusals, resync requests: they may send) still go
+    /// through [`Primary::receive_loop`], in order with them.
+    fn handle_inline(&self, transport: &Arc<dyn Transport>) {
+        let me = self.me.clone();
+        transport.set_inline_handler(
+            |message| {
+                matches!(
+                    message,
+                    Message::Done { .. } | Message::Sealed { .. } | Message::ReadData { .. }
+                )
+            },
+            Box::new(move |message, payload| {
+                if let Some(primary) = me.upgrade() {
+                    primary.handle(message, payload);
+                }
+            }),
+        );
     }
 
     fn transport(&self) -> Arc<dyn Transport> {

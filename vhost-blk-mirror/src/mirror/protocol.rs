@@ -250,7 +250,16 @@ pub trait Transport: Send + Sync {
     fn session_replier(&self) -> Option<Replier> {
         None
     }
+    /// Lets the link's receiving threads run `handler` on each message `inline` accepts,
+    /// in order with the others (which still come out of `recv`): the receiving thread's
+    /// wake-up per message is saved. `inline` must accept only messages whose handling
+    /// never waits for the link (window space, an answer). Transports without receiving
+    /// threads of their own ignore it.
+    fn set_inline_handler(&self, _inline: fn(&Message) -> bool, _handler: InlineHandler) {}
 }
+
+/// Handles a message on the link's receiving thread (see `Transport::set_inline_handler`).
+pub type InlineHandler = Box<dyn Fn(Message, Payload) + Send + Sync>;
 
 /// Sends one answer on the session it was taken from (see `Transport::session_replier`).
 pub type Replier = Box<dyn Fn(&Message) -> io::Result<()> + Send>;

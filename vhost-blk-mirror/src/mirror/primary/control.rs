@@ -117,6 +117,7 @@ impl Primary {
         self.transport().close();
         match (self.connector)() {
             Ok(fresh) => {
+                self.handle_inline(&fresh);
                 if let Ok(mut slot) = self.transport.lock() {
                     *slot = fresh;
                 }

@@ -130,7 +130,7 @@ impl Primary {
         }
     }
 
-    fn handle(&self, message: Message, payload: Payload) {
+    pub(super) fn handle(&self, message: Message, payload: Payload) {
         match message {
             Message::ReadData { id, crc32c } => {
                 let data = if payload.matches(crc32c) {
