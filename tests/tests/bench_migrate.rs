@@ -20,6 +20,9 @@
 //! the peer's daemon (a redundant uplink: `uplink` and `link_port`), over which the
 //! switchover relays the frames that reach the source while the guest runs nowhere
 //! (`vhost-net-ft`, `handover`); without it those frames are lost, as with plain QEMU.
+//! `FTVM_BENCH_KEEP=DIR` copies our rig's log files (ftvmd's, the engines', the NIC and
+//! disk daemons', QEMU's) into DIR before the rig is removed, for a look at a move's
+//! frames next to packet captures.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -264,7 +267,27 @@ fn ours_part(moves: usize) -> Results {
     }
     rounds.check();
     drop(writer);
+    keep_logs(&cluster);
     results
+}
+
+/// `FTVM_BENCH_KEEP=DIR`: copies every `*.log` of the rig's directory into DIR, with its
+/// path under the rig's directory.
+fn keep_logs(cluster: &Cluster) {
+    let Some(keep) = std::env::var_os("FTVM_BENCH_KEEP") else {
+        return;
+    };
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"cd "$1" && find . -name '*.log' -exec cp --parents {} "$2" \;"#)
+        .arg("keep-logs")
+        .arg(cluster.dir.path())
+        .arg(&keep)
+        .status();
+    eprintln!(
+        "the rig's logs copied to {}: {status:?}",
+        PathBuf::from(keep).display()
+    );
 }
 
 /// Waits until `host` runs the VM as primary, Protected at level 2, with `peer` its
