@@ -327,6 +327,9 @@ pub struct Status {
     pub rx_dropped_no_buffers: u64,
     /// Times reception paused because the guest had no free receive buffers.
     pub rx_waits_for_buffers: u64,
+    /// Times used entries were added while the frontend had no call fd set (a ring
+    /// starting again): the guest was interrupted once the fd came.
+    pub interrupts_deferred: u64,
     /// Receive buffers returned unused because they were malformed.
     pub rx_bad_buffers: u64,
     /// Reads from the TAP that failed with something else than "nothing to read".

@@ -18,6 +18,15 @@
 //! reading the TAP; the guest's kick (it posted buffers) resumes it. Nothing is dropped and
 //! nothing spins: the TAP is registered edge-triggered, so an unread TAP raises no events.
 //!
+//! A ring that starts again after a stop (QEMU's `cont` after a checkpoint, the first start
+//! of a restored guest) runs its worker at once, from `SET_VRING_KICK`, and the worker hands
+//! the guest what waited in the TAP meanwhile; but `GET_VRING_BASE` took the call fd, and
+//! QEMU sends the new one only after the kick: an interrupt then would go nowhere, and the
+//! guest would not look at its ring until some later frame interrupts it (for a TCP peer
+//! waiting for an answer, its retransmission timeout). So used entries added without a call
+//! fd are remembered and signalled once the fd is there ([`NetBackend::resignal_event_id`],
+//! a timer, and every event of the pair).
+//!
 //! Every chain a worker pops is completed within the same event, so nothing stays accepted
 //! across events. `GET_VRING_BASE` (QEMU's `stop`) may still arrive while a worker is in the
 //! middle of a batch: [`NetBackend::stop_vring`] waits for that batch to end, so its used
@@ -44,6 +53,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{config_slice, virtio_features, MAX_QUEUE_SIZE};
 use crate::ctrl::{self, Effect};
@@ -65,6 +75,10 @@ pub type Vring = VringRwLock<AtomicMemory>;
 
 /// Frames a worker moves to the guest before it lets its other events run.
 const RX_BUDGET_FRAMES: usize = 64;
+/// The first wait for a call fd after used entries were added without one; it doubles up to
+/// [`RESIGNAL_MOST`] while the fd stays unset (QEMU sets it right after the kick).
+const RESIGNAL_FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+const RESIGNAL_MOST: std::time::Duration = std::time::Duration::from_millis(64);
 /// The RX staging buffer: the largest frame with its header, and room to see truncation.
 const RX_BUFFER_BYTES: usize = VNET_HDR_LEN + MAX_FRAME_BYTES + 256;
 
@@ -83,6 +97,9 @@ pub struct NetBackend {
     ctrl: Mutex<()>,
     /// Per pair: "the RX budget ran out, come back".
     resume: Vec<EventFd>,
+    /// Per pair: "look again whether the frontend set the call fd" (see the module
+    /// documentation), armed while used entries wait for their interrupt.
+    resignal: Vec<Mutex<TimerFd>>,
 }
 
 /// A queue pair's state.
@@ -96,6 +113,11 @@ struct PairWorker {
     rx_waiting: bool,
     /// TX stopped because the output commit buffer was full (counted once per pause).
     tx_waiting: bool,
+    /// Used entries were added to the RX (`[0]`) or TX (`[1]`) ring while it had no call fd:
+    /// the guest was not interrupted for them yet.
+    unsignalled: [bool; 2],
+    /// The next wait of the resignal timer.
+    resignal_wait: std::time::Duration,
 }
 
 impl NetBackend {
@@ -103,6 +125,9 @@ impl NetBackend {
         let pairs = device.queue_pairs;
         let resume = (0..pairs)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let resignal = (0..pairs)
+            .map(|_| TimerFd::new().map(Mutex::new).map_err(io::Error::from))
             .collect::<io::Result<Vec<_>>>()?;
         let workers = (0..pairs)
             .map(|index| {
@@ -114,6 +139,8 @@ impl NetBackend {
                     rx_pending: 0,
                     rx_waiting: false,
                     tx_waiting: false,
+                    unsignalled: [false; 2],
+                    resignal_wait: RESIGNAL_FIRST,
                 })
             })
             .collect();
@@ -130,6 +157,7 @@ impl NetBackend {
             pairs: workers,
             ctrl: Mutex::new(()),
             resume,
+            resignal,
         })
     }
 
@@ -151,6 +179,18 @@ impl NetBackend {
     /// The epoll id of "the output commit buffer has room again" (see [`crate::output`]).
     pub fn room_event_id(&self) -> u64 {
         self.num_queues as u64 + 4
+    }
+
+    /// The epoll id of "look again for the call fd" (see the module documentation).
+    pub fn resignal_event_id(&self) -> u64 {
+        self.num_queues as u64 + 5
+    }
+
+    /// The resignal timer of pair `index`, to register in that pair's event loop.
+    pub fn resignal_fd(&self, index: usize) -> Option<std::os::fd::RawFd> {
+        self.resignal
+            .get(index)
+            .map(|timer| lock(timer).as_raw_fd())
     }
 
     /// The resume eventfd of pair `index`, to register in that pair's event loop.
@@ -181,6 +221,12 @@ impl NetBackend {
         }
         let mut worker = lock(worker);
         self.sync_attachment(pair, rx);
+        if u64::from(event) == self.resignal_event_id() {
+            self.take_resignal_timer(pair);
+        }
+        if worker.unsignalled != [false; 2] {
+            self.resignal([rx, tx], &mut worker)?;
+        }
         match u64::from(event) {
             0 => self.receive(rx, &mut worker),
             1 => self.transmit(tx, &mut worker),
@@ -218,6 +264,72 @@ impl NetBackend {
         } else if event == self.room_event_id() {
             if let Some(room) = self.device.output.room_eventfd(pair) {
                 let _ = room.read();
+            }
+        } else if event == self.resignal_event_id() {
+            self.take_resignal_timer(pair);
+        }
+    }
+
+    /// Clears the resignal timer's expiry (only an expired timer is read: a read of one
+    /// re-armed meanwhile would block until it expires again).
+    fn take_resignal_timer(&self, pair: usize) {
+        if let Some(timer) = self.resignal.get(pair) {
+            let mut timer = lock(timer);
+            if timer.is_armed().is_ok_and(|armed| !armed) {
+                let _ = timer.wait();
+            }
+        }
+    }
+
+    /// Tells the guest about used entries of `vring` (`which`: 0 RX, 1 TX): interrupts it
+    /// through the call fd, or, while the frontend has not set one (a ring starting again),
+    /// remembers them for [`NetBackend::resignal`].
+    fn signal(&self, vring: &Vring, which: usize, worker: &mut PairWorker) -> io::Result<()> {
+        if vring.get_ref().get_call().is_some() {
+            return vring.signal_used_queue();
+        }
+        if !worker.unsignalled[which] {
+            worker.unsignalled[which] = true;
+            Metrics::add(&self.device.metrics.interrupts_deferred, 1);
+            self.arm_resignal(worker);
+        }
+        Ok(())
+    }
+
+    /// Interrupts the guest for the used entries added without a call fd, on each ring that
+    /// has one now; while a running ring still has none, looks again after a wait (a
+    /// stopped ring is looked at again when it starts: the library then runs its event).
+    fn resignal(&self, vrings: [&Vring; 2], worker: &mut PairWorker) -> io::Result<()> {
+        let mut waiting = false;
+        for (which, vring) in vrings.into_iter().enumerate() {
+            if !worker.unsignalled[which] {
+                continue;
+            }
+            if vring.get_ref().get_call().is_some() {
+                worker.unsignalled[which] = false;
+                vring.signal_used_queue()?;
+            } else if queue_usable(vring) {
+                waiting = true;
+            }
+        }
+        if waiting {
+            self.arm_resignal(worker);
+        } else {
+            worker.resignal_wait = RESIGNAL_FIRST;
+        }
+        Ok(())
+    }
+
+    /// Arms the pair's resignal timer for its next wait (doubling up to [`RESIGNAL_MOST`]).
+    fn arm_resignal(&self, worker: &mut PairWorker) {
+        let wait = worker.resignal_wait;
+        worker.resignal_wait = (wait * 2).min(RESIGNAL_MOST);
+        if let Some(timer) = self.resignal.get(worker.index) {
+            if let Err(error) = lock(timer).reset(wait, None) {
+                self.device.log_fault(format_args!(
+                    "queue pair {}: cannot arm the call fd timer: {error}",
+                    worker.index
+                ));
             }
         }
     }
@@ -316,7 +428,7 @@ impl NetBackend {
             }
         }
         if delivered && rx.needs_notification().map_err(queue_error)? {
-            rx.signal_used_queue()?;
+            self.signal(rx, 0, worker)?;
         }
         Ok(())
     }
@@ -475,7 +587,7 @@ impl NetBackend {
             // its buffers are free.
             worker.sink.flush();
             if sent_any && tx.needs_notification().map_err(queue_error)? {
-                tx.signal_used_queue()?;
+                self.signal(tx, 1, worker)?;
             }
             if full {
                 if !worker.tx_waiting {

@@ -305,8 +305,9 @@ fn serve(
     Ok(())
 }
 
-/// Registers each pair's TAP queue (edge-triggered), resume eventfd and output-buffer room
-/// eventfd in that pair's epoll loop. The last handler is the control queue's and gets neither.
+/// Registers each pair's TAP queue (edge-triggered), resume eventfd, output-buffer room
+/// eventfd and call fd timer in that pair's epoll loop. The last handler is the control
+/// queue's and gets none of them.
 fn register_listeners(
     daemon: &VhostUserDaemon<Arc<NetBackend>>,
     backend: &NetBackend,
@@ -345,6 +346,11 @@ fn register_listeners(
             handler
                 .register_listener(room.as_raw_fd(), EventSet::IN, backend.room_event_id())
                 .map_err(|error| register_error("the output buffer's wake-up", error))?;
+        }
+        if let Some(timer) = backend.resignal_fd(pair) {
+            handler
+                .register_listener(timer, EventSet::IN, backend.resignal_event_id())
+                .map_err(|error| register_error("the call fd timer", error))?;
         }
     }
     Ok(())

@@ -18,6 +18,10 @@ daemon_util::metrics! {
         /// Receive buffers returned unused because they were malformed (outside guest memory,
         /// smaller than the header).
         pub rx_bad_buffers: AtomicU64,
+        /// Times the daemon added used entries to a ring while the frontend had no call fd
+        /// set (a ring starting again after a stop sees its kick before its call fd): the
+        /// guest was interrupted once the fd came, instead of not at all.
+        pub interrupts_deferred: AtomicU64,
         /// Reads from the TAP that failed with something else than "nothing to read".
         pub tap_read_errors: AtomicU64,
         /// Frames sent to the TAP (or the peer host); a frame held for output commit counts

@@ -182,6 +182,7 @@ pub(crate) fn status(redundancy: Redundancy) -> Status {
         rx_bytes: 2,
         rx_dropped_no_buffers: 3,
         rx_waits_for_buffers: 4,
+        interrupts_deferred: 25,
         rx_bad_buffers: 5,
         tap_read_errors: 6,
         tx_packets: 7,

@@ -650,6 +650,7 @@ mod tests {
             rx_bytes: 0,
             rx_dropped_no_buffers: 0,
             rx_waits_for_buffers: 0,
+            interrupts_deferred: 0,
             rx_bad_buffers: 0,
             tap_read_errors: 0,
             tx_packets: 0,
