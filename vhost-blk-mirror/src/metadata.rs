@@ -294,6 +294,10 @@ pub struct Metadata {
     /// durably active never wait for another extent's sync, and writes that wait for one
     /// share it (group commit).
     activity_synced: Mutex<u64>,
+    /// The durable header, for readers: a header change holds the state's lock while it
+    /// syncs (hundreds of ms on a busy disk), and `header()` (every `status`, every
+    /// replicated request's generation check) must not wait for that.
+    published: Mutex<Header>,
 }
 
 impl Metadata {
@@ -402,6 +406,7 @@ impl Metadata {
         Ok(Metadata {
             path: path.to_owned(),
             file,
+            published: Mutex::new(state.header),
             state: Mutex::new(state),
             activity_synced: Mutex::new(0),
         })
@@ -409,6 +414,12 @@ impl Metadata {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tests: holds the state's lock, as a change being synced does.
+    #[cfg(test)]
+    pub(crate) fn lock_for_test(&self) -> impl Drop + '_ {
+        self.lock()
     }
 
     fn io_error(&self, source: io::Error) -> MetadataError {
@@ -422,8 +433,13 @@ impl Metadata {
         &self.path
     }
 
+    /// The durable header: the last one written and synced (a change under way shows
+    /// once it is durable), without waiting for a change's sync.
     pub fn header(&self) -> Header {
-        self.lock().header
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Writes `change` of the header durably (into the older slot), and only then makes it
@@ -440,6 +456,10 @@ impl Metadata {
         self.file.sync_data().map_err(|e| self.io_error(e))?;
         state.header = header;
         state.sequence = sequence;
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = header;
         Ok(())
     }
 
@@ -1074,6 +1094,7 @@ mod tests {
                 activity_unsynced: HashMap::new(),
             }),
             activity_synced: Mutex::new(0),
+            published: Mutex::new(meta.header()),
         };
         assert!(read_only.mark_out_of_sync(0, 4096).is_err());
         assert!(

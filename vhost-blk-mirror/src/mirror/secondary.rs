@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
-use control_protocol::disk::{SecondaryDiskState, SecondaryStatus};
+use control_protocol::disk::{SecondaryDiskState, SecondaryEpochs, SecondaryStatus};
 use log::{error, info, warn};
 
 use super::epochs::{EpochOptions, Epochs};
@@ -55,6 +55,9 @@ pub struct Secondary {
     state: Mutex<State>,
     /// Level 3: the epoch journal and the unapplied epochs.
     epochs: Mutex<Epochs>,
+    /// The epochs' part of the last `status`: given again while `epochs` is held (a commit
+    /// records its epoch durably under it), so that `status` never waits for a sync.
+    epochs_status: Mutex<SecondaryEpochs>,
     /// Signalled when an epoch is sealed or a commit frees journal space.
     epochs_changed: Condvar,
     /// Held while buffered epochs are applied to the image (a commit, `EpochOff`, a
@@ -138,6 +141,7 @@ impl Secondary {
                 state_before_crash,
                 ..State::default()
             }),
+            epochs_status: Mutex::new(epochs.status()),
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
@@ -718,7 +722,29 @@ impl Secondary {
     /// The secondary's part of `status`.
     pub fn status(&self) -> SecondaryStatus {
         // Not under the state's lock: the epochs' lock is taken first where both are held.
-        let epochs = self.lock_epochs().status();
+        // Never waited for: a commit holds it while it records the applied epoch durably
+        // (a sync, which a busy disk can stretch past the coordinator's patience, 1.5 s);
+        // the status taken last time stands in meanwhile.
+        let held = match self.epochs.try_lock() {
+            Ok(epochs) => Some(epochs),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let epochs = match held {
+            Some(epochs) => {
+                let status = epochs.status();
+                *self
+                    .epochs_status
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = status.clone();
+                status
+            }
+            None => self
+                .epochs_status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        };
         let header = self.metadata.header();
         let state = self.lock();
         let disk_state = match (header.data_state, state.resyncing) {
@@ -830,6 +856,7 @@ mod tests {
             metadata,
             transport: Arc::new(Silent),
             state: Mutex::new(State::default()),
+            epochs_status: Mutex::new(epochs.status()),
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),

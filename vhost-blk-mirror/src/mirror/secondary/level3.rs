@@ -708,6 +708,7 @@ mod tests {
             metadata: Arc::new(metadata),
             transport: Arc::new(Silent),
             state: Mutex::new(super::super::State::default()),
+            epochs_status: Mutex::new(epochs.status()),
             epochs: Mutex::new(epochs),
             epochs_changed: Condvar::new(),
             applying: Mutex::new(()),
@@ -735,6 +736,30 @@ mod tests {
             offset,
             crc32c: crc32c::crc32c(data),
         }
+    }
+
+    /// `status` never waits for the epochs (a commit holds them while it records its epoch
+    /// durably) nor for a header change's sync: it answers from what it saw last.
+    #[test]
+    fn status_answers_while_a_commit_holds_the_epochs_and_the_metadata() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secondary = Arc::new(secondary(dir.path()));
+        let before = secondary.status();
+        let (answered, answer) = std::sync::mpsc::channel();
+        let held = secondary.lock_epochs();
+        let metadata_held = secondary.metadata().lock_for_test();
+        let asking = Arc::clone(&secondary);
+        let thread = std::thread::spawn(move || {
+            let _ = answered.send(asking.status());
+        });
+        let status = answer
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("status answered while the locks are held");
+        assert_eq!(status.epochs, before.epochs);
+        assert_eq!(status.generation, before.generation);
+        drop(metadata_held);
+        drop(held);
+        thread.join().expect("join");
     }
 
     /// A resync while epochs run: its blocks go to the image at once, its end is filed in
