@@ -154,3 +154,49 @@ fn no_page_is_stale_after_the_failover_with_disk_reads_and_network_receive() {
     rounds.wait_for(30, Duration::from_secs(120), "on hostB after the failover");
     rounds.check();
 }
+
+/// A move's destination loads the final checkpoint into the QEMU it started ahead while the
+/// takeover goes on (`preload`). If that QEMU is gone by the restore (ftvmd ends it when the
+/// peer falls silent and starts a fresh one at the same socket), the engine restores into
+/// the fresh one from the replica, which the preload left untouched: the guest goes on from
+/// the checkpoint, not from a reboot.
+#[test]
+fn a_checkpoint_loaded_ahead_into_a_qemu_that_then_ended_is_restored_afresh() {
+    let mut config = GuestConfig::new("l3-preload", &guest_script(COUNTER_AND_ECHO));
+    config.cpus = 1;
+    let options = Level3Options {
+        interval_ms: 50,
+        disk_bytes: None,
+    };
+    let mut pair = Level3Pair::start("l3-preload", config, options);
+    pair.wait_committed(10);
+    pair.kill_host_a();
+    let (last_a, uptime_a) = pair
+        .console_a
+        .iter()
+        .rev()
+        .find_map(|line| count_of(line))
+        .expect("hostA's guest counted");
+    let (preloading, answer) = pair.preload_and_restore_on_b(true);
+    eprintln!("preload: {preloading}\nrestore: {answer}");
+    assert_eq!(
+        answer["preloaded"], false,
+        "the restore resumed a QEMU that had ended: {answer}"
+    );
+    assert!(
+        pair.log("checkpoint-B.log").contains("restoring afresh"),
+        "the engine did not say it restores afresh:\n{}",
+        pair.log("checkpoint-B.log")
+    );
+    let restored = pair.guest();
+    let first = restored.wait_for_line(GUEST_TIMEOUT, |line| count_of(line).is_some());
+    let (count, uptime) = count_of(&first).expect("a counter line");
+    assert!(
+        count > 1 && count <= last_a + 1 && count + 30 >= last_a,
+        "the restored guest counts {count}; hostA's last count was {last_a}"
+    );
+    assert!(
+        uptime + 3.0 >= uptime_a,
+        "the restored guest's uptime is {uptime} s, hostA's guest was at {uptime_a} s: it rebooted"
+    );
+}
