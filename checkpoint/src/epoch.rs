@@ -465,25 +465,11 @@ fn read_state(mut pipe: io::PipeReader) -> Result<Vec<u8>, EpochError> {
 
 /// Puts a device state taken by [`capture_device_state`] into the QEMU behind `qmp`, which
 /// was started with `-incoming defer` on the replica RAM file (same machine arguments as
-/// the original), and resumes the guest: [`load`], then [`resume_loaded`].
+/// the original), and resumes the guest. The state goes through a pipe whose read end QEMU
+/// gets with `getfd` (`migrate-incoming fd:ftvm-restore`). A failed incoming migration ends
+/// QEMU 7.2 (it exits), which shows as a QMP error here.
 pub fn restore(qmp: &mut Qmp, state: &[u8]) -> Result<RestoreTimings, EpochError> {
     let started = Instant::now();
-    let incoming = load(qmp, state)?;
-    let cont = resume_loaded(qmp)?;
-    Ok(RestoreTimings {
-        incoming,
-        cont,
-        total: started.elapsed(),
-    })
-}
-
-/// The first half of [`restore`]: loads `state` into the QEMU behind `qmp` (started with
-/// `-incoming defer`), which ends paused with the guest's devices as the state says; the
-/// guest does not run and QEMU starts no vhost-user device until [`resume_loaded`]. The
-/// state goes through a pipe whose read end QEMU gets with `getfd` (`migrate-incoming
-/// fd:ftvm-restore`). A failed incoming migration ends QEMU 7.2 (it exits), which shows as
-/// a QMP error here. Returns the time from `migrate-incoming` to its `completed` event.
-pub fn load(qmp: &mut Qmp, state: &[u8]) -> Result<Duration, EpochError> {
     let status = qmp
         .query_status()
         .map_err(EpochError::qmp("query-status before restore"))?;
@@ -516,19 +502,13 @@ pub fn load(qmp: &mut Qmp, state: &[u8]) -> Result<Duration, EpochError> {
     wait_migration_end(qmp, deadline)?;
     let incoming = incoming_started.elapsed();
     feeder.finish(MIGRATION_TIMEOUT)?;
-    Ok(incoming)
-}
-
-/// The second half of [`restore`]: the guest [`load`]ed into the QEMU behind `qmp` runs
-/// (`cont`, unless the state was taken from a running guest, which starts by itself).
-/// Returns the time `cont` took.
-pub fn resume_loaded(qmp: &mut Qmp) -> Result<Duration, EpochError> {
     let status = qmp
         .query_status()
         .map_err(EpochError::qmp("query-status after migrate-incoming"))?;
     let cont_started = Instant::now();
     match status.as_str() {
         "paused" => qmp.cont().map_err(EpochError::qmp("cont"))?,
+        // A state taken from a running guest starts by itself.
         "running" => {}
         _ => {
             return Err(EpochError::UnexpectedStatus {
@@ -537,7 +517,12 @@ pub fn resume_loaded(qmp: &mut Qmp) -> Result<Duration, EpochError> {
             })
         }
     }
-    Ok(cont_started.elapsed())
+    let resumed = Instant::now();
+    Ok(RestoreTimings {
+        incoming,
+        cont: resumed - cont_started,
+        total: resumed - started,
+    })
 }
 
 /// A thread writing the device state into the restore pipe, then closing it.

@@ -36,10 +36,8 @@ enum Role {
     /// On the peer: keep the replica of the VM's RAM and its last committed device state.
     /// After the primary's loss: `freeze` on the control socket (names the checkpoint to
     /// promote the disks at), then `restore QMP_SOCKET` brings the VM back in a QEMU started
-    /// with `-incoming defer` on the replica RAM file. A live migration's destination may
-    /// ask `preload QMP_SOCKET` first (freeze, and load the checkpoint into that QEMU while
-    /// the disks are promoted): the `restore` of it then only resumes the guest. After a
-    /// restore the engine stays, with `status` saying `restored`, until it gets SIGTERM.
+    /// with `-incoming defer` on the replica RAM file. After a restore the engine stays, with
+    /// `status` saying `restored`, until it gets SIGTERM.
     Secondary(SecondaryArgs),
 }
 

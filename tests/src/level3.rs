@@ -365,55 +365,6 @@ impl Level3Pair {
     /// `announce`. Returns the secondary's answer to `restore`.
     pub fn restore_on_b(&mut self) -> Value {
         self.freeze_and_promote_on_b();
-        let (restored, qmp) = self.boot_incoming_on_b();
-        self.restore_into(restored, &qmp)
-    }
-
-    /// [`Level3Pair::restore_on_b`] as a move's destination does it: `preload` into the QEMU
-    /// started for it first (the replica freezes and the checkpoint loads while the disk is
-    /// promoted), then `restore`. With `replace`, that QEMU is killed once the load is under
-    /// way and a fresh one started at the same QMP socket, as `ftvmd` does when the peer
-    /// goes silent: the restore must load the checkpoint afresh. Returns the answers to
-    /// `preload` and `restore`.
-    pub fn preload_and_restore_on_b(&mut self, replace: bool) -> (Value, Value) {
-        let (loaded, qmp) = self.boot_incoming_on_b();
-        let preloading = status_json_command(
-            &self.secondary_control,
-            &format!("preload {}", qmp.display()),
-        );
-        assert_eq!(
-            preloading["preloading"],
-            true,
-            "preload refused: {preloading}\nsecondary log:\n{}",
-            self.log("checkpoint-B.log")
-        );
-        let epoch = self.freeze_and_promote_on_b();
-        assert_eq!(
-            preloading["epoch"].as_u64(),
-            Some(epoch),
-            "preload and freeze name different checkpoints: {preloading}"
-        );
-        let into = if replace {
-            poll_until(
-                Duration::from_secs(60),
-                "the checkpoint loaded ahead",
-                || {
-                    self.log("checkpoint-B.log")
-                        .contains(&format!("checkpoint {epoch} loaded into"))
-                },
-            );
-            drop(loaded);
-            self.boot_incoming_on_b().0
-        } else {
-            loaded
-        };
-        let restored = self.restore_into(into, &qmp);
-        (preloading, restored)
-    }
-
-    /// A QEMU on hostB with `-incoming defer` on the replica RAM file, hostB's disk copy and
-    /// NIC daemon, and its QMP socket.
-    fn boot_incoming_on_b(&self) -> (Guest, PathBuf) {
         let mut config = self.config.clone();
         config.name = format!("{}-restored", config.name);
         config.netns = Some(self.hosts().namespace("hostB"));
@@ -437,11 +388,6 @@ impl Level3Pair {
         poll_until(Duration::from_secs(30), "the restored QEMU's QMP", || {
             qmp.exists()
         });
-        (restored, qmp)
-    }
-
-    /// `restore` into `restored` (behind `qmp`), `announce`; the engine's answer.
-    fn restore_into(&mut self, restored: Guest, qmp: &Path) -> Value {
         let reply = status_json_command(
             &self.secondary_control,
             &format!("restore {}", qmp.display()),

@@ -219,7 +219,6 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
 
     let mut downtimes = Vec::new();
     let mut handed_over = Vec::new();
-    let mut preloaded = 0;
     let mut fio_done = 0;
     for index in 0..MOVES {
         let (from, to) = if index.is_multiple_of(2) {
@@ -300,15 +299,6 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
             "move {index}: {}'s events: {events}",
             HOSTS[to]
         );
-        // The destination loaded the final checkpoint into its QEMU while the takeover went
-        // on (the restore only resumed it), unless that QEMU was not up yet.
-        let restored = events
-            .lines()
-            .rfind(|line| line.contains("migrated: the VM runs on"))
-            .unwrap_or_default();
-        if restored.contains("\"preloaded\":true") {
-            preloaded += 1;
-        }
         // A move asked for is no cause for an alert: no warning or error on either host
         // (the source's disk became the secondary in place, the new primary ran on one
         // copy only until then).
@@ -326,14 +316,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
     }
     rounds.check();
     downtimes.sort();
-    eprintln!(
-        "TCP loop gaps over {MOVES} moves: {downtimes:?}; {preloaded} restores resumed a \
-         checkpoint loaded ahead"
-    );
-    assert!(
-        preloaded > 0,
-        "no move's restore used the checkpoint loaded ahead into the QEMU started for it"
-    );
+    eprintln!("TCP loop gaps over {MOVES} moves: {downtimes:?}");
     // The loop always has a segment on its way, so the guest's downtime meets some: without
     // the relay they were lost and the client waited out its retransmission timeout.
     assert!(

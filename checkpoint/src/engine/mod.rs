@@ -11,10 +11,7 @@
 //!   answer names the last committed checkpoint, the epoch to promote the disks at with
 //!   `promote GEN N*`); `restore QMP_SOCKET` (freeze, then restore that checkpoint into the
 //!   QEMU behind QMP_SOCKET, started with `-incoming defer` on the replica RAM file; the
-//!   engine then only answers `status`, which says `restored`, until SIGTERM); `preload
-//!   QMP_SOCKET` (freeze, answer as `freeze` does, and load that checkpoint into the QEMU
-//!   behind QMP_SOCKET on a thread: a later `restore` of the same socket only resumes it,
-//!   see [`secondary`]); `drop`
+//!   engine then only answers `status`, which says `restored`, until SIGTERM); `drop`
 //!   (freeze and make the replica durably not restorable: its primary stopped taking
 //!   checkpoints).
 
@@ -71,20 +68,13 @@ pub fn answer_secondary(shared: &Arc<SecondaryShared>, line: &str) -> String {
             Err(error) => refusal(&error),
         },
         ["restore"] => refusal("restore: which QEMU? restore QMP_SOCKET"),
-        ["preload", qmp] => match shared.ask(Request::Preload(PathBuf::from(qmp))) {
-            Ok(answer) => answer.to_string(),
-            Err(error) => refusal(&error),
-        },
-        ["preload"] => refusal("preload: which QEMU? preload QMP_SOCKET"),
         ["drop"] => match shared.ask(Request::Drop) {
             Ok(answer) => answer.to_string(),
             Err(error) => refusal(&error),
         },
-        [] => refusal(
-            "empty command; try: status, freeze, preload QMP_SOCKET, restore QMP_SOCKET, drop",
-        ),
+        [] => refusal("empty command; try: status, freeze, restore QMP_SOCKET, drop"),
         _ => refusal(&format!(
-            "unknown command {line:?}; try: status, freeze, preload QMP_SOCKET, restore QMP_SOCKET, drop"
+            "unknown command {line:?}; try: status, freeze, restore QMP_SOCKET, drop"
         )),
     }
 }

@@ -4,20 +4,9 @@
 //! QEMU with `-incoming defer` on the replica RAM file).
 //!
 //! One thread serves the sessions (one at a time: a new session of the same primary
-//! replaces the old one); the control socket's thread hands it `freeze`, `preload`,
-//! `restore` and `drop`. Each freezes the replica for good first (no epoch is taken after
-//! it), so the epoch `freeze` names is the one the disks are promoted at and the one
-//! restored.
-//!
-//! **Preload** (a live migration's destination): once the primary handed the VM over, its
-//! final checkpoint is the replica's last. `ftvmd` then asks `preload QMP_SOCKET` of the
-//! QEMU it started ahead of the move, and the engine freezes and answers at once while a
-//! thread of its own loads the checkpoint's device state into that QEMU (which stays
-//! paused: its guest does not run and it starts no vhost-user device). Meanwhile the
-//! witness grants and the disks are promoted; the `restore` of the same QEMU then only
-//! marks the replica durably restored and resumes the guest (`cont`). The replica itself
-//! is not touched by a preload: a load that failed, or a QEMU that is gone by the
-//! `restore` (replaced by a fresh one at the same socket), is restored afresh from it.
+//! replaces the old one); the control socket's thread hands it `freeze` and `restore`.
+//! Either freezes the replica for good first (no epoch is taken after it), so the epoch
+//! `freeze` names is the one the disks are promoted at and the one restored.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,9 +75,6 @@ pub enum Request {
     Freeze,
     /// Freeze, then restore into the QEMU behind this QMP socket.
     Restore(PathBuf),
-    /// Freeze, then load the committed checkpoint into the QEMU behind this QMP socket on
-    /// a thread, and answer at once: a `Restore` of the same socket resumes it.
-    Preload(PathBuf),
     /// Freeze and make the replica durably not restorable (its primary stopped taking
     /// checkpoints: the VM runs on without them, so none of its checkpoints may ever be
     /// restored). The record keeps its epoch, so that later epochs of this VM's disks still
@@ -244,7 +230,6 @@ pub fn run(
     );
     let mut session = None;
     let mut frozen = false;
-    let mut preload: Option<Preload> = None;
     loop {
         if quit.load(Ordering::Relaxed) {
             listener.close();
@@ -266,10 +251,7 @@ pub fn run(
             }
             let outcome = match request {
                 Request::Freeze => Ok(frozen_answer(secondary.replica())),
-                Request::Preload(qmp) => {
-                    start_preload(secondary.replica(), shared, &mut preload, qmp)
-                }
-                Request::Restore(qmp) => restore(&mut secondary, shared, &qmp, preload.take()),
+                Request::Restore(qmp) => restore(&mut secondary, shared, &qmp),
                 Request::Drop => match secondary.take_for_restore() {
                     Ok(_) => {
                         info!("replica dropped: no longer restorable");
@@ -332,112 +314,12 @@ pub fn run(
     }
 }
 
-/// The committed checkpoint being loaded into a QEMU ahead of its restore.
-struct Preload {
-    qmp: PathBuf,
-    epoch: u64,
-    /// The loader: QEMU's QMP session with the checkpoint loaded (paused), and the time
-    /// `migrate-incoming` took.
-    loader: std::thread::JoinHandle<Result<(Qmp, Duration), String>>,
-}
-
-/// `preload QMP_SOCKET` (the replica is frozen): starts loading the committed checkpoint's
-/// device state into the QEMU behind `qmp` on a thread of its own; answers as `freeze`
-/// does, with `preloading`.
-fn start_preload(
-    replica: &Replica,
-    shared: &SecondaryShared,
-    preload: &mut Option<Preload>,
-    qmp: PathBuf,
-) -> Result<serde_json::Value, String> {
-    let committed = replica.committed();
-    if let Some(running) = preload {
-        if running.qmp == qmp {
-            let mut answer = frozen_answer(replica);
-            answer["preloading"] = true.into();
-            return Ok(answer);
-        }
-        return Err(format!(
-            "checkpoint {} is already being loaded into the QEMU at {}",
-            running.epoch,
-            running.qmp.display()
-        ));
-    }
-    let state = match replica.device_state() {
-        Some(state) if replica.restorable() => state.to_vec(),
-        _ => {
-            return Err(format!(
-                "the replica is not restorable (epoch {}, full copy {}): nothing to load",
-                committed.epoch, committed.full_copy_complete
-            ))
-        }
-    };
-    let path = qmp.clone();
-    let epoch = committed.epoch;
-    let loader = std::thread::Builder::new()
-        .name("ftvm-preload".into())
-        .spawn(move || {
-            let started = Instant::now();
-            let mut qmp = Qmp::connect(&path, QMP_TIMEOUT)
-                .map_err(|error| format!("cannot reach QEMU at {}: {error}", path.display()))?;
-            let incoming = epoch::load(&mut qmp, &state).map_err(|error| error.to_string())?;
-            info!(
-                "checkpoint {epoch} loaded into the QEMU at {} in {:?}: it stays paused until the restore",
-                path.display(),
-                started.elapsed()
-            );
-            Ok((qmp, incoming))
-        })
-        .map_err(|error| format!("cannot start the preload: {error}"))?;
-    info!(
-        "loading checkpoint {} of generation {} into the QEMU at {} ahead of its restore",
-        committed.epoch,
-        committed.generation,
-        qmp.display()
-    );
-    *preload = Some(Preload {
-        qmp,
-        epoch: committed.epoch,
-        loader,
-    });
-    shared.update(|status| status.state = "preloading".into());
-    let mut answer = frozen_answer(replica);
-    answer["preloading"] = true.into();
-    Ok(answer)
-}
-
-/// The QMP session of a QEMU `preload` loaded the checkpoint into, if it is the one behind
-/// `qmp` and the load succeeded (else the restore starts afresh).
-fn preloaded(preload: Option<Preload>, qmp: &std::path::Path) -> Option<(Qmp, Duration)> {
-    let preload = preload?;
-    if preload.qmp != qmp {
-        info!(
-            "the checkpoint loaded into the QEMU at {} is not used: restoring into {}",
-            preload.qmp.display(),
-            qmp.display()
-        );
-        return None;
-    }
-    match preload.loader.join() {
-        Ok(Ok(loaded)) => Some(loaded),
-        Ok(Err(error)) => {
-            warn!("loading the checkpoint ahead failed ({error}): restoring afresh");
-            None
-        }
-        Err(_) => {
-            warn!("the preload thread panicked: restoring afresh");
-            None
-        }
-    }
-}
-
 /// Restores the VM from the replica into the QEMU behind `qmp` (started with `-incoming
-/// defer` on the replica RAM file), or resumes it where `preload` loaded the checkpoint.
+/// defer` on the replica RAM file).
 fn restore(
     secondary: &mut Secondary,
     shared: &SecondaryShared,
     qmp: &std::path::Path,
-    preload: Option<Preload>,
 ) -> Result<serde_json::Value, String> {
     let committed = secondary.replica().committed();
     let state = match secondary.take_for_restore() {
@@ -452,46 +334,23 @@ fn restore(
     };
     shared.update(|status| status.state = "restoring".into());
     let started = Instant::now();
-    let afresh = || {
-        Qmp::connect(qmp, QMP_TIMEOUT)
-            .map_err(|error| format!("cannot reach QEMU at {}: {error}", qmp.display()))
-            .and_then(|mut qmp| {
-                epoch::restore(&mut qmp, &state).map_err(|error| format!("restore failed: {error}"))
-            })
-    };
-    // (The replica is durably restored from here on: taken above, while a preload ran.)
-    let (result, preloaded) = match preloaded(preload, qmp) {
-        Some((mut session, incoming)) => match epoch::resume_loaded(&mut session) {
-            Ok(cont) => (
-                Ok(epoch::RestoreTimings {
-                    incoming,
-                    cont,
-                    total: started.elapsed(),
-                }),
-                true,
-            ),
-            Err(error) => {
-                // Its QEMU ended since (a fresh one may wait at the same socket).
-                warn!("cannot resume the QEMU the checkpoint was loaded into ({error}): restoring afresh");
-                (afresh(), false)
-            }
-        },
-        None => (afresh(), false),
-    };
+    let result = Qmp::connect(qmp, QMP_TIMEOUT)
+        .map_err(|error| format!("cannot reach QEMU at {}: {error}", qmp.display()))
+        .and_then(|mut qmp| {
+            epoch::restore(&mut qmp, &state).map_err(|error| format!("restore failed: {error}"))
+        });
     match result {
         Ok(timings) => {
             info!(
-                "restored epoch {} of generation {} in {:?}{}",
+                "restored epoch {} of generation {} in {:?}",
                 committed.epoch,
                 committed.generation,
-                started.elapsed(),
-                if preloaded { " (loaded ahead)" } else { "" }
+                started.elapsed()
             );
             shared.update(|status| status.state = "restored".into());
             Ok(serde_json::json!({
                 "ok": true,
                 "restored": true,
-                "preloaded": preloaded,
                 "epoch": committed.epoch,
                 "generation": committed.generation,
                 "incoming_ms": timings.incoming.as_secs_f64() * 1000.0,

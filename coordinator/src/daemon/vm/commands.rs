@@ -323,7 +323,6 @@ impl VmRunner {
         self.incoming_migration = live;
         if live.is_some() {
             self.begin_switchover();
-            self.preload_prestarted(context);
         }
         self.plan_role_change();
         context.events.info(

@@ -60,9 +60,6 @@ pub(super) enum EngineReport {
     /// `handover` (`ftvm migrate`): the final checkpoint's epoch, committed by the peer,
     /// with the guest left stopped; or why not (the guest runs on).
     HandedOver(Result<u64, String>),
-    /// `preload` (a move's takeover): the replica froze and its checkpoint loads into the
-    /// QEMU started ahead; or why not (the restore then loads it itself).
-    Preloading(Result<u64, String>),
     Stopped,
     Ended(u32, String),
 }
@@ -229,33 +226,6 @@ impl Engine {
             });
             EngineReport::Frozen(frozen)
         });
-    }
-
-    /// A move's takeover: freeze the replica (it holds the final checkpoint) and load its
-    /// checkpoint into the QEMU started ahead while the witness grants and the disks are
-    /// promoted; the `restore` of that QEMU then only resumes it.
-    pub(super) fn preload(&mut self) {
-        let control = self.spec.control.clone();
-        let qmp = self.spec.qmp.clone();
-        self.agent.run("preload", move |_| {
-            let command = format!("preload {}", qmp.display());
-            let preloading = ask(&control, &command, ASK_TIMEOUT).and_then(|answer| {
-                match (answer["preloading"].as_bool(), answer["epoch"].as_u64()) {
-                    (Some(true), Some(epoch)) => Ok(epoch),
-                    _ => Err(format!("unexpected answer: {answer}")),
-                }
-            });
-            EngineReport::Preloading(preloading)
-        });
-    }
-
-    /// A secondary engine frozen by a `preload` whose takeover did not come (the move was
-    /// called off and the peer runs the VM on): it stops, and a fresh one opens the replica
-    /// for the peer's next checkpoints.
-    pub(super) fn restart_after_preload(&mut self) {
-        if self.role() == Some(Role::Secondary) {
-            self.stop(true);
-        }
     }
 
     fn restore(&mut self) {
@@ -521,16 +491,6 @@ impl VmRunner {
                 EngineReport::Frozen(result) => self.on_frozen(result, context),
                 EngineReport::Restored(result) => self.on_restored(result, context),
                 EngineReport::HandedOver(result) => self.on_handed_over(result, context),
-                EngineReport::Preloading(Ok(epoch)) => {
-                    log::info!(
-                        "{}: loading checkpoint {epoch} into the QEMU started ahead while the takeover goes on",
-                        self.name
-                    );
-                }
-                EngineReport::Preloading(Err(error)) => {
-                    // The restore loads the checkpoint itself (or finds nothing to restore).
-                    log::warn!("{}: cannot load the checkpoint ahead: {error}", self.name);
-                }
                 EngineReport::Stopped => {}
                 EngineReport::Ended(pid, status) => {
                     if self.engine.pid() != Some(pid) {

@@ -566,7 +566,6 @@ impl VmRunner {
         if !moving_here {
             self.prestart_tried = false;
         }
-        self.tick_preload(context);
         if self.restore.is_some() {
             // A takeover under way decides (`launch_for_restore`).
             return;
@@ -611,78 +610,15 @@ impl VmRunner {
         );
     }
 
-    /// The peer handed the VM over (`TakeOver` of a move): its final checkpoint is the
-    /// replica's last, so the engine freezes the replica and loads that checkpoint into the
-    /// QEMU started ahead now, while the witness grants and the disks are promoted
-    /// (`preload`); the restore then only resumes it. Nothing runs or is promoted by it: a
-    /// takeover that does not come restarts the engine ([`VmRunner::tick_preload`]).
-    pub(super) fn preload_prestarted(&mut self, context: &mut Context<'_>) {
-        if !self.prestarted
-            || self.guest.pid.is_none()
-            || self.restore.is_some()
-            || self.engine.role() != Some(Role::Secondary)
-        {
-            return;
-        }
-        let Some(pid) = self.engine.pid() else {
-            return;
-        };
-        self.preloaded_by = Some(pid);
-        self.engine.preload();
-        context.events.info(
-            &self.name,
-            "loading the final checkpoint into the QEMU started ahead while the takeover goes on"
-                .into(),
-        );
-    }
-
-    /// A `preload` froze the replica, but the peer runs the VM on as primary without a
-    /// move (it was called off and the witness let the peer go on): the frozen engine
-    /// restarts, so that the replica takes the peer's checkpoints again.
-    fn tick_preload(&mut self, context: &mut Context<'_>) {
-        if self.preloaded_by.is_none() || self.restore.is_some() {
-            return;
-        }
-        if self.host.role() != Role::Secondary {
-            // Taken over (the restore consumed it, or the VM booted from its disk).
-            self.preloaded_by = None;
-            return;
-        }
-        let called_off = self
-            .fresh_peer_beat(context.now)
-            .is_some_and(|beat| beat.role == Role::Primary && !beat.moving);
-        if called_off {
-            self.preloaded_by = None;
-            self.engine.restart_after_preload();
-            context.events.info(
-                &self.name,
-                format!(
-                    "{} runs the VM on (the move was called off): the checkpoint engine, \
-                     frozen for the takeover, starts afresh",
-                    self.pair.peer
-                ),
-            );
-        }
-    }
-
     /// The takeover promoted the disks: a move's takeover restores into the QEMU started
     /// ahead (`true`); any other (a host loss while the move prepared) stops it and starts
     /// a fresh one, as without a move (`false`).
     pub(super) fn use_prestarted(&mut self, context: &mut Context<'_>) -> bool {
-        let preloaded_by = self.preloaded_by.take();
         if !self.prestarted {
             return false;
         }
         if self.incoming_migration.is_none() || !self.guest.present() {
             self.end_prestart(context, "the peer was lost, not handed over");
-            return false;
-        }
-        if preloaded_by.is_some() && preloaded_by != self.engine.pid() {
-            // Its QEMU may hold a loaded checkpoint the new engine knows nothing of.
-            self.end_prestart(
-                context,
-                "the engine that loaded the checkpoint into it ended",
-            );
             return false;
         }
         self.prestarted = false;

@@ -232,9 +232,6 @@ pub struct VmRunner {
     prestarted: bool,
     /// A QEMU was started ahead of the peer's current move already (one try per move).
     prestart_tried: bool,
-    /// The engine (this pid) was asked to load the final checkpoint into the QEMU started
-    /// ahead (`preload`), which froze the replica, and no restore took it yet.
-    preloaded_by: Option<u32>,
     /// `ftvm snapshot` under way.
     snapshot: Option<snapshots::SnapshotJob>,
     /// The answer to an application-consistent `ftvm snapshot create`, sent once the
@@ -314,7 +311,6 @@ impl VmRunner {
             switchover_until: None,
             prestarted: false,
             prestart_tried: false,
-            preloaded_by: None,
             planned_until: None,
             snapshot: None,
             thaw_answer: None,
