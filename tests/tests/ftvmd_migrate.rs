@@ -209,6 +209,11 @@ fn wait_protected_on(cluster: &Cluster, host: usize, peer: usize) -> serde_json:
     })
 }
 
+/// A move that takes longer than this, or whose TCP gap is longer than [`SLOW_GAP`], prints
+/// both hosts' ftvmd log lines of it.
+const SLOW_MOVE: Duration = Duration::from_secs(4);
+const SLOW_GAP: Duration = Duration::from_millis(500);
+
 #[test]
 fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write() {
     let cluster = start("ftvmd-migrate");
@@ -238,6 +243,7 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
         let settles_before = settle_lines(&cluster, from);
         let warnings_before = [warnings(&cluster, A).len(), warnings(&cluster, B).len()];
         let relay_before = handover_counters(&cluster, from, to);
+        let logs_before = [cluster.log(A).len(), cluster.log(B).len()];
         let started = Instant::now();
         let (ok, text) = cluster.ftvm(from, &["migrate", "vm1", "--timeout", "200"]);
         assert!(ok, "move {index}: ftvm migrate on {}: {text}", HOSTS[from]);
@@ -283,6 +289,17 @@ fn ftvm_migrate_moves_the_running_vm_ten_times_without_a_reboot_or_a_lost_write(
              switchover {relayed}, passed to the guest {passed}",
             HOSTS[from], HOSTS[to]
         );
+        if took > SLOW_MOVE || gap > SLOW_GAP {
+            // Not a failure (a loaded machine), but worth a look: the move's ftvmd lines.
+            for host in [A, B] {
+                let log = cluster.log(host);
+                eprintln!(
+                    "move {index} was slow; ftvmd log of {} meanwhile:\n{}",
+                    HOSTS[host],
+                    log.get(logs_before[host]..).unwrap_or("")
+                );
+            }
+        }
         downtimes.push(gap);
         handed_over.push(relayed);
         let nic = cluster

@@ -62,7 +62,7 @@ impl VmRunner {
                 ));
             }
             let before = self.level;
-            self.set_level(level, context);
+            self.set_level_durably(level, context);
             let how = match (before, level) {
                 (_, 3) => {
                     "checkpoints start once both copies are in sync (`ftvm status` shows them)"
@@ -112,6 +112,19 @@ impl VmRunner {
 
     /// Sets and saves the level (the secondary follows it in the heartbeat).
     pub(super) fn set_level(&mut self, level: u8, context: &mut Context<'_>) {
+        self.level = level;
+        // Nothing waits for the level to be durable (ftvmd started again takes the
+        // primary's from its heartbeat): saved in the background, so that a slow sync of
+        // the state directory does not hold up the main loop and its heartbeats.
+        self.state.level = Some(level);
+        self.state_file.save_in_background(self.state);
+        context
+            .events
+            .info(&self.name, format!("protection level set to {level}"));
+    }
+
+    /// [`VmRunner::set_level`], durable before it returns (`ftvm protect --level`).
+    fn set_level_durably(&mut self, level: u8, context: &mut Context<'_>) {
         self.level = level;
         let (role, generation, protected) =
             (self.state.role, self.state.generation, self.state.protected);
