@@ -331,6 +331,14 @@ impl Secondary {
             state.lost_unflushed = false;
             state.state_before_crash = None;
             info!("resync complete: this copy is UpToDate");
+            // The resync's large writes left the image's page cache in large folios, and
+            // ext4 walks every buffer head of a folio on each write into it: a 4 KiB write
+            // into a 1 MiB folio cost the secondary about three times a write into a page of
+            // its own (`docs/BENCHMARKS.md`, issue 12). The cache is clean after the flush
+            // and of little use to a secondary: dropped, later writes get small folios.
+            if let Err(error) = self.image.drop_clean_cache() {
+                log::debug!("cannot drop the image's page cache after the resync: {error}");
+            }
         }
         result
     }
@@ -1023,5 +1031,74 @@ mod tests {
         let metadata = Metadata::open_or_create(&path, 1 << 20, DataState::UpToDate).expect("m");
         assert_eq!(metadata.mark_open(Some(8)).expect("open"), Some(7));
         assert_eq!(metadata.mark_open(None).expect("close"), Some(8));
+    }
+
+    /// How many pages of the file at `path` are in the page cache (`mincore` of a mapping).
+    fn cached_pages(path: &std::path::Path) -> usize {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).expect("open");
+        let length = usize::try_from(file.metadata().expect("metadata").len()).expect("length");
+        // SAFETY: a read-only shared mapping of an open file, unmapped below; nothing reads
+        // through it.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            map,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            io::Error::last_os_error()
+        );
+        let mut resident = vec![0u8; length.div_ceil(4096)];
+        // SAFETY: `map` is a live mapping of `length` bytes; `resident` has a byte per page.
+        let ret = unsafe { libc::mincore(map, length, resident.as_mut_ptr()) };
+        let error = io::Error::last_os_error();
+        // SAFETY: unmaps the mapping made above, used no more.
+        unsafe { libc::munmap(map, length) };
+        assert_eq!(ret, 0, "mincore: {error}");
+        resident.iter().filter(|&&byte| byte & 1 == 1).count()
+    }
+
+    /// A resync's large writes leave the image's page cache in large folios, which make every
+    /// later small write cost ext4 a walk over a whole folio: once the resync completes (and
+    /// the image is synced), the secondary drops its clean cache. The image lives on the
+    /// disk the build is on (a tmpfs keeps its pages whatever one advises).
+    #[test]
+    fn a_completed_resync_leaves_no_page_of_the_image_cached() {
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        std::fs::create_dir_all(&target).expect("target dir");
+        let dir = tempfile::Builder::new()
+            .prefix("resync-cache-")
+            .tempdir_in(&target)
+            .expect("temp dir");
+        let secondary = secondary_at_generation(dir.path(), 3);
+        let block = vec![0x5au8; 1 << 20];
+        let answer = secondary.write(1, 0, &block, true);
+        assert!(
+            matches!(answer, Message::Done { id: 1 }),
+            "unexpected answer {answer:?}"
+        );
+        let image = dir.path().join("image");
+        assert_eq!(
+            cached_pages(&image),
+            256,
+            "the resync block is in the cache"
+        );
+        secondary.resync_complete(3).expect("resync complete");
+        assert_eq!(cached_pages(&image), 0, "pages left in the cache");
+        let mut back = vec![0u8; 1 << 20];
+        secondary.image().read_at(&mut back, 0).expect("read");
+        assert!(back == block, "the resynced data reads back from the disk");
+        assert_eq!(
+            secondary.metadata().header().data_state,
+            DataState::UpToDate
+        );
     }
 }
