@@ -454,13 +454,7 @@ fn witness_lost(bed: &mut Bed, random: &mut Random) -> Handled {
     let mut acting_seen = Vec::new();
     Wait::up_to(watch)
         .every(Duration::from_millis(100))
-        .sample(|| {
-            for host in bed.cluster.acting_primaries() {
-                if !acting_seen.contains(&host) {
-                    acting_seen.push(host);
-                }
-            }
-        });
+        .sample(|| note_acting_primaries(&bed.cluster, &mut acting_seen));
     let mut acknowledged_after = bed.acknowledged();
     bed.note(&format!(
         "watched {} ms: acting primaries seen {acting_seen:?}, {} writes acknowledged meanwhile",
@@ -475,11 +469,7 @@ fn witness_lost(bed: &mut Bed, random: &mut Random) -> Handled {
         let progressed = Wait::up_to(PROGRESS_TIMEOUT)
             .every(Duration::from_millis(100))
             .poll(|| {
-                for host in bed.cluster.acting_primaries() {
-                    if !acting_seen.contains(&host) {
-                        acting_seen.push(host);
-                    }
-                }
+                note_acting_primaries(&bed.cluster, &mut acting_seen);
                 acknowledged_after = bed.acknowledged();
                 (acknowledged_after > acknowledged).then_some(())
             })
@@ -534,6 +524,15 @@ fn witness_lost(bed: &mut Bed, random: &mut Random) -> Handled {
         at,
         serving,
         repair: Repair::LinksUp(cut),
+    }
+}
+
+/// Adds the hosts acting as primary now to `seen`, each once.
+fn note_acting_primaries(cluster: &Cluster, seen: &mut Vec<&'static str>) {
+    for host in cluster.acting_primaries() {
+        if !seen.contains(&host) {
+            seen.push(host);
+        }
     }
 }
 

@@ -113,9 +113,11 @@ impl VmRunner {
     /// Sets and saves the level (the secondary follows it in the heartbeat).
     pub(super) fn set_level(&mut self, level: u8, context: &mut Context<'_>) {
         self.level = level;
-        // Nothing waits for the level to be durable (ftvmd started again takes the
-        // primary's from its heartbeat): saved in the background, so that a slow sync of
-        // the state directory does not hold up the main loop and its heartbeats.
+        // Saved in the background, so that a slow sync of the state directory does not
+        // hold up the main loop and its heartbeats. Nothing waits for it: a secondary
+        // started again takes the primary's level from its heartbeat; a new primary whose
+        // save a crash cut short runs at the level it had saved before (the one its
+        // secondary followed during the move), until the operator sets it again.
         self.state.level = Some(level);
         self.state_file.save_in_background(self.state);
         context
